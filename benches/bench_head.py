@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""arcface_rs.margin_loss vs the PyTorch eager head (../shared/bench/peer_head.py), one run.
+
+usage: python benches/bench_head.py [B,D,C ...] [--peer PATH] [--threads N]
+  default configs: 256,512,10000 256,512,100000 256,512,1000000
+
+Each configuration runs in its own process (so peak RSS belongs to it alone) for the peer
+and for arcface_rs, with the same thread count, and prints a Markdown table of times and
+ratios. Times are the best of 5 steps after one warm-up; peak RSS growth is measured from
+after the inputs exist, as peer_head.py does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_PEER = Path(__file__).resolve().parents[1] / ".." / "shared" / "bench" / "peer_head.py"
+
+
+def worker(b: int, d: int, c: int) -> None:
+    import numpy as np
+
+    import arcface_rs as afr
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((b, d), dtype=np.float32)
+    w = rng.standard_normal((c, d), dtype=np.float32)
+    w *= 0.01  # in place: no temporary inflating the baseline RSS
+    y = rng.integers(0, c, size=b)
+    margin = afr.ArcFace(s=64.0, m=0.5)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    afr.margin_loss(x, w, y, margin)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        out = afr.margin_loss(x, w, y, margin)
+        times.append(time.perf_counter() - t)
+        del out
+    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    print(
+        json.dumps(
+            {
+                "ms": 1e3 * min(times),
+                "ms_median": 1e3 * sorted(times)[2],
+                "peak_mb": round(peak, 1),
+                "threads": afr.num_threads(),
+            }
+        )
+    )
+
+
+def run_json(cmd: list[str], env: dict[str, str]) -> dict:
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument(
+        "configs", nargs="*", default=["256,512,10000", "256,512,100000", "256,512,1000000"]
+    )
+    ap.add_argument("--peer", default=str(DEFAULT_PEER))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--worker", nargs=3, type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(*args.worker)
+        return
+    env = dict(os.environ)
+    n = str(args.threads)
+    env.update(RAYON_NUM_THREADS=n, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n)
+    print(f"threads={n}, float32, ArcFace s=64 m=0.5, loss + both gradients; best of 5 steps")
+    print()
+    print(
+        "| B, D, C | torch eager ms | torch 3 GEMMs ms | arcface_rs ms | speed-up vs eager "
+        "| vs 3 GEMMs | peak MB torch | peak MB arcface_rs | RSS ratio |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for cfg in args.configs:
+        b, d, c = (int(v) for v in cfg.split(","))
+        peer = run_json([sys.executable, args.peer, str(b), str(d), str(c)], env)
+        ours = run_json([sys.executable, __file__, "--worker", str(b), str(d), str(c)], env)
+        print(
+            f"| {b}, {d}, {c} | {peer['ms']:.0f} | {peer['gemm_ms']:.0f} | {ours['ms']:.0f} "
+            f"| {peer['ms'] / ours['ms']:.2f}x | {peer['gemm_ms'] / ours['ms']:.2f}x "
+            f"| {peer['peak_mb']:.0f} | {ours['peak_mb']:.0f} "
+            f"| {ours['peak_mb'] / max(peer['peak_mb'], 1e-9):.2f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Typed stubs of the native module (checked against it by mypy's stubtest)."""
+
+from typing import final
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "Margin",
+    "__version__",
+    "apply_margin",
+    "apply_margin_backward",
+    "margin_logits",
+    "margin_logits_backward",
+    "margin_loss",
+    "num_threads",
+]
+
+__version__: str
+
+@final
+class Margin:
+    @staticmethod
+    def softmax(s: float) -> Margin: ...
+    @staticmethod
+    def arcface(s: float, m: float, easy_margin: bool) -> Margin: ...
+    @staticmethod
+    def cosface(s: float, m: float) -> Margin: ...
+    @staticmethod
+    def sphereface(m: int, s: float | None, lambda_: float) -> Margin: ...
+    @staticmethod
+    def combined(s: float, m1: float, m2: float, m3: float) -> Margin: ...
+    @property
+    def scale(self) -> float | None: ...
+    def psi(self, c: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]: ...
+    def dpsi(self, c: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]: ...
+
+def margin_loss(
+    emb: npt.NDArray[np.floating],
+    weight: npt.NDArray[np.floating],
+    labels: npt.NDArray[np.int64],
+    margin: Margin,
+    reduction: str,
+) -> tuple[float, npt.NDArray[np.float64], npt.NDArray[np.floating], npt.NDArray[np.floating]]: ...
+def margin_logits(
+    emb: npt.NDArray[np.floating],
+    weight: npt.NDArray[np.floating],
+    labels: npt.NDArray[np.int64],
+    margin: Margin,
+) -> npt.NDArray[np.floating]: ...
+def margin_logits_backward(
+    grad_logits: npt.NDArray[np.floating],
+    emb: npt.NDArray[np.floating],
+    weight: npt.NDArray[np.floating],
+    labels: npt.NDArray[np.int64],
+    margin: Margin,
+) -> tuple[npt.NDArray[np.floating], npt.NDArray[np.floating]]: ...
+def apply_margin(
+    cos: npt.NDArray[np.floating], labels: npt.NDArray[np.int64], margin: Margin
+) -> npt.NDArray[np.floating]: ...
+def apply_margin_backward(
+    grad_logits: npt.NDArray[np.floating],
+    cos: npt.NDArray[np.floating],
+    labels: npt.NDArray[np.int64],
+    margin: Margin,
+) -> npt.NDArray[np.floating]: ...
+def num_threads() -> int: ...

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The one test command (README.md): set-up, lints, Rust tests, stub check and pytest.
+# Works from a fresh clone: it builds and installs the extension and the test dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+echo "== install (builds the extension; test extras include torch, hypothesis, ruff, mypy)"
+"$PY" -m pip install --quiet --disable-pip-version-check ".[test]"
+
+echo "== rust lints and tests"
+cargo fmt --check
+cargo clippy --quiet --all-targets -- -D warnings
+cargo clippy --quiet --all-targets --features python -- -D warnings
+cargo test --quiet
+
+echo "== python lints"
+"$PY" -m ruff check python tests benches
+"$PY" -m ruff format --check python tests benches
+
+echo "== typed stubs against the built module"
+(cd /tmp && "$PY" -m mypy.stubtest arcface_rs._core)
+
+echo "== pytest"
+"$PY" -m pytest tests

@@ -1,0 +1,721 @@
+//! Fused forward and backward passes of the margin-softmax head.
+//!
+//! Notation: `x` embeddings (B, D), `w` class centres (C, D), `c_ij = x̂_i · ŵ_j`, logits
+//! `z_ij = scale_i * f(c_ij)` with `f = psi` on the target column and the identity elsewhere.
+//!
+//! The loss never holds the whole B×C logits. Classes are cut into tiles of `ct` columns,
+//! processed in parallel. Pass 1 writes a tile's logits and folds them into a running
+//! (max, sum-exp) per row. Pass 2 turns the stored logits into `G = dL/dc`, adds `G·Ŵ` into
+//! `dX̂` and writes the tile's rows of `dW` (tiles own disjoint rows: no atomics).
+//!
+//! Where the logits of pass 1 wait for pass 2: when B <= D, a tile's B×ct logits fit inside
+//! that tile's own ct×D rows of the weight gradient, which pass 2 overwrites only after it
+//! has read them. So the stash costs no memory at all, and pass 2 needs no second forward
+//! GEMM (a fourth GEMM would cost a third more time). When B > D the rows are cut into
+//! chunks whose stash fits [`STASH_BUDGET_BYTES`].
+
+use crate::error::{Error, Result};
+use crate::margin::{Margin, Scale};
+use crate::real::Real;
+use ndarray::linalg::general_mat_mul;
+use ndarray::parallel::prelude::*;
+use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, Axis};
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Most memory the loss may spend on stashed logits when they cannot live in the gradient.
+pub const STASH_BUDGET_BYTES: usize = 256 << 20;
+
+/// Slack allowed on cosines passed to `apply_margin` (rounding of a GEMM); they are clamped.
+pub const COS_TOLERANCE: f64 = 1e-3;
+
+/// How per-row losses are combined.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reduction {
+    /// Mean over rows whose label is not -1 (0 when every row is ignored).
+    Mean,
+    Sum,
+    /// Per-row losses; gradients are those of their sum.
+    None,
+}
+
+/// Result of [`margin_loss`].
+#[derive(Debug)]
+pub struct LossOutput<T> {
+    /// Mean or sum of the row losses (the sum for `Reduction::None`).
+    pub loss: f64,
+    /// Loss of every row, 0 for ignored rows.
+    pub row_losses: Vec<f64>,
+    pub grad_emb: Array2<T>,
+    pub grad_weight: Array2<T>,
+}
+
+/// Everything the entry points derive from (emb, weight, labels, margin) before any GEMM.
+struct Prepared<T> {
+    c: usize,
+    d: usize,
+    xhat: Array2<T>,
+    x_norm: Vec<f64>,
+    w_inv: Vec<T>,
+    row_scale: Vec<f64>,
+    feature_norm_scale: bool,
+    /// Target column of each row, None for ignored rows.
+    target: Vec<Option<usize>>,
+    target_logit: Vec<f64>,
+    target_dpsi: Vec<f64>,
+}
+
+/// Columns per class tile: large enough for an efficient GEMM, small enough to give every
+/// thread several tiles.
+fn tile_width(c: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let per = c.div_ceil(4 * threads).clamp(32, 512);
+    per.div_ceil(16) * 16
+}
+
+fn row_norms<T: Real>(m: ArrayView2<T>, arg: &'static str) -> Result<Vec<f64>> {
+    let norms: Vec<f64> = m
+        .axis_iter(Axis(0))
+        .into_par_iter()
+        .map(|row| row.iter().map(|v| v.f64() * v.f64()).sum::<f64>().sqrt())
+        .collect();
+    if let Some(i) = norms.iter().position(|n| !n.is_finite()) {
+        return Err(Error::invalid(arg, format!("row {i} contains NaN or inf")));
+    }
+    if let Some(i) = norms.iter().position(|n| *n == 0.0) {
+        return Err(Error::invalid(
+            arg,
+            format!("row {i} is all zeros; a zero vector has no direction to normalise"),
+        ));
+    }
+    Ok(norms)
+}
+
+fn check_labels(labels: &[i64], b: usize, c: usize) -> Result<Vec<Option<usize>>> {
+    if labels.len() != b {
+        return Err(Error::invalid(
+            "labels",
+            format!("has {} entries but emb has {b} rows", labels.len()),
+        ));
+    }
+    labels
+        .iter()
+        .enumerate()
+        .map(|(i, &y)| match y {
+            -1 => Ok(None),
+            y if y >= 0 && (y as u64) < c as u64 => Ok(Some(y as usize)),
+            y => Err(Error::invalid(
+                "labels",
+                format!("value {y} at index {i} is outside [-1, {c}) (-1 marks an ignored row)"),
+            )),
+        })
+        .collect()
+}
+
+fn check_finite<T: Real>(m: ArrayView2<T>, arg: &'static str) -> Result<()> {
+    let bad = m
+        .axis_iter(Axis(0))
+        .into_par_iter()
+        .position_first(|row| row.iter().any(|v| !v.is_finite()));
+    match bad {
+        Some(i) => Err(Error::invalid(arg, format!("row {i} contains NaN or inf"))),
+        None => Ok(()),
+    }
+}
+
+fn check_shape(arg: &'static str, got: (usize, usize), want: (usize, usize)) -> Result<()> {
+    if got != want {
+        return Err(Error::invalid(
+            arg,
+            format!("has shape {got:?}, expected {want:?}"),
+        ));
+    }
+    Ok(())
+}
+
+impl<T: Real> Prepared<T> {
+    fn new(
+        emb: ArrayView2<T>,
+        weight: ArrayView2<T>,
+        labels: &[i64],
+        margin: &Margin,
+    ) -> Result<Self> {
+        let (b, d) = emb.dim();
+        let (c, dw) = weight.dim();
+        if b == 0 {
+            return Err(Error::invalid("emb", "empty batch: need at least one row"));
+        }
+        if d == 0 {
+            return Err(Error::invalid("emb", "embedding size is 0"));
+        }
+        if c == 0 {
+            return Err(Error::invalid("weight", "has no classes (0 rows)"));
+        }
+        if dw != d {
+            return Err(Error::invalid(
+                "weight",
+                format!("has {dw} columns but emb has {d}: embedding sizes differ"),
+            ));
+        }
+        let target = check_labels(labels, b, c)?;
+        let x_norm = row_norms(emb, "emb")?;
+        let w_norm = row_norms(weight, "weight")?;
+        let w_inv: Vec<T> = w_norm.iter().map(|n| T::of(1.0 / n)).collect();
+        let mut xhat = emb.to_owned();
+        for (mut row, n) in xhat.axis_iter_mut(Axis(0)).zip(&x_norm) {
+            let inv = T::of(1.0 / n);
+            row.mapv_inplace(|v| v * inv);
+        }
+        let (row_scale, feature_norm_scale) = match margin.scale() {
+            Scale::Fixed(s) => (vec![s; b], false),
+            Scale::FeatureNorm => (x_norm.clone(), true),
+        };
+        let mut target_logit = vec![0.0; b];
+        let mut target_dpsi = vec![0.0; b];
+        for i in 0..b {
+            if let Some(y) = target[i] {
+                let dot: f64 = xhat
+                    .row(i)
+                    .iter()
+                    .zip(weight.row(y))
+                    .map(|(a, w)| a.f64() * w.f64())
+                    .sum();
+                let cos = (dot * w_inv[y].f64()).clamp(-1.0, 1.0);
+                let (psi, dpsi) = margin.psi_dpsi(cos);
+                target_logit[i] = row_scale[i] * psi;
+                target_dpsi[i] = dpsi;
+            }
+        }
+        Ok(Prepared {
+            c,
+            d,
+            xhat,
+            x_norm,
+            w_inv,
+            row_scale,
+            feature_norm_scale,
+            target,
+            target_logit,
+            target_dpsi,
+        })
+    }
+
+    fn b(&self) -> usize {
+        self.x_norm.len()
+    }
+
+    /// Logits of rows `rows` against the class tile starting at `lo` (`w_tile` its rows of W).
+    fn logits_tile(
+        &self,
+        rows: Range<usize>,
+        lo: usize,
+        w_tile: ArrayView2<T>,
+        mut out: ArrayViewMut2<T>,
+    ) {
+        let ct = w_tile.nrows();
+        general_mat_mul(
+            T::one(),
+            &self.xhat.slice(s![rows.clone(), ..]),
+            &w_tile.t(),
+            T::zero(),
+            &mut out,
+        );
+        let inv = &self.w_inv[lo..lo + ct];
+        let (one, minus_one) = (T::one(), -T::one());
+        for (local, i) in rows.enumerate() {
+            let scale = T::of(self.row_scale[i]);
+            let mut row = out.row_mut(local);
+            for (z, &iw) in row.iter_mut().zip(inv) {
+                *z = scale * (*z * iw).max(minus_one).min(one);
+            }
+            if let Some(y) = self.target[i] {
+                if (lo..lo + ct).contains(&y) {
+                    row[y - lo] = T::of(self.target_logit[i]);
+                }
+            }
+        }
+    }
+
+    /// dx = (dx̂ - x̂ (x̂·dx̂)) / ||x|| + x̂ * norm_term (the last only when scale = ||x||).
+    fn finish_grad_emb(&self, mut dxhat: Array2<T>, norm_term: &[f64]) -> Array2<T> {
+        for (i, mut g) in dxhat.axis_iter_mut(Axis(0)).enumerate() {
+            let xh = self.xhat.row(i);
+            let dot = T::of(
+                xh.iter()
+                    .zip(g.iter())
+                    .map(|(a, b)| a.f64() * b.f64())
+                    .sum(),
+            );
+            let inv = T::of(1.0 / self.x_norm[i]);
+            let extra = T::of(if self.feature_norm_scale {
+                norm_term[i]
+            } else {
+                0.0
+            });
+            for (gv, &xv) in g.iter_mut().zip(xh) {
+                *gv = (*gv - xv * dot) * inv + xv * extra;
+            }
+        }
+        dxhat
+    }
+}
+
+/// Given `g` = dL/dc of a tile with column j already divided by ||w_j||, adds `g·W_t` (= G·Ŵ_t)
+/// into `dxhat` and sets `grad_tile = P(beta·grad_tile + gᵀ·X̂)`, where P removes from each
+/// row its component along ŵ_j (the normalisation's Jacobian; P is linear and idempotent,
+/// so accumulating over row chunks with beta = 1 stays exact).
+fn backprop_tile<T: Real>(
+    g: ArrayView2<T>,
+    xhat_rows: ArrayView2<T>,
+    w_tile: ArrayView2<T>,
+    w_inv: &[T],
+    beta: T,
+    mut grad_tile: ArrayViewMut2<T>,
+    dxhat: &mut Array2<T>,
+) {
+    general_mat_mul(T::one(), &g, &w_tile, T::one(), dxhat);
+    general_mat_mul(T::one(), &g.t(), &xhat_rows, beta, &mut grad_tile);
+    for ((mut gw, w), &inv) in grad_tile
+        .axis_iter_mut(Axis(0))
+        .zip(w_tile.axis_iter(Axis(0)))
+        .zip(w_inv)
+    {
+        let dot = gw
+            .iter()
+            .zip(w.iter())
+            .fold(T::zero(), |acc, (a, b)| acc + *a * *b)
+            * inv;
+        let k = dot * inv;
+        for (gv, &wv) in gw.iter_mut().zip(w.iter()) {
+            *gv -= wv * k;
+        }
+    }
+}
+
+/// Per-row (max, sum of exp(z - max)) of a block of logits, merged in f64 across tiles.
+#[derive(Clone, Copy)]
+struct RowStat {
+    max: f64,
+    sum: f64,
+}
+
+impl RowStat {
+    const EMPTY: RowStat = RowStat {
+        max: f64::NEG_INFINITY,
+        sum: 0.0,
+    };
+
+    fn merge(self, o: RowStat) -> RowStat {
+        if o.sum == 0.0 {
+            return self;
+        }
+        if self.sum == 0.0 {
+            return o;
+        }
+        let max = self.max.max(o.max);
+        RowStat {
+            max,
+            sum: self.sum * (self.max - max).exp() + o.sum * (o.max - max).exp(),
+        }
+    }
+
+    fn of_row<T: Real>(z: &[T]) -> RowStat {
+        let m = z.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+        let sum: T = z.iter().map(|&v| (v - m).exp()).sum();
+        RowStat {
+            max: m.f64(),
+            sum: sum.f64(),
+        }
+    }
+}
+
+/// Scratch one rayon job reuses across the tiles it processes in pass 2.
+struct Pass2<T> {
+    dxhat: Array2<T>,
+    g: Vec<T>,
+    /// Σ_j p_ij z_ij per row: the feature-norm scale's extra gradient term.
+    pz: Vec<f64>,
+}
+
+impl<T: Real> Pass2<T> {
+    fn new(rows: usize, d: usize, ct: usize) -> Self {
+        Pass2 {
+            dxhat: Array2::zeros((rows, d)),
+            g: vec![T::zero(); rows * ct],
+            pz: vec![0.0; rows],
+        }
+    }
+
+    fn add(mut self, o: Pass2<T>) -> Self {
+        self.dxhat += &o.dxhat;
+        for (a, b) in self.pz.iter_mut().zip(&o.pz) {
+            *a += b;
+        }
+        self
+    }
+}
+
+/// Per-row constants of pass 2.
+struct LossRows<'a> {
+    rows: Range<usize>,
+    lse: &'a [f64],
+    /// d loss / d row loss: 1/n_valid for the mean, 1 otherwise, 0 for ignored rows.
+    row_weight: &'a [f64],
+}
+
+impl<T: Real> Prepared<T> {
+    /// Fills `acc.g` (rows × ct) with dL/dc_ij / ||w_j|| from the tile's stored logits `z`.
+    fn loss_grad_tile(&self, lr: &LossRows, lo: usize, z: &[T], acc: &mut Pass2<T>) {
+        let ct = z.len() / lr.rows.len();
+        let inv = &self.w_inv[lo..lo + ct];
+        for (local, i) in lr.rows.clone().enumerate() {
+            let zrow = &z[local * ct..(local + 1) * ct];
+            let grow = &mut acc.g[local * ct..(local + 1) * ct];
+            let weight = lr.row_weight[local];
+            if weight == 0.0 {
+                grow.fill(T::zero());
+                continue;
+            }
+            let coef = T::of(weight * self.row_scale[i]);
+            let lse = T::of(lr.lse[local]);
+            let mut pz = T::zero();
+            for ((gv, &zv), &iw) in grow.iter_mut().zip(zrow).zip(inv) {
+                let p = (zv - lse).exp();
+                if self.feature_norm_scale {
+                    pz += p * zv;
+                }
+                *gv = coef * p * iw;
+            }
+            acc.pz[local] += pz.f64();
+            if let Some(y) = self.target[i] {
+                if (lo..lo + ct).contains(&y) {
+                    // p - 1 in f64 from the f64 logits: no cancellation in float32.
+                    let p = (self.target_logit[i] - lr.lse[local]).exp();
+                    let g = weight * self.row_scale[i] * (p - 1.0) * self.target_dpsi[i];
+                    grow[y - lo] = T::of(g * inv[y - lo].f64());
+                }
+            }
+        }
+    }
+}
+
+/// Loss and both gradients of the margin-softmax head, fused (see the module docs).
+pub fn margin_loss<T: Real>(
+    emb: ArrayView2<T>,
+    weight: ArrayView2<T>,
+    labels: &[i64],
+    margin: &Margin,
+    reduction: Reduction,
+) -> Result<LossOutput<T>> {
+    let p = Prepared::new(emb, weight, labels, margin)?;
+    let (b, c, d) = (p.b(), p.c, p.d);
+    let ct = tile_width(c);
+    let n_valid = p.target.iter().filter(|t| t.is_some()).count();
+    let valid_weight = match reduction {
+        Reduction::Mean if n_valid > 0 => 1.0 / n_valid as f64,
+        Reduction::Mean => 0.0,
+        Reduction::Sum | Reduction::None => 1.0,
+    };
+    let row_weight: Vec<f64> = p
+        .target
+        .iter()
+        .map(|t| if t.is_some() { valid_weight } else { 0.0 })
+        .collect();
+
+    let mut grad_w = vec![T::zero(); c * d];
+    if n_valid == 0 {
+        // Every row ignored: nothing to compute, and the stash must not leak into grad_w.
+        return Ok(LossOutput {
+            loss: 0.0,
+            row_losses: vec![0.0; b],
+            grad_emb: Array2::zeros((b, d)),
+            grad_weight: Array2::from_shape_vec((c, d), grad_w).expect("gradient shape"),
+        });
+    }
+    let mut dxhat = Array2::<T>::zeros((b, d));
+    let mut row_losses = vec![0.0; b];
+    let mut norm_term = vec![0.0; b];
+
+    let stash_in_grad = b <= d;
+    let chunk_rows = if stash_in_grad {
+        b
+    } else {
+        (STASH_BUDGET_BYTES / (c * std::mem::size_of::<T>()))
+            .max(8)
+            .min(b)
+    };
+    let mut stash = if stash_in_grad {
+        Vec::new()
+    } else {
+        vec![T::zero(); chunk_rows * c]
+    };
+
+    for start in (0..b).step_by(chunk_rows) {
+        let rows = start..(start + chunk_rows).min(b);
+        let nr = rows.len();
+        let xhat_rows = p.xhat.slice(s![rows.clone(), ..]);
+
+        // Pass 1: logits of every tile into its stash slot; running (max, sum-exp) per row.
+        let slots = if stash_in_grad {
+            grad_w.par_chunks_mut(ct * d)
+        } else {
+            stash[..nr * c].par_chunks_mut(nr * ct)
+        };
+        let stats = slots
+            .enumerate()
+            .fold(
+                || vec![RowStat::EMPTY; nr],
+                |mut acc, (t, slot)| {
+                    let lo = t * ct;
+                    let w_tile = weight.slice(s![lo..(lo + ct).min(c), ..]);
+                    let width = w_tile.nrows();
+                    let z = &mut slot[..nr * width];
+                    let view = ArrayViewMut2::from_shape((nr, width), &mut *z).expect("tile shape");
+                    p.logits_tile(rows.clone(), lo, w_tile, view);
+                    for (r, zrow) in z.chunks_exact(width).enumerate() {
+                        acc[r] = acc[r].merge(RowStat::of_row(zrow));
+                    }
+                    acc
+                },
+            )
+            .reduce(
+                || vec![RowStat::EMPTY; nr],
+                |a, b| a.iter().zip(&b).map(|(x, y)| x.merge(*y)).collect(),
+            );
+        let lse: Vec<f64> = stats.iter().map(|st| st.max + st.sum.ln()).collect();
+        for (local, i) in rows.clone().enumerate() {
+            if p.target[i].is_some() {
+                row_losses[i] = lse[local] - p.target_logit[i];
+            }
+        }
+
+        // Pass 2: G from the stashed logits; dX̂ += G·Ŵ; dW rows of each tile.
+        let lr = LossRows {
+            rows: rows.clone(),
+            lse: &lse,
+            row_weight: &row_weight[rows.clone()],
+        };
+        let tile_of = |t: usize| {
+            let lo = t * ct;
+            (lo, weight.slice(s![lo..(lo + ct).min(c), ..]))
+        };
+        let new_acc = || Pass2::new(nr, d, ct);
+        let acc = if stash_in_grad {
+            grad_w
+                .par_chunks_mut(ct * d)
+                .enumerate()
+                .fold(new_acc, |mut acc, (t, grad_tile)| {
+                    let (lo, w_tile) = tile_of(t);
+                    let width = w_tile.nrows();
+                    p.loss_grad_tile(&lr, lo, &grad_tile[..nr * width], &mut acc);
+                    let g =
+                        ArrayView2::from_shape((nr, width), &acc.g[..nr * width]).expect("tile");
+                    let grad_view = ArrayViewMut2::from_shape((width, d), grad_tile).expect("tile");
+                    let inv = &p.w_inv[lo..lo + width];
+                    let mut dx = std::mem::take(&mut acc.dxhat);
+                    backprop_tile(g, xhat_rows, w_tile, inv, T::zero(), grad_view, &mut dx);
+                    acc.dxhat = dx;
+                    acc
+                })
+                .reduce(new_acc, Pass2::add)
+        } else {
+            stash[..nr * c]
+                .par_chunks(nr * ct)
+                .zip(grad_w.par_chunks_mut(ct * d))
+                .enumerate()
+                .fold(new_acc, |mut acc, (t, (z, grad_tile))| {
+                    let (lo, w_tile) = tile_of(t);
+                    let width = w_tile.nrows();
+                    p.loss_grad_tile(&lr, lo, z, &mut acc);
+                    let g =
+                        ArrayView2::from_shape((nr, width), &acc.g[..nr * width]).expect("tile");
+                    let grad_view = ArrayViewMut2::from_shape((width, d), grad_tile).expect("tile");
+                    let inv = &p.w_inv[lo..lo + width];
+                    let mut dx = std::mem::take(&mut acc.dxhat);
+                    backprop_tile(g, xhat_rows, w_tile, inv, T::one(), grad_view, &mut dx);
+                    acc.dxhat = dx;
+                    acc
+                })
+                .reduce(new_acc, Pass2::add)
+        };
+        dxhat.slice_mut(s![rows.clone(), ..]).assign(&acc.dxhat);
+        if p.feature_norm_scale {
+            for (local, i) in rows.enumerate() {
+                let w = lr.row_weight[local];
+                norm_term[i] = w * (acc.pz[local] - p.target_logit[i]) / p.row_scale[i];
+            }
+        }
+    }
+
+    let grad_emb = p.finish_grad_emb(dxhat, &norm_term);
+    let grad_weight = Array2::from_shape_vec((c, d), grad_w).expect("gradient shape");
+    let total: f64 = row_losses.iter().sum();
+    let loss = match reduction {
+        Reduction::Mean => total * valid_weight,
+        Reduction::Sum | Reduction::None => total,
+    };
+    Ok(LossOutput {
+        loss,
+        row_losses,
+        grad_emb,
+        grad_weight,
+    })
+}
+
+/// The (B, C) logits: `scale * c_ij`, with `scale * psi(c_iy)` on each row's target.
+/// Rows labelled -1 get no margin.
+pub fn margin_logits<T: Real>(
+    emb: ArrayView2<T>,
+    weight: ArrayView2<T>,
+    labels: &[i64],
+    margin: &Margin,
+) -> Result<Array2<T>> {
+    let p = Prepared::new(emb, weight, labels, margin)?;
+    let (b, c) = (p.b(), p.c);
+    let ct = tile_width(c);
+    let mut out = Array2::<T>::zeros((b, c));
+    out.axis_chunks_iter_mut(Axis(1), ct)
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(t, tile)| {
+            let lo = t * ct;
+            let w_tile = weight.slice(s![lo..(lo + ct).min(c), ..]);
+            p.logits_tile(0..b, lo, w_tile, tile);
+        });
+    Ok(out)
+}
+
+/// Gradients of any loss of [`margin_logits`]' output, given `grad_logits` = dL/dlogits.
+pub fn margin_logits_backward<T: Real>(
+    grad_logits: ArrayView2<T>,
+    emb: ArrayView2<T>,
+    weight: ArrayView2<T>,
+    labels: &[i64],
+    margin: &Margin,
+) -> Result<(Array2<T>, Array2<T>)> {
+    let p = Prepared::new(emb, weight, labels, margin)?;
+    let (b, c, d) = (p.b(), p.c, p.d);
+    check_shape("grad_logits", grad_logits.dim(), (b, c))?;
+    check_finite(grad_logits, "grad_logits")?;
+    let ct = tile_width(c);
+    let mut grad_w = Array2::<T>::zeros((c, d));
+    let new_acc = || Pass2::new(b, d, ct);
+    let acc = grad_w
+        .axis_chunks_iter_mut(Axis(0), ct)
+        .into_par_iter()
+        .enumerate()
+        .fold(new_acc, |mut acc, (t, grad_tile)| {
+            let lo = t * ct;
+            let w_tile = weight.slice(s![lo..(lo + ct).min(c), ..]);
+            let width = w_tile.nrows();
+            let upstream = grad_logits.slice(s![.., lo..lo + width]);
+            if p.feature_norm_scale {
+                // The logits scale by ||x||, so dL/d||x_i|| = Σ_j grad_ij z_ij / ||x_i||.
+                let mut z = Array2::zeros((b, width));
+                p.logits_tile(0..b, lo, w_tile, z.view_mut());
+                for i in 0..b {
+                    let dot: f64 = upstream
+                        .row(i)
+                        .iter()
+                        .zip(z.row(i))
+                        .map(|(g, z)| g.f64() * z.f64())
+                        .sum();
+                    acc.pz[i] += dot / p.row_scale[i];
+                }
+            }
+            let inv = &p.w_inv[lo..lo + width];
+            let mut g =
+                ArrayViewMut2::from_shape((b, width), &mut acc.g[..b * width]).expect("tile");
+            for i in 0..b {
+                let scale = T::of(p.row_scale[i]);
+                for ((gv, &u), &iw) in g.row_mut(i).iter_mut().zip(upstream.row(i)).zip(inv) {
+                    *gv = u * scale * iw;
+                }
+                if let Some(y) = p.target[i] {
+                    if (lo..lo + width).contains(&y) {
+                        g[[i, y - lo]] *= T::of(p.target_dpsi[i]);
+                    }
+                }
+            }
+            let g = ArrayView2::from_shape((b, width), &acc.g[..b * width]).expect("tile");
+            let mut dx = std::mem::take(&mut acc.dxhat);
+            backprop_tile(g, p.xhat.view(), w_tile, inv, T::zero(), grad_tile, &mut dx);
+            acc.dxhat = dx;
+            acc
+        })
+        .reduce(new_acc, Pass2::add);
+    let grad_emb = p.finish_grad_emb(acc.dxhat, &acc.pz);
+    Ok((grad_emb, grad_w))
+}
+
+fn fixed_scale(margin: &Margin) -> Result<f64> {
+    match margin.scale() {
+        Scale::Fixed(s) => Ok(s),
+        Scale::FeatureNorm => Err(Error::invalid(
+            "margin",
+            "SphereFace(s=None) scales logits by the feature norm, which a cosine matrix does \
+             not carry; give SphereFace a fixed s or use margin_logits",
+        )),
+    }
+}
+
+fn check_cos<T: Real>(cos: ArrayView2<T>) -> Result<()> {
+    if cos.nrows() == 0 {
+        return Err(Error::invalid("cos", "empty batch: need at least one row"));
+    }
+    let limit = 1.0 + COS_TOLERANCE;
+    let bad = cos
+        .axis_iter(Axis(0))
+        .into_par_iter()
+        .position_first(|row| row.iter().any(|v| v.is_nan() || v.f64().abs() > limit));
+    match bad {
+        Some(i) => Err(Error::invalid(
+            "cos",
+            format!("row {i} has a value that is NaN, inf or outside [-1, 1]"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// `s * cos` with `s * psi(cos_iy)` on each row's target: the margin on a cosine matrix
+/// computed by any GEMM.
+pub fn apply_margin<T: Real>(
+    cos: ArrayView2<T>,
+    labels: &[i64],
+    margin: &Margin,
+) -> Result<Array2<T>> {
+    let s = fixed_scale(margin)?;
+    check_cos(cos)?;
+    let target = check_labels(labels, cos.nrows(), cos.ncols())?;
+    let st = T::of(s);
+    let mut out = cos.mapv(|v| st * v.max(-T::one()).min(T::one()));
+    for (i, y) in target.iter().enumerate() {
+        if let Some(y) = *y {
+            out[[i, y]] = T::of(s * margin.psi(cos[[i, y]].f64()));
+        }
+    }
+    Ok(out)
+}
+
+/// Backward of [`apply_margin`]: dL/dcos from dL/dlogits.
+pub fn apply_margin_backward<T: Real>(
+    grad_logits: ArrayView2<T>,
+    cos: ArrayView2<T>,
+    labels: &[i64],
+    margin: &Margin,
+) -> Result<Array2<T>> {
+    let s = fixed_scale(margin)?;
+    check_cos(cos)?;
+    check_shape("grad_logits", grad_logits.dim(), cos.dim())?;
+    check_finite(grad_logits, "grad_logits")?;
+    let target = check_labels(labels, cos.nrows(), cos.ncols())?;
+    let st = T::of(s);
+    let mut out = grad_logits.mapv(|g| g * st);
+    for (i, y) in target.iter().enumerate() {
+        if let Some(y) = *y {
+            let d = s * margin.dpsi(cos[[i, y]].f64());
+            out[[i, y]] = T::of(grad_logits[[i, y]].f64() * d);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,21 @@
+//! arcface_rs: fused margin-softmax heads for face recognition.
+//!
+//! The core modules (`margin`, `head`) are plain Rust over `ndarray` views and know nothing of
+//! Python; `python` (behind the `python` feature, which maturin enables) holds the thin
+//! bindings that validate, convert, release the GIL and call the core.
+
+pub mod error;
+pub mod head;
+pub mod margin;
+pub mod real;
+
+#[cfg(feature = "python")]
+mod python;
+
+pub use error::{Error, Result};
+pub use head::{
+    apply_margin, apply_margin_backward, margin_logits, margin_logits_backward, margin_loss,
+    LossOutput, Reduction,
+};
+pub use margin::{Margin, Scale};
+pub use real::Real;

@@ -1,0 +1,330 @@
+//! Thin Python bindings: take NumPy arrays, release the GIL, call the core, return arrays.
+//!
+//! Friendly argument checking (array-likes, dtypes, ndim) lives in the Python package; this
+//! layer still refuses anything it cannot read exactly (wrong dtype or ndim -> TypeError),
+//! reads every array through its strides (Fortran order and slices are never misread), and
+//! maps the core's errors to ValueError.
+
+use crate::head::{self, Reduction};
+use crate::margin::{Margin, Scale};
+use crate::real::Real;
+use numpy::{
+    Element, IntoPyArray, PyArray1, PyArrayDyn, PyReadonlyArray1, PyReadonlyArray2,
+    PyReadonlyArrayDyn,
+};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+fn value_error(e: crate::Error) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+/// A 2-D float array of either supported dtype.
+enum Floats<'py> {
+    F32(PyReadonlyArray2<'py, f32>),
+    F64(PyReadonlyArray2<'py, f64>),
+}
+
+impl<'py> Floats<'py> {
+    fn extract(obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<Self> {
+        if let Ok(a) = obj.extract::<PyReadonlyArray2<'py, f32>>() {
+            Ok(Floats::F32(a))
+        } else if let Ok(a) = obj.extract::<PyReadonlyArray2<'py, f64>>() {
+            Ok(Floats::F64(a))
+        } else {
+            Err(PyTypeError::new_err(format!(
+                "{arg} must be a 2-D numpy array of float32 or float64"
+            )))
+        }
+    }
+}
+
+fn same_dtype_error(args: &str) -> PyErr {
+    PyTypeError::new_err(format!(
+        "{args} must share one dtype (float32 or float64); cast one of them first"
+    ))
+}
+
+fn labels_vec(labels: PyReadonlyArray1<'_, i64>) -> Vec<i64> {
+    labels.as_array().iter().copied().collect()
+}
+
+fn parse_reduction(reduction: &str) -> PyResult<Reduction> {
+    match reduction {
+        "mean" => Ok(Reduction::Mean),
+        "sum" => Ok(Reduction::Sum),
+        "none" => Ok(Reduction::None),
+        other => Err(PyValueError::new_err(format!(
+            "reduction: must be 'mean', 'sum' or 'none', got {other:?}"
+        ))),
+    }
+}
+
+/// A validated margin; the Python classes `ArcFace`, `CosFace`, ... each hold one.
+#[pyclass(frozen, name = "Margin", module = "arcface_rs._core")]
+pub struct PyMargin(pub Margin);
+
+#[pymethods]
+impl PyMargin {
+    /// Normalised softmax, no margin.
+    #[staticmethod]
+    fn softmax(s: f64) -> PyResult<Self> {
+        Margin::softmax(s).map(PyMargin).map_err(value_error)
+    }
+
+    /// ArcFace: psi = cos(theta + m).
+    #[staticmethod]
+    fn arcface(s: f64, m: f64, easy_margin: bool) -> PyResult<Self> {
+        Margin::arcface(s, m, easy_margin)
+            .map(PyMargin)
+            .map_err(value_error)
+    }
+
+    /// CosFace: psi = cos(theta) - m.
+    #[staticmethod]
+    fn cosface(s: f64, m: f64) -> PyResult<Self> {
+        Margin::cosface(s, m).map(PyMargin).map_err(value_error)
+    }
+
+    /// SphereFace (A-Softmax) with integer m; s=None scales by the feature norm.
+    #[staticmethod]
+    #[pyo3(signature = (m, s, lambda_))]
+    fn sphereface(m: i64, s: Option<f64>, lambda_: f64) -> PyResult<Self> {
+        Margin::sphereface(m, s, lambda_)
+            .map(PyMargin)
+            .map_err(value_error)
+    }
+
+    /// Combined margin: psi = cos(m1 theta + m2) - m3.
+    #[staticmethod]
+    fn combined(s: f64, m1: f64, m2: f64, m3: f64) -> PyResult<Self> {
+        Margin::combined(s, m1, m2, m3)
+            .map(PyMargin)
+            .map_err(value_error)
+    }
+
+    /// The fixed logit scale, or None when logits scale by the feature norm.
+    #[getter]
+    fn scale(&self) -> Option<f64> {
+        match self.0.scale() {
+            Scale::Fixed(s) => Some(s),
+            Scale::FeatureNorm => None,
+        }
+    }
+
+    /// psi(c) elementwise over a float64 array of cosines.
+    fn psi<'py>(
+        &self,
+        py: Python<'py>,
+        c: PyReadonlyArrayDyn<'py, f64>,
+    ) -> Bound<'py, PyArrayDyn<f64>> {
+        c.as_array().mapv(|v| self.0.psi(v)).into_pyarray(py)
+    }
+
+    /// psi'(c) elementwise over a float64 array of cosines.
+    fn dpsi<'py>(
+        &self,
+        py: Python<'py>,
+        c: PyReadonlyArrayDyn<'py, f64>,
+    ) -> Bound<'py, PyArrayDyn<f64>> {
+        c.as_array().mapv(|v| self.0.dpsi(v)).into_pyarray(py)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("{:?}", self.0)
+    }
+}
+
+fn loss_typed<'py, T: Real + Element>(
+    py: Python<'py>,
+    emb: PyReadonlyArray2<'py, T>,
+    weight: PyReadonlyArray2<'py, T>,
+    labels: &[i64],
+    margin: &Margin,
+    reduction: Reduction,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let (e, w) = (emb.as_array(), weight.as_array());
+    let out = py
+        .detach(|| head::margin_loss(e, w, labels, margin, reduction))
+        .map_err(value_error)?;
+    (
+        out.loss,
+        PyArray1::from_vec(py, out.row_losses),
+        out.grad_emb.into_pyarray(py),
+        out.grad_weight.into_pyarray(py),
+    )
+        .into_pyobject(py)
+}
+
+/// Fused loss and gradients: (loss, row_losses, grad_emb, grad_weight).
+#[pyfunction]
+fn margin_loss<'py>(
+    py: Python<'py>,
+    emb: &Bound<'py, PyAny>,
+    weight: &Bound<'py, PyAny>,
+    labels: PyReadonlyArray1<'py, i64>,
+    margin: &PyMargin,
+    reduction: &str,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let reduction = parse_reduction(reduction)?;
+    let labels = labels_vec(labels);
+    match (
+        Floats::extract(emb, "emb")?,
+        Floats::extract(weight, "weight")?,
+    ) {
+        (Floats::F32(e), Floats::F32(w)) => loss_typed(py, e, w, &labels, &margin.0, reduction),
+        (Floats::F64(e), Floats::F64(w)) => loss_typed(py, e, w, &labels, &margin.0, reduction),
+        _ => Err(same_dtype_error("emb and weight")),
+    }
+}
+
+fn logits_typed<'py, T: Real + Element>(
+    py: Python<'py>,
+    emb: PyReadonlyArray2<'py, T>,
+    weight: PyReadonlyArray2<'py, T>,
+    labels: &[i64],
+    margin: &Margin,
+) -> PyResult<Bound<'py, PyAny>> {
+    let (e, w) = (emb.as_array(), weight.as_array());
+    let out = py
+        .detach(|| head::margin_logits(e, w, labels, margin))
+        .map_err(value_error)?;
+    Ok(out.into_pyarray(py).into_any())
+}
+
+/// The (B, C) margin logits.
+#[pyfunction]
+fn margin_logits<'py>(
+    py: Python<'py>,
+    emb: &Bound<'py, PyAny>,
+    weight: &Bound<'py, PyAny>,
+    labels: PyReadonlyArray1<'py, i64>,
+    margin: &PyMargin,
+) -> PyResult<Bound<'py, PyAny>> {
+    let labels = labels_vec(labels);
+    match (
+        Floats::extract(emb, "emb")?,
+        Floats::extract(weight, "weight")?,
+    ) {
+        (Floats::F32(e), Floats::F32(w)) => logits_typed(py, e, w, &labels, &margin.0),
+        (Floats::F64(e), Floats::F64(w)) => logits_typed(py, e, w, &labels, &margin.0),
+        _ => Err(same_dtype_error("emb and weight")),
+    }
+}
+
+fn logits_backward_typed<'py, T: Real + Element>(
+    py: Python<'py>,
+    grad: PyReadonlyArray2<'py, T>,
+    emb: PyReadonlyArray2<'py, T>,
+    weight: PyReadonlyArray2<'py, T>,
+    labels: &[i64],
+    margin: &Margin,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let (g, e, w) = (grad.as_array(), emb.as_array(), weight.as_array());
+    let (ge, gw) = py
+        .detach(|| head::margin_logits_backward(g, e, w, labels, margin))
+        .map_err(value_error)?;
+    (ge.into_pyarray(py), gw.into_pyarray(py)).into_pyobject(py)
+}
+
+/// (grad_emb, grad_weight) from dL/dlogits.
+#[pyfunction]
+fn margin_logits_backward<'py>(
+    py: Python<'py>,
+    grad_logits: &Bound<'py, PyAny>,
+    emb: &Bound<'py, PyAny>,
+    weight: &Bound<'py, PyAny>,
+    labels: PyReadonlyArray1<'py, i64>,
+    margin: &PyMargin,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let labels = labels_vec(labels);
+    let m = &margin.0;
+    match (
+        Floats::extract(grad_logits, "grad_logits")?,
+        Floats::extract(emb, "emb")?,
+        Floats::extract(weight, "weight")?,
+    ) {
+        (Floats::F32(g), Floats::F32(e), Floats::F32(w)) => {
+            logits_backward_typed(py, g, e, w, &labels, m)
+        }
+        (Floats::F64(g), Floats::F64(e), Floats::F64(w)) => {
+            logits_backward_typed(py, g, e, w, &labels, m)
+        }
+        _ => Err(same_dtype_error("grad_logits, emb and weight")),
+    }
+}
+
+/// Margin on a (B, C) cosine matrix.
+#[pyfunction]
+fn apply_margin<'py>(
+    py: Python<'py>,
+    cos: &Bound<'py, PyAny>,
+    labels: PyReadonlyArray1<'py, i64>,
+    margin: &PyMargin,
+) -> PyResult<Bound<'py, PyAny>> {
+    let labels = labels_vec(labels);
+    let m = &margin.0;
+    Ok(match Floats::extract(cos, "cos")? {
+        Floats::F32(c) => {
+            let c = c.as_array();
+            let out = py.detach(|| head::apply_margin(c, &labels, m));
+            out.map_err(value_error)?.into_pyarray(py).into_any()
+        }
+        Floats::F64(c) => {
+            let c = c.as_array();
+            let out = py.detach(|| head::apply_margin(c, &labels, m));
+            out.map_err(value_error)?.into_pyarray(py).into_any()
+        }
+    })
+}
+
+/// dL/dcos from dL/dlogits of `apply_margin`.
+#[pyfunction]
+fn apply_margin_backward<'py>(
+    py: Python<'py>,
+    grad_logits: &Bound<'py, PyAny>,
+    cos: &Bound<'py, PyAny>,
+    labels: PyReadonlyArray1<'py, i64>,
+    margin: &PyMargin,
+) -> PyResult<Bound<'py, PyAny>> {
+    let labels = labels_vec(labels);
+    let m = &margin.0;
+    Ok(
+        match (
+            Floats::extract(grad_logits, "grad_logits")?,
+            Floats::extract(cos, "cos")?,
+        ) {
+            (Floats::F32(g), Floats::F32(c)) => {
+                let (g, c) = (g.as_array(), c.as_array());
+                let out = py.detach(|| head::apply_margin_backward(g, c, &labels, m));
+                out.map_err(value_error)?.into_pyarray(py).into_any()
+            }
+            (Floats::F64(g), Floats::F64(c)) => {
+                let (g, c) = (g.as_array(), c.as_array());
+                let out = py.detach(|| head::apply_margin_backward(g, c, &labels, m));
+                out.map_err(value_error)?.into_pyarray(py).into_any()
+            }
+            _ => return Err(same_dtype_error("grad_logits and cos")),
+        },
+    )
+}
+
+/// Number of threads the Rust kernels use (RAYON_NUM_THREADS, else the core count).
+#[pyfunction]
+fn num_threads() -> usize {
+    rayon::current_num_threads()
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyMargin>()?;
+    m.add_function(wrap_pyfunction!(margin_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(margin_logits, m)?)?;
+    m.add_function(wrap_pyfunction!(margin_logits_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(apply_margin, m)?)?;
+    m.add_function(wrap_pyfunction!(apply_margin_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! The two float types the heads run in.
+
+use ndarray::LinalgScalar;
+use num_traits::Float;
+use std::fmt::Debug;
+use std::iter::Sum;
+use std::ops::{AddAssign, MulAssign, SubAssign};
+
+/// `f32` or `f64`: what the GEMMs and the elementwise kernels are generic over.
+pub trait Real:
+    Float + LinalgScalar + Send + Sync + Debug + Default + Sum + AddAssign + SubAssign + MulAssign
+{
+    fn of(v: f64) -> Self;
+    fn f64(self) -> f64;
+}
+
+impl Real for f32 {
+    #[inline(always)]
+    fn of(v: f64) -> Self {
+        v as f32
+    }
+    #[inline(always)]
+    fn f64(self) -> f64 {
+        self as f64
+    }
+}
+
+impl Real for f64 {
+    #[inline(always)]
+    fn of(v: f64) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn f64(self) -> f64 {
+        self
+    }
+}

@@ -1,0 +1,145 @@
+"""Bad input raises a clear ValueError/TypeError naming the argument, never a crash."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+import arcface_rs as afr
+from _reference import make_problem
+
+EMB, WEIGHT, LABELS = make_problem(6, 5, 10, seed=0)
+
+
+def loss(emb=EMB, weight=WEIGHT, labels=LABELS, margin=None, **kw):
+    return afr.margin_loss(emb, weight, labels, margin or afr.ArcFace(), **kw)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"emb": EMB[0]}, ValueError, "emb must be 2-D"),
+        ({"weight": WEIGHT[None]}, ValueError, "weight must be 2-D"),
+        ({"emb": EMB[:0], "labels": LABELS[:0]}, ValueError, "emb: empty batch"),
+        ({"weight": WEIGHT[:, :4]}, ValueError, "weight: has 4 columns but emb has 5"),
+        ({"weight": WEIGHT[:0]}, ValueError, "weight: has no classes"),
+        ({"labels": LABELS[:5]}, ValueError, "labels: has 5 entries but emb has 6 rows"),
+        (
+            {"labels": np.r_[LABELS[:5], 10]},
+            ValueError,
+            r"labels: value 10 at index 5 is outside \[-1, 10\)",
+        ),
+        ({"labels": np.r_[LABELS[:5], -2]}, ValueError, "labels: value -2"),
+        ({"labels": LABELS.astype(float)}, TypeError, "labels must be an integer array"),
+        ({"labels": LABELS[:, None]}, ValueError, "labels must be 1-D"),
+        ({"emb": EMB.astype(np.float32)}, TypeError, "must share one dtype"),
+        ({"emb": EMB.astype(np.int64)}, TypeError, "emb must have dtype float32 or float64"),
+        ({"emb": EMB.astype(np.float16)}, TypeError, "emb must have dtype float32 or float64"),
+        (
+            {"emb": np.where(np.arange(5) == 2, np.nan, EMB)},
+            ValueError,
+            "emb: row 0 contains NaN or inf",
+        ),
+        (
+            {"weight": np.where(np.arange(5) == 2, np.inf, WEIGHT)},
+            ValueError,
+            "weight: row 0 contains NaN or inf",
+        ),
+        (
+            {"emb": np.vstack([EMB[:3], np.zeros(5), EMB[4:]])},
+            ValueError,
+            "emb: row 3 is all zeros",
+        ),
+        (
+            {"weight": np.vstack([WEIGHT[:7], np.zeros(5), WEIGHT[8:]])},
+            ValueError,
+            "weight: row 7 is all zeros",
+        ),
+        ({"margin": "arcface"}, TypeError, "margin must be ArcFace"),
+        ({"reduction": "avg"}, ValueError, "reduction must be"),
+    ],
+)
+def test_margin_loss_rejects(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        loss(**kwargs)
+
+
+def test_other_entry_points_reject_bad_input():
+    with pytest.raises(ValueError, match=r"grad_logits: has shape \(6, 9\), expected \(6, 10\)"):
+        afr.margin_logits_backward(np.zeros((6, 9)), EMB, WEIGHT, LABELS, afr.ArcFace())
+    with pytest.raises(ValueError, match="grad_logits: row 1 contains NaN"):
+        g = np.zeros((6, 10))
+        g[1, 3] = np.nan
+        afr.margin_logits_backward(g, EMB, WEIGHT, LABELS, afr.ArcFace())
+    with pytest.raises(ValueError, match="cos: row 0 has a value"):
+        afr.apply_margin(np.full((2, 3), 1.5), [0, 1], afr.ArcFace())
+    with pytest.raises(ValueError, match="cos: row 1 has a value"):
+        afr.apply_margin(np.array([[0.1, 0.2], [np.nan, 0.0]]), [0, 1], afr.ArcFace())
+    with pytest.raises(ValueError, match="SphereFace"):
+        afr.apply_margin(np.zeros((2, 3)), [0, 1], afr.SphereFace())
+    with pytest.raises(ValueError, match="labels: value 3"):
+        afr.apply_margin(np.zeros((2, 3)), [0, 3], afr.ArcFace())
+    with pytest.raises(ValueError, match="cos: empty batch"):
+        afr.apply_margin(np.zeros((0, 3)), np.zeros(0, dtype=np.int64), afr.ArcFace())
+    with pytest.raises(TypeError, match="share one dtype"):
+        afr.apply_margin_backward(
+            np.zeros((2, 3), np.float32), np.zeros((2, 3)), [0, 1], afr.CosFace()
+        )
+
+
+def test_native_module_refuses_what_it_cannot_read():
+    from arcface_rs import _core
+
+    spec = afr.ArcFace()._spec
+    with pytest.raises(TypeError, match="emb must be a 2-D numpy array of float32 or float64"):
+        _core.margin_loss(EMB.astype(np.float16), WEIGHT, LABELS, spec, "mean")
+    with pytest.raises(TypeError):
+        _core.margin_loss(EMB, WEIGHT, LABELS.astype(np.int32), spec, "mean")
+    with pytest.raises(ValueError, match="reduction"):
+        _core.margin_loss(EMB, WEIGHT, LABELS, spec, "avg")
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: afr.ArcFace(m=-0.1), "m: must be in"),
+        (lambda: afr.ArcFace(s=0), "s: must be a finite number > 0"),
+        (lambda: afr.ArcFace(s=float("nan")), "s: must be"),
+        (lambda: afr.CosFace(m=-1), "m: must be"),
+        (lambda: afr.SphereFace(m=5), "m: must be an integer in 1..=4"),
+        (lambda: afr.SphereFace(m=2.5), "m: must be an integer"),
+        (lambda: afr.SphereFace(m=0), "m: must be an integer"),
+        (lambda: afr.SphereFace(s=-3.0), "s: must be"),
+        (lambda: afr.SphereFace(lambda_=-1), "lambda_: must be"),
+        (lambda: afr.CombinedMargin(m1=0), "m1: must be"),
+        (lambda: afr.CombinedMargin(m2=4), "m2: must be"),
+        (lambda: afr.CombinedMargin(m3=-0.1), "m3: must be"),
+        (lambda: afr.Softmax(s=-1), "s: must be"),
+    ],
+)
+def test_margin_constructors_validate(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_margin_constructor_type_errors():
+    with pytest.raises(TypeError, match="s must be a real number"):
+        afr.ArcFace(s="64")
+    with pytest.raises(TypeError, match="m must be an integer"):
+        afr.SphereFace(m=True)
+
+
+def test_margin_objects_are_values():
+    m = afr.ArcFace(s=32.0, m=0.4)
+    assert repr(m) == "ArcFace(s=32.0, m=0.4, easy_margin=False)"
+    assert repr(afr.SphereFace()) == "SphereFace(m=4, s=None, lambda_=0.0)"
+    assert m == afr.ArcFace(s=32, m=0.4) and m != afr.ArcFace() and m != afr.CosFace()
+    assert hash(m) == hash(afr.ArcFace(s=32.0, m=0.4))
+    clone = pickle.loads(pickle.dumps(m))
+    assert clone == m and clone.psi(0.3) == m.psi(0.3)
+    with pytest.raises(AttributeError):
+        m.s = 10.0
+    assert afr.SphereFace(m=4.0).m == 4
+    assert afr.SphereFace().scale is None and afr.CosFace(s=30).scale == 30.0
