@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod head;
+pub mod kernels;
 pub mod margin;
 pub mod real;
 

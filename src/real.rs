@@ -12,6 +12,8 @@ pub trait Real:
 {
     fn of(v: f64) -> Self;
     fn f64(self) -> f64;
+    /// exp that vectorises (see `kernels::exp_f32`); plain `exp` for f64.
+    fn fast_exp(self) -> Self;
 }
 
 impl Real for f32 {
@@ -23,6 +25,10 @@ impl Real for f32 {
     fn f64(self) -> f64 {
         self as f64
     }
+    #[inline(always)]
+    fn fast_exp(self) -> Self {
+        crate::kernels::exp_f32(self)
+    }
 }
 
 impl Real for f64 {
@@ -33,5 +39,9 @@ impl Real for f64 {
     #[inline(always)]
     fn f64(self) -> f64 {
         self
+    }
+    #[inline(always)]
+    fn fast_exp(self) -> Self {
+        self.exp()
     }
 }

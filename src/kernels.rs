@@ -1,0 +1,292 @@
+//! Row kernels of the head (scale, max, sum-exp, softmax gradient, dot), vectorised.
+//!
+//! Each kernel is written once, generically, with independent accumulator lanes so the
+//! compiler can vectorise the reductions, and compiled three times: AVX-512, AVX2+FMA and the
+//! baseline; the best one the CPU supports is picked at run time, so one binary runs
+//! everywhere. float32 uses a branch-free exp (below) that vectorises; float64 uses `exp`.
+
+use crate::real::Real;
+
+/// Accumulator lanes: enough independent chains to fill a 512-bit register of f32.
+const LANES: usize = 16;
+
+#[cfg(target_arch = "x86_64")]
+fn simd_level() -> u8 {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    static LEVEL: AtomicU8 = AtomicU8::new(0);
+    let cached = LEVEL.load(Ordering::Relaxed);
+    if cached != 0 {
+        return cached;
+    }
+    let level = if is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512dq")
+        && is_x86_feature_detected!("fma")
+    {
+        4
+    } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        3
+    } else {
+        1
+    };
+    LEVEL.store(level, Ordering::Relaxed);
+    level
+}
+
+/// Defines `pub fn $name` that runs `$imp` compiled for the best instruction set available.
+macro_rules! multiversion {
+    ($(#[$doc:meta])* pub fn $name:ident<T: Real>($($a:ident: $t:ty),* $(,)?) -> $r:ty = $imp:ident;) => {
+        $(#[$doc])*
+        pub fn $name<T: Real>($($a: $t),*) -> $r {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+                fn v4<T: Real>($($a: $t),*) -> $r {
+                    $imp($($a),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn v3<T: Real>($($a: $t),*) -> $r {
+                    $imp($($a),*)
+                }
+                match simd_level() {
+                    // SAFETY: simd_level() confirmed the CPU has these features.
+                    4 => return unsafe { v4($($a),*) },
+                    3 => return unsafe { v3($($a),*) },
+                    _ => {}
+                }
+            }
+            $imp($($a),*)
+        }
+    };
+}
+
+#[inline(always)]
+fn fmax<T: Real>(a: T, b: T) -> T {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
+
+#[inline(always)]
+fn scale_clamp_impl<T: Real>(z: &mut [T], inv: &[T], scale: T) {
+    let (one, minus_one) = (T::one(), -T::one());
+    for (v, &i) in z.iter_mut().zip(inv) {
+        let c = *v * i;
+        let c = if c > one { one } else { c };
+        let c = if c < minus_one { minus_one } else { c };
+        *v = scale * c;
+    }
+}
+
+multiversion! {
+    /// `z[j] = scale * clamp(z[j] * inv[j], -1, 1)`: raw dot products to scaled cosines.
+    pub fn scale_clamp<T: Real>(z: &mut [T], inv: &[T], scale: T) -> () = scale_clamp_impl;
+}
+
+#[inline(always)]
+fn max_impl<T: Real>(z: &[T]) -> T {
+    let mut acc = [T::neg_infinity(); LANES];
+    let chunks = z.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..LANES {
+            acc[k] = fmax(acc[k], c[k]);
+        }
+    }
+    let m = acc.iter().fold(T::neg_infinity(), |a, &b| fmax(a, b));
+    rest.iter().fold(m, |a, &b| fmax(a, b))
+}
+
+multiversion! {
+    /// Largest element (-inf for an empty slice).
+    pub fn max<T: Real>(z: &[T]) -> T = max_impl;
+}
+
+#[inline(always)]
+fn sum_exp_impl<T: Real>(z: &[T], shift: T) -> T {
+    let mut acc = [T::zero(); LANES];
+    let chunks = z.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..LANES {
+            acc[k] += T::fast_exp(c[k] - shift);
+        }
+    }
+    let s: T = acc.iter().copied().sum();
+    s + rest.iter().map(|&v| T::fast_exp(v - shift)).sum::<T>()
+}
+
+multiversion! {
+    /// `Σ exp(z[j] - shift)`.
+    pub fn sum_exp<T: Real>(z: &[T], shift: T) -> T = sum_exp_impl;
+}
+
+#[inline(always)]
+fn softmax_grad_impl<T: Real>(z: &[T], lse: T, coef: T, inv: &[T], g: &mut [T]) -> T {
+    let mut acc = [T::zero(); LANES];
+    let n = z.len() / LANES * LANES;
+    for ((zc, ic), gc) in z[..n]
+        .chunks_exact(LANES)
+        .zip(inv[..n].chunks_exact(LANES))
+        .zip(g[..n].chunks_exact_mut(LANES))
+    {
+        for k in 0..LANES {
+            let p = T::fast_exp(zc[k] - lse);
+            acc[k] += p * zc[k];
+            gc[k] = coef * p * ic[k];
+        }
+    }
+    let mut pz: T = acc.iter().copied().sum();
+    for j in n..z.len() {
+        let p = T::fast_exp(z[j] - lse);
+        pz += p * z[j];
+        g[j] = coef * p * inv[j];
+    }
+    pz
+}
+
+multiversion! {
+    /// Softmax gradient of a row: `p = exp(z - lse)`, `g[j] = coef * p[j] * inv[j]`;
+    /// returns `Σ p[j] z[j]`.
+    pub fn softmax_grad<T: Real>(z: &[T], lse: T, coef: T, inv: &[T], g: &mut [T]) -> T = softmax_grad_impl;
+}
+
+#[inline(always)]
+fn dot_impl<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::zero(); LANES];
+    let n = a.len().min(b.len()) / LANES * LANES;
+    for (ac, bc) in a[..n].chunks_exact(LANES).zip(b[..n].chunks_exact(LANES)) {
+        for k in 0..LANES {
+            acc[k] += ac[k] * bc[k];
+        }
+    }
+    let s: T = acc.iter().copied().sum();
+    s + a[n..].iter().zip(&b[n..]).map(|(&x, &y)| x * y).sum::<T>()
+}
+
+multiversion! {
+    /// `Σ a[j] b[j]`.
+    pub fn dot<T: Real>(a: &[T], b: &[T]) -> T = dot_impl;
+}
+
+#[inline(always)]
+fn sum_squares_impl<T: Real>(a: &[T]) -> f64 {
+    // f64 accumulation: a float32 row's squared norm can neither overflow nor lose digits.
+    let mut acc = [0.0f64; LANES];
+    let chunks = a.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..LANES {
+            let v = c[k].f64();
+            acc[k] += v * v;
+        }
+    }
+    acc.iter().sum::<f64>() + rest.iter().map(|v| v.f64() * v.f64()).sum::<f64>()
+}
+
+multiversion! {
+    /// `Σ a[j]^2`, accumulated in f64.
+    pub fn sum_squares<T: Real>(a: &[T]) -> f64 = sum_squares_impl;
+}
+
+#[inline(always)]
+fn project_out_impl<T: Real>(g: &mut [T], w: &[T], inv: T) {
+    let k = dot_impl(g, w) * inv * inv;
+    for (gv, &wv) in g.iter_mut().zip(w) {
+        *gv -= wv * k;
+    }
+}
+
+multiversion! {
+    /// Removes from `g` its component along `w` (`inv` = 1/||w||): `g -= ŵ (ŵ·g)`.
+    pub fn project_out<T: Real>(g: &mut [T], w: &[T], inv: T) -> () = project_out_impl;
+}
+
+/// exp for float32 without branches, so loops over it vectorise.
+///
+/// exp(x) = 2^n e^r with n = round(x log2 e) and |r| <= ln2/2; e^r by its degree-7 Taylor
+/// polynomial (truncation error < 5e-9, below float32 rounding). Inputs are clamped to
+/// [-87.3, 88.7] so 2^n stays a normal number: exp(x < -87.3) returns ~1.2e-38 instead of
+/// a denormal or 0, an absolute error far below anything the head adds it to.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.7);
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let pow2 = f32::from_bits(((ni + 127) as u32) << 23);
+    p * pow2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_f32_is_accurate_over_the_range_used() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let want = (x as f64).exp();
+            let got = exp_f32(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 4e-7, "worst relative error {worst}");
+        assert!(exp_f32(-1000.0) > 0.0 && exp_f32(-1000.0) < 1.3e-38);
+        assert_eq!(exp_f32(0.0), 1.0);
+    }
+
+    #[test]
+    fn kernels_match_scalar_loops() {
+        for n in [0usize, 1, 15, 16, 17, 100, 515] {
+            let z: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let inv: Vec<f32> = (0..n).map(|i| 0.5 + (i % 5) as f32 * 0.1).collect();
+            let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max(&z), m);
+            let want: f64 = z.iter().map(|&v| ((v - m) as f64).exp()).sum();
+            assert!((sum_exp(&z, m) as f64 - want).abs() <= 1e-5 * want.max(1.0));
+            let want_dot: f64 = z.iter().zip(&inv).map(|(&a, &b)| a as f64 * b as f64).sum();
+            assert!((dot(&z, &inv) as f64 - want_dot).abs() < 1e-3);
+            let mut g = vec![0.0f32; n];
+            let pz = softmax_grad(&z, m, 2.0, &inv, &mut g);
+            for j in 0..n {
+                let p = ((z[j] - m) as f64).exp();
+                assert!((g[j] as f64 - 2.0 * p * inv[j] as f64).abs() < 1e-5);
+            }
+            let want_pz: f64 = z.iter().map(|&v| ((v - m) as f64).exp() * v as f64).sum();
+            assert!((pz as f64 - want_pz).abs() < 1e-4 * (1.0 + want_pz.abs()));
+            let mut s = z.clone();
+            scale_clamp(&mut s, &inv, 3.0);
+            for j in 0..n {
+                assert_eq!(s[j], 3.0 * (z[j] * inv[j]).clamp(-1.0, 1.0));
+            }
+        }
+    }
+
+    #[test]
+    fn project_out_leaves_no_component_along_w() {
+        let w: Vec<f64> = (0..37).map(|i| (i as f64).sin() * 3.0).collect();
+        let inv = 1.0 / w.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let mut g: Vec<f64> = (0..37).map(|i| (i as f64 * 0.7).cos()).collect();
+        project_out(&mut g, &w, inv);
+        assert!(dot(&g, &w).abs() < 1e-12);
+    }
+}
