@@ -80,7 +80,8 @@ fn gemm_crate(
 fn main() {
     let x = fill(B, D, 1);
     let w = fill(C, D, 2);
-    let g = fill(B, C, 3);
+    // G as the head holds it: one contiguous B×ct block per tile
+    let g = fill(B, CT, 3);
     let flops = 2.0 * (B * D * C) as f64;
     let tiles: Vec<usize> = (0..C).step_by(CT).collect();
 
@@ -124,7 +125,7 @@ fn main() {
             || Array2::<f32>::zeros((B, D)),
             |acc, &lo| {
                 let wt = w.slice(s![lo..(lo + CT).min(C), ..]);
-                let gt = g.slice(s![.., lo..lo + wt.nrows()]);
+                let gt = g.slice(s![.., ..wt.nrows()]);
                 general_mat_mul(1.0, &gt, &wt, 1.0, acc);
             },
         )
@@ -135,9 +136,8 @@ fn main() {
         dw.axis_chunks_iter_mut(Axis(0), CT)
             .into_par_iter()
             .enumerate()
-            .for_each(|(t, mut out)| {
-                let lo = t * CT;
-                let gt = g.slice(s![.., lo..lo + out.nrows()]);
+            .for_each(|(_, mut out)| {
+                let gt = g.slice(s![.., ..out.nrows()]);
                 general_mat_mul(1.0, &gt.t(), &x, 0.0, &mut out);
             })
     });
@@ -145,10 +145,9 @@ fn main() {
         dw.axis_chunks_iter_mut(Axis(0), CT)
             .into_par_iter()
             .enumerate()
-            .for_each(|(t, mut out)| {
-                let lo = t * CT;
+            .for_each(|(_, mut out)| {
                 let n = out.nrows();
-                let gt = g.slice(s![.., lo..lo + n]);
+                let gt = g.slice(s![.., ..n]);
                 gemm_crate(
                     n,
                     D,
@@ -158,7 +157,7 @@ fn main() {
                     1,
                     gt.as_ptr(),
                     1,
-                    C as isize,
+                    CT as isize,
                     x.as_ptr(),
                     D as isize,
                     1,

@@ -309,17 +309,20 @@ fn zeroed_for_huge_pages<T: Real>(n: usize) -> Vec<T> {
     buf
 }
 
-/// Per-row (max, sum of exp(z - max)) of a block of logits, merged in f64 across tiles.
+/// Per-row softmax statistics of a block of logits, merged in f64 across tiles:
+/// `sum = Σ exp(z - max)` and `sum_ez = Σ exp(z - max) z` (so `Σ p z = sum_ez / sum`).
 #[derive(Clone, Copy)]
 struct RowStat {
     max: f64,
     sum: f64,
+    sum_ez: f64,
 }
 
 impl RowStat {
     const EMPTY: RowStat = RowStat {
         max: f64::NEG_INFINITY,
         sum: 0.0,
+        sum_ez: 0.0,
     };
 
     fn merge(self, o: RowStat) -> RowStat {
@@ -330,18 +333,22 @@ impl RowStat {
             return o;
         }
         let max = self.max.max(o.max);
+        let (a, b) = ((self.max - max).exp(), (o.max - max).exp());
         RowStat {
             max,
-            sum: self.sum * (self.max - max).exp() + o.sum * (o.max - max).exp(),
+            sum: self.sum * a + o.sum * b,
+            sum_ez: self.sum_ez * a + o.sum_ez * b,
         }
     }
 
-    fn of_row<T: Real>(z: &[T]) -> RowStat {
+    /// Turns a row of logits into `exp(z - max)` in place and returns its statistics.
+    fn exp_row<T: Real>(z: &mut [T]) -> RowStat {
         let m = kernels::max(z);
-        let sum = kernels::sum_exp(z, m);
+        let (sum, sum_ez) = kernels::exp_in_place(z, m);
         RowStat {
             max: m.f64(),
             sum: sum.f64(),
+            sum_ez: sum_ez.f64(),
         }
     }
 }
@@ -381,21 +388,29 @@ struct LossRows<'a> {
 }
 
 impl<T: Real> Prepared<T> {
-    /// Fills `acc.g` (rows × ct) with dL/dc_ij / ||w_j|| from the tile's stored logits `z`.
-    fn loss_grad_tile(&self, lr: &LossRows, lo: usize, z: &[T], acc: &mut Pass2<T>) {
-        let ct = z.len() / lr.rows.len();
+    /// Fills `acc.g` (rows × ct) with dL/dc_ij / ||w_j||, from the tile's stash
+    /// `e = exp(z - tile_max)` of pass 1: `p = e * exp(tile_max - lse)`, one multiply per
+    /// element instead of a second exp.
+    fn loss_grad_tile(
+        &self,
+        lr: &LossRows,
+        lo: usize,
+        e: &[T],
+        tile_max: &[T],
+        acc: &mut Pass2<T>,
+    ) {
+        let ct = e.len() / lr.rows.len();
         let inv = &self.w_inv[lo..lo + ct];
         for (local, i) in lr.rows.clone().enumerate() {
-            let zrow = &z[local * ct..(local + 1) * ct];
+            let erow = &e[local * ct..(local + 1) * ct];
             let grow = &mut acc.g[local * ct..(local + 1) * ct];
             let weight = lr.row_weight[local];
             if weight == 0.0 {
                 grow.fill(T::zero());
                 continue;
             }
-            let coef = T::of(weight * self.row_scale[i]);
-            let pz = kernels::softmax_grad(zrow, T::of(lr.lse[local]), coef, inv, grow);
-            acc.pz[local] += pz.f64();
+            let coef = weight * self.row_scale[i] * (tile_max[local].f64() - lr.lse[local]).exp();
+            kernels::scale_mul(erow, T::of(coef), inv, grow);
             if let Some(y) = self.target[i] {
                 if (lo..lo + ct).contains(&y) {
                     // p - 1 in f64 from the f64 logits: no cancellation in float32.
@@ -460,31 +475,36 @@ pub fn margin_loss<T: Real>(
     } else {
         vec![T::zero(); chunk_rows * c]
     };
+    let mut tile_max = vec![T::zero(); c.div_ceil(ct) * chunk_rows];
 
     for start in (0..b).step_by(chunk_rows) {
         let rows = start..(start + chunk_rows).min(b);
         let nr = rows.len();
         let xhat_rows = p.xhat.slice(s![rows.clone(), ..]);
 
-        // Pass 1: logits of every tile into its stash slot; running (max, sum-exp) per row.
+        // Pass 1: logits of every tile, turned into exp(z - tile_max) in its stash slot;
+        // softmax statistics per row merged across tiles.
         let slots = if stash_in_grad {
             grad_w.par_chunks_mut(ct * d)
         } else {
             stash[..nr * c].par_chunks_mut(nr * ct)
         };
         let stats = slots
+            .zip(tile_max.par_chunks_mut(nr))
             .enumerate()
             .fold(
                 || vec![RowStat::EMPTY; nr],
-                |mut acc, (t, slot)| {
+                |mut acc, (t, (slot, tmax))| {
                     let lo = t * ct;
                     let w_tile = weight.slice(s![lo..(lo + ct).min(c), ..]);
                     let width = w_tile.nrows();
                     let z = &mut slot[..nr * width];
                     let view = ArrayViewMut2::from_shape((nr, width), &mut *z).expect("tile shape");
                     p.logits_tile(rows.clone(), lo, w_tile, view);
-                    for (r, zrow) in z.chunks_exact(width).enumerate() {
-                        acc[r] = acc[r].merge(RowStat::of_row(zrow));
+                    for (r, zrow) in z.chunks_exact_mut(width).enumerate() {
+                        let st = RowStat::exp_row(zrow);
+                        tmax[r] = T::of(st.max);
+                        acc[r] = acc[r].merge(st);
                     }
                     acc
                 },
@@ -497,65 +517,56 @@ pub fn margin_loss<T: Real>(
         for (local, i) in rows.clone().enumerate() {
             if p.target[i].is_some() {
                 row_losses[i] = lse[local] - p.target_logit[i];
+                if p.feature_norm_scale {
+                    let pz = stats[local].sum_ez / stats[local].sum;
+                    norm_term[i] = row_weight[i] * (pz - p.target_logit[i]) / p.row_scale[i];
+                }
             }
         }
 
-        // Pass 2: G from the stashed logits; dX̂ += G·Ŵ; dW rows of each tile.
+        // Pass 2: G from the stash; dX̂ += G·Ŵ; the dW rows of each tile.
         let lr = LossRows {
             rows: rows.clone(),
             lse: &lse,
             row_weight: &row_weight[rows.clone()],
         };
-        let tile_of = |t: usize| {
+        // `own_stash` is None when the stash lives in `grad_tile` itself.
+        let step = |mut acc: Pass2<T>, t: usize, own_stash: Option<&[T]>, grad_tile: &mut [T]| {
             let lo = t * ct;
-            (lo, weight.slice(s![lo..(lo + ct).min(c), ..]))
+            let w_tile = weight.slice(s![lo..(lo + ct).min(c), ..]);
+            let width = w_tile.nrows();
+            let tmax = &tile_max[t * nr..(t + 1) * nr];
+            match own_stash {
+                Some(e) => p.loss_grad_tile(&lr, lo, e, tmax, &mut acc),
+                None => p.loss_grad_tile(&lr, lo, &grad_tile[..nr * width], tmax, &mut acc),
+            }
+            // Overwrite the tile's gradient rows when they held the stash, else accumulate
+            // over row chunks.
+            let beta = if own_stash.is_some() { T::one() } else { T::zero() };
+            let g = ArrayView2::from_shape((nr, width), &acc.g[..nr * width]).expect("tile");
+            let grad_view = ArrayViewMut2::from_shape((width, d), grad_tile).expect("tile");
+            let inv = &p.w_inv[lo..lo + width];
+            let mut dx = std::mem::take(&mut acc.dxhat);
+            backprop_tile(g, xhat_rows, w_tile, inv, beta, grad_view, &mut dx);
+            acc.dxhat = dx;
+            acc
         };
         let new_acc = || Pass2::new(nr, d, ct);
         let acc = if stash_in_grad {
             grad_w
                 .par_chunks_mut(ct * d)
                 .enumerate()
-                .fold(new_acc, |mut acc, (t, grad_tile)| {
-                    let (lo, w_tile) = tile_of(t);
-                    let width = w_tile.nrows();
-                    p.loss_grad_tile(&lr, lo, &grad_tile[..nr * width], &mut acc);
-                    let g =
-                        ArrayView2::from_shape((nr, width), &acc.g[..nr * width]).expect("tile");
-                    let grad_view = ArrayViewMut2::from_shape((width, d), grad_tile).expect("tile");
-                    let inv = &p.w_inv[lo..lo + width];
-                    let mut dx = std::mem::take(&mut acc.dxhat);
-                    backprop_tile(g, xhat_rows, w_tile, inv, T::zero(), grad_view, &mut dx);
-                    acc.dxhat = dx;
-                    acc
-                })
+                .fold(new_acc, |acc, (t, grad_tile)| step(acc, t, None, grad_tile))
                 .reduce(new_acc, Pass2::add)
         } else {
             stash[..nr * c]
                 .par_chunks(nr * ct)
                 .zip(grad_w.par_chunks_mut(ct * d))
                 .enumerate()
-                .fold(new_acc, |mut acc, (t, (z, grad_tile))| {
-                    let (lo, w_tile) = tile_of(t);
-                    let width = w_tile.nrows();
-                    p.loss_grad_tile(&lr, lo, z, &mut acc);
-                    let g =
-                        ArrayView2::from_shape((nr, width), &acc.g[..nr * width]).expect("tile");
-                    let grad_view = ArrayViewMut2::from_shape((width, d), grad_tile).expect("tile");
-                    let inv = &p.w_inv[lo..lo + width];
-                    let mut dx = std::mem::take(&mut acc.dxhat);
-                    backprop_tile(g, xhat_rows, w_tile, inv, T::one(), grad_view, &mut dx);
-                    acc.dxhat = dx;
-                    acc
-                })
+                .fold(new_acc, |acc, (t, (e, grad_tile))| step(acc, t, Some(e), grad_tile))
                 .reduce(new_acc, Pass2::add)
         };
-        dxhat.slice_mut(s![rows.clone(), ..]).assign(&acc.dxhat);
-        if p.feature_norm_scale {
-            for (local, i) in rows.enumerate() {
-                let w = lr.row_weight[local];
-                norm_term[i] = w * (acc.pz[local] - p.target_logit[i]) / p.row_scale[i];
-            }
-        }
+        dxhat.slice_mut(s![rows, ..]).assign(&acc.dxhat);
     }
 
     let grad_emb = p.finish_grad_emb(dxhat, &norm_term);

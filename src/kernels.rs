@@ -1,4 +1,4 @@
-//! Row kernels of the head (scale, max, sum-exp, softmax gradient, dot), vectorised.
+//! Row kernels of the head (scale, max, exp and sums, dot, projection), vectorised.
 //!
 //! Each kernel is written once, generically, with independent accumulator lanes so the
 //! compiler can vectorise the reductions, and compiled three times: AVX-512, AVX2+FMA and the
@@ -106,52 +106,44 @@ multiversion! {
 }
 
 #[inline(always)]
-fn sum_exp_impl<T: Real>(z: &[T], shift: T) -> T {
-    let mut acc = [T::zero(); LANES];
-    let chunks = z.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
+fn exp_in_place_impl<T: Real>(z: &mut [T], shift: T) -> (T, T) {
+    let mut sum = [T::zero(); LANES];
+    let mut sum_ez = [T::zero(); LANES];
+    let n = z.len() / LANES * LANES;
+    let (body, rest) = z.split_at_mut(n);
+    for c in body.chunks_exact_mut(LANES) {
         for k in 0..LANES {
-            acc[k] += T::fast_exp(c[k] - shift);
+            let e = T::fast_exp(c[k] - shift);
+            sum[k] += e;
+            sum_ez[k] += e * c[k];
+            c[k] = e;
         }
     }
-    let s: T = acc.iter().copied().sum();
-    s + rest.iter().map(|&v| T::fast_exp(v - shift)).sum::<T>()
+    let (mut s, mut sz): (T, T) = (sum.iter().copied().sum(), sum_ez.iter().copied().sum());
+    for v in rest {
+        let e = T::fast_exp(*v - shift);
+        s += e;
+        sz += e * *v;
+        *v = e;
+    }
+    (s, sz)
 }
 
 multiversion! {
-    /// `Σ exp(z[j] - shift)`.
-    pub fn sum_exp<T: Real>(z: &[T], shift: T) -> T = sum_exp_impl;
+    /// Replaces `z[j]` by `e[j] = exp(z[j] - shift)`; returns `(Σ e[j], Σ e[j] z[j])`.
+    pub fn exp_in_place<T: Real>(z: &mut [T], shift: T) -> (T, T) = exp_in_place_impl;
 }
 
 #[inline(always)]
-fn softmax_grad_impl<T: Real>(z: &[T], lse: T, coef: T, inv: &[T], g: &mut [T]) -> T {
-    let mut acc = [T::zero(); LANES];
-    let n = z.len() / LANES * LANES;
-    for ((zc, ic), gc) in z[..n]
-        .chunks_exact(LANES)
-        .zip(inv[..n].chunks_exact(LANES))
-        .zip(g[..n].chunks_exact_mut(LANES))
-    {
-        for k in 0..LANES {
-            let p = T::fast_exp(zc[k] - lse);
-            acc[k] += p * zc[k];
-            gc[k] = coef * p * ic[k];
-        }
+fn scale_mul_impl<T: Real>(e: &[T], k: T, inv: &[T], g: &mut [T]) {
+    for ((gv, &ev), &iv) in g.iter_mut().zip(e).zip(inv) {
+        *gv = k * ev * iv;
     }
-    let mut pz: T = acc.iter().copied().sum();
-    for j in n..z.len() {
-        let p = T::fast_exp(z[j] - lse);
-        pz += p * z[j];
-        g[j] = coef * p * inv[j];
-    }
-    pz
 }
 
 multiversion! {
-    /// Softmax gradient of a row: `p = exp(z - lse)`, `g[j] = coef * p[j] * inv[j]`;
-    /// returns `Σ p[j] z[j]`.
-    pub fn softmax_grad<T: Real>(z: &[T], lse: T, coef: T, inv: &[T], g: &mut [T]) -> T = softmax_grad_impl;
+    /// `g[j] = k * e[j] * inv[j]`.
+    pub fn scale_mul<T: Real>(e: &[T], k: T, inv: &[T], g: &mut [T]) -> () = scale_mul_impl;
 }
 
 #[inline(always)]
@@ -262,17 +254,22 @@ mod tests {
             let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             assert_eq!(max(&z), m);
             let want: f64 = z.iter().map(|&v| ((v - m) as f64).exp()).sum();
-            assert!((sum_exp(&z, m) as f64 - want).abs() <= 1e-5 * want.max(1.0));
+            let want_ez: f64 = z.iter().map(|&v| ((v - m) as f64).exp() * v as f64).sum();
+            let mut e = z.clone();
+            let (sum, sum_ez) = exp_in_place(&mut e, m);
+            assert!((sum as f64 - want).abs() <= 1e-5 * want.max(1.0));
+            assert!((sum_ez as f64 - want_ez).abs() <= 1e-4 * (1.0 + want_ez.abs()));
+            for j in 0..n {
+                let p = ((z[j] - m) as f64).exp();
+                assert!((e[j] as f64 - p).abs() <= 4e-7 * p);
+            }
             let want_dot: f64 = z.iter().zip(&inv).map(|(&a, &b)| a as f64 * b as f64).sum();
             assert!((dot(&z, &inv) as f64 - want_dot).abs() < 1e-3);
             let mut g = vec![0.0f32; n];
-            let pz = softmax_grad(&z, m, 2.0, &inv, &mut g);
+            scale_mul(&e, 2.0, &inv, &mut g);
             for j in 0..n {
-                let p = ((z[j] - m) as f64).exp();
-                assert!((g[j] as f64 - 2.0 * p * inv[j] as f64).abs() < 1e-5);
+                assert_eq!(g[j], 2.0 * e[j] * inv[j]);
             }
-            let want_pz: f64 = z.iter().map(|&v| ((v - m) as f64).exp() * v as f64).sum();
-            assert!((pz as f64 - want_pz).abs() < 1e-4 * (1.0 + want_pz.abs()));
             let mut s = z.clone();
             scale_clamp(&mut s, &inv, 3.0);
             for j in 0..n {
