@@ -57,7 +57,6 @@ struct Prepared<T> {
     d: usize,
     xhat: Array2<T>,
     x_norm: Vec<f64>,
-    w_inv: Vec<T>,
     row_scale: Vec<f64>,
     feature_norm_scale: bool,
     /// Target column of each row, None for ignored rows.
@@ -74,25 +73,48 @@ fn tile_width(c: usize) -> usize {
     per.div_ceil(16) * 16
 }
 
-fn row_norms<T: Real>(m: ArrayView2<T>, arg: &'static str) -> Result<Vec<f64>> {
-    let norms: Vec<f64> = m
-        .axis_iter(Axis(0))
-        .into_par_iter()
-        .map(|row| match row.as_slice() {
-            Some(r) => kernels::sum_squares(r).sqrt(),
-            None => row.iter().map(|v| v.f64() * v.f64()).sum::<f64>().sqrt(),
-        })
-        .collect();
-    if let Some(i) = norms.iter().position(|n| !n.is_finite()) {
-        return Err(Error::invalid(arg, format!("row {i} contains NaN or inf")));
-    }
-    if let Some(i) = norms.iter().position(|n| *n == 0.0) {
-        return Err(Error::invalid(
+/// The error for a row whose norm cannot normalise it, if any.
+fn norm_error(arg: &'static str, row: usize, norm: f64) -> Option<Error> {
+    if !norm.is_finite() {
+        Some(Error::invalid(
             arg,
-            format!("row {i} is all zeros; a zero vector has no direction to normalise"),
-        ));
+            format!("row {row} contains NaN or inf"),
+        ))
+    } else if norm == 0.0 {
+        Some(Error::invalid(
+            arg,
+            format!("row {row} is all zeros; a zero vector has no direction to normalise"),
+        ))
+    } else {
+        None
     }
-    Ok(norms)
+}
+
+fn row_norm<T: Real>(row: ndarray::ArrayView1<T>) -> f64 {
+    match row.as_slice() {
+        Some(r) => kernels::sum_squares(r).sqrt(),
+        None => row.iter().map(|v| v.f64() * v.f64()).sum::<f64>().sqrt(),
+    }
+}
+
+fn row_norms<T: Real>(m: ArrayView2<T>, arg: &'static str) -> Result<Vec<f64>> {
+    let norms: Vec<f64> = m.axis_iter(Axis(0)).into_par_iter().map(row_norm).collect();
+    match norms
+        .iter()
+        .enumerate()
+        .find_map(|(i, &n)| norm_error(arg, i, n))
+    {
+        Some(e) => Err(e),
+        None => Ok(norms),
+    }
+}
+
+/// 1/||w_j|| for every class centre, validated.
+fn inv_norms<T: Real>(weight: ArrayView2<T>) -> Result<Vec<T>> {
+    Ok(row_norms(weight, "weight")?
+        .iter()
+        .map(|n| T::of(1.0 / n))
+        .collect())
 }
 
 fn check_labels(labels: &[i64], b: usize, c: usize) -> Result<Vec<Option<usize>>> {
@@ -163,8 +185,6 @@ impl<T: Real> Prepared<T> {
         }
         let target = check_labels(labels, b, c)?;
         let x_norm = row_norms(emb, "emb")?;
-        let w_norm = row_norms(weight, "weight")?;
-        let w_inv: Vec<T> = w_norm.iter().map(|n| T::of(1.0 / n)).collect();
         let mut xhat = emb.to_owned();
         for (mut row, n) in xhat.axis_iter_mut(Axis(0)).zip(&x_norm) {
             let inv = T::of(1.0 / n);
@@ -184,7 +204,9 @@ impl<T: Real> Prepared<T> {
                     .zip(weight.row(y))
                     .map(|(a, w)| a.f64() * w.f64())
                     .sum();
-                let cos = (dot * w_inv[y].f64()).clamp(-1.0, 1.0);
+                // A bad weight row is reported by the weight's own validation.
+                let cos = (dot / row_norm(weight.row(y))).clamp(-1.0, 1.0);
+                let cos = if cos.is_finite() { cos } else { 0.0 };
                 let (psi, dpsi) = margin.psi_dpsi(cos);
                 target_logit[i] = row_scale[i] * psi;
                 target_dpsi[i] = dpsi;
@@ -195,7 +217,6 @@ impl<T: Real> Prepared<T> {
             d,
             xhat,
             x_norm,
-            w_inv,
             row_scale,
             feature_norm_scale,
             target,
@@ -214,6 +235,7 @@ impl<T: Real> Prepared<T> {
         rows: Range<usize>,
         lo: usize,
         w_tile: ArrayView2<T>,
+        inv: &[T],
         mut out: ArrayViewMut2<T>,
     ) {
         let ct = w_tile.nrows();
@@ -224,7 +246,6 @@ impl<T: Real> Prepared<T> {
             T::zero(),
             &mut out,
         );
-        let inv = &self.w_inv[lo..lo + ct];
         for (local, i) in rows.enumerate() {
             let mut row = out.row_mut(local);
             let z = row.as_slice_mut().expect("logit rows are contiguous");
@@ -397,10 +418,10 @@ impl<T: Real> Prepared<T> {
         lo: usize,
         e: &[T],
         tile_max: &[T],
+        inv: &[T],
         acc: &mut Pass2<T>,
     ) {
         let ct = e.len() / lr.rows.len();
-        let inv = &self.w_inv[lo..lo + ct];
         for (local, i) in lr.rows.clone().enumerate() {
             let erow = &e[local * ct..(local + 1) * ct];
             let grow = &mut acc.g[local * ct..(local + 1) * ct];
@@ -451,6 +472,7 @@ pub fn margin_loss<T: Real>(
     let mut grad_w = zeroed_for_huge_pages::<T>(c * d);
     if n_valid == 0 {
         // Every row ignored: nothing to compute, and the stash must not leak into grad_w.
+        inv_norms(weight)?;
         return Ok(LossOutput {
             loss: 0.0,
             row_losses: vec![0.0; b],
@@ -476,6 +498,9 @@ pub fn margin_loss<T: Real>(
         vec![T::zero(); chunk_rows * c]
     };
     let mut tile_max = vec![T::zero(); c.div_ceil(ct) * chunk_rows];
+    // 1/||w_j||, filled tile by tile in the first pass 1, where the tile's rows are read
+    // anyway: a separate pass would read all of W from memory once more.
+    let mut w_inv = vec![T::zero(); c];
 
     for start in (0..b).step_by(chunk_rows) {
         let rows = start..(start + chunk_rows).min(b);
@@ -489,30 +514,51 @@ pub fn margin_loss<T: Real>(
         } else {
             stash[..nr * c].par_chunks_mut(nr * ct)
         };
-        let stats = slots
+        let first_chunk = start == 0;
+        let (stats, bad_weight) = slots
             .zip(tile_max.par_chunks_mut(nr))
+            .zip(w_inv.par_chunks_mut(ct))
             .enumerate()
             .fold(
-                || vec![RowStat::EMPTY; nr],
-                |mut acc, (t, (slot, tmax))| {
+                || (vec![RowStat::EMPTY; nr], None),
+                |(mut acc, mut bad): (Vec<RowStat>, Option<Error>), (t, ((slot, tmax), inv))| {
                     let lo = t * ct;
                     let w_tile = weight.slice(s![lo..(lo + ct).min(c), ..]);
                     let width = w_tile.nrows();
+                    if first_chunk {
+                        for (j, (row, iw)) in
+                            w_tile.axis_iter(Axis(0)).zip(inv.iter_mut()).enumerate()
+                        {
+                            let n = row_norm(row);
+                            *iw = T::of(1.0 / n);
+                            if bad.is_none() {
+                                bad = norm_error("weight", lo + j, n);
+                            }
+                        }
+                    }
                     let z = &mut slot[..nr * width];
                     let view = ArrayViewMut2::from_shape((nr, width), &mut *z).expect("tile shape");
-                    p.logits_tile(rows.clone(), lo, w_tile, view);
+                    p.logits_tile(rows.clone(), lo, w_tile, inv, view);
                     for (r, zrow) in z.chunks_exact_mut(width).enumerate() {
                         let st = RowStat::exp_row(zrow);
                         tmax[r] = T::of(st.max);
                         acc[r] = acc[r].merge(st);
                     }
-                    acc
+                    (acc, bad)
                 },
             )
             .reduce(
-                || vec![RowStat::EMPTY; nr],
-                |a, b| a.iter().zip(&b).map(|(x, y)| x.merge(*y)).collect(),
+                || (vec![RowStat::EMPTY; nr], None),
+                |(a, bad_a), (b, bad_b)| {
+                    let merged = a.iter().zip(&b).map(|(x, y)| x.merge(*y)).collect();
+                    // tiles are folded in order within a job and jobs reduce left to right,
+                    // so the left error is the lowest row
+                    (merged, bad_a.or(bad_b))
+                },
             );
+        if let Some(e) = bad_weight {
+            return Err(e);
+        }
         let lse: Vec<f64> = stats.iter().map(|st| st.max + st.sum.ln()).collect();
         for (local, i) in rows.clone().enumerate() {
             if p.target[i].is_some() {
@@ -536,16 +582,20 @@ pub fn margin_loss<T: Real>(
             let w_tile = weight.slice(s![lo..(lo + ct).min(c), ..]);
             let width = w_tile.nrows();
             let tmax = &tile_max[t * nr..(t + 1) * nr];
+            let inv = &w_inv[lo..lo + width];
             match own_stash {
-                Some(e) => p.loss_grad_tile(&lr, lo, e, tmax, &mut acc),
-                None => p.loss_grad_tile(&lr, lo, &grad_tile[..nr * width], tmax, &mut acc),
+                Some(e) => p.loss_grad_tile(&lr, lo, e, tmax, inv, &mut acc),
+                None => p.loss_grad_tile(&lr, lo, &grad_tile[..nr * width], tmax, inv, &mut acc),
             }
             // Overwrite the tile's gradient rows when they held the stash, else accumulate
             // over row chunks.
-            let beta = if own_stash.is_some() { T::one() } else { T::zero() };
+            let beta = if own_stash.is_some() {
+                T::one()
+            } else {
+                T::zero()
+            };
             let g = ArrayView2::from_shape((nr, width), &acc.g[..nr * width]).expect("tile");
             let grad_view = ArrayViewMut2::from_shape((width, d), grad_tile).expect("tile");
-            let inv = &p.w_inv[lo..lo + width];
             let mut dx = std::mem::take(&mut acc.dxhat);
             backprop_tile(g, xhat_rows, w_tile, inv, beta, grad_view, &mut dx);
             acc.dxhat = dx;
@@ -563,7 +613,9 @@ pub fn margin_loss<T: Real>(
                 .par_chunks(nr * ct)
                 .zip(grad_w.par_chunks_mut(ct * d))
                 .enumerate()
-                .fold(new_acc, |acc, (t, (e, grad_tile))| step(acc, t, Some(e), grad_tile))
+                .fold(new_acc, |acc, (t, (e, grad_tile))| {
+                    step(acc, t, Some(e), grad_tile)
+                })
                 .reduce(new_acc, Pass2::add)
         };
         dxhat.slice_mut(s![rows, ..]).assign(&acc.dxhat);
@@ -595,6 +647,7 @@ pub fn margin_logits<T: Real>(
     let weight = weight.as_standard_layout();
     let weight = weight.view();
     let p = Prepared::new(emb, weight, labels, margin)?;
+    let w_inv = inv_norms(weight)?;
     let (b, c) = (p.b(), p.c);
     let ct = tile_width(c);
     let mut out = Array2::<T>::zeros((b, c));
@@ -604,7 +657,8 @@ pub fn margin_logits<T: Real>(
         .for_each(|(t, tile)| {
             let lo = t * ct;
             let w_tile = weight.slice(s![lo..(lo + ct).min(c), ..]);
-            p.logits_tile(0..b, lo, w_tile, tile);
+            let inv = &w_inv[lo..lo + w_tile.nrows()];
+            p.logits_tile(0..b, lo, w_tile, inv, tile);
         });
     Ok(out)
 }
@@ -620,6 +674,7 @@ pub fn margin_logits_backward<T: Real>(
     let weight = weight.as_standard_layout();
     let weight = weight.view();
     let p = Prepared::new(emb, weight, labels, margin)?;
+    let w_inv = inv_norms(weight)?;
     let (b, c, d) = (p.b(), p.c, p.d);
     check_shape("grad_logits", grad_logits.dim(), (b, c))?;
     check_finite(grad_logits, "grad_logits")?;
@@ -639,7 +694,7 @@ pub fn margin_logits_backward<T: Real>(
             if p.feature_norm_scale {
                 // The logits scale by ||x||, so dL/d||x_i|| = Σ_j grad_ij z_ij / ||x_i||.
                 let mut z = Array2::zeros((b, width));
-                p.logits_tile(0..b, lo, w_tile, z.view_mut());
+                p.logits_tile(0..b, lo, w_tile, &w_inv[lo..lo + width], z.view_mut());
                 for i in 0..b {
                     let dot: f64 = upstream
                         .row(i)
@@ -650,7 +705,7 @@ pub fn margin_logits_backward<T: Real>(
                     acc.pz[i] += dot / p.row_scale[i];
                 }
             }
-            let inv = &p.w_inv[lo..lo + width];
+            let inv = &w_inv[lo..lo + width];
             let mut g =
                 ArrayViewMut2::from_shape((b, width), &mut acc.g[..b * width]).expect("tile");
             for i in 0..b {
