@@ -452,6 +452,17 @@ pub fn margin_loss<T: Real>(
     margin: &Margin,
     reduction: Reduction,
 ) -> Result<LossOutput<T>> {
+    fused_loss(emb, weight, labels, margin, reduction, STASH_BUDGET_BYTES)
+}
+
+fn fused_loss<T: Real>(
+    emb: ArrayView2<T>,
+    weight: ArrayView2<T>,
+    labels: &[i64],
+    margin: &Margin,
+    reduction: Reduction,
+    stash_budget_bytes: usize,
+) -> Result<LossOutput<T>> {
     let weight = weight.as_standard_layout();
     let weight = weight.view();
     let p = Prepared::new(emb, weight, labels, margin)?;
@@ -488,7 +499,7 @@ pub fn margin_loss<T: Real>(
     let chunk_rows = if stash_in_grad {
         b
     } else {
-        (STASH_BUDGET_BYTES / (c * std::mem::size_of::<T>()))
+        (stash_budget_bytes / (c * std::mem::size_of::<T>()))
             .max(8)
             .min(b)
     };
@@ -800,4 +811,144 @@ pub fn apply_margin_backward<T: Real>(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(b: usize, d: usize, c: usize, seed: u64) -> (Array2<f64>, Array2<f64>, Vec<i64>) {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        };
+        let emb = Array2::from_shape_fn((b, d), |_| next());
+        let weight = Array2::from_shape_fn((c, d), |_| next());
+        let labels = (0..b)
+            .map(|i| {
+                if i % 7 == 3 {
+                    -1
+                } else {
+                    ((next() + 1.0) * 0.5 * c as f64) as i64 % c as i64
+                }
+            })
+            .collect();
+        (emb, weight, labels)
+    }
+
+    /// Loss and gradients through the unfused path: logits, an explicit softmax, and
+    /// margin_logits_backward.
+    fn unfused(
+        emb: &Array2<f64>,
+        weight: &Array2<f64>,
+        labels: &[i64],
+        margin: &Margin,
+    ) -> (f64, Array2<f64>, Array2<f64>) {
+        let z = margin_logits(emb.view(), weight.view(), labels, margin).unwrap();
+        let n = labels.iter().filter(|&&y| y >= 0).count() as f64;
+        let mut grad = Array2::zeros(z.dim());
+        let mut loss = 0.0;
+        for (i, &y) in labels.iter().enumerate() {
+            if y < 0 {
+                continue;
+            }
+            let row = z.row(i);
+            let m = row.fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+            let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+            loss += (lse - row[y as usize]) / n;
+            for j in 0..z.ncols() {
+                grad[[i, j]] = (row[j] - lse).exp() / n;
+            }
+            grad[[i, y as usize]] -= 1.0 / n;
+        }
+        let (ge, gw) =
+            margin_logits_backward(grad.view(), emb.view(), weight.view(), labels, margin).unwrap();
+        (loss, ge, gw)
+    }
+
+    fn max_rel(a: &Array2<f64>, b: &Array2<f64>) -> f64 {
+        let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+    }
+
+    #[test]
+    fn fused_matches_unfused_on_every_stash_layout() {
+        let margins = [
+            Margin::arcface(64.0, 0.5, false).unwrap(),
+            Margin::sphereface(4, None, 1.0).unwrap(),
+            Margin::combined(30.0, 1.2, 0.3, 0.1).unwrap(),
+        ];
+        // (B <= D: stash in the gradient), (B > D: own stash, one chunk), (B > D, many chunks)
+        for (b, d, c, budget) in [
+            (12, 16, 300, STASH_BUDGET_BYTES),
+            (40, 8, 300, STASH_BUDGET_BYTES),
+            (40, 8, 300, 1),
+        ] {
+            let (emb, weight, labels) = problem(b, d, c, (b * d + c) as u64);
+            for margin in &margins {
+                let out = fused_loss(
+                    emb.view(),
+                    weight.view(),
+                    &labels,
+                    margin,
+                    Reduction::Mean,
+                    budget,
+                )
+                .unwrap();
+                let (loss, ge, gw) = unfused(&emb, &weight, &labels, margin);
+                assert!(
+                    (out.loss - loss).abs() < 1e-10 * loss.abs(),
+                    "{margin:?} {b}x{d}"
+                );
+                assert!(
+                    max_rel(&out.grad_emb, &ge) < 1e-10,
+                    "{margin:?} {b}x{d} budget {budget}"
+                );
+                assert!(
+                    max_rel(&out.grad_weight, &gw) < 1e-10,
+                    "{margin:?} {b}x{d} budget {budget}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn float32_fused_is_close_to_float64() {
+        let (emb, weight, labels) = problem(64, 32, 1000, 7);
+        let margin = Margin::arcface(64.0, 0.5, false).unwrap();
+        let f64_out =
+            margin_loss(emb.view(), weight.view(), &labels, &margin, Reduction::Mean).unwrap();
+        let (e32, w32) = (emb.mapv(|v| v as f32), weight.mapv(|v| v as f32));
+        let f32_out =
+            margin_loss(e32.view(), w32.view(), &labels, &margin, Reduction::Mean).unwrap();
+        assert!((f32_out.loss - f64_out.loss).abs() < 1e-5 * f64_out.loss);
+        assert!(max_rel(&f32_out.grad_emb.mapv(|v| v as f64), &f64_out.grad_emb) < 1e-3);
+        assert!(
+            max_rel(
+                &f32_out.grad_weight.mapv(|v| v as f64),
+                &f64_out.grad_weight
+            ) < 1e-3
+        );
+    }
+
+    #[test]
+    fn errors_name_the_argument() {
+        let (emb, mut weight, labels) = problem(4, 8, 50, 1);
+        let m = Margin::cosface(64.0, 0.35).unwrap();
+        weight.row_mut(30).fill(0.0);
+        let err = margin_loss(emb.view(), weight.view(), &labels, &m, Reduction::Mean).unwrap_err();
+        assert_eq!(err.arg, "weight");
+        assert!(err.message.contains("row 30"), "{err}");
+        weight.row_mut(20)[3] = f64::NAN;
+        let err = margin_loss(emb.view(), weight.view(), &labels, &m, Reduction::Sum).unwrap_err();
+        assert!(err.message.contains("row 20 contains NaN"), "{err}");
+        let bad_labels = vec![0, 1, 50, 2];
+        let err = margin_logits(emb.view(), weight.view(), &bad_labels, &m).unwrap_err();
+        assert_eq!(err.arg, "labels");
+    }
 }
