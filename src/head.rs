@@ -873,7 +873,10 @@ mod tests {
 
     fn max_rel(a: &Array2<f64>, b: &Array2<f64>) -> f64 {
         let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+        a.iter()
+            .zip(b)
+            .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+            / scale
     }
 
     #[test]
