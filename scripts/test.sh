@@ -15,8 +15,8 @@ cargo clippy --quiet --all-targets --features python -- -D warnings
 cargo test --quiet
 
 echo "== python lints"
-"$PY" -m ruff check python tests benches
-"$PY" -m ruff format --check python tests benches
+"$PY" -m ruff check python tests benches examples
+"$PY" -m ruff format --check python tests benches examples
 
 echo "== typed stubs against the built module"
 (cd /tmp && "$PY" -m mypy.stubtest arcface_rs._core)
