@@ -1,0 +1,24 @@
+"""The README's demo runs and its margin heads train."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
+
+
+def test_train_digits_example_runs_and_learns():
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--epochs", "8"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
+    rows = [line for line in out.splitlines() if line.startswith(("Softmax(", "ArcFace("))]
+    assert len(rows) == 2, out
+    for row in rows:
+        accuracy = float(row.split()[-3])
+        assert accuracy > 0.8, row
