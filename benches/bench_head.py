@@ -7,7 +7,9 @@ usage: python benches/bench_head.py [B,D,C ...] [--peer PATH] [--threads N]
 Each configuration runs in its own process (so peak RSS belongs to it alone) for the peer
 and for arcface_rs, with the same thread count, and prints a Markdown table of times and
 ratios. Times are the best of 5 steps after one warm-up; peak RSS growth is measured from
-after the inputs exist, as peer_head.py does.
+after the inputs exist, as peer_head.py does. The machine's speed drifts by ±10% over
+minutes, so peer and arcface_rs processes alternate for `--rounds` rounds (1 round at
+C >= 1M, where the peer alone takes minutes) and each side keeps its best time.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def main() -> None:
     )
     ap.add_argument("--peer", default=str(DEFAULT_PEER))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--worker", nargs=3, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -85,8 +88,15 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for cfg in args.configs:
         b, d, c = (int(v) for v in cfg.split(","))
-        peer = run_json([sys.executable, args.peer, str(b), str(d), str(c)], env)
-        ours = run_json([sys.executable, __file__, "--worker", str(b), str(d), str(c)], env)
+        rounds = args.rounds if c < 1_000_000 else 1
+        peers, ours_runs = [], []
+        for _ in range(rounds):
+            peers.append(run_json([sys.executable, args.peer, str(b), str(d), str(c)], env))
+            ours_runs.append(
+                run_json([sys.executable, __file__, "--worker", str(b), str(d), str(c)], env)
+            )
+        peer = {k: min(p[k] for p in peers) for k in ("ms", "gemm_ms", "peak_mb")}
+        ours = {k: min(o[k] for o in ours_runs) for k in ("ms", "peak_mb")}
         print(
             f"| {b}, {d}, {c} | {peer['ms']:.0f} | {peer['gemm_ms']:.0f} | {ours['ms']:.0f} "
             f"| {peer['ms'] / ours['ms']:.2f}x | {peer['gemm_ms'] / ours['ms']:.2f}x "
