@@ -40,15 +40,39 @@ pub enum Reduction {
     None,
 }
 
-/// Result of [`margin_loss`].
+/// What [`margin_loss_with`] computes.
+#[derive(Clone, Copy, Debug)]
+pub struct LossOptions<'a> {
+    pub reduction: Reduction,
+    /// Per-row factors on the gradients, e.g. the upstream gradient of `Reduction::None`'s
+    /// row losses; None means all ones.
+    pub upstream: Option<&'a [f64]>,
+    /// Skipping a gradient skips its GEMM; skipping both skips pass 2 entirely.
+    pub grad_emb: bool,
+    pub grad_weight: bool,
+}
+
+impl LossOptions<'_> {
+    pub fn new(reduction: Reduction) -> Self {
+        LossOptions {
+            reduction,
+            upstream: None,
+            grad_emb: true,
+            grad_weight: true,
+        }
+    }
+}
+
+/// Result of [`margin_loss`] and [`margin_loss_with`].
 #[derive(Debug)]
 pub struct LossOutput<T> {
     /// Mean or sum of the row losses (the sum for `Reduction::None`).
     pub loss: f64,
     /// Loss of every row, 0 for ignored rows.
     pub row_losses: Vec<f64>,
-    pub grad_emb: Array2<T>,
-    pub grad_weight: Array2<T>,
+    /// None when not asked for.
+    pub grad_emb: Option<Array2<T>>,
+    pub grad_weight: Option<Array2<T>>,
 }
 
 /// Everything the entry points derive from (emb, weight, labels, margin) before any GEMM.
@@ -285,25 +309,29 @@ impl<T: Real> Prepared<T> {
 /// Given `g` = dL/dc of a tile with column j already divided by ||w_j||, adds `g·W_t` (= G·Ŵ_t)
 /// into `dxhat` and sets `grad_tile = P(beta·grad_tile + gᵀ·X̂)`, where P removes from each
 /// row its component along ŵ_j (the normalisation's Jacobian; P is linear and idempotent,
-/// so accumulating over row chunks with beta = 1 stays exact).
+/// so accumulating over row chunks with beta = 1 stays exact). A None output is skipped.
 fn backprop_tile<T: Real>(
     g: ArrayView2<T>,
     xhat_rows: ArrayView2<T>,
     w_tile: ArrayView2<T>,
     w_inv: &[T],
     beta: T,
-    mut grad_tile: ArrayViewMut2<T>,
-    dxhat: &mut Array2<T>,
+    grad_tile: Option<ArrayViewMut2<T>>,
+    dxhat: Option<&mut Array2<T>>,
 ) {
-    general_mat_mul(T::one(), &g, &w_tile, T::one(), dxhat);
-    general_mat_mul(T::one(), &g.t(), &xhat_rows, beta, &mut grad_tile);
-    for ((mut gw, w), &inv) in grad_tile
-        .axis_iter_mut(Axis(0))
-        .zip(w_tile.axis_iter(Axis(0)))
-        .zip(w_inv)
-    {
-        let g = gw.as_slice_mut().expect("gradient rows are contiguous");
-        kernels::project_out(g, w.as_slice().expect("weight rows are contiguous"), inv);
+    if let Some(dxhat) = dxhat {
+        general_mat_mul(T::one(), &g, &w_tile, T::one(), dxhat);
+    }
+    if let Some(mut grad_tile) = grad_tile {
+        general_mat_mul(T::one(), &g.t(), &xhat_rows, beta, &mut grad_tile);
+        for ((mut gw, w), &inv) in grad_tile
+            .axis_iter_mut(Axis(0))
+            .zip(w_tile.axis_iter(Axis(0)))
+            .zip(w_inv)
+        {
+            let g = gw.as_slice_mut().expect("gradient rows are contiguous");
+            kernels::project_out(g, w.as_slice().expect("weight rows are contiguous"), inv);
+        }
     }
 }
 
@@ -452,7 +480,18 @@ pub fn margin_loss<T: Real>(
     margin: &Margin,
     reduction: Reduction,
 ) -> Result<LossOutput<T>> {
-    fused_loss(emb, weight, labels, margin, reduction, STASH_BUDGET_BYTES)
+    margin_loss_with(emb, weight, labels, margin, LossOptions::new(reduction))
+}
+
+/// [`margin_loss`] with a choice of gradients and per-row upstream factors.
+pub fn margin_loss_with<T: Real>(
+    emb: ArrayView2<T>,
+    weight: ArrayView2<T>,
+    labels: &[i64],
+    margin: &Margin,
+    options: LossOptions,
+) -> Result<LossOutput<T>> {
+    fused_loss(emb, weight, labels, margin, options, STASH_BUDGET_BYTES)
 }
 
 fn fused_loss<T: Real>(
@@ -460,9 +499,10 @@ fn fused_loss<T: Real>(
     weight: ArrayView2<T>,
     labels: &[i64],
     margin: &Margin,
-    reduction: Reduction,
+    options: LossOptions,
     stash_budget_bytes: usize,
 ) -> Result<LossOutput<T>> {
+    let reduction = options.reduction;
     let weight = weight.as_standard_layout();
     let weight = weight.view();
     let p = Prepared::new(emb, weight, labels, margin)?;
@@ -474,11 +514,31 @@ fn fused_loss<T: Real>(
         Reduction::Mean => 0.0,
         Reduction::Sum | Reduction::None => 1.0,
     };
+    if let Some(up) = options.upstream {
+        if up.len() != b {
+            return Err(Error::invalid(
+                "upstream",
+                format!("has {} entries but emb has {b} rows", up.len()),
+            ));
+        }
+        if let Some(i) = up.iter().position(|v| !v.is_finite()) {
+            return Err(Error::invalid(
+                "upstream",
+                format!("entry {i} is NaN or inf"),
+            ));
+        }
+    }
     let row_weight: Vec<f64> = p
         .target
         .iter()
-        .map(|t| if t.is_some() { valid_weight } else { 0.0 })
+        .enumerate()
+        .map(|(i, t)| match (t, options.upstream) {
+            (None, _) => 0.0,
+            (Some(_), None) => valid_weight,
+            (Some(_), Some(up)) => valid_weight * up[i],
+        })
         .collect();
+    let (want_emb, want_weight) = (options.grad_emb, options.grad_weight);
 
     let mut grad_w = zeroed_for_huge_pages::<T>(c * d);
     if n_valid == 0 {
@@ -487,8 +547,9 @@ fn fused_loss<T: Real>(
         return Ok(LossOutput {
             loss: 0.0,
             row_losses: vec![0.0; b],
-            grad_emb: Array2::zeros((b, d)),
-            grad_weight: Array2::from_shape_vec((c, d), grad_w).expect("gradient shape"),
+            grad_emb: want_emb.then(|| Array2::zeros((b, d))),
+            grad_weight: want_weight
+                .then(|| Array2::from_shape_vec((c, d), grad_w).expect("gradient shape")),
         });
     }
     let mut dxhat = Array2::<T>::zeros((b, d));
@@ -581,6 +642,9 @@ fn fused_loss<T: Real>(
             }
         }
 
+        if !want_emb && !want_weight {
+            continue;
+        }
         // Pass 2: G from the stash; dX̂ += G·Ŵ; the dW rows of each tile.
         let lr = LossRows {
             rows: rows.clone(),
@@ -608,7 +672,9 @@ fn fused_loss<T: Real>(
             let g = ArrayView2::from_shape((nr, width), &acc.g[..nr * width]).expect("tile");
             let grad_view = ArrayViewMut2::from_shape((width, d), grad_tile).expect("tile");
             let mut dx = std::mem::take(&mut acc.dxhat);
-            backprop_tile(g, xhat_rows, w_tile, inv, beta, grad_view, &mut dx);
+            let dx_out = want_emb.then_some(&mut dx);
+            let grad_out = want_weight.then_some(grad_view);
+            backprop_tile(g, xhat_rows, w_tile, inv, beta, grad_out, dx_out);
             acc.dxhat = dx;
             acc
         };
@@ -632,8 +698,9 @@ fn fused_loss<T: Real>(
         dxhat.slice_mut(s![rows, ..]).assign(&acc.dxhat);
     }
 
-    let grad_emb = p.finish_grad_emb(dxhat, &norm_term);
-    let grad_weight = Array2::from_shape_vec((c, d), grad_w).expect("gradient shape");
+    let grad_emb = want_emb.then(|| p.finish_grad_emb(dxhat, &norm_term));
+    let grad_weight =
+        want_weight.then(|| Array2::from_shape_vec((c, d), grad_w).expect("gradient shape"));
     let total: f64 = row_losses.iter().sum();
     let loss = match reduction {
         Reduction::Mean => total * valid_weight,
@@ -732,7 +799,15 @@ pub fn margin_logits_backward<T: Real>(
             }
             let g = ArrayView2::from_shape((b, width), &acc.g[..b * width]).expect("tile");
             let mut dx = std::mem::take(&mut acc.dxhat);
-            backprop_tile(g, p.xhat.view(), w_tile, inv, T::zero(), grad_tile, &mut dx);
+            backprop_tile(
+                g,
+                p.xhat.view(),
+                w_tile,
+                inv,
+                T::zero(),
+                Some(grad_tile),
+                Some(&mut dx),
+            );
             acc.dxhat = dx;
             acc
         })
@@ -899,21 +974,22 @@ mod tests {
                     weight.view(),
                     &labels,
                     margin,
-                    Reduction::Mean,
+                    LossOptions::new(Reduction::Mean),
                     budget,
                 )
                 .unwrap();
+                let (out_emb, out_w) = (out.grad_emb.unwrap(), out.grad_weight.unwrap());
                 let (loss, ge, gw) = unfused(&emb, &weight, &labels, margin);
                 assert!(
                     (out.loss - loss).abs() < 1e-10 * loss.abs(),
                     "{margin:?} {b}x{d}"
                 );
                 assert!(
-                    max_rel(&out.grad_emb, &ge) < 1e-10,
+                    max_rel(&out_emb, &ge) < 1e-10,
                     "{margin:?} {b}x{d} budget {budget}"
                 );
                 assert!(
-                    max_rel(&out.grad_weight, &gw) < 1e-10,
+                    max_rel(&out_w, &gw) < 1e-10,
                     "{margin:?} {b}x{d} budget {budget}"
                 );
             }
@@ -930,13 +1006,66 @@ mod tests {
         let f32_out =
             margin_loss(e32.view(), w32.view(), &labels, &margin, Reduction::Mean).unwrap();
         assert!((f32_out.loss - f64_out.loss).abs() < 1e-5 * f64_out.loss);
-        assert!(max_rel(&f32_out.grad_emb.mapv(|v| v as f64), &f64_out.grad_emb) < 1e-3);
         assert!(
             max_rel(
-                &f32_out.grad_weight.mapv(|v| v as f64),
-                &f64_out.grad_weight
+                &f32_out.grad_emb.unwrap().mapv(|v| v as f64),
+                f64_out.grad_emb.as_ref().unwrap()
             ) < 1e-3
         );
+        assert!(
+            max_rel(
+                &f32_out.grad_weight.unwrap().mapv(|v| v as f64),
+                f64_out.grad_weight.as_ref().unwrap()
+            ) < 1e-3
+        );
+    }
+
+    #[test]
+    fn skipped_gradients_and_upstream_weights() {
+        let (emb, weight, labels) = problem(10, 12, 90, 3);
+        let m = Margin::arcface(30.0, 0.4, false).unwrap();
+        let full = margin_loss(emb.view(), weight.view(), &labels, &m, Reduction::None).unwrap();
+        let (ge, gw) = (full.grad_emb.unwrap(), full.grad_weight.unwrap());
+        for (want_emb, want_weight) in [(true, false), (false, true), (false, false)] {
+            let opts = LossOptions {
+                grad_emb: want_emb,
+                grad_weight: want_weight,
+                ..LossOptions::new(Reduction::None)
+            };
+            let out = margin_loss_with(emb.view(), weight.view(), &labels, &m, opts).unwrap();
+            assert_eq!(out.row_losses, full.row_losses);
+            assert_eq!(out.grad_emb.is_some(), want_emb);
+            assert_eq!(out.grad_weight.is_some(), want_weight);
+            if let Some(g) = out.grad_emb {
+                assert!(max_rel(&g, &ge) < 1e-12);
+            }
+            if let Some(g) = out.grad_weight {
+                assert!(max_rel(&g, &gw) < 1e-12);
+            }
+        }
+        // upstream factors: the gradient of sum_i u_i loss_i, by linearity from single rows
+        let up: Vec<f64> = (0..10).map(|i| (i as f64 - 4.5) / 3.0).collect();
+        let opts = LossOptions {
+            upstream: Some(&up),
+            ..LossOptions::new(Reduction::None)
+        };
+        let weighted = margin_loss_with(emb.view(), weight.view(), &labels, &m, opts).unwrap();
+        let mut want = Array2::<f64>::zeros(weight.dim());
+        for i in 0..10 {
+            let mut only = vec![-1i64; 10];
+            only[i] = labels[i];
+            let one = margin_loss(emb.view(), weight.view(), &only, &m, Reduction::Sum).unwrap();
+            want.scaled_add(up[i], &one.grad_weight.unwrap());
+        }
+        if want.iter().any(|v| *v != 0.0) {
+            assert!(max_rel(&weighted.grad_weight.unwrap(), &want) < 1e-10);
+        }
+        let bad = LossOptions {
+            upstream: Some(&up[..3]),
+            ..LossOptions::new(Reduction::None)
+        };
+        let err = margin_loss_with(emb.view(), weight.view(), &labels, &m, bad).unwrap_err();
+        assert_eq!(err.arg, "upstream");
     }
 
     #[test]

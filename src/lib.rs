@@ -16,7 +16,7 @@ mod python;
 pub use error::{Error, Result};
 pub use head::{
     apply_margin, apply_margin_backward, margin_logits, margin_logits_backward, margin_loss,
-    LossOutput, Reduction,
+    margin_loss_with, LossOptions, LossOutput, Reduction,
 };
 pub use margin::{Margin, Scale};
 pub use real::Real;

@@ -5,7 +5,7 @@
 //! reads every array through its strides (Fortran order and slices are never misread), and
 //! maps the core's errors to ValueError.
 
-use crate::head::{self, Reduction};
+use crate::head::{self, LossOptions, Reduction};
 use crate::margin::{Margin, Scale};
 use crate::real::Real;
 use numpy::{
@@ -142,23 +142,26 @@ fn loss_typed<'py, T: Real + Element>(
     weight: PyReadonlyArray2<'py, T>,
     labels: &[i64],
     margin: &Margin,
-    reduction: Reduction,
+    options: LossOptions,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let (e, w) = (emb.as_array(), weight.as_array());
     let out = py
-        .detach(|| head::margin_loss(e, w, labels, margin, reduction))
+        .detach(|| head::margin_loss_with(e, w, labels, margin, options))
         .map_err(value_error)?;
     (
         out.loss,
         PyArray1::from_vec(py, out.row_losses),
-        out.grad_emb.into_pyarray(py),
-        out.grad_weight.into_pyarray(py),
+        out.grad_emb.map(|g| g.into_pyarray(py)),
+        out.grad_weight.map(|g| g.into_pyarray(py)),
     )
         .into_pyobject(py)
 }
 
-/// Fused loss and gradients: (loss, row_losses, grad_emb, grad_weight).
+/// Fused loss and gradients: (loss, row_losses, grad_emb, grad_weight); a gradient not
+/// asked for is None. `upstream` multiplies each row's gradient.
 #[pyfunction]
+#[pyo3(signature = (emb, weight, labels, margin, reduction, grad_emb=true, grad_weight=true, upstream=None))]
+#[allow(clippy::too_many_arguments)]
 fn margin_loss<'py>(
     py: Python<'py>,
     emb: &Bound<'py, PyAny>,
@@ -166,15 +169,25 @@ fn margin_loss<'py>(
     labels: PyReadonlyArray1<'py, i64>,
     margin: &PyMargin,
     reduction: &str,
+    grad_emb: bool,
+    grad_weight: bool,
+    upstream: Option<PyReadonlyArray1<'py, f64>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
-    let reduction = parse_reduction(reduction)?;
     let labels = labels_vec(labels);
+    let upstream: Option<Vec<f64>> = upstream.map(|u| u.as_array().to_vec());
+    let options = LossOptions {
+        reduction: parse_reduction(reduction)?,
+        upstream: upstream.as_deref(),
+        grad_emb,
+        grad_weight,
+    };
+    let m = &margin.0;
     match (
         Floats::extract(emb, "emb")?,
         Floats::extract(weight, "weight")?,
     ) {
-        (Floats::F32(e), Floats::F32(w)) => loss_typed(py, e, w, &labels, &margin.0, reduction),
-        (Floats::F64(e), Floats::F64(w)) => loss_typed(py, e, w, &labels, &margin.0, reduction),
+        (Floats::F32(e), Floats::F32(w)) => loss_typed(py, e, w, &labels, m, options),
+        (Floats::F64(e), Floats::F64(w)) => loss_typed(py, e, w, &labels, m, options),
         _ => Err(same_dtype_error("emb and weight")),
     }
 }

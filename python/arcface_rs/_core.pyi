@@ -41,7 +41,15 @@ def margin_loss(
     labels: npt.NDArray[np.int64],
     margin: Margin,
     reduction: str,
-) -> tuple[float, npt.NDArray[np.float64], npt.NDArray[np.floating], npt.NDArray[np.floating]]: ...
+    grad_emb: bool = True,
+    grad_weight: bool = True,
+    upstream: npt.NDArray[np.float64] | None = None,
+) -> tuple[
+    float,
+    npt.NDArray[np.float64],
+    npt.NDArray[np.floating] | None,
+    npt.NDArray[np.floating] | None,
+]: ...
 def margin_logits(
     emb: npt.NDArray[np.floating],
     weight: npt.NDArray[np.floating],
