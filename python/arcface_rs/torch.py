@@ -123,7 +123,7 @@ def _loss_op(
     if reduction == "none":
         out = torch.from_numpy(rows).to(dtype)
     else:
-        out = torch.tensor(loss, dtype=dtype)
+        out = torch.scalar_tensor(loss, dtype=dtype)
     return out, _grad_tensor(g_emb, emb), _grad_tensor(g_w, weight)
 
 
@@ -192,21 +192,36 @@ def _loss_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     emb, weight, labels, kind, params, reduction, need_emb, need_weight = inputs
     ctx.reduction, ctx.kind, ctx.params = reduction, kind, params
     ctx.need = (need_emb, need_weight)
+    # The gradient outputs carry no gradient of their own; without this autograd would fill
+    # a zero (C, D) tensor for them on every backward.
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)
     if reduction == "none":
         ctx.save_for_backward(emb, weight, labels)
-    else:
+    elif torch.compiler.is_compiling():
         ctx.save_for_backward(output[1], output[2])
+    else:
+        # Eager: hold the gradients as plain references, dropped in backward, so autograd can
+        # take the (C, D) weight gradient as .grad without cloning it (a saved tensor keeps a
+        # second reference, which forces a 200 MB copy at C=100k).
+        ctx.grads = [output[1], output[2]]
 
 
-def _loss_backward(ctx: Any, g_loss: Tensor, _g1: Tensor, _g2: Tensor):
+def _loss_backward(ctx: Any, g_loss: Tensor | None, _g1: Any, _g2: Any):
     need_emb, need_weight = ctx.need
+    if g_loss is None:
+        return (None,) * 8
     if ctx.reduction == "none":
         emb, weight, labels = ctx.saved_tensors
         g_emb, g_w = _rows_backward_op(
             emb, weight, labels, ctx.kind, ctx.params, g_loss, need_emb, need_weight
         )
     else:
-        g_emb, g_w = ctx.saved_tensors
+        if hasattr(ctx, "grads"):
+            g_emb, g_w = ctx.grads
+            ctx.grads = None
+        else:
+            g_emb, g_w = ctx.saved_tensors
         # the common loss.backward() passes exactly 1: skip a pass over the (C, D) gradient
         if not _is_exactly_one(g_loss):
             g_emb = g_emb * g_loss.to(g_emb.dtype)
