@@ -3,8 +3,9 @@
 
 usage: python benches/bench_torch_head.py [B D C] [--peer PATH]
 Both run in one process on the same memory (the tensors are views of the NumPy arrays),
-interleaved, best of 7 each; then ../shared/bench/peer_head.py (PyTorch eager head) runs in
-its own process for the lead over it. 2 threads unless RAYON_NUM_THREADS says otherwise.
+interleaved (alternating which goes first), best of 9 each; then
+../shared/bench/peer_head.py (PyTorch eager head) runs in its own process for the lead
+over it. 2 threads unless RAYON_NUM_THREADS says otherwise.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def main() -> None:
 
     numpy_call(), torch_call()
     t_np, t_torch = [], []
-    for _ in range(int(os.environ.get("REPS", "7"))):
-        for fn, acc in ((torch_call, t_torch), (numpy_call, t_np)):
+    pairs = [(numpy_call, t_np), (torch_call, t_torch)]
+    for rep in range(int(os.environ.get("REPS", "9"))):
+        for fn, acc in pairs if rep % 2 else pairs[::-1]:  # alternate who goes first
             t = time.perf_counter()
             fn()
             acc.append(time.perf_counter() - t)

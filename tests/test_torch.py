@@ -284,3 +284,14 @@ def test_cpu_tensors_are_shared_not_copied():
     w = torch.randn(100, 16)
     assert np.shares_memory(aft._numpy(w, torch.float32), w.numpy())
     assert np.shares_memory(aft._numpy(w.T, torch.float32), w.numpy())
+
+
+def test_second_backward_through_the_same_graph_recomputes():
+    emb, weight, labels = _inputs(9, 6, 15, torch.float64, seed=13)
+    weight.requires_grad_()
+    loss = aft.margin_loss(emb, weight, labels, afr.CosFace())
+    loss.backward(retain_graph=True)
+    once = (emb.grad.clone(), weight.grad.clone())
+    (3.0 * loss).backward()
+    torch.testing.assert_close(emb.grad, 4.0 * once[0])
+    torch.testing.assert_close(weight.grad, 4.0 * once[1])

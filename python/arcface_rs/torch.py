@@ -143,35 +143,36 @@ def _(emb, weight, labels, kind, params, reduction, need_emb, need_weight):
     return out, g_emb, g_w
 
 
-@torch.library.custom_op(
-    "arcface_rs::margin_loss_rows_backward", mutates_args=(), device_types="cpu"
-)
-def _rows_backward_op(
+@torch.library.custom_op("arcface_rs::margin_loss_backward", mutates_args=(), device_types="cpu")
+def _loss_backward_op(
     emb: Tensor,
     weight: Tensor,
     labels: Tensor,
     kind: str,
     params: list[float],
+    reduction: str,
     upstream: Tensor,
     need_emb: bool,
     need_weight: bool,
 ) -> tuple[Tensor, Tensor]:
+    """Gradients of sum(upstream * loss), recomputed (upstream: (B,) or a scalar)."""
     dtype = _compute_dtype(emb, weight)
+    rows = np.broadcast_to(_numpy(upstream, torch.float64), (emb.shape[0],))
     _, _, g_emb, g_w = _core.margin_loss(
         _numpy(emb, dtype),
         _numpy(weight, dtype),
         labels.numpy(),
         _decode(kind, tuple(params))._spec,
-        "none",
+        reduction,
         grad_emb=need_emb,
         grad_weight=need_weight,
-        upstream=_numpy(upstream, torch.float64),
+        upstream=np.ascontiguousarray(rows),
     )
     return _grad_tensor(g_emb, emb), _grad_tensor(g_w, weight)
 
 
-@_rows_backward_op.register_fake
-def _(emb, weight, labels, kind, params, upstream, need_emb, need_weight):
+@_loss_backward_op.register_fake
+def _(emb, weight, labels, kind, params, reduction, upstream, need_emb, need_weight):
     return (
         emb.new_empty(emb.shape if need_emb else (0,)),
         weight.new_empty(weight.shape if need_weight else (0,)),
@@ -196,36 +197,31 @@ def _loss_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     # a zero (C, D) tensor for them on every backward.
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.set_materialize_grads(False)
-    if reduction == "none":
-        ctx.save_for_backward(emb, weight, labels)
-    elif torch.compiler.is_compiling():
-        ctx.save_for_backward(output[1], output[2])
-    else:
-        # Eager: hold the gradients as plain references, dropped in backward, so autograd can
-        # take the (C, D) weight gradient as .grad without cloning it (a saved tensor keeps a
-        # second reference, which forces a 200 MB copy at C=100k).
-        ctx.grads = [output[1], output[2]]
+    ctx.save_for_backward(emb, weight, labels)
+    # The fused forward already computed the gradients (not for "none", whose row weights
+    # come only with backward). They are held as plain references and handed over once, so
+    # autograd can adopt the (C, D) weight gradient as .grad without cloning it (a saved
+    # tensor would keep a second reference, forcing a 200 MB copy at C=100k). A second
+    # backward through the same graph recomputes them.
+    ctx.fused = None if reduction == "none" else [output[1], output[2]]
 
 
 def _loss_backward(ctx: Any, g_loss: Tensor | None, _g1: Any, _g2: Any):
     need_emb, need_weight = ctx.need
     if g_loss is None:
         return (None,) * 8
-    if ctx.reduction == "none":
-        emb, weight, labels = ctx.saved_tensors
-        g_emb, g_w = _rows_backward_op(
-            emb, weight, labels, ctx.kind, ctx.params, g_loss, need_emb, need_weight
-        )
-    else:
-        if hasattr(ctx, "grads"):
-            g_emb, g_w = ctx.grads
-            ctx.grads = None
-        else:
-            g_emb, g_w = ctx.saved_tensors
+    if ctx.fused is not None:
+        g_emb, g_w = ctx.fused
+        ctx.fused = None
         # the common loss.backward() passes exactly 1: skip a pass over the (C, D) gradient
         if not _is_exactly_one(g_loss):
             g_emb = g_emb * g_loss.to(g_emb.dtype)
             g_w = g_w * g_loss.to(g_w.dtype)
+    else:
+        emb, weight, labels = ctx.saved_tensors
+        g_emb, g_w = _loss_backward_op(
+            emb, weight, labels, ctx.kind, ctx.params, ctx.reduction, g_loss, need_emb, need_weight
+        )
     return (
         g_emb if need_emb else None,
         g_w if need_weight else None,
