@@ -8,6 +8,7 @@ pub mod error;
 pub mod head;
 pub mod kernels;
 pub mod margin;
+pub mod metrics;
 pub mod real;
 
 #[cfg(feature = "python")]

@@ -1,6 +1,6 @@
 """Typed stubs of the native module (checked against it by mypy's stubtest)."""
 
-from typing import final
+from typing import Any, final
 
 import numpy as np
 import numpy.typing as npt
@@ -14,6 +14,7 @@ __all__ = [
     "margin_logits_backward",
     "margin_loss",
     "num_threads",
+    "verification",
 ]
 
 __version__: str
@@ -73,3 +74,9 @@ def apply_margin_backward(
     margin: Margin,
 ) -> npt.NDArray[np.floating]: ...
 def num_threads() -> int: ...
+def verification(
+    scores: npt.NDArray[np.float64],
+    is_same: npt.NDArray[np.bool_],
+    fars: npt.NDArray[np.float64],
+    folds: int,
+) -> dict[str, Any]: ...
