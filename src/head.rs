@@ -232,7 +232,9 @@ impl<T: Real> Prepared<T> {
                 let cos = (dot / row_norm(weight.row(y))).clamp(-1.0, 1.0);
                 let cos = if cos.is_finite() { cos } else { 0.0 };
                 let (psi, dpsi) = margin.psi_dpsi(cos);
-                target_logit[i] = row_scale[i] * psi;
+                // Rounded to T: the stash holds it in T, and loss and gradient must see the
+                // same value the softmax statistics saw (float32 logits of 1e15 differ by 1e7).
+                target_logit[i] = T::of(row_scale[i] * psi).f64();
                 target_dpsi[i] = dpsi;
             }
         }
