@@ -165,6 +165,18 @@ multiversion! {
 }
 
 #[inline(always)]
+fn dot_sumsq_impl<T: Real>(a: &[T], b: &[T]) -> (T, T) {
+    // Two simple passes vectorise cleanly where one fused loop did not (LLVM scalarised it);
+    // the second pass reads `b` from L1.
+    (dot_impl(a, b), dot_impl(b, b))
+}
+
+multiversion! {
+    /// `(Σ a[j] b[j], Σ b[j]^2)` in one pass over `b`.
+    pub fn dot_sumsq<T: Real>(a: &[T], b: &[T]) -> (T, T) = dot_sumsq_impl;
+}
+
+#[inline(always)]
 fn sum_squares_impl<T: Real>(a: &[T]) -> f64 {
     // f64 accumulation: a float32 row's squared norm can neither overflow nor lose digits.
     let mut acc = [0.0f64; LANES];

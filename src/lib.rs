@@ -10,6 +10,7 @@ pub mod kernels;
 pub mod margin;
 pub mod metrics;
 pub mod real;
+pub mod search;
 
 #[cfg(feature = "python")]
 mod python;

@@ -323,6 +323,39 @@ fn apply_margin_backward<'py>(
     )
 }
 
+fn topk_typed<'py, T: Real + Element>(
+    py: Python<'py>,
+    queries: PyReadonlyArray2<'py, T>,
+    gallery: PyReadonlyArray2<'py, T>,
+    k: usize,
+    normalized: bool,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let (q, g) = (queries.as_array(), gallery.as_array());
+    let r = py
+        .detach(|| crate::search::cosine_topk(q, g, k, normalized))
+        .map_err(value_error)?;
+    (r.scores.into_pyarray(py), r.indices.into_pyarray(py)).into_pyobject(py)
+}
+
+/// Exact cosine top-k: (scores float32 (Q, k) best first, indices int64; -1 pads).
+#[pyfunction]
+fn cosine_topk<'py>(
+    py: Python<'py>,
+    queries: &Bound<'py, PyAny>,
+    gallery: &Bound<'py, PyAny>,
+    k: usize,
+    normalized: bool,
+) -> PyResult<Bound<'py, PyTuple>> {
+    match (
+        Floats::extract(queries, "queries")?,
+        Floats::extract(gallery, "gallery")?,
+    ) {
+        (Floats::F32(q), Floats::F32(g)) => topk_typed(py, q, g, k, normalized),
+        (Floats::F64(q), Floats::F64(g)) => topk_typed(py, q, g, k, normalized),
+        _ => Err(same_dtype_error("queries and gallery")),
+    }
+}
+
 /// ROC, AUC, TAR@FAR, best threshold and fold accuracies as a dict.
 #[pyfunction]
 fn verification<'py>(
@@ -368,6 +401,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(apply_margin_backward, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(verification, m)?)?;
+    m.add_function(wrap_pyfunction!(cosine_topk, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

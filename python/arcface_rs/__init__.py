@@ -1,6 +1,8 @@
-"""arcface_rs: fused margin-softmax heads (ArcFace, CosFace, SphereFace) in Rust.
+"""arcface_rs: fused margin-softmax heads (ArcFace, CosFace, SphereFace) and exact cosine
+search, in Rust.
 
-NumPy API; ``arcface_rs.torch`` holds the PyTorch modules (needs torch).
+NumPy API; ``arcface_rs.torch`` holds the PyTorch modules (needs torch), and
+``arcface_rs.metrics`` the verification metrics.
 """
 
 from ._core import __version__, num_threads
@@ -12,6 +14,7 @@ from ._heads import (
     margin_loss,
 )
 from ._margins import ArcFace, CombinedMargin, CosFace, Margin, Softmax, SphereFace
+from ._search import cosine_topk
 
 __all__ = [
     "ArcFace",
@@ -23,6 +26,7 @@ __all__ = [
     "__version__",
     "apply_margin",
     "apply_margin_backward",
+    "cosine_topk",
     "margin_logits",
     "margin_logits_backward",
     "margin_loss",

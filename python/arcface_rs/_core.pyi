@@ -10,6 +10,7 @@ __all__ = [
     "__version__",
     "apply_margin",
     "apply_margin_backward",
+    "cosine_topk",
     "margin_logits",
     "margin_logits_backward",
     "margin_loss",
@@ -74,6 +75,12 @@ def apply_margin_backward(
     margin: Margin,
 ) -> npt.NDArray[np.floating]: ...
 def num_threads() -> int: ...
+def cosine_topk(
+    queries: npt.NDArray[np.floating],
+    gallery: npt.NDArray[np.floating],
+    k: int,
+    normalized: bool,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]: ...
 def verification(
     scores: npt.NDArray[np.float64],
     is_same: npt.NDArray[np.bool_],

@@ -1,0 +1,38 @@
+"""Exact cosine search (NumPy API); the work in the Rust core."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from ._heads import _floats, _same_dtype
+
+__all__ = ["cosine_topk"]
+
+
+def cosine_topk(
+    queries: Any, gallery: Any, k: int = 10, normalized: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` gallery rows by cosine similarity for each query.
+
+    ``queries`` (Q, D) or one query (D,); ``gallery`` (N, D); float32 or float64. Returns
+    ``(scores, indices)``: float32 scores best first and int64 row indices, shape (Q, k) (or
+    (k,) for one 1-D query). Ties go to the lower index. When ``k > N`` the extra columns are
+    padded with score -inf and index -1. ``normalized=True`` promises unit-norm inputs and
+    skips the division (NaN/inf and zero rows are still rejected). Never builds the Q×N
+    score matrix; the GIL is released.
+    """
+    single = np.ndim(queries) == 1
+    if single:
+        queries = np.asarray(queries)[None, :]
+    queries, gallery = _floats("queries", queries), _floats("gallery", gallery)
+    _same_dtype(queries=queries, gallery=gallery)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k <= 0:
+        raise ValueError(f"k must be >= 1, got {k}")
+    scores, indices = _core.cosine_topk(queries, gallery, int(k), bool(normalized))
+    return (scores[0], indices[0]) if single else (scores, indices)

@@ -1,0 +1,310 @@
+//! Exact cosine top-k search over a gallery of embeddings.
+//!
+//! Never materialises the Q×N score matrix. Few queries stream the gallery once, row by
+//! row, scoring every query against a row while it is in L1 (the search is then bound by
+//! memory bandwidth, and the row norms come free in the same pass); many queries use GEMM
+//! tiles of the gallery against all queries, selecting from each tile while it is in cache.
+//! Rows are split across threads and the per-thread top-k lists merged, so a single query
+//! uses every core. Ties go to the lower index; results do not depend on the thread count.
+
+pub mod topk;
+
+use crate::error::{Error, Result};
+use crate::kernels;
+use crate::real::Real;
+use ndarray::linalg::general_mat_mul;
+use ndarray::{s, Array2, ArrayView2, Axis};
+use rayon::prelude::*;
+use topk::{Hit, TopK};
+
+/// Up to this many queries stream the gallery; more use GEMM tiles.
+const STREAM_MAX_QUERIES: usize = 8;
+/// Gallery rows per parallel job on the streaming path.
+const STREAM_ROWS: usize = 4096;
+/// Gallery rows per GEMM tile.
+const TILE_ROWS: usize = 1024;
+
+/// Best-first results; rows beyond the gallery size are padded with score -inf, index -1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchResult {
+    pub scores: Array2<f32>,
+    pub indices: Array2<i64>,
+}
+
+/// First gallery row that cannot be normalised, if any, as the error to report.
+fn bad_row(row: usize, sumsq: f64) -> Option<(usize, Error)> {
+    if !sumsq.is_finite() {
+        Some((
+            row,
+            Error::invalid("gallery", format!("row {row} contains NaN or inf")),
+        ))
+    } else if sumsq == 0.0 {
+        Some((
+            row,
+            Error::invalid(
+                "gallery",
+                format!("row {row} is all zeros; it has no direction"),
+            ),
+        ))
+    } else {
+        None
+    }
+}
+
+fn first_bad(a: Option<(usize, Error)>, b: Option<(usize, Error)>) -> Option<(usize, Error)> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(if x.0 <= y.0 { x } else { y }),
+        (x, y) => x.or(y),
+    }
+}
+
+/// Squared norm of a row in `T`, falling back to f64 when `T` overflowed.
+#[inline]
+fn checked_sumsq<T: Real>(fast: T, row: &[T]) -> f64 {
+    let v = fast.f64();
+    if v.is_finite() {
+        v
+    } else {
+        kernels::sum_squares(row)
+    }
+}
+
+/// Exact top-`k` gallery rows by cosine similarity for every query.
+///
+/// `normalized = true` promises unit-norm rows and queries and skips the division (rows are
+/// still checked for NaN/inf and zeros in the same pass).
+pub fn cosine_topk<T: Real>(
+    queries: ArrayView2<T>,
+    gallery: ArrayView2<T>,
+    k: usize,
+    normalized: bool,
+) -> Result<SearchResult> {
+    let (q, d) = queries.dim();
+    let (n, dg) = gallery.dim();
+    if q == 0 {
+        return Err(Error::invalid("queries", "empty: need at least one query"));
+    }
+    if n == 0 {
+        return Err(Error::invalid("gallery", "is empty"));
+    }
+    if d == 0 {
+        return Err(Error::invalid("queries", "embedding size is 0"));
+    }
+    if dg != d {
+        return Err(Error::invalid(
+            "gallery",
+            format!("has {dg} columns but queries have {d}: embedding sizes differ"),
+        ));
+    }
+    if k == 0 {
+        return Err(Error::invalid("k", "must be >= 1"));
+    }
+    let mut qhat = queries.as_standard_layout().into_owned();
+    for (i, mut row) in qhat.axis_iter_mut(Axis(0)).enumerate() {
+        let sumsq = kernels::sum_squares(row.as_slice().expect("standard layout"));
+        if !sumsq.is_finite() {
+            return Err(Error::invalid(
+                "queries",
+                format!("row {i} contains NaN or inf"),
+            ));
+        }
+        if sumsq == 0.0 {
+            return Err(Error::invalid(
+                "queries",
+                format!("row {i} is all zeros; it has no direction"),
+            ));
+        }
+        if !normalized {
+            let inv = T::of(1.0 / sumsq.sqrt());
+            row.mapv_inplace(|v| v * inv);
+        }
+    }
+    let gallery = gallery.as_standard_layout();
+    let flat = gallery.as_slice().expect("standard layout");
+    let kk = k.min(n);
+    let (tops, bad) = if q <= STREAM_MAX_QUERIES {
+        stream(qhat.view(), flat, d, kk, normalized)
+    } else {
+        tiled(qhat.view(), gallery.view(), kk, normalized)
+    };
+    if let Some((_, e)) = bad {
+        return Err(e);
+    }
+    let mut scores = Array2::from_elem((q, k), f32::NEG_INFINITY);
+    let mut indices = Array2::from_elem((q, k), -1i64);
+    for (i, top) in tops.into_iter().enumerate() {
+        for (j, hit) in top.into_sorted().into_iter().enumerate() {
+            scores[[i, j]] = hit.score;
+            indices[[i, j]] = hit.index as i64;
+        }
+    }
+    Ok(SearchResult { scores, indices })
+}
+
+type Partial = (Vec<TopK>, Option<(usize, Error)>);
+
+fn merge_partials(a: Partial, b: Partial) -> Partial {
+    let tops = a.0.into_iter().zip(b.0).map(|(x, y)| x.merge(y)).collect();
+    (tops, first_bad(a.1, b.1))
+}
+
+/// One pass over the gallery: each row scored against every query while in L1.
+fn stream<T: Real>(
+    qhat: ArrayView2<T>,
+    flat: &[T],
+    d: usize,
+    k: usize,
+    normalized: bool,
+) -> Partial {
+    let q = qhat.nrows();
+    let queries: Vec<&[T]> = qhat
+        .axis_iter(Axis(0))
+        .map(|r| r.to_slice().expect("standard layout"))
+        .collect();
+    let empty = || (vec![TopK::new(k); q], None);
+    flat.par_chunks(STREAM_ROWS * d)
+        .enumerate()
+        .fold(empty, |(mut tops, mut bad), (job, chunk)| {
+            let mut thresholds: Vec<f32> = tops.iter().map(TopK::threshold).collect();
+            for (r, row) in chunk.chunks_exact(d).enumerate() {
+                let index = job * STREAM_ROWS + r;
+                let (dot0, fast_sumsq) = kernels::dot_sumsq(queries[0], row);
+                let sumsq = checked_sumsq(fast_sumsq, row);
+                if bad.is_none() {
+                    bad = bad_row(index, sumsq);
+                }
+                let inv = if normalized { 1.0 } else { 1.0 / sumsq.sqrt() };
+                for (j, query) in queries.iter().enumerate() {
+                    let dot = if j == 0 {
+                        dot0
+                    } else {
+                        kernels::dot(query, row)
+                    };
+                    let score = (dot.f64() * inv) as f32;
+                    if score >= thresholds[j] {
+                        tops[j].push(Hit { score, index });
+                        thresholds[j] = tops[j].threshold();
+                    }
+                }
+            }
+            (tops, bad)
+        })
+        .reduce(empty, merge_partials)
+}
+
+/// GEMM tiles of gallery rows against all queries; selection from each tile in cache.
+fn tiled<T: Real>(
+    qhat: ArrayView2<T>,
+    gallery: ArrayView2<T>,
+    k: usize,
+    normalized: bool,
+) -> Partial {
+    let q = qhat.nrows();
+    let n = gallery.nrows();
+    let empty = || (vec![TopK::new(k); q], None);
+    let tiles: Vec<usize> = (0..n).step_by(TILE_ROWS).collect();
+    tiles
+        .par_iter()
+        .fold(
+            || (empty(), Array2::<T>::zeros((TILE_ROWS, q))),
+            |((mut tops, mut bad), mut scratch), &lo| {
+                let tile = gallery.slice(s![lo..(lo + TILE_ROWS).min(n), ..]);
+                let rows = tile.nrows();
+                let mut scores = scratch.slice_mut(s![..rows, ..]);
+                general_mat_mul(T::one(), &tile, &qhat.t(), T::zero(), &mut scores);
+                let mut thresholds: Vec<f32> = tops.iter().map(TopK::threshold).collect();
+                for (r, (row, g)) in scores
+                    .axis_iter(Axis(0))
+                    .zip(tile.axis_iter(Axis(0)))
+                    .enumerate()
+                {
+                    let index = lo + r;
+                    let g = g.to_slice().expect("standard layout");
+                    let sumsq = kernels::sum_squares(g);
+                    if bad.is_none() {
+                        bad = bad_row(index, sumsq);
+                    }
+                    let inv = T::of(if normalized { 1.0 } else { 1.0 / sumsq.sqrt() });
+                    for (j, &dot) in row.iter().enumerate() {
+                        let score = (dot * inv).f64() as f32;
+                        if score >= thresholds[j] {
+                            tops[j].push(Hit { score, index });
+                            thresholds[j] = tops[j].threshold();
+                        }
+                    }
+                }
+                ((tops, bad), scratch)
+            },
+        )
+        .map(|(partial, _)| partial)
+        .reduce(empty, merge_partials)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn brute(queries: &Array2<f64>, gallery: &Array2<f64>, k: usize) -> Vec<Vec<usize>> {
+        queries
+            .axis_iter(Axis(0))
+            .map(|qr| {
+                let qn = qr.dot(&qr).sqrt();
+                let mut scored: Vec<(f64, usize)> = gallery
+                    .axis_iter(Axis(0))
+                    .enumerate()
+                    .map(|(i, g)| (qr.dot(&g) / (qn * g.dot(&g).sqrt()), i))
+                    .collect();
+                scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                scored.iter().take(k).map(|x| x.1).collect()
+            })
+            .collect()
+    }
+
+    fn data(rows: usize, d: usize, seed: u64) -> Array2<f64> {
+        let mut state = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        Array2::from_shape_fn((rows, d), |_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        })
+    }
+
+    #[test]
+    fn both_paths_match_brute_force() {
+        let gallery = data(9000, 33, 1);
+        for q in [1, 3, 8, 9, 40] {
+            let queries = data(q, 33, q as u64 + 7);
+            let got = cosine_topk(queries.view(), gallery.view(), 12, false).unwrap();
+            let want = brute(&queries, &gallery, 12);
+            for (i, w) in want.iter().enumerate() {
+                let g: Vec<usize> = got.indices.row(i).iter().map(|&x| x as usize).collect();
+                assert_eq!(&g, w, "q={q} row {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn k_beyond_gallery_pads_and_ties_go_to_the_lower_index() {
+        let gallery = Array2::from_shape_vec((3, 2), vec![1.0, 0.0, 2.0, 0.0, 0.0, 1.0]).unwrap();
+        let queries = Array2::from_shape_vec((1, 2), vec![1.0f64, 0.0]).unwrap();
+        let r = cosine_topk(queries.view(), gallery.view(), 5, false).unwrap();
+        assert_eq!(r.indices.row(0).to_vec(), vec![0, 1, 2, -1, -1]);
+        assert_eq!(r.scores[[0, 3]], f32::NEG_INFINITY);
+        assert_eq!(r.scores[[0, 0]], 1.0);
+    }
+
+    #[test]
+    fn bad_rows_are_reported_lowest_first() {
+        let mut gallery = data(10_000, 8, 3);
+        gallery.row_mut(9000).fill(0.0);
+        gallery[[7000, 2]] = f64::NAN;
+        let queries = data(1, 8, 4);
+        let err = cosine_topk(queries.view(), gallery.view(), 3, false).unwrap_err();
+        assert_eq!(err.arg, "gallery");
+        assert!(err.message.contains("row 7000"), "{err}");
+        let many = data(20, 8, 5);
+        let err = cosine_topk(many.view(), gallery.view(), 3, false).unwrap_err();
+        assert!(err.message.contains("row 7000"), "{err}");
+    }
+}
