@@ -29,6 +29,6 @@ def test_demo_runs_and_writes_figures(tmp_path):
         row = next(line for line in out.splitlines() if line.startswith(f"| {head} |"))
         auc = float(row.split("|")[2])
         assert 0.5 < auc <= 1.0, row
-    for name in ("target_logits.png", "features_2d.png", "features_3d.png"):
+    for name in ("target_logits.png", "roc_cmc.png", "features_2d.png", "features_3d.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

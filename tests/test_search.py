@@ -30,7 +30,7 @@ def test_matches_brute_force(q, dtype):
     queries = rng.standard_normal((q, 33)).astype(dtype)
     scores, idx = afr.cosine_topk(queries, gallery, k=10)
     want_s, want_i = brute(queries, gallery, 10)
-    assert scores.dtype == np.float32 and idx.dtype == np.int64
+    assert scores.dtype == dtype and idx.dtype == np.int64
     np.testing.assert_array_equal(idx, want_i)
     np.testing.assert_allclose(scores, want_s, rtol=0, atol=1e-5 if dtype == np.float32 else 1e-7)
 

@@ -80,7 +80,7 @@ def cosine_topk(
     gallery: npt.NDArray[np.floating],
     k: int,
     normalized: bool,
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]: ...
+) -> tuple[npt.NDArray[np.floating], npt.NDArray[np.int64]]: ...
 def verification(
     scores: npt.NDArray[np.float64],
     is_same: npt.NDArray[np.bool_],

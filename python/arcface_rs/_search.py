@@ -19,7 +19,8 @@ def cosine_topk(
     """Exact top-``k`` gallery rows by cosine similarity for each query.
 
     ``queries`` (Q, D) or one query (D,); ``gallery`` (N, D); float32 or float64. Returns
-    ``(scores, indices)``: float32 scores best first and int64 row indices, shape (Q, k) (or
+    ``(scores, indices)``: scores best first (in the inputs' dtype) and int64 row indices,
+    shape (Q, k) (or
     (k,) for one 1-D query). Ties go to the lower index. When ``k > N`` the extra columns are
     padded with score -inf and index -1. ``normalized=True`` promises unit-norm inputs and
     skips the division (NaN/inf and zero rows are still rejected). Never builds the Q×N

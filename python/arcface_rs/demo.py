@@ -6,6 +6,7 @@ protocol: the network and head see only digits 0-5; verification is measured on 
 of images of the unseen digits 6-9, by cosine similarity of their embeddings. Prints
 TAR@FAR and AUC per head (mean over seeds) and writes the figures:
 
+- ``roc_cmc.png``: ROC (log FAR) and CMC of every head on the unseen digits;
 - ``target_logits.png``: the target logit s*psi(theta) of every margin at its large-scale
   defaults (the ArcFace paper's figure);
 - ``features_2d.png`` / ``features_3d.png``: plain softmax vs ArcFace on 8 identities with 2-D
@@ -18,11 +19,12 @@ import argparse
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 import arcface_rs as afr
-from arcface_rs.metrics import verification
+from arcface_rs.metrics import identification, verification
 
 TRAIN_CLASSES = range(0, 6)
 FARS = (1e-3, 1e-2, 1e-1)
@@ -138,6 +140,8 @@ def evaluate(args) -> dict[str, dict[str, float]]:
         f"seeds {list(range(args.seeds))}"
     )
     results: dict[str, dict[str, list[float]]] = {}
+    curves: dict[str, Any] = {}
+    cmcs: dict[str, Any] = {}
     for name, margin in _heads(args.scale).items():
         for seed in range(args.seeds):
             t = time.perf_counter()
@@ -146,6 +150,9 @@ def evaluate(args) -> dict[str, dict[str, float]]:
             )
             scores, same = open_set_scores(net, x_te, y_te)
             rep = verification(scores, same, far=FARS, folds=10)
+            if seed == 0:
+                curves[name] = rep
+                cmcs[name] = _identify(net, x_te, y_te)
             row = results.setdefault(name, {})
             row.setdefault("AUC", []).append(rep.auc)
             row.setdefault("acc", []).append(rep.accuracy_mean)
@@ -163,7 +170,17 @@ def evaluate(args) -> dict[str, dict[str, float]]:
     print("| --- " * (len(cols) + 1) + "|")
     for head, row in table.items():
         print(f"| {head} | " + " | ".join(f"{row[c]:.4f}" for c in cols) + " |")
+    args.reports = (curves, cmcs)
     return table
+
+
+def _identify(net, x, y):
+    """Closed-set identification of unseen digits: 5 enrolled images per digit, the rest probe."""
+    e = embed(net, x)
+    enrol = np.zeros(len(y), dtype=bool)
+    for label in np.unique(y):
+        enrol[np.flatnonzero(y == label)[:5]] = True
+    return identification(e[~enrol], y[~enrol], e[enrol], y[enrol], ranks=(1, 2, 3, 4))
 
 
 def plot_target_logits(path: Path, s: float = 64.0) -> None:
@@ -192,6 +209,20 @@ def plot_target_logits(path: Path, s: float = 64.0) -> None:
     ax.legend(fontsize=6.5, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_metrics(path: Path, curves: dict[str, Any], cmcs: dict[str, Any]) -> None:
+    """ROC (log FAR) and CMC of every head on the unseen digits, seed 0."""
+    import matplotlib.pyplot as plt
+
+    from arcface_rs import plots
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    plots.roc(curves, ax=left, title="Verification on unseen digits (seed 0)")
+    plots.cmc(cmcs, ax=right, title="Identification of unseen digits (seed 0)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -252,8 +283,9 @@ def main(argv: list[str] | None = None) -> None:
             out.mkdir(parents=True, exist_ok=True)
             print("\nfigures:")
             plot_target_logits(out / "target_logits.png")
+            plot_metrics(out / "roc_cmc.png", *args.reports)
             plot_features(out / "features_2d.png", out / "features_3d.png", args.epochs)
-            for name in ("target_logits.png", "features_2d.png", "features_3d.png"):
+            for name in ("target_logits.png", "roc_cmc.png", "features_2d.png", "features_3d.png"):
                 print(f"  {out / name}")
     print(f"\ndone in {time.perf_counter() - start:.0f} s")
 

@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 
 from . import _core
+from ._search import cosine_topk
 
-__all__ = ["VerificationReport", "verification"]
+__all__ = ["IdentificationReport", "VerificationReport", "identification", "verification"]
 
 DEFAULT_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -101,4 +102,114 @@ def verification(
         tpr=out["tpr"],
         thresholds=out["thresholds"],
         fold_accuracy=out["fold_accuracy"],
+    )
+
+
+@dataclass(frozen=True)
+class IdentificationReport:
+    """Result of :func:`identification`.
+
+    ``cmc[r]``: fraction of mated probes whose best mate ranks within the top ``r`` among all
+    gallery samples and distractors (a non-mate scoring equal to the mate counts as above it).
+    ``tpir_at_fpir[f]``: fraction of mated probes whose rank-1 result is a mate scoring at or
+    above the threshold at which a fraction ``f`` of non-mated probes (identity not enrolled)
+    return any result; NaN without enough non-mated probes.
+    """
+
+    cmc: dict[int, float]
+    tpir_at_fpir: dict[float, float]
+    mated_probes: int
+    non_mated_probes: int
+    ranks: np.ndarray = field(repr=False)  # per mated probe; max(ranks) + 1 means "beyond"
+
+    @property
+    def rank1(self) -> float:
+        """Rank-1 identification rate of the mated probes."""
+        return self.cmc.get(1, float("nan"))
+
+
+def _labels(name: str, value: Any, n: int) -> np.ndarray:
+    labels = np.asarray(value)
+    if labels.ndim != 1 or len(labels) != n:
+        raise ValueError(f"{name} must be 1-D with {n} entries, got shape {labels.shape}")
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integers, got dtype {labels.dtype}")
+    return labels.astype(np.int64)
+
+
+def identification(
+    probes: Any,
+    probe_labels: Any,
+    gallery: Any,
+    gallery_labels: Any,
+    distractors: Any = None,
+    ranks: Sequence[int] = (1, 5, 10),
+    fpir: Sequence[float] = (1e-3, 1e-2, 1e-1),
+) -> IdentificationReport:
+    """Closed- and open-set identification (MegaFace CMC, IJB TPIR@FPIR) by cosine score.
+
+    ``gallery`` (G, D) with ``gallery_labels``; optional ``distractors`` (M, D), which belong
+    to no probe identity. Probes whose label is not in the gallery are non-mated. Exact: one
+    search of the gallery and one of the distractors, through :func:`cosine_topk`.
+    """
+    probes, gallery = np.asarray(probes), np.asarray(gallery)
+    if probes.ndim != 2 or gallery.ndim != 2:
+        raise ValueError("probes and gallery must be 2-D (n, embedding_size)")
+    probe_labels = _labels("probe_labels", probe_labels, len(probes))
+    gallery_labels = _labels("gallery_labels", gallery_labels, len(gallery))
+    ranks = sorted({int(r) for r in ranks})
+    if not ranks or ranks[0] < 1:
+        raise ValueError(f"ranks must be integers >= 1, got {ranks}")
+    max_rank = ranks[-1]
+    enrolled = np.isin(probe_labels, gallery_labels)
+    mates_per_id = np.unique(gallery_labels, return_counts=True)[1].max()
+
+    # Gallery: enough results to see max_rank non-mates past any probe's own mates.
+    k = min(len(gallery), max_rank + int(mates_per_id))
+    g_scores, g_idx = cosine_topk(probes, gallery, k=k)
+    is_mate = gallery_labels[np.maximum(g_idx, 0)] == probe_labels[:, None]
+    is_mate &= g_idx >= 0
+    non_mate_scores = np.where(is_mate | (g_idx < 0), -np.inf, g_scores)
+    top1_score = g_scores[:, 0].astype(np.float64)
+    top1_is_mate = is_mate[:, 0].copy()  # a view would let the distractors edit is_mate
+    if distractors is not None:
+        d_scores, _ = cosine_topk(probes, np.asarray(distractors), k=max_rank)
+        non_mate_scores = np.concatenate([non_mate_scores, d_scores], axis=1)
+        beats = d_scores[:, 0] > top1_score
+        top1_score = np.maximum(top1_score, d_scores[:, 0])
+        top1_is_mate &= ~beats
+
+    # Best mate score: the search holds every mate whose score is among the top k, and a
+    # probe whose best mate is not there has more than max_rank non-mates above it.
+    mate_best = np.where(is_mate, g_scores, -np.inf).max(axis=1)
+    above = (non_mate_scores >= mate_best[:, None]).sum(axis=1)
+    probe_rank = np.where(np.isfinite(mate_best), above + 1, max_rank + 1)
+    probe_rank = np.minimum(probe_rank, max_rank + 1)[enrolled]
+    n_mated, n_non = int(enrolled.sum()), int((~enrolled).sum())
+    cmc = {r: float(np.mean(probe_rank <= r)) if n_mated else float("nan") for r in ranks}
+
+    tpir: dict[float, float] = {}
+    non_top = np.sort(top1_score[~enrolled])[::-1]
+    for f in fpir:
+        if n_mated == 0 or f * n_non < 1:  # cannot resolve this FPIR
+            tpir[float(f)] = float("nan")
+            continue
+        allowed = int(np.floor(f * n_non))
+        # threshold: strictly above the (allowed+1)-th highest non-mated top-1 score
+        threshold = non_top[allowed] if allowed < n_non else -np.inf
+        hit = top1_is_mate[enrolled] & (top1_score[enrolled] > threshold)
+        tpir[float(f)] = float(np.mean(hit))
+    missing = [f for f, v in tpir.items() if np.isnan(v)]
+    if missing and n_mated:
+        warnings.warn(
+            f"TPIR is NaN for FPIR {missing}: {n_non} non-mated probes cannot measure them",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return IdentificationReport(
+        cmc=cmc,
+        tpir_at_fpir=tpir,
+        mated_probes=n_mated,
+        non_mated_probes=n_non,
+        ranks=probe_rank,
     )

@@ -26,8 +26,9 @@ const TILE_ROWS: usize = 1024;
 
 /// Best-first results; rows beyond the gallery size are padded with score -inf, index -1.
 #[derive(Debug, Clone, PartialEq)]
-pub struct SearchResult {
-    pub scores: Array2<f32>,
+pub struct SearchResult<T> {
+    /// In the inputs' dtype.
+    pub scores: Array2<T>,
     pub indices: Array2<i64>,
 }
 
@@ -78,7 +79,7 @@ pub fn cosine_topk<T: Real>(
     gallery: ArrayView2<T>,
     k: usize,
     normalized: bool,
-) -> Result<SearchResult> {
+) -> Result<SearchResult<T>> {
     let (q, d) = queries.dim();
     let (n, dg) = gallery.dim();
     if q == 0 {
@@ -130,11 +131,11 @@ pub fn cosine_topk<T: Real>(
     if let Some((_, e)) = bad {
         return Err(e);
     }
-    let mut scores = Array2::from_elem((q, k), f32::NEG_INFINITY);
+    let mut scores = Array2::from_elem((q, k), T::neg_infinity());
     let mut indices = Array2::from_elem((q, k), -1i64);
     for (i, top) in tops.into_iter().enumerate() {
         for (j, hit) in top.into_sorted().into_iter().enumerate() {
-            scores[[i, j]] = hit.score;
+            scores[[i, j]] = T::of(hit.score);
             indices[[i, j]] = hit.index as i64;
         }
     }
@@ -165,7 +166,7 @@ fn stream<T: Real>(
     flat.par_chunks(STREAM_ROWS * d)
         .enumerate()
         .fold(empty, |(mut tops, mut bad), (job, chunk)| {
-            let mut thresholds: Vec<f32> = tops.iter().map(TopK::threshold).collect();
+            let mut thresholds: Vec<f64> = tops.iter().map(TopK::threshold).collect();
             for (r, row) in chunk.chunks_exact(d).enumerate() {
                 let index = job * STREAM_ROWS + r;
                 let (dot0, fast_sumsq) = kernels::dot_sumsq(queries[0], row);
@@ -173,14 +174,14 @@ fn stream<T: Real>(
                 if bad.is_none() {
                     bad = bad_row(index, sumsq);
                 }
-                let inv = if normalized { 1.0 } else { 1.0 / sumsq.sqrt() };
+                let inv = T::of(if normalized { 1.0 } else { 1.0 / sumsq.sqrt() });
                 for (j, query) in queries.iter().enumerate() {
                     let dot = if j == 0 {
                         dot0
                     } else {
                         kernels::dot(query, row)
                     };
-                    let score = (dot.f64() * inv) as f32;
+                    let score = (dot * inv).f64();
                     if score >= thresholds[j] {
                         tops[j].push(Hit { score, index });
                         thresholds[j] = tops[j].threshold();
@@ -212,7 +213,7 @@ fn tiled<T: Real>(
                 let rows = tile.nrows();
                 let mut scores = scratch.slice_mut(s![..rows, ..]);
                 general_mat_mul(T::one(), &tile, &qhat.t(), T::zero(), &mut scores);
-                let mut thresholds: Vec<f32> = tops.iter().map(TopK::threshold).collect();
+                let mut thresholds: Vec<f64> = tops.iter().map(TopK::threshold).collect();
                 for (r, (row, g)) in scores
                     .axis_iter(Axis(0))
                     .zip(tile.axis_iter(Axis(0)))
@@ -226,7 +227,7 @@ fn tiled<T: Real>(
                     }
                     let inv = T::of(if normalized { 1.0 } else { 1.0 / sumsq.sqrt() });
                     for (j, &dot) in row.iter().enumerate() {
-                        let score = (dot * inv).f64() as f32;
+                        let score = (dot * inv).f64();
                         if score >= thresholds[j] {
                             tops[j].push(Hit { score, index });
                             thresholds[j] = tops[j].threshold();
@@ -290,7 +291,7 @@ mod tests {
         let queries = Array2::from_shape_vec((1, 2), vec![1.0f64, 0.0]).unwrap();
         let r = cosine_topk(queries.view(), gallery.view(), 5, false).unwrap();
         assert_eq!(r.indices.row(0).to_vec(), vec![0, 1, 2, -1, -1]);
-        assert_eq!(r.scores[[0, 3]], f32::NEG_INFINITY);
+        assert_eq!(r.scores[[0, 3]], f64::NEG_INFINITY);
         assert_eq!(r.scores[[0, 0]], 1.0);
     }
 

@@ -6,7 +6,7 @@ use std::collections::BinaryHeap;
 /// A candidate; greater is better: higher score, then lower index.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Hit {
-    pub score: f32,
+    pub score: f64,
     pub index: usize,
 }
 
@@ -43,11 +43,11 @@ impl TopK {
 
     /// The score a new hit must beat (or tie with a lower index) to enter; -inf until full.
     #[inline]
-    pub fn threshold(&self) -> f32 {
+    pub fn threshold(&self) -> f64 {
         if self.heap.len() < self.k {
-            f32::NEG_INFINITY
+            f64::NEG_INFINITY
         } else {
-            self.heap.peek().map_or(f32::NEG_INFINITY, |r| r.0.score)
+            self.heap.peek().map_or(f64::NEG_INFINITY, |r| r.0.score)
         }
     }
 
@@ -83,7 +83,7 @@ mod tests {
 
     #[test]
     fn keeps_the_best_with_ties_to_lower_index() {
-        let scores = [0.5f32, 0.9, 0.5, 0.1, 0.9, 0.7, 0.5];
+        let scores = [0.5f64, 0.9, 0.5, 0.1, 0.9, 0.7, 0.5];
         let mut top = TopK::new(4);
         for (index, &score) in scores.iter().enumerate() {
             top.push(Hit { score, index });
@@ -94,7 +94,7 @@ mod tests {
 
     #[test]
     fn merge_equals_one_pass() {
-        let scores: Vec<f32> = (0..100).map(|i| ((i * 37) % 11) as f32).collect();
+        let scores: Vec<f64> = (0..100).map(|i| ((i * 37) % 11) as f64).collect();
         let mut all = TopK::new(7);
         let (mut a, mut b) = (TopK::new(7), TopK::new(7));
         for (index, &score) in scores.iter().enumerate() {

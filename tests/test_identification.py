@@ -1,0 +1,90 @@
+"""Identification (CMC, TPIR@FPIR) against a NumPy brute force written here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from arcface_rs.metrics import identification
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def brute_ranks(probes, probe_labels, gallery, gallery_labels, distractors, max_rank):
+    s = unit(probes) @ unit(gallery).T
+    d = (
+        unit(probes) @ unit(distractors).T
+        if distractors is not None
+        else np.zeros((len(probes), 0))
+    )
+    ranks = []
+    for i, y in enumerate(probe_labels):
+        mates = gallery_labels == y
+        if not mates.any():
+            continue
+        best = s[i, mates].max()
+        above = (s[i, ~mates] >= best).sum() + (d[i] >= best).sum()
+        ranks.append(min(above + 1, max_rank + 1))
+    return np.array(ranks)
+
+
+def make(seed, ids=40, per_id=3, probes_per_id=2, d=16, unknown=30, noise=0.8):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((ids + unknown, d))
+    gallery = np.repeat(centres[:ids], per_id, axis=0) + noise * rng.standard_normal(
+        (ids * per_id, d)
+    )
+    gallery_labels = np.repeat(np.arange(ids), per_id)
+    probe_ids = np.r_[np.repeat(np.arange(ids), probes_per_id), ids + np.arange(unknown)]
+    probes = centres[probe_ids] + noise * rng.standard_normal((len(probe_ids), d))
+    return probes, probe_ids, gallery, gallery_labels
+
+
+@pytest.mark.parametrize("with_distractors", [False, True])
+def test_cmc_equals_brute_force_ranking(with_distractors):
+    probes, plab, gallery, glab = make(0)
+    rng = np.random.default_rng(1)
+    distractors = rng.standard_normal((500, 16)) if with_distractors else None
+    rep = identification(probes, plab, gallery, glab, distractors, ranks=(1, 2, 5, 10))
+    want = brute_ranks(probes, plab, gallery, glab, distractors, 10)
+    np.testing.assert_array_equal(np.sort(rep.ranks), np.sort(want))
+    for r in (1, 2, 5, 10):
+        assert rep.cmc[r] == np.mean(want <= r)
+    assert rep.rank1 == rep.cmc[1]
+    assert rep.mated_probes == 80 and rep.non_mated_probes == 30
+
+
+def test_tpir_at_fpir_matches_its_definition():
+    probes, plab, gallery, glab = make(2, unknown=200)
+    rep = identification(probes, plab, gallery, glab, fpir=(0.01, 0.1, 0.5))
+    s = unit(probes) @ unit(gallery).T
+    top = s.argmax(axis=1)
+    top_score = s.max(axis=1)
+    enrolled = np.isin(plab, glab)
+    non = np.sort(top_score[~enrolled])[::-1]
+    for f, tpir in rep.tpir_at_fpir.items():
+        t = non[int(np.floor(f * len(non)))]
+        assert np.mean(top_score[~enrolled] > t) <= f
+        hit = (glab[top[enrolled]] == plab[enrolled]) & (top_score[enrolled] > t)
+        assert tpir == pytest.approx(np.mean(hit))
+
+
+def test_tpir_nan_when_too_few_non_mated_probes():
+    probes, plab, gallery, glab = make(3, unknown=5)
+    with pytest.warns(RuntimeWarning, match="non-mated"):
+        rep = identification(probes, plab, gallery, glab, fpir=(1e-3, 0.5))
+    assert np.isnan(rep.tpir_at_fpir[1e-3]) and not np.isnan(rep.tpir_at_fpir[0.5])
+
+
+def test_bad_input():
+    probes, plab, gallery, glab = make(4)
+    with pytest.raises(ValueError, match="probe_labels must be 1-D"):
+        identification(probes, plab[:3], gallery, glab)
+    with pytest.raises(TypeError, match="gallery_labels must be integers"):
+        identification(probes, plab, gallery, glab.astype(float))
+    with pytest.raises(ValueError, match="ranks"):
+        identification(probes, plab, gallery, glab, ranks=(0,))
+    with pytest.raises(ValueError, match="gallery: has 8 columns"):
+        identification(probes, plab, gallery[:, :8], glab)
