@@ -121,6 +121,11 @@ fn row_norm<T: Real>(row: ndarray::ArrayView1<T>) -> f64 {
     }
 }
 
+/// `a · b` accumulated in f64 (for the few per-row dot products outside the GEMMs).
+fn dot_f64<T: Real>(a: ndarray::ArrayView1<T>, b: ndarray::ArrayView1<T>) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x.f64() * y.f64()).sum()
+}
+
 fn row_norms<T: Real>(m: ArrayView2<T>, arg: &'static str) -> Result<Vec<f64>> {
     let norms: Vec<f64> = m.axis_iter(Axis(0)).into_par_iter().map(row_norm).collect();
     match norms
@@ -222,12 +227,7 @@ impl<T: Real> Prepared<T> {
         let mut target_dpsi = vec![0.0; b];
         for i in 0..b {
             if let Some(y) = target[i] {
-                let dot: f64 = xhat
-                    .row(i)
-                    .iter()
-                    .zip(weight.row(y))
-                    .map(|(a, w)| a.f64() * w.f64())
-                    .sum();
+                let dot = dot_f64(xhat.row(i), weight.row(y));
                 // A bad weight row is reported by the weight's own validation.
                 let cos = (dot / row_norm(weight.row(y))).clamp(-1.0, 1.0);
                 let cos = if cos.is_finite() { cos } else { 0.0 };
@@ -288,12 +288,7 @@ impl<T: Real> Prepared<T> {
     fn finish_grad_emb(&self, mut dxhat: Array2<T>, norm_term: &[f64]) -> Array2<T> {
         for (i, mut g) in dxhat.axis_iter_mut(Axis(0)).enumerate() {
             let xh = self.xhat.row(i);
-            let dot = T::of(
-                xh.iter()
-                    .zip(g.iter())
-                    .map(|(a, b)| a.f64() * b.f64())
-                    .sum(),
-            );
+            let dot = T::of(dot_f64(xh, g.view()));
             let inv = T::of(1.0 / self.x_norm[i]);
             let extra = T::of(if self.feature_norm_scale {
                 norm_term[i]
@@ -776,13 +771,7 @@ pub fn margin_logits_backward<T: Real>(
                 let mut z = Array2::zeros((b, width));
                 p.logits_tile(0..b, lo, w_tile, &w_inv[lo..lo + width], z.view_mut());
                 for i in 0..b {
-                    let dot: f64 = upstream
-                        .row(i)
-                        .iter()
-                        .zip(z.row(i))
-                        .map(|(g, z)| g.f64() * z.f64())
-                        .sum();
-                    acc.pz[i] += dot / p.row_scale[i];
+                    acc.pz[i] += dot_f64(upstream.row(i), z.row(i)) / p.row_scale[i];
                 }
             }
             let inv = &w_inv[lo..lo + width];

@@ -46,6 +46,18 @@ fn same_dtype_error(args: &str) -> PyErr {
     ))
 }
 
+/// Runs `$body` with the arrays bound to `$x` (and `$y`) at one shared float dtype; a dtype
+/// mix is a TypeError naming `$what`.
+macro_rules! same_floats {
+    ($what:literal, $pair:expr, |$x:ident, $y:ident| $body:expr) => {
+        match $pair {
+            (Floats::F32($x), Floats::F32($y)) => $body,
+            (Floats::F64($x), Floats::F64($y)) => $body,
+            _ => Err(same_dtype_error($what)),
+        }
+    };
+}
+
 fn labels_vec(labels: PyReadonlyArray1<'_, i64>) -> Vec<i64> {
     labels.as_array().iter().copied().collect()
 }
@@ -182,14 +194,13 @@ fn margin_loss<'py>(
         grad_weight,
     };
     let m = &margin.0;
-    match (
+    let arrays = (
         Floats::extract(emb, "emb")?,
         Floats::extract(weight, "weight")?,
-    ) {
-        (Floats::F32(e), Floats::F32(w)) => loss_typed(py, e, w, &labels, m, options),
-        (Floats::F64(e), Floats::F64(w)) => loss_typed(py, e, w, &labels, m, options),
-        _ => Err(same_dtype_error("emb and weight")),
-    }
+    );
+    same_floats!("emb and weight", arrays, |e, w| loss_typed(
+        py, e, w, &labels, m, options
+    ))
 }
 
 fn logits_typed<'py, T: Real + Element>(
@@ -216,14 +227,13 @@ fn margin_logits<'py>(
     margin: &PyMargin,
 ) -> PyResult<Bound<'py, PyAny>> {
     let labels = labels_vec(labels);
-    match (
+    let arrays = (
         Floats::extract(emb, "emb")?,
         Floats::extract(weight, "weight")?,
-    ) {
-        (Floats::F32(e), Floats::F32(w)) => logits_typed(py, e, w, &labels, &margin.0),
-        (Floats::F64(e), Floats::F64(w)) => logits_typed(py, e, w, &labels, &margin.0),
-        _ => Err(same_dtype_error("emb and weight")),
-    }
+    );
+    same_floats!("emb and weight", arrays, |e, w| logits_typed(
+        py, e, w, &labels, &margin.0
+    ))
 }
 
 fn logits_backward_typed<'py, T: Real + Element>(
@@ -303,24 +313,15 @@ fn apply_margin_backward<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let labels = labels_vec(labels);
     let m = &margin.0;
-    Ok(
-        match (
-            Floats::extract(grad_logits, "grad_logits")?,
-            Floats::extract(cos, "cos")?,
-        ) {
-            (Floats::F32(g), Floats::F32(c)) => {
-                let (g, c) = (g.as_array(), c.as_array());
-                let out = py.detach(|| head::apply_margin_backward(g, c, &labels, m));
-                out.map_err(value_error)?.into_pyarray(py).into_any()
-            }
-            (Floats::F64(g), Floats::F64(c)) => {
-                let (g, c) = (g.as_array(), c.as_array());
-                let out = py.detach(|| head::apply_margin_backward(g, c, &labels, m));
-                out.map_err(value_error)?.into_pyarray(py).into_any()
-            }
-            _ => return Err(same_dtype_error("grad_logits and cos")),
-        },
-    )
+    let arrays = (
+        Floats::extract(grad_logits, "grad_logits")?,
+        Floats::extract(cos, "cos")?,
+    );
+    same_floats!("grad_logits and cos", arrays, |g, c| {
+        let (g, c) = (g.as_array(), c.as_array());
+        let out = py.detach(|| head::apply_margin_backward(g, c, &labels, m));
+        Ok(out.map_err(value_error)?.into_pyarray(py).into_any())
+    })
 }
 
 fn topk_typed<'py, T: Real + Element>(
@@ -337,7 +338,7 @@ fn topk_typed<'py, T: Real + Element>(
     (r.scores.into_pyarray(py), r.indices.into_pyarray(py)).into_pyobject(py)
 }
 
-/// Exact cosine top-k: (scores float32 (Q, k) best first, indices int64; -1 pads).
+/// Exact cosine top-k: (scores (Q, k) best first in the inputs' dtype, indices int64; -1 pads).
 #[pyfunction]
 fn cosine_topk<'py>(
     py: Python<'py>,
@@ -346,14 +347,13 @@ fn cosine_topk<'py>(
     k: usize,
     normalized: bool,
 ) -> PyResult<Bound<'py, PyTuple>> {
-    match (
+    let arrays = (
         Floats::extract(queries, "queries")?,
         Floats::extract(gallery, "gallery")?,
-    ) {
-        (Floats::F32(q), Floats::F32(g)) => topk_typed(py, q, g, k, normalized),
-        (Floats::F64(q), Floats::F64(g)) => topk_typed(py, q, g, k, normalized),
-        _ => Err(same_dtype_error("queries and gallery")),
-    }
+    );
+    same_floats!("queries and gallery", arrays, |q, g| topk_typed(
+        py, q, g, k, normalized
+    ))
 }
 
 /// ROC, AUC, TAR@FAR, best threshold and fold accuracies as a dict.
