@@ -165,15 +165,29 @@ multiversion! {
 }
 
 #[inline(always)]
-fn dot_sumsq_impl<T: Real>(a: &[T], b: &[T]) -> (T, T) {
-    // Two simple passes vectorise cleanly where one fused loop did not (LLVM scalarised it);
-    // the second pass reads `b` from L1.
-    (dot_impl(a, b), dot_impl(b, b))
+fn dots_impl<T: Real>(query: &[T], rows: &[T], out: &mut [T]) {
+    let d = query.len();
+    for (row, o) in rows.chunks_exact(d).zip(out) {
+        *o = dot_impl(query, row);
+    }
+}
+
+#[inline(always)]
+fn dots_self_impl<T: Real>(rows: &[T], d: usize, out: &mut [T]) {
+    for (row, o) in rows.chunks_exact(d).zip(out) {
+        *o = dot_impl(row, row);
+    }
 }
 
 multiversion! {
-    /// `(Σ a[j] b[j], Σ b[j]^2)` in one pass over `b`.
-    pub fn dot_sumsq<T: Real>(a: &[T], b: &[T]) -> (T, T) = dot_sumsq_impl;
+    /// `out[r] = rows[r] · rows[r]` (squared norms) for consecutive rows of `d` values.
+    pub fn dots_self<T: Real>(rows: &[T], d: usize, out: &mut [T]) -> () = dots_self_impl;
+}
+
+multiversion! {
+    /// `out[r] = query · rows[r]` for consecutive rows of `query.len()` values: one dispatch
+    /// for a whole block of rows.
+    pub fn dots<T: Real>(query: &[T], rows: &[T], out: &mut [T]) -> () = dots_impl;
 }
 
 #[inline(always)]
