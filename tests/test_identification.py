@@ -47,7 +47,8 @@ def test_cmc_equals_brute_force_ranking(with_distractors):
     probes, plab, gallery, glab = make(0)
     rng = np.random.default_rng(1)
     distractors = rng.standard_normal((500, 16)) if with_distractors else None
-    rep = identification(probes, plab, gallery, glab, distractors, ranks=(1, 2, 5, 10))
+    with pytest.warns(RuntimeWarning, match="non-mated"):  # 30 cannot resolve FPIR 1e-3
+        rep = identification(probes, plab, gallery, glab, distractors, ranks=(1, 2, 5, 10))
     want = brute_ranks(probes, plab, gallery, glab, distractors, 10)
     np.testing.assert_array_equal(np.sort(rep.ranks), np.sort(want))
     for r in (1, 2, 5, 10):
@@ -88,3 +89,10 @@ def test_bad_input():
         identification(probes, plab, gallery, glab, ranks=(0,))
     with pytest.raises(ValueError, match="gallery: has 8 columns"):
         identification(probes, plab, gallery[:, :8], glab)
+
+
+def test_closed_set_has_no_tpir_and_no_warning(recwarn):
+    probes, plab, gallery, glab = make(5, unknown=0)
+    rep = identification(probes, plab, gallery, glab)
+    assert all(np.isnan(v) for v in rep.tpir_at_fpir.values())
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

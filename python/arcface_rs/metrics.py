@@ -113,7 +113,8 @@ class IdentificationReport:
     gallery samples and distractors (a non-mate scoring equal to the mate counts as above it).
     ``tpir_at_fpir[f]``: fraction of mated probes whose rank-1 result is a mate scoring at or
     above the threshold at which a fraction ``f`` of non-mated probes (identity not enrolled)
-    return any result; NaN without enough non-mated probes.
+    return any result; NaN without enough non-mated probes (without a warning for a
+    closed set, where TPIR does not apply).
     """
 
     cmc: dict[int, float]
@@ -200,7 +201,7 @@ def identification(
         hit = top1_is_mate[enrolled] & (top1_score[enrolled] > threshold)
         tpir[float(f)] = float(np.mean(hit))
     missing = [f for f, v in tpir.items() if np.isnan(v)]
-    if missing and n_mated:
+    if missing and n_mated and n_non:  # closed set (no non-mated probes): TPIR does not apply
         warnings.warn(
             f"TPIR is NaN for FPIR {missing}: {n_non} non-mated probes cannot measure them",
             RuntimeWarning,
