@@ -111,10 +111,10 @@ class IdentificationReport:
 
     ``cmc[r]``: fraction of mated probes whose best mate ranks within the top ``r`` among all
     gallery samples and distractors (a non-mate scoring equal to the mate counts as above it).
-    ``tpir_at_fpir[f]``: fraction of mated probes whose rank-1 result is a mate scoring at or
-    above the threshold at which a fraction ``f`` of non-mated probes (identity not enrolled)
-    return any result; NaN without enough non-mated probes (without a warning for a
-    closed set, where TPIR does not apply).
+    ``tpir_at_fpir[f]``: fraction of mated probes whose rank-1 result is a mate scoring above
+    the threshold that at most a fraction ``f`` of the non-mated probes' (identity not
+    enrolled) best scores exceed; NaN without enough non-mated probes (without a warning for
+    a closed set, where TPIR does not apply).
     """
 
     cmc: dict[int, float]
