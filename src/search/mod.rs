@@ -224,7 +224,8 @@ fn tiled<T: Real>(
                 let rows = tile.nrows();
                 let mut scores = scratch.slice_mut(s![..rows, ..]);
                 general_mat_mul(T::one(), &tile, &qhat.t(), T::zero(), &mut scores);
-                let mut thresholds: Vec<f64> = tops.iter().map(TopK::threshold).collect();
+                // Thresholds in T: every score is a T value, so comparing in T is exact.
+                let mut thresholds: Vec<T> = tops.iter().map(|t| T::of(t.threshold())).collect();
                 for (r, (row, g)) in scores
                     .axis_iter(Axis(0))
                     .zip(tile.axis_iter(Axis(0)))
@@ -237,11 +238,29 @@ fn tiled<T: Real>(
                         bad = bad_row(index, sumsq);
                     }
                     let inv = T::of(if normalized { 1.0 } else { 1.0 / sumsq.sqrt() });
-                    for (j, &dot) in row.iter().enumerate() {
-                        let score = (dot * inv).f64();
-                        if score >= thresholds[j] {
-                            tops[j].push(Hit { score, index });
-                            thresholds[j] = tops[j].threshold();
+                    let row = row.to_slice().expect("standard layout");
+                    // Most scores beat no threshold: test 16 at a time without branches and
+                    // look at single scores only in the rare group that has a candidate.
+                    for (c, (dots, thr)) in
+                        row.chunks(16).zip(thresholds.chunks_mut(16)).enumerate()
+                    {
+                        let any = dots
+                            .iter()
+                            .zip(thr.iter())
+                            .fold(false, |a, (&dot, &t)| a | (dot * inv >= t));
+                        if !any {
+                            continue;
+                        }
+                        for (i, (&dot, t)) in dots.iter().zip(thr.iter_mut()).enumerate() {
+                            let score = dot * inv;
+                            if score >= *t {
+                                let top = &mut tops[c * 16 + i];
+                                top.push(Hit {
+                                    score: score.f64(),
+                                    index,
+                                });
+                                *t = T::of(top.threshold());
+                            }
                         }
                     }
                 }
