@@ -23,8 +23,10 @@ const STREAM_MAX_QUERIES: usize = 8;
 const STREAM_ROWS: usize = 4096;
 /// Gallery rows scored together on the streaming path (128 KiB at D=512 f32: stays in L2).
 const BLOCK_ROWS: usize = 64;
-/// Gallery rows per GEMM tile.
+/// Most gallery rows per GEMM tile.
 const TILE_ROWS: usize = 1024;
+/// Bound on one thread's tile of scores, so many queries cannot grow it without limit.
+const TILE_SCRATCH_BYTES: usize = 8 << 20;
 
 /// Best-first results; rows beyond the gallery size are padded with score -inf, index -1.
 #[derive(Debug, Clone, PartialEq)]
@@ -214,13 +216,14 @@ fn tiled<T: Real>(
     let q = qhat.nrows();
     let n = gallery.nrows();
     let empty = || (vec![TopK::new(k); q], None);
-    let tiles: Vec<usize> = (0..n).step_by(TILE_ROWS).collect();
+    let tile_rows = (TILE_SCRATCH_BYTES / (q * std::mem::size_of::<T>())).clamp(16, TILE_ROWS);
+    let tiles: Vec<usize> = (0..n).step_by(tile_rows).collect();
     tiles
         .par_iter()
         .fold(
-            || (empty(), Array2::<T>::zeros((TILE_ROWS, q))),
+            || (empty(), Array2::<T>::zeros((tile_rows, q))),
             |((mut tops, mut bad), mut scratch), &lo| {
-                let tile = gallery.slice(s![lo..(lo + TILE_ROWS).min(n), ..]);
+                let tile = gallery.slice(s![lo..(lo + tile_rows).min(n), ..]);
                 let rows = tile.nrows();
                 let mut scores = scratch.slice_mut(s![..rows, ..]);
                 general_mat_mul(T::one(), &tile, &qhat.t(), T::zero(), &mut scores);
