@@ -27,3 +27,20 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {}
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// The error for row `row` of `arg` whose norm (or squared norm) cannot normalise it.
+pub(crate) fn unnormalisable(arg: &'static str, row: usize, norm: f64) -> Option<Error> {
+    if !norm.is_finite() {
+        Some(Error::invalid(
+            arg,
+            format!("row {row} contains NaN or inf"),
+        ))
+    } else if norm == 0.0 {
+        Some(Error::invalid(
+            arg,
+            format!("row {row} is all zeros; a zero vector has no direction to normalise"),
+        ))
+    } else {
+        None
+    }
+}

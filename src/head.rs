@@ -14,7 +14,7 @@
 //! GEMM (a fourth GEMM would cost a third more time). When B > D the rows are cut into
 //! chunks whose stash fits [`STASH_BUDGET_BYTES`].
 
-use crate::error::{Error, Result};
+use crate::error::{unnormalisable, Error, Result};
 use crate::kernels;
 use crate::margin::{Margin, Scale};
 use crate::real::Real;
@@ -97,23 +97,6 @@ fn tile_width(c: usize) -> usize {
     per.div_ceil(16) * 16
 }
 
-/// The error for a row whose norm cannot normalise it, if any.
-fn norm_error(arg: &'static str, row: usize, norm: f64) -> Option<Error> {
-    if !norm.is_finite() {
-        Some(Error::invalid(
-            arg,
-            format!("row {row} contains NaN or inf"),
-        ))
-    } else if norm == 0.0 {
-        Some(Error::invalid(
-            arg,
-            format!("row {row} is all zeros; a zero vector has no direction to normalise"),
-        ))
-    } else {
-        None
-    }
-}
-
 fn row_norm<T: Real>(row: ndarray::ArrayView1<T>) -> f64 {
     match row.as_slice() {
         Some(r) => kernels::sum_squares(r).sqrt(),
@@ -131,7 +114,7 @@ fn row_norms<T: Real>(m: ArrayView2<T>, arg: &'static str) -> Result<Vec<f64>> {
     match norms
         .iter()
         .enumerate()
-        .find_map(|(i, &n)| norm_error(arg, i, n))
+        .find_map(|(i, &n)| unnormalisable(arg, i, n))
     {
         Some(e) => Err(e),
         None => Ok(norms),
@@ -601,7 +584,7 @@ fn fused_loss<T: Real>(
                             let n = row_norm(row);
                             *iw = T::of(1.0 / n);
                             if bad.is_none() {
-                                bad = norm_error("weight", lo + j, n);
+                                bad = unnormalisable("weight", lo + j, n);
                             }
                         }
                     }

@@ -111,20 +111,39 @@ def _loss_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     dtype = _compute_dtype(emb, weight)
     fused = reduction != "none"
-    loss, rows, g_emb, g_w = _core.margin_loss(
-        _numpy(emb, dtype),
-        _numpy(weight, dtype),
-        labels.numpy(),
-        _decode(kind, tuple(params))._spec,
-        reduction,
-        grad_emb=need_emb and fused,
-        grad_weight=need_weight and fused,
+    loss, rows, g_emb, g_w = _run_loss(
+        emb, weight, labels, kind, params, reduction, need_emb and fused, need_weight and fused
     )
     if reduction == "none":
         out = torch.from_numpy(rows).to(dtype)
     else:
         out = torch.scalar_tensor(loss, dtype=dtype)
     return out, _grad_tensor(g_emb, emb), _grad_tensor(g_w, weight)
+
+
+def _run_loss(
+    emb: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    kind: str,
+    params: list[float],
+    reduction: str,
+    need_emb: bool,
+    need_weight: bool,
+    upstream: np.ndarray | None = None,
+) -> tuple[float, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The fused kernel on NumPy views of CPU tensors, in the compute dtype."""
+    dtype = _compute_dtype(emb, weight)
+    return _core.margin_loss(
+        _numpy(emb, dtype),
+        _numpy(weight, dtype),
+        labels.numpy(),
+        _decode(kind, tuple(params))._spec,
+        reduction,
+        grad_emb=need_emb,
+        grad_weight=need_weight,
+        upstream=upstream,
+    )
 
 
 def _grad_tensor(g: np.ndarray | None, like: Tensor) -> Tensor:
@@ -156,16 +175,16 @@ def _loss_backward_op(
     need_weight: bool,
 ) -> tuple[Tensor, Tensor]:
     """Gradients of sum(upstream * loss), recomputed (upstream: (B,) or a scalar)."""
-    dtype = _compute_dtype(emb, weight)
     rows = np.broadcast_to(_numpy(upstream, torch.float64), (emb.shape[0],))
-    _, _, g_emb, g_w = _core.margin_loss(
-        _numpy(emb, dtype),
-        _numpy(weight, dtype),
-        labels.numpy(),
-        _decode(kind, tuple(params))._spec,
+    _, _, g_emb, g_w = _run_loss(
+        emb,
+        weight,
+        labels,
+        kind,
+        params,
         reduction,
-        grad_emb=need_emb,
-        grad_weight=need_weight,
+        need_emb,
+        need_weight,
         upstream=np.ascontiguousarray(rows),
     )
     return _grad_tensor(g_emb, emb), _grad_tensor(g_w, weight)

@@ -9,7 +9,7 @@
 
 pub mod topk;
 
-use crate::error::{Error, Result};
+use crate::error::{unnormalisable, Error, Result};
 use crate::kernels;
 use crate::real::Real;
 use ndarray::linalg::general_mat_mul;
@@ -36,24 +36,9 @@ pub struct SearchResult<T> {
     pub indices: Array2<i64>,
 }
 
-/// First gallery row that cannot be normalised, if any, as the error to report.
+/// Gallery row `row` with squared norm `sumsq`, as the error to report if it is unusable.
 fn bad_row(row: usize, sumsq: f64) -> Option<(usize, Error)> {
-    if !sumsq.is_finite() {
-        Some((
-            row,
-            Error::invalid("gallery", format!("row {row} contains NaN or inf")),
-        ))
-    } else if sumsq == 0.0 {
-        Some((
-            row,
-            Error::invalid(
-                "gallery",
-                format!("row {row} is all zeros; it has no direction"),
-            ),
-        ))
-    } else {
-        None
-    }
+    unnormalisable("gallery", row, sumsq).map(|e| (row, e))
 }
 
 fn first_bad(a: Option<(usize, Error)>, b: Option<(usize, Error)>) -> Option<(usize, Error)> {
@@ -107,17 +92,8 @@ pub fn cosine_topk<T: Real>(
     let mut qhat = queries.as_standard_layout().into_owned();
     for (i, mut row) in qhat.axis_iter_mut(Axis(0)).enumerate() {
         let sumsq = kernels::sum_squares(row.as_slice().expect("standard layout"));
-        if !sumsq.is_finite() {
-            return Err(Error::invalid(
-                "queries",
-                format!("row {i} contains NaN or inf"),
-            ));
-        }
-        if sumsq == 0.0 {
-            return Err(Error::invalid(
-                "queries",
-                format!("row {i} is all zeros; it has no direction"),
-            ));
+        if let Some(e) = unnormalisable("queries", i, sumsq) {
+            return Err(e);
         }
         if !normalized {
             let inv = T::of(1.0 / sumsq.sqrt());
