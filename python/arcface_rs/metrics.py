@@ -48,7 +48,7 @@ class VerificationReport:
         return float(np.std(self.fold_accuracy)) if self.fold_accuracy.size else float("nan")
 
 
-def _is_same(value: Any, n: int) -> np.ndarray:
+def _is_same(value: Any) -> np.ndarray:
     labels = np.asarray(value)
     if labels.ndim != 1:
         raise ValueError(f"is_same must be 1-D, got shape {labels.shape}")
@@ -76,7 +76,7 @@ def verification(
     if s.dtype.kind not in "iuf":
         raise TypeError(f"scores must be numeric, got dtype {s.dtype}")
     s = np.ascontiguousarray(s, dtype=np.float64)
-    labels = _is_same(is_same, len(s))
+    labels = _is_same(is_same)
     if len(labels) != len(s):
         raise ValueError(f"is_same has {len(labels)} entries but scores has {len(s)}")
     fars = np.asarray(far, dtype=np.float64).reshape(-1)
