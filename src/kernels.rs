@@ -61,6 +61,33 @@ macro_rules! multiversion {
     };
 }
 
+/// The same for functions that are not generic (the gallery's storage decoders).
+macro_rules! multiversion_plain {
+    ($(#[$doc:meta])* pub fn $name:ident($($a:ident: $t:ty),* $(,)?) = $imp:ident;) => {
+        $(#[$doc])*
+        pub fn $name($($a: $t),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+                fn v4($($a: $t),*) {
+                    $imp($($a),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn v3($($a: $t),*) {
+                    $imp($($a),*)
+                }
+                match simd_level() {
+                    // SAFETY: simd_level() confirmed the CPU has these features.
+                    4 => return unsafe { v4($($a),*) },
+                    3 => return unsafe { v3($($a),*) },
+                    _ => {}
+                }
+            }
+            $imp($($a),*)
+        }
+    };
+}
+
 #[inline(always)]
 fn fmax<T: Real>(a: T, b: T) -> T {
     if a > b {
@@ -311,5 +338,256 @@ mod tests {
         let mut g: Vec<f64> = (0..37).map(|i| (i as f64 * 0.7).cos()).collect();
         project_out(&mut g, &w, inv);
         assert!(dot(&g, &w).abs() < 1e-12);
+    }
+
+    #[test]
+    fn decoders_are_exact_for_every_code() {
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        let mut out = vec![0.0f32; all.len()];
+        decode_f16(&all, &mut out);
+        for (&h, &got) in all.iter().zip(&out) {
+            let want = half::f16::from_bits(h).to_f32();
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{h:#x}"
+            );
+        }
+        decode_bf16(&all, &mut out);
+        for (&h, &got) in all.iter().zip(&out) {
+            let want = half::bf16::from_bits(h).to_f32();
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{h:#x}"
+            );
+        }
+        let codes: Vec<i8> = (-128..=127).collect();
+        decode_i8(&codes, &mut out[..256]);
+        for (&c, &got) in codes.iter().zip(&out) {
+            assert_eq!(got, c as f32);
+        }
+    }
+
+    #[test]
+    fn fused_dots_match_decode_then_dot() {
+        for d in [1usize, 15, 16, 33, 64, 100] {
+            let query: Vec<f32> = (0..d).map(|i| (i as f32 * 0.37).sin()).collect();
+            let f16s: Vec<u16> = (0..3 * d)
+                .map(|i| half::f16::from_f32((i as f32 * 0.11).cos()).to_bits())
+                .collect();
+            let bf16s: Vec<u16> = (0..3 * d)
+                .map(|i| half::bf16::from_f32((i as f32 * 0.13).cos()).to_bits())
+                .collect();
+            let i8s: Vec<i8> = (0..3 * d).map(|i| ((i * 37) % 255) as i8).collect();
+            let mut decoded = vec![0.0f32; 3 * d];
+            let (mut want, mut got) = (vec![0.0f32; 3], vec![0.0f32; 3]);
+            let close = |a: &[f32], b: &[f32]| {
+                a.iter()
+                    .zip(b)
+                    .all(|(x, y)| (x - y).abs() <= 1e-4 * (1.0 + x.abs()))
+            };
+            decode_f16(&f16s, &mut decoded);
+            dots(&query, &decoded, &mut want);
+            dots_f16(&query, &f16s, &mut got);
+            assert!(close(&want, &got), "f16 d={d} {want:?} {got:?}");
+            decode_bf16(&bf16s, &mut decoded);
+            dots(&query, &decoded, &mut want);
+            dots_bf16(&query, &bf16s, &mut got);
+            assert!(close(&want, &got), "bf16 d={d}");
+            decode_i8(&i8s, &mut decoded);
+            dots(&query, &decoded, &mut want);
+            dots_i8(&query, &i8s, &mut got);
+            assert!(close(&want, &got), "i8 d={d}");
+        }
+    }
+}
+
+/// IEEE half-precision bits to f32, exactly, without branches so that loops vectorise on
+/// every instruction set (no F16C needed).
+#[inline(always)]
+pub fn f16_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let sign = (h & 0x8000) << 16;
+    // Exponent and mantissa moved to their f32 positions; the exponent is still biased by 15.
+    let em = (h & 0x7fff) << 13;
+    let exponent = em & (0x1f << 23);
+    let normal = em + ((127 - 15) << 23);
+    // Subnormal halves are m * 2^-24: build 2^-14 * (1 + m/1024) and subtract 2^-14.
+    let subnormal = (f32::from_bits(em + (113 << 23)) - f32::from_bits(113 << 23)).to_bits();
+    let inf_nan = em | (0xff << 23);
+    let bits = if exponent == 0 {
+        subnormal
+    } else if exponent == 0x1f << 23 {
+        inf_nan
+    } else {
+        normal
+    };
+    f32::from_bits(bits | sign)
+}
+
+#[inline(always)]
+fn decode_f16_impl(src: &[u16], dst: &mut [f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = f16_to_f32(s);
+    }
+}
+
+multiversion_plain! {
+    /// float16 bits to float32.
+    pub fn decode_f16(src: &[u16], dst: &mut [f32]) = decode_f16_impl;
+}
+
+#[inline(always)]
+fn decode_bf16_impl(src: &[u16], dst: &mut [f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = f32::from_bits((s as u32) << 16);
+    }
+}
+
+multiversion_plain! {
+    /// bfloat16 bits to float32 (the top half of a float32).
+    pub fn decode_bf16(src: &[u16], dst: &mut [f32]) = decode_bf16_impl;
+}
+
+#[inline(always)]
+fn decode_i8_impl(src: &[i8], dst: &mut [f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = s as f32;
+    }
+}
+
+multiversion_plain! {
+    /// int8 codes to float32 (the per-row scale is applied to the dot products instead).
+    pub fn decode_i8(src: &[i8], dst: &mut [f32]) = decode_i8_impl;
+}
+
+/// Dot products of a float32 query with rows of stored values, decoded on the fly: the
+/// decode happens in registers, so the search reads each stored byte once and writes nothing.
+#[inline(always)]
+fn dots_decoded_impl<S: Copy>(
+    query: &[f32],
+    rows: &[S],
+    out: &mut [f32],
+    decode: impl Fn(S) -> f32,
+) {
+    let d = query.len();
+    for (row, o) in rows.chunks_exact(d).zip(out) {
+        let mut acc = [0.0f32; LANES];
+        let body = d / LANES * LANES;
+        for (q, r) in query[..body]
+            .chunks_exact(LANES)
+            .zip(row[..body].chunks_exact(LANES))
+        {
+            for k in 0..LANES {
+                acc[k] += q[k] * decode(r[k]);
+            }
+        }
+        let tail: f32 = query[body..]
+            .iter()
+            .zip(&row[body..])
+            .map(|(&q, &r)| q * decode(r))
+            .sum();
+        *o = acc.iter().sum::<f32>() + tail;
+    }
+}
+
+/// `out[r] = query · rows[r]` for rows stored as float16 bits (the hardware conversion
+/// where the CPU has AVX-512, the portable decoder elsewhere).
+pub fn dots_f16(query: &[f32], rows: &[u16], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,fma")]
+        fn v4(query: &[f32], rows: &[u16], out: &mut [f32]) {
+            use std::arch::x86_64::*;
+            // SAFETY: reads 16 values, which dots_avx512 guarantees are in bounds.
+            let load =
+                |p: *const u16| unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) };
+            dots_avx512(query, rows, out, load, f16_to_f32)
+        }
+        if simd_level() == 4 {
+            // SAFETY: simd_level() confirmed the CPU has these features.
+            return unsafe { v4(query, rows, out) };
+        }
+    }
+    dots_decoded_impl(query, rows, out, f16_to_f32);
+}
+
+/// `out[r] = query · rows[r]` for rows stored as bfloat16 bits.
+pub fn dots_bf16(query: &[f32], rows: &[u16], out: &mut [f32]) {
+    let decode = |s: u16| f32::from_bits((s as u32) << 16);
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,fma")]
+        fn v4(query: &[f32], rows: &[u16], out: &mut [f32]) {
+            use std::arch::x86_64::*;
+            // SAFETY: reads 16 values, which dots_avx512 guarantees are in bounds.
+            let load = |p: *const u16| unsafe {
+                let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
+            };
+            dots_avx512(query, rows, out, load, |s| f32::from_bits((s as u32) << 16))
+        }
+        if simd_level() == 4 {
+            // SAFETY: simd_level() confirmed the CPU has these features.
+            return unsafe { v4(query, rows, out) };
+        }
+    }
+    dots_decoded_impl(query, rows, out, decode);
+}
+
+/// `out[r] = query · rows[r]` for rows of int8 codes (unscaled).
+pub fn dots_i8(query: &[f32], rows: &[i8], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,fma")]
+        fn v4(query: &[f32], rows: &[i8], out: &mut [f32]) {
+            use std::arch::x86_64::*;
+            // SAFETY: reads 16 values, which dots_avx512 guarantees are in bounds.
+            let load = |p: *const i8| unsafe {
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
+            };
+            dots_avx512(query, rows, out, load, |s| s as f32)
+        }
+        if simd_level() == 4 {
+            // SAFETY: simd_level() confirmed the CPU has these features.
+            return unsafe { v4(query, rows, out) };
+        }
+    }
+    dots_decoded_impl(query, rows, out, |s| s as f32);
+}
+
+/// The AVX-512 loop of the fused dots: `load` decodes 16 stored values into a register,
+/// two accumulators hide the FMA latency, `decode` handles the tail.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn dots_avx512<S: Copy>(
+    query: &[f32],
+    rows: &[S],
+    out: &mut [f32],
+    load: impl Fn(*const S) -> std::arch::x86_64::__m512,
+    decode: impl Fn(S) -> f32,
+) {
+    use std::arch::x86_64::*;
+    let d = query.len();
+    let body = d / 32 * 32;
+    for (row, o) in rows.chunks_exact(d).zip(out) {
+        // SAFETY: j + 32 <= d, the length of both `row` and `query`; the caller enabled
+        // AVX-512F.
+        unsafe {
+            let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let mut j = 0;
+            while j < body {
+                let q0 = _mm512_loadu_ps(query.as_ptr().add(j));
+                let q1 = _mm512_loadu_ps(query.as_ptr().add(j + 16));
+                a0 = _mm512_fmadd_ps(q0, load(row.as_ptr().add(j)), a0);
+                a1 = _mm512_fmadd_ps(q1, load(row.as_ptr().add(j + 16)), a1);
+                j += 32;
+            }
+            let tail: f32 = query[body..]
+                .iter()
+                .zip(&row[body..])
+                .map(|(&q, &r)| q * decode(r))
+                .sum();
+            *o = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + tail;
+        }
     }
 }

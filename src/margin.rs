@@ -182,7 +182,7 @@ fn angular(c: f64, m1: f64, m2: f64, m3: f64) -> (f64, f64) {
 fn sphere(c: f64, m: u32) -> (f64, f64) {
     let theta = c.acos();
     let k = ((m as f64 * theta / PI).floor() as u32).min(m - 1);
-    let sign = if k % 2 == 0 { 1.0 } else { -1.0 };
+    let sign = if k.is_multiple_of(2) { 1.0 } else { -1.0 };
     let (t, u) = match m {
         1 => (c, 1.0),
         2 => (2.0 * c * c - 1.0, 2.0 * c),

@@ -8,6 +8,7 @@
 use crate::head::{self, LossOptions, Reduction};
 use crate::margin::{Margin, Scale};
 use crate::real::Real;
+use crate::search::gallery::{Dtype, Gallery};
 use numpy::{
     Element, IntoPyArray, PyArray1, PyArrayDyn, PyReadonlyArray1, PyReadonlyArray2,
     PyReadonlyArrayDyn,
@@ -15,6 +16,8 @@ use numpy::{
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
+use std::path::PathBuf;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 fn value_error(e: crate::Error) -> PyErr {
     PyValueError::new_err(e.to_string())
@@ -385,6 +388,129 @@ fn verification<'py>(
     Ok(out)
 }
 
+/// The core gallery behind a lock: searches share it, add/remove take it alone. Every call
+/// releases the GIL before waiting for the lock, so Python threads never deadlock on it.
+#[pyclass(frozen, name = "Gallery", module = "arcface_rs._core")]
+pub struct PyGallery(RwLock<Gallery>);
+
+impl PyGallery {
+    fn read(&self) -> RwLockReadGuard<'_, Gallery> {
+        // A panic cannot leave a gallery half-changed (changes are validated first), so a
+        // poisoned lock still guards a consistent gallery.
+        self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Gallery> {
+        self.0.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[pymethods]
+impl PyGallery {
+    #[new]
+    fn new(dim: usize, dtype: &str) -> PyResult<Self> {
+        let dtype = Dtype::parse(dtype).map_err(value_error)?;
+        Ok(PyGallery(RwLock::new(
+            Gallery::new(dim, dtype).map_err(value_error)?,
+        )))
+    }
+
+    /// Adds float32 rows (normalised here); returns their int64 ids.
+    #[pyo3(signature = (emb, ids=None))]
+    fn add<'py>(
+        &self,
+        py: Python<'py>,
+        emb: PyReadonlyArray2<'py, f32>,
+        ids: Option<PyReadonlyArray1<'py, i64>>,
+    ) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        let emb = emb.as_array();
+        let ids = ids.as_ref().map(|i| i.as_array());
+        let out = py
+            .detach(|| self.write().add(emb, ids))
+            .map_err(value_error)?;
+        Ok(out.into_pyarray(py))
+    }
+
+    /// Removes the rows with these ids (all must be present); returns how many.
+    fn remove(&self, py: Python<'_>, ids: PyReadonlyArray1<'_, i64>) -> PyResult<usize> {
+        let ids = ids.as_array();
+        py.detach(|| self.write().remove(ids)).map_err(value_error)
+    }
+
+    /// (scores float32 (Q, k) best first, ids int64 (Q, k)); -1 / -inf pad when k > len.
+    fn search<'py>(
+        &self,
+        py: Python<'py>,
+        queries: PyReadonlyArray2<'py, f32>,
+        k: usize,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let q = queries.as_array();
+        let r = py
+            .detach(|| self.read().search(q, k))
+            .map_err(value_error)?;
+        (r.scores.into_pyarray(py), r.indices.into_pyarray(py)).into_pyobject(py)
+    }
+
+    /// (ids int64 (Q,), scores float32 (Q,)): the best id, -1 below the threshold.
+    fn identify<'py>(
+        &self,
+        py: Python<'py>,
+        queries: PyReadonlyArray2<'py, f32>,
+        threshold: f32,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let q = queries.as_array();
+        let (ids, scores) = py
+            .detach(|| self.read().identify(q, threshold))
+            .map_err(value_error)?;
+        (ids.into_pyarray(py), scores.into_pyarray(py)).into_pyobject(py)
+    }
+
+    /// The ids in gallery order.
+    fn ids<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
+        PyArray1::from_slice(py, self.read().ids())
+    }
+
+    /// The stored rows decoded to float32 unit vectors, in gallery order.
+    fn vectors<'py>(&self, py: Python<'py>) -> Bound<'py, numpy::PyArray2<f32>> {
+        py.detach(|| self.read().vectors()).into_pyarray(py)
+    }
+
+    /// Writes the gallery to `path` (safetensors) atomically.
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        py.detach(|| crate::search::file::save(&self.read(), &path))
+            .map_err(value_error)
+    }
+
+    /// Reads a gallery written by `save`; a damaged file is a ValueError.
+    #[staticmethod]
+    fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let g = py
+            .detach(|| crate::search::file::load(&path))
+            .map_err(value_error)?;
+        Ok(PyGallery(RwLock::new(g)))
+    }
+
+    #[getter]
+    fn dim(&self) -> usize {
+        self.read().dim()
+    }
+
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.read().dtype().name()
+    }
+
+    /// Bytes held by the stored vectors (and int8 scales).
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.read().vector_bytes()
+    }
+
+    fn __len__(&self) -> usize {
+        self.read().len()
+    }
+}
+
 /// Number of threads the Rust kernels use (RAYON_NUM_THREADS, else the core count).
 #[pyfunction]
 fn num_threads() -> usize {
@@ -394,6 +520,7 @@ fn num_threads() -> usize {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyMargin>()?;
+    m.add_class::<PyGallery>()?;
     m.add_function(wrap_pyfunction!(margin_loss, m)?)?;
     m.add_function(wrap_pyfunction!(margin_logits, m)?)?;
     m.add_function(wrap_pyfunction!(margin_logits_backward, m)?)?;

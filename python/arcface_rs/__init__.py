@@ -6,6 +6,7 @@ NumPy API; ``arcface_rs.torch`` holds the PyTorch modules (needs torch), and
 """
 
 from ._core import __version__, num_threads
+from ._gallery import Gallery
 from ._heads import (
     apply_margin,
     apply_margin_backward,
@@ -20,6 +21,7 @@ __all__ = [
     "ArcFace",
     "CombinedMargin",
     "CosFace",
+    "Gallery",
     "Margin",
     "Softmax",
     "SphereFace",

@@ -7,6 +7,8 @@
 //! Rows are split across threads and the per-thread top-k lists merged, so a single query
 //! uses every core. Ties go to the lower index; results do not depend on the thread count.
 
+pub mod file;
+pub mod gallery;
 pub mod topk;
 
 use crate::error::{unnormalisable, Error, Result};
@@ -59,6 +61,94 @@ fn checked_sumsq<T: Real>(fast: T, row: &[T]) -> f64 {
     }
 }
 
+/// Gallery rows as the search reads them: stored as `T` or compressed.
+pub(crate) trait Rows<T>: Sync {
+    fn len(&self) -> usize;
+    fn dim(&self) -> usize;
+    /// In `mult`, the factor that turns the dot product of each row `lo..hi` with a unit
+    /// query into its cosine. An unusable row (NaN/inf, zero) is recorded in `bad` if it is
+    /// the first one this caller has seen.
+    fn mults(&self, lo: usize, hi: usize, mult: &mut [T], bad: &mut Option<(usize, Error)>);
+    /// `out[r] = query · row(lo + r)`, before the factor.
+    fn dots(&self, query: &[T], lo: usize, hi: usize, out: &mut [T]);
+    /// Rows `lo..hi` as `T` values, borrowed or decoded into `scratch`.
+    fn decoded<'a>(&'a self, lo: usize, hi: usize, scratch: &'a mut Vec<T>) -> &'a [T];
+}
+
+/// A dense row-major array, checked and normalised as it is read.
+struct Dense<'a, T> {
+    flat: &'a [T],
+    d: usize,
+    normalized: bool,
+}
+
+impl<T: Real> Rows<T> for Dense<'_, T> {
+    fn len(&self) -> usize {
+        self.flat.len() / self.d
+    }
+
+    fn dim(&self) -> usize {
+        self.d
+    }
+
+    fn mults(&self, lo: usize, hi: usize, mult: &mut [T], bad: &mut Option<(usize, Error)>) {
+        let d = self.d;
+        let rows = &self.flat[lo * d..hi * d];
+        kernels::dots_self(rows, d, mult);
+        for (r, m) in mult.iter_mut().enumerate() {
+            let ss = checked_sumsq(*m, &rows[r * d..(r + 1) * d]);
+            if bad.is_none() {
+                *bad = bad_row(lo + r, ss);
+            }
+            *m = if self.normalized {
+                T::one()
+            } else {
+                T::of(1.0 / ss.sqrt())
+            };
+        }
+    }
+
+    fn dots(&self, query: &[T], lo: usize, hi: usize, out: &mut [T]) {
+        kernels::dots(query, &self.flat[lo * self.d..hi * self.d], out);
+    }
+
+    fn decoded<'a>(&'a self, lo: usize, hi: usize, _scratch: &'a mut Vec<T>) -> &'a [T] {
+        &self.flat[lo * self.d..hi * self.d]
+    }
+}
+
+/// Checks the queries and returns them as unit rows (as given when `normalized`).
+pub(crate) fn unit_queries<T: Real>(
+    queries: ArrayView2<T>,
+    d: usize,
+    normalized: bool,
+) -> Result<Array2<T>> {
+    if queries.nrows() == 0 {
+        return Err(Error::invalid("queries", "empty: need at least one query"));
+    }
+    if queries.ncols() != d {
+        return Err(Error::invalid(
+            "queries",
+            format!(
+                "have {} columns but the gallery's embedding size is {d}",
+                queries.ncols()
+            ),
+        ));
+    }
+    let mut qhat = queries.as_standard_layout().into_owned();
+    for (i, mut row) in qhat.axis_iter_mut(Axis(0)).enumerate() {
+        let sumsq = kernels::sum_squares(row.as_slice().expect("standard layout"));
+        if let Some(e) = unnormalisable("queries", i, sumsq) {
+            return Err(e);
+        }
+        if !normalized {
+            let inv = T::of(1.0 / sumsq.sqrt());
+            row.mapv_inplace(|v| v * inv);
+        }
+    }
+    Ok(qhat)
+}
+
 /// Exact top-`k` gallery rows by cosine similarity for every query.
 ///
 /// `normalized = true` promises unit-norm rows and queries and skips the division (rows are
@@ -69,9 +159,9 @@ pub fn cosine_topk<T: Real>(
     k: usize,
     normalized: bool,
 ) -> Result<SearchResult<T>> {
-    let (q, d) = queries.dim();
+    let d = queries.ncols();
     let (n, dg) = gallery.dim();
-    if q == 0 {
+    if queries.nrows() == 0 {
         return Err(Error::invalid("queries", "empty: need at least one query"));
     }
     if n == 0 {
@@ -89,84 +179,78 @@ pub fn cosine_topk<T: Real>(
     if k == 0 {
         return Err(Error::invalid("k", "must be >= 1"));
     }
-    let mut qhat = queries.as_standard_layout().into_owned();
-    for (i, mut row) in qhat.axis_iter_mut(Axis(0)).enumerate() {
-        let sumsq = kernels::sum_squares(row.as_slice().expect("standard layout"));
-        if let Some(e) = unnormalisable("queries", i, sumsq) {
-            return Err(e);
-        }
-        if !normalized {
-            let inv = T::of(1.0 / sumsq.sqrt());
-            row.mapv_inplace(|v| v * inv);
-        }
-    }
+    let qhat = unit_queries(queries, d, normalized)?;
     let gallery = gallery.as_standard_layout();
-    let flat = gallery.as_slice().expect("standard layout");
-    let kk = k.min(n);
-    let (tops, bad) = if q <= STREAM_MAX_QUERIES {
-        stream(qhat.view(), flat, d, kk, normalized)
-    } else {
-        tiled(qhat.view(), gallery.view(), kk, normalized)
+    let rows = Dense {
+        flat: gallery.as_slice().expect("standard layout"),
+        d,
+        normalized,
     };
+    let (tops, bad) = search_rows(qhat.view(), &rows, k.min(n));
     if let Some((_, e)) = bad {
         return Err(e);
     }
+    Ok(collect(tops, k, |i| i as i64))
+}
+
+/// The per-query top lists as padded (Q, k) arrays, rows mapped to the ids returned.
+pub(crate) fn collect<T: Real>(
+    tops: Vec<TopK>,
+    k: usize,
+    id_of: impl Fn(usize) -> i64,
+) -> SearchResult<T> {
+    let q = tops.len();
     let mut scores = Array2::from_elem((q, k), T::neg_infinity());
     let mut indices = Array2::from_elem((q, k), -1i64);
     for (i, top) in tops.into_iter().enumerate() {
         for (j, hit) in top.into_sorted().into_iter().enumerate() {
             scores[[i, j]] = T::of(hit.score);
-            indices[[i, j]] = hit.index as i64;
+            indices[[i, j]] = id_of(hit.index);
         }
     }
-    Ok(SearchResult { scores, indices })
+    SearchResult { scores, indices }
 }
 
-type Partial = (Vec<TopK>, Option<(usize, Error)>);
+pub(crate) type Partial = (Vec<TopK>, Option<(usize, Error)>);
+
+/// Top `k` (at most the row count) of `rows` for every unit query, by the path that suits
+/// the query count.
+pub(crate) fn search_rows<T: Real, R: Rows<T>>(qhat: ArrayView2<T>, rows: &R, k: usize) -> Partial {
+    if qhat.nrows() <= STREAM_MAX_QUERIES {
+        stream(qhat, rows, k)
+    } else {
+        tiled(qhat, rows, k)
+    }
+}
 
 fn merge_partials(a: Partial, b: Partial) -> Partial {
     let tops = a.0.into_iter().zip(b.0).map(|(x, y)| x.merge(y)).collect();
     (tops, first_bad(a.1, b.1))
 }
 
-/// One pass over the gallery: each row scored against every query while in L1.
-fn stream<T: Real>(
-    qhat: ArrayView2<T>,
-    flat: &[T],
-    d: usize,
-    k: usize,
-    normalized: bool,
-) -> Partial {
+/// One pass over the gallery: each block of rows scored against every query while in L2.
+fn stream<T: Real, R: Rows<T>>(qhat: ArrayView2<T>, rows: &R, k: usize) -> Partial {
     let q = qhat.nrows();
+    let (n, d) = (rows.len(), rows.dim());
     let queries: Vec<&[T]> = qhat
         .axis_iter(Axis(0))
         .map(|r| r.to_slice().expect("standard layout"))
         .collect();
     let empty = || (vec![TopK::new(k); q], None);
-    flat.par_chunks(STREAM_ROWS * d)
-        .enumerate()
-        .fold(empty, |(mut tops, mut bad), (job, chunk)| {
+    let jobs: Vec<usize> = (0..n).step_by(STREAM_ROWS).collect();
+    jobs.par_iter()
+        .fold(empty, |(mut tops, mut bad), &job| {
             let mut thresholds: Vec<f64> = tops.iter().map(TopK::threshold).collect();
-            let (mut sumsq, mut dots) = ([T::zero(); BLOCK_ROWS], [T::zero(); BLOCK_ROWS]);
-            // Blocks small enough to stay in L2 while every query reads them.
-            for (b, block) in chunk.chunks(BLOCK_ROWS * d).enumerate() {
-                let rows = block.len() / d;
-                let first = job * STREAM_ROWS + b * BLOCK_ROWS;
-                kernels::dots_self(block, d, &mut sumsq[..rows]);
-                let mut inv = [T::one(); BLOCK_ROWS];
-                for r in 0..rows {
-                    let ss = checked_sumsq(sumsq[r], &block[r * d..(r + 1) * d]);
-                    if bad.is_none() {
-                        bad = bad_row(first + r, ss);
-                    }
-                    if !normalized {
-                        inv[r] = T::of(1.0 / ss.sqrt());
-                    }
-                }
+            let (mut mult, mut dots) = ([T::zero(); BLOCK_ROWS], [T::zero(); BLOCK_ROWS]);
+            for first in (job..(job + STREAM_ROWS).min(n)).step_by(BLOCK_ROWS) {
+                let count = BLOCK_ROWS.min(n - first);
+                let last = first + count;
+                rows.mults(first, last, &mut mult[..count], &mut bad);
                 for (j, query) in queries.iter().enumerate() {
-                    kernels::dots(query, block, &mut dots[..rows]);
-                    for r in 0..rows {
-                        let score = (dots[r] * inv[r]).f64();
+                    debug_assert_eq!(query.len(), d);
+                    rows.dots(query, first, last, &mut dots[..count]);
+                    for r in 0..count {
+                        let score = (dots[r] * mult[r]).f64();
                         if score >= thresholds[j] {
                             tops[j].push(Hit {
                                 score,
@@ -183,40 +267,35 @@ fn stream<T: Real>(
 }
 
 /// GEMM tiles of gallery rows against all queries; selection from each tile in cache.
-fn tiled<T: Real>(
-    qhat: ArrayView2<T>,
-    gallery: ArrayView2<T>,
-    k: usize,
-    normalized: bool,
-) -> Partial {
+fn tiled<T: Real, R: Rows<T>>(qhat: ArrayView2<T>, rows: &R, k: usize) -> Partial {
     let q = qhat.nrows();
-    let n = gallery.nrows();
+    let (n, d) = (rows.len(), rows.dim());
     let empty = || (vec![TopK::new(k); q], None);
     let tile_rows = (TILE_SCRATCH_BYTES / (q * std::mem::size_of::<T>())).clamp(16, TILE_ROWS);
     let tiles: Vec<usize> = (0..n).step_by(tile_rows).collect();
     tiles
         .par_iter()
         .fold(
-            || (empty(), Array2::<T>::zeros((tile_rows, q))),
-            |((mut tops, mut bad), mut scratch), &lo| {
-                let tile = gallery.slice(s![lo..(lo + tile_rows).min(n), ..]);
-                let rows = tile.nrows();
-                let mut scores = scratch.slice_mut(s![..rows, ..]);
-                general_mat_mul(T::one(), &tile, &qhat.t(), T::zero(), &mut scores);
+            || {
+                let scratch = (
+                    Array2::<T>::zeros((tile_rows, q)),
+                    Vec::new(),
+                    vec![T::zero(); tile_rows],
+                );
+                (empty(), scratch)
+            },
+            |((mut tops, mut bad), (mut scores, mut decoded, mut mult)), &lo| {
+                let count = tile_rows.min(n - lo);
+                rows.mults(lo, lo + count, &mut mult[..count], &mut bad);
+                let block = rows.decoded(lo, lo + count, &mut decoded);
+                let tile = ArrayView2::from_shape((count, d), block).expect("block of whole rows");
+                let mut tile_scores = scores.slice_mut(s![..count, ..]);
+                general_mat_mul(T::one(), &tile, &qhat.t(), T::zero(), &mut tile_scores);
                 // Thresholds in T: every score is a T value, so comparing in T is exact.
                 let mut thresholds: Vec<T> = tops.iter().map(|t| T::of(t.threshold())).collect();
-                for (r, (row, g)) in scores
-                    .axis_iter(Axis(0))
-                    .zip(tile.axis_iter(Axis(0)))
-                    .enumerate()
-                {
+                for (r, row) in tile_scores.axis_iter(Axis(0)).enumerate() {
                     let index = lo + r;
-                    let g = g.to_slice().expect("standard layout");
-                    let sumsq = kernels::sum_squares(g);
-                    if bad.is_none() {
-                        bad = bad_row(index, sumsq);
-                    }
-                    let inv = T::of(if normalized { 1.0 } else { 1.0 / sumsq.sqrt() });
+                    let m = mult[r];
                     let row = row.to_slice().expect("standard layout");
                     // Most scores beat no threshold: test 16 at a time without branches and
                     // look at single scores only in the rare group that has a candidate.
@@ -226,12 +305,12 @@ fn tiled<T: Real>(
                         let any = dots
                             .iter()
                             .zip(thr.iter())
-                            .fold(false, |a, (&dot, &t)| a | (dot * inv >= t));
+                            .fold(false, |a, (&dot, &t)| a | (dot * m >= t));
                         if !any {
                             continue;
                         }
                         for (i, (&dot, t)) in dots.iter().zip(thr.iter_mut()).enumerate() {
-                            let score = dot * inv;
+                            let score = dot * m;
                             if score >= *t {
                                 let top = &mut tops[c * 16 + i];
                                 top.push(Hit {
@@ -243,7 +322,7 @@ fn tiled<T: Real>(
                         }
                     }
                 }
-                ((tops, bad), scratch)
+                ((tops, bad), (scores, decoded, mult))
             },
         )
         .map(|(partial, _)| partial)

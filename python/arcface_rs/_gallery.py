@@ -1,0 +1,169 @@
+"""Gallery: enrolled embeddings with ids, searchable and kept on disk (safetensors)."""
+
+from __future__ import annotations
+
+import numbers
+import os
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from ._heads import _floats
+
+__all__ = ["Gallery"]
+
+_DTYPES = ("float32", "float16", "bfloat16", "int8")
+
+
+def _rows(name: str, value: Any, dim: int) -> np.ndarray:
+    """(N, dim) float32 rows from float32/float64 input; one 1-D vector becomes (1, dim)."""
+    value = np.asarray(value)
+    if value.ndim == 1:
+        value = value[None, :]
+    value = _floats(name, value)
+    if value.shape[1] != dim:
+        raise ValueError(f"{name} must have {dim} columns (the gallery's dim), got {value.shape}")
+    if value.dtype == np.float64:
+        # Scale each row into float32's range first: a huge or tiny but finite float64 row
+        # must not turn into inf or zero on the cast. NaN/inf rows pass through to be refused.
+        peak = np.max(np.abs(value), axis=1, keepdims=True) if value.size else None
+        if peak is not None:
+            ok = np.isfinite(peak) & (peak > 0)
+            value = value / np.where(ok, peak, 1.0)
+        value = value.astype(np.float32)
+    return value
+
+
+def _ids(value: Any) -> np.ndarray:
+    ids = np.asarray(value)
+    if ids.ndim == 0:
+        ids = ids[None]
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"ids must be an integer array, got dtype {ids.dtype}")
+    if ids.ndim != 1:
+        raise ValueError(f"ids must be 1-D, got shape {ids.shape}")
+    if ids.dtype.kind == "u" and ids.size and ids.max() > np.iinfo(np.int64).max:
+        raise ValueError("ids: values exceed the int64 range")
+    return ids.astype(np.int64, copy=False)
+
+
+class Gallery:
+    """Enrolled face embeddings with int64 ids, for exact cosine search.
+
+    ``Gallery(dim, dtype="float32")``; ``dtype`` is how vectors are stored: ``"float32"``
+    (exact), ``"float16"`` (half the memory and bandwidth), ``"bfloat16"`` or ``"int8"``
+    (a quarter, with one scale per vector). Vectors are L2-normalised on ``add``.
+    Safe to use from many threads: searches run side by side, ``add`` and ``remove`` wait
+    for them and run alone; the GIL is released during the work.
+    """
+
+    __slots__ = ("_core",)
+
+    def __init__(self, dim: int, dtype: str = "float32") -> None:
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+            raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+        if dim <= 0:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        self._core = _core.Gallery(int(dim), dtype)
+
+    @property
+    def dim(self) -> int:
+        """Embedding size."""
+        return self._core.dim
+
+    @property
+    def dtype(self) -> str:
+        """Storage dtype: float32, float16, bfloat16 or int8."""
+        return self._core.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the stored vectors (and int8 scales)."""
+        return self._core.nbytes
+
+    def __len__(self) -> int:
+        return len(self._core)
+
+    def __repr__(self) -> str:
+        return (
+            f"Gallery(dim={self.dim}, dtype={self.dtype!r}, len={len(self)}, "
+            f"vectors={self.nbytes / 2**20:.1f} MiB)"
+        )
+
+    def add(self, emb: Any, ids: Any = None) -> np.ndarray:
+        """Adds embeddings (N, dim) or one (dim,), float32 or float64; returns their ids.
+
+        ``ids``: int64 (N,), each new to the gallery; ``None`` numbers them on from one past
+        the largest id ever added. All or nothing: on an error nothing is added.
+        """
+        emb = _rows("emb", emb, self.dim)
+        if ids is not None:
+            ids = _ids(ids)
+            if ids.shape[0] != emb.shape[0]:
+                raise ValueError(f"ids has {ids.shape[0]} entries for {emb.shape[0]} embeddings")
+        return self._core.add(emb, ids)
+
+    def remove(self, ids: Any) -> int:
+        """Removes the vectors with these ids; every id must be present (else nothing is
+        removed and ValueError names the missing one). Returns how many were removed."""
+        return self._core.remove(_ids(ids))
+
+    def _queries(self, queries: Any) -> tuple[np.ndarray, bool]:
+        single = np.ndim(queries) == 1
+        return _rows("queries", queries, self.dim), single
+
+    def search(self, queries: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` by cosine: ``(scores, ids)``, float32 and int64, (Q, k) best first.
+
+        ``queries`` (Q, dim) or one (dim,) (then results are (k,)). Ties go to the vector
+        added first. When ``k > len(self)`` the extra columns hold score -inf and id -1.
+        Scores are the unit query's dot products with the stored unit vectors: exact cosines
+        for float32, within the storage's rounding (about 1e-3 for float16) otherwise.
+        """
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise TypeError(f"k must be an int, got {type(k).__name__}")
+        if k <= 0:
+            raise ValueError(f"k must be >= 1, got {k}")
+        q, single = self._queries(queries)
+        scores, ids = self._core.search(q, int(k))
+        return (scores[0], ids[0]) if single else (scores, ids)
+
+    def identify(self, queries: Any, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """Open-set identification: ``(ids, scores)`` of each query's best match, with id -1
+        (unknown) where that score is below ``threshold``."""
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+            raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
+        if not np.isfinite(threshold):
+            raise ValueError(f"threshold must be finite, got {threshold}")
+        q, single = self._queries(queries)
+        ids, scores = self._core.identify(q, float(threshold))
+        return (ids[0], scores[0]) if single else (ids, scores)
+
+    def ids(self) -> np.ndarray:
+        """The ids, int64, in gallery order."""
+        return self._core.ids()
+
+    def vectors(self) -> np.ndarray:
+        """The stored vectors decoded to float32 unit rows (N, dim), in gallery order."""
+        return self._core.vectors()
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes the gallery to ``path`` in the safetensors format, atomically (a crash
+        mid-save leaves any old file intact). Tensors: ``ids`` int64, ``vectors`` and, for
+        int8, ``scales`` (``vectors * scales[:, None]`` are the unit rows); bfloat16 vectors
+        are stored as their uint16 bits."""
+        self._core.save(os.fspath(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Gallery:
+        """Reads a gallery written by ``save``. A truncated, damaged, wrong-version or
+        wrong-shape file raises ValueError (checked by shape, CRC-32 and unit norms)."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"path: no gallery file at {path!r}")
+        g = cls.__new__(cls)
+        g._core = _core.Gallery.load(path)
+        return g

@@ -1,0 +1,284 @@
+//! Galleries on disk in the safetensors format, readable without arcface_rs.
+//!
+//! Tensors: `ids` int64 (N,), `vectors` (N, dim), and for int8 galleries `scales` float32
+//! (N,) with `vectors * scales[:, None]` the unit rows. float32 and float16 vectors are
+//! stored as such; bfloat16 ones as their raw uint16 bits (`safetensors.numpy` has no
+//! bfloat16: shift them left by 16 and view as float32). The header's metadata names the
+//! format, its version, dim, dtype, the next automatic id and a CRC-32 of the tensor bytes,
+//! so a damaged file is refused instead of loaded wrong.
+//!
+//! Saves are atomic: written to a temporary file beside the target, flushed to disk, then
+//! renamed over it, so a crash mid-save leaves the old file intact.
+
+use super::gallery::{Codes, Dtype, Gallery};
+use crate::error::{Error, Result};
+use safetensors::{Dtype as StDtype, SafeTensors};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+const FORMAT: &str = "arcface_rs.gallery";
+const VERSION: u32 = 1;
+
+fn io_error(path: &Path, what: &str, e: std::io::Error) -> Error {
+    Error::invalid("path", format!("{}: {what}: {e}", path.display()))
+}
+
+fn damaged(path: &Path, why: impl std::fmt::Display) -> Error {
+    Error::invalid(
+        "path",
+        format!(
+            "{}: not a valid arcface_rs gallery file: {why}",
+            path.display()
+        ),
+    )
+}
+
+/// The tensors of a gallery as (name, safetensors dtype, shape, little-endian bytes).
+fn tensors(g: &Gallery) -> Vec<(&'static str, &'static str, Vec<usize>, Vec<u8>)> {
+    fn bytes<T: Copy, const W: usize>(v: &[T], le: impl Fn(T) -> [u8; W]) -> Vec<u8> {
+        v.iter().flat_map(|&x| le(x)).collect()
+    }
+    let (n, d) = (g.len(), g.dim());
+    let mut out = vec![("ids", "I64", vec![n], bytes(g.ids(), i64::to_le_bytes))];
+    match g.codes() {
+        Codes::F32(v) => out.push(("vectors", "F32", vec![n, d], bytes(v, f32::to_le_bytes))),
+        Codes::F16(v) => out.push(("vectors", "F16", vec![n, d], bytes(v, u16::to_le_bytes))),
+        Codes::BF16(v) => out.push(("vectors", "U16", vec![n, d], bytes(v, u16::to_le_bytes))),
+        Codes::I8(v, scales) => {
+            out.push(("scales", "F32", vec![n], bytes(scales, f32::to_le_bytes)));
+            out.push(("vectors", "I8", vec![n, d], bytes(v, i8::to_le_bytes)));
+        }
+    }
+    out
+}
+
+/// Writes `g` to `path` atomically.
+pub fn save(g: &Gallery, path: &Path) -> Result<()> {
+    let tensors = tensors(g);
+    let mut crc = checksum_start(g.dim(), g.dtype(), g.next_id());
+    let mut entries = Vec::new();
+    let mut offset = 0;
+    for (name, dtype, shape, data) in &tensors {
+        crc.update(data);
+        let shape: Vec<String> = shape.iter().map(usize::to_string).collect();
+        entries.push(format!(
+            r#""{name}":{{"dtype":"{dtype}","shape":[{}],"data_offsets":[{offset},{}]}}"#,
+            shape.join(","),
+            offset + data.len()
+        ));
+        offset += data.len();
+    }
+    let metadata = format!(
+        r#""__metadata__":{{"format":"{FORMAT}","version":"{VERSION}","dim":"{}","dtype":"{}","next_id":"{}","crc32":"{:08x}"}}"#,
+        g.dim(),
+        g.dtype(),
+        g.next_id(),
+        crc.finalize()
+    );
+    let mut header = format!("{{{metadata},{}}}", entries.join(",")).into_bytes();
+    // Pad to 8 bytes so every tensor stays aligned for readers that map the file.
+    header.resize(header.len().next_multiple_of(8), b' ');
+
+    let tmp = temporary_path(path);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::io::BufWriter::new(File::create(&tmp)?);
+        f.write_all(&(header.len() as u64).to_le_bytes())?;
+        f.write_all(&header)?;
+        for (_, _, _, data) in &tensors {
+            f.write_all(data)?;
+        }
+        let f = f.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        // The rename itself is durable only once the directory is synced.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if let Ok(dir) = File::open(dir) {
+                let _ = dir.sync_all();
+            }
+        }
+        Ok(())
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io_error(path, "cannot save the gallery", e)
+    })
+}
+
+/// The checksum covers the metadata that shapes the gallery as well as the tensor bytes.
+fn checksum_start(dim: usize, dtype: Dtype, next_id: i64) -> crc32fast::Hasher {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(format!("{dim}/{dtype}/{next_id}/").as_bytes());
+    crc
+}
+
+fn temporary_path(path: &Path) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    path.with_file_name(name)
+}
+
+/// Reads a gallery written by [`save`], checking everything that could make it wrong.
+pub fn load(path: &Path) -> Result<Gallery> {
+    let bytes = std::fs::read(path).map_err(|e| io_error(path, "cannot read", e))?;
+    parse(&bytes).map_err(|why| damaged(path, why))
+}
+
+/// A gallery from the bytes of a file; the error says what is wrong with them.
+pub fn parse(bytes: &[u8]) -> std::result::Result<Gallery, String> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| format!("{e:?}"))?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| format!("{e:?}"))?;
+    let meta = header
+        .metadata()
+        .as_ref()
+        .ok_or("the header has no __metadata__")?;
+    let field = |key: &str| {
+        meta.get(key)
+            .map(String::as_str)
+            .ok_or(format!("metadata lacks {key:?}"))
+    };
+    if field("format")? != FORMAT {
+        return Err(format!(
+            "metadata format is {:?}, expected {FORMAT:?}",
+            field("format")?
+        ));
+    }
+    let version = field("version")?;
+    if version != VERSION.to_string() {
+        return Err(format!(
+            "format version {version:?}; this arcface_rs reads version {VERSION}"
+        ));
+    }
+    let dim: usize = field("dim")?
+        .parse()
+        .map_err(|_| "metadata dim is not an integer")?;
+    let dtype =
+        Dtype::parse(field("dtype")?).map_err(|e| format!("metadata dtype {}", e.message))?;
+    let next_id: i64 = field("next_id")?
+        .parse()
+        .map_err(|_| "metadata next_id is not an integer")?;
+    let crc: u32 =
+        u32::from_str_radix(field("crc32")?, 16).map_err(|_| "metadata crc32 is not hex")?;
+
+    let names = match dtype {
+        Dtype::I8 => vec!["ids", "scales", "vectors"],
+        _ => vec!["ids", "vectors"],
+    };
+    if st.len() != names.len() {
+        return Err(format!("holds {} tensors, expected {names:?}", st.len()));
+    }
+    // The checksum covers the tensors in file order, as they were written.
+    let mut infos: Vec<_> = names
+        .iter()
+        .map(|&n| {
+            header
+                .info(n)
+                .map(|i| (n, i))
+                .ok_or(format!("no tensor {n:?}"))
+        })
+        .collect::<std::result::Result<_, _>>()?;
+    infos.sort_by_key(|(_, i)| i.data_offsets.0);
+    let mut hasher = checksum_start(dim, dtype, next_id);
+    for (n, _) in &infos {
+        hasher.update(st.tensor(n).map_err(|e| format!("{e:?}"))?.data());
+    }
+    if hasher.finalize() != crc {
+        return Err("the CRC-32 of the data does not match the header: the file is damaged".into());
+    }
+
+    let get = |name: &str, want: StDtype, shape: &[usize]| {
+        let t = st.tensor(name).map_err(|e| format!("{e:?}"))?;
+        if t.dtype() != want || t.shape() != shape {
+            return Err(format!(
+                "tensor {name:?} is {:?} {:?}, expected {want:?} {shape:?}",
+                t.dtype(),
+                t.shape()
+            ));
+        }
+        Ok(t.data())
+    };
+    let ids_tensor = st.tensor("ids").map_err(|e| format!("{e:?}"))?;
+    let n = *ids_tensor
+        .shape()
+        .first()
+        .ok_or("tensor \"ids\" is a scalar")?;
+    let ids: Vec<i64> = get("ids", StDtype::I64, &[n])?
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    let u16s = |b: &[u8]| -> Vec<u16> {
+        b.chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect()
+    };
+    let f32s = |b: &[u8]| -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect()
+    };
+    let shape = [n, dim];
+    let codes = match dtype {
+        Dtype::F32 => Codes::F32(f32s(get("vectors", StDtype::F32, &shape)?)),
+        Dtype::F16 => Codes::F16(u16s(get("vectors", StDtype::F16, &shape)?)),
+        Dtype::BF16 => Codes::BF16(u16s(get("vectors", StDtype::U16, &shape)?)),
+        Dtype::I8 => Codes::I8(
+            get("vectors", StDtype::I8, &shape)?
+                .iter()
+                .map(|&b| b as i8)
+                .collect(),
+            f32s(get("scales", StDtype::F32, &[n])?),
+        ),
+    };
+    let mut g = Gallery::from_parts(dim, codes, ids).map_err(|e| e.to_string())?;
+    g.set_next_id(next_id);
+    Ok(g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array2;
+
+    fn gallery(dtype: Dtype) -> Gallery {
+        let emb = Array2::from_shape_fn((40, 9), |(i, j)| ((i * 7 + j * 3) % 11) as f32 - 4.5);
+        let mut g = Gallery::new(9, dtype).unwrap();
+        g.add(emb.view(), None).unwrap();
+        g
+    }
+
+    #[test]
+    fn round_trip_and_damage_is_refused() {
+        let dir = std::env::temp_dir().join(format!("afr-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::I8] {
+            let g = gallery(dtype);
+            let path = dir.join(format!("{dtype}.safetensors"));
+            save(&g, &path).unwrap();
+            let back = load(&path).unwrap();
+            assert_eq!(back.codes(), g.codes());
+            assert_eq!(back.ids(), g.ids());
+            assert_eq!(back.next_id(), g.next_id());
+            let bytes = std::fs::read(&path).unwrap();
+            for cut in [0, 7, 8, 100, bytes.len() - 1] {
+                assert!(parse(&bytes[..cut]).is_err(), "{dtype} cut at {cut}");
+            }
+            // Every single-byte change is either refused or harmless (header whitespace).
+            for at in (0..bytes.len()).step_by(3) {
+                let mut bad = bytes.clone();
+                bad[at] ^= 0x5a;
+                if let Ok(h) = parse(&bad) {
+                    assert_eq!(h.codes(), g.codes(), "{dtype} byte {at}");
+                    assert_eq!(h.ids(), g.ids(), "{dtype} byte {at}");
+                    assert_eq!(h.next_id(), g.next_id(), "{dtype} byte {at}");
+                }
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,516 @@
+//! A gallery of enrolled embeddings with ids, stored as float32, float16, bfloat16 or int8.
+//!
+//! Rows are L2-normalised when added, so a search only needs dot products. The compressed
+//! dtypes trade exactness for memory bandwidth (the search is bound by it): float16 halves
+//! the bytes read, int8 quarters them. An int8 row keeps one float32 scale per row, chosen
+//! so that `codes * scale` is itself a unit vector: the score is then the exact cosine
+//! between the query and the stored (quantised) vector.
+
+use super::{collect, search_rows, unit_queries, Rows, SearchResult};
+use crate::error::{unnormalisable, Error, Result};
+use crate::kernels;
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
+use std::collections::HashMap;
+use std::fmt;
+
+/// How a gallery stores its vectors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    F32,
+    F16,
+    BF16,
+    I8,
+}
+
+impl Dtype {
+    /// The names the Python API uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "float32",
+            Dtype::F16 => "float16",
+            Dtype::BF16 => "bfloat16",
+            Dtype::I8 => "int8",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "float32" => Ok(Dtype::F32),
+            "float16" => Ok(Dtype::F16),
+            "bfloat16" => Ok(Dtype::BF16),
+            "int8" => Ok(Dtype::I8),
+            other => Err(Error::invalid(
+                "dtype",
+                format!("must be 'float32', 'float16', 'bfloat16' or 'int8', got {other:?}"),
+            )),
+        }
+    }
+
+    /// Bytes per stored value (an int8 row also keeps a 4-byte scale).
+    pub fn bytes(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::I8 => 1,
+        }
+    }
+}
+
+impl fmt::Display for Dtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The stored rows, row-major, `dim` values each.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Codes {
+    F32(Vec<f32>),
+    F16(Vec<u16>),
+    BF16(Vec<u16>),
+    /// Codes in -127..=127 and one scale per row.
+    I8(Vec<i8>, Vec<f32>),
+}
+
+impl Codes {
+    pub fn empty(dtype: Dtype) -> Self {
+        match dtype {
+            Dtype::F32 => Codes::F32(Vec::new()),
+            Dtype::F16 => Codes::F16(Vec::new()),
+            Dtype::BF16 => Codes::BF16(Vec::new()),
+            Dtype::I8 => Codes::I8(Vec::new(), Vec::new()),
+        }
+    }
+
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            Codes::F32(_) => Dtype::F32,
+            Codes::F16(_) => Dtype::F16,
+            Codes::BF16(_) => Dtype::BF16,
+            Codes::I8(..) => Dtype::I8,
+        }
+    }
+
+    fn values(&self) -> usize {
+        match self {
+            Codes::F32(v) => v.len(),
+            Codes::F16(v) | Codes::BF16(v) => v.len(),
+            Codes::I8(v, _) => v.len(),
+        }
+    }
+
+    /// Appends one unit-norm row.
+    fn push(&mut self, unit: &[f32]) {
+        match self {
+            Codes::F32(v) => v.extend_from_slice(unit),
+            Codes::F16(v) => v.extend(unit.iter().map(|&x| half::f16::from_f32(x).to_bits())),
+            Codes::BF16(v) => v.extend(unit.iter().map(|&x| half::bf16::from_f32(x).to_bits())),
+            Codes::I8(v, scales) => {
+                let max = unit.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                let step = max / 127.0;
+                let start = v.len();
+                v.extend(
+                    unit.iter()
+                        .map(|&x| (x / step).round().clamp(-127.0, 127.0) as i8),
+                );
+                let norm = v[start..]
+                    .iter()
+                    .map(|&c| (c as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                scales.push((1.0 / norm) as f32);
+            }
+        }
+    }
+
+    /// Keeps the rows whose flag is true, in order.
+    fn retain_rows(&mut self, dim: usize, keep: &[bool]) {
+        fn retain<T: Copy>(v: &mut Vec<T>, width: usize, keep: &[bool]) {
+            let mut out = 0;
+            for (r, &k) in keep.iter().enumerate() {
+                if k {
+                    v.copy_within(r * width..(r + 1) * width, out * width);
+                    out += 1;
+                }
+            }
+            v.truncate(out * width);
+        }
+        match self {
+            Codes::F32(v) => retain(v, dim, keep),
+            Codes::F16(v) | Codes::BF16(v) => retain(v, dim, keep),
+            Codes::I8(v, scales) => {
+                retain(v, dim, keep);
+                retain(scales, 1, keep);
+            }
+        }
+    }
+}
+
+/// Enrolled embeddings and their int64 ids. Not synchronised: the bindings wrap it in a lock.
+#[derive(Clone, Debug)]
+pub struct Gallery {
+    dim: usize,
+    codes: Codes,
+    ids: Vec<i64>,
+    rows_by_id: HashMap<i64, usize>,
+    /// Where automatic ids continue: one past the largest id ever added.
+    next_id: i64,
+}
+
+impl Gallery {
+    pub fn new(dim: usize, dtype: Dtype) -> Result<Self> {
+        if dim == 0 {
+            return Err(Error::invalid("dim", "must be >= 1"));
+        }
+        Ok(Gallery {
+            dim,
+            codes: Codes::empty(dtype),
+            ids: Vec::new(),
+            rows_by_id: HashMap::new(),
+            next_id: 0,
+        })
+    }
+
+    /// A gallery from stored rows (as read from a file): every row is checked to be finite
+    /// and of unit norm, ids to be unique, so a damaged file cannot give a wrong gallery.
+    pub fn from_parts(dim: usize, codes: Codes, ids: Vec<i64>) -> Result<Self> {
+        let mut g = Gallery::new(dim, codes.dtype())?;
+        if codes.values() != ids.len() * dim {
+            return Err(Error::invalid(
+                "vectors",
+                format!(
+                    "hold {} values, expected {} rows x {dim}",
+                    codes.values(),
+                    ids.len()
+                ),
+            ));
+        }
+        if let Codes::I8(_, scales) = &codes {
+            if scales.len() != ids.len() {
+                return Err(Error::invalid(
+                    "scales",
+                    format!("has {} entries for {} rows", scales.len(), ids.len()),
+                ));
+            }
+        }
+        g.codes = codes;
+        g.rows_by_id.reserve(ids.len());
+        for (row, &id) in ids.iter().enumerate() {
+            if g.rows_by_id.insert(id, row).is_some() {
+                return Err(Error::invalid("ids", format!("id {id} appears twice")));
+            }
+        }
+        g.next_id = ids.iter().max().map_or(0, |&m| m.saturating_add(1));
+        g.ids = ids;
+        g.check_rows()?;
+        Ok(g)
+    }
+
+    /// Every stored row must decode to a finite unit vector (to the storage's precision).
+    fn check_rows(&self) -> Result<()> {
+        let tolerance = match self.dtype() {
+            Dtype::F32 => 1e-4,
+            Dtype::F16 | Dtype::I8 => 5e-3,
+            Dtype::BF16 => 2e-2,
+        };
+        let mut decoded = Vec::new();
+        let mut mult = vec![0.0f32; 1];
+        let mut bad = None;
+        for row in 0..self.len() {
+            self.mults(row, row + 1, &mut mult, &mut bad);
+            let v = self.decoded(row, row + 1, &mut decoded);
+            let norm = kernels::sum_squares(v).sqrt() * mult[0] as f64;
+            if !(norm - 1.0).abs().le(&tolerance) {
+                return Err(Error::invalid(
+                    "vectors",
+                    format!(
+                        "row {row} has norm {norm}, expected a unit vector: the data is damaged"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    pub fn dtype(&self) -> Dtype {
+        self.codes.dtype()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    pub fn ids(&self) -> &[i64] {
+        &self.ids
+    }
+
+    pub fn next_id(&self) -> i64 {
+        self.next_id
+    }
+
+    /// Automatic ids continue from here (never below one past the largest id held).
+    pub fn set_next_id(&mut self, next: i64) {
+        self.next_id = self.next_id.max(next);
+    }
+
+    pub fn codes(&self) -> &Codes {
+        &self.codes
+    }
+
+    /// Bytes held by the vectors (and int8 scales), without the id index.
+    pub fn vector_bytes(&self) -> usize {
+        let scales = if self.dtype() == Dtype::I8 {
+            4 * self.len()
+        } else {
+            0
+        };
+        self.codes.values() * self.dtype().bytes() + scales
+    }
+
+    /// Adds rows (normalised here) under `ids`, or under fresh ids counting up from one past
+    /// the largest id ever held. All or nothing: on any error the gallery is unchanged.
+    pub fn add(
+        &mut self,
+        emb: ArrayView2<f32>,
+        ids: Option<ArrayView1<i64>>,
+    ) -> Result<Array1<i64>> {
+        let (n, d) = emb.dim();
+        if d != self.dim {
+            return Err(Error::invalid(
+                "emb",
+                format!("has {d} columns but the gallery's dim is {}", self.dim),
+            ));
+        }
+        let ids: Array1<i64> = match ids {
+            Some(ids) => {
+                if ids.len() != n {
+                    return Err(Error::invalid(
+                        "ids",
+                        format!("has {} entries for {n} embeddings", ids.len()),
+                    ));
+                }
+                let mut seen = std::collections::HashSet::with_capacity(n);
+                for &id in ids {
+                    if self.rows_by_id.contains_key(&id) || !seen.insert(id) {
+                        return Err(Error::invalid(
+                            "ids",
+                            format!("id {id} is already in the gallery or given twice"),
+                        ));
+                    }
+                }
+                ids.to_owned()
+            }
+            None => {
+                let last = self
+                    .next_id
+                    .checked_add(n as i64)
+                    .ok_or_else(|| Error::invalid("ids", "automatic ids would overflow int64"))?;
+                Array1::from_iter(self.next_id..last)
+            }
+        };
+        let emb = emb.as_standard_layout();
+        for (i, row) in emb.axis_iter(Axis(0)).enumerate() {
+            let sumsq = kernels::sum_squares(row.as_slice().expect("standard layout"));
+            if let Some(e) = unnormalisable("emb", i, sumsq) {
+                return Err(e);
+            }
+        }
+        let mut unit = vec![0.0f32; d];
+        for row in emb.axis_iter(Axis(0)) {
+            let row = row.as_slice().expect("standard layout");
+            let inv = 1.0 / kernels::sum_squares(row).sqrt();
+            for (u, &x) in unit.iter_mut().zip(row) {
+                *u = (x as f64 * inv) as f32;
+            }
+            self.codes.push(&unit);
+        }
+        let base = self.ids.len();
+        for (i, &id) in ids.iter().enumerate() {
+            self.rows_by_id.insert(id, base + i);
+            self.next_id = self.next_id.max(id.saturating_add(1));
+        }
+        self.ids.extend(ids.iter().copied());
+        Ok(ids)
+    }
+
+    /// Removes the rows with these ids. All or nothing: an unknown id is an error and
+    /// removes nothing. Remaining rows keep their order.
+    pub fn remove(&mut self, ids: ArrayView1<i64>) -> Result<usize> {
+        let mut keep = vec![true; self.len()];
+        for &id in ids {
+            match self.rows_by_id.get(&id) {
+                Some(&row) => keep[row] = false,
+                None => {
+                    return Err(Error::invalid(
+                        "ids",
+                        format!("id {id} is not in the gallery"),
+                    ))
+                }
+            }
+        }
+        let removed = keep.iter().filter(|&&k| !k).count();
+        if removed == 0 {
+            return Ok(0);
+        }
+        self.codes.retain_rows(self.dim, &keep);
+        let mut row = 0;
+        self.ids.retain(|_| {
+            let k = keep[row];
+            row += 1;
+            k
+        });
+        self.rows_by_id = self
+            .ids
+            .iter()
+            .enumerate()
+            .map(|(r, &id)| (id, r))
+            .collect();
+        Ok(removed)
+    }
+
+    /// Top-`k` rows by cosine for each query, as ids; padded with id -1 and score -inf when
+    /// `k` exceeds the gallery. Ties go to the row added first.
+    pub fn search(&self, queries: ArrayView2<f32>, k: usize) -> Result<SearchResult<f32>> {
+        if k == 0 {
+            return Err(Error::invalid("k", "must be >= 1"));
+        }
+        if self.is_empty() {
+            return Err(Error::invalid("gallery", "is empty: add embeddings first"));
+        }
+        let qhat = unit_queries(queries, self.dim, false)?;
+        let (tops, bad) = search_rows(qhat.view(), self, k.min(self.len()));
+        debug_assert!(bad.is_none(), "rows are checked when added");
+        Ok(collect(tops, k, |row| self.ids[row]))
+    }
+
+    /// Open-set identification: each query's best id and score, id -1 where the best score
+    /// is below `threshold`.
+    pub fn identify(
+        &self,
+        queries: ArrayView2<f32>,
+        threshold: f32,
+    ) -> Result<(Array1<i64>, Array1<f32>)> {
+        if threshold.is_nan() {
+            return Err(Error::invalid("threshold", "is NaN"));
+        }
+        let top = self.search(queries, 1)?;
+        let scores = top.scores.index_axis(Axis(1), 0).to_owned();
+        let ids = ndarray::Zip::from(top.indices.index_axis(Axis(1), 0))
+            .and(&scores)
+            .map_collect(|&id, &s| if s >= threshold { id } else { -1 });
+        Ok((ids, scores))
+    }
+
+    /// All rows decoded to float32 (unit vectors), in gallery order.
+    pub fn vectors(&self) -> Array2<f32> {
+        let mut out = Array2::zeros((self.len(), self.dim));
+        let mut decoded = Vec::new();
+        let mut mult = vec![0.0f32; 1];
+        let mut bad = None;
+        for (row, mut dst) in out.axis_iter_mut(Axis(0)).enumerate() {
+            self.mults(row, row + 1, &mut mult, &mut bad);
+            let v = self.decoded(row, row + 1, &mut decoded);
+            for (d, &x) in dst.iter_mut().zip(v) {
+                *d = x * mult[0];
+            }
+        }
+        out
+    }
+}
+
+impl Rows<f32> for Gallery {
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    fn dim(&self) -> usize {
+        self.dim
+    }
+
+    fn mults(&self, lo: usize, hi: usize, mult: &mut [f32], _bad: &mut Option<(usize, Error)>) {
+        match &self.codes {
+            Codes::I8(_, scales) => mult.copy_from_slice(&scales[lo..hi]),
+            _ => mult.fill(1.0),
+        }
+    }
+
+    fn dots(&self, query: &[f32], lo: usize, hi: usize, out: &mut [f32]) {
+        let (a, b) = (lo * self.dim, hi * self.dim);
+        match &self.codes {
+            Codes::F32(v) => kernels::dots(query, &v[a..b], out),
+            Codes::F16(v) => kernels::dots_f16(query, &v[a..b], out),
+            Codes::BF16(v) => kernels::dots_bf16(query, &v[a..b], out),
+            Codes::I8(v, _) => kernels::dots_i8(query, &v[a..b], out),
+        }
+    }
+
+    fn decoded<'a>(&'a self, lo: usize, hi: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        let (a, b) = (lo * self.dim, hi * self.dim);
+        scratch.resize(b - a, 0.0);
+        match &self.codes {
+            Codes::F32(v) => return &v[a..b],
+            Codes::F16(v) => kernels::decode_f16(&v[a..b], scratch),
+            Codes::BF16(v) => kernels::decode_bf16(&v[a..b], scratch),
+            Codes::I8(v, _) => kernels::decode_i8(&v[a..b], scratch),
+        }
+        scratch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::array;
+
+    fn rows(n: usize, d: usize, seed: u64) -> Array2<f32> {
+        let mut state = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        Array2::from_shape_fn((n, d), |_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f32 / (1u64 << 53) as f32 - 0.5
+        })
+    }
+
+    #[test]
+    fn every_dtype_finds_each_row_itself() {
+        let emb = rows(300, 33, 1);
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::I8] {
+            let mut g = Gallery::new(33, dtype).unwrap();
+            let ids = g.add(emb.view(), None).unwrap();
+            assert_eq!(ids.to_vec(), (0..300).collect::<Vec<i64>>());
+            let r = g.search(emb.view(), 3).unwrap();
+            for i in 0..300 {
+                assert_eq!(r.indices[[i, 0]], i as i64, "{dtype}");
+                assert!((r.scores[[i, 0]] - 1.0).abs() < 1e-2, "{dtype}");
+            }
+            let back = Gallery::from_parts(33, g.codes().clone(), g.ids().to_vec()).unwrap();
+            assert_eq!(back.vectors(), g.vectors());
+        }
+    }
+
+    #[test]
+    fn remove_keeps_order_and_ids() {
+        let mut g = Gallery::new(2, Dtype::F32).unwrap();
+        let emb = array![[1.0f32, 0.0], [0.0, 1.0], [1.0, 1.0]];
+        g.add(emb.view(), Some(array![10i64, 20, 30].view()))
+            .unwrap();
+        assert!(g.add(emb.view(), Some(array![1i64, 2, 20].view())).is_err());
+        assert_eq!(g.len(), 3);
+        assert!(g.remove(array![20i64, 99].view()).is_err());
+        assert_eq!(g.remove(array![20i64].view()).unwrap(), 1);
+        assert_eq!(g.ids(), &[10, 30]);
+        let next = g.add(array![[0.5f32, -1.0]].view(), None).unwrap();
+        assert_eq!(next.to_vec(), vec![31]);
+        let (ids, _) = g.identify(array![[0.0f32, 1.0]].view(), 0.9).unwrap();
+        assert_eq!(ids.to_vec(), vec![-1]);
+    }
+}

@@ -1,0 +1,302 @@
+"""Gallery against a NumPy brute force written here: every storage dtype, both search paths,
+ties, k = N, k > N, Q = 1, N = 1, odd dims; add/remove/identify; bad input; threads."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import arcface_rs as afr
+
+DTYPES = ["float32", "float16", "bfloat16", "int8"]
+
+
+def unit(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def brute(queries, vectors, ids, k, stored=False):
+    """Top-k by cosine in float64, ties to the earlier row; ids -1 / -inf pad past N.
+
+    ``stored=True``: ``vectors`` are a gallery's stored rows, unit vectors up to the storage's
+    rounding, and the score is the unit query's dot product with them as they are."""
+    rows = np.asarray(vectors, dtype=np.float64) if stored else unit(vectors)
+    s = unit(queries) @ rows.T
+    order = np.lexsort((np.broadcast_to(np.arange(s.shape[1]), s.shape), -s), axis=1)[:, :k]
+    scores = np.take_along_axis(s, order, 1)
+    got_ids = np.asarray(ids)[order]
+    pad = k - order.shape[1]
+    if pad > 0:
+        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        got_ids = np.pad(got_ids, ((0, 0), (0, pad)), constant_values=-1)
+    return scores, got_ids
+
+
+def clustered(identities, per_identity, dim, noise, seed):
+    """Face-like data: a centre per identity and noisy samples around it."""
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.standard_normal((identities, dim)))
+    samples = np.repeat(centres, per_identity, axis=0)
+    samples += noise * rng.standard_normal(samples.shape) / np.sqrt(dim)
+    return samples.astype(np.float32), centres
+
+
+def assert_same_topk(scores, ids, want_scores, want_ids, atol):
+    """Ids equal the reference's except where reference scores are tied within `atol`."""
+    np.testing.assert_allclose(scores, want_scores, rtol=0, atol=atol)
+    differ = ids != want_ids
+    if differ.any():
+        # a swap is only allowed between scores the storage precision cannot tell apart
+        gaps = np.abs(np.diff(want_scores, axis=1))
+        near_tie = np.zeros_like(differ)
+        near_tie[:, 1:] |= gaps <= 2 * atol
+        near_tie[:, :-1] |= gaps <= 2 * atol
+        assert not (differ & ~near_tie).any(), np.argwhere(differ & ~near_tie)[:5]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q", [1, 8, 9, 40])
+def test_search_equals_brute_force_over_the_stored_vectors(dtype, q):
+    rng = np.random.default_rng(q)
+    emb = rng.standard_normal((3000, 33)).astype(np.float32)
+    queries = rng.standard_normal((q, 33)).astype(np.float32)
+    g = afr.Gallery(33, dtype)
+    ids = rng.permutation(10**6)[:3000]
+    g.add(emb, ids=ids)
+    scores, got = g.search(queries, k=10)
+    assert scores.dtype == np.float32 and got.dtype == np.int64 and got.shape == (q, 10)
+    # The stored (possibly compressed) vectors are what is searched, exactly.
+    want_s, want_i = brute(queries, g.vectors(), g.ids(), 10, stored=True)
+    assert_same_topk(scores, got, want_s, want_i, atol=2e-6)
+    if dtype == "float32":
+        # and a float32 gallery is the exact search over what was added
+        want_s, want_i = brute(queries, emb, ids, 10)
+        assert_same_topk(scores, got, want_s, want_i, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compressed_galleries_keep_recall_on_clustered_data(dtype):
+    emb, centres = clustered(400, 5, 128, noise=0.8, seed=1)
+    rng = np.random.default_rng(2)
+    probes = centres[rng.integers(0, 400, 50)] + 0.8 * rng.standard_normal((50, 128)) / 11.3
+    g = afr.Gallery(128, dtype)
+    g.add(emb)
+    _, got = g.search(probes.astype(np.float32), k=10)
+    _, want = brute(probes, emb, np.arange(len(emb)), 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want)])
+    assert recall >= {"float32": 1.0, "float16": 0.998, "bfloat16": 0.98, "int8": 0.99}[dtype]
+
+
+@pytest.mark.parametrize("q", [1, 20])
+def test_exact_ties_go_to_the_row_added_first(q):
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((30, 16)).astype(np.float32)
+    g = afr.Gallery(16)
+    ids = np.array([900 - i for i in range(120)])  # descending: ties must not go to low ids
+    g.add(np.repeat(base, 4, axis=0), ids=ids)
+    _, got = g.search(base[:q], k=4)
+    for r in range(q):
+        assert list(got[r]) == list(ids[4 * r : 4 * r + 4])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_k_equal_to_and_beyond_the_gallery(dtype):
+    rng = np.random.default_rng(3)
+    emb = rng.standard_normal((5, 7)).astype(np.float32)
+    g = afr.Gallery(7, dtype)
+    g.add(emb)
+    for k in (5, 9):
+        scores, ids = g.search(emb[:2], k=k)
+        want_s, want_i = brute(emb[:2], g.vectors(), g.ids(), k, stored=True)
+        np.testing.assert_array_equal(ids, want_i)
+        np.testing.assert_allclose(scores, want_s, atol=2e-6)
+    assert list(ids[0, 5:]) == [-1] * 4 and np.all(np.isneginf(scores[:, 5:]))
+
+
+def test_single_query_and_single_row():
+    g = afr.Gallery(3)
+    g.add(np.array([1.0, 2.0, 2.0]), ids=[42])
+    scores, ids = g.search(np.array([2.0, 4.0, 4.0]), k=3)
+    assert scores.shape == (3,) and list(ids) == [42, -1, -1]
+    assert scores[0] == pytest.approx(1.0, abs=1e-6)
+    who, score = g.identify(np.array([0.0, 0.0, 1.0]), threshold=0.5)
+    assert who == 42 and score == pytest.approx(2 / 3, abs=1e-6)
+    who, _ = g.identify(np.array([0.0, 1.0, -1.0]), threshold=0.5)
+    assert who == -1
+
+
+@given(
+    n=st.integers(1, 60),
+    d=st.integers(1, 40),
+    q=st.integers(1, 12),
+    k=st.integers(1, 70),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**32 - 1),
+)
+@settings(max_examples=60, deadline=None)
+def test_property_search_equals_brute_force(n, d, q, k, dtype, seed):
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((n, d)).astype(np.float32)
+    # some exact duplicates, to exercise ties
+    emb[n // 2 :: 3] = emb[0]
+    queries = rng.standard_normal((q, d)).astype(np.float32)
+    g = afr.Gallery(d, dtype)
+    g.add(emb)
+    scores, ids = g.search(queries, k=k)
+    want_s, want_i = brute(queries, g.vectors(), g.ids(), k, stored=True)
+    assert_same_topk(scores, ids, want_s, want_i, atol=2e-6)
+
+
+def test_identify_matches_brute_force_top1():
+    emb, centres = clustered(50, 3, 32, noise=0.5, seed=4)
+    g = afr.Gallery(32)
+    g.add(emb, ids=np.arange(1000, 1150))
+    rng = np.random.default_rng(5)
+    probes = np.vstack([centres[:10], rng.standard_normal((10, 32))]).astype(np.float32)
+    who, scores = g.identify(probes, threshold=0.6)
+    want_s, want_i = brute(probes, emb, np.arange(1000, 1150), 1)
+    np.testing.assert_allclose(scores, want_s[:, 0], atol=2e-6)
+    np.testing.assert_array_equal(who, np.where(want_s[:, 0] >= 0.6, want_i[:, 0], -1))
+    assert (who[:10] >= 1000).all() and (who[10:] == -1).all()
+
+
+def test_add_remove_and_automatic_ids():
+    rng = np.random.default_rng(6)
+    g = afr.Gallery(8, "int8")
+    first = g.add(rng.standard_normal((4, 8)))
+    assert list(first) == [0, 1, 2, 3] and first.dtype == np.int64
+    assert list(g.add(rng.standard_normal((2, 8)), ids=[100, 7])) == [100, 7]
+    assert list(g.add(rng.standard_normal((1, 8)))) == [101]
+    with pytest.raises(ValueError, match="ids.*already in the gallery or given twice"):
+        g.add(rng.standard_normal((2, 8)), ids=[200, 3])
+    with pytest.raises(ValueError, match="given twice"):
+        g.add(rng.standard_normal((2, 8)), ids=[300, 300])
+    assert len(g) == 7  # all or nothing
+    with pytest.raises(ValueError, match="id 55 is not in the gallery"):
+        g.remove([1, 55])
+    assert len(g) == 7
+    assert g.remove([1, 100]) == 2
+    assert list(g.ids()) == [0, 2, 3, 7, 101]
+    vecs = g.vectors()
+    _, ids = g.search(vecs, k=5)
+    assert not np.isin(ids, [1, 100]).any()
+    assert list(ids[:, 0]) == [0, 2, 3, 7, 101]
+    assert list(g.add(rng.standard_normal(8))) == [102]  # never reuses a removed id
+
+
+def test_repr_and_properties():
+    g = afr.Gallery(512, "float16")
+    g.add(np.ones((3, 512)))
+    assert repr(g) == "Gallery(dim=512, dtype='float16', len=3, vectors=0.0 MiB)"
+    assert (g.dim, g.dtype, len(g), g.nbytes) == (512, "float16", 3, 3 * 512 * 2)
+    assert afr.Gallery(4, "int8").add(np.ones((2, 4))).tolist() == [0, 1]
+
+
+def test_layouts_are_read_through_their_strides():
+    rng = np.random.default_rng(7)
+    emb = rng.standard_normal((40, 12))
+    queries = rng.standard_normal((5, 24))[:, ::2]  # non-contiguous
+    a, b = afr.Gallery(12), afr.Gallery(12)
+    a.add(np.asfortranarray(emb))
+    b.add(np.ascontiguousarray(emb))
+    np.testing.assert_array_equal(a.vectors(), b.vectors())
+    ra, rb = a.search(queries, 3), b.search(np.ascontiguousarray(queries), 3)
+    np.testing.assert_array_equal(ra[1], rb[1])
+    np.testing.assert_array_equal(ra[0], rb[0])
+
+
+def test_float64_rows_of_any_magnitude_are_normalised_not_overflowed():
+    g = afr.Gallery(3)
+    g.add(np.array([[1e300, 0.0, 0.0], [0.0, 1e-300, 0.0]]))
+    np.testing.assert_allclose(g.vectors(), [[1, 0, 0], [0, 1, 0]], atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "match"),
+    [
+        (lambda g: g.search(np.ones((1, 4)), k=0), ValueError, "k must be >= 1"),
+        (lambda g: g.search(np.ones((1, 4)), k=2.0), TypeError, "k must be an int"),
+        (lambda g: g.search(np.ones((1, 5)), k=1), ValueError, "queries must have 4 columns"),
+        (lambda g: g.search(np.full((1, 4), np.nan), k=1), ValueError, "queries: row 0.*NaN"),
+        (lambda g: g.search(np.zeros((2, 4)), k=1), ValueError, "queries: row 0.*zeros"),
+        (lambda g: g.search(np.ones((0, 4)), k=1), ValueError, "queries: empty"),
+        (lambda g: g.search(np.ones((1, 4), dtype=int), k=1), TypeError, "queries.*float"),
+        (lambda g: g.add(np.ones((1, 3))), ValueError, "emb must have 4 columns"),
+        (lambda g: g.add([[1.0, np.inf, 0, 0]]), ValueError, "emb: row 0.*NaN or inf"),
+        (lambda g: g.add(np.zeros((1, 4))), ValueError, "emb: row 0.*zeros"),
+        (lambda g: g.add(np.ones((2, 4)), ids=[1.0, 2.0]), TypeError, "ids must be an integer"),
+        (lambda g: g.add(np.ones((2, 4)), ids=[1]), ValueError, "ids has 1 entries for 2"),
+        (lambda g: g.add(np.ones((1, 4), dtype=np.complex64)), TypeError, "emb.*float"),
+        (lambda g: g.identify(np.ones(4), threshold=np.nan), ValueError, "threshold"),
+        (lambda g: g.identify(np.ones(4), threshold="0.3"), TypeError, "threshold"),
+        (lambda g: g.remove([[1]]), ValueError, "ids must be 1-D"),
+    ],
+)
+def test_bad_input_is_a_clear_error(call, exc, match):
+    g = afr.Gallery(4)
+    g.add(np.eye(4))
+    with pytest.raises(exc, match=match):
+        call(g)
+    assert len(g) == 4
+
+
+def test_bad_construction_and_empty_gallery():
+    with pytest.raises(ValueError, match="dim must be >= 1"):
+        afr.Gallery(0)
+    with pytest.raises(TypeError, match="dim must be an int"):
+        afr.Gallery(4.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        afr.Gallery(4, "float64")
+    g = afr.Gallery(4)
+    for call in (lambda: g.search(np.ones(4), 1), lambda: g.identify(np.ones(4), 0.5)):
+        with pytest.raises(ValueError, match="gallery: is empty"):
+            call()
+
+
+def test_many_threads_never_see_a_half_done_add_or_remove():
+    """Batches are added and removed whole while other threads search: a search finds all
+    of a batch or none of it, never part."""
+    dim, batch = 64, 50
+    g = afr.Gallery(dim)
+    rng = np.random.default_rng(8)
+    g.add(rng.standard_normal((20000, dim)) * 0.01 + np.ones(dim))  # background rows
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def direction(b):
+        v = np.zeros(dim, dtype=np.float32)
+        v[b] = 1.0
+        return v
+
+    def writer(offset):
+        for rep in range(15):
+            for b in range(offset, dim, 4):
+                ids = np.arange(batch) + 10**6 * (b + 1) + 10**4 * rep
+                g.add(np.tile(direction(b), (batch, 1)), ids=ids)
+                g.remove(ids)
+        stop.set()
+
+    def searcher(seed):
+        r = np.random.default_rng(seed)
+        while not stop.is_set():
+            b = int(r.integers(0, dim))
+            scores, ids = g.search(direction(b)[None, :].repeat(12 if seed % 2 else 1, 0), batch)
+            hits = ids[0][scores[0] > 0.999]
+            if len(hits) not in (0, batch):
+                errors.append(f"saw {len(hits)} of batch {b}")
+            elif len(hits) and len({int(i) // 10**4 for i in hits}) != 1:
+                errors.append(f"mixed batches for {b}")
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+    threads += [threading.Thread(target=searcher, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors[:5]
+    assert len(g) == 20000
