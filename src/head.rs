@@ -83,8 +83,11 @@ struct Prepared<T> {
     x_norm: Vec<f64>,
     row_scale: Vec<f64>,
     feature_norm_scale: bool,
-    /// Target column of each row, None for ignored rows.
+    /// Target column of each row in this weight, None for ignored rows and for rows whose
+    /// target lives in another shard of the classes.
     target: Vec<Option<usize>>,
+    /// Rows that have a loss (label not -1), wherever their target lives.
+    valid: Vec<bool>,
     target_logit: Vec<f64>,
     target_dpsi: Vec<f64>,
 }
@@ -129,7 +132,15 @@ fn inv_norms<T: Real>(weight: ArrayView2<T>) -> Result<Vec<T>> {
         .collect())
 }
 
+/// Label value of a row whose target class is held by another shard (sharded loss only).
+pub const REMOTE_TARGET: i64 = -2;
+
 fn check_labels(labels: &[i64], b: usize, c: usize) -> Result<Vec<Option<usize>>> {
+    check_targets(labels, b, c, false)
+}
+
+/// Target columns; `remote` also accepts [`REMOTE_TARGET`] (mapped to None, like -1).
+fn check_targets(labels: &[i64], b: usize, c: usize, remote: bool) -> Result<Vec<Option<usize>>> {
     if labels.len() != b {
         return Err(Error::invalid(
             "labels",
@@ -141,6 +152,7 @@ fn check_labels(labels: &[i64], b: usize, c: usize) -> Result<Vec<Option<usize>>
         .enumerate()
         .map(|(i, &y)| match y {
             -1 => Ok(None),
+            REMOTE_TARGET if remote => Ok(None),
             y if y >= 0 && (y as u64) < c as u64 => Ok(Some(y as usize)),
             y => Err(Error::invalid(
                 "labels",
@@ -178,6 +190,18 @@ impl<T: Real> Prepared<T> {
         labels: &[i64],
         margin: &Margin,
     ) -> Result<Self> {
+        Self::new_shard(emb, weight, labels, margin, false)
+    }
+
+    /// `sharded`: `labels` may hold [`REMOTE_TARGET`] for rows whose target class is in
+    /// another shard of the weight.
+    fn new_shard(
+        emb: ArrayView2<T>,
+        weight: ArrayView2<T>,
+        labels: &[i64],
+        margin: &Margin,
+        sharded: bool,
+    ) -> Result<Self> {
         let (b, d) = emb.dim();
         let (c, dw) = weight.dim();
         if b == 0 {
@@ -195,7 +219,8 @@ impl<T: Real> Prepared<T> {
                 format!("has {dw} columns but emb has {d}: embedding sizes differ"),
             ));
         }
-        let target = check_labels(labels, b, c)?;
+        let target = check_targets(labels, b, c, sharded)?;
+        let valid = labels.iter().map(|&y| y != -1).collect();
         let x_norm = row_norms(emb, "emb")?;
         let mut xhat = emb.to_owned();
         for (mut row, n) in xhat.axis_iter_mut(Axis(0)).zip(&x_norm) {
@@ -229,6 +254,7 @@ impl<T: Real> Prepared<T> {
             row_scale,
             feature_norm_scale,
             target,
+            valid,
             target_logit,
             target_dpsi,
         })
@@ -471,7 +497,64 @@ pub fn margin_loss_with<T: Real>(
     margin: &Margin,
     options: LossOptions,
 ) -> Result<LossOutput<T>> {
-    fused_loss(emb, weight, labels, margin, options, STASH_BUDGET_BYTES)
+    fused_loss(
+        emb,
+        weight,
+        labels,
+        margin,
+        options,
+        STASH_BUDGET_BYTES,
+        None,
+    )
+}
+
+/// One row's softmax statistics over one shard of the classes (`sum = Σ exp(z - max)`,
+/// `sum_ez = Σ exp(z - max) z`), and its target logit if the shard holds the target (else 0).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowPart {
+    pub max: f64,
+    pub sum: f64,
+    pub sum_ez: f64,
+    pub target_logit: f64,
+}
+
+/// How one shard of a model-parallel head meets the others.
+pub struct ShardOptions<'a> {
+    /// Every shard must cut the batch into the same row chunks (each chunk is one call to
+    /// `combine`): the chunks are sized for this many classes, the largest shard's count.
+    pub stash_classes: usize,
+    /// Exactly one shard adds the terms that do not split over classes (the gradient through
+    /// the feature-norm scale).
+    pub first_shard: bool,
+    /// Replaces each row's statistics by those over all shards (a collective: every shard
+    /// calls it the same number of times). The flag says this shard has failed; `combine`
+    /// must return an error if any shard has, so that all stop together.
+    pub combine: &'a mut dyn FnMut(&mut [RowPart], bool) -> Result<()>,
+}
+
+/// The loss of a head whose classes are split across shards (processes), for this shard's
+/// rows of the weight. `labels` are this shard's target columns, -1 for ignored rows and
+/// [`REMOTE_TARGET`] for rows whose target another shard holds. The loss and row losses are
+/// those of the whole head (every shard returns the same); `grad_weight` is this shard's;
+/// `grad_emb` is this shard's share of the embeddings' gradient: the sum over shards is the
+/// whole.
+pub fn margin_loss_shard<T: Real>(
+    emb: ArrayView2<T>,
+    weight: ArrayView2<T>,
+    labels: &[i64],
+    margin: &Margin,
+    options: LossOptions,
+    shard: &mut ShardOptions,
+) -> Result<LossOutput<T>> {
+    fused_loss(
+        emb,
+        weight,
+        labels,
+        margin,
+        options,
+        STASH_BUDGET_BYTES,
+        Some(shard),
+    )
 }
 
 fn fused_loss<T: Real>(
@@ -481,14 +564,15 @@ fn fused_loss<T: Real>(
     margin: &Margin,
     options: LossOptions,
     stash_budget_bytes: usize,
+    mut shard: Option<&mut ShardOptions>,
 ) -> Result<LossOutput<T>> {
     let reduction = options.reduction;
     let weight = weight.as_standard_layout();
     let weight = weight.view();
-    let p = Prepared::new(emb, weight, labels, margin)?;
+    let p = Prepared::new_shard(emb, weight, labels, margin, shard.is_some())?;
     let (b, c, d) = (p.b(), p.c, p.d);
     let ct = tile_width(c);
-    let n_valid = p.target.iter().filter(|t| t.is_some()).count();
+    let n_valid = p.valid.iter().filter(|&&v| v).count();
     let valid_weight = match reduction {
         Reduction::Mean if n_valid > 0 => 1.0 / n_valid as f64,
         Reduction::Mean => 0.0,
@@ -509,13 +593,13 @@ fn fused_loss<T: Real>(
         }
     }
     let row_weight: Vec<f64> = p
-        .target
+        .valid
         .iter()
         .enumerate()
-        .map(|(i, t)| match (t, options.upstream) {
-            (None, _) => 0.0,
-            (Some(_), None) => valid_weight,
-            (Some(_), Some(up)) => valid_weight * up[i],
+        .map(|(i, &valid)| match (valid, options.upstream) {
+            (false, _) => 0.0,
+            (true, None) => valid_weight,
+            (true, Some(up)) => valid_weight * up[i],
         })
         .collect();
     let (want_emb, want_weight) = (options.grad_emb, options.grad_weight);
@@ -537,10 +621,11 @@ fn fused_loss<T: Real>(
     let mut norm_term = vec![0.0; b];
 
     let stash_in_grad = b <= d;
+    let chunk_classes = shard.as_ref().map_or(c, |sh| sh.stash_classes.max(1));
     let chunk_rows = if stash_in_grad {
         b
     } else {
-        (stash_budget_bytes / (c * std::mem::size_of::<T>()))
+        (stash_budget_bytes / (chunk_classes * std::mem::size_of::<T>()))
             .max(8)
             .min(b)
     };
@@ -608,16 +693,44 @@ fn fused_loss<T: Real>(
                     (merged, bad_a.or(bad_b))
                 },
             );
+        let mut stats = stats;
+        let mut target_logit: Vec<f64> = rows.clone().map(|i| p.target_logit[i]).collect();
+        if let Some(sh) = shard.as_mut() {
+            let mut parts: Vec<RowPart> = stats
+                .iter()
+                .zip(&target_logit)
+                .map(|(st, &t)| RowPart {
+                    max: st.max,
+                    sum: st.sum,
+                    sum_ez: st.sum_ez,
+                    target_logit: t,
+                })
+                .collect();
+            let combined = (sh.combine)(&mut parts, bad_weight.is_some());
+            if let Some(e) = bad_weight {
+                return Err(e);
+            }
+            combined?;
+            for ((st, t), part) in stats.iter_mut().zip(&mut target_logit).zip(&parts) {
+                *st = RowStat {
+                    max: part.max,
+                    sum: part.sum,
+                    sum_ez: part.sum_ez,
+                };
+                *t = part.target_logit;
+            }
+        }
         if let Some(e) = bad_weight {
             return Err(e);
         }
+        let first_shard = shard.as_ref().is_none_or(|sh| sh.first_shard);
         let lse: Vec<f64> = stats.iter().map(|st| st.max + st.sum.ln()).collect();
         for (local, i) in rows.clone().enumerate() {
-            if p.target[i].is_some() {
-                row_losses[i] = lse[local] - p.target_logit[i];
-                if p.feature_norm_scale {
+            if p.valid[i] {
+                row_losses[i] = lse[local] - target_logit[local];
+                if p.feature_norm_scale && first_shard {
                     let pz = stats[local].sum_ez / stats[local].sum;
-                    norm_term[i] = row_weight[i] * (pz - p.target_logit[i]) / p.row_scale[i];
+                    norm_term[i] = row_weight[i] * (pz - target_logit[local]) / p.row_scale[i];
                 }
             }
         }
@@ -950,6 +1063,7 @@ mod tests {
                     margin,
                     LossOptions::new(Reduction::Mean),
                     budget,
+                    None,
                 )
                 .unwrap();
                 let (out_emb, out_w) = (out.grad_emb.unwrap(), out.grad_weight.unwrap());
@@ -1056,5 +1170,149 @@ mod tests {
         let bad_labels = vec![0, 1, 50, 2];
         let err = margin_logits(emb.view(), weight.view(), &bad_labels, &m).unwrap_err();
         assert_eq!(err.arg, "labels");
+    }
+
+    /// Runs the shards of `weight` on threads that meet in `combine` (as processes would in
+    /// an all-reduce), returning (loss, Σ grad_emb shares, stacked grad_weight).
+    fn sharded(
+        emb: &Array2<f64>,
+        weight: &Array2<f64>,
+        labels: &[i64],
+        margin: &Margin,
+        bounds: &[usize],
+        budget: usize,
+        broken_shard: Option<usize>,
+    ) -> Vec<Result<LossOutput<f64>>> {
+        use std::sync::{Barrier, Mutex};
+        let world = bounds.len() - 1;
+        let slots: Mutex<Vec<(Vec<RowPart>, bool)>> = Mutex::new(vec![(Vec::new(), false); world]);
+        let barrier = Barrier::new(world);
+        let widest = bounds.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..world)
+                .map(|r| {
+                    let (slots, barrier) = (&slots, &barrier);
+                    scope.spawn(move || {
+                        let (lo, hi) = (bounds[r], bounds[r + 1]);
+                        let mut w = weight.slice(s![lo..hi, ..]).to_owned();
+                        if broken_shard == Some(r) {
+                            w.row_mut(0).fill(0.0);
+                        }
+                        let local: Vec<i64> = labels
+                            .iter()
+                            .map(|&y| match y {
+                                -1 => -1,
+                                y if (lo as i64..hi as i64).contains(&y) => y - lo as i64,
+                                _ => REMOTE_TARGET,
+                            })
+                            .collect();
+                        let mut combine = |parts: &mut [RowPart], failed: bool| -> Result<()> {
+                            slots.lock().unwrap()[r] = (parts.to_vec(), failed);
+                            barrier.wait();
+                            let all = slots.lock().unwrap().clone();
+                            barrier.wait();
+                            if all.iter().any(|(_, f)| *f) {
+                                return Err(Error::invalid("weight", "a shard failed"));
+                            }
+                            for (i, part) in parts.iter_mut().enumerate() {
+                                let max =
+                                    all.iter().map(|(p, _)| p[i].max).fold(f64::MIN, f64::max);
+                                let scaled = |f: fn(&RowPart) -> f64| -> f64 {
+                                    all.iter()
+                                        .map(|(p, _)| f(&p[i]) * (p[i].max - max).exp())
+                                        .sum()
+                                };
+                                *part = RowPart {
+                                    max,
+                                    sum: scaled(|p| p.sum),
+                                    sum_ez: scaled(|p| p.sum_ez),
+                                    target_logit: all.iter().map(|(p, _)| p[i].target_logit).sum(),
+                                };
+                            }
+                            Ok(())
+                        };
+                        let mut options = ShardOptions {
+                            stash_classes: widest,
+                            first_shard: r == 0,
+                            combine: &mut combine,
+                        };
+                        fused_loss(
+                            emb.view(),
+                            w.view(),
+                            &local,
+                            margin,
+                            LossOptions::new(Reduction::Mean),
+                            budget,
+                            Some(&mut options),
+                        )
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn shards_together_equal_the_whole_head() {
+        let margins = [
+            Margin::arcface(64.0, 0.5, false).unwrap(),
+            Margin::sphereface(4, None, 1.0).unwrap(),
+            Margin::cosface(30.0, 0.35).unwrap(),
+        ];
+        // stash in the gradient (B <= D), own stash, and many row chunks (uneven shards)
+        for (b, d, c, budget, bounds) in [
+            (12, 16, 301, STASH_BUDGET_BYTES, vec![0, 100, 301]),
+            (40, 8, 300, STASH_BUDGET_BYTES, vec![0, 100, 200, 300]),
+            (40, 8, 301, 1, vec![0, 7, 150, 301]),
+        ] {
+            let (emb, weight, labels) = problem(b, d, c, (b + c) as u64);
+            for margin in &margins {
+                let whole =
+                    margin_loss(emb.view(), weight.view(), &labels, margin, Reduction::Mean)
+                        .unwrap();
+                let parts = sharded(&emb, &weight, &labels, margin, &bounds, budget, None);
+                let mut grad_emb = Array2::<f64>::zeros(emb.dim());
+                for (r, part) in parts.into_iter().enumerate() {
+                    let part = part.unwrap();
+                    assert!((part.loss - whole.loss).abs() < 1e-12 * whole.loss.abs());
+                    grad_emb += part.grad_emb.as_ref().unwrap();
+                    let want = whole
+                        .grad_weight
+                        .as_ref()
+                        .unwrap()
+                        .slice(s![bounds[r]..bounds[r + 1], ..])
+                        .to_owned();
+                    assert!(
+                        max_rel(part.grad_weight.as_ref().unwrap(), &want) < 1e-10,
+                        "{margin:?}"
+                    );
+                }
+                assert!(
+                    max_rel(&grad_emb, whole.grad_emb.as_ref().unwrap()) < 1e-10,
+                    "{margin:?} {b}x{d}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_failing_shard_stops_every_shard() {
+        let (emb, weight, labels) = problem(6, 8, 60, 3);
+        let m = Margin::arcface(64.0, 0.5, false).unwrap();
+        let out = sharded(
+            &emb,
+            &weight,
+            &labels,
+            &m,
+            &[0, 30, 60],
+            STASH_BUDGET_BYTES,
+            Some(1),
+        );
+        assert_eq!(out[0].as_ref().unwrap_err().message, "a shard failed");
+        assert!(out[1]
+            .as_ref()
+            .unwrap_err()
+            .message
+            .contains("row 0 is all zeros"));
     }
 }

@@ -22,3 +22,19 @@ def test_train_digits_example_runs_and_learns():
     for row in rows:
         accuracy = float(row.split()[-3])
         assert accuracy > 0.8, row
+
+
+def test_gallery_example_recognises_and_rejects():
+    example = EXAMPLE.parent / "gallery_search.py"
+    for dtype in ("float32", "int8"):
+        out = subprocess.run(
+            [sys.executable, str(example), "--dtype", dtype],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+        lines = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        assert float(lines["known people recognised"]) > 0.9, out
+        assert float(lines["strangers rejected"]) > 0.9, out
+        assert "saved and reloaded 500 vectors" in out

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
+import arcface_rs as afr
 from arcface_rs.metrics import identification
 
 
@@ -96,3 +99,36 @@ def test_closed_set_has_no_tpir_and_no_warning(recwarn):
     rep = identification(probes, plab, gallery, glab)
     assert all(np.isnan(v) for v in rep.tpir_at_fpir.values())
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_gallery_objects_give_the_same_report_as_arrays():
+    probes, plab, gallery, glab = make(5)
+    rng = np.random.default_rng(6)
+    distractors = rng.standard_normal((300, 16))
+    g = afr.Gallery(16)
+    ids = rng.permutation(10**5)[: len(gallery)]  # ids in no particular order
+    g.add(gallery, ids=ids)
+    dg = afr.Gallery(16)
+    dg.add(distractors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        f32 = np.float32
+        want = identification(
+            probes.astype(f32), plab, gallery.astype(f32), glab, distractors.astype(f32)
+        )
+        got = identification(probes, plab, g, glab, dg)
+    assert got.cmc == pytest.approx(want.cmc)
+    assert got.tpir_at_fpir == pytest.approx(want.tpir_at_fpir, nan_ok=True)
+    np.testing.assert_array_equal(got.ranks, want.ranks)
+
+
+def test_a_gallery_without_labels_uses_its_ids_as_identities():
+    rng = np.random.default_rng(7)
+    centres = rng.standard_normal((20, 8))
+    g = afr.Gallery(8)
+    g.add(centres, ids=np.arange(100, 120))
+    probes = centres + 0.05 * rng.standard_normal((20, 8))
+    rep = identification(probes, np.arange(100, 120), g, ranks=(1,), fpir=())
+    assert rep.rank1 == 1.0 and rep.mated_probes == 20
+    with pytest.raises(ValueError, match="gallery_labels: required"):
+        identification(probes, np.arange(20), centres)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
+from ._gallery import Gallery
 from ._search import cosine_topk
 
 __all__ = ["IdentificationReport", "VerificationReport", "identification", "verification"]
@@ -138,24 +139,50 @@ def _labels(name: str, value: Any, n: int) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+def _top_k(source: Any, probes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, row positions) of an array or a Gallery (positions in ``ids()`` order;
+    -1 pads)."""
+    if isinstance(source, Gallery):
+        scores, ids = source.search(probes, k=k)
+        order = np.argsort(source.ids(), kind="stable")
+        sorted_ids = source.ids()[order]
+        at = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
+        return scores, np.where(ids >= 0, order[at], -1)
+    return cosine_topk(probes, source, k=k)
+
+
 def identification(
     probes: Any,
     probe_labels: Any,
     gallery: Any,
-    gallery_labels: Any,
+    gallery_labels: Any = None,
     distractors: Any = None,
     ranks: Sequence[int] = (1, 5, 10),
     fpir: Sequence[float] = (1e-3, 1e-2, 1e-1),
 ) -> IdentificationReport:
     """Closed- and open-set identification (MegaFace CMC, IJB TPIR@FPIR) by cosine score.
 
-    ``gallery`` (G, D) with ``gallery_labels``; optional ``distractors`` (M, D), which belong
-    to no probe identity. Probes whose label is not in the gallery are non-mated. Exact: one
-    search of the gallery and one of the distractors, through :func:`cosine_topk`.
+    ``gallery`` (G, D) array or :class:`~arcface_rs.Gallery`, with ``gallery_labels`` (the
+    identity of each row; for a Gallery, in ``gallery.ids()`` order; ``None`` for a Gallery
+    means each id is its own identity). Optional ``distractors`` (M, D) array or Gallery
+    belong to no probe identity. Probes whose label is not in the gallery are non-mated.
+    One search of the gallery and one of the distractors (exact for arrays and float32
+    Galleries).
     """
-    probes, gallery = np.asarray(probes), np.asarray(gallery)
-    if probes.ndim != 2 or gallery.ndim != 2:
-        raise ValueError("probes and gallery must be 2-D (n, embedding_size)")
+    probes = np.asarray(probes)
+    if probes.ndim != 2:
+        raise ValueError("probes must be 2-D (n, embedding_size)")
+    if isinstance(gallery, Gallery):
+        if gallery_labels is None:
+            gallery_labels = gallery.ids()
+    else:
+        gallery = np.asarray(gallery)
+        if gallery.ndim != 2:
+            raise ValueError("gallery must be 2-D (n, embedding_size)")
+        if gallery_labels is None:
+            raise ValueError("gallery_labels: required when the gallery is an array")
+    if distractors is not None and not isinstance(distractors, Gallery):
+        distractors = np.asarray(distractors)
     probe_labels = _labels("probe_labels", probe_labels, len(probes))
     gallery_labels = _labels("gallery_labels", gallery_labels, len(gallery))
     ranks = sorted({int(r) for r in ranks})
@@ -167,14 +194,14 @@ def identification(
 
     # Gallery: enough results to see max_rank non-mates past any probe's own mates.
     k = min(len(gallery), max_rank + int(mates_per_id))
-    g_scores, g_idx = cosine_topk(probes, gallery, k=k)
+    g_scores, g_idx = _top_k(gallery, probes, k)
     is_mate = gallery_labels[np.maximum(g_idx, 0)] == probe_labels[:, None]
     is_mate &= g_idx >= 0
     non_mate_scores = np.where(is_mate | (g_idx < 0), -np.inf, g_scores)
     top1_score = g_scores[:, 0].astype(np.float64)
     top1_is_mate = is_mate[:, 0].copy()  # a view would let the distractors edit is_mate
     if distractors is not None:
-        d_scores, _ = cosine_topk(probes, np.asarray(distractors), k=max_rank)
+        d_scores, _ = _top_k(distractors, probes, max_rank)
         non_mate_scores = np.concatenate([non_mate_scores, d_scores], axis=1)
         beats = d_scores[:, 0] > top1_score
         top1_score = np.maximum(top1_score, d_scores[:, 0])
