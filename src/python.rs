@@ -5,7 +5,7 @@
 //! reads every array through its strides (Fortran order and slices are never misread), and
 //! maps the core's errors to ValueError.
 
-use crate::head::{self, LossOptions, Reduction};
+use crate::head::{self, LossOptions, Reduction, RowPart};
 use crate::margin::{Margin, Scale};
 use crate::real::Real;
 use crate::search::gallery::{Dtype, Gallery};
@@ -151,6 +151,48 @@ impl PyMargin {
     }
 }
 
+/// How a shard of a model-parallel head meets the others: a Python callable
+/// `combine(parts (n, 4) float64 [max, sum, sum_ez, target_logit], failed) -> (n, 4)`.
+struct ShardArgs {
+    stash_classes: usize,
+    first_shard: bool,
+    combine: Py<PyAny>,
+}
+
+/// Calls the Python `combine` with the GIL, writing its answer over `parts`.
+fn call_combine(combine: &Py<PyAny>, parts: &mut [RowPart], failed: bool) -> PyResult<()> {
+    Python::attach(|py| {
+        let n = parts.len();
+        let flat: Vec<f64> = parts
+            .iter()
+            .flat_map(|p| [p.max, p.sum, p.sum_ez, p.target_logit])
+            .collect();
+        let arr = ndarray::Array2::from_shape_vec((n, 4), flat)
+            .expect("n rows of 4")
+            .into_pyarray(py);
+        let out = combine.call1(py, (arr, failed))?;
+        let out: PyReadonlyArray2<'_, f64> = out.bind(py).extract().map_err(|_| {
+            PyTypeError::new_err("combine must return a (n, 4) float64 numpy array")
+        })?;
+        let out = out.as_array();
+        if out.dim() != (n, 4) {
+            return Err(PyValueError::new_err(format!(
+                "combine returned shape {:?}, expected ({n}, 4)",
+                out.dim()
+            )));
+        }
+        for (p, row) in parts.iter_mut().zip(out.rows()) {
+            *p = RowPart {
+                max: row[0],
+                sum: row[1],
+                sum_ez: row[2],
+                target_logit: row[3],
+            };
+        }
+        Ok(())
+    })
+}
+
 fn loss_typed<'py, T: Real + Element>(
     py: Python<'py>,
     emb: PyReadonlyArray2<'py, T>,
@@ -158,11 +200,32 @@ fn loss_typed<'py, T: Real + Element>(
     labels: &[i64],
     margin: &Margin,
     options: LossOptions,
+    shard: Option<&ShardArgs>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let (e, w) = (emb.as_array(), weight.as_array());
-    let out = py
-        .detach(|| head::margin_loss_with(e, w, labels, margin, options))
-        .map_err(value_error)?;
+    // An exception raised by `combine` is kept and re-raised as it was.
+    let mut raised: Option<PyErr> = None;
+    let out = py.detach(|| match shard {
+        None => head::margin_loss_with(e, w, labels, margin, options),
+        Some(sh) => {
+            let mut combine = |parts: &mut [RowPart], failed: bool| {
+                call_combine(&sh.combine, parts, failed).map_err(|err| {
+                    raised = Some(err);
+                    crate::Error::invalid("combine", "raised an exception")
+                })
+            };
+            let mut opts = head::ShardOptions {
+                stash_classes: sh.stash_classes,
+                first_shard: sh.first_shard,
+                combine: &mut combine,
+            };
+            head::margin_loss_shard(e, w, labels, margin, options, &mut opts)
+        }
+    });
+    if let Some(err) = raised {
+        return Err(err);
+    }
+    let out = out.map_err(value_error)?;
     (
         out.loss,
         PyArray1::from_vec(py, out.row_losses),
@@ -202,7 +265,47 @@ fn margin_loss<'py>(
         Floats::extract(weight, "weight")?,
     );
     same_floats!("emb and weight", arrays, |e, w| loss_typed(
-        py, e, w, &labels, m, options
+        py, e, w, &labels, m, options, None
+    ))
+}
+
+/// One shard of a model-parallel fused loss: `labels` are this shard's target columns, -1
+/// (ignored) or -2 (target in another shard); `combine(parts, failed)` must return the
+/// per-row [max, sum, sum_ez, target_logit] combined over all shards (a collective). Returns
+/// (loss, row_losses, grad_emb share, grad_weight of the shard).
+#[pyfunction]
+#[pyo3(signature = (emb, weight, labels, margin, reduction, stash_classes, first_shard, combine))]
+#[allow(clippy::too_many_arguments)]
+fn margin_loss_shard<'py>(
+    py: Python<'py>,
+    emb: &Bound<'py, PyAny>,
+    weight: &Bound<'py, PyAny>,
+    labels: PyReadonlyArray1<'py, i64>,
+    margin: &PyMargin,
+    reduction: &str,
+    stash_classes: usize,
+    first_shard: bool,
+    combine: Py<PyAny>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let labels = labels_vec(labels);
+    let options = LossOptions::new(parse_reduction(reduction)?);
+    let shard = ShardArgs {
+        stash_classes,
+        first_shard,
+        combine,
+    };
+    let arrays = (
+        Floats::extract(emb, "emb")?,
+        Floats::extract(weight, "weight")?,
+    );
+    same_floats!("emb and weight", arrays, |e, w| loss_typed(
+        py,
+        e,
+        w,
+        &labels,
+        &margin.0,
+        options,
+        Some(&shard)
     ))
 }
 
@@ -522,6 +625,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyMargin>()?;
     m.add_class::<PyGallery>()?;
     m.add_function(wrap_pyfunction!(margin_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(margin_loss_shard, m)?)?;
     m.add_function(wrap_pyfunction!(margin_logits, m)?)?;
     m.add_function(wrap_pyfunction!(margin_logits_backward, m)?)?;
     m.add_function(wrap_pyfunction!(apply_margin, m)?)?;

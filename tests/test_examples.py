@@ -38,3 +38,19 @@ def test_gallery_example_recognises_and_rejects():
         assert float(lines["known people recognised"]) > 0.9, out
         assert float(lines["strangers rejected"]) > 0.9, out
         assert "saved and reloaded 500 vectors" in out
+
+
+def test_ddp_example_trains_exactly_like_one_process():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    example = EXAMPLE.parent / "train_ddp.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    cmd += [f"--master_port={port}", str(example), "--steps", "30", "--check"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("check passed") == 2, out.stdout
+    first, last = (float(v) for v in out.stdout.split("loss ")[-1].split(" over")[0].split(" -> "))
+    assert last < first, out.stdout

@@ -1,5 +1,6 @@
 """Typed stubs of the native module (checked against it by mypy's stubtest)."""
 
+from collections.abc import Callable
 from typing import Any, final
 
 import numpy as np
@@ -15,6 +16,7 @@ __all__ = [
     "margin_logits",
     "margin_logits_backward",
     "margin_loss",
+    "margin_loss_shard",
     "num_threads",
     "verification",
 ]
@@ -52,6 +54,21 @@ def margin_loss(
     npt.NDArray[np.float64],
     npt.NDArray[np.floating] | None,
     npt.NDArray[np.floating] | None,
+]: ...
+def margin_loss_shard(
+    emb: npt.NDArray[np.floating],
+    weight: npt.NDArray[np.floating],
+    labels: npt.NDArray[np.int64],
+    margin: Margin,
+    reduction: str,
+    stash_classes: int,
+    first_shard: bool,
+    combine: Callable[[npt.NDArray[np.float64], bool], npt.NDArray[np.float64]],
+) -> tuple[
+    float,
+    npt.NDArray[np.float64],
+    npt.NDArray[np.floating],
+    npt.NDArray[np.floating],
 ]: ...
 def margin_logits(
     emb: npt.NDArray[np.floating],

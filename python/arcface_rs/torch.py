@@ -8,6 +8,9 @@ graph); CPU tensors are shared with the Rust core without copies. float32 and fl
 their dtype; float16/bfloat16 (autocast) are computed in float32 and their gradients come
 back in the input dtype.
 
+``ShardedMarginHead`` splits the class centres across the ranks of a torch.distributed
+process group (model parallel, Partial FC style); see its docstring.
+
 CUDA tensors run a plain PyTorch implementation of the same math (same margins, same exact
 gradient) and warn once: the fused kernels are CPU-only until the CUDA path lands.
 """
@@ -26,15 +29,21 @@ from torch import Tensor, nn
 
 from . import _core
 from ._margins import ArcFace, CombinedMargin, CosFace, Margin, Softmax, SphereFace
+from ._sharded import ShardedMarginHead, ddp_sum_hook, merge_shards, shard_range, split_weight
 
 __all__ = [
     "ArcFaceHead",
     "CombinedMarginHead",
     "CosFaceHead",
+    "ShardedMarginHead",
     "SoftmaxHead",
     "SphereFaceHead",
+    "ddp_sum_hook",
     "margin_logits",
     "margin_loss",
+    "merge_shards",
+    "shard_range",
+    "split_weight",
 ]
 
 _NATIVE = (torch.float32, torch.float64)

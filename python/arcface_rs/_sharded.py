@@ -1,0 +1,310 @@
+"""A model-parallel margin head over torch.distributed (Partial FC style).
+
+Rank r owns the contiguous block ``shard_range`` of the class centres. Each step gathers the
+embeddings and labels of every rank (an autograd-aware gather), runs the fused Rust kernel
+on the rank's block, and all-reduces the per-row max, sum-exp and target logits between the
+kernel's two passes, so the loss is exactly the softmax loss over all classes. The backward
+pass needs no communication beyond the gather's own (an all-reduce of the embeddings'
+gradient, of which each rank keeps its rows). No rank ever holds B_global × C.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import _core
+from ._margins import Margin
+
+__all__ = ["ShardedMarginHead", "ddp_sum_hook", "merge_shards", "shard_range", "split_weight"]
+
+_REMOTE = -2  # a row whose target class another rank holds (the core's REMOTE_TARGET)
+
+
+def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of the (C, D) class centres that ``rank`` owns: contiguous blocks
+    whose sizes differ by at most one."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    return num_classes * rank // world_size, num_classes * (rank + 1) // world_size
+
+
+def merge_shards(shards: Sequence[Tensor]) -> Tensor:
+    """One (C, D) weight from the ranks' shards, in rank order (e.g. from their checkpoints)."""
+    shards = list(shards)
+    if not shards or len({s.shape[1:] for s in shards}) != 1 or shards[0].dim() != 2:
+        raise ValueError("shards must be 2-D tensors with the same embedding size, in rank order")
+    return torch.cat([s.detach() for s in shards], dim=0)
+
+
+def split_weight(weight: Tensor, world_size: int) -> list[Tensor]:
+    """The shards a (C, D) weight gives to each of ``world_size`` ranks (see ``shard_range``)."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (C, D), got shape {tuple(weight.shape)}")
+    if world_size < 1 or world_size > weight.shape[0]:
+        raise ValueError(f"world_size must be in [1, {weight.shape[0]}], got {world_size}")
+    c = weight.shape[0]
+    return [weight[slice(*shard_range(c, world_size, r))].clone() for r in range(world_size)]
+
+
+def ddp_sum_hook(process_group: Any, bucket: Any) -> torch.futures.Future[Tensor]:
+    """A DistributedDataParallel communication hook that sums gradients instead of averaging.
+
+    The sharded head's loss is the mean over the global batch and every rank's backward
+    already gives the exact gradient of that loss for its own samples, so the backbone's
+    true gradient is the *sum* over ranks. Register it with
+    ``ddp_model.register_comm_hook(None, ddp_sum_hook)``.
+    """
+    group = process_group if process_group is not None else dist.group.WORLD
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+# DDP checks the hook's annotations as objects; this module's are postponed strings.
+ddp_sum_hook.__annotations__ = {
+    "process_group": Any,
+    "bucket": dist.GradBucket,
+    "return": torch.futures.Future[torch.Tensor],
+}
+
+
+def _gather_sizes(n: int, group: Any) -> list[int]:
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([n], dtype=torch.int64), group=group)
+    return [int(s) for s in sizes]
+
+
+def _all_gather_rows(x: Tensor, sizes: list[int], group: Any) -> Tensor:
+    """Rows of every rank, in rank order (padded to the largest batch for the collective)."""
+    most = max(sizes)
+    padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient and keeps this rank's rows."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, sizes: list[int], group: Any) -> Tensor:
+        ctx.sizes, ctx.group = sizes, group
+        ctx.rank = dist.get_rank(group)
+        return _all_gather_rows(x.detach(), sizes, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        lo = sum(ctx.sizes[: ctx.rank])
+        return grad[lo : lo + ctx.sizes[ctx.rank]], None, None
+
+
+def _combine_over(group: Any):
+    """The kernel's `combine`: per-row statistics of every rank merged into global ones."""
+
+    def combine(parts: np.ndarray, failed: bool) -> np.ndarray:
+        t = torch.from_numpy(parts)
+        # one MAX all-reduce carries the row maxima and whether any rank failed
+        head = torch.cat([t[:, 0], torch.tensor([1.0 if failed else 0.0], dtype=t.dtype)])
+        dist.all_reduce(head, op=dist.ReduceOp.MAX, group=group)
+        if failed:
+            return parts  # this rank raises its own error next
+        if head[-1] > 0:
+            raise RuntimeError("another rank of the sharded head failed; see its error")
+        gmax = head[:-1]
+        rescale = torch.exp(t[:, 0] - gmax)
+        sums = torch.stack([t[:, 1] * rescale, t[:, 2] * rescale, t[:, 3]], dim=1)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        return torch.cat([gmax[:, None], sums], dim=1).numpy()
+
+    return combine
+
+
+class _ShardedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        emb_all: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        spec: _core.Margin,
+        stash_classes: int,
+        first: bool,
+        group: Any,
+    ) -> Tensor:
+        e = emb_all.detach().contiguous().numpy()
+        w = weight.detach().contiguous().numpy()
+        loss, _, g_emb, g_w = _core.margin_loss_shard(
+            e, w, targets.numpy(), spec, "mean", stash_classes, first, _combine_over(group)
+        )
+        ctx.grads = (torch.from_numpy(g_emb), torch.from_numpy(g_w))
+        return torch.tensor(loss, dtype=emb_all.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):
+        g_emb, g_w = ctx.grads
+        del ctx.grads
+        # The gradients are ours alone: scale them in place rather than allocate another
+        # shard-sized tensor (and skip even that for the usual upstream gradient of 1).
+        if not bool(grad == 1):
+            g_emb.mul_(grad)
+            g_w.mul_(grad)
+        return g_emb, g_w, None, None, None, None, None
+
+
+class ShardedMarginHead(nn.Module):
+    """Margin-softmax head whose class centres are split across the ranks of a process group.
+
+    ``head(emb, labels)`` takes this rank's batch (any size, labels -1 ignored) and returns
+    the mean loss over the global batch — the same value on every rank. Its backward gives
+    exactly that loss's gradient for this rank's embeddings and for this rank's shard
+    ``weight`` (rows ``shard_range`` of the full (C, D) matrix). CPU tensors, float32 or
+    float64; the process group's backend must support all_gather and all_reduce (gloo).
+
+    ``sample_rate < 1`` is Partial FC: each step keeps every class centre that is a target in
+    the global batch plus uniformly sampled others, up to ``ceil(sample_rate * shard size)``
+    per rank; the softmax runs over the kept classes only and gradients reach their rows
+    only. ``last_sampled`` holds the kept global class ids of this rank's shard.
+
+    With DistributedDataParallel on the backbone, every rank's backward already gives the
+    exact gradient of the global loss for its own samples, so the backbone's gradient must
+    be summed, not averaged: ``ddp_model.register_comm_hook(None, ddp_sum_hook)``. The head
+    itself is not wrapped in DDP (its shards differ by rank).
+    """
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        margin: Margin,
+        sample_rate: float = 1.0,
+        process_group: Any = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("ShardedMarginHead needs torch.distributed initialised first")
+        if not isinstance(margin, Margin):
+            raise TypeError(f"margin must be an arcface_rs margin, got {type(margin).__name__}")
+        if not 0.0 < float(sample_rate) <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.group = process_group
+        self.world_size = dist.get_world_size(process_group)
+        self.rank = dist.get_rank(process_group)
+        if embedding_size < 1:
+            raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
+        if num_classes < self.world_size:
+            raise ValueError(
+                f"num_classes ({num_classes}) must be at least the world size ({self.world_size})"
+            )
+        self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
+        self.margin, self.sample_rate = margin, float(sample_rate)
+        self.shard_range = shard_range(self.num_classes, self.world_size, self.rank)
+        lo, hi = self.shard_range
+        self.weight = nn.Parameter(torch.empty(hi - lo, self.embedding_size, dtype=dtype))
+        self.last_sampled: Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.01)
+
+    def extra_repr(self) -> str:
+        return (
+            f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+            f"margin={self.margin!r}, sample_rate={self.sample_rate}, "
+            f"rank={self.rank}/{self.world_size}, shard_range={self.shard_range}"
+        )
+
+    def load_full_weight(self, weight: Tensor) -> None:
+        """Copies this rank's rows of a full (C, D) weight (e.g. from ``merge_shards``)."""
+        if tuple(weight.shape) != (self.num_classes, self.embedding_size):
+            raise ValueError(
+                f"weight must have shape ({self.num_classes}, {self.embedding_size}), "
+                f"got {tuple(weight.shape)}"
+            )
+        with torch.no_grad():
+            self.weight.copy_(weight[slice(*self.shard_range)])
+
+    def full_weight(self) -> Tensor:
+        """The whole (C, D) weight, gathered from every rank (a collective: call on all)."""
+        sizes = [
+            hi - lo
+            for lo, hi in (
+                shard_range(self.num_classes, self.world_size, r) for r in range(self.world_size)
+            )
+        ]
+        return _all_gather_rows(self.weight.detach(), sizes, self.group)
+
+    def _sample(self, labels: Tensor) -> Tensor:
+        """Global class ids of this shard kept this step: every target, then random others."""
+        lo, hi = self.shard_range
+        positives = torch.unique(labels[(labels >= lo) & (labels < hi)])
+        keep = max(1, math.ceil(self.sample_rate * (hi - lo)))
+        if len(positives) >= keep:
+            return positives
+        mask = torch.ones(hi - lo, dtype=torch.bool)
+        mask[positives - lo] = False
+        others = torch.nonzero(mask).flatten() + lo
+        chosen = others[torch.randperm(len(others))[: keep - len(positives)]]
+        return torch.sort(torch.cat([positives, chosen])).values
+
+    def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
+        if not isinstance(emb, Tensor) or not isinstance(labels, Tensor):
+            raise TypeError("emb and labels must be torch tensors")
+        if emb.device.type != "cpu" or labels.device.type != "cpu":
+            raise ValueError("ShardedMarginHead runs on CPU tensors")
+        if emb.dim() != 2 or emb.shape[1] != self.embedding_size:
+            raise ValueError(
+                f"emb must have shape (batch, {self.embedding_size}), got {tuple(emb.shape)}"
+            )
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1:
+            raise TypeError(
+                f"labels must be a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}"
+            )
+        if labels.shape[0] != emb.shape[0]:
+            raise ValueError(f"labels has {labels.shape[0]} entries for {emb.shape[0]} rows")
+        emb = emb.to(self.weight.dtype)
+        sizes = _gather_sizes(emb.shape[0], self.group)
+        emb_all = _GatherRows.apply(emb, sizes, self.group)
+        labels_all = _all_gather_rows(labels.long(), sizes, self.group)
+        bad = (labels_all < -1) | (labels_all >= self.num_classes)
+        if bad.any():
+            i = int(torch.nonzero(bad)[0])
+            raise ValueError(
+                f"labels: value {int(labels_all[i])} (global row {i}) is outside "
+                f"[-1, {self.num_classes})"
+            )
+        lo, hi = self.shard_range
+        local = (labels_all >= lo) & (labels_all < hi)
+        if self.sample_rate < 1.0:
+            kept = self._sample(labels_all)
+            self.last_sampled = kept
+            weight = self.weight[kept - lo]
+            columns = torch.searchsorted(kept, labels_all.clamp(lo, hi - 1))
+            count = torch.tensor([len(kept)], dtype=torch.int64)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.group)
+            stash_classes = int(count)
+        else:
+            weight = self.weight
+            columns = labels_all - lo
+            stash_classes = math.ceil(self.num_classes / self.world_size)
+        targets = torch.where(local, columns, torch.where(labels_all == -1, -1, _REMOTE))
+        return _ShardedLoss.apply(
+            emb_all,
+            weight,
+            targets,
+            self.margin._spec,
+            stash_classes,
+            self.rank == 0,
+            self.group,
+        )

@@ -1,0 +1,67 @@
+"""One rank of the sharded-head tests (run by tests/test_sharded.py, not collected by pytest).
+
+usage: python _sharded_worker.py RANK WORLD PORT CASES_FILE OUT_DIR
+Runs every case of CASES_FILE (a torch.save'd list) in one gloo process group and saves this
+rank's loss and gradients per case to OUT_DIR/rank{RANK}.pt.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from arcface_rs.torch import ShardedMarginHead, split_weight
+
+
+def main() -> None:
+    rank, world, port = (int(a) for a in sys.argv[1:4])
+    cases_file, out_dir = sys.argv[4:6]
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    results = []
+    for case in torch.load(cases_file, weights_only=False):
+        torch.manual_seed(case["seed"] + rank)
+        weight = case["weight"]
+        head = ShardedMarginHead(
+            embedding_size=weight.shape[1],
+            num_classes=weight.shape[0],
+            margin=case["margin"],
+            sample_rate=case["sample_rate"],
+            dtype=weight.dtype,
+        )
+        head.load_full_weight(weight)
+        sizes = case["splits"][world]
+        lo = sum(sizes[:rank])
+        emb = case["emb"][lo : lo + sizes[rank]].clone().requires_grad_(True)
+        labels = case["labels"][lo : lo + sizes[rank]]
+        loss = head(emb, labels)
+        (loss * case["upstream"]).backward()
+        results.append(
+            {
+                "loss": loss.detach(),
+                "grad_emb": emb.grad,
+                "grad_weight": head.weight.grad,
+                "shard_range": head.shard_range,
+                "sampled": head.last_sampled,
+                "state": {k: v.clone() for k, v in head.state_dict().items()},
+                "full_weight": head.full_weight(),
+                "split_matches": bool(
+                    torch.equal(head.weight.detach(), split_weight(weight, world)[rank])
+                ),
+            }
+        )
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""ShardedMarginHead over torch.distributed (gloo, 2 and 3 processes on 127.0.0.1) against
+the independent float64 reference head on the global batch: loss, each rank's embedding
+gradients and its shard's weight gradient (1e-9); C not divisible by the world size, labels
+-1, uneven batches, Partial FC sampling, checkpoint merge and split."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import arcface_rs as afr
+from _reference import ref_loss
+from arcface_rs.torch import merge_shards, shard_range, split_weight
+
+WORKER = Path(__file__).with_name("_sharded_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def case(name, b, d, c, margin, sample_rate=1.0, seed=0, upstream=1.0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, c, b)
+    labels[::5] = -1
+    return {
+        "name": name,
+        "emb": torch.tensor(rng.standard_normal((b, d))),
+        "labels": torch.tensor(labels),
+        "weight": torch.tensor(rng.standard_normal((c, d))),
+        "margin": margin,
+        "sample_rate": sample_rate,
+        "seed": seed,
+        "upstream": upstream,  # backward of upstream * loss
+        # rows of the global batch on each rank, for each world size
+        "splits": {2: [b // 2, b - b // 2], 3: [b // 3 - 1, b // 3, b - 2 * (b // 3) + 1]},
+    }
+
+
+CASES = [
+    case("arcface", 24, 16, 90, afr.ArcFace(s=64.0, m=0.5)),
+    case("scaled loss", 20, 16, 90, afr.ArcFace(s=64.0, m=0.5), seed=5, upstream=-2.5),
+    case("uneven classes", 24, 16, 101, afr.CosFace(s=30.0, m=0.35), seed=1),
+    case("feature-norm scale", 18, 12, 47, afr.SphereFace(m=4, s=None, lambda_=1.0), seed=2),
+    case("batch above dim", 40, 8, 61, afr.CombinedMargin(30.0, 1.0, 0.3, 0.1), seed=3),
+    case("partial fc", 30, 16, 200, afr.ArcFace(s=64.0, m=0.5), sample_rate=0.3, seed=4),
+]
+
+
+@pytest.fixture(scope="module", params=[2, 3])
+def runs(request, tmp_path_factory):
+    world = request.param
+    out = tmp_path_factory.mktemp(f"world{world}")
+    torch.save(CASES, out / "cases.pt")
+    port = free_port()
+    cases = str(out / "cases.pt")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(r), str(world), str(port), cases, str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=180)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} failed:\n{logs[r]}"
+    return world, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[c["name"] for c in CASES])
+def test_ranks_together_equal_one_process_on_the_global_batch(runs, index):
+    world, results = runs
+    cs = CASES[index]
+    emb, labels, weight = cs["emb"], cs["labels"], cs["weight"]
+    per_rank = [res[index] for res in results]
+    if cs["sample_rate"] < 1:
+        kept = torch.cat([r["sampled"] for r in per_rank])
+        assert torch.equal(kept, torch.sort(kept).values)  # shards are in class order
+        targets = labels[labels >= 0]
+        assert torch.isin(targets, kept).all(), "every target class must be kept"
+        sub = torch.where(labels >= 0, torch.searchsorted(kept, labels.clamp(min=0)), -1)
+        loss, g_emb, g_sub = ref_loss(emb, weight[kept], sub, cs["margin"])
+        g_w = np.zeros(tuple(weight.shape))
+        g_w[kept.numpy()] = g_sub
+        c = weight.shape[0]
+        for r, res in enumerate(per_rank):
+            lo, hi = shard_range(c, world, r)
+            assert len(res["sampled"]) >= int(np.ceil(0.3 * (hi - lo)))
+    else:
+        loss, g_emb, g_w = ref_loss(emb, weight, labels, cs["margin"])
+    g_emb, g_w = cs["upstream"] * g_emb, cs["upstream"] * g_w
+    offset = 0
+    for r, res in enumerate(per_rank):
+        n = cs["splits"][world][r]
+        lo, hi = res["shard_range"]
+        assert (lo, hi) == shard_range(weight.shape[0], world, r)
+        assert float(res["loss"]) == pytest.approx(loss, rel=1e-9)
+        np.testing.assert_allclose(
+            res["grad_emb"].numpy(), g_emb[offset : offset + n], rtol=1e-9, atol=1e-12
+        )
+        np.testing.assert_allclose(res["grad_weight"].numpy(), g_w[lo:hi], rtol=1e-9, atol=1e-12)
+        offset += n
+
+
+def test_checkpoints_merge_and_split_across_world_sizes(runs):
+    world, results = runs
+    for index, cs in enumerate(CASES):
+        shards = [res[index]["state"]["weight"] for res in results]
+        assert torch.equal(merge_shards(shards), cs["weight"])
+        for res in results:
+            assert torch.equal(res[index]["full_weight"], cs["weight"])
+            assert res[index]["split_matches"]
+        # a checkpoint of this world size, split for another one, loses nothing
+        for other in (1, 2, 3, 5):
+            again = merge_shards(split_weight(merge_shards(shards), other))
+            assert torch.equal(again, cs["weight"])
+
+
+def test_shard_helpers_reject_bad_arguments():
+    with pytest.raises(ValueError, match="rank must be in"):
+        shard_range(10, 2, 2)
+    with pytest.raises(ValueError, match="world_size must be in"):
+        split_weight(torch.zeros(3, 2), 4)
+    with pytest.raises(ValueError, match="same embedding size"):
+        merge_shards([torch.zeros(2, 3), torch.zeros(2, 4)])
+    assert [shard_range(10, 3, r) for r in range(3)] == [(0, 3), (3, 6), (6, 10)]
+
+
+def test_needs_an_initialised_process_group():
+    from arcface_rs.torch import ShardedMarginHead
+
+    with pytest.raises(RuntimeError, match="torch.distributed initialised"):
+        ShardedMarginHead(embedding_size=4, num_classes=10, margin=afr.ArcFace())
