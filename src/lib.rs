@@ -12,6 +12,9 @@ pub mod metrics;
 pub mod real;
 pub mod search;
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
 #[cfg(feature = "python")]
 mod python;
 

@@ -614,6 +614,20 @@ impl PyGallery {
     }
 }
 
+/// Whether the CUDA path can run here: built with the `cuda` feature, a driver and a device
+/// present. False (never an error) on machines without CUDA.
+#[pyfunction]
+fn cuda_available() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        crate::cuda::available()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
+
 /// Number of threads the Rust kernels use (RAYON_NUM_THREADS, else the core count).
 #[pyfunction]
 fn num_threads() -> usize {
@@ -631,6 +645,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(apply_margin, m)?)?;
     m.add_function(wrap_pyfunction!(apply_margin_backward, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
+    m.add("cuda_feature", cfg!(feature = "cuda"))?;
     m.add_function(wrap_pyfunction!(verification, m)?)?;
     m.add_function(wrap_pyfunction!(cosine_topk, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

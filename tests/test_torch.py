@@ -295,3 +295,13 @@ def test_second_backward_through_the_same_graph_recomputes():
     (3.0 * loss).backward()
     torch.testing.assert_close(emb.grad, 4.0 * once[0])
     torch.testing.assert_close(weight.grad, 4.0 * once[1])
+
+
+def test_cuda_available_agrees_with_torch_and_never_raises():
+    import arcface_rs as afr
+
+    assert isinstance(afr.cuda_available(), bool)
+    if not torch.cuda.is_available():
+        assert afr.cuda_available() is False
+    if not afr._core.cuda_feature:  # the default build has no CUDA path at all
+        assert afr.cuda_available() is False

@@ -5,7 +5,7 @@ NumPy API; ``arcface_rs.torch`` holds the PyTorch modules (needs torch), and
 ``arcface_rs.metrics`` the verification metrics.
 """
 
-from ._core import __version__, num_threads
+from ._core import __version__, cuda_available, num_threads
 from ._gallery import Gallery
 from ._heads import (
     apply_margin,
@@ -29,6 +29,7 @@ __all__ = [
     "apply_margin",
     "apply_margin_backward",
     "cosine_topk",
+    "cuda_available",
     "margin_logits",
     "margin_logits_backward",
     "margin_loss",

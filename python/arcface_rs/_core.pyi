@@ -12,6 +12,8 @@ __all__ = [
     "__version__",
     "apply_margin",
     "apply_margin_backward",
+    "cuda_available",
+    "cuda_feature",
     "cosine_topk",
     "margin_logits",
     "margin_logits_backward",
@@ -93,6 +95,10 @@ def apply_margin_backward(
     margin: Margin,
 ) -> npt.NDArray[np.floating]: ...
 def num_threads() -> int: ...
+def cuda_available() -> bool: ...
+
+cuda_feature: bool
+
 def cosine_topk(
     queries: npt.NDArray[np.floating],
     gallery: npt.NDArray[np.floating],

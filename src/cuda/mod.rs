@@ -1,0 +1,112 @@
+//! The optional CUDA path (cargo feature `cuda`): device discovery and the kernels.
+//!
+//! cudarc loads the driver, NVRTC and cuBLAS at run time, so this builds and runs on
+//! machines without CUDA: [`available`] then says false instead of failing. The kernels in
+//! `kernels.cu` are compiled at run time with NVRTC, once per process.
+//!
+//! Status: the kernels and their compilation are here and tested on CPU-only machines (NVRTC
+//! needs no GPU); launching them on a device is the next step and needs a GPU to verify.
+
+use crate::margin::Margin;
+use std::sync::OnceLock;
+
+/// CUDA C source of every kernel.
+pub const KERNELS: &str = include_str!("kernels.cu");
+
+/// Kernel entry points that the head and the search launch (the `extern "C"` names).
+pub const ENTRY_POINTS: &[&str] = &[
+    "normalize_rows_f32",
+    "normalize_rows_f64",
+    "targets_f32",
+    "targets_f64",
+    "logits_tile_f32",
+    "logits_tile_f64",
+    "merge_stats",
+    "grad_tile_f32",
+    "grad_tile_f64",
+    "project_out_rows_f32",
+    "project_out_rows_f64",
+    "finish_grad_emb_f32",
+    "finish_grad_emb_f64",
+    "topk_tile",
+    "to_half",
+];
+
+/// Whether a CUDA driver and at least one device are present. Never panics: the driver
+/// library is looked for before anything is called in it.
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        std::panic::catch_unwind(|| {
+            // SAFETY: only tries to open the driver library.
+            if !unsafe { cudarc::driver::sys::is_culib_present() } {
+                return false;
+            }
+            cudarc::driver::result::init().is_ok()
+                && cudarc::driver::result::device::get_count().is_ok_and(|n| n > 0)
+        })
+        .unwrap_or(false)
+    })
+}
+
+/// Whether NVRTC (the run-time compiler) can be loaded.
+pub fn nvrtc_available() -> bool {
+    std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
+}
+
+/// The kernels compiled to PTX (for `arch`, e.g. "compute_80"; NVRTC's default when None).
+/// The error is NVRTC's log.
+pub fn compile(arch: Option<&'static str>) -> Result<String, String> {
+    if !nvrtc_available() {
+        return Err(
+            "libnvrtc cannot be loaded: install the nvidia-cuda-nvrtc wheel (PyTorch's \
+                    CUDA build brings it) and put its lib folder on LD_LIBRARY_PATH"
+                .into(),
+        );
+    }
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch,
+        name: Some("arcface_rs_kernels.cu".into()),
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts)
+        .map(|ptx| ptx.to_src())
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// (kind, m1, m2, m3) as the kernels' `MarginParams` reads them.
+pub fn margin_code(margin: &Margin) -> (i32, f64, f64, f64) {
+    match *margin {
+        Margin::Softmax { .. } => (0, 0.0, 0.0, 0.0),
+        Margin::CosFace { m, .. } => (1, 0.0, m, 0.0),
+        Margin::ArcFace { m, easy_margin, .. } => (if easy_margin { 3 } else { 2 }, 1.0, m, 0.0),
+        Margin::Combined { m1, m2, m3, .. } => (4, m1, m2, m3),
+        Margin::SphereFace { m, lambda, .. } => (5, m as f64, 0.0, lambda),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fails on any compile error; needs libnvrtc (no GPU). scripts/test.sh points
+    /// LD_LIBRARY_PATH at the NVRTC that PyTorch's CUDA wheels install.
+    #[test]
+    fn every_kernel_compiles_with_nvrtc() {
+        for arch in [None, Some("compute_80"), Some("compute_90")] {
+            let ptx = compile(arch).unwrap_or_else(|log| panic!("NVRTC ({arch:?}): {log}"));
+            for name in ENTRY_POINTS {
+                assert!(
+                    ptx.contains(&format!(".entry {name}(")),
+                    "{name} missing from the PTX for {arch:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn no_device_is_not_an_error() {
+        // On a machine without a driver this must be false, not a panic; with a GPU, true.
+        let _ = available();
+    }
+}
