@@ -60,7 +60,7 @@ def assert_same_topk(scores, ids, want_scores, want_ids, atol):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("q", [1, 8, 9, 40])
+@pytest.mark.parametrize("q", [1, 8, 9, 40, 300])  # 300: the int8 first pass
 def test_search_equals_brute_force_over_the_stored_vectors(dtype, q):
     rng = np.random.default_rng(q)
     emb = rng.standard_normal((3000, 33)).astype(np.float32)

@@ -9,6 +9,7 @@
 
 pub mod file;
 pub mod gallery;
+mod int8;
 pub mod topk;
 
 use crate::error::{unnormalisable, Error, Result};
@@ -27,6 +28,8 @@ const STREAM_ROWS: usize = 4096;
 const BLOCK_ROWS: usize = 64;
 /// Most gallery rows per GEMM tile.
 const TILE_ROWS: usize = 1024;
+/// From this many queries the int8 first pass pays for quantising every gallery tile.
+const INT8_MIN_QUERIES: usize = 256;
 /// Bound on one thread's tile of scores, so many queries cannot grow it without limit.
 const TILE_SCRATCH_BYTES: usize = 8 << 20;
 
@@ -43,7 +46,10 @@ fn bad_row(row: usize, sumsq: f64) -> Option<(usize, Error)> {
     unnormalisable("gallery", row, sumsq).map(|e| (row, e))
 }
 
-fn first_bad(a: Option<(usize, Error)>, b: Option<(usize, Error)>) -> Option<(usize, Error)> {
+pub(crate) fn first_bad(
+    a: Option<(usize, Error)>,
+    b: Option<(usize, Error)>,
+) -> Option<(usize, Error)> {
     match (a, b) {
         (Some(x), Some(y)) => Some(if x.0 <= y.0 { x } else { y }),
         (x, y) => x.or(y),
@@ -218,6 +224,8 @@ pub(crate) type Partial = (Vec<TopK>, Option<(usize, Error)>);
 pub(crate) fn search_rows<T: Real, R: Rows<T>>(qhat: ArrayView2<T>, rows: &R, k: usize) -> Partial {
     if qhat.nrows() <= STREAM_MAX_QUERIES {
         stream(qhat, rows, k)
+    } else if qhat.nrows() >= INT8_MIN_QUERIES && int8::available() {
+        int8::search(qhat, rows, k)
     } else {
         tiled(qhat, rows, k)
     }
@@ -369,6 +377,67 @@ mod tests {
             for (i, w) in want.iter().enumerate() {
                 let g: Vec<usize> = got.indices.row(i).iter().map(|&x| x as usize).collect();
                 assert_eq!(&g, w, "q={q} row {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn float_tiles_and_int8_pass_agree_with_brute_force() {
+        // Both many-query paths, whichever the CPU would pick: ties (duplicated rows), k
+        // beyond the survivors of the int8 bounds, odd dimensions.
+        let mut gallery = data(3000, 33, 11);
+        for r in (0..3000).step_by(7) {
+            let src = gallery.row(r / 2).to_owned();
+            gallery.row_mut(r).assign(&src);
+        }
+        let queries = data(37, 33, 12);
+        let qhat = unit_queries(queries.view(), 33, false).unwrap();
+        let rows = Dense {
+            flat: gallery.as_slice().unwrap(),
+            d: 33,
+            normalized: false,
+        };
+        for k in [1, 10, 64] {
+            let want = brute(&queries, &gallery, k);
+            let mut results = vec![tiled(qhat.view(), &rows, k)];
+            if int8::available() {
+                results.push(int8::search(qhat.view(), &rows, k));
+            }
+            for (tops, bad) in results {
+                assert!(bad.is_none());
+                for (i, (top, w)) in tops.into_iter().zip(&want).enumerate() {
+                    let got: Vec<usize> = top.into_sorted().iter().map(|h| h.index).collect();
+                    assert_eq!(&got, w, "k={k} query {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_closer_than_the_int8_step_are_still_ranked_exactly() {
+        // Every row is one base vector plus noise far below the int8 step: the estimates
+        // cannot tell the rows apart, so the bounds must keep them all for the re-rank.
+        let base = data(1, 64, 21);
+        let noise = data(4000, 64, 22);
+        let gallery =
+            Array2::from_shape_fn((4000, 64), |(r, j)| base[[0, j]] + 1e-5 * noise[[r, j]]);
+        let queries = Array2::from_shape_fn((12, 64), |(i, j)| {
+            base[[0, j]] + 1e-5 * noise[[i, (j + 5) % 64]]
+        });
+        let got = cosine_topk(queries.view(), gallery.view(), 10, false).unwrap();
+        let want = brute(&queries, &gallery, 10);
+        let cos = |i: usize, r: usize| {
+            let (q, g) = (queries.row(i), gallery.row(r));
+            q.dot(&g) / (q.dot(&q).sqrt() * g.dot(&g).sqrt())
+        };
+        for (i, w) in want.iter().enumerate() {
+            // the same ranking up to the last bits of float64 (rows differ by ~1e-11 here)
+            for (j, &r) in w.iter().enumerate() {
+                let g = got.indices[[i, j]] as usize;
+                assert!(
+                    (cos(i, g) - cos(i, r)).abs() < 1e-14,
+                    "query {i} rank {j}: {g} vs {r}"
+                );
             }
         }
     }

@@ -41,6 +41,11 @@ impl TopK {
         }
     }
 
+    /// How many hits it keeps.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
     /// The score a new hit must beat (or tie with a lower index) to enter; -inf until full.
     #[inline]
     pub fn threshold(&self) -> f64 {

@@ -1,0 +1,478 @@
+//! Many-query search with an int8 first pass and an exact re-rank: same results as the
+//! float GEMM path, several times the arithmetic throughput (AVX-512 VNNI `vpdpbusd` does
+//! 64 int8 multiply-adds per instruction, a float32 FMA 16).
+//!
+//! Queries and gallery rows are quantised per vector to int8: `q = q~ + e_q`, `g = g~ + e_g`
+//! with `q~ = sq * codes` and the rounding errors `e` known exactly. The int8 estimate
+//! `q~ . g~` differs from the exact score by `q . e_g + e_q . g~`, so by at most
+//! `eps = |q| |e_g| + |e_q| |g~|` (Cauchy-Schwarz), plus the rounding of the float score the
+//! re-rank computes. So every row has a lower bound `lb = est - eps` and an upper bound
+//! `ub = est + eps` on its computed score; the k-th largest lower bound seen so far, `L`, can
+//! only grow, and a row with `ub < L` can never be among the k best. The scan keeps the
+//! rows with `ub >= L` (a few dozen per query: the bounds are tight next to the spread of
+//! scores) and the re-rank computes their scores exactly, so the result is the exact top k
+//! whatever the data: the quantisation decides how much work is skipped, never the answer.
+
+use super::topk::{Hit, TopK};
+use super::{first_bad, Partial, Rows};
+use crate::error::Error;
+use crate::kernels;
+use crate::real::Real;
+use ndarray::{ArrayView2, Axis};
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Gallery rows quantised together (their codes, 256 KiB at D=512, stay in L2 while every
+/// query block reads them).
+const TILE_ROWS: usize = 512;
+/// Rows per micro-kernel panel (two 16-lane registers) and queries per block.
+const PANEL: usize = 32;
+const QBLOCK: usize = 8;
+
+/// Whether this CPU has the instructions of the int8 pass.
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Per-vector quantisation of `v` (as float32) into codes in -127..=127: returns the step,
+/// the norm of the rounding error `|v - step * codes|` and the norm `|step * codes|`.
+/// (Sums in float32 lanes: their relative error, ~1e-5 at worst, moves the bounds by far
+/// less than `SLACK`.)
+#[inline(always)]
+fn quantise(v: &[f32], out: &mut [i8]) -> (f64, f64, f64) {
+    let max = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let step = if max > 0.0 && max.is_finite() {
+        max / 127.0
+    } else {
+        1.0
+    };
+    let inv = 1.0 / step;
+    let (mut err, mut norm) = ([0.0f32; 16], [0.0f32; 16]);
+    for (o, x) in out.chunks_mut(16).zip(v.chunks(16)) {
+        for (l, (o, &x)) in o.iter_mut().zip(x).enumerate() {
+            let c = (x * inv).round_ties_even().clamp(-127.0, 127.0);
+            *o = c as i8;
+            let back = c * step;
+            err[l] += (x - back) * (x - back);
+            norm[l] += back * back;
+        }
+    }
+    let (err, norm): (f32, f32) = (err.iter().sum(), norm.iter().sum());
+    (step as f64, (err as f64).sqrt(), (norm as f64).sqrt())
+}
+
+/// Slack on every bound: float32 rounding of the unit vectors before quantisation and of the
+/// estimates in the scan (all far below 1e-5 for unit vectors).
+const SLACK: f64 = 1e-5;
+
+/// The queries as unsigned codes (code + 128, as `vpdpbusd` wants), padded to whole blocks
+/// of queries and to a multiple of 4 dimensions with code 0.
+struct Queries {
+    codes: Vec<u8>,
+    step: Vec<f64>,
+    /// |q| and |e_q| per query.
+    norm: Vec<f64>,
+    err: Vec<f64>,
+    dpad: usize,
+}
+
+fn quantise_queries<T: Real>(qhat: ArrayView2<T>, dpad: usize) -> Queries {
+    let q = qhat.nrows();
+    let qpad = q.div_ceil(QBLOCK) * QBLOCK;
+    let mut codes = vec![128u8; qpad * dpad];
+    let (mut step, mut norm, mut err) = (vec![0.0; qpad], vec![0.0; qpad], vec![0.0; qpad]);
+    let mut signed = vec![0i8; dpad];
+    for (i, row) in qhat.axis_iter(Axis(0)).enumerate() {
+        let v: Vec<f32> = row.iter().map(|x| x.f64() as f32).collect();
+        let (s, e, _) = quantise(&v, &mut signed);
+        step[i] = s;
+        err[i] = e;
+        norm[i] = row.iter().map(|x| x.f64() * x.f64()).sum::<f64>().sqrt();
+        for (o, &c) in codes[i * dpad..(i + 1) * dpad].iter_mut().zip(&signed) {
+            *o = (c as i16 + 128) as u8;
+        }
+    }
+    Queries {
+        codes,
+        step,
+        norm,
+        err,
+        dpad,
+    }
+}
+
+/// One tile of gallery rows, quantised and packed for the micro-kernel: panels of 32 rows,
+/// within a panel for each group of 4 dimensions the 4 codes of row 0, row 1, ... row 31.
+struct Tile {
+    panels: Vec<i8>,
+    /// Per row (0 for padding rows): the step, the codes' sum (to take the queries' +128
+    /// back out), |e_g| and |g~|.
+    step: Vec<f32>,
+    sums: Vec<i32>,
+    err: Vec<f32>,
+    norm: Vec<f32>,
+    rows: usize,
+    unit: Vec<f32>,
+    codes: Vec<i8>,
+}
+
+impl Tile {
+    fn new(d: usize, dpad: usize) -> Self {
+        Tile {
+            panels: vec![0; TILE_ROWS * dpad],
+            step: vec![0.0; TILE_ROWS],
+            sums: vec![0; TILE_ROWS],
+            err: vec![0.0; TILE_ROWS],
+            norm: vec![0.0; TILE_ROWS],
+            rows: 0,
+            unit: vec![0.0; d],
+            codes: vec![0; dpad],
+        }
+    }
+
+    /// Quantises `mult.len()` unit rows (`block` times `mult`) of `d` values.
+    #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
+    fn fill<T: Real>(&mut self, block: &[T], mult: &[T], d: usize, dpad: usize) {
+        let rows = mult.len();
+        self.rows = rows;
+        let padded = rows.div_ceil(PANEL) * PANEL;
+        self.panels[..padded * dpad].fill(0);
+        for v in [&mut self.step, &mut self.err, &mut self.norm] {
+            v[..padded].fill(0.0);
+        }
+        self.sums[..padded].fill(0);
+        for r in 0..rows {
+            let m = mult[r];
+            for (u, &x) in self.unit.iter_mut().zip(&block[r * d..(r + 1) * d]) {
+                *u = (x * m).f64() as f32;
+            }
+            let (step, err, norm) = quantise(&self.unit, &mut self.codes[..d]);
+            self.step[r] = step as f32;
+            self.err[r] = err as f32;
+            self.norm[r] = norm as f32;
+            self.sums[r] = self.codes[..d].iter().map(|&c| c as i32).sum();
+            let (panel, lane) = (r / PANEL, r % PANEL);
+            let base = panel * PANEL * dpad;
+            for (quad, four) in self.codes.chunks_exact(4).enumerate() {
+                let at = base + quad * PANEL * 4 + lane * 4;
+                self.panels[at..at + 4].copy_from_slice(four);
+            }
+        }
+    }
+}
+
+/// Per query, the largest k-th lower bound any thread has reached: a valid floor for every
+/// thread (a subset's k-th largest lower bound never exceeds the whole's), so a thread that
+/// starts on a new stretch of the gallery does not admit everything until it has k rows.
+struct Floors(Vec<AtomicU64>);
+
+impl Floors {
+    fn new(q: usize) -> Self {
+        Floors(
+            (0..q)
+                .map(|_| AtomicU64::new(f64::NEG_INFINITY.to_bits()))
+                .collect(),
+        )
+    }
+
+    fn get(&self, i: usize) -> f64 {
+        f64::from_bits(self.0[i].load(Ordering::Relaxed))
+    }
+
+    fn raise(&self, i: usize, v: f64) {
+        let mut cur = self.0[i].load(Ordering::Relaxed);
+        while v > f64::from_bits(cur) {
+            match self.0[i].compare_exchange_weak(
+                cur,
+                v.to_bits(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(now) => cur = now,
+            }
+        }
+    }
+}
+
+/// What one thread has found: per query, the k largest lower bounds and the rows whose
+/// upper bound reached the k-th of them when seen.
+struct Scan {
+    lower: Vec<TopK>,
+    /// (upper bound, row, the row's factor to a cosine)
+    candidates: Vec<Vec<(f64, usize, f64)>>,
+    bad: Option<(usize, Error)>,
+    /// A scan of a sample that only raises the floors (its rows are scanned again later).
+    seed: bool,
+}
+
+impl Scan {
+    fn new(q: usize, k: usize) -> Self {
+        Scan {
+            lower: vec![TopK::new(k); q],
+            candidates: vec![Vec::new(); q],
+            bad: None,
+            seed: false,
+        }
+    }
+
+    fn merge(mut self, o: Scan) -> Scan {
+        for (i, (lo, c)) in o.lower.into_iter().zip(o.candidates).enumerate() {
+            let mine = std::mem::replace(&mut self.lower[i], TopK::new(0));
+            self.lower[i] = mine.merge(lo);
+            self.candidates[i].extend(c);
+        }
+        self.bad = first_bad(self.bad, o.bad);
+        self
+    }
+
+    /// A row whose upper bound reached the threshold: keep it, and let its lower bound
+    /// raise the threshold. Candidates left behind by the threshold are dropped now and then.
+    fn admit(&mut self, query: usize, row: usize, est: f64, eps: f64, mult: f64) {
+        if !self.seed {
+            self.candidates[query].push((est + eps, row, mult));
+        }
+        self.lower[query].push(Hit {
+            score: est - eps,
+            index: row,
+        });
+        let c = &mut self.candidates[query];
+        if c.len() >= 4 * self.lower[query].k() + 256 {
+            let floor = self.lower[query].threshold();
+            c.retain(|&(ub, ..)| ub >= floor);
+        }
+    }
+}
+
+/// Top `k` rows for many unit queries: int8 scan, then exact scores for the survivors.
+pub(crate) fn search<T: Real, R: Rows<T>>(qhat: ArrayView2<T>, rows: &R, k: usize) -> Partial {
+    let (q, n, d) = (qhat.nrows(), rows.len(), rows.dim());
+    let dpad = d.div_ceil(4) * 4;
+    let queries = quantise_queries(qhat, dpad);
+    // The computed score of the re-rank differs from the exact one by less than this.
+    let rounding = 4.0 * d as f64 * T::epsilon().f64() + 1e-6;
+    let tiles: Vec<usize> = (0..n).step_by(TILE_ROWS).collect();
+    let floors = Floors::new(q);
+    seed_floors(qhat.nrows(), k, rows, &queries, rounding, &floors);
+    let scan = tiles
+        .par_iter()
+        .fold(
+            || {
+                (
+                    Scan::new(q, k),
+                    Tile::new(d, dpad),
+                    Vec::new(),
+                    vec![T::zero(); TILE_ROWS],
+                )
+            },
+            |(mut scan, mut tile, mut scratch, mut mult), &lo| {
+                let count = TILE_ROWS.min(n - lo);
+                rows.mults(lo, lo + count, &mut mult[..count], &mut scan.bad);
+                let block = rows.decoded(lo, lo + count, &mut scratch);
+                // SAFETY: search() runs only where available() confirmed AVX-512F/BW.
+                unsafe { tile.fill(block, &mult[..count], d, dpad) };
+                let mult64: Vec<f64> = mult[..count].iter().map(|m| m.f64()).collect();
+                scan_tile(
+                    &tile, &queries, q, lo, &mult64, rounding, &floors, &mut scan,
+                );
+                (scan, tile, scratch, mult)
+            },
+        )
+        .map(|(scan, ..)| scan)
+        .reduce(|| Scan::new(q, k), Scan::merge);
+    let Scan {
+        lower,
+        candidates,
+        bad,
+        ..
+    } = scan;
+    // Exact scores for the rows that can still be among the k best.
+    let tops = candidates
+        .into_par_iter()
+        .zip(lower)
+        .enumerate()
+        .map(|(i, (cands, lower))| {
+            let floor = lower.threshold();
+            let query = qhat.row(i);
+            let query = query.as_slice().expect("standard layout");
+            let mut top = TopK::new(k);
+            let mut scratch = Vec::new();
+            for (ub, row, mult) in cands {
+                if ub < floor {
+                    continue;
+                }
+                let g = rows.decoded(row, row + 1, &mut scratch);
+                let score = kernels::dot(query, g) * T::of(mult);
+                top.push(Hit {
+                    score: score.f64(),
+                    index: row,
+                });
+            }
+            top
+        })
+        .collect();
+    (tops, bad)
+}
+
+/// Raises the floors from an evenly spread sample of rows before the real scan, so that no
+/// thread starts with a floor of -inf and admits a whole tile of candidates per query.
+fn seed_floors<T: Real, R: Rows<T>>(
+    q: usize,
+    k: usize,
+    rows: &R,
+    queries: &Queries,
+    rounding: f64,
+    floors: &Floors,
+) {
+    let (n, d) = (rows.len(), rows.dim());
+    let samples = (4 * TILE_ROWS).min(n / 8);
+    if samples < k.max(PANEL) {
+        return;
+    }
+    let picks: Vec<usize> = (0..samples).map(|s| s * n / samples).collect();
+    picks.par_chunks(TILE_ROWS).for_each(|chunk| {
+        let (mut block, mut mult, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut m, mut bad) = ([T::zero()], None);
+        for &r in chunk {
+            rows.mults(r, r + 1, &mut m, &mut bad);
+            block.extend_from_slice(rows.decoded(r, r + 1, &mut scratch));
+            mult.push(m[0]);
+        }
+        let mut tile = Tile::new(d, queries.dpad);
+        // SAFETY: search() runs only where available() confirmed AVX-512F/BW.
+        unsafe { tile.fill(&block, &mult, d, queries.dpad) };
+        let mut scan = Scan::new(q, k);
+        scan.seed = true;
+        let mult64: Vec<f64> = mult.iter().map(|m| m.f64()).collect();
+        scan_tile(&tile, queries, q, 0, &mult64, rounding, floors, &mut scan);
+    });
+}
+
+/// Every query block against every panel of the tile, selecting as the sums come out.
+#[allow(clippy::too_many_arguments)]
+fn scan_tile(
+    tile: &Tile,
+    queries: &Queries,
+    q: usize,
+    lo: usize,
+    mult: &[f64],
+    rounding: f64,
+    floors: &Floors,
+    scan: &mut Scan,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: search() runs only where available() confirmed AVX-512F/BW/VNNI.
+        unsafe { scan_tile_vnni(tile, queries, q, lo, mult, rounding, floors, scan) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("the int8 pass needs AVX-512 VNNI")
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+fn scan_tile_vnni(
+    tile: &Tile,
+    queries: &Queries,
+    q: usize,
+    lo: usize,
+    mult: &[f64],
+    rounding: f64,
+    floors: &Floors,
+    scan: &mut Scan,
+) {
+    let dpad = queries.dpad;
+    let panels = tile.rows.div_ceil(PANEL);
+    let slack = rounding + SLACK;
+    let mut sums = [[0i32; PANEL]; QBLOCK];
+    for qb in (0..q).step_by(QBLOCK) {
+        let codes = &queries.codes[qb * dpad..(qb + QBLOCK) * dpad];
+        for p in 0..panels {
+            let panel = &tile.panels[p * PANEL * dpad..(p + 1) * PANEL * dpad];
+            dots_panel_vnni(panel, codes, dpad, &mut sums);
+            let rows = p * PANEL..(p + 1) * PANEL;
+            let step: &[f32; PANEL] = tile.step[rows.clone()].try_into().expect("panel");
+            let tsum: &[i32; PANEL] = tile.sums[rows.clone()].try_into().expect("panel");
+            let err: &[f32; PANEL] = tile.err[rows.clone()].try_into().expect("panel");
+            let norm: &[f32; PANEL] = tile.norm[rows].try_into().expect("panel");
+            for (j, row_sums) in sums.iter().enumerate().take(q - qb) {
+                let i = qb + j;
+                let floor = scan.lower[i].threshold().max(floors.get(i));
+                let (sq, qn, qe) = (
+                    queries.step[i] as f32,
+                    queries.norm[i] as f32,
+                    queries.err[i] as f32,
+                );
+                // Branch-free upper bounds of the 32 rows in float32 (`SLACK` covers its
+                // rounding) as a bit mask; single rows are looked at only where a bit is set.
+                let (slack32, floor32) = (slack as f32, floor as f32);
+                let mut hits = 0u32;
+                for l in 0..PANEL {
+                    let est = (row_sums[l] - 128 * tsum[l]) as f32 * (sq * step[l]);
+                    let ub = est + qn * err[l] + qe * norm[l] + slack32;
+                    hits |= ((ub >= floor32) as u32) << l;
+                }
+                while hits != 0 {
+                    let l = hits.trailing_zeros() as usize;
+                    hits &= hits - 1;
+                    let r = p * PANEL + l;
+                    if r >= tile.rows {
+                        break;
+                    }
+                    let dot = (row_sums[l] - 128 * tsum[l]) as f64;
+                    let est = dot * queries.step[i] * step[l] as f64;
+                    let eps =
+                        queries.norm[i] * err[l] as f64 + queries.err[i] * norm[l] as f64 + slack;
+                    let floor = scan.lower[i].threshold().max(floors.get(i));
+                    if est + eps >= floor {
+                        scan.admit(i, lo + r, est, eps, mult[r]);
+                        floors.raise(i, scan.lower[i].threshold());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `sums[j][r]` = Σ_d query_j[d] * row_r[d] over a panel of 32 rows and 8 queries.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+fn dots_panel_vnni(panel: &[i8], queries: &[u8], dpad: usize, sums: &mut [[i32; PANEL]; QBLOCK]) {
+    use std::arch::x86_64::*;
+    assert!(panel.len() >= PANEL * dpad && queries.len() >= QBLOCK * dpad);
+    // SAFETY: the loads stay inside `panel` (PANEL * dpad bytes) and `queries` (QBLOCK *
+    // dpad bytes), as asserted; the stores write whole rows of `sums`.
+    unsafe {
+        let mut acc = [[_mm512_setzero_si512(); 2]; QBLOCK];
+        let (mut g, q) = (panel.as_ptr(), queries.as_ptr());
+        for quad in 0..dpad / 4 {
+            let g0 = _mm512_loadu_si512(g as *const _);
+            let g1 = _mm512_loadu_si512(g.add(64) as *const _);
+            g = g.add(PANEL * 4);
+            for (j, a) in acc.iter_mut().enumerate() {
+                let four = (q.add(j * dpad + quad * 4) as *const i32).read_unaligned();
+                let b = _mm512_set1_epi32(four);
+                a[0] = _mm512_dpbusd_epi32(a[0], b, g0);
+                a[1] = _mm512_dpbusd_epi32(a[1], b, g1);
+            }
+        }
+        for (out, a) in sums.iter_mut().zip(acc) {
+            _mm512_storeu_si512(out.as_mut_ptr() as *mut _, a[0]);
+            _mm512_storeu_si512(out.as_mut_ptr().add(16) as *mut _, a[1]);
+        }
+    }
+}
