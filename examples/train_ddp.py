@@ -106,6 +106,10 @@ def main() -> None:
             print(f"step {step:4d}  loss {last_loss:.4f}", flush=True)
     if rank == 0:
         print(f"loss {first_loss:.4f} -> {last_loss:.4f} over {args.steps} steps on {world} ranks")
+    # Tear down in order: every rank done, then DDP's reducer (it holds the process group
+    # and its communication threads) before the group itself.
+    dist.barrier()
+    del model, opt
     dist.destroy_process_group()
 
 

@@ -584,11 +584,19 @@ impl PyGallery {
             .map_err(value_error)
     }
 
-    /// Reads a gallery written by `save`; a damaged file is a ValueError.
+    /// Reads a gallery written by `save`; a damaged file is a ValueError. `mmap`: leave the
+    /// vectors in a read-only mapping of the file (copied only when the gallery changes).
     #[staticmethod]
-    fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+    #[pyo3(signature = (path, mmap=false))]
+    fn load(py: Python<'_>, path: PathBuf, mmap: bool) -> PyResult<Self> {
         let g = py
-            .detach(|| crate::search::file::load(&path))
+            .detach(|| {
+                if mmap {
+                    crate::search::file::load_mapped(&path)
+                } else {
+                    crate::search::file::load(&path)
+                }
+            })
             .map_err(value_error)?;
         Ok(PyGallery(RwLock::new(g)))
     }
@@ -607,6 +615,12 @@ impl PyGallery {
     #[getter]
     fn nbytes(&self) -> usize {
         self.read().vector_bytes()
+    }
+
+    /// Whether the vectors are read from a mapping of the file they were loaded from.
+    #[getter]
+    fn mapped(&self) -> bool {
+        self.read().codes().is_mapped()
     }
 
     fn __len__(&self) -> usize {

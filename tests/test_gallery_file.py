@@ -244,3 +244,31 @@ def test_a_writer_killed_mid_save_leaves_a_loadable_file(tmp_path):
             assert len(back) == 40000
             seen_new = True
     assert seen_new or len(afr.Gallery.load(path)) == len(old)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mmap_load_searches_in_place_and_copies_on_change(tmp_path, dtype):
+    g = gallery(dtype)
+    path = tmp_path / "g.safetensors"
+    g.save(path)
+    m = afr.Gallery.load(path, mmap=True)
+    assert m.mapped and "mapped" in repr(m) and not g.mapped
+    assert_same(m, g)
+    q = np.random.default_rng(4).standard_normal((20, 24))
+    for got, want in zip(m.search(q, 5), g.search(q, 5)):
+        np.testing.assert_array_equal(got, want)
+    gallery(dtype, seed=9).save(path)  # replacing the file leaves the mapped gallery intact
+    assert_same(m, g)
+    m.add(np.ones(24))
+    assert not m.mapped and len(m) == len(g) + 1
+    assert_same(afr.Gallery.load(path), gallery(dtype, seed=9))
+
+
+def test_mmap_load_refuses_damaged_files_too(tmp_path):
+    path = tmp_path / "g.safetensors"
+    gallery("float32").save(path)
+    data = path.read_bytes()
+    for cut in (3, 100, len(data) - 1):
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="not a valid arcface_rs gallery file"):
+            afr.Gallery.load(path, mmap=True)

@@ -88,9 +88,10 @@ class Gallery:
         return len(self._core)
 
     def __repr__(self) -> str:
+        where = ", mapped" if self.mapped else ""
         return (
             f"Gallery(dim={self.dim}, dtype={self.dtype!r}, len={len(self)}, "
-            f"vectors={self.nbytes / 2**20:.1f} MiB)"
+            f"vectors={self.nbytes / 2**20:.1f} MiB{where})"
         )
 
     def add(self, emb: Any, ids: Any = None) -> np.ndarray:
@@ -157,13 +158,24 @@ class Gallery:
         are stored as their uint16 bits."""
         self._core.save(os.fspath(path))
 
+    @property
+    def mapped(self) -> bool:
+        """Whether the vectors are read in place from the file (``load(..., mmap=True)``)."""
+        return self._core.mapped
+
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Gallery:
+    def load(cls, path: str | os.PathLike[str], mmap: bool = False) -> Gallery:
         """Reads a gallery written by ``save``. A truncated, damaged, wrong-version or
-        wrong-shape file raises ValueError (checked by shape, CRC-32 and unit norms)."""
+        wrong-shape file raises ValueError (checked by shape, CRC-32 and unit norms).
+
+        ``mmap=True`` leaves the vectors in a read-only mapping of the file instead of
+        copying them into memory (several processes then share one copy in the page cache);
+        they are copied the first time the gallery changes. Do not modify the file in place
+        while such a gallery is in use (``save`` never does: it replaces the file, and the
+        mapping keeps reading the old contents)."""
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"path: no gallery file at {path!r}")
         g = cls.__new__(cls)
-        g._core = _core.Gallery.load(path)
+        g._core = _core.Gallery.load(path, bool(mmap))
         return g

@@ -10,12 +10,13 @@
 //! Saves are atomic: written to a temporary file beside the target, flushed to disk, then
 //! renamed over it, so a crash mid-save leaves the old file intact.
 
-use super::gallery::{Codes, Dtype, Gallery};
+use super::gallery::{Codes, Dtype, Gallery, Store};
 use crate::error::{Error, Result};
 use safetensors::{Dtype as StDtype, SafeTensors};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const FORMAT: &str = "arcface_rs.gallery";
 const VERSION: u32 = 1;
@@ -130,8 +131,52 @@ pub fn load(path: &Path) -> Result<Gallery> {
     parse(&bytes).map_err(|why| damaged(path, why))
 }
 
+/// [`load`] that leaves the vectors in a read-only mapping of the file instead of copying
+/// them (they are still checked once, and copied only when the gallery changes). The file
+/// must not be changed in place while the gallery is alive; [`save`] never does that (it
+/// replaces the file by renaming, and the mapping keeps the old contents).
+pub fn load_mapped(path: &Path) -> Result<Gallery> {
+    let file = File::open(path).map_err(|e| io_error(path, "cannot open", e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| io_error(path, "cannot read", e))?
+        .len();
+    if len < 8 {
+        return Err(damaged(path, "shorter than a safetensors header"));
+    }
+    // SAFETY: a read-only private mapping; changing the file under it is documented as not
+    // allowed (and saves replace files instead of writing into them).
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_error(path, "cannot map", e))?;
+    let map = Arc::new(map);
+    parse_from(&map, Some(&map)).map_err(|why| damaged(path, why))
+}
+
 /// A gallery from the bytes of a file; the error says what is wrong with them.
 pub fn parse(bytes: &[u8]) -> std::result::Result<Gallery, String> {
+    parse_from(bytes, None)
+}
+
+/// The tensor `data` as a store: a window of `map` when `data` lies in it (aligned), else a
+/// copy made by `decode`.
+fn store<T: Copy>(
+    data: &[u8],
+    map: Option<&Arc<memmap2::Mmap>>,
+    decode: impl Fn(&[u8]) -> Vec<T>,
+) -> Store<T> {
+    if let Some(map) = map {
+        let offset = (data.as_ptr() as usize).wrapping_sub(map.as_ptr() as usize);
+        let len = data.len() / std::mem::size_of::<T>();
+        if let Some(s) = Store::mapped(Arc::clone(map), offset, len) {
+            return s;
+        }
+    }
+    Store::Owned(decode(data))
+}
+
+fn parse_from(
+    bytes: &[u8],
+    map: Option<&Arc<memmap2::Mmap>>,
+) -> std::result::Result<Gallery, String> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| format!("{e:?}"))?;
     let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| format!("{e:?}"))?;
     let meta = header
@@ -224,14 +269,13 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<Gallery, String> {
     };
     let shape = [n, dim];
     let codes = match dtype {
-        Dtype::F32 => Codes::F32(f32s(get("vectors", StDtype::F32, &shape)?)),
-        Dtype::F16 => Codes::F16(u16s(get("vectors", StDtype::F16, &shape)?)),
-        Dtype::BF16 => Codes::BF16(u16s(get("vectors", StDtype::U16, &shape)?)),
+        Dtype::F32 => Codes::F32(store(get("vectors", StDtype::F32, &shape)?, map, f32s)),
+        Dtype::F16 => Codes::F16(store(get("vectors", StDtype::F16, &shape)?, map, u16s)),
+        Dtype::BF16 => Codes::BF16(store(get("vectors", StDtype::U16, &shape)?, map, u16s)),
         Dtype::I8 => Codes::I8(
-            get("vectors", StDtype::I8, &shape)?
-                .iter()
-                .map(|&b| b as i8)
-                .collect(),
+            store(get("vectors", StDtype::I8, &shape)?, map, |b| {
+                b.iter().map(|&x| x as i8).collect()
+            }),
             f32s(get("scales", StDtype::F32, &[n])?),
         ),
     };
@@ -278,6 +322,28 @@ mod tests {
                     assert_eq!(h.next_id(), g.next_id(), "{dtype} byte {at}");
                 }
             }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn mapped_load_reads_the_file_in_place_and_copies_on_change() {
+        let dir = std::env::temp_dir().join(format!("afr-map-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::I8] {
+            let g = gallery(dtype);
+            let path = dir.join(format!("{dtype}.safetensors"));
+            save(&g, &path).unwrap();
+            let mut mapped = load_mapped(&path).unwrap();
+            assert!(mapped.codes().is_mapped(), "{dtype}");
+            assert_eq!(mapped.codes(), g.codes());
+            // replacing the file (as save does) leaves the mapped gallery as it was
+            save(&gallery(dtype), &path).unwrap();
+            let emb = ndarray::Array2::from_elem((1, 9), 1.0f32);
+            mapped.add(emb.view(), None).unwrap();
+            assert!(!mapped.codes().is_mapped());
+            assert_eq!(mapped.len(), g.len() + 1);
+            assert_eq!(load(&path).unwrap().codes(), g.codes());
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

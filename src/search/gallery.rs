@@ -12,6 +12,84 @@ use crate::kernels;
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
 use std::collections::HashMap;
 use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
+
+/// Stored values: owned, or a window of a read-only file mapping (`load` with mmap), copied
+/// into memory the first time the gallery changes.
+#[derive(Clone)]
+pub enum Store<T> {
+    Owned(Vec<T>),
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        offset: usize,
+        len: usize,
+        _values: std::marker::PhantomData<T>,
+    },
+}
+
+impl<T: Copy> Store<T> {
+    /// `len` values of `T` at byte `offset` of `map`, if they lie inside it and are aligned
+    /// for `T` (little-endian machines only: the file is little-endian).
+    pub fn mapped(map: Arc<memmap2::Mmap>, offset: usize, len: usize) -> Option<Self> {
+        let bytes = len.checked_mul(std::mem::size_of::<T>())?;
+        let fits = offset
+            .checked_add(bytes)
+            .is_some_and(|end| end <= map.len());
+        let aligned = (map.as_ptr() as usize + offset).is_multiple_of(std::mem::align_of::<T>());
+        (cfg!(target_endian = "little") && fits && aligned).then(|| Store::Mapped {
+            map,
+            offset,
+            len,
+            _values: std::marker::PhantomData,
+        })
+    }
+
+    /// The values as a vector that can grow (copying them out of the mapping first).
+    fn owned(&mut self) -> &mut Vec<T> {
+        if let Store::Mapped { .. } = self {
+            *self = Store::Owned(self.to_vec());
+        }
+        match self {
+            Store::Owned(v) => v,
+            Store::Mapped { .. } => unreachable!("just copied"),
+        }
+    }
+
+    pub fn is_mapped(&self) -> bool {
+        matches!(self, Store::Mapped { .. })
+    }
+}
+
+impl<T: Copy> Deref for Store<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        match self {
+            Store::Owned(v) => v,
+            // SAFETY: `mapped` checked bounds and alignment; the mapping lives as long as
+            // the Arc; T is a plain number type (f32, u16, i8) for which every bit pattern
+            // is a value. The file must not be changed in place while mapped (saves never
+            // do that: they replace the file by renaming).
+            Store::Mapped {
+                map, offset, len, ..
+            } => unsafe { std::slice::from_raw_parts(map.as_ptr().add(*offset) as *const T, *len) },
+        }
+    }
+}
+
+impl<T: Copy + PartialEq> PartialEq for Store<T> {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl<T: Copy> fmt::Debug for Store<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = if self.is_mapped() { "mapped" } else { "owned" };
+        write!(f, "Store({kind}, {} values)", self.len())
+    }
+}
 
 /// How a gallery stores its vectors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -65,20 +143,20 @@ impl fmt::Display for Dtype {
 /// The stored rows, row-major, `dim` values each.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Codes {
-    F32(Vec<f32>),
-    F16(Vec<u16>),
-    BF16(Vec<u16>),
+    F32(Store<f32>),
+    F16(Store<u16>),
+    BF16(Store<u16>),
     /// Codes in -127..=127 and one scale per row.
-    I8(Vec<i8>, Vec<f32>),
+    I8(Store<i8>, Vec<f32>),
 }
 
 impl Codes {
     pub fn empty(dtype: Dtype) -> Self {
         match dtype {
-            Dtype::F32 => Codes::F32(Vec::new()),
-            Dtype::F16 => Codes::F16(Vec::new()),
-            Dtype::BF16 => Codes::BF16(Vec::new()),
-            Dtype::I8 => Codes::I8(Vec::new(), Vec::new()),
+            Dtype::F32 => Codes::F32(Store::Owned(Vec::new())),
+            Dtype::F16 => Codes::F16(Store::Owned(Vec::new())),
+            Dtype::BF16 => Codes::BF16(Store::Owned(Vec::new())),
+            Dtype::I8 => Codes::I8(Store::Owned(Vec::new()), Vec::new()),
         }
     }
 
@@ -88,6 +166,15 @@ impl Codes {
             Codes::F16(_) => Dtype::F16,
             Codes::BF16(_) => Dtype::BF16,
             Codes::I8(..) => Dtype::I8,
+        }
+    }
+
+    /// Whether the rows are read from a file mapping.
+    pub fn is_mapped(&self) -> bool {
+        match self {
+            Codes::F32(v) => v.is_mapped(),
+            Codes::F16(v) | Codes::BF16(v) => v.is_mapped(),
+            Codes::I8(v, _) => v.is_mapped(),
         }
     }
 
@@ -102,10 +189,15 @@ impl Codes {
     /// Appends one unit-norm row.
     fn push(&mut self, unit: &[f32]) {
         match self {
-            Codes::F32(v) => v.extend_from_slice(unit),
-            Codes::F16(v) => v.extend(unit.iter().map(|&x| half::f16::from_f32(x).to_bits())),
-            Codes::BF16(v) => v.extend(unit.iter().map(|&x| half::bf16::from_f32(x).to_bits())),
+            Codes::F32(v) => v.owned().extend_from_slice(unit),
+            Codes::F16(v) => v
+                .owned()
+                .extend(unit.iter().map(|&x| half::f16::from_f32(x).to_bits())),
+            Codes::BF16(v) => v
+                .owned()
+                .extend(unit.iter().map(|&x| half::bf16::from_f32(x).to_bits())),
             Codes::I8(v, scales) => {
+                let v = v.owned();
                 let max = unit.iter().fold(0.0f32, |m, x| m.max(x.abs()));
                 let step = max / 127.0;
                 let start = v.len();
@@ -136,10 +228,10 @@ impl Codes {
             v.truncate(out * width);
         }
         match self {
-            Codes::F32(v) => retain(v, dim, keep),
-            Codes::F16(v) | Codes::BF16(v) => retain(v, dim, keep),
+            Codes::F32(v) => retain(v.owned(), dim, keep),
+            Codes::F16(v) | Codes::BF16(v) => retain(v.owned(), dim, keep),
             Codes::I8(v, scales) => {
-                retain(v, dim, keep);
+                retain(v.owned(), dim, keep);
                 retain(scales, 1, keep);
             }
         }
