@@ -175,10 +175,12 @@ multiversion! {
 
 #[inline(always)]
 fn dot_impl<T: Real>(a: &[T], b: &[T]) -> T {
-    let mut acc = [T::zero(); LANES];
-    let n = a.len().min(b.len()) / LANES * LANES;
-    for (ac, bc) in a[..n].chunks_exact(LANES).zip(b[..n].chunks_exact(LANES)) {
-        for k in 0..LANES {
+    // Two registers of partial sums: one chain of FMAs would wait on its own latency.
+    const W: usize = 2 * LANES;
+    let mut acc = [T::zero(); W];
+    let n = a.len().min(b.len()) / W * W;
+    for (ac, bc) in a[..n].chunks_exact(W).zip(b[..n].chunks_exact(W)) {
+        for k in 0..W {
             acc[k] += ac[k] * bc[k];
         }
     }
@@ -204,6 +206,33 @@ fn dots_self_impl<T: Real>(rows: &[T], d: usize, out: &mut [T]) {
     for (row, o) in rows.chunks_exact(d).zip(out) {
         *o = dot_impl(row, row);
     }
+}
+
+#[inline(always)]
+fn dots_and_squares_impl<T: Real>(query: &[T], rows: &[T], dots: &mut [T], squares: &mut [T]) {
+    let d = query.len();
+    for ((row, o), sq) in rows.chunks_exact(d).zip(dots).zip(squares) {
+        let (mut acc, mut acc_sq) = ([T::zero(); LANES], [T::zero(); LANES]);
+        let n = d / LANES * LANES;
+        for (qc, rc) in query[..n]
+            .chunks_exact(LANES)
+            .zip(row[..n].chunks_exact(LANES))
+        {
+            for k in 0..LANES {
+                acc[k] += qc[k] * rc[k];
+                acc_sq[k] += rc[k] * rc[k];
+            }
+        }
+        let tail = query[n..].iter().zip(&row[n..]);
+        *o = acc.iter().copied().sum::<T>() + tail.clone().map(|(&a, &b)| a * b).sum::<T>();
+        *sq = acc_sq.iter().copied().sum::<T>() + tail.map(|(_, &b)| b * b).sum::<T>();
+    }
+}
+
+multiversion! {
+    /// `dots[r] = query · rows[r]` and `squares[r] = rows[r] · rows[r]` in one read of the
+    /// rows (one query against rows that still need their norms).
+    pub fn dots_and_squares<T: Real>(query: &[T], rows: &[T], dots: &mut [T], squares: &mut [T]) -> () = dots_and_squares_impl;
 }
 
 multiversion! {

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from ._heads import _floats
+from ._heads import _floats, _labels
 
 __all__ = ["Gallery"]
 
@@ -37,15 +37,7 @@ def _rows(name: str, value: Any, dim: int) -> np.ndarray:
 
 def _ids(value: Any) -> np.ndarray:
     ids = np.asarray(value)
-    if ids.ndim == 0:
-        ids = ids[None]
-    if ids.dtype.kind not in "iu":
-        raise TypeError(f"ids must be an integer array, got dtype {ids.dtype}")
-    if ids.ndim != 1:
-        raise ValueError(f"ids must be 1-D, got shape {ids.shape}")
-    if ids.dtype.kind == "u" and ids.size and ids.max() > np.iinfo(np.int64).max:
-        raise ValueError("ids: values exceed the int64 range")
-    return ids.astype(np.int64, copy=False)
+    return _labels(ids[None] if ids.ndim == 0 else ids, "ids")
 
 
 class Gallery:

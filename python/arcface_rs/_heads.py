@@ -37,14 +37,15 @@ def _same_dtype(**arrays: np.ndarray) -> None:
         raise TypeError(f"arrays must share one dtype, got {desc}; cast one of them first")
 
 
-def _labels(value: Any) -> np.ndarray:
+def _labels(value: Any, name: str = "labels") -> np.ndarray:
+    """A 1-D int64 array from any integer array (unsigned values must fit in int64)."""
     labels = np.asarray(value)
     if labels.dtype.kind not in "iu":
-        raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
+        raise TypeError(f"{name} must be an integer array, got dtype {labels.dtype}")
     if labels.ndim != 1:
-        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+        raise ValueError(f"{name} must be 1-D, got shape {labels.shape}")
     if labels.dtype.kind == "u" and labels.size and labels.max() > np.iinfo(np.int64).max:
-        raise ValueError("labels: values exceed the int64 range")
+        raise ValueError(f"{name}: values exceed the int64 range")
     return labels.astype(np.int64, copy=False)
 
 

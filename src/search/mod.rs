@@ -77,6 +77,19 @@ pub(crate) trait Rows<T>: Sync {
     fn mults(&self, lo: usize, hi: usize, mult: &mut [T], bad: &mut Option<(usize, Error)>);
     /// `out[r] = query · row(lo + r)`, before the factor.
     fn dots(&self, query: &[T], lo: usize, hi: usize, out: &mut [T]);
+    /// `mults` and `dots` for one query, in one read of the rows where the storage allows.
+    fn dots_and_mults(
+        &self,
+        query: &[T],
+        lo: usize,
+        hi: usize,
+        dots: &mut [T],
+        mult: &mut [T],
+        bad: &mut Option<(usize, Error)>,
+    ) {
+        self.mults(lo, hi, mult, bad);
+        self.dots(query, lo, hi, dots);
+    }
     /// Rows `lo..hi` as `T` values, borrowed or decoded into `scratch`.
     fn decoded<'a>(&'a self, lo: usize, hi: usize, scratch: &'a mut Vec<T>) -> &'a [T];
 }
@@ -98,9 +111,38 @@ impl<T: Real> Rows<T> for Dense<'_, T> {
     }
 
     fn mults(&self, lo: usize, hi: usize, mult: &mut [T], bad: &mut Option<(usize, Error)>) {
+        kernels::dots_self(&self.flat[lo * self.d..hi * self.d], self.d, mult);
+        self.squares_to_mults(lo, mult, bad);
+    }
+
+    fn dots(&self, query: &[T], lo: usize, hi: usize, out: &mut [T]) {
+        kernels::dots(query, &self.flat[lo * self.d..hi * self.d], out);
+    }
+
+    fn dots_and_mults(
+        &self,
+        query: &[T],
+        lo: usize,
+        hi: usize,
+        dots: &mut [T],
+        mult: &mut [T],
+        bad: &mut Option<(usize, Error)>,
+    ) {
+        kernels::dots_and_squares(query, &self.flat[lo * self.d..hi * self.d], dots, mult);
+        self.squares_to_mults(lo, mult, bad);
+    }
+
+    fn decoded<'a>(&'a self, lo: usize, hi: usize, _scratch: &'a mut Vec<T>) -> &'a [T] {
+        &self.flat[lo * self.d..hi * self.d]
+    }
+}
+
+impl<T: Real> Dense<'_, T> {
+    /// Squared norms of rows from `lo` on to their factors (1 when normalised), checking
+    /// each row.
+    fn squares_to_mults(&self, lo: usize, mult: &mut [T], bad: &mut Option<(usize, Error)>) {
         let d = self.d;
-        let rows = &self.flat[lo * d..hi * d];
-        kernels::dots_self(rows, d, mult);
+        let rows = &self.flat[lo * d..(lo + mult.len()) * d];
         for (r, m) in mult.iter_mut().enumerate() {
             let ss = checked_sumsq(*m, &rows[r * d..(r + 1) * d]);
             if bad.is_none() {
@@ -112,14 +154,6 @@ impl<T: Real> Rows<T> for Dense<'_, T> {
                 T::of(1.0 / ss.sqrt())
             };
         }
-    }
-
-    fn dots(&self, query: &[T], lo: usize, hi: usize, out: &mut [T]) {
-        kernels::dots(query, &self.flat[lo * self.d..hi * self.d], out);
-    }
-
-    fn decoded<'a>(&'a self, lo: usize, hi: usize, _scratch: &'a mut Vec<T>) -> &'a [T] {
-        &self.flat[lo * self.d..hi * self.d]
     }
 }
 
@@ -236,6 +270,21 @@ fn merge_partials(a: Partial, b: Partial) -> Partial {
     (tops, first_bad(a.1, b.1))
 }
 
+/// Offers rows `first..` with these dot products and factors to one query's top list.
+#[inline]
+fn offer<T: Real>(top: &mut TopK, threshold: &mut f64, dots: &[T], mult: &[T], first: usize) {
+    for (r, (&dot, &m)) in dots.iter().zip(mult).enumerate() {
+        let score = (dot * m).f64();
+        if score >= *threshold {
+            top.push(Hit {
+                score,
+                index: first + r,
+            });
+            *threshold = top.threshold();
+        }
+    }
+}
+
 /// One pass over the gallery: each block of rows scored against every query while in L2.
 fn stream<T: Real, R: Rows<T>>(qhat: ArrayView2<T>, rows: &R, k: usize) -> Partial {
     let q = qhat.nrows();
@@ -253,20 +302,24 @@ fn stream<T: Real, R: Rows<T>>(qhat: ArrayView2<T>, rows: &R, k: usize) -> Parti
             for first in (job..(job + STREAM_ROWS).min(n)).step_by(BLOCK_ROWS) {
                 let count = BLOCK_ROWS.min(n - first);
                 let last = first + count;
+                if let [query] = queries[..] {
+                    // one query: its dots and the rows' norms in one read of the block
+                    let (dots, mult) = (&mut dots[..count], &mut mult[..count]);
+                    rows.dots_and_mults(query, first, last, dots, mult, &mut bad);
+                    offer(&mut tops[0], &mut thresholds[0], dots, mult, first);
+                    continue;
+                }
                 rows.mults(first, last, &mut mult[..count], &mut bad);
                 for (j, query) in queries.iter().enumerate() {
                     debug_assert_eq!(query.len(), d);
                     rows.dots(query, first, last, &mut dots[..count]);
-                    for r in 0..count {
-                        let score = (dots[r] * mult[r]).f64();
-                        if score >= thresholds[j] {
-                            tops[j].push(Hit {
-                                score,
-                                index: first + r,
-                            });
-                            thresholds[j] = tops[j].threshold();
-                        }
-                    }
+                    offer(
+                        &mut tops[j],
+                        &mut thresholds[j],
+                        &dots[..count],
+                        &mult[..count],
+                        first,
+                    );
                 }
             }
             (tops, bad)
