@@ -347,20 +347,7 @@ fn backprop_tile<T: Real>(
 /// first touch of each page is a fault that cost ~10% of the whole head in profiles.
 fn zeroed_for_huge_pages<T: Real>(n: usize) -> Vec<T> {
     let buf = vec![T::zero(); n]; // calloc: large sizes are fresh, untouched mmap pages
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let start = buf.as_ptr() as usize;
-        let end = start + std::mem::size_of_val(buf.as_slice());
-        let (lo, hi) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
-        if hi > lo {
-            // SAFETY: [lo, hi) lies inside `buf`'s allocation; MADV_HUGEPAGE is only a hint and
-            // changes no contents. Failure (THP disabled) is harmless and ignored.
-            unsafe {
-                libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE);
-            }
-        }
-    }
+    crate::pages::advise_huge(&buf);
     buf
 }
 

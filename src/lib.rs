@@ -9,6 +9,7 @@ pub mod head;
 pub mod kernels;
 pub mod margin;
 pub mod metrics;
+mod pages;
 pub mod real;
 pub mod search;
 
