@@ -558,6 +558,27 @@ impl Rows<f32> for Gallery {
         }
     }
 
+    fn dots_and_mults(
+        &self,
+        query: &[f32],
+        lo: usize,
+        hi: usize,
+        dots: &mut [f32],
+        mult: &mut [f32],
+        bad: &mut Option<(usize, Error)>,
+    ) {
+        if let Codes::F32(v) = &self.codes {
+            // The rows are unit vectors and need no norms, but this kernel (whose squares are
+            // thrown away) streams them faster than `dots`: measured 91 ms against 106 ms
+            // for one query over 1M rows, the same as cosine_topk over a numpy array.
+            kernels::dots_and_squares(query, &v[lo * self.dim..hi * self.dim], dots, mult);
+            mult.fill(1.0);
+            return;
+        }
+        self.mults(lo, hi, mult, bad);
+        self.dots(query, lo, hi, dots);
+    }
+
     fn decoded<'a>(&'a self, lo: usize, hi: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
         let (a, b) = (lo * self.dim, hi * self.dim);
         scratch.resize(b - a, 0.0);
