@@ -21,6 +21,7 @@ os.environ.setdefault("RAYON_NUM_THREADS", "2")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import numpy as np  # noqa: E402
+from _memory import rss_growth_mib  # noqa: E402
 
 import arcface_rs as afr  # noqa: E402
 
@@ -53,23 +54,6 @@ def best(fn, reps: int = 7) -> float:
         fn()
         t_best = min(t_best, time.perf_counter() - t)
     return 1e3 * t_best
-
-
-def rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
-
-
-def rss_growth_mib(fn) -> float:
-    """Peak resident memory during fn minus resident memory before it."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM) to the current RSS
-    before = rss_kib("VmRSS:")
-    fn()
-    return (rss_kib("VmHWM:") - before) / 1024
 
 
 def main() -> None:

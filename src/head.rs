@@ -693,11 +693,12 @@ fn fused_loss<T: Real>(
                     target_logit: t,
                 })
                 .collect();
+            // Every shard takes part in the collective, a failed one too (then its own error
+            // is the one to report, below).
             let combined = (sh.combine)(&mut parts, bad_weight.is_some());
-            if let Some(e) = bad_weight {
-                return Err(e);
+            if bad_weight.is_none() {
+                combined?;
             }
-            combined?;
             for ((st, t), part) in stats.iter_mut().zip(&mut target_logit).zip(&parts) {
                 *st = RowStat {
                     max: part.max,

@@ -177,8 +177,13 @@ fn parse_from(
     bytes: &[u8],
     map: Option<&Arc<memmap2::Mmap>>,
 ) -> std::result::Result<Gallery, String> {
-    let st = SafeTensors::deserialize(bytes).map_err(|e| format!("{e:?}"))?;
-    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| format!("{e:?}"))?;
+    // One parse of the header; it also checks that the tensors tile the data exactly.
+    let (header_len, header) = SafeTensors::read_metadata(bytes).map_err(|e| format!("{e:?}"))?;
+    let data = &bytes[8 + header_len..];
+    let tensor = |name: &str| {
+        let info = header.info(name).ok_or(format!("no tensor {name:?}"))?;
+        Ok::<_, String>((info, &data[info.data_offsets.0..info.data_offsets.1]))
+    };
     let meta = header
         .metadata()
         .as_ref()
@@ -215,42 +220,37 @@ fn parse_from(
         Dtype::I8 => vec!["ids", "scales", "vectors"],
         _ => vec!["ids", "vectors"],
     };
-    if st.len() != names.len() {
-        return Err(format!("holds {} tensors, expected {names:?}", st.len()));
+    let held = header.tensors().len();
+    if held != names.len() {
+        return Err(format!("holds {held} tensors, expected {names:?}"));
     }
     // The checksum covers the tensors in file order, as they were written.
-    let mut infos: Vec<_> = names
+    let mut tensors = names
         .iter()
-        .map(|&n| {
-            header
-                .info(n)
-                .map(|i| (n, i))
-                .ok_or(format!("no tensor {n:?}"))
-        })
-        .collect::<std::result::Result<_, _>>()?;
-    infos.sort_by_key(|(_, i)| i.data_offsets.0);
+        .map(|&n| tensor(n))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    tensors.sort_by_key(|(info, _)| info.data_offsets.0);
     let mut hasher = checksum_start(dim, dtype, next_id);
-    for (n, _) in &infos {
-        hasher.update(st.tensor(n).map_err(|e| format!("{e:?}"))?.data());
+    for (_, bytes) in &tensors {
+        hasher.update(bytes);
     }
     if hasher.finalize() != crc {
         return Err("the CRC-32 of the data does not match the header: the file is damaged".into());
     }
 
     let get = |name: &str, want: StDtype, shape: &[usize]| {
-        let t = st.tensor(name).map_err(|e| format!("{e:?}"))?;
-        if t.dtype() != want || t.shape() != shape {
+        let (info, bytes) = tensor(name)?;
+        if info.dtype != want || info.shape != shape {
             return Err(format!(
                 "tensor {name:?} is {:?} {:?}, expected {want:?} {shape:?}",
-                t.dtype(),
-                t.shape()
+                info.dtype, info.shape
             ));
         }
-        Ok(t.data())
+        Ok(bytes)
     };
-    let ids_tensor = st.tensor("ids").map_err(|e| format!("{e:?}"))?;
-    let n = *ids_tensor
-        .shape()
+    let n = *tensor("ids")?
+        .0
+        .shape
         .first()
         .ok_or("tensor \"ids\" is a scalar")?;
     let ids: Vec<i64> = get("ids", StDtype::I64, &[n])?

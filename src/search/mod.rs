@@ -95,10 +95,21 @@ pub(crate) trait Rows<T>: Sync {
 }
 
 /// A dense row-major array, checked and normalised as it is read.
-struct Dense<'a, T> {
+pub(crate) struct Dense<'a, T> {
     flat: &'a [T],
     d: usize,
     normalized: bool,
+}
+
+impl<'a, T> Dense<'a, T> {
+    /// Rows known to be unit vectors (still checked for NaN/inf and zeros as read).
+    pub(crate) fn unit(flat: &'a [T], d: usize) -> Self {
+        Dense {
+            flat,
+            d,
+            normalized: true,
+        }
+    }
 }
 
 impl<T: Real> Rows<T> for Dense<'_, T> {
