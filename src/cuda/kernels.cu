@@ -8,8 +8,11 @@
 
 #define PI_D 3.141592653589793
 #define THETA_EPS 1e-3
-// No headers: NVRTC compiles this without the CUDA toolkit's include files.
+// No headers: NVRTC compiles this without the CUDA toolkit's include files. (The CPU
+// emulator that tests these kernels brings its own definitions.)
+#ifndef INFINITY
 #define INFINITY __longlong_as_double(0x7ff0000000000000LL)
+#endif
 
 // Margin kinds, as margin_code() in cuda/mod.rs encodes them.
 #define M_SOFTMAX 0
@@ -124,6 +127,23 @@ __device__ void normalize_rows(const T* x, T* xhat, double* norms, int rows, int
     for (int j = threadIdx.x; j < d; j += blockDim.x) xhat[(long long)r * d + j] = row[j] * inv;
 }
 
+// One block per class centre: w_inv[j] = 1 / ||w_j||. A zero or non-finite row sets bad[0].
+template <typename T>
+__device__ void inv_norms(const T* w, T* w_inv, int rows, int d, int* bad) {
+    __shared__ double shared[32];
+    int r = blockIdx.x;
+    if (r >= rows) return;
+    const T* row = w + (long long)r * d;
+    double s = 0.0;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) s += (double)row[j] * (double)row[j];
+    s = block_sum(s, shared);
+    if (threadIdx.x == 0) {
+        double n = sqrt(s);
+        w_inv[r] = (T)(1.0 / n);
+        if (!(n > 0.0) || !isfinite(n)) atomicMax(bad, r + 1);
+    }
+}
+
 // Per row with a label: the target's cosine (from x̂ and the raw centre), psi and psi', and
 // the scaled target logit rounded to T as the stash will hold it.
 template <typename T>
@@ -198,6 +218,12 @@ __device__ void logits_tile(T* z, int rows, int ct, int lo, const T* w_inv,
     }
 }
 
+// One thread per element: out[i] = v.
+extern "C" __global__ void fill_f64(double* out, double v, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = v;
+}
+
 // One thread per row: the tiles' statistics merged into lse and Σ p z.
 extern "C" __global__ void merge_stats(const double* stats, int tiles, int rows, double* lse,
                                        double* pz) {
@@ -216,27 +242,44 @@ extern "C" __global__ void merge_stats(const double* stats, int tiles, int rows,
     pz[r] = sz / s;
 }
 
-// In place over a tile holding exp(z - tile_max): G = dL/dcos / ||w_j|| with
+// One thread per row: the row's loss (0 when ignored) and, when the scale is ||x||, the
+// extra term of d loss / d x along x̂: row_weight (Σ p z - z_target) / ||x||.
+extern "C" __global__ void row_losses(const double* lse, const double* pz,
+                                      const double* target_logit, const long long* labels,
+                                      const double* row_weight, const double* row_scale,
+                                      int feature_norm, int rows, double* loss,
+                                      double* norm_term) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    bool valid = labels[r] >= 0;
+    loss[r] = valid ? lse[r] - target_logit[r] : 0.0;
+    norm_term[r] = (valid && feature_norm) ? row_weight[r] * (pz[r] - target_logit[r]) / row_scale[r]
+                                           : 0.0;
+}
+
+// From a tile's stash e = exp(z - tile_max) to g = dL/dcos / ||w_j|| (a separate buffer: the
+// stash may live in the weight gradient's rows, which the next GEMM overwrites), with
 // p = e * exp(tile_max - lse); the target column gets (p - 1) psi' in float64.
 template <typename T>
-__device__ void grad_tile(T* e, int rows, int ct, int lo, const T* tile_max, const double* lse,
-                          const double* row_weight, const double* row_scale, const T* w_inv,
-                          const long long* labels, const double* target_logit,
+__device__ void grad_tile(const T* e, T* g, int rows, int ct, int lo, const T* tile_max,
+                          const double* lse, const double* row_weight, const double* row_scale,
+                          const T* w_inv, const long long* labels, const double* target_logit,
                           const double* target_dpsi) {
     int r = blockIdx.x;
     if (r >= rows) return;
-    T* row = e + (long long)r * ct;
+    const T* erow = e + (long long)r * ct;
+    T* grow = g + (long long)r * ct;
     double weight = row_weight[r];
     long long y = labels[r];
     T coef = (T)(weight * row_scale[r] * exp((double)tile_max[r] - lse[r]));
     for (int j = threadIdx.x; j < ct; j += blockDim.x) {
-        T g = row[j] * coef * w_inv[j];
-        if (weight == 0.0) g = (T)0;
+        T v = erow[j] * coef * w_inv[j];
+        if (weight == 0.0) v = (T)0;
         if (y == lo + j && weight != 0.0) {
             double p = exp(target_logit[r] - lse[r]);
-            g = (T)(weight * row_scale[r] * (p - 1.0) * target_dpsi[r] * (double)w_inv[j]);
+            v = (T)(weight * row_scale[r] * (p - 1.0) * target_dpsi[r] * (double)w_inv[j]);
         }
-        row[j] = g;
+        grow[j] = v;
     }
 }
 
@@ -278,6 +321,9 @@ __device__ void finish_grad_emb(T* dxhat, const T* xhat, const double* norms,
                                                   int d, int* bad) {                           \
         normalize_rows<T>(x, xhat, norms, rows, d, bad);                                        \
     }                                                                                          \
+    extern "C" __global__ void inv_norms_##S(const T* w, T* w_inv, int rows, int d, int* bad) { \
+        inv_norms<T>(w, w_inv, rows, d, bad);                                                   \
+    }                                                                                          \
     extern "C" __global__ void targets_##S(const T* xhat, const T* weight,                     \
                                            const long long* labels, const double* row_scale,   \
                                            int rows, int d, int kind, double m1, double m2,    \
@@ -295,10 +341,10 @@ __device__ void finish_grad_emb(T* dxhat, const T* xhat, const double* norms,
                        stats);                                                                 \
     }                                                                                          \
     extern "C" __global__ void grad_tile_##S(                                                  \
-        T* e, int rows, int ct, int lo, const T* tile_max, const double* lse,                  \
+        const T* e, T* g, int rows, int ct, int lo, const T* tile_max, const double* lse,      \
         const double* row_weight, const double* row_scale, const T* w_inv,                     \
         const long long* labels, const double* target_logit, const double* target_dpsi) {      \
-        grad_tile<T>(e, rows, ct, lo, tile_max, lse, row_weight, row_scale, w_inv, labels,     \
+        grad_tile<T>(e, g, rows, ct, lo, tile_max, lse, row_weight, row_scale, w_inv, labels,  \
                      target_logit, target_dpsi);                                               \
     }                                                                                          \
     extern "C" __global__ void project_out_rows_##S(T* g, const T* w, const T* w_inv,          \
@@ -383,12 +429,37 @@ extern "C" __global__ void topk_tile(const float* scores, int queries, int tile,
         for (int r = 0; r < k; ++r) { bs[r] = out_s[r]; bi[r] = out_i[r]; }
 }
 
-// float32 queries to float16 for a float16 gallery's GEMM (cuBLAS GemmEx, float32 compute).
-extern "C" __global__ void to_half(const float* x, unsigned short* out, long long n) {
+// float32 queries to two float16 halves for a float16 gallery's GEMMs (cuBLAS has no
+// f32 x f16 product): hi = f16(x), lo = f16((x - hi) * 2^12). Scores are
+// hi·g + 2^-12 lo·g, as exact as a float32 query (lo keeps the 11 bits hi dropped).
+#define SPLIT_SCALE 4096.0f
+
+__device__ unsigned short f32_to_f16(float x) {
+#ifdef __CUDACC_RTC__
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    return h;
+#else
+    return emu_f32_to_f16(x);
+#endif
+}
+
+__device__ float f16_to_f32(unsigned short h) {
+#ifdef __CUDACC_RTC__
+    float x;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(x) : "h"(h));
+    return x;
+#else
+    return emu_f16_to_f32(h);
+#endif
+}
+
+extern "C" __global__ void split_half(const float* x, unsigned short* hi, unsigned short* lo,
+                                      long long n) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) {
-        unsigned short h;
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x[i]));
-        out[i] = h;
+        unsigned short h = f32_to_f16(x[i]);
+        hi[i] = h;
+        lo[i] = f32_to_f16((x[i] - f16_to_f32(h)) * SPLIT_SCALE);
     }
 }

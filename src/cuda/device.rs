@@ -1,0 +1,172 @@
+//! What the launch sequences need from a GPU: kernel launches and cuBLAS GEMMs on one
+//! stream, over raw device addresses. [`super::driver`] implements it with the CUDA driver
+//! and cuBLAS; the tests implement it with a CPU emulator that runs the same `kernels.cu`,
+//! so the sequences (tiling, offsets, the GEMMs' layouts) are checked without a GPU.
+
+use crate::{Error, Result};
+
+/// One kernel argument, passed by value as CUDA's `kernelParams` expects.
+#[derive(Clone, Copy, Debug)]
+pub enum Arg {
+    /// A device address.
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F64(f64),
+}
+
+/// Element types of a GEMM: both inputs and the output in f32 or f64; or float16 inputs with
+/// float32 output and accumulation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Elem {
+    F32,
+    F64,
+    F16,
+}
+
+impl Elem {
+    /// Bytes per input element.
+    pub fn size(self) -> usize {
+        match self {
+            Elem::F32 => 4,
+            Elem::F64 => 8,
+            Elem::F16 => 2,
+        }
+    }
+
+    /// The kernels' name suffix for this element type.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Elem::F32 => "f32",
+            Elem::F64 => "f64",
+            Elem::F16 => "f16",
+        }
+    }
+}
+
+/// One GEMM in cuBLAS's own column-major terms: `C = alpha op(A) op(B) + beta C`, with C
+/// m×n, op(A) m×k, op(B) k×n. With `beta == 0`, C is not read (it may hold anything).
+#[derive(Clone, Copy, Debug)]
+pub struct ColumnMajorGemm {
+    pub elem: Elem,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub alpha: f64,
+    pub a: u64,
+    pub lda: usize,
+    pub b: u64,
+    pub ldb: usize,
+    pub beta: f64,
+    pub c: u64,
+    pub ldc: usize,
+}
+
+/// A GEMM over row-major matrices: `C (m×n) = alpha op(A) op(B) + beta C`, with `op(A)` m×k
+/// and `op(B)` k×n; `trans_a` means A is stored k×m. `ld*` are row strides in elements.
+#[derive(Clone, Copy, Debug)]
+pub struct RowMajorGemm {
+    pub elem: Elem,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub alpha: f64,
+    pub a: u64,
+    pub lda: usize,
+    pub b: u64,
+    pub ldb: usize,
+    pub beta: f64,
+    pub c: u64,
+    pub ldc: usize,
+}
+
+impl RowMajorGemm {
+    /// The same product for cuBLAS: a row-major matrix is its transpose in column-major
+    /// order, so C^T = op(B)^T op(A)^T swaps the operands and keeps each one's flag.
+    pub fn column_major(&self) -> ColumnMajorGemm {
+        ColumnMajorGemm {
+            elem: self.elem,
+            trans_a: self.trans_b,
+            trans_b: self.trans_a,
+            m: self.n,
+            n: self.m,
+            k: self.k,
+            alpha: self.alpha,
+            a: self.b,
+            lda: self.ldb,
+            b: self.a,
+            ldb: self.lda,
+            beta: self.beta,
+            c: self.c,
+            ldc: self.ldc,
+        }
+    }
+}
+
+/// A GPU stream to run work on, in order.
+pub trait Device {
+    /// Launches `kernel` (an entry point of `kernels.cu`) on a 1-D grid.
+    fn launch(&self, kernel: &str, grid: usize, block: usize, args: &[Arg]) -> Result<()>;
+    /// One cuBLAS GEMM.
+    fn gemm(&self, gemm: &ColumnMajorGemm) -> Result<()>;
+    /// Sets `bytes` bytes at `ptr` to zero.
+    fn zero(&self, ptr: u64, bytes: usize) -> Result<()>;
+}
+
+/// Each argument's value in an 8-byte slot (little-endian: a 4-byte int sits at the start),
+/// for kernelParams' array of pointers to values.
+pub fn arg_values(args: &[Arg]) -> Vec<[u8; 8]> {
+    args.iter()
+        .map(|arg| {
+            let mut slot = [0u8; 8];
+            match *arg {
+                Arg::Ptr(p) => slot.copy_from_slice(&p.to_ne_bytes()),
+                Arg::I64(v) => slot.copy_from_slice(&v.to_ne_bytes()),
+                Arg::F64(v) => slot.copy_from_slice(&v.to_ne_bytes()),
+                Arg::I32(v) => slot[..4].copy_from_slice(&v.to_ne_bytes()),
+            }
+            slot
+        })
+        .collect()
+}
+
+/// A row-major GEMM on `device`.
+pub fn gemm(device: &dyn Device, gemm: RowMajorGemm) -> Result<()> {
+    device.gemm(&gemm.column_major())
+}
+
+/// The error for a failed driver, NVRTC or cuBLAS call.
+pub fn cuda_error(what: &str, detail: impl std::fmt::Debug) -> Error {
+    Error::invalid("cuda", format!("{what} failed: {detail:?}"))
+}
+
+/// Hands out aligned, non-overlapping ranges of one workspace buffer.
+pub struct Carver {
+    base: u64,
+    used: usize,
+}
+
+/// cuBLAS and vector loads want aligned operands; 256 bytes is what cudaMalloc guarantees.
+const ALIGN: usize = 256;
+
+impl Carver {
+    pub fn new(base: u64) -> Self {
+        Carver { base, used: 0 }
+    }
+
+    /// The next `count` elements of `size` bytes.
+    pub fn take(&mut self, count: usize, size: usize) -> u64 {
+        let at = self.used.next_multiple_of(ALIGN);
+        self.used = at + count * size;
+        self.base + at as u64
+    }
+
+    /// Bytes handed out so far, rounded up to the alignment.
+    pub fn bytes(&self) -> usize {
+        self.used.next_multiple_of(ALIGN)
+    }
+}

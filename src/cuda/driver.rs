@@ -1,0 +1,289 @@
+//! [`Device`] on a real GPU: the CUDA driver API and cuBLAS through cudarc's raw bindings,
+//! on a stream the caller owns (for torch tensors, torch's current stream).
+//!
+//! Each device is set up once per process: its primary context (the one PyTorch uses, so
+//! torch's device addresses are valid here), the kernels compiled by NVRTC for its compute
+//! capability and loaded as a module, and a cuBLAS handle. The setup is kept behind a mutex
+//! that each call holds while it queues its work, since a cuBLAS handle is bound to one
+//! stream at a time.
+
+use super::device::{arg_values, cuda_error, Arg, ColumnMajorGemm, Device, Elem};
+use super::{available, compile, ENTRY_POINTS};
+use crate::{Error, Result};
+use cudarc::cublas::sys as cublas;
+use cudarc::driver::{result as cu, sys};
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Mutex, OnceLock};
+
+/// One device's context, kernels and cuBLAS handle.
+struct Loaded {
+    context: sys::CUcontext,
+    functions: HashMap<&'static str, sys::CUfunction>,
+    cublas: cublas::cublasHandle_t,
+}
+
+// SAFETY: the handles are plain identifiers that the driver lets any thread use once the
+// context is current; every use goes through the mutex below.
+unsafe impl Send for Loaded {}
+
+fn loaded() -> &'static Mutex<HashMap<usize, Loaded>> {
+    static LOADED: OnceLock<Mutex<HashMap<usize, Loaded>>> = OnceLock::new();
+    LOADED.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn load(ordinal: usize) -> Result<Loaded> {
+    cu::init().map_err(|e| cuda_error("cuInit", e))?;
+    let device = cu::device::get(ordinal as i32).map_err(|e| cuda_error("cuDeviceGet", e))?;
+    // SAFETY: `device` came from cuDeviceGet.
+    let (major, minor) = unsafe {
+        use sys::CUdevice_attribute::*;
+        (
+            cu::device::get_attribute(device, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
+            cu::device::get_attribute(device, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
+        )
+    };
+    let (major, minor) = (
+        major.map_err(|e| cuda_error("cuDeviceGetAttribute", e))?,
+        minor.map_err(|e| cuda_error("cuDeviceGetAttribute", e))?,
+    );
+    // NVRTC wants a 'static name; one small leak per device and process.
+    let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+    let ptx = compile(Some(arch)).map_err(|log| cuda_error("NVRTC", log))?;
+    let ptx = CString::new(ptx).map_err(|e| cuda_error("PTX", e))?;
+    // SAFETY: the device is valid; the PTX is a NUL-terminated image that NVRTC produced.
+    unsafe {
+        let context = cu::primary_ctx::retain(device)
+            .map_err(|e| cuda_error("cuDevicePrimaryCtxRetain", e))?;
+        cu::ctx::set_current(context).map_err(|e| cuda_error("cuCtxSetCurrent", e))?;
+        let module = cu::module::load_data(ptx.as_ptr() as *const c_void)
+            .map_err(|e| cuda_error("cuModuleLoadData", e))?;
+        let mut functions = HashMap::new();
+        for name in ENTRY_POINTS {
+            let f = cu::module::get_function(module, CString::new(*name).expect("no NUL"))
+                .map_err(|e| cuda_error(name, e))?;
+            functions.insert(*name, f);
+        }
+        let cublas =
+            cudarc::cublas::result::create_handle().map_err(|e| cuda_error("cublasCreate", e))?;
+        Ok(Loaded {
+            context,
+            functions,
+            cublas,
+        })
+    }
+}
+
+/// Work queued on one stream of one device.
+pub struct Stream<'a> {
+    loaded: &'a Loaded,
+    stream: sys::CUstream,
+}
+
+/// Runs `work` with device `ordinal` set up and current, queuing on `stream` (a CUstream
+/// address; 0 is the legacy default stream). Returns once the work is queued, not done.
+pub fn with_stream<R>(
+    ordinal: usize,
+    stream: u64,
+    work: impl FnOnce(&Stream) -> Result<R>,
+) -> Result<R> {
+    if !available() {
+        return Err(Error::invalid(
+            "device",
+            "no CUDA driver or device is available in this process",
+        ));
+    }
+    let mut all = loaded().lock().unwrap_or_else(|e| e.into_inner());
+    let loaded = match all.entry(ordinal) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(load(ordinal)?),
+    };
+    let loaded = &*loaded;
+    let stream = stream as usize as sys::CUstream;
+    // SAFETY: the context and handle were created by `load` and are never destroyed.
+    unsafe {
+        cu::ctx::set_current(loaded.context).map_err(|e| cuda_error("cuCtxSetCurrent", e))?;
+        cudarc::cublas::result::set_stream(loaded.cublas, stream as _)
+            .map_err(|e| cuda_error("cublasSetStream", e))?;
+    }
+    work(&Stream { loaded, stream })
+}
+
+impl Stream<'_> {
+    /// Blocks until everything queued on the stream has run.
+    pub fn synchronize(&self) -> Result<()> {
+        // SAFETY: a stream of the current context (or the default stream).
+        unsafe { cu::stream::synchronize(self.stream) }
+            .map_err(|e| cuda_error("cuStreamSynchronize", e))
+    }
+
+    /// Copies `src` to device address `dst` (synchronously).
+    pub fn upload<T: Copy>(&self, dst: u64, src: &[T]) -> Result<()> {
+        self.synchronize()?;
+        // SAFETY: the caller's buffer at `dst` holds `src.len()` elements.
+        unsafe { cu::memcpy_htod_sync(dst, src) }.map_err(|e| cuda_error("cuMemcpyHtoD", e))
+    }
+
+    /// Copies from device address `src` into `dst` after the queued work is done.
+    pub fn download<T: Copy>(&self, dst: &mut [T], src: u64) -> Result<()> {
+        self.synchronize()?;
+        // SAFETY: the buffer at `src` holds `dst.len()` elements.
+        unsafe { cu::memcpy_dtoh_sync(dst, src) }.map_err(|e| cuda_error("cuMemcpyDtoH", e))
+    }
+}
+
+impl Device for Stream<'_> {
+    fn launch(&self, kernel: &str, grid: usize, block: usize, args: &[Arg]) -> Result<()> {
+        let function = *self
+            .loaded
+            .functions
+            .get(kernel)
+            .ok_or_else(|| cuda_error(kernel, "not an entry point of kernels.cu"))?;
+        if grid == 0 {
+            return Ok(());
+        }
+        let grid = u32::try_from(grid).map_err(|_| cuda_error(kernel, "grid too large"))?;
+        let mut values = arg_values(args);
+        let mut params: Vec<*mut c_void> = values
+            .iter_mut()
+            .map(|v| v.as_mut_ptr() as *mut c_void)
+            .collect();
+        // SAFETY: the launch sequences pass the kernel's parameters in order, with device
+        // addresses of buffers large enough for the grid.
+        unsafe {
+            cu::launch_kernel(
+                function,
+                (grid, 1, 1),
+                (block as u32, 1, 1),
+                0,
+                self.stream,
+                &mut params,
+            )
+        }
+        .map_err(|e| cuda_error(kernel, e))
+    }
+
+    fn gemm(&self, g: &ColumnMajorGemm) -> Result<()> {
+        use cublas::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+        let dims = [g.m, g.n, g.k, g.lda, g.ldb, g.ldc];
+        if dims.iter().any(|&v| v > i32::MAX as usize) {
+            return Err(cuda_error("GEMM", "a dimension exceeds 2^31 - 1"));
+        }
+        let [m, n, k, lda, ldb, ldc] = dims.map(|v| v as i32);
+        let h = self.loaded.cublas;
+        // SAFETY: operands are device addresses of the sizes the dimensions say; alpha and
+        // beta are host scalars (cuBLAS's default pointer mode).
+        let status = unsafe {
+            match g.elem {
+                Elem::F32 => {
+                    let (alpha, beta) = (g.alpha as f32, g.beta as f32);
+                    cudarc::cublas::result::sgemm(
+                        h,
+                        op(g.trans_a),
+                        op(g.trans_b),
+                        m,
+                        n,
+                        k,
+                        &alpha,
+                        g.a as *const f32,
+                        lda,
+                        g.b as *const f32,
+                        ldb,
+                        &beta,
+                        g.c as *mut f32,
+                        ldc,
+                    )
+                }
+                Elem::F64 => cudarc::cublas::result::dgemm(
+                    h,
+                    op(g.trans_a),
+                    op(g.trans_b),
+                    m,
+                    n,
+                    k,
+                    &g.alpha,
+                    g.a as *const f64,
+                    lda,
+                    g.b as *const f64,
+                    ldb,
+                    &g.beta,
+                    g.c as *mut f64,
+                    ldc,
+                ),
+                Elem::F16 => {
+                    let (alpha, beta) = (g.alpha as f32, g.beta as f32);
+                    cudarc::cublas::result::gemm_ex(
+                        h,
+                        op(g.trans_a),
+                        op(g.trans_b),
+                        m,
+                        n,
+                        k,
+                        &alpha as *const f32 as *const c_void,
+                        g.a as *const c_void,
+                        cublas::cudaDataType_t::CUDA_R_16F,
+                        lda,
+                        g.b as *const c_void,
+                        cublas::cudaDataType_t::CUDA_R_16F,
+                        ldb,
+                        &beta as *const f32 as *const c_void,
+                        g.c as *mut c_void,
+                        cublas::cudaDataType_t::CUDA_R_32F,
+                        ldc,
+                        cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                }
+            }
+        };
+        status.map_err(|e| cuda_error("cuBLAS GEMM", e))
+    }
+
+    fn zero(&self, ptr: u64, bytes: usize) -> Result<()> {
+        // SAFETY: the caller's buffer at `ptr` holds `bytes` bytes.
+        unsafe { cu::memset_d8_async(ptr, 0, bytes, self.stream) }
+            .map_err(|e| cuda_error("cuMemsetD8Async", e))
+    }
+}
+
+/// Device memory this crate owns (the Gallery's rows), freed on drop.
+pub struct DeviceBuffer {
+    ordinal: usize,
+    ptr: u64,
+    bytes: usize,
+}
+
+impl DeviceBuffer {
+    /// `bytes` bytes on device `ordinal`.
+    pub fn new(ordinal: usize, bytes: usize) -> Result<Self> {
+        with_stream(ordinal, 0, |_| {
+            // SAFETY: a plain allocation in the current context.
+            let ptr = unsafe { cu::malloc_sync(bytes.max(1)) }
+                .map_err(|e| cuda_error(&format!("cuMemAlloc of {bytes} bytes"), e))?;
+            Ok(DeviceBuffer {
+                ordinal,
+                ptr,
+                bytes,
+            })
+        })
+    }
+
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        let ptr = self.ptr;
+        let _ = with_stream(self.ordinal, 0, |_| {
+            // SAFETY: allocated by `new` in this device's primary context, freed once.
+            unsafe { cu::free_sync(ptr) }.map_err(|e| cuda_error("cuMemFree", e))
+        });
+    }
+}

@@ -1,0 +1,196 @@
+// A CPU stand-in for the CUDA execution model, for tests on machines without a GPU: it
+// compiles the real kernels.cu with a C++ compiler and runs every CUDA thread of a block as
+// a fiber (ucontext). __syncthreads and the warp shuffles are barriers of the fiber
+// scheduler; a barrier that not every thread of the block (or warp) reaches is reported as
+// an error instead of hanging, since on a GPU it is undefined behaviour.
+//
+// Blocks of a grid run one after another, so __shared__ arrays can be plain statics.
+
+#include <math.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <type_traits>
+#include <ucontext.h>
+#include <utility>
+#include <vector>
+
+using std::isfinite;
+
+struct dim3 {
+    unsigned x = 0, y = 1, z = 1;
+};
+static dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+#define __global__
+#define __device__
+#define __shared__ static
+
+enum class State { Run, Warp, Block, Done };
+
+struct Fiber {
+    ucontext_t ctx;
+    std::vector<char> stack;
+    State state = State::Run;
+};
+
+static ucontext_t scheduler;
+static std::vector<Fiber> fibers;
+static int running = -1;
+static double warp_slots[32][32];
+
+// Suspends the running thread until the scheduler releases the barrier it waits at.
+static void wait_at(State barrier) {
+    Fiber& me = fibers[running];
+    me.state = barrier;
+    swapcontext(&me.ctx, &scheduler);
+}
+
+static void __syncthreads() { wait_at(State::Block); }
+
+template <typename V>
+static V __shfl_down_sync(unsigned, V v, int offset) {
+    unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    warp_slots[warp][lane] = (double)v;
+    wait_at(State::Warp);
+    V out = lane + offset < 32 ? (V)warp_slots[warp][lane + offset] : v;
+    wait_at(State::Warp);  // nobody writes its slot again before every lane has read
+    return out;
+}
+
+static int atomicMax(int* address, int value) {
+    std::atomic_ref<int> a(*address);
+    int old = a.load();
+    while (old < value && !a.compare_exchange_weak(old, value)) {
+    }
+    return old;
+}
+
+static unsigned short emu_f32_to_f16(float x) {
+    _Float16 h = (_Float16)x;
+    unsigned short bits;
+    std::memcpy(&bits, &h, 2);
+    return bits;
+}
+
+static float emu_f16_to_f32(unsigned short bits) {
+    _Float16 h;
+    std::memcpy(&h, &bits, 2);
+    return (float)h;
+}
+
+#include "kernels.cu"
+
+// Calls kernel `f` with its arguments unpacked from CUDA's kernelParams layout (an array
+// of pointers to each argument's value).
+template <typename... A, std::size_t... I>
+static void invoke(void (*f)(A...), void** args, std::index_sequence<I...>) {
+    f(*static_cast<A*>(args[I])...);
+}
+
+template <typename... A>
+static std::function<void(void**)> entry(void (*f)(A...)) {
+    return [f](void** args) { invoke(f, args, std::index_sequence_for<A...>{}); };
+}
+
+struct Entry {
+    const char* name;
+    std::function<void(void**)> run;
+};
+
+#define ENTRY(name) {#name, entry(name)}
+#define ENTRY2(name) ENTRY(name##_f32), ENTRY(name##_f64)
+
+static const Entry entries[] = {
+    ENTRY2(normalize_rows), ENTRY2(inv_norms),  ENTRY2(targets),
+    ENTRY2(logits_tile),    ENTRY2(grad_tile),  ENTRY2(project_out_rows),
+    ENTRY2(finish_grad_emb), ENTRY(fill_f64),   ENTRY(merge_stats),
+    ENTRY(row_losses),      ENTRY(topk_tile),   ENTRY(split_half),
+};
+
+static const Entry* find(const char* name) {
+    for (const Entry& e : entries)
+        if (std::strcmp(e.name, name) == 0) return &e;
+    return nullptr;
+}
+
+static const Entry* current_entry;
+static void** current_args;
+
+static void fiber_main() {
+    current_entry->run(current_args);
+    fibers[running].state = State::Done;
+    swapcontext(&fibers[running].ctx, &scheduler);
+}
+
+static void resume(int i) {
+    running = i;
+    threadIdx.x = i;
+    fibers[i].state = State::Run;
+    swapcontext(&scheduler, &fibers[i].ctx);
+    running = -1;
+}
+
+// Runs one block to its end; false if its threads met at different barriers.
+static bool run_block() {
+    int n = (int)fibers.size();
+    for (Fiber& f : fibers) {
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack.data();
+        f.ctx.uc_stack.ss_size = f.stack.size();
+        f.ctx.uc_link = nullptr;
+        makecontext(&f.ctx, fiber_main, 0);
+        f.state = State::Run;
+    }
+    for (;;) {
+        bool ran = false;
+        for (int i = 0; i < n; ++i)
+            if (fibers[i].state == State::Run) {
+                resume(i);
+                ran = true;
+            }
+        if (ran) continue;
+        bool released = false;
+        for (int w = 0; w < n / 32; ++w) {
+            bool all = true;
+            for (int l = 0; l < 32; ++l) all = all && fibers[w * 32 + l].state == State::Warp;
+            if (all) {
+                for (int l = 0; l < 32; ++l) fibers[w * 32 + l].state = State::Run;
+                released = true;
+            }
+        }
+        if (released) continue;
+        int at_block = 0, done = 0;
+        for (Fiber& f : fibers) {
+            at_block += f.state == State::Block;
+            done += f.state == State::Done;
+        }
+        if (done == n) return true;
+        if (at_block != n) return false;
+        for (Fiber& f : fibers) f.state = State::Run;
+    }
+}
+
+// 0: done. 1: no such kernel. 2: bad block size. 3: divergent barrier.
+extern "C" int emu_launch(const char* name, unsigned grid, unsigned block, void** args) {
+    const Entry* e = find(name);
+    if (!e) return 1;
+    if (block == 0 || block % 32 != 0 || block > 1024) return 2;
+    current_entry = e;
+    current_args = args;
+    blockDim.x = block;
+    gridDim.x = grid;
+    fibers.assign(block, Fiber{});
+    for (Fiber& f : fibers) f.stack.resize(64 * 1024);
+    for (unsigned b = 0; b < grid; ++b) {
+        blockIdx.x = b;
+        if (!run_block()) return 3;
+    }
+    return 0;
+}
+
+extern "C" int emu_has(const char* name) { return find(name) != nullptr; }

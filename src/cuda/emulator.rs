@@ -1,0 +1,161 @@
+//! Test-only [`Device`] that runs `kernels.cu` on the CPU (see `emulator.cpp`) and GEMMs with
+//! cuBLAS's column-major semantics, so the launch sequences are tested without a GPU.
+//! "Device addresses" are host addresses of the test's own buffers.
+
+use super::device::{arg_values, cuda_error, Arg, ColumnMajorGemm, Device, Elem};
+use crate::Result;
+use std::ffi::{c_char, c_int, c_uint, c_void, CString};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+type LaunchFn = unsafe extern "C" fn(*const c_char, c_uint, c_uint, *mut *mut c_void) -> c_int;
+type HasFn = unsafe extern "C" fn(*const c_char) -> c_int;
+
+pub struct Emulator {
+    _lib: libloading::Library,
+    launch: LaunchFn,
+    has: HasFn,
+}
+
+/// The emulator's scheduler is global state: one launch at a time in the process.
+static LAUNCH_LOCK: Mutex<()> = Mutex::new(());
+
+impl Emulator {
+    /// The emulator, compiled once per test process with the system's C++ compiler ($CXX or
+    /// c++, C++20).
+    pub fn get() -> &'static Emulator {
+        static EMULATOR: OnceLock<Emulator> = OnceLock::new();
+        EMULATOR.get_or_init(|| Self::build().unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    fn build() -> std::result::Result<Emulator, String> {
+        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/cuda/emulator.cpp");
+        let out = std::env::temp_dir().join(format!(
+            "arcface_rs_cuda_emulator_{}.so",
+            std::process::id()
+        ));
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let status = Command::new(&cxx)
+            .args(["-std=c++20", "-O1", "-shared", "-fPIC", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .status()
+            .map_err(|e| format!("cannot run the C++ compiler {cxx:?}: {e}"))?;
+        if !status.success() {
+            return Err(format!("{cxx} failed to compile {}", src.display()));
+        }
+        // SAFETY: the library is ours; its only initialisers are its static tables.
+        let lib = unsafe { libloading::Library::new(&out) }.map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(&out);
+        // SAFETY: the symbols have exactly these signatures in emulator.cpp.
+        unsafe {
+            let launch = *lib
+                .get::<LaunchFn>(b"emu_launch\0")
+                .map_err(|e| e.to_string())?;
+            let has = *lib.get::<HasFn>(b"emu_has\0").map_err(|e| e.to_string())?;
+            Ok(Emulator {
+                _lib: lib,
+                launch,
+                has,
+            })
+        }
+    }
+
+    /// Whether the emulator knows kernel `name`.
+    pub fn has(&self, name: &str) -> bool {
+        let name = CString::new(name).expect("kernel names have no NUL");
+        // SAFETY: a NUL-terminated string.
+        unsafe { (self.has)(name.as_ptr()) != 0 }
+    }
+}
+
+/// Element `i` of an operand, as f64.
+///
+/// SAFETY: `p` must point to at least `i + 1` elements of `elem`'s input type.
+unsafe fn load(elem: Elem, p: u64, i: usize) -> f64 {
+    match elem {
+        Elem::F32 => *(p as *const f32).add(i) as f64,
+        Elem::F64 => *(p as *const f64).add(i),
+        Elem::F16 => half::f16::from_bits(*(p as *const u16).add(i)).to_f64(),
+    }
+}
+
+impl Device for Emulator {
+    fn launch(&self, kernel: &str, grid: usize, block: usize, args: &[Arg]) -> Result<()> {
+        let name = CString::new(kernel).expect("kernel names have no NUL");
+        let mut values = arg_values(args);
+        let mut params: Vec<*mut c_void> = values
+            .iter_mut()
+            .map(|v| v.as_mut_ptr() as *mut c_void)
+            .collect();
+        let _one_at_a_time = LAUNCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the test passes host buffers large enough for what the kernel touches.
+        let code = unsafe {
+            (self.launch)(
+                name.as_ptr(),
+                grid as c_uint,
+                block as c_uint,
+                params.as_mut_ptr(),
+            )
+        };
+        match code {
+            0 => Ok(()),
+            1 => Err(cuda_error(kernel, "no such kernel in the emulator")),
+            2 => Err(cuda_error(kernel, format!("block size {block}"))),
+            _ => Err(cuda_error(
+                kernel,
+                "threads of a block met at different barriers",
+            )),
+        }
+    }
+
+    fn gemm(&self, g: &ColumnMajorGemm) -> Result<()> {
+        // cuBLAS's definition, element by element, accumulated in f64.
+        for j in 0..g.n {
+            for i in 0..g.m {
+                let mut acc = 0.0;
+                for l in 0..g.k {
+                    // SAFETY: the operands hold the sizes their leading dimensions say.
+                    unsafe {
+                        let a = if g.trans_a {
+                            l + i * g.lda
+                        } else {
+                            i + l * g.lda
+                        };
+                        let b = if g.trans_b {
+                            j + l * g.ldb
+                        } else {
+                            l + j * g.ldb
+                        };
+                        acc += load(g.elem, g.a, a) * load(g.elem, g.b, b);
+                    }
+                }
+                let at = i + j * g.ldc;
+                // SAFETY: as above; the output is f64 for f64 inputs, else f32.
+                unsafe {
+                    if g.elem == Elem::F64 {
+                        let c = (g.c as *mut f64).add(at);
+                        let old = if g.beta == 0.0 { 0.0 } else { g.beta * *c };
+                        *c = g.alpha * acc + old;
+                    } else {
+                        let c = (g.c as *mut f32).add(at);
+                        let old = if g.beta == 0.0 {
+                            0.0
+                        } else {
+                            g.beta * *c as f64
+                        };
+                        *c = (g.alpha * acc + old) as f32;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn zero(&self, ptr: u64, bytes: usize) -> Result<()> {
+        // SAFETY: the test's buffer holds `bytes` bytes.
+        unsafe { std::ptr::write_bytes(ptr as *mut u8, 0, bytes) };
+        Ok(())
+    }
+}

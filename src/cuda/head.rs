@@ -1,0 +1,425 @@
+//! The fused margin head on a GPU: the launch sequence of `kernels.cu` and cuBLAS GEMMs that
+//! mirrors `crate::head` (same two passes, same stash, same float64 row statistics).
+//!
+//! All memory is the caller's (torch tensors): inputs, outputs and one workspace of
+//! [`workspace_bytes`]. Classes are cut into tiles of [`CLASS_TILE`] columns; the B×C logits
+//! never exist whole. Pass 1 per tile: Z = X̂ W_tᵀ (cuBLAS) and a kernel turning Z into
+//! exp(z - tile max) in place (the stash) with the tile's row statistics; the tiles'
+//! statistics merge into log-sum-exp per row. Pass 2 per tile: G = dL/dcos from the stash,
+//! dX̂ += G W_t and dW_t = Gᵀ X̂ (cuBLAS), then the normalisation's projection on dW_t.
+//! When B <= D and the weight gradient is wanted, each tile's stash lives in that tile's own
+//! rows of dW, as on the CPU; otherwise rows are cut into chunks whose stash fits
+//! [`STASH_BUDGET_BYTES`] and dW accumulates over them.
+
+use super::device::{gemm, Arg, Carver, Device, Elem, RowMajorGemm};
+use crate::margin::{Margin, Scale};
+use crate::Result;
+
+/// Columns per class tile: big enough that each GEMM fills the GPU, small enough that the
+/// dL/dcos scratch (rows × tile) stays small.
+pub const CLASS_TILE: usize = 16384;
+
+/// Most device memory a separate stash may take (when it cannot live in the weight gradient).
+pub const STASH_BUDGET_BYTES: usize = 1 << 30;
+
+/// Threads per block of the per-row kernels.
+const ROW_THREADS: usize = 256;
+/// Threads per block of the per-class-centre kernels (rows of D elements, many blocks).
+const CENTRE_THREADS: usize = 128;
+/// Threads per block of the one-thread-per-row kernels.
+const FLAT_THREADS: usize = 128;
+
+/// Sizes of one call: B rows of D, C classes, in f32 or f64.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadShape {
+    pub b: usize,
+    pub c: usize,
+    pub d: usize,
+    pub elem: Elem,
+}
+
+/// Device addresses of one call (row-major, contiguous). Addresses of 0 mean "not wanted".
+#[derive(Clone, Copy, Debug)]
+pub struct HeadBuffers {
+    /// (B, D) embeddings.
+    pub emb: u64,
+    /// (C, D) class centres.
+    pub weight: u64,
+    /// (B,) int64 labels, -1 for ignored rows, all checked to be < C.
+    pub labels: u64,
+    /// (B,) float64 d loss / d row loss (0 for ignored rows).
+    pub row_weight: u64,
+    /// Output (B,) float64: each row's loss, 0 for ignored rows.
+    pub row_loss: u64,
+    /// Output (B, D) gradient of the embeddings, or 0.
+    pub grad_emb: u64,
+    /// Output (C, D) gradient of the class centres, or 0.
+    pub grad_weight: u64,
+    /// Output (2,) int32: one past the first bad row (zero, NaN or inf) of emb and of
+    /// weight, 0 when all are fine (the caller raises after reading them).
+    pub bad: u64,
+    /// [`workspace_bytes`] bytes of scratch.
+    pub workspace: u64,
+}
+
+/// Tile width and stash budget (the tests use small ones to cover many tiles and chunks).
+#[derive(Clone, Copy, Debug)]
+pub struct Tiling {
+    pub class_tile: usize,
+    pub stash_budget_bytes: usize,
+}
+
+impl Default for Tiling {
+    fn default() -> Self {
+        Tiling {
+            class_tile: CLASS_TILE,
+            stash_budget_bytes: STASH_BUDGET_BYTES,
+        }
+    }
+}
+
+/// How a call is cut into tiles and row chunks.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    tile: usize,
+    tiles: usize,
+    chunk_rows: usize,
+    stash_in_grad: bool,
+}
+
+impl Plan {
+    fn new(shape: HeadShape, want_weight: bool, tiling: Tiling) -> Plan {
+        let HeadShape { b, c, d, elem } = shape;
+        let tile = tiling.class_tile.clamp(1, c);
+        let stash_in_grad = want_weight && b <= d;
+        let chunk_rows = if stash_in_grad {
+            b
+        } else {
+            (tiling.stash_budget_bytes / (c * elem.size())).clamp(1, b)
+        };
+        Plan {
+            tile,
+            tiles: c.div_ceil(tile),
+            chunk_rows,
+            stash_in_grad,
+        }
+    }
+}
+
+/// The scratch buffers, carved out of the workspace.
+struct Scratch {
+    xhat: u64,
+    norms: u64,
+    row_scale: u64,
+    w_inv: u64,
+    target_logit: u64,
+    target_dpsi: u64,
+    norm_term: u64,
+    lse: u64,
+    pz: u64,
+    tile_max: u64,
+    stats: u64,
+    g: u64,
+    stash: u64,
+}
+
+impl Scratch {
+    fn carve(carver: &mut Carver, shape: HeadShape, plan: Plan) -> Scratch {
+        let HeadShape { b, c, d, elem } = shape;
+        let (sz, nr) = (elem.size(), plan.chunk_rows);
+        Scratch {
+            xhat: carver.take(b * d, sz),
+            norms: carver.take(b, 8),
+            row_scale: carver.take(b, 8),
+            w_inv: carver.take(c, sz),
+            target_logit: carver.take(b, 8),
+            target_dpsi: carver.take(b, 8),
+            norm_term: carver.take(b, 8),
+            lse: carver.take(nr, 8),
+            pz: carver.take(nr, 8),
+            tile_max: carver.take(plan.tiles * nr, sz),
+            stats: carver.take(plan.tiles * nr * 3, 8),
+            g: carver.take(nr * plan.tile, sz),
+            stash: if plan.stash_in_grad {
+                0
+            } else {
+                carver.take(nr * c, sz)
+            },
+        }
+    }
+}
+
+/// Workspace bytes one call needs.
+pub fn workspace_bytes(shape: HeadShape, want_weight: bool, tiling: Tiling) -> usize {
+    let mut carver = Carver::new(0);
+    Scratch::carve(&mut carver, shape, Plan::new(shape, want_weight, tiling));
+    carver.bytes()
+}
+
+/// Address of element `index` of an array of `size`-byte elements at `base`.
+fn at(base: u64, index: usize, size: usize) -> u64 {
+    base + (index * size) as u64
+}
+
+/// Loss rows and the wanted gradients of the margin head (see the module docs). Everything
+/// is queued on `device`'s stream; the caller reads `bad` before trusting the results.
+pub fn margin_loss(
+    device: &dyn Device,
+    shape: HeadShape,
+    margin: &Margin,
+    buf: &HeadBuffers,
+    tiling: Tiling,
+) -> Result<()> {
+    use Arg::{Ptr, F64, I32};
+    let HeadShape { b, c, d, elem } = shape;
+    let (want_emb, want_weight) = (buf.grad_emb != 0, buf.grad_weight != 0);
+    let plan = Plan::new(shape, want_weight, tiling);
+    let mut carver = Carver::new(buf.workspace);
+    let s = Scratch::carve(&mut carver, shape, plan);
+    let (sz, sfx) = (elem.size(), elem.suffix());
+    let (bi, ci, di) = (b as i32, c as i32, d as i32);
+    let kernel = |name: &str| format!("{name}_{sfx}");
+
+    device.zero(buf.bad, 8)?;
+    device.launch(
+        &kernel("normalize_rows"),
+        b,
+        ROW_THREADS,
+        &[
+            Ptr(buf.emb),
+            Ptr(s.xhat),
+            Ptr(s.norms),
+            I32(bi),
+            I32(di),
+            Ptr(buf.bad),
+        ],
+    )?;
+    device.launch(
+        &kernel("inv_norms"),
+        c,
+        CENTRE_THREADS,
+        &[
+            Ptr(buf.weight),
+            Ptr(s.w_inv),
+            I32(ci),
+            I32(di),
+            Ptr(buf.bad + 4),
+        ],
+    )?;
+    let (row_scale, feature_norm) = match margin.scale() {
+        Scale::Fixed(scale) => {
+            device.launch(
+                "fill_f64",
+                b.div_ceil(FLAT_THREADS),
+                FLAT_THREADS,
+                &[Ptr(s.row_scale), F64(scale), I32(bi)],
+            )?;
+            (s.row_scale, false)
+        }
+        Scale::FeatureNorm => (s.norms, true),
+    };
+    let (kind, m1, m2, m3) = super::margin_code(margin);
+    device.launch(
+        &kernel("targets"),
+        b,
+        ROW_THREADS,
+        &[
+            Ptr(s.xhat),
+            Ptr(buf.weight),
+            Ptr(buf.labels),
+            Ptr(row_scale),
+            I32(bi),
+            I32(di),
+            I32(kind),
+            F64(m1),
+            F64(m2),
+            F64(m3),
+            Ptr(s.target_logit),
+            Ptr(s.target_dpsi),
+        ],
+    )?;
+    if want_emb {
+        device.zero(buf.grad_emb, b * d * sz)?;
+    }
+
+    let row_gemm = |m, n, k, a, lda, b, ldb| RowMajorGemm {
+        elem,
+        trans_a: false,
+        trans_b: false,
+        m,
+        n,
+        k,
+        alpha: 1.0,
+        a,
+        lda,
+        b,
+        ldb,
+        beta: 0.0,
+        c: 0,
+        ldc: 0,
+    };
+    for start in (0..b).step_by(plan.chunk_rows) {
+        let rows = plan.chunk_rows.min(b - start);
+        let ri = rows as i32;
+        let xhat = at(s.xhat, start * d, sz);
+        let labels = at(buf.labels, start, 8);
+        let scale = at(row_scale, start, 8);
+        let target_logit = at(s.target_logit, start, 8);
+        let row_weight = at(buf.row_weight, start, 8);
+        // A tile's stash: its own rows of dW, or its place in this chunk's stash.
+        let slot = |lo: usize| {
+            if plan.stash_in_grad {
+                at(buf.grad_weight, lo * d, sz)
+            } else {
+                at(s.stash, lo * rows, sz)
+            }
+        };
+
+        for t in 0..plan.tiles {
+            let lo = t * plan.tile;
+            let width = plan.tile.min(c - lo);
+            gemm(
+                device,
+                RowMajorGemm {
+                    trans_b: true,
+                    c: slot(lo),
+                    ldc: width,
+                    ..row_gemm(rows, width, d, xhat, d, at(buf.weight, lo * d, sz), d)
+                },
+            )?;
+            device.launch(
+                &kernel("logits_tile"),
+                rows,
+                ROW_THREADS,
+                &[
+                    Ptr(slot(lo)),
+                    I32(ri),
+                    I32(width as i32),
+                    I32(lo as i32),
+                    Ptr(at(s.w_inv, lo, sz)),
+                    Ptr(scale),
+                    Ptr(labels),
+                    Ptr(target_logit),
+                    Ptr(at(s.tile_max, t * rows, sz)),
+                    Ptr(at(s.stats, t * rows * 3, 8)),
+                ],
+            )?;
+        }
+        let flat_grid = rows.div_ceil(FLAT_THREADS);
+        device.launch(
+            "merge_stats",
+            flat_grid,
+            FLAT_THREADS,
+            &[
+                Ptr(s.stats),
+                I32(plan.tiles as i32),
+                I32(ri),
+                Ptr(s.lse),
+                Ptr(s.pz),
+            ],
+        )?;
+        device.launch(
+            "row_losses",
+            flat_grid,
+            FLAT_THREADS,
+            &[
+                Ptr(s.lse),
+                Ptr(s.pz),
+                Ptr(target_logit),
+                Ptr(labels),
+                Ptr(row_weight),
+                Ptr(scale),
+                I32(feature_norm as i32),
+                I32(ri),
+                Ptr(at(buf.row_loss, start, 8)),
+                Ptr(at(s.norm_term, start, 8)),
+            ],
+        )?;
+        if !want_emb && !want_weight {
+            continue;
+        }
+
+        for t in 0..plan.tiles {
+            let lo = t * plan.tile;
+            let width = plan.tile.min(c - lo);
+            let w_tile = at(buf.weight, lo * d, sz);
+            let w_inv = at(s.w_inv, lo, sz);
+            device.launch(
+                &kernel("grad_tile"),
+                rows,
+                ROW_THREADS,
+                &[
+                    Ptr(slot(lo)),
+                    Ptr(s.g),
+                    I32(ri),
+                    I32(width as i32),
+                    I32(lo as i32),
+                    Ptr(at(s.tile_max, t * rows, sz)),
+                    Ptr(s.lse),
+                    Ptr(row_weight),
+                    Ptr(scale),
+                    Ptr(w_inv),
+                    Ptr(labels),
+                    Ptr(target_logit),
+                    Ptr(at(s.target_dpsi, start, 8)),
+                ],
+            )?;
+            if want_emb {
+                // dX̂ rows += G W_t
+                gemm(
+                    device,
+                    RowMajorGemm {
+                        beta: 1.0,
+                        c: at(buf.grad_emb, start * d, sz),
+                        ldc: d,
+                        ..row_gemm(rows, d, width, s.g, width, w_tile, d)
+                    },
+                )?;
+            }
+            if want_weight {
+                // dW_t = Gᵀ X̂ rows, accumulated over row chunks (P is linear and
+                // idempotent, so projecting after each chunk stays exact).
+                let fresh = plan.stash_in_grad || start == 0;
+                let g_dw = at(buf.grad_weight, lo * d, sz);
+                gemm(
+                    device,
+                    RowMajorGemm {
+                        trans_a: true,
+                        beta: if fresh { 0.0 } else { 1.0 },
+                        c: g_dw,
+                        ldc: d,
+                        ..row_gemm(width, d, rows, s.g, width, xhat, d)
+                    },
+                )?;
+                device.launch(
+                    &kernel("project_out_rows"),
+                    width,
+                    CENTRE_THREADS,
+                    &[
+                        Ptr(g_dw),
+                        Ptr(w_tile),
+                        Ptr(w_inv),
+                        I32(width as i32),
+                        I32(di),
+                    ],
+                )?;
+            }
+        }
+    }
+    if want_emb {
+        device.launch(
+            &kernel("finish_grad_emb"),
+            b,
+            ROW_THREADS,
+            &[
+                Ptr(buf.grad_emb),
+                Ptr(s.xhat),
+                Ptr(s.norms),
+                Ptr(s.norm_term),
+                I32(bi),
+                I32(di),
+            ],
+        )?;
+    }
+    Ok(())
+}

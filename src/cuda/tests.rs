@@ -1,0 +1,262 @@
+//! The launch sequences, run on the CPU emulator of the kernels and checked against the CPU
+//! implementation; and every kernel compiled with NVRTC.
+
+use super::device::{Device, Elem};
+use super::emulator::Emulator;
+use super::head::{self, HeadBuffers, HeadShape, Tiling};
+use super::{available, compile, ENTRY_POINTS};
+use crate::head::{margin_loss_with, LossOptions, Reduction};
+use crate::margin::Margin;
+use crate::real::Real;
+use ndarray::Array2;
+
+/// Fails on any compile error; needs libnvrtc (no GPU). scripts/test.sh points
+/// LD_LIBRARY_PATH at the NVRTC that PyTorch's CUDA wheels install.
+#[test]
+fn every_kernel_compiles_with_nvrtc() {
+    for arch in [None, Some("compute_80"), Some("compute_90")] {
+        let ptx = compile(arch).unwrap_or_else(|log| panic!("NVRTC ({arch:?}): {log}"));
+        for name in ENTRY_POINTS {
+            assert!(
+                ptx.contains(&format!(".entry {name}(")),
+                "{name} missing from the PTX for {arch:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn no_device_is_not_an_error() {
+    // On a machine without a driver this must be false, not a panic; with a GPU, true.
+    let _ = available();
+}
+
+#[test]
+fn the_emulator_runs_every_entry_point() {
+    let emu = Emulator::get();
+    for name in ENTRY_POINTS {
+        assert!(emu.has(name), "{name} is not in emulator.cpp's table");
+    }
+    assert!(emu.launch("no_such_kernel", 1, 32, &[]).is_err());
+}
+
+/// A small deterministic generator (the tests need no rand crate).
+fn noise(seed: u64, n: usize) -> Vec<f64> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn matrix<T: Real>(seed: u64, rows: usize, cols: usize) -> Array2<T> {
+    Array2::from_shape_vec(
+        (rows, cols),
+        noise(seed, rows * cols).into_iter().map(T::of).collect(),
+    )
+    .unwrap()
+}
+
+struct Emulated<T> {
+    row_loss: Vec<f64>,
+    grad_emb: Option<Array2<T>>,
+    grad_weight: Option<Array2<T>>,
+    bad: [i32; 2],
+}
+
+#[allow(clippy::too_many_arguments)]
+fn emulate<T: Real>(
+    emb: &Array2<T>,
+    weight: &Array2<T>,
+    labels: &[i64],
+    margin: &Margin,
+    row_weight: &[f64],
+    want: (bool, bool),
+    tiling: Tiling,
+) -> Emulated<T> {
+    let ((b, d), c) = (emb.dim(), weight.nrows());
+    let elem = if std::mem::size_of::<T>() == 8 {
+        Elem::F64
+    } else {
+        Elem::F32
+    };
+    let shape = HeadShape { b, c, d, elem };
+    let mut row_loss = vec![f64::NAN; b];
+    // garbage in the outputs must not leak into the results
+    let mut grad_emb = Array2::from_elem((b, d), T::of(f64::NAN));
+    let mut grad_weight = Array2::from_elem((c, d), T::of(f64::NAN));
+    let mut bad = [7i32; 2];
+    let mut workspace = vec![u64::MAX; head::workspace_bytes(shape, want.1, tiling) / 8 + 1];
+    let addr = |p: *const T| p as u64;
+    let buffers = HeadBuffers {
+        emb: addr(emb.as_ptr()),
+        weight: addr(weight.as_ptr()),
+        labels: labels.as_ptr() as u64,
+        row_weight: row_weight.as_ptr() as u64,
+        row_loss: row_loss.as_mut_ptr() as u64,
+        grad_emb: if want.0 {
+            addr(grad_emb.as_mut_ptr())
+        } else {
+            0
+        },
+        grad_weight: if want.1 {
+            addr(grad_weight.as_mut_ptr())
+        } else {
+            0
+        },
+        bad: bad.as_mut_ptr() as u64,
+        workspace: workspace.as_mut_ptr() as u64,
+    };
+    head::margin_loss(Emulator::get(), shape, margin, &buffers, tiling).unwrap();
+    Emulated {
+        row_loss,
+        grad_emb: want.0.then_some(grad_emb),
+        grad_weight: want.1.then_some(grad_weight),
+        bad,
+    }
+}
+
+fn assert_close<T: Real>(what: &str, got: &Array2<T>, want: &Array2<T>, tol: f64) {
+    let scale = want
+        .iter()
+        .fold(0.0f64, |m, v| m.max(v.f64().abs()))
+        .max(1e-12);
+    for ((i, g), w) in got.indexed_iter().zip(want) {
+        let err = (g.f64() - w.f64()).abs() / scale;
+        assert!(
+            err <= tol,
+            "{what}{i:?}: {} vs {} (error {err:e})",
+            g.f64(),
+            w.f64()
+        );
+    }
+}
+
+/// The emulated GPU head equals the CPU head: row losses, both gradients.
+fn check<T: Real>(b: usize, c: usize, d: usize, margin: Margin, tiling: Tiling, tol: f64) {
+    let emb = matrix::<T>(1 + b as u64, b, d).mapv(|v| v * T::of(3.0));
+    let weight = matrix::<T>(2 + c as u64, c, d);
+    let mut labels: Vec<i64> = (0..b).map(|i| ((i * 7 + 3) % c) as i64).collect();
+    labels[b / 2] = -1;
+    let up: Vec<f64> = noise(5, b).iter().map(|v| 1.5 + v).collect();
+    let row_weight: Vec<f64> = labels
+        .iter()
+        .zip(&up)
+        .map(|(&y, &u)| if y < 0 { 0.0 } else { u })
+        .collect();
+    let options = LossOptions {
+        reduction: Reduction::None,
+        upstream: Some(&up),
+        grad_emb: true,
+        grad_weight: true,
+    };
+    let cpu = margin_loss_with(emb.view(), weight.view(), &labels, &margin, options).unwrap();
+    for want in [(true, true), (true, false), (false, true), (false, false)] {
+        let gpu = emulate(&emb, &weight, &labels, &margin, &row_weight, want, tiling);
+        let ctx = format!("{margin:?} b={b} c={c} d={d} {tiling:?} {want:?}: ");
+        assert_eq!(gpu.bad, [0, 0], "{ctx}");
+        for (i, (g, w)) in gpu.row_loss.iter().zip(&cpu.row_losses).enumerate() {
+            assert!(
+                (g - w).abs() <= tol * w.abs().max(1.0),
+                "{ctx}row {i}: {g} vs {w}"
+            );
+        }
+        if let Some(g) = &gpu.grad_emb {
+            assert_close(
+                &format!("{ctx}grad_emb"),
+                g,
+                cpu.grad_emb.as_ref().unwrap(),
+                tol,
+            );
+        }
+        if let Some(g) = &gpu.grad_weight {
+            assert_close(
+                &format!("{ctx}grad_weight"),
+                g,
+                cpu.grad_weight.as_ref().unwrap(),
+                tol,
+            );
+        }
+    }
+}
+
+fn margins() -> Vec<Margin> {
+    vec![
+        Margin::arcface(64.0, 0.5, false).unwrap(),
+        Margin::arcface(30.0, 0.5, true).unwrap(),
+        Margin::cosface(64.0, 0.35).unwrap(),
+        Margin::sphereface(4, None, 5.0).unwrap(),
+        Margin::combined(64.0, 1.0, 0.3, 0.2).unwrap(),
+        Margin::softmax(30.0).unwrap(),
+    ]
+}
+
+#[test]
+fn head_equals_the_cpu_head_with_the_stash_in_the_gradient() {
+    // B <= D: the stash lives in dW's rows; tiles of 7 leave a short last tile.
+    let tiling = Tiling {
+        class_tile: 7,
+        stash_budget_bytes: 1 << 20,
+    };
+    for margin in margins() {
+        check::<f64>(5, 23, 8, margin, tiling, 1e-10);
+        check::<f32>(5, 23, 8, margin, tiling, 2e-4);
+    }
+}
+
+#[test]
+fn head_equals_the_cpu_head_over_row_chunks() {
+    // B > D: a separate stash of 3 rows x C; dW accumulates over 4 chunks, the last short.
+    let c = 19;
+    let tiling = Tiling {
+        class_tile: 5,
+        stash_budget_bytes: 3 * c * 8,
+    };
+    for margin in margins() {
+        check::<f64>(11, c, 4, margin, tiling, 1e-10);
+    }
+    check::<f32>(
+        11,
+        c,
+        4,
+        Margin::arcface(64.0, 0.5, false).unwrap(),
+        Tiling {
+            stash_budget_bytes: 3 * c * 4,
+            ..tiling
+        },
+        2e-4,
+    );
+    // one tile and one chunk
+    check::<f64>(
+        3,
+        6,
+        40,
+        Margin::cosface(64.0, 0.35).unwrap(),
+        Tiling::default(),
+        1e-10,
+    );
+}
+
+#[test]
+fn head_flags_bad_rows_instead_of_failing() {
+    let mut emb = matrix::<f64>(3, 4, 8);
+    let mut weight = matrix::<f64>(4, 9, 8);
+    emb.row_mut(2).fill(0.0);
+    weight[[5, 1]] = f64::NAN;
+    let labels = [0i64, 1, 2, 3];
+    let margin = Margin::arcface(64.0, 0.5, false).unwrap();
+    let gpu = emulate(
+        &emb,
+        &weight,
+        &labels,
+        &margin,
+        &[1.0; 4],
+        (true, true),
+        Tiling::default(),
+    );
+    assert_eq!(gpu.bad, [3, 6]);
+}
