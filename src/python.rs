@@ -17,6 +17,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 fn value_error(e: crate::Error) -> PyErr {
@@ -494,17 +495,67 @@ fn verification<'py>(
 /// The core gallery behind a lock: searches share it, add/remove take it alone. Every call
 /// releases the GIL before waiting for the lock, so Python threads never deadlock on it.
 #[pyclass(frozen, name = "Gallery", module = "arcface_rs._core")]
-pub struct PyGallery(RwLock<Gallery>);
+pub struct PyGallery {
+    gallery: RwLock<Gallery>,
+    /// Counts changes, so that a GPU copy of the rows knows when it is stale.
+    generation: AtomicU64,
+    /// The rows on a GPU, with the generation they were copied at.
+    #[cfg(feature = "cuda")]
+    mirror: std::sync::Mutex<Option<(u64, crate::cuda::gallery::Mirror)>>,
+}
 
 impl PyGallery {
+    fn wrap(gallery: Gallery) -> Self {
+        PyGallery {
+            gallery: RwLock::new(gallery),
+            generation: AtomicU64::new(0),
+            #[cfg(feature = "cuda")]
+            mirror: std::sync::Mutex::new(None),
+        }
+    }
+
     fn read(&self) -> RwLockReadGuard<'_, Gallery> {
         // A panic cannot leave a gallery half-changed (changes are validated first), so a
         // poisoned lock still guards a consistent gallery.
-        self.0.read().unwrap_or_else(|e| e.into_inner())
+        self.gallery.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The gallery for a change; the generation moves on with it.
     fn write(&self) -> RwLockWriteGuard<'_, Gallery> {
-        self.0.write().unwrap_or_else(|e| e.into_inner())
+        let guard = self.gallery.write().unwrap_or_else(|e| e.into_inner());
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        guard
+    }
+
+    /// Search on GPU `device`, through a copy of the rows made (again) when stale.
+    #[cfg(feature = "cuda")]
+    fn search_on_gpu(
+        &self,
+        queries: ndarray::ArrayView2<f32>,
+        k: usize,
+        device: usize,
+    ) -> crate::Result<crate::search::SearchResult<f32>> {
+        use crate::cuda::gallery::Mirror;
+        use crate::cuda::search::MAX_K;
+        let gallery = self.read();
+        if k > MAX_K {
+            // the top-k kernel keeps at most MAX_K; the CPU search gives the same answer
+            return gallery.search(queries, k);
+        }
+        let generation = self.generation.load(Ordering::SeqCst);
+        let mut mirror = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = matches!(&*mirror, Some((g, m)) if *g == generation && m.ordinal() == device);
+        if !fresh {
+            *mirror = None; // free the stale copy before making the new one
+            *mirror = Some((generation, Mirror::new(&gallery, device)?));
+        }
+        let (_, current) = mirror.as_ref().expect("just made");
+        let mut result = current.search_rows(queries, k)?;
+        let ids = gallery.ids();
+        result
+            .indices
+            .mapv_inplace(|row| if row >= 0 { ids[row as usize] } else { -1 });
+        Ok(result)
     }
 }
 
@@ -513,9 +564,9 @@ impl PyGallery {
     #[new]
     fn new(dim: usize, dtype: &str) -> PyResult<Self> {
         let dtype = Dtype::parse(dtype).map_err(value_error)?;
-        Ok(PyGallery(RwLock::new(
+        Ok(PyGallery::wrap(
             Gallery::new(dim, dtype).map_err(value_error)?,
-        )))
+        ))
     }
 
     /// Adds float32 rows (normalised here); returns their int64 ids.
@@ -552,6 +603,30 @@ impl PyGallery {
             .detach(|| self.read().search(q, k))
             .map_err(value_error)?;
         (r.scores.into_pyarray(py), r.indices.into_pyarray(py)).into_pyobject(py)
+    }
+
+    /// `search` on CUDA device `device` (a copy of the rows stays there until the gallery
+    /// changes). k above 64 runs on the CPU, with the same results.
+    fn search_cuda<'py>(
+        &self,
+        py: Python<'py>,
+        queries: PyReadonlyArray2<'py, f32>,
+        k: usize,
+        device: usize,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        #[cfg(feature = "cuda")]
+        {
+            let q = queries.as_array();
+            let r = py
+                .detach(|| self.search_on_gpu(q, k, device))
+                .map_err(cuda_failure)?;
+            (r.scores.into_pyarray(py), r.indices.into_pyarray(py)).into_pyobject(py)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (py, queries, k, device);
+            Err(no_cuda_feature())
+        }
     }
 
     /// (ids int64 (Q,), scores float32 (Q,)): the best id, -1 below the threshold.
@@ -598,7 +673,7 @@ impl PyGallery {
                 }
             })
             .map_err(value_error)?;
-        Ok(PyGallery(RwLock::new(g)))
+        Ok(PyGallery::wrap(g))
     }
 
     #[getter]
@@ -642,6 +717,142 @@ fn cuda_available() -> bool {
     }
 }
 
+#[cfg(feature = "cuda")]
+fn cuda_elem(dtype: &str) -> PyResult<crate::cuda::device::Elem> {
+    use crate::cuda::device::Elem;
+    match dtype {
+        "float32" => Ok(Elem::F32),
+        "float64" => Ok(Elem::F64),
+        other => Err(PyTypeError::new_err(format!(
+            "dtype: the CUDA head computes in 'float32' or 'float64', got {other:?}"
+        ))),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda_feature() -> PyErr {
+    pyo3::exceptions::PyRuntimeError::new_err(
+        "arcface_rs was built without the `cuda` feature; rebuild with \
+         MATURIN_PEP517_ARGS=\"--features python,cuda\" pip install .",
+    )
+}
+
+/// Driver, NVRTC and cuBLAS failures are not bad arguments: RuntimeError.
+#[cfg(feature = "cuda")]
+fn cuda_failure(e: crate::Error) -> PyErr {
+    if e.arg == "cuda" {
+        pyo3::exceptions::PyRuntimeError::new_err(e.to_string())
+    } else {
+        value_error(e)
+    }
+}
+
+/// Bytes of device workspace `cuda_margin_loss` needs for B rows, C classes, D dims.
+#[pyfunction]
+#[pyo3(signature = (b, c, d, dtype, grad_weight))]
+fn cuda_head_workspace_bytes(
+    b: usize,
+    c: usize,
+    d: usize,
+    dtype: &str,
+    grad_weight: bool,
+) -> PyResult<usize> {
+    #[cfg(feature = "cuda")]
+    {
+        use crate::cuda::head::{workspace_bytes, HeadShape, Tiling};
+        let shape = HeadShape {
+            b,
+            c,
+            d,
+            elem: cuda_elem(dtype)?,
+        };
+        Ok(workspace_bytes(shape, grad_weight, Tiling::default()))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (b, c, d, dtype, grad_weight);
+        Err(no_cuda_feature())
+    }
+}
+
+/// Queues the fused head on CUDA stream `stream` of device `device`, over device addresses
+/// of contiguous tensors that the caller (arcface_rs.torch) allocated and keeps alive: see
+/// `cuda::head::HeadBuffers` for each one's shape and meaning. Addresses of 0 skip a
+/// gradient.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (device, stream, b, c, d, dtype, margin, emb, weight, labels, row_weight,
+                    row_loss, grad_emb, grad_weight, bad, workspace))]
+fn cuda_margin_loss(
+    py: Python<'_>,
+    device: usize,
+    stream: u64,
+    b: usize,
+    c: usize,
+    d: usize,
+    dtype: &str,
+    margin: PyRef<'_, PyMargin>,
+    emb: u64,
+    weight: u64,
+    labels: u64,
+    row_weight: u64,
+    row_loss: u64,
+    grad_emb: u64,
+    grad_weight: u64,
+    bad: u64,
+    workspace: u64,
+) -> PyResult<()> {
+    #[cfg(feature = "cuda")]
+    {
+        use crate::cuda::head::{margin_loss, HeadBuffers, HeadShape, Tiling};
+        if b == 0 || c == 0 || d == 0 {
+            return Err(PyValueError::new_err(format!(
+                "emb, weight: need at least one row, class and dimension, got B={b}, C={c}, D={d}"
+            )));
+        }
+        let shape = HeadShape {
+            b,
+            c,
+            d,
+            elem: cuda_elem(dtype)?,
+        };
+        let buffers = HeadBuffers {
+            emb,
+            weight,
+            labels,
+            row_weight,
+            row_loss,
+            grad_emb,
+            grad_weight,
+            bad,
+            workspace,
+        };
+        let margin = margin.0;
+        py.detach(|| {
+            crate::cuda::driver::with_stream(device, stream, |s| {
+                margin_loss(s, shape, &margin, &buffers, Tiling::default())
+            })
+        })
+        .map_err(cuda_failure)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (py, device, stream, (b, c, d), dtype, margin);
+        let _ = (
+            emb,
+            weight,
+            labels,
+            row_weight,
+            row_loss,
+            grad_emb,
+            grad_weight,
+            bad,
+        );
+        let _ = workspace;
+        Err(no_cuda_feature())
+    }
+}
+
 /// Number of threads the Rust kernels use (RAYON_NUM_THREADS, else the core count).
 #[pyfunction]
 fn num_threads() -> usize {
@@ -660,6 +871,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(apply_margin_backward, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_head_workspace_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_margin_loss, m)?)?;
     m.add("cuda_feature", cfg!(feature = "cuda"))?;
     m.add_function(wrap_pyfunction!(verification, m)?)?;
     m.add_function(wrap_pyfunction!(cosine_topk, m)?)?;

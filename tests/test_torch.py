@@ -270,16 +270,6 @@ def test_plain_pytorch_path_matches_the_fused_kernels(margin):
         assert _rel(a, b) < 1e-9
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_tensors_use_the_plain_path_and_warn_once():
-    emb, weight, labels = _inputs(8, 8, 16, torch.float32, seed=12)
-    head = aft.ArcFaceHead(embedding_size=8, num_classes=16).cuda()
-    with pytest.warns(RuntimeWarning, match="CPU-only"):
-        loss = head(emb.detach().cuda(), labels.cuda())
-    want = head.cpu()(emb, labels)
-    assert abs(loss.item() - want.item()) < 1e-4
-
-
 def test_cpu_tensors_are_shared_not_copied():
     w = torch.randn(100, 16)
     assert np.shares_memory(aft._numpy(w, torch.float32), w.numpy())

@@ -14,6 +14,8 @@ __all__ = [
     "apply_margin_backward",
     "cuda_available",
     "cuda_feature",
+    "cuda_head_workspace_bytes",
+    "cuda_margin_loss",
     "cosine_topk",
     "margin_logits",
     "margin_logits_backward",
@@ -96,6 +98,25 @@ def apply_margin_backward(
 ) -> npt.NDArray[np.floating]: ...
 def num_threads() -> int: ...
 def cuda_available() -> bool: ...
+def cuda_head_workspace_bytes(b: int, c: int, d: int, dtype: str, grad_weight: bool) -> int: ...
+def cuda_margin_loss(
+    device: int,
+    stream: int,
+    b: int,
+    c: int,
+    d: int,
+    dtype: str,
+    margin: Margin,
+    emb: int,
+    weight: int,
+    labels: int,
+    row_weight: int,
+    row_loss: int,
+    grad_emb: int,
+    grad_weight: int,
+    bad: int,
+    workspace: int,
+) -> None: ...
 
 cuda_feature: bool
 
@@ -121,6 +142,9 @@ class Gallery:
     def remove(self, ids: npt.NDArray[np.int64]) -> int: ...
     def search(
         self, queries: npt.NDArray[np.float32], k: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]: ...
+    def search_cuda(
+        self, queries: npt.NDArray[np.float32], k: int, device: int
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]: ...
     def identify(
         self, queries: npt.NDArray[np.float32], threshold: float

@@ -35,6 +35,27 @@ def _rows(name: str, value: Any, dim: int) -> np.ndarray:
     return value
 
 
+def _device(value: Any) -> int | None:
+    """None for "cpu"; the CUDA ordinal for "cuda" / "cuda:N" (checked to be usable)."""
+    text = str(value)  # also takes a torch.device
+    if text == "cpu":
+        return None
+    if text == "cuda":
+        ordinal = 0
+    elif text.startswith("cuda:") and text[5:].isdigit():
+        ordinal = int(text[5:])
+    else:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+    if not _core.cuda_feature:
+        raise ValueError(
+            f"device={text!r}: this arcface_rs was built without the cuda feature; rebuild "
+            'with MATURIN_PEP517_ARGS="--features python,cuda" pip install .'
+        )
+    if not _core.cuda_available():
+        raise ValueError(f"device={text!r}: no CUDA driver or GPU is visible in this process")
+    return ordinal
+
+
 def _ids(value: Any) -> np.ndarray:
     ids = np.asarray(value)
     return _labels(ids[None] if ids.ndim == 0 else ids, "ids")
@@ -48,18 +69,29 @@ class Gallery:
     (a quarter, with one scale per vector). Vectors are L2-normalised on ``add``.
     Safe to use from many threads: searches run side by side, ``add`` and ``remove`` wait
     for them and run alone; the GIL is released during the work.
+
+    ``device="cuda"`` (or ``"cuda:N"``; needs a build with the ``cuda`` feature) searches on
+    the GPU: a copy of the rows (float16 for a float16 gallery, float32 otherwise) is made
+    there on the first search and again after each change; results are the CPU search's,
+    up to the order of scores equal to float32 rounding. ``k`` above 64 searches on the CPU.
     """
 
-    __slots__ = ("_core",)
+    __slots__ = ("_core", "_device")
 
-    def __init__(self, dim: int, dtype: str = "float32") -> None:
+    def __init__(self, dim: int, dtype: str = "float32", device: Any = "cpu") -> None:
         if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
             raise TypeError(f"dim must be an int, got {type(dim).__name__}")
         if dim <= 0:
             raise ValueError(f"dim must be >= 1, got {dim}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        self._device = _device(device)
         self._core = _core.Gallery(int(dim), dtype)
+
+    @property
+    def device(self) -> str:
+        """Where searches run: ``"cpu"`` or ``"cuda:N"``."""
+        return "cpu" if self._device is None else f"cuda:{self._device}"
 
     @property
     def dim(self) -> int:
@@ -81,6 +113,8 @@ class Gallery:
 
     def __repr__(self) -> str:
         where = ", mapped" if self.mapped else ""
+        if self._device is not None:
+            where += f", device={self.device!r}"
         return (
             f"Gallery(dim={self.dim}, dtype={self.dtype!r}, len={len(self)}, "
             f"vectors={self.nbytes / 2**20:.1f} MiB{where})"
@@ -121,7 +155,10 @@ class Gallery:
         if k <= 0:
             raise ValueError(f"k must be >= 1, got {k}")
         q, single = self._queries(queries)
-        scores, ids = self._core.search(q, int(k))
+        if self._device is None:
+            scores, ids = self._core.search(q, int(k))
+        else:
+            scores, ids = self._core.search_cuda(q, int(k), self._device)
         return (scores[0], ids[0]) if single else (scores, ids)
 
     def identify(self, queries: Any, threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +169,12 @@ class Gallery:
         if not np.isfinite(threshold):
             raise ValueError(f"threshold must be finite, got {threshold}")
         q, single = self._queries(queries)
-        ids, scores = self._core.identify(q, float(threshold))
+        if self._device is None:
+            ids, scores = self._core.identify(q, float(threshold))
+        else:
+            best, top = self._core.search_cuda(q, 1, self._device)
+            scores = best[:, 0]
+            ids = np.where(scores >= threshold, top[:, 0], -1)
         return (ids[0], scores[0]) if single else (ids, scores)
 
     def ids(self) -> np.ndarray:
@@ -156,7 +198,7 @@ class Gallery:
         return self._core.mapped
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], mmap: bool = False) -> Gallery:
+    def load(cls, path: str | os.PathLike[str], mmap: bool = False, device: Any = "cpu") -> Gallery:
         """Reads a gallery written by ``save``. A truncated, damaged, wrong-version or
         wrong-shape file raises ValueError (checked by shape, CRC-32 and unit norms).
 
@@ -164,10 +206,11 @@ class Gallery:
         copying them into memory (several processes then share one copy in the page cache);
         they are copied the first time the gallery changes. Do not modify the file in place
         while such a gallery is in use (``save`` never does: it replaces the file, and the
-        mapping keeps reading the old contents)."""
+        mapping keeps reading the old contents). ``device``: as for ``Gallery``."""
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"path: no gallery file at {path!r}")
         g = cls.__new__(cls)
+        g._device = _device(device)
         g._core = _core.Gallery.load(path, bool(mmap))
         return g

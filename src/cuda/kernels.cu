@@ -361,8 +361,11 @@ INSTANTIATE(float, f32)
 INSTANTIATE(double, f64)
 
 // ---------------------------------------------------------------------------------------
-// Search: one block per query keeps the best K (<= TOPK_MAX) of a (queries x tile) score
-// tile merged with the running list in best_s / best_i (descending, ties to lower index).
+// Search. A (queries x stride) score tile covers gallery rows lo.. lo + width; its columns
+// are cut into `splits` runs of `sub`. One block per (query, run) keeps the best K
+// (<= TOPK_MAX) of its run merged with its own running list at best_s / best_i (descending,
+// ties to the lower row), so one query still spreads over many blocks; the host merges the
+// lists of a query's runs at the end.
 
 #define TOPK_MAX 64
 #define TOPK_THREADS 128
@@ -371,16 +374,19 @@ __device__ bool better(float s, long long i, float t, long long j) {
     return s > t || (s == t && i < j);
 }
 
-extern "C" __global__ void topk_tile(const float* scores, int queries, int tile, long long lo,
-                                     const float* row_mult, int k, float* best_s,
-                                     long long* best_i) {
-    __shared__ float cand_s[TOPK_THREADS * 2];
-    __shared__ long long cand_i[TOPK_THREADS * 2];
-    int q = blockIdx.x;
+extern "C" __global__ void topk_tile(const float* scores, int queries, int stride, int sub,
+                                     int width, int splits, long long lo, int k,
+                                     float* best_s, long long* best_i) {
+    __shared__ float cand_s[TOPK_THREADS];
+    __shared__ long long cand_i[TOPK_THREADS];
+    int q = blockIdx.x / splits, run = blockIdx.x % splits;
     if (q >= queries) return;
-    const float* row = scores + (long long)q * tile;
-    float* bs = best_s + (long long)q * k;
-    long long* bi = best_i + (long long)q * k;
+    int first = run * sub;
+    int count = width - first < sub ? width - first : sub;  // <= 0: nothing new this tile
+    const float* row = scores + (long long)q * stride + first;
+    long long base = lo + first;
+    float* bs = best_s + (long long)blockIdx.x * k;
+    long long* bi = best_i + (long long)blockIdx.x * k;
     // K rounds: each thread proposes its best candidate not yet taken (strictly worse than
     // the last one taken), the block picks the best of the proposals and the running list.
     float last_s = INFINITY;
@@ -391,17 +397,17 @@ extern "C" __global__ void topk_tile(const float* scores, int queries, int tile,
     for (int round = 0; round < k; ++round) {
         float my_s = -INFINITY;
         long long my_i = 0x7fffffffffffffffLL;
-        for (int j = threadIdx.x; j < tile; j += blockDim.x) {
-            float s = row[j] * row_mult[j];
-            long long i = lo + j;
+        for (int j = threadIdx.x; j < count; j += blockDim.x) {
+            float s = row[j];
+            long long i = base + j;
             if (better(last_s, last_i, s, i) && better(s, i, my_s, my_i)) { my_s = s; my_i = i; }
         }
         cand_s[threadIdx.x] = my_s;
         cand_i[threadIdx.x] = my_i;
         __syncthreads();
-        for (int width = blockDim.x / 2; width > 0; width >>= 1) {
-            if (threadIdx.x < width) {
-                int o = threadIdx.x + width;
+        for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+            if (threadIdx.x < w) {
+                int o = threadIdx.x + w;
                 if (better(cand_s[o], cand_i[o], cand_s[threadIdx.x], cand_i[threadIdx.x])) {
                     cand_s[threadIdx.x] = cand_s[o];
                     cand_i[threadIdx.x] = cand_i[o];

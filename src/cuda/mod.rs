@@ -12,7 +12,9 @@ use std::sync::OnceLock;
 
 pub mod device;
 pub mod driver;
+pub mod gallery;
 pub mod head;
+pub mod search;
 
 #[cfg(test)]
 mod emulator;

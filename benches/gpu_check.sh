@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU check, for one lent-device run (about 5 minutes; under 8 with the build):
+# installs arcface_rs with the `cuda` feature, runs the GPU tests, then the GPU benchmarks.
+#
+# The GPU machine may have no Rust toolchain and no network: build the wheel beforehand on
+# a machine that has them, for that machine's Python (3.12 on the lent H200s), with
+#     bash scripts/gpu_wheel.sh 3.12
+# which leaves it in .gpu/ (ignored by git; carry it along). Without a wheel there, this
+# script builds one with cargo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+wheel=$(ls .gpu/arcface_rs-*.whl 2>/dev/null | head -1 || true)
+if [ -n "$wheel" ]; then
+    echo "== installing $wheel"
+    "$PY" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target /tmp/arcface_rs_site "$wheel"
+    export PYTHONPATH="/tmp/arcface_rs_site${PYTHONPATH:+:$PYTHONPATH}"
+else
+    echo "== building with the cuda feature"
+    MATURIN_PEP517_ARGS="--features python,cuda" "$PY" -m pip install --quiet .
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+"$PY" -c "import arcface_rs as a; assert a._core.cuda_feature and a.cuda_available(), 'no usable GPU'"
+
+echo "== GPU tests"
+timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs
+
+echo "== GPU benchmarks"
+timeout 300 "$PY" benches/bench_cuda.py

@@ -1,0 +1,127 @@
+//! A Gallery's rows on a GPU, searched there (`Gallery(..., device="cuda")`).
+//!
+//! The mirror holds the unit rows as float16 for a float16 gallery and as float32 otherwise
+//! (bfloat16 and int8 rows decoded: the same unit vectors the CPU search scores against).
+//! It is built from the gallery on first search and rebuilt after the gallery changes.
+
+use super::device::Elem;
+use super::driver::{with_stream, DeviceBuffer};
+use super::search::{self, SearchBuffers, SearchPlan, SearchShape, SearchTiling, MAX_K};
+use crate::search::gallery::{Codes, Gallery};
+use crate::search::{unit_queries, SearchResult};
+use crate::{Error, Result};
+use ndarray::{Array2, ArrayView2};
+
+/// A gallery's rows in device memory.
+pub struct Mirror {
+    ordinal: usize,
+    rows: DeviceBuffer,
+    elem: Elem,
+    n: usize,
+    d: usize,
+}
+
+impl Mirror {
+    /// Uploads `gallery`'s rows to device `ordinal`.
+    pub fn new(gallery: &Gallery, ordinal: usize) -> Result<Mirror> {
+        let (n, d) = (gallery.len(), gallery.dim());
+        let (elem, bytes) = match gallery.codes() {
+            Codes::F16(_) => (Elem::F16, n * d * 2),
+            _ => (Elem::F32, n * d * 4),
+        };
+        let rows = DeviceBuffer::new(ordinal, bytes)?;
+        with_stream(ordinal, 0, |s| match gallery.codes() {
+            Codes::F16(v) => s.upload(rows.ptr(), &v[..]),
+            Codes::F32(v) => s.upload(rows.ptr(), &v[..]),
+            _ => {
+                let decoded = gallery.vectors();
+                s.upload(
+                    rows.ptr(),
+                    decoded.as_slice().expect("vectors are contiguous"),
+                )
+            }
+        })?;
+        Ok(Mirror {
+            ordinal,
+            rows,
+            elem,
+            n,
+            d,
+        })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// Device memory the rows take.
+    pub fn nbytes(&self) -> usize {
+        self.rows.bytes()
+    }
+
+    /// Top-`k` of `queries` as gallery row indices (k <= [`MAX_K`]); -1 / -inf pad when
+    /// `k` exceeds the rows.
+    pub fn search_rows(&self, queries: ArrayView2<f32>, k: usize) -> Result<SearchResult<f32>> {
+        if k == 0 {
+            return Err(Error::invalid("k", "must be >= 1"));
+        }
+        if k > MAX_K {
+            return Err(Error::invalid(
+                "k",
+                format!("the GPU search keeps at most {MAX_K} per query, got {k}"),
+            ));
+        }
+        if self.n == 0 {
+            return Err(Error::invalid("gallery", "is empty: add embeddings first"));
+        }
+        let qhat = unit_queries(queries, self.d, false)?;
+        let q = qhat.nrows();
+        let shape = SearchShape {
+            n: self.n,
+            d: self.d,
+            q,
+            k: k.min(self.n),
+            elem: self.elem,
+        };
+        let tiling = SearchTiling::default();
+        let plan = SearchPlan::new(shape, tiling);
+        let cands = plan.candidates(shape);
+        let query_buf = DeviceBuffer::new(self.ordinal, q * self.d * 4)?;
+        let workspace = DeviceBuffer::new(self.ordinal, search::workspace_bytes(shape, tiling))?;
+        let best_s = DeviceBuffer::new(self.ordinal, cands * 4)?;
+        let best_i = DeviceBuffer::new(self.ordinal, cands * 8)?;
+        let mut host_s = vec![f32::NEG_INFINITY; cands];
+        let mut host_i = vec![-1i64; cands];
+        with_stream(self.ordinal, 0, |s| {
+            s.upload(
+                query_buf.ptr(),
+                qhat.as_slice().expect("unit queries are contiguous"),
+            )?;
+            s.upload(best_s.ptr(), &host_s)?;
+            s.upload(best_i.ptr(), &host_i)?;
+            let buffers = SearchBuffers {
+                rows: self.rows.ptr(),
+                queries: query_buf.ptr(),
+                workspace: workspace.ptr(),
+                best_s: best_s.ptr(),
+                best_i: best_i.ptr(),
+            };
+            search::search(s, shape, &buffers, tiling)?;
+            s.download(&mut host_s, best_s.ptr())?;
+            s.download(&mut host_i, best_i.ptr())
+        })?;
+        let (scores, rows) = search::merge_runs(&host_s, &host_i, shape, plan);
+        Ok(SearchResult {
+            scores: padded(&scores, q, shape.k, k, f32::NEG_INFINITY),
+            indices: padded(&rows, q, shape.k, k, -1),
+        })
+    }
+}
+
+/// (q, k) from q rows of `have` values each, filled on with `fill`.
+fn padded<T: Copy>(values: &[T], q: usize, have: usize, k: usize, fill: T) -> Array2<T> {
+    Array2::from_shape_fn(
+        (q, k),
+        |(r, c)| if c < have { values[r * have + c] } else { fill },
+    )
+}

@@ -1,0 +1,303 @@
+"""The CUDA path of arcface_rs.torch.
+
+Everywhere: the Python glue around the CUDA launch (row weights for each reduction, label
+and bad-row checks, the reductions, the backward of reduction="none"), with the launch
+replaced by a CPU stand-in that computes through the CPU core from the very tensors the glue
+allocated. With a GPU and a build with the `cuda` feature: the fused CUDA head against the
+CPU head (the kernels themselves are also tested on CPU by `cargo test --features cuda`,
+which runs them in an emulator).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import arcface_rs as afr
+import arcface_rs.torch as aft
+from _reference import all_margins, make_problem
+
+FUSED = aft._cuda_fused()
+needs_gpu = pytest.mark.skipif(
+    not FUSED, reason="needs a CUDA device and a build with the `cuda` feature"
+)
+
+
+def _cpu_launch(shape, dtype, spec, x, w, y, row_weight, row_loss, g_emb, g_w, bad, workspace):
+    """What the CUDA launch computes, done by the CPU core on the same buffers."""
+    b, c, d = shape
+    assert x.shape == (b, d) and w.shape == (c, d) and y.shape == (b,)
+    assert str(x.dtype).endswith(dtype) and w.dtype == x.dtype and y.dtype == torch.int64
+    assert row_weight.dtype == row_loss.dtype == torch.float64 and bad.dtype == torch.int32
+    for t in (x, w, y, row_weight, row_loss, g_emb, g_w, bad):
+        assert t is None or t.is_contiguous()
+    bad.zero_()
+    for slot, m in ((0, x), (1, w)):
+        norms = m.double().norm(dim=1)
+        broken = torch.nonzero(~torch.isfinite(norms) | (norms == 0)).flatten()
+        if len(broken):
+            bad[slot] = int(broken[-1]) + 1
+    if bad.any():
+        return
+    _, rows, ge, gw = afr._core.margin_loss(
+        x.numpy(),
+        w.numpy(),
+        y.numpy(),
+        spec,
+        "none",
+        grad_emb=g_emb is not None,
+        grad_weight=g_w is not None,
+        upstream=row_weight.numpy(),
+    )
+    row_loss.copy_(torch.from_numpy(rows))
+    if g_emb is not None:
+        g_emb.copy_(torch.from_numpy(ge))
+    if g_w is not None:
+        g_w.copy_(torch.from_numpy(gw))
+
+
+@pytest.fixture
+def cpu_launch(monkeypatch):
+    monkeypatch.setattr(aft, "_launch_cuda", _cpu_launch)
+    if not afr._core.cuda_feature:
+        monkeypatch.setattr(afr._core, "cuda_head_workspace_bytes", lambda *a: 0)
+
+
+def _problem(b, d, c, dtype, seed=0, ignore=2):
+    emb, weight, labels = make_problem(b, d, c, seed=seed, ignore=ignore)
+    return (
+        torch.tensor(emb, dtype=dtype),
+        torch.tensor(weight, dtype=dtype),
+        torch.tensor(labels, dtype=torch.int64),
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("margin", all_margins()[:5], ids=repr)
+def test_glue_gives_what_the_cpu_op_gives(cpu_launch, margin, reduction):
+    emb, weight, labels = _problem(7, 5, 11, torch.float64, seed=3)
+    kind, params = aft._encode(margin)
+    want = aft._loss_op(emb, weight, labels, kind, params, reduction, True, True)
+    got = aft._loss_cuda(emb, weight, labels, kind, params, reduction, True, True)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_glue_backward_of_reduction_none_weights_rows_by_upstream(cpu_launch):
+    emb, weight, labels = _problem(6, 4, 9, torch.float64, seed=4)
+    kind, params = aft._encode(afr.ArcFace())
+    upstream = torch.linspace(-1.0, 2.0, 6, dtype=torch.float64)
+    want = aft._loss_backward_op(emb, weight, labels, kind, params, "none", upstream, True, True)
+    got = aft._loss_backward_cuda(emb, weight, labels, kind, params, "none", upstream, True, True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    # a scalar upstream broadcasts over the rows
+    one = torch.tensor(2.0, dtype=torch.float64)
+    got = aft._loss_backward_cuda(emb, weight, labels, kind, params, "none", one, True, False)
+    want = aft._loss_backward_op(emb, weight, labels, kind, params, "none", one, True, False)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+    assert got[1].numel() == 0
+
+
+def test_glue_all_rows_ignored_gives_zero_not_nan(cpu_launch):
+    emb, weight, _ = _problem(4, 5, 6, torch.float64)
+    labels = torch.full((4,), -1)
+    kind, params = aft._encode(afr.CosFace())
+    loss, g_emb, g_w = aft._loss_cuda(emb, weight, labels, kind, params, "mean", True, True)
+    assert loss.item() == 0.0 and not g_emb.any() and not g_w.any()
+
+
+def test_glue_half_precision_inputs_compute_in_float32(cpu_launch):
+    emb, weight, labels = _problem(5, 8, 7, torch.float32)
+    kind, params = aft._encode(afr.ArcFace())
+    got = aft._loss_cuda(emb.half(), weight.half(), labels, kind, params, "mean", True, True)
+    want = aft._loss_op(emb.half(), weight.half(), labels, kind, params, "mean", True, True)
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.float16
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda e, w, y: (e, w, torch.where(y == y[0], 11, y)), "labels: .* found 11"),
+        (lambda e, w, y: (e, w, torch.where(y == y[0], -2, y)), "labels: .* found -2"),
+        (lambda e, w, y: (e[:0], w, y[:0]), "emb: empty batch"),
+        (lambda e, w, y: (e.index_fill(0, torch.tensor([3]), 0.0), w, y), "emb: row 3"),
+        (lambda e, w, y: (e, w.index_fill(0, torch.tensor([8]), float("nan")), y), "weight: row 8"),
+    ],
+)
+def test_glue_bad_input_raises_value_error_naming_the_argument(cpu_launch, change, match):
+    emb, weight, labels = change(*_problem(6, 5, 11, torch.float64, seed=5))
+    kind, params = aft._encode(afr.ArcFace())
+    with pytest.raises(ValueError, match=match):
+        aft._loss_cuda(emb, weight, labels, kind, params, "mean", True, True)
+
+
+def test_without_the_feature_the_cuda_entry_points_say_how_to_build():
+    if afr._core.cuda_feature:
+        pytest.skip("this build has the cuda feature")
+    with pytest.raises(RuntimeError, match="--features python,cuda"):
+        afr._core.cuda_head_workspace_bytes(4, 4, 4, "float32", True)
+
+
+# ---------------------------------------------------------------------------------------
+# On a GPU
+
+
+@pytest.mark.skipif(
+    FUSED or not torch.cuda.is_available(), reason="needs a CUDA device, no cuda feature"
+)
+def test_cuda_tensors_without_the_feature_use_the_plain_path_and_warn():
+    emb, weight, labels = _problem(8, 8, 16, torch.float32, seed=12)
+    head = aft.ArcFaceHead(embedding_size=8, num_classes=16).cuda()
+    with pytest.warns(RuntimeWarning, match="plain PyTorch"):
+        loss = head(emb.cuda(), labels.cuda())
+    want = head.cpu()(emb, labels)
+    assert abs(loss.item() - want.item()) < 1e-4
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().cpu().double(), want.detach().cpu().double()
+    return float((got - want).abs().max() / want.abs().max().clamp(min=1e-300))
+
+
+def _loss_and_grads(emb, weight, labels, margin, reduction="mean", upstream=None):
+    e = emb.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss = aft.margin_loss(e, w, labels, margin, reduction)
+    (loss if upstream is None else (loss * upstream).sum()).backward()
+    return loss.detach(), e.grad, w.grad
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-3), (torch.float64, 1e-9)])
+@pytest.mark.parametrize("margin", all_margins(), ids=repr)
+@pytest.mark.parametrize("b, d, c", [(32, 64, 1000), (96, 16, 40000)])
+def test_gpu_head_equals_the_cpu_head(margin, dtype, tol, b, d, c):
+    # (96, 16, ...): B > D, so the stash is separate and chunked; 40000 classes: 3 tiles
+    emb, weight, labels = _problem(b, d, c, dtype, seed=b + c, ignore=3)
+    cpu = _loss_and_grads(emb, weight, labels, margin)
+    gpu = _loss_and_grads(emb.cuda(), weight.cuda(), labels.cuda(), margin)
+    assert _rel(gpu[0], cpu[0]) < (1e-5 if dtype == torch.float32 else 1e-10)
+    assert _rel(gpu[1], cpu[1]) < tol
+    assert _rel(gpu[2], cpu[2]) < tol
+
+
+@needs_gpu
+def test_gpu_reduction_none_and_a_side_stream():
+    emb, weight, labels = _problem(40, 32, 5000, torch.float32, seed=7)
+    up = torch.linspace(-1, 1, 40)
+    cpu = _loss_and_grads(emb, weight, labels, afr.CosFace(), "none", up)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        gpu = _loss_and_grads(
+            emb.cuda(), weight.cuda(), labels.cuda(), afr.CosFace(), "none", up.cuda()
+        )
+    stream.synchronize()
+    for g, c in zip(gpu, cpu):
+        assert _rel(g, c) < 1e-3
+
+
+@needs_gpu
+def test_gpu_head_module_trains_and_bad_input_raises():
+    head = aft.ArcFaceHead(64, 3000).cuda()
+    emb, _, labels = _problem(16, 64, 3000, torch.float32, seed=8)
+    emb, labels = emb.cuda().requires_grad_(), labels.cuda()
+    loss = head(emb, labels)
+    loss.backward()
+    assert torch.isfinite(loss) and head.weight.grad.shape == (3000, 64)
+    with pytest.raises(ValueError, match="labels"):
+        head(emb, torch.full_like(labels, 3000))
+    with pytest.raises(ValueError, match="emb: row"):
+        head(emb.detach().index_fill(0, torch.tensor([2], device="cuda"), 0.0), labels)
+    # the context survives the errors
+    assert torch.isfinite(head(emb, labels))
+
+
+@needs_gpu
+def test_gpu_head_never_nans_at_extreme_inputs():
+    emb, weight, labels = _problem(8, 32, 100, torch.float32, seed=9)
+    weight[labels[0]] = emb[0] * 1e3  # cos = 1 exactly: theta = 0 at the clamp
+    weight[labels[1]] = -emb[1]  # cos = -1
+    loss, g_emb, g_w = _loss_and_grads(
+        emb.cuda() * 1e4, weight.cuda(), labels.cuda(), afr.ArcFace(s=64.0, m=0.5)
+    )
+    assert torch.isfinite(loss) and torch.isfinite(g_emb).all() and torch.isfinite(g_w).all()
+
+
+# ---------------------------------------------------------------------------------------
+# Gallery(device=...)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cuda:-1", 3])
+def test_gallery_refuses_an_unknown_device(device):
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N'"):
+        afr.Gallery(8, device=device)
+
+
+def test_gallery_on_cuda_without_a_usable_gpu_says_why(tmp_path):
+    if FUSED:
+        pytest.skip("a GPU is usable here")
+    want = "cuda feature" if not afr._core.cuda_feature else "no CUDA driver or GPU"
+    with pytest.raises(ValueError, match=want):
+        afr.Gallery(8, device="cuda")
+    g = afr.Gallery(8)
+    g.add(np.eye(8))
+    g.save(tmp_path / "g.safetensors")
+    with pytest.raises(ValueError, match=want):
+        afr.Gallery.load(tmp_path / "g.safetensors", device="cuda:0")
+    assert g.device == "cpu" and "device" not in repr(g)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
+@pytest.mark.parametrize("q, k", [(1, 10), (37, 5), (300, 64), (3, 100)])
+def test_gpu_gallery_search_equals_the_cpu_search(dtype, q, k):
+    rng = np.random.default_rng(q + k)
+    emb = rng.standard_normal((20000, 64)).astype(np.float32)
+    emb[5000::997] = emb[3]  # exact duplicates: ties go to the row added first
+    queries = rng.standard_normal((q, 64)).astype(np.float32)
+    queries[0] = emb[3]
+    ids = rng.permutation(10**6)[:20000]
+    cpu, gpu = afr.Gallery(64, dtype), afr.Gallery(64, dtype, device="cuda")
+    for g in (cpu, gpu):
+        g.add(emb, ids=ids)
+    want_s, want_i = cpu.search(queries, k=k)
+    got_s, got_i = gpu.search(queries, k=k)
+    np.testing.assert_allclose(got_s, want_s, rtol=0, atol=2e-6)
+    # ids equal except between scores equal to float32 rounding
+    differ = got_i != want_i
+    assert not differ[0].any()
+    if differ.any():
+        gaps = np.abs(np.diff(want_s, axis=1))
+        near = np.zeros_like(differ)
+        near[:, 1:] |= gaps <= 4e-6
+        near[:, :-1] |= gaps <= 4e-6
+        assert not (differ & ~near).any()
+
+
+@needs_gpu
+def test_gpu_gallery_follows_changes_and_identifies(tmp_path):
+    rng = np.random.default_rng(1)
+    emb = rng.standard_normal((500, 32)).astype(np.float32)
+    g = afr.Gallery(32, "float16", device="cuda")
+    g.add(emb[:400])
+    _, ids = g.search(emb[450], k=1)
+    assert ids[0] != 450
+    g.add(emb[400:], ids=np.arange(400, 500))  # the GPU copy must be refreshed
+    _, ids = g.search(emb[450], k=3)
+    assert ids[0] == 450
+    g.remove([450])
+    _, ids = g.search(emb[450], k=3)
+    assert 450 not in ids
+    who, score = g.identify(emb[:5], threshold=0.99)
+    assert list(who) == [0, 1, 2, 3, 4] and (score > 0.99).all()
+    who, _ = g.identify(rng.standard_normal((4, 32)), threshold=0.9)
+    assert (who == -1).all()
+    g.save(tmp_path / "g.safetensors")
+    back = afr.Gallery.load(tmp_path / "g.safetensors", device="cuda")
+    assert back.device == "cuda:0"
+    np.testing.assert_array_equal(back.search(emb[:9], k=4)[1], g.search(emb[:9], k=4)[1])
