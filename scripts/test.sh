@@ -14,13 +14,16 @@ cargo clippy --quiet --all-targets -- -D warnings
 cargo clippy --quiet --all-targets --features python -- -D warnings
 cargo test --quiet
 
-echo "== the cuda feature: builds without CUDA; every kernel compiles with NVRTC (no GPU needed)"
+echo "== the cuda feature: builds without CUDA; every kernel compiles with NVRTC (no GPU needed);"
+echo "   the launch sequences and the driver code run on a CPU emulator and a fake libcuda"
 cargo clippy --quiet --all-targets --features cuda -- -D warnings
 # NVRTC comes with PyTorch's CUDA wheels (nvidia/cu13/lib); the test fails if it cannot load.
 NVRTC_DIR=$("$PY" -c "import glob, os, nvidia
 hits = glob.glob(os.path.join(list(nvidia.__path__)[0], '*', 'lib', 'libnvrtc.so.13'))
 print(os.path.dirname(hits[0]) if hits else '')")
-LD_LIBRARY_PATH="$NVRTC_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --quiet --features cuda cuda::
+export LD_LIBRARY_PATH="$NVRTC_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+cargo test --quiet --features cuda --lib cuda::
+cargo test --quiet --features cuda --test fake_cuda
 
 echo "== python lints"
 "$PY" -m ruff check python tests benches examples

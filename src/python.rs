@@ -499,9 +499,8 @@ pub struct PyGallery {
     gallery: RwLock<Gallery>,
     /// Counts changes, so that a GPU copy of the rows knows when it is stale.
     generation: AtomicU64,
-    /// The rows on a GPU, with the generation they were copied at.
     #[cfg(feature = "cuda")]
-    mirror: std::sync::Mutex<Option<(u64, crate::cuda::gallery::Mirror)>>,
+    gpu: crate::cuda::gallery::GpuSearch,
 }
 
 impl PyGallery {
@@ -510,7 +509,7 @@ impl PyGallery {
             gallery: RwLock::new(gallery),
             generation: AtomicU64::new(0),
             #[cfg(feature = "cuda")]
-            mirror: std::sync::Mutex::new(None),
+            gpu: Default::default(),
         }
     }
 
@@ -525,37 +524,6 @@ impl PyGallery {
         let guard = self.gallery.write().unwrap_or_else(|e| e.into_inner());
         self.generation.fetch_add(1, Ordering::SeqCst);
         guard
-    }
-
-    /// Search on GPU `device`, through a copy of the rows made (again) when stale.
-    #[cfg(feature = "cuda")]
-    fn search_on_gpu(
-        &self,
-        queries: ndarray::ArrayView2<f32>,
-        k: usize,
-        device: usize,
-    ) -> crate::Result<crate::search::SearchResult<f32>> {
-        use crate::cuda::gallery::Mirror;
-        use crate::cuda::search::MAX_K;
-        let gallery = self.read();
-        if k > MAX_K {
-            // the top-k kernel keeps at most MAX_K; the CPU search gives the same answer
-            return gallery.search(queries, k);
-        }
-        let generation = self.generation.load(Ordering::SeqCst);
-        let mut mirror = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
-        let fresh = matches!(&*mirror, Some((g, m)) if *g == generation && m.ordinal() == device);
-        if !fresh {
-            *mirror = None; // free the stale copy before making the new one
-            *mirror = Some((generation, Mirror::new(&gallery, device)?));
-        }
-        let (_, current) = mirror.as_ref().expect("just made");
-        let mut result = current.search_rows(queries, k)?;
-        let ids = gallery.ids();
-        result
-            .indices
-            .mapv_inplace(|row| if row >= 0 { ids[row as usize] } else { -1 });
-        Ok(result)
     }
 }
 
@@ -607,6 +575,7 @@ impl PyGallery {
 
     /// `search` on CUDA device `device` (a copy of the rows stays there until the gallery
     /// changes). k above 64 runs on the CPU, with the same results.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     fn search_cuda<'py>(
         &self,
         py: Python<'py>,
@@ -618,13 +587,16 @@ impl PyGallery {
         {
             let q = queries.as_array();
             let r = py
-                .detach(|| self.search_on_gpu(q, k, device))
+                .detach(|| {
+                    let gallery = self.read();
+                    let generation = self.generation.load(Ordering::SeqCst);
+                    self.gpu.search(&gallery, generation, q, k, device)
+                })
                 .map_err(cuda_failure)?;
             (r.scores.into_pyarray(py), r.indices.into_pyarray(py)).into_pyobject(py)
         }
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = (py, queries, k, device);
             Err(no_cuda_feature())
         }
     }
@@ -749,6 +721,7 @@ fn cuda_failure(e: crate::Error) -> PyErr {
 
 /// Bytes of device workspace `cuda_margin_loss` needs for B rows, C classes, D dims.
 #[pyfunction]
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 #[pyo3(signature = (b, c, d, dtype, grad_weight))]
 fn cuda_head_workspace_bytes(
     b: usize,
@@ -770,7 +743,6 @@ fn cuda_head_workspace_bytes(
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (b, c, d, dtype, grad_weight);
         Err(no_cuda_feature())
     }
 }
@@ -781,6 +753,7 @@ fn cuda_head_workspace_bytes(
 /// gradient.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 #[pyo3(signature = (device, stream, b, c, d, dtype, margin, emb, weight, labels, row_weight,
                     row_loss, grad_emb, grad_weight, bad, workspace))]
 fn cuda_margin_loss(
@@ -837,18 +810,6 @@ fn cuda_margin_loss(
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (py, device, stream, (b, c, d), dtype, margin);
-        let _ = (
-            emb,
-            weight,
-            labels,
-            row_weight,
-            row_loss,
-            grad_emb,
-            grad_weight,
-            bad,
-        );
-        let _ = workspace;
         Err(no_cuda_feature())
     }
 }

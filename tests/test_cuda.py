@@ -10,6 +10,9 @@ which runs them in an emulator).
 
 from __future__ import annotations
 
+import ctypes
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -134,6 +137,20 @@ def test_glue_bad_input_raises_value_error_naming_the_argument(cpu_launch, chang
     kind, params = aft._encode(afr.ArcFace())
     with pytest.raises(ValueError, match=match):
         aft._loss_cuda(emb, weight, labels, kind, params, "mean", True, True)
+
+
+def test_preload_makes_nvrtc_and_cublas_resolve_by_name():
+    # cudarc opens them by name; PyTorch's wheels keep them where the loader does not look
+    from arcface_rs import _cuda
+
+    wheels = [
+        d for d in _cuda._wheel_dirs() if os.path.exists(os.path.join(d, _cuda._LIBRARIES[0]))
+    ]
+    if not wheels:
+        pytest.skip("PyTorch's CUDA 13 wheels (nvidia/cu13/lib) are not installed")
+    _cuda._preload()
+    for name in _cuda._LIBRARIES:
+        ctypes.CDLL(name)
 
 
 def test_without_the_feature_the_cuda_entry_points_say_how_to_build():

@@ -5,7 +5,8 @@ NumPy API; ``arcface_rs.torch`` holds the PyTorch modules (needs torch), and
 ``arcface_rs.metrics`` the verification metrics.
 """
 
-from ._core import __version__, cuda_available, num_threads
+from ._core import __version__, num_threads
+from ._cuda import cuda_available
 from ._gallery import Gallery
 from ._heads import (
     apply_margin,

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
+from ._cuda import cuda_available
 from ._heads import _floats, _labels
 
 __all__ = ["Gallery"]
@@ -51,7 +52,7 @@ def _device(value: Any) -> int | None:
             f"device={text!r}: this arcface_rs was built without the cuda feature; rebuild "
             'with MATURIN_PEP517_ARGS="--features python,cuda" pip install .'
         )
-    if not _core.cuda_available():
+    if not cuda_available():
         raise ValueError(f"device={text!r}: no CUDA driver or GPU is visible in this process")
     return ordinal
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _core
+from ._cuda import cuda_available
 from ._margins import ArcFace, CombinedMargin, CosFace, Margin, Softmax, SphereFace
 from ._sharded import ShardedMarginHead, ddp_sum_hook, merge_shards, shard_range, split_weight
 
@@ -219,7 +220,7 @@ _CUDA_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 
 def _cuda_fused() -> bool:
     """Whether CUDA tensors can take the fused path (the feature is built, a GPU is there)."""
-    return bool(_core.cuda_feature) and _core.cuda_available()
+    return cuda_available()
 
 
 def _launch_cuda(shape: tuple[int, int, int], dtype: str, spec: Any, *tensors: Tensor | None):

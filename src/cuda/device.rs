@@ -44,28 +44,9 @@ impl Elem {
     }
 }
 
-/// One GEMM in cuBLAS's own column-major terms: `C = alpha op(A) op(B) + beta C`, with C
-/// m×n, op(A) m×k, op(B) k×n. With `beta == 0`, C is not read (it may hold anything).
-#[derive(Clone, Copy, Debug)]
-pub struct ColumnMajorGemm {
-    pub elem: Elem,
-    pub trans_a: bool,
-    pub trans_b: bool,
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub alpha: f64,
-    pub a: u64,
-    pub lda: usize,
-    pub b: u64,
-    pub ldb: usize,
-    pub beta: f64,
-    pub c: u64,
-    pub ldc: usize,
-}
-
 /// A GEMM over row-major matrices: `C (m×n) = alpha op(A) op(B) + beta C`, with `op(A)` m×k
 /// and `op(B)` k×n; `trans_a` means A is stored k×m. `ld*` are row strides in elements.
+/// With `beta == 0`, C is not read (it may hold anything).
 #[derive(Clone, Copy, Debug)]
 pub struct RowMajorGemm {
     pub elem: Elem,
@@ -84,26 +65,25 @@ pub struct RowMajorGemm {
     pub ldc: usize,
 }
 
+/// The same fields read in cuBLAS's own column-major terms (`ld*` are column strides).
+#[derive(Clone, Copy, Debug)]
+pub struct ColumnMajorGemm(pub RowMajorGemm);
+
 impl RowMajorGemm {
     /// The same product for cuBLAS: a row-major matrix is its transpose in column-major
     /// order, so C^T = op(B)^T op(A)^T swaps the operands and keeps each one's flag.
     pub fn column_major(&self) -> ColumnMajorGemm {
-        ColumnMajorGemm {
-            elem: self.elem,
+        ColumnMajorGemm(RowMajorGemm {
             trans_a: self.trans_b,
             trans_b: self.trans_a,
             m: self.n,
             n: self.m,
-            k: self.k,
-            alpha: self.alpha,
             a: self.b,
             lda: self.ldb,
             b: self.a,
             ldb: self.lda,
-            beta: self.beta,
-            c: self.c,
-            ldc: self.ldc,
-        }
+            ..*self
+        })
     }
 }
 

@@ -163,7 +163,8 @@ impl Device for Stream<'_> {
         .map_err(|e| cuda_error(kernel, e))
     }
 
-    fn gemm(&self, g: &ColumnMajorGemm) -> Result<()> {
+    fn gemm(&self, gemm: &ColumnMajorGemm) -> Result<()> {
+        let g = &gemm.0;
         use cublas::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
         let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
         let dims = [g.m, g.n, g.k, g.lda, g.ldb, g.ldc];

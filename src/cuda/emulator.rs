@@ -110,7 +110,8 @@ impl Device for Emulator {
         }
     }
 
-    fn gemm(&self, g: &ColumnMajorGemm) -> Result<()> {
+    fn gemm(&self, gemm: &ColumnMajorGemm) -> Result<()> {
+        let g = &gemm.0;
         // cuBLAS's definition, element by element, accumulated in f64.
         for j in 0..g.n {
             for i in 0..g.m {

@@ -11,6 +11,7 @@ use crate::search::gallery::{Codes, Gallery};
 use crate::search::{unit_queries, SearchResult};
 use crate::{Error, Result};
 use ndarray::{Array2, ArrayView2};
+use std::sync::Mutex;
 
 /// A gallery's rows in device memory.
 pub struct Mirror {
@@ -115,6 +116,49 @@ impl Mirror {
             scores: padded(&scores, q, shape.k, k, f32::NEG_INFINITY),
             indices: padded(&rows, q, shape.k, k, -1),
         })
+    }
+}
+
+/// A gallery's GPU copy kept across searches: made on the first search, made again when the
+/// gallery's generation (a count of its changes, kept by the caller) or the device changes.
+#[derive(Default)]
+pub struct GpuSearch {
+    copy: Mutex<Option<(u64, Mirror)>>,
+}
+
+impl GpuSearch {
+    /// `gallery.search` on GPU `device`, with ids; `generation` must change whenever the
+    /// gallery does. k above [`MAX_K`] runs the CPU search (the same results).
+    pub fn search(
+        &self,
+        gallery: &Gallery,
+        generation: u64,
+        queries: ArrayView2<f32>,
+        k: usize,
+        device: usize,
+    ) -> Result<SearchResult<f32>> {
+        if k > MAX_K {
+            return gallery.search(queries, k);
+        }
+        let mut copy = self.copy.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = matches!(&*copy, Some((g, m)) if *g == generation && m.ordinal() == device);
+        if !fresh {
+            *copy = None; // free the stale copy before making the new one
+            *copy = Some((generation, Mirror::new(gallery, device)?));
+        }
+        let (_, mirror) = copy.as_ref().expect("just made");
+        let mut result = mirror.search_rows(queries, k)?;
+        let ids = gallery.ids();
+        result
+            .indices
+            .mapv_inplace(|row| if row >= 0 { ids[row as usize] } else { -1 });
+        Ok(result)
+    }
+
+    /// Device bytes the copy holds (0 before the first search).
+    pub fn nbytes(&self) -> usize {
+        let copy = self.copy.lock().unwrap_or_else(|e| e.into_inner());
+        copy.as_ref().map_or(0, |(_, m)| m.nbytes())
     }
 }
 

@@ -108,40 +108,37 @@ __device__ double block_max(double v, double* shared) {
     return out;
 }
 
-// One block per row: x̂ = x / ||x||, norms in float64. A zero or non-finite row sets bad[0].
+// The block's row norm in float64; a zero or non-finite one raises bad[0] to r + 1.
+template <typename T>
+__device__ double checked_norm(const T* row, int d, int r, int* bad, double* shared) {
+    double s = 0.0;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) s += (double)row[j] * (double)row[j];
+    double n = sqrt(block_sum(s, shared));
+    if (threadIdx.x == 0 && (!(n > 0.0) || !isfinite(n))) atomicMax(bad, r + 1);
+    return n;
+}
+
+// One block per row: x̂ = x / ||x||, norms in float64.
 template <typename T>
 __device__ void normalize_rows(const T* x, T* xhat, double* norms, int rows, int d, int* bad) {
     __shared__ double shared[32];
     int r = blockIdx.x;
     if (r >= rows) return;
     const T* row = x + (long long)r * d;
-    double s = 0.0;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) s += (double)row[j] * (double)row[j];
-    s = block_sum(s, shared);
-    double n = sqrt(s);
-    if (threadIdx.x == 0) {
-        norms[r] = n;
-        if (!(n > 0.0) || !isfinite(n)) atomicMax(bad, r + 1);
-    }
+    double n = checked_norm(row, d, r, bad, shared);
+    if (threadIdx.x == 0) norms[r] = n;
     T inv = (T)(1.0 / n);
     for (int j = threadIdx.x; j < d; j += blockDim.x) xhat[(long long)r * d + j] = row[j] * inv;
 }
 
-// One block per class centre: w_inv[j] = 1 / ||w_j||. A zero or non-finite row sets bad[0].
+// One block per class centre: w_inv[j] = 1 / ||w_j||.
 template <typename T>
 __device__ void inv_norms(const T* w, T* w_inv, int rows, int d, int* bad) {
     __shared__ double shared[32];
     int r = blockIdx.x;
     if (r >= rows) return;
-    const T* row = w + (long long)r * d;
-    double s = 0.0;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) s += (double)row[j] * (double)row[j];
-    s = block_sum(s, shared);
-    if (threadIdx.x == 0) {
-        double n = sqrt(s);
-        w_inv[r] = (T)(1.0 / n);
-        if (!(n > 0.0) || !isfinite(n)) atomicMax(bad, r + 1);
-    }
+    double n = checked_norm(w + (long long)r * d, d, r, bad, shared);
+    if (threadIdx.x == 0) w_inv[r] = (T)(1.0 / n);
 }
 
 // Per row with a label: the target's cosine (from x̂ and the raw centre), psi and psi', and

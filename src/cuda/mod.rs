@@ -47,17 +47,20 @@ pub const ENTRY_POINTS: &[&str] = &[
     "split_half",
 ];
 
-/// Whether a CUDA driver and at least one device are present. Never panics: the driver
-/// library is looked for before anything is called in it.
+/// Whether the CUDA path can run: a driver with at least one device, and NVRTC and cuBLAS
+/// loadable. Never panics: each library is looked for before anything is called in it.
+/// (arcface_rs's Python side first loads NVRTC and cuBLAS from PyTorch's wheels.)
 pub fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
         std::panic::catch_unwind(|| {
-            // SAFETY: only tries to open the driver library.
-            if !unsafe { cudarc::driver::sys::is_culib_present() } {
-                return false;
-            }
-            cudarc::driver::result::init().is_ok()
+            // SAFETY: these only try to open the libraries.
+            let libraries = unsafe {
+                cudarc::driver::sys::is_culib_present() && cudarc::cublas::sys::is_culib_present()
+            };
+            libraries
+                && nvrtc_available()
+                && cudarc::driver::result::init().is_ok()
                 && cudarc::driver::result::device::get_count().is_ok_and(|n| n > 0)
         })
         .unwrap_or(false)

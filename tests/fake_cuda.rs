@@ -1,0 +1,263 @@
+//! arcface_rs's CUDA driver code (src/cuda/driver.rs, gallery.rs) run end to end without a
+//! GPU: a fake libcuda and libcublas (tests/fake_cuda/) keep "device memory" in host memory
+//! and run the kernels on the CPU emulator; NVRTC is the real one. Each library is loaded
+//! by path before cudarc asks for it by name, so cudarc finds these.
+#![cfg(feature = "cuda")]
+
+use arcface_rs::cuda::device::Elem;
+use arcface_rs::cuda::driver::with_stream;
+use arcface_rs::cuda::gallery::{GpuSearch, Mirror};
+use arcface_rs::cuda::head::{self, HeadBuffers, HeadShape, Tiling};
+use arcface_rs::head::{margin_loss_with, LossOptions, Reduction};
+use arcface_rs::search::gallery::{Dtype, Gallery};
+use arcface_rs::Margin;
+use ndarray::Array2;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The fake libraries, built and loaded once per test process.
+fn fake() -> &'static libloading::Library {
+    static DRIVER: OnceLock<(libloading::Library, libloading::Library)> = OnceLock::new();
+    &DRIVER
+        .get_or_init(|| {
+            let here = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cuda");
+            let out =
+                std::env::temp_dir().join(format!("arcface_rs_fake_cuda_{}", std::process::id()));
+            std::fs::create_dir_all(&out).unwrap();
+            let driver = build(&here, &out, "cuda", "fake_driver.cpp");
+            let cublas = build(&here, &out, "cublas", "fake_cublas.cpp");
+            // SAFETY: our own libraries; loading runs no code beyond static initialisers.
+            let loaded = unsafe {
+                (
+                    libloading::Library::new(&driver).unwrap(),
+                    libloading::Library::new(&cublas).unwrap(),
+                )
+            };
+            let _ = std::fs::remove_dir_all(&out);
+            loaded
+        })
+        .0
+}
+
+/// lib{name}.so from `source` plus an aborting stub for every other symbol cudarc wants.
+fn build(here: &Path, out: &Path, name: &str, source: &str) -> PathBuf {
+    let list = here.join(if name == "cuda" {
+        "driver_symbols.txt"
+    } else {
+        "cublas_symbols.txt"
+    });
+    let stubs: String = std::fs::read_to_string(list)
+        .unwrap()
+        .lines()
+        .map(|s| {
+            format!("extern \"C\" __attribute__((weak)) void {s}(void) {{ __builtin_trap(); }}\n")
+        })
+        .collect();
+    let stub_file = out.join(format!("{name}_stubs.cpp"));
+    std::fs::write(&stub_file, stubs).unwrap();
+    let lib = out.join(format!("lib{name}.so"));
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let status = Command::new(&cxx)
+        .args(["-std=c++20", "-O1", "-shared", "-fPIC"])
+        .arg(format!("-Wl,-soname,lib{name}.so"))
+        .arg("-o")
+        .arg(&lib)
+        .arg(here.join(source))
+        .arg(&stub_file)
+        .status()
+        .expect("a C++ compiler");
+    assert!(status.success(), "building lib{name}.so failed");
+    lib
+}
+
+/// The fake device, one test at a time (the allocation count is process-wide).
+fn device() -> std::sync::MutexGuard<'static, ()> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    fake();
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn live_allocations() -> i32 {
+    // SAFETY: the symbol has this signature in fake_driver.cpp.
+    unsafe {
+        fake()
+            .get::<unsafe extern "C" fn() -> i32>(b"fake_live_allocations\0")
+            .unwrap()()
+    }
+}
+
+fn noise(seed: u64, rows: usize, cols: usize) -> Array2<f64> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    Array2::from_shape_fn((rows, cols), |_| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    })
+}
+
+#[test]
+fn the_fake_device_is_found_and_only_device_0_exists() {
+    let _device = device();
+    assert!(arcface_rs::cuda::available());
+    let err = with_stream(1, 0, |_| Ok(())).unwrap_err();
+    assert!(err.to_string().contains("cuDeviceGet"), "{err}");
+}
+
+#[test]
+fn the_head_through_the_driver_equals_the_cpu_head() {
+    let _device = device();
+    let (b, c, d) = (6, 40, 8);
+    let emb = noise(1, b, d) * 2.0;
+    let weight = noise(2, c, d);
+    let labels: Vec<i64> = vec![3, -1, 39, 0, 17, 3];
+    let row_weight: Vec<f64> = labels
+        .iter()
+        .map(|&y| if y < 0 { 0.0 } else { 0.2 })
+        .collect();
+    for margin in [
+        Margin::arcface(64.0, 0.5, false).unwrap(),
+        Margin::sphereface(4, None, 5.0).unwrap(),
+    ] {
+        let cpu = margin_loss_with(
+            emb.view(),
+            weight.view(),
+            &labels,
+            &margin,
+            LossOptions::new(Reduction::Mean),
+        )
+        .unwrap();
+        let shape = HeadShape {
+            b,
+            c,
+            d,
+            elem: Elem::F64,
+        };
+        let tiling = Tiling {
+            class_tile: 16,
+            stash_budget_bytes: 1 << 20,
+        };
+        let mut row_loss = vec![0.0f64; b];
+        let mut grad_emb = Array2::<f64>::zeros((b, d));
+        let mut grad_weight = Array2::<f64>::zeros((c, d));
+        let mut bad = [0i32; 2];
+        let mut workspace = vec![0u64; head::workspace_bytes(shape, true, tiling) / 8 + 1];
+        let buffers = HeadBuffers {
+            emb: emb.as_ptr() as u64,
+            weight: weight.as_ptr() as u64,
+            labels: labels.as_ptr() as u64,
+            row_weight: row_weight.as_ptr() as u64,
+            row_loss: row_loss.as_mut_ptr() as u64,
+            grad_emb: grad_emb.as_mut_ptr() as u64,
+            grad_weight: grad_weight.as_mut_ptr() as u64,
+            bad: bad.as_mut_ptr() as u64,
+            workspace: workspace.as_mut_ptr() as u64,
+        };
+        with_stream(0, 0, |s| {
+            head::margin_loss(s, shape, &margin, &buffers, tiling)?;
+            s.synchronize()
+        })
+        .unwrap();
+        assert_eq!(bad, [0, 0]);
+        let loss: f64 = row_loss.iter().sum::<f64>() / 5.0;
+        assert!(
+            (loss - cpu.loss).abs() < 1e-10 * cpu.loss.abs(),
+            "{loss} vs {}",
+            cpu.loss
+        );
+        let close = |a: &Array2<f64>, b: &Array2<f64>| {
+            a.iter()
+                .zip(b)
+                .all(|(x, y)| (x - y).abs() < 1e-10 * (1.0 + y.abs()))
+        };
+        assert!(close(&grad_emb, cpu.grad_emb.as_ref().unwrap()));
+        assert!(close(&grad_weight, cpu.grad_weight.as_ref().unwrap()));
+    }
+}
+
+#[test]
+fn gallery_search_through_the_driver_equals_the_cpu_search() {
+    let _device = device();
+    let emb = noise(3, 700, 24).mapv(|v| v as f32);
+    let queries = noise(4, 9, 24).mapv(|v| v as f32);
+    for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::I8] {
+        let mut gallery = Gallery::new(24, dtype).unwrap();
+        gallery.add(emb.view(), None).unwrap();
+        let before = live_allocations();
+        {
+            let mirror = Mirror::new(&gallery, 0).unwrap();
+            for k in [1, 10, 64] {
+                let gpu = mirror.search_rows(queries.view(), k).unwrap();
+                let cpu = gallery.search(queries.view(), k).unwrap();
+                // ids are 0..700 in row order, so rows and ids coincide
+                assert_eq!(gpu.indices, cpu.indices, "{dtype:?} k={k}");
+                let diff = (&gpu.scores - &cpu.scores).mapv(f32::abs);
+                assert!(diff.iter().all(|&e| e < 2e-6), "{dtype:?} k={k}");
+            }
+            assert!(mirror.search_rows(queries.view(), 65).is_err());
+            let zero = Array2::<f32>::zeros((1, 24));
+            let err = mirror.search_rows(zero.view(), 3).unwrap_err();
+            assert_eq!(err.arg, "queries");
+        }
+        assert_eq!(
+            live_allocations(),
+            before,
+            "{dtype:?}: device memory leaked"
+        );
+    }
+}
+
+#[test]
+fn gallery_search_pads_beyond_the_rows() {
+    let _device = device();
+    let mut gallery = Gallery::new(5, Dtype::F16).unwrap();
+    gallery
+        .add(noise(5, 3, 5).mapv(|v| v as f32).view(), None)
+        .unwrap();
+    let mirror = Mirror::new(&gallery, 0).unwrap();
+    let got = mirror
+        .search_rows(noise(6, 2, 5).mapv(|v| v as f32).view(), 6)
+        .unwrap();
+    let cpu = gallery
+        .search(noise(6, 2, 5).mapv(|v| v as f32).view(), 6)
+        .unwrap();
+    assert_eq!(got.indices, cpu.indices);
+    assert!(got.scores.column(5).iter().all(|s| *s == f32::NEG_INFINITY));
+}
+
+#[test]
+fn gpu_search_follows_changes_maps_ids_and_falls_back_above_64() {
+    let _device = device();
+    let emb = noise(7, 300, 16).mapv(|v| v as f32);
+    let mut gallery = Gallery::new(16, Dtype::F16).unwrap();
+    let ids: Vec<i64> = (0..200).map(|i| 5000 - 3 * i).collect();
+    gallery
+        .add(
+            emb.slice(ndarray::s![..200, ..]),
+            Some(ndarray::ArrayView1::from(&ids)),
+        )
+        .unwrap();
+    let gpu = GpuSearch::default();
+    let probe = emb.slice(ndarray::s![250..252, ..]);
+    let first = gpu.search(&gallery, 0, probe, 5, 0).unwrap();
+    assert_eq!(first.indices, gallery.search(probe, 5).unwrap().indices);
+    assert!(gpu.nbytes() == 200 * 16 * 2);
+    // a change with the same generation would serve the stale copy; a new one refreshes it
+    gallery
+        .add(emb.slice(ndarray::s![200.., ..]), None)
+        .unwrap();
+    let stale = gpu.search(&gallery, 0, probe, 5, 0).unwrap();
+    assert_eq!(stale.indices, first.indices);
+    let fresh = gpu.search(&gallery, 1, probe, 5, 0).unwrap();
+    let cpu = gallery.search(probe, 5).unwrap();
+    assert_eq!(fresh.indices, cpu.indices);
+    assert_eq!(fresh.indices[[0, 0]], gallery.ids()[250]); // finds itself, by id
+    assert_eq!(gpu.nbytes(), 300 * 16 * 2);
+    // k above 64: the CPU search, same answer
+    let wide = gpu.search(&gallery, 1, probe, 100, 0).unwrap();
+    assert_eq!(wide.indices, gallery.search(probe, 100).unwrap().indices);
+    // a missing device is an error, and the copy is dropped rather than kept stale
+    assert!(gpu.search(&gallery, 1, probe, 5, 3).is_err());
+    assert_eq!(gpu.nbytes(), 0);
+}

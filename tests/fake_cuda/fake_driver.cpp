@@ -1,0 +1,128 @@
+// A stand-in for libcuda.so on machines without a GPU: "device memory" is host memory and
+// kernels run on the CPU emulator (src/cuda/emulator.cpp), so arcface_rs's real driver code
+// (src/cuda/driver.rs, through cudarc) runs end to end in tests. Only the calls arcface_rs
+// makes are implemented; stubs.cpp gives every other symbol cudarc looks up.
+
+#include "../../src/cuda/emulator.cpp"
+
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <set>
+
+typedef int CUresult;
+typedef unsigned long long CUdeviceptr;
+
+enum : CUresult {
+    SUCCESS = 0,
+    INVALID_VALUE = 1,
+    INVALID_DEVICE = 101,
+    INVALID_IMAGE = 200,
+    NOT_FOUND = 500,
+    LAUNCH_FAILED = 719,
+};
+
+static std::mutex allocations_lock;
+static std::set<CUdeviceptr> allocations;
+
+extern "C" {
+
+CUresult cuInit(unsigned) { return SUCCESS; }
+
+CUresult cuDeviceGetCount(int* count) {
+    *count = 1;
+    return SUCCESS;
+}
+
+CUresult cuDeviceGet(int* device, int ordinal) {
+    if (ordinal != 0) return INVALID_DEVICE;
+    *device = 0;
+    return SUCCESS;
+}
+
+// compute capability 9.0 (attributes 75 and 76: major and minor), 0 for anything else
+CUresult cuDeviceGetAttribute(int* value, int attribute, int) {
+    *value = attribute == 75 ? 9 : 0;
+    return SUCCESS;
+}
+
+CUresult cuDevicePrimaryCtxRetain(void** context, int) {
+    static int the_context;
+    *context = &the_context;
+    return SUCCESS;
+}
+
+CUresult cuCtxSetCurrent(void* context) { return context ? SUCCESS : INVALID_VALUE; }
+
+// The image must be the PTX that NVRTC made of kernels.cu.
+CUresult cuModuleLoadData(void** module, const void* image) {
+    static int the_module;
+    if (!std::strstr(static_cast<const char*>(image), ".entry topk_tile(")) return INVALID_IMAGE;
+    *module = &the_module;
+    return SUCCESS;
+}
+
+CUresult cuModuleGetFunction(void** function, void*, const char* name) {
+    if (!emu_has(name)) return NOT_FOUND;
+    *function = strdup(name);
+    return SUCCESS;
+}
+
+CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                        unsigned by, unsigned bz, unsigned shared_bytes, void*, void** params,
+                        void** extra) {
+    if (gy != 1 || gz != 1 || by != 1 || bz != 1 || shared_bytes != 0 || extra) return INVALID_VALUE;
+    return emu_launch(static_cast<const char*>(function), gx, bx, params) == 0 ? SUCCESS
+                                                                              : LAUNCH_FAILED;
+}
+
+CUresult cuMemAlloc_v2(CUdeviceptr* ptr, size_t bytes) {
+    void* p = std::malloc(bytes);
+    if (!p) return INVALID_VALUE;
+    std::memset(p, 0xA5, bytes);  // not zero: callers must not rely on fresh memory
+    std::lock_guard<std::mutex> guard(allocations_lock);
+    *ptr = reinterpret_cast<CUdeviceptr>(p);
+    allocations.insert(*ptr);
+    return SUCCESS;
+}
+
+CUresult cuMemFree_v2(CUdeviceptr ptr) {
+    std::lock_guard<std::mutex> guard(allocations_lock);
+    if (!allocations.erase(ptr)) return INVALID_VALUE;  // a double or foreign free
+    std::free(reinterpret_cast<void*>(ptr));
+    return SUCCESS;
+}
+
+CUresult cuMemsetD8Async(CUdeviceptr ptr, unsigned char value, size_t bytes, void*) {
+    std::memset(reinterpret_cast<void*>(ptr), value, bytes);
+    return SUCCESS;
+}
+
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) {
+    std::memcpy(reinterpret_cast<void*>(dst), src, bytes);
+    return SUCCESS;
+}
+
+CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes) {
+    std::memcpy(dst, reinterpret_cast<const void*>(src), bytes);
+    return SUCCESS;
+}
+
+CUresult cuStreamSynchronize(void*) { return SUCCESS; }
+
+CUresult cuGetErrorString(CUresult, const char** text) {
+    *text = "error from the fake CUDA driver";
+    return SUCCESS;
+}
+
+CUresult cuGetErrorName(CUresult, const char** text) {
+    *text = "FAKE_CUDA_ERROR";
+    return SUCCESS;
+}
+
+// For the tests: how many cuMemAlloc blocks are not freed.
+int fake_live_allocations() {
+    std::lock_guard<std::mutex> guard(allocations_lock);
+    return static_cast<int>(allocations.size());
+}
+}
