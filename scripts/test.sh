@@ -34,3 +34,11 @@ echo "== typed stubs against the built module"
 
 echo "== pytest"
 "$PY" -m pytest tests
+
+echo "== the Python side of the cuda feature on the fake driver (tests/fake_cuda/)"
+FAKE=$(mktemp -d)
+trap 'rm -rf "$FAKE"' EXIT
+MATURIN_PEP517_ARGS="--features python,cuda" "$PY" -m pip wheel --quiet --no-deps -w "$FAKE/wheel" .
+"$PY" -m pip install --quiet --no-deps --target "$FAKE/site" "$FAKE"/wheel/*.whl
+bash tests/fake_cuda/build.sh "$FAKE/lib"
+ARCFACE_RS_FAKE_CUDA="$FAKE/lib" PYTHONPATH="$FAKE/site" "$PY" -m pytest -q -p no:cacheprovider tests/fake_cuda

@@ -12,7 +12,7 @@ use arcface_rs::head::{margin_loss_with, LossOptions, Reduction};
 use arcface_rs::search::gallery::{Dtype, Gallery};
 use arcface_rs::Margin;
 use ndarray::Array2;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -25,50 +25,23 @@ fn fake() -> &'static libloading::Library {
             let out =
                 std::env::temp_dir().join(format!("arcface_rs_fake_cuda_{}", std::process::id()));
             std::fs::create_dir_all(&out).unwrap();
-            let driver = build(&here, &out, "cuda", "fake_driver.cpp");
-            let cublas = build(&here, &out, "cublas", "fake_cublas.cpp");
+            let status = Command::new("bash")
+                .arg(here.join("build.sh"))
+                .arg(&out)
+                .status()
+                .expect("bash");
+            assert!(status.success(), "tests/fake_cuda/build.sh failed");
             // SAFETY: our own libraries; loading runs no code beyond static initialisers.
             let loaded = unsafe {
                 (
-                    libloading::Library::new(&driver).unwrap(),
-                    libloading::Library::new(&cublas).unwrap(),
+                    libloading::Library::new(out.join("libcuda.so")).unwrap(),
+                    libloading::Library::new(out.join("libcublas.so")).unwrap(),
                 )
             };
             let _ = std::fs::remove_dir_all(&out);
             loaded
         })
         .0
-}
-
-/// lib{name}.so from `source` plus an aborting stub for every other symbol cudarc wants.
-fn build(here: &Path, out: &Path, name: &str, source: &str) -> PathBuf {
-    let list = here.join(if name == "cuda" {
-        "driver_symbols.txt"
-    } else {
-        "cublas_symbols.txt"
-    });
-    let stubs: String = std::fs::read_to_string(list)
-        .unwrap()
-        .lines()
-        .map(|s| {
-            format!("extern \"C\" __attribute__((weak)) void {s}(void) {{ __builtin_trap(); }}\n")
-        })
-        .collect();
-    let stub_file = out.join(format!("{name}_stubs.cpp"));
-    std::fs::write(&stub_file, stubs).unwrap();
-    let lib = out.join(format!("lib{name}.so"));
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let status = Command::new(&cxx)
-        .args(["-std=c++20", "-O1", "-shared", "-fPIC"])
-        .arg(format!("-Wl,-soname,lib{name}.so"))
-        .arg("-o")
-        .arg(&lib)
-        .arg(here.join(source))
-        .arg(&stub_file)
-        .status()
-        .expect("a C++ compiler");
-    assert!(status.success(), "building lib{name}.so failed");
-    lib
 }
 
 /// The fake device, one test at a time (the allocation count is process-wide).

@@ -227,8 +227,9 @@ def _launch_cuda(shape: tuple[int, int, int], dtype: str, spec: Any, *tensors: T
     """Queues the fused head on torch's current stream over the tensors' memory (in the
     order of ``_core.cuda_margin_loss``; None skips a gradient)."""
     device = tensors[0].device  # type: ignore[union-attr]
+    index = torch.cuda.current_device() if device.index is None else device.index
     _core.cuda_margin_loss(
-        device.index,
+        index,
         torch.cuda.current_stream(device).cuda_stream,
         *shape,
         dtype,

@@ -1,0 +1,121 @@
+"""The Python side of the CUDA path on the fake driver (tests/fake_cuda/): the real
+bindings, driver code and kernels (on the CPU emulator) behind ``Gallery(device="cuda")``
+and the torch head's CUDA kernel. "Device memory" is host memory there, so the torch glue
+runs on CPU tensors through the real launch.
+
+scripts/test.sh runs this file with a build that has the ``cuda`` feature and
+ARCFACE_RS_FAKE_CUDA set to the folder of the fake libcuda.so and libcublas.so; the plain
+test run skips it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+
+FAKE = os.environ.get("ARCFACE_RS_FAKE_CUDA")
+if FAKE:  # before arcface_rs first looks for a driver
+    for name in ("libcuda.so", "libcublas.so"):
+        ctypes.CDLL(os.path.join(FAKE, name), mode=ctypes.RTLD_GLOBAL)
+
+import arcface_rs as afr  # noqa: E402
+import arcface_rs.torch as aft  # noqa: E402
+from _reference import all_margins, make_problem  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not FAKE, reason="scripts/test.sh runs it on the fake driver")
+
+
+def test_the_fake_driver_is_what_runs():
+    assert afr._core.cuda_feature and afr.cuda_available()
+    assert aft._cuda_fused()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
+def test_gallery_on_cuda_equals_the_cpu_gallery(dtype, tmp_path):
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((600, 20)).astype(np.float32)
+    queries = np.vstack([emb[:3], rng.standard_normal((5, 20))]).astype(np.float32)
+    cpu, gpu = afr.Gallery(20, dtype), afr.Gallery(20, dtype, device="cuda")
+    for g in (cpu, gpu):
+        g.add(emb[:500], ids=np.arange(1000, 1500))
+    assert gpu.device == "cuda:0" and "cuda:0" in repr(gpu)
+    for k in (1, 7, 64, 100):  # 100: past the kernel's 64, the CPU search
+        got, want = gpu.search(queries, k=k), cpu.search(queries, k=k)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_allclose(got[0], want[0], rtol=0, atol=2e-6)
+    single = gpu.search(queries[0], k=3)
+    assert single[1].shape == (3,) and single[1][0] == 1000
+    np.testing.assert_array_equal(
+        gpu.identify(queries, threshold=0.9)[0], cpu.identify(queries, threshold=0.9)[0]
+    )
+    for g in (cpu, gpu):  # the GPU copy follows changes
+        g.add(emb[500:])
+        g.remove([1001])
+    np.testing.assert_array_equal(gpu.search(queries, k=9)[1], cpu.search(queries, k=9)[1])
+    with pytest.raises(ValueError, match="queries"):
+        gpu.search(np.zeros(20), k=3)
+    gpu.save(tmp_path / "g.safetensors")
+    back = afr.Gallery.load(tmp_path / "g.safetensors", device="cuda")
+    np.testing.assert_array_equal(back.search(queries, k=5)[1], cpu.search(queries, k=5)[1])
+
+
+@pytest.fixture
+def cpu_stream(monkeypatch):
+    """torch's stream queries answer for the fake device (the tensors are CPU tensors)."""
+    monkeypatch.setattr(
+        torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0)
+    )
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("margin", all_margins()[::2], ids=repr)
+def test_torch_head_through_the_real_launch(cpu_stream, margin, reduction, dtype):
+    emb, weight, labels = (torch.tensor(a) for a in make_problem(9, 6, 30, seed=1, ignore=2))
+    emb, weight = emb.to(dtype), weight.to(dtype)
+    kind, params = aft._encode(margin)
+    want = aft._loss_op(emb, weight, labels, kind, params, reduction, True, True)
+    got = aft._loss_cuda(emb, weight, labels, kind, params, reduction, True, True)
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+    if reduction == "none":
+        up = torch.linspace(-1, 1, 9, dtype=torch.float64)
+        want = aft._loss_backward_op(emb, weight, labels, kind, params, "none", up, True, True)
+        got = aft._loss_backward_cuda(emb, weight, labels, kind, params, "none", up, True, True)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+
+
+def test_torch_head_bad_rows_raise_through_the_real_launch(cpu_stream):
+    emb, weight, labels = (torch.tensor(a) for a in make_problem(5, 4, 8, seed=2))
+    kind, params = aft._encode(afr.ArcFace())
+    with pytest.raises(ValueError, match="emb: row 2"):
+        aft._loss_cuda(
+            emb.index_fill(0, torch.tensor([2]), 0.0),
+            weight,
+            labels,
+            kind,
+            params,
+            "mean",
+            True,
+            True,
+        )
+    with pytest.raises(ValueError, match="weight: row 6"):
+        aft._loss_cuda(
+            emb,
+            weight.index_fill(0, torch.tensor([6]), float("inf")),
+            labels,
+            kind,
+            params,
+            "mean",
+            True,
+            True,
+        )
