@@ -74,6 +74,14 @@ fn noise(seed: u64, rows: usize, cols: usize) -> Array2<f64> {
 fn the_fake_device_is_found_and_only_device_0_exists() {
     let _device = device();
     assert!(arcface_rs::cuda::available());
+    with_stream(0, 0, |_| Ok(())).unwrap();
+    // SAFETY: the symbol has this signature in fake_driver.cpp.
+    let cubins = unsafe {
+        fake()
+            .get::<unsafe extern "C" fn() -> i32>(b"fake_loaded_cubins\0")
+            .unwrap()()
+    };
+    assert_eq!(cubins, 1, "the kernels load as machine code for sm_90");
     let err = with_stream(1, 0, |_| Ok(())).unwrap_err();
     assert!(err.to_string().contains("cuDeviceGet"), "{err}");
 }

@@ -8,7 +8,7 @@
 //! stream at a time.
 
 use super::device::{arg_values, cuda_error, Arg, ColumnMajorGemm, Device, Elem};
-use super::{available, compile, ENTRY_POINTS};
+use super::{available, compile, compile_cubin, ENTRY_POINTS};
 use crate::{Error, Result};
 use cudarc::cublas::sys as cublas;
 use cudarc::driver::{result as cu, sys};
@@ -47,17 +47,14 @@ fn load(ordinal: usize) -> Result<Loaded> {
         major.map_err(|e| cuda_error("cuDeviceGetAttribute", e))?,
         minor.map_err(|e| cuda_error("cuDeviceGetAttribute", e))?,
     );
-    // NVRTC wants a 'static name; one small leak per device and process.
-    let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
-    let ptx = compile(Some(arch)).map_err(|log| cuda_error("NVRTC", log))?;
-    let ptx = CString::new(ptx).map_err(|e| cuda_error("PTX", e))?;
-    // SAFETY: the device is valid; the PTX is a NUL-terminated image that NVRTC produced.
+    // SAFETY: the device is valid.
+    let context = unsafe { cu::primary_ctx::retain(device) }
+        .map_err(|e| cuda_error("cuDevicePrimaryCtxRetain", e))?;
+    // SAFETY: a context just retained.
+    unsafe { cu::ctx::set_current(context) }.map_err(|e| cuda_error("cuCtxSetCurrent", e))?;
+    let module = load_kernels(major, minor)?;
+    // SAFETY: the module was just loaded and is never unloaded.
     unsafe {
-        let context = cu::primary_ctx::retain(device)
-            .map_err(|e| cuda_error("cuDevicePrimaryCtxRetain", e))?;
-        cu::ctx::set_current(context).map_err(|e| cuda_error("cuCtxSetCurrent", e))?;
-        let module = cu::module::load_data(ptx.as_ptr() as *const c_void)
-            .map_err(|e| cuda_error("cuModuleLoadData", e))?;
         let mut functions = HashMap::new();
         for name in ENTRY_POINTS {
             let f = cu::module::get_function(module, CString::new(*name).expect("no NUL"))
@@ -72,6 +69,32 @@ fn load(ordinal: usize) -> Result<Loaded> {
             cublas,
         })
     }
+}
+
+/// The kernels as a module of the current context: machine code for this exact device
+/// (sm_XY) if NVRTC and the driver agree on it, else PTX for the driver to compile.
+fn load_kernels(major: i32, minor: i32) -> Result<sys::CUmodule> {
+    let load = |image: &[u8]| {
+        // SAFETY: a CUBIN or a NUL-terminated PTX text that NVRTC produced.
+        unsafe { cu::module::load_data(image.as_ptr() as *const c_void) }
+    };
+    let cubin_error = match compile_cubin(&format!("sm_{major}{minor}")) {
+        Ok(cubin) => match load(&cubin) {
+            Ok(module) => return Ok(module),
+            Err(e) => format!("{e:?}"),
+        },
+        Err(log) => log,
+    };
+    // NVRTC wants a 'static name; one small leak per device and process.
+    let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+    let ptx = compile(Some(arch)).map_err(|log| cuda_error("NVRTC", log))?;
+    let ptx = CString::new(ptx).map_err(|e| cuda_error("PTX", e))?;
+    load(ptx.as_bytes_with_nul()).map_err(|e| {
+        cuda_error(
+            "cuModuleLoadData",
+            format!("PTX: {e:?}; machine code for sm_{major}{minor}: {cubin_error}"),
+        )
+    })
 }
 
 /// Work queued on one stream of one device.

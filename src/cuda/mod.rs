@@ -92,6 +92,42 @@ pub fn compile(arch: Option<&'static str>) -> Result<String, String> {
         .map_err(|e| format!("{e:?}"))
 }
 
+/// The kernels compiled to machine code (a CUBIN) for `arch`, e.g. "sm_90". A driver loads
+/// a CUBIN from a newer minor CUDA release than its own, but not always such a release's
+/// PTX (the JIT refuses a newer PTX ISA), so the driver code tries this first.
+pub fn compile_cubin(arch: &str) -> Result<Vec<u8>, String> {
+    use cudarc::nvrtc::{result, sys};
+    use std::ffi::CString;
+    if !nvrtc_available() {
+        return Err("libnvrtc cannot be loaded".into());
+    }
+    let src = CString::new(KERNELS).map_err(|e| e.to_string())?;
+    let name = CString::new("arcface_rs_kernels.cu").expect("no NUL");
+    let program = result::create_program(&src, Some(&name)).map_err(|e| format!("{e:?}"))?;
+    // SAFETY: `program` is alive until destroyed at the end; buffers are sized by NVRTC.
+    unsafe {
+        let outcome = result::compile_program(program, &[format!("--gpu-architecture={arch}")])
+            .map_err(|e| {
+                let log = result::get_program_log(program).unwrap_or_default();
+                let log: Vec<u8> = log.iter().map(|&c| c as u8).collect();
+                format!("{e:?}: {}", String::from_utf8_lossy(&log))
+            })
+            .and_then(|()| {
+                let mut size = 0usize;
+                sys::nvrtcGetCUBINSize(program, &mut size)
+                    .result()
+                    .map_err(|e| format!("{e:?}"))?;
+                let mut cubin = vec![0u8; size];
+                sys::nvrtcGetCUBIN(program, cubin.as_mut_ptr() as *mut std::ffi::c_char)
+                    .result()
+                    .map_err(|e| format!("{e:?}"))?;
+                Ok(cubin)
+            });
+        let _ = result::destroy_program(program);
+        outcome
+    }
+}
+
 /// (kind, m1, m2, m3) as the kernels' `MarginParams` reads them.
 pub fn margin_code(margin: &Margin) -> (i32, f64, f64, f64) {
     match *margin {

@@ -27,6 +27,21 @@ fn every_kernel_compiles_with_nvrtc() {
 }
 
 #[test]
+fn every_kernel_compiles_to_machine_code_with_nvrtc() {
+    for arch in ["sm_80", "sm_90"] {
+        let cubin =
+            super::compile_cubin(arch).unwrap_or_else(|log| panic!("NVRTC ({arch}): {log}"));
+        assert_eq!(&cubin[..4], b"\x7fELF", "{arch}");
+        for name in ENTRY_POINTS {
+            let found = cubin
+                .windows(name.len() + 1)
+                .any(|w| w[..name.len()] == *name.as_bytes() && w[name.len()] == 0);
+            assert!(found, "{name} missing from the {arch} CUBIN");
+        }
+    }
+}
+
+#[test]
 fn no_device_is_not_an_error() {
     // On a machine without a driver this must be false, not a panic; with a GPU, true.
     let _ = available();

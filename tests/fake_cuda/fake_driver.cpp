@@ -54,10 +54,28 @@ CUresult cuDevicePrimaryCtxRetain(void** context, int) {
 
 CUresult cuCtxSetCurrent(void* context) { return context ? SUCCESS : INVALID_VALUE; }
 
-// The image must be the PTX that NVRTC made of kernels.cu.
+// The image must be what NVRTC made of kernels.cu: a CUBIN (an ELF file, whose size its
+// header gives) or PTX text, either holding the kernels' names.
+static int loaded_cubins = 0;
+
 CUresult cuModuleLoadData(void** module, const void* image) {
     static int the_module;
-    if (!std::strstr(static_cast<const char*>(image), ".entry topk_tile(")) return INVALID_IMAGE;
+    const char* bytes = static_cast<const char*>(image);
+    const char* name = "topk_tile";
+    bool ok;
+    if (std::memcmp(bytes, "\x7f" "ELF", 4) == 0) {
+        unsigned long long section_headers;
+        unsigned short entry_size, entries;
+        std::memcpy(&section_headers, bytes + 0x28, 8);
+        std::memcpy(&entry_size, bytes + 0x3A, 2);
+        std::memcpy(&entries, bytes + 0x3C, 2);
+        size_t size = section_headers + (size_t)entry_size * entries;
+        ok = memmem(bytes, size, name, std::strlen(name)) != nullptr;
+        loaded_cubins += ok;
+    } else {
+        ok = std::strstr(bytes, ".entry topk_tile(") != nullptr;
+    }
+    if (!ok) return INVALID_IMAGE;
     *module = &the_module;
     return SUCCESS;
 }
@@ -119,6 +137,9 @@ CUresult cuGetErrorName(CUresult, const char** text) {
     *text = "FAKE_CUDA_ERROR";
     return SUCCESS;
 }
+
+// For the tests: how many CUBIN modules were loaded.
+int fake_loaded_cubins() { return loaded_cubins; }
 
 // For the tests: how many cuMemAlloc blocks are not freed.
 int fake_live_allocations() {
