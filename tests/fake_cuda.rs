@@ -52,12 +52,7 @@ fn device() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn live_allocations() -> i32 {
-    // SAFETY: the symbol has this signature in fake_driver.cpp.
-    unsafe {
-        fake()
-            .get::<unsafe extern "C" fn() -> i32>(b"fake_live_allocations\0")
-            .unwrap()()
-    }
+    counter(b"fake_live_allocations\0")
 }
 
 fn noise(seed: u64, rows: usize, cols: usize) -> Array2<f64> {
@@ -70,19 +65,43 @@ fn noise(seed: u64, rows: usize, cols: usize) -> Array2<f64> {
     })
 }
 
+/// A counter the fake driver exports.
+fn counter(name: &[u8]) -> i32 {
+    // SAFETY: the fake's counters have this signature.
+    unsafe { fake().get::<unsafe extern "C" fn() -> i32>(name).unwrap()() }
+}
+
 #[test]
-fn the_fake_device_is_found_and_only_device_0_exists() {
+fn kernels_load_as_machine_code_else_as_ptx_and_missing_devices_are_errors() {
     let _device = device();
     assert!(arcface_rs::cuda::available());
     with_stream(0, 0, |_| Ok(())).unwrap();
-    // SAFETY: the symbol has this signature in fake_driver.cpp.
-    let cubins = unsafe {
-        fake()
-            .get::<unsafe extern "C" fn() -> i32>(b"fake_loaded_cubins\0")
-            .unwrap()()
-    };
-    assert_eq!(cubins, 1, "the kernels load as machine code for sm_90");
-    let err = with_stream(1, 0, |_| Ok(())).unwrap_err();
+    assert_eq!(
+        counter(b"fake_loaded_cubins\0"),
+        1,
+        "device 0 takes sm_90 machine code"
+    );
+    // device 1 refuses the machine code: the kernels load from PTX and still work
+    with_stream(1, 0, |_| Ok(())).unwrap();
+    assert_eq!(
+        counter(b"fake_loaded_ptx\0"),
+        1,
+        "device 1 falls back to PTX"
+    );
+    let mut gallery = Gallery::new(8, Dtype::F32).unwrap();
+    gallery
+        .add(noise(9, 50, 8).mapv(|v| v as f32).view(), None)
+        .unwrap();
+    let probe = noise(10, 3, 8).mapv(|v| v as f32);
+    let on_1 = Mirror::new(&gallery, 1)
+        .unwrap()
+        .search_rows(probe.view(), 4)
+        .unwrap();
+    assert_eq!(
+        on_1.indices,
+        gallery.search(probe.view(), 4).unwrap().indices
+    );
+    let err = with_stream(2, 0, |_| Ok(())).unwrap_err();
     assert!(err.to_string().contains("cuDeviceGet"), "{err}");
 }
 
@@ -239,6 +258,6 @@ fn gpu_search_follows_changes_maps_ids_and_falls_back_above_64() {
     let wide = gpu.search(&gallery, 1, probe, 100, 0).unwrap();
     assert_eq!(wide.indices, gallery.search(probe, 100).unwrap().indices);
     // a missing device is an error, and the copy is dropped rather than kept stale
-    assert!(gpu.search(&gallery, 1, probe, 5, 3).is_err());
+    assert!(gpu.search(&gallery, 1, probe, 5, 7).is_err());
     assert_eq!(gpu.nbytes(), 0);
 }

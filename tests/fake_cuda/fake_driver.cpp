@@ -18,6 +18,7 @@ enum : CUresult {
     INVALID_VALUE = 1,
     INVALID_DEVICE = 101,
     INVALID_IMAGE = 200,
+    NO_BINARY_FOR_GPU = 209,
     NOT_FOUND = 500,
     LAUNCH_FAILED = 719,
 };
@@ -29,14 +30,20 @@ extern "C" {
 
 CUresult cuInit(unsigned) { return SUCCESS; }
 
+// Two devices; device 1's "driver" is older than NVRTC and refuses its machine code (as a
+// 13.0 driver may refuse a 13.2 NVRTC's output), so the PTX fallback runs there.
+static const int DEVICES = 2;
+static int contexts[DEVICES];
+static int current_device = -1;
+
 CUresult cuDeviceGetCount(int* count) {
-    *count = 1;
+    *count = DEVICES;
     return SUCCESS;
 }
 
 CUresult cuDeviceGet(int* device, int ordinal) {
-    if (ordinal != 0) return INVALID_DEVICE;
-    *device = 0;
+    if (ordinal < 0 || ordinal >= DEVICES) return INVALID_DEVICE;
+    *device = ordinal;
     return SUCCESS;
 }
 
@@ -46,17 +53,21 @@ CUresult cuDeviceGetAttribute(int* value, int attribute, int) {
     return SUCCESS;
 }
 
-CUresult cuDevicePrimaryCtxRetain(void** context, int) {
-    static int the_context;
-    *context = &the_context;
+CUresult cuDevicePrimaryCtxRetain(void** context, int device) {
+    *context = &contexts[device];
     return SUCCESS;
 }
 
-CUresult cuCtxSetCurrent(void* context) { return context ? SUCCESS : INVALID_VALUE; }
+CUresult cuCtxSetCurrent(void* context) {
+    int* c = static_cast<int*>(context);
+    if (c < contexts || c >= contexts + DEVICES) return INVALID_VALUE;
+    current_device = static_cast<int>(c - contexts);
+    return SUCCESS;
+}
 
 // The image must be what NVRTC made of kernels.cu: a CUBIN (an ELF file, whose size its
 // header gives) or PTX text, either holding the kernels' names.
-static int loaded_cubins = 0;
+static int loaded_cubins = 0, loaded_ptx = 0;
 
 CUresult cuModuleLoadData(void** module, const void* image) {
     static int the_module;
@@ -64,6 +75,7 @@ CUresult cuModuleLoadData(void** module, const void* image) {
     const char* name = "topk_tile";
     bool ok;
     if (std::memcmp(bytes, "\x7f" "ELF", 4) == 0) {
+        if (current_device == 1) return NO_BINARY_FOR_GPU;
         unsigned long long section_headers;
         unsigned short entry_size, entries;
         std::memcpy(&section_headers, bytes + 0x28, 8);
@@ -74,6 +86,7 @@ CUresult cuModuleLoadData(void** module, const void* image) {
         loaded_cubins += ok;
     } else {
         ok = std::strstr(bytes, ".entry topk_tile(") != nullptr;
+        loaded_ptx += ok;
     }
     if (!ok) return INVALID_IMAGE;
     *module = &the_module;
@@ -138,8 +151,9 @@ CUresult cuGetErrorName(CUresult, const char** text) {
     return SUCCESS;
 }
 
-// For the tests: how many CUBIN modules were loaded.
+// For the tests: how many modules were loaded from CUBINs and from PTX.
 int fake_loaded_cubins() { return loaded_cubins; }
+int fake_loaded_ptx() { return loaded_ptx; }
 
 // For the tests: how many cuMemAlloc blocks are not freed.
 int fake_live_allocations() {
