@@ -453,11 +453,38 @@ pub fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits | sign)
 }
 
+/// bfloat16 bits to f32 (they are the top half of an f32).
+#[inline(always)]
+pub fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// An int8 code as f32 (the per-row scale is applied to dot products, not here).
+#[inline(always)]
+fn i8_to_f32(c: i8) -> f32 {
+    c as f32
+}
+
+#[inline(always)]
+fn decode_with<S: Copy>(src: &[S], dst: &mut [f32], decode: impl Fn(S) -> f32) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = decode(s);
+    }
+}
+
 #[inline(always)]
 fn decode_f16_impl(src: &[u16], dst: &mut [f32]) {
-    for (d, &s) in dst.iter_mut().zip(src) {
-        *d = f16_to_f32(s);
-    }
+    decode_with(src, dst, f16_to_f32)
+}
+
+#[inline(always)]
+fn decode_bf16_impl(src: &[u16], dst: &mut [f32]) {
+    decode_with(src, dst, bf16_to_f32)
+}
+
+#[inline(always)]
+fn decode_i8_impl(src: &[i8], dst: &mut [f32]) {
+    decode_with(src, dst, i8_to_f32)
 }
 
 multiversion_plain! {
@@ -465,27 +492,13 @@ multiversion_plain! {
     pub fn decode_f16(src: &[u16], dst: &mut [f32]) = decode_f16_impl;
 }
 
-#[inline(always)]
-fn decode_bf16_impl(src: &[u16], dst: &mut [f32]) {
-    for (d, &s) in dst.iter_mut().zip(src) {
-        *d = f32::from_bits((s as u32) << 16);
-    }
-}
-
 multiversion_plain! {
-    /// bfloat16 bits to float32 (the top half of a float32).
+    /// bfloat16 bits to float32.
     pub fn decode_bf16(src: &[u16], dst: &mut [f32]) = decode_bf16_impl;
 }
 
-#[inline(always)]
-fn decode_i8_impl(src: &[i8], dst: &mut [f32]) {
-    for (d, &s) in dst.iter_mut().zip(src) {
-        *d = s as f32;
-    }
-}
-
 multiversion_plain! {
-    /// int8 codes to float32 (the per-row scale is applied to the dot products instead).
+    /// int8 codes to float32 (unscaled).
     pub fn decode_i8(src: &[i8], dst: &mut [f32]) = decode_i8_impl;
 }
 
@@ -519,69 +532,51 @@ fn dots_decoded_impl<S: Copy>(
     }
 }
 
-/// `out[r] = query · rows[r]` for rows stored as float16 bits (the hardware conversion
-/// where the CPU has AVX-512, the portable decoder elsewhere).
-pub fn dots_f16(query: &[f32], rows: &[u16], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512bw,fma")]
-        fn v4(query: &[f32], rows: &[u16], out: &mut [f32]) {
-            use std::arch::x86_64::*;
-            // SAFETY: reads 16 values, which dots_avx512 guarantees are in bounds.
-            let load =
-                |p: *const u16| unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) };
-            dots_avx512(query, rows, out, load, f16_to_f32)
+/// `out[r] = query · rows[r]` for rows of stored values: the AVX-512 loop where the CPU
+/// has it (`load` turns 16 stored values at `p` into a vector, inside the AVX-512 function
+/// so that its intrinsics inline), the portable `decode` loop elsewhere.
+macro_rules! stored_dots {
+    ($(#[$doc:meta])* pub fn $name:ident(rows: &[$s:ty]), $decode:ident, |$p:ident| $load:expr) => {
+        $(#[$doc])*
+        pub fn $name(query: &[f32], rows: &[$s], out: &mut [f32]) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,fma")]
+                fn v4(query: &[f32], rows: &[$s], out: &mut [f32]) {
+                    use std::arch::x86_64::*;
+                    // SAFETY: reads 16 values, which dots_avx512 guarantees are in bounds.
+                    let load = |$p: *const $s| unsafe { $load };
+                    dots_avx512(query, rows, out, load, $decode)
+                }
+                if simd_level() == 4 {
+                    // SAFETY: simd_level() confirmed the CPU has these features.
+                    return unsafe { v4(query, rows, out) };
+                }
+            }
+            dots_decoded_impl(query, rows, out, $decode);
         }
-        if simd_level() == 4 {
-            // SAFETY: simd_level() confirmed the CPU has these features.
-            return unsafe { v4(query, rows, out) };
-        }
-    }
-    dots_decoded_impl(query, rows, out, f16_to_f32);
+    };
 }
 
-/// `out[r] = query · rows[r]` for rows stored as bfloat16 bits.
-pub fn dots_bf16(query: &[f32], rows: &[u16], out: &mut [f32]) {
-    let decode = |s: u16| f32::from_bits((s as u32) << 16);
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512bw,fma")]
-        fn v4(query: &[f32], rows: &[u16], out: &mut [f32]) {
-            use std::arch::x86_64::*;
-            // SAFETY: reads 16 values, which dots_avx512 guarantees are in bounds.
-            let load = |p: *const u16| unsafe {
-                let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
-                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
-            };
-            dots_avx512(query, rows, out, load, |s| f32::from_bits((s as u32) << 16))
-        }
-        if simd_level() == 4 {
-            // SAFETY: simd_level() confirmed the CPU has these features.
-            return unsafe { v4(query, rows, out) };
-        }
-    }
-    dots_decoded_impl(query, rows, out, decode);
+stored_dots! {
+    /// `out[r] = query · rows[r]` for rows stored as float16 bits.
+    pub fn dots_f16(rows: &[u16]), f16_to_f32,
+    |p| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
 }
 
-/// `out[r] = query · rows[r]` for rows of int8 codes (unscaled).
-pub fn dots_i8(query: &[f32], rows: &[i8], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512bw,fma")]
-        fn v4(query: &[f32], rows: &[i8], out: &mut [f32]) {
-            use std::arch::x86_64::*;
-            // SAFETY: reads 16 values, which dots_avx512 guarantees are in bounds.
-            let load = |p: *const i8| unsafe {
-                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
-            };
-            dots_avx512(query, rows, out, load, |s| s as f32)
-        }
-        if simd_level() == 4 {
-            // SAFETY: simd_level() confirmed the CPU has these features.
-            return unsafe { v4(query, rows, out) };
-        }
+stored_dots! {
+    /// `out[r] = query · rows[r]` for rows stored as bfloat16 bits.
+    pub fn dots_bf16(rows: &[u16]), bf16_to_f32,
+    |p| {
+        let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
     }
-    dots_decoded_impl(query, rows, out, |s| s as f32);
+}
+
+stored_dots! {
+    /// `out[r] = query · rows[r]` for rows of int8 codes (unscaled).
+    pub fn dots_i8(rows: &[i8]), i8_to_f32,
+    |p| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
 }
 
 /// The AVX-512 loop of the fused dots: `load` decodes 16 stored values into a register,
