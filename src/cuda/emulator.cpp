@@ -84,6 +84,7 @@ static float emu_f16_to_f32(unsigned short bits) {
 }
 
 #include "kernels.cu"
+#include "reference_gemm.h"
 
 // Calls kernel `f` with its arguments unpacked from CUDA's kernelParams layout (an array
 // of pointers to each argument's value).
@@ -194,3 +195,25 @@ extern "C" int emu_launch(const char* name, unsigned grid, unsigned block, void*
 }
 
 extern "C" int emu_has(const char* name) { return find(name) != nullptr; }
+
+// One GEMM of cuBLAS's semantics (reference_gemm.h); elem 0: float32, 1: float64,
+// 2: float16 inputs with float32 output. Returns 0 or a cuBLAS status.
+extern "C" int emu_gemm(int elem, int ta, int tb, int m, int n, int k, double alpha,
+                        const void* a, int lda, const void* b, int ldb, double beta, void* c,
+                        int ldc) {
+    switch (elem) {
+        case 0:
+            return reference_gemm(ta, tb, m, n, k, alpha, (const float*)a, lda, (const float*)b,
+                                  ldb, beta, (float*)c, ldc, [](float v) { return (double)v; });
+        case 1:
+            return reference_gemm(ta, tb, m, n, k, alpha, (const double*)a, lda,
+                                  (const double*)b, ldb, beta, (double*)c, ldc,
+                                  [](double v) { return v; });
+        case 2:
+            return reference_gemm(ta, tb, m, n, k, alpha, (const unsigned short*)a, lda,
+                                  (const unsigned short*)b, ldb, beta, (float*)c, ldc,
+                                  half_bits_to_double);
+        default:
+            return GEMM_NOT_SUPPORTED;
+    }
+}

@@ -1,5 +1,6 @@
 //! Test-only [`Device`] that runs `kernels.cu` on the CPU (see `emulator.cpp`) and GEMMs with
-//! cuBLAS's column-major semantics, so the launch sequences are tested without a GPU.
+//! cuBLAS's column-major semantics (`reference_gemm.h`), so the launch sequences are tested
+//! without a GPU.
 //! "Device addresses" are host addresses of the test's own buffers.
 
 use super::device::{arg_values, cuda_error, Arg, ColumnMajorGemm, Device, Elem};
@@ -11,11 +12,28 @@ use std::sync::{Mutex, OnceLock};
 
 type LaunchFn = unsafe extern "C" fn(*const c_char, c_uint, c_uint, *mut *mut c_void) -> c_int;
 type HasFn = unsafe extern "C" fn(*const c_char) -> c_int;
+type GemmFn = unsafe extern "C" fn(
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    f64,
+    *const c_void,
+    c_int,
+    *const c_void,
+    c_int,
+    f64,
+    *mut c_void,
+    c_int,
+) -> c_int;
 
 pub struct Emulator {
     _lib: libloading::Library,
     launch: LaunchFn,
     has: HasFn,
+    gemm: GemmFn,
 }
 
 /// The emulator's scheduler is global state: one launch at a time in the process.
@@ -54,10 +72,14 @@ impl Emulator {
                 .get::<LaunchFn>(b"emu_launch\0")
                 .map_err(|e| e.to_string())?;
             let has = *lib.get::<HasFn>(b"emu_has\0").map_err(|e| e.to_string())?;
+            let gemm = *lib
+                .get::<GemmFn>(b"emu_gemm\0")
+                .map_err(|e| e.to_string())?;
             Ok(Emulator {
                 _lib: lib,
                 launch,
                 has,
+                gemm,
             })
         }
     }
@@ -67,17 +89,6 @@ impl Emulator {
         let name = CString::new(name).expect("kernel names have no NUL");
         // SAFETY: a NUL-terminated string.
         unsafe { (self.has)(name.as_ptr()) != 0 }
-    }
-}
-
-/// Element `i` of an operand, as f64.
-///
-/// SAFETY: `p` must point to at least `i + 1` elements of `elem`'s input type.
-unsafe fn load(elem: Elem, p: u64, i: usize) -> f64 {
-    match elem {
-        Elem::F32 => *(p as *const f32).add(i) as f64,
-        Elem::F64 => *(p as *const f64).add(i),
-        Elem::F16 => half::f16::from_bits(*(p as *const u16).add(i)).to_f64(),
     }
 }
 
@@ -112,46 +123,35 @@ impl Device for Emulator {
 
     fn gemm(&self, gemm: &ColumnMajorGemm) -> Result<()> {
         let g = &gemm.0;
-        // cuBLAS's definition, element by element, accumulated in f64.
-        for j in 0..g.n {
-            for i in 0..g.m {
-                let mut acc = 0.0;
-                for l in 0..g.k {
-                    // SAFETY: the operands hold the sizes their leading dimensions say.
-                    unsafe {
-                        let a = if g.trans_a {
-                            l + i * g.lda
-                        } else {
-                            i + l * g.lda
-                        };
-                        let b = if g.trans_b {
-                            j + l * g.ldb
-                        } else {
-                            l + j * g.ldb
-                        };
-                        acc += load(g.elem, g.a, a) * load(g.elem, g.b, b);
-                    }
-                }
-                let at = i + j * g.ldc;
-                // SAFETY: as above; the output is f64 for f64 inputs, else f32.
-                unsafe {
-                    if g.elem == Elem::F64 {
-                        let c = (g.c as *mut f64).add(at);
-                        let old = if g.beta == 0.0 { 0.0 } else { g.beta * *c };
-                        *c = g.alpha * acc + old;
-                    } else {
-                        let c = (g.c as *mut f32).add(at);
-                        let old = if g.beta == 0.0 {
-                            0.0
-                        } else {
-                            g.beta * *c as f64
-                        };
-                        *c = (g.alpha * acc + old) as f32;
-                    }
-                }
-            }
+        let elem = match g.elem {
+            Elem::F32 => 0,
+            Elem::F64 => 1,
+            Elem::F16 => 2,
+        };
+        let int = |v: usize| v as c_int;
+        // SAFETY: the test's buffers hold the sizes the leading dimensions say.
+        let status = unsafe {
+            (self.gemm)(
+                elem,
+                g.trans_a as c_int,
+                g.trans_b as c_int,
+                int(g.m),
+                int(g.n),
+                int(g.k),
+                g.alpha,
+                g.a as *const c_void,
+                int(g.lda),
+                g.b as *const c_void,
+                int(g.ldb),
+                g.beta,
+                g.c as *mut c_void,
+                int(g.ldc),
+            )
+        };
+        match status {
+            0 => Ok(()),
+            code => Err(cuda_error("GEMM", format!("cuBLAS status {code}"))),
         }
-        Ok(())
     }
 
     fn zero(&self, ptr: u64, bytes: usize) -> Result<()> {
