@@ -108,12 +108,18 @@ __device__ double block_max(double v, double* shared) {
     return out;
 }
 
+// a · b over d elements, summed in float64 by the whole block.
+template <typename T>
+__device__ double row_dot(const T* a, const T* b, int d, double* shared) {
+    double s = 0.0;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) s += (double)a[j] * (double)b[j];
+    return block_sum(s, shared);
+}
+
 // The block's row norm in float64; a zero or non-finite one raises bad[0] to r + 1.
 template <typename T>
 __device__ double checked_norm(const T* row, int d, int r, int* bad, double* shared) {
-    double s = 0.0;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) s += (double)row[j] * (double)row[j];
-    double n = sqrt(block_sum(s, shared));
+    double n = sqrt(row_dot(row, row, d, shared));
     if (threadIdx.x == 0 && (!(n > 0.0) || !isfinite(n))) atomicMax(bad, r + 1);
     return n;
 }
@@ -156,14 +162,8 @@ __device__ void targets(const T* xhat, const T* weight, const long long* labels,
         return;
     }
     const T* w = weight + y * d;
-    const T* x = xhat + (long long)r * d;
-    double dot = 0.0, ww = 0.0;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) {
-        dot += (double)x[j] * (double)w[j];
-        ww += (double)w[j] * (double)w[j];
-    }
-    dot = block_sum(dot, shared);
-    ww = block_sum(ww, shared);
+    double dot = row_dot(xhat + (long long)r * d, w, d, shared);
+    double ww = row_dot(w, w, d, shared);
     if (threadIdx.x == 0) {
         double c = dot / sqrt(ww);
         if (!isfinite(c)) c = 0.0;
@@ -288,9 +288,7 @@ __device__ void project_out_rows(T* g, const T* w, const T* w_inv, int rows, int
     if (r >= rows) return;
     T* gr = g + (long long)r * d;
     const T* wr = w + (long long)r * d;
-    double dot = 0.0;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) dot += (double)gr[j] * (double)wr[j];
-    dot = block_sum(dot, shared);
+    double dot = row_dot(gr, wr, d, shared);
     T k = (T)(dot * (double)w_inv[r] * (double)w_inv[r]);
     for (int j = threadIdx.x; j < d; j += blockDim.x) gr[j] -= wr[j] * k;
 }
@@ -304,9 +302,7 @@ __device__ void finish_grad_emb(T* dxhat, const T* xhat, const double* norms,
     if (r >= rows) return;
     T* g = dxhat + (long long)r * d;
     const T* x = xhat + (long long)r * d;
-    double dot = 0.0;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) dot += (double)g[j] * (double)x[j];
-    dot = block_sum(dot, shared);
+    double dot = row_dot(g, x, d, shared);
     T inv = (T)(1.0 / norms[r]);
     T extra = (T)norm_term[r];
     T dt = (T)dot;
