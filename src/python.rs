@@ -778,11 +778,6 @@ fn cuda_margin_loss(
     #[cfg(feature = "cuda")]
     {
         use crate::cuda::head::{margin_loss, HeadBuffers, HeadShape, Tiling};
-        if b == 0 || c == 0 || d == 0 {
-            return Err(PyValueError::new_err(format!(
-                "emb, weight: need at least one row, class and dimension, got B={b}, C={c}, D={d}"
-            )));
-        }
         let shape = HeadShape {
             b,
             c,

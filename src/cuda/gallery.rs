@@ -4,7 +4,7 @@
 //! (bfloat16 and int8 rows decoded: the same unit vectors the CPU search scores against).
 //! It is built from the gallery on first search and rebuilt after the gallery changes.
 
-use super::device::Elem;
+use super::device::{Carver, Elem};
 use super::driver::{with_stream, DeviceBuffer};
 use super::search::{self, SearchBuffers, SearchPlan, SearchShape, SearchTiling, MAX_K};
 use crate::search::gallery::{Codes, Gallery};
@@ -60,17 +60,11 @@ impl Mirror {
         self.rows.bytes()
     }
 
-    /// Top-`k` of `queries` as gallery row indices (k <= [`MAX_K`]); -1 / -inf pad when
-    /// `k` exceeds the rows.
+    /// Top-`k` of `queries` as gallery row indices; -1 / -inf pad when `k` exceeds the rows.
+    /// More than [`MAX_K`] per query (counting only rows that exist) is an error.
     pub fn search_rows(&self, queries: ArrayView2<f32>, k: usize) -> Result<SearchResult<f32>> {
         if k == 0 {
             return Err(Error::invalid("k", "must be >= 1"));
-        }
-        if k > MAX_K {
-            return Err(Error::invalid(
-                "k",
-                format!("the GPU search keeps at most {MAX_K} per query, got {k}"),
-            ));
         }
         if self.n == 0 {
             return Err(Error::invalid("gallery", "is empty: add embeddings first"));
@@ -87,34 +81,38 @@ impl Mirror {
         let tiling = SearchTiling::default();
         let plan = SearchPlan::new(shape, tiling);
         let cands = plan.candidates(shape);
-        let query_buf = DeviceBuffer::new(self.ordinal, q * self.d * 4)?;
-        let workspace = DeviceBuffer::new(self.ordinal, search::workspace_bytes(shape, tiling))?;
-        let best_s = DeviceBuffer::new(self.ordinal, cands * 4)?;
-        let best_i = DeviceBuffer::new(self.ordinal, cands * 8)?;
+        // One allocation per search (each is a synchronous driver call), carved up.
+        let mut layout = Carver::new(0);
+        let offsets = [
+            layout.take(q * self.d, 4),
+            layout.take(cands, 4),
+            layout.take(cands, 8),
+            layout.take(search::workspace_bytes(shape, tiling), 1),
+        ];
+        let scratch = DeviceBuffer::new(self.ordinal, layout.bytes())?;
+        let [queries_at, best_s_at, best_i_at, workspace_at] = offsets.map(|o| scratch.ptr() + o);
         let mut host_s = vec![f32::NEG_INFINITY; cands];
         let mut host_i = vec![-1i64; cands];
         with_stream(self.ordinal, 0, |s| {
-            s.upload(
-                query_buf.ptr(),
-                qhat.as_slice().expect("unit queries are contiguous"),
-            )?;
-            s.upload(best_s.ptr(), &host_s)?;
-            s.upload(best_i.ptr(), &host_i)?;
+            let unit = qhat.as_slice().expect("unit queries are contiguous");
+            s.upload(queries_at, unit)?;
+            s.upload(best_s_at, &host_s)?;
+            s.upload(best_i_at, &host_i)?;
             let buffers = SearchBuffers {
                 rows: self.rows.ptr(),
-                queries: query_buf.ptr(),
-                workspace: workspace.ptr(),
-                best_s: best_s.ptr(),
-                best_i: best_i.ptr(),
+                queries: queries_at,
+                workspace: workspace_at,
+                best_s: best_s_at,
+                best_i: best_i_at,
             };
             search::search(s, shape, &buffers, tiling)?;
-            s.download(&mut host_s, best_s.ptr())?;
-            s.download(&mut host_i, best_i.ptr())
+            s.download(&mut host_s, best_s_at)?;
+            s.download(&mut host_i, best_i_at)
         })?;
-        let (scores, rows) = search::merge_runs(&host_s, &host_i, shape, plan);
+        let (scores, rows) = search::merge_runs(&host_s, &host_i, shape, plan, k);
         Ok(SearchResult {
-            scores: padded(&scores, q, shape.k, k, f32::NEG_INFINITY),
-            indices: padded(&rows, q, shape.k, k, -1),
+            scores: Array2::from_shape_vec((q, k), scores).expect("q x k scores"),
+            indices: Array2::from_shape_vec((q, k), rows).expect("q x k rows"),
         })
     }
 }
@@ -160,12 +158,4 @@ impl GpuSearch {
         let copy = self.copy.lock().unwrap_or_else(|e| e.into_inner());
         copy.as_ref().map_or(0, |(_, m)| m.nbytes())
     }
-}
-
-/// (q, k) from q rows of `have` values each, filled on with `fill`.
-fn padded<T: Copy>(values: &[T], q: usize, have: usize, k: usize, fill: T) -> Array2<T> {
-    Array2::from_shape_fn(
-        (q, k),
-        |(r, c)| if c < have { values[r * have + c] } else { fill },
-    )
 }

@@ -13,7 +13,7 @@
 
 use super::device::{gemm, Arg, Carver, Device, Elem, RowMajorGemm};
 use crate::margin::{Margin, Scale};
-use crate::Result;
+use crate::{Error, Result};
 
 /// Columns per class tile: big enough that each GEMM fills the GPU, small enough that the
 /// dL/dcos scratch (rows × tile) stays small.
@@ -90,12 +90,12 @@ struct Plan {
 impl Plan {
     fn new(shape: HeadShape, want_weight: bool, tiling: Tiling) -> Plan {
         let HeadShape { b, c, d, elem } = shape;
-        let tile = tiling.class_tile.clamp(1, c);
+        let tile = tiling.class_tile.max(1).min(c.max(1));
         let stash_in_grad = want_weight && b <= d;
         let chunk_rows = if stash_in_grad {
             b
         } else {
-            (tiling.stash_budget_bytes / (c * elem.size())).clamp(1, b)
+            (tiling.stash_budget_bytes / (c.max(1) * elem.size())).clamp(1, b.max(1))
         };
         Plan {
             tile,
@@ -172,6 +172,12 @@ pub fn margin_loss(
 ) -> Result<()> {
     use Arg::{Ptr, F64, I32};
     let HeadShape { b, c, d, elem } = shape;
+    if b == 0 || c == 0 || d == 0 {
+        return Err(Error::invalid(
+            "emb",
+            format!("need at least one row, class and dimension, got B={b}, C={c}, D={d}"),
+        ));
+    }
     let (want_emb, want_weight) = (buf.grad_emb != 0, buf.grad_weight != 0);
     let plan = Plan::new(shape, want_weight, tiling);
     let mut carver = Carver::new(buf.workspace);

@@ -195,17 +195,19 @@ pub fn search(
     Ok(())
 }
 
-/// Each query's best `k` over its runs' lists (descending, ties to the lower row); rows -1
-/// and scores -inf pad when fewer exist.
+/// Each query's best `k_out` over its runs' lists (descending, ties to the lower row), as
+/// (Q, k_out) row-major; rows -1 and scores -inf pad where fewer exist (`k_out` may exceed
+/// the shape's k, which is at most N).
 pub fn merge_runs(
     best_s: &[f32],
     best_i: &[i64],
     shape: SearchShape,
     plan: SearchPlan,
+    k_out: usize,
 ) -> (Vec<f32>, Vec<i64>) {
     let per_query = plan.splits * shape.k;
-    let mut scores = Vec::with_capacity(shape.q * shape.k);
-    let mut rows = Vec::with_capacity(shape.q * shape.k);
+    let mut scores = Vec::with_capacity(shape.q * k_out);
+    let mut rows = Vec::with_capacity(shape.q * k_out);
     let mut pool: Vec<(f32, i64)> = Vec::with_capacity(per_query);
     for query in 0..shape.q {
         let span = query * per_query..(query + 1) * per_query;
@@ -218,7 +220,7 @@ pub fn merge_runs(
                 .map(|(&s, &i)| (s, i)),
         );
         pool.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        for r in 0..shape.k {
+        for r in 0..k_out {
             let (s, i) = pool.get(r).copied().unwrap_or((f32::NEG_INFINITY, -1));
             scores.push(s);
             rows.push(i);

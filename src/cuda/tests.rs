@@ -324,7 +324,7 @@ fn emulate_search(
         best_i: best_i.as_mut_ptr() as u64,
     };
     search::search(Emulator::get(), shape, &buffers, tiling).unwrap();
-    search::merge_runs(&best_s, &best_i, shape, plan)
+    search::merge_runs(&best_s, &best_i, shape, plan, k)
 }
 
 /// Exact top-k in f64 of the rows as stored (f16-rounded when `half`).
@@ -405,5 +405,33 @@ fn search_pads_when_k_exceeds_the_gallery() {
         assert!(scores[q * 9 + 5..(q + 1) * 9]
             .iter()
             .all(|s| *s == f32::NEG_INFINITY));
+    }
+}
+
+#[test]
+fn head_refuses_empty_shapes_before_any_launch() {
+    let margin = Margin::arcface(64.0, 0.5, false).unwrap();
+    for (b, c, d) in [(0, 5, 4), (3, 0, 4), (3, 5, 0)] {
+        let shape = HeadShape {
+            b,
+            c,
+            d,
+            elem: Elem::F32,
+        };
+        // sizing the workspace of such a call must not panic either
+        let _ = head::workspace_bytes(shape, true, Tiling::default());
+        let buffers = HeadBuffers {
+            emb: 0,
+            weight: 0,
+            labels: 0,
+            row_weight: 0,
+            row_loss: 0,
+            grad_emb: 0,
+            grad_weight: 0,
+            bad: 0,
+            workspace: 0,
+        };
+        let err = head::margin_loss(Emulator::get(), shape, &margin, &buffers, Tiling::default());
+        assert_eq!(err.unwrap_err().arg, "emb", "{b} {c} {d}");
     }
 }
