@@ -21,7 +21,7 @@ import arcface_rs as afr
 import arcface_rs.torch as aft
 from _reference import all_margins, make_problem
 
-FUSED = aft._cuda_fused()
+FUSED = afr.cuda_available()
 needs_gpu = pytest.mark.skipif(
     not FUSED, reason="needs a CUDA device and a build with the `cuda` feature"
 )

@@ -218,11 +218,6 @@ def _(emb, weight, labels, kind, params, reduction, upstream, need_emb, need_wei
 _CUDA_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 
 
-def _cuda_fused() -> bool:
-    """Whether CUDA tensors can take the fused path (the feature is built, a GPU is there)."""
-    return cuda_available()
-
-
 def _launch_cuda(shape: tuple[int, int, int], dtype: str, spec: Any, *tensors: Tensor | None):
     """Queues the fused head on torch's current stream over the tensors' memory (in the
     order of ``_core.cuda_margin_loss``; None skips a gradient)."""
@@ -248,8 +243,9 @@ def _run_loss_cuda(
     need_emb: bool,
     need_weight: bool,
     upstream: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Row losses (float64) and the wanted gradients (compute dtype) on the GPU."""
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Row losses and d loss / d row loss (float64), and the wanted gradients (compute
+    dtype) on the GPU."""
     dtype = _compute_dtype(emb, weight)
     x = emb.detach().to(dtype).contiguous()
     w = weight.detach().to(dtype).contiguous()
@@ -302,7 +298,7 @@ def _run_loss_cuda(
         raise ValueError(f"emb: row {bad_emb - 1} is all zeros or contains NaN or inf")
     if bad_weight:
         raise ValueError(f"weight: row {bad_weight - 1} is all zeros or contains NaN or inf")
-    return row_loss, g_emb, g_w
+    return row_loss, row_weight, g_emb, g_w
 
 
 def _like(g: Tensor | None, like: Tensor) -> Tensor:
@@ -313,15 +309,11 @@ def _like(g: Tensor | None, like: Tensor) -> Tensor:
 def _loss_cuda(emb, weight, labels, kind, params, reduction, need_emb, need_weight):
     dtype = _compute_dtype(emb, weight)
     fused = reduction != "none"
-    rows, g_emb, g_w = _run_loss_cuda(
+    rows, row_weight, g_emb, g_w = _run_loss_cuda(
         emb, weight, labels, kind, params, reduction, need_emb and fused, need_weight and fused
     )
-    if reduction == "none":
-        out = rows.to(dtype)
-    elif reduction == "sum":
-        out = rows.sum().to(dtype)
-    else:
-        out = (rows.sum() / (labels >= 0).sum().clamp(min=1)).to(dtype)
+    # the row weights are 1 (sum) or 1 / valid rows (mean), 0 on ignored rows
+    out = rows.to(dtype) if reduction == "none" else (rows * row_weight).sum().to(dtype)
     return out, _like(g_emb, emb), _like(g_w, weight)
 
 
@@ -330,7 +322,7 @@ def _loss_backward_cuda(
     emb, weight, labels, kind, params, reduction, upstream, need_emb, need_weight
 ):
     rows = torch.broadcast_to(upstream.to(torch.float64), (emb.shape[0],)).contiguous()
-    _, g_emb, g_w = _run_loss_cuda(
+    _, _, g_emb, g_w = _run_loss_cuda(
         emb, weight, labels, kind, params, reduction, need_emb, need_weight, upstream=rows
     )
     return _like(g_emb, emb), _like(g_w, weight)
@@ -597,7 +589,7 @@ def margin_loss(
     labels = _check(emb, weight, labels)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if emb.device.type != "cpu" and not (emb.device.type == "cuda" and _cuda_fused()):
+    if emb.device.type != "cpu" and not (emb.device.type == "cuda" and cuda_available()):
         _warn_cuda_once()
         return _plain_loss(emb, weight, labels, margin, reduction)
     kind, params = _encode(margin)
