@@ -102,8 +102,8 @@ fn tile_width(c: usize) -> usize {
 
 fn row_norm<T: Real>(row: ndarray::ArrayView1<T>) -> f64 {
     match row.as_slice() {
-        Some(r) => kernels::sum_squares(r).sqrt(),
-        None => row.iter().map(|v| v.f64() * v.f64()).sum::<f64>().sqrt(),
+        Some(r) => kernels::norm(r),
+        None => kernels::norm(&row.to_vec()),
     }
 }
 
@@ -124,12 +124,104 @@ fn row_norms<T: Real>(m: ArrayView2<T>, arg: &'static str) -> Result<Vec<f64>> {
     }
 }
 
-/// 1/||w_j|| for every class centre, validated.
-fn inv_norms<T: Real>(weight: ArrayView2<T>) -> Result<Vec<T>> {
-    Ok(row_norms(weight, "weight")?
-        .iter()
-        .map(|n| T::of(1.0 / n))
-        .collect())
+/// Whether the head's products over a row of this norm stay normal numbers of `T`.
+fn in_safe_range<T: Real>(norm: f64) -> bool {
+    norm <= T::SAFE_SCALE && norm >= 1.0 / T::SAFE_SCALE
+}
+
+/// `v` as `T`, kept finite (for the rare gradient rows of tiny or huge input rows).
+fn saturate<T: Real>(v: f64) -> T {
+    T::of(v.clamp(-T::MAX, T::MAX))
+}
+
+/// The class centres as the GEMMs read them: the weight in row-major order, validated, with
+/// `inv[j] = 1/||w_j||`. A row whose norm lies outside the safe range of `T` (its products
+/// would be denormal or overflow) is scaled by a power of two in a copy, so every finite
+/// non-zero row gives exact cosines; its gradient row is scaled back at the end.
+struct Centres<'a, T> {
+    rows: ndarray::CowArray<'a, T, ndarray::Ix2>,
+    inv: Vec<T>,
+    /// (row, factor): the gradient computed over the rescaled row times `factor` is the
+    /// gradient of the given row (`||w'|| / max(||w||, GRAD_NORM_MIN)`).
+    rescaled: Vec<(usize, f64)>,
+}
+
+impl<'a, T: Real> Centres<'a, T> {
+    fn new(weight: ArrayView2<'a, T>) -> Result<Self> {
+        let rows: ndarray::CowArray<'a, T, ndarray::Ix2> = if weight.is_standard_layout() {
+            weight.into()
+        } else {
+            weight.as_standard_layout().into_owned().into()
+        };
+        let norms = row_norms(rows.view(), "weight")?;
+        let outside: Vec<usize> = (0..norms.len())
+            .filter(|&j| !in_safe_range::<T>(norms[j]))
+            .collect();
+        if outside.is_empty() {
+            let inv = norms.iter().map(|n| T::of(1.0 / n)).collect();
+            return Ok(Centres {
+                rows,
+                inv,
+                rescaled: Vec::new(),
+            });
+        }
+        let mut owned = rows.into_owned();
+        let mut inv: Vec<T> = norms.iter().map(|n| T::of(1.0 / n)).collect();
+        let mut rescaled = Vec::with_capacity(outside.len());
+        for j in outside {
+            let mut row = owned.row_mut(j);
+            let row = row.as_slice_mut().expect("standard layout");
+            crate::search::rescale_row(row, norms[j]);
+            let scaled_norm = kernels::norm(row);
+            inv[j] = T::of(1.0 / scaled_norm);
+            rescaled.push((j, scaled_norm / norms[j].max(T::GRAD_NORM_MIN)));
+        }
+        Ok(Centres {
+            rows: owned.into(),
+            inv,
+            rescaled,
+        })
+    }
+
+    fn view(&self) -> ArrayView2<'_, T> {
+        self.rows.view()
+    }
+
+    /// Turns gradient rows computed over the rescaled rows into those of the given rows.
+    fn fix_gradient(&self, grad: &mut [T], d: usize) {
+        for &(j, factor) in &self.rescaled {
+            for v in &mut grad[j * d..(j + 1) * d] {
+                *v = saturate(v.f64() * factor);
+            }
+        }
+    }
+}
+
+/// Refuses a scale that would make logits (or the gradient's products) overflow `T`:
+/// `scale * max|psi|` must stay below `T::MAX / (256 SAFE_SCALE^3)` (about 1.2e18 for
+/// float32, 1.7e125 for float64), so that the gradient's products over rows of any norm in
+/// the safe range stay finite.
+fn check_logit_range<T: Real>(margin: &Margin, scale: f64, arg: &'static str) -> Result<()> {
+    let peak = margin.psi(1.0).abs().max(margin.psi(-1.0).abs()).max(1.0);
+    let limit = T::MAX / (256.0 * T::SAFE_SCALE.powi(3));
+    let logits = scale * peak;
+    if logits.is_nan() || logits > limit {
+        let what = if arg == "s" {
+            format!("s = {scale}")
+        } else {
+            format!("a feature norm of {scale:e} (the scale of SphereFace(s=None))")
+        };
+        return Err(Error::invalid(
+            arg,
+            format!(
+                "{what} makes logits up to {:e}, too large for {} (at most {limit:e}); use a \
+                 smaller scale or float64",
+                scale * peak,
+                T::NAME
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Label value of a row whose target class is held by another shard (sharded loss only).
@@ -222,30 +314,27 @@ impl<T: Real> Prepared<T> {
         let target = check_targets(labels, b, c, sharded)?;
         let valid = labels.iter().map(|&y| y != -1).collect();
         let x_norm = row_norms(emb, "emb")?;
-        let mut xhat = emb.to_owned();
-        for (mut row, n) in xhat.axis_iter_mut(Axis(0)).zip(&x_norm) {
-            let inv = T::of(1.0 / n);
-            row.mapv_inplace(|v| v * inv);
+        let emb = emb.as_standard_layout();
+        let mut xhat = Array2::zeros((b, d));
+        for ((row, mut out), &n) in emb
+            .axis_iter(Axis(0))
+            .zip(xhat.axis_iter_mut(Axis(0)))
+            .zip(&x_norm)
+        {
+            let row = row.to_slice().expect("standard layout");
+            kernels::unit_into(row, n, out.as_slice_mut().expect("standard layout"));
         }
         let (row_scale, feature_norm_scale) = match margin.scale() {
-            Scale::Fixed(s) => (vec![s; b], false),
-            Scale::FeatureNorm => (x_norm.clone(), true),
-        };
-        let mut target_logit = vec![0.0; b];
-        let mut target_dpsi = vec![0.0; b];
-        for i in 0..b {
-            if let Some(y) = target[i] {
-                let dot = dot_f64(xhat.row(i), weight.row(y));
-                // A bad weight row is reported by the weight's own validation.
-                let cos = (dot / row_norm(weight.row(y))).clamp(-1.0, 1.0);
-                let cos = if cos.is_finite() { cos } else { 0.0 };
-                let (psi, dpsi) = margin.psi_dpsi(cos);
-                // Rounded to T: the stash holds it in T, and loss and gradient must see the
-                // same value the softmax statistics saw (float32 logits of 1e15 differ by 1e7).
-                target_logit[i] = T::of(row_scale[i] * psi).f64();
-                target_dpsi[i] = dpsi;
+            Scale::Fixed(s) => {
+                check_logit_range::<T>(margin, s, "s")?;
+                (vec![s; b], false)
             }
-        }
+            Scale::FeatureNorm => {
+                let peak = x_norm.iter().fold(0.0f64, |m, &n| m.max(n));
+                check_logit_range::<T>(margin, peak, "emb")?;
+                (x_norm.clone(), true)
+            }
+        };
         Ok(Prepared {
             c,
             d,
@@ -255,9 +344,25 @@ impl<T: Real> Prepared<T> {
             feature_norm_scale,
             target,
             valid,
-            target_logit,
-            target_dpsi,
+            target_logit: vec![0.0; b],
+            target_dpsi: vec![0.0; b],
         })
+    }
+
+    /// Every row's target logit and psi', from the class centres as the GEMMs see them.
+    fn set_targets(&mut self, centres: &Centres<T>, margin: &Margin) {
+        let weight = centres.view();
+        for i in 0..self.b() {
+            if let Some(y) = self.target[i] {
+                let dot = dot_f64(self.xhat.row(i), weight.row(y));
+                let cos = (dot * centres.inv[y].f64()).clamp(-1.0, 1.0);
+                let (psi, dpsi) = margin.psi_dpsi(cos);
+                // Rounded to T: the stash holds it in T, and loss and gradient must see the
+                // same value the softmax statistics saw (float32 logits of 1e15 differ by 1e7).
+                self.target_logit[i] = T::of(self.row_scale[i] * psi).f64();
+                self.target_dpsi[i] = dpsi;
+            }
+        }
     }
 
     fn b(&self) -> usize {
@@ -297,15 +402,24 @@ impl<T: Real> Prepared<T> {
     fn finish_grad_emb(&self, mut dxhat: Array2<T>, norm_term: &[f64]) -> Array2<T> {
         for (i, mut g) in dxhat.axis_iter_mut(Axis(0)).enumerate() {
             let xh = self.xhat.row(i);
-            let dot = T::of(dot_f64(xh, g.view()));
-            let inv = T::of(1.0 / self.x_norm[i]);
-            let extra = T::of(if self.feature_norm_scale {
+            let dot = dot_f64(xh, g.view());
+            let inv = 1.0 / self.x_norm[i].max(T::GRAD_NORM_MIN);
+            let extra = if self.feature_norm_scale {
                 norm_term[i]
             } else {
                 0.0
-            });
-            for (gv, &xv) in g.iter_mut().zip(xh) {
-                *gv = (*gv - xv * dot) * inv + xv * extra;
+            };
+            if inv <= T::SAFE_SCALE && extra.abs() <= T::SAFE_SCALE {
+                let (dot, inv, extra) = (T::of(dot), T::of(inv), T::of(extra));
+                for (gv, &xv) in g.iter_mut().zip(xh) {
+                    *gv = (*gv - xv * dot) * inv + xv * extra;
+                }
+            } else {
+                // a tiny row: its gradient is large, computed in f64 and kept finite
+                for (gv, &xv) in g.iter_mut().zip(xh) {
+                    let (gf, xf) = (gv.f64(), xv.f64());
+                    *gv = saturate((gf - xf * dot) * inv + xf * extra);
+                }
             }
         }
         dxhat
@@ -554,11 +668,37 @@ fn fused_loss<T: Real>(
     mut shard: Option<&mut ShardOptions>,
 ) -> Result<LossOutput<T>> {
     let reduction = options.reduction;
-    let weight = weight.as_standard_layout();
-    let weight = weight.view();
-    let p = Prepared::new_shard(emb, weight, labels, margin, shard.is_some())?;
+    let mut p = Prepared::new_shard(emb, weight, labels, margin, shard.is_some())?;
     let (b, c, d) = (p.b(), p.c, p.d);
     let ct = tile_width(c);
+    let stash_in_grad = b <= d;
+    let chunk_classes = shard.as_ref().map_or(c, |sh| sh.stash_classes.max(1));
+    let chunk_rows = if stash_in_grad {
+        b
+    } else {
+        (stash_budget_bytes / chunk_classes.saturating_mul(std::mem::size_of::<T>()))
+            .max(8)
+            .min(b)
+    };
+    let centres = match Centres::new(weight) {
+        Ok(centres) => centres,
+        Err(e) => {
+            if let Some(sh) = shard.as_mut() {
+                // The other shards wait in the first chunk's collective: join it as failed,
+                // so that they stop too.
+                let empty = RowPart {
+                    max: f64::NEG_INFINITY,
+                    sum: 0.0,
+                    sum_ez: 0.0,
+                    target_logit: 0.0,
+                };
+                let _ = (sh.combine)(&mut vec![empty; chunk_rows], true);
+            }
+            return Err(e);
+        }
+    };
+    p.set_targets(&centres, margin);
+    let weight = centres.view();
     let n_valid = p.valid.iter().filter(|&&v| v).count();
     let valid_weight = match reduction {
         Reduction::Mean if n_valid > 0 => 1.0 / n_valid as f64,
@@ -594,7 +734,6 @@ fn fused_loss<T: Real>(
     let mut grad_w = zeroed_for_huge_pages::<T>(c * d);
     if n_valid == 0 {
         // Every row ignored: nothing to compute, and the stash must not leak into grad_w.
-        inv_norms(weight)?;
         return Ok(LossOutput {
             loss: 0.0,
             row_losses: vec![0.0; b],
@@ -607,24 +746,13 @@ fn fused_loss<T: Real>(
     let mut row_losses = vec![0.0; b];
     let mut norm_term = vec![0.0; b];
 
-    let stash_in_grad = b <= d;
-    let chunk_classes = shard.as_ref().map_or(c, |sh| sh.stash_classes.max(1));
-    let chunk_rows = if stash_in_grad {
-        b
-    } else {
-        (stash_budget_bytes / (chunk_classes * std::mem::size_of::<T>()))
-            .max(8)
-            .min(b)
-    };
     let mut stash = if stash_in_grad {
         Vec::new()
     } else {
         vec![T::zero(); chunk_rows * c]
     };
     let mut tile_max = vec![T::zero(); c.div_ceil(ct) * chunk_rows];
-    // 1/||w_j||, filled tile by tile in the first pass 1, where the tile's rows are read
-    // anyway: a separate pass would read all of W from memory once more.
-    let mut w_inv = vec![T::zero(); c];
+    let w_inv = &centres.inv;
 
     for start in (0..b).step_by(chunk_rows) {
         let rows = start..(start + chunk_rows).min(b);
@@ -638,28 +766,16 @@ fn fused_loss<T: Real>(
         } else {
             stash[..nr * c].par_chunks_mut(nr * ct)
         };
-        let first_chunk = start == 0;
-        let (stats, bad_weight) = slots
+        let stats = slots
             .zip(tile_max.par_chunks_mut(nr))
-            .zip(w_inv.par_chunks_mut(ct))
             .enumerate()
             .fold(
-                || (vec![RowStat::EMPTY; nr], None),
-                |(mut acc, mut bad): (Vec<RowStat>, Option<Error>), (t, ((slot, tmax), inv))| {
+                || vec![RowStat::EMPTY; nr],
+                |mut acc: Vec<RowStat>, (t, (slot, tmax))| {
                     let lo = t * ct;
                     let w_tile = weight.slice(s![lo..(lo + ct).min(c), ..]);
                     let width = w_tile.nrows();
-                    if first_chunk {
-                        for (j, (row, iw)) in
-                            w_tile.axis_iter(Axis(0)).zip(inv.iter_mut()).enumerate()
-                        {
-                            let n = row_norm(row);
-                            *iw = T::of(1.0 / n);
-                            if bad.is_none() {
-                                bad = unnormalisable("weight", lo + j, n);
-                            }
-                        }
-                    }
+                    let inv = &w_inv[lo..lo + width];
                     let z = &mut slot[..nr * width];
                     let view = ArrayViewMut2::from_shape((nr, width), &mut *z).expect("tile shape");
                     p.logits_tile(rows.clone(), lo, w_tile, inv, view);
@@ -668,17 +784,12 @@ fn fused_loss<T: Real>(
                         tmax[r] = T::of(st.max);
                         acc[r] = acc[r].merge(st);
                     }
-                    (acc, bad)
+                    acc
                 },
             )
             .reduce(
-                || (vec![RowStat::EMPTY; nr], None),
-                |(a, bad_a), (b, bad_b)| {
-                    let merged = a.iter().zip(&b).map(|(x, y)| x.merge(*y)).collect();
-                    // tiles are folded in order within a job and jobs reduce left to right,
-                    // so the left error is the lowest row
-                    (merged, bad_a.or(bad_b))
-                },
+                || vec![RowStat::EMPTY; nr],
+                |a, b| a.iter().zip(&b).map(|(x, y)| x.merge(*y)).collect(),
             );
         let mut stats = stats;
         let mut target_logit: Vec<f64> = rows.clone().map(|i| p.target_logit[i]).collect();
@@ -693,12 +804,7 @@ fn fused_loss<T: Real>(
                     target_logit: t,
                 })
                 .collect();
-            // Every shard takes part in the collective, a failed one too (then its own error
-            // is the one to report, below).
-            let combined = (sh.combine)(&mut parts, bad_weight.is_some());
-            if bad_weight.is_none() {
-                combined?;
-            }
+            (sh.combine)(&mut parts, false)?;
             for ((st, t), part) in stats.iter_mut().zip(&mut target_logit).zip(&parts) {
                 *st = RowStat {
                     max: part.max,
@@ -707,9 +813,6 @@ fn fused_loss<T: Real>(
                 };
                 *t = part.target_logit;
             }
-        }
-        if let Some(e) = bad_weight {
-            return Err(e);
         }
         let first_shard = shard.as_ref().is_none_or(|sh| sh.first_shard);
         let lse: Vec<f64> = stats.iter().map(|st| st.max + st.sum.ln()).collect();
@@ -780,6 +883,9 @@ fn fused_loss<T: Real>(
     }
 
     let grad_emb = want_emb.then(|| p.finish_grad_emb(dxhat, &norm_term));
+    if want_weight {
+        centres.fix_gradient(&mut grad_w, d);
+    }
     let grad_weight =
         want_weight.then(|| Array2::from_shape_vec((c, d), grad_w).expect("gradient shape"));
     let total: f64 = row_losses.iter().sum();
@@ -803,10 +909,10 @@ pub fn margin_logits<T: Real>(
     labels: &[i64],
     margin: &Margin,
 ) -> Result<Array2<T>> {
-    let weight = weight.as_standard_layout();
-    let weight = weight.view();
-    let p = Prepared::new(emb, weight, labels, margin)?;
-    let w_inv = inv_norms(weight)?;
+    let mut p = Prepared::new(emb, weight, labels, margin)?;
+    let centres = Centres::new(weight)?;
+    p.set_targets(&centres, margin);
+    let (weight, w_inv) = (centres.view(), &centres.inv);
     let (b, c) = (p.b(), p.c);
     let ct = tile_width(c);
     let mut out = Array2::<T>::zeros((b, c));
@@ -830,10 +936,10 @@ pub fn margin_logits_backward<T: Real>(
     labels: &[i64],
     margin: &Margin,
 ) -> Result<(Array2<T>, Array2<T>)> {
-    let weight = weight.as_standard_layout();
-    let weight = weight.view();
-    let p = Prepared::new(emb, weight, labels, margin)?;
-    let w_inv = inv_norms(weight)?;
+    let mut p = Prepared::new(emb, weight, labels, margin)?;
+    let centres = Centres::new(weight)?;
+    p.set_targets(&centres, margin);
+    let (weight, w_inv) = (centres.view(), &centres.inv);
     let (b, c, d) = (p.b(), p.c, p.d);
     check_shape("grad_logits", grad_logits.dim(), (b, c))?;
     check_finite(grad_logits, "grad_logits")?;
@@ -888,6 +994,7 @@ pub fn margin_logits_backward<T: Real>(
         })
         .reduce(new_acc, Pass2::add);
     let grad_emb = p.finish_grad_emb(acc.dxhat, &acc.pz);
+    centres.fix_gradient(grad_w.as_slice_mut().expect("gradient is contiguous"), d);
     Ok((grad_emb, grad_w))
 }
 
@@ -928,6 +1035,7 @@ pub fn apply_margin<T: Real>(
     margin: &Margin,
 ) -> Result<Array2<T>> {
     let s = fixed_scale(margin)?;
+    check_logit_range::<T>(margin, s, "s")?;
     check_cos(cos)?;
     let target = check_labels(labels, cos.nrows(), cos.ncols())?;
     let st = T::of(s);
@@ -948,6 +1056,7 @@ pub fn apply_margin_backward<T: Real>(
     margin: &Margin,
 ) -> Result<Array2<T>> {
     let s = fixed_scale(margin)?;
+    check_logit_range::<T>(margin, s, "s")?;
     check_cos(cos)?;
     check_shape("grad_logits", grad_logits.dim(), cos.dim())?;
     check_finite(grad_logits, "grad_logits")?;
@@ -1158,6 +1267,68 @@ mod tests {
         let bad_labels = vec![0, 1, 50, 2];
         let err = margin_logits(emb.view(), weight.view(), &bad_labels, &m).unwrap_err();
         assert_eq!(err.arg, "labels");
+    }
+
+    #[test]
+    fn rows_of_any_magnitude_give_the_loss_of_the_unit_rows() {
+        let (emb, weight, labels) = problem(6, 8, 40, 4);
+        let m = Margin::arcface(32.0, 0.5, false).unwrap();
+        let want = margin_loss(emb.view(), weight.view(), &labels, &m, Reduction::Mean).unwrap();
+        for scale in [1e-310, 1e-200, 1e200, 1e300] {
+            let (mut e, mut w) = (emb.clone(), weight.clone());
+            e.row_mut(1).mapv_inplace(|v| v * scale);
+            w.row_mut(labels[2] as usize).mapv_inplace(|v| v * scale);
+            w.row_mut(7).mapv_inplace(|v| v * scale);
+            let got = margin_loss(e.view(), w.view(), &labels, &m, Reduction::Mean).unwrap();
+            assert!((got.loss - want.loss).abs() < 1e-9 * want.loss, "{scale}");
+            // gradients scale by 1/scale on the scaled rows, exactly where representable
+            let (ge, gw) = (got.grad_emb.unwrap(), got.grad_weight.unwrap());
+            let (we, ww) = (
+                want.grad_emb.as_ref().unwrap(),
+                want.grad_weight.as_ref().unwrap(),
+            );
+            assert!(ge.iter().chain(gw.iter()).all(|v| v.is_finite()), "{scale}");
+            if scale >= 1e-300 {
+                let back = ge.row(1).mapv(|v| v * scale);
+                assert!(
+                    max_rel(
+                        &back.insert_axis(Axis(0)),
+                        &we.row(1).to_owned().insert_axis(Axis(0))
+                    ) < 1e-9
+                );
+                let back = gw.row(7).mapv(|v| v * scale);
+                assert!(
+                    max_rel(
+                        &back.insert_axis(Axis(0)),
+                        &ww.row(7).to_owned().insert_axis(Axis(0))
+                    ) < 1e-9
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn denormal_float32_rows_are_finite() {
+        let (emb, weight, labels) = problem(4, 8, 10, 5);
+        let (mut e, mut w) = (emb.mapv(|v| v as f32), weight.mapv(|v| v as f32));
+        e.row_mut(0).mapv_inplace(|v| v * 1e-39);
+        w.row_mut(3).mapv_inplace(|v| v * 1e-41);
+        let m = Margin::cosface(64.0, 0.35).unwrap();
+        let got = margin_loss(e.view(), w.view(), &labels, &m, Reduction::Sum).unwrap();
+        assert!(got.loss.is_finite());
+        let (ge, gw) = (got.grad_emb.unwrap(), got.grad_weight.unwrap());
+        assert!(ge.iter().chain(gw.iter()).all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn a_scale_beyond_the_dtype_is_refused() {
+        let (emb, weight, labels) = problem(3, 4, 5, 6);
+        let (e, w) = (emb.mapv(|v| v as f32), weight.mapv(|v| v as f32));
+        let m = Margin::arcface(1e39, 0.5, false).unwrap();
+        let err = margin_loss(e.view(), w.view(), &labels, &m, Reduction::Mean).unwrap_err();
+        assert_eq!(err.arg, "s");
+        assert!(err.message.contains("float32"), "{err}");
+        assert!(margin_loss(emb.view(), weight.view(), &labels, &m, Reduction::Mean).is_ok());
     }
 
     /// Runs the shards of `weight` on threads that meet in `combine` (as processes would in

@@ -266,6 +266,49 @@ multiversion! {
     pub fn sum_squares<T: Real>(a: &[T]) -> f64 = sum_squares_impl;
 }
 
+/// Below this a squared norm summed in f64 may have lost digits to underflow (only float64
+/// rows this tiny get here: a float32 row's squares cannot underflow in f64).
+const SUMSQ_MIN: f64 = 1e-280;
+
+/// `||a||`, accurate for every finite row: NaN for a row with NaN or inf, 0 only for a row
+/// of zeros. The squares are summed in f64; a float64 row whose squares over- or underflow
+/// there (entries beyond ~1e154 or below ~1e-140) is summed again scaled by its largest
+/// entry, as BLAS nrm2 does.
+pub fn norm<T: Real>(a: &[T]) -> f64 {
+    let sumsq = sum_squares(a);
+    if sumsq.is_finite() && sumsq >= SUMSQ_MIN {
+        return sumsq.sqrt();
+    }
+    if sumsq.is_nan() {
+        return f64::NAN;
+    }
+    let peak = a.iter().fold(0.0f64, |m, v| m.max(v.f64().abs()));
+    if !peak.is_finite() || a.iter().any(|v| v.is_nan()) {
+        return f64::NAN;
+    }
+    if peak == 0.0 {
+        return 0.0;
+    }
+    let scaled: f64 = a.iter().map(|v| (v.f64() / peak).powi(2)).sum();
+    peak * scaled.sqrt()
+}
+
+/// `out = a / norm` (the unit row), exact to rounding for any finite non-zero norm:
+/// multiplies by the reciprocal where it is representable in `T`, else divides in f64.
+pub fn unit_into<T: Real>(a: &[T], norm: f64, out: &mut [T]) {
+    let inv = 1.0 / norm;
+    if inv.is_finite() && inv <= T::SAFE_SCALE && inv >= 1.0 / T::SAFE_SCALE {
+        let inv = T::of(inv);
+        for (o, &v) in out.iter_mut().zip(a) {
+            *o = v * inv;
+        }
+    } else {
+        for (o, &v) in out.iter_mut().zip(a) {
+            *o = T::of(v.f64() / norm);
+        }
+    }
+}
+
 #[inline(always)]
 fn project_out_impl<T: Real>(g: &mut [T], w: &[T], inv: T) {
     let k = dot_impl(g, w) * inv * inv;
@@ -310,6 +353,30 @@ pub fn exp_f32(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn norm_is_accurate_for_every_finite_row() {
+        let base = [3.0f64, -4.0, 12.0]; // norm 13
+        for scale in [1e-320, 1e-310, 1e-200, 1.0, 1e150, 1e200, 1e307] {
+            let row: Vec<f64> = base.iter().map(|v| v * scale).collect();
+            let got = norm(&row);
+            let rel = (got / scale - 13.0).abs() / 13.0;
+            // denormal entries carry few digits of their own
+            assert!(
+                rel < if scale < 1e-300 { 1e-3 } else { 1e-15 },
+                "{scale}: {got}"
+            );
+        }
+        let tiny: Vec<f32> = [1e-45f32, 0.0, 2e-45].to_vec();
+        assert!(norm(&tiny) > 0.0);
+        assert_eq!(norm(&[0.0f64; 4]), 0.0);
+        assert!(norm(&[1.0, f64::NAN]).is_nan());
+        assert!(norm(&[1.0, f64::INFINITY]).is_nan());
+        let mut out = [0.0f64; 3];
+        let row: Vec<f64> = base.iter().map(|v| v * 1e-310).collect();
+        unit_into(&row, norm(&row), &mut out);
+        assert!((out[2] - 12.0 / 13.0).abs() < 1e-3, "{out:?}");
+    }
 
     #[test]
     fn exp_f32_is_accurate_over_the_range_used() {

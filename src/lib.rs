@@ -7,9 +7,11 @@
 pub mod error;
 pub mod head;
 pub mod kernels;
+pub mod limits;
 pub mod margin;
 pub mod metrics;
 mod pages;
+pub mod pool;
 pub mod real;
 pub mod search;
 

@@ -149,7 +149,9 @@ pub fn verification(
     let tar_at_far = fars
         .iter()
         .map(|&far| {
-            if far < 1.0 / q {
+            // far = 0 asks for no false accept at all, which every set of negatives can
+            // measure; 0 < far < 1/negatives cannot be resolved.
+            if far > 0.0 && far < 1.0 / q {
                 return f64::NAN;
             }
             // fpr is non-decreasing: the last point with fpr <= far has the highest tpr

@@ -24,6 +24,31 @@ fn value_error(e: crate::Error) -> PyErr {
     PyValueError::new_err(e.to_string())
 }
 
+/// Runs the core's work without the GIL, in the library's fork-safe thread pool; a Rust
+/// panic comes back as a RuntimeError with its message (pyo3's PanicException derives from
+/// BaseException, which `except Exception` does not catch).
+fn run<R: Send>(py: Python<'_>, work: impl FnOnce() -> R + Send) -> PyResult<R> {
+    detached(py, || crate::pool::install(work))
+}
+
+/// `work` without the GIL on this thread, a panic mapped as in [`run`]. Work that must wait
+/// for a lock takes it here, outside the pool, and runs the rest through `pool::install`:
+/// a pool thread waiting for its parallel jobs may pick up another caller's job, so a job
+/// that blocked on a lock could wait for a lock held further down its own stack.
+fn detached<R: Send>(py: Python<'_>, work: impl FnOnce() -> R + Send) -> PyResult<R> {
+    py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)))
+        .map_err(|payload| {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|m| m.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string());
+            pyo3::exceptions::PyRuntimeError::new_err(format!(
+                "arcface_rs internal error (please report it): {message}"
+            ))
+        })
+}
+
 /// A 2-D float array of either supported dtype.
 enum Floats<'py> {
     F32(PyReadonlyArray2<'py, f32>),
@@ -206,7 +231,7 @@ fn loss_typed<'py, T: Real + Element>(
     let (e, w) = (emb.as_array(), weight.as_array());
     // An exception raised by `combine` is kept and re-raised as it was.
     let mut raised: Option<PyErr> = None;
-    let out = py.detach(|| match shard {
+    let out = run(py, || match shard {
         None => head::margin_loss_with(e, w, labels, margin, options),
         Some(sh) => {
             let mut combine = |parts: &mut [RowPart], failed: bool| {
@@ -222,7 +247,7 @@ fn loss_typed<'py, T: Real + Element>(
             };
             head::margin_loss_shard(e, w, labels, margin, options, &mut opts)
         }
-    });
+    })?;
     if let Some(err) = raised {
         return Err(err);
     }
@@ -318,9 +343,7 @@ fn logits_typed<'py, T: Real + Element>(
     margin: &Margin,
 ) -> PyResult<Bound<'py, PyAny>> {
     let (e, w) = (emb.as_array(), weight.as_array());
-    let out = py
-        .detach(|| head::margin_logits(e, w, labels, margin))
-        .map_err(value_error)?;
+    let out = run(py, || head::margin_logits(e, w, labels, margin))?.map_err(value_error)?;
     Ok(out.into_pyarray(py).into_any())
 }
 
@@ -352,9 +375,8 @@ fn logits_backward_typed<'py, T: Real + Element>(
     margin: &Margin,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let (g, e, w) = (grad.as_array(), emb.as_array(), weight.as_array());
-    let (ge, gw) = py
-        .detach(|| head::margin_logits_backward(g, e, w, labels, margin))
-        .map_err(value_error)?;
+    let (ge, gw) =
+        run(py, || head::margin_logits_backward(g, e, w, labels, margin))?.map_err(value_error)?;
     (ge.into_pyarray(py), gw.into_pyarray(py)).into_pyobject(py)
 }
 
@@ -398,12 +420,12 @@ fn apply_margin<'py>(
     Ok(match Floats::extract(cos, "cos")? {
         Floats::F32(c) => {
             let c = c.as_array();
-            let out = py.detach(|| head::apply_margin(c, &labels, m));
+            let out = run(py, || head::apply_margin(c, &labels, m))?;
             out.map_err(value_error)?.into_pyarray(py).into_any()
         }
         Floats::F64(c) => {
             let c = c.as_array();
-            let out = py.detach(|| head::apply_margin(c, &labels, m));
+            let out = run(py, || head::apply_margin(c, &labels, m))?;
             out.map_err(value_error)?.into_pyarray(py).into_any()
         }
     })
@@ -426,7 +448,7 @@ fn apply_margin_backward<'py>(
     );
     same_floats!("grad_logits and cos", arrays, |g, c| {
         let (g, c) = (g.as_array(), c.as_array());
-        let out = py.detach(|| head::apply_margin_backward(g, c, &labels, m));
+        let out = run(py, || head::apply_margin_backward(g, c, &labels, m))?;
         Ok(out.map_err(value_error)?.into_pyarray(py).into_any())
     })
 }
@@ -439,9 +461,7 @@ fn topk_typed<'py, T: Real + Element>(
     normalized: bool,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let (q, g) = (queries.as_array(), gallery.as_array());
-    let r = py
-        .detach(|| crate::search::cosine_topk(q, g, k, normalized))
-        .map_err(value_error)?;
+    let r = run(py, || crate::search::cosine_topk(q, g, k, normalized))?.map_err(value_error)?;
     (r.scores.into_pyarray(py), r.indices.into_pyarray(py)).into_pyobject(py)
 }
 
@@ -477,9 +497,10 @@ fn verification<'py>(
     let is_same: Vec<bool> = is_same.as_array().to_vec();
     let fars: Vec<f64> = fars.as_array().to_vec();
     let s = scores.as_slice().expect("standard layout");
-    let v = py
-        .detach(|| crate::metrics::verification(s, &is_same, &fars, folds))
-        .map_err(value_error)?;
+    let v = run(py, || {
+        crate::metrics::verification(s, &is_same, &fars, folds)
+    })?
+    .map_err(value_error)?;
     let out = pyo3::types::PyDict::new(py);
     out.set_item("fpr", PyArray1::from_vec(py, v.fpr))?;
     out.set_item("tpr", PyArray1::from_vec(py, v.tpr))?;
@@ -525,6 +546,33 @@ impl PyGallery {
         self.generation.fetch_add(1, Ordering::SeqCst);
         guard
     }
+
+    /// `work` on the gallery under its read lock, taken without the GIL and outside the
+    /// thread pool (see [`detached`]).
+    fn reading<R: Send>(
+        &self,
+        py: Python<'_>,
+        work: impl FnOnce(&Gallery) -> R + Send,
+    ) -> PyResult<R> {
+        detached(py, || {
+            let guard = self.read();
+            let gallery: &Gallery = &guard;
+            crate::pool::install(|| work(gallery))
+        })
+    }
+
+    /// `work` on the gallery under its write lock, as [`PyGallery::reading`].
+    fn writing<R: Send>(
+        &self,
+        py: Python<'_>,
+        work: impl FnOnce(&mut Gallery) -> R + Send,
+    ) -> PyResult<R> {
+        detached(py, || {
+            let mut guard = self.write();
+            let gallery: &mut Gallery = &mut guard;
+            crate::pool::install(|| work(gallery))
+        })
+    }
 }
 
 #[pymethods]
@@ -547,8 +595,8 @@ impl PyGallery {
     ) -> PyResult<Bound<'py, PyArray1<i64>>> {
         let emb = emb.as_array();
         let ids = ids.as_ref().map(|i| i.as_array());
-        let out = py
-            .detach(|| self.write().add(emb, ids))
+        let out = self
+            .writing(py, |g| g.add(emb, ids))?
             .map_err(value_error)?;
         Ok(out.into_pyarray(py))
     }
@@ -556,7 +604,7 @@ impl PyGallery {
     /// Removes the rows with these ids (all must be present); returns how many.
     fn remove(&self, py: Python<'_>, ids: PyReadonlyArray1<'_, i64>) -> PyResult<usize> {
         let ids = ids.as_array();
-        py.detach(|| self.write().remove(ids)).map_err(value_error)
+        self.writing(py, |g| g.remove(ids))?.map_err(value_error)
     }
 
     /// (scores float32 (Q, k) best first, ids int64 (Q, k)); -1 / -inf pad when k > len.
@@ -567,9 +615,7 @@ impl PyGallery {
         k: usize,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let q = queries.as_array();
-        let r = py
-            .detach(|| self.read().search(q, k))
-            .map_err(value_error)?;
+        let r = self.reading(py, |g| g.search(q, k))?.map_err(value_error)?;
         (r.scores.into_pyarray(py), r.indices.into_pyarray(py)).into_pyobject(py)
     }
 
@@ -586,12 +632,12 @@ impl PyGallery {
         #[cfg(feature = "cuda")]
         {
             let q = queries.as_array();
-            let r = py
-                .detach(|| {
-                    let gallery = self.read();
-                    let generation = self.generation.load(Ordering::SeqCst);
-                    self.gpu.search(&gallery, generation, q, k, device)
-                })
+            let generation = &self.generation;
+            let r = self
+                .reading(py, |gallery| {
+                    let generation = generation.load(Ordering::SeqCst);
+                    self.gpu.search(gallery, generation, q, k, device)
+                })?
                 .map_err(cuda_failure)?;
             (r.scores.into_pyarray(py), r.indices.into_pyarray(py)).into_pyobject(py)
         }
@@ -609,8 +655,8 @@ impl PyGallery {
         threshold: f32,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let q = queries.as_array();
-        let (ids, scores) = py
-            .detach(|| self.read().identify(q, threshold))
+        let (ids, scores) = self
+            .reading(py, |g| g.identify(q, threshold))?
             .map_err(value_error)?;
         (ids.into_pyarray(py), scores.into_pyarray(py)).into_pyobject(py)
     }
@@ -621,13 +667,20 @@ impl PyGallery {
     }
 
     /// The stored rows decoded to float32 unit vectors, in gallery order.
-    fn vectors<'py>(&self, py: Python<'py>) -> Bound<'py, numpy::PyArray2<f32>> {
-        py.detach(|| self.read().vectors()).into_pyarray(py)
+    fn vectors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, numpy::PyArray2<f32>>> {
+        Ok(self.reading(py, |g| g.vectors())?.into_pyarray(py))
+    }
+
+    /// (ids, vectors) read under one lock: they match even while other threads change the
+    /// gallery.
+    fn snapshot<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        let (ids, vectors) = self.reading(py, |g| (g.ids().to_vec(), g.vectors()))?;
+        (PyArray1::from_vec(py, ids), vectors.into_pyarray(py)).into_pyobject(py)
     }
 
     /// Writes the gallery to `path` (safetensors) atomically.
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
-        py.detach(|| crate::search::file::save(&self.read(), &path))
+        self.reading(py, |g| crate::search::file::save(g, &path))?
             .map_err(value_error)
     }
 
@@ -636,15 +689,14 @@ impl PyGallery {
     #[staticmethod]
     #[pyo3(signature = (path, mmap=false))]
     fn load(py: Python<'_>, path: PathBuf, mmap: bool) -> PyResult<Self> {
-        let g = py
-            .detach(|| {
-                if mmap {
-                    crate::search::file::load_mapped(&path)
-                } else {
-                    crate::search::file::load(&path)
-                }
-            })
-            .map_err(value_error)?;
+        let g = run(py, || {
+            if mmap {
+                crate::search::file::load_mapped(&path)
+            } else {
+                crate::search::file::load(&path)
+            }
+        })?
+        .map_err(value_error)?;
         Ok(PyGallery::wrap(g))
     }
 
@@ -796,11 +848,11 @@ fn cuda_margin_loss(
             workspace,
         };
         let margin = margin.0;
-        py.detach(|| {
+        run(py, || {
             crate::cuda::driver::with_stream(device, stream, |s| {
                 margin_loss(s, shape, &margin, &buffers, Tiling::default())
             })
-        })
+        })?
         .map_err(cuda_failure)
     }
     #[cfg(not(feature = "cuda"))]
@@ -812,11 +864,19 @@ fn cuda_margin_loss(
 /// Number of threads the Rust kernels use (RAYON_NUM_THREADS, else the core count).
 #[pyfunction]
 fn num_threads() -> usize {
-    rayon::current_num_threads()
+    crate::pool::num_threads()
+}
+
+/// For the test suite: panics inside the thread pool, so that a test can check that a Rust
+/// panic reaches Python as a RuntimeError (never pyo3's PanicException).
+#[pyfunction]
+fn _panic_for_tests(py: Python<'_>, message: String) -> PyResult<()> {
+    run(py, || -> () { panic!("{message}") })
 }
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
     m.add_class::<PyMargin>()?;
     m.add_class::<PyGallery>()?;
     m.add_function(wrap_pyfunction!(margin_loss, m)?)?;

@@ -14,9 +14,25 @@ pub trait Real:
     fn f64(self) -> f64;
     /// exp that vectorises (see `kernels::exp_f32`); plain `exp` for f64.
     fn fast_exp(self) -> Self;
+    /// Name of the dtype, as NumPy spells it.
+    const NAME: &'static str;
+    /// Norms (and reciprocals) in `[1/SAFE_SCALE, SAFE_SCALE]` keep every product of the
+    /// head and the search well inside the normal range of `T`: rows outside it are rescaled
+    /// by a power of two first (exactly), so that denormals and overflow never arise.
+    const SAFE_SCALE: f64;
+    /// The largest finite value, as f64.
+    const MAX: f64;
+    /// Gradients divide by a row's norm; below this norm they divide by this instead, so
+    /// that a tiny (but valid) row cannot make them overflow (2^-100 for f32, 2^-1000 for
+    /// f64). The forward pass is exact for every finite non-zero row regardless.
+    const GRAD_NORM_MIN: f64;
 }
 
 impl Real for f32 {
+    const NAME: &'static str = "float32";
+    const SAFE_SCALE: f64 = (1u64 << 20) as f64;
+    const MAX: f64 = f32::MAX as f64;
+    const GRAD_NORM_MIN: f64 = 7.888609052210118e-31; // 2^-100
     #[inline(always)]
     fn of(v: f64) -> Self {
         v as f32
@@ -32,6 +48,10 @@ impl Real for f32 {
 }
 
 impl Real for f64 {
+    const NAME: &'static str = "float64";
+    const SAFE_SCALE: f64 = 1.6069380442589903e60; // 2^200
+    const MAX: f64 = f64::MAX;
+    const GRAD_NORM_MIN: f64 = 9.332636185032189e-302; // 2^-1000
     #[inline(always)]
     fn of(v: f64) -> Self {
         v

@@ -81,6 +81,7 @@ pub fn save(g: &Gallery, path: &Path) -> Result<()> {
     // Pad to 8 bytes so every tensor stays aligned for readers that map the file.
     header.resize(header.len().next_multiple_of(8), b' ');
 
+    remove_stale_temporaries(path);
     let tmp = temporary_path(path);
     let write = || -> std::io::Result<()> {
         let mut f = std::io::BufWriter::new(File::create(&tmp)?);
@@ -111,6 +112,63 @@ fn checksum_start(dim: usize, dtype: Dtype, next_id: i64) -> crc32fast::Hasher {
     let mut crc = crc32fast::Hasher::new();
     crc.update(format!("{dim}/{dtype}/{next_id}/").as_bytes());
     crc
+}
+
+/// Deletes temporaries of earlier saves to `path` whose process is gone (a save killed
+/// mid-write, by SIGKILL say, leaves one as large as the gallery). A temporary of a process
+/// that still runs may be a save in progress and is left alone.
+fn remove_stale_temporaries(path: &Path) {
+    let (Some(name), Some(dir)) = (path.file_name(), path.parent()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!("{}.tmp-", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let entry_name = entry.file_name();
+        let entry_name = entry_name.to_string_lossy();
+        let Some(rest) = entry_name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some((pid, counter)) = rest.split_once('-') else {
+            continue;
+        };
+        let (Ok(pid), true) = (
+            pid.parse::<u32>(),
+            !counter.is_empty() && counter.bytes().all(|b| b.is_ascii_digit()),
+        ) else {
+            continue;
+        };
+        if !process_exists(pid) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+fn process_exists(pid: u32) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        if pid == std::process::id() {
+            return true;
+        }
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return false;
+        };
+        // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        alive || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = pid;
+        true
+    }
 }
 
 fn temporary_path(path: &Path) -> PathBuf {

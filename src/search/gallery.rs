@@ -6,6 +6,7 @@
 //! so that `codes * scale` is itself a unit vector: the score is then the exact cosine
 //! between the query and the stored (quantised) vector.
 
+use super::topk::TopK;
 use super::{collect, search_rows, unit_queries, Dense, Rows, SearchResult};
 use crate::error::{unnormalisable, Error, Result};
 use crate::kernels;
@@ -301,6 +302,12 @@ impl Gallery {
         g.codes = codes;
         g.rows_by_id.reserve(ids.len());
         for (row, &id) in ids.iter().enumerate() {
+            if id < 0 {
+                return Err(Error::invalid(
+                    "ids",
+                    format!("id {id} is negative; galleries hold ids >= 0"),
+                ));
+            }
             if g.rows_by_id.insert(id, row).is_some() {
                 return Err(Error::invalid("ids", format!("id {id} appears twice")));
             }
@@ -404,6 +411,14 @@ impl Gallery {
                 }
                 let mut seen = std::collections::HashSet::with_capacity(n);
                 for &id in ids {
+                    if id < 0 {
+                        // -1 marks "no result" in search and "unknown" in identify, so a
+                        // negative id could not be told apart from them.
+                        return Err(Error::invalid(
+                            "ids",
+                            format!("id {id} is negative; ids must be >= 0 (-1 marks no match)"),
+                        ));
+                    }
                     if self.rows_by_id.contains_key(&id) || !seen.insert(id) {
                         return Err(Error::invalid(
                             "ids",
@@ -422,19 +437,20 @@ impl Gallery {
             }
         };
         let emb = emb.as_standard_layout();
+        let mut norms = Vec::with_capacity(n);
         for (i, row) in emb.axis_iter(Axis(0)).enumerate() {
-            let sumsq = kernels::sum_squares(row.as_slice().expect("standard layout"));
-            if let Some(e) = unnormalisable("emb", i, sumsq) {
+            let norm = kernels::norm(row.as_slice().expect("standard layout"));
+            if let Some(e) = unnormalisable("emb", i, norm) {
                 return Err(e);
             }
+            norms.push(norm);
         }
         self.codes.reserve_rows(n, d);
         let mut unit = vec![0.0f32; d];
-        for row in emb.axis_iter(Axis(0)) {
+        for (row, &norm) in emb.axis_iter(Axis(0)).zip(&norms) {
             let row = row.as_slice().expect("standard layout");
-            let inv = 1.0 / kernels::sum_squares(row).sqrt();
             for (u, &x) in unit.iter_mut().zip(row) {
-                *u = (x as f64 * inv) as f32;
+                *u = (x as f64 / norm) as f32;
             }
             self.codes.push(&unit);
         }
@@ -453,6 +469,9 @@ impl Gallery {
         let mut keep = vec![true; self.len()];
         for &id in ids {
             match self.rows_by_id.get(&id) {
+                Some(&row) if !keep[row] => {
+                    return Err(Error::invalid("ids", format!("id {id} is given twice")))
+                }
                 Some(&row) => keep[row] = false,
                 None => {
                     return Err(Error::invalid(
@@ -488,10 +507,12 @@ impl Gallery {
         if k == 0 {
             return Err(Error::invalid("k", "must be >= 1"));
         }
-        if self.is_empty() {
-            return Err(Error::invalid("gallery", "is empty: add embeddings first"));
-        }
+        crate::limits::check_results("k", k, queries.nrows(), 4 + 8)?;
         let qhat = unit_queries(queries, self.dim, false)?;
+        if self.is_empty() {
+            // as faiss does: every column is padding
+            return Ok(collect(vec![TopK::new(0); qhat.nrows()], k, |_| -1));
+        }
         let k_rows = k.min(self.len());
         let (tops, bad) = match &self.codes {
             // float32 rows are just a dense array of unit vectors

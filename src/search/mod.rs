@@ -46,6 +46,33 @@ fn bad_row(row: usize, sumsq: f64) -> Option<(usize, Error)> {
     unnormalisable("gallery", row, sumsq).map(|e| (row, e))
 }
 
+/// Whether a squared norm lies where the search's products stay normal numbers of `T`.
+#[inline]
+fn in_safe_range<T: Real>(sumsq: f64) -> bool {
+    let safe = T::SAFE_SCALE * T::SAFE_SCALE;
+    sumsq <= safe && sumsq >= 1.0 / safe
+}
+
+/// Multiplies by 2^e exactly (in two steps where 2^e itself would not be a normal f64).
+fn times_pow2(v: f64, e: i32) -> f64 {
+    let half = e / 2;
+    v * 2f64.powi(half) * 2f64.powi(e - half)
+}
+
+/// The power of two that brings a norm to about 1.
+pub(crate) fn pow2_towards_one(norm: f64) -> i32 {
+    -(norm.log2().round() as i32)
+}
+
+/// `row` scaled by a power of two so that its norm is about 1 (exact: only the exponent
+/// changes, up to the rounding of entries that leave the denormal range).
+pub(crate) fn rescale_row<T: Real>(row: &mut [T], norm: f64) {
+    let e = pow2_towards_one(norm);
+    for v in row.iter_mut() {
+        *v = T::of(times_pow2(v.f64(), e));
+    }
+}
+
 pub(crate) fn first_bad(
     a: Option<(usize, Error)>,
     b: Option<(usize, Error)>,
@@ -53,17 +80,6 @@ pub(crate) fn first_bad(
     match (a, b) {
         (Some(x), Some(y)) => Some(if x.0 <= y.0 { x } else { y }),
         (x, y) => x.or(y),
-    }
-}
-
-/// Squared norm of a row in `T`, falling back to f64 when `T` overflowed.
-#[inline]
-fn checked_sumsq<T: Real>(fast: T, row: &[T]) -> f64 {
-    let v = fast.f64();
-    if v.is_finite() {
-        v
-    } else {
-        kernels::sum_squares(row)
     }
 }
 
@@ -155,15 +171,27 @@ impl<T: Real> Dense<'_, T> {
         let d = self.d;
         let rows = &self.flat[lo * d..(lo + mult.len()) * d];
         for (r, m) in mult.iter_mut().enumerate() {
-            let ss = checked_sumsq(*m, &rows[r * d..(r + 1) * d]);
-            if bad.is_none() {
-                *bad = bad_row(lo + r, ss);
+            let fast = m.f64();
+            if fast.is_finite() && in_safe_range::<T>(fast) {
+                *m = if self.normalized {
+                    T::one()
+                } else {
+                    T::of(1.0 / fast.sqrt())
+                };
+                continue;
             }
-            *m = if self.normalized {
-                T::one()
-            } else {
-                T::of(1.0 / ss.sqrt())
-            };
+            // Rare: a zero, non-finite, tiny or huge row (its squares in T may have under-
+            // or overflowed, so its norm is taken again carefully).
+            let norm = kernels::norm(&rows[r * d..(r + 1) * d]);
+            if bad.is_none() {
+                *bad = bad_row(lo + r, norm);
+                if bad.is_none() && !self.normalized {
+                    // Not wrong, but its products would leave T's normal range: the caller
+                    // searches again over a rescaled copy (see `cosine_topk`).
+                    *bad = Some((lo + r, Error::invalid("gallery", "row needs rescaling")));
+                }
+            }
+            *m = T::one();
         }
     }
 }
@@ -186,15 +214,23 @@ pub(crate) fn unit_queries<T: Real>(
             ),
         ));
     }
-    let mut qhat = queries.as_standard_layout().into_owned();
-    for (i, mut row) in qhat.axis_iter_mut(Axis(0)).enumerate() {
-        let sumsq = kernels::sum_squares(row.as_slice().expect("standard layout"));
-        if let Some(e) = unnormalisable("queries", i, sumsq) {
+    let queries = queries.as_standard_layout();
+    let mut qhat = Array2::zeros(queries.dim());
+    for (i, (row, mut out)) in queries
+        .axis_iter(Axis(0))
+        .zip(qhat.axis_iter_mut(Axis(0)))
+        .enumerate()
+    {
+        let row = row.to_slice().expect("standard layout");
+        let out = out.as_slice_mut().expect("standard layout");
+        let norm = kernels::norm(row);
+        if let Some(e) = unnormalisable("queries", i, norm) {
             return Err(e);
         }
-        if !normalized {
-            let inv = T::of(1.0 / sumsq.sqrt());
-            row.mapv_inplace(|v| v * inv);
+        if normalized {
+            out.copy_from_slice(row);
+        } else {
+            kernels::unit_into(row, norm, out);
         }
     }
     Ok(qhat)
@@ -215,9 +251,6 @@ pub fn cosine_topk<T: Real>(
     if queries.nrows() == 0 {
         return Err(Error::invalid("queries", "empty: need at least one query"));
     }
-    if n == 0 {
-        return Err(Error::invalid("gallery", "is empty"));
-    }
     if d == 0 {
         return Err(Error::invalid("queries", "embedding size is 0"));
     }
@@ -230,18 +263,56 @@ pub fn cosine_topk<T: Real>(
     if k == 0 {
         return Err(Error::invalid("k", "must be >= 1"));
     }
+    crate::limits::check_results("k", k, queries.nrows(), std::mem::size_of::<T>() + 8)?;
     let qhat = unit_queries(queries, d, normalized)?;
+    if n == 0 {
+        return Ok(collect(vec![TopK::new(0); qhat.nrows()], k, |i| i as i64));
+    }
     let gallery = gallery.as_standard_layout();
+    let flat = gallery.as_slice().expect("standard layout");
     let rows = Dense {
-        flat: gallery.as_slice().expect("standard layout"),
+        flat,
         d,
         normalized,
     };
-    let (tops, bad) = search_rows(qhat.view(), &rows, k.min(n));
-    if let Some((_, e)) = bad {
-        return Err(e);
+    let (mut tops, bad) = search_rows(qhat.view(), &rows, k.min(n));
+    if bad.is_some() {
+        // A row that cannot be normalised, or one whose products would leave T's normal
+        // range (denormal or overflowing). The first is an error; the second is searched
+        // again as a copy rescaled by powers of two, so every finite non-zero row counts.
+        let rescued = rescaled_copy(flat, d)?;
+        let rows = Dense {
+            flat: &rescued,
+            d,
+            normalized,
+        };
+        let (again, bad) = search_rows(qhat.view(), &rows, k.min(n));
+        if let Some((_, e)) = bad {
+            return Err(e);
+        }
+        tops = again;
     }
     Ok(collect(tops, k, |i| i as i64))
+}
+
+/// A copy of `flat` whose rows outside the safe norm range are scaled by a power of two
+/// towards norm 1; the first row that cannot be normalised (NaN, inf, zeros) is an error.
+fn rescaled_copy<T: Real>(flat: &[T], d: usize) -> Result<Vec<T>> {
+    let norms: Vec<f64> = flat.par_chunks(d).map(kernels::norm).collect();
+    if let Some(e) = norms
+        .iter()
+        .enumerate()
+        .find_map(|(i, &n)| unnormalisable("gallery", i, n))
+    {
+        return Err(e);
+    }
+    let mut copy = flat.to_vec();
+    copy.par_chunks_mut(d).zip(&norms).for_each(|(row, &n)| {
+        if !in_safe_range::<T>(n * n) {
+            rescale_row(row, n);
+        }
+    });
+    Ok(copy)
 }
 
 /// The per-query top lists as padded (Q, k) arrays, rows mapped to the ids returned.
@@ -255,7 +326,9 @@ pub(crate) fn collect<T: Real>(
     let mut indices = Array2::from_elem((q, k), -1i64);
     for (i, top) in tops.into_iter().enumerate() {
         for (j, hit) in top.into_sorted().into_iter().enumerate() {
-            scores[[i, j]] = T::of(hit.score);
+            // A cosine is never above 1 nor below -1: rounding may overshoot by an ulp,
+            // and a self-match must still meet a threshold of exactly 1.0.
+            scores[[i, j]] = T::of(hit.score.clamp(-1.0, 1.0));
             indices[[i, j]] = id_of(hit.index);
         }
     }
@@ -514,6 +587,28 @@ mod tests {
         assert_eq!(r.indices.row(0).to_vec(), vec![0, 1, 2, -1, -1]);
         assert_eq!(r.scores[[0, 3]], f64::NEG_INFINITY);
         assert_eq!(r.scores[[0, 0]], 1.0);
+    }
+
+    #[test]
+    fn extreme_rows_rank_as_their_unit_rows() {
+        let gallery = data(300, 16, 31);
+        let queries = data(12, 16, 32);
+        let want = brute(&queries, &gallery, 7);
+        for scale in [1e-310, 1e-250, 1e250] {
+            let mut g = gallery.clone();
+            for r in (0..300).step_by(3) {
+                g.row_mut(r).mapv_inplace(|v| v * scale);
+            }
+            let q = queries.mapv(|v| v * scale);
+            for nq in [1, 12] {
+                let got = cosine_topk(q.slice(s![..nq, ..]), g.view(), 7, false).unwrap();
+                for (i, w) in want.iter().take(nq).enumerate() {
+                    let ids: Vec<usize> = got.indices.row(i).iter().map(|&x| x as usize).collect();
+                    assert_eq!(&ids, w, "scale {scale}, {nq} queries, query {i}");
+                }
+                assert!(got.scores.iter().all(|s| s.abs() <= 1.0));
+            }
+        }
     }
 
     #[test]
