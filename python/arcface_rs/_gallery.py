@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _core
 from ._cuda import cuda_available
-from ._heads import _floats, _labels
+from ._heads import _count, _floats, _labels
 
 __all__ = ["Gallery"]
 
@@ -21,7 +21,8 @@ def _rows(name: str, value: Any, dim: int) -> np.ndarray:
     """(N, dim) float32 rows from float32/float64 input; one 1-D vector becomes (1, dim)."""
     value = np.asarray(value)
     if value.ndim == 1:
-        value = value[None, :]
+        # one vector, or an empty list (no rows at all)
+        value = value.reshape(0, dim) if value.size == 0 else value[None, :]
     value = _floats(name, value)
     if value.shape[1] != dim:
         raise ValueError(f"{name} must have {dim} columns (the gallery's dim), got {value.shape}")
@@ -124,8 +125,10 @@ class Gallery:
     def add(self, emb: Any, ids: Any = None) -> np.ndarray:
         """Adds embeddings (N, dim) or one (dim,), float32 or float64; returns their ids.
 
-        ``ids``: int64 (N,), each new to the gallery; ``None`` numbers them on from one past
-        the largest id ever added. All or nothing: on an error nothing is added.
+        ``ids``: int64 (N,), each new to the gallery and >= 0 (-1 is the "no result" and
+        "unknown" marker of ``search`` and ``identify``); ``None`` numbers them on from one
+        past the largest id ever added. An empty input adds nothing. All or nothing: on an
+        error nothing is added.
         """
         emb = _rows("emb", emb, self.dim)
         if ids is not None:
@@ -135,8 +138,9 @@ class Gallery:
         return self._core.add(emb, ids)
 
     def remove(self, ids: Any) -> int:
-        """Removes the vectors with these ids; every id must be present (else nothing is
-        removed and ValueError names the missing one). Returns how many were removed."""
+        """Removes the vectors with these ids; every id must be present and given once
+        (else nothing is removed and ValueError names the id). Returns how many were
+        removed (0 for an empty list)."""
         return self._core.remove(_ids(ids))
 
     def _queries(self, queries: Any) -> tuple[np.ndarray, bool]:
@@ -147,19 +151,18 @@ class Gallery:
         """Top-``k`` by cosine: ``(scores, ids)``, float32 and int64, (Q, k) best first.
 
         ``queries`` (Q, dim) or one (dim,) (then results are (k,)). Ties go to the vector
-        added first. When ``k > len(self)`` the extra columns hold score -inf and id -1.
-        Scores are the unit query's dot products with the stored unit vectors: exact cosines
-        for float32, within the storage's rounding (about 1e-3 for float16) otherwise.
+        added first. When ``k > len(self)`` the extra columns hold score -inf and id -1 (all
+        of them for an empty gallery); a ``k`` whose padded output would not fit in half the
+        memory available raises ValueError. Scores are the unit query's dot products with
+        the stored unit vectors, clamped to [-1, 1]: exact cosines for float32, within the
+        storage's rounding (about 1e-3 for float16) otherwise.
         """
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-            raise TypeError(f"k must be an int, got {type(k).__name__}")
-        if k <= 0:
-            raise ValueError(f"k must be >= 1, got {k}")
+        k = _count("k", k)
         q, single = self._queries(queries)
-        if self._device is None:
-            scores, ids = self._core.search(q, int(k))
+        if self._device is None or len(self) == 0:
+            scores, ids = self._core.search(q, k)
         else:
-            scores, ids = self._core.search_cuda(q, int(k), self._device)
+            scores, ids = self._core.search_cuda(q, k, self._device)
         return (scores[0], ids[0]) if single else (scores, ids)
 
     def identify(self, queries: Any, threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -170,7 +173,7 @@ class Gallery:
         if not np.isfinite(threshold):
             raise ValueError(f"threshold must be finite, got {threshold}")
         q, single = self._queries(queries)
-        if self._device is None:
+        if self._device is None or len(self) == 0:
             ids, scores = self._core.identify(q, float(threshold))
         else:
             best, top = self._core.search_cuda(q, 1, self._device)
@@ -185,6 +188,20 @@ class Gallery:
     def vectors(self) -> np.ndarray:
         """The stored vectors decoded to float32 unit rows (N, dim), in gallery order."""
         return self._core.vectors()
+
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, vectors)`` read together under one lock.
+
+        Returns
+        -------
+        ids : numpy.ndarray
+            int64 (N,), in gallery order.
+        vectors : numpy.ndarray
+            float32 (N, dim) unit rows, row i belonging to ``ids[i]``; unlike separate
+            ``ids()`` and ``vectors()`` calls, they match even while other threads add or
+            remove.
+        """
+        return self._core.snapshot()
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Writes the gallery to ``path`` in the safetensors format, atomically (a crash
@@ -205,9 +222,12 @@ class Gallery:
 
         ``mmap=True`` leaves the vectors in a read-only mapping of the file instead of
         copying them into memory (several processes then share one copy in the page cache);
-        they are copied the first time the gallery changes. Do not modify the file in place
-        while such a gallery is in use (``save`` never does: it replaces the file, and the
-        mapping keeps reading the old contents). ``device``: as for ``Gallery``."""
+        they are copied the first time the gallery changes. Do not modify or truncate the
+        file in place while such a gallery is in use: reading a page that another program
+        cut off the file kills the process with SIGBUS (as with ``numpy.memmap``). ``save``
+        never does that: it writes a new file and renames it over the path, so the mapping
+        keeps reading the old, intact contents (its inode lives on until unmapped).
+        ``device``: as for ``Gallery``."""
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"path: no gallery file at {path!r}")

@@ -75,8 +75,9 @@ class Softmax(Margin):
 class ArcFace(Margin):
     """Additive angular margin: psi = cos(theta + m).
 
-    For theta > pi - m it falls back to ``c - m sin m`` (the ArcFace reference code) so psi
-    stays non-increasing; ``easy_margin`` keeps psi = c where c <= 0.
+    For theta > pi - m it falls back to ``c - max(m sin m, 1 - cos m)``: the ArcFace
+    reference code's ``c - m sin m`` for every m below about 2.33, and a larger shift beyond,
+    so psi stays non-increasing; ``easy_margin`` keeps psi = c where c <= 0.
     """
 
     _params = ("s", "m", "easy_margin")

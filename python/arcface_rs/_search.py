@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import numpy as np
 
 from . import _core
-from ._heads import _floats, _same_dtype
+from ._heads import _count, _floats, _same_dtype
 
 __all__ = ["cosine_topk"]
 
@@ -22,18 +21,18 @@ def cosine_topk(
     ``(scores, indices)``: scores best first (in the inputs' dtype) and int64 row indices,
     shape (Q, k) (or
     (k,) for one 1-D query). Ties go to the lower index. When ``k > N`` the extra columns are
-    padded with score -inf and index -1. ``normalized=True`` promises unit-norm inputs and
-    skips the division (NaN/inf and zero rows are still rejected). Never builds the Q×N
-    score matrix; the GIL is released.
+    padded with score -inf and index -1 (an empty gallery pads every column); a ``k`` whose
+    padded output would not fit in half the memory available raises ValueError. Scores are
+    clamped to [-1, 1]. Rows of any finite non-zero magnitude (denormal to 1e300) give the
+    cosines of the rescaled rows. ``normalized=True`` promises unit-norm inputs and skips
+    the division (NaN/inf and zero rows are still rejected). Never builds the Q×N score
+    matrix; the GIL is released.
     """
     single = np.ndim(queries) == 1
     if single:
         queries = np.asarray(queries)[None, :]
     queries, gallery = _floats("queries", queries), _floats("gallery", gallery)
     _same_dtype(queries=queries, gallery=gallery)
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if k <= 0:
-        raise ValueError(f"k must be >= 1, got {k}")
-    scores, indices = _core.cosine_topk(queries, gallery, int(k), bool(normalized))
+    k = _count("k", k)
+    scores, indices = _core.cosine_topk(queries, gallery, k, bool(normalized))
     return (scores[0], indices[0]) if single else (scores, indices)

@@ -11,6 +11,7 @@ gradient, of which each rank keeps its rows). No rank ever holds B_global × C.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -150,6 +151,12 @@ class _ShardedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "arcface_rs: double backward (create_graph=True) through ShardedMarginHead "
+                "is not supported: its gradient has no graph, so a gradient penalty would "
+                "silently be zero"
+            )
         g_emb, g_w = ctx.grads
         del ctx.grads
         # The gradients are ours alone: scale them in place rather than allocate another
@@ -201,6 +208,9 @@ class ShardedMarginHead(nn.Module):
         self.group = process_group
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
+        for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be a positive int, got {type(value).__name__}")
         if embedding_size < 1:
             raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
         if num_classes < self.world_size:

@@ -11,6 +11,7 @@ import numpy as np
 
 from . import _core
 from ._gallery import Gallery
+from ._heads import _count
 from ._search import cosine_topk
 
 __all__ = ["IdentificationReport", "VerificationReport", "identification", "verification"]
@@ -25,8 +26,9 @@ class VerificationReport:
     ``fpr``/``tpr``/``thresholds`` are the full ROC (scikit-learn's ``roc_curve`` with
     ``drop_intermediate=False``): pairs scoring >= threshold are predicted "same".
     ``tar_at_far[far]`` is the highest TPR over thresholds whose FPR <= far (NaN when there
-    are fewer than 1/far negative pairs). ``fold_accuracy`` holds the LFW protocol: each
-    fold's accuracy with the threshold that is best on the other folds.
+    are fewer than 1/far negative pairs; ``far=0`` is the TPR with no false accept).
+    ``fold_accuracy`` holds the LFW protocol: each fold's accuracy with the threshold that is
+    best on the other folds.
     """
 
     auc: float
@@ -81,8 +83,12 @@ def verification(
     if len(labels) != len(s):
         raise ValueError(f"is_same has {len(labels)} entries but scores has {len(s)}")
     fars = np.asarray(far, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(fars) & (fars >= 0) & (fars <= 1)):
+        raise ValueError(f"far: values must lie in [0, 1], got {fars.tolist()}")
     if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)):
         raise TypeError(f"folds must be an int, got {type(folds).__name__}")
+    if folds < 0 or folds > len(s):
+        raise ValueError(f"folds must be 0 (none) or in 2..={len(s)}, got {folds}")
     out = _core.verification(s, np.ascontiguousarray(labels), fars, int(folds))
     tar = {float(f): float(t) for f, t in zip(fars, out["tar_at_far"])}
     unreachable = [f for f, t in tar.items() if np.isnan(t)]
@@ -141,11 +147,12 @@ def _labels(name: str, value: Any, n: int) -> np.ndarray:
 
 def _top_k(source: Any, probes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, row positions) of an array or a Gallery (positions in ``ids()`` order;
-    -1 pads)."""
+    -1 pads). ``k`` is at most the number of rows."""
     if isinstance(source, Gallery):
+        gallery_ids = source.ids()
         scores, ids = source.search(probes, k=k)
-        order = np.argsort(source.ids(), kind="stable")
-        sorted_ids = source.ids()[order]
+        order = np.argsort(gallery_ids, kind="stable")
+        sorted_ids = gallery_ids[order]
         at = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
         return scores, np.where(ids >= 0, order[at], -1)
     return cosine_topk(probes, source, k=k)
@@ -170,8 +177,8 @@ def identification(
     Galleries).
     """
     probes = np.asarray(probes)
-    if probes.ndim != 2:
-        raise ValueError("probes must be 2-D (n, embedding_size)")
+    if probes.ndim != 2 or probes.shape[0] == 0:
+        raise ValueError(f"probes must be 2-D (n >= 1, embedding_size), got {probes.shape}")
     if isinstance(gallery, Gallery):
         if gallery_labels is None:
             gallery_labels = gallery.ids()
@@ -181,14 +188,28 @@ def identification(
             raise ValueError("gallery must be 2-D (n, embedding_size)")
         if gallery_labels is None:
             raise ValueError("gallery_labels: required when the gallery is an array")
+    if len(gallery) == 0:
+        raise ValueError("gallery: is empty; identification needs at least one enrolled row")
     if distractors is not None and not isinstance(distractors, Gallery):
         distractors = np.asarray(distractors)
+        if distractors.ndim != 2:
+            raise ValueError(
+                f"distractors must be 2-D (m, embedding_size), got {distractors.shape}"
+            )
+    if distractors is not None and len(distractors) == 0:
+        distractors = None  # no distractor changes nothing
     probe_labels = _labels("probe_labels", probe_labels, len(probes))
     gallery_labels = _labels("gallery_labels", gallery_labels, len(gallery))
-    ranks = sorted({int(r) for r in ranks})
-    if not ranks or ranks[0] < 1:
-        raise ValueError(f"ranks must be integers >= 1, got {ranks}")
-    max_rank = ranks[-1]
+    ranks = sorted({_count("ranks", r) for r in ranks})
+    if not ranks:
+        raise ValueError("ranks must hold at least one integer >= 1")
+    fpir = [float(f) for f in fpir]
+    if not all(np.isfinite(f) and 0 < f <= 1 for f in fpir):
+        raise ValueError(f"fpir: values must lie in (0, 1], got {fpir}")
+    # A rank beyond every candidate (gallery rows and distractors) is met by every mate the
+    # search finds, so the work is capped there, not at the rank asked for.
+    candidates = len(gallery) + (0 if distractors is None else len(distractors))
+    max_rank = min(ranks[-1], candidates)
     enrolled = np.isin(probe_labels, gallery_labels)
     mates_per_id = np.unique(gallery_labels, return_counts=True)[1].max()
 
@@ -201,7 +222,7 @@ def identification(
     top1_score = g_scores[:, 0].astype(np.float64)
     top1_is_mate = is_mate[:, 0].copy()  # a view would let the distractors edit is_mate
     if distractors is not None:
-        d_scores, _ = _top_k(distractors, probes, max_rank)
+        d_scores, _ = _top_k(distractors, probes, min(max_rank, len(distractors)))
         non_mate_scores = np.concatenate([non_mate_scores, d_scores], axis=1)
         beats = d_scores[:, 0] > top1_score
         top1_score = np.maximum(top1_score, d_scores[:, 0])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import warnings
 from typing import Any
 
@@ -355,10 +356,23 @@ def _loss_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.fused = None if reduction == "none" else [output[1], output[2]]
 
 
+def _no_double_backward() -> None:
+    """The fused ops' gradients are computed by the kernel, not by torch ops, so they carry
+    no graph of their own: a second derivative through them (``create_graph=True``, as a
+    gradient penalty needs) would silently be zero. Refuse it instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "arcface_rs: double backward (create_graph=True) through the fused margin ops "
+            "is not supported: their gradient has no graph, so a gradient penalty would "
+            "silently be zero. Compute such a penalty on a plain PyTorch head instead."
+        )
+
+
 def _loss_backward(ctx: Any, g_loss: Tensor | None, _g1: Any, _g2: Any):
     need_emb, need_weight = ctx.need
     if g_loss is None:
         return (None,) * 8
+    _no_double_backward()
     if ctx.fused is not None:
         g_emb, g_w = ctx.fused
         ctx.fused = None
@@ -434,6 +448,7 @@ def _logits_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
 
 
 def _logits_backward(ctx: Any, grad: Tensor):
+    _no_double_backward()
     emb, weight, labels = ctx.saved_tensors
     g_emb, g_w = _logits_backward_op(grad, emb, weight, labels, ctx.kind, ctx.params)
     return g_emb, g_w, None, None, None
@@ -636,8 +651,11 @@ class _MarginHead(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be a positive int, got {type(value).__name__}")
+            if value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        embedding_size, num_classes = int(embedding_size), int(num_classes)
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         self.embedding_size, self.num_classes, self.reduction = (
