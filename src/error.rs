@@ -1,18 +1,76 @@
-//! The one error type of the core. The bindings map it to Python's `ValueError`.
+//! The one error type of the core: what went wrong ([`ErrorKind`]), which argument it is
+//! about, and a message. The bindings map each kind to its own Python exception.
 
 use std::fmt;
+use std::path::Path;
 
-/// An argument the caller passed is not acceptable; `arg` names it as the Python API does.
+/// What kind of failure an [`Error`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// An argument the caller passed is not acceptable (Python: `ValueError`).
+    InvalidArgument,
+    /// The file system refused a read or write. `io` is the operating system's kind and
+    /// `errno` its error number, kept so that Python raises the matching `OSError` subclass
+    /// (`FileNotFoundError`, `PermissionError`, ...).
+    Io {
+        io: std::io::ErrorKind,
+        errno: Option<i32>,
+    },
+    /// A file that is damaged, truncated or not a gallery file of this version (Python:
+    /// `arcface_rs.GalleryFileError`, a `ValueError`).
+    CorruptFile,
+    /// The CUDA driver, NVRTC or cuBLAS failed (Python: `RuntimeError`).
+    Device,
+}
+
+/// A failure of the core; `arg` names the argument (or path) it concerns as the Python API
+/// spells it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Error {
+    pub kind: ErrorKind,
     pub arg: &'static str,
     pub message: String,
 }
 
 impl Error {
+    /// An argument is not acceptable.
     pub fn invalid(arg: &'static str, message: impl Into<String>) -> Self {
         Error {
+            kind: ErrorKind::InvalidArgument,
             arg,
+            message: message.into(),
+        }
+    }
+
+    /// The file system refused `what` on `path`.
+    pub fn io(path: &Path, what: &str, e: &std::io::Error) -> Self {
+        Error {
+            kind: ErrorKind::Io {
+                io: e.kind(),
+                errno: e.raw_os_error(),
+            },
+            arg: "path",
+            message: format!("{}: {what}: {e}", path.display()),
+        }
+    }
+
+    /// The file at `path` is not a valid gallery file.
+    pub fn corrupt(path: &Path, why: impl fmt::Display) -> Self {
+        Error {
+            kind: ErrorKind::CorruptFile,
+            arg: "path",
+            message: format!(
+                "{}: not a valid arcface_rs gallery file: {why}",
+                path.display()
+            ),
+        }
+    }
+
+    /// A device call failed.
+    pub fn device(message: impl Into<String>) -> Self {
+        Error {
+            kind: ErrorKind::Device,
+            arg: "cuda",
             message: message.into(),
         }
     }

@@ -4,6 +4,7 @@ truncation, flipped bytes, wrong version, wrong shapes, foreign files."""
 
 from __future__ import annotations
 
+import errno
 import json
 import struct
 import subprocess
@@ -203,8 +204,9 @@ def test_wrong_checksum_and_foreign_files_are_refused(tmp_path):
 def test_save_errors_leave_no_file_behind(tmp_path):
     g = gallery("float32", n=10)
     target = tmp_path / "no-such-dir" / "g.safetensors"
-    with pytest.raises(ValueError, match="cannot save"):
+    with pytest.raises(FileNotFoundError, match="cannot save") as info:
         g.save(target)
+    assert info.value.errno == errno.ENOENT
     assert not (tmp_path / "no-such-dir").exists()
 
 
@@ -272,3 +274,34 @@ def test_mmap_load_refuses_damaged_files_too(tmp_path):
         path.write_bytes(data[:cut])
         with pytest.raises(ValueError, match="not a valid arcface_rs gallery file"):
             afr.Gallery.load(path, mmap=True)
+
+
+def test_file_system_failures_raise_the_matching_oserror(tmp_path):
+    g = gallery("float32", n=4)
+    with pytest.raises(IsADirectoryError) as info:
+        afr.Gallery.load(tmp_path)
+    assert info.value.errno == errno.EISDIR
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"x")
+    with pytest.raises(NotADirectoryError):
+        g.save(blocker / "g.safetensors")
+    for mmap in (False, True):  # the core's own mapping, without the Python-side check
+        with pytest.raises(FileNotFoundError) as info:
+            afr._core.Gallery.load(str(tmp_path / "missing"), mmap)
+        assert info.value.errno == errno.ENOENT
+
+
+def test_damaged_and_foreign_files_raise_gallery_file_error(tmp_path):
+    path = tmp_path / "g.safetensors"
+    gallery("int8", n=20).save(path)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    for mmap in (False, True):
+        with pytest.raises(afr.GalleryFileError, match="CRC-32"):
+            afr.Gallery.load(path, mmap=mmap)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": np.zeros(3, np.float32)}, str(foreign))
+    with pytest.raises(afr.GalleryFileError, match="not a valid"):
+        afr.Gallery.load(foreign)
+    assert issubclass(afr.GalleryFileError, ValueError)

@@ -5,7 +5,7 @@ NumPy API; ``arcface_rs.torch`` holds the PyTorch modules (needs torch), and
 ``arcface_rs.metrics`` the verification metrics.
 """
 
-from ._core import __version__, num_threads
+from ._core import GalleryFileError, __version__, num_threads
 from ._cuda import cuda_available
 from ._gallery import Gallery
 from ._heads import (
@@ -23,6 +23,7 @@ __all__ = [
     "CombinedMargin",
     "CosFace",
     "Gallery",
+    "GalleryFileError",
     "Margin",
     "Softmax",
     "SphereFace",

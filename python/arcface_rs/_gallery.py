@@ -205,9 +205,10 @@ class Gallery:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Writes the gallery to ``path`` in the safetensors format, atomically (a crash
-        mid-save leaves any old file intact). Tensors: ``ids`` int64, ``vectors`` and, for
-        int8, ``scales`` (``vectors * scales[:, None]`` are the unit rows); bfloat16 vectors
-        are stored as their uint16 bits."""
+        mid-save leaves any old file intact); a file system failure raises the matching
+        ``OSError`` subclass (a missing folder: ``FileNotFoundError``). Tensors: ``ids``
+        int64, ``vectors`` and, for int8, ``scales`` (``vectors * scales[:, None]`` are the
+        unit rows); bfloat16 vectors are stored as their uint16 bits."""
         self._core.save(os.fspath(path))
 
     @property
@@ -218,7 +219,9 @@ class Gallery:
     @classmethod
     def load(cls, path: str | os.PathLike[str], mmap: bool = False, device: Any = "cpu") -> Gallery:
         """Reads a gallery written by ``save``. A truncated, damaged, wrong-version or
-        wrong-shape file raises ValueError (checked by shape, CRC-32 and unit norms).
+        wrong-shape file raises :class:`arcface_rs.GalleryFileError` (a ValueError; checked
+        by shape, CRC-32 and unit norms); a path that cannot be read raises the matching
+        ``OSError`` subclass (``FileNotFoundError``, ``PermissionError``, ...).
 
         ``mmap=True`` leaves the vectors in a read-only mapping of the file instead of
         copying them into memory (several processes then share one copy in the page cache);

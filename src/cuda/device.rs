@@ -121,7 +121,7 @@ pub fn gemm(device: &dyn Device, gemm: RowMajorGemm) -> Result<()> {
 
 /// The error for a failed driver, NVRTC or cuBLAS call.
 pub fn cuda_error(what: &str, detail: impl std::fmt::Debug) -> Error {
-    Error::invalid("cuda", format!("{what} failed: {detail:?}"))
+    Error::device(format!("{what} failed: {detail:?}"))
 }
 
 /// Hands out aligned, non-overlapping ranges of one workspace buffer.

@@ -22,17 +22,11 @@ const FORMAT: &str = "arcface_rs.gallery";
 const VERSION: u32 = 1;
 
 fn io_error(path: &Path, what: &str, e: std::io::Error) -> Error {
-    Error::invalid("path", format!("{}: {what}: {e}", path.display()))
+    Error::io(path, what, &e)
 }
 
 fn damaged(path: &Path, why: impl std::fmt::Display) -> Error {
-    Error::invalid(
-        "path",
-        format!(
-            "{}: not a valid arcface_rs gallery file: {why}",
-            path.display()
-        ),
-    )
+    Error::corrupt(path, why)
 }
 
 /// The tensors of a gallery as (name, safetensors dtype, shape, little-endian bytes).
