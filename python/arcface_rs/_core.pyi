@@ -8,8 +8,10 @@ import numpy.typing as npt
 
 __all__ = [
     "Gallery",
+    "GalleryFileError",
     "Margin",
     "__version__",
+    "_panic_for_tests",
     "apply_margin",
     "apply_margin_backward",
     "cuda_available",
@@ -26,6 +28,8 @@ __all__ = [
 ]
 
 __version__: str
+
+class GalleryFileError(ValueError): ...
 
 @final
 class Margin:

@@ -1,0 +1,133 @@
+//! The entry points of the `cuda` feature; built without it, each says how to rebuild.
+//! Device failures come back as RuntimeError (`ErrorKind::Device`).
+
+#[cfg(feature = "cuda")]
+use super::convert::run;
+#[cfg(feature = "cuda")]
+use super::convert::value_error;
+use super::margin::PyMargin;
+use pyo3::prelude::*;
+
+/// Whether the CUDA path can run here: built with the `cuda` feature, a driver and a device
+/// present. False (never an error) on machines without CUDA.
+#[pyfunction]
+pub(super) fn cuda_available() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        crate::cuda::available()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub(super) fn cuda_elem(dtype: &str) -> PyResult<crate::cuda::device::Elem> {
+    use crate::cuda::device::Elem;
+    match dtype {
+        "float32" => Ok(Elem::F32),
+        "float64" => Ok(Elem::F64),
+        other => Err(pyo3::exceptions::PyTypeError::new_err(format!(
+            "dtype: the CUDA head computes in 'float32' or 'float64', got {other:?}"
+        ))),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+pub(super) fn no_cuda_feature() -> PyErr {
+    pyo3::exceptions::PyRuntimeError::new_err(
+        "arcface_rs was built without the `cuda` feature; rebuild with \
+         MATURIN_PEP517_ARGS=\"--features python,cuda\" pip install .",
+    )
+}
+
+/// Bytes of device workspace `cuda_margin_loss` needs for B rows, C classes, D dims.
+#[pyfunction]
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+#[pyo3(signature = (b, c, d, dtype, grad_weight))]
+pub(super) fn cuda_head_workspace_bytes(
+    b: usize,
+    c: usize,
+    d: usize,
+    dtype: &str,
+    grad_weight: bool,
+) -> PyResult<usize> {
+    #[cfg(feature = "cuda")]
+    {
+        use crate::cuda::head::{workspace_bytes, HeadShape, Tiling};
+        let shape = HeadShape {
+            b,
+            c,
+            d,
+            elem: cuda_elem(dtype)?,
+        };
+        Ok(workspace_bytes(shape, grad_weight, Tiling::default()))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(no_cuda_feature())
+    }
+}
+
+/// Queues the fused head on CUDA stream `stream` of device `device`, over device addresses
+/// of contiguous tensors that the caller (arcface_rs.torch) allocated and keeps alive: see
+/// `cuda::head::HeadBuffers` for each one's shape and meaning. Addresses of 0 skip a
+/// gradient.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+#[pyo3(signature = (device, stream, b, c, d, dtype, margin, emb, weight, labels, row_weight,
+                    row_loss, grad_emb, grad_weight, bad, workspace))]
+pub(super) fn cuda_margin_loss(
+    py: Python<'_>,
+    device: usize,
+    stream: u64,
+    b: usize,
+    c: usize,
+    d: usize,
+    dtype: &str,
+    margin: PyRef<'_, PyMargin>,
+    emb: u64,
+    weight: u64,
+    labels: u64,
+    row_weight: u64,
+    row_loss: u64,
+    grad_emb: u64,
+    grad_weight: u64,
+    bad: u64,
+    workspace: u64,
+) -> PyResult<()> {
+    #[cfg(feature = "cuda")]
+    {
+        use crate::cuda::head::{margin_loss, HeadBuffers, HeadShape, Tiling};
+        let shape = HeadShape {
+            b,
+            c,
+            d,
+            elem: cuda_elem(dtype)?,
+        };
+        let buffers = HeadBuffers {
+            emb,
+            weight,
+            labels,
+            row_weight,
+            row_loss,
+            grad_emb,
+            grad_weight,
+            bad,
+            workspace,
+        };
+        let margin = margin.0;
+        run(py, || {
+            crate::cuda::driver::with_stream(device, stream, |s| {
+                margin_loss(s, shape, &margin, &buffers, Tiling::default())
+            })
+        })?
+        .map_err(value_error)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(no_cuda_feature())
+    }
+}

@@ -1,0 +1,224 @@
+//! `Gallery`: enrolled embeddings behind a lock, searched, identified, saved and loaded.
+
+use super::convert::{detached, run, value_error};
+use crate::search::gallery::{Dtype, Gallery};
+use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2};
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// The core gallery behind a lock: searches share it, add/remove take it alone. Every call
+/// releases the GIL before waiting for the lock, so Python threads never deadlock on it.
+#[pyclass(frozen, name = "Gallery", module = "arcface_rs._core")]
+pub struct PyGallery {
+    gallery: RwLock<Gallery>,
+    /// Counts changes, so that a GPU copy of the rows knows when it is stale.
+    generation: AtomicU64,
+    #[cfg(feature = "cuda")]
+    gpu: crate::cuda::gallery::GpuSearch,
+}
+
+impl PyGallery {
+    fn wrap(gallery: Gallery) -> Self {
+        PyGallery {
+            gallery: RwLock::new(gallery),
+            generation: AtomicU64::new(0),
+            #[cfg(feature = "cuda")]
+            gpu: Default::default(),
+        }
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Gallery> {
+        // A panic cannot leave a gallery half-changed (changes are validated first), so a
+        // poisoned lock still guards a consistent gallery.
+        self.gallery.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The gallery for a change; the generation moves on with it.
+    fn write(&self) -> RwLockWriteGuard<'_, Gallery> {
+        let guard = self.gallery.write().unwrap_or_else(|e| e.into_inner());
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        guard
+    }
+
+    /// `work` on the gallery under its read lock, taken without the GIL and outside the
+    /// thread pool (see [`detached`]).
+    fn reading<R: Send>(
+        &self,
+        py: Python<'_>,
+        work: impl FnOnce(&Gallery) -> R + Send,
+    ) -> PyResult<R> {
+        detached(py, || {
+            let guard = self.read();
+            let gallery: &Gallery = &guard;
+            crate::pool::install(|| work(gallery))
+        })
+    }
+
+    /// `work` on the gallery under its write lock, as [`PyGallery::reading`].
+    fn writing<R: Send>(
+        &self,
+        py: Python<'_>,
+        work: impl FnOnce(&mut Gallery) -> R + Send,
+    ) -> PyResult<R> {
+        detached(py, || {
+            let mut guard = self.write();
+            let gallery: &mut Gallery = &mut guard;
+            crate::pool::install(|| work(gallery))
+        })
+    }
+}
+
+#[pymethods]
+impl PyGallery {
+    #[new]
+    fn new(dim: usize, dtype: &str) -> PyResult<Self> {
+        let dtype = Dtype::parse(dtype).map_err(value_error)?;
+        Ok(PyGallery::wrap(
+            Gallery::new(dim, dtype).map_err(value_error)?,
+        ))
+    }
+
+    /// Adds float32 rows (normalised here); returns their int64 ids.
+    #[pyo3(signature = (emb, ids=None))]
+    fn add<'py>(
+        &self,
+        py: Python<'py>,
+        emb: PyReadonlyArray2<'py, f32>,
+        ids: Option<PyReadonlyArray1<'py, i64>>,
+    ) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        let emb = emb.as_array();
+        let ids = ids.as_ref().map(|i| i.as_array());
+        let out = self
+            .writing(py, |g| g.add(emb, ids))?
+            .map_err(value_error)?;
+        Ok(out.into_pyarray(py))
+    }
+
+    /// Removes the rows with these ids (all must be present); returns how many.
+    fn remove(&self, py: Python<'_>, ids: PyReadonlyArray1<'_, i64>) -> PyResult<usize> {
+        let ids = ids.as_array();
+        self.writing(py, |g| g.remove(ids))?.map_err(value_error)
+    }
+
+    /// (scores float32 (Q, k) best first, ids int64 (Q, k)); -1 / -inf pad when k > len.
+    fn search<'py>(
+        &self,
+        py: Python<'py>,
+        queries: PyReadonlyArray2<'py, f32>,
+        k: usize,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let q = queries.as_array();
+        let r = self.reading(py, |g| g.search(q, k))?.map_err(value_error)?;
+        (r.scores.into_pyarray(py), r.indices.into_pyarray(py)).into_pyobject(py)
+    }
+
+    /// `search` on CUDA device `device` (a copy of the rows stays there until the gallery
+    /// changes). k above 64 runs on the CPU, with the same results.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn search_cuda<'py>(
+        &self,
+        py: Python<'py>,
+        queries: PyReadonlyArray2<'py, f32>,
+        k: usize,
+        device: usize,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        #[cfg(feature = "cuda")]
+        {
+            let q = queries.as_array();
+            let generation = &self.generation;
+            let r = self
+                .reading(py, |gallery| {
+                    let generation = generation.load(Ordering::SeqCst);
+                    self.gpu.search(gallery, generation, q, k, device)
+                })?
+                .map_err(value_error)?;
+            (r.scores.into_pyarray(py), r.indices.into_pyarray(py)).into_pyobject(py)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Err(super::cuda::no_cuda_feature())
+        }
+    }
+
+    /// (ids int64 (Q,), scores float32 (Q,)): the best id, -1 below the threshold.
+    fn identify<'py>(
+        &self,
+        py: Python<'py>,
+        queries: PyReadonlyArray2<'py, f32>,
+        threshold: f32,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let q = queries.as_array();
+        let (ids, scores) = self
+            .reading(py, |g| g.identify(q, threshold))?
+            .map_err(value_error)?;
+        (ids.into_pyarray(py), scores.into_pyarray(py)).into_pyobject(py)
+    }
+
+    /// The ids in gallery order.
+    fn ids<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
+        PyArray1::from_slice(py, self.read().ids())
+    }
+
+    /// The stored rows decoded to float32 unit vectors, in gallery order.
+    fn vectors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, numpy::PyArray2<f32>>> {
+        Ok(self.reading(py, |g| g.vectors())?.into_pyarray(py))
+    }
+
+    /// (ids, vectors) read under one lock: they match even while other threads change the
+    /// gallery.
+    fn snapshot<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        let (ids, vectors) = self.reading(py, |g| (g.ids().to_vec(), g.vectors()))?;
+        (PyArray1::from_vec(py, ids), vectors.into_pyarray(py)).into_pyobject(py)
+    }
+
+    /// Writes the gallery to `path` (safetensors) atomically.
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        self.reading(py, |g| crate::search::file::save(g, &path))?
+            .map_err(value_error)
+    }
+
+    /// Reads a gallery written by `save`; a damaged file is a ValueError. `mmap`: leave the
+    /// vectors in a read-only mapping of the file (copied only when the gallery changes).
+    #[staticmethod]
+    #[pyo3(signature = (path, mmap=false))]
+    fn load(py: Python<'_>, path: PathBuf, mmap: bool) -> PyResult<Self> {
+        let g = run(py, || {
+            if mmap {
+                crate::search::file::load_mapped(&path)
+            } else {
+                crate::search::file::load(&path)
+            }
+        })?
+        .map_err(value_error)?;
+        Ok(PyGallery::wrap(g))
+    }
+
+    #[getter]
+    fn dim(&self) -> usize {
+        self.read().dim()
+    }
+
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.read().dtype().name()
+    }
+
+    /// Bytes held by the stored vectors (and int8 scales).
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.read().vector_bytes()
+    }
+
+    /// Whether the vectors are read from a mapping of the file they were loaded from.
+    #[getter]
+    fn mapped(&self) -> bool {
+        self.read().codes().is_mapped()
+    }
+
+    fn __len__(&self) -> usize {
+        self.read().len()
+    }
+}

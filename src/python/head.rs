@@ -1,0 +1,290 @@
+//! The heads: fused loss (whole or one shard of a model-parallel head), logits and their
+//! backward, and the margin on a cosine matrix.
+
+use super::convert::{
+    labels_vec, parse_reduction, run, same_dtype_error, same_floats, value_error, Floats,
+};
+use super::margin::PyMargin;
+use crate::head::{self, LossOptions, RowPart};
+use crate::margin::Margin;
+use crate::real::Real;
+use numpy::{Element, IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+/// How a shard of a model-parallel head meets the others: a Python callable
+/// `combine(parts (n, 4) float64 [max, sum, sum_ez, target_logit], failed) -> (n, 4)`.
+struct ShardArgs {
+    stash_classes: usize,
+    first_shard: bool,
+    combine: Py<PyAny>,
+}
+
+/// Calls the Python `combine` with the GIL, writing its answer over `parts`.
+fn call_combine(combine: &Py<PyAny>, parts: &mut [RowPart], failed: bool) -> PyResult<()> {
+    Python::attach(|py| {
+        let n = parts.len();
+        let flat: Vec<f64> = parts
+            .iter()
+            .flat_map(|p| [p.max, p.sum, p.sum_ez, p.target_logit])
+            .collect();
+        let arr = ndarray::Array2::from_shape_vec((n, 4), flat)
+            .expect("n rows of 4")
+            .into_pyarray(py);
+        let out = combine.call1(py, (arr, failed))?;
+        let out: PyReadonlyArray2<'_, f64> = out.bind(py).extract().map_err(|_| {
+            PyTypeError::new_err("combine must return a (n, 4) float64 numpy array")
+        })?;
+        let out = out.as_array();
+        if out.dim() != (n, 4) {
+            return Err(PyValueError::new_err(format!(
+                "combine returned shape {:?}, expected ({n}, 4)",
+                out.dim()
+            )));
+        }
+        for (p, row) in parts.iter_mut().zip(out.rows()) {
+            *p = RowPart {
+                max: row[0],
+                sum: row[1],
+                sum_ez: row[2],
+                target_logit: row[3],
+            };
+        }
+        Ok(())
+    })
+}
+
+fn loss_typed<'py, T: Real + Element>(
+    py: Python<'py>,
+    emb: PyReadonlyArray2<'py, T>,
+    weight: PyReadonlyArray2<'py, T>,
+    labels: &[i64],
+    margin: &Margin,
+    options: LossOptions,
+    shard: Option<&ShardArgs>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let (e, w) = (emb.as_array(), weight.as_array());
+    // An exception raised by `combine` is kept and re-raised as it was.
+    let mut raised: Option<PyErr> = None;
+    let out = run(py, || match shard {
+        None => head::margin_loss_with(e, w, labels, margin, options),
+        Some(sh) => {
+            let mut combine = |parts: &mut [RowPart], failed: bool| {
+                call_combine(&sh.combine, parts, failed).map_err(|err| {
+                    raised = Some(err);
+                    crate::Error::invalid("combine", "raised an exception")
+                })
+            };
+            let mut opts = head::ShardOptions {
+                stash_classes: sh.stash_classes,
+                first_shard: sh.first_shard,
+                combine: &mut combine,
+            };
+            head::margin_loss_shard(e, w, labels, margin, options, &mut opts)
+        }
+    })?;
+    if let Some(err) = raised {
+        return Err(err);
+    }
+    let out = out.map_err(value_error)?;
+    (
+        out.loss,
+        PyArray1::from_vec(py, out.row_losses),
+        out.grad_emb.map(|g| g.into_pyarray(py)),
+        out.grad_weight.map(|g| g.into_pyarray(py)),
+    )
+        .into_pyobject(py)
+}
+
+/// Fused loss and gradients: (loss, row_losses, grad_emb, grad_weight); a gradient not
+/// asked for is None. `upstream` multiplies each row's gradient.
+#[pyfunction]
+#[pyo3(signature = (emb, weight, labels, margin, reduction, grad_emb=true, grad_weight=true, upstream=None))]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn margin_loss<'py>(
+    py: Python<'py>,
+    emb: &Bound<'py, PyAny>,
+    weight: &Bound<'py, PyAny>,
+    labels: PyReadonlyArray1<'py, i64>,
+    margin: &PyMargin,
+    reduction: &str,
+    grad_emb: bool,
+    grad_weight: bool,
+    upstream: Option<PyReadonlyArray1<'py, f64>>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let labels = labels_vec(labels);
+    let upstream: Option<Vec<f64>> = upstream.map(|u| u.as_array().to_vec());
+    let options = LossOptions {
+        reduction: parse_reduction(reduction)?,
+        upstream: upstream.as_deref(),
+        grad_emb,
+        grad_weight,
+    };
+    let m = &margin.0;
+    let arrays = (
+        Floats::extract(emb, "emb")?,
+        Floats::extract(weight, "weight")?,
+    );
+    same_floats!("emb and weight", arrays, |e, w| loss_typed(
+        py, e, w, &labels, m, options, None
+    ))
+}
+
+/// One shard of a model-parallel fused loss: `labels` are this shard's target columns, -1
+/// (ignored) or -2 (target in another shard); `combine(parts, failed)` must return the
+/// per-row [max, sum, sum_ez, target_logit] combined over all shards (a collective). Returns
+/// (loss, row_losses, grad_emb share, grad_weight of the shard).
+#[pyfunction]
+#[pyo3(signature = (emb, weight, labels, margin, reduction, stash_classes, first_shard, combine))]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn margin_loss_shard<'py>(
+    py: Python<'py>,
+    emb: &Bound<'py, PyAny>,
+    weight: &Bound<'py, PyAny>,
+    labels: PyReadonlyArray1<'py, i64>,
+    margin: &PyMargin,
+    reduction: &str,
+    stash_classes: usize,
+    first_shard: bool,
+    combine: Py<PyAny>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let labels = labels_vec(labels);
+    let options = LossOptions::new(parse_reduction(reduction)?);
+    let shard = ShardArgs {
+        stash_classes,
+        first_shard,
+        combine,
+    };
+    let arrays = (
+        Floats::extract(emb, "emb")?,
+        Floats::extract(weight, "weight")?,
+    );
+    same_floats!("emb and weight", arrays, |e, w| loss_typed(
+        py,
+        e,
+        w,
+        &labels,
+        &margin.0,
+        options,
+        Some(&shard)
+    ))
+}
+
+fn logits_typed<'py, T: Real + Element>(
+    py: Python<'py>,
+    emb: PyReadonlyArray2<'py, T>,
+    weight: PyReadonlyArray2<'py, T>,
+    labels: &[i64],
+    margin: &Margin,
+) -> PyResult<Bound<'py, PyAny>> {
+    let (e, w) = (emb.as_array(), weight.as_array());
+    let out = run(py, || head::margin_logits(e, w, labels, margin))?.map_err(value_error)?;
+    Ok(out.into_pyarray(py).into_any())
+}
+
+/// The (B, C) margin logits.
+#[pyfunction]
+pub(super) fn margin_logits<'py>(
+    py: Python<'py>,
+    emb: &Bound<'py, PyAny>,
+    weight: &Bound<'py, PyAny>,
+    labels: PyReadonlyArray1<'py, i64>,
+    margin: &PyMargin,
+) -> PyResult<Bound<'py, PyAny>> {
+    let labels = labels_vec(labels);
+    let arrays = (
+        Floats::extract(emb, "emb")?,
+        Floats::extract(weight, "weight")?,
+    );
+    same_floats!("emb and weight", arrays, |e, w| logits_typed(
+        py, e, w, &labels, &margin.0
+    ))
+}
+
+fn logits_backward_typed<'py, T: Real + Element>(
+    py: Python<'py>,
+    grad: PyReadonlyArray2<'py, T>,
+    emb: PyReadonlyArray2<'py, T>,
+    weight: PyReadonlyArray2<'py, T>,
+    labels: &[i64],
+    margin: &Margin,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let (g, e, w) = (grad.as_array(), emb.as_array(), weight.as_array());
+    let (ge, gw) =
+        run(py, || head::margin_logits_backward(g, e, w, labels, margin))?.map_err(value_error)?;
+    (ge.into_pyarray(py), gw.into_pyarray(py)).into_pyobject(py)
+}
+
+/// (grad_emb, grad_weight) from dL/dlogits.
+#[pyfunction]
+pub(super) fn margin_logits_backward<'py>(
+    py: Python<'py>,
+    grad_logits: &Bound<'py, PyAny>,
+    emb: &Bound<'py, PyAny>,
+    weight: &Bound<'py, PyAny>,
+    labels: PyReadonlyArray1<'py, i64>,
+    margin: &PyMargin,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let labels = labels_vec(labels);
+    let m = &margin.0;
+    match (
+        Floats::extract(grad_logits, "grad_logits")?,
+        Floats::extract(emb, "emb")?,
+        Floats::extract(weight, "weight")?,
+    ) {
+        (Floats::F32(g), Floats::F32(e), Floats::F32(w)) => {
+            logits_backward_typed(py, g, e, w, &labels, m)
+        }
+        (Floats::F64(g), Floats::F64(e), Floats::F64(w)) => {
+            logits_backward_typed(py, g, e, w, &labels, m)
+        }
+        _ => Err(same_dtype_error("grad_logits, emb and weight")),
+    }
+}
+
+/// Margin on a (B, C) cosine matrix.
+#[pyfunction]
+pub(super) fn apply_margin<'py>(
+    py: Python<'py>,
+    cos: &Bound<'py, PyAny>,
+    labels: PyReadonlyArray1<'py, i64>,
+    margin: &PyMargin,
+) -> PyResult<Bound<'py, PyAny>> {
+    let labels = labels_vec(labels);
+    let m = &margin.0;
+    Ok(match Floats::extract(cos, "cos")? {
+        Floats::F32(c) => {
+            let c = c.as_array();
+            let out = run(py, || head::apply_margin(c, &labels, m))?;
+            out.map_err(value_error)?.into_pyarray(py).into_any()
+        }
+        Floats::F64(c) => {
+            let c = c.as_array();
+            let out = run(py, || head::apply_margin(c, &labels, m))?;
+            out.map_err(value_error)?.into_pyarray(py).into_any()
+        }
+    })
+}
+
+/// dL/dcos from dL/dlogits of `apply_margin`.
+#[pyfunction]
+pub(super) fn apply_margin_backward<'py>(
+    py: Python<'py>,
+    grad_logits: &Bound<'py, PyAny>,
+    cos: &Bound<'py, PyAny>,
+    labels: PyReadonlyArray1<'py, i64>,
+    margin: &PyMargin,
+) -> PyResult<Bound<'py, PyAny>> {
+    let labels = labels_vec(labels);
+    let m = &margin.0;
+    let arrays = (
+        Floats::extract(grad_logits, "grad_logits")?,
+        Floats::extract(cos, "cos")?,
+    );
+    same_floats!("grad_logits and cos", arrays, |g, c| {
+        let (g, c) = (g.as_array(), c.as_array());
+        let out = run(py, || head::apply_margin_backward(g, c, &labels, m))?;
+        Ok(out.map_err(value_error)?.into_pyarray(py).into_any())
+    })
+}

@@ -1,0 +1,81 @@
+//! `Margin`: the validated margin object each Python margin class holds.
+
+use super::convert::value_error;
+use crate::margin::{Margin, Scale};
+use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn};
+use pyo3::prelude::*;
+
+/// A validated margin; the Python classes `ArcFace`, `CosFace`, ... each hold one.
+#[pyclass(frozen, name = "Margin", module = "arcface_rs._core")]
+pub struct PyMargin(pub Margin);
+
+#[pymethods]
+impl PyMargin {
+    /// Normalised softmax, no margin.
+    #[staticmethod]
+    fn softmax(s: f64) -> PyResult<Self> {
+        Margin::softmax(s).map(PyMargin).map_err(value_error)
+    }
+
+    /// ArcFace: psi = cos(theta + m).
+    #[staticmethod]
+    fn arcface(s: f64, m: f64, easy_margin: bool) -> PyResult<Self> {
+        Margin::arcface(s, m, easy_margin)
+            .map(PyMargin)
+            .map_err(value_error)
+    }
+
+    /// CosFace: psi = cos(theta) - m.
+    #[staticmethod]
+    fn cosface(s: f64, m: f64) -> PyResult<Self> {
+        Margin::cosface(s, m).map(PyMargin).map_err(value_error)
+    }
+
+    /// SphereFace (A-Softmax) with integer m; s=None scales by the feature norm.
+    #[staticmethod]
+    #[pyo3(signature = (m, s, lambda_))]
+    fn sphereface(m: i64, s: Option<f64>, lambda_: f64) -> PyResult<Self> {
+        Margin::sphereface(m, s, lambda_)
+            .map(PyMargin)
+            .map_err(value_error)
+    }
+
+    /// Combined margin: psi = cos(m1 theta + m2) - m3.
+    #[staticmethod]
+    fn combined(s: f64, m1: f64, m2: f64, m3: f64) -> PyResult<Self> {
+        Margin::combined(s, m1, m2, m3)
+            .map(PyMargin)
+            .map_err(value_error)
+    }
+
+    /// The fixed logit scale, or None when logits scale by the feature norm.
+    #[getter]
+    fn scale(&self) -> Option<f64> {
+        match self.0.scale() {
+            Scale::Fixed(s) => Some(s),
+            Scale::FeatureNorm => None,
+        }
+    }
+
+    /// psi(c) elementwise over a float64 array of cosines.
+    fn psi<'py>(
+        &self,
+        py: Python<'py>,
+        c: PyReadonlyArrayDyn<'py, f64>,
+    ) -> Bound<'py, PyArrayDyn<f64>> {
+        c.as_array().mapv(|v| self.0.psi(v)).into_pyarray(py)
+    }
+
+    /// psi'(c) elementwise over a float64 array of cosines.
+    fn dpsi<'py>(
+        &self,
+        py: Python<'py>,
+        c: PyReadonlyArrayDyn<'py, f64>,
+    ) -> Bound<'py, PyArrayDyn<f64>> {
+        c.as_array().mapv(|v| self.0.dpsi(v)).into_pyarray(py)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("{:?}", self.0)
+    }
+}

@@ -1,0 +1,54 @@
+//! Thin Python bindings: take NumPy arrays, release the GIL, call the core, return arrays.
+//!
+//! Friendly argument checking (array-likes, dtypes, ndim) lives in the Python package; this
+//! layer still refuses anything it cannot read exactly (wrong dtype or ndim -> TypeError),
+//! reads every array through its strides (Fortran order and slices are never misread), and
+//! maps the core's errors to Python exceptions by kind (`convert::value_error`). One file
+//! per concept of the core: margin, head, search, gallery, metrics, cuda.
+
+mod convert;
+mod cuda;
+mod gallery;
+mod head;
+mod margin;
+mod metrics;
+mod search;
+
+use convert::{run, GalleryFileError};
+use pyo3::prelude::*;
+
+/// Number of threads the Rust kernels use (RAYON_NUM_THREADS, else the core count).
+#[pyfunction]
+fn num_threads() -> usize {
+    crate::pool::num_threads()
+}
+
+/// For the test suite: panics inside the thread pool, so that a test can check that a Rust
+/// panic reaches Python as a RuntimeError (never pyo3's PanicException).
+#[pyfunction]
+fn _panic_for_tests(py: Python<'_>, message: String) -> PyResult<()> {
+    run(py, || -> () { panic!("{message}") })
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
+    m.add("GalleryFileError", m.py().get_type::<GalleryFileError>())?;
+    m.add_class::<margin::PyMargin>()?;
+    m.add_class::<gallery::PyGallery>()?;
+    m.add_function(wrap_pyfunction!(head::margin_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(head::margin_loss_shard, m)?)?;
+    m.add_function(wrap_pyfunction!(head::margin_logits, m)?)?;
+    m.add_function(wrap_pyfunction!(head::margin_logits_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(head::apply_margin, m)?)?;
+    m.add_function(wrap_pyfunction!(head::apply_margin_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda::cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda::cuda_head_workspace_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda::cuda_margin_loss, m)?)?;
+    m.add("cuda_feature", cfg!(feature = "cuda"))?;
+    m.add_function(wrap_pyfunction!(metrics::verification, m)?)?;
+    m.add_function(wrap_pyfunction!(search::cosine_topk, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
