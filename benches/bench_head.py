@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""arcface_rs.margin_loss vs the PyTorch eager head (../shared/bench/peer_head.py), one run.
+"""arcface_rs.margin_loss vs the PyTorch eager head (benches/peer_head.py), one run.
 
 usage: python benches/bench_head.py [B,D,C ...] [--peer PATH] [--threads N]
   default configs: 256,512,10000 256,512,100000 256,512,1000000
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_PEER = Path(__file__).resolve().parents[1] / ".." / "shared" / "bench" / "peer_head.py"
+DEFAULT_PEER = Path(__file__).resolve().parent / "peer_head.py"
 
 
 def worker(b: int, d: int, c: int) -> None:

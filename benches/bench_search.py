@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""arcface_rs.cosine_topk vs the peers of ../shared/bench/peer_search.py (faiss-cpu
+"""arcface_rs.cosine_topk vs the peers of benches/peer_search.py (faiss-cpu
 IndexFlatIP, numpy matmul + argpartition, usearch exact), float32, k=10, 2 threads.
 
 usage: python benches/bench_search.py [N,D,Q ...] [--peer PATH]
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-PEER = Path(__file__).resolve().parents[1] / ".." / "shared" / "bench" / "peer_search.py"
+PEER = Path(__file__).resolve().parent / "peer_search.py"
 
 
 def ours(n: int, d: int, q: int, k: int) -> tuple[float, np.ndarray]:

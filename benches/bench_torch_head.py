@@ -4,7 +4,7 @@
 usage: python benches/bench_torch_head.py [B D C] [--peer PATH]
 Both run in one process on the same memory (the tensors are views of the NumPy arrays),
 interleaved (alternating which goes first), best of 9 each; then
-../shared/bench/peer_head.py (PyTorch eager head) runs in its own process for the lead
+benches/peer_head.py (PyTorch eager head) runs in its own process for the lead
 over it. 2 threads unless RAYON_NUM_THREADS says otherwise.
 """
 
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-PEER = Path(__file__).resolve().parents[1] / ".." / "shared" / "bench" / "peer_head.py"
+PEER = Path(__file__).resolve().parent / "peer_head.py"
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Independent float64 PyTorch reference of the heads, written from the formulas in the paper
-and DESIGN.md, differentiated by autograd. Shared by the test modules."""
+and docs/math.md, differentiated by autograd. Shared by the test modules."""
 
 from __future__ import annotations
 

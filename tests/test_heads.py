@@ -101,7 +101,7 @@ def test_design_reference_values_arcface():
     p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
     g = afr.apply_margin_backward(p - np.eye(1, 4), c[None, :], [0], afr.ArcFace())[0]
     np.testing.assert_allclose(g[:2], [-77.170, 0.10347], rtol=1e-4)
-    np.testing.assert_allclose(g[2], 7.9e-13, rtol=1e-2)  # DESIGN.md gives two digits
+    np.testing.assert_allclose(g[2], 7.9e-13, rtol=1e-2)  # docs/math.md gives two digits
     np.testing.assert_allclose(g[3], 62.274, rtol=1e-4)
     assert abs(afr.ArcFace().dpsi(0.6) - 1.23715) < 1e-5
     loss_cf, _, _ = afr.margin_loss(emb, weight, [0], afr.CosFace(s=64.0, m=0.35))
