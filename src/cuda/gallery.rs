@@ -109,7 +109,11 @@ impl Mirror {
             s.download(&mut host_s, best_s_at)?;
             s.download(&mut host_i, best_i_at)
         })?;
-        let (scores, rows) = search::merge_runs(&host_s, &host_i, shape, plan, k);
+        let (mut scores, rows) = search::merge_runs(&host_s, &host_i, shape, plan, k);
+        // reported cosines stay in [-1, 1], as on the CPU; -inf padding stays
+        for s in scores.iter_mut().filter(|s| s.is_finite()) {
+            *s = s.clamp(-1.0, 1.0);
+        }
         Ok(SearchResult {
             scores: Array2::from_shape_vec((q, k), scores).expect("q x k scores"),
             indices: Array2::from_shape_vec((q, k), rows).expect("q x k rows"),
