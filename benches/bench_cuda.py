@@ -21,6 +21,7 @@ import torch
 
 import arcface_rs as afr
 import arcface_rs.torch as aft
+from arcface_rs import _torch_plain as tplain
 
 
 def gpu_ms(fn, repeat: int = 10, warmup: int = 3) -> float:
@@ -65,7 +66,7 @@ def bench_head(b: int, d: int, c: int) -> None:
         return run
 
     fused = step(aft.margin_loss)
-    eager = step(aft._plain_loss)
+    eager = step(tplain._plain_loss)
     x, w = emb.detach(), weight.detach()
     g = torch.randn(b, c, device="cuda", generator=gen)
 
@@ -80,7 +81,7 @@ def bench_head(b: int, d: int, c: int) -> None:
     loss.backward()
     ge, gw = emb.grad.clone(), weight.grad.clone()
     emb.grad = weight.grad = None
-    want = aft._plain_loss(emb, weight, labels, margin, "mean")
+    want = tplain._plain_loss(emb, weight, labels, margin, "mean")
     want.backward()
 
     def rel(a, b):

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 import arcface_rs as afr
 import arcface_rs.torch as aft
 from _reference import all_margins, make_problem, ref_logits
+from arcface_rs import _torch_ops as tops
+from arcface_rs import _torch_plain as tplain
 
 HEADS = [
     (aft.ArcFaceHead, {"s": 64.0, "m": 0.5}),
@@ -102,7 +104,7 @@ def test_gradcheck_float64(margin):
 
 def test_opcheck_custom_ops():
     emb, weight, labels = _inputs(6, 5, 9, torch.float64, seed=4)
-    kind, params = aft._encode(afr.ArcFace())
+    kind, params = tops._encode(afr.ArcFace())
     torch.library.opcheck(
         torch.ops.arcface_rs.margin_loss.default,
         (emb, weight, labels, kind, params, "mean", True, True),
@@ -264,7 +266,7 @@ def test_plain_pytorch_path_matches_the_fused_kernels(margin):
     weight.requires_grad_()
     fused = _loss_and_grads(lambda e, w, y: aft.margin_loss(e, w, y, margin), emb, weight, labels)
     plain = _loss_and_grads(
-        lambda e, w, y: aft._plain_loss(e, w, y, margin, "mean"), emb, weight, labels
+        lambda e, w, y: tplain._plain_loss(e, w, y, margin, "mean"), emb, weight, labels
     )
     for a, b in zip(plain, fused):
         assert _rel(a, b) < 1e-9
@@ -272,8 +274,8 @@ def test_plain_pytorch_path_matches_the_fused_kernels(margin):
 
 def test_cpu_tensors_are_shared_not_copied():
     w = torch.randn(100, 16)
-    assert np.shares_memory(aft._numpy(w, torch.float32), w.numpy())
-    assert np.shares_memory(aft._numpy(w.T, torch.float32), w.numpy())
+    assert np.shares_memory(tops._numpy(w, torch.float32), w.numpy())
+    assert np.shares_memory(tops._numpy(w.T, torch.float32), w.numpy())
 
 
 def test_second_backward_through_the_same_graph_recomputes():
@@ -295,3 +297,20 @@ def test_cuda_available_agrees_with_torch_and_never_raises():
         assert afr.cuda_available() is False
     if not afr._core.cuda_feature:  # the default build has no CUDA path at all
         assert afr.cuda_available() is False
+
+
+def test_heads_take_reduction_device_and_dtype_as_keywords():
+    import inspect
+
+    for cls in (
+        aft.ArcFaceHead,
+        aft.CosFaceHead,
+        aft.CombinedMarginHead,
+        aft.SoftmaxHead,
+        aft.SphereFaceHead,
+    ):
+        params = inspect.signature(cls).parameters
+        assert {"reduction", "device", "dtype"} <= set(params), cls.__name__
+        head = cls(embedding_size=4, num_classes=3, reduction="sum", dtype=torch.float64)
+        assert head.weight.dtype == torch.float64 and head.reduction == "sum"
+        assert head.weight.device.type == "cpu"

@@ -10,7 +10,9 @@ import numpy as np
 
 from . import _core
 from ._cuda import cuda_available
-from ._heads import _count, _floats, _labels
+from ._validate import count as _count
+from ._validate import floats as _floats
+from ._validate import labels as _labels
 
 __all__ = ["Gallery"]
 

@@ -7,7 +7,9 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from ._heads import _count, _floats, _same_dtype
+from ._validate import count as _count
+from ._validate import floats as _floats
+from ._validate import same_dtype as _same_dtype
 
 __all__ = ["cosine_topk"]
 

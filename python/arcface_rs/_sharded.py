@@ -195,6 +195,7 @@ class ShardedMarginHead(nn.Module):
         sample_rate: float = 1.0,
         process_group: Any = None,
         dtype: torch.dtype = torch.float32,
+        device: Any = None,
     ) -> None:
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -221,7 +222,9 @@ class ShardedMarginHead(nn.Module):
         self.margin, self.sample_rate = margin, float(sample_rate)
         self.shard_range = shard_range(self.num_classes, self.world_size, self.rank)
         lo, hi = self.shard_range
-        self.weight = nn.Parameter(torch.empty(hi - lo, self.embedding_size, dtype=dtype))
+        self.weight = nn.Parameter(
+            torch.empty(hi - lo, self.embedding_size, dtype=dtype, device=device)
+        )
         self.last_sampled: Tensor | None = None
         self.reset_parameters()
 

@@ -11,8 +11,8 @@ import numpy as np
 
 from . import _core
 from ._gallery import Gallery
-from ._heads import _count
 from ._search import cosine_topk
+from ._validate import count as _count
 
 __all__ = ["IdentificationReport", "VerificationReport", "identification", "verification"]
 

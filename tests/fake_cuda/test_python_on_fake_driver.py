@@ -24,8 +24,9 @@ if FAKE:  # before arcface_rs first looks for a driver
         ctypes.CDLL(os.path.join(FAKE, name), mode=ctypes.RTLD_GLOBAL)
 
 import arcface_rs as afr  # noqa: E402
-import arcface_rs.torch as aft  # noqa: E402
 from _reference import all_margins, make_problem  # noqa: E402
+from arcface_rs import _torch_cuda as tcuda  # noqa: E402
+from arcface_rs import _torch_ops as tops  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not FAKE, reason="scripts/test.sh runs it on the fake driver")
 
@@ -78,26 +79,26 @@ def cpu_stream(monkeypatch):
 def test_torch_head_through_the_real_launch(cpu_stream, margin, reduction, dtype):
     emb, weight, labels = (torch.tensor(a) for a in make_problem(9, 6, 30, seed=1, ignore=2))
     emb, weight = emb.to(dtype), weight.to(dtype)
-    kind, params = aft._encode(margin)
-    want = aft._loss_op(emb, weight, labels, kind, params, reduction, True, True)
-    got = aft._loss_cuda(emb, weight, labels, kind, params, reduction, True, True)
+    kind, params = tops._encode(margin)
+    want = tops._loss_op(emb, weight, labels, kind, params, reduction, True, True)
+    got = tcuda._loss_cuda(emb, weight, labels, kind, params, reduction, True, True)
     tol = 1e-10 if dtype == torch.float64 else 2e-4
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and g.shape == w.shape
         torch.testing.assert_close(g, w, rtol=tol, atol=tol)
     if reduction == "none":
         up = torch.linspace(-1, 1, 9, dtype=torch.float64)
-        want = aft._loss_backward_op(emb, weight, labels, kind, params, "none", up, True, True)
-        got = aft._loss_backward_cuda(emb, weight, labels, kind, params, "none", up, True, True)
+        want = tops._loss_backward_op(emb, weight, labels, kind, params, "none", up, True, True)
+        got = tcuda._loss_backward_cuda(emb, weight, labels, kind, params, "none", up, True, True)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=tol, atol=tol)
 
 
 def test_torch_head_bad_rows_raise_through_the_real_launch(cpu_stream):
     emb, weight, labels = (torch.tensor(a) for a in make_problem(5, 4, 8, seed=2))
-    kind, params = aft._encode(afr.ArcFace())
+    kind, params = tops._encode(afr.ArcFace())
     with pytest.raises(ValueError, match="emb: row 2"):
-        aft._loss_cuda(
+        tcuda._loss_cuda(
             emb.index_fill(0, torch.tensor([2]), 0.0),
             weight,
             labels,
@@ -108,7 +109,7 @@ def test_torch_head_bad_rows_raise_through_the_real_launch(cpu_stream):
             True,
         )
     with pytest.raises(ValueError, match="weight: row 6"):
-        aft._loss_cuda(
+        tcuda._loss_cuda(
             emb,
             weight.index_fill(0, torch.tensor([6]), float("inf")),
             labels,

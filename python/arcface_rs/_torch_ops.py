@@ -1,0 +1,302 @@
+"""The fused CPU ops of arcface_rs.torch: ``torch.library`` custom ops over the Rust core,
+their fake implementations (so ``torch.compile`` keeps one graph) and their autograd.
+
+Margins cross the op boundary as ``(kind, params)``: ops take only tensors and numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import _core
+from ._margins import ArcFace, CombinedMargin, CosFace, Margin, Softmax, SphereFace
+
+NATIVE = (torch.float32, torch.float64)
+
+
+def _encode(margin: Margin) -> tuple[str, list[float]]:
+    if isinstance(margin, ArcFace):
+        return "arcface", [margin.s, margin.m, float(margin.easy_margin)]
+    if isinstance(margin, CosFace):
+        return "cosface", [margin.s, margin.m]
+    if isinstance(margin, SphereFace):
+        return "sphereface", [
+            float(margin.m),
+            -1.0 if margin.s is None else margin.s,
+            margin.lambda_,
+        ]
+    if isinstance(margin, CombinedMargin):
+        return "combined", [margin.s, margin.m1, margin.m2, margin.m3]
+    if isinstance(margin, Softmax):
+        return "softmax", [margin.s]
+    raise TypeError(
+        "margin must be ArcFace, CosFace, SphereFace, CombinedMargin or Softmax, "
+        f"got {type(margin).__name__}"
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _decode(kind: str, params: tuple[float, ...]) -> Margin:
+    if kind == "arcface":
+        return ArcFace(params[0], params[1], bool(params[2]))
+    if kind == "cosface":
+        return CosFace(params[0], params[1])
+    if kind == "sphereface":
+        return SphereFace(int(params[0]), None if params[1] < 0 else params[1], params[2])
+    if kind == "combined":
+        return CombinedMargin(*params)
+    return Softmax(params[0])
+
+
+def _compute_dtype(emb: Tensor, weight: Tensor) -> torch.dtype:
+    """float32/float64 as given; half precision (autocast) is computed in float32."""
+    if emb.dtype in NATIVE and weight.dtype in NATIVE:
+        return emb.dtype
+    return torch.float64 if torch.float64 in (emb.dtype, weight.dtype) else torch.float32
+
+
+def _numpy(t: Tensor, dtype: torch.dtype) -> np.ndarray:
+    """A NumPy view of a CPU tensor (any strides; a copy only when the dtype changes)."""
+    t = t.detach()
+    return (t if t.dtype == dtype else t.to(dtype)).numpy()
+
+
+# ---------------------------------------------------------------------------------------
+# Custom ops (CPU). The loss op computes the gradients in its forward pass (the fused
+# kernel) and hands them to autograd; reduction="none" instead recomputes in backward with
+# the upstream row weights.
+
+
+@torch.library.custom_op("arcface_rs::margin_loss", mutates_args=(), device_types="cpu")
+def _loss_op(
+    emb: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    kind: str,
+    params: list[float],
+    reduction: str,
+    need_emb: bool,
+    need_weight: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    dtype = _compute_dtype(emb, weight)
+    fused = reduction != "none"
+    loss, rows, g_emb, g_w = _run_loss(
+        emb, weight, labels, kind, params, reduction, need_emb and fused, need_weight and fused
+    )
+    if reduction == "none":
+        out = torch.from_numpy(rows).to(dtype)
+    else:
+        out = torch.scalar_tensor(loss, dtype=dtype)
+    return out, _grad_tensor(g_emb, emb), _grad_tensor(g_w, weight)
+
+
+def _run_loss(
+    emb: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    kind: str,
+    params: list[float],
+    reduction: str,
+    need_emb: bool,
+    need_weight: bool,
+    upstream: np.ndarray | None = None,
+) -> tuple[float, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The fused kernel on NumPy views of CPU tensors, in the compute dtype."""
+    dtype = _compute_dtype(emb, weight)
+    return _core.margin_loss(
+        _numpy(emb, dtype),
+        _numpy(weight, dtype),
+        labels.numpy(),
+        _decode(kind, tuple(params))._spec,
+        reduction,
+        grad_emb=need_emb,
+        grad_weight=need_weight,
+        upstream=upstream,
+    )
+
+
+def _grad_tensor(g: np.ndarray | None, like: Tensor) -> Tensor:
+    if g is None:
+        return like.new_empty((0,))
+    return torch.from_numpy(g).to(like.dtype)
+
+
+@_loss_op.register_fake
+def _(emb, weight, labels, kind, params, reduction, need_emb, need_weight):
+    dtype = _compute_dtype(emb, weight)
+    out = emb.new_empty((emb.shape[0],) if reduction == "none" else (), dtype=dtype)
+    fused = reduction != "none"
+    g_emb = emb.new_empty(emb.shape if need_emb and fused else (0,))
+    g_w = weight.new_empty(weight.shape if need_weight and fused else (0,))
+    return out, g_emb, g_w
+
+
+@torch.library.custom_op("arcface_rs::margin_loss_backward", mutates_args=(), device_types="cpu")
+def _loss_backward_op(
+    emb: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    kind: str,
+    params: list[float],
+    reduction: str,
+    upstream: Tensor,
+    need_emb: bool,
+    need_weight: bool,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of sum(upstream * loss), recomputed (upstream: (B,) or a scalar)."""
+    rows = np.broadcast_to(_numpy(upstream, torch.float64), (emb.shape[0],))
+    _, _, g_emb, g_w = _run_loss(
+        emb,
+        weight,
+        labels,
+        kind,
+        params,
+        reduction,
+        need_emb,
+        need_weight,
+        upstream=np.ascontiguousarray(rows),
+    )
+    return _grad_tensor(g_emb, emb), _grad_tensor(g_w, weight)
+
+
+@_loss_backward_op.register_fake
+def _(emb, weight, labels, kind, params, reduction, upstream, need_emb, need_weight):
+    return (
+        emb.new_empty(emb.shape if need_emb else (0,)),
+        weight.new_empty(weight.shape if need_weight else (0,)),
+    )
+
+
+def _is_exactly_one(t: Tensor) -> bool:
+    """True for a concrete scalar 1 (loss.backward()); False while tracing (fake tensors)."""
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        return t.numel() == 1 and t.device.type == "cpu" and float(t) == 1.0
+    except Exception:  # fake or functional tensors have no value
+        return False
+
+
+def _loss_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    emb, weight, labels, kind, params, reduction, need_emb, need_weight = inputs
+    ctx.reduction, ctx.kind, ctx.params = reduction, kind, params
+    ctx.need = (need_emb, need_weight)
+    # The gradient outputs carry no gradient of their own; without this autograd would fill
+    # a zero (C, D) tensor for them on every backward.
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(emb, weight, labels)
+    # The fused forward already computed the gradients (not for "none", whose row weights
+    # come only with backward). They are held as plain references and handed over once, so
+    # autograd can adopt the (C, D) weight gradient as .grad without cloning it (a saved
+    # tensor would keep a second reference, forcing a 200 MB copy at C=100k). A second
+    # backward through the same graph recomputes them.
+    ctx.fused = None if reduction == "none" else [output[1], output[2]]
+
+
+def _no_double_backward() -> None:
+    """The fused ops' gradients are computed by the kernel, not by torch ops, so they carry
+    no graph of their own: a second derivative through them (``create_graph=True``, as a
+    gradient penalty needs) would silently be zero. Refuse it instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "arcface_rs: double backward (create_graph=True) through the fused margin ops "
+            "is not supported: their gradient has no graph, so a gradient penalty would "
+            "silently be zero. Compute such a penalty on a plain PyTorch head instead."
+        )
+
+
+def _loss_backward(ctx: Any, g_loss: Tensor | None, _g1: Any, _g2: Any):
+    need_emb, need_weight = ctx.need
+    if g_loss is None:
+        return (None,) * 8
+    _no_double_backward()
+    if ctx.fused is not None:
+        g_emb, g_w = ctx.fused
+        ctx.fused = None
+        # the common loss.backward() passes exactly 1: skip a pass over the (C, D) gradient
+        if not _is_exactly_one(g_loss):
+            g_emb = g_emb * g_loss.to(g_emb.dtype)
+            g_w = g_w * g_loss.to(g_w.dtype)
+    else:
+        emb, weight, labels = ctx.saved_tensors
+        g_emb, g_w = _loss_backward_op(
+            emb, weight, labels, ctx.kind, ctx.params, ctx.reduction, g_loss, need_emb, need_weight
+        )
+    return (
+        g_emb if need_emb else None,
+        g_w if need_weight else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "arcface_rs::margin_loss", _loss_backward, setup_context=_loss_setup
+)
+
+
+@torch.library.custom_op("arcface_rs::margin_logits", mutates_args=(), device_types="cpu")
+def _logits_op(
+    emb: Tensor, weight: Tensor, labels: Tensor, kind: str, params: list[float]
+) -> Tensor:
+    dtype = _compute_dtype(emb, weight)
+    z = _core.margin_logits(
+        _numpy(emb, dtype),
+        _numpy(weight, dtype),
+        labels.numpy(),
+        _decode(kind, tuple(params))._spec,
+    )
+    return torch.from_numpy(z)
+
+
+@_logits_op.register_fake
+def _(emb, weight, labels, kind, params):
+    return emb.new_empty((emb.shape[0], weight.shape[0]), dtype=_compute_dtype(emb, weight))
+
+
+@torch.library.custom_op("arcface_rs::margin_logits_backward", mutates_args=(), device_types="cpu")
+def _logits_backward_op(
+    grad: Tensor, emb: Tensor, weight: Tensor, labels: Tensor, kind: str, params: list[float]
+) -> tuple[Tensor, Tensor]:
+    dtype = _compute_dtype(emb, weight)
+    g_emb, g_w = _core.margin_logits_backward(
+        _numpy(grad, dtype),
+        _numpy(emb, dtype),
+        _numpy(weight, dtype),
+        labels.numpy(),
+        _decode(kind, tuple(params))._spec,
+    )
+    return _grad_tensor(g_emb, emb), _grad_tensor(g_w, weight)
+
+
+@_logits_backward_op.register_fake
+def _(grad, emb, weight, labels, kind, params):
+    return emb.new_empty(emb.shape), weight.new_empty(weight.shape)
+
+
+def _logits_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    emb, weight, labels, kind, params = inputs
+    ctx.kind, ctx.params = kind, params
+    ctx.save_for_backward(emb, weight, labels)
+
+
+def _logits_backward(ctx: Any, grad: Tensor):
+    _no_double_backward()
+    emb, weight, labels = ctx.saved_tensors
+    g_emb, g_w = _logits_backward_op(grad, emb, weight, labels, ctx.kind, ctx.params)
+    return g_emb, g_w, None, None, None
+
+
+torch.library.register_autograd(
+    "arcface_rs::margin_logits", _logits_backward, setup_context=_logits_setup
+)

@@ -1,0 +1,77 @@
+"""Argument checks shared by the NumPy API, the torch modules and the gallery: arrays,
+labels, counts and reductions, each refused with an exception that names the argument."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+
+REDUCTIONS = ("mean", "sum", "none")
+
+FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def native(value: np.ndarray) -> np.ndarray:
+    """The array in the machine's byte order (a big-endian array is converted, not refused)."""
+    if value.dtype.byteorder not in ("=", "|") and not value.dtype.isnative:
+        return value.astype(value.dtype.newbyteorder("="))
+    return value
+
+
+def floats(name: str, value: Any) -> np.ndarray:
+    """A 2-D float32/float64 array, read through its strides (any memory order is fine)."""
+    value = native(np.asarray(value))
+    if value.dtype not in FLOATS:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {value.dtype}")
+    if value.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {value.shape}")
+    return value
+
+
+def same_dtype(**arrays: np.ndarray) -> None:
+    dtypes = {a.dtype for a in arrays.values()}
+    if len(dtypes) > 1:
+        desc = ", ".join(f"{k}={v.dtype}" for k, v in arrays.items())
+        raise TypeError(f"arrays must share one dtype, got {desc}; cast one of them first")
+
+
+def labels(value: Any, name: str = "labels") -> np.ndarray:
+    """A 1-D int64 array from any integer array (unsigned values must fit in int64)."""
+    out = native(np.asarray(value))
+    if out.ndim == 1 and out.size == 0 and out.dtype.kind == "f":
+        out = out.astype(np.int64)  # an empty list arrives as float64
+    if out.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array, got dtype {out.dtype}")
+    if out.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {out.shape}")
+    if out.dtype.kind == "u" and out.size and out.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name}: values exceed the int64 range")
+    return out.astype(np.int64, copy=False)
+
+
+INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def count(name: str, value: Any) -> int:
+    """A count the caller chose (``k``, a rank): an int >= 1 that fits in int64.
+
+    The work is capped by the data's size and the padded output is checked against the
+    memory available before anything is allocated (in the Rust core).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    if value > INT64_MAX:
+        raise ValueError(f"{name} must be at most 2**63 - 1, got {value}")
+    return value
+
+
+def reduction(value: Any) -> str:
+    """One of ``REDUCTIONS``."""
+    if value not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {value!r}")
+    return value
