@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check, for one lent-device run (about 5 minutes; under 8 with the build):
-# installs arcface_rs with the `cuda` feature, runs the GPU tests, then the GPU benchmarks.
+# The GPU check (about 5 minutes; under 8 with the build): installs arcface_rs with the
+# `cuda` feature, runs the GPU tests, then the GPU benchmarks.
 #
-# The GPU machine may have no Rust toolchain and no network: build the wheel beforehand on
-# a machine that has them, for that machine's Python (3.12 on the lent H200s), with
-#     bash scripts/gpu_wheel.sh 3.12
-# which leaves it in .gpu/ (ignored by git; carry it along). Without a wheel there, this
-# script builds one with cargo.
+# What the machine needs: an NVIDIA GPU with a CUDA 13 driver, and a Python with numpy,
+# pytest and PyTorch's CUDA wheels (they bring NVRTC and cuBLAS). It needs no Rust toolchain
+# and no network when a wheel waits in .gpu/: build it beforehand where Rust is, with
+#     bash scripts/gpu_wheel.sh
+# (one cp39-abi3 wheel serves any CPython >= 3.9) and copy .gpu/ (ignored by git) along.
+# Without a wheel there, this script builds one with cargo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds an arcface_rs wheel with the `cuda` feature into .gpu/, for a GPU machine that has
-# no Rust toolchain (see benches/gpu_check.sh). $1: the Python to build for (a version such
-# as 3.12 or an interpreter path; default python3).
+# no Rust toolchain (see benches/gpu_check.sh). The wheel is cp39-abi3, so it serves every
+# CPython >= 3.9 there. $1: the Python that builds it (a version such as 3.12 or an
+# interpreter path; default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-3}" in
