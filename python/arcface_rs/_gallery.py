@@ -125,12 +125,24 @@ class Gallery:
         )
 
     def add(self, emb: Any, ids: Any = None) -> np.ndarray:
-        """Adds embeddings (N, dim) or one (dim,), float32 or float64; returns their ids.
+        """Adds embeddings, L2-normalised and stored in the gallery's dtype.
 
-        ``ids``: int64 (N,), each new to the gallery and >= 0 (-1 is the "no result" and
-        "unknown" marker of ``search`` and ``identify``); ``None`` numbers them on from one
-        past the largest id ever added. An empty input adds nothing. All or nothing: on an
-        error nothing is added.
+        All or nothing: on an error nothing is added.
+
+        Parameters
+        ----------
+        emb : array_like
+            (N, dim) or one (dim,) float32 or float64 embeddings; an empty input adds
+            nothing.
+        ids : array_like, optional
+            (N,) integers >= 0, each new to the gallery (-1 is the "no result" and
+            "unknown" marker of ``search`` and ``identify``); ``None`` numbers them on from
+            one past the largest id ever added.
+
+        Returns
+        -------
+        numpy.ndarray
+            The (N,) int64 ids of the added rows.
         """
         emb = _rows("emb", emb, self.dim)
         if ids is not None:
@@ -140,9 +152,19 @@ class Gallery:
         return self._core.add(emb, ids)
 
     def remove(self, ids: Any) -> int:
-        """Removes the vectors with these ids; every id must be present and given once
-        (else nothing is removed and ValueError names the id). Returns how many were
-        removed (0 for an empty list)."""
+        """Removes the vectors with these ids (the others keep their order).
+
+        Parameters
+        ----------
+        ids : array_like
+            Integers, each present and given once (else nothing is removed and ValueError
+            names the id); an empty list removes nothing.
+
+        Returns
+        -------
+        int
+            How many vectors were removed.
+        """
         return self._core.remove(_ids(ids))
 
     def _queries(self, queries: Any) -> tuple[np.ndarray, bool]:
@@ -150,14 +172,25 @@ class Gallery:
         return _rows("queries", queries, self.dim), single
 
     def search(self, queries: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` by cosine: ``(scores, ids)``, float32 and int64, (Q, k) best first.
+        """Top-``k`` stored vectors by cosine for each query.
 
-        ``queries`` (Q, dim) or one (dim,) (then results are (k,)). Ties go to the vector
-        added first. When ``k > len(self)`` the extra columns hold score -inf and id -1 (all
-        of them for an empty gallery); a ``k`` whose padded output would not fit in half the
-        memory available raises ValueError. Scores are the unit query's dot products with
-        the stored unit vectors, clamped to [-1, 1]: exact cosines for float32, within the
-        storage's rounding (about 1e-3 for float16) otherwise.
+        Parameters
+        ----------
+        queries : array_like
+            (Q, dim) or one (dim,) float32 or float64 queries.
+        k : int
+            Results per query, >= 1. Beyond ``len(self)`` the extra columns hold score -inf
+            and id -1 (all of them for an empty gallery); a ``k`` whose padded output would
+            not fit in half the memory available raises ValueError.
+
+        Returns
+        -------
+        scores : numpy.ndarray
+            (Q, k) float32 best first ((k,) for one 1-D query): the unit query's dot
+            products with the stored unit vectors, clamped to [-1, 1]; exact cosines for
+            float32 storage, within its rounding (about 1e-3 for float16) otherwise.
+        ids : numpy.ndarray
+            (Q, k) int64; ties go to the vector added first.
         """
         k = _count("k", k)
         q, single = self._queries(queries)
@@ -168,8 +201,22 @@ class Gallery:
         return (scores[0], ids[0]) if single else (scores, ids)
 
     def identify(self, queries: Any, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        """Open-set identification: ``(ids, scores)`` of each query's best match, with id -1
-        (unknown) where that score is below ``threshold``."""
+        """Open-set identification: each query's best match, or "unknown".
+
+        Parameters
+        ----------
+        queries : array_like
+            (Q, dim) or one (dim,) queries.
+        threshold : float
+            A best score below it means the face is not enrolled.
+
+        Returns
+        -------
+        ids : numpy.ndarray
+            (Q,) int64 best ids, -1 (unknown) where the score is below ``threshold``.
+        scores : numpy.ndarray
+            (Q,) float32 best scores (-inf for an empty gallery).
+        """
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
             raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
         if not np.isfinite(threshold):
@@ -206,11 +253,20 @@ class Gallery:
         return self._core.snapshot()
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Writes the gallery to ``path`` in the safetensors format, atomically (a crash
-        mid-save leaves any old file intact); a file system failure raises the matching
-        ``OSError`` subclass (a missing folder: ``FileNotFoundError``). Tensors: ``ids``
-        int64, ``vectors`` and, for int8, ``scales`` (``vectors * scales[:, None]`` are the
-        unit rows); bfloat16 vectors are stored as their uint16 bits."""
+        """Writes the gallery to ``path`` in the safetensors format, atomically.
+
+        A crash mid-save leaves any old file intact (a new file is written, synced and
+        renamed over the path; stale temporaries of killed saves are deleted by the next
+        save). Tensors: ``ids`` int64, ``vectors`` and, for int8, ``scales``
+        (``vectors * scales[:, None]`` are the unit rows); bfloat16 vectors are stored as
+        their uint16 bits.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Where to write; a file system failure raises the matching ``OSError``
+            subclass (a missing folder: ``FileNotFoundError``).
+        """
         self._core.save(os.fspath(path))
 
     @property
@@ -220,19 +276,29 @@ class Gallery:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], mmap: bool = False, device: Any = "cpu") -> Gallery:
-        """Reads a gallery written by ``save``. A truncated, damaged, wrong-version or
-        wrong-shape file raises :class:`arcface_rs.GalleryFileError` (a ValueError; checked
-        by shape, CRC-32 and unit norms); a path that cannot be read raises the matching
-        ``OSError`` subclass (``FileNotFoundError``, ``PermissionError``, ...).
+        """Reads a gallery written by :meth:`save`.
 
-        ``mmap=True`` leaves the vectors in a read-only mapping of the file instead of
-        copying them into memory (several processes then share one copy in the page cache);
-        they are copied the first time the gallery changes. Do not modify or truncate the
-        file in place while such a gallery is in use: reading a page that another program
-        cut off the file kills the process with SIGBUS (as with ``numpy.memmap``). ``save``
-        never does that: it writes a new file and renames it over the path, so the mapping
-        keeps reading the old, intact contents (its inode lives on until unmapped).
-        ``device``: as for ``Gallery``."""
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The file. A path that cannot be read raises the matching ``OSError`` subclass
+            (``FileNotFoundError``, ``PermissionError``, ...); a truncated, damaged,
+            wrong-version or wrong-shape file raises :class:`arcface_rs.GalleryFileError`
+            (a ValueError; checked by shape, CRC-32 and unit norms).
+        mmap : bool
+            Leave the vectors in a read-only mapping of the file instead of copying them
+            (several processes then share one copy in the page cache); they are copied the
+            first time the gallery changes. Do not modify or truncate the file in place
+            meanwhile: reading a page another program cut off kills the process with
+            SIGBUS (as with ``numpy.memmap``). ``save`` never does that: it renames a new
+            file over the path, so the mapping keeps reading the old, intact inode.
+        device : str
+            As for ``Gallery``.
+
+        Returns
+        -------
+        Gallery
+        """
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"path: no gallery file at {path!r}")

@@ -32,10 +32,23 @@ def _margin(value: Any) -> _core.Margin:
 
 
 def margin_logits(emb: Any, weight: Any, labels: Any, margin: Margin) -> np.ndarray:
-    """(B, C) logits: ``s * cos`` with ``s * psi(cos)`` at each row's label (-1: no margin).
+    """The (B, C) margin logits: ``s * cos`` with ``s * psi(cos)`` at each row's label.
 
-    ``emb`` is (B, D), ``weight`` (C, D) with one row per class centre; both are
-    L2-normalised inside. The output has the inputs' dtype.
+    Parameters
+    ----------
+    emb : array_like
+        (B, D) float32 or float64 embeddings, L2-normalised inside.
+    weight : array_like
+        (C, D) class centres of the same dtype, one row per class (as ``nn.Linear``).
+    labels : array_like
+        (B,) integers in [0, C), or -1 for a row without margin.
+    margin : Margin
+        ``ArcFace``, ``CosFace``, ``SphereFace``, ``CombinedMargin`` or ``Softmax``.
+
+    Returns
+    -------
+    numpy.ndarray
+        (B, C) logits in the inputs' dtype.
     """
     emb, weight = _floats("emb", emb), _floats("weight", weight)
     _same_dtype(emb=emb, weight=weight)
@@ -45,7 +58,22 @@ def margin_logits(emb: Any, weight: Any, labels: Any, margin: Margin) -> np.ndar
 def margin_logits_backward(
     grad_logits: Any, emb: Any, weight: Any, labels: Any, margin: Margin
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Gradients ``(grad_emb, grad_weight)`` of any loss given dL/dlogits of margin_logits."""
+    """Gradients of any loss of :func:`margin_logits`' output.
+
+    Parameters
+    ----------
+    grad_logits : array_like
+        (B, C) dL/dlogits, the dtype of ``emb``.
+    emb, weight, labels, margin
+        As for :func:`margin_logits`.
+
+    Returns
+    -------
+    grad_emb : numpy.ndarray
+        (B, D) dL/demb.
+    grad_weight : numpy.ndarray
+        (C, D) dL/dweight.
+    """
     grad_logits = _floats("grad_logits", grad_logits)
     emb, weight = _floats("emb", emb), _floats("weight", weight)
     _same_dtype(grad_logits=grad_logits, emb=emb, weight=weight)
@@ -59,12 +87,33 @@ def margin_loss(
     margin: Margin,
     reduction: Literal["mean", "sum", "none"] = "mean",
 ) -> tuple[np.floating | np.ndarray, np.ndarray, np.ndarray]:
-    """Fused softmax cross-entropy of the margin logits: ``(loss, grad_emb, grad_weight)``.
+    """Fused softmax cross-entropy of the margin logits, with both gradients.
 
-    Never holds the whole (B, C) logits. Rows labelled -1 add no loss and get zero
-    gradient; ``mean`` divides by the rows that are not ignored (0 if all are).
-    ``reduction="none"`` returns the per-row losses, with the gradients of their sum.
-    The loss is a NumPy scalar (or array) of the inputs' dtype, computed in float64.
+    Never holds the whole (B, C) logits. Every finite non-zero row is accepted, whatever
+    its magnitude; the GIL is released during the work.
+
+    Parameters
+    ----------
+    emb : array_like
+        (B, D) float32 or float64 embeddings.
+    weight : array_like
+        (C, D) class centres of the same dtype.
+    labels : array_like
+        (B,) integers in [0, C); -1 marks a row that adds no loss and gets zero gradient.
+    margin : Margin
+        The head's margin object.
+    reduction : {"mean", "sum", "none"}
+        ``mean`` divides by the rows that are not ignored (0 if all are); ``none`` returns
+        the per-row losses, with the gradients of their sum.
+
+    Returns
+    -------
+    loss : numpy.floating or numpy.ndarray
+        A scalar (or (B,) for ``none``) of the inputs' dtype, computed in float64.
+    grad_emb : numpy.ndarray
+        (B, D) dloss/demb.
+    grad_weight : numpy.ndarray
+        (C, D) dloss/dweight.
     """
     emb, weight = _floats("emb", emb), _floats("weight", weight)
     _same_dtype(emb=emb, weight=weight)
@@ -77,17 +126,43 @@ def margin_loss(
 
 
 def apply_margin(cos: Any, labels: Any, margin: Margin) -> np.ndarray:
-    """Margin on a (B, C) cosine matrix from any GEMM: ``s * cos``, ``s * psi`` on targets.
+    """The margin on a (B, C) cosine matrix from any GEMM.
 
-    Cosines may overshoot [-1, 1] by 1e-3 (rounding) and are clamped; SphereFace needs a
-    fixed ``s`` here because a cosine matrix carries no feature norm.
+    Parameters
+    ----------
+    cos : array_like
+        (B, C) float32 or float64 cosines; they may overshoot [-1, 1] by 1e-3 (rounding)
+        and are clamped.
+    labels : array_like
+        (B,) integers in [0, C), -1 for no margin.
+    margin : Margin
+        Any margin with a fixed ``s`` (a cosine matrix carries no feature norm, so
+        ``SphereFace(s=None)`` is refused).
+
+    Returns
+    -------
+    numpy.ndarray
+        (B, C) logits ``s * cos``, ``s * psi(cos)`` on each row's label.
     """
     cos = _floats("cos", cos)
     return _core.apply_margin(cos, _labels(labels), _margin(margin))
 
 
 def apply_margin_backward(grad_logits: Any, cos: Any, labels: Any, margin: Margin) -> np.ndarray:
-    """dL/dcos from dL/dlogits of :func:`apply_margin`."""
+    """dL/dcos from dL/dlogits of :func:`apply_margin`.
+
+    Parameters
+    ----------
+    grad_logits : array_like
+        (B, C) dL/dlogits, the dtype of ``cos``.
+    cos, labels, margin
+        As for :func:`apply_margin`.
+
+    Returns
+    -------
+    numpy.ndarray
+        (B, C) dL/dcos.
+    """
     grad_logits, cos = _floats("grad_logits", grad_logits), _floats("cos", cos)
     _same_dtype(grad_logits=grad_logits, cos=cos)
     return _core.apply_margin_backward(grad_logits, cos, _labels(labels), _margin(margin))

@@ -63,7 +63,13 @@ def _real(name: str, value: Any) -> float:
 
 
 class Softmax(Margin):
-    """Normalised softmax (no margin): psi(c) = c, logits ``s * c``."""
+    """Normalised softmax (no margin): psi(c) = c, logits ``s * c``.
+
+    Parameters
+    ----------
+    s : float
+        Logit scale, finite and > 0.
+    """
 
     _params = ("s",)
 
@@ -77,7 +83,16 @@ class ArcFace(Margin):
 
     For theta > pi - m it falls back to ``c - max(m sin m, 1 - cos m)``: the ArcFace
     reference code's ``c - m sin m`` for every m below about 2.33, and a larger shift beyond,
-    so psi stays non-increasing; ``easy_margin`` keeps psi = c where c <= 0.
+    so psi stays non-increasing.
+
+    Parameters
+    ----------
+    s : float
+        Logit scale, finite and > 0.
+    m : float
+        Angular margin in radians, in [0, pi).
+    easy_margin : bool
+        Keep psi = c where c <= 0 (InsightFace's option).
     """
 
     _params = ("s", "m", "easy_margin")
@@ -89,7 +104,15 @@ class ArcFace(Margin):
 
 
 class CosFace(Margin):
-    """Additive cosine margin: psi = cos(theta) - m."""
+    """Additive cosine margin: psi = cos(theta) - m.
+
+    Parameters
+    ----------
+    s : float
+        Logit scale, finite and > 0.
+    m : float
+        Cosine margin, finite and >= 0.
+    """
 
     _params = ("s", "m")
 
@@ -104,6 +127,15 @@ class SphereFace(Margin):
     psi = (-1)^k cos(m theta) - 2k, k = floor(m theta / pi), blended as
     (lambda_ c + psi) / (1 + lambda_). With ``s=None`` logits scale by the unnormalised
     feature norm ||x|| as in the original paper, else by ``s``.
+
+    Parameters
+    ----------
+    m : int
+        Angle multiplier in 1..4.
+    s : float or None
+        Logit scale, or None for the feature norm.
+    lambda_ : float
+        Blend weight >= 0 (0: pure psi).
     """
 
     _params = ("m", "s", "lambda_")
@@ -125,6 +157,17 @@ class CombinedMargin(Margin):
     Where m1 theta + m2 > pi, psi continues as ``c - m3 - k`` with slope 1 and
     ``k = max(m2 sin m2, 1 + cos theta*)``, which keeps psi non-increasing and equals ArcFace
     when m1 = 1, m3 = 0.
+
+    Parameters
+    ----------
+    s : float
+        Logit scale, finite and > 0.
+    m1 : float
+        Multiplicative angular margin (SphereFace's), > 0.
+    m2 : float
+        Additive angular margin (ArcFace's), in [0, pi).
+    m3 : float
+        Additive cosine margin (CosFace's), >= 0.
     """
 
     _params = ("s", "m1", "m2", "m3")

@@ -19,16 +19,30 @@ def cosine_topk(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` gallery rows by cosine similarity for each query.
 
-    ``queries`` (Q, D) or one query (D,); ``gallery`` (N, D); float32 or float64. Returns
-    ``(scores, indices)``: scores best first (in the inputs' dtype) and int64 row indices,
-    shape (Q, k) (or
-    (k,) for one 1-D query). Ties go to the lower index. When ``k > N`` the extra columns are
-    padded with score -inf and index -1 (an empty gallery pads every column); a ``k`` whose
-    padded output would not fit in half the memory available raises ValueError. Scores are
-    clamped to [-1, 1]. Rows of any finite non-zero magnitude (denormal to 1e300) give the
-    cosines of the rescaled rows. ``normalized=True`` promises unit-norm inputs and skips
-    the division (NaN/inf and zero rows are still rejected). Never builds the Q×N score
-    matrix; the GIL is released.
+    Never builds the Q×N score matrix; the GIL is released. Ties go to the lower index.
+
+    Parameters
+    ----------
+    queries : array_like
+        (Q, D) float32 or float64, or one query (D,).
+    gallery : array_like
+        (N, D) rows of the same dtype; any finite non-zero magnitude (denormal to 1e300)
+        gives the cosines of the rescaled rows.
+    k : int
+        Results per query, >= 1. Beyond N the extra columns are padded with score -inf
+        and index -1 (an empty gallery pads every column); a ``k`` whose padded output
+        would not fit in half the memory available raises ValueError.
+    normalized : bool
+        Promise that every row and query is a unit vector, skipping the division (NaN/inf
+        and zero rows are still refused).
+
+    Returns
+    -------
+    scores : numpy.ndarray
+        (Q, k) cosines best first, in the inputs' dtype, clamped to [-1, 1] ((k,) for one
+        1-D query).
+    indices : numpy.ndarray
+        (Q, k) int64 gallery rows, -1 for padding.
     """
     single = np.ndim(queries) == 1
     if single:

@@ -68,10 +68,25 @@ def verification(
     far: Sequence[float] = DEFAULT_FARS,
     folds: int = 10,
 ) -> VerificationReport:
-    """Verification report of pair ``scores`` (higher = more alike) against ``is_same``.
+    """Verification report of pair scores against their ground truth.
 
     Sort-based, O(n log n), parallel. Ties count like scikit-learn (one ROC point per
-    distinct score). ``folds=0`` skips the fold accuracy.
+    distinct score).
+
+    Parameters
+    ----------
+    scores : array_like
+        (n,) finite pair scores, higher = more alike.
+    is_same : array_like
+        (n,) booleans (or 0/1): whether each pair is the same identity; both kinds needed.
+    far : sequence of float
+        False-accept rates in [0, 1] for ``tar_at_far`` (0: no false accept at all).
+    folds : int
+        Contiguous folds of the LFW-protocol accuracy (0 skips it; else 2..n).
+
+    Returns
+    -------
+    VerificationReport
     """
     s = np.asarray(scores)
     if s.ndim != 1:
@@ -169,12 +184,30 @@ def identification(
 ) -> IdentificationReport:
     """Closed- and open-set identification (MegaFace CMC, IJB TPIR@FPIR) by cosine score.
 
-    ``gallery`` (G, D) array or :class:`~arcface_rs.Gallery`, with ``gallery_labels`` (the
-    identity of each row; for a Gallery, in ``gallery.ids()`` order; ``None`` for a Gallery
-    means each id is its own identity). Optional ``distractors`` (M, D) array or Gallery
-    belong to no probe identity. Probes whose label is not in the gallery are non-mated.
     One search of the gallery and one of the distractors (exact for arrays and float32
-    Galleries).
+    Galleries); the work is capped by the number of candidates, so any rank is cheap.
+
+    Parameters
+    ----------
+    probes : array_like
+        (n, D) probe embeddings, n >= 1.
+    probe_labels : array_like
+        (n,) identities; a probe whose identity is not in the gallery is non-mated.
+    gallery : array_like or Gallery
+        (G, D) enrolled rows (not empty) or a :class:`~arcface_rs.Gallery`.
+    gallery_labels : array_like, optional
+        (G,) identity of each row (for a Gallery, in ``gallery.ids()`` order); ``None``
+        for a Gallery means each id is its own identity.
+    distractors : array_like or Gallery, optional
+        (M, D) rows that belong to no probe identity.
+    ranks : sequence of int
+        Ranks >= 1 of the CMC (at most 2**63 - 1).
+    fpir : sequence of float
+        False-positive identification rates in (0, 1] for TPIR.
+
+    Returns
+    -------
+    IdentificationReport
     """
     probes = np.asarray(probes)
     if probes.ndim != 2 or probes.shape[0] == 0:

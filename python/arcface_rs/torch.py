@@ -95,8 +95,26 @@ def _check(emb: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
 def margin_loss(
     emb: Tensor, weight: Tensor, labels: Tensor, margin: Margin, reduction: str = "mean"
 ) -> Tensor:
-    """Fused margin-softmax cross-entropy of ``emb`` (B, D) against class centres ``weight``
-    (C, D); labels -1 are ignored. Differentiable in ``emb`` and ``weight``."""
+    """Fused margin-softmax cross-entropy, differentiable in ``emb`` and ``weight``.
+
+    Parameters
+    ----------
+    emb : torch.Tensor
+        (B, D) embeddings (float32/float64; half precision is computed in float32).
+    weight : torch.Tensor
+        (C, D) class centres, on the same device.
+    labels : torch.Tensor
+        (B,) integer labels; -1 rows are ignored.
+    margin : Margin
+        The head's margin object.
+    reduction : {"mean", "sum", "none"}
+        Over the rows that are not ignored.
+
+    Returns
+    -------
+    torch.Tensor
+        The loss (a scalar, or (B,) for ``none``). Double backward is refused.
+    """
     labels = _check(emb, weight, labels)
     check_reduction(reduction)
     if emb.device.type != "cpu" and not (emb.device.type == "cuda" and cuda_available()):
@@ -118,7 +136,18 @@ def margin_loss(
 
 
 def margin_logits(emb: Tensor, weight: Tensor, labels: Tensor, margin: Margin) -> Tensor:
-    """The (B, C) margin logits (``s * cos``, ``s * psi`` on each row's label)."""
+    """The (B, C) margin logits, differentiable.
+
+    Parameters
+    ----------
+    emb, weight, labels, margin
+        As for :func:`margin_loss`.
+
+    Returns
+    -------
+    torch.Tensor
+        ``s * cos`` with ``s * psi(cos)`` on each row's label.
+    """
     labels = _check(emb, weight, labels)
     if emb.device.type != "cpu":
         _warn_cuda_once()
@@ -185,7 +214,19 @@ class _MarginHead(nn.Module):
 
 
 class ArcFaceHead(_MarginHead):
-    """ArcFace: additive angular margin, target logit ``s cos(theta + m)``."""
+    """ArcFace: additive angular margin, target logit ``s cos(theta + m)``.
+
+    Parameters
+    ----------
+    s, m, easy_margin
+        As for :class:`arcface_rs.ArcFace`.
+    embedding_size, num_classes : int
+        The shape (num_classes, embedding_size) of ``weight``, initialised N(0, 0.01).
+    reduction : {"mean", "sum", "none"}
+        Over the rows whose label is not -1.
+    device, dtype
+        Of ``weight``.
+    """
 
     def __init__(
         self,
@@ -204,7 +245,19 @@ class ArcFaceHead(_MarginHead):
 
 
 class CosFaceHead(_MarginHead):
-    """CosFace: additive cosine margin, target logit ``s (cos theta - m)``."""
+    """CosFace: additive cosine margin, target logit ``s (cos theta - m)``.
+
+    Parameters
+    ----------
+    s, m
+        As for :class:`arcface_rs.CosFace`.
+    embedding_size, num_classes : int
+        The shape (num_classes, embedding_size) of ``weight``, initialised N(0, 0.01).
+    reduction : {"mean", "sum", "none"}
+        Over the rows whose label is not -1.
+    device, dtype
+        Of ``weight``.
+    """
 
     def __init__(
         self,
@@ -222,7 +275,19 @@ class CosFaceHead(_MarginHead):
 
 
 class CombinedMarginHead(_MarginHead):
-    """Combined margin: target logit ``s (cos(m1 theta + m2) - m3)``."""
+    """Combined margin: target logit ``s (cos(m1 theta + m2) - m3)``.
+
+    Parameters
+    ----------
+    s, m1, m2, m3
+        As for :class:`arcface_rs.CombinedMargin`.
+    embedding_size, num_classes : int
+        The shape (num_classes, embedding_size) of ``weight``, initialised N(0, 0.01).
+    reduction : {"mean", "sum", "none"}
+        Over the rows whose label is not -1.
+    device, dtype
+        Of ``weight``.
+    """
 
     def __init__(
         self,
@@ -242,7 +307,19 @@ class CombinedMarginHead(_MarginHead):
 
 
 class SoftmaxHead(_MarginHead):
-    """Normalised softmax without margin (the baseline): logits ``s cos theta``."""
+    """Normalised softmax without margin (the baseline): logits ``s cos theta``.
+
+    Parameters
+    ----------
+    s
+        As for :class:`arcface_rs.Softmax`.
+    embedding_size, num_classes : int
+        The shape (num_classes, embedding_size) of ``weight``, initialised N(0, 0.01).
+    reduction : {"mean", "sum", "none"}
+        Over the rows whose label is not -1.
+    device, dtype
+        Of ``weight``.
+    """
 
     def __init__(
         self,
@@ -265,6 +342,19 @@ class SphereFaceHead(_MarginHead):
     ``anneal=True`` lambda follows ``max(lambda_min, base (1 + gamma it)^-power)`` over
     training steps; the step counter ``iteration`` is a buffer saved in the state_dict and
     advances on each forward call in training mode.
+
+    Parameters
+    ----------
+    m, s, lambda_
+        As for :class:`arcface_rs.SphereFace`.
+    anneal, base, gamma, power, lambda_min
+        The lambda schedule above (used when ``anneal=True``).
+    embedding_size, num_classes : int
+        The shape (num_classes, embedding_size) of ``weight``, initialised N(0, 0.01).
+    reduction : {"mean", "sum", "none"}
+        Over the rows whose label is not -1.
+    device, dtype
+        Of ``weight``.
     """
 
     iteration: Tensor
