@@ -33,6 +33,7 @@ pub fn pool() -> &'static ThreadPool {
     // while the lock were held would leave the child's copy locked for good.
     let built = ThreadPoolBuilder::new()
         .thread_name(|i| format!("arcface_rs-{i}"))
+        .start_handler(|_| keep_denormals())
         .build()
         .unwrap_or_else(|e| panic!("cannot start the thread pool: {e}"));
     let pid = std::process::id();
@@ -44,6 +45,28 @@ pub fn pool() -> &'static ThreadPool {
             let pool: &'static ThreadPool = Box::leak(Box::new(built));
             *guard = Some((pid, pool));
             pool
+        }
+    }
+}
+
+/// Turns off flush-to-zero and denormals-are-zero on this thread.
+///
+/// A new thread inherits the floating-point mode of the thread that starts it, and some
+/// libraries set these modes for speed (`torch.set_flush_denormal(True)`, or code compiled
+/// with fast-math): a denormal input would then read as zero and a valid row be called
+/// "all zeros". The library's threads compute in IEEE arithmetic whatever their creator did.
+fn keep_denormals() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        const FLUSH_TO_ZERO: u32 = 1 << 15;
+        const DENORMALS_ARE_ZERO: u32 = 1 << 6;
+        let mut csr: u32 = 0;
+        // SAFETY: stmxcsr/ldmxcsr read and write this thread's SSE control register only;
+        // clearing the two mode bits keeps every other setting.
+        unsafe {
+            std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack, preserves_flags));
+            csr &= !(FLUSH_TO_ZERO | DENORMALS_ARE_ZERO);
+            std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, preserves_flags, readonly));
         }
     }
 }
@@ -70,6 +93,32 @@ mod tests {
         assert_eq!(inside, threads);
         let sum: u64 = install(|| (0..10_000u64).into_par_iter().sum());
         assert_eq!(sum, 10_000 * 9_999 / 2);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn pool_threads_keep_denormals_whatever_their_creator_set() {
+        // Flush denormals on this thread, then start a pool from it (a fresh pool, not the
+        // shared one, so other tests are not affected).
+        let read = || {
+            let mut csr: u32 = 0;
+            unsafe { std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack)) };
+            csr
+        };
+        let saved = read();
+        let flushing = saved | (1 << 15) | (1 << 6);
+        unsafe { std::arch::asm!("ldmxcsr [{}]", in(reg) &flushing, options(nostack)) };
+        let pool = ThreadPoolBuilder::new()
+            .num_threads(1)
+            .start_handler(|_| keep_denormals())
+            .build()
+            .unwrap();
+        unsafe { std::arch::asm!("ldmxcsr [{}]", in(reg) &saved, options(nostack)) };
+        let tiny = std::hint::black_box(1e-40f32);
+        let kept = pool.install(|| std::hint::black_box(tiny) * 2.0);
+        // doubling a denormal is exact; flushed, it would read (and give) zero
+        assert!(kept != 0.0);
+        assert_eq!(kept.to_bits(), (tiny + tiny).to_bits());
     }
 
     #[cfg(target_os = "linux")]

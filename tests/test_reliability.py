@@ -10,6 +10,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -568,3 +571,25 @@ def test_property_any_magnitude_any_k(dtype, exp_emb, exp_w, k, seed):
         return
     assert np.all(scores[idx >= 0] <= 1.0) and np.all(np.isfinite(scores[idx >= 0]))
     assert (idx[:, : w.shape[0]] >= 0).all() and (idx[:, w.shape[0] :] == -1).all()
+
+
+def test_denormals_survive_a_caller_that_flushes_them():
+    """Threads inherit their creator's flush-to-zero mode; torch can set it. The library's
+    threads must still read denormal rows (a fresh process, so the pool starts after)."""
+    pytest.importorskip("torch")
+    code = textwrap.dedent(
+        """
+        import numpy as np, torch
+        rng = np.random.default_rng(0)
+        q, g = rng.standard_normal((3, 8)), rng.standard_normal((20, 8))
+        tiny = (g * 1e-39).astype(np.float32)  # made before the caller starts flushing
+        torch.set_flush_denormal(True)
+        import arcface_rs as afr
+        want = afr.cosine_topk(q, g, k=4)[1]
+        got = afr.cosine_topk(q.astype(np.float32), tiny, k=4)[1]
+        assert (got == want).all(), (got, want)
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
