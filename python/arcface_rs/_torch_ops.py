@@ -18,6 +18,22 @@ from ._margins import ArcFace, CombinedMargin, CosFace, Margin, Softmax, SphereF
 
 NATIVE = (torch.float32, torch.float64)
 
+# The ops' schemas, spelled out rather than inferred from the annotations: torch 2.4's
+# inference cannot read the string annotations of `from __future__ import annotations`.
+_LOSS_SCHEMA = (
+    "(Tensor emb, Tensor weight, Tensor labels, str kind, float[] params, str reduction, "
+    "bool need_emb, bool need_weight) -> (Tensor, Tensor, Tensor)"
+)
+_LOSS_BACKWARD_SCHEMA = (
+    "(Tensor emb, Tensor weight, Tensor labels, str kind, float[] params, str reduction, "
+    "Tensor upstream, bool need_emb, bool need_weight) -> (Tensor, Tensor)"
+)
+_LOGITS_SCHEMA = "(Tensor emb, Tensor weight, Tensor labels, str kind, float[] params) -> Tensor"
+_LOGITS_BACKWARD_SCHEMA = (
+    "(Tensor grad, Tensor emb, Tensor weight, Tensor labels, str kind, float[] params) "
+    "-> (Tensor, Tensor)"
+)
+
 
 def _encode(margin: Margin) -> tuple[str, list[float]]:
     if isinstance(margin, ArcFace):
@@ -72,7 +88,9 @@ def _numpy(t: Tensor, dtype: torch.dtype) -> np.ndarray:
 # the upstream row weights.
 
 
-@torch.library.custom_op("arcface_rs::margin_loss", mutates_args=(), device_types="cpu")
+@torch.library.custom_op(
+    "arcface_rs::margin_loss", mutates_args=(), device_types="cpu", schema=_LOSS_SCHEMA
+)
 def _loss_op(
     emb: Tensor,
     weight: Tensor,
@@ -136,7 +154,12 @@ def _(emb, weight, labels, kind, params, reduction, need_emb, need_weight):
     return out, g_emb, g_w
 
 
-@torch.library.custom_op("arcface_rs::margin_loss_backward", mutates_args=(), device_types="cpu")
+@torch.library.custom_op(
+    "arcface_rs::margin_loss_backward",
+    mutates_args=(),
+    device_types="cpu",
+    schema=_LOSS_BACKWARD_SCHEMA,
+)
 def _loss_backward_op(
     emb: Tensor,
     weight: Tensor,
@@ -245,7 +268,9 @@ torch.library.register_autograd(
 )
 
 
-@torch.library.custom_op("arcface_rs::margin_logits", mutates_args=(), device_types="cpu")
+@torch.library.custom_op(
+    "arcface_rs::margin_logits", mutates_args=(), device_types="cpu", schema=_LOGITS_SCHEMA
+)
 def _logits_op(
     emb: Tensor, weight: Tensor, labels: Tensor, kind: str, params: list[float]
 ) -> Tensor:
@@ -264,7 +289,12 @@ def _(emb, weight, labels, kind, params):
     return emb.new_empty((emb.shape[0], weight.shape[0]), dtype=_compute_dtype(emb, weight))
 
 
-@torch.library.custom_op("arcface_rs::margin_logits_backward", mutates_args=(), device_types="cpu")
+@torch.library.custom_op(
+    "arcface_rs::margin_logits_backward",
+    mutates_args=(),
+    device_types="cpu",
+    schema=_LOGITS_BACKWARD_SCHEMA,
+)
 def _logits_backward_op(
     grad: Tensor, emb: Tensor, weight: Tensor, labels: Tensor, kind: str, params: list[float]
 ) -> tuple[Tensor, Tensor]:
