@@ -465,50 +465,6 @@ fn zeroed_for_huge_pages<T: Real>(n: usize) -> Vec<T> {
     buf
 }
 
-/// Per-row softmax statistics of a block of logits, merged in f64 across tiles:
-/// `sum = Σ exp(z - max)` and `sum_ez = Σ exp(z - max) z` (so `Σ p z = sum_ez / sum`).
-#[derive(Clone, Copy)]
-struct RowStat {
-    max: f64,
-    sum: f64,
-    sum_ez: f64,
-}
-
-impl RowStat {
-    const EMPTY: RowStat = RowStat {
-        max: f64::NEG_INFINITY,
-        sum: 0.0,
-        sum_ez: 0.0,
-    };
-
-    fn merge(self, o: RowStat) -> RowStat {
-        if o.sum == 0.0 {
-            return self;
-        }
-        if self.sum == 0.0 {
-            return o;
-        }
-        let max = self.max.max(o.max);
-        let (a, b) = ((self.max - max).exp(), (o.max - max).exp());
-        RowStat {
-            max,
-            sum: self.sum * a + o.sum * b,
-            sum_ez: self.sum_ez * a + o.sum_ez * b,
-        }
-    }
-
-    /// Turns a row of logits into `exp(z - max)` in place and returns its statistics.
-    fn exp_row<T: Real>(z: &mut [T]) -> RowStat {
-        let m = kernels::max(z);
-        let (sum, sum_ez) = kernels::exp_in_place(z, m);
-        RowStat {
-            max: m.f64(),
-            sum: sum.f64(),
-            sum_ez: sum_ez.f64(),
-        }
-    }
-}
-
 /// Scratch one rayon job reuses across the tiles it processes in pass 2.
 struct Pass2<T> {
     dxhat: Array2<T>,
@@ -609,14 +565,61 @@ pub fn margin_loss_with<T: Real>(
     )
 }
 
-/// One row's softmax statistics over one shard of the classes (`sum = Σ exp(z - max)`,
-/// `sum_ez = Σ exp(z - max) z`), and its target logit if the shard holds the target (else 0).
+/// One row's softmax statistics over a set of classes (a tile, a shard, or all of them),
+/// merged in f64: `sum = Σ exp(z - max)`, `sum_ez = Σ exp(z - max) z` (so `Σ p z =
+/// sum_ez / sum`), and the target logit if the set holds the target (else 0). Tiles merge
+/// into a shard's part in pass 1; shards merge theirs in `ShardOptions::combine`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RowPart {
     pub max: f64,
     pub sum: f64,
     pub sum_ez: f64,
     pub target_logit: f64,
+}
+
+impl RowPart {
+    /// The statistics of no classes at all.
+    pub const EMPTY: RowPart = RowPart {
+        max: f64::NEG_INFINITY,
+        sum: 0.0,
+        sum_ez: 0.0,
+        target_logit: 0.0,
+    };
+
+    /// The statistics of the union of two disjoint sets of classes.
+    pub fn merge(self, o: RowPart) -> RowPart {
+        let target_logit = self.target_logit + o.target_logit;
+        if o.sum == 0.0 {
+            return RowPart {
+                target_logit,
+                ..self
+            };
+        }
+        if self.sum == 0.0 {
+            return RowPart { target_logit, ..o };
+        }
+        let max = self.max.max(o.max);
+        let (a, b) = ((self.max - max).exp(), (o.max - max).exp());
+        RowPart {
+            max,
+            sum: self.sum * a + o.sum * b,
+            sum_ez: self.sum_ez * a + o.sum_ez * b,
+            target_logit,
+        }
+    }
+
+    /// Turns a row of logits into `exp(z - max)` in place and returns its statistics (the
+    /// target logit is filled in by the caller).
+    fn exp_row<T: Real>(z: &mut [T]) -> RowPart {
+        let m = kernels::max(z);
+        let (sum, sum_ez) = kernels::exp_in_place(z, m);
+        RowPart {
+            max: m.f64(),
+            sum: sum.f64(),
+            sum_ez: sum_ez.f64(),
+            target_logit: 0.0,
+        }
+    }
 }
 
 /// How one shard of a model-parallel head meets the others.
@@ -686,13 +689,7 @@ fn fused_loss<T: Real>(
             if let Some(sh) = shard.as_mut() {
                 // The other shards wait in the first chunk's collective: join it as failed,
                 // so that they stop too.
-                let empty = RowPart {
-                    max: f64::NEG_INFINITY,
-                    sum: 0.0,
-                    sum_ez: 0.0,
-                    target_logit: 0.0,
-                };
-                let _ = (sh.combine)(&mut vec![empty; chunk_rows], true);
+                let _ = (sh.combine)(&mut vec![RowPart::EMPTY; chunk_rows], true);
             }
             return Err(e);
         }
@@ -770,8 +767,8 @@ fn fused_loss<T: Real>(
             .zip(tile_max.par_chunks_mut(nr))
             .enumerate()
             .fold(
-                || vec![RowStat::EMPTY; nr],
-                |mut acc: Vec<RowStat>, (t, (slot, tmax))| {
+                || vec![RowPart::EMPTY; nr],
+                |mut acc: Vec<RowPart>, (t, (slot, tmax))| {
                     let lo = t * ct;
                     let w_tile = weight.slice(s![lo..(lo + ct).min(c), ..]);
                     let width = w_tile.nrows();
@@ -780,7 +777,7 @@ fn fused_loss<T: Real>(
                     let view = ArrayViewMut2::from_shape((nr, width), &mut *z).expect("tile shape");
                     p.logits_tile(rows.clone(), lo, w_tile, inv, view);
                     for (r, zrow) in z.chunks_exact_mut(width).enumerate() {
-                        let st = RowStat::exp_row(zrow);
+                        let st = RowPart::exp_row(zrow);
                         tmax[r] = T::of(st.max);
                         acc[r] = acc[r].merge(st);
                     }
@@ -788,40 +785,25 @@ fn fused_loss<T: Real>(
                 },
             )
             .reduce(
-                || vec![RowStat::EMPTY; nr],
+                || vec![RowPart::EMPTY; nr],
                 |a, b| a.iter().zip(&b).map(|(x, y)| x.merge(*y)).collect(),
             );
         let mut stats = stats;
-        let mut target_logit: Vec<f64> = rows.clone().map(|i| p.target_logit[i]).collect();
+        for (st, i) in stats.iter_mut().zip(rows.clone()) {
+            st.target_logit = p.target_logit[i];
+        }
         if let Some(sh) = shard.as_mut() {
-            let mut parts: Vec<RowPart> = stats
-                .iter()
-                .zip(&target_logit)
-                .map(|(st, &t)| RowPart {
-                    max: st.max,
-                    sum: st.sum,
-                    sum_ez: st.sum_ez,
-                    target_logit: t,
-                })
-                .collect();
-            (sh.combine)(&mut parts, false)?;
-            for ((st, t), part) in stats.iter_mut().zip(&mut target_logit).zip(&parts) {
-                *st = RowStat {
-                    max: part.max,
-                    sum: part.sum,
-                    sum_ez: part.sum_ez,
-                };
-                *t = part.target_logit;
-            }
+            (sh.combine)(&mut stats, false)?;
         }
         let first_shard = shard.as_ref().is_none_or(|sh| sh.first_shard);
         let lse: Vec<f64> = stats.iter().map(|st| st.max + st.sum.ln()).collect();
         for (local, i) in rows.clone().enumerate() {
             if p.valid[i] {
-                row_losses[i] = lse[local] - target_logit[local];
+                let target_logit = stats[local].target_logit;
+                row_losses[i] = lse[local] - target_logit;
                 if p.feature_norm_scale && first_shard {
                     let pz = stats[local].sum_ez / stats[local].sum;
-                    norm_term[i] = row_weight[i] * (pz - target_logit[local]) / p.row_scale[i];
+                    norm_term[i] = row_weight[i] * (pz - target_logit) / p.row_scale[i];
                 }
             }
         }
