@@ -31,6 +31,56 @@ pub fn verification(
     folds: usize,
 ) -> Result<Verification> {
     let n = scores.len();
+    let (positives, negatives) = check(scores, is_same, fars, folds)?;
+    let order = sorted_pairs(scores, is_same, folds);
+    let mut folds = (folds > 0).then(|| FoldSweep::new(folds, &order, n, negatives));
+    let mut roc = Roc::default();
+    let mut best = (f64::NEG_INFINITY, f64::INFINITY); // (accuracy, threshold)
+    let mut consider = |roc: &Roc, folds: &mut Option<FoldSweep>| {
+        let acc = (roc.tp + negatives - roc.fp) as f64 / n as f64;
+        if acc > best.0 {
+            best = (acc, roc.threshold());
+        }
+        if let Some(f) = folds {
+            f.consider(roc.tp, roc.fp);
+        }
+    };
+    roc.point(positives, negatives, f64::INFINITY);
+    consider(&roc, &mut folds);
+    // Lower the threshold one distinct score at a time: every pair with that score is then
+    // predicted "same".
+    let mut i = 0;
+    while i < n {
+        let threshold = order[i].score;
+        while i < n && order[i].score == threshold {
+            roc.count(order[i].same);
+            if let Some(f) = &mut folds {
+                f.count(order[i].fold, order[i].same);
+            }
+            i += 1;
+        }
+        roc.point(positives, negatives, threshold);
+        consider(&roc, &mut folds);
+    }
+    let tar_at_far = fars
+        .iter()
+        .map(|&far| roc.tar_at_far(far, negatives))
+        .collect();
+    Ok(Verification {
+        auc: roc.auc(),
+        tar_at_far,
+        best_threshold: best.1,
+        best_accuracy: best.0,
+        fold_accuracy: folds.map_or_else(Vec::new, |f| f.accuracies()),
+        fpr: roc.fpr,
+        tpr: roc.tpr,
+        thresholds: roc.thresholds,
+    })
+}
+
+/// The arguments' errors; (positives, negatives).
+fn check(scores: &[f64], is_same: &[bool], fars: &[f64], folds: usize) -> Result<(usize, usize)> {
+    let n = scores.len();
     if is_same.len() != n {
         return Err(Error::invalid(
             "is_same",
@@ -63,123 +113,162 @@ pub fn verification(
             format!("must be 0 (none) or in 2..={n}, got {folds}"),
         ));
     }
+    Ok((positives, negatives))
+}
 
-    // Fold of pair i: contiguous blocks, the first n % folds blocks one longer.
-    let fold_of = |i: usize| -> usize {
+/// One pair, as the sweep reads it.
+#[derive(Clone, Copy)]
+struct Pair {
+    score: f64,
+    fold: u32,
+    same: bool,
+}
+
+/// The pairs by descending score (one parallel sort), each with its fold: contiguous
+/// blocks, the first `n % folds` one pair longer (scikit-learn's KFold without shuffling).
+fn sorted_pairs(scores: &[f64], is_same: &[bool], folds: usize) -> Vec<Pair> {
+    let n = scores.len();
+    let fold_of = |i: usize| -> u32 {
+        if folds == 0 {
+            return 0;
+        }
         let (base, extra) = (n / folds, n % folds);
         let cut = extra * (base + 1);
-        if i < cut {
+        let fold = if i < cut {
             i / (base + 1)
         } else {
             extra + (i - cut) / base
-        }
+        };
+        fold as u32
     };
-    let mut order: Vec<(f64, u32)> = scores
+    let mut order: Vec<Pair> = scores
         .par_iter()
         .zip(is_same.par_iter())
         .enumerate()
-        .map(|(i, (&s, &same))| {
-            let fold = if folds > 0 { fold_of(i) as u32 } else { 0 };
-            (s, (fold << 1) | same as u32)
+        .map(|(i, (&score, &same))| Pair {
+            score,
+            fold: fold_of(i),
+            same,
         })
         .collect();
-    order.par_sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
+    order.par_sort_unstable_by(|a, b| b.score.total_cmp(&a.score));
+    order
+}
 
-    let k = folds.max(1);
-    let (p, q) = (positives as f64, negatives as f64);
-    // Per fold: pairs, positives; running tp/fp; best accuracy elsewhere and own tp/fp there.
-    let mut fold_n = vec![0usize; k];
-    let mut fold_pos = vec![0usize; k];
-    for &(_, tag) in &order {
-        fold_n[(tag >> 1) as usize] += 1;
-        fold_pos[(tag >> 1) as usize] += (tag & 1) as usize;
-    }
-    let mut fold_tp = vec![0usize; k];
-    let mut fold_fp = vec![0usize; k];
-    let mut fold_best = vec![(f64::NEG_INFINITY, 0usize, 0usize); k];
+/// The ROC as the threshold sweeps down, with the running true/false positive counts.
+#[derive(Default)]
+struct Roc {
+    fpr: Vec<f64>,
+    tpr: Vec<f64>,
+    thresholds: Vec<f64>,
+    tp: usize,
+    fp: usize,
+}
 
-    let mut fpr = vec![0.0];
-    let mut tpr = vec![0.0];
-    let mut thresholds = vec![f64::INFINITY];
-    let (mut tp, mut fp) = (0usize, 0usize);
-    let mut best = (f64::NEG_INFINITY, f64::INFINITY);
-    let mut consider = |tp: usize, fp: usize, th: f64, fold_tp: &[usize], fold_fp: &[usize]| {
-        let acc = (tp + negatives - fp) as f64 / n as f64;
-        if acc > best.0 {
-            best = (acc, th);
+impl Roc {
+    fn count(&mut self, same: bool) {
+        if same {
+            self.tp += 1;
+        } else {
+            self.fp += 1;
         }
-        if folds > 0 {
-            for f in 0..k {
-                let others = n - fold_n[f];
-                let neg_others = negatives - (fold_n[f] - fold_pos[f]);
-                let correct = (tp - fold_tp[f]) + neg_others - (fp - fold_fp[f]);
-                let acc = correct as f64 / others as f64;
-                if acc > fold_best[f].0 {
-                    fold_best[f] = (acc, fold_tp[f], fold_fp[f]);
-                }
-            }
-        }
-    };
-    consider(0, 0, f64::INFINITY, &fold_tp, &fold_fp);
-    let mut i = 0;
-    while i < n {
-        let th = order[i].0;
-        while i < n && order[i].0 == th {
-            let (fold, same) = ((order[i].1 >> 1) as usize, order[i].1 & 1 == 1);
-            if same {
-                tp += 1;
-                fold_tp[fold] += 1;
-            } else {
-                fp += 1;
-                fold_fp[fold] += 1;
-            }
-            i += 1;
-        }
-        fpr.push(fp as f64 / q);
-        tpr.push(tp as f64 / p);
-        thresholds.push(th);
-        consider(tp, fp, th, &fold_tp, &fold_fp);
     }
 
-    let auc = fpr
-        .windows(2)
-        .zip(tpr.windows(2))
-        .map(|(x, y)| (x[1] - x[0]) * (y[1] + y[0]) * 0.5)
-        .sum();
-    let tar_at_far = fars
-        .iter()
-        .map(|&far| {
-            // far = 0 asks for no false accept at all, which every set of negatives can
-            // measure; 0 < far < 1/negatives cannot be resolved.
-            if far > 0.0 && far < 1.0 / q {
-                return f64::NAN;
+    /// Records the point of the counts so far at `threshold`.
+    fn point(&mut self, positives: usize, negatives: usize, threshold: f64) {
+        self.fpr.push(self.fp as f64 / negatives as f64);
+        self.tpr.push(self.tp as f64 / positives as f64);
+        self.thresholds.push(threshold);
+    }
+
+    fn threshold(&self) -> f64 {
+        *self.thresholds.last().expect("a point was recorded")
+    }
+
+    /// Trapezoidal area under the curve.
+    fn auc(&self) -> f64 {
+        self.fpr
+            .windows(2)
+            .zip(self.tpr.windows(2))
+            .map(|(x, y)| (x[1] - x[0]) * (y[1] + y[0]) * 0.5)
+            .sum()
+    }
+
+    /// The highest TPR at FPR <= far. far = 0 asks for no false accept at all, which every
+    /// set of negatives can measure; 0 < far < 1/negatives cannot be resolved (NaN).
+    fn tar_at_far(&self, far: f64, negatives: usize) -> f64 {
+        if far > 0.0 && far < 1.0 / negatives as f64 {
+            return f64::NAN;
+        }
+        // fpr is non-decreasing: the last point with fpr <= far has the highest tpr
+        let last = self.fpr.partition_point(|&f| f <= far + 1e-15 * far);
+        self.tpr[last - 1]
+    }
+}
+
+/// The LFW protocol's k folds: for each fold, the accuracy on the other folds at every
+/// threshold of the sweep, and the fold's own counts at the threshold best elsewhere.
+struct FoldSweep {
+    n: usize,
+    negatives: usize,
+    size: Vec<usize>,
+    positives: Vec<usize>,
+    tp: Vec<usize>,
+    fp: Vec<usize>,
+    /// (accuracy on the other folds, this fold's tp, this fold's fp) at the best threshold
+    best: Vec<(f64, usize, usize)>,
+}
+
+impl FoldSweep {
+    fn new(k: usize, order: &[Pair], n: usize, negatives: usize) -> Self {
+        let (mut size, mut positives) = (vec![0usize; k], vec![0usize; k]);
+        for p in order {
+            size[p.fold as usize] += 1;
+            positives[p.fold as usize] += p.same as usize;
+        }
+        FoldSweep {
+            n,
+            negatives,
+            size,
+            positives,
+            tp: vec![0; k],
+            fp: vec![0; k],
+            best: vec![(f64::NEG_INFINITY, 0, 0); k],
+        }
+    }
+
+    fn count(&mut self, fold: u32, same: bool) {
+        let f = fold as usize;
+        if same {
+            self.tp[f] += 1;
+        } else {
+            self.fp[f] += 1;
+        }
+    }
+
+    /// The current threshold, with `tp`/`fp` pairs predicted "same" over all folds.
+    fn consider(&mut self, tp: usize, fp: usize) {
+        for f in 0..self.size.len() {
+            let others = self.n - self.size[f];
+            let negatives_elsewhere = self.negatives - (self.size[f] - self.positives[f]);
+            let correct = (tp - self.tp[f]) + negatives_elsewhere - (fp - self.fp[f]);
+            let acc = correct as f64 / others as f64;
+            if acc > self.best[f].0 {
+                self.best[f] = (acc, self.tp[f], self.fp[f]);
             }
-            // fpr is non-decreasing: the last point with fpr <= far has the highest tpr
-            let last = fpr.partition_point(|&f| f <= far + 1e-15 * far);
-            tpr[last - 1]
-        })
-        .collect();
-    let fold_accuracy = if folds > 0 {
-        (0..k)
+        }
+    }
+
+    /// Each fold's accuracy at the threshold that was best on the other folds.
+    fn accuracies(&self) -> Vec<f64> {
+        (0..self.size.len())
             .map(|f| {
-                let (_, own_tp, own_fp) = fold_best[f];
-                let own_neg = fold_n[f] - fold_pos[f];
-                (own_tp + own_neg - own_fp) as f64 / fold_n[f] as f64
+                let (_, tp, fp) = self.best[f];
+                let negatives = self.size[f] - self.positives[f];
+                (tp + negatives - fp) as f64 / self.size[f] as f64
             })
             .collect()
-    } else {
-        Vec::new()
-    };
-    Ok(Verification {
-        fpr,
-        tpr,
-        thresholds,
-        auc,
-        tar_at_far,
-        best_threshold: best.1,
-        best_accuracy: best.0,
-        fold_accuracy,
-    })
+    }
 }
 
 #[cfg(test)]
