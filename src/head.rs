@@ -661,48 +661,51 @@ pub fn margin_loss_shard<T: Real>(
     )
 }
 
-fn fused_loss<T: Real>(
-    emb: ArrayView2<T>,
-    weight: ArrayView2<T>,
-    labels: &[i64],
-    margin: &Margin,
-    options: LossOptions,
-    stash_budget_bytes: usize,
-    mut shard: Option<&mut ShardOptions>,
-) -> Result<LossOutput<T>> {
-    let reduction = options.reduction;
-    let mut p = Prepared::new_shard(emb, weight, labels, margin, shard.is_some())?;
-    let (b, c, d) = (p.b(), p.c, p.d);
-    let ct = tile_width(c);
-    let stash_in_grad = b <= d;
-    let chunk_classes = shard.as_ref().map_or(c, |sh| sh.stash_classes.max(1));
-    let chunk_rows = if stash_in_grad {
-        b
-    } else {
-        (stash_budget_bytes / chunk_classes.saturating_mul(std::mem::size_of::<T>()))
-            .max(8)
-            .min(b)
-    };
-    let centres = match Centres::new(weight) {
-        Ok(centres) => centres,
-        Err(e) => {
-            if let Some(sh) = shard.as_mut() {
-                // The other shards wait in the first chunk's collective: join it as failed,
-                // so that they stop too.
-                let _ = (sh.combine)(&mut vec![RowPart::EMPTY; chunk_rows], true);
-            }
-            return Err(e);
+/// How the rows are cut so that the stash of pass 1 fits: when B <= D a tile's logits wait
+/// inside that tile's rows of the weight gradient (no stash at all), else row chunks whose
+/// stash fits the budget.
+struct ChunkPlan {
+    /// Classes per tile.
+    ct: usize,
+    stash_in_grad: bool,
+    chunk_rows: usize,
+}
+
+impl ChunkPlan {
+    /// `chunk_classes`: the classes one chunk's stash holds (every shard must cut the batch
+    /// alike, so shards size it for the largest shard).
+    fn new<T>(b: usize, c: usize, d: usize, chunk_classes: usize, budget_bytes: usize) -> Self {
+        let stash_in_grad = b <= d;
+        let chunk_rows = if stash_in_grad {
+            b
+        } else {
+            (budget_bytes / chunk_classes.saturating_mul(std::mem::size_of::<T>()))
+                .max(8)
+                .min(b)
+        };
+        ChunkPlan {
+            ct: tile_width(c),
+            stash_in_grad,
+            chunk_rows,
         }
-    };
-    p.set_targets(&centres, margin);
-    let weight = centres.view();
-    let n_valid = p.valid.iter().filter(|&&v| v).count();
-    let valid_weight = match reduction {
+    }
+}
+
+/// d loss / d row loss for every row (0 for ignored rows, times `upstream` when given) and
+/// the factor of the mean (1/valid rows; 1 for sum and none).
+fn row_weights(
+    valid: &[bool],
+    reduction: Reduction,
+    upstream: Option<&[f64]>,
+) -> Result<(Vec<f64>, f64)> {
+    let b = valid.len();
+    let n_valid = valid.iter().filter(|&&v| v).count();
+    let mean_factor = match reduction {
         Reduction::Mean if n_valid > 0 => 1.0 / n_valid as f64,
         Reduction::Mean => 0.0,
         Reduction::Sum | Reduction::None => 1.0,
     };
-    if let Some(up) = options.upstream {
+    if let Some(up) = upstream {
         if up.len() != b {
             return Err(Error::invalid(
                 "upstream",
@@ -716,66 +719,60 @@ fn fused_loss<T: Real>(
             ));
         }
     }
-    let row_weight: Vec<f64> = p
-        .valid
+    let weights = valid
         .iter()
         .enumerate()
-        .map(|(i, &valid)| match (valid, options.upstream) {
+        .map(|(i, &v)| match (v, upstream) {
             (false, _) => 0.0,
-            (true, None) => valid_weight,
-            (true, Some(up)) => valid_weight * up[i],
+            (true, None) => mean_factor,
+            (true, Some(up)) => mean_factor * up[i],
         })
         .collect();
-    let (want_emb, want_weight) = (options.grad_emb, options.grad_weight);
+    Ok((weights, mean_factor))
+}
 
-    let mut grad_w = zeroed_for_huge_pages::<T>(c * d);
-    if n_valid == 0 {
-        // Every row ignored: nothing to compute, and the stash must not leak into grad_w.
-        return Ok(LossOutput {
-            loss: 0.0,
-            row_losses: vec![0.0; b],
-            grad_emb: want_emb.then(|| Array2::zeros((b, d))),
-            grad_weight: want_weight
-                .then(|| Array2::from_shape_vec((c, d), grad_w).expect("gradient shape")),
-        });
+/// The class tiles of one head call: the prepared rows, the class centres as the GEMMs read
+/// them, and the tile width.
+struct Tiles<'a, T> {
+    p: &'a Prepared<T>,
+    weight: ArrayView2<'a, T>,
+    inv: &'a [T],
+    ct: usize,
+}
+
+impl<T: Real> Tiles<'_, T> {
+    /// Class tile `t`: its first class, its rows of W and their 1/||w||.
+    fn tile(&self, t: usize) -> (usize, ArrayView2<'_, T>, &[T]) {
+        let c = self.weight.nrows();
+        let lo = t * self.ct;
+        let w_tile = self.weight.slice(s![lo..(lo + self.ct).min(c), ..]);
+        let width = w_tile.nrows();
+        (lo, w_tile, &self.inv[lo..lo + width])
     }
-    let mut dxhat = Array2::<T>::zeros((b, d));
-    let mut row_losses = vec![0.0; b];
-    let mut norm_term = vec![0.0; b];
 
-    let mut stash = if stash_in_grad {
-        Vec::new()
-    } else {
-        vec![T::zero(); chunk_rows * c]
-    };
-    let mut tile_max = vec![T::zero(); c.div_ceil(ct) * chunk_rows];
-    let w_inv = &centres.inv;
-
-    for start in (0..b).step_by(chunk_rows) {
-        let rows = start..(start + chunk_rows).min(b);
+    /// Pass 1 over `rows`: every tile's logits, turned into `exp(z - tile_max)` in its slot
+    /// of `slots` (`slot_len` values each), and the rows' statistics merged across tiles
+    /// (the target logits filled in).
+    fn pass1(
+        &self,
+        rows: Range<usize>,
+        slots: &mut [T],
+        slot_len: usize,
+        tile_max: &mut [T],
+    ) -> Vec<RowPart> {
         let nr = rows.len();
-        let xhat_rows = p.xhat.slice(s![rows.clone(), ..]);
-
-        // Pass 1: logits of every tile, turned into exp(z - tile_max) in its stash slot;
-        // softmax statistics per row merged across tiles.
-        let slots = if stash_in_grad {
-            grad_w.par_chunks_mut(ct * d)
-        } else {
-            stash[..nr * c].par_chunks_mut(nr * ct)
-        };
-        let stats = slots
+        let mut stats = slots
+            .par_chunks_mut(slot_len)
             .zip(tile_max.par_chunks_mut(nr))
             .enumerate()
             .fold(
                 || vec![RowPart::EMPTY; nr],
                 |mut acc: Vec<RowPart>, (t, (slot, tmax))| {
-                    let lo = t * ct;
-                    let w_tile = weight.slice(s![lo..(lo + ct).min(c), ..]);
+                    let (lo, w_tile, inv) = self.tile(t);
                     let width = w_tile.nrows();
-                    let inv = &w_inv[lo..lo + width];
                     let z = &mut slot[..nr * width];
                     let view = ArrayViewMut2::from_shape((nr, width), &mut *z).expect("tile shape");
-                    p.logits_tile(rows.clone(), lo, w_tile, inv, view);
+                    self.p.logits_tile(rows.clone(), lo, w_tile, inv, view);
                     for (r, zrow) in z.chunks_exact_mut(width).enumerate() {
                         let st = RowPart::exp_row(zrow);
                         tmax[r] = T::of(st.max);
@@ -788,45 +785,38 @@ fn fused_loss<T: Real>(
                 || vec![RowPart::EMPTY; nr],
                 |a, b| a.iter().zip(&b).map(|(x, y)| x.merge(*y)).collect(),
             );
-        let mut stats = stats;
-        for (st, i) in stats.iter_mut().zip(rows.clone()) {
-            st.target_logit = p.target_logit[i];
+        for (st, i) in stats.iter_mut().zip(rows) {
+            st.target_logit = self.p.target_logit[i];
         }
-        if let Some(sh) = shard.as_mut() {
-            (sh.combine)(&mut stats, false)?;
-        }
-        let first_shard = shard.as_ref().is_none_or(|sh| sh.first_shard);
-        let lse: Vec<f64> = stats.iter().map(|st| st.max + st.sum.ln()).collect();
-        for (local, i) in rows.clone().enumerate() {
-            if p.valid[i] {
-                let target_logit = stats[local].target_logit;
-                row_losses[i] = lse[local] - target_logit;
-                if p.feature_norm_scale && first_shard {
-                    let pz = stats[local].sum_ez / stats[local].sum;
-                    norm_term[i] = row_weight[i] * (pz - target_logit) / p.row_scale[i];
-                }
-            }
-        }
+        stats
+    }
 
-        if !want_emb && !want_weight {
-            continue;
-        }
-        // Pass 2: G from the stash; dX̂ += G·Ŵ; the dW rows of each tile.
-        let lr = LossRows {
-            rows: rows.clone(),
-            lse: &lse,
-            row_weight: &row_weight[rows.clone()],
-        };
+    /// Pass 2 over the rows of `lr`: G from the stash (`stash`, or the tiles' own rows of
+    /// `grad_w` when None), `dX̂ += G·Ŵ` (returned for these rows), and each tile's rows of
+    /// dW written (over the stash) or accumulated over row chunks.
+    #[allow(clippy::too_many_arguments)]
+    fn pass2(
+        &self,
+        lr: &LossRows,
+        xhat_rows: ArrayView2<T>,
+        tile_max: &[T],
+        stash: Option<&[T]>,
+        grad_w: &mut [T],
+        want_emb: bool,
+        want_weight: bool,
+    ) -> Array2<T> {
+        let (nr, d, ct) = (lr.rows.len(), self.p.d, self.ct);
         // `own_stash` is None when the stash lives in `grad_tile` itself.
         let step = |mut acc: Pass2<T>, t: usize, own_stash: Option<&[T]>, grad_tile: &mut [T]| {
-            let lo = t * ct;
-            let w_tile = weight.slice(s![lo..(lo + ct).min(c), ..]);
+            let (lo, w_tile, inv) = self.tile(t);
             let width = w_tile.nrows();
             let tmax = &tile_max[t * nr..(t + 1) * nr];
-            let inv = &w_inv[lo..lo + width];
             match own_stash {
-                Some(e) => p.loss_grad_tile(&lr, lo, e, tmax, inv, &mut acc),
-                None => p.loss_grad_tile(&lr, lo, &grad_tile[..nr * width], tmax, inv, &mut acc),
+                Some(e) => self.p.loss_grad_tile(lr, lo, e, tmax, inv, &mut acc),
+                None => {
+                    let e = &grad_tile[..nr * width];
+                    self.p.loss_grad_tile(lr, lo, e, tmax, inv, &mut acc)
+                }
             }
             // Overwrite the tile's gradient rows when they held the stash, else accumulate
             // over row chunks.
@@ -845,23 +835,127 @@ fn fused_loss<T: Real>(
             acc
         };
         let new_acc = || Pass2::new(nr, d, ct);
-        let acc = if stash_in_grad {
-            grad_w
+        let acc = match stash {
+            None => grad_w
                 .par_chunks_mut(ct * d)
                 .enumerate()
                 .fold(new_acc, |acc, (t, grad_tile)| step(acc, t, None, grad_tile))
-                .reduce(new_acc, Pass2::add)
-        } else {
-            stash[..nr * c]
+                .reduce(new_acc, Pass2::add),
+            Some(stash) => stash
                 .par_chunks(nr * ct)
                 .zip(grad_w.par_chunks_mut(ct * d))
                 .enumerate()
                 .fold(new_acc, |acc, (t, (e, grad_tile))| {
                     step(acc, t, Some(e), grad_tile)
                 })
-                .reduce(new_acc, Pass2::add)
+                .reduce(new_acc, Pass2::add),
         };
-        dxhat.slice_mut(s![rows, ..]).assign(&acc.dxhat);
+        acc.dxhat
+    }
+}
+
+fn fused_loss<T: Real>(
+    emb: ArrayView2<T>,
+    weight: ArrayView2<T>,
+    labels: &[i64],
+    margin: &Margin,
+    options: LossOptions,
+    stash_budget_bytes: usize,
+    mut shard: Option<&mut ShardOptions>,
+) -> Result<LossOutput<T>> {
+    let reduction = options.reduction;
+    let mut p = Prepared::new_shard(emb, weight, labels, margin, shard.is_some())?;
+    let (b, c, d) = (p.b(), p.c, p.d);
+    let chunk_classes = shard.as_ref().map_or(c, |sh| sh.stash_classes.max(1));
+    let plan = ChunkPlan::new::<T>(b, c, d, chunk_classes, stash_budget_bytes);
+    let centres = match Centres::new(weight) {
+        Ok(centres) => centres,
+        Err(e) => {
+            if let Some(sh) = shard.as_mut() {
+                // The other shards wait in the first chunk's collective: join it as failed,
+                // so that they stop too.
+                let _ = (sh.combine)(&mut vec![RowPart::EMPTY; plan.chunk_rows], true);
+            }
+            return Err(e);
+        }
+    };
+    p.set_targets(&centres, margin);
+    let (row_weight, mean_factor) = row_weights(&p.valid, reduction, options.upstream)?;
+    let (want_emb, want_weight) = (options.grad_emb, options.grad_weight);
+
+    let mut grad_w = zeroed_for_huge_pages::<T>(c * d);
+    if !p.valid.iter().any(|&v| v) {
+        // Every row ignored: nothing to compute, and the stash must not leak into grad_w.
+        return Ok(LossOutput {
+            loss: 0.0,
+            row_losses: vec![0.0; b],
+            grad_emb: want_emb.then(|| Array2::zeros((b, d))),
+            grad_weight: want_weight
+                .then(|| Array2::from_shape_vec((c, d), grad_w).expect("gradient shape")),
+        });
+    }
+    let tiles = Tiles {
+        p: &p,
+        weight: centres.view(),
+        inv: &centres.inv,
+        ct: plan.ct,
+    };
+    let ct = plan.ct;
+    let mut dxhat = Array2::<T>::zeros((b, d));
+    let mut row_losses = vec![0.0; b];
+    let mut norm_term = vec![0.0; b];
+    let mut stash = if plan.stash_in_grad {
+        Vec::new()
+    } else {
+        vec![T::zero(); plan.chunk_rows * c]
+    };
+    let mut tile_max = vec![T::zero(); c.div_ceil(ct) * plan.chunk_rows];
+
+    for start in (0..b).step_by(plan.chunk_rows) {
+        let rows = start..(start + plan.chunk_rows).min(b);
+        let nr = rows.len();
+        let mut stats = if plan.stash_in_grad {
+            tiles.pass1(rows.clone(), &mut grad_w, ct * d, &mut tile_max)
+        } else {
+            tiles.pass1(rows.clone(), &mut stash[..nr * c], nr * ct, &mut tile_max)
+        };
+        // Shard combine: every shard's statistics merged into those of the whole head.
+        if let Some(sh) = shard.as_mut() {
+            (sh.combine)(&mut stats, false)?;
+        }
+        let first_shard = shard.as_ref().is_none_or(|sh| sh.first_shard);
+        let lse: Vec<f64> = stats.iter().map(|st| st.max + st.sum.ln()).collect();
+        for (local, i) in rows.clone().enumerate() {
+            if p.valid[i] {
+                let target_logit = stats[local].target_logit;
+                row_losses[i] = lse[local] - target_logit;
+                if p.feature_norm_scale && first_shard {
+                    let pz = stats[local].sum_ez / stats[local].sum;
+                    norm_term[i] = row_weight[i] * (pz - target_logit) / p.row_scale[i];
+                }
+            }
+        }
+        if !want_emb && !want_weight {
+            continue;
+        }
+        let lr = LossRows {
+            rows: rows.clone(),
+            lse: &lse,
+            row_weight: &row_weight[rows.clone()],
+        };
+        let xhat_rows = p.xhat.slice(s![rows.clone(), ..]);
+        // (lazily: when the stash lives in grad_w, `stash` is empty)
+        let own_stash = (!plan.stash_in_grad).then(|| &stash[..nr * c]);
+        let dx = tiles.pass2(
+            &lr,
+            xhat_rows,
+            &tile_max,
+            own_stash,
+            &mut grad_w,
+            want_emb,
+            want_weight,
+        );
+        dxhat.slice_mut(s![rows, ..]).assign(&dx);
     }
 
     let grad_emb = want_emb.then(|| p.finish_grad_emb(dxhat, &norm_term));
@@ -872,7 +966,7 @@ fn fused_loss<T: Real>(
         want_weight.then(|| Array2::from_shape_vec((c, d), grad_w).expect("gradient shape"));
     let total: f64 = row_losses.iter().sum();
     let loss = match reduction {
-        Reduction::Mean => total * valid_weight,
+        Reduction::Mean => total * mean_factor,
         Reduction::Sum | Reduction::None => total,
     };
     Ok(LossOutput {
