@@ -11,13 +11,13 @@ __all__ = [
     "GalleryFileError",
     "Margin",
     "__version__",
+    "_cuda_margin_loss",
     "_panic_for_tests",
     "apply_margin",
     "apply_margin_backward",
     "cuda_available",
     "cuda_feature",
     "cuda_head_workspace_bytes",
-    "cuda_margin_loss",
     "cosine_topk",
     "margin_logits",
     "margin_logits_backward",
@@ -104,7 +104,7 @@ def num_threads() -> int: ...
 def _panic_for_tests(message: str) -> None: ...
 def cuda_available() -> bool: ...
 def cuda_head_workspace_bytes(b: int, c: int, d: int, dtype: str, grad_weight: bool) -> int: ...
-def cuda_margin_loss(
+def _cuda_margin_loss(
     device: int,
     stream: int,
     b: int,

@@ -16,10 +16,10 @@ _CUDA_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 
 def _launch_cuda(shape: tuple[int, int, int], dtype: str, spec: Any, *tensors: Tensor | None):
     """Queues the fused head on torch's current stream over the tensors' memory (in the
-    order of ``_core.cuda_margin_loss``; None skips a gradient)."""
+    order of ``_core._cuda_margin_loss``; None skips a gradient)."""
     device = tensors[0].device  # type: ignore[union-attr]
     index = torch.cuda.current_device() if device.index is None else device.index
-    _core.cuda_margin_loss(
+    _core._cuda_margin_loss(
         index,
         torch.cuda.current_stream(device).cuda_stream,
         *shape,

@@ -70,15 +70,17 @@ pub(super) fn cuda_head_workspace_bytes(
     }
 }
 
-/// Queues the fused head on CUDA stream `stream` of device `device`, over device addresses
-/// of contiguous tensors that the caller (arcface_rs.torch) allocated and keeps alive: see
+/// Private (`_core._cuda_margin_loss`, called by `arcface_rs._torch_cuda` only): queues the
+/// fused head on CUDA stream `stream` of device `device`, over device addresses of
+/// contiguous tensors that the caller allocated and keeps alive: see
 /// `cuda::head::HeadBuffers` for each one's shape and meaning. Addresses of 0 skip a
-/// gradient.
+/// gradient; the others must be non-zero and aligned to their element type, and the shape
+/// non-empty (checked before anything is queued).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-#[pyo3(signature = (device, stream, b, c, d, dtype, margin, emb, weight, labels, row_weight,
-                    row_loss, grad_emb, grad_weight, bad, workspace))]
+#[pyo3(name = "_cuda_margin_loss", signature = (device, stream, b, c, d, dtype, margin, emb,
+        weight, labels, row_weight, row_loss, grad_emb, grad_weight, bad, workspace))]
 pub(super) fn cuda_margin_loss(
     py: Python<'_>,
     device: usize,
@@ -101,12 +103,30 @@ pub(super) fn cuda_margin_loss(
     #[cfg(feature = "cuda")]
     {
         use crate::cuda::head::{margin_loss, HeadBuffers, HeadShape, Tiling};
-        let shape = HeadShape {
-            b,
-            c,
-            d,
-            elem: cuda_elem(dtype)?,
-        };
+        let elem = cuda_elem(dtype)?;
+        if b == 0 || c == 0 || d == 0 {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "shape: b, c and d must be >= 1, got ({b}, {c}, {d})"
+            )));
+        }
+        let real = if dtype == "float64" { 8 } else { 4 };
+        for (name, address, align, required) in [
+            ("emb", emb, real, true),
+            ("weight", weight, real, true),
+            ("labels", labels, 8, true),
+            ("row_weight", row_weight, 8, true),
+            ("row_loss", row_loss, 8, true),
+            ("grad_emb", grad_emb, real, false),
+            ("grad_weight", grad_weight, real, false),
+            ("bad", bad, 4, true),
+        ] {
+            if (required && address == 0) || address % align != 0 {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "{name}: device address {address:#x} is null or not aligned to {align} bytes"
+                )));
+            }
+        }
+        let shape = HeadShape { b, c, d, elem };
         let buffers = HeadBuffers {
             emb,
             weight,
