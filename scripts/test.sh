@@ -42,6 +42,21 @@ python_stage() {
 
     echo "== pytest"
     "$PY" -m pytest tests
+
+    # The kernels at every lower SIMD level this CPU supports (ARCFACE_RS_SIMD caps the
+    # dispatch): the Rust kernel tests and the Python tests of the heads and the search.
+    local best level
+    best=$("$PY" -c "import arcface_rs; print(arcface_rs.simd_level())")
+    for level in avx2 scalar; do
+        [ "$level" = "$best" ] && continue
+        if ! ARCFACE_RS_SIMD=$level "$PY" -c "import arcface_rs" 2>/dev/null; then
+            continue
+        fi
+        echo "== kernels at ARCFACE_RS_SIMD=$level (this CPU's best: $best)"
+        ARCFACE_RS_SIMD=$level cargo test --quiet --lib -- kernels search head
+        ARCFACE_RS_SIMD=$level "$PY" -m pytest -q -p no:cacheprovider tests/test_heads.py \
+            tests/test_search.py tests/test_gallery.py tests/test_simd.py
+    done
 }
 
 cuda_stage() {

@@ -10,7 +10,97 @@ use crate::real::Real;
 /// Accumulator lanes: enough independent chains to fill a 512-bit register of f32.
 const LANES: usize = 16;
 
+/// The instruction sets the kernels are compiled for, best last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SimdLevel {
+    /// The portable loops (any CPU).
+    Scalar = 1,
+    /// AVX2 + FMA.
+    Avx2 = 3,
+    /// AVX-512 F/VL/BW/DQ + FMA.
+    Avx512 = 4,
+}
+
+impl SimdLevel {
+    pub fn name(self) -> &'static str {
+        match self {
+            SimdLevel::Scalar => "scalar",
+            SimdLevel::Avx2 => "avx2",
+            SimdLevel::Avx512 => "avx512",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "scalar" => Some(SimdLevel::Scalar),
+            "avx2" => Some(SimdLevel::Avx2),
+            "avx512" => Some(SimdLevel::Avx512),
+            _ => None,
+        }
+    }
+
+    /// The best level this CPU supports.
+    pub fn detected() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512dq")
+                && is_x86_feature_detected!("fma")
+            {
+                return SimdLevel::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return SimdLevel::Avx2;
+            }
+        }
+        SimdLevel::Scalar
+    }
+
+    /// The level `ARCFACE_RS_SIMD` asks for (unset: the best detected). A level this CPU
+    /// lacks, or an unknown name, is an error naming what the CPU can do.
+    pub fn from_env(value: Option<&str>) -> Result<Self, String> {
+        let best = SimdLevel::detected();
+        let Some(value) = value.filter(|v| !v.trim().is_empty()) else {
+            return Ok(best);
+        };
+        match SimdLevel::parse(value) {
+            None => Err(format!(
+                "ARCFACE_RS_SIMD={value:?}: must be avx512, avx2 or scalar (this CPU's best \
+                 level is {})",
+                best.name()
+            )),
+            Some(asked) if asked > best => Err(format!(
+                "ARCFACE_RS_SIMD={value:?}: this CPU lacks {}; its best level is {}",
+                asked.name(),
+                best.name()
+            )),
+            Some(asked) => Ok(asked),
+        }
+    }
+}
+
+/// The level in force: the best the CPU has, capped by `ARCFACE_RS_SIMD` (read once, at
+/// first use). An invalid value falls back to the best level here; [`simd_check`] reports
+/// it (the Python module refuses to import with it).
+pub fn simd_in_use() -> SimdLevel {
+    use std::sync::OnceLock;
+    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let value = std::env::var("ARCFACE_RS_SIMD").ok();
+        SimdLevel::from_env(value.as_deref()).unwrap_or_else(|_| SimdLevel::detected())
+    })
+}
+
+/// The error of an invalid `ARCFACE_RS_SIMD`, if it is set to one.
+pub fn simd_check() -> Result<(), String> {
+    let value = std::env::var("ARCFACE_RS_SIMD").ok();
+    SimdLevel::from_env(value.as_deref()).map(|_| ())
+}
+
 #[cfg(target_arch = "x86_64")]
+#[inline]
 fn simd_level() -> u8 {
     use std::sync::atomic::{AtomicU8, Ordering};
     static LEVEL: AtomicU8 = AtomicU8::new(0);
@@ -18,18 +108,7 @@ fn simd_level() -> u8 {
     if cached != 0 {
         return cached;
     }
-    let level = if is_x86_feature_detected!("avx512f")
-        && is_x86_feature_detected!("avx512vl")
-        && is_x86_feature_detected!("avx512bw")
-        && is_x86_feature_detected!("avx512dq")
-        && is_x86_feature_detected!("fma")
-    {
-        4
-    } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        3
-    } else {
-        1
-    };
+    let level = simd_in_use() as u8;
     LEVEL.store(level, Ordering::Relaxed);
     level
 }
@@ -353,6 +432,27 @@ pub fn exp_f32(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_simd_cap_parses_and_refuses_what_the_cpu_lacks() {
+        let best = SimdLevel::detected();
+        assert_eq!(SimdLevel::from_env(None), Ok(best));
+        assert_eq!(SimdLevel::from_env(Some("")), Ok(best));
+        assert_eq!(SimdLevel::from_env(Some("scalar")), Ok(SimdLevel::Scalar));
+        assert_eq!(
+            SimdLevel::from_env(Some(" AVX2 ")).is_ok(),
+            best >= SimdLevel::Avx2
+        );
+        let err = SimdLevel::from_env(Some("sse9")).unwrap_err();
+        assert!(err.contains(best.name()), "{err}");
+        if best < SimdLevel::Avx512 {
+            let err = SimdLevel::from_env(Some("avx512")).unwrap_err();
+            assert!(
+                err.contains("lacks avx512") && err.contains(best.name()),
+                "{err}"
+            );
+        }
+    }
 
     #[test]
     fn norm_is_accurate_for_every_finite_row() {

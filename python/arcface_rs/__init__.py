@@ -5,7 +5,7 @@ NumPy API; ``arcface_rs.torch`` holds the PyTorch modules (needs torch), and
 ``arcface_rs.metrics`` the verification metrics.
 """
 
-from ._core import GalleryFileError, __version__, num_threads
+from ._core import GalleryFileError, __version__, num_threads, simd_level
 from ._cuda import cuda_available
 from ._gallery import Gallery
 from ._heads import (
@@ -36,4 +36,5 @@ __all__ = [
     "margin_logits_backward",
     "margin_loss",
     "num_threads",
+    "simd_level",
 ]

@@ -30,8 +30,18 @@ fn _panic_for_tests(py: Python<'_>, message: String) -> PyResult<()> {
     run(py, || -> () { panic!("{message}") })
 }
 
+/// The instruction set the kernels run: "avx512", "avx2" or "scalar" (the best the CPU has,
+/// capped by ARCFACE_RS_SIMD).
+#[pyfunction]
+fn simd_level() -> &'static str {
+    crate::kernels::simd_in_use().name()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // An ARCFACE_RS_SIMD the CPU cannot honour is refused at import, not silently ignored.
+    crate::kernels::simd_check().map_err(pyo3::exceptions::PyValueError::new_err)?;
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
     m.add("GalleryFileError", m.py().get_type::<GalleryFileError>())?;
     m.add_class::<margin::PyMargin>()?;

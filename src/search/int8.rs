@@ -36,7 +36,8 @@ pub(crate) fn available() -> bool {
         use std::sync::OnceLock;
         static HAS: OnceLock<bool> = OnceLock::new();
         *HAS.get_or_init(|| {
-            is_x86_feature_detected!("avx512f")
+            crate::kernels::simd_in_use() == crate::kernels::SimdLevel::Avx512
+                && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vnni")
         })
