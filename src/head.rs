@@ -124,11 +124,6 @@ fn row_norms<T: Real>(m: ArrayView2<T>, arg: &'static str) -> Result<Vec<f64>> {
     }
 }
 
-/// Whether the head's products over a row of this norm stay normal numbers of `T`.
-fn in_safe_range<T: Real>(norm: f64) -> bool {
-    norm <= T::SAFE_SCALE && norm >= 1.0 / T::SAFE_SCALE
-}
-
 /// `v` as `T`, kept finite (for the rare gradient rows of tiny or huge input rows).
 fn saturate<T: Real>(v: f64) -> T {
     T::of(v.clamp(-T::MAX, T::MAX))
@@ -155,7 +150,7 @@ impl<'a, T: Real> Centres<'a, T> {
         };
         let norms = row_norms(rows.view(), "weight")?;
         let outside: Vec<usize> = (0..norms.len())
-            .filter(|&j| !in_safe_range::<T>(norms[j]))
+            .filter(|&j| !kernels::norm_in_safe_range::<T>(norms[j]))
             .collect();
         if outside.is_empty() {
             let inv = norms.iter().map(|n| T::of(1.0 / n)).collect();
@@ -171,7 +166,7 @@ impl<'a, T: Real> Centres<'a, T> {
         for j in outside {
             let mut row = owned.row_mut(j);
             let row = row.as_slice_mut().expect("standard layout");
-            crate::search::rescale_row(row, norms[j]);
+            kernels::rescale_row(row, norms[j]);
             let scaled_norm = kernels::norm(row);
             inv[j] = T::of(1.0 / scaled_norm);
             rescaled.push((j, scaled_norm / norms[j].max(T::GRAD_NORM_MIN)));

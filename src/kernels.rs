@@ -372,6 +372,24 @@ pub fn norm<T: Real>(a: &[T]) -> f64 {
     peak * scaled.sqrt()
 }
 
+/// Whether products over a row of this norm stay normal numbers of `T` (see
+/// `Real::SAFE_SCALE`); rows outside are rescaled with [`rescale_row`] first. NaN is not.
+#[inline]
+pub fn norm_in_safe_range<T: Real>(norm: f64) -> bool {
+    norm <= T::SAFE_SCALE && norm >= 1.0 / T::SAFE_SCALE
+}
+
+/// `row` scaled by a power of two so that its norm is about 1 (exact: only the exponent
+/// changes, up to the rounding of entries that leave the denormal range).
+pub fn rescale_row<T: Real>(row: &mut [T], norm: f64) {
+    let e = -(norm.log2().round() as i32);
+    // in two steps: 2^e itself need not be a normal f64
+    let (lo, hi) = (2f64.powi(e / 2), 2f64.powi(e - e / 2));
+    for v in row.iter_mut() {
+        *v = T::of(v.f64() * lo * hi);
+    }
+}
+
 /// `out = a / norm` (the unit row), exact to rounding for any finite non-zero norm:
 /// multiplies by the reciprocal where it is representable in `T`, else divides in f64.
 pub fn unit_into<T: Real>(a: &[T], norm: f64, out: &mut [T]) {

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from . import _core
 from ._margins import Margin
+from ._torch_ops import _no_double_backward
 
 __all__ = ["ShardedMarginHead", "ddp_sum_hook", "merge_shards", "shard_range", "split_weight"]
 
@@ -151,12 +152,7 @@ class _ShardedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "arcface_rs: double backward (create_graph=True) through ShardedMarginHead "
-                "is not supported: its gradient has no graph, so a gradient penalty would "
-                "silently be zero"
-            )
+        _no_double_backward()
         g_emb, g_w = ctx.grads
         del ctx.grads
         # The gradients are ours alone: scale them in place rather than allocate another

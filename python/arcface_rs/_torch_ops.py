@@ -229,7 +229,8 @@ def _no_double_backward() -> None:
     if torch.is_grad_enabled():
         raise RuntimeError(
             "arcface_rs: double backward (create_graph=True) through the fused margin ops "
-            "is not supported: their gradient has no graph, so a gradient penalty would "
+            "(and ShardedMarginHead) is not supported: their gradient has no graph, so a "
+            "gradient penalty would "
             "silently be zero. Compute such a penalty on a plain PyTorch head instead."
         )
 

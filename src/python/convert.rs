@@ -16,7 +16,7 @@ pyo3::create_exception!(
 /// The core's error as the Python exception of its kind: ValueError for bad arguments,
 /// an OSError subclass chosen by errno (FileNotFoundError, PermissionError, ...) for the
 /// file system, GalleryFileError for damaged files, RuntimeError for the device.
-pub(super) fn value_error(e: crate::Error) -> PyErr {
+pub(super) fn to_py_err(e: crate::Error) -> PyErr {
     use crate::error::ErrorKind;
     let message = e.to_string();
     match e.kind {

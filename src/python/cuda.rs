@@ -4,7 +4,7 @@
 #[cfg(feature = "cuda")]
 use super::convert::run;
 #[cfg(feature = "cuda")]
-use super::convert::value_error;
+use super::convert::to_py_err;
 use super::margin::PyMargin;
 use pyo3::prelude::*;
 
@@ -109,7 +109,7 @@ pub(super) fn cuda_margin_loss(
                 "shape: b, c and d must be >= 1, got ({b}, {c}, {d})"
             )));
         }
-        let real = if dtype == "float64" { 8 } else { 4 };
+        let real = elem.size() as u64;
         for (name, address, align, required) in [
             ("emb", emb, real, true),
             ("weight", weight, real, true),
@@ -144,7 +144,7 @@ pub(super) fn cuda_margin_loss(
                 margin_loss(s, shape, &margin, &buffers, Tiling::default())
             })
         })?
-        .map_err(value_error)
+        .map_err(to_py_err)
     }
     #[cfg(not(feature = "cuda"))]
     {

@@ -1,6 +1,6 @@
 //! `Gallery`: enrolled embeddings behind a lock, searched, identified, saved and loaded.
 
-use super::convert::{detached, run, value_error};
+use super::convert::{detached, run, to_py_err};
 use crate::search::gallery::{Dtype, Gallery};
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
@@ -75,9 +75,9 @@ impl PyGallery {
 impl PyGallery {
     #[new]
     fn new(dim: usize, dtype: &str) -> PyResult<Self> {
-        let dtype = Dtype::parse(dtype).map_err(value_error)?;
+        let dtype = Dtype::parse(dtype).map_err(to_py_err)?;
         Ok(PyGallery::wrap(
-            Gallery::new(dim, dtype).map_err(value_error)?,
+            Gallery::new(dim, dtype).map_err(to_py_err)?,
         ))
     }
 
@@ -91,16 +91,14 @@ impl PyGallery {
     ) -> PyResult<Bound<'py, PyArray1<i64>>> {
         let emb = emb.as_array();
         let ids = ids.as_ref().map(|i| i.as_array());
-        let out = self
-            .writing(py, |g| g.add(emb, ids))?
-            .map_err(value_error)?;
+        let out = self.writing(py, |g| g.add(emb, ids))?.map_err(to_py_err)?;
         Ok(out.into_pyarray(py))
     }
 
     /// Removes the rows with these ids (all must be present); returns how many.
     fn remove(&self, py: Python<'_>, ids: PyReadonlyArray1<'_, i64>) -> PyResult<usize> {
         let ids = ids.as_array();
-        self.writing(py, |g| g.remove(ids))?.map_err(value_error)
+        self.writing(py, |g| g.remove(ids))?.map_err(to_py_err)
     }
 
     /// (scores float32 (Q, k) best first, ids int64 (Q, k)); -1 / -inf pad when k > len.
@@ -111,7 +109,7 @@ impl PyGallery {
         k: usize,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let q = queries.as_array();
-        let r = self.reading(py, |g| g.search(q, k))?.map_err(value_error)?;
+        let r = self.reading(py, |g| g.search(q, k))?.map_err(to_py_err)?;
         (r.scores.into_pyarray(py), r.indices.into_pyarray(py)).into_pyobject(py)
     }
 
@@ -134,7 +132,7 @@ impl PyGallery {
                     let generation = generation.load(Ordering::SeqCst);
                     self.gpu.search(gallery, generation, q, k, device)
                 })?
-                .map_err(value_error)?;
+                .map_err(to_py_err)?;
             (r.scores.into_pyarray(py), r.indices.into_pyarray(py)).into_pyobject(py)
         }
         #[cfg(not(feature = "cuda"))]
@@ -153,7 +151,7 @@ impl PyGallery {
         let q = queries.as_array();
         let (ids, scores) = self
             .reading(py, |g| g.identify(q, threshold))?
-            .map_err(value_error)?;
+            .map_err(to_py_err)?;
         (ids.into_pyarray(py), scores.into_pyarray(py)).into_pyobject(py)
     }
 
@@ -177,7 +175,7 @@ impl PyGallery {
     /// Writes the gallery to `path` (safetensors) atomically.
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
         self.reading(py, |g| crate::search::file::save(g, &path))?
-            .map_err(value_error)
+            .map_err(to_py_err)
     }
 
     /// Reads a gallery written by `save`; a damaged file is a ValueError. `mmap`: leave the
@@ -192,7 +190,7 @@ impl PyGallery {
                 crate::search::file::load(&path)
             }
         })?
-        .map_err(value_error)?;
+        .map_err(to_py_err)?;
         Ok(PyGallery::wrap(g))
     }
 

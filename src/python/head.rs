@@ -2,7 +2,7 @@
 //! backward, and the margin on a cosine matrix.
 
 use super::convert::{
-    labels_vec, parse_reduction, run, same_dtype_error, same_floats, value_error, Floats,
+    labels_vec, parse_reduction, run, same_dtype_error, same_floats, to_py_err, Floats,
 };
 use super::margin::PyMargin;
 use crate::head::{self, LossOptions, RowPart};
@@ -87,7 +87,7 @@ fn loss_typed<'py, T: Real + Element>(
     if let Some(err) = raised {
         return Err(err);
     }
-    let out = out.map_err(value_error)?;
+    let out = out.map_err(to_py_err)?;
     (
         out.loss,
         PyArray1::from_vec(py, out.row_losses),
@@ -179,7 +179,7 @@ fn logits_typed<'py, T: Real + Element>(
     margin: &Margin,
 ) -> PyResult<Bound<'py, PyAny>> {
     let (e, w) = (emb.as_array(), weight.as_array());
-    let out = run(py, || head::margin_logits(e, w, labels, margin))?.map_err(value_error)?;
+    let out = run(py, || head::margin_logits(e, w, labels, margin))?.map_err(to_py_err)?;
     Ok(out.into_pyarray(py).into_any())
 }
 
@@ -212,7 +212,7 @@ fn logits_backward_typed<'py, T: Real + Element>(
 ) -> PyResult<Bound<'py, PyTuple>> {
     let (g, e, w) = (grad.as_array(), emb.as_array(), weight.as_array());
     let (ge, gw) =
-        run(py, || head::margin_logits_backward(g, e, w, labels, margin))?.map_err(value_error)?;
+        run(py, || head::margin_logits_backward(g, e, w, labels, margin))?.map_err(to_py_err)?;
     (ge.into_pyarray(py), gw.into_pyarray(py)).into_pyobject(py)
 }
 
@@ -257,12 +257,12 @@ pub(super) fn apply_margin<'py>(
         Floats::F32(c) => {
             let c = c.as_array();
             let out = run(py, || head::apply_margin(c, &labels, m))?;
-            out.map_err(value_error)?.into_pyarray(py).into_any()
+            out.map_err(to_py_err)?.into_pyarray(py).into_any()
         }
         Floats::F64(c) => {
             let c = c.as_array();
             let out = run(py, || head::apply_margin(c, &labels, m))?;
-            out.map_err(value_error)?.into_pyarray(py).into_any()
+            out.map_err(to_py_err)?.into_pyarray(py).into_any()
         }
     })
 }
@@ -285,6 +285,6 @@ pub(super) fn apply_margin_backward<'py>(
     same_floats!("grad_logits and cos", arrays, |g, c| {
         let (g, c) = (g.as_array(), c.as_array());
         let out = run(py, || head::apply_margin_backward(g, c, &labels, m))?;
-        Ok(out.map_err(value_error)?.into_pyarray(py).into_any())
+        Ok(out.map_err(to_py_err)?.into_pyarray(py).into_any())
     })
 }

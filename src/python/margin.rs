@@ -1,6 +1,6 @@
 //! `Margin`: the validated margin object each Python margin class holds.
 
-use super::convert::value_error;
+use super::convert::to_py_err;
 use crate::margin::{Margin, Scale};
 use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn};
 use pyo3::prelude::*;
@@ -14,7 +14,7 @@ impl PyMargin {
     /// Normalised softmax, no margin.
     #[staticmethod]
     fn softmax(s: f64) -> PyResult<Self> {
-        Margin::softmax(s).map(PyMargin).map_err(value_error)
+        Margin::softmax(s).map(PyMargin).map_err(to_py_err)
     }
 
     /// ArcFace: psi = cos(theta + m).
@@ -22,13 +22,13 @@ impl PyMargin {
     fn arcface(s: f64, m: f64, easy_margin: bool) -> PyResult<Self> {
         Margin::arcface(s, m, easy_margin)
             .map(PyMargin)
-            .map_err(value_error)
+            .map_err(to_py_err)
     }
 
     /// CosFace: psi = cos(theta) - m.
     #[staticmethod]
     fn cosface(s: f64, m: f64) -> PyResult<Self> {
-        Margin::cosface(s, m).map(PyMargin).map_err(value_error)
+        Margin::cosface(s, m).map(PyMargin).map_err(to_py_err)
     }
 
     /// SphereFace (A-Softmax) with integer m; s=None scales by the feature norm.
@@ -37,7 +37,7 @@ impl PyMargin {
     fn sphereface(m: i64, s: Option<f64>, lambda_: f64) -> PyResult<Self> {
         Margin::sphereface(m, s, lambda_)
             .map(PyMargin)
-            .map_err(value_error)
+            .map_err(to_py_err)
     }
 
     /// Combined margin: psi = cos(m1 theta + m2) - m3.
@@ -45,7 +45,7 @@ impl PyMargin {
     fn combined(s: f64, m1: f64, m2: f64, m3: f64) -> PyResult<Self> {
         Margin::combined(s, m1, m2, m3)
             .map(PyMargin)
-            .map_err(value_error)
+            .map_err(to_py_err)
     }
 
     /// The fixed logit scale, or None when logits scale by the feature norm.

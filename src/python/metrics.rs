@@ -1,6 +1,6 @@
 //! Verification metrics.
 
-use super::convert::{run, value_error};
+use super::convert::{run, to_py_err};
 use numpy::{PyArray1, PyReadonlyArray1};
 use pyo3::prelude::*;
 
@@ -21,7 +21,7 @@ pub(super) fn verification<'py>(
     let v = run(py, || {
         crate::metrics::verification(s, &is_same, &fars, folds)
     })?
-    .map_err(value_error)?;
+    .map_err(to_py_err)?;
     let out = pyo3::types::PyDict::new(py);
     out.set_item("fpr", PyArray1::from_vec(py, v.fpr))?;
     out.set_item("tpr", PyArray1::from_vec(py, v.tpr))?;

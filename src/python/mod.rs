@@ -3,7 +3,7 @@
 //! Friendly argument checking (array-likes, dtypes, ndim) lives in the Python package; this
 //! layer still refuses anything it cannot read exactly (wrong dtype or ndim -> TypeError),
 //! reads every array through its strides (Fortran order and slices are never misread), and
-//! maps the core's errors to Python exceptions by kind (`convert::value_error`). One file
+//! maps the core's errors to Python exceptions by kind (`convert::to_py_err`). One file
 //! per concept of the core: margin, head, search, gallery, metrics, cuda.
 
 mod convert;

@@ -1,6 +1,6 @@
 //! Exact cosine top-k over a gallery array.
 
-use super::convert::{run, same_dtype_error, same_floats, value_error, Floats};
+use super::convert::{run, same_dtype_error, same_floats, to_py_err, Floats};
 use crate::real::Real;
 use numpy::{Element, IntoPyArray, PyReadonlyArray2};
 use pyo3::prelude::*;
@@ -14,7 +14,7 @@ fn topk_typed<'py, T: Real + Element>(
     normalized: bool,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let (q, g) = (queries.as_array(), gallery.as_array());
-    let r = run(py, || crate::search::cosine_topk(q, g, k, normalized))?.map_err(value_error)?;
+    let r = run(py, || crate::search::cosine_topk(q, g, k, normalized))?.map_err(to_py_err)?;
     (r.scores.into_pyarray(py), r.indices.into_pyarray(py)).into_pyobject(py)
 }
 

@@ -21,14 +21,6 @@ use std::sync::Arc;
 const FORMAT: &str = "arcface_rs.gallery";
 const VERSION: u32 = 1;
 
-fn io_error(path: &Path, what: &str, e: std::io::Error) -> Error {
-    Error::io(path, what, &e)
-}
-
-fn damaged(path: &Path, why: impl std::fmt::Display) -> Error {
-    Error::corrupt(path, why)
-}
-
 /// The tensors of a gallery as (name, safetensors dtype, shape, little-endian bytes).
 fn tensors(g: &Gallery) -> Vec<(&'static str, &'static str, Vec<usize>, Vec<u8>)> {
     fn bytes<T: Copy, const W: usize>(v: &[T], le: impl Fn(T) -> [u8; W]) -> Vec<u8> {
@@ -97,7 +89,7 @@ pub fn save(g: &Gallery, path: &Path) -> Result<()> {
     };
     write().map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        io_error(path, "cannot save the gallery", e)
+        Error::io(path, "cannot save the gallery", &e)
     })
 }
 
@@ -179,8 +171,8 @@ fn temporary_path(path: &Path) -> PathBuf {
 
 /// Reads a gallery written by [`save`], checking everything that could make it wrong.
 pub fn load(path: &Path) -> Result<Gallery> {
-    let bytes = std::fs::read(path).map_err(|e| io_error(path, "cannot read", e))?;
-    parse(&bytes).map_err(|why| damaged(path, why))
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, "cannot read", &e))?;
+    parse(&bytes).map_err(|why| Error::corrupt(path, why))
 }
 
 /// [`load`] that leaves the vectors in a read-only mapping of the file instead of copying
@@ -188,19 +180,20 @@ pub fn load(path: &Path) -> Result<Gallery> {
 /// must not be changed in place while the gallery is alive; [`save`] never does that (it
 /// replaces the file by renaming, and the mapping keeps the old contents).
 pub fn load_mapped(path: &Path) -> Result<Gallery> {
-    let file = File::open(path).map_err(|e| io_error(path, "cannot open", e))?;
+    let file = File::open(path).map_err(|e| Error::io(path, "cannot open", &e))?;
     let len = file
         .metadata()
-        .map_err(|e| io_error(path, "cannot read", e))?
+        .map_err(|e| Error::io(path, "cannot read", &e))?
         .len();
     if len < 8 {
-        return Err(damaged(path, "shorter than a safetensors header"));
+        return Err(Error::corrupt(path, "shorter than a safetensors header"));
     }
     // SAFETY: a read-only private mapping; changing the file under it is documented as not
     // allowed (and saves replace files instead of writing into them).
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_error(path, "cannot map", e))?;
+    let map =
+        unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, "cannot map", &e))?;
     let map = Arc::new(map);
-    parse_from(&map, Some(&map)).map_err(|why| damaged(path, why))
+    parse_from(&map, Some(&map)).map_err(|why| Error::corrupt(path, why))
 }
 
 /// A gallery from the bytes of a file; the error says what is wrong with them.

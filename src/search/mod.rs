@@ -46,33 +46,6 @@ fn bad_row(row: usize, sumsq: f64) -> Option<(usize, Error)> {
     unnormalisable("gallery", row, sumsq).map(|e| (row, e))
 }
 
-/// Whether a squared norm lies where the search's products stay normal numbers of `T`.
-#[inline]
-fn in_safe_range<T: Real>(sumsq: f64) -> bool {
-    let safe = T::SAFE_SCALE * T::SAFE_SCALE;
-    sumsq <= safe && sumsq >= 1.0 / safe
-}
-
-/// Multiplies by 2^e exactly (in two steps where 2^e itself would not be a normal f64).
-fn times_pow2(v: f64, e: i32) -> f64 {
-    let half = e / 2;
-    v * 2f64.powi(half) * 2f64.powi(e - half)
-}
-
-/// The power of two that brings a norm to about 1.
-pub(crate) fn pow2_towards_one(norm: f64) -> i32 {
-    -(norm.log2().round() as i32)
-}
-
-/// `row` scaled by a power of two so that its norm is about 1 (exact: only the exponent
-/// changes, up to the rounding of entries that leave the denormal range).
-pub(crate) fn rescale_row<T: Real>(row: &mut [T], norm: f64) {
-    let e = pow2_towards_one(norm);
-    for v in row.iter_mut() {
-        *v = T::of(times_pow2(v.f64(), e));
-    }
-}
-
 pub(crate) fn first_bad(
     a: Option<(usize, Error)>,
     b: Option<(usize, Error)>,
@@ -171,12 +144,12 @@ impl<T: Real> Dense<'_, T> {
         let d = self.d;
         let rows = &self.flat[lo * d..(lo + mult.len()) * d];
         for (r, m) in mult.iter_mut().enumerate() {
-            let fast = m.f64();
-            if fast.is_finite() && in_safe_range::<T>(fast) {
+            let fast = m.f64().sqrt();
+            if kernels::norm_in_safe_range::<T>(fast) {
                 *m = if self.normalized {
                     T::one()
                 } else {
-                    T::of(1.0 / fast.sqrt())
+                    T::of(1.0 / fast)
                 };
                 continue;
             }
@@ -308,8 +281,8 @@ fn rescaled_copy<T: Real>(flat: &[T], d: usize) -> Result<Vec<T>> {
     }
     let mut copy = flat.to_vec();
     copy.par_chunks_mut(d).zip(&norms).for_each(|(row, &n)| {
-        if !in_safe_range::<T>(n * n) {
-            rescale_row(row, n);
+        if !kernels::norm_in_safe_range::<T>(n) {
+            kernels::rescale_row(row, n);
         }
     });
     Ok(copy)
