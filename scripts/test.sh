@@ -89,7 +89,13 @@ print(os.path.dirname(hits[0]) if hits else '')")
     trap "rm -rf '$fake'" EXIT
     MATURIN_PEP517_ARGS="--features python,cuda" "$PY" -m pip wheel --quiet --no-deps -w "$fake/wheel" .
     "$PY" -m pip install --quiet --no-deps --target "$fake/site" "$fake"/wheel/*.whl
-    bash tests/fake_cuda/build.sh "$fake/lib"
+    # kernels.cu's margin definitions, from the built module (the crate's one definition)
+    local defines
+    defines=$(PYTHONPATH="$fake/site" "$PY" -c "from arcface_rs import _core
+print(' '.join([f'-DMARGIN_{k.upper()}={v}' for k, v in _core.MARGIN_KINDS.items()]
+               + [f'-DMARGIN_PARAMS={_core.MARGIN_PARAMS}']))")
+    # shellcheck disable=SC2086  # one word per flag
+    bash tests/fake_cuda/build.sh "$fake/lib" $defines
     ARCFACE_RS_FAKE_CUDA="$fake/lib" PYTHONPATH="$fake/site" "$PY" -m pytest -q -p no:cacheprovider tests/fake_cuda
 }
 

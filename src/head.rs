@@ -16,7 +16,7 @@
 
 use crate::error::{unnormalisable, Error, Result};
 use crate::kernels;
-use crate::margin::{Margin, Scale};
+use crate::margin::{Margins, RowContext, Scale};
 use crate::real::Real;
 use ndarray::linalg::general_mat_mul;
 use ndarray::parallel::prelude::*;
@@ -196,8 +196,8 @@ impl<'a, T: Real> Centres<'a, T> {
 /// `scale * max|psi|` must stay below `T::MAX / (256 SAFE_SCALE^3)` (about 1.2e18 for
 /// float32, 1.7e125 for float64), so that the gradient's products over rows of any norm in
 /// the safe range stay finite.
-fn check_logit_range<T: Real>(margin: &Margin, scale: f64, arg: &'static str) -> Result<()> {
-    let peak = margin.psi(1.0).abs().max(margin.psi(-1.0).abs()).max(1.0);
+fn check_logit_range<T: Real>(margin: Margins, scale: f64, arg: &'static str) -> Result<()> {
+    let peak = margin.peak();
     let limit = T::MAX / (256.0 * T::SAFE_SCALE.powi(3));
     let logits = scale * peak;
     if logits.is_nan() || logits > limit {
@@ -275,7 +275,7 @@ impl<T: Real> Prepared<T> {
         emb: ArrayView2<T>,
         weight: ArrayView2<T>,
         labels: &[i64],
-        margin: &Margin,
+        margin: Margins,
     ) -> Result<Self> {
         Self::new_shard(emb, weight, labels, margin, false)
     }
@@ -286,7 +286,7 @@ impl<T: Real> Prepared<T> {
         emb: ArrayView2<T>,
         weight: ArrayView2<T>,
         labels: &[i64],
-        margin: &Margin,
+        margin: Margins,
         sharded: bool,
     ) -> Result<Self> {
         let (b, d) = emb.dim();
@@ -319,7 +319,7 @@ impl<T: Real> Prepared<T> {
             let row = row.to_slice().expect("standard layout");
             kernels::unit_into(row, n, out.as_slice_mut().expect("standard layout"));
         }
-        let (row_scale, feature_norm_scale) = match margin.scale() {
+        let (row_scale, feature_norm_scale) = match margin.check(b)? {
             Scale::Fixed(s) => {
                 check_logit_range::<T>(margin, s, "s")?;
                 (vec![s; b], false)
@@ -345,17 +345,20 @@ impl<T: Real> Prepared<T> {
     }
 
     /// Every row's target logit and psi', from the class centres as the GEMMs see them.
-    fn set_targets(&mut self, centres: &Centres<T>, margin: &Margin) {
+    fn set_targets(&mut self, centres: &Centres<T>, margin: Margins) {
         let weight = centres.view();
         for i in 0..self.b() {
             if let Some(y) = self.target[i] {
                 let dot = dot_f64(self.xhat.row(i), weight.row(y));
                 let cos = (dot * centres.inv[y].f64()).clamp(-1.0, 1.0);
-                let (psi, dpsi) = margin.psi_dpsi(cos);
+                let row = RowContext {
+                    norm: self.x_norm[i],
+                };
+                let target = margin.row(i).target(cos, row);
                 // Rounded to T: the stash holds it in T, and loss and gradient must see the
                 // same value the softmax statistics saw (float32 logits of 1e15 differ by 1e7).
-                self.target_logit[i] = T::of(self.row_scale[i] * psi).f64();
-                self.target_dpsi[i] = dpsi;
+                self.target_logit[i] = T::of(self.row_scale[i] * target.psi).f64();
+                self.target_dpsi[i] = target.dpsi;
             }
         }
     }
@@ -531,29 +534,29 @@ impl<T: Real> Prepared<T> {
 }
 
 /// Loss and both gradients of the margin-softmax head, fused (see the module docs).
-pub fn margin_loss<T: Real>(
+pub fn margin_loss<'m, T: Real>(
     emb: ArrayView2<T>,
     weight: ArrayView2<T>,
     labels: &[i64],
-    margin: &Margin,
+    margin: impl Into<Margins<'m>>,
     reduction: Reduction,
 ) -> Result<LossOutput<T>> {
     margin_loss_with(emb, weight, labels, margin, LossOptions::new(reduction))
 }
 
 /// [`margin_loss`] with a choice of gradients and per-row upstream factors.
-pub fn margin_loss_with<T: Real>(
+pub fn margin_loss_with<'m, T: Real>(
     emb: ArrayView2<T>,
     weight: ArrayView2<T>,
     labels: &[i64],
-    margin: &Margin,
+    margin: impl Into<Margins<'m>>,
     options: LossOptions,
 ) -> Result<LossOutput<T>> {
     fused_loss(
         emb,
         weight,
         labels,
-        margin,
+        margin.into(),
         options,
         STASH_BUDGET_BYTES,
         None,
@@ -637,11 +640,11 @@ pub struct ShardOptions<'a> {
 /// those of the whole head (every shard returns the same); `grad_weight` is this shard's;
 /// `grad_emb` is this shard's share of the embeddings' gradient: the sum over shards is the
 /// whole.
-pub fn margin_loss_shard<T: Real>(
+pub fn margin_loss_shard<'m, T: Real>(
     emb: ArrayView2<T>,
     weight: ArrayView2<T>,
     labels: &[i64],
-    margin: &Margin,
+    margin: impl Into<Margins<'m>>,
     options: LossOptions,
     shard: &mut ShardOptions,
 ) -> Result<LossOutput<T>> {
@@ -649,7 +652,7 @@ pub fn margin_loss_shard<T: Real>(
         emb,
         weight,
         labels,
-        margin,
+        margin.into(),
         options,
         STASH_BUDGET_BYTES,
         Some(shard),
@@ -853,7 +856,7 @@ fn fused_loss<T: Real>(
     emb: ArrayView2<T>,
     weight: ArrayView2<T>,
     labels: &[i64],
-    margin: &Margin,
+    margin: Margins,
     options: LossOptions,
     stash_budget_bytes: usize,
     mut shard: Option<&mut ShardOptions>,
@@ -974,12 +977,13 @@ fn fused_loss<T: Real>(
 
 /// The (B, C) logits: `scale * c_ij`, with `scale * psi(c_iy)` on each row's target.
 /// Rows labelled -1 get no margin.
-pub fn margin_logits<T: Real>(
+pub fn margin_logits<'m, T: Real>(
     emb: ArrayView2<T>,
     weight: ArrayView2<T>,
     labels: &[i64],
-    margin: &Margin,
+    margin: impl Into<Margins<'m>>,
 ) -> Result<Array2<T>> {
+    let margin = margin.into();
     let mut p = Prepared::new(emb, weight, labels, margin)?;
     let centres = Centres::new(weight)?;
     p.set_targets(&centres, margin);
@@ -1000,13 +1004,14 @@ pub fn margin_logits<T: Real>(
 }
 
 /// Gradients of any loss of [`margin_logits`]' output, given `grad_logits` = dL/dlogits.
-pub fn margin_logits_backward<T: Real>(
+pub fn margin_logits_backward<'m, T: Real>(
     grad_logits: ArrayView2<T>,
     emb: ArrayView2<T>,
     weight: ArrayView2<T>,
     labels: &[i64],
-    margin: &Margin,
+    margin: impl Into<Margins<'m>>,
 ) -> Result<(Array2<T>, Array2<T>)> {
+    let margin = margin.into();
     let mut p = Prepared::new(emb, weight, labels, margin)?;
     let centres = Centres::new(weight)?;
     p.set_targets(&centres, margin);
@@ -1069,8 +1074,8 @@ pub fn margin_logits_backward<T: Real>(
     Ok((grad_emb, grad_w))
 }
 
-fn fixed_scale(margin: &Margin) -> Result<f64> {
-    match margin.scale() {
+fn fixed_scale(margin: Margins, rows: usize) -> Result<f64> {
+    match margin.check(rows)? {
         Scale::Fixed(s) => Ok(s),
         Scale::FeatureNorm => Err(Error::invalid(
             "margin",
@@ -1100,35 +1105,37 @@ fn check_cos<T: Real>(cos: ArrayView2<T>) -> Result<()> {
 
 /// `s * cos` with `s * psi(cos_iy)` on each row's target: the margin on a cosine matrix
 /// computed by any GEMM.
-pub fn apply_margin<T: Real>(
+pub fn apply_margin<'m, T: Real>(
     cos: ArrayView2<T>,
     labels: &[i64],
-    margin: &Margin,
+    margin: impl Into<Margins<'m>>,
 ) -> Result<Array2<T>> {
-    let s = fixed_scale(margin)?;
-    check_logit_range::<T>(margin, s, "s")?;
+    let margin = margin.into();
     check_cos(cos)?;
+    let s = fixed_scale(margin, cos.nrows())?;
+    check_logit_range::<T>(margin, s, "s")?;
     let target = check_labels(labels, cos.nrows(), cos.ncols())?;
     let st = T::of(s);
     let mut out = cos.mapv(|v| st * v.max(-T::one()).min(T::one()));
     for (i, y) in target.iter().enumerate() {
         if let Some(y) = *y {
-            out[[i, y]] = T::of(s * margin.psi(cos[[i, y]].f64()));
+            out[[i, y]] = T::of(s * margin.row(i).psi(cos[[i, y]].f64()));
         }
     }
     Ok(out)
 }
 
 /// Backward of [`apply_margin`]: dL/dcos from dL/dlogits.
-pub fn apply_margin_backward<T: Real>(
+pub fn apply_margin_backward<'m, T: Real>(
     grad_logits: ArrayView2<T>,
     cos: ArrayView2<T>,
     labels: &[i64],
-    margin: &Margin,
+    margin: impl Into<Margins<'m>>,
 ) -> Result<Array2<T>> {
-    let s = fixed_scale(margin)?;
-    check_logit_range::<T>(margin, s, "s")?;
+    let margin = margin.into();
     check_cos(cos)?;
+    let s = fixed_scale(margin, cos.nrows())?;
+    check_logit_range::<T>(margin, s, "s")?;
     check_shape("grad_logits", grad_logits.dim(), cos.dim())?;
     check_finite(grad_logits, "grad_logits")?;
     let target = check_labels(labels, cos.nrows(), cos.ncols())?;
@@ -1136,7 +1143,7 @@ pub fn apply_margin_backward<T: Real>(
     let mut out = grad_logits.mapv(|g| g * st);
     for (i, y) in target.iter().enumerate() {
         if let Some(y) = *y {
-            let d = s * margin.dpsi(cos[[i, y]].f64());
+            let d = s * margin.row(i).dpsi(cos[[i, y]].f64());
             out[[i, y]] = T::of(grad_logits[[i, y]].f64() * d);
         }
     }
@@ -1146,6 +1153,7 @@ pub fn apply_margin_backward<T: Real>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::margin::Margin;
 
     fn problem(b: usize, d: usize, c: usize, seed: u64) -> (Array2<f64>, Array2<f64>, Vec<i64>) {
         let mut state = seed
@@ -1201,6 +1209,59 @@ mod tests {
         (loss, ge, gw)
     }
 
+    /// Per-row margins: each row's loss and gradient row are those of a batch of that row
+    /// alone with its own margin, and the weight gradient is their sum.
+    #[test]
+    fn per_row_margins_equal_one_call_per_row() {
+        let (emb, weight, labels) = problem(6, 8, 13, 41);
+        let per_row: Vec<Margin> = (0..6)
+            .map(|i| Margin::arcface(30.0, 0.1 * i as f64, false).unwrap())
+            .collect();
+        let out =
+            margin_loss(emb.view(), weight.view(), &labels, &per_row, Reduction::Sum).unwrap();
+        let mut grad_weight = Array2::<f64>::zeros(weight.dim());
+        for i in 0..6 {
+            let one = margin_loss(
+                emb.slice(s![i..i + 1, ..]),
+                weight.view(),
+                &labels[i..i + 1],
+                &per_row[i],
+                Reduction::Sum,
+            )
+            .unwrap();
+            assert!((out.row_losses[i] - one.row_losses[0]).abs() < 1e-12);
+            let (ge, ge1) = (out.grad_emb.as_ref().unwrap(), one.grad_emb.unwrap());
+            let diff = (&ge.slice(s![i..i + 1, ..]) - &ge1).mapv(f64::abs);
+            assert!(diff.iter().all(|&v| v < 1e-12), "row {i}: {diff}");
+            grad_weight += &one.grad_weight.unwrap();
+        }
+        assert!(max_rel(out.grad_weight.as_ref().unwrap(), &grad_weight) < 1e-12);
+        // per-row logits carry each row's own margin on the target
+        let z = margin_logits(emb.view(), weight.view(), &labels, &per_row).unwrap();
+        for (i, &y) in labels.iter().enumerate() {
+            let zi = margin_logits(
+                emb.slice(s![i..i + 1, ..]),
+                weight.view(),
+                &labels[i..i + 1],
+                &per_row[i],
+            )
+            .unwrap();
+            assert!(
+                max_rel(&z.slice(s![i..i + 1, ..]).to_owned(), &zi) < 1e-12,
+                "row {i} y {y}"
+            );
+        }
+        let err = margin_loss(
+            emb.view(),
+            weight.view(),
+            &labels,
+            &per_row[..5],
+            Reduction::Sum,
+        )
+        .unwrap_err();
+        assert_eq!(err.arg, "margin");
+    }
+
     fn max_rel(a: &Array2<f64>, b: &Array2<f64>) -> f64 {
         let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
         a.iter()
@@ -1228,7 +1289,7 @@ mod tests {
                     emb.view(),
                     weight.view(),
                     &labels,
-                    margin,
+                    margin.into(),
                     LossOptions::new(Reduction::Mean),
                     budget,
                     None,
@@ -1470,7 +1531,7 @@ mod tests {
                             emb.view(),
                             w.view(),
                             &local,
-                            margin,
+                            margin.into(),
                             LossOptions::new(Reduction::Mean),
                             budget,
                             Some(&mut options),

@@ -26,5 +26,5 @@ pub use head::{
     apply_margin, apply_margin_backward, margin_logits, margin_logits_backward, margin_loss,
     margin_loss_with, LossOptions, LossOutput, Reduction,
 };
-pub use margin::{Margin, Scale};
+pub use margin::{Margin, Margins, RowContext, Scale, Target};
 pub use real::Real;

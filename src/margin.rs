@@ -1,7 +1,14 @@
 //! The margin functions: target logit `psi(c)` and its derivative `psi'(c)` for every head.
 //!
+//! This enum is the one definition of every margin. [`Margin::encode`] turns it into the
+//! parameter block that everything else reads: the CUDA kernels (`kernels.cu`'s one switch
+//! over [`kind`]), the PyTorch ops (the block crosses the op boundary as `float[]`) and the
+//! plain-PyTorch path. [`Margin::decode`] validates a block back into a margin.
+//!
 //! Scalar math in `f64`, no arrays. A head turns the target cosine `c` into `scale * psi(c)`
-//! and every other cosine into `scale * c`.
+//! and every other cosine into `scale * c`. What psi may read besides `c` is the row's
+//! [`RowContext`]; a margin that differs per row (a per-row m, a per-sample draw) is one
+//! margin per row.
 
 use crate::error::{Error, Result};
 use std::f64::consts::PI;
@@ -13,6 +20,58 @@ use std::f64::consts::PI;
 /// `sin theta`, so the product stays bounded; clamping keeps each factor finite too. Below
 /// `THETA_EPS` (|c| > 0.9999995) ArcFace m=0.5 gives psi' <= 480 instead of infinity.
 pub const THETA_EPS: f64 = 1e-3;
+
+/// Numbers in a parameter block: `[kind, s, p0, p1, ...]`, zero-padded (see [`kind`]).
+pub const PARAMS_LEN: usize = 8;
+
+/// The kind codes, the first number of a parameter block. Each kind's parameters follow the
+/// scale `s` (`0` for SphereFace's feature-norm scale):
+///
+/// | kind | block |
+/// |---|---|
+/// | `SOFTMAX` | `[0, s]` |
+/// | `COSFACE` | `[1, s, m]` |
+/// | `ARCFACE` | `[2, s, m, easy_margin (0/1)]` |
+/// | `COMBINED` | `[3, s, m1, m2, m3]` |
+/// | `SPHEREFACE` | `[4, s or 0, m, lambda]` |
+pub mod kind {
+    pub const SOFTMAX: u32 = 0;
+    pub const COSFACE: u32 = 1;
+    pub const ARCFACE: u32 = 2;
+    pub const COMBINED: u32 = 3;
+    pub const SPHEREFACE: u32 = 4;
+    /// Every kind with its name, as Python sees them.
+    pub const NAMES: &[(&str, u32)] = &[
+        ("softmax", SOFTMAX),
+        ("cosface", COSFACE),
+        ("arcface", ARCFACE),
+        ("combined", COMBINED),
+        ("sphereface", SPHEREFACE),
+    ];
+}
+
+/// What psi may depend on besides the target cosine: quantities of the row itself.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowContext {
+    /// `||x_i||`, the row's unnormalised feature norm.
+    pub norm: f64,
+}
+
+impl Default for RowContext {
+    fn default() -> Self {
+        RowContext { norm: 1.0 }
+    }
+}
+
+/// A row's target logit before scaling and its derivatives.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Target {
+    pub psi: f64,
+    /// d psi / d c.
+    pub dpsi: f64,
+    /// d psi / d ||x|| at fixed c: zero unless the margin reads the feature norm.
+    pub dpsi_dnorm: f64,
+}
 
 /// How logits are scaled.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -125,20 +184,93 @@ impl Margin {
         }
     }
 
-    /// Target logit before scaling. `c` is clamped to [-1, 1] first.
+    /// The kind code of this margin (see [`kind`]).
+    pub fn kind(&self) -> u32 {
+        match self {
+            Margin::Softmax { .. } => kind::SOFTMAX,
+            Margin::CosFace { .. } => kind::COSFACE,
+            Margin::ArcFace { .. } => kind::ARCFACE,
+            Margin::Combined { .. } => kind::COMBINED,
+            Margin::SphereFace { .. } => kind::SPHEREFACE,
+        }
+    }
+
+    /// The parameter block `[kind, s, p0, ...]` (layout in [`kind`]).
+    pub fn encode(&self) -> [f64; PARAMS_LEN] {
+        let s = match self.scale() {
+            Scale::Fixed(s) => s,
+            Scale::FeatureNorm => 0.0,
+        };
+        let params: &[f64] = match *self {
+            Margin::Softmax { .. } => &[],
+            Margin::CosFace { m, .. } => &[m],
+            Margin::ArcFace { m, easy_margin, .. } => &[m, f64::from(u8::from(easy_margin))],
+            Margin::Combined { m1, m2, m3, .. } => &[m1, m2, m3],
+            Margin::SphereFace { m, lambda, .. } => &[f64::from(m), lambda],
+        };
+        let mut block = [0.0; PARAMS_LEN];
+        block[0] = f64::from(self.kind());
+        block[1] = s;
+        block[2..2 + params.len()].copy_from_slice(params);
+        block
+    }
+
+    /// The margin a parameter block encodes, validated as the constructors validate.
+    pub fn decode(block: &[f64]) -> Result<Self> {
+        if block.len() != PARAMS_LEN {
+            return Err(Error::invalid(
+                "margin",
+                format!(
+                    "a parameter block has {PARAMS_LEN} numbers, got {}",
+                    block.len()
+                ),
+            ));
+        }
+        let (code, s, p) = (block[0], block[1], &block[2..]);
+        let flag = |v: f64, arg: &'static str| match v {
+            0.0 => Ok(false),
+            1.0 => Ok(true),
+            _ => Err(Error::invalid(arg, format!("must be 0 or 1, got {v}"))),
+        };
+        let integer = |v: f64| {
+            if v.fract() == 0.0 && v.abs() < 1e9 {
+                Some(v as i64)
+            } else {
+                None
+            }
+        };
+        match integer(code).and_then(|k| u32::try_from(k).ok()) {
+            Some(kind::SOFTMAX) => Margin::softmax(s),
+            Some(kind::COSFACE) => Margin::cosface(s, p[0]),
+            Some(kind::ARCFACE) => Margin::arcface(s, p[0], flag(p[1], "easy_margin")?),
+            Some(kind::COMBINED) => Margin::combined(s, p[0], p[1], p[2]),
+            Some(kind::SPHEREFACE) => {
+                let m = integer(p[0]).ok_or_else(|| {
+                    Error::invalid("m", format!("must be an integer in 1..=4, got {}", p[0]))
+                })?;
+                Margin::sphereface(m, (s != 0.0).then_some(s), p[1])
+            }
+            _ => Err(Error::invalid(
+                "margin",
+                format!("unknown margin kind {code} in a parameter block"),
+            )),
+        }
+    }
+
+    /// Target logit before scaling, for a row with no context. `c` is clamped to [-1, 1].
     pub fn psi(&self, c: f64) -> f64 {
-        self.psi_dpsi(c).0
+        self.target(c, RowContext::default()).psi
     }
 
     /// d psi / d c, finite for every c in [-1, 1] (see [`THETA_EPS`]).
     pub fn dpsi(&self, c: f64) -> f64 {
-        self.psi_dpsi(c).1
+        self.target(c, RowContext::default()).dpsi
     }
 
-    /// `(psi(c), psi'(c))` in one call.
-    pub fn psi_dpsi(&self, c: f64) -> (f64, f64) {
+    /// psi and its derivatives at target cosine `c` (clamped to [-1, 1]) for a row.
+    pub fn target(&self, c: f64, _row: RowContext) -> Target {
         let c = if c.is_nan() { c } else { c.clamp(-1.0, 1.0) };
-        match *self {
+        let (psi, dpsi) = match *self {
             Margin::Softmax { .. } => (c, 1.0),
             Margin::CosFace { m, .. } => (c - m, 1.0),
             Margin::ArcFace { m, easy_margin, .. } => {
@@ -156,6 +288,92 @@ impl Margin {
                     (lambda + dpsi) / (1.0 + lambda),
                 )
             }
+        };
+        Target {
+            psi,
+            dpsi,
+            dpsi_dnorm: 0.0,
+        }
+    }
+
+    /// The largest `|psi|` over c in [-1, 1] for any row (bounds the logits).
+    pub fn peak(&self) -> f64 {
+        self.psi(1.0).abs().max(self.psi(-1.0).abs()).max(1.0)
+    }
+}
+
+/// The margin of each row of a batch: one for all, or one per row (per-row margin values,
+/// per-sample draws). Every row's margin has the same kind and scale.
+#[derive(Clone, Copy, Debug)]
+pub enum Margins<'a> {
+    Same(&'a Margin),
+    PerRow(&'a [Margin]),
+}
+
+impl<'a> From<&'a Margin> for Margins<'a> {
+    fn from(margin: &'a Margin) -> Self {
+        Margins::Same(margin)
+    }
+}
+
+impl<'a> From<&'a [Margin]> for Margins<'a> {
+    fn from(margins: &'a [Margin]) -> Self {
+        Margins::PerRow(margins)
+    }
+}
+
+impl<'a> From<&'a Vec<Margin>> for Margins<'a> {
+    fn from(margins: &'a Vec<Margin>) -> Self {
+        Margins::PerRow(margins)
+    }
+}
+
+impl Margins<'_> {
+    /// Row `i`'s margin.
+    pub fn row(&self, i: usize) -> &Margin {
+        match self {
+            Margins::Same(m) => m,
+            Margins::PerRow(ms) => &ms[i],
+        }
+    }
+
+    /// The margin whose scale every row shares (the first row's for per-row margins).
+    fn first(&self) -> Option<&Margin> {
+        match self {
+            Margins::Same(m) => Some(m),
+            Margins::PerRow(ms) => ms.first(),
+        }
+    }
+
+    /// The shared logit scale, after checking there is one margin per row (of `rows`) and
+    /// that every row has the first row's kind and scale.
+    pub fn check(&self, rows: usize) -> Result<Scale> {
+        if let Margins::PerRow(ms) = self {
+            if ms.len() != rows {
+                return Err(Error::invalid(
+                    "margin",
+                    format!("has {} per-row margins but emb has {rows} rows", ms.len()),
+                ));
+            }
+            let differs = |m: &Margin| {
+                ms.first()
+                    .is_some_and(|f| m.kind() != f.kind() || m.scale() != f.scale())
+            };
+            if let Some(i) = ms.iter().position(differs) {
+                return Err(Error::invalid(
+                    "margin",
+                    format!("row {i} has another kind or scale than row 0"),
+                ));
+            }
+        }
+        Ok(self.first().map_or(Scale::Fixed(1.0), Margin::scale))
+    }
+
+    /// The largest [`Margin::peak`] over the rows.
+    pub fn peak(&self) -> f64 {
+        match self {
+            Margins::Same(m) => m.peak(),
+            Margins::PerRow(ms) => ms.iter().fold(1.0, |p, m| p.max(m.peak())),
         }
     }
 }
@@ -246,7 +464,8 @@ mod tests {
         let combined = Margin::combined(64.0, 1.0, m, 0.0).unwrap();
         for i in 0..=200 {
             let c = -1.0 + i as f64 / 100.0;
-            assert_eq!(af.psi_dpsi(c), combined.psi_dpsi(c));
+            let row = RowContext::default();
+            assert_eq!(af.target(c, row), combined.target(c, row));
         }
     }
 
@@ -274,7 +493,7 @@ mod tests {
                 } else {
                     theta.cos()
                 };
-                let (psi, dpsi) = margin.psi_dpsi(c);
+                let Target { psi, dpsi, .. } = margin.target(c, RowContext::default());
                 assert!(psi.is_finite() && dpsi.is_finite(), "{margin:?} at c={c}");
                 if monotone(&margin) {
                     assert!(psi <= prev + 1e-12, "{margin:?} increases at theta={theta}");
@@ -324,6 +543,61 @@ mod tests {
             Margin::combined(64.0, 1.0, 0.5, -0.2).unwrap_err().arg,
             "m3"
         );
+    }
+
+    #[test]
+    fn every_margin_survives_encode_then_decode() {
+        for margin in all_margins() {
+            let block = margin.encode();
+            assert_eq!(block[0], f64::from(margin.kind()));
+            assert_eq!(Margin::decode(&block).unwrap(), margin, "{block:?}");
+        }
+        assert!(kind::NAMES
+            .iter()
+            .all(|&(_, k)| all_margins().iter().any(|m| m.kind() == k)));
+    }
+
+    #[test]
+    fn decode_validates_like_the_constructors() {
+        let arc = Margin::arcface(64.0, 0.5, false).unwrap().encode();
+        let with = |i: usize, v: f64| {
+            let mut b = arc;
+            b[i] = v;
+            Margin::decode(&b).unwrap_err().arg
+        };
+        assert_eq!(with(0, 9.0), "margin");
+        assert_eq!(with(0, 1.5), "margin");
+        assert_eq!(with(0, f64::NAN), "margin");
+        assert_eq!(with(1, -1.0), "s");
+        assert_eq!(with(2, 4.0), "m");
+        assert_eq!(with(3, 0.5), "easy_margin");
+        assert_eq!(Margin::decode(&arc[..3]).unwrap_err().arg, "margin");
+        let mut sphere = Margin::sphereface(4, None, 0.0).unwrap().encode();
+        sphere[2] = 2.5;
+        assert_eq!(Margin::decode(&sphere).unwrap_err().arg, "m");
+    }
+
+    #[test]
+    fn per_row_margins_must_share_kind_and_scale_and_match_the_rows() {
+        let a = Margin::arcface(64.0, 0.5, false).unwrap();
+        let b = Margin::arcface(64.0, 0.3, false).unwrap();
+        let rows = [a, b];
+        assert_eq!(
+            Margins::from(&rows[..]).check(2).unwrap(),
+            Scale::Fixed(64.0)
+        );
+        assert_eq!(Margins::from(&rows[..]).check(3).unwrap_err().arg, "margin");
+        let mixed = [a, Margin::cosface(64.0, 0.3).unwrap()];
+        assert_eq!(
+            Margins::from(&mixed[..]).check(2).unwrap_err().arg,
+            "margin"
+        );
+        let scales = [a, Margin::arcface(30.0, 0.5, false).unwrap()];
+        assert_eq!(
+            Margins::from(&scales[..]).check(2).unwrap_err().arg,
+            "margin"
+        );
+        assert_eq!(Margins::from(&rows[..]).row(1), &b);
     }
 
     #[test]

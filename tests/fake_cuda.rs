@@ -28,6 +28,11 @@ fn fake() -> &'static libloading::Library {
             let status = Command::new("bash")
                 .arg(here.join("build.sh"))
                 .arg(&out)
+                .args(
+                    arcface_rs::cuda::margin_defines()
+                        .into_iter()
+                        .map(|(name, value)| format!("-D{name}={value}")),
+                )
                 .status()
                 .expect("bash");
             assert!(status.success(), "tests/fake_cuda/build.sh failed");
@@ -143,7 +148,10 @@ fn the_head_through_the_driver_equals_the_cpu_head() {
         let mut grad_weight = Array2::<f64>::zeros((c, d));
         let mut bad = [0i32; 2];
         let mut workspace = vec![0u64; head::workspace_bytes(shape, true, tiling) / 8 + 1];
+        let block = margin.encode();
         let buffers = HeadBuffers {
+            margins: block.as_ptr() as u64,
+            per_row_margins: false,
             emb: emb.as_ptr() as u64,
             weight: weight.as_ptr() as u64,
             labels: labels.as_ptr() as u64,

@@ -29,9 +29,16 @@ needs_gpu = pytest.mark.skipif(
 )
 
 
-def _cpu_launch(shape, dtype, spec, x, w, y, row_weight, row_loss, g_emb, g_w, bad, workspace):
+def _cpu_launch(
+    shape, dtype, spec, blocks, per_row, x, w, y, row_weight, row_loss, g_emb, g_w, bad, workspace
+):
     """What the CUDA launch computes, done by the CPU core on the same buffers."""
     b, c, d = shape
+    assert blocks.dtype == torch.float64 and blocks.is_contiguous()
+    if per_row:
+        assert blocks.shape == (b, afr._core.MARGIN_PARAMS)
+    else:
+        assert blocks.tolist() == spec.encode()
     assert x.shape == (b, d) and w.shape == (c, d) and y.shape == (b,)
     assert str(x.dtype).endswith(dtype) and w.dtype == x.dtype and y.dtype == torch.int64
     assert row_weight.dtype == row_loss.dtype == torch.float64 and bad.dtype == torch.int32
@@ -54,6 +61,7 @@ def _cpu_launch(shape, dtype, spec, x, w, y, row_weight, row_loss, g_emb, g_w, b
         grad_emb=g_emb is not None,
         grad_weight=g_w is not None,
         upstream=row_weight.numpy(),
+        row_margins=blocks.numpy() if per_row else None,
     )
     row_loss.copy_(torch.from_numpy(rows))
     if g_emb is not None:
@@ -161,7 +169,9 @@ def test_without_the_feature_the_cuda_entry_points_say_how_to_build():
     with pytest.raises(RuntimeError, match="--features python,cuda"):
         afr._core.cuda_head_workspace_bytes(4, 4, 4, "float32", True)
     with pytest.raises(RuntimeError, match="--features python,cuda"):
-        afr._core._cuda_margin_loss(0, 0, 4, 4, 4, "float32", afr.ArcFace()._spec, *[8] * 9)
+        afr._core._cuda_margin_loss(
+            0, 0, 4, 4, 4, "float32", afr.ArcFace()._spec, 8, False, *[8] * 9
+        )
 
 
 # ---------------------------------------------------------------------------------------

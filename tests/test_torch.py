@@ -314,13 +314,3 @@ def test_heads_take_reduction_device_and_dtype_as_keywords():
         head = cls(embedding_size=4, num_classes=3, reduction="sum", dtype=torch.float64)
         assert head.weight.dtype == torch.float64 and head.reduction == "sum"
         assert head.weight.device.type == "cpu"
-
-
-@pytest.mark.parametrize("margin", all_margins() + [afr.ArcFace(m=2.6), afr.CosFace(m=0.0)])
-def test_plain_torch_margin_agrees_with_the_core_on_a_dense_grid(margin):
-    """The plain-PyTorch path writes psi and psi' in torch ops; the core's single definition
-    (margin.rs) must give the same values on a dense grid of cosines, ends included."""
-    c = np.concatenate([np.linspace(-1.0, 1.0, 20001), [-1.0, -0.9999999, 0.9999999, 1.0]])
-    psi, dpsi = tplain._psi_dpsi(margin, torch.from_numpy(c))
-    np.testing.assert_allclose(psi.numpy(), margin.psi(c), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(dpsi.numpy(), margin.dpsi(c), rtol=1e-9, atol=1e-9)

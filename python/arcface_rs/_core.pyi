@@ -1,6 +1,6 @@
 """Typed stubs of the native module (checked against it by mypy's stubtest)."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, final
 
 import numpy as np
@@ -9,6 +9,8 @@ import numpy.typing as npt
 __all__ = [
     "Gallery",
     "GalleryFileError",
+    "MARGIN_KINDS",
+    "MARGIN_PARAMS",
     "Margin",
     "__version__",
     "_cuda_margin_loss",
@@ -30,6 +32,9 @@ __all__ = [
 
 __version__: str
 
+MARGIN_PARAMS: int
+MARGIN_KINDS: dict[str, int]
+
 class GalleryFileError(ValueError): ...
 
 @final
@@ -44,6 +49,9 @@ class Margin:
     def sphereface(m: int, s: float | None, lambda_: float) -> Margin: ...
     @staticmethod
     def combined(s: float, m1: float, m2: float, m3: float) -> Margin: ...
+    @staticmethod
+    def decode(block: Sequence[float]) -> Margin: ...
+    def encode(self) -> list[float]: ...
     @property
     def scale(self) -> float | None: ...
     def psi(self, c: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]: ...
@@ -58,6 +66,7 @@ def margin_loss(
     grad_emb: bool = True,
     grad_weight: bool = True,
     upstream: npt.NDArray[np.float64] | None = None,
+    row_margins: npt.NDArray[np.float64] | None = None,
 ) -> tuple[
     float,
     npt.NDArray[np.float64],
@@ -73,6 +82,7 @@ def margin_loss_shard(
     stash_classes: int,
     first_shard: bool,
     combine: Callable[[npt.NDArray[np.float64], bool], npt.NDArray[np.float64]],
+    row_margins: npt.NDArray[np.float64] | None = None,
 ) -> tuple[
     float,
     npt.NDArray[np.float64],
@@ -84,6 +94,7 @@ def margin_logits(
     weight: npt.NDArray[np.floating],
     labels: npt.NDArray[np.int64],
     margin: Margin,
+    row_margins: npt.NDArray[np.float64] | None = None,
 ) -> npt.NDArray[np.floating]: ...
 def margin_logits_backward(
     grad_logits: npt.NDArray[np.floating],
@@ -91,15 +102,20 @@ def margin_logits_backward(
     weight: npt.NDArray[np.floating],
     labels: npt.NDArray[np.int64],
     margin: Margin,
+    row_margins: npt.NDArray[np.float64] | None = None,
 ) -> tuple[npt.NDArray[np.floating], npt.NDArray[np.floating]]: ...
 def apply_margin(
-    cos: npt.NDArray[np.floating], labels: npt.NDArray[np.int64], margin: Margin
+    cos: npt.NDArray[np.floating],
+    labels: npt.NDArray[np.int64],
+    margin: Margin,
+    row_margins: npt.NDArray[np.float64] | None = None,
 ) -> npt.NDArray[np.floating]: ...
 def apply_margin_backward(
     grad_logits: npt.NDArray[np.floating],
     cos: npt.NDArray[np.floating],
     labels: npt.NDArray[np.int64],
     margin: Margin,
+    row_margins: npt.NDArray[np.float64] | None = None,
 ) -> npt.NDArray[np.floating]: ...
 def num_threads() -> int: ...
 def simd_level() -> str: ...
@@ -114,6 +130,8 @@ def _cuda_margin_loss(
     d: int,
     dtype: str,
     margin: Margin,
+    margins: int,
+    per_row_margins: bool,
     emb: int,
     weight: int,
     labels: int,

@@ -18,6 +18,7 @@ class Margin:
 
     _params: tuple[str, ...] = ()
     _spec: _core.Margin
+    _block: tuple[float, ...]
 
     def _values(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in self._params)
@@ -54,6 +55,10 @@ class Margin:
     def _set(self, **values: Any) -> None:
         for name, value in values.items():
             object.__setattr__(self, name, value)
+        if "_spec" in values:
+            # the core's parameter block, kept as a tuple: torch.compile traces reading it
+            # (it cannot trace a call into the native module)
+            object.__setattr__(self, "_block", tuple(values["_spec"].encode()))
 
 
 def _real(name: str, value: Any) -> float:

@@ -9,15 +9,23 @@ import torch
 from torch import Tensor
 
 from . import _core
-from ._torch_ops import _compute_dtype, _decode, _loss_backward_op, _loss_op
+from ._torch_ops import _compute_dtype, _loss_backward_op, _loss_op, _spec
 
 _CUDA_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 
 
-def _launch_cuda(shape: tuple[int, int, int], dtype: str, spec: Any, *tensors: Tensor | None):
+def _launch_cuda(
+    shape: tuple[int, int, int],
+    dtype: str,
+    spec: Any,
+    blocks: Tensor,
+    per_row: bool,
+    *tensors: Tensor | None,
+):
     """Queues the fused head on torch's current stream over the tensors' memory (in the
-    order of ``_core._cuda_margin_loss``; None skips a gradient)."""
-    device = tensors[0].device  # type: ignore[union-attr]
+    order of ``_core._cuda_margin_loss``; None skips a gradient). ``blocks``: the margin's
+    parameter block, or one per row when ``per_row``."""
+    device = blocks.device
     index = torch.cuda.current_device() if device.index is None else device.index
     _core._cuda_margin_loss(
         index,
@@ -25,6 +33,8 @@ def _launch_cuda(shape: tuple[int, int, int], dtype: str, spec: Any, *tensors: T
         *shape,
         dtype,
         spec,
+        blocks.data_ptr(),
+        per_row,
         *(0 if t is None else t.data_ptr() for t in tensors),
     )
 
@@ -33,8 +43,8 @@ def _run_loss_cuda(
     emb: Tensor,
     weight: Tensor,
     labels: Tensor,
-    kind: str,
-    params: list[float],
+    margin: list[float],
+    row_margins: Tensor | None,
     reduction: str,
     need_emb: bool,
     need_weight: bool,
@@ -69,6 +79,12 @@ def _run_loss_cuda(
     g_w = torch.empty_like(w) if need_weight else None
     bad_rows = torch.empty(2, dtype=torch.int32, device=device)
     name = _CUDA_DTYPES[dtype]
+    per_row = row_margins is not None
+    blocks = (
+        row_margins.to(device=device, dtype=torch.float64).contiguous()
+        if per_row
+        else torch.tensor(margin, dtype=torch.float64, device=device)
+    )
     workspace = torch.empty(
         _core.cuda_head_workspace_bytes(b, c, d, name, need_weight),
         dtype=torch.uint8,
@@ -78,7 +94,9 @@ def _run_loss_cuda(
     _launch_cuda(
         (b, c, d),
         name,
-        _decode(kind, tuple(params))._spec,
+        _spec(tuple(margin)),
+        blocks,
+        per_row,
         x,
         w,
         y,
@@ -102,11 +120,18 @@ def _like(g: Tensor | None, like: Tensor) -> Tensor:
 
 
 @_loss_op.register_kernel("cuda")
-def _loss_cuda(emb, weight, labels, kind, params, reduction, need_emb, need_weight):
+def _loss_cuda(emb, weight, labels, margin, row_margins, reduction, need_emb, need_weight):
     dtype = _compute_dtype(emb, weight)
     fused = reduction != "none"
     rows, row_weight, g_emb, g_w = _run_loss_cuda(
-        emb, weight, labels, kind, params, reduction, need_emb and fused, need_weight and fused
+        emb,
+        weight,
+        labels,
+        margin,
+        row_margins,
+        reduction,
+        need_emb and fused,
+        need_weight and fused,
     )
     # the row weights are 1 (sum) or 1 / valid rows (mean), 0 on ignored rows
     out = rows.to(dtype) if reduction == "none" else (rows * row_weight).sum().to(dtype)
@@ -115,10 +140,10 @@ def _loss_cuda(emb, weight, labels, kind, params, reduction, need_emb, need_weig
 
 @_loss_backward_op.register_kernel("cuda")
 def _loss_backward_cuda(
-    emb, weight, labels, kind, params, reduction, upstream, need_emb, need_weight
+    emb, weight, labels, margin, row_margins, reduction, upstream, need_emb, need_weight
 ):
     rows = torch.broadcast_to(upstream.to(torch.float64), (emb.shape[0],)).contiguous()
     _, _, g_emb, g_w = _run_loss_cuda(
-        emb, weight, labels, kind, params, reduction, need_emb, need_weight, upstream=rows
+        emb, weight, labels, margin, row_margins, reduction, need_emb, need_weight, upstream=rows
     )
     return _like(g_emb, emb), _like(g_w, weight)

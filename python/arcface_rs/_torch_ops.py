@@ -1,7 +1,9 @@
 """The fused CPU ops of arcface_rs.torch: ``torch.library`` custom ops over the Rust core,
 their fake implementations (so ``torch.compile`` keeps one graph) and their autograd.
 
-Margins cross the op boundary as ``(kind, params)``: ops take only tensors and numbers.
+Margins cross the op boundary as their parameter block (``Margin.encode()`` of the core:
+the one definition the CUDA kernels read too) and an optional (B, MARGIN_PARAMS) float64
+tensor of one block per row: ops take only tensors and numbers.
 """
 
 from __future__ import annotations
@@ -14,59 +16,47 @@ import torch
 from torch import Tensor
 
 from . import _core
-from ._margins import ArcFace, CombinedMargin, CosFace, Margin, Softmax, SphereFace
+from ._margins import Margin
 
 NATIVE = (torch.float32, torch.float64)
 
 # The ops' schemas, spelled out rather than inferred from the annotations: torch 2.4's
 # inference cannot read the string annotations of `from __future__ import annotations`.
 _LOSS_SCHEMA = (
-    "(Tensor emb, Tensor weight, Tensor labels, str kind, float[] params, str reduction, "
-    "bool need_emb, bool need_weight) -> (Tensor, Tensor, Tensor)"
+    "(Tensor emb, Tensor weight, Tensor labels, float[] margin, Tensor? row_margins, "
+    "str reduction, bool need_emb, bool need_weight) -> (Tensor, Tensor, Tensor)"
 )
 _LOSS_BACKWARD_SCHEMA = (
-    "(Tensor emb, Tensor weight, Tensor labels, str kind, float[] params, str reduction, "
-    "Tensor upstream, bool need_emb, bool need_weight) -> (Tensor, Tensor)"
+    "(Tensor emb, Tensor weight, Tensor labels, float[] margin, Tensor? row_margins, "
+    "str reduction, Tensor upstream, bool need_emb, bool need_weight) -> (Tensor, Tensor)"
 )
-_LOGITS_SCHEMA = "(Tensor emb, Tensor weight, Tensor labels, str kind, float[] params) -> Tensor"
+_LOGITS_SCHEMA = (
+    "(Tensor emb, Tensor weight, Tensor labels, float[] margin, Tensor? row_margins) -> Tensor"
+)
 _LOGITS_BACKWARD_SCHEMA = (
-    "(Tensor grad, Tensor emb, Tensor weight, Tensor labels, str kind, float[] params) "
+    "(Tensor grad, Tensor emb, Tensor weight, Tensor labels, float[] margin, Tensor? row_margins) "
     "-> (Tensor, Tensor)"
 )
 
 
-def _encode(margin: Margin) -> tuple[str, list[float]]:
-    if isinstance(margin, ArcFace):
-        return "arcface", [margin.s, margin.m, float(margin.easy_margin)]
-    if isinstance(margin, CosFace):
-        return "cosface", [margin.s, margin.m]
-    if isinstance(margin, SphereFace):
-        return "sphereface", [
-            float(margin.m),
-            -1.0 if margin.s is None else margin.s,
-            margin.lambda_,
-        ]
-    if isinstance(margin, CombinedMargin):
-        return "combined", [margin.s, margin.m1, margin.m2, margin.m3]
-    if isinstance(margin, Softmax):
-        return "softmax", [margin.s]
-    raise TypeError(
-        "margin must be ArcFace, CosFace, SphereFace, CombinedMargin or Softmax, "
-        f"got {type(margin).__name__}"
-    )
+def _encode(margin: Margin) -> tuple[list[float], Tensor | None]:
+    """The op arguments of a margin: its parameter block and its per-row blocks (or None)."""
+    if not isinstance(margin, Margin):
+        raise TypeError(
+            "margin must be ArcFace, CosFace, SphereFace, CombinedMargin or Softmax, "
+            f"got {type(margin).__name__}"
+        )
+    return list(margin._block), None
 
 
 @functools.lru_cache(maxsize=256)
-def _decode(kind: str, params: tuple[float, ...]) -> Margin:
-    if kind == "arcface":
-        return ArcFace(params[0], params[1], bool(params[2]))
-    if kind == "cosface":
-        return CosFace(params[0], params[1])
-    if kind == "sphereface":
-        return SphereFace(int(params[0]), None if params[1] < 0 else params[1], params[2])
-    if kind == "combined":
-        return CombinedMargin(*params)
-    return Softmax(params[0])
+def _spec(block: tuple[float, ...]) -> _core.Margin:
+    """The core margin of a parameter block (validated by the core)."""
+    return _core.Margin.decode(list(block))
+
+
+def _row_blocks(row_margins: Tensor | None) -> np.ndarray | None:
+    return None if row_margins is None else _numpy(row_margins, torch.float64)
 
 
 def _compute_dtype(emb: Tensor, weight: Tensor) -> torch.dtype:
@@ -95,8 +85,8 @@ def _loss_op(
     emb: Tensor,
     weight: Tensor,
     labels: Tensor,
-    kind: str,
-    params: list[float],
+    margin: list[float],
+    row_margins: Tensor | None,
     reduction: str,
     need_emb: bool,
     need_weight: bool,
@@ -104,7 +94,14 @@ def _loss_op(
     dtype = _compute_dtype(emb, weight)
     fused = reduction != "none"
     loss, rows, g_emb, g_w = _run_loss(
-        emb, weight, labels, kind, params, reduction, need_emb and fused, need_weight and fused
+        emb,
+        weight,
+        labels,
+        margin,
+        row_margins,
+        reduction,
+        need_emb and fused,
+        need_weight and fused,
     )
     if reduction == "none":
         out = torch.from_numpy(rows).to(dtype)
@@ -117,8 +114,8 @@ def _run_loss(
     emb: Tensor,
     weight: Tensor,
     labels: Tensor,
-    kind: str,
-    params: list[float],
+    margin: list[float],
+    row_margins: Tensor | None,
     reduction: str,
     need_emb: bool,
     need_weight: bool,
@@ -130,11 +127,12 @@ def _run_loss(
         _numpy(emb, dtype),
         _numpy(weight, dtype),
         labels.numpy(),
-        _decode(kind, tuple(params))._spec,
+        _spec(tuple(margin)),
         reduction,
         grad_emb=need_emb,
         grad_weight=need_weight,
         upstream=upstream,
+        row_margins=_row_blocks(row_margins),
     )
 
 
@@ -145,7 +143,7 @@ def _grad_tensor(g: np.ndarray | None, like: Tensor) -> Tensor:
 
 
 @_loss_op.register_fake
-def _(emb, weight, labels, kind, params, reduction, need_emb, need_weight):
+def _(emb, weight, labels, margin, row_margins, reduction, need_emb, need_weight):
     dtype = _compute_dtype(emb, weight)
     out = emb.new_empty((emb.shape[0],) if reduction == "none" else (), dtype=dtype)
     fused = reduction != "none"
@@ -164,8 +162,8 @@ def _loss_backward_op(
     emb: Tensor,
     weight: Tensor,
     labels: Tensor,
-    kind: str,
-    params: list[float],
+    margin: list[float],
+    row_margins: Tensor | None,
     reduction: str,
     upstream: Tensor,
     need_emb: bool,
@@ -177,8 +175,8 @@ def _loss_backward_op(
         emb,
         weight,
         labels,
-        kind,
-        params,
+        margin,
+        row_margins,
         reduction,
         need_emb,
         need_weight,
@@ -188,7 +186,7 @@ def _loss_backward_op(
 
 
 @_loss_backward_op.register_fake
-def _(emb, weight, labels, kind, params, reduction, upstream, need_emb, need_weight):
+def _(emb, weight, labels, margin, row_margins, reduction, upstream, need_emb, need_weight):
     return (
         emb.new_empty(emb.shape if need_emb else (0,)),
         weight.new_empty(weight.shape if need_weight else (0,)),
@@ -206,8 +204,8 @@ def _is_exactly_one(t: Tensor) -> bool:
 
 
 def _loss_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    emb, weight, labels, kind, params, reduction, need_emb, need_weight = inputs
-    ctx.reduction, ctx.kind, ctx.params = reduction, kind, params
+    emb, weight, labels, margin, row_margins, reduction, need_emb, need_weight = inputs
+    ctx.reduction, ctx.margin, ctx.row_margins = reduction, margin, row_margins
     ctx.need = (need_emb, need_weight)
     # The gradient outputs carry no gradient of their own; without this autograd would fill
     # a zero (C, D) tensor for them on every backward.
@@ -250,7 +248,15 @@ def _loss_backward(ctx: Any, g_loss: Tensor | None, _g1: Any, _g2: Any):
     else:
         emb, weight, labels = ctx.saved_tensors
         g_emb, g_w = _loss_backward_op(
-            emb, weight, labels, ctx.kind, ctx.params, ctx.reduction, g_loss, need_emb, need_weight
+            emb,
+            weight,
+            labels,
+            ctx.margin,
+            ctx.row_margins,
+            ctx.reduction,
+            g_loss,
+            need_emb,
+            need_weight,
         )
     return (
         g_emb if need_emb else None,
@@ -273,20 +279,21 @@ torch.library.register_autograd(
     "arcface_rs::margin_logits", mutates_args=(), device_types="cpu", schema=_LOGITS_SCHEMA
 )
 def _logits_op(
-    emb: Tensor, weight: Tensor, labels: Tensor, kind: str, params: list[float]
+    emb: Tensor, weight: Tensor, labels: Tensor, margin: list[float], row_margins: Tensor | None
 ) -> Tensor:
     dtype = _compute_dtype(emb, weight)
     z = _core.margin_logits(
         _numpy(emb, dtype),
         _numpy(weight, dtype),
         labels.numpy(),
-        _decode(kind, tuple(params))._spec,
+        _spec(tuple(margin)),
+        row_margins=_row_blocks(row_margins),
     )
     return torch.from_numpy(z)
 
 
 @_logits_op.register_fake
-def _(emb, weight, labels, kind, params):
+def _(emb, weight, labels, margin, row_margins):
     return emb.new_empty((emb.shape[0], weight.shape[0]), dtype=_compute_dtype(emb, weight))
 
 
@@ -297,7 +304,12 @@ def _(emb, weight, labels, kind, params):
     schema=_LOGITS_BACKWARD_SCHEMA,
 )
 def _logits_backward_op(
-    grad: Tensor, emb: Tensor, weight: Tensor, labels: Tensor, kind: str, params: list[float]
+    grad: Tensor,
+    emb: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    margin: list[float],
+    row_margins: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     dtype = _compute_dtype(emb, weight)
     g_emb, g_w = _core.margin_logits_backward(
@@ -305,26 +317,27 @@ def _logits_backward_op(
         _numpy(emb, dtype),
         _numpy(weight, dtype),
         labels.numpy(),
-        _decode(kind, tuple(params))._spec,
+        _spec(tuple(margin)),
+        row_margins=_row_blocks(row_margins),
     )
     return _grad_tensor(g_emb, emb), _grad_tensor(g_w, weight)
 
 
 @_logits_backward_op.register_fake
-def _(grad, emb, weight, labels, kind, params):
+def _(grad, emb, weight, labels, margin, row_margins):
     return emb.new_empty(emb.shape), weight.new_empty(weight.shape)
 
 
 def _logits_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
-    emb, weight, labels, kind, params = inputs
-    ctx.kind, ctx.params = kind, params
+    emb, weight, labels, margin, row_margins = inputs
+    ctx.margin, ctx.row_margins = margin, row_margins
     ctx.save_for_backward(emb, weight, labels)
 
 
 def _logits_backward(ctx: Any, grad: Tensor):
     _no_double_backward()
     emb, weight, labels = ctx.saved_tensors
-    g_emb, g_w = _logits_backward_op(grad, emb, weight, labels, ctx.kind, ctx.params)
+    g_emb, g_w = _logits_backward_op(grad, emb, weight, labels, ctx.margin, ctx.row_margins)
     return g_emb, g_w, None, None, None
 
 

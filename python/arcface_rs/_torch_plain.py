@@ -12,60 +12,80 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._margins import ArcFace, CosFace, Margin, Softmax, SphereFace
+from . import _core
+from ._margins import Margin
 from ._torch_ops import _compute_dtype
 
 _THETA_EPS = 1e-3  # as margin.rs: psi' is evaluated with theta clamped to [eps, pi - eps]
+_KINDS = _core.MARGIN_KINDS
 _warned_cuda = False
 
 
-def _psi_dpsi(margin: Margin, c: Tensor) -> tuple[Tensor, Tensor]:
-    """psi(c) and psi'(c) elementwise, the formulas of margin.rs in torch ops."""
+def _blocks(margin: Margin, c: Tensor, row_blocks: Tensor | None) -> Tensor:
+    """The margin's parameter blocks (the core's encoding), one per element of ``c``."""
+    if row_blocks is None:
+        block = torch.tensor(margin._block, dtype=c.dtype, device=c.device)
+        return block.expand(*c.shape, _core.MARGIN_PARAMS)
+    return row_blocks.to(dtype=c.dtype, device=c.device)
+
+
+def _psi_dpsi(margin: Margin, c: Tensor, row_blocks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """psi(c) and psi'(c) elementwise in torch ops, read from the parameter blocks that
+    margin.rs encodes (``row_blocks``: one block per element of ``c``, else the margin's)."""
+    p = _blocks(margin, c, row_blocks)
+    kind = int(p.reshape(-1, p.shape[-1])[0, 0]) if p.numel() else _KINDS["softmax"]
+    a = [p[..., i] for i in range(2, p.shape[-1])]  # the parameters after [kind, s]
     one = torch.ones_like(c)
-    if isinstance(margin, Softmax):
+    if kind == _KINDS["softmax"]:
         return c, one
-    if isinstance(margin, CosFace):
-        return c - margin.m, one
-    if isinstance(margin, SphereFace):
-        m = margin.m
+    if kind == _KINDS["cosface"]:
+        return c - a[0], one
+    if kind == _KINDS["sphereface"]:
+        m, lam = a[0], a[1]
         theta = torch.acos(c)
-        k = torch.clamp(torch.floor(m * theta / math.pi), max=m - 1)
+        k = torch.minimum(torch.floor(m * theta / math.pi), m - 1)
         sign = 1.0 - 2.0 * torch.remainder(k, 2)
-        t_m = [c, 2 * c**2 - 1, 4 * c**3 - 3 * c, 8 * c**4 - 8 * c**2 + 1][m - 1]
-        u_m = [one, 2 * c, 4 * c**2 - 1, 8 * c**3 - 4 * c][m - 1]
+        # Chebyshev T_m and U_{m-1} for m = 1..4, picked per element
+        t_all = [c, 2 * c**2 - 1, 4 * c**3 - 3 * c, 8 * c**4 - 8 * c**2 + 1]
+        u_all = [one, 2 * c, 4 * c**2 - 1, 8 * c**3 - 4 * c]
+        t_m, u_m = torch.zeros_like(c), torch.zeros_like(c)
+        for order, (t, u) in enumerate(zip(t_all, u_all), start=1):
+            t_m, u_m = torch.where(m == order, t, t_m), torch.where(m == order, u, u_m)
         psi, dpsi = sign * t_m - 2 * k, sign * m * u_m
-        lam = margin.lambda_
         return (lam * c + psi) / (1 + lam), (lam + dpsi) / (1 + lam)
-    if isinstance(margin, ArcFace):
-        m1, m2, m3 = 1.0, margin.m, 0.0
+    if kind == _KINDS["arcface"]:
+        m1, m2, m3, easy = one, a[0], torch.zeros_like(c), a[1] != 0
+    elif kind == _KINDS["combined"]:
+        m1, m2, m3, easy = a[0], a[1], a[2], torch.zeros_like(c, dtype=torch.bool)
     else:
-        m1, m2, m3 = margin.m1, margin.m2, margin.m3
+        raise ValueError(f"margin: unknown kind {kind} in a parameter block")
     theta = torch.acos(c)
     theta_star = (math.pi - m2) / m1
-    shift = max(m2 * math.sin(m2), 1 + math.cos(theta_star))
+    shift = torch.maximum(m2 * torch.sin(m2), 1 + torch.cos(theta_star))
     t = theta.clamp(_THETA_EPS, math.pi - _THETA_EPS)
     inside = theta <= theta_star
     psi = torch.where(inside, torch.cos(m1 * theta + m2) - m3, c - m3 - shift)
     dpsi = torch.where(inside, m1 * torch.sin(m1 * t + m2) / torch.sin(t), one)
-    if isinstance(margin, ArcFace) and margin.easy_margin:
-        psi, dpsi = torch.where(c <= 0, c, psi), torch.where(c <= 0, one, dpsi)
-    return psi, dpsi
+    easy = easy & (c <= 0)
+    return torch.where(easy, c, psi), torch.where(easy, one, dpsi)
 
 
 class _Psi(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, c: Tensor, margin: Margin) -> Tensor:
-        psi, dpsi = _psi_dpsi(margin, c)
+    def forward(ctx: Any, c: Tensor, margin: Margin, row_blocks: Tensor | None) -> Tensor:
+        psi, dpsi = _psi_dpsi(margin, c, row_blocks)
         ctx.save_for_backward(dpsi)
         return psi
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):
         (dpsi,) = ctx.saved_tensors
-        return grad * dpsi, None
+        return grad * dpsi, None, None
 
 
-def _plain_logits(emb: Tensor, weight: Tensor, labels: Tensor, margin: Margin) -> Tensor:
+def _plain_logits(
+    emb: Tensor, weight: Tensor, labels: Tensor, margin: Margin, row_blocks: Tensor | None = None
+) -> Tensor:
     dtype = _compute_dtype(emb, weight)
     x, w = emb.to(dtype), weight.to(dtype)
     x_norm, w_norm = x.norm(dim=1, keepdim=True), w.norm(dim=1, keepdim=True)
@@ -77,16 +97,21 @@ def _plain_logits(emb: Tensor, weight: Tensor, labels: Tensor, margin: Margin) -
     cos = ((x / x_norm) @ (w / w_norm).T).clamp(-1.0, 1.0)
     rows = torch.nonzero(labels >= 0).flatten()
     cols = labels[rows]
-    psi = _Psi.apply(cos[rows, cols], margin)
+    psi = _Psi.apply(cos[rows, cols], margin, None if row_blocks is None else row_blocks[rows])
     cos = cos.index_put((rows, cols), psi)
     scale = x_norm if margin.scale is None else margin.scale
     return cos * scale
 
 
 def _plain_loss(
-    emb: Tensor, weight: Tensor, labels: Tensor, margin: Margin, reduction: str
+    emb: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    margin: Margin,
+    reduction: str,
+    row_blocks: Tensor | None = None,
 ) -> Tensor:
-    logits = _plain_logits(emb, weight, labels, margin)
+    logits = _plain_logits(emb, weight, labels, margin, row_blocks)
     per_row = F.cross_entropy(logits, labels, ignore_index=-1, reduction="none")
     if reduction == "none":
         return per_row

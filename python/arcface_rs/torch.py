@@ -120,14 +120,14 @@ def margin_loss(
     if emb.device.type != "cpu" and not (emb.device.type == "cuda" and cuda_available()):
         _warn_cuda_once()
         return _plain_loss(emb, weight, labels, margin, reduction)
-    kind, params = _encode(margin)
+    block, row_blocks = _encode(margin)
     grad = torch.is_grad_enabled()
     loss, _, _ = _loss_op(
         emb,
         weight,
         labels,
-        kind,
-        params,
+        block,
+        row_blocks,
         reduction,
         grad and emb.requires_grad,
         grad and weight.requires_grad,
@@ -152,8 +152,8 @@ def margin_logits(emb: Tensor, weight: Tensor, labels: Tensor, margin: Margin) -
     if emb.device.type != "cpu":
         _warn_cuda_once()
         return _plain_logits(emb, weight, labels, margin)
-    kind, params = _encode(margin)
-    return _logits_op(emb, weight, labels, kind, params)
+    block, row_blocks = _encode(margin)
+    return _logits_op(emb, weight, labels, block, row_blocks)
 
 
 # ---------------------------------------------------------------------------------------

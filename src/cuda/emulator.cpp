@@ -5,6 +5,7 @@
 // an error instead of hanging, since on a GPU it is undefined behaviour.
 //
 // Blocks of a grid run one after another, so __shared__ arrays can be plain statics.
+// The margin definitions (MARGIN_*) come as -D flags from cuda::margin_defines.
 
 #include <math.h>
 
@@ -70,6 +71,12 @@ static int atomicMax(int* address, int value) {
     return old;
 }
 
+static double __longlong_as_double(long long bits) {
+    double d;
+    std::memcpy(&d, &bits, 8);
+    return d;
+}
+
 static unsigned short emu_f32_to_f16(float x) {
     _Float16 h = (_Float16)x;
     unsigned short bits;
@@ -111,6 +118,7 @@ static const Entry entries[] = {
     ENTRY2(logits_tile),    ENTRY2(grad_tile),  ENTRY2(project_out_rows),
     ENTRY2(finish_grad_emb), ENTRY(fill_f64),   ENTRY(merge_stats),
     ENTRY(row_losses),      ENTRY(topk_tile),   ENTRY(split_half),
+    ENTRY(margin_grid),
 };
 
 static const Entry* find(const char* name) {

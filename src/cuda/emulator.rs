@@ -54,7 +54,11 @@ impl Emulator {
             std::process::id()
         ));
         let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let defines = super::margin_defines()
+            .into_iter()
+            .map(|(name, value)| format!("-D{name}={value}"));
         let status = Command::new(&cxx)
+            .args(defines)
             .args(["-std=c++20", "-O1", "-shared", "-fPIC", "-o"])
             .arg(&out)
             .arg(&src)

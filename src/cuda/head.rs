@@ -12,7 +12,7 @@
 //! [`STASH_BUDGET_BYTES`] and dW accumulates over them.
 
 use super::device::{gemm, Arg, Carver, Device, Elem, RowMajorGemm};
-use crate::margin::{Margin, Scale};
+use crate::margin::{Margin, Scale, PARAMS_LEN};
 use crate::{Error, Result};
 
 /// Columns per class tile: big enough that each GEMM fills the GPU, small enough that the
@@ -49,6 +49,10 @@ pub struct HeadBuffers {
     pub labels: u64,
     /// (B,) float64 d loss / d row loss (0 for ignored rows).
     pub row_weight: u64,
+    /// float64 margin parameter blocks of `Margin::encode`: one block of `PARAMS_LEN`, or
+    /// (B, `PARAMS_LEN`) with one per row when `per_row_margins`.
+    pub margins: u64,
+    pub per_row_margins: bool,
     /// Output (B,) float64: each row's loss, 0 for ignored rows.
     pub row_loss: u64,
     /// Output (B, D) gradient of the embeddings, or 0.
@@ -163,6 +167,8 @@ fn at(base: u64, index: usize, size: usize) -> u64 {
 
 /// Loss rows and the wanted gradients of the margin head (see the module docs). Everything
 /// is queued on `device`'s stream; the caller reads `bad` before trusting the results.
+/// `margin` is the margin whose blocks `buf.margins` holds (for per-row margins, any row's:
+/// they share its kind and scale).
 pub fn margin_loss(
     device: &dyn Device,
     shape: HeadShape,
@@ -224,7 +230,6 @@ pub fn margin_loss(
         }
         Scale::FeatureNorm => (s.norms, true),
     };
-    let (kind, m1, m2, m3) = super::margin_code(margin);
     device.launch(
         &kernel("targets"),
         b,
@@ -234,12 +239,15 @@ pub fn margin_loss(
             Ptr(buf.weight),
             Ptr(buf.labels),
             Ptr(row_scale),
+            Ptr(s.norms),
             I32(bi),
             I32(di),
-            I32(kind),
-            F64(m1),
-            F64(m2),
-            F64(m3),
+            Ptr(buf.margins),
+            I32(if buf.per_row_margins {
+                PARAMS_LEN as i32
+            } else {
+                0
+            }),
             Ptr(s.target_logit),
             Ptr(s.target_dpsi),
         ],

@@ -13,19 +13,14 @@
 #ifndef INFINITY
 #define INFINITY __longlong_as_double(0x7ff0000000000000LL)
 #endif
+#define NAN_D __longlong_as_double(0x7ff8000000000000LL)
 
-// Margin kinds, as margin_code() in cuda/mod.rs encodes them.
-#define M_SOFTMAX 0
-#define M_COSFACE 1
-#define M_ARCFACE 2
-#define M_ARCFACE_EASY 3
-#define M_COMBINED 4
-#define M_SPHEREFACE 5
-
-struct MarginParams {
-    int kind;
-    double m1, m2, m3;  // CosFace: m2 = m. ArcFace: m2 = m. SphereFace: m1 = m, m3 = lambda.
-};
+// A margin is a parameter block of MARGIN_PARAMS doubles, [kind, s, p0, p1, ...], as
+// Margin::encode in margin.rs writes it; the MARGIN_<KIND> codes and MARGIN_PARAMS are
+// #defined in front of this file from margin.rs (cuda/mod.rs, margin_defines).
+#ifndef MARGIN_PARAMS
+#error "compile with the margin definitions of cuda::margin_defines"
+#endif
 
 __device__ void angular(double c, double m1, double m2, double m3, double* psi, double* dpsi) {
     double theta = acos(c);
@@ -55,24 +50,37 @@ __device__ void sphere(double c, int m, double* psi, double* dpsi) {
     *dpsi = sign * m * u;
 }
 
-__device__ void psi_dpsi(MarginParams p, double c, double* psi, double* dpsi) {
+// The margins' one switch: psi and psi' of block `p` at target cosine c for a row whose
+// feature norm is `norm` (Margin::target in margin.rs).
+__device__ void psi_dpsi(const double* p, double c, double norm, double* psi, double* dpsi) {
+    (void)norm;
     c = fmin(fmax(c, -1.0), 1.0);
-    switch (p.kind) {
-        case M_SOFTMAX: *psi = c; *dpsi = 1.0; return;
-        case M_COSFACE: *psi = c - p.m2; *dpsi = 1.0; return;
-        case M_ARCFACE_EASY:
-            if (c <= 0.0) { *psi = c; *dpsi = 1.0; return; }
-            angular(c, 1.0, p.m2, 0.0, psi, dpsi);
+    const double* a = p + 2;  // the parameters after [kind, s]
+    switch ((int)p[0]) {
+        case MARGIN_SOFTMAX: *psi = c; *dpsi = 1.0; return;
+        case MARGIN_COSFACE: *psi = c - a[0]; *dpsi = 1.0; return;
+        case MARGIN_ARCFACE:
+            if (a[1] != 0.0 && c <= 0.0) { *psi = c; *dpsi = 1.0; return; }  // easy_margin
+            angular(c, 1.0, a[0], 0.0, psi, dpsi);
             return;
-        case M_ARCFACE: angular(c, 1.0, p.m2, 0.0, psi, dpsi); return;
-        case M_COMBINED: angular(c, p.m1, p.m2, p.m3, psi, dpsi); return;
-        default: {
-            double s, d;
-            sphere(c, (int)p.m1, &s, &d);
-            *psi = (p.m3 * c + s) / (1.0 + p.m3);
-            *dpsi = (p.m3 + d) / (1.0 + p.m3);
+        case MARGIN_COMBINED: angular(c, a[0], a[1], a[2], psi, dpsi); return;
+        case MARGIN_SPHEREFACE: {
+            double s, d, lambda = a[1];
+            sphere(c, (int)a[0], &s, &d);
+            *psi = (lambda * c + s) / (1.0 + lambda);
+            *dpsi = (lambda + d) / (1.0 + lambda);
+            return;
         }
+        default: *psi = NAN_D; *dpsi = NAN_D;  // Margin::decode refuses unknown kinds
     }
+}
+
+// One thread per point: psi and psi' of one margin block over n cosines and norms (the
+// margin-grid test compares this switch with margin.rs).
+extern "C" __global__ void margin_grid(const double* margin, const double* c,
+                                       const double* norm, int n, double* psi, double* dpsi) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) psi_dpsi(margin, c[i], norm[i], psi + i, dpsi + i);
 }
 
 // Sum over a block (blockDim.x a multiple of 32, at most 1024) of one double per thread.
@@ -148,11 +156,13 @@ __device__ void inv_norms(const T* w, T* w_inv, int rows, int d, int* bad) {
 }
 
 // Per row with a label: the target's cosine (from x̂ and the raw centre), psi and psi', and
-// the scaled target logit rounded to T as the stash will hold it.
+// the scaled target logit rounded to T as the stash will hold it. Row r's margin block is
+// margins + r * margin_stride (stride 0: one margin for all rows).
 template <typename T>
 __device__ void targets(const T* xhat, const T* weight, const long long* labels,
-                        const double* row_scale, int rows, int d, MarginParams p,
-                        double* target_logit, double* target_dpsi) {
+                        const double* row_scale, const double* norms, int rows, int d,
+                        const double* margins, int margin_stride, double* target_logit,
+                        double* target_dpsi) {
     __shared__ double shared[32];
     int r = blockIdx.x;
     if (r >= rows) return;
@@ -168,7 +178,7 @@ __device__ void targets(const T* xhat, const T* weight, const long long* labels,
         double c = dot / sqrt(ww);
         if (!isfinite(c)) c = 0.0;
         double psi, dpsi;
-        psi_dpsi(p, c, &psi, &dpsi);
+        psi_dpsi(margins + (long long)r * margin_stride, c, norms[r], &psi, &dpsi);
         target_logit[r] = (double)(T)(row_scale[r] * psi);
         target_dpsi[r] = dpsi;
     }
@@ -319,11 +329,11 @@ __device__ void finish_grad_emb(T* dxhat, const T* xhat, const double* norms,
     }                                                                                          \
     extern "C" __global__ void targets_##S(const T* xhat, const T* weight,                     \
                                            const long long* labels, const double* row_scale,   \
-                                           int rows, int d, int kind, double m1, double m2,    \
-                                           double m3, double* target_logit,                    \
-                                           double* target_dpsi) {                              \
-        MarginParams p = {kind, m1, m2, m3};                                                   \
-        targets<T>(xhat, weight, labels, row_scale, rows, d, p, target_logit, target_dpsi);    \
+                                           const double* norms, int rows, int d,               \
+                                           const double* margins, int margin_stride,           \
+                                           double* target_logit, double* target_dpsi) {        \
+        targets<T>(xhat, weight, labels, row_scale, norms, rows, d, margins, margin_stride,    \
+                   target_logit, target_dpsi);                                                 \
     }                                                                                          \
     extern "C" __global__ void logits_tile_##S(T* z, int rows, int ct, int lo, const T* w_inv, \
                                                const double* row_scale,                        \

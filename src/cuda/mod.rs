@@ -7,7 +7,7 @@
 //! Status: the kernels and their compilation are here and tested on CPU-only machines (NVRTC
 //! needs no GPU); launching them on a device is the next step and needs a GPU to verify.
 
-use crate::margin::Margin;
+use crate::margin::{kind, PARAMS_LEN};
 use std::sync::OnceLock;
 
 pub mod device;
@@ -21,8 +21,29 @@ mod emulator;
 #[cfg(test)]
 mod tests;
 
-/// CUDA C source of every kernel.
+/// CUDA C source of every kernel, without the margin definitions of [`margin_defines`].
 pub const KERNELS: &str = include_str!("kernels.cu");
+
+/// The `#define`s that `kernels.cu` reads the margins' parameter blocks with, from
+/// `crate::margin` (the one definition): `MARGIN_<KIND>` codes and `MARGIN_PARAMS`.
+pub fn margin_defines() -> Vec<(String, u32)> {
+    let mut defines: Vec<(String, u32)> = kind::NAMES
+        .iter()
+        .map(|&(name, code)| (format!("MARGIN_{}", name.to_uppercase()), code))
+        .collect();
+    defines.push(("MARGIN_PARAMS".into(), PARAMS_LEN as u32));
+    defines
+}
+
+/// The source NVRTC compiles: the margin definitions, then `kernels.cu`.
+pub fn kernel_source() -> String {
+    let mut src: String = margin_defines()
+        .iter()
+        .map(|(name, value)| format!("#define {name} {value}\n"))
+        .collect();
+    src.push_str(KERNELS);
+    src
+}
 
 /// Kernel entry points that the head and the search launch (the `extern "C"` names).
 pub const ENTRY_POINTS: &[&str] = &[
@@ -45,6 +66,7 @@ pub const ENTRY_POINTS: &[&str] = &[
     "finish_grad_emb_f64",
     "topk_tile",
     "split_half",
+    "margin_grid",
 ];
 
 /// Whether the CUDA path can run: a driver with at least one device, and NVRTC and cuBLAS
@@ -87,7 +109,7 @@ pub fn compile(arch: Option<&'static str>) -> Result<String, String> {
         name: Some("arcface_rs_kernels.cu".into()),
         ..Default::default()
     };
-    cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts)
+    cudarc::nvrtc::compile_ptx_with_opts(kernel_source(), opts)
         .map(|ptx| ptx.to_src())
         .map_err(|e| format!("{e:?}"))
 }
@@ -101,7 +123,7 @@ pub fn compile_cubin(arch: &str) -> Result<Vec<u8>, String> {
     if !nvrtc_available() {
         return Err("libnvrtc cannot be loaded".into());
     }
-    let src = CString::new(KERNELS).map_err(|e| e.to_string())?;
+    let src = CString::new(kernel_source()).map_err(|e| e.to_string())?;
     let name = CString::new("arcface_rs_kernels.cu").expect("no NUL");
     let program = result::create_program(&src, Some(&name)).map_err(|e| format!("{e:?}"))?;
     // SAFETY: `program` is alive until destroyed at the end; buffers are sized by NVRTC.
@@ -125,16 +147,5 @@ pub fn compile_cubin(arch: &str) -> Result<Vec<u8>, String> {
             });
         let _ = result::destroy_program(program);
         outcome
-    }
-}
-
-/// (kind, m1, m2, m3) as the kernels' `MarginParams` reads them.
-pub fn margin_code(margin: &Margin) -> (i32, f64, f64, f64) {
-    match *margin {
-        Margin::Softmax { .. } => (0, 0.0, 0.0, 0.0),
-        Margin::CosFace { m, .. } => (1, 0.0, m, 0.0),
-        Margin::ArcFace { m, easy_margin, .. } => (if easy_margin { 3 } else { 2 }, 1.0, m, 0.0),
-        Margin::Combined { m1, m2, m3, .. } => (4, m1, m2, m3),
-        Margin::SphereFace { m, lambda, .. } => (5, m as f64, 0.0, lambda),
     }
 }

@@ -7,7 +7,7 @@ use super::head::{self, HeadBuffers, HeadShape, Tiling};
 use super::search::{self, SearchBuffers, SearchPlan, SearchShape, SearchTiling};
 use super::{available, compile, ENTRY_POINTS};
 use crate::head::{margin_loss_with, LossOptions, Reduction};
-use crate::margin::Margin;
+use crate::margin::{kind, Margin, Margins, RowContext, PARAMS_LEN};
 use crate::real::Real;
 use ndarray::Array2;
 
@@ -89,11 +89,15 @@ fn emulate<T: Real>(
     emb: &Array2<T>,
     weight: &Array2<T>,
     labels: &[i64],
-    margin: &Margin,
+    margin: Margins,
     row_weight: &[f64],
     want: (bool, bool),
     tiling: Tiling,
 ) -> Emulated<T> {
+    let blocks: Vec<f64> = match margin {
+        Margins::Same(m) => m.encode().to_vec(),
+        Margins::PerRow(ms) => ms.iter().flat_map(Margin::encode).collect(),
+    };
     let ((b, d), c) = (emb.dim(), weight.nrows());
     let elem = if std::mem::size_of::<T>() == 8 {
         Elem::F64
@@ -113,6 +117,8 @@ fn emulate<T: Real>(
         weight: addr(weight.as_ptr()),
         labels: labels.as_ptr() as u64,
         row_weight: row_weight.as_ptr() as u64,
+        margins: blocks.as_ptr() as u64,
+        per_row_margins: matches!(margin, Margins::PerRow(_)),
         row_loss: row_loss.as_mut_ptr() as u64,
         grad_emb: if want.0 {
             addr(grad_emb.as_mut_ptr())
@@ -127,7 +133,7 @@ fn emulate<T: Real>(
         bad: bad.as_mut_ptr() as u64,
         workspace: workspace.as_mut_ptr() as u64,
     };
-    head::margin_loss(Emulator::get(), shape, margin, &buffers, tiling).unwrap();
+    head::margin_loss(Emulator::get(), shape, margin.row(0), &buffers, tiling).unwrap();
     Emulated {
         row_loss,
         grad_emb: want.0.then_some(grad_emb),
@@ -153,7 +159,15 @@ fn assert_close<T: Real>(what: &str, got: &Array2<T>, want: &Array2<T>, tol: f64
 }
 
 /// The emulated GPU head equals the CPU head: row losses, both gradients.
-fn check<T: Real>(b: usize, c: usize, d: usize, margin: Margin, tiling: Tiling, tol: f64) {
+fn check<'m, T: Real>(
+    b: usize,
+    c: usize,
+    d: usize,
+    margin: impl Into<Margins<'m>>,
+    tiling: Tiling,
+    tol: f64,
+) {
+    let margin = margin.into();
     let emb = matrix::<T>(1 + b as u64, b, d).mapv(|v| v * T::of(3.0));
     let weight = matrix::<T>(2 + c as u64, c, d);
     let mut labels: Vec<i64> = (0..b).map(|i| ((i * 7 + 3) % c) as i64).collect();
@@ -170,9 +184,9 @@ fn check<T: Real>(b: usize, c: usize, d: usize, margin: Margin, tiling: Tiling, 
         grad_emb: true,
         grad_weight: true,
     };
-    let cpu = margin_loss_with(emb.view(), weight.view(), &labels, &margin, options).unwrap();
+    let cpu = margin_loss_with(emb.view(), weight.view(), &labels, margin, options).unwrap();
     for want in [(true, true), (true, false), (false, true), (false, false)] {
-        let gpu = emulate(&emb, &weight, &labels, &margin, &row_weight, want, tiling);
+        let gpu = emulate(&emb, &weight, &labels, margin, &row_weight, want, tiling);
         let ctx = format!("{margin:?} b={b} c={c} d={d} {tiling:?} {want:?}: ");
         assert_eq!(gpu.bad, [0, 0], "{ctx}");
         for (i, (g, w)) in gpu.row_loss.iter().zip(&cpu.row_losses).enumerate() {
@@ -219,8 +233,86 @@ fn head_equals_the_cpu_head_with_the_stash_in_the_gradient() {
         stash_budget_bytes: 1 << 20,
     };
     for margin in margins() {
-        check::<f64>(5, 23, 8, margin, tiling, 1e-10);
-        check::<f32>(5, 23, 8, margin, tiling, 2e-4);
+        check::<f64>(5, 23, 8, &margin, tiling, 1e-10);
+        check::<f32>(5, 23, 8, &margin, tiling, 2e-4);
+    }
+}
+
+#[test]
+fn head_equals_the_cpu_head_with_one_margin_per_row() {
+    let tiling = Tiling {
+        class_tile: 7,
+        stash_budget_bytes: 1 << 20,
+    };
+    let arc: Vec<Margin> = (0..5)
+        .map(|i| Margin::arcface(64.0, 0.15 * i as f64, false).unwrap())
+        .collect();
+    let cos: Vec<Margin> = (0..11)
+        .map(|i| Margin::cosface(30.0, 0.05 * i as f64).unwrap())
+        .collect();
+    check::<f64>(5, 23, 8, &arc, tiling, 1e-10);
+    check::<f32>(5, 23, 8, &arc, tiling, 2e-4);
+    check::<f64>(11, 19, 4, &cos, tiling, 1e-10);
+}
+
+/// The margins' switch in kernels.cu equals margin.rs on a dense grid of cosines (the
+/// margin-grid agreement test; the plain-PyTorch side is tests/test_margin_grid.py).
+#[test]
+fn kernel_margins_equal_the_core_on_a_dense_grid() {
+    let mut every = margins();
+    every.extend([
+        Margin::arcface(64.0, 1.2, false).unwrap(),
+        Margin::sphereface(1, Some(10.0), 0.0).unwrap(),
+        Margin::sphereface(2, None, 0.0).unwrap(),
+        Margin::sphereface(3, Some(30.0), 1.0).unwrap(),
+        Margin::combined(64.0, 1.35, 0.25, 0.0).unwrap(),
+        Margin::combined(64.0, 0.9, 0.4, 0.1).unwrap(),
+    ]);
+    for &(_, code) in kind::NAMES {
+        assert!(
+            every.iter().any(|m| m.kind() == code),
+            "kind {code} untested"
+        );
+    }
+    let n = 4001;
+    let mut c: Vec<f64> = (0..n)
+        .map(|i| (std::f64::consts::PI * i as f64 / (n - 1) as f64).cos())
+        .collect();
+    c.extend([1.0, -1.0, 0.0, 1e-300, -1e-300, 1.0 - 1e-16, -1.0 + 1e-16]);
+    let norms: Vec<f64> = (0..c.len()).map(|i| 0.5 + (i % 97) as f64).collect();
+    for margin in every {
+        let block = margin.encode();
+        assert_eq!(block.len(), PARAMS_LEN);
+        let (mut psi, mut dpsi) = (vec![f64::NAN; c.len()], vec![f64::NAN; c.len()]);
+        use super::device::Arg::{Ptr, I32};
+        Emulator::get()
+            .launch(
+                "margin_grid",
+                c.len().div_ceil(128),
+                128,
+                &[
+                    Ptr(block.as_ptr() as u64),
+                    Ptr(c.as_ptr() as u64),
+                    Ptr(norms.as_ptr() as u64),
+                    I32(c.len() as i32),
+                    Ptr(psi.as_mut_ptr() as u64),
+                    Ptr(dpsi.as_mut_ptr() as u64),
+                ],
+            )
+            .unwrap();
+        for i in 0..c.len() {
+            let want = margin.target(c[i], RowContext { norm: norms[i] });
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1.0);
+            assert!(
+                close(psi[i], want.psi) && close(dpsi[i], want.dpsi),
+                "{margin:?} at c={}: kernel ({}, {}) core ({}, {})",
+                c[i],
+                psi[i],
+                dpsi[i],
+                want.psi,
+                want.dpsi
+            );
+        }
     }
 }
 
@@ -233,13 +325,13 @@ fn head_equals_the_cpu_head_over_row_chunks() {
         stash_budget_bytes: 3 * c * 8,
     };
     for margin in margins() {
-        check::<f64>(11, c, 4, margin, tiling, 1e-10);
+        check::<f64>(11, c, 4, &margin, tiling, 1e-10);
     }
     check::<f32>(
         11,
         c,
         4,
-        Margin::arcface(64.0, 0.5, false).unwrap(),
+        &Margin::arcface(64.0, 0.5, false).unwrap(),
         Tiling {
             stash_budget_bytes: 3 * c * 4,
             ..tiling
@@ -251,7 +343,7 @@ fn head_equals_the_cpu_head_over_row_chunks() {
         3,
         6,
         40,
-        Margin::cosface(64.0, 0.35).unwrap(),
+        &Margin::cosface(64.0, 0.35).unwrap(),
         Tiling::default(),
         1e-10,
     );
@@ -269,7 +361,7 @@ fn head_flags_bad_rows_instead_of_failing() {
         &emb,
         &weight,
         &labels,
-        &margin,
+        (&margin).into(),
         &[1.0; 4],
         (true, true),
         Tiling::default(),
@@ -425,6 +517,8 @@ fn head_refuses_empty_shapes_before_any_launch() {
             weight: 0,
             labels: 0,
             row_weight: 0,
+            margins: 0,
+            per_row_margins: false,
             row_loss: 0,
             grad_emb: 0,
             grad_weight: 0,

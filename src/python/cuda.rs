@@ -75,12 +75,14 @@ pub(super) fn cuda_head_workspace_bytes(
 /// contiguous tensors that the caller allocated and keeps alive: see
 /// `cuda::head::HeadBuffers` for each one's shape and meaning. Addresses of 0 skip a
 /// gradient; the others must be non-zero and aligned to their element type, and the shape
-/// non-empty (checked before anything is queued).
+/// non-empty (checked before anything is queued). `margins` holds `margin.encode()` (one
+/// block) or, with `per_row_margins`, B blocks of margins of `margin`'s kind and scale.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-#[pyo3(name = "_cuda_margin_loss", signature = (device, stream, b, c, d, dtype, margin, emb,
-        weight, labels, row_weight, row_loss, grad_emb, grad_weight, bad, workspace))]
+#[pyo3(name = "_cuda_margin_loss", signature = (device, stream, b, c, d, dtype, margin,
+        margins, per_row_margins, emb, weight, labels, row_weight, row_loss, grad_emb,
+        grad_weight, bad, workspace))]
 pub(super) fn cuda_margin_loss(
     py: Python<'_>,
     device: usize,
@@ -90,6 +92,8 @@ pub(super) fn cuda_margin_loss(
     d: usize,
     dtype: &str,
     margin: PyRef<'_, PyMargin>,
+    margins: u64,
+    per_row_margins: bool,
     emb: u64,
     weight: u64,
     labels: u64,
@@ -115,6 +119,7 @@ pub(super) fn cuda_margin_loss(
             ("weight", weight, real, true),
             ("labels", labels, 8, true),
             ("row_weight", row_weight, 8, true),
+            ("margins", margins, 8, true),
             ("row_loss", row_loss, 8, true),
             ("grad_emb", grad_emb, real, false),
             ("grad_weight", grad_weight, real, false),
@@ -132,6 +137,8 @@ pub(super) fn cuda_margin_loss(
             weight,
             labels,
             row_weight,
+            margins,
+            per_row_margins,
             row_loss,
             grad_emb,
             grad_weight,

@@ -4,9 +4,9 @@
 use super::convert::{
     labels_vec, parse_reduction, run, same_dtype_error, same_floats, to_py_err, Floats,
 };
-use super::margin::PyMargin;
+use super::margin::{margins, row_margins, PyMargin};
 use crate::head::{self, LossOptions, RowPart};
-use crate::margin::Margin;
+use crate::margin::Margins;
 use crate::real::Real;
 use numpy::{Element, IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -60,7 +60,7 @@ fn loss_typed<'py, T: Real + Element>(
     emb: PyReadonlyArray2<'py, T>,
     weight: PyReadonlyArray2<'py, T>,
     labels: &[i64],
-    margin: &Margin,
+    margin: Margins,
     options: LossOptions,
     shard: Option<&ShardArgs>,
 ) -> PyResult<Bound<'py, PyTuple>> {
@@ -98,9 +98,11 @@ fn loss_typed<'py, T: Real + Element>(
 }
 
 /// Fused loss and gradients: (loss, row_losses, grad_emb, grad_weight); a gradient not
-/// asked for is None. `upstream` multiplies each row's gradient.
+/// asked for is None. `upstream` multiplies each row's gradient; `row_margins` gives each
+/// row its own margin (one parameter block per row, of `margin`'s kind and scale).
 #[pyfunction]
-#[pyo3(signature = (emb, weight, labels, margin, reduction, grad_emb=true, grad_weight=true, upstream=None))]
+#[pyo3(signature = (emb, weight, labels, margin, reduction, grad_emb=true, grad_weight=true,
+    upstream=None, row_margins=None))]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn margin_loss<'py>(
     py: Python<'py>,
@@ -112,8 +114,10 @@ pub(super) fn margin_loss<'py>(
     grad_emb: bool,
     grad_weight: bool,
     upstream: Option<PyReadonlyArray1<'py, f64>>,
+    row_margins: Option<PyReadonlyArray2<'py, f64>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let labels = labels_vec(labels);
+    let rows = self::row_margins(margin, row_margins)?;
     let upstream: Option<Vec<f64>> = upstream.map(|u| u.as_array().to_vec());
     let options = LossOptions {
         reduction: parse_reduction(reduction)?,
@@ -121,7 +125,7 @@ pub(super) fn margin_loss<'py>(
         grad_emb,
         grad_weight,
     };
-    let m = &margin.0;
+    let m = margins(margin, &rows);
     let arrays = (
         Floats::extract(emb, "emb")?,
         Floats::extract(weight, "weight")?,
@@ -136,7 +140,8 @@ pub(super) fn margin_loss<'py>(
 /// per-row [max, sum, sum_ez, target_logit] combined over all shards (a collective). Returns
 /// (loss, row_losses, grad_emb share, grad_weight of the shard).
 #[pyfunction]
-#[pyo3(signature = (emb, weight, labels, margin, reduction, stash_classes, first_shard, combine))]
+#[pyo3(signature = (emb, weight, labels, margin, reduction, stash_classes, first_shard, combine,
+    row_margins=None))]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn margin_loss_shard<'py>(
     py: Python<'py>,
@@ -148,8 +153,10 @@ pub(super) fn margin_loss_shard<'py>(
     stash_classes: usize,
     first_shard: bool,
     combine: Py<PyAny>,
+    row_margins: Option<PyReadonlyArray2<'py, f64>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let labels = labels_vec(labels);
+    let rows = self::row_margins(margin, row_margins)?;
     let options = LossOptions::new(parse_reduction(reduction)?);
     let shard = ShardArgs {
         stash_classes,
@@ -165,7 +172,7 @@ pub(super) fn margin_loss_shard<'py>(
         e,
         w,
         &labels,
-        &margin.0,
+        margins(margin, &rows),
         options,
         Some(&shard)
     ))
@@ -176,7 +183,7 @@ fn logits_typed<'py, T: Real + Element>(
     emb: PyReadonlyArray2<'py, T>,
     weight: PyReadonlyArray2<'py, T>,
     labels: &[i64],
-    margin: &Margin,
+    margin: Margins,
 ) -> PyResult<Bound<'py, PyAny>> {
     let (e, w) = (emb.as_array(), weight.as_array());
     let out = run(py, || head::margin_logits(e, w, labels, margin))?.map_err(to_py_err)?;
@@ -185,20 +192,27 @@ fn logits_typed<'py, T: Real + Element>(
 
 /// The (B, C) margin logits.
 #[pyfunction]
+#[pyo3(signature = (emb, weight, labels, margin, row_margins=None))]
 pub(super) fn margin_logits<'py>(
     py: Python<'py>,
     emb: &Bound<'py, PyAny>,
     weight: &Bound<'py, PyAny>,
     labels: PyReadonlyArray1<'py, i64>,
     margin: &PyMargin,
+    row_margins: Option<PyReadonlyArray2<'py, f64>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let labels = labels_vec(labels);
+    let rows = self::row_margins(margin, row_margins)?;
     let arrays = (
         Floats::extract(emb, "emb")?,
         Floats::extract(weight, "weight")?,
     );
     same_floats!("emb and weight", arrays, |e, w| logits_typed(
-        py, e, w, &labels, &margin.0
+        py,
+        e,
+        w,
+        &labels,
+        margins(margin, &rows)
     ))
 }
 
@@ -208,7 +222,7 @@ fn logits_backward_typed<'py, T: Real + Element>(
     emb: PyReadonlyArray2<'py, T>,
     weight: PyReadonlyArray2<'py, T>,
     labels: &[i64],
-    margin: &Margin,
+    margin: Margins,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let (g, e, w) = (grad.as_array(), emb.as_array(), weight.as_array());
     let (ge, gw) =
@@ -218,6 +232,7 @@ fn logits_backward_typed<'py, T: Real + Element>(
 
 /// (grad_emb, grad_weight) from dL/dlogits.
 #[pyfunction]
+#[pyo3(signature = (grad_logits, emb, weight, labels, margin, row_margins=None))]
 pub(super) fn margin_logits_backward<'py>(
     py: Python<'py>,
     grad_logits: &Bound<'py, PyAny>,
@@ -225,9 +240,11 @@ pub(super) fn margin_logits_backward<'py>(
     weight: &Bound<'py, PyAny>,
     labels: PyReadonlyArray1<'py, i64>,
     margin: &PyMargin,
+    row_margins: Option<PyReadonlyArray2<'py, f64>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let labels = labels_vec(labels);
-    let m = &margin.0;
+    let rows = self::row_margins(margin, row_margins)?;
+    let m = margins(margin, &rows);
     match (
         Floats::extract(grad_logits, "grad_logits")?,
         Floats::extract(emb, "emb")?,
@@ -245,14 +262,17 @@ pub(super) fn margin_logits_backward<'py>(
 
 /// Margin on a (B, C) cosine matrix.
 #[pyfunction]
+#[pyo3(signature = (cos, labels, margin, row_margins=None))]
 pub(super) fn apply_margin<'py>(
     py: Python<'py>,
     cos: &Bound<'py, PyAny>,
     labels: PyReadonlyArray1<'py, i64>,
     margin: &PyMargin,
+    row_margins: Option<PyReadonlyArray2<'py, f64>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let labels = labels_vec(labels);
-    let m = &margin.0;
+    let rows = self::row_margins(margin, row_margins)?;
+    let m = margins(margin, &rows);
     Ok(match Floats::extract(cos, "cos")? {
         Floats::F32(c) => {
             let c = c.as_array();
@@ -269,15 +289,18 @@ pub(super) fn apply_margin<'py>(
 
 /// dL/dcos from dL/dlogits of `apply_margin`.
 #[pyfunction]
+#[pyo3(signature = (grad_logits, cos, labels, margin, row_margins=None))]
 pub(super) fn apply_margin_backward<'py>(
     py: Python<'py>,
     grad_logits: &Bound<'py, PyAny>,
     cos: &Bound<'py, PyAny>,
     labels: PyReadonlyArray1<'py, i64>,
     margin: &PyMargin,
+    row_margins: Option<PyReadonlyArray2<'py, f64>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let labels = labels_vec(labels);
-    let m = &margin.0;
+    let rows = self::row_margins(margin, row_margins)?;
+    let m = margins(margin, &rows);
     let arrays = (
         Floats::extract(grad_logits, "grad_logits")?,
         Floats::extract(cos, "cos")?,

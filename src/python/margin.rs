@@ -1,9 +1,51 @@
 //! `Margin`: the validated margin object each Python margin class holds.
 
 use super::convert::to_py_err;
-use crate::margin::{Margin, Scale};
-use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn};
+use crate::margin::{Margin, Margins, Scale, PARAMS_LEN};
+use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArray2, PyReadonlyArrayDyn};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+
+/// The margins of a call: `margin` for every row, or one decoded block per row of
+/// `row_margins` ((B, MARGIN_PARAMS) float64), each of `margin`'s kind and scale.
+pub(super) fn row_margins(
+    margin: &PyMargin,
+    row_margins: Option<PyReadonlyArray2<'_, f64>>,
+) -> PyResult<Option<Vec<Margin>>> {
+    let Some(blocks) = row_margins else {
+        return Ok(None);
+    };
+    let blocks = blocks.as_array();
+    if blocks.ncols() != PARAMS_LEN {
+        return Err(PyValueError::new_err(format!(
+            "row_margins: must have {PARAMS_LEN} columns (one parameter block per row), got {}",
+            blocks.ncols()
+        )));
+    }
+    let rows: Vec<Margin> = blocks
+        .rows()
+        .into_iter()
+        .map(|b| Margin::decode(&b.to_vec()))
+        .collect::<crate::Result<_>>()
+        .map_err(to_py_err)?;
+    if let Some(i) = rows
+        .iter()
+        .position(|m| m.kind() != margin.0.kind() || m.scale() != margin.0.scale())
+    {
+        return Err(PyValueError::new_err(format!(
+            "row_margins: row {i} has another kind or scale than margin"
+        )));
+    }
+    Ok(Some(rows))
+}
+
+/// [`Margins`] over the result of [`row_margins`].
+pub(super) fn margins<'a>(margin: &'a PyMargin, rows: &'a Option<Vec<Margin>>) -> Margins<'a> {
+    match rows {
+        Some(rows) => Margins::PerRow(rows),
+        None => Margins::Same(&margin.0),
+    }
+}
 
 /// A validated margin; the Python classes `ArcFace`, `CosFace`, ... each hold one.
 #[pyclass(frozen, name = "Margin", module = "arcface_rs._core")]
@@ -46,6 +88,18 @@ impl PyMargin {
         Margin::combined(s, m1, m2, m3)
             .map(PyMargin)
             .map_err(to_py_err)
+    }
+
+    /// The margin a parameter block of `encode` describes, validated.
+    #[staticmethod]
+    fn decode(block: Vec<f64>) -> PyResult<Self> {
+        Margin::decode(&block).map(PyMargin).map_err(to_py_err)
+    }
+
+    /// The parameter block `[kind, s, p0, ...]` (length `MARGIN_PARAMS`, kinds in
+    /// `MARGIN_KINDS`) that the CUDA kernels, the torch ops and the plain path read.
+    fn encode(&self) -> [f64; PARAMS_LEN] {
+        self.0.encode()
     }
 
     /// The fixed logit scale, or None when logits scale by the feature norm.

@@ -45,6 +45,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
     m.add("GalleryFileError", m.py().get_type::<GalleryFileError>())?;
     m.add_class::<margin::PyMargin>()?;
+    m.add("MARGIN_PARAMS", crate::margin::PARAMS_LEN)?;
+    let kinds = pyo3::types::PyDict::new(m.py());
+    for &(name, code) in crate::margin::kind::NAMES {
+        kinds.set_item(name, code)?;
+    }
+    m.add("MARGIN_KINDS", kinds)?;
     m.add_class::<gallery::PyGallery>()?;
     m.add_function(wrap_pyfunction!(head::margin_loss, m)?)?;
     m.add_function(wrap_pyfunction!(head::margin_loss_shard, m)?)?;

@@ -123,11 +123,14 @@ def test_torch_head_bad_rows_raise_through_the_real_launch(cpu_stream):
 
 def test_the_private_launch_entry_checks_its_addresses_and_shape():
     spec = afr.ArcFace()._spec
+    block = [1 << 20, False]  # the margin blocks' address, and not per row
     good = [1 << 20] * 9  # aligned, non-zero; never dereferenced: the checks come first
     with pytest.raises(ValueError, match="emb: device address 0x0"):
-        afr._core._cuda_margin_loss(0, 0, 4, 4, 4, "float32", spec, 0, *good[1:])
+        afr._core._cuda_margin_loss(0, 0, 4, 4, 4, "float32", spec, *block, 0, *good[1:])
     with pytest.raises(ValueError, match="weight: .* not aligned to 8"):
-        afr._core._cuda_margin_loss(0, 0, 4, 4, 4, "float64", spec, good[0], 12, *good[2:])
+        afr._core._cuda_margin_loss(0, 0, 4, 4, 4, "float64", spec, *block, good[0], 12, *good[2:])
+    with pytest.raises(ValueError, match="margins: device address 0x0"):
+        afr._core._cuda_margin_loss(0, 0, 4, 4, 4, "float32", spec, 0, False, *good)
     with pytest.raises(ValueError, match="shape"):
-        afr._core._cuda_margin_loss(0, 0, 0, 4, 4, "float32", spec, *good)
+        afr._core._cuda_margin_loss(0, 0, 0, 4, 4, "float32", spec, *block, *good)
     assert not hasattr(afr._core, "cuda_margin_loss")
