@@ -90,6 +90,11 @@ struct Prepared<T> {
     valid: Vec<bool>,
     target_logit: Vec<f64>,
     target_dpsi: Vec<f64>,
+    /// d psi / d ||x|| of each row's target (MagFace), 0 for the others.
+    target_dnorm: Vec<f64>,
+    /// Each valid row's loss term besides the softmax and its d / d ||x|| (MagFace's
+    /// regulariser), (0, 0) for the others.
+    penalty: Vec<(f64, f64)>,
 }
 
 /// Columns per class tile: large enough for an efficient GEMM, small enough to give every
@@ -341,6 +346,8 @@ impl<T: Real> Prepared<T> {
             valid,
             target_logit: vec![0.0; b],
             target_dpsi: vec![0.0; b],
+            target_dnorm: vec![0.0; b],
+            penalty: vec![(0.0, 0.0); b],
         })
     }
 
@@ -359,6 +366,13 @@ impl<T: Real> Prepared<T> {
                 // same value the softmax statistics saw (float32 logits of 1e15 differ by 1e7).
                 self.target_logit[i] = T::of(self.row_scale[i] * target.psi).f64();
                 self.target_dpsi[i] = target.dpsi;
+                self.target_dnorm[i] = target.dpsi_dnorm;
+            }
+            if self.valid[i] {
+                let row = RowContext {
+                    norm: self.x_norm[i],
+                };
+                self.penalty[i] = margin.row(i).penalty(row);
             }
         }
     }
@@ -402,11 +416,8 @@ impl<T: Real> Prepared<T> {
             let xh = self.xhat.row(i);
             let dot = dot_f64(xh, g.view());
             let inv = 1.0 / self.x_norm[i].max(T::GRAD_NORM_MIN);
-            let extra = if self.feature_norm_scale {
-                norm_term[i]
-            } else {
-                0.0
-            };
+            // dL/d||x_i||: the feature-norm scale's, MagFace's margin and regulariser
+            let extra = norm_term[i];
             if inv <= T::SAFE_SCALE && extra.abs() <= T::SAFE_SCALE {
                 let (dot, inv, extra) = (T::of(dot), T::of(inv), T::of(extra));
                 for (gv, &xv) in g.iter_mut().zip(xh) {
@@ -926,10 +937,21 @@ fn fused_loss<T: Real>(
         for (local, i) in rows.clone().enumerate() {
             if p.valid[i] {
                 let target_logit = stats[local].target_logit;
-                row_losses[i] = lse[local] - target_logit;
-                if p.feature_norm_scale && first_shard {
-                    let pz = stats[local].sum_ez / stats[local].sum;
-                    norm_term[i] = row_weight[i] * (pz - target_logit) / p.row_scale[i];
+                let (penalty, dpenalty) = p.penalty[i];
+                // every shard returns the whole loss; one shard adds the norm's gradient
+                row_losses[i] = lse[local] - target_logit + penalty;
+                if first_shard {
+                    if p.feature_norm_scale {
+                        let pz = stats[local].sum_ez / stats[local].sum;
+                        norm_term[i] += row_weight[i] * (pz - target_logit) / p.row_scale[i];
+                    }
+                    norm_term[i] += row_weight[i] * dpenalty;
+                }
+                if p.target[i].is_some() && p.target_dnorm[i] != 0.0 {
+                    // the margin moves with the norm (MagFace): through the target logit
+                    let prob = (p.target_logit[i] - lse[local]).exp();
+                    norm_term[i] +=
+                        row_weight[i] * p.row_scale[i] * (prob - 1.0) * p.target_dnorm[i];
                 }
             }
         }
@@ -1051,6 +1073,9 @@ pub fn margin_logits_backward<'m, T: Real>(
                 if let Some(y) = p.target[i] {
                     if (lo..lo + width).contains(&y) {
                         g[[i, y - lo]] *= T::of(p.target_dpsi[i]);
+                        // MagFace: the target logit moves with the norm too
+                        let up = upstream[[i, y - lo]].f64();
+                        acc.pz[i] += up * p.row_scale[i] * p.target_dnorm[i];
                     }
                 }
             }
@@ -1075,7 +1100,15 @@ pub fn margin_logits_backward<'m, T: Real>(
 }
 
 fn fixed_scale(margin: Margins, rows: usize) -> Result<f64> {
-    match margin.check(rows)? {
+    let scale = margin.check(rows)?;
+    if (0..rows).any(|i| margin.row(i).reads_norm()) {
+        return Err(Error::invalid(
+            "margin",
+            "MagFace's margin follows the feature norm, which a cosine matrix does not carry; \
+             use margin_loss or margin_logits",
+        ));
+    }
+    match scale {
         Scale::Fixed(s) => Ok(s),
         Scale::FeatureNorm => Err(Error::invalid(
             "margin",
@@ -1311,6 +1344,90 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The loss as a function of the embeddings, for central differences.
+    fn loss_at(emb: &Array2<f64>, weight: &Array2<f64>, labels: &[i64], margin: &Margin) -> f64 {
+        margin_loss(emb.view(), weight.view(), labels, margin, Reduction::Mean)
+            .unwrap()
+            .loss
+    }
+
+    /// MagFace's margin and regulariser follow the norm: the embeddings' gradient (with its
+    /// radial part) against central differences of the fused loss, and the logits' backward
+    /// against those of the logits.
+    #[test]
+    fn norm_dependent_margins_match_finite_differences() {
+        let (emb, weight, labels) = problem(6, 8, 13, 77);
+        let margins = [
+            Margin::magface(30.0, (1.0, 5.0), (0.45, 0.8), false, 35.0).unwrap(),
+            Margin::magface(30.0, (1.0, 5.0), (0.45, 0.8), true, 3.0).unwrap(),
+            Margin::adaface(30.0, 0.4, -0.6).unwrap(),
+            Margin::arcface(30.0, 0.5, false)
+                .unwrap()
+                .with_straight_through(false)
+                .unwrap(),
+        ];
+        for margin in &margins {
+            let out =
+                margin_loss(emb.view(), weight.view(), &labels, margin, Reduction::Mean).unwrap();
+            let ge = out.grad_emb.unwrap();
+            let h = 1e-6;
+            for i in 0..6 {
+                for j in 0..8 {
+                    let (mut up, mut down) = (emb.clone(), emb.clone());
+                    up[[i, j]] += h;
+                    down[[i, j]] -= h;
+                    let fd = (loss_at(&up, &weight, &labels, margin)
+                        - loss_at(&down, &weight, &labels, margin))
+                        / (2.0 * h);
+                    assert!(
+                        (fd - ge[[i, j]]).abs() < 1e-6 * (1.0 + fd.abs()),
+                        "{margin:?} [{i},{j}]: {fd} vs {}",
+                        ge[[i, j]]
+                    );
+                }
+            }
+            // sum of the logits against their backward with an all-ones upstream
+            let ones = Array2::<f64>::ones((6, 13));
+            let (gl, _) =
+                margin_logits_backward(ones.view(), emb.view(), weight.view(), &labels, margin)
+                    .unwrap();
+            let sum_at = |e: &Array2<f64>| {
+                margin_logits(e.view(), weight.view(), &labels, margin)
+                    .unwrap()
+                    .sum()
+            };
+            for i in 0..6 {
+                let (mut up, mut down) = (emb.clone(), emb.clone());
+                up[[i, 0]] += h;
+                down[[i, 0]] -= h;
+                let fd = (sum_at(&up) - sum_at(&down)) / (2.0 * h);
+                assert!(
+                    (fd - gl[[i, 0]]).abs() < 1e-5 * (1.0 + fd.abs()),
+                    "{margin:?} logits row {i}: {fd} vs {}",
+                    gl[[i, 0]]
+                );
+            }
+        }
+        // the regulariser is in the loss of every valid row
+        let mag = &margins[0];
+        let plain = Margin::magface(30.0, (1.0, 5.0), (0.45, 0.8), false, 0.0).unwrap();
+        let with = margin_loss(emb.view(), weight.view(), &labels, mag, Reduction::None).unwrap();
+        let without =
+            margin_loss(emb.view(), weight.view(), &labels, &plain, Reduction::None).unwrap();
+        for (i, &y) in labels.iter().enumerate() {
+            let a = emb.row(i).dot(&emb.row(i)).sqrt().clamp(1.0, 5.0);
+            let g = if y < 0 {
+                0.0
+            } else {
+                35.0 * (a / 25.0 + 1.0 / a)
+            };
+            assert!((with.row_losses[i] - without.row_losses[i] - g).abs() < 1e-10);
+        }
+        let cos = Array2::<f64>::zeros((6, 13));
+        let err = apply_margin(cos.view(), &labels, mag).unwrap_err();
+        assert_eq!(err.arg, "margin");
     }
 
     #[test]
@@ -1549,6 +1666,8 @@ mod tests {
             Margin::arcface(64.0, 0.5, false).unwrap(),
             Margin::sphereface(4, None, 1.0).unwrap(),
             Margin::cosface(30.0, 0.35).unwrap(),
+            Margin::adaface(64.0, 0.4, 0.5).unwrap(),
+            Margin::magface(64.0, (1.0, 5.0), (0.45, 0.8), false, 35.0).unwrap(),
         ];
         // stash in the gradient (B <= D), own stash, and many row chunks (uneven shards)
         for (b, d, c, budget, bounds) in [

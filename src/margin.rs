@@ -31,15 +31,19 @@ pub const PARAMS_LEN: usize = 8;
 /// |---|---|
 /// | `SOFTMAX` | `[0, s]` |
 /// | `COSFACE` | `[1, s, m]` |
-/// | `ARCFACE` | `[2, s, m, easy_margin (0/1)]` |
-/// | `COMBINED` | `[3, s, m1, m2, m3]` |
+/// | `ARCFACE` | `[2, s, m, easy_margin, straight_through]` (flags 0/1) |
+/// | `COMBINED` | `[3, s, m1, m2, m3, straight_through]` |
 /// | `SPHEREFACE` | `[4, s or 0, m, lambda]` |
+/// | `ADAFACE` | `[5, s, m, z]`: z is the row's margin scaler in [-1, 1] |
+/// | `MAGFACE` | `[6, s, l_a, u_a, l_m, u_m, easy_margin, lambda_g]` |
 pub mod kind {
     pub const SOFTMAX: u32 = 0;
     pub const COSFACE: u32 = 1;
     pub const ARCFACE: u32 = 2;
     pub const COMBINED: u32 = 3;
     pub const SPHEREFACE: u32 = 4;
+    pub const ADAFACE: u32 = 5;
+    pub const MAGFACE: u32 = 6;
     /// Every kind with its name, as Python sees them.
     pub const NAMES: &[(&str, u32)] = &[
         ("softmax", SOFTMAX),
@@ -47,8 +51,14 @@ pub mod kind {
         ("arcface", ARCFACE),
         ("combined", COMBINED),
         ("sphereface", SPHEREFACE),
+        ("adaface", ADAFACE),
+        ("magface", MAGFACE),
     ];
 }
+
+/// AdaFace clamps cosines to `[-1 + ADAFACE_EPS, 1 - ADAFACE_EPS]` and the shifted angle to
+/// `[ADAFACE_EPS, pi - ADAFACE_EPS]`, as the AdaFace paper's head does.
+pub const ADAFACE_EPS: f64 = 1e-3;
 
 /// What psi may depend on besides the target cosine: quantities of the row itself.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -88,14 +98,43 @@ pub enum Margin {
     /// Normalised softmax: psi(c) = c.
     Softmax { s: f64 },
     /// Additive angular margin: psi = cos(theta + m). `easy_margin` keeps psi = c for c <= 0
-    /// (InsightFace's option), which makes psi jump up at theta = pi/2.
-    ArcFace { s: f64, m: f64, easy_margin: bool },
+    /// (InsightFace's option), which makes psi jump up at theta = pi/2. `straight_through`
+    /// puts the margin on without its gradient (psi' = 1), as InsightFace's arcface_torch.
+    ArcFace {
+        s: f64,
+        m: f64,
+        easy_margin: bool,
+        straight_through: bool,
+    },
     /// Additive cosine margin: psi = c - m.
     CosFace { s: f64, m: f64 },
     /// Multiplicative angular margin (A-Softmax) with integer m, blended with c by lambda.
     SphereFace { m: u32, s: Option<f64>, lambda: f64 },
-    /// psi = cos(m1 theta + m2) - m3.
-    Combined { s: f64, m1: f64, m2: f64, m3: f64 },
+    /// psi = cos(m1 theta + m2) - m3 (`straight_through` as ArcFace's).
+    Combined {
+        s: f64,
+        m1: f64,
+        m2: f64,
+        m3: f64,
+        straight_through: bool,
+    },
+    /// AdaFace: with c clamped to `1 -+ ADAFACE_EPS` and theta = acos(c),
+    /// psi = cos(clamp(theta - m z, eps, pi - eps)) - (m + m z), where z in [-1, 1] is the
+    /// row's margin scaler from its feature norm (computed by the caller, who keeps the
+    /// running statistics).
+    AdaFace { s: f64, m: f64, z: f64 },
+    /// MagFace: ArcFace with margin m(a) = l_m + (u_m - l_m)(a - l_a)/(u_a - l_a) of the
+    /// row's feature norm a = clamp(||x||, l_a, u_a) (the gradient flows through a), and the
+    /// loss term lambda_g (a / u_a^2 + 1 / a) of [`Margin::penalty`].
+    MagFace {
+        s: f64,
+        l_a: f64,
+        u_a: f64,
+        l_m: f64,
+        u_m: f64,
+        easy_margin: bool,
+        lambda_g: f64,
+    },
 }
 
 fn check_scale(s: f64) -> Result<f64> {
@@ -127,6 +166,84 @@ impl Margin {
             s: check_scale(s)?,
             m: check_range("m", m, 0.0, PI, "in [0, pi)")?,
             easy_margin,
+            straight_through: false,
+        })
+    }
+
+    /// This margin with `straight_through` set: the margin shifts the target logit but its
+    /// gradient is that of the plain logit (psi' = 1). ArcFace and Combined only.
+    pub fn with_straight_through(self, on: bool) -> Result<Self> {
+        match self {
+            Margin::ArcFace {
+                s, m, easy_margin, ..
+            } => Ok(Margin::ArcFace {
+                s,
+                m,
+                easy_margin,
+                straight_through: on,
+            }),
+            Margin::Combined { s, m1, m2, m3, .. } => Ok(Margin::Combined {
+                s,
+                m1,
+                m2,
+                m3,
+                straight_through: on,
+            }),
+            _ if !on => Ok(self),
+            _ => Err(Error::invalid(
+                "grad",
+                "'straight_through' applies to ArcFace and CombinedMargin only",
+            )),
+        }
+    }
+
+    /// AdaFace with margin `m` and this row's margin scaler `z` (0 for a margin not yet
+    /// given a row).
+    pub fn adaface(s: f64, m: f64, z: f64) -> Result<Self> {
+        Ok(Margin::AdaFace {
+            s: check_scale(s)?,
+            m: check_range("m", m, 0.0, PI / 2.0, "in [0, pi/2)")?,
+            z: if z.is_finite() && (-1.0..=1.0).contains(&z) {
+                z
+            } else {
+                return Err(Error::invalid("z", format!("must be in [-1, 1], got {z}")));
+            },
+        })
+    }
+
+    pub fn magface(
+        s: f64,
+        (l_a, u_a): (f64, f64),
+        (l_m, u_m): (f64, f64),
+        easy_margin: bool,
+        lambda_g: f64,
+    ) -> Result<Self> {
+        let positive = "a finite number > 0";
+        let l_a = check_range("l_a", l_a, f64::MIN_POSITIVE, f64::INFINITY, positive)?;
+        let u_a = check_range("u_a", u_a, f64::MIN_POSITIVE, f64::INFINITY, positive)?;
+        if u_a <= l_a {
+            return Err(Error::invalid(
+                "u_a",
+                format!("must be > l_a = {l_a}, got {u_a}"),
+            ));
+        }
+        let l_m = check_range("l_m", l_m, 0.0, PI, "in [0, pi)")?;
+        let u_m = check_range("u_m", u_m, 0.0, PI, "in [0, pi)")?;
+        let lambda_g = check_range(
+            "lambda_g",
+            lambda_g,
+            0.0,
+            f64::INFINITY,
+            "a finite number >= 0",
+        )?;
+        Ok(Margin::MagFace {
+            s: check_scale(s)?,
+            l_a,
+            u_a,
+            l_m,
+            u_m,
+            easy_margin,
+            lambda_g,
         })
     }
 
@@ -171,6 +288,7 @@ impl Margin {
             )?,
             m2: check_range("m2", m2, 0.0, PI, "in [0, pi)")?,
             m3: check_range("m3", m3, 0.0, f64::INFINITY, "a finite number >= 0")?,
+            straight_through: false,
         })
     }
 
@@ -179,7 +297,9 @@ impl Margin {
             Margin::Softmax { s }
             | Margin::ArcFace { s, .. }
             | Margin::CosFace { s, .. }
-            | Margin::Combined { s, .. } => Scale::Fixed(s),
+            | Margin::Combined { s, .. }
+            | Margin::AdaFace { s, .. }
+            | Margin::MagFace { s, .. } => Scale::Fixed(s),
             Margin::SphereFace { s, .. } => s.map_or(Scale::FeatureNorm, Scale::Fixed),
         }
     }
@@ -192,6 +312,8 @@ impl Margin {
             Margin::ArcFace { .. } => kind::ARCFACE,
             Margin::Combined { .. } => kind::COMBINED,
             Margin::SphereFace { .. } => kind::SPHEREFACE,
+            Margin::AdaFace { .. } => kind::ADAFACE,
+            Margin::MagFace { .. } => kind::MAGFACE,
         }
     }
 
@@ -201,12 +323,34 @@ impl Margin {
             Scale::Fixed(s) => s,
             Scale::FeatureNorm => 0.0,
         };
+        let flag = |b: bool| f64::from(u8::from(b));
         let params: &[f64] = match *self {
             Margin::Softmax { .. } => &[],
             Margin::CosFace { m, .. } => &[m],
-            Margin::ArcFace { m, easy_margin, .. } => &[m, f64::from(u8::from(easy_margin))],
-            Margin::Combined { m1, m2, m3, .. } => &[m1, m2, m3],
+            Margin::ArcFace {
+                m,
+                easy_margin,
+                straight_through,
+                ..
+            } => &[m, flag(easy_margin), flag(straight_through)],
+            Margin::Combined {
+                m1,
+                m2,
+                m3,
+                straight_through,
+                ..
+            } => &[m1, m2, m3, flag(straight_through)],
             Margin::SphereFace { m, lambda, .. } => &[f64::from(m), lambda],
+            Margin::AdaFace { m, z, .. } => &[m, z],
+            Margin::MagFace {
+                l_a,
+                u_a,
+                l_m,
+                u_m,
+                easy_margin,
+                lambda_g,
+                ..
+            } => &[l_a, u_a, l_m, u_m, flag(easy_margin), lambda_g],
         };
         let mut block = [0.0; PARAMS_LEN];
         block[0] = f64::from(self.kind());
@@ -242,8 +386,19 @@ impl Margin {
         match integer(code).and_then(|k| u32::try_from(k).ok()) {
             Some(kind::SOFTMAX) => Margin::softmax(s),
             Some(kind::COSFACE) => Margin::cosface(s, p[0]),
-            Some(kind::ARCFACE) => Margin::arcface(s, p[0], flag(p[1], "easy_margin")?),
-            Some(kind::COMBINED) => Margin::combined(s, p[0], p[1], p[2]),
+            Some(kind::ARCFACE) => Margin::arcface(s, p[0], flag(p[1], "easy_margin")?)?
+                .with_straight_through(flag(p[2], "grad")?),
+            Some(kind::COMBINED) => {
+                Margin::combined(s, p[0], p[1], p[2])?.with_straight_through(flag(p[3], "grad")?)
+            }
+            Some(kind::ADAFACE) => Margin::adaface(s, p[0], p[1]),
+            Some(kind::MAGFACE) => Margin::magface(
+                s,
+                (p[0], p[1]),
+                (p[2], p[3]),
+                flag(p[4], "easy_margin")?,
+                p[5],
+            ),
             Some(kind::SPHEREFACE) => {
                 let m = integer(p[0]).ok_or_else(|| {
                     Error::invalid("m", format!("must be an integer in 1..=4, got {}", p[0]))
@@ -268,19 +423,59 @@ impl Margin {
     }
 
     /// psi and its derivatives at target cosine `c` (clamped to [-1, 1]) for a row.
-    pub fn target(&self, c: f64, _row: RowContext) -> Target {
+    pub fn target(&self, c: f64, row: RowContext) -> Target {
         let c = if c.is_nan() { c } else { c.clamp(-1.0, 1.0) };
         let (psi, dpsi) = match *self {
             Margin::Softmax { .. } => (c, 1.0),
             Margin::CosFace { m, .. } => (c - m, 1.0),
-            Margin::ArcFace { m, easy_margin, .. } => {
-                if easy_margin && c <= 0.0 {
+            Margin::ArcFace {
+                m,
+                easy_margin,
+                straight_through,
+                ..
+            } => {
+                let (psi, dpsi) = if easy_margin && c <= 0.0 {
                     (c, 1.0)
                 } else {
                     angular(c, 1.0, m, 0.0)
-                }
+                };
+                (psi, if straight_through { 1.0 } else { dpsi })
             }
-            Margin::Combined { m1, m2, m3, .. } => angular(c, m1, m2, m3),
+            Margin::Combined {
+                m1,
+                m2,
+                m3,
+                straight_through,
+                ..
+            } => {
+                let (psi, dpsi) = angular(c, m1, m2, m3);
+                (psi, if straight_through { 1.0 } else { dpsi })
+            }
+            Margin::AdaFace { m, z, .. } => adaface(c, m, z),
+            Margin::MagFace {
+                l_a,
+                u_a,
+                l_m,
+                u_m,
+                easy_margin,
+                ..
+            } => {
+                let a = row.norm.clamp(l_a, u_a);
+                let slope = (u_m - l_m) / (u_a - l_a);
+                let m = l_m + slope * (a - l_a);
+                let (psi, dpsi, dpsi_dm) = if easy_margin && c <= 0.0 {
+                    (c, 1.0, 0.0)
+                } else {
+                    arc_with_dm(c, m)
+                };
+                // a = clamp(norm): no gradient through the norm outside [l_a, u_a] (torch's clamp)
+                let inside = (l_a..=u_a).contains(&row.norm);
+                return Target {
+                    psi,
+                    dpsi,
+                    dpsi_dnorm: if inside { dpsi_dm * slope } else { 0.0 },
+                };
+            }
             Margin::SphereFace { m, lambda, .. } => {
                 let (psi, dpsi) = sphere(c, m);
                 (
@@ -296,9 +491,40 @@ impl Margin {
         }
     }
 
+    /// A row's term of the loss besides the softmax, and its derivative in `||x||`:
+    /// MagFace's regulariser `lambda_g g(a)`, g(a) = a / u_a^2 + 1 / a; zero for the others.
+    pub fn penalty(&self, row: RowContext) -> (f64, f64) {
+        match *self {
+            Margin::MagFace {
+                l_a, u_a, lambda_g, ..
+            } => {
+                let a = row.norm.clamp(l_a, u_a);
+                let inside = (l_a..=u_a).contains(&row.norm);
+                let value = lambda_g * (a / (u_a * u_a) + 1.0 / a);
+                let slope = lambda_g * (1.0 / (u_a * u_a) - 1.0 / (a * a));
+                (value, if inside { slope } else { 0.0 })
+            }
+            _ => (0.0, 0.0),
+        }
+    }
+
+    /// Whether psi or the loss read the feature norm (so a cosine matrix is not enough).
+    pub fn reads_norm(&self) -> bool {
+        matches!(self, Margin::MagFace { .. })
+    }
+
     /// The largest `|psi|` over c in [-1, 1] for any row (bounds the logits).
     pub fn peak(&self) -> f64 {
-        self.psi(1.0).abs().max(self.psi(-1.0).abs()).max(1.0)
+        let at = |norm: f64| {
+            let row = RowContext { norm };
+            let ends = [1.0, -1.0].map(|c| self.target(c, row).psi.abs());
+            ends[0].max(ends[1])
+        };
+        let norms = match *self {
+            Margin::MagFace { l_a, u_a, .. } => [l_a, u_a],
+            _ => [1.0, 1.0],
+        };
+        at(norms[0]).max(at(norms[1])).max(1.0)
     }
 }
 
@@ -396,6 +622,35 @@ fn angular(c: f64, m1: f64, m2: f64, m3: f64) -> (f64, f64) {
     (psi, dpsi)
 }
 
+/// ArcFace's psi and psi' at margin m, and d psi / d m (MagFace's margin moves with the norm).
+fn arc_with_dm(c: f64, m: f64) -> (f64, f64, f64) {
+    let (psi, dpsi) = angular(c, 1.0, m, 0.0);
+    let theta = c.acos();
+    let dpsi_dm = if theta > PI - m {
+        // the fallback c - k(m), k = max(m sin m, 1 - cos m) (theta* = pi - m)
+        if m * m.sin() >= 1.0 - m.cos() {
+            -(m.sin() + m * m.cos())
+        } else {
+            -m.sin()
+        }
+    } else {
+        -(theta + m).sin()
+    };
+    (psi, dpsi, dpsi_dm)
+}
+
+/// AdaFace's psi and psi' (see [`Margin::AdaFace`]); psi' is 0 where a clamp is active.
+fn adaface(c: f64, m: f64, z: f64) -> (f64, f64) {
+    let eps = ADAFACE_EPS;
+    let cc = c.clamp(-1.0 + eps, 1.0 - eps);
+    let theta = cc.acos();
+    let shifted = theta - m * z;
+    let t = shifted.clamp(eps, PI - eps);
+    let psi = t.cos() - (m + m * z);
+    let free = cc == c && t == shifted;
+    (psi, if free { t.sin() / theta.sin() } else { 0.0 })
+}
+
 /// A-Softmax: psi = (-1)^k T_m(c) - 2k, k = floor(m theta / pi); psi' = (-1)^k m U_{m-1}(c).
 fn sphere(c: f64, m: u32) -> (f64, f64) {
     let theta = c.acos();
@@ -430,6 +685,19 @@ mod tests {
             Margin::combined(64.0, 1.0, 0.3, 0.2).unwrap(),
             Margin::combined(64.0, 1.35, 0.25, 0.0).unwrap(),
             Margin::combined(64.0, 0.9, 0.4, 0.1).unwrap(),
+            Margin::arcface(64.0, 0.5, false)
+                .unwrap()
+                .with_straight_through(true)
+                .unwrap(),
+            Margin::combined(64.0, 1.0, 0.3, 0.2)
+                .unwrap()
+                .with_straight_through(true)
+                .unwrap(),
+            Margin::adaface(64.0, 0.4, 0.0).unwrap(),
+            Margin::adaface(64.0, 0.4, -1.0).unwrap(),
+            Margin::adaface(64.0, 0.4, 0.7).unwrap(),
+            Margin::magface(64.0, (10.0, 110.0), (0.45, 0.8), true, 35.0).unwrap(),
+            Margin::magface(64.0, (10.0, 110.0), (0.45, 0.8), false, 35.0).unwrap(),
         ]
     }
 
@@ -471,11 +739,15 @@ mod tests {
 
     #[test]
     fn psi_non_increasing_and_dpsi_finite_on_dense_grid() {
-        // easy_margin is psi = c for c <= 0 by definition, which jumps up at theta = pi/2
+        // easy_margin is psi = c for c <= 0 by definition, which jumps up at theta = pi/2;
+        // AdaFace's angle clamp at pi - eps makes psi flat, then its cosine clamp rises
         let monotone = |m: &Margin| {
             !matches!(
                 m,
                 Margin::ArcFace {
+                    easy_margin: true,
+                    ..
+                } | Margin::MagFace {
                     easy_margin: true,
                     ..
                 }
@@ -504,8 +776,96 @@ mod tests {
     }
 
     #[test]
+    fn straight_through_keeps_psi_and_passes_the_plain_gradient() {
+        let exact = Margin::arcface(64.0, 0.5, false).unwrap();
+        let st = exact.with_straight_through(true).unwrap();
+        for c in [-0.99, -0.3, 0.2, 0.9] {
+            assert_eq!(st.psi(c), exact.psi(c));
+            assert_eq!(st.dpsi(c), 1.0);
+        }
+        let err = Margin::cosface(64.0, 0.3)
+            .unwrap()
+            .with_straight_through(true)
+            .unwrap_err();
+        assert_eq!(err.arg, "grad");
+    }
+
+    #[test]
+    fn adaface_follows_the_papers_formula() {
+        // psi = cos(clip(theta - m z, eps, pi - eps)) - (m + m z), theta from the clamped c
+        let (m, eps) = (0.4, 1e-3);
+        for z in [-1.0, -0.3, 0.0, 0.6, 1.0] {
+            let ada = Margin::adaface(64.0, m, z).unwrap();
+            for c in [-1.0, -0.9995, -0.5, 0.0, 0.3, 0.95, 0.9995, 1.0] {
+                let theta = f64::clamp(c, -1.0 + eps, 1.0 - eps).acos();
+                let want = (theta - m * z).clamp(eps, PI - eps).cos() - (m + m * z);
+                assert!((ada.psi(c) - want).abs() < 1e-15, "z={z} c={c}");
+            }
+            // no gradient where the cosine clamp holds
+            assert_eq!(ada.dpsi(0.9999), 0.0);
+        }
+        assert_eq!(Margin::adaface(64.0, 0.4, 1.5).unwrap_err().arg, "z");
+    }
+
+    #[test]
+    fn magface_margin_and_penalty_follow_the_norm() {
+        let mag = Margin::magface(64.0, (10.0, 110.0), (0.45, 0.8), false, 35.0).unwrap();
+        let arc = |m: f64| Margin::arcface(64.0, m, false).unwrap();
+        for (norm, m) in [
+            (5.0, 0.45),
+            (10.0, 0.45),
+            (60.0, 0.625),
+            (110.0, 0.8),
+            (200.0, 0.8),
+        ] {
+            let row = RowContext { norm };
+            for c in [-0.95, -0.2, 0.4, 0.99] {
+                let t = mag.target(c, row);
+                assert!((t.psi - arc(m).psi(c)).abs() < 1e-14, "norm={norm} c={c}");
+                assert!((t.dpsi - arc(m).dpsi(c)).abs() < 1e-12);
+            }
+            let g =
+                35.0 * (norm.clamp(10.0, 110.0) / (110.0 * 110.0) + 1.0 / norm.clamp(10.0, 110.0));
+            assert!((mag.penalty(row).0 - g).abs() < 1e-12);
+        }
+        // derivatives in the norm against central differences (inside (l_a, u_a))
+        for norm in [12.0, 47.5, 100.0] {
+            for c in [-0.95, -0.5, 0.1, 0.7] {
+                let h = 1e-5;
+                let at = |n: f64| mag.target(c, RowContext { norm: n }).psi;
+                let fd = (at(norm + h) - at(norm - h)) / (2.0 * h);
+                let got = mag.target(c, RowContext { norm }).dpsi_dnorm;
+                assert!((fd - got).abs() < 1e-7, "norm={norm} c={c}: {fd} vs {got}");
+                let pen = |n: f64| mag.penalty(RowContext { norm: n }).0;
+                let fd = (pen(norm + h) - pen(norm - h)) / (2.0 * h);
+                assert!((fd - mag.penalty(RowContext { norm }).1).abs() < 1e-6);
+            }
+        }
+        assert_eq!(mag.target(0.3, RowContext { norm: 500.0 }).dpsi_dnorm, 0.0);
+        assert_eq!(
+            Margin::magface(64.0, (10.0, 5.0), (0.45, 0.8), true, 35.0)
+                .unwrap_err()
+                .arg,
+            "u_a"
+        );
+    }
+
+    #[test]
     fn dpsi_matches_finite_differences_away_from_kinks() {
-        for margin in all_margins() {
+        // (straight-through's psi' is 1 by definition, not psi's derivative)
+        let exact = |m: &Margin| {
+            !matches!(
+                m,
+                Margin::ArcFace {
+                    straight_through: true,
+                    ..
+                } | Margin::Combined {
+                    straight_through: true,
+                    ..
+                }
+            )
+        };
+        for margin in all_margins().into_iter().filter(exact) {
             for i in 1..40 {
                 let c = -0.975 + i as f64 * 0.049;
                 let h = 1e-6;

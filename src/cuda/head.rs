@@ -184,6 +184,14 @@ pub fn margin_loss(
             format!("need at least one row, class and dimension, got B={b}, C={c}, D={d}"),
         ));
     }
+    if margin.reads_norm() {
+        // its radial gradient and regulariser are not in these kernels yet
+        return Err(Error::invalid(
+            "margin",
+            "MagFace is not on the fused CUDA head yet (the CPU head and the plain-PyTorch \
+             path have it)",
+        ));
+    }
     let (want_emb, want_weight) = (buf.grad_emb != 0, buf.grad_weight != 0);
     let plan = Plan::new(shape, want_weight, tiling);
     let mut carver = Carver::new(buf.workspace);

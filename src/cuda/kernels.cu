@@ -50,11 +50,14 @@ __device__ void sphere(double c, int m, double* psi, double* dpsi) {
     *dpsi = sign * m * u;
 }
 
-// The margins' one switch: psi and psi' of block `p` at target cosine c for a row whose
-// feature norm is `norm` (Margin::target in margin.rs).
-__device__ void psi_dpsi(const double* p, double c, double norm, double* psi, double* dpsi) {
-    (void)norm;
+#define ADAFACE_EPS 1e-3
+
+// The margins' one switch: psi, psi' and d psi / d norm of block `p` at target cosine c for
+// a row whose feature norm is `norm` (Margin::target in margin.rs).
+__device__ void psi_dpsi(const double* p, double c, double norm, double* psi, double* dpsi,
+                         double* dnorm) {
     c = fmin(fmax(c, -1.0), 1.0);
+    *dnorm = 0.0;
     const double* a = p + 2;  // the parameters after [kind, s]
     switch ((int)p[0]) {
         case MARGIN_SOFTMAX: *psi = c; *dpsi = 1.0; return;
@@ -62,8 +65,35 @@ __device__ void psi_dpsi(const double* p, double c, double norm, double* psi, do
         case MARGIN_ARCFACE:
             if (a[1] != 0.0 && c <= 0.0) { *psi = c; *dpsi = 1.0; return; }  // easy_margin
             angular(c, 1.0, a[0], 0.0, psi, dpsi);
+            if (a[2] != 0.0) *dpsi = 1.0;  // straight-through
             return;
-        case MARGIN_COMBINED: angular(c, a[0], a[1], a[2], psi, dpsi); return;
+        case MARGIN_COMBINED:
+            angular(c, a[0], a[1], a[2], psi, dpsi);
+            if (a[3] != 0.0) *dpsi = 1.0;
+            return;
+        case MARGIN_ADAFACE: {
+            double m = a[0], z = a[1];
+            double cc = fmin(fmax(c, -1.0 + ADAFACE_EPS), 1.0 - ADAFACE_EPS);
+            double theta = acos(cc), shifted = theta - m * z;
+            double t = fmin(fmax(shifted, ADAFACE_EPS), PI_D - ADAFACE_EPS);
+            *psi = cos(t) - (m + m * z);
+            *dpsi = (cc == c && t == shifted) ? sin(t) / sin(theta) : 0.0;
+            return;
+        }
+        case MARGIN_MAGFACE: {
+            double l_a = a[0], u_a = a[1], l_m = a[2], u_m = a[3];
+            double n = fmin(fmax(norm, l_a), u_a);
+            double slope = (u_m - l_m) / (u_a - l_a), m = l_m + slope * (n - l_a);
+            if (a[4] != 0.0 && c <= 0.0) { *psi = c; *dpsi = 1.0; return; }
+            angular(c, 1.0, m, 0.0, psi, dpsi);
+            double theta = acos(c), dm;
+            if (theta > PI_D - m)
+                dm = (m * sin(m) >= 1.0 - cos(m)) ? -(sin(m) + m * cos(m)) : -sin(m);
+            else
+                dm = -sin(theta + m);
+            *dnorm = (norm >= l_a && norm <= u_a) ? dm * slope : 0.0;
+            return;
+        }
         case MARGIN_SPHEREFACE: {
             double s, d, lambda = a[1];
             sphere(c, (int)a[0], &s, &d);
@@ -78,9 +108,10 @@ __device__ void psi_dpsi(const double* p, double c, double norm, double* psi, do
 // One thread per point: psi and psi' of one margin block over n cosines and norms (the
 // margin-grid test compares this switch with margin.rs).
 extern "C" __global__ void margin_grid(const double* margin, const double* c,
-                                       const double* norm, int n, double* psi, double* dpsi) {
+                                       const double* norm, int n, double* psi, double* dpsi,
+                                       double* dnorm) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) psi_dpsi(margin, c[i], norm[i], psi + i, dpsi + i);
+    if (i < n) psi_dpsi(margin, c[i], norm[i], psi + i, dpsi + i, dnorm + i);
 }
 
 // Sum over a block (blockDim.x a multiple of 32, at most 1024) of one double per thread.
@@ -177,8 +208,8 @@ __device__ void targets(const T* xhat, const T* weight, const long long* labels,
     if (threadIdx.x == 0) {
         double c = dot / sqrt(ww);
         if (!isfinite(c)) c = 0.0;
-        double psi, dpsi;
-        psi_dpsi(margins + (long long)r * margin_stride, c, norms[r], &psi, &dpsi);
+        double psi, dpsi, dnorm;  // (the head refuses margins that read the norm, for now)
+        psi_dpsi(margins + (long long)r * margin_stride, c, norms[r], &psi, &dpsi, &dnorm);
         target_logit[r] = (double)(T)(row_scale[r] * psi);
         target_dpsi[r] = dpsi;
     }

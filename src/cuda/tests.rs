@@ -267,6 +267,19 @@ fn kernel_margins_equal_the_core_on_a_dense_grid() {
         Margin::sphereface(3, Some(30.0), 1.0).unwrap(),
         Margin::combined(64.0, 1.35, 0.25, 0.0).unwrap(),
         Margin::combined(64.0, 0.9, 0.4, 0.1).unwrap(),
+        Margin::arcface(64.0, 0.5, false)
+            .unwrap()
+            .with_straight_through(true)
+            .unwrap(),
+        Margin::combined(64.0, 1.0, 0.3, 0.2)
+            .unwrap()
+            .with_straight_through(true)
+            .unwrap(),
+        Margin::adaface(64.0, 0.4, 0.0).unwrap(),
+        Margin::adaface(64.0, 0.4, -1.0).unwrap(),
+        Margin::adaface(64.0, 0.4, 0.8).unwrap(),
+        Margin::magface(64.0, (10.0, 110.0), (0.45, 0.8), true, 35.0).unwrap(),
+        Margin::magface(64.0, (10.0, 60.0), (0.45, 1.2), false, 35.0).unwrap(),
     ]);
     for &(_, code) in kind::NAMES {
         assert!(
@@ -279,11 +292,12 @@ fn kernel_margins_equal_the_core_on_a_dense_grid() {
         .map(|i| (std::f64::consts::PI * i as f64 / (n - 1) as f64).cos())
         .collect();
     c.extend([1.0, -1.0, 0.0, 1e-300, -1e-300, 1.0 - 1e-16, -1.0 + 1e-16]);
-    let norms: Vec<f64> = (0..c.len()).map(|i| 0.5 + (i % 97) as f64).collect();
+    let norms: Vec<f64> = (0..c.len()).map(|i| 0.5 + (i % 127) as f64).collect();
     for margin in every {
         let block = margin.encode();
         assert_eq!(block.len(), PARAMS_LEN);
         let (mut psi, mut dpsi) = (vec![f64::NAN; c.len()], vec![f64::NAN; c.len()]);
+        let mut dnorm = vec![f64::NAN; c.len()];
         use super::device::Arg::{Ptr, I32};
         Emulator::get()
             .launch(
@@ -297,6 +311,7 @@ fn kernel_margins_equal_the_core_on_a_dense_grid() {
                     I32(c.len() as i32),
                     Ptr(psi.as_mut_ptr() as u64),
                     Ptr(dpsi.as_mut_ptr() as u64),
+                    Ptr(dnorm.as_mut_ptr() as u64),
                 ],
             )
             .unwrap();
@@ -304,13 +319,15 @@ fn kernel_margins_equal_the_core_on_a_dense_grid() {
             let want = margin.target(c[i], RowContext { norm: norms[i] });
             let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1.0);
             assert!(
-                close(psi[i], want.psi) && close(dpsi[i], want.dpsi),
-                "{margin:?} at c={}: kernel ({}, {}) core ({}, {})",
+                close(psi[i], want.psi)
+                    && close(dpsi[i], want.dpsi)
+                    && close(dnorm[i], want.dpsi_dnorm),
+                "{margin:?} at c={} norm={}: kernel ({}, {}, {}) core {want:?}",
                 c[i],
+                norms[i],
                 psi[i],
                 dpsi[i],
-                want.psi,
-                want.dpsi
+                dnorm[i],
             );
         }
     }
