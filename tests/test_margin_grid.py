@@ -25,7 +25,14 @@ GRID_MARGINS = all_margins() + [
     afr.SphereFace(m=1, s=10.0),
     afr.SphereFace(m=4, lambda_=0.0),
     afr.CombinedMargin(m1=0.9, m2=0.4, m3=0.1),
+    afr.ArcFace(m=0.5, grad="straight_through"),
+    afr.CombinedMargin(m1=1.0, m2=0.3, m3=0.2, grad="straight_through"),
+    afr.AdaFace(m=0.4),
+    afr.MagFace(),
+    afr.MagFace(l_a=10.0, u_a=60.0, u_m=1.2, easy_margin=False),
 ]
+ADAFACE_SCALERS = [-1.0, -0.4, 0.0, 0.7, 1.0]
+MAGFACE_NORMS = [5.0, 10.0, 33.3, 60.0, 109.0, 200.0]
 
 
 def _grid() -> np.ndarray:
@@ -45,6 +52,26 @@ def test_plain_torch_margin_agrees_with_the_core_on_a_dense_grid(margin):
     psi, dpsi = tplain._psi_dpsi(margin, torch.from_numpy(c))
     np.testing.assert_allclose(psi.numpy(), margin.psi(c), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dpsi.numpy(), margin.dpsi(c), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("z", ADAFACE_SCALERS)
+def test_plain_torch_adaface_agrees_with_the_core_at_every_scaler(z):
+    c = _grid()
+    core = afr._core.Margin.adaface(64.0, 0.4, z)
+    blocks = torch.tensor([core.encode()] * len(c), dtype=torch.float64)
+    psi, dpsi = tplain._psi_dpsi(afr.AdaFace(), torch.from_numpy(c), blocks)
+    np.testing.assert_allclose(psi.numpy(), core.psi(c), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dpsi.numpy(), core.dpsi(c), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("norm", MAGFACE_NORMS)
+def test_plain_torch_magface_agrees_with_the_core_at_every_norm(norm):
+    c = _grid()
+    for margin in (afr.MagFace(), afr.MagFace(u_m=1.2, easy_margin=False)):
+        n = torch.full((len(c),), norm, dtype=torch.float64)
+        psi, dpsi = tplain._psi_dpsi(margin, torch.from_numpy(c), norm=n)
+        np.testing.assert_allclose(psi.numpy(), margin.psi(c, norm), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dpsi.numpy(), margin.dpsi(c, norm), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("margin", GRID_MARGINS, ids=repr)

@@ -15,10 +15,23 @@ from ._heads import (
     margin_logits_backward,
     margin_loss,
 )
-from ._margins import ArcFace, CombinedMargin, CosFace, Margin, Softmax, SphereFace
+from ._margins import (
+    AdaFace,
+    ArcFace,
+    CombinedMargin,
+    CosFace,
+    ElasticFace,
+    MagFace,
+    Margin,
+    Softmax,
+    SphereFace,
+)
 from ._search import cosine_topk
 
 __all__ = [
+    "AdaFace",
+    "ElasticFace",
+    "MagFace",
     "ArcFace",
     "CombinedMargin",
     "CosFace",

@@ -25,10 +25,34 @@ __all__ = [
 def _margin(value: Any) -> _core.Margin:
     if not isinstance(value, Margin):
         raise TypeError(
-            "margin must be ArcFace, CosFace, SphereFace, CombinedMargin or Softmax, "
-            f"got {type(value).__name__}"
+            "margin must be ArcFace, CosFace, SphereFace, CombinedMargin or Softmax "
+            f"(or AdaFace, MagFace, ElasticFace), got {type(value).__name__}"
         )
     return value._spec
+
+
+def target_cosines(emb: np.ndarray, weight: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(B,) float64 cosine of each row to its label's centre (0 for ignored rows)."""
+    out = np.zeros(len(labels))
+    rows = np.nonzero(labels >= 0)[0]
+    if rows.size:
+        x = emb[rows].astype(np.float64)
+        w = weight[labels[rows]].astype(np.float64)
+        dot = np.einsum("ij,ij->i", x, w)
+        norms = np.linalg.norm(x, axis=1) * np.linalg.norm(w, axis=1)
+        out[rows] = np.clip(dot / norms, -1.0, 1.0)
+    return out
+
+
+def _row_blocks(
+    margin: Margin, emb: np.ndarray, weight: np.ndarray, labels: np.ndarray
+) -> np.ndarray | None:
+    """The margin's per-row parameter blocks for this batch (None: one for all rows)."""
+    _margin(margin)
+    return margin._rows(
+        lambda: np.linalg.norm(emb.astype(np.float64), axis=1),
+        lambda: target_cosines(emb, weight, labels),
+    )
 
 
 def margin_logits(emb: Any, weight: Any, labels: Any, margin: Margin) -> np.ndarray:
@@ -52,7 +76,9 @@ def margin_logits(emb: Any, weight: Any, labels: Any, margin: Margin) -> np.ndar
     """
     emb, weight = _floats("emb", emb), _floats("weight", weight)
     _same_dtype(emb=emb, weight=weight)
-    return _core.margin_logits(emb, weight, _labels(labels), _margin(margin))
+    labels = _labels(labels)
+    rows = _row_blocks(margin, emb, weight, labels)
+    return _core.margin_logits(emb, weight, labels, _margin(margin), row_margins=rows)
 
 
 def margin_logits_backward(
@@ -65,7 +91,8 @@ def margin_logits_backward(
     grad_logits : array_like
         (B, C) dL/dlogits, the dtype of ``emb``.
     emb, weight, labels, margin
-        As for :func:`margin_logits`.
+        As for :func:`margin_logits` (a margin with per-call state, AdaFace or ElasticFace,
+        uses the per-row values of its last forward call).
 
     Returns
     -------
@@ -77,7 +104,10 @@ def margin_logits_backward(
     grad_logits = _floats("grad_logits", grad_logits)
     emb, weight = _floats("emb", emb), _floats("weight", weight)
     _same_dtype(grad_logits=grad_logits, emb=emb, weight=weight)
-    return _core.margin_logits_backward(grad_logits, emb, weight, _labels(labels), _margin(margin))
+    spec = _margin(margin)
+    return _core.margin_logits_backward(
+        grad_logits, emb, weight, _labels(labels), spec, row_margins=margin._rows_again()
+    )
 
 
 def margin_loss(
@@ -118,8 +148,10 @@ def margin_loss(
     emb, weight = _floats("emb", emb), _floats("weight", weight)
     _same_dtype(emb=emb, weight=weight)
     _reduction(reduction)
+    labels = _labels(labels)
+    blocks = _row_blocks(margin, emb, weight, labels)
     loss, rows, g_emb, g_w = _core.margin_loss(
-        emb, weight, _labels(labels), _margin(margin), reduction
+        emb, weight, labels, _margin(margin), reduction, row_margins=blocks
     )
     out = rows.astype(emb.dtype) if reduction == "none" else emb.dtype.type(loss)
     return out, g_emb, g_w
@@ -145,7 +177,8 @@ def apply_margin(cos: Any, labels: Any, margin: Margin) -> np.ndarray:
         (B, C) logits ``s * cos``, ``s * psi(cos)`` on each row's label.
     """
     cos = _floats("cos", cos)
-    return _core.apply_margin(cos, _labels(labels), _margin(margin))
+    spec = _margin(margin)
+    return _core.apply_margin(cos, _labels(labels), spec, row_margins=margin._row_blocks)
 
 
 def apply_margin_backward(grad_logits: Any, cos: Any, labels: Any, margin: Margin) -> np.ndarray:
@@ -165,4 +198,7 @@ def apply_margin_backward(grad_logits: Any, cos: Any, labels: Any, margin: Margi
     """
     grad_logits, cos = _floats("grad_logits", grad_logits), _floats("cos", cos)
     _same_dtype(grad_logits=grad_logits, cos=cos)
-    return _core.apply_margin_backward(grad_logits, cos, _labels(labels), _margin(margin))
+    spec = _margin(margin)
+    return _core.apply_margin_backward(
+        grad_logits, cos, _labels(labels), spec, row_margins=margin._row_blocks
+    )

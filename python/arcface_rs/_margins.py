@@ -10,7 +10,19 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["ArcFace", "CombinedMargin", "CosFace", "Margin", "SphereFace", "Softmax"]
+__all__ = [
+    "AdaFace",
+    "ArcFace",
+    "CombinedMargin",
+    "CosFace",
+    "ElasticFace",
+    "MagFace",
+    "Margin",
+    "SphereFace",
+    "Softmax",
+]
+
+_GRADS = ("exact", "straight_through")
 
 
 class Margin:
@@ -19,25 +31,62 @@ class Margin:
     _params: tuple[str, ...] = ()
     _spec: _core.Margin
     _block: tuple[float, ...]
+    #: (B, MARGIN_PARAMS) parameter blocks when the margin has one value per row, else None
+    _row_blocks: np.ndarray | None = None
 
     def _values(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name in self._params)
+        values = (getattr(self, name) for name in self._params)
+        return tuple(tuple(v.tolist()) if isinstance(v, np.ndarray) else v for v in values)
+
+    def _rows(self, norms: Any, target_cos: Any) -> np.ndarray | None:
+        """The per-row parameter blocks of one call, or None for one margin for all rows.
+
+        ``norms()`` and ``target_cos()`` return the batch's (B,) float64 feature norms and
+        target cosines, computed only when a margin asks for them. Margins with running
+        state (AdaFace) update it here; per-sample draws (ElasticFace) are made here."""
+        return self._row_blocks
+
+    def _rows_again(self) -> np.ndarray | None:
+        """The blocks of the last ``_rows`` call, for a backward of that call."""
+        return getattr(self, "_last_rows", self._row_blocks)
+
+    def _remember(self, blocks: np.ndarray | None) -> np.ndarray | None:
+        object.__setattr__(self, "_last_rows", blocks)
+        return blocks
 
     @property
     def scale(self) -> float | None:
         """The fixed logit scale ``s``, or None when logits scale by the feature norm."""
         return self._spec.scale
 
-    def psi(self, cos: Any) -> np.ndarray:
-        """Target logit before scaling, elementwise (float64)."""
-        return self._spec.psi(np.asarray(cos, dtype=np.float64))
+    def psi(self, cos: Any, norm: float | None = None) -> np.ndarray:
+        """Target logit before scaling, elementwise (float64).
 
-    def dpsi(self, cos: Any) -> np.ndarray:
+        With one margin per row, ``cos`` has one leading entry per row. ``norm`` is the
+        feature norm for margins that read it (MagFace)."""
+        return self._eval("psi", cos, norm)
+
+    def dpsi(self, cos: Any, norm: float | None = None) -> np.ndarray:
         """d psi / d cos, elementwise (float64); finite for every cos in [-1, 1]."""
-        return self._spec.dpsi(np.asarray(cos, dtype=np.float64))
+        return self._eval("dpsi", cos, norm)
+
+    def _eval(self, what: str, cos: Any, norm: float | None) -> np.ndarray:
+        cos = np.asarray(cos, dtype=np.float64)
+        if self._row_blocks is None:
+            return getattr(self._spec, what)(cos, norm)
+        if cos.ndim == 0 or cos.shape[0] != len(self._row_blocks):
+            raise ValueError(
+                f"cos: this margin has {len(self._row_blocks)} per-row values, so cos needs "
+                f"one leading entry per row, got shape {cos.shape}"
+            )
+        rows = [_core.Margin.decode(list(b)) for b in self._row_blocks]
+        return np.stack(
+            [getattr(r, what)(np.ascontiguousarray(c), norm) for r, c in zip(rows, cos)]
+        )
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._params)
+        shown = [n for n in self._params if not (n == "grad" and self.grad == "exact")]  # type: ignore[attr-defined]
+        args = ", ".join(f"{name}={getattr(self, name)!r}" for name in shown)
         return f"{type(self).__name__}({args})"
 
     def __eq__(self, other: object) -> bool:
@@ -65,6 +114,45 @@ def _real(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
+
+
+def _per_row(name: str, value: Any) -> float | np.ndarray:
+    """A float, or a read-only 1-D float64 array of one value per row."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        raise TypeError(f"{name} must be a real number or a 1-D array, got {type(value).__name__}")
+    arr = np.array(value, dtype=np.float64)
+    if arr.ndim == 0:
+        return float(arr)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(
+            f"{name}: must be a float or a 1-D array of one value per row, got shape {arr.shape}"
+        )
+    arr.flags.writeable = False
+    return arr
+
+
+def _grad(value: Any) -> bool:
+    if value not in _GRADS:
+        raise ValueError(f"grad: must be 'exact' or 'straight_through', got {value!r}")
+    return value == "straight_through"
+
+
+def _specs(make: Any, **values: float | np.ndarray) -> tuple[_core.Margin, np.ndarray | None]:
+    """The core margin of scalar values, or of each row when any value is an array: the
+    first row's margin (for kind and scale) and every row's parameter block."""
+    if not any(isinstance(v, np.ndarray) for v in values.values()):
+        return make(**values), None
+    try:
+        arrays = np.broadcast_arrays(*(np.asarray(v) for v in values.values()))
+    except ValueError:
+        shapes = {k: np.shape(v) for k, v in values.items()}
+        raise ValueError(f"per-row margin values must have one length, got {shapes}") from None
+    rows = [make(**dict(zip(values, row))) for row in zip(*(a.tolist() for a in arrays))]
+    blocks = np.array([r.encode() for r in rows], dtype=np.float64)
+    blocks.flags.writeable = False
+    return rows[0], blocks
 
 
 class Softmax(Margin):
@@ -98,14 +186,32 @@ class ArcFace(Margin):
         Angular margin in radians, in [0, pi).
     easy_margin : bool
         Keep psi = c where c <= 0 (InsightFace's option).
+    grad : {"exact", "straight_through"}
+        ``exact`` (default): the gradient of psi. ``straight_through``: the margin shifts
+        the target logit but its gradient is the plain logit's, dL/dc = s (p - onehot) for
+        every column, as InsightFace's arcface_torch trains.
+
+    A 1-D array ``m`` gives each row of the batch its own margin (same rules per row).
     """
 
-    _params = ("s", "m", "easy_margin")
+    _params = ("s", "m", "easy_margin", "grad")
 
-    def __init__(self, s: float = 64.0, m: float = 0.5, easy_margin: bool = False) -> None:
-        s, m = _real("s", s), _real("m", m)
-        easy_margin = bool(easy_margin)
-        self._set(s=s, m=m, easy_margin=easy_margin, _spec=_core.Margin.arcface(s, m, easy_margin))
+    def __init__(
+        self,
+        s: float = 64.0,
+        m: float | Any = 0.5,
+        easy_margin: bool = False,
+        grad: str = "exact",
+    ) -> None:
+        s, m_rows = _real("s", s), _per_row("m", m)
+        easy_margin, st = bool(easy_margin), _grad(grad)
+
+        def make(m: float) -> _core.Margin:
+            return _core.Margin.arcface(s, m, easy_margin).with_straight_through(st)
+
+        spec, blocks = _specs(make, m=m_rows)
+        self._set(s=s, m=m_rows, easy_margin=easy_margin, grad=grad, _row_blocks=blocks)
+        self._set(_spec=spec)
 
 
 class CosFace(Margin):
@@ -115,15 +221,17 @@ class CosFace(Margin):
     ----------
     s : float
         Logit scale, finite and > 0.
-    m : float
-        Cosine margin, finite and >= 0.
+    m : float or array_like
+        Cosine margin, finite and >= 0; a 1-D array gives each row its own.
     """
 
     _params = ("s", "m")
 
-    def __init__(self, s: float = 64.0, m: float = 0.35) -> None:
-        s, m = _real("s", s), _real("m", m)
-        self._set(s=s, m=m, _spec=_core.Margin.cosface(s, m))
+    def __init__(self, s: float = 64.0, m: float | Any = 0.35) -> None:
+        s, m_rows = _real("s", s), _per_row("m", m)
+        spec, blocks = _specs(lambda m: _core.Margin.cosface(s, m), m=m_rows)
+        self._set(s=s, m=m_rows, _row_blocks=blocks)
+        self._set(_spec=spec)
 
 
 class SphereFace(Margin):
@@ -173,10 +281,239 @@ class CombinedMargin(Margin):
         Additive angular margin (ArcFace's), in [0, pi).
     m3 : float
         Additive cosine margin (CosFace's), >= 0.
+    grad : {"exact", "straight_through"}
+        As for :class:`ArcFace`.
+
+    Any of m1, m2, m3 may be a 1-D array of one value per row (the others broadcast).
     """
 
-    _params = ("s", "m1", "m2", "m3")
+    _params = ("s", "m1", "m2", "m3", "grad")
 
-    def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0) -> None:
-        s, m1, m2, m3 = (_real(n, v) for n, v in (("s", s), ("m1", m1), ("m2", m2), ("m3", m3)))
-        self._set(s=s, m1=m1, m2=m2, m3=m3, _spec=_core.Margin.combined(s, m1, m2, m3))
+    def __init__(
+        self,
+        s: float = 64.0,
+        m1: float | Any = 1.0,
+        m2: float | Any = 0.5,
+        m3: float | Any = 0.0,
+        grad: str = "exact",
+    ) -> None:
+        s, st = _real("s", s), _grad(grad)
+        rows = {n: _per_row(n, v) for n, v in (("m1", m1), ("m2", m2), ("m3", m3))}
+
+        def make(m1: float, m2: float, m3: float) -> _core.Margin:
+            return _core.Margin.combined(s, m1, m2, m3).with_straight_through(st)
+
+        spec, blocks = _specs(make, **rows)
+        self._set(s=s, grad=grad, _row_blocks=blocks, **rows)
+        self._set(_spec=spec)
+
+
+class ElasticFace(Margin):
+    """ElasticFace: ArcFace (``kind="arc"``) or CosFace (``kind="cos"``) with a margin drawn
+    per row and per call, m_i ~ N(m, std).
+
+    With ``plus=True`` (ElasticFace+) the draws are sorted against the rows' target cosines:
+    the row closest to its class centre (largest cosine) gets the smallest draw, the hardest
+    row the largest. Draws come from ``numpy.random.default_rng(seed)``: the same seed gives
+    the same sequence of calls. Draws are clipped to the margin's valid range ([0, pi) for
+    arc, >= 0 for cos).
+
+    Parameters
+    ----------
+    s : float
+        Logit scale.
+    m : float
+        Mean margin.
+    std : float
+        Standard deviation of the draws, >= 0.
+    kind : {"arc", "cos"}
+        Angular (ArcFace) or cosine (CosFace) margin.
+    plus : bool
+        ElasticFace+: draws assigned by the target cosines.
+    seed : int or None
+        Seed of the draws.
+    """
+
+    _params = ("s", "m", "std", "kind", "plus", "seed")
+
+    def __init__(
+        self,
+        s: float = 64.0,
+        m: float = 0.5,
+        std: float = 0.0125,
+        kind: str = "arc",
+        plus: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        s, m, std = _real("s", s), _real("m", m), _real("std", std)
+        if kind not in ("arc", "cos"):
+            raise ValueError(f"kind: must be 'arc' or 'cos', got {kind!r}")
+        if not (math.isfinite(std) and std >= 0):
+            raise ValueError(f"std: must be a finite number >= 0, got {std}")
+        spec = _core.Margin.arcface(s, m, False) if kind == "arc" else _core.Margin.cosface(s, m)
+        self._set(s=s, m=m, std=std, kind=kind, plus=bool(plus), seed=seed)
+        self._set(_rng=np.random.default_rng(seed), _spec=spec)
+
+    def __hash__(self) -> int:  # its draws are state: equal only to itself
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return other is self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self._values())
+
+    def _rows(self, norms: Any, target_cos: Any) -> np.ndarray | None:
+        n = len(norms())
+        draws = self._rng.normal(self.m, self.std, size=n)
+        upper = math.pi - 1e-9 if self.kind == "arc" else np.inf
+        draws = np.clip(draws, 0.0, upper)
+        if self.plus:
+            order = np.argsort(-target_cos(), kind="stable")  # closest to its centre first
+            ranked = np.empty(n)
+            ranked[order] = np.sort(draws)
+            draws = ranked
+        blocks = np.tile(np.asarray(self._block, dtype=np.float64), (n, 1))
+        blocks[:, 2] = draws
+        return self._remember(blocks)
+
+
+class AdaFace(Margin):
+    """AdaFace (CVPR 2022): a margin that adapts to image quality through the feature norm.
+
+    With n_i = clip(||x_i||, 1e-3, 100) (no gradient), running statistics updated from the
+    batch before use while ``training``: ``batch_mean <- t_alpha mean(n) + (1 - t_alpha)
+    batch_mean``, ``batch_std`` likewise from the unbiased std; the margin scaler
+    z_i = clip(h (n_i - batch_mean) / (batch_std + 1e-3), -1, 1); cosines clamped to
+    1 -+ 1e-3 and the target logit s (cos(clip(theta - m z_i, 1e-3, pi - 1e-3)) - (m + m z_i)).
+
+    Parameters
+    ----------
+    s : float
+        Logit scale.
+    m : float
+        Margin, in [0, pi/2).
+    h : float
+        Scaler concentration.
+    t_alpha : float
+        Momentum of the running statistics, in [0, 1].
+    batch_mean, batch_std : float
+        Initial running statistics (the attributes, updated by each call while
+        ``training`` is True, used unchanged when False).
+    """
+
+    _params = ("s", "m", "h", "t_alpha")
+
+    def __init__(
+        self,
+        s: float = 64.0,
+        m: float = 0.4,
+        h: float = 0.333,
+        t_alpha: float = 0.01,
+        batch_mean: float = 20.0,
+        batch_std: float = 100.0,
+    ) -> None:
+        s, m, h = _real("s", s), _real("m", m), _real("h", h)
+        t_alpha = _real("t_alpha", t_alpha)
+        if not (0.0 <= t_alpha <= 1.0):
+            raise ValueError(f"t_alpha: must be in [0, 1], got {t_alpha}")
+        if not (math.isfinite(h) and h >= 0):
+            raise ValueError(f"h: must be a finite number >= 0, got {h}")
+        self._set(s=s, m=m, h=h, t_alpha=t_alpha, _spec=_core.Margin.adaface(s, m, 0.0))
+        self.batch_mean = _real("batch_mean", batch_mean)
+        self.batch_std = _real("batch_std", batch_std)
+        self.training = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in ("batch_mean", "batch_std", "training", "_last_rows"):
+            raise AttributeError(f"AdaFace.{name} is fixed; build a new one")
+        object.__setattr__(self, name, value)
+
+    def __hash__(self) -> int:  # running statistics are state: equal only to itself
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return other is self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self._values() + (self.batch_mean, self.batch_std))
+
+    def __repr__(self) -> str:
+        return (
+            f"AdaFace(s={self.s!r}, m={self.m!r}, h={self.h!r}, t_alpha={self.t_alpha!r}, "
+            f"batch_mean={self.batch_mean!r}, batch_std={self.batch_std!r})"
+        )
+
+    def margin_scaler(self, norms: Any) -> np.ndarray:
+        """z_i for feature norms ``norms`` with the current statistics (no update)."""
+        n = np.clip(np.asarray(norms, dtype=np.float64), 1e-3, 100.0)
+        return np.clip(self.h * (n - self.batch_mean) / (self.batch_std + 1e-3), -1.0, 1.0)
+
+    def _rows(self, norms: Any, target_cos: Any) -> np.ndarray | None:
+        n = np.clip(np.asarray(norms(), dtype=np.float64), 1e-3, 100.0)
+        if self.training:
+            std = float(n.std(ddof=1)) if n.size > 1 else 0.0
+            a = self.t_alpha
+            self.batch_mean = a * float(n.mean()) + (1.0 - a) * self.batch_mean
+            self.batch_std = a * std + (1.0 - a) * self.batch_std
+        blocks = np.tile(np.asarray(self._block, dtype=np.float64), (n.size, 1))
+        blocks[:, 3] = self.margin_scaler(n)
+        return self._remember(blocks)
+
+
+class MagFace(Margin):
+    """MagFace (CVPR 2021): ArcFace whose margin grows with the feature norm, plus a
+    regulariser that pulls the norm up.
+
+    a_i = clip(||x_i||, l_a, u_a) (the gradient flows through a_i), m(a) = l_m + (u_m - l_m)
+    (a - l_a) / (u_a - l_a), target logit s cos(theta + m(a_i)) (``easy_margin`` as ArcFace's),
+    and each row's loss gains lambda_g g(a_i), g(a) = a / u_a^2 + 1 / a.
+
+    Parameters
+    ----------
+    s : float
+        Logit scale.
+    l_a, u_a : float
+        The norm range, 0 < l_a < u_a.
+    l_m, u_m : float
+        The margins at l_a and u_a, in [0, pi).
+    lambda_g : float
+        Weight of the regulariser, >= 0.
+    easy_margin : bool
+        psi = c where c <= 0 (the MagFace reference's default).
+    """
+
+    _params = ("s", "l_a", "u_a", "l_m", "u_m", "lambda_g", "easy_margin")
+
+    def __init__(
+        self,
+        s: float = 64.0,
+        l_a: float = 10.0,
+        u_a: float = 110.0,
+        l_m: float = 0.45,
+        u_m: float = 0.8,
+        lambda_g: float = 35.0,
+        easy_margin: bool = True,
+    ) -> None:
+        vals = {
+            n: _real(n, v)
+            for n, v in (
+                ("s", s),
+                ("l_a", l_a),
+                ("u_a", u_a),
+                ("l_m", l_m),
+                ("u_m", u_m),
+                ("lambda_g", lambda_g),
+            )
+        }
+        easy = bool(easy_margin)
+        spec = _core.Margin.magface(
+            vals["s"], vals["l_a"], vals["u_a"], vals["l_m"], vals["u_m"], easy, vals["lambda_g"]
+        )
+        self._set(easy_margin=easy, **vals)
+        self._set(_spec=spec)
+
+    def margin_of(self, norm: Any) -> np.ndarray:
+        """m(a) for feature norms ``norm``."""
+        a = np.clip(np.asarray(norm, dtype=np.float64), self.l_a, self.u_a)
+        return self.l_m + (self.u_m - self.l_m) * (a - self.l_a) / (self.u_a - self.l_a)

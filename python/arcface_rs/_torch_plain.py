@@ -29,9 +29,12 @@ def _blocks(margin: Margin, c: Tensor, row_blocks: Tensor | None) -> Tensor:
     return row_blocks.to(dtype=c.dtype, device=c.device)
 
 
-def _psi_dpsi(margin: Margin, c: Tensor, row_blocks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _psi_dpsi(
+    margin: Margin, c: Tensor, row_blocks: Tensor | None = None, norm: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """psi(c) and psi'(c) elementwise in torch ops, read from the parameter blocks that
-    margin.rs encodes (``row_blocks``: one block per element of ``c``, else the margin's)."""
+    margin.rs encodes (``row_blocks``: one block per element of ``c``, else the margin's;
+    ``norm``: the rows' feature norms, for MagFace)."""
     p = _blocks(margin, c, row_blocks)
     kind = int(p.reshape(-1, p.shape[-1])[0, 0]) if p.numel() else _KINDS["softmax"]
     a = [p[..., i] for i in range(2, p.shape[-1])]  # the parameters after [kind, s]
@@ -53,10 +56,25 @@ def _psi_dpsi(margin: Margin, c: Tensor, row_blocks: Tensor | None = None) -> tu
             t_m, u_m = torch.where(m == order, t, t_m), torch.where(m == order, u, u_m)
         psi, dpsi = sign * t_m - 2 * k, sign * m * u_m
         return (lam * c + psi) / (1 + lam), (lam + dpsi) / (1 + lam)
+    if kind == _KINDS["adaface"]:
+        m, z, eps = a[0], a[1], 1e-3
+        cc = c.clamp(-1 + eps, 1 - eps)
+        theta = torch.acos(cc)
+        shifted = theta - m * z
+        t = shifted.clamp(eps, math.pi - eps)
+        free = (cc == c) & (t == shifted)
+        return torch.cos(t) - (m + m * z), torch.where(free, torch.sin(t) / torch.sin(theta), 0)
+    straight = torch.zeros_like(c, dtype=torch.bool)
     if kind == _KINDS["arcface"]:
-        m1, m2, m3, easy = one, a[0], torch.zeros_like(c), a[1] != 0
+        m1, m2, m3, easy, straight = one, a[0], torch.zeros_like(c), a[1] != 0, a[2] != 0
     elif kind == _KINDS["combined"]:
         m1, m2, m3, easy = a[0], a[1], a[2], torch.zeros_like(c, dtype=torch.bool)
+        straight = a[3] != 0
+    elif kind == _KINDS["magface"]:
+        n = torch.ones_like(c) if norm is None else norm.to(c.dtype)
+        l_a, u_a, l_m, u_m = a[0], a[1], a[2], a[3]
+        m2 = l_m + (u_m - l_m) * (torch.minimum(torch.maximum(n, l_a), u_a) - l_a) / (u_a - l_a)
+        m1, m3, easy = one, torch.zeros_like(c), a[4] != 0
     else:
         raise ValueError(f"margin: unknown kind {kind} in a parameter block")
     theta = torch.acos(c)
@@ -67,6 +85,7 @@ def _psi_dpsi(margin: Margin, c: Tensor, row_blocks: Tensor | None = None) -> tu
     psi = torch.where(inside, torch.cos(m1 * theta + m2) - m3, c - m3 - shift)
     dpsi = torch.where(inside, m1 * torch.sin(m1 * t + m2) / torch.sin(t), one)
     easy = easy & (c <= 0)
+    dpsi = torch.where(straight, one, dpsi)
     return torch.where(easy, c, psi), torch.where(easy, one, dpsi)
 
 
@@ -97,6 +116,11 @@ def _plain_logits(
     cos = ((x / x_norm) @ (w / w_norm).T).clamp(-1.0, 1.0)
     rows = torch.nonzero(labels >= 0).flatten()
     cols = labels[rows]
+    if margin._block[0] == _KINDS["magface"]:
+        raise ValueError(
+            "margin: MagFace on CUDA tensors needs the fused CUDA head, which does not have it "
+            "yet; run MagFace on CPU tensors"
+        )
     psi = _Psi.apply(cos[rows, cols], margin, None if row_blocks is None else row_blocks[rows])
     cos = cos.index_put((rows, cols), psi)
     scale = x_norm if margin.scale is None else margin.scale

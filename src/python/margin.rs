@@ -1,7 +1,7 @@
 //! `Margin`: the validated margin object each Python margin class holds.
 
 use super::convert::to_py_err;
-use crate::margin::{Margin, Margins, Scale, PARAMS_LEN};
+use crate::margin::{Margin, Margins, RowContext, Scale, PARAMS_LEN};
 use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArray2, PyReadonlyArrayDyn};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -47,6 +47,10 @@ pub(super) fn margins<'a>(margin: &'a PyMargin, rows: &'a Option<Vec<Margin>>) -
     }
 }
 
+fn context(norm: Option<f64>) -> RowContext {
+    norm.map_or_else(RowContext::default, |norm| RowContext { norm })
+}
+
 /// A validated margin; the Python classes `ArcFace`, `CosFace`, ... each hold one.
 #[pyclass(frozen, name = "Margin", module = "arcface_rs._core")]
 pub struct PyMargin(pub Margin);
@@ -90,6 +94,37 @@ impl PyMargin {
             .map_err(to_py_err)
     }
 
+    /// AdaFace with margin m and a row's margin scaler z in [-1, 1].
+    #[staticmethod]
+    fn adaface(s: f64, m: f64, z: f64) -> PyResult<Self> {
+        Margin::adaface(s, m, z).map(PyMargin).map_err(to_py_err)
+    }
+
+    /// MagFace: ArcFace with a margin that follows the feature norm, and its regulariser.
+    #[staticmethod]
+    #[allow(clippy::too_many_arguments)]
+    fn magface(
+        s: f64,
+        l_a: f64,
+        u_a: f64,
+        l_m: f64,
+        u_m: f64,
+        easy_margin: bool,
+        lambda_g: f64,
+    ) -> PyResult<Self> {
+        Margin::magface(s, (l_a, u_a), (l_m, u_m), easy_margin, lambda_g)
+            .map(PyMargin)
+            .map_err(to_py_err)
+    }
+
+    /// This margin with the straight-through gradient on or off (ArcFace, Combined).
+    fn with_straight_through(&self, on: bool) -> PyResult<Self> {
+        self.0
+            .with_straight_through(on)
+            .map(PyMargin)
+            .map_err(to_py_err)
+    }
+
     /// The margin a parameter block of `encode` describes, validated.
     #[staticmethod]
     fn decode(block: Vec<f64>) -> PyResult<Self> {
@@ -111,22 +146,33 @@ impl PyMargin {
         }
     }
 
-    /// psi(c) elementwise over a float64 array of cosines.
+    /// psi(c) elementwise over a float64 array of cosines, for rows of feature norm
+    /// `norm` (read by MagFace only; 1 when None).
+    #[pyo3(signature = (c, norm=None))]
     fn psi<'py>(
         &self,
         py: Python<'py>,
         c: PyReadonlyArrayDyn<'py, f64>,
+        norm: Option<f64>,
     ) -> Bound<'py, PyArrayDyn<f64>> {
-        c.as_array().mapv(|v| self.0.psi(v)).into_pyarray(py)
+        let row = context(norm);
+        c.as_array()
+            .mapv(|v| self.0.target(v, row).psi)
+            .into_pyarray(py)
     }
 
-    /// psi'(c) elementwise over a float64 array of cosines.
+    /// psi'(c) elementwise over a float64 array of cosines (`norm` as for `psi`).
+    #[pyo3(signature = (c, norm=None))]
     fn dpsi<'py>(
         &self,
         py: Python<'py>,
         c: PyReadonlyArrayDyn<'py, f64>,
+        norm: Option<f64>,
     ) -> Bound<'py, PyArrayDyn<f64>> {
-        c.as_array().mapv(|v| self.0.dpsi(v)).into_pyarray(py)
+        let row = context(norm);
+        c.as_array()
+            .mapv(|v| self.0.target(v, row).dpsi)
+            .into_pyarray(py)
     }
 
     fn __repr__(&self) -> String {
