@@ -52,6 +52,9 @@ def main() -> None:
                 "grad_emb": emb.grad,
                 "grad_weight": head.weight.grad,
                 "shard_range": head.shard_range,
+                "margin_stats": tuple(
+                    getattr(head.margin, k, None) for k in ("batch_mean", "batch_std")
+                ),
                 "sampled": head.last_sampled,
                 "state": {k: v.clone() for k, v in head.state_dict().items()},
                 "full_weight": head.full_weight(),

@@ -5,6 +5,7 @@ gradients and its shard's weight gradient (1e-9); C not divisible by the world s
 
 from __future__ import annotations
 
+import pickle
 import socket
 import subprocess
 import sys
@@ -52,7 +53,42 @@ CASES = [
     case("feature-norm scale", 18, 12, 47, afr.SphereFace(m=4, s=None, lambda_=1.0), seed=2),
     case("batch above dim", 40, 8, 61, afr.CombinedMargin(30.0, 1.0, 0.3, 0.1), seed=3),
     case("partial fc", 30, 16, 200, afr.ArcFace(s=64.0, m=0.5), sample_rate=0.3, seed=4),
+    case("adaface", 24, 16, 90, afr.AdaFace(batch_mean=3.0, batch_std=1.0, t_alpha=0.3), seed=6),
+    case(
+        "adaface partial fc",
+        30,
+        16,
+        200,
+        afr.AdaFace(batch_mean=4.0, batch_std=0.5, t_alpha=0.5),
+        sample_rate=0.3,
+        seed=7,
+    ),
+    case("magface", 24, 16, 90, afr.MagFace(l_a=2.0, u_a=6.0, lambda_g=3.0), seed=8),
+    case(
+        "magface partial fc",
+        30,
+        16,
+        200,
+        afr.MagFace(s=30.0, l_a=2.0, u_a=6.0, easy_margin=False),
+        sample_rate=0.3,
+        seed=9,
+    ),
+    case("per-row arcface", 24, 16, 90, afr.ArcFace(m=np.linspace(0.1, 0.6, 24)), seed=10),
+    case("elasticface+", 24, 16, 90, afr.ElasticFace(std=0.1, plus=True, seed=3), seed=11),
 ]
+
+# margins whose independent reference is the one-process fused head (itself checked
+# against float64 references from the papers in test_adaptive_margins.py)
+STATEFUL = (afr.AdaFace, afr.MagFace, afr.ElasticFace)
+
+
+def one_process(emb, weight, labels, margin):
+    """The loss and gradients of one process on the global batch."""
+    if isinstance(margin, STATEFUL) or margin._row_blocks is not None:
+        fresh = pickle.loads(pickle.dumps(margin))  # the state before the step
+        loss, g_emb, g_w = afr.margin_loss(emb.numpy(), weight.numpy(), labels.numpy(), fresh)
+        return float(loss), g_emb, g_w, fresh
+    return (*ref_loss(emb, weight, labels, margin), None)
 
 
 @pytest.fixture(scope="module", params=[2, 3])
@@ -95,7 +131,7 @@ def test_ranks_together_equal_one_process_on_the_global_batch(runs, index):
         targets = labels[labels >= 0]
         assert torch.isin(targets, kept).all(), "every target class must be kept"
         sub = torch.where(labels >= 0, torch.searchsorted(kept, labels.clamp(min=0)), -1)
-        loss, g_emb, g_sub = ref_loss(emb, weight[kept], sub, cs["margin"])
+        loss, g_emb, g_sub, after = one_process(emb, weight[kept], sub, cs["margin"])
         g_w = np.zeros(tuple(weight.shape))
         g_w[kept.numpy()] = g_sub
         c = weight.shape[0]
@@ -103,7 +139,7 @@ def test_ranks_together_equal_one_process_on_the_global_batch(runs, index):
             lo, hi = shard_range(c, world, r)
             assert len(res["sampled"]) >= int(np.ceil(0.3 * (hi - lo)))
     else:
-        loss, g_emb, g_w = ref_loss(emb, weight, labels, cs["margin"])
+        loss, g_emb, g_w, after = one_process(emb, weight, labels, cs["margin"])
     g_emb, g_w = cs["upstream"] * g_emb, cs["upstream"] * g_w
     offset = 0
     for r, res in enumerate(per_rank):
@@ -115,6 +151,9 @@ def test_ranks_together_equal_one_process_on_the_global_batch(runs, index):
             res["grad_emb"].numpy(), g_emb[offset : offset + n], rtol=1e-9, atol=1e-12
         )
         np.testing.assert_allclose(res["grad_weight"].numpy(), g_w[lo:hi], rtol=1e-9, atol=1e-12)
+        if isinstance(after, afr.AdaFace):  # the statistics of the global batch, on every rank
+            want = (after.batch_mean, after.batch_std)
+            np.testing.assert_allclose(res["margin_stats"], want, rtol=1e-12)
         offset += n
 
 

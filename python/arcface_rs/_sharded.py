@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _core
@@ -138,14 +139,16 @@ class _ShardedLoss(torch.autograd.Function):
         weight: Tensor,
         targets: Tensor,
         spec: _core.Margin,
+        rows: np.ndarray | None,
         stash_classes: int,
         first: bool,
         group: Any,
     ) -> Tensor:
         e = emb_all.detach().contiguous().numpy()
         w = weight.detach().contiguous().numpy()
+        combine = _combine_over(group)
         loss, _, g_emb, g_w = _core.margin_loss_shard(
-            e, w, targets.numpy(), spec, "mean", stash_classes, first, _combine_over(group)
+            e, w, targets.numpy(), spec, "mean", stash_classes, first, combine, row_margins=rows
         )
         ctx.grads = (torch.from_numpy(g_emb), torch.from_numpy(g_w))
         return torch.tensor(loss, dtype=emb_all.dtype)
@@ -160,7 +163,7 @@ class _ShardedLoss(torch.autograd.Function):
         if not bool(grad == 1):
             g_emb.mul_(grad)
             g_w.mul_(grad)
-        return g_emb, g_w, None, None, None, None, None
+        return g_emb, g_w, None, None, None, None, None, None
 
 
 class ShardedMarginHead(nn.Module):
@@ -267,6 +270,32 @@ class ShardedMarginHead(nn.Module):
         chosen = others[torch.randperm(len(others))[: keep - len(positives)]]
         return torch.sort(torch.cat([positives, chosen])).values
 
+    def _row_blocks(self, emb_all: Tensor, labels_all: Tensor, local: Tensor) -> np.ndarray | None:
+        """The margin's per-row blocks for the global batch, identical on every rank: each
+        rank updates its own margin's state from the same gathered batch (AdaFace's
+        statistics), then rank 0's blocks are broadcast (ElasticFace's draws)."""
+        if type(self.margin)._rows is Margin._rows:
+            return self.margin._row_blocks
+        x = emb_all.detach().to(torch.float64)
+        lo = self.shard_range[0]
+
+        def target_cos() -> np.ndarray:
+            # each rank knows the cosines of the rows whose class it holds
+            cos = torch.zeros(len(labels_all), dtype=torch.float64)
+            if bool(local.any()):
+                centres = self.weight.detach()[labels_all[local] - lo].to(torch.float64)
+                cos[local] = F.cosine_similarity(x[local], centres, dim=1)
+            dist.all_reduce(cos, op=dist.ReduceOp.SUM, group=self.group)
+            return cos.numpy()
+
+        blocks = self.margin._rows(lambda: x.norm(dim=1).numpy(), target_cos)
+        if blocks is None:
+            return None
+        t = torch.from_numpy(np.ascontiguousarray(blocks, dtype=np.float64))
+        src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+        dist.broadcast(t, src=src, group=self.group)
+        return t.numpy()
+
     def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
         if not isinstance(emb, Tensor) or not isinstance(labels, Tensor):
             raise TypeError("emb and labels must be torch tensors")
@@ -313,6 +342,7 @@ class ShardedMarginHead(nn.Module):
             weight,
             targets,
             self.margin._spec,
+            self._row_blocks(emb_all, labels_all, local),
             stash_classes,
             self.rank == 0,
             self.group,

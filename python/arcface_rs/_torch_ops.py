@@ -49,6 +49,29 @@ def _encode(margin: Margin) -> tuple[list[float], Tensor | None]:
     return list(margin._block), None
 
 
+def _rows_of(margin: Margin, emb: Tensor, weight: Tensor, labels: Tensor) -> Tensor | None:
+    """The margin's per-row parameter blocks for this batch as a float64 tensor, or None
+    when one margin serves every row. Margins with state (AdaFace's statistics,
+    ElasticFace's draws) compute them on the host from the detached batch."""
+    _encode(margin)  # a TypeError for anything but a margin
+    if type(margin)._rows is Margin._rows:  # fixed values: no batch needed
+        blocks = margin._row_blocks
+        return None if blocks is None else torch.from_numpy(np.array(blocks))
+    x, w = emb.detach(), weight.detach()
+
+    def norms() -> np.ndarray:
+        return x.to(torch.float64).norm(dim=1).cpu().numpy()
+
+    def target_cos() -> np.ndarray:
+        y = labels.to(torch.int64)
+        centres = w[y.clamp(0, w.shape[0] - 1)].to(torch.float64)
+        c = torch.nn.functional.cosine_similarity(x.to(torch.float64), centres, dim=1)
+        return torch.where(y >= 0, c, torch.zeros_like(c)).cpu().numpy()
+
+    blocks = margin._rows(norms, target_cos)
+    return None if blocks is None else torch.from_numpy(blocks)
+
+
 @functools.lru_cache(maxsize=256)
 def _spec(block: tuple[float, ...]) -> _core.Margin:
     """The core margin of a parameter block (validated by the core)."""

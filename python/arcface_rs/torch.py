@@ -31,14 +31,17 @@ from . import _torch_cuda  # noqa: F401  (registers the CUDA kernels of the ops)
 from ._cuda import cuda_available
 from ._margins import ArcFace, CombinedMargin, CosFace, Margin, Softmax, SphereFace
 from ._sharded import ShardedMarginHead, ddp_sum_hook, merge_shards, shard_range, split_weight
-from ._torch_ops import NATIVE, _encode, _logits_op, _loss_op
+from ._torch_ops import NATIVE, _encode, _logits_op, _loss_op, _rows_of
 from ._torch_plain import _plain_logits, _plain_loss, _warn_cuda_once
 from ._validate import reduction as check_reduction
 
 __all__ = [
+    "AdaFaceHead",
     "ArcFaceHead",
     "CombinedMarginHead",
     "CosFaceHead",
+    "ElasticFaceHead",
+    "MagFaceHead",
     "ShardedMarginHead",
     "SoftmaxHead",
     "SphereFaceHead",
@@ -119,8 +122,22 @@ def margin_loss(
     check_reduction(reduction)
     if emb.device.type != "cpu" and not (emb.device.type == "cuda" and cuda_available()):
         _warn_cuda_once()
-        return _plain_loss(emb, weight, labels, margin, reduction)
-    block, row_blocks = _encode(margin)
+        return _plain_loss(
+            emb, weight, labels, margin, reduction, _rows_of(margin, emb, weight, labels)
+        )
+    return _loss(emb, weight, labels, margin, reduction, _rows_of(margin, emb, weight, labels))
+
+
+def _loss(
+    emb: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    margin: Margin,
+    reduction: str,
+    row_blocks: Tensor | None,
+) -> Tensor:
+    """The fused loss op with checked inputs and the batch's per-row blocks (if any)."""
+    block, _ = _encode(margin)
     grad = torch.is_grad_enabled()
     loss, _, _ = _loss_op(
         emb,
@@ -151,9 +168,9 @@ def margin_logits(emb: Tensor, weight: Tensor, labels: Tensor, margin: Margin) -
     labels = _check(emb, weight, labels)
     if emb.device.type != "cpu":
         _warn_cuda_once()
-        return _plain_logits(emb, weight, labels, margin)
-    block, row_blocks = _encode(margin)
-    return _logits_op(emb, weight, labels, block, row_blocks)
+        return _plain_logits(emb, weight, labels, margin, _rows_of(margin, emb, weight, labels))
+    block, _ = _encode(margin)
+    return _logits_op(emb, weight, labels, block, _rows_of(margin, emb, weight, labels))
 
 
 # ---------------------------------------------------------------------------------------
@@ -218,8 +235,9 @@ class ArcFaceHead(_MarginHead):
 
     Parameters
     ----------
-    s, m, easy_margin
-        As for :class:`arcface_rs.ArcFace`.
+    s, m, easy_margin, grad
+        As for :class:`arcface_rs.ArcFace` (``grad="straight_through"``: arcface_torch's
+        gradient).
     embedding_size, num_classes : int
         The shape (num_classes, embedding_size) of ``weight``, initialised N(0, 0.01).
     reduction : {"mean", "sum", "none"}
@@ -235,11 +253,12 @@ class ArcFaceHead(_MarginHead):
         s: float = 64.0,
         m: float = 0.5,
         easy_margin: bool = False,
+        grad: str = "exact",
         reduction: str = "mean",
         device: Any = None,
         dtype: Any = None,
     ) -> None:
-        margin = ArcFace(s=s, m=m, easy_margin=easy_margin)
+        margin = ArcFace(s=s, m=m, easy_margin=easy_margin, grad=grad)
         super().__init__(embedding_size, num_classes, reduction, device, dtype)
         self.margin = margin
 
@@ -279,7 +298,7 @@ class CombinedMarginHead(_MarginHead):
 
     Parameters
     ----------
-    s, m1, m2, m3
+    s, m1, m2, m3, grad
         As for :class:`arcface_rs.CombinedMargin`.
     embedding_size, num_classes : int
         The shape (num_classes, embedding_size) of ``weight``, initialised N(0, 0.01).
@@ -297,11 +316,12 @@ class CombinedMarginHead(_MarginHead):
         m1: float = 1.0,
         m2: float = 0.5,
         m3: float = 0.0,
+        grad: str = "exact",
         reduction: str = "mean",
         device: Any = None,
         dtype: Any = None,
     ) -> None:
-        margin = CombinedMargin(s=s, m1=m1, m2=m2, m3=m3)
+        margin = CombinedMargin(s=s, m1=m1, m2=m2, m3=m3, grad=grad)
         super().__init__(embedding_size, num_classes, reduction, device, dtype)
         self.margin = margin
 
@@ -406,3 +426,6 @@ class SphereFaceHead(_MarginHead):
             with torch.no_grad():
                 self.iteration += 1
         return loss
+
+
+from ._torch_adaptive import AdaFaceHead, ElasticFaceHead, MagFaceHead  # noqa: E402
