@@ -133,6 +133,15 @@ def test_adaface_two_steps_equal_the_papers_head_with_its_statistics():
         _close(gw, want[2])
         assert abs(margin.batch_mean - state[0]) <= 1e-12 * state[0]
         assert abs(margin.batch_std - state[1]) <= 1e-12 * state[1]
+    # float32 to 2e-3 (one step from the same statistics)
+    m32 = afr.AdaFace(batch_mean=margin.batch_mean, batch_std=margin.batch_std)
+    l32, ge32, gw32 = afr.margin_loss(
+        emb.astype(np.float32), weight.astype(np.float32), labels, m32
+    )
+    want = _adaface_reference(emb, weight, labels, [margin.batch_mean, margin.batch_std])
+    _close(l32, want[0], 2e-3)
+    _close(ge32, want[1], 2e-3)
+    _close(gw32, want[2], 2e-3)
     frozen = (margin.batch_mean, margin.batch_std)
     margin.training = False
     afr.margin_loss(emb, weight, labels, margin)

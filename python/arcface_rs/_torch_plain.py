@@ -118,8 +118,8 @@ def _plain_logits(
     cols = labels[rows]
     if margin._block[0] == _KINDS["magface"]:
         raise ValueError(
-            "margin: MagFace on CUDA tensors needs the fused CUDA head, which does not have it "
-            "yet; run MagFace on CPU tensors"
+            "margin: MagFace on CUDA tensors needs the fused CUDA head (a build with the "
+            "`cuda` feature and a visible GPU); the plain-PyTorch path does not have it"
         )
     psi = _Psi.apply(cos[rows, cols], margin, None if row_blocks is None else row_blocks[rows])
     cos = cos.index_put((rows, cols), psi)

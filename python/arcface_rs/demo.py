@@ -43,6 +43,8 @@ def _heads(s: float) -> dict[str, afr.Margin | None]:
         "CosFace": afr.CosFace(s=s, m=0.15),
         "ArcFace": afr.ArcFace(s=s, m=0.2),
         "Combined": afr.CombinedMargin(s=s, m1=1.0, m2=0.15, m3=0.05),
+        "AdaFace": afr.AdaFace(s=s, m=0.2, batch_mean=5.0, batch_std=2.0),
+        "MagFace": afr.MagFace(s=s, l_a=2.0, u_a=12.0, l_m=0.1, u_m=0.3, lambda_g=2.0),
     }
 
 
@@ -200,6 +202,21 @@ def plot_target_logits(path: Path, s: float = 64.0) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for margin in margins:
         ax.plot(np.degrees(theta), s * margin.psi(c), label=repr(margin), lw=1.6)
+    # the norm-adaptive margins at a low, the mean and a high feature norm
+    for z, what in ((-1.0, "low"), (0.0, "mean"), (1.0, "high")):
+        ada = afr._core.Margin.adaface(s, 0.4, z)  # z: the margin scaler of that norm
+        ax.plot(
+            np.degrees(theta), s * ada.psi(c), ls="--", lw=1.2, label=f"AdaFace m=0.4, {what} norm"
+        )
+    mag = afr.MagFace(s=s)
+    for norm in (10.0, 60.0, 110.0):
+        ax.plot(
+            np.degrees(theta),
+            s * mag.psi(c, norm),
+            ls=":",
+            lw=1.4,
+            label=f"MagFace, ‖x‖={norm:.0f}",
+        )
     ax.set_xlabel("angle between feature and target centre θ (degrees)")
     ax.set_ylabel("target logit s·ψ(θ)")
     ax.set_title("Target logit of each margin")

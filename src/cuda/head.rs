@@ -118,6 +118,8 @@ struct Scratch {
     w_inv: u64,
     target_logit: u64,
     target_dpsi: u64,
+    /// per row: d psi / d norm, penalty, d penalty / d norm (MagFace)
+    norm_extra: u64,
     norm_term: u64,
     lse: u64,
     pz: u64,
@@ -138,6 +140,7 @@ impl Scratch {
             w_inv: carver.take(c, sz),
             target_logit: carver.take(b, 8),
             target_dpsi: carver.take(b, 8),
+            norm_extra: carver.take(3 * b, 8),
             norm_term: carver.take(b, 8),
             lse: carver.take(nr, 8),
             pz: carver.take(nr, 8),
@@ -182,14 +185,6 @@ pub fn margin_loss(
         return Err(Error::invalid(
             "emb",
             format!("need at least one row, class and dimension, got B={b}, C={c}, D={d}"),
-        ));
-    }
-    if margin.reads_norm() {
-        // its radial gradient and regulariser are not in these kernels yet
-        return Err(Error::invalid(
-            "margin",
-            "MagFace is not on the fused CUDA head yet (the CPU head and the plain-PyTorch \
-             path have it)",
         ));
     }
     let (want_emb, want_weight) = (buf.grad_emb != 0, buf.grad_weight != 0);
@@ -258,6 +253,7 @@ pub fn margin_loss(
             }),
             Ptr(s.target_logit),
             Ptr(s.target_dpsi),
+            Ptr(s.norm_extra),
         ],
     )?;
     if want_emb {
@@ -351,6 +347,7 @@ pub fn margin_loss(
                 Ptr(labels),
                 Ptr(row_weight),
                 Ptr(scale),
+                Ptr(at(s.norm_extra, 3 * start, 8)),
                 I32(feature_norm as i32),
                 I32(ri),
                 Ptr(at(buf.row_loss, start, 8)),

@@ -105,6 +105,19 @@ __device__ void psi_dpsi(const double* p, double c, double norm, double* psi, do
     }
 }
 
+// A row's loss term besides the softmax and its d / d norm: MagFace's regulariser
+// lambda_g (a / u_a^2 + 1 / a), a = clamp(norm, l_a, u_a) (Margin::penalty in margin.rs).
+__device__ void penalty(const double* p, double norm, double* value, double* dvalue) {
+    *value = 0.0;
+    *dvalue = 0.0;
+    if ((int)p[0] != MARGIN_MAGFACE) return;
+    const double* a = p + 2;
+    double l_a = a[0], u_a = a[1], lambda_g = a[5];
+    double n = fmin(fmax(norm, l_a), u_a);
+    *value = lambda_g * (n / (u_a * u_a) + 1.0 / n);
+    if (norm >= l_a && norm <= u_a) *dvalue = lambda_g * (1.0 / (u_a * u_a) - 1.0 / (n * n));
+}
+
 // One thread per point: psi and psi' of one margin block over n cosines and norms (the
 // margin-grid test compares this switch with margin.rs).
 extern "C" __global__ void margin_grid(const double* margin, const double* c,
@@ -188,18 +201,23 @@ __device__ void inv_norms(const T* w, T* w_inv, int rows, int d, int* bad) {
 
 // Per row with a label: the target's cosine (from x̂ and the raw centre), psi and psi', and
 // the scaled target logit rounded to T as the stash will hold it. Row r's margin block is
-// margins + r * margin_stride (stride 0: one margin for all rows).
+// margins + r * margin_stride (stride 0: one margin for all rows). norm_extra[3r..3r+3]:
+// d psi / d norm, the row's penalty and its d / d norm (MagFace; zeros for the others).
 template <typename T>
 __device__ void targets(const T* xhat, const T* weight, const long long* labels,
                         const double* row_scale, const double* norms, int rows, int d,
                         const double* margins, int margin_stride, double* target_logit,
-                        double* target_dpsi) {
+                        double* target_dpsi, double* norm_extra) {
     __shared__ double shared[32];
     int r = blockIdx.x;
     if (r >= rows) return;
     long long y = labels[r];
     if (y < 0) {
-        if (threadIdx.x == 0) { target_logit[r] = 0.0; target_dpsi[r] = 0.0; }
+        if (threadIdx.x == 0) {
+            target_logit[r] = 0.0;
+            target_dpsi[r] = 0.0;
+            norm_extra[3 * r] = norm_extra[3 * r + 1] = norm_extra[3 * r + 2] = 0.0;
+        }
         return;
     }
     const T* w = weight + y * d;
@@ -208,10 +226,13 @@ __device__ void targets(const T* xhat, const T* weight, const long long* labels,
     if (threadIdx.x == 0) {
         double c = dot / sqrt(ww);
         if (!isfinite(c)) c = 0.0;
-        double psi, dpsi, dnorm;  // (the head refuses margins that read the norm, for now)
-        psi_dpsi(margins + (long long)r * margin_stride, c, norms[r], &psi, &dpsi, &dnorm);
+        const double* p = margins + (long long)r * margin_stride;
+        double psi, dpsi, dnorm;
+        psi_dpsi(p, c, norms[r], &psi, &dpsi, &dnorm);
         target_logit[r] = (double)(T)(row_scale[r] * psi);
         target_dpsi[r] = dpsi;
+        norm_extra[3 * r] = dnorm;
+        penalty(p, norms[r], norm_extra + 3 * r + 1, norm_extra + 3 * r + 2);
     }
 }
 
@@ -280,19 +301,26 @@ extern "C" __global__ void merge_stats(const double* stats, int tiles, int rows,
     pz[r] = sz / s;
 }
 
-// One thread per row: the row's loss (0 when ignored) and, when the scale is ||x||, the
-// extra term of d loss / d x along x̂: row_weight (Σ p z - z_target) / ||x||.
+// One thread per row: the row's loss (0 when ignored, plus its penalty) and the term of
+// d loss / d x along x̂: row_weight (Σ p z - z_target) / ||x|| when the scale is ||x||, and
+// MagFace's row_weight (s (p_target - 1) d psi / d norm + d penalty / d norm).
 extern "C" __global__ void row_losses(const double* lse, const double* pz,
                                       const double* target_logit, const long long* labels,
                                       const double* row_weight, const double* row_scale,
-                                      int feature_norm, int rows, double* loss,
-                                      double* norm_term) {
+                                      const double* norm_extra, int feature_norm, int rows,
+                                      double* loss, double* norm_term) {
     int r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= rows) return;
     bool valid = labels[r] >= 0;
-    loss[r] = valid ? lse[r] - target_logit[r] : 0.0;
-    norm_term[r] = (valid && feature_norm) ? row_weight[r] * (pz[r] - target_logit[r]) / row_scale[r]
-                                           : 0.0;
+    const double* extra = norm_extra + 3 * r;
+    loss[r] = valid ? lse[r] - target_logit[r] + extra[1] : 0.0;
+    double term = 0.0;
+    if (valid) {
+        if (feature_norm) term = row_weight[r] * (pz[r] - target_logit[r]) / row_scale[r];
+        double p = exp(target_logit[r] - lse[r]);
+        term += row_weight[r] * (row_scale[r] * (p - 1.0) * extra[0] + extra[2]);
+    }
+    norm_term[r] = term;
 }
 
 // From a tile's stash e = exp(z - tile_max) to g = dL/dcos / ||w_j|| (a separate buffer: the
@@ -362,9 +390,10 @@ __device__ void finish_grad_emb(T* dxhat, const T* xhat, const double* norms,
                                            const long long* labels, const double* row_scale,   \
                                            const double* norms, int rows, int d,               \
                                            const double* margins, int margin_stride,           \
-                                           double* target_logit, double* target_dpsi) {        \
+                                           double* target_logit, double* target_dpsi,          \
+                                           double* norm_extra) {                               \
         targets<T>(xhat, weight, labels, row_scale, norms, rows, d, margins, margin_stride,    \
-                   target_logit, target_dpsi);                                                 \
+                   target_logit, target_dpsi, norm_extra);                                     \
     }                                                                                          \
     extern "C" __global__ void logits_tile_##S(T* z, int rows, int ct, int lo, const T* w_inv, \
                                                const double* row_scale,                        \

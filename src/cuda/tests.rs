@@ -222,6 +222,9 @@ fn margins() -> Vec<Margin> {
         Margin::sphereface(4, None, 5.0).unwrap(),
         Margin::combined(64.0, 1.0, 0.3, 0.2).unwrap(),
         Margin::softmax(30.0).unwrap(),
+        Margin::adaface(64.0, 0.4, -0.5).unwrap(),
+        Margin::magface(30.0, (1.0, 8.0), (0.45, 0.8), false, 3.0).unwrap(),
+        Margin::magface(30.0, (1.0, 8.0), (0.45, 0.8), true, 35.0).unwrap(),
     ]
 }
 

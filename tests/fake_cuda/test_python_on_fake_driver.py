@@ -94,6 +94,30 @@ def test_torch_head_through_the_real_launch(cpu_stream, margin, reduction, dtype
             torch.testing.assert_close(g, w, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize(
+    "margin",
+    [
+        afr.AdaFace(batch_mean=4.0, batch_std=1.0),
+        afr.MagFace(s=30.0, l_a=1.0, u_a=8.0, lambda_g=3.0),
+        afr.MagFace(s=30.0, l_a=1.0, u_a=8.0, easy_margin=False),
+        afr.ArcFace(m=np.linspace(0.1, 0.8, 9)),
+        afr.ArcFace(grad="straight_through"),
+        afr.ElasticFace(std=0.1, plus=True, seed=0),
+    ],
+    ids=repr,
+)
+def test_per_row_and_norm_margins_through_the_real_launch(cpu_stream, margin):
+    emb, weight, labels = (torch.tensor(a) for a in make_problem(9, 6, 30, seed=4, ignore=2))
+    emb = emb * 3.0
+    block, _ = tops._encode(margin)
+    rows = tops._rows_of(margin, emb, weight, labels)  # once: AdaFace's statistics move
+    for reduction in ("mean", "none"):
+        want = tops._loss_op(emb, weight, labels, block, rows, reduction, True, True)
+        got = tcuda._loss_cuda(emb, weight, labels, block, rows, reduction, True, True)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
 def test_torch_head_bad_rows_raise_through_the_real_launch(cpu_stream):
     emb, weight, labels = (torch.tensor(a) for a in make_problem(5, 4, 8, seed=2))
     kind, params = tops._encode(afr.ArcFace())
