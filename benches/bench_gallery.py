@@ -4,6 +4,9 @@ faiss-cpu IndexFlatIP (both float32) on clustered, face-like data: identities wi
 noisy samples each. D=512, k=10, 2 threads; every figure in this one process and run.
 
 usage: python benches/bench_gallery.py [--n 1000000] [--per-identity 5] [--big-q 256]
+                                      [--simd avx512|avx2|scalar]
+
+`--simd` caps the kernels' instruction set (ARCFACE_RS_SIMD) to measure a lower level.
 
 Columns: Q=1 search time (best of 7) and its ratio to usearch and faiss; recall@10 against
 the exact float32 search (faiss) over 64 probes; the time for Q=big-q queries and its ratio
@@ -15,10 +18,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("RAYON_NUM_THREADS", "2")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+if "--simd" in sys.argv[:-1]:  # read by arcface_rs at first use: set before the import
+    os.environ["ARCFACE_RS_SIMD"] = sys.argv[sys.argv.index("--simd") + 1]
 
 import numpy as np  # noqa: E402
 from _memory import rss_growth_mib  # noqa: E402
@@ -46,6 +53,25 @@ def clustered(n: int, per: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return g, probes.astype(np.float32)
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def read_bandwidth_gbs(a: np.ndarray, threads: int = 2) -> float:
+    """Streaming read bandwidth: the best time of summing ``a`` in ``threads`` slices."""
+    parts = np.array_split(a.reshape(-1).view(np.int32), threads)
+    with ThreadPoolExecutor(threads) as pool:
+        t_best = best(lambda: list(pool.map(np.bitwise_or.reduce, parts)), reps=5)
+    return a.nbytes / (t_best / 1e3) / 1e9
+
+
 def best(fn, reps: int = 7) -> float:
     fn()
     t_best = 1e9
@@ -61,6 +87,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--per-identity", type=int, default=5)
     ap.add_argument("--big-q", type=int, default=256)
+    ap.add_argument("--simd", choices=("avx512", "avx2", "scalar"), help="cap the SIMD level")
     args = ap.parse_args()
     import faiss
     from usearch.index import MetricKind
@@ -81,10 +108,15 @@ def main() -> None:
     t_faiss_big = best(lambda: index.search(big, K), reps=2)
     t_usearch = best(lambda: usearch_search(g, one, K, MetricKind.IP, exact=True, threads=2))
     index.reset()  # frees its copy of the gallery
+    bandwidth = read_bandwidth_gbs(g)
 
     print(
+        f"{cpu_model()}, SIMD level {afr.simd_level()}; read bandwidth {bandwidth:.1f} GB/s "
+        "(2 threads)"
+    )
+    print(
         f"N={args.n}, D={D}, k={K}, {args.per_identity} samples per identity, 2 threads; "
-        "ms, lower is better; ratio = peer ms / arcface_rs ms"
+        "ms, lower is better; ratio = peer ms / arcface_rs ms; limit = stored bytes / bandwidth"
     )
     print(
         f"usearch exact f32 Q=1: {t_usearch:.1f} ms; faiss flat IP Q=1: {t_faiss:.1f} ms, "
@@ -92,10 +124,10 @@ def main() -> None:
     )
     print()
     print(
-        f"| storage | MiB | Q=1 ms | vs usearch f32 | vs faiss | recall@10 | Q={args.big_q} ms "
-        f"| vs faiss | RSS growth (output) |"
+        f"| storage | MiB | Q=1 ms | limit ms | vs limit | vs usearch f32 | vs faiss | recall@10 "
+        f"| Q={args.big_q} ms | vs faiss | RSS growth (output) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for dtype in ("float32", "float16", "bfloat16", "int8"):
         gal = afr.Gallery(D, dtype)
         for lo in range(0, args.n, 100_000):
@@ -106,8 +138,10 @@ def main() -> None:
         t_big = best(lambda gal=gal: gal.search(big, K), reps=2)
         growth = rss_growth_mib(lambda gal=gal: gal.search(big, K))
         out_mib = args.big_q * K * 12 / 2**20
+        limit = gal.nbytes / (bandwidth * 1e9) * 1e3
         print(
-            f"| {dtype} | {gal.nbytes / 2**20:.0f} | {t1:.1f} | {t_usearch / t1:.2f}x "
+            f"| {dtype} | {gal.nbytes / 2**20:.0f} | {t1:.1f} | {limit:.1f} | {t1 / limit:.2f} "
+            f"| {t_usearch / t1:.2f}x "
             f"| {t_faiss / t1:.2f}x | {recall:.4f} | {t_big:.0f} | {t_faiss_big / t_big:.2f}x "
             f"| {growth:.1f} MiB ({out_mib:.2f}) |",
             flush=True,

@@ -51,7 +51,10 @@ impl SimdLevel {
             {
                 return SimdLevel::Avx512;
             }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
                 return SimdLevel::Avx2;
             }
         }
@@ -718,10 +721,12 @@ fn dots_decoded_impl<S: Copy>(
 }
 
 /// `out[r] = query · rows[r]` for rows of stored values: the AVX-512 loop where the CPU
-/// has it (`load` turns 16 stored values at `p` into a vector, inside the AVX-512 function
-/// so that its intrinsics inline), the portable `decode` loop elsewhere.
+/// has it (`avx512` turns 16 stored values at `p` into a vector), the AVX2 loop (`avx2`: 8
+/// values) where it has that, inside functions compiled for those features so that their
+/// intrinsics inline; the portable `decode` loop elsewhere.
 macro_rules! stored_dots {
-    ($(#[$doc:meta])* pub fn $name:ident(rows: &[$s:ty]), $decode:ident, |$p:ident| $load:expr) => {
+    ($(#[$doc:meta])* pub fn $name:ident(rows: &[$s:ty]), $decode:ident,
+     avx512: |$p:ident| $load:expr, avx2: |$p3:ident| $load3:expr) => {
         $(#[$doc])*
         pub fn $name(query: &[f32], rows: &[$s], out: &mut [f32]) {
             #[cfg(target_arch = "x86_64")]
@@ -733,9 +738,18 @@ macro_rules! stored_dots {
                     let load = |$p: *const $s| unsafe { $load };
                     dots_avx512(query, rows, out, load, $decode)
                 }
-                if simd_level() == 4 {
+                #[target_feature(enable = "avx2,fma,f16c")]
+                fn v3(query: &[f32], rows: &[$s], out: &mut [f32]) {
+                    use std::arch::x86_64::*;
+                    // SAFETY: reads 8 values, which dots_avx2 guarantees are in bounds.
+                    let load = |$p3: *const $s| unsafe { $load3 };
+                    dots_avx2(query, rows, out, load, $decode)
+                }
+                match simd_level() {
                     // SAFETY: simd_level() confirmed the CPU has these features.
-                    return unsafe { v4(query, rows, out) };
+                    4 => return unsafe { v4(query, rows, out) },
+                    3 => return unsafe { v3(query, rows, out) },
+                    _ => {}
                 }
             }
             dots_decoded_impl(query, rows, out, $decode);
@@ -746,22 +760,71 @@ macro_rules! stored_dots {
 stored_dots! {
     /// `out[r] = query · rows[r]` for rows stored as float16 bits.
     pub fn dots_f16(rows: &[u16]), f16_to_f32,
-    |p| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    avx512: |p| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+    avx2: |p| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
 }
 
 stored_dots! {
     /// `out[r] = query · rows[r]` for rows stored as bfloat16 bits.
     pub fn dots_bf16(rows: &[u16]), bf16_to_f32,
-    |p| {
+    avx512: |p| {
         let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
+    },
+    avx2: |p| {
+        let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
     }
 }
 
 stored_dots! {
     /// `out[r] = query · rows[r]` for rows of int8 codes (unscaled).
     pub fn dots_i8(rows: &[i8]), i8_to_f32,
-    |p| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
+    avx512: |p| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))),
+    avx2: |p| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+}
+
+/// The AVX2 loop of the fused dots: `load` decodes 8 stored values into a register, four
+/// accumulators hide the FMA latency, `decode` handles the tail.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn dots_avx2<S: Copy>(
+    query: &[f32],
+    rows: &[S],
+    out: &mut [f32],
+    load: impl Fn(*const S) -> std::arch::x86_64::__m256,
+    decode: impl Fn(S) -> f32,
+) {
+    use std::arch::x86_64::*;
+    let d = query.len();
+    let body = d / 32 * 32;
+    for (row, o) in rows.chunks_exact(d).zip(out) {
+        // SAFETY: j + 32 <= d, the length of both `row` and `query`; the caller enabled
+        // AVX2 and FMA.
+        unsafe {
+            let q = query.as_ptr();
+            let r = row.as_ptr();
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut j = 0;
+            while j < body {
+                for (k, a) in acc.iter_mut().enumerate() {
+                    let off = j + 8 * k;
+                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(off)), load(r.add(off)), *a);
+                }
+                j += 32;
+            }
+            let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            let half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum));
+            let pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+            let one = _mm_add_ss(pair, _mm_shuffle_ps::<1>(pair, pair));
+            let tail: f32 = query[body..]
+                .iter()
+                .zip(&row[body..])
+                .map(|(&q, &r)| q * decode(r))
+                .sum();
+            *o = _mm_cvtss_f32(one) + tail;
+        }
+    }
 }
 
 /// The AVX-512 loop of the fused dots: `load` decodes 16 stored values into a register,
