@@ -5,6 +5,7 @@
 //! bindings that validate, convert, release the GIL and call the core.
 
 pub mod error;
+pub mod evaluation;
 pub mod head;
 pub mod kernels;
 pub mod limits;

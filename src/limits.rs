@@ -47,6 +47,26 @@ pub fn check_results(arg: &'static str, k: usize, rows: usize, entry_bytes: usiz
     Ok(())
 }
 
+/// Refuses a working buffer of `bytes` (described by `what`) beyond half the memory
+/// available now, naming `arg`, the caller's argument that sized it.
+pub fn check_bytes(arg: &'static str, bytes: u128, what: &str) -> Result<()> {
+    if bytes <= ALWAYS_FITS {
+        return Ok(());
+    }
+    let limit = available_memory().map_or(isize::MAX as u128, |m| m / 2);
+    if bytes > limit.min(isize::MAX as u128) {
+        return Err(Error::invalid(
+            arg,
+            format!(
+                "{what} would need {:.3e} bytes, more than half the memory available \
+                 ({:.3e} bytes)",
+                bytes as f64, limit as f64
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

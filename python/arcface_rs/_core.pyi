@@ -15,6 +15,7 @@ __all__ = [
     "__version__",
     "_cuda_margin_loss",
     "_panic_for_tests",
+    "all_pairs_tar_at_far",
     "apply_margin",
     "apply_margin_backward",
     "cuda_available",
@@ -26,6 +27,7 @@ __all__ = [
     "margin_loss",
     "margin_loss_shard",
     "num_threads",
+    "pair_dots",
     "simd_level",
     "verification",
 ]
@@ -129,6 +131,12 @@ def apply_margin_backward(
     row_margins: npt.NDArray[np.float64] | None = None,
 ) -> npt.NDArray[np.floating]: ...
 def num_threads() -> int: ...
+def pair_dots(
+    features: npt.NDArray[np.floating], t1: npt.NDArray[np.int64], t2: npt.NDArray[np.int64]
+) -> npt.NDArray[np.float64]: ...
+def all_pairs_tar_at_far(
+    features: npt.NDArray[np.floating], labels: npt.NDArray[np.int64], fars: npt.NDArray[np.float64]
+) -> dict[str, Any]: ...
 def simd_level() -> str: ...
 def _panic_for_tests(message: str) -> None: ...
 def cuda_available() -> bool: ...

@@ -4,10 +4,11 @@
 //! layer still refuses anything it cannot read exactly (wrong dtype or ndim -> TypeError),
 //! reads every array through its strides (Fortran order and slices are never misread), and
 //! maps the core's errors to Python exceptions by kind (`convert::to_py_err`). One file
-//! per concept of the core: margin, head, search, gallery, metrics, cuda.
+//! per concept of the core: margin, head, search, gallery, metrics, evaluation, cuda.
 
 mod convert;
 mod cuda;
+mod evaluation;
 mod gallery;
 mod head;
 mod margin;
@@ -64,6 +65,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda::cuda_margin_loss, m)?)?;
     m.add("cuda_feature", cfg!(feature = "cuda"))?;
     m.add_function(wrap_pyfunction!(metrics::verification, m)?)?;
+    m.add_function(wrap_pyfunction!(evaluation::pair_dots, m)?)?;
+    m.add_function(wrap_pyfunction!(evaluation::all_pairs_tar_at_far, m)?)?;
     m.add_function(wrap_pyfunction!(search::cosine_topk, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
