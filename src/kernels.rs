@@ -610,6 +610,8 @@ mod tests {
             dots(&query, &decoded, &mut want);
             dots_bf16(&query, &bf16s, &mut got);
             assert!(close(&want, &got), "bf16 d={d}");
+            dots_f32(&query, &decoded, &mut got);
+            assert!(close(&want, &got), "f32 d={d}");
             decode_i8(&i8s, &mut decoded);
             dots(&query, &decoded, &mut want);
             dots_i8(&query, &i8s, &mut got);
@@ -755,6 +757,19 @@ macro_rules! stored_dots {
             dots_decoded_impl(query, rows, out, $decode);
         }
     };
+}
+
+#[inline(always)]
+fn f32_as_is(x: f32) -> f32 {
+    x
+}
+
+stored_dots! {
+    /// `out[r] = query · rows[r]` for float32 rows (the stored-row loop without a decode:
+    /// its four accumulators keep a single query at the memory bandwidth).
+    pub fn dots_f32(rows: &[f32]), f32_as_is,
+    avx512: |p| _mm512_loadu_ps(p),
+    avx2: |p| _mm256_loadu_ps(p)
 }
 
 stored_dots! {

@@ -78,3 +78,35 @@ def test_the_head_at_this_level_matches_the_reference(dtype):
     tol = 1e-4 if dtype == np.float32 else 1e-10
     for g, w in zip(got, want):
         assert rel_err(g, w) < tol
+
+
+def test_many_queries_and_the_head_agree_across_levels():
+    """The int8 first pass (VNNI or AVX2) or the float tiles, whatever the level: the same
+    ids as exact search; the head's loss and gradients equal up to float32 rounding."""
+    code = """
+        import json, numpy as np, arcface_rs as afr
+        rng = np.random.default_rng(1)
+        g = rng.standard_normal((4000, 96)).astype(np.float32)
+        q = rng.standard_normal((300, 96)).astype(np.float32)   # >= 256: the int8 pass
+        _, ids = afr.cosine_topk(q, g, k=7)
+        gal = afr.Gallery(96, "bfloat16")
+        gal.add(g)
+        _, gids = gal.search(q, k=7)
+        emb, w = g[:64] * 3, g[64:1064]
+        loss, ge, gw = afr.margin_loss(emb, w, np.arange(64) * 7, afr.ArcFace())
+        print(json.dumps([afr.simd_level(), ids.tolist(), gids.tolist(), float(loss),
+                          ge.astype(float).tolist(), gw[:50].astype(float).tolist()]))
+    """
+    import json
+
+    best = _run(code, None)
+    assert best.returncode == 0, best.stderr
+    level, ids, gids, loss, ge, gw = json.loads(best.stdout)
+    for other in LEVELS[LEVELS.index(level) + 1 :]:
+        got = _run(code, other)
+        assert got.returncode == 0, got.stderr
+        name, ids2, gids2, loss2, ge2, gw2 = json.loads(got.stdout)
+        assert name == other and ids2 == ids and gids2 == gids, other
+        assert abs(loss2 - loss) <= 1e-5 * abs(loss)
+        np.testing.assert_allclose(ge2, ge, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(gw2, gw, rtol=1e-4, atol=1e-6)

@@ -577,7 +577,7 @@ impl Rows<f32> for Gallery {
     fn dots(&self, query: &[f32], lo: usize, hi: usize, out: &mut [f32]) {
         let (a, b) = (lo * self.dim, hi * self.dim);
         match &self.codes {
-            Codes::F32(v) => kernels::dots(query, &v[a..b], out),
+            Codes::F32(v) => kernels::dots_f32(query, &v[a..b], out),
             Codes::F16(v) => kernels::dots_f16(query, &v[a..b], out),
             Codes::BF16(v) => kernels::dots_bf16(query, &v[a..b], out),
             Codes::I8(v, _) => kernels::dots_i8(query, &v[a..b], out),

@@ -1,6 +1,9 @@
 //! Many-query search with an int8 first pass and an exact re-rank: same results as the
 //! float GEMM path, several times the arithmetic throughput (AVX-512 VNNI `vpdpbusd` does
-//! 64 int8 multiply-adds per instruction, a float32 FMA 16).
+//! 64 int8 multiply-adds per instruction, a float32 FMA 16). On AVX2 without VNNI,
+//! `vpmaddubsw` + `vpmaddwd` do 32 multiply-adds in two multiplying instructions where
+//! float32 FMAs take four; there the queries are quantised to 63 levels each side so that
+//! the 16-bit pair sums of `vpmaddubsw` can never saturate (see [`Pass`]).
 //!
 //! Queries and gallery rows are quantised per vector to int8: `q = q~ + e_q`, `g = g~ + e_g`
 //! with `q~ = sq * codes` and the rounding errors `e` known exactly. The int8 estimate
@@ -29,22 +32,58 @@ const TILE_ROWS: usize = 512;
 const PANEL: usize = 32;
 const QBLOCK: usize = 8;
 
-/// Whether this CPU has the instructions of the int8 pass.
-pub(crate) fn available() -> bool {
+/// The instructions an int8 pass runs on. The queries' codes and their offset differ:
+/// `vpdpbusd` takes unsigned codes `q + 128` of up to 127 levels each side; `vpmaddubsw`
+/// adds two products into 16 bits with saturation, so a pair `(q + 64) * g` with
+/// `|q| <= 63`, `|g| <= 127` stays below 32767: at most `2 * 127 * 127 = 32258`. (31 levels,
+/// which would let two outputs add in 16 bits, made the bounds so loose that five times as
+/// many rows needed the exact re-rank: slower overall.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pass {
+    Vnni,
+    Avx2,
+}
+
+impl Pass {
+    /// Query code levels on each side of zero.
+    fn levels(self) -> f32 {
+        match self {
+            Pass::Vnni => 127.0,
+            Pass::Avx2 => 63.0,
+        }
+    }
+
+    /// What is added to each query code to make it unsigned.
+    fn offset(self) -> i32 {
+        match self {
+            Pass::Vnni => 128,
+            Pass::Avx2 => 64,
+        }
+    }
+}
+
+/// The int8 pass this CPU runs at the SIMD level in use, if any.
+pub(crate) fn available() -> Option<Pass> {
     #[cfg(target_arch = "x86_64")]
     {
+        use crate::kernels::{simd_in_use, SimdLevel};
         use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            crate::kernels::simd_in_use() == crate::kernels::SimdLevel::Avx512
-                && is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vnni")
+        static PASS: OnceLock<Option<Pass>> = OnceLock::new();
+        *PASS.get_or_init(|| match simd_in_use() {
+            SimdLevel::Avx512
+                if is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni") =>
+            {
+                Some(Pass::Vnni)
+            }
+            SimdLevel::Avx512 | SimdLevel::Avx2 => Some(Pass::Avx2),
+            SimdLevel::Scalar => None,
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        None
     }
 }
 
@@ -54,6 +93,12 @@ pub(crate) fn available() -> bool {
 /// less than `SLACK`.)
 #[inline(always)]
 fn quantise(v: &[f32], out: &mut [i8]) -> (f64, f64, f64) {
+    quantise_to(v, out, 127.0)
+}
+
+/// [`quantise`] to codes in `-levels..=levels`.
+#[inline(always)]
+fn quantise_to(v: &[f32], out: &mut [i8], levels: f32) -> (f64, f64, f64) {
     // Written in 16-lane blocks with plain comparisons so that every loop vectorises
     // (f32::max and `as i8` from a float would keep them scalar).
     const L: usize = 16;
@@ -70,12 +115,12 @@ fn quantise(v: &[f32], out: &mut [i8]) -> (f64, f64, f64) {
         .chain(&peak)
         .fold(0.0f32, |m, x| if x.abs() > m { x.abs() } else { m });
     let step = if max > 0.0 && max.is_finite() {
-        max / 127.0
+        max / levels
     } else {
         1.0
     };
     let inv = 1.0 / step;
-    let code = |x: f32| (x * inv).round_ties_even().clamp(-127.0, 127.0);
+    let code = |x: f32| (x * inv).round_ties_even().clamp(-levels, levels);
     let (mut err, mut norm) = ([0.0f32; L], [0.0f32; L]);
     for (o, c) in out[..body]
         .chunks_exact_mut(L)
@@ -104,8 +149,8 @@ fn quantise(v: &[f32], out: &mut [i8]) -> (f64, f64, f64) {
 /// estimates in the scan (all far below 1e-5 for unit vectors).
 const SLACK: f64 = 1e-5;
 
-/// The queries as unsigned codes (code + 128, as `vpdpbusd` wants), padded to whole blocks
-/// of queries and to a multiple of 4 dimensions with code 0.
+/// The queries as unsigned codes (code + the pass's offset), padded to whole blocks of
+/// queries and to a multiple of 8 dimensions with code 0.
 struct Queries {
     codes: Vec<u8>,
     step: Vec<f64>,
@@ -113,22 +158,24 @@ struct Queries {
     norm: Vec<f64>,
     err: Vec<f64>,
     dpad: usize,
+    pass: Pass,
 }
 
-fn quantise_queries<T: Real>(qhat: ArrayView2<T>, dpad: usize) -> Queries {
+fn quantise_queries<T: Real>(qhat: ArrayView2<T>, dpad: usize, pass: Pass) -> Queries {
     let q = qhat.nrows();
     let qpad = q.div_ceil(QBLOCK) * QBLOCK;
-    let mut codes = vec![128u8; qpad * dpad];
+    let offset = pass.offset();
+    let mut codes = vec![offset as u8; qpad * dpad];
     let (mut step, mut norm, mut err) = (vec![0.0; qpad], vec![0.0; qpad], vec![0.0; qpad]);
     let mut signed = vec![0i8; dpad];
     for (i, row) in qhat.axis_iter(Axis(0)).enumerate() {
         let v: Vec<f32> = row.iter().map(|x| x.f64() as f32).collect();
-        let (s, e, _) = quantise(&v, &mut signed);
+        let (s, e, _) = quantise_to(&v, &mut signed, pass.levels());
         step[i] = s;
         err[i] = e;
         norm[i] = row.iter().map(|x| x.f64() * x.f64()).sum::<f64>().sqrt();
         for (o, &c) in codes[i * dpad..(i + 1) * dpad].iter_mut().zip(&signed) {
-            *o = (c as i16 + 128) as u8;
+            *o = (c as i16 + offset as i16) as u8;
         }
     }
     Queries {
@@ -137,6 +184,7 @@ fn quantise_queries<T: Real>(qhat: ArrayView2<T>, dpad: usize) -> Queries {
         norm,
         err,
         dpad,
+        pass,
     }
 }
 
@@ -169,9 +217,34 @@ impl Tile {
         }
     }
 
-    /// Quantises `mult.len()` unit rows (`block` times `mult`) of `d` values.
-    #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
-    fn fill<T: Real>(&mut self, block: &[T], mult: &[T], d: usize, dpad: usize) {
+    /// Quantises `mult.len()` unit rows (`block` times `mult`) of `d` values, compiled for
+    /// the pass's instruction set.
+    fn fill<T: Real>(&mut self, pass: Pass, block: &[T], mult: &[T], d: usize, dpad: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx512bw")]
+            fn v4<T: Real>(t: &mut Tile, block: &[T], mult: &[T], d: usize, dpad: usize) {
+                t.fill_impl(block, mult, d, dpad)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            fn v3<T: Real>(t: &mut Tile, block: &[T], mult: &[T], d: usize, dpad: usize) {
+                t.fill_impl(block, mult, d, dpad)
+            }
+            // SAFETY: available() chose the pass from the CPU's features.
+            match pass {
+                Pass::Vnni => unsafe { v4(self, block, mult, d, dpad) },
+                Pass::Avx2 => unsafe { v3(self, block, mult, d, dpad) },
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = pass;
+            self.fill_impl(block, mult, d, dpad)
+        }
+    }
+
+    #[inline(always)]
+    fn fill_impl<T: Real>(&mut self, block: &[T], mult: &[T], d: usize, dpad: usize) {
         let rows = mult.len();
         self.rows = rows;
         let padded = rows.div_ceil(PANEL) * PANEL;
@@ -284,10 +357,15 @@ impl Scan {
 }
 
 /// Top `k` rows for many unit queries: int8 scan, then exact scores for the survivors.
-pub(crate) fn search<T: Real, R: Rows<T>>(qhat: ArrayView2<T>, rows: &R, k: usize) -> Partial {
+pub(crate) fn search<T: Real, R: Rows<T>>(
+    qhat: ArrayView2<T>,
+    rows: &R,
+    k: usize,
+    pass: Pass,
+) -> Partial {
     let (q, n, d) = (qhat.nrows(), rows.len(), rows.dim());
-    let dpad = d.div_ceil(4) * 4;
-    let queries = quantise_queries(qhat, dpad);
+    let dpad = d.div_ceil(8) * 8;
+    let queries = quantise_queries(qhat, dpad, pass);
     // The computed score of the re-rank differs from the exact one by less than this.
     let rounding = 4.0 * d as f64 * T::epsilon().f64() + 1e-6;
     let tiles: Vec<usize> = (0..n).step_by(TILE_ROWS).collect();
@@ -308,8 +386,7 @@ pub(crate) fn search<T: Real, R: Rows<T>>(qhat: ArrayView2<T>, rows: &R, k: usiz
                 let count = TILE_ROWS.min(n - lo);
                 rows.mults(lo, lo + count, &mut mult[..count], &mut scan.bad);
                 let block = rows.decoded(lo, lo + count, &mut scratch);
-                // SAFETY: search() runs only where available() confirmed AVX-512F/BW.
-                unsafe { tile.fill(block, &mult[..count], d, dpad) };
+                tile.fill(pass, block, &mult[..count], d, dpad);
                 let mult64: Vec<f64> = mult[..count].iter().map(|m| m.f64()).collect();
                 scan_tile(
                     &tile, &queries, q, lo, &mult64, rounding, &floors, &mut scan,
@@ -378,8 +455,7 @@ fn seed_floors<T: Real, R: Rows<T>>(
             mult.push(m[0]);
         }
         let mut tile = Tile::new(d, queries.dpad);
-        // SAFETY: search() runs only where available() confirmed AVX-512F/BW.
-        unsafe { tile.fill(&block, &mult, d, queries.dpad) };
+        tile.fill(queries.pass, &block, &mult, d, queries.dpad);
         let mut scan = Scan::new(q, k);
         scan.seed = true;
         let mult64: Vec<f64> = mult.iter().map(|m| m.f64()).collect();
@@ -401,17 +477,57 @@ fn scan_tile(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: search() runs only where available() confirmed AVX-512F/BW/VNNI.
-        unsafe { scan_tile_vnni(tile, queries, q, lo, mult, rounding, floors, scan) }
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+        #[allow(clippy::too_many_arguments)]
+        fn vnni(
+            tile: &Tile,
+            queries: &Queries,
+            q: usize,
+            lo: usize,
+            mult: &[f64],
+            rounding: f64,
+            floors: &Floors,
+            scan: &mut Scan,
+        ) {
+            // (this function's features are those dots_panel_vnni needs)
+            let dots = |p: &[i8], c: &[u8], d: usize, s: &mut Sums| dots_panel_vnni(p, c, d, s);
+            scan_tile_with(dots, tile, queries, q, lo, mult, rounding, floors, scan)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        fn avx2(
+            tile: &Tile,
+            queries: &Queries,
+            q: usize,
+            lo: usize,
+            mult: &[f64],
+            rounding: f64,
+            floors: &Floors,
+            scan: &mut Scan,
+        ) {
+            // (this function's features are those dots_panel_avx2 needs)
+            let dots = |p: &[i8], c: &[u8], d: usize, s: &mut Sums| dots_panel_avx2(p, c, d, s);
+            scan_tile_with(dots, tile, queries, q, lo, mult, rounding, floors, scan)
+        }
+        // SAFETY: search() runs only with the pass available() chose from the CPU.
+        match queries.pass {
+            Pass::Vnni => unsafe { vnni(tile, queries, q, lo, mult, rounding, floors, scan) },
+            Pass::Avx2 => unsafe { avx2(tile, queries, q, lo, mult, rounding, floors, scan) },
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("the int8 pass needs AVX-512 VNNI")
+    unreachable!("the int8 pass needs AVX2 or AVX-512 VNNI")
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+/// Per query of a block and row of a panel, the sum of code products.
+type Sums = [[i32; PANEL]; QBLOCK];
+
+/// [`scan_tile`] with the panel dot products of `dots` (inlined into its caller's
+/// instruction set).
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn scan_tile_vnni(
+fn scan_tile_with(
+    dots: impl Fn(&[i8], &[u8], usize, &mut Sums),
     tile: &Tile,
     queries: &Queries,
     q: usize,
@@ -422,6 +538,7 @@ fn scan_tile_vnni(
     scan: &mut Scan,
 ) {
     let dpad = queries.dpad;
+    let offset = queries.pass.offset();
     let panels = tile.rows.div_ceil(PANEL);
     let slack = rounding + SLACK;
     let mut sums = [[0i32; PANEL]; QBLOCK];
@@ -429,7 +546,7 @@ fn scan_tile_vnni(
         let codes = &queries.codes[qb * dpad..(qb + QBLOCK) * dpad];
         for p in 0..panels {
             let panel = &tile.panels[p * PANEL * dpad..(p + 1) * PANEL * dpad];
-            dots_panel_vnni(panel, codes, dpad, &mut sums);
+            dots(panel, codes, dpad, &mut sums);
             let rows = p * PANEL..(p + 1) * PANEL;
             let step: &[f32; PANEL] = tile.step[rows.clone()].try_into().expect("panel");
             let tsum: &[i32; PANEL] = tile.sums[rows.clone()].try_into().expect("panel");
@@ -448,7 +565,7 @@ fn scan_tile_vnni(
                 let (slack32, floor32) = (slack as f32, floor as f32);
                 let mut hits = 0u32;
                 for l in 0..PANEL {
-                    let est = (row_sums[l] - 128 * tsum[l]) as f32 * (sq * step[l]);
+                    let est = (row_sums[l] - offset * tsum[l]) as f32 * (sq * step[l]);
                     let ub = est + qn * err[l] + qe * norm[l] + slack32;
                     hits |= ((ub >= floor32) as u32) << l;
                 }
@@ -459,7 +576,7 @@ fn scan_tile_vnni(
                     if r >= tile.rows {
                         break;
                     }
-                    let dot = (row_sums[l] - 128 * tsum[l]) as f64;
+                    let dot = (row_sums[l] - offset * tsum[l]) as f64;
                     let est = dot * queries.step[i] * step[l] as f64;
                     let eps =
                         queries.norm[i] * err[l] as f64 + queries.err[i] * norm[l] as f64 + slack;
@@ -499,6 +616,142 @@ fn dots_panel_vnni(panel: &[i8], queries: &[u8], dpad: usize, sums: &mut [[i32; 
         for (out, a) in sums.iter_mut().zip(acc) {
             _mm512_storeu_si512(out.as_mut_ptr() as *mut _, a[0]);
             _mm512_storeu_si512(out.as_mut_ptr().add(16) as *mut _, a[1]);
+        }
+    }
+}
+
+/// `sums[j][r]` = Σ_d query_j[d] * row_r[d] over a panel of 32 rows and 8 queries, with
+/// `vpmaddubsw` (two products into 16 bits, which the codes' bounds keep from saturating,
+/// see [`Pass`]) and `vpmaddwd` (pairs into 32 bits). Two queries at a time, so that the
+/// accumulators stay in registers. `dpad` is a multiple of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn dots_panel_avx2(panel: &[i8], queries: &[u8], dpad: usize, sums: &mut Sums) {
+    use std::arch::x86_64::*;
+    assert!(
+        panel.len() >= PANEL * dpad && queries.len() >= QBLOCK * dpad && dpad.is_multiple_of(8)
+    );
+    // SAFETY: the loads stay inside `panel` (PANEL * dpad bytes: dpad / 4 quads of 128) and
+    // `queries` (QBLOCK * dpad bytes), as asserted; the stores write whole rows of `sums`.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        for pair in 0..QBLOCK / 2 {
+            let (j0, j1) = (2 * pair, 2 * pair + 1);
+            let mut acc = [[_mm256_setzero_si256(); 4]; 2];
+            let (q0, q1) = (
+                queries.as_ptr().add(j0 * dpad),
+                queries.as_ptr().add(j1 * dpad),
+            );
+            for quad in (0..dpad / 4).step_by(2) {
+                let g = panel.as_ptr().add(quad * PANEL * 4);
+                let read = |p: *const u8| (p as *const i32).read_unaligned();
+                let a0 = _mm256_set1_epi32(read(q0.add(quad * 4)));
+                let a1 = _mm256_set1_epi32(read(q0.add(quad * 4 + 4)));
+                let b0 = _mm256_set1_epi32(read(q1.add(quad * 4)));
+                let b1 = _mm256_set1_epi32(read(q1.add(quad * 4 + 4)));
+                #[allow(clippy::needless_range_loop)] // r picks both the rows and two accumulators
+                for r in 0..4 {
+                    // rows 8r..8r+8 of this quad, and of the next (128 bytes on)
+                    let g0 = _mm256_loadu_si256(g.add(32 * r) as *const __m256i);
+                    let g1 = _mm256_loadu_si256(g.add(PANEL * 4 + 32 * r) as *const __m256i);
+                    let m = |a, g| _mm256_madd_epi16(_mm256_maddubs_epi16(a, g), ones);
+                    let p0 = _mm256_add_epi32(m(a0, g0), m(a1, g1));
+                    let p1 = _mm256_add_epi32(m(b0, g0), m(b1, g1));
+                    acc[0][r] = _mm256_add_epi32(acc[0][r], p0);
+                    acc[1][r] = _mm256_add_epi32(acc[1][r], p1);
+                }
+            }
+            for (j, a) in [(j0, acc[0]), (j1, acc[1])] {
+                for (r, v) in a.iter().enumerate() {
+                    _mm256_storeu_si256(sums[j].as_mut_ptr().add(8 * r) as *mut __m256i, *v);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The panel kernels against plain i32 sums, at the codes' extremes (where a 16-bit
+    /// pair sum would saturate if the bounds of [`Pass`] did not hold).
+    #[test]
+    fn panel_dots_equal_integer_sums_at_the_extreme_codes() {
+        let dpad = 24;
+        let mut state = 3u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as i64
+        };
+        for pass in [Pass::Vnni, Pass::Avx2] {
+            #[cfg(target_arch = "x86_64")]
+            let runs = match pass {
+                Pass::Vnni => is_x86_feature_detected!("avx512vnni"),
+                Pass::Avx2 => is_x86_feature_detected!("avx2"),
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let runs = false;
+            if !runs {
+                continue;
+            }
+            let levels = pass.levels() as i64;
+            for round in 0..3 {
+                // round 0: every code at its extreme, same signs (the largest pair sums)
+                let g_code = |r: usize, j: usize, x: i64| match round {
+                    0 => 127,
+                    1 => {
+                        if (r + j).is_multiple_of(2) {
+                            127
+                        } else {
+                            -127
+                        }
+                    }
+                    _ => x % 255 - 127,
+                } as i8;
+                let q_code = |x: i64| match round {
+                    0 | 1 => levels,
+                    _ => x % (2 * levels + 1) - levels,
+                };
+                let rows: Vec<Vec<i8>> = (0..PANEL)
+                    .map(|r| (0..dpad).map(|j| g_code(r, j, next())).collect())
+                    .collect();
+                let queries: Vec<Vec<i64>> = (0..QBLOCK)
+                    .map(|_| (0..dpad).map(|_| q_code(next())).collect())
+                    .collect();
+                let mut panel = vec![0i8; PANEL * dpad];
+                for (r, row) in rows.iter().enumerate() {
+                    for (quad, four) in row.chunks_exact(4).enumerate() {
+                        let at = quad * PANEL * 4 + r * 4;
+                        panel[at..at + 4].copy_from_slice(four);
+                    }
+                }
+                let codes: Vec<u8> = queries
+                    .iter()
+                    .flat_map(|q| q.iter().map(|&c| (c + pass.offset() as i64) as u8))
+                    .collect();
+                let mut sums = [[0i32; PANEL]; QBLOCK];
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the CPU has the pass's features (checked above).
+                unsafe {
+                    match pass {
+                        Pass::Vnni => dots_panel_vnni(&panel, &codes, dpad, &mut sums),
+                        Pass::Avx2 => dots_panel_avx2(&panel, &codes, dpad, &mut sums),
+                    }
+                }
+                for (j, q) in queries.iter().enumerate() {
+                    for (r, row) in rows.iter().enumerate() {
+                        let want: i64 = q
+                            .iter()
+                            .zip(row)
+                            .map(|(&a, &b)| (a + pass.offset() as i64) * b as i64)
+                            .sum();
+                        assert_eq!(sums[j][r] as i64, want, "{pass:?} round {round} q{j} r{r}");
+                    }
+                }
+            }
         }
     }
 }

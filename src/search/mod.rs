@@ -315,8 +315,8 @@ pub(crate) type Partial = (Vec<TopK>, Option<(usize, Error)>);
 pub(crate) fn search_rows<T: Real, R: Rows<T>>(qhat: ArrayView2<T>, rows: &R, k: usize) -> Partial {
     if qhat.nrows() <= STREAM_MAX_QUERIES {
         stream(qhat, rows, k)
-    } else if qhat.nrows() >= INT8_MIN_QUERIES && int8::available() {
-        int8::search(qhat, rows, k)
+    } else if let Some(pass) = int8::available().filter(|_| qhat.nrows() >= INT8_MIN_QUERIES) {
+        int8::search(qhat, rows, k, pass)
     } else {
         tiled(qhat, rows, k)
     }
@@ -510,8 +510,8 @@ mod tests {
         for k in [1, 10, 64] {
             let want = brute(&queries, &gallery, k);
             let mut results = vec![tiled(qhat.view(), &rows, k)];
-            if int8::available() {
-                results.push(int8::search(qhat.view(), &rows, k));
+            if let Some(pass) = int8::available() {
+                results.push(int8::search(qhat.view(), &rows, k, pass));
             }
             for (tops, bad) in results {
                 assert!(bad.is_none());
