@@ -16,6 +16,9 @@
 //! scores) and the re-rank computes their scores exactly, so the result is the exact top k
 //! whatever the data: the quantisation decides how much work is skipped, never the answer.
 
+// The int8 pass has x86 kernels only; elsewhere `available()` is None and nothing calls it.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables))]
+
 use super::topk::{Hit, TopK};
 use super::{first_bad, Partial, Rows};
 use crate::error::Error;
