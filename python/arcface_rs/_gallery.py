@@ -171,7 +171,23 @@ class Gallery:
         single = np.ndim(queries) == 1
         return _rows("queries", queries, self.dim), single
 
-    def search(self, queries: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    def _filter(self, allow: Any, deny: Any) -> dict[str, np.ndarray]:
+        if allow is not None and deny is not None:
+            raise ValueError("allow, deny: give one of them, not both")
+        out = {}
+        for name, value in (("allow", allow), ("deny", deny)):
+            if value is not None:
+                a = np.asarray(value)
+                if a.dtype.kind not in "iu" or a.ndim != 1:
+                    raise ValueError(
+                        f"{name}: must be a 1-D array of integer ids, got {a.dtype} {a.shape}"
+                    )
+                out[name] = np.ascontiguousarray(a, dtype=np.int64)
+        return out
+
+    def search(
+        self, queries: Any, k: int = 10, allow: Any = None, deny: Any = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` stored vectors by cosine for each query.
 
         Parameters
@@ -179,9 +195,15 @@ class Gallery:
         queries : array_like
             (Q, dim) or one (dim,) float32 or float64 queries.
         k : int
-            Results per query, >= 1. Beyond ``len(self)`` the extra columns hold score -inf
-            and id -1 (all of them for an empty gallery); a ``k`` whose padded output would
-            not fit in half the memory available raises ValueError.
+            Results per query, >= 1. Beyond ``len(self)`` (or the rows a filter lets
+            through) the extra columns hold score -inf and id -1 (all of them for an empty
+            gallery); a ``k`` whose padded output would not fit in half the memory available
+            raises ValueError.
+        allow, deny : array_like of int, optional
+            Search only the rows with these ids / all rows but these (at most one of the
+            two; ids the gallery lacks are ignored). The search stays exact over those rows
+            and reads the gallery once, as without a filter: each row that reaches a query's
+            running threshold is checked against the sorted list.
 
         Returns
         -------
@@ -194,13 +216,16 @@ class Gallery:
         """
         k = _count("k", k)
         q, single = self._queries(queries)
-        if self._device is None or len(self) == 0:
-            scores, ids = self._core.search(q, k)
+        filt = self._filter(allow, deny)
+        if self._device is None or len(self) == 0 or filt:  # filters run on the CPU
+            scores, ids = self._core.search(q, k, **filt)
         else:
             scores, ids = self._core.search_cuda(q, k, self._device)
         return (scores[0], ids[0]) if single else (scores, ids)
 
-    def identify(self, queries: Any, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    def identify(
+        self, queries: Any, threshold: float, allow: Any = None, deny: Any = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Open-set identification: each query's best match, or "unknown".
 
         Parameters
@@ -209,6 +234,8 @@ class Gallery:
             (Q, dim) or one (dim,) queries.
         threshold : float
             A best score below it means the face is not enrolled.
+        allow, deny : array_like of int, optional
+            As for :meth:`search`.
 
         Returns
         -------
@@ -222,13 +249,61 @@ class Gallery:
         if not np.isfinite(threshold):
             raise ValueError(f"threshold must be finite, got {threshold}")
         q, single = self._queries(queries)
-        if self._device is None or len(self) == 0:
-            ids, scores = self._core.identify(q, float(threshold))
+        filt = self._filter(allow, deny)
+        if self._device is None or len(self) == 0 or filt:
+            ids, scores = self._core.identify(q, float(threshold), **filt)
         else:
             best, top = self._core.search_cuda(q, 1, self._device)
             scores = best[:, 0]
             ids = np.where(scores >= threshold, top[:, 0], -1)
         return (ids[0], scores[0]) if single else (ids, scores)
+
+    def range_search(
+        self, queries: Any, threshold: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every stored vector scoring above ``threshold``, for each query (faiss's layout).
+
+        Parameters
+        ----------
+        queries : array_like
+            (Q, dim) or one (dim,) queries.
+        threshold : float
+            Rows with cosine > threshold are returned.
+
+        Returns
+        -------
+        lims : numpy.ndarray
+            (Q + 1,) int64 offsets: query i's results are at ``lims[i]:lims[i + 1]``.
+        scores : numpy.ndarray
+            float32 scores, best first within each query (ties: the vector added first).
+        ids : numpy.ndarray
+            int64 ids.
+        """
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+            raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
+        if not np.isfinite(threshold):
+            raise ValueError(f"threshold must be finite, got {threshold}")
+        q, _ = self._queries(queries)
+        lims, scores, ids = self._core.range_search(q, float(threshold))
+        return lims.astype(np.int64), scores, ids
+
+    def get(self, ids: Any) -> np.ndarray:
+        """The stored vectors of ``ids``, decoded to float32 unit rows, in the order asked.
+
+        Parameters
+        ----------
+        ids : array_like of int
+            (n,) ids; an id the gallery lacks raises ValueError naming it.
+
+        Returns
+        -------
+        numpy.ndarray
+            (n, dim) float32.
+        """
+        a = np.asarray(ids)
+        if a.dtype.kind not in "iu" or a.ndim != 1:
+            raise ValueError(f"ids: must be a 1-D array of integer ids, got {a.dtype} {a.shape}")
+        return self._core.get(np.ascontiguousarray(a, dtype=np.int64))
 
     def ids(self) -> np.ndarray:
         """The ids, int64, in gallery order."""

@@ -1,13 +1,28 @@
 //! `Gallery`: enrolled embeddings behind a lock, searched, identified, saved and loaded.
 
 use super::convert::{detached, run, to_py_err};
-use crate::search::gallery::{Dtype, Gallery};
+use crate::search::gallery::{Dtype, Gallery, IdFilter};
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// The filter of `allow` / `deny` (giving both is an error).
+fn id_filter<'a>(
+    allow: &'a Option<Vec<i64>>,
+    deny: &'a Option<Vec<i64>>,
+) -> PyResult<Option<IdFilter<'a>>> {
+    match (allow, deny) {
+        (Some(_), Some(_)) => Err(pyo3::exceptions::PyValueError::new_err(
+            "allow, deny: give one of them, not both",
+        )),
+        (Some(a), None) => Ok(Some(IdFilter::Allow(a))),
+        (None, Some(d)) => Ok(Some(IdFilter::Deny(d))),
+        (None, None) => Ok(None),
+    }
+}
 
 /// The core gallery behind a lock: searches share it, add/remove take it alone. Every call
 /// releases the GIL before waiting for the lock, so Python threads never deadlock on it.
@@ -102,15 +117,57 @@ impl PyGallery {
     }
 
     /// (scores float32 (Q, k) best first, ids int64 (Q, k)); -1 / -inf pad when k > len.
+    /// `allow` / `deny` (at most one): only these ids / every id but these.
+    #[pyo3(signature = (queries, k, allow=None, deny=None))]
     fn search<'py>(
         &self,
         py: Python<'py>,
         queries: PyReadonlyArray2<'py, f32>,
         k: usize,
+        allow: Option<PyReadonlyArray1<'py, i64>>,
+        deny: Option<PyReadonlyArray1<'py, i64>>,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let q = queries.as_array();
-        let r = self.reading(py, |g| g.search(q, k))?.map_err(to_py_err)?;
+        let (allow, deny) = (
+            allow.map(|a| a.as_array().to_vec()),
+            deny.map(|d| d.as_array().to_vec()),
+        );
+        let filter = id_filter(&allow, &deny)?;
+        let r = self
+            .reading(py, |g| g.search_with(q, k, filter))?
+            .map_err(to_py_err)?;
         (r.scores.into_pyarray(py), r.indices.into_pyarray(py)).into_pyobject(py)
+    }
+
+    /// (lims uint64 (Q + 1,), scores float32, ids int64): every row scoring above
+    /// `threshold`, best first, query i's at lims[i]..lims[i + 1].
+    fn range_search<'py>(
+        &self,
+        py: Python<'py>,
+        queries: PyReadonlyArray2<'py, f32>,
+        threshold: f32,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let q = queries.as_array();
+        let (lims, scores, ids) = self
+            .reading(py, |g| g.range_search(q, threshold))?
+            .map_err(to_py_err)?;
+        (
+            PyArray1::from_vec(py, lims),
+            PyArray1::from_vec(py, scores),
+            PyArray1::from_vec(py, ids),
+        )
+            .into_pyobject(py)
+    }
+
+    /// The stored vectors of `ids` decoded to float32 (len(ids), dim), in that order.
+    fn get<'py>(
+        &self,
+        py: Python<'py>,
+        ids: PyReadonlyArray1<'py, i64>,
+    ) -> PyResult<Bound<'py, numpy::PyArray2<f32>>> {
+        let ids = ids.as_array().to_vec();
+        let out = self.reading(py, |g| g.get(&ids))?.map_err(to_py_err)?;
+        Ok(out.into_pyarray(py))
     }
 
     /// `search` on CUDA device `device` (a copy of the rows stays there until the gallery
@@ -141,16 +198,25 @@ impl PyGallery {
         }
     }
 
-    /// (ids int64 (Q,), scores float32 (Q,)): the best id, -1 below the threshold.
+    /// (ids int64 (Q,), scores float32 (Q,)): the best id, -1 below the threshold
+    /// (`allow` / `deny` as for `search`).
+    #[pyo3(signature = (queries, threshold, allow=None, deny=None))]
     fn identify<'py>(
         &self,
         py: Python<'py>,
         queries: PyReadonlyArray2<'py, f32>,
         threshold: f32,
+        allow: Option<PyReadonlyArray1<'py, i64>>,
+        deny: Option<PyReadonlyArray1<'py, i64>>,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let q = queries.as_array();
+        let (allow, deny) = (
+            allow.map(|a| a.as_array().to_vec()),
+            deny.map(|d| d.as_array().to_vec()),
+        );
+        let filter = id_filter(&allow, &deny)?;
         let (ids, scores) = self
-            .reading(py, |g| g.identify(q, threshold))?
+            .reading(py, |g| g.identify_with(q, threshold, filter))?
             .map_err(to_py_err)?;
         (ids.into_pyarray(py), scores.into_pyarray(py)).into_pyobject(py)
     }

@@ -7,10 +7,11 @@
 //! between the query and the stored (quantised) vector.
 
 use super::topk::TopK;
-use super::{collect, search_rows, unit_queries, Dense, Rows, SearchResult};
+use super::{collect, search_rows, unit_queries, Dense, Filtered, Rows, SearchResult, Subset};
 use crate::error::{unnormalisable, Error, Result};
 use crate::kernels;
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::fmt;
 use std::ops::Deref;
@@ -504,6 +505,17 @@ impl Gallery {
     /// Top-`k` rows by cosine for each query, as ids; padded with id -1 and score -inf when
     /// `k` exceeds the gallery. Ties go to the row added first.
     pub fn search(&self, queries: ArrayView2<f32>, k: usize) -> Result<SearchResult<f32>> {
+        self.search_with(queries, k, None)
+    }
+
+    /// [`Gallery::search`] over the rows that `filter` lets through (exact over them; ids
+    /// in an allow- or deny-list that the gallery lacks are ignored).
+    pub fn search_with(
+        &self,
+        queries: ArrayView2<f32>,
+        k: usize,
+        filter: Option<IdFilter>,
+    ) -> Result<SearchResult<f32>> {
         if k == 0 {
             return Err(Error::invalid("k", "must be >= 1"));
         }
@@ -513,11 +525,46 @@ impl Gallery {
             // as faiss does: every column is padding
             return Ok(collect(vec![TopK::new(0); qhat.nrows()], k, |_| -1));
         }
+        if let Some(IdFilter::Allow(list)) = filter {
+            // only the allowed rows are read: a search of them as a gallery of their own
+            let mut positions: Vec<usize> = list
+                .par_iter()
+                .filter_map(|id| self.rows_by_id.get(id).copied())
+                .collect();
+            positions.par_sort_unstable();
+            positions.dedup();
+            let k_rows = k.min(positions.len());
+            if k_rows == 0 {
+                return Ok(collect(vec![TopK::new(0); qhat.nrows()], k, |_| -1));
+            }
+            let positions = &positions[..];
+            let (tops, bad) = match &self.codes {
+                Codes::F32(v) => {
+                    let rows = &Dense::unit(v, self.dim);
+                    search_rows(qhat.view(), &Subset { rows, positions }, k_rows)
+                }
+                _ => search_rows(
+                    qhat.view(),
+                    &Subset {
+                        rows: self,
+                        positions,
+                    },
+                    k_rows,
+                ),
+            };
+            debug_assert!(bad.is_none(), "rows are checked when added");
+            return Ok(collect(tops, k, |i| self.ids[positions[i]]));
+        }
         let k_rows = k.min(self.len());
-        let (tops, bad) = match &self.codes {
+        let (tops, bad) = match (&self.codes, filter) {
             // float32 rows are just a dense array of unit vectors
-            Codes::F32(v) => search_rows(qhat.view(), &Dense::unit(v, self.dim), k_rows),
-            _ => search_rows(qhat.view(), self, k_rows),
+            (Codes::F32(v), None) => search_rows(qhat.view(), &Dense::unit(v, self.dim), k_rows),
+            (_, None) => search_rows(qhat.view(), self, k_rows),
+            (Codes::F32(v), Some(f)) => {
+                let dense = Dense::unit(v, self.dim);
+                search_rows(qhat.view(), &f.over(&dense, &self.ids), k_rows)
+            }
+            (_, Some(f)) => search_rows(qhat.view(), &f.over(self, &self.ids), k_rows),
         };
         debug_assert!(bad.is_none(), "rows are checked when added");
         Ok(collect(tops, k, |row| self.ids[row]))
@@ -530,15 +577,134 @@ impl Gallery {
         queries: ArrayView2<f32>,
         threshold: f32,
     ) -> Result<(Array1<i64>, Array1<f32>)> {
+        self.identify_with(queries, threshold, None)
+    }
+
+    /// [`Gallery::identify`] over the rows `filter` lets through.
+    pub fn identify_with(
+        &self,
+        queries: ArrayView2<f32>,
+        threshold: f32,
+        filter: Option<IdFilter>,
+    ) -> Result<(Array1<i64>, Array1<f32>)> {
         if threshold.is_nan() {
             return Err(Error::invalid("threshold", "is NaN"));
         }
-        let top = self.search(queries, 1)?;
+        let top = self.search_with(queries, 1, filter)?;
         let scores = top.scores.index_axis(Axis(1), 0).to_owned();
         let ids = ndarray::Zip::from(top.indices.index_axis(Axis(1), 0))
             .and(&scores)
             .map_collect(|&id, &s| if s >= threshold { id } else { -1 });
         Ok((ids, scores))
+    }
+
+    /// Every row scoring above `threshold` for each query, best first (ties: the row
+    /// added first), in faiss's layout: `(lims, scores, ids)` with query i's results at
+    /// `lims[i]..lims[i + 1]`. Exact for float32 storage, within the storage's rounding
+    /// otherwise (as `search`).
+    pub fn range_search(
+        &self,
+        queries: ArrayView2<f32>,
+        threshold: f32,
+    ) -> Result<(Vec<u64>, Vec<f32>, Vec<i64>)> {
+        if threshold.is_nan() {
+            return Err(Error::invalid("threshold", "is NaN"));
+        }
+        let qhat = unit_queries(queries, self.dim, false)?;
+        let q = qhat.nrows();
+        const BLOCK: usize = 4096;
+        let (n, d) = (self.len(), self.dim);
+        let blocks: Vec<usize> = (0..n).step_by(BLOCK).collect();
+        let per_query: Vec<Vec<(f32, usize)>> = blocks
+            .par_iter()
+            .fold(
+                || {
+                    (
+                        vec![Vec::new(); q],
+                        vec![0.0f32; BLOCK],
+                        vec![0.0f32; BLOCK],
+                    )
+                },
+                |(mut hits, mut dots, mut mult), &lo| {
+                    let hi = (lo + BLOCK).min(n);
+                    let mut bad = None;
+                    self.mults(lo, hi, &mut mult[..hi - lo], &mut bad);
+                    for (i, query) in qhat.axis_iter(Axis(0)).enumerate() {
+                        let query = query.as_slice().expect("standard layout");
+                        debug_assert_eq!(query.len(), d);
+                        self.dots(query, lo, hi, &mut dots[..hi - lo]);
+                        for (r, (&dot, &m)) in dots.iter().zip(&mult).take(hi - lo).enumerate() {
+                            let score = (dot * m).clamp(-1.0, 1.0);
+                            if score > threshold {
+                                hits[i].push((score, lo + r));
+                            }
+                        }
+                    }
+                    (hits, dots, mult)
+                },
+            )
+            .map(|(hits, ..)| hits)
+            .reduce(
+                || vec![Vec::new(); q],
+                |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(b) {
+                        x.extend(y);
+                    }
+                    a
+                },
+            );
+        let mut lims = Vec::with_capacity(q + 1);
+        lims.push(0u64);
+        let (mut scores, mut ids) = (Vec::new(), Vec::new());
+        for mut hits in per_query {
+            hits.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            for (score, row) in hits {
+                scores.push(score);
+                ids.push(self.ids[row]);
+            }
+            lims.push(scores.len() as u64);
+        }
+        Ok((lims, scores, ids))
+    }
+
+    /// The stored vectors of `ids`, decoded to float32, in the order asked; an id the
+    /// gallery lacks is an error naming it.
+    pub fn get(&self, ids: &[i64]) -> Result<Array2<f32>> {
+        let mut wanted: HashMap<i64, usize> = HashMap::with_capacity(ids.len());
+        for &id in ids {
+            wanted.insert(id, usize::MAX);
+        }
+        for (row, id) in self.ids.iter().enumerate() {
+            if let Some(slot) = wanted.get_mut(id) {
+                *slot = row;
+            }
+        }
+        let missing: Vec<i64> = ids
+            .iter()
+            .filter(|id| wanted[id] == usize::MAX)
+            .take(5)
+            .copied()
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::invalid(
+                "ids",
+                format!(
+                    "not in the gallery: {missing:?}{}",
+                    if missing.len() == 5 { " ..." } else { "" }
+                ),
+            ));
+        }
+        let mut out = Array2::zeros((ids.len(), self.dim));
+        let (mut decoded, mut mult, mut bad) = (Vec::new(), [0.0f32], None);
+        for (id, mut dst) in ids.iter().zip(out.axis_iter_mut(Axis(0))) {
+            let row = wanted[id];
+            self.mults(row, row + 1, &mut mult, &mut bad);
+            let v = self.decoded(row, row + 1, &mut decoded);
+            for (o, &x) in dst.iter_mut().zip(v) {
+                *o = x * mult[0];
+            }
+        }
+        Ok(out)
     }
 
     /// All rows decoded to float32 (unit vectors), in gallery order.
@@ -555,6 +721,35 @@ impl Gallery {
             }
         }
         out
+    }
+}
+
+/// Which rows a filtered search may return, by id.
+#[derive(Clone, Copy, Debug)]
+pub enum IdFilter<'a> {
+    /// Only these ids.
+    Allow(&'a [i64]),
+    /// Every id but these.
+    Deny(&'a [i64]),
+}
+
+impl IdFilter<'_> {
+    /// `rows` (whose ids are `ids`) restricted by this filter: the list sorted once, then a
+    /// binary search for each row that reaches a query's threshold.
+    fn over<'a, R>(&self, rows: &'a R, ids: &'a [i64]) -> Filtered<'a, R> {
+        let (list, allow) = match *self {
+            IdFilter::Allow(l) => (l, true),
+            IdFilter::Deny(l) => (l, false),
+        };
+        let mut list = list.to_vec();
+        list.par_sort_unstable();
+        list.dedup();
+        Filtered {
+            rows,
+            ids,
+            list,
+            allow,
+        }
     }
 }
 

@@ -202,6 +202,8 @@ struct Tile {
     err: Vec<f32>,
     norm: Vec<f32>,
     rows: usize,
+    /// Whether each row may be a result (see `Rows::allowed`).
+    allowed: Vec<bool>,
     unit: Vec<f32>,
     codes: Vec<i8>,
 }
@@ -215,6 +217,7 @@ impl Tile {
             err: vec![0.0; TILE_ROWS],
             norm: vec![0.0; TILE_ROWS],
             rows: 0,
+            allowed: vec![true; TILE_ROWS],
             unit: vec![0.0; d],
             codes: vec![0; dpad],
         }
@@ -390,6 +393,9 @@ pub(crate) fn search<T: Real, R: Rows<T>>(
                 rows.mults(lo, lo + count, &mut mult[..count], &mut scan.bad);
                 let block = rows.decoded(lo, lo + count, &mut scratch);
                 tile.fill(pass, block, &mult[..count], d, dpad);
+                for (r, a) in tile.allowed[..count].iter_mut().enumerate() {
+                    *a = rows.allowed(lo + r);
+                }
                 let mult64: Vec<f64> = mult[..count].iter().map(|m| m.f64()).collect();
                 scan_tile(
                     &tile, &queries, q, lo, &mult64, rounding, &floors, &mut scan,
@@ -448,7 +454,14 @@ fn seed_floors<T: Real, R: Rows<T>>(
     if samples < k.max(PANEL) {
         return;
     }
-    let picks: Vec<usize> = (0..samples).map(|s| s * n / samples).collect();
+    // only rows that may be results can raise a floor
+    let picks: Vec<usize> = (0..samples)
+        .map(|s| s * n / samples)
+        .filter(|&r| rows.allowed(r))
+        .collect();
+    if picks.len() < k.max(PANEL) {
+        return;
+    }
     picks.par_chunks(TILE_ROWS).for_each(|chunk| {
         let (mut block, mut mult, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
         let (mut m, mut bad) = ([T::zero()], None);
@@ -578,6 +591,9 @@ fn scan_tile_with(
                     let r = p * PANEL + l;
                     if r >= tile.rows {
                         break;
+                    }
+                    if !tile.allowed[r] {
+                        continue;
                     }
                     let dot = (row_sums[l] - offset * tsum[l]) as f64;
                     let est = dot * queries.step[i] * step[l] as f64;

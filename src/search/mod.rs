@@ -81,6 +81,115 @@ pub(crate) trait Rows<T>: Sync {
     }
     /// Rows `lo..hi` as `T` values, borrowed or decoded into `scratch`.
     fn decoded<'a>(&'a self, lo: usize, hi: usize, scratch: &'a mut Vec<T>) -> &'a [T];
+    /// Whether row `row` may be a result (an allow- or deny-list; every row by default).
+    /// Asked only of rows whose score reaches a query's running threshold, so a filter
+    /// costs next to nothing where the scan is bound by reading the rows.
+    #[inline(always)]
+    fn allowed(&self, _row: usize) -> bool {
+        true
+    }
+}
+
+/// The rows of `R` at `positions` (ascending), as a gallery of their own: a search over
+/// them reads only those rows.
+pub(crate) struct Subset<'a, R> {
+    pub rows: &'a R,
+    pub positions: &'a [usize],
+}
+
+impl<T: Copy, R: Rows<T>> Rows<T> for Subset<'_, R> {
+    fn len(&self) -> usize {
+        self.positions.len()
+    }
+    fn dim(&self) -> usize {
+        self.rows.dim()
+    }
+    fn mults(&self, lo: usize, hi: usize, mult: &mut [T], bad: &mut Option<(usize, Error)>) {
+        for (m, &p) in mult.iter_mut().zip(&self.positions[lo..hi]) {
+            self.rows.mults(p, p + 1, std::slice::from_mut(m), bad);
+        }
+    }
+    fn dots(&self, query: &[T], lo: usize, hi: usize, out: &mut [T]) {
+        for (o, &p) in out.iter_mut().zip(&self.positions[lo..hi]) {
+            self.rows.dots(query, p, p + 1, std::slice::from_mut(o));
+        }
+    }
+    fn dots_and_mults(
+        &self,
+        query: &[T],
+        lo: usize,
+        hi: usize,
+        dots: &mut [T],
+        mult: &mut [T],
+        bad: &mut Option<(usize, Error)>,
+    ) {
+        for ((o, m), &p) in dots
+            .iter_mut()
+            .zip(mult.iter_mut())
+            .zip(&self.positions[lo..hi])
+        {
+            self.rows.dots_and_mults(
+                query,
+                p,
+                p + 1,
+                std::slice::from_mut(o),
+                std::slice::from_mut(m),
+                bad,
+            );
+        }
+    }
+    fn decoded<'a>(&'a self, lo: usize, hi: usize, scratch: &'a mut Vec<T>) -> &'a [T] {
+        let mut one = Vec::new();
+        let mut gathered = Vec::with_capacity((hi - lo) * self.dim());
+        for &p in &self.positions[lo..hi] {
+            gathered.extend_from_slice(self.rows.decoded(p, p + 1, &mut one));
+        }
+        *scratch = gathered;
+        scratch
+    }
+}
+
+/// Rows of `R` restricted to those whose id is (`allow`) or is not (deny) in `list`.
+pub(crate) struct Filtered<'a, R> {
+    pub rows: &'a R,
+    /// Each row's id.
+    pub ids: &'a [i64],
+    /// Sorted, deduplicated ids.
+    pub list: Vec<i64>,
+    pub allow: bool,
+}
+
+impl<T, R: Rows<T>> Rows<T> for Filtered<'_, R> {
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
+    fn dim(&self) -> usize {
+        self.rows.dim()
+    }
+    fn mults(&self, lo: usize, hi: usize, mult: &mut [T], bad: &mut Option<(usize, Error)>) {
+        self.rows.mults(lo, hi, mult, bad)
+    }
+    fn dots(&self, query: &[T], lo: usize, hi: usize, out: &mut [T]) {
+        self.rows.dots(query, lo, hi, out)
+    }
+    fn dots_and_mults(
+        &self,
+        query: &[T],
+        lo: usize,
+        hi: usize,
+        dots: &mut [T],
+        mult: &mut [T],
+        bad: &mut Option<(usize, Error)>,
+    ) {
+        self.rows.dots_and_mults(query, lo, hi, dots, mult, bad)
+    }
+    fn decoded<'a>(&'a self, lo: usize, hi: usize, scratch: &'a mut Vec<T>) -> &'a [T] {
+        self.rows.decoded(lo, hi, scratch)
+    }
+    #[inline]
+    fn allowed(&self, row: usize) -> bool {
+        self.list.binary_search(&self.ids[row]).is_ok() == self.allow
+    }
 }
 
 /// A dense row-major array, checked and normalised as it is read.
@@ -329,10 +438,17 @@ fn merge_partials(a: Partial, b: Partial) -> Partial {
 
 /// Offers rows `first..` with these dot products and factors to one query's top list.
 #[inline]
-fn offer<T: Real>(top: &mut TopK, threshold: &mut f64, dots: &[T], mult: &[T], first: usize) {
+fn offer<T: Real, R: Rows<T>>(
+    rows: &R,
+    top: &mut TopK,
+    threshold: &mut f64,
+    dots: &[T],
+    mult: &[T],
+    first: usize,
+) {
     for (r, (&dot, &m)) in dots.iter().zip(mult).enumerate() {
         let score = (dot * m).f64();
-        if score >= *threshold {
+        if score >= *threshold && rows.allowed(first + r) {
             top.push(Hit {
                 score,
                 index: first + r,
@@ -363,7 +479,7 @@ fn stream<T: Real, R: Rows<T>>(qhat: ArrayView2<T>, rows: &R, k: usize) -> Parti
                     // one query: its dots and the rows' norms in one read of the block
                     let (dots, mult) = (&mut dots[..count], &mut mult[..count]);
                     rows.dots_and_mults(query, first, last, dots, mult, &mut bad);
-                    offer(&mut tops[0], &mut thresholds[0], dots, mult, first);
+                    offer(rows, &mut tops[0], &mut thresholds[0], dots, mult, first);
                     continue;
                 }
                 rows.mults(first, last, &mut mult[..count], &mut bad);
@@ -371,6 +487,7 @@ fn stream<T: Real, R: Rows<T>>(qhat: ArrayView2<T>, rows: &R, k: usize) -> Parti
                     debug_assert_eq!(query.len(), d);
                     rows.dots(query, first, last, &mut dots[..count]);
                     offer(
+                        rows,
                         &mut tops[j],
                         &mut thresholds[j],
                         &dots[..count],
@@ -429,7 +546,7 @@ fn tiled<T: Real, R: Rows<T>>(qhat: ArrayView2<T>, rows: &R, k: usize) -> Partia
                         }
                         for (i, (&dot, t)) in dots.iter().zip(thr.iter_mut()).enumerate() {
                             let score = dot * m;
-                            if score >= *t {
+                            if score >= *t && rows.allowed(index) {
                                 let top = &mut tops[c * 16 + i];
                                 top.push(Hit {
                                     score: score.f64(),
