@@ -670,34 +670,23 @@ impl Gallery {
     /// The stored vectors of `ids`, decoded to float32, in the order asked; an id the
     /// gallery lacks is an error naming it.
     pub fn get(&self, ids: &[i64]) -> Result<Array2<f32>> {
-        let mut wanted: HashMap<i64, usize> = HashMap::with_capacity(ids.len());
-        for &id in ids {
-            wanted.insert(id, usize::MAX);
-        }
-        for (row, id) in self.ids.iter().enumerate() {
-            if let Some(slot) = wanted.get_mut(id) {
-                *slot = row;
-            }
-        }
         let missing: Vec<i64> = ids
             .iter()
-            .filter(|id| wanted[id] == usize::MAX)
+            .filter(|id| !self.rows_by_id.contains_key(id))
             .take(5)
             .copied()
             .collect();
         if !missing.is_empty() {
+            let more = if missing.len() == 5 { " ..." } else { "" };
             return Err(Error::invalid(
                 "ids",
-                format!(
-                    "not in the gallery: {missing:?}{}",
-                    if missing.len() == 5 { " ..." } else { "" }
-                ),
+                format!("not in the gallery: {missing:?}{more}"),
             ));
         }
         let mut out = Array2::zeros((ids.len(), self.dim));
         let (mut decoded, mut mult, mut bad) = (Vec::new(), [0.0f32], None);
         for (id, mut dst) in ids.iter().zip(out.axis_iter_mut(Axis(0))) {
-            let row = wanted[id];
+            let row = self.rows_by_id[id];
             self.mults(row, row + 1, &mut mult, &mut bad);
             let v = self.decoded(row, row + 1, &mut decoded);
             for (o, &x) in dst.iter_mut().zip(v) {
