@@ -695,14 +695,14 @@ multiversion_plain! {
 /// Dot products of a float32 query with rows of stored values, decoded on the fly: the
 /// decode happens in registers, so the search reads each stored byte once and writes nothing.
 #[inline(always)]
-fn dots_decoded_impl<S: Copy>(
+fn dots_decoded_impl<'r, S: Copy + 'r>(
     query: &[f32],
-    rows: &[S],
+    rows: impl Iterator<Item = &'r [S]>,
     out: &mut [f32],
     decode: impl Fn(S) -> f32,
 ) {
     let d = query.len();
-    for (row, o) in rows.chunks_exact(d).zip(out) {
+    for (row, o) in rows.zip(out) {
         let mut acc = [0.0f32; LANES];
         let body = d / LANES * LANES;
         for (q, r) in query[..body]
@@ -727,34 +727,48 @@ fn dots_decoded_impl<S: Copy>(
 /// values) where it has that, inside functions compiled for those features so that their
 /// intrinsics inline; the portable `decode` loop elsewhere.
 macro_rules! stored_dots {
-    ($(#[$doc:meta])* pub fn $name:ident(rows: &[$s:ty]), $decode:ident,
+    ($(#[$doc:meta])* pub fn $name:ident(rows: &[$s:ty]), at: $at:ident, $decode:ident,
      avx512: |$p:ident| $load:expr, avx2: |$p3:ident| $load3:expr) => {
         $(#[$doc])*
         pub fn $name(query: &[f32], rows: &[$s], out: &mut [f32]) {
+            let d = query.len();
+            $at(query, rows, d, &mut (0..rows.len() / d.max(1)), out)
+        }
+
+        /// The same for the rows of `rows` (consecutive rows of `d` values) at `positions`,
+        /// in one dispatch (a subset of a gallery).
+        pub fn $at(
+            query: &[f32],
+            rows: &[$s],
+            d: usize,
+            positions: &mut dyn Iterator<Item = usize>,
+            out: &mut [f32],
+        ) {
+            let picked = positions.map(|p| &rows[p * d..(p + 1) * d]);
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512bw,fma")]
-                fn v4(query: &[f32], rows: &[$s], out: &mut [f32]) {
+                fn v4<'r>(q: &[f32], rows: impl Iterator<Item = &'r [$s]>, out: &mut [f32]) {
                     use std::arch::x86_64::*;
                     // SAFETY: reads 16 values, which dots_avx512 guarantees are in bounds.
                     let load = |$p: *const $s| unsafe { $load };
-                    dots_avx512(query, rows, out, load, $decode)
+                    dots_avx512(q, rows, out, load, $decode)
                 }
                 #[target_feature(enable = "avx2,fma,f16c")]
-                fn v3(query: &[f32], rows: &[$s], out: &mut [f32]) {
+                fn v3<'r>(q: &[f32], rows: impl Iterator<Item = &'r [$s]>, out: &mut [f32]) {
                     use std::arch::x86_64::*;
                     // SAFETY: reads 8 values, which dots_avx2 guarantees are in bounds.
                     let load = |$p3: *const $s| unsafe { $load3 };
-                    dots_avx2(query, rows, out, load, $decode)
+                    dots_avx2(q, rows, out, load, $decode)
                 }
                 match simd_level() {
                     // SAFETY: simd_level() confirmed the CPU has these features.
-                    4 => return unsafe { v4(query, rows, out) },
-                    3 => return unsafe { v3(query, rows, out) },
+                    4 => return unsafe { v4(query, picked, out) },
+                    3 => return unsafe { v3(query, picked, out) },
                     _ => {}
                 }
             }
-            dots_decoded_impl(query, rows, out, $decode);
+            dots_decoded_impl(query, picked, out, $decode);
         }
     };
 }
@@ -767,21 +781,21 @@ fn f32_as_is(x: f32) -> f32 {
 stored_dots! {
     /// `out[r] = query · rows[r]` for float32 rows (the stored-row loop without a decode:
     /// its four accumulators keep a single query at the memory bandwidth).
-    pub fn dots_f32(rows: &[f32]), f32_as_is,
+    pub fn dots_f32(rows: &[f32]), at: dots_f32_at, f32_as_is,
     avx512: |p| _mm512_loadu_ps(p),
     avx2: |p| _mm256_loadu_ps(p)
 }
 
 stored_dots! {
     /// `out[r] = query · rows[r]` for rows stored as float16 bits.
-    pub fn dots_f16(rows: &[u16]), f16_to_f32,
+    pub fn dots_f16(rows: &[u16]), at: dots_f16_at, f16_to_f32,
     avx512: |p| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
     avx2: |p| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
 }
 
 stored_dots! {
     /// `out[r] = query · rows[r]` for rows stored as bfloat16 bits.
-    pub fn dots_bf16(rows: &[u16]), bf16_to_f32,
+    pub fn dots_bf16(rows: &[u16]), at: dots_bf16_at, bf16_to_f32,
     avx512: |p| {
         let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
@@ -794,7 +808,7 @@ stored_dots! {
 
 stored_dots! {
     /// `out[r] = query · rows[r]` for rows of int8 codes (unscaled).
-    pub fn dots_i8(rows: &[i8]), i8_to_f32,
+    pub fn dots_i8(rows: &[i8]), at: dots_i8_at, i8_to_f32,
     avx512: |p| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))),
     avx2: |p| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
 }
@@ -803,9 +817,9 @@ stored_dots! {
 /// accumulators hide the FMA latency, `decode` handles the tail.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn dots_avx2<S: Copy>(
+fn dots_avx2<'r, S: Copy + 'r>(
     query: &[f32],
-    rows: &[S],
+    rows: impl Iterator<Item = &'r [S]>,
     out: &mut [f32],
     load: impl Fn(*const S) -> std::arch::x86_64::__m256,
     decode: impl Fn(S) -> f32,
@@ -813,7 +827,7 @@ fn dots_avx2<S: Copy>(
     use std::arch::x86_64::*;
     let d = query.len();
     let body = d / 32 * 32;
-    for (row, o) in rows.chunks_exact(d).zip(out) {
+    for (row, o) in rows.zip(out) {
         // SAFETY: j + 32 <= d, the length of both `row` and `query`; the caller enabled
         // AVX2 and FMA.
         unsafe {
@@ -846,9 +860,9 @@ fn dots_avx2<S: Copy>(
 /// two accumulators hide the FMA latency, `decode` handles the tail.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn dots_avx512<S: Copy>(
+fn dots_avx512<'r, S: Copy + 'r>(
     query: &[f32],
-    rows: &[S],
+    rows: impl Iterator<Item = &'r [S]>,
     out: &mut [f32],
     load: impl Fn(*const S) -> std::arch::x86_64::__m512,
     decode: impl Fn(S) -> f32,
@@ -856,7 +870,7 @@ fn dots_avx512<S: Copy>(
     use std::arch::x86_64::*;
     let d = query.len();
     let body = d / 32 * 32;
-    for (row, o) in rows.chunks_exact(d).zip(out) {
+    for (row, o) in rows.zip(out) {
         // SAFETY: j + 32 <= d, the length of both `row` and `query`; the caller enabled
         // AVX-512F.
         unsafe {

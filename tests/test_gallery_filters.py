@@ -90,3 +90,23 @@ def test_get_returns_the_stored_vectors_in_the_order_asked():
     np.testing.assert_array_equal(g.get(pick), v[[5, 0, 199, 5]])
     with pytest.raises(ValueError, match=r"ids: not in the gallery: \[-3\]"):
         g.get(np.array([all_ids[0], -3]))
+
+
+def test_allow_with_counted_ids_and_after_a_removal():
+    """Ids counted up from 0 are their own rows (no lookups); after a removal they are not."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((800, 24)).astype(np.float32)
+    g = afr.Gallery(24, "float32")
+    g.add(x)
+    q = rng.standard_normal((3, 24)).astype(np.float32)
+    allowed = rng.choice(800, 90, replace=False)
+
+    def check(allowed):
+        _, got = g.search(q, k=6, allow=allowed)
+        _, want = _brute(g, q, 6, lambda i: np.isin(i, allowed))
+        np.testing.assert_array_equal(got, want)
+
+    check(allowed)
+    g.remove(allowed[:1])  # ids and rows part: lookups from now on
+    check(allowed[1:])
+    check(allowed)  # a removed id in the list is ignored

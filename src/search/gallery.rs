@@ -259,7 +259,7 @@ pub struct Gallery {
     dim: usize,
     codes: Codes,
     ids: Vec<i64>,
-    rows_by_id: HashMap<i64, usize>,
+    rows_by_id: IdMap,
     /// Where automatic ids continue: one past the largest id ever added.
     next_id: i64,
 }
@@ -273,7 +273,7 @@ impl Gallery {
             dim,
             codes: Codes::empty(dtype),
             ids: Vec::new(),
-            rows_by_id: HashMap::new(),
+            rows_by_id: IdMap::default(),
             next_id: 0,
         })
     }
@@ -527,10 +527,23 @@ impl Gallery {
         }
         if let Some(IdFilter::Allow(list)) = filter {
             // only the allowed rows are read: a search of them as a gallery of their own
-            let mut positions: Vec<usize> = list
+            // ids counted up from 0 and never removed are their own rows: no lookups
+            let n = self.ids.len() as i64;
+            let own_rows = self
+                .ids
                 .par_iter()
-                .filter_map(|id| self.rows_by_id.get(id).copied())
-                .collect();
+                .enumerate()
+                .all(|(row, &id)| id == row as i64);
+            let mut positions: Vec<usize> = if own_rows {
+                list.iter()
+                    .filter(|&&id| (0..n).contains(&id))
+                    .map(|&id| id as usize)
+                    .collect()
+            } else {
+                list.par_iter()
+                    .filter_map(|id| self.rows_by_id.get(id).copied())
+                    .collect()
+            };
             positions.par_sort_unstable();
             positions.dedup();
             let k_rows = k.min(positions.len());
@@ -538,20 +551,12 @@ impl Gallery {
                 return Ok(collect(vec![TopK::new(0); qhat.nrows()], k, |_| -1));
             }
             let positions = &positions[..];
-            let (tops, bad) = match &self.codes {
-                Codes::F32(v) => {
-                    let rows = &Dense::unit(v, self.dim);
-                    search_rows(qhat.view(), &Subset { rows, positions }, k_rows)
-                }
-                _ => search_rows(
-                    qhat.view(),
-                    &Subset {
-                        rows: self,
-                        positions,
-                    },
-                    k_rows,
-                ),
+            // (the gallery's rows are unit vectors, checked when added: no norms to take)
+            let rows = Subset {
+                rows: self,
+                positions,
             };
+            let (tops, bad) = search_rows(qhat.view(), &rows, k_rows);
             debug_assert!(bad.is_none(), "rows are checked when added");
             return Ok(collect(tops, k, |i| self.ids[positions[i]]));
         }
@@ -713,6 +718,32 @@ impl Gallery {
     }
 }
 
+/// Row of each id. Ids are integers the caller chose (or counted up), so the map hashes
+/// them with a fast integer mix instead of the DoS-resistant default: an allow-list of
+/// 100k ids is 100k lookups per search.
+type IdMap = HashMap<i64, usize, std::hash::BuildHasherDefault<IdHasher>>;
+
+/// splitmix64's finaliser over an i64 key.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        let mut z = self.0.wrapping_add(0x9e3779b97f4a7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+        z ^ (z >> 31)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_i64(&mut self, i: i64) {
+        self.0 = i as u64;
+    }
+}
+
 /// Which rows a filtered search may return, by id.
 #[derive(Clone, Copy, Debug)]
 pub enum IdFilter<'a> {
@@ -755,6 +786,27 @@ impl Rows<f32> for Gallery {
         match &self.codes {
             Codes::I8(_, scales) => mult.copy_from_slice(&scales[lo..hi]),
             _ => mult.fill(1.0),
+        }
+    }
+
+    fn mults_at(&self, positions: &[usize], mult: &mut [f32], _bad: &mut Option<(usize, Error)>) {
+        match &self.codes {
+            Codes::I8(_, scales) => {
+                for (m, &p) in mult.iter_mut().zip(positions) {
+                    *m = scales[p];
+                }
+            }
+            _ => mult.fill(1.0),
+        }
+    }
+
+    fn dots_at(&self, query: &[f32], positions: &[usize], out: &mut [f32]) {
+        let (d, mut at) = (self.dim, positions.iter().copied());
+        match &self.codes {
+            Codes::F32(v) => kernels::dots_f32_at(query, v, d, &mut at, out),
+            Codes::F16(v) => kernels::dots_f16_at(query, v, d, &mut at, out),
+            Codes::BF16(v) => kernels::dots_bf16_at(query, v, d, &mut at, out),
+            Codes::I8(v, _) => kernels::dots_i8_at(query, v, d, &mut at, out),
         }
     }
 

@@ -81,6 +81,18 @@ pub(crate) trait Rows<T>: Sync {
     }
     /// Rows `lo..hi` as `T` values, borrowed or decoded into `scratch`.
     fn decoded<'a>(&'a self, lo: usize, hi: usize, scratch: &'a mut Vec<T>) -> &'a [T];
+    /// `mults` for the rows at `positions` (a subset of the rows).
+    fn mults_at(&self, positions: &[usize], mult: &mut [T], bad: &mut Option<(usize, Error)>) {
+        for (m, &p) in mult.iter_mut().zip(positions) {
+            self.mults(p, p + 1, std::slice::from_mut(m), bad);
+        }
+    }
+    /// `dots` for the rows at `positions`.
+    fn dots_at(&self, query: &[T], positions: &[usize], out: &mut [T]) {
+        for (o, &p) in out.iter_mut().zip(positions) {
+            self.dots(query, p, p + 1, std::slice::from_mut(o));
+        }
+    }
     /// Whether row `row` may be a result (an allow- or deny-list; every row by default).
     /// Asked only of rows whose score reaches a query's running threshold, so a filter
     /// costs next to nothing where the scan is bound by reading the rows.
@@ -105,38 +117,10 @@ impl<T: Copy, R: Rows<T>> Rows<T> for Subset<'_, R> {
         self.rows.dim()
     }
     fn mults(&self, lo: usize, hi: usize, mult: &mut [T], bad: &mut Option<(usize, Error)>) {
-        for (m, &p) in mult.iter_mut().zip(&self.positions[lo..hi]) {
-            self.rows.mults(p, p + 1, std::slice::from_mut(m), bad);
-        }
+        self.rows.mults_at(&self.positions[lo..hi], mult, bad)
     }
     fn dots(&self, query: &[T], lo: usize, hi: usize, out: &mut [T]) {
-        for (o, &p) in out.iter_mut().zip(&self.positions[lo..hi]) {
-            self.rows.dots(query, p, p + 1, std::slice::from_mut(o));
-        }
-    }
-    fn dots_and_mults(
-        &self,
-        query: &[T],
-        lo: usize,
-        hi: usize,
-        dots: &mut [T],
-        mult: &mut [T],
-        bad: &mut Option<(usize, Error)>,
-    ) {
-        for ((o, m), &p) in dots
-            .iter_mut()
-            .zip(mult.iter_mut())
-            .zip(&self.positions[lo..hi])
-        {
-            self.rows.dots_and_mults(
-                query,
-                p,
-                p + 1,
-                std::slice::from_mut(o),
-                std::slice::from_mut(m),
-                bad,
-            );
-        }
+        self.rows.dots_at(query, &self.positions[lo..hi], out)
     }
     fn decoded<'a>(&'a self, lo: usize, hi: usize, scratch: &'a mut Vec<T>) -> &'a [T] {
         let mut one = Vec::new();
