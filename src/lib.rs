@@ -4,6 +4,7 @@
 //! Python; `python` (behind the `python` feature, which maturin enables) holds the thin
 //! bindings that validate, convert, release the GIL and call the core.
 
+pub mod center;
 pub mod error;
 pub mod evaluation;
 pub mod head;

@@ -11,6 +11,7 @@ from ._gallery import Gallery
 from ._heads import (
     apply_margin,
     apply_margin_backward,
+    center_loss,
     margin_logits,
     margin_logits_backward,
     margin_loss,
@@ -42,6 +43,7 @@ __all__ = [
     "SphereFace",
     "__version__",
     "apply_margin",
+    "center_loss",
     "apply_margin_backward",
     "cosine_topk",
     "cuda_available",

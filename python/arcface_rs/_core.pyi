@@ -18,6 +18,7 @@ __all__ = [
     "all_pairs_tar_at_far",
     "apply_margin",
     "apply_margin_backward",
+    "center_loss",
     "cuda_available",
     "cuda_feature",
     "cuda_head_workspace_bytes",
@@ -130,6 +131,13 @@ def apply_margin_backward(
     margin: Margin,
     row_margins: npt.NDArray[np.float64] | None = None,
 ) -> npt.NDArray[np.floating]: ...
+def center_loss(
+    emb: npt.NDArray[np.floating],
+    centers: npt.NDArray[np.floating],
+    labels: npt.NDArray[np.int64],
+    lambda_c: float,
+    alpha: float,
+) -> tuple[float, npt.NDArray[np.floating], npt.NDArray[np.int64], npt.NDArray[np.floating]]: ...
 def num_threads() -> int: ...
 def pair_dots(
     features: npt.NDArray[np.floating], t1: npt.NDArray[np.int64], t2: npt.NDArray[np.int64]

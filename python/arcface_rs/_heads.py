@@ -15,6 +15,7 @@ from ._validate import same_dtype as _same_dtype
 
 __all__ = [
     "apply_margin",
+    "center_loss",
     "apply_margin_backward",
     "margin_logits",
     "margin_logits_backward",
@@ -202,3 +203,41 @@ def apply_margin_backward(grad_logits: Any, cos: Any, labels: Any, margin: Margi
     return _core.apply_margin_backward(
         grad_logits, cos, _labels(labels), spec, row_margins=margin._row_blocks
     )
+
+
+def center_loss(
+    emb: Any, centers: Any, labels: Any, lambda_c: float = 0.003, alpha: float = 0.5
+) -> tuple[np.floating, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Center loss (Wen et al. 2016), fused: its loss, embedding gradient and centre update.
+
+    ``loss = lambda_c / 2 * mean_i ||x_i - c_{y_i}||^2`` over the rows whose label is not -1,
+    ``grad_emb_i = lambda_c (x_i - c_{y_i}) / n``; the centres move by the paper's rule
+    ``c_j -= alpha * sum_{i: y_i = j} (c_j - x_i) / (1 + n_j)``, computed from the centres
+    as they were for the loss.
+
+    Parameters
+    ----------
+    emb : array_like
+        (B, D) float32 or float64 embeddings (used as given, not normalised).
+    centers : array_like
+        (C, D) class centres, the dtype of ``emb``.
+    labels : array_like
+        (B,) classes in [0, C), -1 for rows that take no part.
+    lambda_c, alpha : float
+        Loss weight and centre learning rate, >= 0.
+
+    Returns
+    -------
+    loss : numpy.floating
+        In the inputs' dtype (computed in float64).
+    grad_emb : numpy.ndarray
+        (B, D) dloss/demb.
+    update : (numpy.ndarray, numpy.ndarray)
+        ``(classes, delta)``: ``centers[classes] += delta`` applies the update.
+    """
+    emb, centers = _floats("emb", emb), _floats("centers", centers)
+    _same_dtype(emb=emb, centers=centers)
+    loss, grad, classes, delta = _core.center_loss(
+        emb, centers, _labels(labels), float(lambda_c), float(alpha)
+    )
+    return emb.dtype.type(loss), grad, (classes, delta)

@@ -38,6 +38,7 @@ from ._validate import reduction as check_reduction
 __all__ = [
     "AdaFaceHead",
     "ArcFaceHead",
+    "CenterLoss",
     "CombinedMarginHead",
     "CosFaceHead",
     "ElasticFaceHead",
@@ -429,3 +430,4 @@ class SphereFaceHead(_MarginHead):
 
 
 from ._torch_adaptive import AdaFaceHead, ElasticFaceHead, MagFaceHead  # noqa: E402
+from ._torch_center import CenterLoss  # noqa: E402

@@ -59,6 +59,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(head::margin_logits_backward, m)?)?;
     m.add_function(wrap_pyfunction!(head::apply_margin, m)?)?;
     m.add_function(wrap_pyfunction!(head::apply_margin_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(head::center_loss, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(cuda::cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(cuda::cuda_head_workspace_bytes, m)?)?;
