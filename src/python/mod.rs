@@ -4,8 +4,10 @@
 //! layer still refuses anything it cannot read exactly (wrong dtype or ndim -> TypeError),
 //! reads every array through its strides (Fortran order and slices are never misread), and
 //! maps the core's errors to Python exceptions by kind (`convert::to_py_err`). One file
-//! per concept of the core: margin, head, search, gallery, metrics, evaluation, cuda.
+//! per concept of the core: margin, head, center, search, gallery, metrics, evaluation,
+//! cuda.
 
+mod center;
 mod convert;
 mod cuda;
 mod evaluation;
@@ -59,7 +61,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(head::margin_logits_backward, m)?)?;
     m.add_function(wrap_pyfunction!(head::apply_margin, m)?)?;
     m.add_function(wrap_pyfunction!(head::apply_margin_backward, m)?)?;
-    m.add_function(wrap_pyfunction!(head::center_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(center::center_loss, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(cuda::cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(cuda::cuda_head_workspace_bytes, m)?)?;
