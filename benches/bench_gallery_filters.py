@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("RAYON_NUM_THREADS", "2")
 
@@ -22,23 +21,13 @@ import arcface_rs as afr  # noqa: E402
 D = 512
 
 
-def best(fn, reps: int = 9) -> float:
-    fn()
-    t_best = 1e9
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        t_best = min(t_best, time.perf_counter() - t)
-    return 1e3 * t_best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--share", type=float, default=0.1)
     args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(__file__))
-    from bench_gallery import clustered, cpu_model
+    from bench_gallery import best, clustered, cpu_model
 
     g, probes = clustered(args.n, 5)
     q = probes[:1]

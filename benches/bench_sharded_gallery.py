@@ -11,23 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("RAYON_NUM_THREADS", "2")
 
 import numpy as np  # noqa: E402
 
 import arcface_rs as afr  # noqa: E402
-
-
-def best(fn, reps: int) -> float:
-    fn()
-    t_best = 1e9
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        t_best = min(t_best, time.perf_counter() - t)
-    return 1e3 * t_best
 
 
 def main() -> None:
@@ -37,7 +26,7 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(__file__))
     import ray
-    from bench_gallery import clustered, cpu_model
+    from bench_gallery import best, clustered, cpu_model
 
     from arcface_rs.ray import ShardedGallery
 

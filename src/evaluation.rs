@@ -189,12 +189,13 @@ pub fn all_pairs_tar_at_far<T: Real>(
     )?;
     let keep = keep as usize;
 
-    // unit rows, in the features' dtype
+    // unit rows, in the features' dtype (read through one standard-layout view)
+    let features = features.as_standard_layout();
+    let row = |i: usize| features.row(i).to_slice().expect("standard layout");
     let mut unit = Array2::<T>::zeros((n, d));
-    let norms: Vec<f64> = features
-        .axis_iter(Axis(0))
+    let norms: Vec<f64> = (0..n)
         .into_par_iter()
-        .map(|r| kernels::norm(&r.to_vec()))
+        .map(|i| kernels::norm(row(i)))
         .collect();
     if let Some(e) = norms
         .iter()
@@ -203,13 +204,8 @@ pub fn all_pairs_tar_at_far<T: Real>(
     {
         return Err(e);
     }
-    for ((src, mut dst), &nv) in features
-        .axis_iter(Axis(0))
-        .zip(unit.axis_iter_mut(Axis(0)))
-        .zip(&norms)
-    {
-        let src = src.to_vec();
-        kernels::unit_into(&src, nv, dst.as_slice_mut().expect("standard layout"));
+    for (i, (mut dst, &nv)) in unit.axis_iter_mut(Axis(0)).zip(&norms).enumerate() {
+        kernels::unit_into(row(i), nv, dst.as_slice_mut().expect("standard layout"));
     }
 
     let blocks = n.div_ceil(BLOCK);

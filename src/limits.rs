@@ -25,15 +25,21 @@ fn available_memory() -> Option<u128> {
     }
 }
 
+/// The limit `bytes` exceeds (half the memory available now, or the address space), if it
+/// does.
+fn beyond_limit(bytes: u128) -> Option<u128> {
+    if bytes <= ALWAYS_FITS {
+        return None;
+    }
+    let limit = available_memory().map_or(isize::MAX as u128, |m| m / 2);
+    (bytes > limit.min(isize::MAX as u128)).then_some(limit)
+}
+
 /// Refuses `k` when `rows` result rows of `k` entries, `entry_bytes` each, would need more
 /// than half the memory available now (or more than the address space can hold).
 pub fn check_results(arg: &'static str, k: usize, rows: usize, entry_bytes: usize) -> Result<()> {
     let bytes = (rows as u128) * (k as u128) * (entry_bytes as u128);
-    if bytes <= ALWAYS_FITS {
-        return Ok(());
-    }
-    let limit = available_memory().map_or(isize::MAX as u128, |m| m / 2);
-    if bytes > limit.min(isize::MAX as u128) {
+    if let Some(limit) = beyond_limit(bytes) {
         return Err(Error::invalid(
             arg,
             format!(
@@ -50,11 +56,7 @@ pub fn check_results(arg: &'static str, k: usize, rows: usize, entry_bytes: usiz
 /// Refuses a working buffer of `bytes` (described by `what`) beyond half the memory
 /// available now, naming `arg`, the caller's argument that sized it.
 pub fn check_bytes(arg: &'static str, bytes: u128, what: &str) -> Result<()> {
-    if bytes <= ALWAYS_FITS {
-        return Ok(());
-    }
-    let limit = available_memory().map_or(isize::MAX as u128, |m| m / 2);
-    if bytes > limit.min(isize::MAX as u128) {
+    if let Some(limit) = beyond_limit(bytes) {
         return Err(Error::invalid(
             arg,
             format!(

@@ -669,10 +669,11 @@ fn sphere(c: f64, m: u32) -> (f64, f64) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn all_margins() -> Vec<Margin> {
+    /// One of every kind and flag, for the tests here and the CUDA kernels' grid test.
+    pub(crate) fn all_margins() -> Vec<Margin> {
         vec![
             Margin::softmax(64.0).unwrap(),
             Margin::arcface(64.0, 0.5, false).unwrap(),

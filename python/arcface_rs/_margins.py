@@ -308,7 +308,17 @@ class CombinedMargin(Margin):
         self._set(_spec=spec)
 
 
-class ElasticFace(Margin):
+class _StatefulMargin(Margin):
+    """A margin whose calls change it (draws, running statistics): equal only to itself."""
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return other is self
+
+
+class ElasticFace(_StatefulMargin):
     """ElasticFace: ArcFace (``kind="arc"``) or CosFace (``kind="cos"``) with a margin drawn
     per row and per call, m_i ~ N(m, std).
 
@@ -354,15 +364,6 @@ class ElasticFace(Margin):
         self._set(s=s, m=m, std=std, kind=kind, plus=bool(plus), seed=seed)
         self._set(_rng=np.random.default_rng(seed), _spec=spec)
 
-    def __hash__(self) -> int:  # its draws are state: equal only to itself
-        return id(self)
-
-    def __eq__(self, other: object) -> bool:
-        return other is self
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), self._values())
-
     def _rows(self, norms: Any, target_cos: Any) -> np.ndarray | None:
         n = len(norms())
         draws = self._rng.normal(self.m, self.std, size=n)
@@ -378,7 +379,7 @@ class ElasticFace(Margin):
         return self._remember(blocks)
 
 
-class AdaFace(Margin):
+class AdaFace(_StatefulMargin):
     """AdaFace (CVPR 2022): a margin that adapts to image quality through the feature norm.
 
     With n_i = clip(||x_i||, 1e-3, 100) (no gradient), running statistics updated from the
@@ -428,12 +429,6 @@ class AdaFace(Margin):
         if name not in ("batch_mean", "batch_std", "training", "_last_rows"):
             raise AttributeError(f"AdaFace.{name} is fixed; build a new one")
         object.__setattr__(self, name, value)
-
-    def __hash__(self) -> int:  # running statistics are state: equal only to itself
-        return id(self)
-
-    def __eq__(self, other: object) -> bool:
-        return other is self
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), self._values() + (self.batch_mean, self.batch_std))

@@ -68,22 +68,26 @@ class AdaFaceHead(_MarginHead):
         return z.clamp(-1.0, 1.0)
 
     def _row_blocks(self, emb: Tensor) -> Tensor:
+        """Each row's parameter block, its scaler from the current statistics."""
         with torch.no_grad():
-            if self.training:
-                n = emb.detach().to(torch.float64).norm(dim=1).clamp(1e-3, 100.0)
-                std = n.std() if n.numel() > 1 else torch.zeros_like(self.batch_std)
-                a = self.margin.t_alpha
-                self.batch_mean.mul_(1.0 - a).add_(a * n.mean())
-                self.batch_std.mul_(1.0 - a).add_(a * std)
-            z = self.margin_scaler(emb)
             block = torch.tensor(self.margin._block, dtype=torch.float64, device=emb.device)
             blocks = block.expand(emb.shape[0], block.shape[0]).clone()
-            blocks[:, 3] = z
+            blocks[:, 3] = self.margin_scaler(emb)
         return blocks
+
+    def _update_statistics(self, emb: Tensor) -> None:
+        with torch.no_grad():
+            n = emb.detach().to(torch.float64).norm(dim=1).clamp(1e-3, 100.0)
+            std = n.std() if n.numel() > 1 else torch.zeros_like(self.batch_std)
+            a = self.margin.t_alpha
+            self.batch_mean.mul_(1.0 - a).add_(a * n.mean())
+            self.batch_std.mul_(1.0 - a).add_(a * std)
 
     def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
         """The loss of ``emb`` (B, embedding_size) with ``labels`` (B,)."""
         labels = _check(emb, self.weight, labels)
+        if self.training:  # the statistics move before use, as the paper's head does
+            self._update_statistics(emb)
         rows = self._row_blocks(emb)
         if emb.device.type != "cpu" and not (emb.device.type == "cuda" and cuda_available()):
             _warn_cuda_once()
@@ -95,11 +99,7 @@ class AdaFaceHead(_MarginHead):
         from ._torch_ops import _encode, _logits_op
 
         labels = _check(emb, self.weight, labels)
-        with torch.no_grad():
-            block = torch.tensor(self.margin._block, dtype=torch.float64, device=emb.device)
-            rows = block.expand(emb.shape[0], block.shape[0]).clone()
-            rows[:, 3] = self.margin_scaler(emb)
-        return _logits_op(emb, self.weight, labels, _encode(self.margin)[0], rows)
+        return _logits_op(emb, self.weight, labels, _encode(self.margin)[0], self._row_blocks(emb))
 
 
 class MagFaceHead(_MarginHead):

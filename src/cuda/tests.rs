@@ -262,28 +262,10 @@ fn head_equals_the_cpu_head_with_one_margin_per_row() {
 /// margin-grid agreement test; the plain-PyTorch side is tests/test_margin_grid.py).
 #[test]
 fn kernel_margins_equal_the_core_on_a_dense_grid() {
-    let mut every = margins();
-    every.extend([
-        Margin::arcface(64.0, 1.2, false).unwrap(),
-        Margin::sphereface(1, Some(10.0), 0.0).unwrap(),
-        Margin::sphereface(2, None, 0.0).unwrap(),
-        Margin::sphereface(3, Some(30.0), 1.0).unwrap(),
-        Margin::combined(64.0, 1.35, 0.25, 0.0).unwrap(),
-        Margin::combined(64.0, 0.9, 0.4, 0.1).unwrap(),
-        Margin::arcface(64.0, 0.5, false)
-            .unwrap()
-            .with_straight_through(true)
-            .unwrap(),
-        Margin::combined(64.0, 1.0, 0.3, 0.2)
-            .unwrap()
-            .with_straight_through(true)
-            .unwrap(),
-        Margin::adaface(64.0, 0.4, 0.0).unwrap(),
-        Margin::adaface(64.0, 0.4, -1.0).unwrap(),
-        Margin::adaface(64.0, 0.4, 0.8).unwrap(),
-        Margin::magface(64.0, (10.0, 110.0), (0.45, 0.8), true, 35.0).unwrap(),
-        Margin::magface(64.0, (10.0, 60.0), (0.45, 1.2), false, 35.0).unwrap(),
-    ]);
+    // every margin of margin.rs's own tests, the head tests' list, and a steeper MagFace
+    let mut every = crate::margin::tests::all_margins();
+    every.extend(margins());
+    every.push(Margin::magface(64.0, (10.0, 60.0), (0.45, 1.2), false, 35.0).unwrap());
     for &(_, code) in kind::NAMES {
         assert!(
             every.iter().any(|m| m.kind() == code),

@@ -5,14 +5,15 @@ use crate::search::gallery::{Dtype, Gallery, IdFilter};
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
+use std::borrow::Cow;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// The filter of `allow` / `deny` (giving both is an error).
 fn id_filter<'a>(
-    allow: &'a Option<Vec<i64>>,
-    deny: &'a Option<Vec<i64>>,
+    allow: Option<&'a [i64]>,
+    deny: Option<&'a [i64]>,
 ) -> PyResult<Option<IdFilter<'a>>> {
     match (allow, deny) {
         (Some(_), Some(_)) => Err(pyo3::exceptions::PyValueError::new_err(
@@ -21,6 +22,14 @@ fn id_filter<'a>(
         (Some(a), None) => Ok(Some(IdFilter::Allow(a))),
         (None, Some(d)) => Ok(Some(IdFilter::Deny(d))),
         (None, None) => Ok(None),
+    }
+}
+
+/// An id list as the filter reads it: the array's own memory when it is contiguous.
+fn id_list<'a>(ids: &'a PyReadonlyArray1<'_, i64>) -> Cow<'a, [i64]> {
+    match ids.as_slice() {
+        Ok(slice) => Cow::Borrowed(slice),
+        Err(_) => Cow::Owned(ids.as_array().to_vec()),
     }
 }
 
@@ -128,11 +137,8 @@ impl PyGallery {
         deny: Option<PyReadonlyArray1<'py, i64>>,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let q = queries.as_array();
-        let (allow, deny) = (
-            allow.map(|a| a.as_array().to_vec()),
-            deny.map(|d| d.as_array().to_vec()),
-        );
-        let filter = id_filter(&allow, &deny)?;
+        let (allow, deny) = (allow.as_ref().map(id_list), deny.as_ref().map(id_list));
+        let filter = id_filter(allow.as_deref(), deny.as_deref())?;
         let r = self
             .reading(py, |g| g.search_with(q, k, filter))?
             .map_err(to_py_err)?;
@@ -210,11 +216,8 @@ impl PyGallery {
         deny: Option<PyReadonlyArray1<'py, i64>>,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let q = queries.as_array();
-        let (allow, deny) = (
-            allow.map(|a| a.as_array().to_vec()),
-            deny.map(|d| d.as_array().to_vec()),
-        );
-        let filter = id_filter(&allow, &deny)?;
+        let (allow, deny) = (allow.as_ref().map(id_list), deny.as_ref().map(id_list));
+        let filter = id_filter(allow.as_deref(), deny.as_deref())?;
         let (ids, scores) = self
             .reading(py, |g| g.identify_with(q, threshold, filter))?
             .map_err(to_py_err)?;

@@ -1,7 +1,7 @@
 //! `Margin`: the validated margin object each Python margin class holds.
 
 use super::convert::to_py_err;
-use crate::margin::{Margin, Margins, RowContext, Scale, PARAMS_LEN};
+use crate::margin::{Margin, Margins, RowContext, Scale, Target, PARAMS_LEN};
 use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArray2, PyReadonlyArrayDyn};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -47,8 +47,21 @@ pub(super) fn margins<'a>(margin: &'a PyMargin, rows: &'a Option<Vec<Margin>>) -
     }
 }
 
-fn context(norm: Option<f64>) -> RowContext {
-    norm.map_or_else(RowContext::default, |norm| RowContext { norm })
+impl PyMargin {
+    /// `pick` of the margin's [`Target`] at each cosine of `c`, for rows of feature norm
+    /// `norm` (1 when None).
+    fn each<'py>(
+        &self,
+        py: Python<'py>,
+        c: PyReadonlyArrayDyn<'py, f64>,
+        norm: Option<f64>,
+        pick: impl Fn(Target) -> f64,
+    ) -> Bound<'py, PyArrayDyn<f64>> {
+        let row = norm.map_or_else(RowContext::default, |norm| RowContext { norm });
+        c.as_array()
+            .mapv(|v| pick(self.0.target(v, row)))
+            .into_pyarray(py)
+    }
 }
 
 /// A validated margin; the Python classes `ArcFace`, `CosFace`, ... each hold one.
@@ -155,10 +168,7 @@ impl PyMargin {
         c: PyReadonlyArrayDyn<'py, f64>,
         norm: Option<f64>,
     ) -> Bound<'py, PyArrayDyn<f64>> {
-        let row = context(norm);
-        c.as_array()
-            .mapv(|v| self.0.target(v, row).psi)
-            .into_pyarray(py)
+        self.each(py, c, norm, |t| t.psi)
     }
 
     /// psi'(c) elementwise over a float64 array of cosines (`norm` as for `psi`).
@@ -169,10 +179,7 @@ impl PyMargin {
         c: PyReadonlyArrayDyn<'py, f64>,
         norm: Option<f64>,
     ) -> Bound<'py, PyArrayDyn<f64>> {
-        let row = context(norm);
-        c.as_array()
-            .mapv(|v| self.0.target(v, row).dpsi)
-            .into_pyarray(py)
+        self.each(py, c, norm, |t| t.dpsi)
     }
 
     fn __repr__(&self) -> String {
