@@ -15,8 +15,8 @@
 //! chunks whose stash fits [`STASH_BUDGET_BYTES`].
 
 use crate::error::{unnormalisable, Error, Result};
-use crate::kernels;
-use crate::margin::{Margins, RowContext, Scale};
+use crate::kernels::{self, NonTarget};
+use crate::margin::{HardRule, Margins, RowContext, Scale};
 use crate::real::Real;
 use ndarray::linalg::general_mat_mul;
 use ndarray::parallel::prelude::*;
@@ -40,6 +40,54 @@ pub enum Reduction {
     None,
 }
 
+/// Most centres per class ([`HeadOptions::sub_centers`]): arg-maxes are kept in a byte.
+pub const MAX_SUB_CENTERS: usize = 255;
+
+/// How the class centres are laid out and which non-target cosines are filtered: the same
+/// for every entry point of the head.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HeadOptions {
+    /// Centres per class K (sub-center ArcFace): the weight has C·K rows, class j owns rows
+    /// j·K .. j·K + K - 1, its cosine is the largest of theirs and its gradient goes to that
+    /// arg-max centre only. 1 for a plain head.
+    pub sub_centers: usize,
+    /// InsightFace's inter-class filtering: non-target cosines above this become 0, without
+    /// gradient, before the margin. None: no filtering.
+    pub interclass_filter: Option<f64>,
+}
+
+impl Default for HeadOptions {
+    fn default() -> Self {
+        HeadOptions {
+            sub_centers: 1,
+            interclass_filter: None,
+        }
+    }
+}
+
+impl HeadOptions {
+    fn check(&self) -> Result<()> {
+        if !(1..=MAX_SUB_CENTERS).contains(&self.sub_centers) {
+            return Err(Error::invalid(
+                "sub_centers",
+                format!(
+                    "must be an integer in 1..={MAX_SUB_CENTERS}, got {}",
+                    self.sub_centers
+                ),
+            ));
+        }
+        if let Some(f) = self.interclass_filter {
+            if !(f.is_finite() && (-1.0..=1.0).contains(&f)) {
+                return Err(Error::invalid(
+                    "interclass_filter",
+                    format!("must be None or a cosine in [-1, 1], got {f}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What [`margin_loss_with`] computes.
 #[derive(Clone, Copy, Debug)]
 pub struct LossOptions<'a> {
@@ -50,6 +98,7 @@ pub struct LossOptions<'a> {
     /// Skipping a gradient skips its GEMM; skipping both skips pass 2 entirely.
     pub grad_emb: bool,
     pub grad_weight: bool,
+    pub head: HeadOptions,
 }
 
 impl LossOptions<'_> {
@@ -59,6 +108,7 @@ impl LossOptions<'_> {
             upstream: None,
             grad_emb: true,
             grad_weight: true,
+            head: HeadOptions::default(),
         }
     }
 }
@@ -77,8 +127,19 @@ pub struct LossOutput<T> {
 
 /// Everything the entry points derive from (emb, weight, labels, margin) before any GEMM.
 struct Prepared<T> {
+    /// Classes (the weight has `c * k` rows).
     c: usize,
     d: usize,
+    /// Centres per class.
+    k: usize,
+    /// Whether logits need more than `scale * c` with the target replaced: sub-centres, a
+    /// filter or hard negatives. Such tiles stash cosines instead of `exp(z - max)`.
+    general: bool,
+    filter: Option<f64>,
+    /// Each row's rule for its non-targets (only read when `general`).
+    rules: Vec<NonTarget<T>>,
+    /// The arg-max centre (0..k) of each row's target class.
+    target_sub: Vec<u8>,
     xhat: Array2<T>,
     x_norm: Vec<f64>,
     row_scale: Vec<f64>,
@@ -95,6 +156,20 @@ struct Prepared<T> {
     /// Each valid row's loss term besides the softmax and its d / d ||x|| (MagFace's
     /// regulariser), (0, 0) for the others.
     penalty: Vec<(f64, f64)>,
+}
+
+/// The kernels' form of a row's non-target rule.
+fn nontarget_rule<T: Real>(
+    filter: Option<f64>,
+    hard: Option<crate::margin::HardNegatives>,
+) -> NonTarget<T> {
+    let none = T::of(f64::INFINITY);
+    NonTarget {
+        filter: filter.map_or(none, T::of),
+        above: hard.map_or(none, |h| T::of(h.above)),
+        t: T::of(hard.map_or(0.0, |h| h.t)),
+        curricular: hard.is_some_and(|h| h.rule == HardRule::Curricular),
+    }
 }
 
 /// Columns per class tile: large enough for an efficient GEMM, small enough to give every
@@ -281,8 +356,9 @@ impl<T: Real> Prepared<T> {
         weight: ArrayView2<T>,
         labels: &[i64],
         margin: Margins,
+        head: HeadOptions,
     ) -> Result<Self> {
-        Self::new_shard(emb, weight, labels, margin, false)
+        Self::new_shard(emb, weight, labels, margin, false, head)
     }
 
     /// `sharded`: `labels` may hold [`REMOTE_TARGET`] for rows whose target class is in
@@ -293,9 +369,19 @@ impl<T: Real> Prepared<T> {
         labels: &[i64],
         margin: Margins,
         sharded: bool,
+        head: HeadOptions,
     ) -> Result<Self> {
+        head.check()?;
         let (b, d) = emb.dim();
-        let (c, dw) = weight.dim();
+        let (rows, dw) = weight.dim();
+        let k = head.sub_centers;
+        if rows % k != 0 {
+            return Err(Error::invalid(
+                "weight",
+                format!("has {rows} rows, not a multiple of sub_centers = {k}"),
+            ));
+        }
+        let c = rows / k;
         if b == 0 {
             return Err(Error::invalid("emb", "empty batch: need at least one row"));
         }
@@ -335,9 +421,15 @@ impl<T: Real> Prepared<T> {
                 (x_norm.clone(), true)
             }
         };
+        let hard = margin.row(0).hard_negatives(0.0).is_some();
         Ok(Prepared {
             c,
             d,
+            k,
+            general: k > 1 || head.interclass_filter.is_some() || hard,
+            filter: head.interclass_filter,
+            rules: vec![nontarget_rule(head.interclass_filter, None); b],
+            target_sub: vec![0; b],
             xhat,
             x_norm,
             row_scale,
@@ -351,13 +443,32 @@ impl<T: Real> Prepared<T> {
         })
     }
 
-    /// Every row's target logit and psi', from the class centres as the GEMMs see them.
-    fn set_targets(&mut self, centres: &Centres<T>, margin: Margins) {
+    /// Every row's target logit and psi' (and its non-target rule), from the class centres
+    /// as the GEMMs see them. `remote_cos`: the target cosines of rows whose target another
+    /// shard holds (needed by hard-negative margins only).
+    fn set_targets(
+        &mut self,
+        centres: &Centres<T>,
+        margin: Margins,
+        remote_cos: Option<&[f64]>,
+    ) -> Result<()> {
         let weight = centres.view();
+        let hard = margin.row(0).hard_negatives(0.0).is_some();
         for i in 0..self.b() {
             if let Some(y) = self.target[i] {
-                let dot = dot_f64(self.xhat.row(i), weight.row(y));
-                let cos = (dot * centres.inv[y].f64()).clamp(-1.0, 1.0);
+                // the class's cosine: its closest centre's
+                let (mut cos, mut sub) = (f64::NEG_INFINITY, 0);
+                for a in 0..self.k {
+                    let j = y * self.k + a;
+                    let c = dot_f64(self.xhat.row(i), weight.row(j)) * centres.inv[j].f64();
+                    if c > cos {
+                        (cos, sub) = (c, a);
+                    }
+                }
+                let cos = cos.clamp(-1.0, 1.0);
+                self.target_sub[i] = sub as u8;
+                let rule = margin.row(i).hard_negatives(cos);
+                self.rules[i] = nontarget_rule(self.filter, rule);
                 let row = RowContext {
                     norm: self.x_norm[i],
                 };
@@ -367,6 +478,26 @@ impl<T: Real> Prepared<T> {
                 self.target_logit[i] = T::of(self.row_scale[i] * target.psi).f64();
                 self.target_dpsi[i] = target.dpsi;
                 self.target_dnorm[i] = target.dpsi_dnorm;
+            } else if hard && self.valid[i] {
+                // the target lives in another shard: its cosine comes from the caller
+                let cos = remote_cos
+                    .and_then(|cs| cs.get(i))
+                    .copied()
+                    .ok_or_else(|| {
+                        Error::invalid(
+                            "target_cos",
+                            "hard-negative margins need every row's target cosine when targets \
+                         live in other shards",
+                        )
+                    })?;
+                if !cos.is_finite() {
+                    return Err(Error::invalid(
+                        "target_cos",
+                        format!("entry {i} is NaN or inf"),
+                    ));
+                }
+                let rule = margin.row(i).hard_negatives(cos);
+                self.rules[i] = nontarget_rule(self.filter, rule);
             }
             if self.valid[i] {
                 let row = RowContext {
@@ -375,6 +506,7 @@ impl<T: Real> Prepared<T> {
                 self.penalty[i] = margin.row(i).penalty(row);
             }
         }
+        Ok(())
     }
 
     fn b(&self) -> usize {
@@ -406,6 +538,76 @@ impl<T: Real> Prepared<T> {
                 if (lo..lo + ct).contains(&y) {
                     row[y - lo] = T::of(self.target_logit[i]);
                 }
+            }
+        }
+    }
+
+    /// Class cosines of rows `rows` against the class tile starting at `lo` (`w_tile` its
+    /// `k` centres per class, `inv` their 1/||w||) into `out` (rows × classes). With
+    /// sub-centres a class's cosine is its closest centre's, whose index goes to `sub`
+    /// (rows × classes; the target class gets the centre `set_targets` chose) and `scratch`
+    /// holds every centre's cosine.
+    #[allow(clippy::too_many_arguments)]
+    fn cosines_tile(
+        &self,
+        rows: Range<usize>,
+        lo: usize,
+        w_tile: ArrayView2<T>,
+        inv: &[T],
+        mut out: ArrayViewMut2<T>,
+        scratch: &mut Vec<T>,
+        sub: &mut [u8],
+    ) {
+        let (nr, k) = (rows.len(), self.k);
+        let x = self.xhat.slice(s![rows.clone(), ..]);
+        if k == 1 {
+            general_mat_mul(T::one(), &x, &w_tile.t(), T::zero(), &mut out);
+            for mut row in out.rows_mut() {
+                let row = row.as_slice_mut().expect("cosine rows are contiguous");
+                kernels::scale_clamp(row, inv, T::one());
+            }
+            return;
+        }
+        let kw = w_tile.nrows();
+        let width = kw / k;
+        scratch.resize(nr * kw, T::zero());
+        {
+            let mut all =
+                ArrayViewMut2::from_shape((nr, kw), &mut scratch[..nr * kw]).expect("tile");
+            general_mat_mul(T::one(), &x, &w_tile.t(), T::zero(), &mut all);
+        }
+        for (local, i) in rows.enumerate() {
+            let centres = &mut scratch[local * kw..(local + 1) * kw];
+            kernels::scale_clamp(centres, inv, T::one());
+            let mut o = out.row_mut(local);
+            let subs = &mut sub[local * width..(local + 1) * width];
+            for (j, class) in centres.chunks_exact(k).enumerate() {
+                let (mut best, mut arg) = (class[0], 0);
+                for (a, &v) in class.iter().enumerate().skip(1) {
+                    if v > best {
+                        (best, arg) = (v, a);
+                    }
+                }
+                o[j] = best;
+                subs[j] = arg as u8;
+            }
+            if let Some(y) = self.target[i] {
+                if (lo..lo + width).contains(&y) {
+                    let a = self.target_sub[i];
+                    subs[y - lo] = a;
+                    o[y - lo] = centres[(y - lo) * k + a as usize];
+                }
+            }
+        }
+    }
+
+    /// Row `i`'s logits from its class cosines `cos` of the tile starting at class `lo`: its
+    /// non-target rule, scaled, and the target logit in the target's column.
+    fn general_logits_row(&self, i: usize, lo: usize, cos: &[T], z: &mut [T]) {
+        kernels::nontarget_logits(cos, self.rules[i], T::of(self.row_scale[i]), z);
+        if let Some(y) = self.target[i] {
+            if (lo..lo + cos.len()).contains(&y) {
+                z[y - lo] = T::of(self.target_logit[i]);
             }
         }
     }
@@ -477,17 +679,51 @@ fn zeroed_for_huge_pages<T: Real>(n: usize) -> Vec<T> {
 /// Scratch one rayon job reuses across the tiles it processes in pass 2.
 struct Pass2<T> {
     dxhat: Array2<T>,
+    /// dL/dc of a tile, per centre (rows × ct·k).
     g: Vec<T>,
+    /// With sub-centres: one row's dL/dc per class, and the 1/||w|| of its arg-max centres.
+    g_class: Vec<T>,
+    inv_sel: Vec<T>,
     /// Σ_j p_ij z_ij per row: the feature-norm scale's extra gradient term.
     pz: Vec<f64>,
 }
 
 impl<T: Real> Pass2<T> {
-    fn new(rows: usize, d: usize, ct: usize) -> Self {
+    fn new(rows: usize, d: usize, ct: usize, k: usize) -> Self {
+        let per_class = if k > 1 { ct } else { 0 };
         Pass2 {
             dxhat: Array2::zeros((rows, d)),
-            g: vec![T::zero(); rows * ct],
+            g: vec![T::zero(); rows * ct * k],
+            g_class: vec![T::zero(); per_class],
+            inv_sel: vec![T::zero(); per_class],
             pz: vec![0.0; rows],
+        }
+    }
+
+    /// Row `i`'s per-class gradient buffer of a tile of `width` classes: its row of `g`
+    /// without sub-centres, else `g_class`.
+    fn g_class_row(&mut self, i: usize, width: usize) -> &mut [T] {
+        if self.inv_sel.is_empty() {
+            &mut self.g[i * width..(i + 1) * width]
+        } else {
+            &mut self.g_class[..width]
+        }
+    }
+
+    /// Divides row `i`'s per-class gradient by its centres' norms (`inv`, k per class) and,
+    /// with sub-centres, puts each class's on its arg-max centre (`sub`) in `g`.
+    fn spread_row(&mut self, i: usize, width: usize, k: usize, sub: &[u8], inv: &[T]) {
+        if k == 1 {
+            for (gv, &iv) in self.g[i * width..(i + 1) * width].iter_mut().zip(inv) {
+                *gv *= iv;
+            }
+            return;
+        }
+        let full = &mut self.g[i * width * k..(i + 1) * width * k];
+        full.fill(T::zero());
+        for (j, &v) in self.g_class[..width].iter().enumerate() {
+            let centre = j * k + sub[i * width + j] as usize;
+            full[centre] = v * inv[centre];
         }
     }
 
@@ -538,6 +774,71 @@ impl<T: Real> Prepared<T> {
                     let p = (self.target_logit[i] - lr.lse[local]).exp();
                     let g = weight * self.row_scale[i] * (p - 1.0) * self.target_dpsi[i];
                     grow[y - lo] = T::of(g * inv[y - lo].f64());
+                }
+            }
+        }
+    }
+
+    /// The same for a tile whose stash holds class cosines `cos` (rows × classes) and, with
+    /// sub-centres, their arg-max centres `sub`: `p` from `exp(z - lse)` through each row's
+    /// non-target rule, and each class's gradient on its arg-max centre (the others 0).
+    /// `inv`: the tile's centres' 1/||w||.
+    fn general_grad_tile(
+        &self,
+        lr: &LossRows,
+        lo: usize,
+        cos: &[T],
+        sub: &[u8],
+        inv: &[T],
+        acc: &mut Pass2<T>,
+    ) {
+        let (nr, k) = (lr.rows.len(), self.k);
+        let width = cos.len() / nr;
+        let Pass2 {
+            g,
+            g_class,
+            inv_sel,
+            ..
+        } = acc;
+        for (local, i) in lr.rows.clone().enumerate() {
+            let crow = &cos[local * width..(local + 1) * width];
+            let full = &mut g[local * width * k..(local + 1) * width * k];
+            let weight = lr.row_weight[local];
+            if weight == 0.0 {
+                full.fill(T::zero());
+                continue;
+            }
+            let subs = &sub[(local * width).min(sub.len())..];
+            let (grow, inv_row): (&mut [T], &[T]) = if k == 1 {
+                (full, inv)
+            } else {
+                for (j, v) in inv_sel[..width].iter_mut().enumerate() {
+                    *v = inv[j * k + subs[j] as usize];
+                }
+                (&mut g_class[..width], &inv_sel[..width])
+            };
+            let scale = self.row_scale[i];
+            kernels::nontarget_grad(
+                crow,
+                inv_row,
+                self.rules[i],
+                T::of(scale),
+                T::of(lr.lse[local]),
+                T::of(weight * scale),
+                grow,
+            );
+            if let Some(y) = self.target[i] {
+                if (lo..lo + width).contains(&y) {
+                    let p = (self.target_logit[i] - lr.lse[local]).exp();
+                    let g = weight * scale * (p - 1.0) * self.target_dpsi[i];
+                    grow[y - lo] = T::of(g * inv_row[y - lo].f64());
+                }
+            }
+            if k > 1 {
+                let full = &mut g[local * width * k..(local + 1) * width * k];
+                full.fill(T::zero());
+                for (j, &v) in g_class[..width].iter().enumerate() {
+                    full[j * k + subs[j] as usize] = v;
                 }
             }
         }
@@ -643,6 +944,9 @@ pub struct ShardOptions<'a> {
     /// calls it the same number of times). The flag says this shard has failed; `combine`
     /// must return an error if any shard has, so that all stop together.
     pub combine: &'a mut dyn FnMut(&mut [RowPart], bool) -> Result<()>,
+    /// Every row's target cosine (whichever shard holds the target): hard-negative margins
+    /// (CurricularFace, MV-Softmax) threshold each row's non-targets on it. None otherwise.
+    pub target_cos: Option<&'a [f64]>,
 }
 
 /// The loss of a head whose classes are split across shards (processes), for this shard's
@@ -750,46 +1054,76 @@ struct Tiles<'a, T> {
 }
 
 impl<T: Real> Tiles<'_, T> {
-    /// Class tile `t`: its first class, its rows of W and their 1/||w||.
+    /// Class tile `t`: its first class, its rows of W (k per class) and their 1/||w||.
     fn tile(&self, t: usize) -> (usize, ArrayView2<'_, T>, &[T]) {
-        let c = self.weight.nrows();
+        let (c, k) = (self.p.c, self.p.k);
         let lo = t * self.ct;
-        let w_tile = self.weight.slice(s![lo..(lo + self.ct).min(c), ..]);
-        let width = w_tile.nrows();
-        (lo, w_tile, &self.inv[lo..lo + width])
+        let hi = (lo + self.ct).min(c);
+        let w_tile = self.weight.slice(s![lo * k..hi * k, ..]);
+        (lo, w_tile, &self.inv[lo * k..hi * k])
+    }
+
+    /// Bytes per tile of the arg-max buffer `subs` of a chunk of `nr` rows: one per class
+    /// with sub-centres; without, one per tile (unused, but it keeps the zips aligned).
+    fn sub_chunk(&self, nr: usize) -> usize {
+        if self.p.k > 1 {
+            nr * self.ct
+        } else {
+            1
+        }
     }
 
     /// Pass 1 over `rows`: every tile's logits, turned into `exp(z - tile_max)` in its slot
     /// of `slots` (`slot_len` values each), and the rows' statistics merged across tiles
     /// (the target logits filled in).
+    ///
+    /// A general tile (see [`Prepared::general`]) keeps its class cosines in the slot instead
+    /// (and its arg-max centres in `subs`); its statistics come from a copy of each row.
     fn pass1(
         &self,
         rows: Range<usize>,
         slots: &mut [T],
         slot_len: usize,
         tile_max: &mut [T],
+        subs: &mut [u8],
     ) -> Vec<RowPart> {
         let nr = rows.len();
+        let k = self.p.k;
         let mut stats = slots
             .par_chunks_mut(slot_len)
             .zip(tile_max.par_chunks_mut(nr))
+            .zip(subs.par_chunks_mut(self.sub_chunk(nr)))
             .enumerate()
             .fold(
-                || vec![RowPart::EMPTY; nr],
-                |mut acc: Vec<RowPart>, (t, (slot, tmax))| {
+                || (vec![RowPart::EMPTY; nr], Vec::new(), Vec::new()),
+                |(mut acc, mut scratch, mut zrow): (Vec<RowPart>, Vec<T>, Vec<T>),
+                 (t, ((slot, tmax), sub))| {
                     let (lo, w_tile, inv) = self.tile(t);
-                    let width = w_tile.nrows();
+                    let width = w_tile.nrows() / k;
                     let z = &mut slot[..nr * width];
                     let view = ArrayViewMut2::from_shape((nr, width), &mut *z).expect("tile shape");
-                    self.p.logits_tile(rows.clone(), lo, w_tile, inv, view);
-                    for (r, zrow) in z.chunks_exact_mut(width).enumerate() {
-                        let st = RowPart::exp_row(zrow);
+                    if !self.p.general {
+                        self.p.logits_tile(rows.clone(), lo, w_tile, inv, view);
+                        for (r, zrow) in z.chunks_exact_mut(width).enumerate() {
+                            let st = RowPart::exp_row(zrow);
+                            tmax[r] = T::of(st.max);
+                            acc[r] = acc[r].merge(st);
+                        }
+                        return (acc, scratch, zrow);
+                    }
+                    self.p
+                        .cosines_tile(rows.clone(), lo, w_tile, inv, view, &mut scratch, sub);
+                    zrow.resize(width, T::zero());
+                    for ((r, i), cos) in rows.clone().enumerate().zip(z.chunks_exact(width)) {
+                        self.p.general_logits_row(i, lo, cos, &mut zrow[..width]);
+                        let st = RowPart::exp_row(&mut zrow[..width]);
                         tmax[r] = T::of(st.max);
                         acc[r] = acc[r].merge(st);
                     }
-                    acc
+                    (acc, scratch, zrow)
                 },
             )
+            .map(|(acc, _, _)| acc)
             .reduce(
                 || vec![RowPart::EMPTY; nr],
                 |a, b| a.iter().zip(&b).map(|(x, y)| x.merge(*y)).collect(),
@@ -810,22 +1144,27 @@ impl<T: Real> Tiles<'_, T> {
         xhat_rows: ArrayView2<T>,
         tile_max: &[T],
         stash: Option<&[T]>,
+        subs: &[u8],
         grad_w: &mut [T],
         want_emb: bool,
         want_weight: bool,
     ) -> Array2<T> {
-        let (nr, d, ct) = (lr.rows.len(), self.p.d, self.ct);
+        let (nr, d, ct, k) = (lr.rows.len(), self.p.d, self.ct, self.p.k);
         // `own_stash` is None when the stash lives in `grad_tile` itself.
         let step = |mut acc: Pass2<T>, t: usize, own_stash: Option<&[T]>, grad_tile: &mut [T]| {
             let (lo, w_tile, inv) = self.tile(t);
-            let width = w_tile.nrows();
+            let w_rows = w_tile.nrows();
+            let width = w_rows / k;
             let tmax = &tile_max[t * nr..(t + 1) * nr];
-            match own_stash {
-                Some(e) => self.p.loss_grad_tile(lr, lo, e, tmax, inv, &mut acc),
-                None => {
-                    let e = &grad_tile[..nr * width];
-                    self.p.loss_grad_tile(lr, lo, e, tmax, inv, &mut acc)
-                }
+            let sub = &subs[(t * self.sub_chunk(nr)).min(subs.len())..];
+            let e = match own_stash {
+                Some(e) => e,
+                None => &grad_tile[..nr * width],
+            };
+            if self.p.general {
+                self.p.general_grad_tile(lr, lo, e, sub, inv, &mut acc);
+            } else {
+                self.p.loss_grad_tile(lr, lo, e, tmax, inv, &mut acc);
             }
             // Overwrite the tile's gradient rows when they held the stash, else accumulate
             // over row chunks.
@@ -834,8 +1173,8 @@ impl<T: Real> Tiles<'_, T> {
             } else {
                 T::zero()
             };
-            let g = ArrayView2::from_shape((nr, width), &acc.g[..nr * width]).expect("tile");
-            let grad_view = ArrayViewMut2::from_shape((width, d), grad_tile).expect("tile");
+            let g = ArrayView2::from_shape((nr, w_rows), &acc.g[..nr * w_rows]).expect("tile");
+            let grad_view = ArrayViewMut2::from_shape((w_rows, d), grad_tile).expect("tile");
             let mut dx = std::mem::take(&mut acc.dxhat);
             let dx_out = want_emb.then_some(&mut dx);
             let grad_out = want_weight.then_some(grad_view);
@@ -843,16 +1182,16 @@ impl<T: Real> Tiles<'_, T> {
             acc.dxhat = dx;
             acc
         };
-        let new_acc = || Pass2::new(nr, d, ct);
+        let new_acc = || Pass2::new(nr, d, ct, k);
         let acc = match stash {
             None => grad_w
-                .par_chunks_mut(ct * d)
+                .par_chunks_mut(ct * k * d)
                 .enumerate()
                 .fold(new_acc, |acc, (t, grad_tile)| step(acc, t, None, grad_tile))
                 .reduce(new_acc, Pass2::add),
             Some(stash) => stash
                 .par_chunks(nr * ct)
-                .zip(grad_w.par_chunks_mut(ct * d))
+                .zip(grad_w.par_chunks_mut(ct * k * d))
                 .enumerate()
                 .fold(new_acc, |acc, (t, (e, grad_tile))| {
                     step(acc, t, Some(e), grad_tile)
@@ -873,8 +1212,8 @@ fn fused_loss<T: Real>(
     mut shard: Option<&mut ShardOptions>,
 ) -> Result<LossOutput<T>> {
     let reduction = options.reduction;
-    let mut p = Prepared::new_shard(emb, weight, labels, margin, shard.is_some())?;
-    let (b, c, d) = (p.b(), p.c, p.d);
+    let mut p = Prepared::new_shard(emb, weight, labels, margin, shard.is_some(), options.head)?;
+    let (b, c, d, k) = (p.b(), p.c, p.d, p.k);
     let chunk_classes = shard.as_ref().map_or(c, |sh| sh.stash_classes.max(1));
     let plan = ChunkPlan::new::<T>(b, c, d, chunk_classes, stash_budget_bytes);
     let centres = match Centres::new(weight) {
@@ -888,11 +1227,17 @@ fn fused_loss<T: Real>(
             return Err(e);
         }
     };
-    p.set_targets(&centres, margin);
+    let remote_cos = shard.as_ref().and_then(|sh| sh.target_cos);
+    if let Err(e) = p.set_targets(&centres, margin, remote_cos) {
+        if let Some(sh) = shard.as_mut() {
+            let _ = (sh.combine)(&mut vec![RowPart::EMPTY; plan.chunk_rows], true);
+        }
+        return Err(e);
+    }
     let (row_weight, mean_factor) = row_weights(&p.valid, reduction, options.upstream)?;
     let (want_emb, want_weight) = (options.grad_emb, options.grad_weight);
 
-    let mut grad_w = zeroed_for_huge_pages::<T>(c * d);
+    let mut grad_w = zeroed_for_huge_pages::<T>(c * k * d);
     if !p.valid.iter().any(|&v| v) {
         // Every row ignored: nothing to compute, and the stash must not leak into grad_w.
         return Ok(LossOutput {
@@ -900,7 +1245,7 @@ fn fused_loss<T: Real>(
             row_losses: vec![0.0; b],
             grad_emb: want_emb.then(|| Array2::zeros((b, d))),
             grad_weight: want_weight
-                .then(|| Array2::from_shape_vec((c, d), grad_w).expect("gradient shape")),
+                .then(|| Array2::from_shape_vec((c * k, d), grad_w).expect("gradient shape")),
         });
     }
     let tiles = Tiles {
@@ -919,14 +1264,22 @@ fn fused_loss<T: Real>(
         vec![T::zero(); plan.chunk_rows * c]
     };
     let mut tile_max = vec![T::zero(); c.div_ceil(ct) * plan.chunk_rows];
+    let mut subs = vec![0u8; tiles.sub_chunk(plan.chunk_rows) * c.div_ceil(ct)];
 
     for start in (0..b).step_by(plan.chunk_rows) {
         let rows = start..(start + plan.chunk_rows).min(b);
         let nr = rows.len();
         let mut stats = if plan.stash_in_grad {
-            tiles.pass1(rows.clone(), &mut grad_w, ct * d, &mut tile_max)
+            tiles.pass1(
+                rows.clone(),
+                &mut grad_w,
+                ct * k * d,
+                &mut tile_max,
+                &mut subs,
+            )
         } else {
-            tiles.pass1(rows.clone(), &mut stash[..nr * c], nr * ct, &mut tile_max)
+            let stash = &mut stash[..nr * c];
+            tiles.pass1(rows.clone(), stash, nr * ct, &mut tile_max, &mut subs)
         };
         // Shard combine: every shard's statistics merged into those of the whole head.
         if let Some(sh) = shard.as_mut() {
@@ -971,6 +1324,7 @@ fn fused_loss<T: Real>(
             xhat_rows,
             &tile_max,
             own_stash,
+            &subs,
             &mut grad_w,
             want_emb,
             want_weight,
@@ -983,7 +1337,7 @@ fn fused_loss<T: Real>(
         centres.fix_gradient(&mut grad_w, d);
     }
     let grad_weight =
-        want_weight.then(|| Array2::from_shape_vec((c, d), grad_w).expect("gradient shape"));
+        want_weight.then(|| Array2::from_shape_vec((c * k, d), grad_w).expect("gradient shape"));
     let total: f64 = row_losses.iter().sum();
     let loss = match reduction {
         Reduction::Mean => total * mean_factor,
@@ -1005,22 +1359,57 @@ pub fn margin_logits<'m, T: Real>(
     labels: &[i64],
     margin: impl Into<Margins<'m>>,
 ) -> Result<Array2<T>> {
+    margin_logits_with(emb, weight, labels, margin, HeadOptions::default())
+}
+
+/// [`margin_logits`] with sub-centres, inter-class filtering (and any margin's non-target
+/// rule): the logits the fused loss takes the softmax of.
+pub fn margin_logits_with<'m, T: Real>(
+    emb: ArrayView2<T>,
+    weight: ArrayView2<T>,
+    labels: &[i64],
+    margin: impl Into<Margins<'m>>,
+    head: HeadOptions,
+) -> Result<Array2<T>> {
     let margin = margin.into();
-    let mut p = Prepared::new(emb, weight, labels, margin)?;
+    let mut p = Prepared::new(emb, weight, labels, margin, head)?;
     let centres = Centres::new(weight)?;
-    p.set_targets(&centres, margin);
-    let (weight, w_inv) = (centres.view(), &centres.inv);
+    p.set_targets(&centres, margin, None)?;
     let (b, c) = (p.b(), p.c);
-    let ct = tile_width(c);
+    let tiles = Tiles {
+        p: &p,
+        weight: centres.view(),
+        inv: &centres.inv,
+        ct: tile_width(c),
+    };
     let mut out = Array2::<T>::zeros((b, c));
-    out.axis_chunks_iter_mut(Axis(1), ct)
+    out.axis_chunks_iter_mut(Axis(1), tiles.ct)
         .into_par_iter()
         .enumerate()
-        .for_each(|(t, tile)| {
-            let lo = t * ct;
-            let w_tile = weight.slice(s![lo..(lo + ct).min(c), ..]);
-            let inv = &w_inv[lo..lo + w_tile.nrows()];
-            p.logits_tile(0..b, lo, w_tile, inv, tile);
+        .for_each(|(t, mut tile)| {
+            let (lo, w_tile, inv) = tiles.tile(t);
+            if !p.general {
+                p.logits_tile(0..b, lo, w_tile, inv, tile);
+                return;
+            }
+            let width = tile.ncols();
+            let (mut cos, mut scratch) = (Array2::zeros((b, width)), Vec::new());
+            let mut sub = vec![0u8; if p.k > 1 { b * width } else { 0 }];
+            p.cosines_tile(
+                0..b,
+                lo,
+                w_tile,
+                inv,
+                cos.view_mut(),
+                &mut scratch,
+                &mut sub,
+            );
+            let mut z = vec![T::zero(); width];
+            for (i, crow) in cos.axis_iter(Axis(0)).enumerate() {
+                let crow = crow.to_slice().expect("standard layout");
+                p.general_logits_row(i, lo, crow, &mut z);
+                tile.row_mut(i).assign(&ndarray::ArrayView1::from(&z[..]));
+            }
         });
     Ok(out)
 }
@@ -1033,53 +1422,98 @@ pub fn margin_logits_backward<'m, T: Real>(
     labels: &[i64],
     margin: impl Into<Margins<'m>>,
 ) -> Result<(Array2<T>, Array2<T>)> {
+    margin_logits_backward_with(
+        grad_logits,
+        emb,
+        weight,
+        labels,
+        margin,
+        HeadOptions::default(),
+    )
+}
+
+/// Gradients of any loss of [`margin_logits_with`]' output.
+pub fn margin_logits_backward_with<'m, T: Real>(
+    grad_logits: ArrayView2<T>,
+    emb: ArrayView2<T>,
+    weight: ArrayView2<T>,
+    labels: &[i64],
+    margin: impl Into<Margins<'m>>,
+    head: HeadOptions,
+) -> Result<(Array2<T>, Array2<T>)> {
     let margin = margin.into();
-    let mut p = Prepared::new(emb, weight, labels, margin)?;
+    let mut p = Prepared::new(emb, weight, labels, margin, head)?;
     let centres = Centres::new(weight)?;
-    p.set_targets(&centres, margin);
-    let (weight, w_inv) = (centres.view(), &centres.inv);
-    let (b, c, d) = (p.b(), p.c, p.d);
+    p.set_targets(&centres, margin, None)?;
+    let (b, c, d, k) = (p.b(), p.c, p.d, p.k);
     check_shape("grad_logits", grad_logits.dim(), (b, c))?;
     check_finite(grad_logits, "grad_logits")?;
-    let ct = tile_width(c);
-    let mut grad_w =
-        Array2::from_shape_vec((c, d), zeroed_for_huge_pages::<T>(c * d)).expect("gradient shape");
-    let new_acc = || Pass2::new(b, d, ct);
+    let tiles = Tiles {
+        p: &p,
+        weight: centres.view(),
+        inv: &centres.inv,
+        ct: tile_width(c),
+    };
+    let ct = tiles.ct;
+    let mut grad_w = Array2::from_shape_vec((c * k, d), zeroed_for_huge_pages::<T>(c * k * d))
+        .expect("gradient shape");
+    let new_acc = || Pass2::new(b, d, ct, k);
     let acc = grad_w
-        .axis_chunks_iter_mut(Axis(0), ct)
+        .axis_chunks_iter_mut(Axis(0), ct * k)
         .into_par_iter()
         .enumerate()
         .fold(new_acc, |mut acc, (t, grad_tile)| {
-            let lo = t * ct;
-            let w_tile = weight.slice(s![lo..(lo + ct).min(c), ..]);
-            let width = w_tile.nrows();
+            let (lo, w_tile, inv) = tiles.tile(t);
+            let w_rows = w_tile.nrows();
+            let width = w_rows / k;
             let upstream = grad_logits.slice(s![.., lo..lo + width]);
-            if p.feature_norm_scale {
-                // The logits scale by ||x||, so dL/d||x_i|| = Σ_j grad_ij z_ij / ||x_i||.
-                let mut z = Array2::zeros((b, width));
-                p.logits_tile(0..b, lo, w_tile, &w_inv[lo..lo + width], z.view_mut());
-                for i in 0..b {
-                    acc.pz[i] += dot_f64(upstream.row(i), z.row(i)) / p.row_scale[i];
-                }
+            // the tile's class cosines (and arg-max centres) when the logits need them
+            let mut cos = Array2::zeros((b, width));
+            let mut sub = vec![0u8; if k > 1 { b * width } else { 0 }];
+            if p.general || p.feature_norm_scale {
+                let mut scratch = Vec::new();
+                p.cosines_tile(
+                    0..b,
+                    lo,
+                    w_tile,
+                    inv,
+                    cos.view_mut(),
+                    &mut scratch,
+                    &mut sub,
+                );
             }
-            let inv = &w_inv[lo..lo + width];
-            let mut g =
-                ArrayViewMut2::from_shape((b, width), &mut acc.g[..b * width]).expect("tile");
+            let mut z = vec![T::zero(); width];
             for i in 0..b {
-                let scale = T::of(p.row_scale[i]);
-                for ((gv, &u), &iw) in g.row_mut(i).iter_mut().zip(upstream.row(i)).zip(inv) {
-                    *gv = u * scale * iw;
+                let scale = p.row_scale[i];
+                let crow = cos.row(i);
+                let crow = crow.as_slice().expect("standard layout");
+                if p.feature_norm_scale {
+                    // The logits scale by ||x||, so dL/d||x_i|| = Σ_j grad_ij z_ij / ||x_i||.
+                    p.general_logits_row(i, lo, crow, &mut z);
+                    let zrow = ndarray::ArrayView1::from(&z[..]);
+                    acc.pz[i] += dot_f64(upstream.row(i), zrow) / scale;
+                }
+                // dL/dc_ij / ||w||, per class
+                let g_row = &mut acc.g_class_row(i, width);
+                for (j, (gv, &u)) in g_row.iter_mut().zip(upstream.row(i)).enumerate() {
+                    let dh = if p.general {
+                        p.rules[i].apply(crow[j]).1
+                    } else {
+                        T::one()
+                    };
+                    *gv = u * T::of(scale) * dh;
                 }
                 if let Some(y) = p.target[i] {
                     if (lo..lo + width).contains(&y) {
-                        g[[i, y - lo]] *= T::of(p.target_dpsi[i]);
-                        // MagFace: the target logit moves with the norm too
                         let up = upstream[[i, y - lo]].f64();
-                        acc.pz[i] += up * p.row_scale[i] * p.target_dnorm[i];
+                        g_row[y - lo] = T::of(up * scale * p.target_dpsi[i]);
+                        // MagFace: the target logit moves with the norm too
+                        acc.pz[i] += up * scale * p.target_dnorm[i];
                     }
                 }
+                acc.spread_row(i, width, k, &sub, inv);
             }
-            let g = ArrayView2::from_shape((b, width), &acc.g[..b * width]).expect("tile");
+            let g = ArrayView2::from_shape((b, w_rows), &acc.g[..b * w_rows]).expect("tile");
             let mut dx = std::mem::take(&mut acc.dxhat);
             backprop_tile(
                 g,
@@ -1136,8 +1570,8 @@ fn check_cos<T: Real>(cos: ArrayView2<T>) -> Result<()> {
     }
 }
 
-/// `s * cos` with `s * psi(cos_iy)` on each row's target: the margin on a cosine matrix
-/// computed by any GEMM.
+/// `s * cos` with `s * psi(cos_iy)` on each row's target (and a hard-negative margin's
+/// `s * h(cos)` on its non-targets): the margin on a cosine matrix computed by any GEMM.
 pub fn apply_margin<'m, T: Real>(
     cos: ArrayView2<T>,
     labels: &[i64],
@@ -1152,7 +1586,13 @@ pub fn apply_margin<'m, T: Real>(
     let mut out = cos.mapv(|v| st * v.max(-T::one()).min(T::one()));
     for (i, y) in target.iter().enumerate() {
         if let Some(y) = *y {
-            out[[i, y]] = T::of(s * margin.row(i).psi(cos[[i, y]].f64()));
+            let cy = cos[[i, y]].f64();
+            if let Some(hard) = margin.row(i).hard_negatives(cy) {
+                for (o, &c) in out.row_mut(i).iter_mut().zip(cos.row(i)) {
+                    *o = T::of(s * hard.apply(c.f64().clamp(-1.0, 1.0)).0);
+                }
+            }
+            out[[i, y]] = T::of(s * margin.row(i).psi(cy));
         }
     }
     Ok(out)
@@ -1176,6 +1616,11 @@ pub fn apply_margin_backward<'m, T: Real>(
     let mut out = grad_logits.mapv(|g| g * st);
     for (i, y) in target.iter().enumerate() {
         if let Some(y) = *y {
+            if let Some(hard) = margin.row(i).hard_negatives(cos[[i, y]].f64()) {
+                for (o, &c) in out.row_mut(i).iter_mut().zip(cos.row(i)) {
+                    *o *= T::of(hard.apply(c.f64().clamp(-1.0, 1.0)).1);
+                }
+            }
             let d = s * margin.row(i).dpsi(cos[[i, y]].f64());
             out[[i, y]] = T::of(grad_logits[[i, y]].f64() * d);
         }
@@ -1220,7 +1665,18 @@ mod tests {
         labels: &[i64],
         margin: &Margin,
     ) -> (f64, Array2<f64>, Array2<f64>) {
-        let z = margin_logits(emb.view(), weight.view(), labels, margin).unwrap();
+        unfused_with(emb, weight, labels, margin, HeadOptions::default())
+    }
+
+    /// The loss from the whole logits and its gradients through their backward.
+    fn unfused_with(
+        emb: &Array2<f64>,
+        weight: &Array2<f64>,
+        labels: &[i64],
+        margin: &Margin,
+        head: HeadOptions,
+    ) -> (f64, Array2<f64>, Array2<f64>) {
+        let z = margin_logits_with(emb.view(), weight.view(), labels, margin, head).unwrap();
         let n = labels.iter().filter(|&&y| y >= 0).count() as f64;
         let mut grad = Array2::zeros(z.dim());
         let mut loss = 0.0;
@@ -1237,9 +1693,137 @@ mod tests {
             }
             grad[[i, y as usize]] -= 1.0 / n;
         }
-        let (ge, gw) =
-            margin_logits_backward(grad.view(), emb.view(), weight.view(), labels, margin).unwrap();
+        let (ge, gw) = margin_logits_backward_with(
+            grad.view(),
+            emb.view(),
+            weight.view(),
+            labels,
+            margin,
+            head,
+        )
+        .unwrap();
         (loss, ge, gw)
+    }
+
+    /// The heads whose tiles stash cosines: hard negatives, filtering, sub-centres, alone
+    /// and together, with a fixed and a feature-norm scale.
+    fn general_cases() -> Vec<(Margin, HeadOptions)> {
+        let head = |k: usize, f: Option<f64>| HeadOptions {
+            sub_centers: k,
+            interclass_filter: f,
+        };
+        let arc = Margin::arcface(30.0, 0.5, false).unwrap();
+        let curricular = Margin::curricularface(30.0, 0.5, 0.2).unwrap();
+        let mv = Margin::mvsoftmax(20.0, 0.35, 1.12, false).unwrap();
+        let mv_arc = Margin::mvsoftmax(20.0, 0.4, 1.2, true).unwrap();
+        let sphere = Margin::sphereface(4, None, 1.0).unwrap();
+        vec![
+            (curricular, head(1, None)),
+            (mv, head(1, None)),
+            (mv_arc, head(1, None)),
+            (arc, head(1, Some(0.1))),
+            (arc, head(3, None)),
+            (curricular, head(2, Some(0.2))),
+            (sphere, head(2, None)),
+        ]
+    }
+
+    #[test]
+    fn general_heads_match_unfused_on_every_stash_layout() {
+        for (margin, head) in general_cases() {
+            let k = head.sub_centers;
+            for (b, d, c, budget) in [
+                (12, 16, 300, STASH_BUDGET_BYTES),
+                (40, 8, 300, STASH_BUDGET_BYTES),
+                (40, 8, 300, 1),
+            ] {
+                let (emb, weight, labels) = problem(b, d, c * k, (b * d + c) as u64);
+                let labels: Vec<i64> = labels.iter().map(|&y| y.min(c as i64 - 1)).collect();
+                let options = LossOptions {
+                    head,
+                    ..LossOptions::new(Reduction::Mean)
+                };
+                let out = fused_loss(
+                    emb.view(),
+                    weight.view(),
+                    &labels,
+                    (&margin).into(),
+                    options,
+                    budget,
+                    None,
+                )
+                .unwrap();
+                let (loss, ge, gw) = unfused_with(&emb, &weight, &labels, &margin, head);
+                let what = format!("{margin:?} {head:?} {b}x{d} budget {budget}");
+                assert!((out.loss - loss).abs() < 1e-10 * loss.abs(), "{what}");
+                assert!(max_rel(&out.grad_emb.unwrap(), &ge) < 1e-10, "{what}");
+                assert!(max_rel(&out.grad_weight.unwrap(), &gw) < 1e-10, "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn general_heads_match_finite_differences() {
+        for (margin, head) in general_cases() {
+            let k = head.sub_centers;
+            let (emb, weight, labels) = problem(6, 8, 13 * k, 91);
+            let labels: Vec<i64> = labels.iter().map(|&y| y.min(12)).collect();
+            let options = LossOptions {
+                head,
+                ..LossOptions::new(Reduction::Mean)
+            };
+            let loss = |e: &Array2<f64>, w: &Array2<f64>| {
+                margin_loss_with(e.view(), w.view(), &labels, &margin, options)
+                    .unwrap()
+                    .loss
+            };
+            let out =
+                margin_loss_with(emb.view(), weight.view(), &labels, &margin, options).unwrap();
+            let (ge, gw) = (out.grad_emb.unwrap(), out.grad_weight.unwrap());
+            let h = 1e-6;
+            for i in 0..6 {
+                for j in [0, 5] {
+                    let (mut up, mut down) = (emb.clone(), emb.clone());
+                    up[[i, j]] += h;
+                    down[[i, j]] -= h;
+                    let fd = (loss(&up, &weight) - loss(&down, &weight)) / (2.0 * h);
+                    let what = format!("{margin:?} {head:?} emb[{i},{j}]");
+                    assert!((fd - ge[[i, j]]).abs() < 1e-6 * (1.0 + fd.abs()), "{what}");
+                }
+            }
+            for r in [0, 7, 13 * k - 1] {
+                let (mut up, mut down) = (weight.clone(), weight.clone());
+                up[[r, 3]] += h;
+                down[[r, 3]] -= h;
+                let fd = (loss(&emb, &up) - loss(&emb, &down)) / (2.0 * h);
+                let what = format!("{margin:?} {head:?} weight[{r},3]");
+                assert!((fd - gw[[r, 3]]).abs() < 1e-6 * (1.0 + fd.abs()), "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn head_options_are_checked() {
+        let (emb, weight, labels) = problem(4, 8, 10, 3);
+        let margin = Margin::arcface(30.0, 0.5, false).unwrap();
+        for (head, arg) in [
+            ((3, None), "weight"),
+            ((0, None), "sub_centers"),
+            ((256, None), "sub_centers"),
+            ((1, Some(f64::NAN)), "interclass_filter"),
+            ((1, Some(1.5)), "interclass_filter"),
+        ] {
+            let options = LossOptions {
+                head: HeadOptions {
+                    sub_centers: head.0,
+                    interclass_filter: head.1,
+                },
+                ..LossOptions::new(Reduction::Mean)
+            };
+            let err =
+                margin_loss_with(emb.view(), weight.view(), &labels, &margin, options).unwrap_err();
+            assert_eq!(err.arg, arg);
+        }
     }
 
     /// Per-row margins: each row's loss and gradient row are those of a batch of that row
@@ -1643,6 +2227,7 @@ mod tests {
                             stash_classes: widest,
                             first_shard: r == 0,
                             combine: &mut combine,
+                            target_cos: None,
                         };
                         fused_loss(
                             emb.view(),

@@ -255,6 +255,71 @@ multiversion! {
     pub fn scale_mul<T: Real>(e: &[T], k: T, inv: &[T], g: &mut [T]) -> () = scale_mul_impl;
 }
 
+/// A row's rule for its non-target cosines, as the kernels apply it: a cosine above
+/// `filter` becomes 0 with no gradient (inter-class filtering, `+inf` for none), then one
+/// above `above` (a hard negative, `+inf` for none) becomes `c (t + c)` (`curricular`) or
+/// `t c + t - 1` (MV-Softmax). The scalar definitions are `margin::HardNegatives`'.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NonTarget<T> {
+    pub filter: T,
+    pub above: T,
+    pub t: T,
+    pub curricular: bool,
+}
+
+impl<T: Real> NonTarget<T> {
+    /// `(h(c), h'(c))` of one non-target cosine.
+    #[inline(always)]
+    pub fn apply(&self, c: T) -> (T, T) {
+        let (c, d) = if c > self.filter {
+            (T::zero(), T::zero())
+        } else {
+            (c, T::one())
+        };
+        if c <= self.above {
+            (c, d)
+        } else if self.curricular {
+            (c * (self.t + c), d * (self.t + c + c))
+        } else {
+            (self.t * c + self.t - T::one(), d * self.t)
+        }
+    }
+}
+
+#[inline(always)]
+fn nontarget_logits_impl<T: Real>(cos: &[T], rule: NonTarget<T>, scale: T, z: &mut [T]) {
+    for (zv, &c) in z.iter_mut().zip(cos) {
+        *zv = scale * rule.apply(c).0;
+    }
+}
+
+multiversion! {
+    /// `z[j] = scale * h(cos[j])` under a row's [`NonTarget`] rule.
+    pub fn nontarget_logits<T: Real>(cos: &[T], rule: NonTarget<T>, scale: T, z: &mut [T]) -> () = nontarget_logits_impl;
+}
+
+#[inline(always)]
+fn nontarget_grad_impl<T: Real>(
+    cos: &[T],
+    inv: &[T],
+    rule: NonTarget<T>,
+    scale: T,
+    lse: T,
+    k: T,
+    g: &mut [T],
+) {
+    for ((gv, &c), &iv) in g.iter_mut().zip(cos).zip(inv) {
+        let (h, dh) = rule.apply(c);
+        *gv = k * T::fast_exp(scale * h - lse) * dh * iv;
+    }
+}
+
+multiversion! {
+    /// `g[j] = k * exp(scale * h(cos[j]) - lse) * h'(cos[j]) * inv[j]`: a row's softmax
+    /// gradient through its [`NonTarget`] rule, divided by the centres' norms.
+    pub fn nontarget_grad<T: Real>(cos: &[T], inv: &[T], rule: NonTarget<T>, scale: T, lse: T, k: T, g: &mut [T]) -> () = nontarget_grad_impl;
+}
+
 #[inline(always)]
 fn dot_impl<T: Real>(a: &[T], b: &[T]) -> T {
     // Two registers of partial sums: one chain of FMAs would wait on its own latency.

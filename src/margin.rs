@@ -36,6 +36,8 @@ pub const PARAMS_LEN: usize = 8;
 /// | `SPHEREFACE` | `[4, s or 0, m, lambda]` |
 /// | `ADAFACE` | `[5, s, m, z]`: z is the row's margin scaler in [-1, 1] |
 /// | `MAGFACE` | `[6, s, l_a, u_a, l_m, u_m, easy_margin, lambda_g]` |
+/// | `CURRICULARFACE` | `[7, s, m, t]`: t is the running mean target cosine |
+/// | `MVSOFTMAX` | `[8, s, m, t, arc]`: arc 0 for the cosine margin, 1 for the angular |
 pub mod kind {
     pub const SOFTMAX: u32 = 0;
     pub const COSFACE: u32 = 1;
@@ -44,6 +46,8 @@ pub mod kind {
     pub const SPHEREFACE: u32 = 4;
     pub const ADAFACE: u32 = 5;
     pub const MAGFACE: u32 = 6;
+    pub const CURRICULARFACE: u32 = 7;
+    pub const MVSOFTMAX: u32 = 8;
     /// Every kind with its name, as Python sees them.
     pub const NAMES: &[(&str, u32)] = &[
         ("softmax", SOFTMAX),
@@ -53,6 +57,8 @@ pub mod kind {
         ("sphereface", SPHEREFACE),
         ("adaface", ADAFACE),
         ("magface", MAGFACE),
+        ("curricularface", CURRICULARFACE),
+        ("mvsoftmax", MVSOFTMAX),
     ];
 }
 
@@ -135,6 +141,46 @@ pub enum Margin {
         easy_margin: bool,
         lambda_g: f64,
     },
+    /// CurricularFace: ArcFace's target (with its fallback), and every non-target cosine
+    /// above cos(theta_y + m) becomes `c (t + c)` ([`HardNegatives`]); t is the running mean
+    /// of the target cosines, kept by the caller.
+    CurricularFace { s: f64, m: f64, t: f64 },
+    /// MV-Softmax (FaceX-Zoo's adaptive MV-AM / MV-Arc): target `c - m` where c > m
+    /// (`arc`: cos(theta + m) where c > 0), else c; every non-target cosine above the margined
+    /// target (`c_y - m`, or cos(theta_y + m)) becomes `t c + t - 1`.
+    MvSoftmax { s: f64, m: f64, t: f64, arc: bool },
+}
+
+/// Which rule re-weights a row's hard negatives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HardRule {
+    /// CurricularFace: `h(c) = c (t + c)`, `h'(c) = t + 2c`.
+    Curricular,
+    /// MV-Softmax: `h(c) = t c + t - 1`, `h'(c) = t`.
+    MvSoftmax,
+}
+
+/// How one row's non-target cosines change before scaling: those above `above` (a function
+/// of the row's target cosine, taken without gradient) are hard negatives and become
+/// `h(c)`; the others stay `c`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HardNegatives {
+    pub above: f64,
+    pub t: f64,
+    pub rule: HardRule,
+}
+
+impl HardNegatives {
+    /// `h(c)` and `h'(c)` for a non-target cosine `c`.
+    pub fn apply(&self, c: f64) -> (f64, f64) {
+        if c <= self.above {
+            return (c, 1.0);
+        }
+        match self.rule {
+            HardRule::Curricular => (c * (self.t + c), self.t + 2.0 * c),
+            HardRule::MvSoftmax => (self.t * c + self.t - 1.0, self.t),
+        }
+    }
 }
 
 fn check_scale(s: f64) -> Result<f64> {
@@ -247,6 +293,34 @@ impl Margin {
         })
     }
 
+    /// CurricularFace with margin `m` and the running mean target cosine `t` (in [-1, 1]).
+    pub fn curricularface(s: f64, m: f64, t: f64) -> Result<Self> {
+        Ok(Margin::CurricularFace {
+            s: check_scale(s)?,
+            m: check_range("m", m, 0.0, PI, "in [0, pi)")?,
+            t: if t.is_finite() && (-1.0..=1.0).contains(&t) {
+                t
+            } else {
+                return Err(Error::invalid("t", format!("must be in [-1, 1], got {t}")));
+            },
+        })
+    }
+
+    /// MV-Softmax with margin `m` (cosine, or angular when `arc`) and weight `t >= 1`.
+    pub fn mvsoftmax(s: f64, m: f64, t: f64, arc: bool) -> Result<Self> {
+        let m = if arc {
+            check_range("m", m, 0.0, PI, "in [0, pi)")?
+        } else {
+            check_range("m", m, 0.0, f64::INFINITY, "a finite number >= 0")?
+        };
+        Ok(Margin::MvSoftmax {
+            s: check_scale(s)?,
+            m,
+            t: check_range("t", t, 1.0, f64::INFINITY, "a finite number >= 1")?,
+            arc,
+        })
+    }
+
     pub fn cosface(s: f64, m: f64) -> Result<Self> {
         Ok(Margin::CosFace {
             s: check_scale(s)?,
@@ -299,7 +373,9 @@ impl Margin {
             | Margin::CosFace { s, .. }
             | Margin::Combined { s, .. }
             | Margin::AdaFace { s, .. }
-            | Margin::MagFace { s, .. } => Scale::Fixed(s),
+            | Margin::MagFace { s, .. }
+            | Margin::CurricularFace { s, .. }
+            | Margin::MvSoftmax { s, .. } => Scale::Fixed(s),
             Margin::SphereFace { s, .. } => s.map_or(Scale::FeatureNorm, Scale::Fixed),
         }
     }
@@ -314,6 +390,8 @@ impl Margin {
             Margin::SphereFace { .. } => kind::SPHEREFACE,
             Margin::AdaFace { .. } => kind::ADAFACE,
             Margin::MagFace { .. } => kind::MAGFACE,
+            Margin::CurricularFace { .. } => kind::CURRICULARFACE,
+            Margin::MvSoftmax { .. } => kind::MVSOFTMAX,
         }
     }
 
@@ -351,6 +429,8 @@ impl Margin {
                 lambda_g,
                 ..
             } => &[l_a, u_a, l_m, u_m, flag(easy_margin), lambda_g],
+            Margin::CurricularFace { m, t, .. } => &[m, t],
+            Margin::MvSoftmax { m, t, arc, .. } => &[m, t, flag(arc)],
         };
         let mut block = [0.0; PARAMS_LEN];
         block[0] = f64::from(self.kind());
@@ -399,6 +479,8 @@ impl Margin {
                 flag(p[4], "easy_margin")?,
                 p[5],
             ),
+            Some(kind::CURRICULARFACE) => Margin::curricularface(s, p[0], p[1]),
+            Some(kind::MVSOFTMAX) => Margin::mvsoftmax(s, p[0], p[1], flag(p[2], "kind")?),
             Some(kind::SPHEREFACE) => {
                 let m = integer(p[0]).ok_or_else(|| {
                     Error::invalid("m", format!("must be an integer in 1..=4, got {}", p[0]))
@@ -476,6 +558,15 @@ impl Margin {
                     dpsi_dnorm: if inside { dpsi_dm * slope } else { 0.0 },
                 };
             }
+            Margin::CurricularFace { m, .. } => angular(c, 1.0, m, 0.0),
+            Margin::MvSoftmax { m, arc: false, .. } => (if c > m { c - m } else { c }, 1.0),
+            Margin::MvSoftmax { m, arc: true, .. } => {
+                if c > 0.0 {
+                    angular(c, 1.0, m, 0.0)
+                } else {
+                    (c, 1.0)
+                }
+            }
             Margin::SphereFace { m, lambda, .. } => {
                 let (psi, dpsi) = sphere(c, m);
                 (
@@ -508,6 +599,36 @@ impl Margin {
         }
     }
 
+    /// The rule for a row's hard negatives given its target cosine (clamped to [-1, 1]),
+    /// None for the margins that leave non-targets alone.
+    pub fn hard_negatives(&self, target_cos: f64) -> Option<HardNegatives> {
+        let c = target_cos.clamp(-1.0, 1.0);
+        // cos(theta + m) without ArcFace's fallback, as both references threshold on it
+        let shifted = |m: f64| (c.acos() + m).cos();
+        match *self {
+            Margin::CurricularFace { m, t, .. } => Some(HardNegatives {
+                above: shifted(m),
+                t,
+                rule: HardRule::Curricular,
+            }),
+            Margin::MvSoftmax { m, t, arc, .. } => Some(HardNegatives {
+                above: if arc { shifted(m) } else { c - m },
+                t,
+                rule: HardRule::MvSoftmax,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The largest `|h(c)|` over c in [-1, 1] of this margin's hard negatives (1 without).
+    fn negatives_peak(&self) -> f64 {
+        match *self {
+            Margin::CurricularFace { t, .. } => 1.0 + t.abs(),
+            Margin::MvSoftmax { t, .. } => 2.0 * t - 1.0,
+            _ => 1.0,
+        }
+    }
+
     /// Whether psi or the loss read the feature norm (so a cosine matrix is not enough).
     pub fn reads_norm(&self) -> bool {
         matches!(self, Margin::MagFace { .. })
@@ -524,7 +645,7 @@ impl Margin {
             Margin::MagFace { l_a, u_a, .. } => [l_a, u_a],
             _ => [1.0, 1.0],
         };
-        at(norms[0]).max(at(norms[1])).max(1.0)
+        at(norms[0]).max(at(norms[1])).max(self.negatives_peak())
     }
 }
 
@@ -699,6 +820,9 @@ pub(crate) mod tests {
             Margin::adaface(64.0, 0.4, 0.7).unwrap(),
             Margin::magface(64.0, (10.0, 110.0), (0.45, 0.8), true, 35.0).unwrap(),
             Margin::magface(64.0, (10.0, 110.0), (0.45, 0.8), false, 35.0).unwrap(),
+            Margin::curricularface(64.0, 0.5, 0.3).unwrap(),
+            Margin::mvsoftmax(32.0, 0.35, 1.12, false).unwrap(),
+            Margin::mvsoftmax(32.0, 0.5, 1.2, true).unwrap(),
         ]
     }
 
@@ -751,7 +875,7 @@ pub(crate) mod tests {
                 } | Margin::MagFace {
                     easy_margin: true,
                     ..
-                }
+                } | Margin::MvSoftmax { .. }
             )
         };
         for margin in all_margins() {

@@ -31,13 +31,15 @@ def main() -> None:
     results = []
     for case in torch.load(cases_file, weights_only=False):
         torch.manual_seed(case["seed"] + rank)
-        weight = case["weight"]
+        weight, k = case["weight"], case["sub_centers"]
         head = ShardedMarginHead(
             embedding_size=weight.shape[1],
-            num_classes=weight.shape[0],
+            num_classes=weight.shape[0] // k,
             margin=case["margin"],
             sample_rate=case["sample_rate"],
             dtype=weight.dtype,
+            sub_centers=k,
+            interclass_filter=case["interclass_filter"],
         )
         head.load_full_weight(weight)
         sizes = case["splits"][world]
@@ -53,13 +55,13 @@ def main() -> None:
                 "grad_weight": head.weight.grad,
                 "shard_range": head.shard_range,
                 "margin_stats": tuple(
-                    getattr(head.margin, k, None) for k in ("batch_mean", "batch_std")
+                    getattr(head.margin, name, None) for name in ("batch_mean", "batch_std", "t")
                 ),
                 "sampled": head.last_sampled,
                 "state": {k: v.clone() for k, v in head.state_dict().items()},
                 "full_weight": head.full_weight(),
                 "split_matches": bool(
-                    torch.equal(head.weight.detach(), split_weight(weight, world)[rank])
+                    torch.equal(head.weight.detach(), split_weight(weight, world, k)[rank])
                 ),
             }
         )

@@ -57,7 +57,7 @@ def loss(emb=EMB, weight=WEIGHT, labels=LABELS, margin=None, **kw):
             ValueError,
             "weight: row 7 is all zeros",
         ),
-        ({"margin": "arcface"}, TypeError, "margin must be ArcFace"),
+        ({"margin": "arcface"}, TypeError, "margin must be an arcface_rs margin"),
         ({"reduction": "avg"}, ValueError, "reduction must be"),
     ],
 )

@@ -30,6 +30,9 @@ GRID_MARGINS = all_margins() + [
     afr.AdaFace(m=0.4),
     afr.MagFace(),
     afr.MagFace(l_a=10.0, u_a=60.0, u_m=1.2, easy_margin=False),
+    afr.CurricularFace(m=0.5, t=0.3),
+    afr.MVSoftmax(s=32.0, m=0.35, t=1.2),
+    afr.MVSoftmax(s=32.0, m=0.5, t=1.12, kind="arc"),
 ]
 ADAFACE_SCALERS = [-1.0, -0.4, 0.0, 0.7, 1.0]
 MAGFACE_NORMS = [5.0, 10.0, 33.3, 60.0, 109.0, 200.0]

@@ -28,7 +28,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def case(name, b, d, c, margin, sample_rate=1.0, seed=0, upstream=1.0):
+def case(name, b, d, c, margin, sample_rate=1.0, seed=0, upstream=1.0, k=1, filter=None):
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, c, b)
     labels[::5] = -1
@@ -36,7 +36,9 @@ def case(name, b, d, c, margin, sample_rate=1.0, seed=0, upstream=1.0):
         "name": name,
         "emb": torch.tensor(rng.standard_normal((b, d))),
         "labels": torch.tensor(labels),
-        "weight": torch.tensor(rng.standard_normal((c, d))),
+        "weight": torch.tensor(rng.standard_normal((c * k, d))),
+        "sub_centers": k,
+        "interclass_filter": filter,
         "margin": margin,
         "sample_rate": sample_rate,
         "seed": seed,
@@ -75,20 +77,41 @@ CASES = [
     ),
     case("per-row arcface", 24, 16, 90, afr.ArcFace(m=np.linspace(0.1, 0.6, 24)), seed=10),
     case("elasticface+", 24, 16, 90, afr.ElasticFace(std=0.1, plus=True, seed=3), seed=11),
+    case("curricularface", 24, 16, 90, afr.CurricularFace(s=30.0, alpha=0.3, t=0.1), seed=12),
+    case("mv-softmax", 24, 16, 90, afr.MVSoftmax(s=32.0, m=0.4, kind="arc"), seed=13),
+    case("sub-centres", 24, 16, 61, afr.ArcFace(s=64.0, m=0.5), seed=14, k=3),
+    case("filter", 24, 16, 90, afr.ArcFace(s=64.0, m=0.5), seed=15, filter=0.1),
+    case(
+        "curricular sub-centres partial fc",
+        30,
+        16,
+        200,
+        afr.CurricularFace(s=30.0, alpha=0.5),
+        sample_rate=0.3,
+        seed=16,
+        k=2,
+        filter=0.2,
+    ),
 ]
 
 # margins whose independent reference is the one-process fused head (itself checked
 # against float64 references from the papers in test_adaptive_margins.py)
-STATEFUL = (afr.AdaFace, afr.MagFace, afr.ElasticFace)
+# (and test_hard_negatives.py for CurricularFace, MV-Softmax, sub-centres and filtering)
+STATEFUL = (afr.AdaFace, afr.MagFace, afr.ElasticFace, afr.CurricularFace, afr.MVSoftmax)
 
 
-def one_process(emb, weight, labels, margin):
+def one_process(emb, weight, labels, margin, k=1, filter=None):
     """The loss and gradients of one process on the global batch."""
-    if isinstance(margin, STATEFUL) or margin._row_blocks is not None:
+    head = {"sub_centers": k, "interclass_filter": filter}
+    if isinstance(margin, STATEFUL) or margin._row_blocks is not None or head != _PLAIN:
         fresh = pickle.loads(pickle.dumps(margin))  # the state before the step
-        loss, g_emb, g_w = afr.margin_loss(emb.numpy(), weight.numpy(), labels.numpy(), fresh)
+        e, w, y = emb.numpy(), weight.numpy(), labels.numpy()
+        loss, g_emb, g_w = afr.margin_loss(e, w, y, fresh, **head)
         return float(loss), g_emb, g_w, fresh
     return (*ref_loss(emb, weight, labels, margin), None)
+
+
+_PLAIN = {"sub_centers": 1, "interclass_filter": None}
 
 
 @pytest.fixture(scope="module", params=[2, 3])
@@ -124,6 +147,7 @@ def test_ranks_together_equal_one_process_on_the_global_batch(runs, index):
     world, results = runs
     cs = CASES[index]
     emb, labels, weight = cs["emb"], cs["labels"], cs["weight"]
+    k, head = cs["sub_centers"], (cs["sub_centers"], cs["interclass_filter"])
     per_rank = [res[index] for res in results]
     if cs["sample_rate"] < 1:
         kept = torch.cat([r["sampled"] for r in per_rank])
@@ -131,29 +155,33 @@ def test_ranks_together_equal_one_process_on_the_global_batch(runs, index):
         targets = labels[labels >= 0]
         assert torch.isin(targets, kept).all(), "every target class must be kept"
         sub = torch.where(labels >= 0, torch.searchsorted(kept, labels.clamp(min=0)), -1)
-        loss, g_emb, g_sub, after = one_process(emb, weight[kept], sub, cs["margin"])
+        centre_rows = (kept[:, None] * k + torch.arange(k)).flatten()
+        loss, g_emb, g_sub, after = one_process(emb, weight[centre_rows], sub, cs["margin"], *head)
         g_w = np.zeros(tuple(weight.shape))
-        g_w[kept.numpy()] = g_sub
-        c = weight.shape[0]
+        g_w[centre_rows.numpy()] = g_sub
+        c = weight.shape[0] // k
         for r, res in enumerate(per_rank):
             lo, hi = shard_range(c, world, r)
             assert len(res["sampled"]) >= int(np.ceil(0.3 * (hi - lo)))
     else:
-        loss, g_emb, g_w, after = one_process(emb, weight, labels, cs["margin"])
+        loss, g_emb, g_w, after = one_process(emb, weight, labels, cs["margin"], *head)
     g_emb, g_w = cs["upstream"] * g_emb, cs["upstream"] * g_w
     offset = 0
     for r, res in enumerate(per_rank):
         n = cs["splits"][world][r]
         lo, hi = res["shard_range"]
-        assert (lo, hi) == shard_range(weight.shape[0], world, r)
+        assert (lo, hi) == shard_range(weight.shape[0] // k, world, r)
         assert float(res["loss"]) == pytest.approx(loss, rel=1e-9)
         np.testing.assert_allclose(
             res["grad_emb"].numpy(), g_emb[offset : offset + n], rtol=1e-9, atol=1e-12
         )
-        np.testing.assert_allclose(res["grad_weight"].numpy(), g_w[lo:hi], rtol=1e-9, atol=1e-12)
+        g_shard = g_w[lo * k : hi * k]
+        np.testing.assert_allclose(res["grad_weight"].numpy(), g_shard, rtol=1e-9, atol=1e-12)
         if isinstance(after, afr.AdaFace):  # the statistics of the global batch, on every rank
             want = (after.batch_mean, after.batch_std)
-            np.testing.assert_allclose(res["margin_stats"], want, rtol=1e-12)
+            np.testing.assert_allclose(res["margin_stats"][:2], want, rtol=1e-12)
+        if isinstance(after, afr.CurricularFace):  # t from the global batch, on every rank
+            assert res["margin_stats"][2] == pytest.approx(after.t, rel=1e-12)
         offset += n
 
 
@@ -166,8 +194,9 @@ def test_checkpoints_merge_and_split_across_world_sizes(runs):
             assert torch.equal(res[index]["full_weight"], cs["weight"])
             assert res[index]["split_matches"]
         # a checkpoint of this world size, split for another one, loses nothing
+        k = cs["sub_centers"]
         for other in (1, 2, 3, 5):
-            again = merge_shards(split_weight(merge_shards(shards), other))
+            again = merge_shards(split_weight(merge_shards(shards), other, k))
             assert torch.equal(again, cs["weight"])
 
 

@@ -102,15 +102,22 @@ def test_gradcheck_float64(margin):
     )
 
 
-def test_opcheck_custom_ops():
-    emb, weight, labels = _inputs(6, 5, 9, torch.float64, seed=4)
-    kind, params = tops._encode(afr.ArcFace())
+@pytest.mark.parametrize(
+    "margin, head",
+    [(afr.ArcFace(), (1, None)), (afr.MVSoftmax(), (3, 0.4))],
+    ids=["arcface", "mv-subcentres-filter"],
+)
+def test_opcheck_custom_ops(margin, head):
+    k = head[0]
+    emb, weight, labels = _inputs(6, 5, 9 * k, torch.float64, seed=4)
+    labels = labels % 9
+    kind, params = tops._encode(margin)
     torch.library.opcheck(
         torch.ops.arcface_rs.margin_loss.default,
-        (emb, weight, labels, kind, params, "mean", True, True),
+        (emb, weight, labels, kind, params, *head, "mean", True, True),
     )
     torch.library.opcheck(
-        torch.ops.arcface_rs.margin_logits.default, (emb, weight, labels, kind, params)
+        torch.ops.arcface_rs.margin_logits.default, (emb, weight, labels, kind, params, *head)
     )
 
 

@@ -21,13 +21,16 @@ from ._margins import (
     ArcFace,
     CombinedMargin,
     CosFace,
+    CurricularFace,
     ElasticFace,
     MagFace,
     Margin,
+    MVSoftmax,
     Softmax,
     SphereFace,
 )
 from ._search import cosine_topk
+from ._subcenters import dominant_centers, find_outliers
 
 __all__ = [
     "AdaFace",
@@ -36,6 +39,8 @@ __all__ = [
     "ArcFace",
     "CombinedMargin",
     "CosFace",
+    "CurricularFace",
+    "MVSoftmax",
     "Gallery",
     "GalleryFileError",
     "Margin",
@@ -47,6 +52,8 @@ __all__ = [
     "apply_margin_backward",
     "cosine_topk",
     "cuda_available",
+    "dominant_centers",
+    "find_outliers",
     "margin_logits",
     "margin_logits_backward",
     "margin_loss",

@@ -58,6 +58,10 @@ class Margin:
     def magface(
         s: float, l_a: float, u_a: float, l_m: float, u_m: float, easy_margin: bool, lambda_g: float
     ) -> Margin: ...
+    @staticmethod
+    def curricularface(s: float, m: float, t: float) -> Margin: ...
+    @staticmethod
+    def mvsoftmax(s: float, m: float, t: float, arc: bool) -> Margin: ...
     def with_straight_through(self, on: bool) -> Margin: ...
     @staticmethod
     def decode(block: Sequence[float]) -> Margin: ...
@@ -81,6 +85,8 @@ def margin_loss(
     grad_weight: bool = True,
     upstream: npt.NDArray[np.float64] | None = None,
     row_margins: npt.NDArray[np.float64] | None = None,
+    sub_centers: int = 1,
+    interclass_filter: float | None = None,
 ) -> tuple[
     float,
     npt.NDArray[np.float64],
@@ -97,6 +103,9 @@ def margin_loss_shard(
     first_shard: bool,
     combine: Callable[[npt.NDArray[np.float64], bool], npt.NDArray[np.float64]],
     row_margins: npt.NDArray[np.float64] | None = None,
+    sub_centers: int = 1,
+    interclass_filter: float | None = None,
+    target_cos: npt.NDArray[np.float64] | None = None,
 ) -> tuple[
     float,
     npt.NDArray[np.float64],
@@ -109,6 +118,8 @@ def margin_logits(
     labels: npt.NDArray[np.int64],
     margin: Margin,
     row_margins: npt.NDArray[np.float64] | None = None,
+    sub_centers: int = 1,
+    interclass_filter: float | None = None,
 ) -> npt.NDArray[np.floating]: ...
 def margin_logits_backward(
     grad_logits: npt.NDArray[np.floating],
@@ -117,6 +128,8 @@ def margin_logits_backward(
     labels: npt.NDArray[np.int64],
     margin: Margin,
     row_margins: npt.NDArray[np.float64] | None = None,
+    sub_centers: int = 1,
+    interclass_filter: float | None = None,
 ) -> tuple[npt.NDArray[np.floating], npt.NDArray[np.floating]]: ...
 def apply_margin(
     cos: npt.NDArray[np.floating],

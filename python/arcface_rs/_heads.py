@@ -9,9 +9,11 @@ import numpy as np
 from . import _core
 from ._margins import Margin
 from ._validate import floats as _floats
+from ._validate import interclass_filter as _interclass_filter
 from ._validate import labels as _labels
 from ._validate import reduction as _reduction
 from ._validate import same_dtype as _same_dtype
+from ._validate import sub_centers as _sub_centers
 
 __all__ = [
     "apply_margin",
@@ -26,37 +28,64 @@ __all__ = [
 def _margin(value: Any) -> _core.Margin:
     if not isinstance(value, Margin):
         raise TypeError(
-            "margin must be ArcFace, CosFace, SphereFace, CombinedMargin or Softmax "
-            f"(or AdaFace, MagFace, ElasticFace), got {type(value).__name__}"
+            "margin must be an arcface_rs margin (ArcFace, CosFace, SphereFace, CombinedMargin, "
+            "Softmax, AdaFace, MagFace, ElasticFace, CurricularFace, MVSoftmax), got "
+            f"{type(value).__name__}"
         )
     return value._spec
 
 
-def target_cosines(emb: np.ndarray, weight: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """(B,) float64 cosine of each row to its label's centre (0 for ignored rows)."""
-    out = np.zeros(len(labels))
+def target_cosines(
+    emb: np.ndarray, weight: np.ndarray, labels: np.ndarray, sub_centers: int = 1
+) -> np.ndarray:
+    """(B,) float64 cosine of each row to its label's centre (its closest of the label's
+    ``sub_centers`` centres), NaN for ignored rows."""
+    out = np.full(len(labels), np.nan)
     rows = np.nonzero(labels >= 0)[0]
     if rows.size:
         x = emb[rows].astype(np.float64)
-        w = weight[labels[rows]].astype(np.float64)
-        dot = np.einsum("ij,ij->i", x, w)
-        norms = np.linalg.norm(x, axis=1) * np.linalg.norm(w, axis=1)
-        out[rows] = np.clip(dot / norms, -1.0, 1.0)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        best = np.full(rows.size, -np.inf)
+        for a in range(sub_centers):
+            w = weight[labels[rows] * sub_centers + a].astype(np.float64)
+            cos = np.einsum("ij,ij->i", x, w) / np.linalg.norm(w, axis=1)
+            best = np.maximum(best, cos)
+        out[rows] = np.clip(best, -1.0, 1.0)
     return out
 
 
 def _row_blocks(
-    margin: Margin, emb: np.ndarray, weight: np.ndarray, labels: np.ndarray
+    margin: Margin, emb: np.ndarray, weight: np.ndarray, labels: np.ndarray, sub_centers: int = 1
 ) -> np.ndarray | None:
     """The margin's per-row parameter blocks for this batch (None: one for all rows)."""
     _margin(margin)
-    return margin._rows(
-        lambda: np.linalg.norm(emb.astype(np.float64), axis=1),
-        lambda: target_cosines(emb, weight, labels),
-    )
+
+    def target_cos() -> np.ndarray:
+        if emb.shape[1] != weight.shape[1] or weight.shape[0] % sub_centers:
+            return np.full(len(labels), np.nan)  # the core refuses the shapes next
+        classes = weight.shape[0] // sub_centers
+        if labels.size and (labels.max() >= classes or labels.min() < -1):
+            return np.full(len(labels), np.nan)  # the core names the bad label next
+        return target_cosines(emb, weight, labels, sub_centers)
+
+    return margin._rows(lambda: np.linalg.norm(emb.astype(np.float64), axis=1), target_cos)
 
 
-def margin_logits(emb: Any, weight: Any, labels: Any, margin: Margin) -> np.ndarray:
+def _head_options(sub_centers: Any, interclass_filter: Any) -> dict[str, Any]:
+    return {
+        "sub_centers": _sub_centers(sub_centers),
+        "interclass_filter": _interclass_filter(interclass_filter),
+    }
+
+
+def margin_logits(
+    emb: Any,
+    weight: Any,
+    labels: Any,
+    margin: Margin,
+    sub_centers: int = 1,
+    interclass_filter: float | None = None,
+) -> np.ndarray:
     """The (B, C) margin logits: ``s * cos`` with ``s * psi(cos)`` at each row's label.
 
     Parameters
@@ -68,7 +97,14 @@ def margin_logits(emb: Any, weight: Any, labels: Any, margin: Margin) -> np.ndar
     labels : array_like
         (B,) integers in [0, C), or -1 for a row without margin.
     margin : Margin
-        ``ArcFace``, ``CosFace``, ``SphereFace``, ``CombinedMargin`` or ``Softmax``.
+        Any margin; hard-negative margins (CurricularFace, MVSoftmax) change the non-target
+        logits too.
+    sub_centers : int
+        Centres per class K: ``weight`` is (C*K, D), class j owns rows j*K .. j*K+K-1 and
+        its cosine is the largest of theirs.
+    interclass_filter : float or None
+        Non-target cosines above it become 0 before the margin (InsightFace's inter-class
+        filtering); None for none.
 
     Returns
     -------
@@ -78,12 +114,19 @@ def margin_logits(emb: Any, weight: Any, labels: Any, margin: Margin) -> np.ndar
     emb, weight = _floats("emb", emb), _floats("weight", weight)
     _same_dtype(emb=emb, weight=weight)
     labels = _labels(labels)
-    rows = _row_blocks(margin, emb, weight, labels)
-    return _core.margin_logits(emb, weight, labels, _margin(margin), row_margins=rows)
+    head = _head_options(sub_centers, interclass_filter)
+    rows = _row_blocks(margin, emb, weight, labels, head["sub_centers"])
+    return _core.margin_logits(emb, weight, labels, _margin(margin), row_margins=rows, **head)
 
 
 def margin_logits_backward(
-    grad_logits: Any, emb: Any, weight: Any, labels: Any, margin: Margin
+    grad_logits: Any,
+    emb: Any,
+    weight: Any,
+    labels: Any,
+    margin: Margin,
+    sub_centers: int = 1,
+    interclass_filter: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Gradients of any loss of :func:`margin_logits`' output.
 
@@ -91,9 +134,9 @@ def margin_logits_backward(
     ----------
     grad_logits : array_like
         (B, C) dL/dlogits, the dtype of ``emb``.
-    emb, weight, labels, margin
-        As for :func:`margin_logits` (a margin with per-call state, AdaFace or ElasticFace,
-        uses the per-row values of its last forward call).
+    emb, weight, labels, margin, sub_centers, interclass_filter
+        As for :func:`margin_logits` (a margin with per-call state, AdaFace, ElasticFace or
+        CurricularFace, uses the per-row values of its last forward call).
 
     Returns
     -------
@@ -106,8 +149,10 @@ def margin_logits_backward(
     emb, weight = _floats("emb", emb), _floats("weight", weight)
     _same_dtype(grad_logits=grad_logits, emb=emb, weight=weight)
     spec = _margin(margin)
+    head = _head_options(sub_centers, interclass_filter)
+    rows = margin._rows_again()
     return _core.margin_logits_backward(
-        grad_logits, emb, weight, _labels(labels), spec, row_margins=margin._rows_again()
+        grad_logits, emb, weight, _labels(labels), spec, row_margins=rows, **head
     )
 
 
@@ -117,6 +162,8 @@ def margin_loss(
     labels: Any,
     margin: Margin,
     reduction: Literal["mean", "sum", "none"] = "mean",
+    sub_centers: int = 1,
+    interclass_filter: float | None = None,
 ) -> tuple[np.floating | np.ndarray, np.ndarray, np.ndarray]:
     """Fused softmax cross-entropy of the margin logits, with both gradients.
 
@@ -136,6 +183,13 @@ def margin_loss(
     reduction : {"mean", "sum", "none"}
         ``mean`` divides by the rows that are not ignored (0 if all are); ``none`` returns
         the per-row losses, with the gradients of their sum.
+    sub_centers : int
+        Centres per class K (sub-center ArcFace): ``weight`` is (C*K, D), class j owns rows
+        j*K .. j*K+K-1, its cosine is the largest of theirs and its gradient goes to that
+        centre only. Never more than a tile of the (B, C*K) cosines is held.
+    interclass_filter : float or None
+        Non-target cosines above it become 0, without gradient, before the margin
+        (InsightFace's inter-class filtering; its filtered configs use 0.4).
 
     Returns
     -------
@@ -150,9 +204,10 @@ def margin_loss(
     _same_dtype(emb=emb, weight=weight)
     _reduction(reduction)
     labels = _labels(labels)
-    blocks = _row_blocks(margin, emb, weight, labels)
+    head = _head_options(sub_centers, interclass_filter)
+    blocks = _row_blocks(margin, emb, weight, labels, head["sub_centers"])
     loss, rows, g_emb, g_w = _core.margin_loss(
-        emb, weight, labels, _margin(margin), reduction, row_margins=blocks
+        emb, weight, labels, _margin(margin), reduction, row_margins=blocks, **head
     )
     out = rows.astype(emb.dtype) if reduction == "none" else emb.dtype.type(loss)
     return out, g_emb, g_w

@@ -15,14 +15,21 @@ __all__ = [
     "ArcFace",
     "CombinedMargin",
     "CosFace",
+    "CurricularFace",
     "ElasticFace",
     "MagFace",
+    "MVSoftmax",
     "Margin",
     "SphereFace",
     "Softmax",
 ]
 
 _GRADS = ("exact", "straight_through")
+#: kind codes of the margins that re-weight non-target logits (CurricularFace, MV-Softmax)
+_KINDS_WITH_HARD_NEGATIVES = (
+    _core.MARGIN_KINDS["curricularface"],
+    _core.MARGIN_KINDS["mvsoftmax"],
+)
 
 
 class Margin:
@@ -42,8 +49,9 @@ class Margin:
         """The per-row parameter blocks of one call, or None for one margin for all rows.
 
         ``norms()`` and ``target_cos()`` return the batch's (B,) float64 feature norms and
-        target cosines, computed only when a margin asks for them. Margins with running
-        state (AdaFace) update it here; per-sample draws (ElasticFace) are made here."""
+        target cosines (NaN for ignored rows), computed only when a margin asks for them.
+        Margins with running state (AdaFace, CurricularFace) update it here; per-sample
+        draws (ElasticFace) are made here."""
         return self._row_blocks
 
     def _rows_again(self) -> np.ndarray | None:
@@ -370,7 +378,8 @@ class ElasticFace(_StatefulMargin):
         upper = math.pi - 1e-9 if self.kind == "arc" else np.inf
         draws = np.clip(draws, 0.0, upper)
         if self.plus:
-            order = np.argsort(-target_cos(), kind="stable")  # closest to its centre first
+            cos = np.nan_to_num(target_cos(), nan=0.0)
+            order = np.argsort(-cos, kind="stable")  # closest to its centre first
             ranked = np.empty(n)
             ranked[order] = np.sort(draws)
             draws = ranked
@@ -512,3 +521,92 @@ class MagFace(Margin):
         """m(a) for feature norms ``norm``."""
         a = np.clip(np.asarray(norm, dtype=np.float64), self.l_a, self.u_a)
         return self.l_m + (self.u_m - self.l_m) * (a - self.l_a) / (self.u_a - self.l_a)
+
+
+class CurricularFace(_StatefulMargin):
+    """CurricularFace (CVPR 2020): ArcFace's target, and hard negatives that weigh more as
+    training goes on.
+
+    The target logit is ArcFace's ``s cos(theta + m)`` (``s (c - m sin m)`` once theta > pi -
+    m). Every non-target cosine above cos(theta_y + m) is a hard negative and becomes
+    ``c (t + c)`` (gradient t + 2c; the threshold and t carry none). While ``training``, each
+    call first updates ``t <- alpha * mean(target cos) + (1 - alpha) * t`` over the batch's
+    rows that are not ignored (the global batch in ``ShardedMarginHead``); in eval it is used
+    unchanged.
+
+    Parameters
+    ----------
+    s : float
+        Logit scale.
+    m : float
+        Angular margin, in [0, pi).
+    alpha : float
+        Momentum of t, in [0, 1].
+    t : float
+        Initial t, in [-1, 1] (the attribute, updated by training calls).
+    """
+
+    _params = ("s", "m", "alpha")
+
+    def __init__(self, s: float = 64.0, m: float = 0.5, alpha: float = 0.01, t: float = 0.0):
+        s, m, alpha, t = _real("s", s), _real("m", m), _real("alpha", alpha), _real("t", t)
+        if not (0.0 <= alpha <= 1.0):
+            raise ValueError(f"alpha: must be in [0, 1], got {alpha}")
+        self._set(s=s, m=m, alpha=alpha, _spec=_core.Margin.curricularface(s, m, t))
+        self.t = t
+        self.training = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "t":
+            value = _real("t", value)
+            # validated by the core; the block follows t so apply_margin sees it too
+            self._set(_spec=_core.Margin.curricularface(self.s, self.m, value))
+        elif name not in ("training", "_last_rows"):
+            raise AttributeError(f"CurricularFace.{name} is fixed; build a new one")
+        object.__setattr__(self, name, value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self._values() + (self.t,))
+
+    def __repr__(self) -> str:
+        return f"CurricularFace(s={self.s!r}, m={self.m!r}, alpha={self.alpha!r}, t={self.t!r})"
+
+    def _rows(self, norms: Any, target_cos: Any) -> np.ndarray | None:
+        n = len(norms())
+        if self.training:
+            cos = np.asarray(target_cos(), dtype=np.float64)
+            cos = cos[~np.isnan(cos)]
+            if cos.size:
+                self.t = self.alpha * float(cos.mean()) + (1.0 - self.alpha) * self.t
+        blocks = np.tile(np.asarray(self._block, dtype=np.float64), (n, 1))
+        return self._remember(blocks)
+
+
+class MVSoftmax(Margin):
+    """MV-Softmax (AAAI 2020, FaceX-Zoo's adaptive MV-AM/MV-Arc): a margin on the target and
+    extra weight on the misclassified non-targets.
+
+    ``kind="cos"``: target ``c - m`` where c > m, else c; ``kind="arc"``: ``cos(theta + m)``
+    where c > 0, else c. Every non-target cosine above the margined target (``c_y - m``, or
+    cos(theta_y + m)) becomes ``t c + t - 1`` (gradient t; the threshold carries none).
+
+    Parameters
+    ----------
+    s : float
+        Logit scale.
+    m : float
+        Margin: cosine (>= 0) or angular (in [0, pi)).
+    t : float
+        Weight of the misclassified non-targets, >= 1.
+    kind : {"cos", "arc"}
+        The margin's kind.
+    """
+
+    _params = ("s", "m", "t", "kind")
+
+    def __init__(self, s: float = 32.0, m: float = 0.35, t: float = 1.12, kind: str = "cos"):
+        s, m, t = _real("s", s), _real("m", m), _real("t", t)
+        if kind not in ("cos", "arc"):
+            raise ValueError(f"kind: must be 'cos' or 'arc', got {kind!r}")
+        spec = _core.Margin.mvsoftmax(s, m, t, kind == "arc")
+        self._set(s=s, m=m, t=t, kind=kind, _spec=spec)

@@ -22,8 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _core
-from ._margins import Margin
+from ._margins import _KINDS_WITH_HARD_NEGATIVES, Margin
 from ._torch_ops import _no_double_backward
+from ._validate import interclass_filter as check_filter
+from ._validate import sub_centers as check_sub_centers
 
 __all__ = ["ShardedMarginHead", "ddp_sum_hook", "merge_shards", "shard_range", "split_weight"]
 
@@ -46,14 +48,17 @@ def merge_shards(shards: Sequence[Tensor]) -> Tensor:
     return torch.cat([s.detach() for s in shards], dim=0)
 
 
-def split_weight(weight: Tensor, world_size: int) -> list[Tensor]:
-    """The shards a (C, D) weight gives to each of ``world_size`` ranks (see ``shard_range``)."""
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (C, D), got shape {tuple(weight.shape)}")
-    if world_size < 1 or world_size > weight.shape[0]:
-        raise ValueError(f"world_size must be in [1, {weight.shape[0]}], got {world_size}")
-    c = weight.shape[0]
-    return [weight[slice(*shard_range(c, world_size, r))].clone() for r in range(world_size)]
+def split_weight(weight: Tensor, world_size: int, sub_centers: int = 1) -> list[Tensor]:
+    """The shards a (C*K, D) weight gives to each of ``world_size`` ranks (see
+    ``shard_range``; with ``sub_centers=K`` each class's K rows stay together)."""
+    k = check_sub_centers(sub_centers)
+    if weight.dim() != 2 or weight.shape[0] % k:
+        raise ValueError(f"weight must be 2-D (C*{k}, D), got shape {tuple(weight.shape)}")
+    c = weight.shape[0] // k
+    if world_size < 1 or world_size > c:
+        raise ValueError(f"world_size must be in [1, {c}], got {world_size}")
+    bounds = (shard_range(c, world_size, r) for r in range(world_size))
+    return [weight[lo * k : hi * k].clone() for lo, hi in bounds]
 
 
 def ddp_sum_hook(process_group: Any, bucket: Any) -> torch.futures.Future[Tensor]:
@@ -143,12 +148,25 @@ class _ShardedLoss(torch.autograd.Function):
         stash_classes: int,
         first: bool,
         group: Any,
+        head: tuple[int, float | None],
+        target_cos: np.ndarray | None,
     ) -> Tensor:
         e = emb_all.detach().contiguous().numpy()
         w = weight.detach().contiguous().numpy()
         combine = _combine_over(group)
         loss, _, g_emb, g_w = _core.margin_loss_shard(
-            e, w, targets.numpy(), spec, "mean", stash_classes, first, combine, row_margins=rows
+            e,
+            w,
+            targets.numpy(),
+            spec,
+            "mean",
+            stash_classes,
+            first,
+            combine,
+            row_margins=rows,
+            sub_centers=head[0],
+            interclass_filter=head[1],
+            target_cos=target_cos,
         )
         ctx.grads = (torch.from_numpy(g_emb), torch.from_numpy(g_w))
         return torch.tensor(loss, dtype=emb_all.dtype)
@@ -163,7 +181,7 @@ class _ShardedLoss(torch.autograd.Function):
         if not bool(grad == 1):
             g_emb.mul_(grad)
             g_w.mul_(grad)
-        return g_emb, g_w, None, None, None, None, None, None
+        return (g_emb, g_w) + (None,) * 8
 
 
 class ShardedMarginHead(nn.Module):
@@ -174,6 +192,11 @@ class ShardedMarginHead(nn.Module):
     exactly that loss's gradient for this rank's embeddings and for this rank's shard
     ``weight`` (rows ``shard_range`` of the full (C, D) matrix). CPU tensors, float32 or
     float64; the process group's backend must support all_gather and all_reduce (gloo).
+
+    ``sub_centers=K`` gives each class K centres (this rank's ``weight`` holds all K rows
+    of each of its classes: a class never straddles two ranks); ``interclass_filter`` as
+    :func:`arcface_rs.margin_loss`. Hard-negative margins (CurricularFace, MV-Softmax)
+    threshold on each row's target cosine, gathered from the rank holding it.
 
     ``sample_rate < 1`` is Partial FC: each step keeps every class centre that is a target in
     the global batch plus uniformly sampled others, up to ``ceil(sample_rate * shard size)``
@@ -195,6 +218,8 @@ class ShardedMarginHead(nn.Module):
         process_group: Any = None,
         dtype: torch.dtype = torch.float32,
         device: Any = None,
+        sub_centers: int = 1,
+        interclass_filter: float | None = None,
     ) -> None:
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -219,10 +244,13 @@ class ShardedMarginHead(nn.Module):
             )
         self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
         self.margin, self.sample_rate = margin, float(sample_rate)
+        self.sub_centers = check_sub_centers(sub_centers)
+        self.interclass_filter = check_filter(interclass_filter)
         self.shard_range = shard_range(self.num_classes, self.world_size, self.rank)
         lo, hi = self.shard_range
+        rows = (hi - lo) * self.sub_centers
         self.weight = nn.Parameter(
-            torch.empty(hi - lo, self.embedding_size, dtype=dtype, device=device)
+            torch.empty(rows, self.embedding_size, dtype=dtype, device=device)
         )
         self.last_sampled: Tensor | None = None
         self.reset_parameters()
@@ -234,23 +262,26 @@ class ShardedMarginHead(nn.Module):
         return (
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
             f"margin={self.margin!r}, sample_rate={self.sample_rate}, "
-            f"rank={self.rank}/{self.world_size}, shard_range={self.shard_range}"
+            f"rank={self.rank}/{self.world_size}, shard_range={self.shard_range}, "
+            f"sub_centers={self.sub_centers}, interclass_filter={self.interclass_filter}"
         )
 
     def load_full_weight(self, weight: Tensor) -> None:
-        """Copies this rank's rows of a full (C, D) weight (e.g. from ``merge_shards``)."""
-        if tuple(weight.shape) != (self.num_classes, self.embedding_size):
+        """Copies this rank's rows of a full (C*K, D) weight (e.g. from ``merge_shards``)."""
+        k = self.sub_centers
+        if tuple(weight.shape) != (self.num_classes * k, self.embedding_size):
             raise ValueError(
-                f"weight must have shape ({self.num_classes}, {self.embedding_size}), "
+                f"weight must have shape ({self.num_classes * k}, {self.embedding_size}), "
                 f"got {tuple(weight.shape)}"
             )
+        lo, hi = self.shard_range
         with torch.no_grad():
-            self.weight.copy_(weight[slice(*self.shard_range)])
+            self.weight.copy_(weight[lo * k : hi * k])
 
     def full_weight(self) -> Tensor:
-        """The whole (C, D) weight, gathered from every rank (a collective: call on all)."""
+        """The whole (C*K, D) weight, gathered from every rank (a collective: call on all)."""
         sizes = [
-            hi - lo
+            (hi - lo) * self.sub_centers
             for lo, hi in (
                 shard_range(self.num_classes, self.world_size, r) for r in range(self.world_size)
             )
@@ -270,24 +301,24 @@ class ShardedMarginHead(nn.Module):
         chosen = others[torch.randperm(len(others))[: keep - len(positives)]]
         return torch.sort(torch.cat([positives, chosen])).values
 
-    def _row_blocks(self, emb_all: Tensor, labels_all: Tensor, local: Tensor) -> np.ndarray | None:
+    def _target_cos(self, x: Tensor, labels_all: Tensor, local: Tensor) -> np.ndarray:
+        """(B,) float64 target cosine of every global row, NaN for ignored rows: each rank
+        knows those of the rows whose class it holds (a collective)."""
+        cos = torch.zeros(len(labels_all), dtype=torch.float64)
+        k, lo = self.sub_centers, self.shard_range[0]
+        if bool(local.any()):
+            centres = self.weight.detach().to(torch.float64).view(-1, k, x.shape[1])
+            mine = centres[labels_all[local] - lo]
+            cos[local] = F.cosine_similarity(x[local][:, None, :], mine, dim=2).amax(dim=1)
+        dist.all_reduce(cos, op=dist.ReduceOp.SUM, group=self.group)
+        return torch.where(labels_all >= 0, cos, torch.full_like(cos, math.nan)).numpy()
+
+    def _row_blocks(self, x: Tensor, target_cos: Any) -> np.ndarray | None:
         """The margin's per-row blocks for the global batch, identical on every rank: each
         rank updates its own margin's state from the same gathered batch (AdaFace's
         statistics), then rank 0's blocks are broadcast (ElasticFace's draws)."""
         if type(self.margin)._rows is Margin._rows:
             return self.margin._row_blocks
-        x = emb_all.detach().to(torch.float64)
-        lo = self.shard_range[0]
-
-        def target_cos() -> np.ndarray:
-            # each rank knows the cosines of the rows whose class it holds
-            cos = torch.zeros(len(labels_all), dtype=torch.float64)
-            if bool(local.any()):
-                centres = self.weight.detach()[labels_all[local] - lo].to(torch.float64)
-                cos[local] = F.cosine_similarity(x[local], centres, dim=1)
-            dist.all_reduce(cos, op=dist.ReduceOp.SUM, group=self.group)
-            return cos.numpy()
-
         blocks = self.margin._rows(lambda: x.norm(dim=1).numpy(), target_cos)
         if blocks is None:
             return None
@@ -323,11 +354,23 @@ class ShardedMarginHead(nn.Module):
                 f"[-1, {self.num_classes})"
             )
         lo, hi = self.shard_range
+        k = self.sub_centers
         local = (labels_all >= lo) & (labels_all < hi)
+        x = emb_all.detach().to(torch.float64)
+        cos_cache: list[np.ndarray] = []
+
+        def target_cos() -> np.ndarray:
+            if not cos_cache:  # one collective per call, whoever asks first
+                cos_cache.append(self._target_cos(x, labels_all, local))
+            return cos_cache[0]
+
+        rows = self._row_blocks(x, target_cos)
+        hard = self.margin._block[0] in _KINDS_WITH_HARD_NEGATIVES
         if self.sample_rate < 1.0:
             kept = self._sample(labels_all)
             self.last_sampled = kept
-            weight = self.weight[kept - lo]
+            centre_rows = ((kept - lo)[:, None] * k + torch.arange(k)).flatten()
+            weight = self.weight[centre_rows]
             columns = torch.searchsorted(kept, labels_all.clamp(lo, hi - 1))
             count = torch.tensor([len(kept)], dtype=torch.int64)
             dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.group)
@@ -342,8 +385,10 @@ class ShardedMarginHead(nn.Module):
             weight,
             targets,
             self.margin._spec,
-            self._row_blocks(emb_all, labels_all, local),
+            rows,
             stash_classes,
             self.rank == 0,
             self.group,
+            (k, self.interclass_filter),
+            target_cos() if hard else None,
         )

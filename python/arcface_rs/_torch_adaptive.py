@@ -9,10 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._cuda import cuda_available
 from ._margins import AdaFace, ElasticFace, MagFace
-from ._torch_plain import _plain_loss, _warn_cuda_once
-from .torch import _check, _loss, _MarginHead
+from ._torch_plain import _plain_logits, _plain_loss, _warn_cuda_once
+from .torch import _check, _fused_cuda, _loss, _MarginHead
 
 __all__ = ["AdaFaceHead", "ElasticFaceHead", "MagFaceHead"]
 
@@ -35,6 +34,8 @@ class AdaFaceHead(_MarginHead):
         Over the rows whose label is not -1.
     device, dtype
         Of ``weight``.
+    sub_centers, interclass_filter
+        Centres per class and the inter-class filter (see :func:`arcface_rs.margin_loss`).
     """
 
     batch_mean: Tensor
@@ -53,9 +54,13 @@ class AdaFaceHead(_MarginHead):
         reduction: str = "mean",
         device: Any = None,
         dtype: Any = None,
+        sub_centers: int = 1,
+        interclass_filter: float | None = None,
     ) -> None:
         margin = AdaFace(s=s, m=m, h=h, t_alpha=t_alpha, batch_mean=batch_mean, batch_std=batch_std)
-        super().__init__(embedding_size, num_classes, reduction, device, dtype)
+        super().__init__(
+            embedding_size, num_classes, reduction, device, dtype, sub_centers, interclass_filter
+        )
         self.margin = margin
         stats = {"dtype": torch.float64, "device": device}
         self.register_buffer("batch_mean", torch.full((), float(batch_mean), **stats))
@@ -88,18 +93,23 @@ class AdaFaceHead(_MarginHead):
         labels = _check(emb, self.weight, labels)
         if self.training:  # the statistics move before use, as the paper's head does
             self._update_statistics(emb)
-        rows = self._row_blocks(emb)
-        if emb.device.type != "cpu" and not (emb.device.type == "cuda" and cuda_available()):
+        rows, head = self._row_blocks(emb), self._head
+        fused = emb.device.type == "cuda" and _fused_cuda(self.margin, *head)
+        if emb.device.type != "cpu" and not fused:
             _warn_cuda_once()
-            return _plain_loss(emb, self.weight, labels, self.margin, self.reduction, rows)
-        return _loss(emb, self.weight, labels, self.margin, self.reduction, rows)
+            return _plain_loss(emb, self.weight, labels, self.margin, self.reduction, rows, *head)
+        return _loss(emb, self.weight, labels, self.margin, self.reduction, rows, head)
 
     def logits(self, emb: Tensor, labels: Tensor) -> Tensor:
         """The (B, num_classes) margin logits with the current statistics (no update)."""
         from ._torch_ops import _encode, _logits_op
 
         labels = _check(emb, self.weight, labels)
-        return _logits_op(emb, self.weight, labels, _encode(self.margin)[0], self._row_blocks(emb))
+        rows, block = self._row_blocks(emb), _encode(self.margin)[0]
+        if emb.device.type != "cpu":
+            _warn_cuda_once()
+            return _plain_logits(emb, self.weight, labels, self.margin, rows, *self._head)
+        return _logits_op(emb, self.weight, labels, block, rows, *self._head)
 
 
 class MagFaceHead(_MarginHead):
@@ -116,6 +126,8 @@ class MagFaceHead(_MarginHead):
         Over the rows whose label is not -1 (the regulariser too).
     device, dtype
         Of ``weight``.
+    sub_centers, interclass_filter
+        Centres per class and the inter-class filter (see :func:`arcface_rs.margin_loss`).
     """
 
     def __init__(
@@ -132,9 +144,13 @@ class MagFaceHead(_MarginHead):
         reduction: str = "mean",
         device: Any = None,
         dtype: Any = None,
+        sub_centers: int = 1,
+        interclass_filter: float | None = None,
     ) -> None:
         margin = MagFace(s, l_a, u_a, l_m, u_m, lambda_g, easy_margin)
-        super().__init__(embedding_size, num_classes, reduction, device, dtype)
+        super().__init__(
+            embedding_size, num_classes, reduction, device, dtype, sub_centers, interclass_filter
+        )
         self.margin = margin
 
 
@@ -152,6 +168,8 @@ class ElasticFaceHead(_MarginHead):
         Over the rows whose label is not -1.
     device, dtype
         Of ``weight``.
+    sub_centers, interclass_filter
+        Centres per class and the inter-class filter (see :func:`arcface_rs.margin_loss`).
     """
 
     def __init__(
@@ -167,7 +185,11 @@ class ElasticFaceHead(_MarginHead):
         reduction: str = "mean",
         device: Any = None,
         dtype: Any = None,
+        sub_centers: int = 1,
+        interclass_filter: float | None = None,
     ) -> None:
         margin = ElasticFace(s=s, m=m, std=std, kind=kind, plus=plus, seed=seed)
-        super().__init__(embedding_size, num_classes, reduction, device, dtype)
+        super().__init__(
+            embedding_size, num_classes, reduction, device, dtype, sub_centers, interclass_filter
+        )
         self.margin = margin

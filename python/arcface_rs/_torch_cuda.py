@@ -115,12 +115,34 @@ def _run_loss_cuda(
     return row_loss, row_weight, g_emb, g_w
 
 
+def _fused_layout_only(sub_centers: int, interclass_filter: float | None) -> None:
+    """The CUDA kernels have one centre per class and no filter (arcface_rs.torch routes
+    other heads to the plain-PyTorch path before reaching them)."""
+    if sub_centers != 1 or interclass_filter is not None:
+        raise ValueError(
+            "sub_centers and interclass_filter: the fused CUDA kernels have neither yet; "
+            "arcface_rs.torch runs such heads on CUDA tensors with plain PyTorch"
+        )
+
+
 def _like(g: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty((0,)) if g is None else g.to(like.dtype)
 
 
 @_loss_op.register_kernel("cuda")
-def _loss_cuda(emb, weight, labels, margin, row_margins, reduction, need_emb, need_weight):
+def _loss_cuda(
+    emb,
+    weight,
+    labels,
+    margin,
+    row_margins,
+    sub_centers,
+    interclass_filter,
+    reduction,
+    need_emb,
+    need_weight,
+):
+    _fused_layout_only(sub_centers, interclass_filter)
     dtype = _compute_dtype(emb, weight)
     fused = reduction != "none"
     rows, row_weight, g_emb, g_w = _run_loss_cuda(
@@ -140,8 +162,19 @@ def _loss_cuda(emb, weight, labels, margin, row_margins, reduction, need_emb, ne
 
 @_loss_backward_op.register_kernel("cuda")
 def _loss_backward_cuda(
-    emb, weight, labels, margin, row_margins, reduction, upstream, need_emb, need_weight
+    emb,
+    weight,
+    labels,
+    margin,
+    row_margins,
+    sub_centers,
+    interclass_filter,
+    reduction,
+    upstream,
+    need_emb,
+    need_weight,
 ):
+    _fused_layout_only(sub_centers, interclass_filter)
     rows = torch.broadcast_to(upstream.to(torch.float64), (emb.shape[0],)).contiguous()
     _, _, g_emb, g_w = _run_loss_cuda(
         emb, weight, labels, margin, row_margins, reduction, need_emb, need_weight, upstream=rows

@@ -9,6 +9,7 @@ tensor of one block per row: ops take only tensors and numbers.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import numpy as np
@@ -22,20 +23,25 @@ NATIVE = (torch.float32, torch.float64)
 
 # The ops' schemas, spelled out rather than inferred from the annotations: torch 2.4's
 # inference cannot read the string annotations of `from __future__ import annotations`.
+# Every op also takes the head's class layout and filter: `int sub_centers, float?
+# interclass_filter` (arcface_rs.margin_loss's keywords).
+_HEAD = "int sub_centers, float? interclass_filter"
 _LOSS_SCHEMA = (
     "(Tensor emb, Tensor weight, Tensor labels, float[] margin, Tensor? row_margins, "
-    "str reduction, bool need_emb, bool need_weight) -> (Tensor, Tensor, Tensor)"
+    f"{_HEAD}, str reduction, bool need_emb, bool need_weight) -> (Tensor, Tensor, Tensor)"
 )
 _LOSS_BACKWARD_SCHEMA = (
     "(Tensor emb, Tensor weight, Tensor labels, float[] margin, Tensor? row_margins, "
-    "str reduction, Tensor upstream, bool need_emb, bool need_weight) -> (Tensor, Tensor)"
+    f"{_HEAD}, str reduction, Tensor upstream, bool need_emb, bool need_weight) "
+    "-> (Tensor, Tensor)"
 )
 _LOGITS_SCHEMA = (
-    "(Tensor emb, Tensor weight, Tensor labels, float[] margin, Tensor? row_margins) -> Tensor"
+    "(Tensor emb, Tensor weight, Tensor labels, float[] margin, Tensor? row_margins, "
+    f"{_HEAD}) -> Tensor"
 )
 _LOGITS_BACKWARD_SCHEMA = (
-    "(Tensor grad, Tensor emb, Tensor weight, Tensor labels, float[] margin, Tensor? row_margins) "
-    "-> (Tensor, Tensor)"
+    "(Tensor grad, Tensor emb, Tensor weight, Tensor labels, float[] margin, Tensor? row_margins, "
+    f"{_HEAD}) -> (Tensor, Tensor)"
 )
 
 
@@ -49,7 +55,9 @@ def _encode(margin: Margin) -> tuple[list[float], Tensor | None]:
     return list(margin._block), None
 
 
-def _rows_of(margin: Margin, emb: Tensor, weight: Tensor, labels: Tensor) -> Tensor | None:
+def _rows_of(
+    margin: Margin, emb: Tensor, weight: Tensor, labels: Tensor, sub_centers: int = 1
+) -> Tensor | None:
     """The margin's per-row parameter blocks for this batch as a float64 tensor, or None
     when one margin serves every row. Margins with state (AdaFace's statistics,
     ElasticFace's draws) compute them on the host from the detached batch."""
@@ -64,9 +72,14 @@ def _rows_of(margin: Margin, emb: Tensor, weight: Tensor, labels: Tensor) -> Ten
 
     def target_cos() -> np.ndarray:
         y = labels.to(torch.int64)
-        centres = w[y.clamp(0, w.shape[0] - 1)].to(torch.float64)
-        c = torch.nn.functional.cosine_similarity(x.to(torch.float64), centres, dim=1)
-        return torch.where(y >= 0, c, torch.zeros_like(c)).cpu().numpy()
+        k = sub_centers
+        classes = w.shape[0] // k
+        if w.shape[0] % k or bool(((y < -1) | (y >= classes)).any()):
+            return np.full(len(y), math.nan)  # the op names the bad shape or label next
+        xs = x.to(torch.float64)
+        centres = w.to(torch.float64).reshape(classes, k, -1)[y.clamp(0, classes - 1)]
+        c = torch.nn.functional.cosine_similarity(xs[:, None, :], centres, dim=2).amax(dim=1)
+        return torch.where(y >= 0, c, torch.full_like(c, math.nan)).cpu().numpy()
 
     blocks = margin._rows(norms, target_cos)
     return None if blocks is None else torch.from_numpy(blocks)
@@ -110,6 +123,8 @@ def _loss_op(
     labels: Tensor,
     margin: list[float],
     row_margins: Tensor | None,
+    sub_centers: int,
+    interclass_filter: float | None,
     reduction: str,
     need_emb: bool,
     need_weight: bool,
@@ -122,6 +137,7 @@ def _loss_op(
         labels,
         margin,
         row_margins,
+        (sub_centers, interclass_filter),
         reduction,
         need_emb and fused,
         need_weight and fused,
@@ -139,12 +155,14 @@ def _run_loss(
     labels: Tensor,
     margin: list[float],
     row_margins: Tensor | None,
+    head: tuple[int, float | None],
     reduction: str,
     need_emb: bool,
     need_weight: bool,
     upstream: np.ndarray | None = None,
 ) -> tuple[float, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """The fused kernel on NumPy views of CPU tensors, in the compute dtype."""
+    """The fused kernel on NumPy views of CPU tensors, in the compute dtype. ``head``:
+    (sub_centers, interclass_filter)."""
     dtype = _compute_dtype(emb, weight)
     return _core.margin_loss(
         _numpy(emb, dtype),
@@ -156,6 +174,8 @@ def _run_loss(
         grad_weight=need_weight,
         upstream=upstream,
         row_margins=_row_blocks(row_margins),
+        sub_centers=head[0],
+        interclass_filter=head[1],
     )
 
 
@@ -166,7 +186,18 @@ def _grad_tensor(g: np.ndarray | None, like: Tensor) -> Tensor:
 
 
 @_loss_op.register_fake
-def _(emb, weight, labels, margin, row_margins, reduction, need_emb, need_weight):
+def _(
+    emb,
+    weight,
+    labels,
+    margin,
+    row_margins,
+    sub_centers,
+    interclass_filter,
+    reduction,
+    need_emb,
+    need_weight,
+):
     dtype = _compute_dtype(emb, weight)
     out = emb.new_empty((emb.shape[0],) if reduction == "none" else (), dtype=dtype)
     fused = reduction != "none"
@@ -187,6 +218,8 @@ def _loss_backward_op(
     labels: Tensor,
     margin: list[float],
     row_margins: Tensor | None,
+    sub_centers: int,
+    interclass_filter: float | None,
     reduction: str,
     upstream: Tensor,
     need_emb: bool,
@@ -200,6 +233,7 @@ def _loss_backward_op(
         labels,
         margin,
         row_margins,
+        (sub_centers, interclass_filter),
         reduction,
         need_emb,
         need_weight,
@@ -209,7 +243,19 @@ def _loss_backward_op(
 
 
 @_loss_backward_op.register_fake
-def _(emb, weight, labels, margin, row_margins, reduction, upstream, need_emb, need_weight):
+def _(
+    emb,
+    weight,
+    labels,
+    margin,
+    row_margins,
+    sub_centers,
+    interclass_filter,
+    reduction,
+    upstream,
+    need_emb,
+    need_weight,
+):
     return (
         emb.new_empty(emb.shape if need_emb else (0,)),
         weight.new_empty(weight.shape if need_weight else (0,)),
@@ -227,8 +273,10 @@ def _is_exactly_one(t: Tensor) -> bool:
 
 
 def _loss_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    emb, weight, labels, margin, row_margins, reduction, need_emb, need_weight = inputs
+    emb, weight, labels, margin, row_margins, sub_centers, interclass_filter = inputs[:7]
+    reduction, need_emb, need_weight = inputs[7:]
     ctx.reduction, ctx.margin, ctx.row_margins = reduction, margin, row_margins
+    ctx.head = (sub_centers, interclass_filter)
     ctx.need = (need_emb, need_weight)
     # The gradient outputs carry no gradient of their own; without this autograd would fill
     # a zero (C, D) tensor for them on every backward.
@@ -259,7 +307,7 @@ def _no_double_backward() -> None:
 def _loss_backward(ctx: Any, g_loss: Tensor | None, _g1: Any, _g2: Any):
     need_emb, need_weight = ctx.need
     if g_loss is None:
-        return (None,) * 8
+        return (None,) * 10
     _no_double_backward()
     if ctx.fused is not None:
         g_emb, g_w = ctx.fused
@@ -276,21 +324,13 @@ def _loss_backward(ctx: Any, g_loss: Tensor | None, _g1: Any, _g2: Any):
             labels,
             ctx.margin,
             ctx.row_margins,
+            *ctx.head,
             ctx.reduction,
             g_loss,
             need_emb,
             need_weight,
         )
-    return (
-        g_emb if need_emb else None,
-        g_w if need_weight else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    return (g_emb if need_emb else None, g_w if need_weight else None) + (None,) * 8
 
 
 torch.library.register_autograd(
@@ -302,7 +342,13 @@ torch.library.register_autograd(
     "arcface_rs::margin_logits", mutates_args=(), device_types="cpu", schema=_LOGITS_SCHEMA
 )
 def _logits_op(
-    emb: Tensor, weight: Tensor, labels: Tensor, margin: list[float], row_margins: Tensor | None
+    emb: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    margin: list[float],
+    row_margins: Tensor | None,
+    sub_centers: int,
+    interclass_filter: float | None,
 ) -> Tensor:
     dtype = _compute_dtype(emb, weight)
     z = _core.margin_logits(
@@ -311,13 +357,16 @@ def _logits_op(
         labels.numpy(),
         _spec(tuple(margin)),
         row_margins=_row_blocks(row_margins),
+        sub_centers=sub_centers,
+        interclass_filter=interclass_filter,
     )
     return torch.from_numpy(z)
 
 
 @_logits_op.register_fake
-def _(emb, weight, labels, margin, row_margins):
-    return emb.new_empty((emb.shape[0], weight.shape[0]), dtype=_compute_dtype(emb, weight))
+def _(emb, weight, labels, margin, row_margins, sub_centers, interclass_filter):
+    classes = weight.shape[0] // sub_centers
+    return emb.new_empty((emb.shape[0], classes), dtype=_compute_dtype(emb, weight))
 
 
 @torch.library.custom_op(
@@ -333,6 +382,8 @@ def _logits_backward_op(
     labels: Tensor,
     margin: list[float],
     row_margins: Tensor | None,
+    sub_centers: int,
+    interclass_filter: float | None,
 ) -> tuple[Tensor, Tensor]:
     dtype = _compute_dtype(emb, weight)
     g_emb, g_w = _core.margin_logits_backward(
@@ -342,26 +393,31 @@ def _logits_backward_op(
         labels.numpy(),
         _spec(tuple(margin)),
         row_margins=_row_blocks(row_margins),
+        sub_centers=sub_centers,
+        interclass_filter=interclass_filter,
     )
     return _grad_tensor(g_emb, emb), _grad_tensor(g_w, weight)
 
 
 @_logits_backward_op.register_fake
-def _(grad, emb, weight, labels, margin, row_margins):
+def _(grad, emb, weight, labels, margin, row_margins, sub_centers, interclass_filter):
     return emb.new_empty(emb.shape), weight.new_empty(weight.shape)
 
 
 def _logits_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
-    emb, weight, labels, margin, row_margins = inputs
+    emb, weight, labels, margin, row_margins, sub_centers, interclass_filter = inputs
     ctx.margin, ctx.row_margins = margin, row_margins
+    ctx.head = (sub_centers, interclass_filter)
     ctx.save_for_backward(emb, weight, labels)
 
 
 def _logits_backward(ctx: Any, grad: Tensor):
     _no_double_backward()
     emb, weight, labels = ctx.saved_tensors
-    g_emb, g_w = _logits_backward_op(grad, emb, weight, labels, ctx.margin, ctx.row_margins)
-    return g_emb, g_w, None, None, None
+    g_emb, g_w = _logits_backward_op(
+        grad, emb, weight, labels, ctx.margin, ctx.row_margins, *ctx.head
+    )
+    return (g_emb, g_w) + (None,) * 5
 
 
 torch.library.register_autograd(

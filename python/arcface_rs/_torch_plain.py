@@ -64,8 +64,15 @@ def _psi_dpsi(
         t = shifted.clamp(eps, math.pi - eps)
         free = (cc == c) & (t == shifted)
         return torch.cos(t) - (m + m * z), torch.where(free, torch.sin(t) / torch.sin(theta), 0)
+    if kind == _KINDS["mvsoftmax"] and not bool((a[2] != 0).any()):
+        return torch.where(c > a[0], c - a[0], c), one
     straight = torch.zeros_like(c, dtype=torch.bool)
-    if kind == _KINDS["arcface"]:
+    if kind in (_KINDS["curricularface"], _KINDS["mvsoftmax"]):
+        # ArcFace's target (MV-Softmax's angular kind: psi = c where c <= 0)
+        no = torch.zeros_like(c, dtype=torch.bool)
+        m1, m2, m3 = one, a[0], torch.zeros_like(c)
+        easy = no if kind == _KINDS["curricularface"] else torch.ones_like(no)
+    elif kind == _KINDS["arcface"]:
         m1, m2, m3, easy, straight = one, a[0], torch.zeros_like(c), a[1] != 0, a[2] != 0
     elif kind == _KINDS["combined"]:
         m1, m2, m3, easy = a[0], a[1], a[2], torch.zeros_like(c, dtype=torch.bool)
@@ -102,8 +109,27 @@ class _Psi(torch.autograd.Function):
         return grad * dpsi, None, None
 
 
+def _hard_negatives(blocks: Tensor, target: Tensor, cos: Tensor) -> Tensor:
+    """CurricularFace's and MV-Softmax's non-target cosines (margin.rs's HardNegatives):
+    rows' blocks (n, MARGIN_PARAMS), their target cosines (n,) and cosines (n, C)."""
+    kind = int(blocks[0, 0])
+    m, t = blocks[:, 2:3], blocks[:, 3:4]
+    target = target.detach()[:, None]
+    shifted = torch.cos(torch.acos(target) + m)  # cos(theta_y + m), no fallback
+    if kind == _KINDS["curricularface"]:
+        return torch.where(cos > shifted, cos * (t + cos), cos)
+    above = torch.where(blocks[:, 4:5] != 0, shifted, target - m)
+    return torch.where(cos > above, t * cos + t - 1.0, cos)
+
+
 def _plain_logits(
-    emb: Tensor, weight: Tensor, labels: Tensor, margin: Margin, row_blocks: Tensor | None = None
+    emb: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    margin: Margin,
+    row_blocks: Tensor | None = None,
+    sub_centers: int = 1,
+    interclass_filter: float | None = None,
 ) -> Tensor:
     dtype = _compute_dtype(emb, weight)
     x, w = emb.to(dtype), weight.to(dtype)
@@ -114,14 +140,29 @@ def _plain_logits(
             row = int(torch.nonzero(bad)[0, 0])
             raise ValueError(f"{name}: row {row} is all zeros or contains NaN or inf")
     cos = ((x / x_norm) @ (w / w_norm).T).clamp(-1.0, 1.0)
+    if sub_centers > 1:
+        if w.shape[0] % sub_centers:
+            raise ValueError(
+                f"weight: has {w.shape[0]} rows, not a multiple of sub_centers = {sub_centers}"
+            )
+        cos = cos.view(len(cos), -1, sub_centers).amax(dim=2)  # the gradient: arg-max only
     rows = torch.nonzero(labels >= 0).flatten()
     cols = labels[rows]
+    if interclass_filter is not None:
+        dirty = (cos > interclass_filter).detach()
+        dirty[rows, cols] = False
+        cos = cos.masked_fill(dirty, 0.0)
     if margin._block[0] == _KINDS["magface"]:
         raise ValueError(
             "margin: MagFace on CUDA tensors needs the fused CUDA head (a build with the "
             "`cuda` feature and a visible GPU); the plain-PyTorch path does not have it"
         )
-    psi = _Psi.apply(cos[rows, cols], margin, None if row_blocks is None else row_blocks[rows])
+    blocks = None if row_blocks is None else row_blocks[rows]
+    target = cos[rows, cols]
+    if margin._block[0] in (_KINDS["curricularface"], _KINDS["mvsoftmax"]):
+        every = _blocks(margin, target, blocks).to(cos.dtype)
+        cos = cos.index_put((rows,), _hard_negatives(every, target, cos[rows]))
+    psi = _Psi.apply(target, margin, blocks)
     cos = cos.index_put((rows, cols), psi)
     scale = x_norm if margin.scale is None else margin.scale
     return cos * scale
@@ -134,8 +175,10 @@ def _plain_loss(
     margin: Margin,
     reduction: str,
     row_blocks: Tensor | None = None,
+    sub_centers: int = 1,
+    interclass_filter: float | None = None,
 ) -> Tensor:
-    logits = _plain_logits(emb, weight, labels, margin, row_blocks)
+    logits = _plain_logits(emb, weight, labels, margin, row_blocks, sub_centers, interclass_filter)
     per_row = F.cross_entropy(logits, labels, ignore_index=-1, reduction="none")
     if reduction == "none":
         return per_row

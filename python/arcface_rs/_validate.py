@@ -70,6 +70,30 @@ def count(name: str, value: Any) -> int:
     return value
 
 
+MAX_SUB_CENTERS = 255
+
+
+def sub_centers(value: Any) -> int:
+    """Centres per class K: an int in 1..=255."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"sub_centers must be an int, got {type(value).__name__}")
+    if not 1 <= int(value) <= MAX_SUB_CENTERS:
+        raise ValueError(f"sub_centers must be in 1..={MAX_SUB_CENTERS}, got {value}")
+    return int(value)
+
+
+def interclass_filter(value: Any) -> float | None:
+    """None, or the cosine above which non-targets are filtered: a real in [-1, 1]."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"interclass_filter must be None or a float, got {type(value).__name__}")
+    value = float(value)
+    if not -1.0 <= value <= 1.0:
+        raise ValueError(f"interclass_filter must be None or a cosine in [-1, 1], got {value}")
+    return value
+
+
 def reduction(value: Any) -> str:
     """One of ``REDUCTIONS``."""
     if value not in REDUCTIONS:

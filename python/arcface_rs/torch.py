@@ -29,11 +29,21 @@ from torch import Tensor, nn
 
 from . import _torch_cuda  # noqa: F401  (registers the CUDA kernels of the ops)
 from ._cuda import cuda_available
-from ._margins import ArcFace, CombinedMargin, CosFace, Margin, Softmax, SphereFace
+from ._margins import (
+    _KINDS_WITH_HARD_NEGATIVES,
+    ArcFace,
+    CombinedMargin,
+    CosFace,
+    Margin,
+    Softmax,
+    SphereFace,
+)
 from ._sharded import ShardedMarginHead, ddp_sum_hook, merge_shards, shard_range, split_weight
 from ._torch_ops import NATIVE, _encode, _logits_op, _loss_op, _rows_of
 from ._torch_plain import _plain_logits, _plain_loss, _warn_cuda_once
+from ._validate import interclass_filter as check_filter
 from ._validate import reduction as check_reduction
+from ._validate import sub_centers as check_sub_centers
 
 __all__ = [
     "AdaFaceHead",
@@ -41,8 +51,10 @@ __all__ = [
     "CenterLoss",
     "CombinedMarginHead",
     "CosFaceHead",
+    "CurricularFaceHead",
     "ElasticFaceHead",
     "MagFaceHead",
+    "MVSoftmaxHead",
     "ShardedMarginHead",
     "SoftmaxHead",
     "SphereFaceHead",
@@ -96,8 +108,20 @@ def _check(emb: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
     return labels.long()
 
 
+def _fused_cuda(margin: Margin, sub_centers: int, interclass_filter: float | None) -> bool:
+    """Whether CUDA tensors can take the fused CUDA kernels (else the plain path)."""
+    simple = sub_centers == 1 and interclass_filter is None
+    return simple and margin._block[0] not in _KINDS_WITH_HARD_NEGATIVES and cuda_available()
+
+
 def margin_loss(
-    emb: Tensor, weight: Tensor, labels: Tensor, margin: Margin, reduction: str = "mean"
+    emb: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    margin: Margin,
+    reduction: str = "mean",
+    sub_centers: int = 1,
+    interclass_filter: float | None = None,
 ) -> Tensor:
     """Fused margin-softmax cross-entropy, differentiable in ``emb`` and ``weight``.
 
@@ -113,6 +137,8 @@ def margin_loss(
         The head's margin object.
     reduction : {"mean", "sum", "none"}
         Over the rows that are not ignored.
+    sub_centers, interclass_filter
+        As for :func:`arcface_rs.margin_loss` (weight (C*K, D) for K sub-centres).
 
     Returns
     -------
@@ -121,12 +147,12 @@ def margin_loss(
     """
     labels = _check(emb, weight, labels)
     check_reduction(reduction)
-    if emb.device.type != "cpu" and not (emb.device.type == "cuda" and cuda_available()):
+    head = (check_sub_centers(sub_centers), check_filter(interclass_filter))
+    rows = _rows_of(margin, emb, weight, labels, head[0])
+    if emb.device.type != "cpu" and not (emb.device.type == "cuda" and _fused_cuda(margin, *head)):
         _warn_cuda_once()
-        return _plain_loss(
-            emb, weight, labels, margin, reduction, _rows_of(margin, emb, weight, labels)
-        )
-    return _loss(emb, weight, labels, margin, reduction, _rows_of(margin, emb, weight, labels))
+        return _plain_loss(emb, weight, labels, margin, reduction, rows, *head)
+    return _loss(emb, weight, labels, margin, reduction, rows, head)
 
 
 def _loss(
@@ -136,8 +162,10 @@ def _loss(
     margin: Margin,
     reduction: str,
     row_blocks: Tensor | None,
+    head: tuple[int, float | None] = (1, None),
 ) -> Tensor:
-    """The fused loss op with checked inputs and the batch's per-row blocks (if any)."""
+    """The fused loss op with checked inputs and the batch's per-row blocks (if any);
+    ``head``: (sub_centers, interclass_filter)."""
     block, _ = _encode(margin)
     grad = torch.is_grad_enabled()
     loss, _, _ = _loss_op(
@@ -146,6 +174,7 @@ def _loss(
         labels,
         block,
         row_blocks,
+        *head,
         reduction,
         grad and emb.requires_grad,
         grad and weight.requires_grad,
@@ -153,25 +182,35 @@ def _loss(
     return loss
 
 
-def margin_logits(emb: Tensor, weight: Tensor, labels: Tensor, margin: Margin) -> Tensor:
+def margin_logits(
+    emb: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    margin: Margin,
+    sub_centers: int = 1,
+    interclass_filter: float | None = None,
+) -> Tensor:
     """The (B, C) margin logits, differentiable.
 
     Parameters
     ----------
-    emb, weight, labels, margin
+    emb, weight, labels, margin, sub_centers, interclass_filter
         As for :func:`margin_loss`.
 
     Returns
     -------
     torch.Tensor
-        ``s * cos`` with ``s * psi(cos)`` on each row's label.
+        ``s * cos`` with ``s * psi(cos)`` on each row's label (and the margin's non-target
+        rule, the filter and the sub-centre max).
     """
     labels = _check(emb, weight, labels)
+    head = (check_sub_centers(sub_centers), check_filter(interclass_filter))
+    rows = _rows_of(margin, emb, weight, labels, head[0])
     if emb.device.type != "cpu":
         _warn_cuda_once()
-        return _plain_logits(emb, weight, labels, margin, _rows_of(margin, emb, weight, labels))
+        return _plain_logits(emb, weight, labels, margin, rows, *head)
     block, _ = _encode(margin)
-    return _logits_op(emb, weight, labels, block, _rows_of(margin, emb, weight, labels))
+    return _logits_op(emb, weight, labels, block, rows, *head)
 
 
 # ---------------------------------------------------------------------------------------
@@ -182,7 +221,10 @@ class _MarginHead(nn.Module):
     """A margin-softmax head owning the class centres ``weight`` (num_classes, embedding_size).
 
     Every head also takes ``reduction`` ("mean", "sum" or "none": the loss over the rows
-    whose label is not -1), and ``device`` / ``dtype`` for its ``weight``.
+    whose label is not -1), ``device`` / ``dtype`` for its ``weight``, and the keywords
+    ``sub_centers=K`` (``weight`` is then (num_classes * K, embedding_size), class j's
+    centres in rows j*K .. j*K+K-1) and ``interclass_filter`` (see
+    :func:`arcface_rs.margin_loss`).
     """
 
     margin: Margin
@@ -194,6 +236,8 @@ class _MarginHead(nn.Module):
         reduction: str = "mean",
         device: Any = None,
         dtype: Any = None,
+        sub_centers: int = 1,
+        interclass_filter: float | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes)):
@@ -208,9 +252,10 @@ class _MarginHead(nn.Module):
             num_classes,
             reduction,
         )
-        self.weight = nn.Parameter(
-            torch.empty((num_classes, embedding_size), device=device, dtype=dtype)
-        )
+        self.sub_centers = check_sub_centers(sub_centers)
+        self.interclass_filter = check_filter(interclass_filter)
+        rows = num_classes * self.sub_centers
+        self.weight = nn.Parameter(torch.empty((rows, embedding_size), device=device, dtype=dtype))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -218,16 +263,23 @@ class _MarginHead(nn.Module):
 
     def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
         """The loss of ``emb`` (B, embedding_size) with ``labels`` (B,)."""
-        return margin_loss(emb, self.weight, labels, self.margin, self.reduction)
+        return margin_loss(emb, self.weight, labels, self.margin, self.reduction, *self._head)
 
     def logits(self, emb: Tensor, labels: Tensor) -> Tensor:
         """The (B, num_classes) margin logits."""
-        return margin_logits(emb, self.weight, labels, self.margin)
+        return margin_logits(emb, self.weight, labels, self.margin, *self._head)
+
+    @property
+    def _head(self) -> tuple[int, float | None]:
+        return self.sub_centers, self.interclass_filter
 
     def extra_repr(self) -> str:
+        extra = f", sub_centers={self.sub_centers}" if self.sub_centers > 1 else ""
+        if self.interclass_filter is not None:
+            extra += f", interclass_filter={self.interclass_filter}"
         return (
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
-            f"margin={self.margin!r}, reduction={self.reduction!r}"
+            f"margin={self.margin!r}, reduction={self.reduction!r}{extra}"
         )
 
 
@@ -245,6 +297,8 @@ class ArcFaceHead(_MarginHead):
         Over the rows whose label is not -1.
     device, dtype
         Of ``weight``.
+    sub_centers, interclass_filter
+        Centres per class and the inter-class filter (see :func:`arcface_rs.margin_loss`).
     """
 
     def __init__(
@@ -258,9 +312,13 @@ class ArcFaceHead(_MarginHead):
         reduction: str = "mean",
         device: Any = None,
         dtype: Any = None,
+        sub_centers: int = 1,
+        interclass_filter: float | None = None,
     ) -> None:
         margin = ArcFace(s=s, m=m, easy_margin=easy_margin, grad=grad)
-        super().__init__(embedding_size, num_classes, reduction, device, dtype)
+        super().__init__(
+            embedding_size, num_classes, reduction, device, dtype, sub_centers, interclass_filter
+        )
         self.margin = margin
 
 
@@ -277,6 +335,8 @@ class CosFaceHead(_MarginHead):
         Over the rows whose label is not -1.
     device, dtype
         Of ``weight``.
+    sub_centers, interclass_filter
+        Centres per class and the inter-class filter (see :func:`arcface_rs.margin_loss`).
     """
 
     def __init__(
@@ -288,9 +348,13 @@ class CosFaceHead(_MarginHead):
         reduction: str = "mean",
         device: Any = None,
         dtype: Any = None,
+        sub_centers: int = 1,
+        interclass_filter: float | None = None,
     ) -> None:
         margin = CosFace(s=s, m=m)
-        super().__init__(embedding_size, num_classes, reduction, device, dtype)
+        super().__init__(
+            embedding_size, num_classes, reduction, device, dtype, sub_centers, interclass_filter
+        )
         self.margin = margin
 
 
@@ -307,6 +371,8 @@ class CombinedMarginHead(_MarginHead):
         Over the rows whose label is not -1.
     device, dtype
         Of ``weight``.
+    sub_centers, interclass_filter
+        Centres per class and the inter-class filter (see :func:`arcface_rs.margin_loss`).
     """
 
     def __init__(
@@ -321,9 +387,13 @@ class CombinedMarginHead(_MarginHead):
         reduction: str = "mean",
         device: Any = None,
         dtype: Any = None,
+        sub_centers: int = 1,
+        interclass_filter: float | None = None,
     ) -> None:
         margin = CombinedMargin(s=s, m1=m1, m2=m2, m3=m3, grad=grad)
-        super().__init__(embedding_size, num_classes, reduction, device, dtype)
+        super().__init__(
+            embedding_size, num_classes, reduction, device, dtype, sub_centers, interclass_filter
+        )
         self.margin = margin
 
 
@@ -340,6 +410,8 @@ class SoftmaxHead(_MarginHead):
         Over the rows whose label is not -1.
     device, dtype
         Of ``weight``.
+    sub_centers, interclass_filter
+        Centres per class and the inter-class filter (see :func:`arcface_rs.margin_loss`).
     """
 
     def __init__(
@@ -350,9 +422,13 @@ class SoftmaxHead(_MarginHead):
         reduction: str = "mean",
         device: Any = None,
         dtype: Any = None,
+        sub_centers: int = 1,
+        interclass_filter: float | None = None,
     ) -> None:
         margin = Softmax(s=s)
-        super().__init__(embedding_size, num_classes, reduction, device, dtype)
+        super().__init__(
+            embedding_size, num_classes, reduction, device, dtype, sub_centers, interclass_filter
+        )
         self.margin = margin
 
 
@@ -376,6 +452,8 @@ class SphereFaceHead(_MarginHead):
         Over the rows whose label is not -1.
     device, dtype
         Of ``weight``.
+    sub_centers, interclass_filter
+        Centres per class and the inter-class filter (see :func:`arcface_rs.margin_loss`).
     """
 
     iteration: Tensor
@@ -395,6 +473,8 @@ class SphereFaceHead(_MarginHead):
         reduction: str = "mean",
         device: Any = None,
         dtype: Any = None,
+        sub_centers: int = 1,
+        interclass_filter: float | None = None,
     ) -> None:
         fixed = SphereFace(m=m, s=s, lambda_=lambda_)
         for name, value in (("base", base), ("gamma", gamma), ("power", power)):
@@ -402,7 +482,9 @@ class SphereFaceHead(_MarginHead):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not (math.isfinite(lambda_min) and lambda_min >= 0):
             raise ValueError(f"lambda_min must be a finite number >= 0, got {lambda_min!r}")
-        super().__init__(embedding_size, num_classes, reduction, device, dtype)
+        super().__init__(
+            embedding_size, num_classes, reduction, device, dtype, sub_centers, interclass_filter
+        )
         self._fixed = fixed
         self.anneal, self.base, self.gamma = bool(anneal), float(base), float(gamma)
         self.power, self.lambda_min = float(power), float(lambda_min)
@@ -431,3 +513,4 @@ class SphereFaceHead(_MarginHead):
 
 from ._torch_adaptive import AdaFaceHead, ElasticFaceHead, MagFaceHead  # noqa: E402
 from ._torch_center import CenterLoss  # noqa: E402
+from ._torch_negatives import CurricularFaceHead, MVSoftmaxHead  # noqa: E402

@@ -187,6 +187,14 @@ pub fn margin_loss(
             format!("need at least one row, class and dimension, got B={b}, C={c}, D={d}"),
         ));
     }
+    if margin.hard_negatives(0.0).is_some() {
+        // the kernels change only the target logit; hard negatives run on the CPU core
+        return Err(Error::invalid(
+            "margin",
+            "CurricularFace and MV-Softmax re-weight the non-target logits, which the CUDA \
+             kernels do not do yet; run the head on CPU tensors",
+        ));
+    }
     let (want_emb, want_weight) = (buf.grad_emb != 0, buf.grad_weight != 0);
     let plan = Plan::new(shape, want_weight, tiling);
     let mut carver = Carver::new(buf.workspace);

@@ -94,6 +94,16 @@ __device__ void psi_dpsi(const double* p, double c, double norm, double* psi, do
             *dnorm = (norm >= l_a && norm <= u_a) ? dm * slope : 0.0;
             return;
         }
+        case MARGIN_CURRICULARFACE: angular(c, 1.0, a[0], 0.0, psi, dpsi); return;
+        case MARGIN_MVSOFTMAX:
+            if (a[2] != 0.0) {  // angular: cos(theta + m) where c > 0
+                if (c > 0.0) angular(c, 1.0, a[0], 0.0, psi, dpsi);
+                else { *psi = c; *dpsi = 1.0; }
+            } else {
+                *psi = c > a[0] ? c - a[0] : c;
+                *dpsi = 1.0;
+            }
+            return;
         case MARGIN_SPHEREFACE: {
             double s, d, lambda = a[1];
             sphere(c, (int)a[0], &s, &d);

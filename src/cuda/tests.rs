@@ -183,6 +183,7 @@ fn check<'m, T: Real>(
         upstream: Some(&up),
         grad_emb: true,
         grad_weight: true,
+        head: Default::default(),
     };
     let cpu = margin_loss_with(emb.view(), weight.view(), &labels, margin, options).unwrap();
     for want in [(true, true), (true, false), (false, true), (false, false)] {

@@ -5,7 +5,7 @@ use super::convert::{
     labels_vec, parse_reduction, run, same_dtype_error, same_floats, to_py_err, Floats,
 };
 use super::margin::{margins, row_margins, PyMargin};
-use crate::head::{self, LossOptions, RowPart};
+use crate::head::{self, HeadOptions, LossOptions, RowPart};
 use crate::margin::Margins;
 use crate::real::Real;
 use numpy::{Element, IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2};
@@ -19,6 +19,15 @@ struct ShardArgs {
     stash_classes: usize,
     first_shard: bool,
     combine: Py<PyAny>,
+    target_cos: Option<Vec<f64>>,
+}
+
+/// The head's class layout and filter from the keyword arguments.
+fn head_options(sub_centers: usize, interclass_filter: Option<f64>) -> HeadOptions {
+    HeadOptions {
+        sub_centers,
+        interclass_filter,
+    }
 }
 
 /// Calls the Python `combine` with the GIL, writing its answer over `parts`.
@@ -80,6 +89,7 @@ fn loss_typed<'py, T: Real + Element>(
                 stash_classes: sh.stash_classes,
                 first_shard: sh.first_shard,
                 combine: &mut combine,
+                target_cos: sh.target_cos.as_deref(),
             };
             head::margin_loss_shard(e, w, labels, margin, options, &mut opts)
         }
@@ -102,7 +112,7 @@ fn loss_typed<'py, T: Real + Element>(
 /// row its own margin (one parameter block per row, of `margin`'s kind and scale).
 #[pyfunction]
 #[pyo3(signature = (emb, weight, labels, margin, reduction, grad_emb=true, grad_weight=true,
-    upstream=None, row_margins=None))]
+    upstream=None, row_margins=None, sub_centers=1, interclass_filter=None))]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn margin_loss<'py>(
     py: Python<'py>,
@@ -115,6 +125,8 @@ pub(super) fn margin_loss<'py>(
     grad_weight: bool,
     upstream: Option<PyReadonlyArray1<'py, f64>>,
     row_margins: Option<PyReadonlyArray2<'py, f64>>,
+    sub_centers: usize,
+    interclass_filter: Option<f64>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let labels = labels_vec(labels);
     let rows = self::row_margins(margin, row_margins)?;
@@ -124,6 +136,7 @@ pub(super) fn margin_loss<'py>(
         upstream: upstream.as_deref(),
         grad_emb,
         grad_weight,
+        head: head_options(sub_centers, interclass_filter),
     };
     let m = margins(margin, &rows);
     let arrays = (
@@ -138,10 +151,11 @@ pub(super) fn margin_loss<'py>(
 /// One shard of a model-parallel fused loss: `labels` are this shard's target columns, -1
 /// (ignored) or -2 (target in another shard); `combine(parts, failed)` must return the
 /// per-row [max, sum, sum_ez, target_logit] combined over all shards (a collective). Returns
-/// (loss, row_losses, grad_emb share, grad_weight of the shard).
+/// (loss, row_losses, grad_emb share, grad_weight of the shard). `target_cos`: every row's
+/// target cosine, needed by hard-negative margins.
 #[pyfunction]
 #[pyo3(signature = (emb, weight, labels, margin, reduction, stash_classes, first_shard, combine,
-    row_margins=None))]
+    row_margins=None, sub_centers=1, interclass_filter=None, target_cos=None))]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn margin_loss_shard<'py>(
     py: Python<'py>,
@@ -154,14 +168,21 @@ pub(super) fn margin_loss_shard<'py>(
     first_shard: bool,
     combine: Py<PyAny>,
     row_margins: Option<PyReadonlyArray2<'py, f64>>,
+    sub_centers: usize,
+    interclass_filter: Option<f64>,
+    target_cos: Option<PyReadonlyArray1<'py, f64>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let labels = labels_vec(labels);
     let rows = self::row_margins(margin, row_margins)?;
-    let options = LossOptions::new(parse_reduction(reduction)?);
+    let options = LossOptions {
+        head: head_options(sub_centers, interclass_filter),
+        ..LossOptions::new(parse_reduction(reduction)?)
+    };
     let shard = ShardArgs {
         stash_classes,
         first_shard,
         combine,
+        target_cos: target_cos.map(|t| t.as_array().to_vec()),
     };
     let arrays = (
         Floats::extract(emb, "emb")?,
@@ -184,15 +205,19 @@ fn logits_typed<'py, T: Real + Element>(
     weight: PyReadonlyArray2<'py, T>,
     labels: &[i64],
     margin: Margins,
+    head: HeadOptions,
 ) -> PyResult<Bound<'py, PyAny>> {
     let (e, w) = (emb.as_array(), weight.as_array());
-    let out = run(py, || head::margin_logits(e, w, labels, margin))?.map_err(to_py_err)?;
+    let out =
+        run(py, || head::margin_logits_with(e, w, labels, margin, head))?.map_err(to_py_err)?;
     Ok(out.into_pyarray(py).into_any())
 }
 
 /// The (B, C) margin logits.
 #[pyfunction]
-#[pyo3(signature = (emb, weight, labels, margin, row_margins=None))]
+#[pyo3(signature = (emb, weight, labels, margin, row_margins=None, sub_centers=1,
+    interclass_filter=None))]
+#[allow(clippy::too_many_arguments)]
 pub(super) fn margin_logits<'py>(
     py: Python<'py>,
     emb: &Bound<'py, PyAny>,
@@ -200,7 +225,10 @@ pub(super) fn margin_logits<'py>(
     labels: PyReadonlyArray1<'py, i64>,
     margin: &PyMargin,
     row_margins: Option<PyReadonlyArray2<'py, f64>>,
+    sub_centers: usize,
+    interclass_filter: Option<f64>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let head = head_options(sub_centers, interclass_filter);
     let labels = labels_vec(labels);
     let rows = self::row_margins(margin, row_margins)?;
     let arrays = (
@@ -212,7 +240,8 @@ pub(super) fn margin_logits<'py>(
         e,
         w,
         &labels,
-        margins(margin, &rows)
+        margins(margin, &rows),
+        head
     ))
 }
 
@@ -223,16 +252,21 @@ fn logits_backward_typed<'py, T: Real + Element>(
     weight: PyReadonlyArray2<'py, T>,
     labels: &[i64],
     margin: Margins,
+    head: HeadOptions,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let (g, e, w) = (grad.as_array(), emb.as_array(), weight.as_array());
-    let (ge, gw) =
-        run(py, || head::margin_logits_backward(g, e, w, labels, margin))?.map_err(to_py_err)?;
+    let (ge, gw) = run(py, || {
+        head::margin_logits_backward_with(g, e, w, labels, margin, head)
+    })?
+    .map_err(to_py_err)?;
     (ge.into_pyarray(py), gw.into_pyarray(py)).into_pyobject(py)
 }
 
 /// (grad_emb, grad_weight) from dL/dlogits.
 #[pyfunction]
-#[pyo3(signature = (grad_logits, emb, weight, labels, margin, row_margins=None))]
+#[pyo3(signature = (grad_logits, emb, weight, labels, margin, row_margins=None, sub_centers=1,
+    interclass_filter=None))]
+#[allow(clippy::too_many_arguments)]
 pub(super) fn margin_logits_backward<'py>(
     py: Python<'py>,
     grad_logits: &Bound<'py, PyAny>,
@@ -241,20 +275,23 @@ pub(super) fn margin_logits_backward<'py>(
     labels: PyReadonlyArray1<'py, i64>,
     margin: &PyMargin,
     row_margins: Option<PyReadonlyArray2<'py, f64>>,
+    sub_centers: usize,
+    interclass_filter: Option<f64>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let labels = labels_vec(labels);
     let rows = self::row_margins(margin, row_margins)?;
     let m = margins(margin, &rows);
+    let head = head_options(sub_centers, interclass_filter);
     match (
         Floats::extract(grad_logits, "grad_logits")?,
         Floats::extract(emb, "emb")?,
         Floats::extract(weight, "weight")?,
     ) {
         (Floats::F32(g), Floats::F32(e), Floats::F32(w)) => {
-            logits_backward_typed(py, g, e, w, &labels, m)
+            logits_backward_typed(py, g, e, w, &labels, m, head)
         }
         (Floats::F64(g), Floats::F64(e), Floats::F64(w)) => {
-            logits_backward_typed(py, g, e, w, &labels, m)
+            logits_backward_typed(py, g, e, w, &labels, m, head)
         }
         _ => Err(same_dtype_error("grad_logits, emb and weight")),
     }

@@ -130,6 +130,22 @@ impl PyMargin {
             .map_err(to_py_err)
     }
 
+    /// CurricularFace with margin m and the running mean target cosine t.
+    #[staticmethod]
+    fn curricularface(s: f64, m: f64, t: f64) -> PyResult<Self> {
+        Margin::curricularface(s, m, t)
+            .map(PyMargin)
+            .map_err(to_py_err)
+    }
+
+    /// MV-Softmax with margin m (angular when arc) and non-target weight t >= 1.
+    #[staticmethod]
+    fn mvsoftmax(s: f64, m: f64, t: f64, arc: bool) -> PyResult<Self> {
+        Margin::mvsoftmax(s, m, t, arc)
+            .map(PyMargin)
+            .map_err(to_py_err)
+    }
+
     /// This margin with the straight-through gradient on or off (ArcFace, Combined).
     fn with_straight_through(&self, on: bool) -> PyResult<Self> {
         self.0

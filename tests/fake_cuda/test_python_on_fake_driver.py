@@ -80,16 +80,20 @@ def test_torch_head_through_the_real_launch(cpu_stream, margin, reduction, dtype
     emb, weight, labels = (torch.tensor(a) for a in make_problem(9, 6, 30, seed=1, ignore=2))
     emb, weight = emb.to(dtype), weight.to(dtype)
     kind, params = tops._encode(margin)
-    want = tops._loss_op(emb, weight, labels, kind, params, reduction, True, True)
-    got = tcuda._loss_cuda(emb, weight, labels, kind, params, reduction, True, True)
+    want = tops._loss_op(emb, weight, labels, kind, params, 1, None, reduction, True, True)
+    got = tcuda._loss_cuda(emb, weight, labels, kind, params, 1, None, reduction, True, True)
     tol = 1e-10 if dtype == torch.float64 else 2e-4
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and g.shape == w.shape
         torch.testing.assert_close(g, w, rtol=tol, atol=tol)
     if reduction == "none":
         up = torch.linspace(-1, 1, 9, dtype=torch.float64)
-        want = tops._loss_backward_op(emb, weight, labels, kind, params, "none", up, True, True)
-        got = tcuda._loss_backward_cuda(emb, weight, labels, kind, params, "none", up, True, True)
+        want = tops._loss_backward_op(
+            emb, weight, labels, kind, params, 1, None, "none", up, True, True
+        )
+        got = tcuda._loss_backward_cuda(
+            emb, weight, labels, kind, params, 1, None, "none", up, True, True
+        )
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=tol, atol=tol)
 
@@ -112,8 +116,8 @@ def test_per_row_and_norm_margins_through_the_real_launch(cpu_stream, margin):
     block, _ = tops._encode(margin)
     rows = tops._rows_of(margin, emb, weight, labels)  # once: AdaFace's statistics move
     for reduction in ("mean", "none"):
-        want = tops._loss_op(emb, weight, labels, block, rows, reduction, True, True)
-        got = tcuda._loss_cuda(emb, weight, labels, block, rows, reduction, True, True)
+        want = tops._loss_op(emb, weight, labels, block, rows, 1, None, reduction, True, True)
+        got = tcuda._loss_cuda(emb, weight, labels, block, rows, 1, None, reduction, True, True)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
@@ -128,6 +132,8 @@ def test_torch_head_bad_rows_raise_through_the_real_launch(cpu_stream):
             labels,
             kind,
             params,
+            1,
+            None,
             "mean",
             True,
             True,
@@ -139,6 +145,8 @@ def test_torch_head_bad_rows_raise_through_the_real_launch(cpu_stream):
             labels,
             kind,
             params,
+            1,
+            None,
             "mean",
             True,
             True,

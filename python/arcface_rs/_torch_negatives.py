@@ -1,0 +1,154 @@
+"""The heads that re-weight hard negatives: CurricularFace (its running t a buffer) and
+MV-Softmax. The non-target rule runs inside the fused kernel's tiles. Re-exported by
+``arcface_rs.torch``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._margins import CurricularFace, MVSoftmax
+from ._torch_plain import _plain_logits, _plain_loss, _warn_cuda_once
+from .torch import _check, _fused_cuda, _loss, _MarginHead
+
+__all__ = ["CurricularFaceHead", "MVSoftmaxHead"]
+
+
+class CurricularFaceHead(_MarginHead):
+    """CurricularFace head: ArcFace's target, and hard negatives ``c (t + c)`` whose weight
+    grows with t, the running mean of the target cosines.
+
+    ``t`` is a float64 buffer (saved in the state_dict), updated from each batch before use
+    in ``train()`` mode (``t <- alpha mean(target cos) + (1 - alpha) t`` over the rows not
+    ignored) and used unchanged in ``eval()`` mode; the formulas are those of
+    :class:`arcface_rs.CurricularFace`. The update is torch ops, so ``torch.compile`` keeps
+    one graph.
+
+    Parameters
+    ----------
+    embedding_size, num_classes : int
+        The shape (num_classes, embedding_size) of ``weight``, initialised N(0, 0.01).
+    s, m, alpha, t
+        As for :class:`arcface_rs.CurricularFace` (``t``: the buffer's initial value).
+    reduction : {"mean", "sum", "none"}
+        Over the rows whose label is not -1.
+    device, dtype
+        Of ``weight``.
+    sub_centers, interclass_filter
+        Centres per class and the inter-class filter (see :func:`arcface_rs.margin_loss`).
+    """
+
+    t: Tensor
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        s: float = 64.0,
+        m: float = 0.5,
+        alpha: float = 0.01,
+        t: float = 0.0,
+        reduction: str = "mean",
+        device: Any = None,
+        dtype: Any = None,
+        sub_centers: int = 1,
+        interclass_filter: float | None = None,
+    ) -> None:
+        margin = CurricularFace(s=s, m=m, alpha=alpha, t=t)
+        super().__init__(
+            embedding_size, num_classes, reduction, device, dtype, sub_centers, interclass_filter
+        )
+        self.margin = margin
+        self.register_buffer("t", torch.full((), float(t), dtype=torch.float64, device=device))
+
+    def target_cosines(self, emb: Tensor, labels: Tensor) -> Tensor:
+        """(B,) float64 cosine of each row to its class (its closest sub-centre), 0 for rows
+        labelled -1 (no gradient)."""
+        with torch.no_grad():
+            k = self.sub_centers
+            y = labels.clamp(min=0)
+            x = emb.detach().to(torch.float64)
+            w = self.weight.detach().to(torch.float64).view(self.num_classes, k, -1)[y]
+            cos = F.cosine_similarity(x[:, None, :], w, dim=2).amax(dim=1).clamp(-1.0, 1.0)
+            return torch.where(labels >= 0, cos, torch.zeros_like(cos))
+
+    def _update_t(self, emb: Tensor, labels: Tensor) -> None:
+        with torch.no_grad():
+            valid = (labels >= 0).to(torch.float64)
+            n = valid.sum()
+            mean = (self.target_cosines(emb, labels) * valid).sum() / n.clamp(min=1.0)
+            a = self.margin.alpha
+            # no valid row: t stays (a where, not a branch: one graph under torch.compile)
+            self.t.copy_(torch.where(n > 0, a * mean + (1.0 - a) * self.t, self.t))
+
+    def _row_blocks(self, emb: Tensor) -> Tensor:
+        with torch.no_grad():
+            block = torch.tensor(self.margin._block, dtype=torch.float64, device=emb.device)
+            blocks = block.expand(emb.shape[0], block.shape[0]).clone()
+            blocks[:, 3] = self.t.clamp(-1.0, 1.0)
+        return blocks
+
+    def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
+        """The loss of ``emb`` (B, embedding_size) with ``labels`` (B,)."""
+        labels = _check(emb, self.weight, labels)
+        if self.training:  # t moves before use, as the paper's head does
+            self._update_t(emb, labels)
+        rows, head = self._row_blocks(emb), self._head
+        fused = emb.device.type == "cuda" and _fused_cuda(self.margin, *head)
+        if emb.device.type != "cpu" and not fused:
+            _warn_cuda_once()
+            return _plain_loss(emb, self.weight, labels, self.margin, self.reduction, rows, *head)
+        return _loss(emb, self.weight, labels, self.margin, self.reduction, rows, head)
+
+    def logits(self, emb: Tensor, labels: Tensor) -> Tensor:
+        """The (B, num_classes) margin logits with the current t (no update)."""
+        from ._torch_ops import _encode, _logits_op
+
+        labels = _check(emb, self.weight, labels)
+        rows, block = self._row_blocks(emb), _encode(self.margin)[0]
+        if emb.device.type != "cpu":
+            _warn_cuda_once()
+            return _plain_logits(emb, self.weight, labels, self.margin, rows, *self._head)
+        return _logits_op(emb, self.weight, labels, block, rows, *self._head)
+
+
+class MVSoftmaxHead(_MarginHead):
+    """MV-Softmax head: a cosine (``kind="cos"``) or angular (``"arc"``) margin on the
+    target, and misclassified non-targets weighted up to ``t c + t - 1``.
+
+    Parameters
+    ----------
+    embedding_size, num_classes : int
+        The shape (num_classes, embedding_size) of ``weight``, initialised N(0, 0.01).
+    s, m, t, kind
+        As for :class:`arcface_rs.MVSoftmax`.
+    reduction : {"mean", "sum", "none"}
+        Over the rows whose label is not -1.
+    device, dtype
+        Of ``weight``.
+    sub_centers, interclass_filter
+        Centres per class and the inter-class filter (see :func:`arcface_rs.margin_loss`).
+    """
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        s: float = 32.0,
+        m: float = 0.35,
+        t: float = 1.12,
+        kind: str = "cos",
+        reduction: str = "mean",
+        device: Any = None,
+        dtype: Any = None,
+        sub_centers: int = 1,
+        interclass_filter: float | None = None,
+    ) -> None:
+        margin = MVSoftmax(s=s, m=m, t=t, kind=kind)
+        super().__init__(
+            embedding_size, num_classes, reduction, device, dtype, sub_centers, interclass_filter
+        )
+        self.margin = margin
