@@ -779,21 +779,22 @@ impl<T: Real> Prepared<T> {
         }
     }
 
-    /// The same for a tile whose stash holds class cosines `cos` (rows × classes) and, with
-    /// sub-centres, their arg-max centres `sub`: `p` from `exp(z - lse)` through each row's
-    /// non-target rule, and each class's gradient on its arg-max centre (the others 0).
-    /// `inv`: the tile's centres' 1/||w||.
-    fn general_grad_tile(
+    /// [`Prepared::loss_grad_tile`] for a tile with sub-centres: each class's gradient,
+    /// divided by its arg-max centre's norm (`sub`: the arg-maxes, `inv`: the tile's centres'
+    /// 1/||w||), lands on that centre; the other centres get 0.
+    #[allow(clippy::too_many_arguments)]
+    fn sub_centre_grad_tile(
         &self,
         lr: &LossRows,
         lo: usize,
-        cos: &[T],
+        e: &[T],
+        tile_max: &[T],
         sub: &[u8],
         inv: &[T],
         acc: &mut Pass2<T>,
     ) {
         let (nr, k) = (lr.rows.len(), self.k);
-        let width = cos.len() / nr;
+        let width = e.len() / nr;
         let Pass2 {
             g,
             g_class,
@@ -801,45 +802,31 @@ impl<T: Real> Prepared<T> {
             ..
         } = acc;
         for (local, i) in lr.rows.clone().enumerate() {
-            let crow = &cos[local * width..(local + 1) * width];
             let full = &mut g[local * width * k..(local + 1) * width * k];
+            full.fill(T::zero());
             let weight = lr.row_weight[local];
             if weight == 0.0 {
-                full.fill(T::zero());
                 continue;
             }
-            let subs = &sub[(local * width).min(sub.len())..];
-            let (grow, inv_row): (&mut [T], &[T]) = if k == 1 {
-                (full, inv)
-            } else {
-                for (j, v) in inv_sel[..width].iter_mut().enumerate() {
-                    *v = inv[j * k + subs[j] as usize];
-                }
-                (&mut g_class[..width], &inv_sel[..width])
-            };
-            let scale = self.row_scale[i];
-            kernels::nontarget_grad(
-                crow,
-                inv_row,
-                self.rules[i],
-                T::of(scale),
-                T::of(lr.lse[local]),
-                T::of(weight * scale),
-                grow,
+            let subs = &sub[local * width..(local + 1) * width];
+            for (j, v) in inv_sel[..width].iter_mut().enumerate() {
+                *v = inv[j * k + subs[j] as usize];
+            }
+            let (erow, grow) = (
+                &e[local * width..(local + 1) * width],
+                &mut g_class[..width],
             );
+            let coef = weight * self.row_scale[i] * (tile_max[local].f64() - lr.lse[local]).exp();
+            kernels::scale_mul(erow, T::of(coef), &inv_sel[..width], grow);
             if let Some(y) = self.target[i] {
                 if (lo..lo + width).contains(&y) {
                     let p = (self.target_logit[i] - lr.lse[local]).exp();
-                    let g = weight * scale * (p - 1.0) * self.target_dpsi[i];
-                    grow[y - lo] = T::of(g * inv_row[y - lo].f64());
+                    let g = weight * self.row_scale[i] * (p - 1.0) * self.target_dpsi[i];
+                    grow[y - lo] = T::of(g * inv_sel[y - lo].f64());
                 }
             }
-            if k > 1 {
-                let full = &mut g[local * width * k..(local + 1) * width * k];
-                full.fill(T::zero());
-                for (j, &v) in g_class[..width].iter().enumerate() {
-                    full[j * k + subs[j] as usize] = v;
-                }
+            for (j, &v) in grow.iter().enumerate() {
+                full[j * k + subs[j] as usize] = v;
             }
         }
     }
@@ -1077,8 +1064,9 @@ impl<T: Real> Tiles<'_, T> {
     /// of `slots` (`slot_len` values each), and the rows' statistics merged across tiles
     /// (the target logits filled in).
     ///
-    /// A general tile (see [`Prepared::general`]) keeps its class cosines in the slot instead
-    /// (and its arg-max centres in `subs`); its statistics come from a copy of each row.
+    /// A general tile (see [`Prepared::general`]) computes its logits from the class cosines
+    /// in a copy of each row, and stashes `exp(z - tile_max) h'(c)` (and the arg-max centres
+    /// in `subs`): pass 2 is then the same multiply as for plain tiles.
     fn pass1(
         &self,
         rows: Range<usize>,
@@ -1114,11 +1102,12 @@ impl<T: Real> Tiles<'_, T> {
                     self.p
                         .cosines_tile(rows.clone(), lo, w_tile, inv, view, &mut scratch, sub);
                     zrow.resize(width, T::zero());
-                    for ((r, i), cos) in rows.clone().enumerate().zip(z.chunks_exact(width)) {
+                    for ((r, i), cos) in rows.clone().enumerate().zip(z.chunks_exact_mut(width)) {
                         self.p.general_logits_row(i, lo, cos, &mut zrow[..width]);
                         let st = RowPart::exp_row(&mut zrow[..width]);
                         tmax[r] = T::of(st.max);
                         acc[r] = acc[r].merge(st);
+                        kernels::nontarget_stash(cos, &zrow[..width], self.p.rules[i]);
                     }
                     (acc, scratch, zrow)
                 },
@@ -1161,8 +1150,9 @@ impl<T: Real> Tiles<'_, T> {
                 Some(e) => e,
                 None => &grad_tile[..nr * width],
             };
-            if self.p.general {
-                self.p.general_grad_tile(lr, lo, e, sub, inv, &mut acc);
+            if k > 1 {
+                self.p
+                    .sub_centre_grad_tile(lr, lo, e, tmax, sub, inv, &mut acc);
             } else {
                 self.p.loss_grad_tile(lr, lo, e, tmax, inv, &mut acc);
             }

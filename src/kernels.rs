@@ -299,25 +299,16 @@ multiversion! {
 }
 
 #[inline(always)]
-fn nontarget_grad_impl<T: Real>(
-    cos: &[T],
-    inv: &[T],
-    rule: NonTarget<T>,
-    scale: T,
-    lse: T,
-    k: T,
-    g: &mut [T],
-) {
-    for ((gv, &c), &iv) in g.iter_mut().zip(cos).zip(inv) {
-        let (h, dh) = rule.apply(c);
-        *gv = k * T::fast_exp(scale * h - lse) * dh * iv;
+fn nontarget_stash_impl<T: Real>(cos: &mut [T], e: &[T], rule: NonTarget<T>) {
+    for (c, &ev) in cos.iter_mut().zip(e) {
+        *c = ev * rule.apply(*c).1;
     }
 }
 
 multiversion! {
-    /// `g[j] = k * exp(scale * h(cos[j]) - lse) * h'(cos[j]) * inv[j]`: a row's softmax
-    /// gradient through its [`NonTarget`] rule, divided by the centres' norms.
-    pub fn nontarget_grad<T: Real>(cos: &[T], inv: &[T], rule: NonTarget<T>, scale: T, lse: T, k: T, g: &mut [T]) -> () = nontarget_grad_impl;
+    /// `cos[j] = e[j] * h'(cos[j])` in place: the stash of a tile under a [`NonTarget`]
+    /// rule, so that pass 2 turns it into the gradient with one multiply, as for plain tiles.
+    pub fn nontarget_stash<T: Real>(cos: &mut [T], e: &[T], rule: NonTarget<T>) -> () = nontarget_stash_impl;
 }
 
 #[inline(always)]

@@ -71,7 +71,9 @@ class CurricularFaceHead(_MarginHead):
             k = self.sub_centers
             y = labels.clamp(min=0)
             x = emb.detach().to(torch.float64)
-            w = self.weight.detach().to(torch.float64).view(self.num_classes, k, -1)[y]
+            # the rows' own centres only (a float64 copy of the whole weight would be 400 MB
+            # at 100k classes)
+            w = self.weight.detach().view(self.num_classes, k, -1)[y].to(torch.float64)
             cos = F.cosine_similarity(x[:, None, :], w, dim=2).amax(dim=1).clamp(-1.0, 1.0)
             return torch.where(labels >= 0, cos, torch.zeros_like(cos))
 
