@@ -19,7 +19,7 @@ import argparse
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
@@ -30,8 +30,12 @@ TRAIN_CLASSES = range(0, 6)
 FARS = (1e-3, 1e-2, 1e-1)
 
 
-def _heads(s: float) -> dict[str, afr.Margin | None]:
-    """The compared heads; None is plain softmax (a linear classifier, no normalisation).
+Head = Union[afr.Margin, tuple[afr.Margin, dict[str, Any]], None]
+
+
+def _heads(s: float) -> dict[str, Head]:
+    """The compared heads; None is plain softmax (a linear classifier, no normalisation), a
+    (margin, keywords) pair a head with ``margin_loss`` keywords (sub-centres).
 
     The margins are smaller than the large-scale defaults (ArcFace m=0.5 over 85k
     identities): with six training classes a wide margin over-fits their geometry.
@@ -45,6 +49,8 @@ def _heads(s: float) -> dict[str, afr.Margin | None]:
         "Combined": afr.CombinedMargin(s=s, m1=1.0, m2=0.15, m3=0.05),
         "AdaFace": afr.AdaFace(s=s, m=0.2, batch_mean=5.0, batch_std=2.0),
         "MagFace": afr.MagFace(s=s, l_a=2.0, u_a=12.0, l_m=0.1, u_m=0.3, lambda_g=2.0),
+        "CurricularFace": afr.CurricularFace(s=s, m=0.2),
+        "Sub-center ArcFace": (afr.ArcFace(s=s, m=0.2), {"sub_centers": 3}),
     }
 
 
@@ -70,15 +76,19 @@ def _net(dim: int, seed: int):
     )
 
 
-def train(margin: afr.Margin | None, x, y, dim: int, epochs: int, seed: int, progress: str = ""):
+def train(margin: Head, x, y, dim: int, epochs: int, seed: int, progress: str = ""):
     """Train net + head on (x, y) (margin None: plain softmax); returns (net, centres)."""
     import torch
 
     from arcface_rs.torch import margin_loss
 
+    margin, options = margin if isinstance(margin, tuple) else (margin, {})
+    if isinstance(margin, afr.CurricularFace):  # its t is state: each seed starts afresh
+        margin = afr.CurricularFace(s=margin.s, m=margin.m, alpha=margin.alpha)
     net = _net(dim, seed)
     classes = int(y.max()) + 1
-    weight = torch.nn.Parameter(torch.randn(classes, dim) * 0.01)
+    rows = classes * options.get("sub_centers", 1)
+    weight = torch.nn.Parameter(torch.randn(rows, dim) * 0.01)
     bias = torch.nn.Parameter(torch.zeros(classes))
     if margin is None:  # plain softmax: logits = W x + b, cross-entropy
 
@@ -88,7 +98,7 @@ def train(margin: afr.Margin | None, x, y, dim: int, epochs: int, seed: int, pro
     else:
 
         def loss_fn(emb, labels):
-            return margin_loss(emb, weight, labels, margin)
+            return margin_loss(emb, weight, labels, margin, **options)
 
     params = list(net.parameters()) + [weight] + ([bias] if margin is None else [])
     opt = torch.optim.Adam(params, lr=3e-3, weight_decay=5e-4)
