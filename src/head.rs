@@ -66,7 +66,9 @@ impl Default for HeadOptions {
 }
 
 impl HeadOptions {
-    fn check(&self) -> Result<()> {
+    /// Refuses a sub-centre count outside 1..=[`MAX_SUB_CENTERS`] and a filter that is not a
+    /// cosine.
+    pub fn check(&self) -> Result<()> {
         if !(1..=MAX_SUB_CENTERS).contains(&self.sub_centers) {
             return Err(Error::invalid(
                 "sub_centers",

@@ -6,7 +6,8 @@
 //! plain-PyTorch path. [`Margin::decode`] validates a block back into a margin.
 //!
 //! Scalar math in `f64`, no arrays. A head turns the target cosine `c` into `scale * psi(c)`
-//! and every other cosine into `scale * c`. What psi may read besides `c` is the row's
+//! and every other cosine into `scale * c`, or `scale * h(c)` for the margins that re-weight
+//! hard negatives ([`HardNegatives`]: CurricularFace, MV-Softmax). What psi may read besides `c` is the row's
 //! [`RowContext`]; a margin that differs per row (a per-row m, a per-sample draw) is one
 //! margin per row.
 

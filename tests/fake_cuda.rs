@@ -163,7 +163,7 @@ fn the_head_through_the_driver_equals_the_cpu_head() {
             workspace: workspace.as_mut_ptr() as u64,
         };
         with_stream(0, 0, |s| {
-            head::margin_loss(s, shape, &margin, &buffers, tiling)?;
+            head::margin_loss(s, shape, &margin, Default::default(), &buffers, tiling)?;
             s.synchronize()
         })
         .unwrap();

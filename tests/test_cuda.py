@@ -30,7 +30,21 @@ needs_gpu = pytest.mark.skipif(
 
 
 def _cpu_launch(
-    shape, dtype, spec, blocks, per_row, x, w, y, row_weight, row_loss, g_emb, g_w, bad, workspace
+    shape,
+    dtype,
+    spec,
+    blocks,
+    per_row,
+    x,
+    w,
+    y,
+    row_weight,
+    row_loss,
+    g_emb,
+    g_w,
+    bad,
+    workspace,
+    interclass_filter=None,
 ):
     """What the CUDA launch computes, done by the CPU core on the same buffers."""
     b, c, d = shape
@@ -60,6 +74,7 @@ def _cpu_launch(
         "none",
         grad_emb=g_emb is not None,
         grad_weight=g_w is not None,
+        interclass_filter=interclass_filter,
         upstream=row_weight.numpy(),
         row_margins=blocks.numpy() if per_row else None,
     )

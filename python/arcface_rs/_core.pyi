@@ -181,6 +181,7 @@ def _cuda_margin_loss(
     grad_weight: int,
     bad: int,
     workspace: int,
+    interclass_filter: float | None = None,
 ) -> None: ...
 
 cuda_feature: bool

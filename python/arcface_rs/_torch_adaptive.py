@@ -94,7 +94,7 @@ class AdaFaceHead(_MarginHead):
         if self.training:  # the statistics move before use, as the paper's head does
             self._update_statistics(emb)
         rows, head = self._row_blocks(emb), self._head
-        fused = emb.device.type == "cuda" and _fused_cuda(self.margin, *head)
+        fused = emb.device.type == "cuda" and _fused_cuda(head[0])
         if emb.device.type != "cpu" and not fused:
             _warn_cuda_once()
             return _plain_loss(emb, self.weight, labels, self.margin, self.reduction, rows, *head)

@@ -21,6 +21,7 @@ def _launch_cuda(
     blocks: Tensor,
     per_row: bool,
     *tensors: Tensor | None,
+    interclass_filter: float | None = None,
 ):
     """Queues the fused head on torch's current stream over the tensors' memory (in the
     order of ``_core._cuda_margin_loss``; None skips a gradient). ``blocks``: the margin's
@@ -36,6 +37,7 @@ def _launch_cuda(
         blocks.data_ptr(),
         per_row,
         *(0 if t is None else t.data_ptr() for t in tensors),
+        interclass_filter=interclass_filter,
     )
 
 
@@ -49,6 +51,7 @@ def _run_loss_cuda(
     need_emb: bool,
     need_weight: bool,
     upstream: Tensor | None = None,
+    interclass_filter: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Row losses and d loss / d row loss (float64), and the wanted gradients (compute
     dtype) on the GPU."""
@@ -106,6 +109,7 @@ def _run_loss_cuda(
         g_w,
         bad_rows,
         workspace,
+        interclass_filter=interclass_filter,
     )
     bad_emb, bad_weight = bad_rows.tolist()
     if bad_emb:
@@ -115,13 +119,13 @@ def _run_loss_cuda(
     return row_loss, row_weight, g_emb, g_w
 
 
-def _fused_layout_only(sub_centers: int, interclass_filter: float | None) -> None:
-    """The CUDA kernels have one centre per class and no filter (arcface_rs.torch routes
-    other heads to the plain-PyTorch path before reaching them)."""
-    if sub_centers != 1 or interclass_filter is not None:
+def _one_centre_per_class(sub_centers: int) -> None:
+    """The CUDA kernels have one centre per class (arcface_rs.torch routes sub-centre heads
+    to the plain-PyTorch path before reaching them)."""
+    if sub_centers != 1:
         raise ValueError(
-            "sub_centers and interclass_filter: the fused CUDA kernels have neither yet; "
-            "arcface_rs.torch runs such heads on CUDA tensors with plain PyTorch"
+            "sub_centers: the fused CUDA kernels have one centre per class; arcface_rs.torch "
+            "runs sub-centre heads on CUDA tensors with plain PyTorch"
         )
 
 
@@ -142,7 +146,7 @@ def _loss_cuda(
     need_emb,
     need_weight,
 ):
-    _fused_layout_only(sub_centers, interclass_filter)
+    _one_centre_per_class(sub_centers)
     dtype = _compute_dtype(emb, weight)
     fused = reduction != "none"
     rows, row_weight, g_emb, g_w = _run_loss_cuda(
@@ -154,6 +158,7 @@ def _loss_cuda(
         reduction,
         need_emb and fused,
         need_weight and fused,
+        interclass_filter=interclass_filter,
     )
     # the row weights are 1 (sum) or 1 / valid rows (mean), 0 on ignored rows
     out = rows.to(dtype) if reduction == "none" else (rows * row_weight).sum().to(dtype)
@@ -174,9 +179,18 @@ def _loss_backward_cuda(
     need_emb,
     need_weight,
 ):
-    _fused_layout_only(sub_centers, interclass_filter)
+    _one_centre_per_class(sub_centers)
     rows = torch.broadcast_to(upstream.to(torch.float64), (emb.shape[0],)).contiguous()
     _, _, g_emb, g_w = _run_loss_cuda(
-        emb, weight, labels, margin, row_margins, reduction, need_emb, need_weight, upstream=rows
+        emb,
+        weight,
+        labels,
+        margin,
+        row_margins,
+        reduction,
+        need_emb,
+        need_weight,
+        upstream=rows,
+        interclass_filter=interclass_filter,
     )
     return _like(g_emb, emb), _like(g_w, weight)

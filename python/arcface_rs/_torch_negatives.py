@@ -99,7 +99,7 @@ class CurricularFaceHead(_MarginHead):
         if self.training:  # t moves before use, as the paper's head does
             self._update_t(emb, labels)
         rows, head = self._row_blocks(emb), self._head
-        fused = emb.device.type == "cuda" and _fused_cuda(self.margin, *head)
+        fused = emb.device.type == "cuda" and _fused_cuda(head[0])
         if emb.device.type != "cpu" and not fused:
             _warn_cuda_once()
             return _plain_loss(emb, self.weight, labels, self.margin, self.reduction, rows, *head)

@@ -30,7 +30,6 @@ from torch import Tensor, nn
 from . import _torch_cuda  # noqa: F401  (registers the CUDA kernels of the ops)
 from ._cuda import cuda_available
 from ._margins import (
-    _KINDS_WITH_HARD_NEGATIVES,
     ArcFace,
     CombinedMargin,
     CosFace,
@@ -108,10 +107,10 @@ def _check(emb: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
     return labels.long()
 
 
-def _fused_cuda(margin: Margin, sub_centers: int, interclass_filter: float | None) -> bool:
-    """Whether CUDA tensors can take the fused CUDA kernels (else the plain path)."""
-    simple = sub_centers == 1 and interclass_filter is None
-    return simple and margin._block[0] not in _KINDS_WITH_HARD_NEGATIVES and cuda_available()
+def _fused_cuda(sub_centers: int) -> bool:
+    """Whether CUDA tensors can take the fused CUDA kernels (else the plain path): they have
+    every margin and the filter, one centre per class."""
+    return sub_centers == 1 and cuda_available()
 
 
 def margin_loss(
@@ -149,7 +148,7 @@ def margin_loss(
     check_reduction(reduction)
     head = (check_sub_centers(sub_centers), check_filter(interclass_filter))
     rows = _rows_of(margin, emb, weight, labels, head[0])
-    if emb.device.type != "cpu" and not (emb.device.type == "cuda" and _fused_cuda(margin, *head)):
+    if emb.device.type != "cpu" and not (emb.device.type == "cuda" and _fused_cuda(head[0])):
         _warn_cuda_once()
         return _plain_loss(emb, weight, labels, margin, reduction, rows, *head)
     return _loss(emb, weight, labels, margin, reduction, rows, head)

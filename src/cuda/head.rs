@@ -12,6 +12,7 @@
 //! [`STASH_BUDGET_BYTES`] and dW accumulates over them.
 
 use super::device::{gemm, Arg, Carver, Device, Elem, RowMajorGemm};
+use crate::head::HeadOptions;
 use crate::margin::{Margin, Scale, PARAMS_LEN};
 use crate::{Error, Result};
 
@@ -120,6 +121,8 @@ struct Scratch {
     target_dpsi: u64,
     /// per row: d psi / d norm, penalty, d penalty / d norm (MagFace)
     norm_extra: u64,
+    /// per row: the hard-negative rule (above, t, curricular)
+    rules: u64,
     norm_term: u64,
     lse: u64,
     pz: u64,
@@ -141,6 +144,7 @@ impl Scratch {
             target_logit: carver.take(b, 8),
             target_dpsi: carver.take(b, 8),
             norm_extra: carver.take(3 * b, 8),
+            rules: carver.take(3 * b, 8),
             norm_term: carver.take(b, 8),
             lse: carver.take(nr, 8),
             pz: carver.take(nr, 8),
@@ -171,11 +175,12 @@ fn at(base: u64, index: usize, size: usize) -> u64 {
 /// Loss rows and the wanted gradients of the margin head (see the module docs). Everything
 /// is queued on `device`'s stream; the caller reads `bad` before trusting the results.
 /// `margin` is the margin whose blocks `buf.margins` holds (for per-row margins, any row's:
-/// they share its kind and scale).
+/// they share its kind and scale); `head` its inter-class filter (one centre per class).
 pub fn margin_loss(
     device: &dyn Device,
     shape: HeadShape,
     margin: &Margin,
+    head: HeadOptions,
     buf: &HeadBuffers,
     tiling: Tiling,
 ) -> Result<()> {
@@ -187,14 +192,14 @@ pub fn margin_loss(
             format!("need at least one row, class and dimension, got B={b}, C={c}, D={d}"),
         ));
     }
-    if margin.hard_negatives(0.0).is_some() {
-        // the kernels change only the target logit; hard negatives run on the CPU core
+    head.check()?;
+    if head.sub_centers != 1 {
         return Err(Error::invalid(
-            "margin",
-            "CurricularFace and MV-Softmax re-weight the non-target logits, which the CUDA \
-             kernels do not do yet; run the head on CPU tensors",
+            "sub_centers",
+            "the CUDA kernels have one centre per class; sub-centres run on the CPU core",
         ));
     }
+    let filter = head.interclass_filter.unwrap_or(f64::INFINITY);
     let (want_emb, want_weight) = (buf.grad_emb != 0, buf.grad_weight != 0);
     let plan = Plan::new(shape, want_weight, tiling);
     let mut carver = Carver::new(buf.workspace);
@@ -262,6 +267,7 @@ pub fn margin_loss(
             Ptr(s.target_logit),
             Ptr(s.target_dpsi),
             Ptr(s.norm_extra),
+            Ptr(s.rules),
         ],
     )?;
     if want_emb {
@@ -326,6 +332,8 @@ pub fn margin_loss(
                     Ptr(scale),
                     Ptr(labels),
                     Ptr(target_logit),
+                    Ptr(at(s.rules, start * 3, 8)),
+                    F64(filter),
                     Ptr(at(s.tile_max, t * rows, sz)),
                     Ptr(at(s.stats, t * rows * 3, 8)),
                 ],

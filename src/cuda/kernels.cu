@@ -115,6 +115,34 @@ __device__ void psi_dpsi(const double* p, double c, double norm, double* psi, do
     }
 }
 
+// The rule for a row's hard negatives (Margin::hard_negatives in margin.rs): non-target
+// cosines above `above` become c (t + c) (CurricularFace) or t c + t - 1 (MV-Softmax);
+// above = +inf for the margins that leave non-targets alone.
+__device__ void hard_rule(const double* p, double c, double* above, double* t,
+                          double* curricular) {
+    c = fmin(fmax(c, -1.0), 1.0);
+    const double* a = p + 2;
+    double shifted = cos(acos(c) + a[0]);  // cos(theta + m), without ArcFace's fallback
+    *t = a[1];
+    *curricular = 0.0;
+    switch ((int)p[0]) {
+        case MARGIN_CURRICULARFACE: *above = shifted; *curricular = 1.0; return;
+        case MARGIN_MVSOFTMAX: *above = a[2] != 0.0 ? shifted : c - a[0]; return;
+        default: *above = INFINITY; *t = 0.0;
+    }
+}
+
+// h(c) and h'(c) of a non-target cosine (kernels::NonTarget::apply in kernels.rs): above
+// `filter` it becomes 0 without gradient (inter-class filtering), then the hard-negative rule.
+template <typename T>
+__device__ void nontarget(T c, T filter, T above, T t, bool curricular, T* h, T* dh) {
+    T d = (T)1;
+    if (c > filter) { c = (T)0; d = (T)0; }
+    if (c <= above) { *h = c; *dh = d; }
+    else if (curricular) { *h = c * (t + c); *dh = d * (t + c + c); }
+    else { *h = t * c + t - (T)1; *dh = d * t; }
+}
+
 // A row's loss term besides the softmax and its d / d norm: MagFace's regulariser
 // lambda_g (a / u_a^2 + 1 / a), a = clamp(norm, l_a, u_a) (Margin::penalty in margin.rs).
 __device__ void penalty(const double* p, double norm, double* value, double* dvalue) {
@@ -213,11 +241,12 @@ __device__ void inv_norms(const T* w, T* w_inv, int rows, int d, int* bad) {
 // the scaled target logit rounded to T as the stash will hold it. Row r's margin block is
 // margins + r * margin_stride (stride 0: one margin for all rows). norm_extra[3r..3r+3]:
 // d psi / d norm, the row's penalty and its d / d norm (MagFace; zeros for the others).
+// rules[3r..3r+3]: the row's hard-negative rule (above, t, curricular; above = +inf: none).
 template <typename T>
 __device__ void targets(const T* xhat, const T* weight, const long long* labels,
                         const double* row_scale, const double* norms, int rows, int d,
                         const double* margins, int margin_stride, double* target_logit,
-                        double* target_dpsi, double* norm_extra) {
+                        double* target_dpsi, double* norm_extra, double* rules) {
     __shared__ double shared[32];
     int r = blockIdx.x;
     if (r >= rows) return;
@@ -227,6 +256,8 @@ __device__ void targets(const T* xhat, const T* weight, const long long* labels,
             target_logit[r] = 0.0;
             target_dpsi[r] = 0.0;
             norm_extra[3 * r] = norm_extra[3 * r + 1] = norm_extra[3 * r + 2] = 0.0;
+            rules[3 * r] = INFINITY;
+            rules[3 * r + 1] = rules[3 * r + 2] = 0.0;
         }
         return;
     }
@@ -243,39 +274,53 @@ __device__ void targets(const T* xhat, const T* weight, const long long* labels,
         target_dpsi[r] = dpsi;
         norm_extra[3 * r] = dnorm;
         penalty(p, norms[r], norm_extra + 3 * r + 1, norm_extra + 3 * r + 2);
+        hard_rule(p, c, rules + 3 * r, rules + 3 * r + 1, rules + 3 * r + 2);
     }
 }
 
-// One block per row of a tile of raw dot products x̂·w_j (cuBLAS): z = scale * clamp(dot *
-// inv_j), the target logit in its column, then z <- exp(z - tile max) in place. The tile's
-// row statistics (max, Σe, Σe·z) go to stats[row * 3 ..].
+// One block per row of a tile of raw dot products x̂·w_j (cuBLAS): c = clamp(dot * inv_j),
+// z = scale * h(c) under the row's non-target rule (`rules`, `filter`; h(c) = c for plain
+// heads), the target logit in its column; the tile's row statistics (max, Σe, Σe·z) go to
+// stats[row * 3 ..] and the tile becomes e h'(c), e = exp(z - tile max), so that grad_tile
+// needs one multiply (head.rs stashes the same).
+template <typename T>
+__device__ T tile_logit(const T* row, int j, const T* w_inv, T scale, T filter, const double* rule,
+                        bool target, double target_logit, T* dh) {
+    T c = row[j] * w_inv[j];
+    c = c > (T)1 ? (T)1 : (c < (T)-1 ? (T)-1 : c);
+    T h;
+    nontarget(c, filter, (T)rule[0], (T)rule[1], rule[2] != 0.0, &h, dh);
+    return target ? (T)target_logit : scale * h;
+}
+
 template <typename T>
 __device__ void logits_tile(T* z, int rows, int ct, int lo, const T* w_inv,
                             const double* row_scale, const long long* labels,
-                            const double* target_logit, T* tile_max, double* stats) {
+                            const double* target_logit, const double* rules, double filter,
+                            T* tile_max, double* stats) {
     __shared__ double shared[32];
     int r = blockIdx.x;
     if (r >= rows) return;
     T* row = z + (long long)r * ct;
-    T scale = (T)row_scale[r];
+    T scale = (T)row_scale[r], f = (T)filter;
+    const double* rule = rules + 3 * r;
     long long y = labels[r];
     double m = -INFINITY;
+    T dh;
     for (int j = threadIdx.x; j < ct; j += blockDim.x) {
-        T c = row[j] * w_inv[j];
-        c = c > (T)1 ? (T)1 : (c < (T)-1 ? (T)-1 : c);
-        T v = scale * c;
-        if (y == lo + j) v = (T)target_logit[r];
-        row[j] = v;
+        T v = tile_logit(row, j, w_inv, scale, f, rule, y == lo + j, target_logit[r], &dh);
         m = fmax(m, (double)v);
     }
     m = block_max(m, shared);
     double s = 0.0, sz = 0.0;
     for (int j = threadIdx.x; j < ct; j += blockDim.x) {
-        double v = (double)row[j];
+        // the same thread recomputes its own elements: row[j] still holds the dot product
+        double v = (double)tile_logit(row, j, w_inv, scale, f, rule, y == lo + j,
+                                      target_logit[r], &dh);
         double e = exp(v - m);
         s += e;
         sz += e * v;
-        row[j] = (T)e;
+        row[j] = (T)e * dh;
     }
     s = block_sum(s, shared);
     sz = block_sum(sz, shared);
@@ -401,17 +446,18 @@ __device__ void finish_grad_emb(T* dxhat, const T* xhat, const double* norms,
                                            const double* norms, int rows, int d,               \
                                            const double* margins, int margin_stride,           \
                                            double* target_logit, double* target_dpsi,          \
-                                           double* norm_extra) {                               \
+                                           double* norm_extra, double* rules) {                \
         targets<T>(xhat, weight, labels, row_scale, norms, rows, d, margins, margin_stride,    \
-                   target_logit, target_dpsi, norm_extra);                                     \
+                   target_logit, target_dpsi, norm_extra, rules);                              \
     }                                                                                          \
     extern "C" __global__ void logits_tile_##S(T* z, int rows, int ct, int lo, const T* w_inv, \
                                                const double* row_scale,                        \
                                                const long long* labels,                        \
-                                               const double* target_logit, T* tile_max,        \
-                                               double* stats) {                                \
-        logits_tile<T>(z, rows, ct, lo, w_inv, row_scale, labels, target_logit, tile_max,      \
-                       stats);                                                                 \
+                                               const double* target_logit,                     \
+                                               const double* rules, double filter,             \
+                                               T* tile_max, double* stats) {                   \
+        logits_tile<T>(z, rows, ct, lo, w_inv, row_scale, labels, target_logit, rules, filter, \
+                       tile_max, stats);                                                       \
     }                                                                                          \
     extern "C" __global__ void grad_tile_##S(                                                  \
         const T* e, T* g, int rows, int ct, int lo, const T* tile_max, const double* lse,      \

@@ -6,7 +6,7 @@ use super::emulator::Emulator;
 use super::head::{self, HeadBuffers, HeadShape, Tiling};
 use super::search::{self, SearchBuffers, SearchPlan, SearchShape, SearchTiling};
 use super::{available, compile, ENTRY_POINTS};
-use crate::head::{margin_loss_with, LossOptions, Reduction};
+use crate::head::{margin_loss_with, HeadOptions, LossOptions, Reduction};
 use crate::margin::{kind, Margin, Margins, RowContext, PARAMS_LEN};
 use crate::real::Real;
 use ndarray::Array2;
@@ -90,6 +90,7 @@ fn emulate<T: Real>(
     weight: &Array2<T>,
     labels: &[i64],
     margin: Margins,
+    filter: HeadOptions,
     row_weight: &[f64],
     want: (bool, bool),
     tiling: Tiling,
@@ -133,7 +134,15 @@ fn emulate<T: Real>(
         bad: bad.as_mut_ptr() as u64,
         workspace: workspace.as_mut_ptr() as u64,
     };
-    head::margin_loss(Emulator::get(), shape, margin.row(0), &buffers, tiling).unwrap();
+    head::margin_loss(
+        Emulator::get(),
+        shape,
+        margin.row(0),
+        filter,
+        &buffers,
+        tiling,
+    )
+    .unwrap();
     Emulated {
         row_loss,
         grad_emb: want.0.then_some(grad_emb),
@@ -167,7 +176,19 @@ fn check<'m, T: Real>(
     tiling: Tiling,
     tol: f64,
 ) {
-    let margin = margin.into();
+    check_with::<T>(b, c, d, margin.into(), HeadOptions::default(), tiling, tol)
+}
+
+/// [`check`] with an inter-class filter.
+fn check_with<T: Real>(
+    b: usize,
+    c: usize,
+    d: usize,
+    margin: Margins,
+    head: HeadOptions,
+    tiling: Tiling,
+    tol: f64,
+) {
     let emb = matrix::<T>(1 + b as u64, b, d).mapv(|v| v * T::of(3.0));
     let weight = matrix::<T>(2 + c as u64, c, d);
     let mut labels: Vec<i64> = (0..b).map(|i| ((i * 7 + 3) % c) as i64).collect();
@@ -183,12 +204,21 @@ fn check<'m, T: Real>(
         upstream: Some(&up),
         grad_emb: true,
         grad_weight: true,
-        head: Default::default(),
+        head,
     };
     let cpu = margin_loss_with(emb.view(), weight.view(), &labels, margin, options).unwrap();
     for want in [(true, true), (true, false), (false, true), (false, false)] {
-        let gpu = emulate(&emb, &weight, &labels, margin, &row_weight, want, tiling);
-        let ctx = format!("{margin:?} b={b} c={c} d={d} {tiling:?} {want:?}: ");
+        let gpu = emulate(
+            &emb,
+            &weight,
+            &labels,
+            margin,
+            head,
+            &row_weight,
+            want,
+            tiling,
+        );
+        let ctx = format!("{margin:?} {head:?} b={b} c={c} d={d} {tiling:?} {want:?}: ");
         assert_eq!(gpu.bad, [0, 0], "{ctx}");
         for (i, (g, w)) in gpu.row_loss.iter().zip(&cpu.row_losses).enumerate() {
             assert!(
@@ -226,7 +256,68 @@ fn margins() -> Vec<Margin> {
         Margin::adaface(64.0, 0.4, -0.5).unwrap(),
         Margin::magface(30.0, (1.0, 8.0), (0.45, 0.8), false, 3.0).unwrap(),
         Margin::magface(30.0, (1.0, 8.0), (0.45, 0.8), true, 35.0).unwrap(),
+        Margin::curricularface(30.0, 0.5, 0.4).unwrap(),
+        Margin::mvsoftmax(30.0, 0.2, 1.2, false).unwrap(),
+        Margin::mvsoftmax(30.0, 0.4, 1.12, true).unwrap(),
     ]
+}
+
+#[test]
+fn head_equals_the_cpu_head_with_interclass_filtering() {
+    let tiling = Tiling {
+        class_tile: 7,
+        stash_budget_bytes: 1 << 20,
+    };
+    let filter = HeadOptions {
+        sub_centers: 1,
+        interclass_filter: Some(0.05),
+    };
+    let arc = Margin::arcface(64.0, 0.5, false).unwrap();
+    let curricular = Margin::curricularface(30.0, 0.5, 0.4).unwrap();
+    for margin in [&arc, &curricular] {
+        check_with::<f64>(5, 23, 8, margin.into(), filter, tiling, 1e-10);
+        check_with::<f32>(5, 23, 8, margin.into(), filter, tiling, 2e-4);
+        check_with::<f64>(
+            11,
+            19,
+            4,
+            margin.into(),
+            filter,
+            Tiling {
+                class_tile: 5,
+                stash_budget_bytes: 3 * 19 * 8,
+            },
+            1e-10,
+        );
+    }
+    // one centre per class only
+    let emb = matrix::<f64>(3, 4, 8);
+    let weight = matrix::<f64>(4, 10, 8);
+    let k2 = HeadOptions {
+        sub_centers: 2,
+        interclass_filter: None,
+    };
+    let shape = HeadShape {
+        b: 4,
+        c: 10,
+        d: 8,
+        elem: Elem::F64,
+    };
+    let buffers = HeadBuffers {
+        emb: emb.as_ptr() as u64,
+        weight: weight.as_ptr() as u64,
+        labels: 0,
+        row_weight: 0,
+        margins: 0,
+        per_row_margins: false,
+        row_loss: 0,
+        grad_emb: 0,
+        grad_weight: 0,
+        bad: 0,
+        workspace: 0,
+    };
+    let err = head::margin_loss(Emulator::get(), shape, &arc, k2, &buffers, tiling).unwrap_err();
+    assert_eq!(err.arg, "sub_centers");
 }
 
 #[test]
@@ -365,6 +456,7 @@ fn head_flags_bad_rows_instead_of_failing() {
         &weight,
         &labels,
         (&margin).into(),
+        HeadOptions::default(),
         &[1.0; 4],
         (true, true),
         Tiling::default(),
@@ -528,7 +620,14 @@ fn head_refuses_empty_shapes_before_any_launch() {
             bad: 0,
             workspace: 0,
         };
-        let err = head::margin_loss(Emulator::get(), shape, &margin, &buffers, Tiling::default());
+        let err = head::margin_loss(
+            Emulator::get(),
+            shape,
+            &margin,
+            Default::default(),
+            &buffers,
+            Tiling::default(),
+        );
         assert_eq!(err.unwrap_err().arg, "emb", "{b} {c} {d}");
     }
 }

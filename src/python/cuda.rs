@@ -82,7 +82,7 @@ pub(super) fn cuda_head_workspace_bytes(
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 #[pyo3(name = "_cuda_margin_loss", signature = (device, stream, b, c, d, dtype, margin,
         margins, per_row_margins, emb, weight, labels, row_weight, row_loss, grad_emb,
-        grad_weight, bad, workspace))]
+        grad_weight, bad, workspace, interclass_filter=None))]
 pub(super) fn cuda_margin_loss(
     py: Python<'_>,
     device: usize,
@@ -103,6 +103,7 @@ pub(super) fn cuda_margin_loss(
     grad_weight: u64,
     bad: u64,
     workspace: u64,
+    interclass_filter: Option<f64>,
 ) -> PyResult<()> {
     #[cfg(feature = "cuda")]
     {
@@ -146,9 +147,13 @@ pub(super) fn cuda_margin_loss(
             workspace,
         };
         let margin = margin.0;
+        let head = crate::head::HeadOptions {
+            sub_centers: 1,
+            interclass_filter,
+        };
         run(py, || {
             crate::cuda::driver::with_stream(device, stream, |s| {
-                margin_loss(s, shape, &margin, &buffers, Tiling::default())
+                margin_loss(s, shape, &margin, head, &buffers, Tiling::default())
             })
         })?
         .map_err(to_py_err)

@@ -100,6 +100,24 @@ def test_torch_head_through_the_real_launch(cpu_stream, margin, reduction, dtype
 
 @pytest.mark.parametrize(
     "margin",
+    [afr.ArcFace(), afr.CurricularFace(s=30.0, t=0.4), afr.MVSoftmax(), afr.MVSoftmax(kind="arc")],
+    ids=repr,
+)
+@pytest.mark.parametrize("interclass_filter", [None, 0.1])
+def test_hard_negatives_and_the_filter_through_the_real_launch(
+    cpu_stream, margin, interclass_filter
+):
+    emb, weight, labels = (torch.tensor(a) for a in make_problem(9, 6, 30, seed=5, ignore=2))
+    kind, params = tops._encode(margin)
+    args = (emb, weight, labels, kind, params, 1, interclass_filter, "mean", True, True)
+    for g, w in zip(tcuda._loss_cuda(*args), tops._loss_op(*args)):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="sub_centers"):
+        tcuda._loss_cuda(emb, weight, labels, kind, params, 2, None, "mean", True, True)
+
+
+@pytest.mark.parametrize(
+    "margin",
     [
         afr.AdaFace(batch_mean=4.0, batch_std=1.0),
         afr.MagFace(s=30.0, l_a=1.0, u_a=8.0, lambda_g=3.0),
