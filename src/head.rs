@@ -90,6 +90,43 @@ impl HeadOptions {
     }
 }
 
+/// Which entries of dL/dc the backward keeps. The loss is always exact (the forward reads
+/// every logit); only gradient entries below the filter are dropped.
+///
+/// An entry is dropped when its softmax probability `p_ij` (times `|h'(c_ij)|` for a margin
+/// that re-weights non-targets) is below `f`; the target's entry is always kept. A dropped
+/// entry's `|dL/dc_ij|` is below `w_i * s * f` (`w_i` the row's weight in the reduction), so
+/// the change to row i of dL/dc is at most (its dropped entries) × `w_i s f`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum GradFilter {
+    /// Every entry.
+    Exact,
+    /// Entries with p below this (in [0, 1)).
+    Below(f64),
+    /// `Below(eps / 32)` of the dtype: 2^-28 for float32, 2^-57 for float64 (the choice of
+    /// Apple's Cut Cross-Entropy): what drops is already lost in rounding next to the rest.
+    Auto,
+}
+
+impl GradFilter {
+    /// The probability floor in `T`, None for the exact gradient.
+    fn floor<T: Real>(self) -> Result<Option<f64>> {
+        match self {
+            GradFilter::Exact => Ok(None),
+            GradFilter::Auto => Ok(Some(T::epsilon().f64() / 32.0)),
+            GradFilter::Below(f) if f.is_finite() && (0.0..1.0).contains(&f) => Ok(Some(f)),
+            GradFilter::Below(f) => Err(Error::invalid(
+                "grad_filter",
+                format!("must be None, 'auto' or a probability in [0, 1), got {f}"),
+            )),
+        }
+    }
+}
+
+/// A tile's backward runs sparse (one axpy per kept entry) when at most this share of its
+/// entries survive the gradient filter, else as dense GEMMs.
+const SPARSE_SHARE: f64 = 1.0 / 8.0;
+
 /// What [`margin_loss_with`] computes.
 #[derive(Clone, Copy, Debug)]
 pub struct LossOptions<'a> {
@@ -101,6 +138,7 @@ pub struct LossOptions<'a> {
     pub grad_emb: bool,
     pub grad_weight: bool,
     pub head: HeadOptions,
+    pub grad_filter: GradFilter,
 }
 
 impl LossOptions<'_> {
@@ -111,6 +149,7 @@ impl LossOptions<'_> {
             grad_emb: true,
             grad_weight: true,
             head: HeadOptions::default(),
+            grad_filter: GradFilter::Exact,
         }
     }
 }
@@ -125,6 +164,9 @@ pub struct LossOutput<T> {
     /// None when not asked for.
     pub grad_emb: Option<Array2<T>>,
     pub grad_weight: Option<Array2<T>>,
+    /// The share of the backward GEMMs' multiply-adds the gradient filter skipped (0 for
+    /// the exact gradient).
+    pub backward_skipped: f64,
 }
 
 /// Everything the entry points derive from (emb, weight, labels, margin) before any GEMM.
@@ -668,6 +710,60 @@ fn backprop_tile<T: Real>(
     }
 }
 
+/// [`backprop_tile`] for a tile whose `g` is mostly zeros (the gradient filter dropped
+/// them): one axpy per non-zero entry into `dxhat` and into the tile's gradient rows, and
+/// the normalisation's Jacobian on the rows that got any. `beta = 0` clears the rows first
+/// (they may hold the stash).
+fn sparse_backprop_tile<T: Real>(
+    g: ArrayView2<T>,
+    xhat_rows: ArrayView2<T>,
+    w_tile: ArrayView2<T>,
+    w_inv: &[T],
+    beta: T,
+    grad_tile: Option<ArrayViewMut2<T>>,
+    dxhat: Option<&mut Array2<T>>,
+) {
+    if let Some(dxhat) = dxhat {
+        for (i, grow) in g.axis_iter(Axis(0)).enumerate() {
+            let mut out = dxhat.row_mut(i);
+            let out = out.as_slice_mut().expect("gradient rows are contiguous");
+            for (j, &v) in grow.iter().enumerate() {
+                if v != T::zero() {
+                    kernels::axpy(v, row(w_tile, j), out);
+                }
+            }
+        }
+    }
+    if let Some(mut grad_tile) = grad_tile {
+        if beta == T::zero() {
+            grad_tile.fill(T::zero());
+        }
+        let mut touched = vec![false; grad_tile.nrows()];
+        for (i, grow) in g.axis_iter(Axis(0)).enumerate() {
+            let x = row(xhat_rows, i);
+            for (j, &v) in grow.iter().enumerate() {
+                if v != T::zero() {
+                    let mut out = grad_tile.row_mut(j);
+                    kernels::axpy(v, x, out.as_slice_mut().expect("contiguous"));
+                    touched[j] = true;
+                }
+            }
+        }
+        for (j, _) in touched.iter().enumerate().filter(|(_, &t)| t) {
+            let mut gw = grad_tile.row_mut(j);
+            let gw = gw.as_slice_mut().expect("gradient rows are contiguous");
+            kernels::project_out(gw, row(w_tile, j), w_inv[j]);
+        }
+    }
+}
+
+/// Row `i` of a standard-layout view, as a slice.
+fn row<'a, T>(m: ArrayView2<'a, T>, i: usize) -> &'a [T] {
+    let r = m.index_axis_move(Axis(0), i);
+    r.to_slice()
+        .expect("rows of standard-layout views are contiguous")
+}
+
 /// A zeroed buffer that Linux backs with 2 MiB pages where it can.
 ///
 /// The weight gradient is hundreds of MB, freshly allocated per call; with 4 KiB pages the
@@ -688,6 +784,9 @@ struct Pass2<T> {
     inv_sel: Vec<T>,
     /// Σ_j p_ij z_ij per row: the feature-norm scale's extra gradient term.
     pz: Vec<f64>,
+    /// Entries of the backward GEMMs done and in all (the gradient filter's savings).
+    work_done: f64,
+    work_full: f64,
 }
 
 impl<T: Real> Pass2<T> {
@@ -699,6 +798,8 @@ impl<T: Real> Pass2<T> {
             g_class: vec![T::zero(); per_class],
             inv_sel: vec![T::zero(); per_class],
             pz: vec![0.0; rows],
+            work_done: 0.0,
+            work_full: 0.0,
         }
     }
 
@@ -731,6 +832,8 @@ impl<T: Real> Pass2<T> {
 
     fn add(mut self, o: Pass2<T>) -> Self {
         self.dxhat += &o.dxhat;
+        self.work_done += o.work_done;
+        self.work_full += o.work_full;
         for (a, b) in self.pz.iter_mut().zip(&o.pz) {
             *a += b;
         }
@@ -744,12 +847,25 @@ struct LossRows<'a> {
     lse: &'a [f64],
     /// d loss / d row loss: 1/n_valid for the mean, 1 otherwise, 0 for ignored rows.
     row_weight: &'a [f64],
+    /// The gradient filter's probability floor, None for the exact gradient.
+    floor: Option<f64>,
+}
+
+impl LossRows<'_> {
+    /// The floor on a tile's stash `e = exp(z - tile_max)` of row `local` that keeps
+    /// `p = e exp(tile_max - lse) >= floor`.
+    fn stash_floor<T: Real>(&self, local: usize, tile_max: T) -> Option<T> {
+        self.floor
+            .map(|f| T::of(f * (self.lse[local] - tile_max.f64()).exp()))
+    }
 }
 
 impl<T: Real> Prepared<T> {
     /// Fills `acc.g` (rows × ct) with dL/dc_ij / ||w_j||, from the tile's stash
     /// `e = exp(z - tile_max)` of pass 1: `p = e * exp(tile_max - lse)`, one multiply per
     /// element instead of a second exp.
+    ///
+    /// Returns how many entries are non-zero (at most; every one without a filter).
     fn loss_grad_tile(
         &self,
         lr: &LossRows,
@@ -758,8 +874,9 @@ impl<T: Real> Prepared<T> {
         tile_max: &[T],
         inv: &[T],
         acc: &mut Pass2<T>,
-    ) {
+    ) -> usize {
         let ct = e.len() / lr.rows.len();
+        let mut kept = 0;
         for (local, i) in lr.rows.clone().enumerate() {
             let erow = &e[local * ct..(local + 1) * ct];
             let grow = &mut acc.g[local * ct..(local + 1) * ct];
@@ -769,7 +886,13 @@ impl<T: Real> Prepared<T> {
                 continue;
             }
             let coef = weight * self.row_scale[i] * (tile_max[local].f64() - lr.lse[local]).exp();
-            kernels::scale_mul(erow, T::of(coef), inv, grow);
+            kept += match lr.stash_floor(local, tile_max[local]) {
+                Some(floor) => kernels::scale_mul_above(erow, T::of(coef), inv, floor, grow) + 1,
+                None => {
+                    kernels::scale_mul(erow, T::of(coef), inv, grow);
+                    ct
+                }
+            };
             if let Some(y) = self.target[i] {
                 if (lo..lo + ct).contains(&y) {
                     // p - 1 in f64 from the f64 logits: no cancellation in float32.
@@ -779,6 +902,7 @@ impl<T: Real> Prepared<T> {
                 }
             }
         }
+        kept
     }
 
     /// [`Prepared::loss_grad_tile`] for a tile with sub-centres: each class's gradient,
@@ -794,9 +918,10 @@ impl<T: Real> Prepared<T> {
         sub: &[u8],
         inv: &[T],
         acc: &mut Pass2<T>,
-    ) {
+    ) -> usize {
         let (nr, k) = (lr.rows.len(), self.k);
         let width = e.len() / nr;
+        let mut kept = 0;
         let Pass2 {
             g,
             g_class,
@@ -819,7 +944,16 @@ impl<T: Real> Prepared<T> {
                 &mut g_class[..width],
             );
             let coef = weight * self.row_scale[i] * (tile_max[local].f64() - lr.lse[local]).exp();
-            kernels::scale_mul(erow, T::of(coef), &inv_sel[..width], grow);
+            let inv_row = &inv_sel[..width];
+            kept += match lr.stash_floor(local, tile_max[local]) {
+                Some(floor) => {
+                    kernels::scale_mul_above(erow, T::of(coef), inv_row, floor, grow) + 1
+                }
+                None => {
+                    kernels::scale_mul(erow, T::of(coef), inv_row, grow);
+                    width
+                }
+            };
             if let Some(y) = self.target[i] {
                 if (lo..lo + width).contains(&y) {
                     let p = (self.target_logit[i] - lr.lse[local]).exp();
@@ -831,6 +965,7 @@ impl<T: Real> Prepared<T> {
                 full[j * k + subs[j] as usize] = v;
             }
         }
+        kept
     }
 }
 
@@ -1139,7 +1274,7 @@ impl<T: Real> Tiles<'_, T> {
         grad_w: &mut [T],
         want_emb: bool,
         want_weight: bool,
-    ) -> Array2<T> {
+    ) -> Pass2<T> {
         let (nr, d, ct, k) = (lr.rows.len(), self.p.d, self.ct, self.p.k);
         // `own_stash` is None when the stash lives in `grad_tile` itself.
         let step = |mut acc: Pass2<T>, t: usize, own_stash: Option<&[T]>, grad_tile: &mut [T]| {
@@ -1152,12 +1287,16 @@ impl<T: Real> Tiles<'_, T> {
                 Some(e) => e,
                 None => &grad_tile[..nr * width],
             };
-            if k > 1 {
+            let kept = if k > 1 {
                 self.p
-                    .sub_centre_grad_tile(lr, lo, e, tmax, sub, inv, &mut acc);
+                    .sub_centre_grad_tile(lr, lo, e, tmax, sub, inv, &mut acc)
             } else {
-                self.p.loss_grad_tile(lr, lo, e, tmax, inv, &mut acc);
-            }
+                self.p.loss_grad_tile(lr, lo, e, tmax, inv, &mut acc)
+            };
+            let entries = (nr * w_rows) as f64;
+            let sparse = lr.floor.is_some() && (kept as f64) <= SPARSE_SHARE * entries;
+            acc.work_full += entries;
+            acc.work_done += if sparse { kept as f64 } else { entries };
             // Overwrite the tile's gradient rows when they held the stash, else accumulate
             // over row chunks.
             let beta = if own_stash.is_some() {
@@ -1170,7 +1309,11 @@ impl<T: Real> Tiles<'_, T> {
             let mut dx = std::mem::take(&mut acc.dxhat);
             let dx_out = want_emb.then_some(&mut dx);
             let grad_out = want_weight.then_some(grad_view);
-            backprop_tile(g, xhat_rows, w_tile, inv, beta, grad_out, dx_out);
+            if sparse {
+                sparse_backprop_tile(g, xhat_rows, w_tile, inv, beta, grad_out, dx_out);
+            } else {
+                backprop_tile(g, xhat_rows, w_tile, inv, beta, grad_out, dx_out);
+            }
             acc.dxhat = dx;
             acc
         };
@@ -1190,7 +1333,7 @@ impl<T: Real> Tiles<'_, T> {
                 })
                 .reduce(new_acc, Pass2::add),
         };
-        acc.dxhat
+        acc
     }
 }
 
@@ -1204,6 +1347,7 @@ fn fused_loss<T: Real>(
     mut shard: Option<&mut ShardOptions>,
 ) -> Result<LossOutput<T>> {
     let reduction = options.reduction;
+    let floor = options.grad_filter.floor::<T>()?;
     let mut p = Prepared::new_shard(emb, weight, labels, margin, shard.is_some(), options.head)?;
     let (b, c, d, k) = (p.b(), p.c, p.d, p.k);
     let chunk_classes = shard.as_ref().map_or(c, |sh| sh.stash_classes.max(1));
@@ -1238,6 +1382,7 @@ fn fused_loss<T: Real>(
             grad_emb: want_emb.then(|| Array2::zeros((b, d))),
             grad_weight: want_weight
                 .then(|| Array2::from_shape_vec((c * k, d), grad_w).expect("gradient shape")),
+            backward_skipped: 0.0,
         });
     }
     let tiles = Tiles {
@@ -1256,6 +1401,7 @@ fn fused_loss<T: Real>(
         vec![T::zero(); plan.chunk_rows * c]
     };
     let mut tile_max = vec![T::zero(); c.div_ceil(ct) * plan.chunk_rows];
+    let mut work = (0.0, 0.0); // backward entries done, in all
     let mut subs = vec![0u8; tiles.sub_chunk(plan.chunk_rows) * c.div_ceil(ct)];
 
     for start in (0..b).step_by(plan.chunk_rows) {
@@ -1307,6 +1453,7 @@ fn fused_loss<T: Real>(
             rows: rows.clone(),
             lse: &lse,
             row_weight: &row_weight[rows.clone()],
+            floor,
         };
         let xhat_rows = p.xhat.slice(s![rows.clone(), ..]);
         // (lazily: when the stash lives in grad_w, `stash` is empty)
@@ -1321,7 +1468,8 @@ fn fused_loss<T: Real>(
             want_emb,
             want_weight,
         );
-        dxhat.slice_mut(s![rows, ..]).assign(&dx);
+        dxhat.slice_mut(s![rows, ..]).assign(&dx.dxhat);
+        work = (work.0 + dx.work_done, work.1 + dx.work_full);
     }
 
     let grad_emb = want_emb.then(|| p.finish_grad_emb(dxhat, &norm_term));
@@ -1340,6 +1488,11 @@ fn fused_loss<T: Real>(
         row_losses,
         grad_emb,
         grad_weight,
+        backward_skipped: if work.1 > 0.0 {
+            1.0 - work.0 / work.1
+        } else {
+            0.0
+        },
     })
 }
 

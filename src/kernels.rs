@@ -255,6 +255,48 @@ multiversion! {
     pub fn scale_mul<T: Real>(e: &[T], k: T, inv: &[T], g: &mut [T]) -> () = scale_mul_impl;
 }
 
+#[inline(always)]
+fn scale_mul_above_impl<T: Real>(e: &[T], k: T, inv: &[T], floor: T, g: &mut [T]) -> usize {
+    let mut kept = [0u32; LANES];
+    let n = e.len().min(g.len()).min(inv.len()) / LANES * LANES;
+    for ((gc, ec), ic) in g[..n]
+        .chunks_exact_mut(LANES)
+        .zip(e[..n].chunks_exact(LANES))
+        .zip(inv[..n].chunks_exact(LANES))
+    {
+        for l in 0..LANES {
+            let keep = ec[l].abs() >= floor;
+            gc[l] = if keep { k * ec[l] * ic[l] } else { T::zero() };
+            kept[l] += u32::from(keep);
+        }
+    }
+    let mut total: usize = kept.iter().map(|&c| c as usize).sum();
+    for ((gv, &ev), &iv) in g[n..].iter_mut().zip(&e[n..]).zip(&inv[n..]) {
+        let keep = ev.abs() >= floor;
+        *gv = if keep { k * ev * iv } else { T::zero() };
+        total += usize::from(keep);
+    }
+    total
+}
+
+multiversion! {
+    /// `g[j] = k * e[j] * inv[j]` where `|e[j]| >= floor`, else 0; returns how many were kept
+    /// (the gradient filter: entries whose softmax probability rounds to nothing).
+    pub fn scale_mul_above<T: Real>(e: &[T], k: T, inv: &[T], floor: T, g: &mut [T]) -> usize = scale_mul_above_impl;
+}
+
+#[inline(always)]
+fn axpy_impl<T: Real>(a: T, x: &[T], y: &mut [T]) {
+    for (yv, &xv) in y.iter_mut().zip(x) {
+        *yv += a * xv;
+    }
+}
+
+multiversion! {
+    /// `y += a * x`.
+    pub fn axpy<T: Real>(a: T, x: &[T], y: &mut [T]) -> () = axpy_impl;
+}
+
 /// A row's rule for its non-target cosines, as the kernels apply it: a cosine above
 /// `filter` becomes 0 with no gradient (inter-class filtering, `+inf` for none), then one
 /// above `above` (a hard negative, `+inf` for none) becomes `c (t + c)` (`curricular`) or

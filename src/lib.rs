@@ -25,8 +25,9 @@ mod python;
 
 pub use error::{Error, Result};
 pub use head::{
-    apply_margin, apply_margin_backward, margin_logits, margin_logits_backward, margin_loss,
-    margin_loss_with, LossOptions, LossOutput, Reduction,
+    apply_margin, apply_margin_backward, margin_logits, margin_logits_backward,
+    margin_logits_backward_with, margin_logits_with, margin_loss, margin_loss_with, GradFilter,
+    HeadOptions, LossOptions, LossOutput, Reduction,
 };
-pub use margin::{Margin, Margins, RowContext, Scale, Target};
+pub use margin::{HardNegatives, HardRule, Margin, Margins, RowContext, Scale, Target};
 pub use real::Real;

@@ -40,6 +40,7 @@ def main() -> None:
             dtype=weight.dtype,
             sub_centers=k,
             interclass_filter=case["interclass_filter"],
+            grad_filter=case["grad_filter"],
         )
         head.load_full_weight(weight)
         sizes = case["splits"][world]

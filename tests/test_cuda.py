@@ -66,7 +66,7 @@ def _cpu_launch(
             bad[slot] = int(broken[-1]) + 1
     if bad.any():
         return
-    _, rows, ge, gw = afr._core.margin_loss(
+    _, rows, ge, gw, _ = afr._core.margin_loss(
         x.numpy(),
         w.numpy(),
         y.numpy(),
@@ -106,8 +106,8 @@ def _problem(b, d, c, dtype, seed=0, ignore=2):
 def test_glue_gives_what_the_cpu_op_gives(cpu_launch, margin, reduction):
     emb, weight, labels = _problem(7, 5, 11, torch.float64, seed=3)
     kind, params = tops._encode(margin)
-    want = tops._loss_op(emb, weight, labels, kind, params, 1, None, reduction, True, True)
-    got = tcuda._loss_cuda(emb, weight, labels, kind, params, 1, None, reduction, True, True)
+    want = tops._loss_op(emb, weight, labels, kind, params, 1, None, None, reduction, True, True)
+    got = tcuda._loss_cuda(emb, weight, labels, kind, params, 1, None, None, reduction, True, True)
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and g.shape == w.shape
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
@@ -118,20 +118,20 @@ def test_glue_backward_of_reduction_none_weights_rows_by_upstream(cpu_launch):
     kind, params = tops._encode(afr.ArcFace())
     upstream = torch.linspace(-1.0, 2.0, 6, dtype=torch.float64)
     want = tops._loss_backward_op(
-        emb, weight, labels, kind, params, 1, None, "none", upstream, True, True
+        emb, weight, labels, kind, params, 1, None, None, "none", upstream, True, True
     )
     got = tcuda._loss_backward_cuda(
-        emb, weight, labels, kind, params, 1, None, "none", upstream, True, True
+        emb, weight, labels, kind, params, 1, None, None, "none", upstream, True, True
     )
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
     # a scalar upstream broadcasts over the rows
     one = torch.tensor(2.0, dtype=torch.float64)
     got = tcuda._loss_backward_cuda(
-        emb, weight, labels, kind, params, 1, None, "none", one, True, False
+        emb, weight, labels, kind, params, 1, None, None, "none", one, True, False
     )
     want = tops._loss_backward_op(
-        emb, weight, labels, kind, params, 1, None, "none", one, True, False
+        emb, weight, labels, kind, params, 1, None, None, "none", one, True, False
     )
     torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
     assert got[1].numel() == 0
@@ -142,7 +142,7 @@ def test_glue_all_rows_ignored_gives_zero_not_nan(cpu_launch):
     labels = torch.full((4,), -1)
     kind, params = tops._encode(afr.CosFace())
     loss, g_emb, g_w = tcuda._loss_cuda(
-        emb, weight, labels, kind, params, 1, None, "mean", True, True
+        emb, weight, labels, kind, params, 1, None, None, "mean", True, True
     )
     assert loss.item() == 0.0 and not g_emb.any() and not g_w.any()
 
@@ -151,10 +151,10 @@ def test_glue_half_precision_inputs_compute_in_float32(cpu_launch):
     emb, weight, labels = _problem(5, 8, 7, torch.float32)
     kind, params = tops._encode(afr.ArcFace())
     got = tcuda._loss_cuda(
-        emb.half(), weight.half(), labels, kind, params, 1, None, "mean", True, True
+        emb.half(), weight.half(), labels, kind, params, 1, None, None, "mean", True, True
     )
     want = tops._loss_op(
-        emb.half(), weight.half(), labels, kind, params, 1, None, "mean", True, True
+        emb.half(), weight.half(), labels, kind, params, 1, None, None, "mean", True, True
     )
     assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.float16
     for g, w in zip(got, want):
@@ -175,7 +175,7 @@ def test_glue_bad_input_raises_value_error_naming_the_argument(cpu_launch, chang
     emb, weight, labels = change(*_problem(6, 5, 11, torch.float64, seed=5))
     kind, params = tops._encode(afr.ArcFace())
     with pytest.raises(ValueError, match=match):
-        tcuda._loss_cuda(emb, weight, labels, kind, params, 1, None, "mean", True, True)
+        tcuda._loss_cuda(emb, weight, labels, kind, params, 1, None, None, "mean", True, True)
 
 
 def test_preload_makes_nvrtc_and_cublas_resolve_by_name():

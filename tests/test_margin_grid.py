@@ -109,9 +109,9 @@ def test_per_row_blocks_give_each_row_its_own_margin():
 
     emb, weight, labels = make_problem(len(ms), 8, 11, seed=3)
     spec = margins[0]._spec
-    loss, rows, ge, gw = _core.margin_loss(emb, weight, labels, spec, "sum", row_margins=blocks)
+    loss, rows, ge, gw, _ = _core.margin_loss(emb, weight, labels, spec, "sum", row_margins=blocks)
     for i, m in enumerate(margins):
-        _, row, ge_i, _ = _core.margin_loss(
+        _, row, ge_i, _, _ = _core.margin_loss(
             emb[i : i + 1], weight, labels[i : i + 1], m._spec, "sum"
         )
         np.testing.assert_allclose(rows[i], row[0], rtol=1e-12)

@@ -28,7 +28,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def case(name, b, d, c, margin, sample_rate=1.0, seed=0, upstream=1.0, k=1, filter=None):
+def case(name, b, d, c, margin, sample_rate=1.0, seed=0, upstream=1.0, k=1, filter=None, grad=None):
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, c, b)
     labels[::5] = -1
@@ -39,6 +39,7 @@ def case(name, b, d, c, margin, sample_rate=1.0, seed=0, upstream=1.0, k=1, filt
         "weight": torch.tensor(rng.standard_normal((c * k, d))),
         "sub_centers": k,
         "interclass_filter": filter,
+        "grad_filter": grad,
         "margin": margin,
         "sample_rate": sample_rate,
         "seed": seed,
@@ -92,6 +93,7 @@ CASES = [
         k=2,
         filter=0.2,
     ),
+    case("grad filter", 24, 16, 90, afr.ArcFace(s=64.0, m=0.5), seed=17, grad=1e-4),
 ]
 
 # margins whose independent reference is the one-process fused head (itself checked
@@ -100,9 +102,9 @@ CASES = [
 STATEFUL = (afr.AdaFace, afr.MagFace, afr.ElasticFace, afr.CurricularFace, afr.MVSoftmax)
 
 
-def one_process(emb, weight, labels, margin, k=1, filter=None):
+def one_process(emb, weight, labels, margin, k=1, filter=None, grad=None):
     """The loss and gradients of one process on the global batch."""
-    head = {"sub_centers": k, "interclass_filter": filter}
+    head = {"sub_centers": k, "interclass_filter": filter, "grad_filter": grad}
     if isinstance(margin, STATEFUL) or margin._row_blocks is not None or head != _PLAIN:
         fresh = pickle.loads(pickle.dumps(margin))  # the state before the step
         e, w, y = emb.numpy(), weight.numpy(), labels.numpy()
@@ -111,7 +113,7 @@ def one_process(emb, weight, labels, margin, k=1, filter=None):
     return (*ref_loss(emb, weight, labels, margin), None)
 
 
-_PLAIN = {"sub_centers": 1, "interclass_filter": None}
+_PLAIN = {"sub_centers": 1, "interclass_filter": None, "grad_filter": None}
 
 
 @pytest.fixture(scope="module", params=[2, 3])
@@ -147,7 +149,8 @@ def test_ranks_together_equal_one_process_on_the_global_batch(runs, index):
     world, results = runs
     cs = CASES[index]
     emb, labels, weight = cs["emb"], cs["labels"], cs["weight"]
-    k, head = cs["sub_centers"], (cs["sub_centers"], cs["interclass_filter"])
+    k = cs["sub_centers"]
+    head = (k, cs["interclass_filter"], cs["grad_filter"])
     per_rank = [res[index] for res in results]
     if cs["sample_rate"] < 1:
         kept = torch.cat([r["sampled"] for r in per_rank])

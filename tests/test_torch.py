@@ -114,7 +114,7 @@ def test_opcheck_custom_ops(margin, head):
     kind, params = tops._encode(margin)
     torch.library.opcheck(
         torch.ops.arcface_rs.margin_loss.default,
-        (emb, weight, labels, kind, params, *head, "mean", True, True),
+        (emb, weight, labels, kind, params, *head, None, "mean", True, True),
     )
     torch.library.opcheck(
         torch.ops.arcface_rs.margin_logits.default, (emb, weight, labels, kind, params, *head)

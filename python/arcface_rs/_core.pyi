@@ -87,11 +87,13 @@ def margin_loss(
     row_margins: npt.NDArray[np.float64] | None = None,
     sub_centers: int = 1,
     interclass_filter: float | None = None,
+    grad_filter: str | float | None = None,
 ) -> tuple[
     float,
     npt.NDArray[np.float64],
     npt.NDArray[np.floating] | None,
     npt.NDArray[np.floating] | None,
+    float,
 ]: ...
 def margin_loss_shard(
     emb: npt.NDArray[np.floating],
@@ -106,11 +108,13 @@ def margin_loss_shard(
     sub_centers: int = 1,
     interclass_filter: float | None = None,
     target_cos: npt.NDArray[np.float64] | None = None,
+    grad_filter: str | float | None = None,
 ) -> tuple[
     float,
     npt.NDArray[np.float64],
     npt.NDArray[np.floating],
     npt.NDArray[np.floating],
+    float,
 ]: ...
 def margin_logits(
     emb: npt.NDArray[np.floating],

@@ -9,6 +9,7 @@ import numpy as np
 from . import _core
 from ._margins import Margin
 from ._validate import floats as _floats
+from ._validate import grad_filter as _grad_filter
 from ._validate import interclass_filter as _interclass_filter
 from ._validate import labels as _labels
 from ._validate import reduction as _reduction
@@ -164,6 +165,7 @@ def margin_loss(
     reduction: Literal["mean", "sum", "none"] = "mean",
     sub_centers: int = 1,
     interclass_filter: float | None = None,
+    grad_filter: str | float | None = None,
 ) -> tuple[np.floating | np.ndarray, np.ndarray, np.ndarray]:
     """Fused softmax cross-entropy of the margin logits, with both gradients.
 
@@ -190,6 +192,13 @@ def margin_loss(
     interclass_filter : float or None
         Non-target cosines above it become 0, without gradient, before the margin
         (InsightFace's inter-class filtering; its filtered configs use 0.4).
+    grad_filter : None, "auto" or float
+        None (default): the exact gradient. A float f drops from dL/dcos the entries whose
+        softmax probability is below f (times |h'(cos)| for CurricularFace and MV-Softmax;
+        the target's entry is always kept) and skips the backward work of what drops;
+        ``"auto"`` is the dtype's eps/32 (2**-28 for float32, 2**-57 for float64), below
+        which an entry is lost in rounding anyway. The loss stays exact. Each row's change
+        of dL/dcos is at most (its dropped entries) * f * s * (its weight in the reduction).
 
     Returns
     -------
@@ -206,8 +215,15 @@ def margin_loss(
     labels = _labels(labels)
     head = _head_options(sub_centers, interclass_filter)
     blocks = _row_blocks(margin, emb, weight, labels, head["sub_centers"])
-    loss, rows, g_emb, g_w = _core.margin_loss(
-        emb, weight, labels, _margin(margin), reduction, row_margins=blocks, **head
+    loss, rows, g_emb, g_w, _ = _core.margin_loss(
+        emb,
+        weight,
+        labels,
+        _margin(margin),
+        reduction,
+        row_margins=blocks,
+        grad_filter=_grad_filter(grad_filter),
+        **head,
     )
     out = rows.astype(emb.dtype) if reduction == "none" else emb.dtype.type(loss)
     return out, g_emb, g_w

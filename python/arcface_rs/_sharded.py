@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from . import _core
 from ._margins import _KINDS_WITH_HARD_NEGATIVES, Margin
 from ._torch_ops import _no_double_backward
+from ._validate import grad_filter as check_grad_filter
 from ._validate import interclass_filter as check_filter
 from ._validate import sub_centers as check_sub_centers
 
@@ -150,11 +151,12 @@ class _ShardedLoss(torch.autograd.Function):
         group: Any,
         head: tuple[int, float | None],
         target_cos: np.ndarray | None,
+        grad_filter: str | float | None,
     ) -> Tensor:
         e = emb_all.detach().contiguous().numpy()
         w = weight.detach().contiguous().numpy()
         combine = _combine_over(group)
-        loss, _, g_emb, g_w = _core.margin_loss_shard(
+        loss, _, g_emb, g_w, _ = _core.margin_loss_shard(
             e,
             w,
             targets.numpy(),
@@ -167,6 +169,7 @@ class _ShardedLoss(torch.autograd.Function):
             sub_centers=head[0],
             interclass_filter=head[1],
             target_cos=target_cos,
+            grad_filter=grad_filter,
         )
         ctx.grads = (torch.from_numpy(g_emb), torch.from_numpy(g_w))
         return torch.tensor(loss, dtype=emb_all.dtype)
@@ -181,7 +184,7 @@ class _ShardedLoss(torch.autograd.Function):
         if not bool(grad == 1):
             g_emb.mul_(grad)
             g_w.mul_(grad)
-        return (g_emb, g_w) + (None,) * 8
+        return (g_emb, g_w) + (None,) * 9
 
 
 class ShardedMarginHead(nn.Module):
@@ -196,7 +199,8 @@ class ShardedMarginHead(nn.Module):
     ``sub_centers=K`` gives each class K centres (this rank's ``weight`` holds all K rows
     of each of its classes: a class never straddles two ranks); ``interclass_filter`` as
     :func:`arcface_rs.margin_loss`. Hard-negative margins (CurricularFace, MV-Softmax)
-    threshold on each row's target cosine, gathered from the rank holding it.
+    threshold on each row's target cosine, gathered from the rank holding it. ``grad_filter``
+    (see :func:`arcface_rs.margin_loss`) filters each rank's own tiles.
 
     ``sample_rate < 1`` is Partial FC: each step keeps every class centre that is a target in
     the global batch plus uniformly sampled others, up to ``ceil(sample_rate * shard size)``
@@ -220,6 +224,7 @@ class ShardedMarginHead(nn.Module):
         device: Any = None,
         sub_centers: int = 1,
         interclass_filter: float | None = None,
+        grad_filter: str | float | None = None,
     ) -> None:
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -246,6 +251,7 @@ class ShardedMarginHead(nn.Module):
         self.margin, self.sample_rate = margin, float(sample_rate)
         self.sub_centers = check_sub_centers(sub_centers)
         self.interclass_filter = check_filter(interclass_filter)
+        self.grad_filter = check_grad_filter(grad_filter)
         self.shard_range = shard_range(self.num_classes, self.world_size, self.rank)
         lo, hi = self.shard_range
         rows = (hi - lo) * self.sub_centers
@@ -391,4 +397,5 @@ class ShardedMarginHead(nn.Module):
             self.group,
             (k, self.interclass_filter),
             target_cos() if hard else None,
+            self.grad_filter,
         )

@@ -34,8 +34,9 @@ class AdaFaceHead(_MarginHead):
         Over the rows whose label is not -1.
     device, dtype
         Of ``weight``.
-    sub_centers, interclass_filter
-        Centres per class and the inter-class filter (see :func:`arcface_rs.margin_loss`).
+    sub_centers, interclass_filter, grad_filter
+        Centres per class, the inter-class filter and the gradient filter (see
+        :func:`arcface_rs.margin_loss`).
     """
 
     batch_mean: Tensor
@@ -56,10 +57,18 @@ class AdaFaceHead(_MarginHead):
         dtype: Any = None,
         sub_centers: int = 1,
         interclass_filter: float | None = None,
+        grad_filter: str | float | None = None,
     ) -> None:
         margin = AdaFace(s=s, m=m, h=h, t_alpha=t_alpha, batch_mean=batch_mean, batch_std=batch_std)
         super().__init__(
-            embedding_size, num_classes, reduction, device, dtype, sub_centers, interclass_filter
+            embedding_size,
+            num_classes,
+            reduction,
+            device,
+            dtype,
+            sub_centers,
+            interclass_filter,
+            grad_filter,
         )
         self.margin = margin
         stats = {"dtype": torch.float64, "device": device}
@@ -98,7 +107,9 @@ class AdaFaceHead(_MarginHead):
         if emb.device.type != "cpu" and not fused:
             _warn_cuda_once()
             return _plain_loss(emb, self.weight, labels, self.margin, self.reduction, rows, *head)
-        return _loss(emb, self.weight, labels, self.margin, self.reduction, rows, head)
+        return _loss(
+            emb, self.weight, labels, self.margin, self.reduction, rows, head, self.grad_filter
+        )
 
     def logits(self, emb: Tensor, labels: Tensor) -> Tensor:
         """The (B, num_classes) margin logits with the current statistics (no update)."""
@@ -126,8 +137,9 @@ class MagFaceHead(_MarginHead):
         Over the rows whose label is not -1 (the regulariser too).
     device, dtype
         Of ``weight``.
-    sub_centers, interclass_filter
-        Centres per class and the inter-class filter (see :func:`arcface_rs.margin_loss`).
+    sub_centers, interclass_filter, grad_filter
+        Centres per class, the inter-class filter and the gradient filter (see
+        :func:`arcface_rs.margin_loss`).
     """
 
     def __init__(
@@ -146,10 +158,18 @@ class MagFaceHead(_MarginHead):
         dtype: Any = None,
         sub_centers: int = 1,
         interclass_filter: float | None = None,
+        grad_filter: str | float | None = None,
     ) -> None:
         margin = MagFace(s, l_a, u_a, l_m, u_m, lambda_g, easy_margin)
         super().__init__(
-            embedding_size, num_classes, reduction, device, dtype, sub_centers, interclass_filter
+            embedding_size,
+            num_classes,
+            reduction,
+            device,
+            dtype,
+            sub_centers,
+            interclass_filter,
+            grad_filter,
         )
         self.margin = margin
 
@@ -168,8 +188,9 @@ class ElasticFaceHead(_MarginHead):
         Over the rows whose label is not -1.
     device, dtype
         Of ``weight``.
-    sub_centers, interclass_filter
-        Centres per class and the inter-class filter (see :func:`arcface_rs.margin_loss`).
+    sub_centers, interclass_filter, grad_filter
+        Centres per class, the inter-class filter and the gradient filter (see
+        :func:`arcface_rs.margin_loss`).
     """
 
     def __init__(
@@ -187,9 +208,17 @@ class ElasticFaceHead(_MarginHead):
         dtype: Any = None,
         sub_centers: int = 1,
         interclass_filter: float | None = None,
+        grad_filter: str | float | None = None,
     ) -> None:
         margin = ElasticFace(s=s, m=m, std=std, kind=kind, plus=plus, seed=seed)
         super().__init__(
-            embedding_size, num_classes, reduction, device, dtype, sub_centers, interclass_filter
+            embedding_size,
+            num_classes,
+            reduction,
+            device,
+            dtype,
+            sub_centers,
+            interclass_filter,
+            grad_filter,
         )
         self.margin = margin

@@ -37,8 +37,9 @@ class CurricularFaceHead(_MarginHead):
         Over the rows whose label is not -1.
     device, dtype
         Of ``weight``.
-    sub_centers, interclass_filter
-        Centres per class and the inter-class filter (see :func:`arcface_rs.margin_loss`).
+    sub_centers, interclass_filter, grad_filter
+        Centres per class, the inter-class filter and the gradient filter (see
+        :func:`arcface_rs.margin_loss`).
     """
 
     t: Tensor
@@ -56,10 +57,18 @@ class CurricularFaceHead(_MarginHead):
         dtype: Any = None,
         sub_centers: int = 1,
         interclass_filter: float | None = None,
+        grad_filter: str | float | None = None,
     ) -> None:
         margin = CurricularFace(s=s, m=m, alpha=alpha, t=t)
         super().__init__(
-            embedding_size, num_classes, reduction, device, dtype, sub_centers, interclass_filter
+            embedding_size,
+            num_classes,
+            reduction,
+            device,
+            dtype,
+            sub_centers,
+            interclass_filter,
+            grad_filter,
         )
         self.margin = margin
         self.register_buffer("t", torch.full((), float(t), dtype=torch.float64, device=device))
@@ -103,7 +112,9 @@ class CurricularFaceHead(_MarginHead):
         if emb.device.type != "cpu" and not fused:
             _warn_cuda_once()
             return _plain_loss(emb, self.weight, labels, self.margin, self.reduction, rows, *head)
-        return _loss(emb, self.weight, labels, self.margin, self.reduction, rows, head)
+        return _loss(
+            emb, self.weight, labels, self.margin, self.reduction, rows, head, self.grad_filter
+        )
 
     def logits(self, emb: Tensor, labels: Tensor) -> Tensor:
         """The (B, num_classes) margin logits with the current t (no update)."""
@@ -131,8 +142,9 @@ class MVSoftmaxHead(_MarginHead):
         Over the rows whose label is not -1.
     device, dtype
         Of ``weight``.
-    sub_centers, interclass_filter
-        Centres per class and the inter-class filter (see :func:`arcface_rs.margin_loss`).
+    sub_centers, interclass_filter, grad_filter
+        Centres per class, the inter-class filter and the gradient filter (see
+        :func:`arcface_rs.margin_loss`).
     """
 
     def __init__(
@@ -148,9 +160,17 @@ class MVSoftmaxHead(_MarginHead):
         dtype: Any = None,
         sub_centers: int = 1,
         interclass_filter: float | None = None,
+        grad_filter: str | float | None = None,
     ) -> None:
         margin = MVSoftmax(s=s, m=m, t=t, kind=kind)
         super().__init__(
-            embedding_size, num_classes, reduction, device, dtype, sub_centers, interclass_filter
+            embedding_size,
+            num_classes,
+            reduction,
+            device,
+            dtype,
+            sub_centers,
+            interclass_filter,
+            grad_filter,
         )
         self.margin = margin

@@ -26,14 +26,17 @@ NATIVE = (torch.float32, torch.float64)
 # Every op also takes the head's class layout and filter: `int sub_centers, float?
 # interclass_filter` (arcface_rs.margin_loss's keywords).
 _HEAD = "int sub_centers, float? interclass_filter"
+# The loss ops also take `float? grad_filter`: None for the exact gradient, else the
+# probability floor ("auto" is resolved to the dtype's eps/32 before the op).
 _LOSS_SCHEMA = (
     "(Tensor emb, Tensor weight, Tensor labels, float[] margin, Tensor? row_margins, "
-    f"{_HEAD}, str reduction, bool need_emb, bool need_weight) -> (Tensor, Tensor, Tensor)"
+    f"{_HEAD}, float? grad_filter, str reduction, bool need_emb, bool need_weight) "
+    "-> (Tensor, Tensor, Tensor)"
 )
 _LOSS_BACKWARD_SCHEMA = (
     "(Tensor emb, Tensor weight, Tensor labels, float[] margin, Tensor? row_margins, "
-    f"{_HEAD}, str reduction, Tensor upstream, bool need_emb, bool need_weight) "
-    "-> (Tensor, Tensor)"
+    f"{_HEAD}, float? grad_filter, str reduction, Tensor upstream, bool need_emb, "
+    "bool need_weight) -> (Tensor, Tensor)"
 )
 _LOGITS_SCHEMA = (
     "(Tensor emb, Tensor weight, Tensor labels, float[] margin, Tensor? row_margins, "
@@ -125,6 +128,7 @@ def _loss_op(
     row_margins: Tensor | None,
     sub_centers: int,
     interclass_filter: float | None,
+    grad_filter: float | None,
     reduction: str,
     need_emb: bool,
     need_weight: bool,
@@ -137,7 +141,7 @@ def _loss_op(
         labels,
         margin,
         row_margins,
-        (sub_centers, interclass_filter),
+        (sub_centers, interclass_filter, grad_filter),
         reduction,
         need_emb and fused,
         need_weight and fused,
@@ -155,16 +159,16 @@ def _run_loss(
     labels: Tensor,
     margin: list[float],
     row_margins: Tensor | None,
-    head: tuple[int, float | None],
+    head: tuple[int, float | None, float | None],
     reduction: str,
     need_emb: bool,
     need_weight: bool,
     upstream: np.ndarray | None = None,
 ) -> tuple[float, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """The fused kernel on NumPy views of CPU tensors, in the compute dtype. ``head``:
-    (sub_centers, interclass_filter)."""
+    (sub_centers, interclass_filter, grad_filter)."""
     dtype = _compute_dtype(emb, weight)
-    return _core.margin_loss(
+    loss, rows, g_emb, g_w, _ = _core.margin_loss(
         _numpy(emb, dtype),
         _numpy(weight, dtype),
         labels.numpy(),
@@ -176,7 +180,9 @@ def _run_loss(
         row_margins=_row_blocks(row_margins),
         sub_centers=head[0],
         interclass_filter=head[1],
+        grad_filter=head[2],
     )
+    return loss, rows, g_emb, g_w
 
 
 def _grad_tensor(g: np.ndarray | None, like: Tensor) -> Tensor:
@@ -194,6 +200,7 @@ def _(
     row_margins,
     sub_centers,
     interclass_filter,
+    grad_filter,
     reduction,
     need_emb,
     need_weight,
@@ -220,6 +227,7 @@ def _loss_backward_op(
     row_margins: Tensor | None,
     sub_centers: int,
     interclass_filter: float | None,
+    grad_filter: float | None,
     reduction: str,
     upstream: Tensor,
     need_emb: bool,
@@ -233,7 +241,7 @@ def _loss_backward_op(
         labels,
         margin,
         row_margins,
-        (sub_centers, interclass_filter),
+        (sub_centers, interclass_filter, grad_filter),
         reduction,
         need_emb,
         need_weight,
@@ -251,6 +259,7 @@ def _(
     row_margins,
     sub_centers,
     interclass_filter,
+    grad_filter,
     reduction,
     upstream,
     need_emb,
@@ -274,9 +283,9 @@ def _is_exactly_one(t: Tensor) -> bool:
 
 def _loss_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     emb, weight, labels, margin, row_margins, sub_centers, interclass_filter = inputs[:7]
-    reduction, need_emb, need_weight = inputs[7:]
+    grad_filter, reduction, need_emb, need_weight = inputs[7:]
     ctx.reduction, ctx.margin, ctx.row_margins = reduction, margin, row_margins
-    ctx.head = (sub_centers, interclass_filter)
+    ctx.head = (sub_centers, interclass_filter, grad_filter)
     ctx.need = (need_emb, need_weight)
     # The gradient outputs carry no gradient of their own; without this autograd would fill
     # a zero (C, D) tensor for them on every backward.
@@ -307,7 +316,7 @@ def _no_double_backward() -> None:
 def _loss_backward(ctx: Any, g_loss: Tensor | None, _g1: Any, _g2: Any):
     need_emb, need_weight = ctx.need
     if g_loss is None:
-        return (None,) * 10
+        return (None,) * 11
     _no_double_backward()
     if ctx.fused is not None:
         g_emb, g_w = ctx.fused
@@ -330,7 +339,7 @@ def _loss_backward(ctx: Any, g_loss: Tensor | None, _g1: Any, _g2: Any):
             need_emb,
             need_weight,
         )
-    return (g_emb if need_emb else None, g_w if need_weight else None) + (None,) * 8
+    return (g_emb if need_emb else None, g_w if need_weight else None) + (None,) * 9
 
 
 torch.library.register_autograd(

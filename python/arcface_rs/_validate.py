@@ -94,6 +94,22 @@ def interclass_filter(value: Any) -> float | None:
     return value
 
 
+def grad_filter(value: Any) -> str | float | None:
+    """None (the exact gradient), "auto", or a probability in [0, 1)."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, str):
+        raise ValueError(f"grad_filter must be None, 'auto' or a float, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"grad_filter must be None, 'auto' or a float, got {value!r}")
+    value = float(value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(
+            f"grad_filter must be None, 'auto' or a probability in [0, 1), got {value}"
+        )
+    return value
+
+
 def reduction(value: Any) -> str:
     """One of ``REDUCTIONS``."""
     if value not in REDUCTIONS:

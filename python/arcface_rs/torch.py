@@ -38,8 +38,9 @@ from ._margins import (
     SphereFace,
 )
 from ._sharded import ShardedMarginHead, ddp_sum_hook, merge_shards, shard_range, split_weight
-from ._torch_ops import NATIVE, _encode, _logits_op, _loss_op, _rows_of
+from ._torch_ops import NATIVE, _compute_dtype, _encode, _logits_op, _loss_op, _rows_of
 from ._torch_plain import _plain_logits, _plain_loss, _warn_cuda_once
+from ._validate import grad_filter as check_grad_filter
 from ._validate import interclass_filter as check_filter
 from ._validate import reduction as check_reduction
 from ._validate import sub_centers as check_sub_centers
@@ -121,6 +122,7 @@ def margin_loss(
     reduction: str = "mean",
     sub_centers: int = 1,
     interclass_filter: float | None = None,
+    grad_filter: str | float | None = None,
 ) -> Tensor:
     """Fused margin-softmax cross-entropy, differentiable in ``emb`` and ``weight``.
 
@@ -136,8 +138,9 @@ def margin_loss(
         The head's margin object.
     reduction : {"mean", "sum", "none"}
         Over the rows that are not ignored.
-    sub_centers, interclass_filter
-        As for :func:`arcface_rs.margin_loss` (weight (C*K, D) for K sub-centres).
+    sub_centers, interclass_filter, grad_filter
+        As for :func:`arcface_rs.margin_loss` (weight (C*K, D) for K sub-centres). The
+        gradient filter applies to the CPU kernel; CUDA tensors get the exact gradient.
 
     Returns
     -------
@@ -147,11 +150,12 @@ def margin_loss(
     labels = _check(emb, weight, labels)
     check_reduction(reduction)
     head = (check_sub_centers(sub_centers), check_filter(interclass_filter))
+    grad_filter = check_grad_filter(grad_filter)
     rows = _rows_of(margin, emb, weight, labels, head[0])
     if emb.device.type != "cpu" and not (emb.device.type == "cuda" and _fused_cuda(head[0])):
         _warn_cuda_once()
         return _plain_loss(emb, weight, labels, margin, reduction, rows, *head)
-    return _loss(emb, weight, labels, margin, reduction, rows, head)
+    return _loss(emb, weight, labels, margin, reduction, rows, head, grad_filter)
 
 
 def _loss(
@@ -162,9 +166,10 @@ def _loss(
     reduction: str,
     row_blocks: Tensor | None,
     head: tuple[int, float | None] = (1, None),
+    grad_filter: str | float | None = None,
 ) -> Tensor:
     """The fused loss op with checked inputs and the batch's per-row blocks (if any);
-    ``head``: (sub_centers, interclass_filter)."""
+    ``head``: (sub_centers, interclass_filter); ``grad_filter`` as checked."""
     block, _ = _encode(margin)
     grad = torch.is_grad_enabled()
     loss, _, _ = _loss_op(
@@ -174,11 +179,22 @@ def _loss(
         block,
         row_blocks,
         *head,
+        _floor(grad_filter, emb, weight),
         reduction,
         grad and emb.requires_grad,
         grad and weight.requires_grad,
     )
     return loss
+
+
+def _floor(grad_filter: str | float | None, emb: Tensor, weight: Tensor) -> float | None:
+    """The gradient filter's probability floor for the ops: "auto" is the compute dtype's
+    eps/32; CUDA tensors get the exact gradient (the filter is in the CPU kernel)."""
+    if grad_filter is None or emb.device.type != "cpu":
+        return None
+    if grad_filter == "auto":
+        return torch.finfo(_compute_dtype(emb, weight)).eps / 32.0
+    return float(grad_filter)
 
 
 def margin_logits(
@@ -222,7 +238,7 @@ class _MarginHead(nn.Module):
     Every head also takes ``reduction`` ("mean", "sum" or "none": the loss over the rows
     whose label is not -1), ``device`` / ``dtype`` for its ``weight``, and the keywords
     ``sub_centers=K`` (``weight`` is then (num_classes * K, embedding_size), class j's
-    centres in rows j*K .. j*K+K-1) and ``interclass_filter`` (see
+    centres in rows j*K .. j*K+K-1), ``interclass_filter`` and ``grad_filter`` (see
     :func:`arcface_rs.margin_loss`).
     """
 
@@ -237,6 +253,7 @@ class _MarginHead(nn.Module):
         dtype: Any = None,
         sub_centers: int = 1,
         interclass_filter: float | None = None,
+        grad_filter: str | float | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes)):
@@ -253,6 +270,7 @@ class _MarginHead(nn.Module):
         )
         self.sub_centers = check_sub_centers(sub_centers)
         self.interclass_filter = check_filter(interclass_filter)
+        self.grad_filter = check_grad_filter(grad_filter)
         rows = num_classes * self.sub_centers
         self.weight = nn.Parameter(torch.empty((rows, embedding_size), device=device, dtype=dtype))
         self.reset_parameters()
@@ -262,7 +280,9 @@ class _MarginHead(nn.Module):
 
     def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
         """The loss of ``emb`` (B, embedding_size) with ``labels`` (B,)."""
-        return margin_loss(emb, self.weight, labels, self.margin, self.reduction, *self._head)
+        return margin_loss(
+            emb, self.weight, labels, self.margin, self.reduction, *self._head, self.grad_filter
+        )
 
     def logits(self, emb: Tensor, labels: Tensor) -> Tensor:
         """The (B, num_classes) margin logits."""
@@ -276,6 +296,8 @@ class _MarginHead(nn.Module):
         extra = f", sub_centers={self.sub_centers}" if self.sub_centers > 1 else ""
         if self.interclass_filter is not None:
             extra += f", interclass_filter={self.interclass_filter}"
+        if self.grad_filter is not None:
+            extra += f", grad_filter={self.grad_filter!r}"
         return (
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
             f"margin={self.margin!r}, reduction={self.reduction!r}{extra}"
@@ -296,8 +318,9 @@ class ArcFaceHead(_MarginHead):
         Over the rows whose label is not -1.
     device, dtype
         Of ``weight``.
-    sub_centers, interclass_filter
-        Centres per class and the inter-class filter (see :func:`arcface_rs.margin_loss`).
+    sub_centers, interclass_filter, grad_filter
+        Centres per class, the inter-class filter and the gradient filter (see
+        :func:`arcface_rs.margin_loss`).
     """
 
     def __init__(
@@ -313,10 +336,18 @@ class ArcFaceHead(_MarginHead):
         dtype: Any = None,
         sub_centers: int = 1,
         interclass_filter: float | None = None,
+        grad_filter: str | float | None = None,
     ) -> None:
         margin = ArcFace(s=s, m=m, easy_margin=easy_margin, grad=grad)
         super().__init__(
-            embedding_size, num_classes, reduction, device, dtype, sub_centers, interclass_filter
+            embedding_size,
+            num_classes,
+            reduction,
+            device,
+            dtype,
+            sub_centers,
+            interclass_filter,
+            grad_filter,
         )
         self.margin = margin
 
@@ -334,8 +365,9 @@ class CosFaceHead(_MarginHead):
         Over the rows whose label is not -1.
     device, dtype
         Of ``weight``.
-    sub_centers, interclass_filter
-        Centres per class and the inter-class filter (see :func:`arcface_rs.margin_loss`).
+    sub_centers, interclass_filter, grad_filter
+        Centres per class, the inter-class filter and the gradient filter (see
+        :func:`arcface_rs.margin_loss`).
     """
 
     def __init__(
@@ -349,10 +381,18 @@ class CosFaceHead(_MarginHead):
         dtype: Any = None,
         sub_centers: int = 1,
         interclass_filter: float | None = None,
+        grad_filter: str | float | None = None,
     ) -> None:
         margin = CosFace(s=s, m=m)
         super().__init__(
-            embedding_size, num_classes, reduction, device, dtype, sub_centers, interclass_filter
+            embedding_size,
+            num_classes,
+            reduction,
+            device,
+            dtype,
+            sub_centers,
+            interclass_filter,
+            grad_filter,
         )
         self.margin = margin
 
@@ -370,8 +410,9 @@ class CombinedMarginHead(_MarginHead):
         Over the rows whose label is not -1.
     device, dtype
         Of ``weight``.
-    sub_centers, interclass_filter
-        Centres per class and the inter-class filter (see :func:`arcface_rs.margin_loss`).
+    sub_centers, interclass_filter, grad_filter
+        Centres per class, the inter-class filter and the gradient filter (see
+        :func:`arcface_rs.margin_loss`).
     """
 
     def __init__(
@@ -388,10 +429,18 @@ class CombinedMarginHead(_MarginHead):
         dtype: Any = None,
         sub_centers: int = 1,
         interclass_filter: float | None = None,
+        grad_filter: str | float | None = None,
     ) -> None:
         margin = CombinedMargin(s=s, m1=m1, m2=m2, m3=m3, grad=grad)
         super().__init__(
-            embedding_size, num_classes, reduction, device, dtype, sub_centers, interclass_filter
+            embedding_size,
+            num_classes,
+            reduction,
+            device,
+            dtype,
+            sub_centers,
+            interclass_filter,
+            grad_filter,
         )
         self.margin = margin
 
@@ -409,8 +458,9 @@ class SoftmaxHead(_MarginHead):
         Over the rows whose label is not -1.
     device, dtype
         Of ``weight``.
-    sub_centers, interclass_filter
-        Centres per class and the inter-class filter (see :func:`arcface_rs.margin_loss`).
+    sub_centers, interclass_filter, grad_filter
+        Centres per class, the inter-class filter and the gradient filter (see
+        :func:`arcface_rs.margin_loss`).
     """
 
     def __init__(
@@ -423,10 +473,18 @@ class SoftmaxHead(_MarginHead):
         dtype: Any = None,
         sub_centers: int = 1,
         interclass_filter: float | None = None,
+        grad_filter: str | float | None = None,
     ) -> None:
         margin = Softmax(s=s)
         super().__init__(
-            embedding_size, num_classes, reduction, device, dtype, sub_centers, interclass_filter
+            embedding_size,
+            num_classes,
+            reduction,
+            device,
+            dtype,
+            sub_centers,
+            interclass_filter,
+            grad_filter,
         )
         self.margin = margin
 
@@ -451,8 +509,9 @@ class SphereFaceHead(_MarginHead):
         Over the rows whose label is not -1.
     device, dtype
         Of ``weight``.
-    sub_centers, interclass_filter
-        Centres per class and the inter-class filter (see :func:`arcface_rs.margin_loss`).
+    sub_centers, interclass_filter, grad_filter
+        Centres per class, the inter-class filter and the gradient filter (see
+        :func:`arcface_rs.margin_loss`).
     """
 
     iteration: Tensor
@@ -474,6 +533,7 @@ class SphereFaceHead(_MarginHead):
         dtype: Any = None,
         sub_centers: int = 1,
         interclass_filter: float | None = None,
+        grad_filter: str | float | None = None,
     ) -> None:
         fixed = SphereFace(m=m, s=s, lambda_=lambda_)
         for name, value in (("base", base), ("gamma", gamma), ("power", power)):
@@ -482,7 +542,14 @@ class SphereFaceHead(_MarginHead):
         if not (math.isfinite(lambda_min) and lambda_min >= 0):
             raise ValueError(f"lambda_min must be a finite number >= 0, got {lambda_min!r}")
         super().__init__(
-            embedding_size, num_classes, reduction, device, dtype, sub_centers, interclass_filter
+            embedding_size,
+            num_classes,
+            reduction,
+            device,
+            dtype,
+            sub_centers,
+            interclass_filter,
+            grad_filter,
         )
         self._fixed = fixed
         self.anneal, self.base, self.gamma = bool(anneal), float(base), float(gamma)

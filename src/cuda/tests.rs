@@ -205,6 +205,7 @@ fn check_with<T: Real>(
         grad_emb: true,
         grad_weight: true,
         head,
+        grad_filter: crate::head::GradFilter::Exact,
     };
     let cpu = margin_loss_with(emb.view(), weight.view(), &labels, margin, options).unwrap();
     for want in [(true, true), (true, false), (false, true), (false, false)] {

@@ -5,7 +5,7 @@ use super::convert::{
     labels_vec, parse_reduction, run, same_dtype_error, same_floats, to_py_err, Floats,
 };
 use super::margin::{margins, row_margins, PyMargin};
-use crate::head::{self, HeadOptions, LossOptions, RowPart};
+use crate::head::{self, GradFilter, HeadOptions, LossOptions, RowPart};
 use crate::margin::Margins;
 use crate::real::Real;
 use numpy::{Element, IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2};
@@ -20,6 +20,36 @@ struct ShardArgs {
     first_shard: bool,
     combine: Py<PyAny>,
     target_cos: Option<Vec<f64>>,
+}
+
+/// `grad_filter`: None (the exact gradient), "auto" or a probability.
+fn grad_filter(value: Option<&Bound<'_, PyAny>>) -> PyResult<GradFilter> {
+    let Some(value) = value else {
+        return Ok(GradFilter::Exact);
+    };
+    if value.is_none() {
+        return Ok(GradFilter::Exact);
+    }
+    if let Ok(text) = value.extract::<String>() {
+        return match text.as_str() {
+            "auto" => Ok(GradFilter::Auto),
+            _ => Err(PyValueError::new_err(format!(
+                "grad_filter: must be None, 'auto' or a probability in [0, 1), got {text:?}"
+            ))),
+        };
+    }
+    if value.is_instance_of::<pyo3::types::PyBool>() {
+        return Err(PyTypeError::new_err(
+            "grad_filter must be None, 'auto' or a float, got bool",
+        ));
+    }
+    match value.extract::<f64>() {
+        Ok(f) => Ok(GradFilter::Below(f)),
+        Err(_) => Err(PyTypeError::new_err(format!(
+            "grad_filter must be None, 'auto' or a float, got {}",
+            value.get_type().name()?
+        ))),
+    }
 }
 
 /// The head's class layout and filter from the keyword arguments.
@@ -103,16 +133,19 @@ fn loss_typed<'py, T: Real + Element>(
         PyArray1::from_vec(py, out.row_losses),
         out.grad_emb.map(|g| g.into_pyarray(py)),
         out.grad_weight.map(|g| g.into_pyarray(py)),
+        out.backward_skipped,
     )
         .into_pyobject(py)
 }
 
-/// Fused loss and gradients: (loss, row_losses, grad_emb, grad_weight); a gradient not
-/// asked for is None. `upstream` multiplies each row's gradient; `row_margins` gives each
-/// row its own margin (one parameter block per row, of `margin`'s kind and scale).
+/// Fused loss and gradients: (loss, row_losses, grad_emb, grad_weight, backward_skipped); a
+/// gradient not asked for is None. `upstream` multiplies each row's gradient; `row_margins`
+/// gives each row its own margin (one parameter block per row, of `margin`'s kind and
+/// scale); `grad_filter` drops gradient entries below it (backward_skipped: the share of the
+/// backward GEMMs' work that saved).
 #[pyfunction]
 #[pyo3(signature = (emb, weight, labels, margin, reduction, grad_emb=true, grad_weight=true,
-    upstream=None, row_margins=None, sub_centers=1, interclass_filter=None))]
+    upstream=None, row_margins=None, sub_centers=1, interclass_filter=None, grad_filter=None))]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn margin_loss<'py>(
     py: Python<'py>,
@@ -127,6 +160,7 @@ pub(super) fn margin_loss<'py>(
     row_margins: Option<PyReadonlyArray2<'py, f64>>,
     sub_centers: usize,
     interclass_filter: Option<f64>,
+    grad_filter: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let labels = labels_vec(labels);
     let rows = self::row_margins(margin, row_margins)?;
@@ -137,6 +171,7 @@ pub(super) fn margin_loss<'py>(
         grad_emb,
         grad_weight,
         head: head_options(sub_centers, interclass_filter),
+        grad_filter: self::grad_filter(grad_filter)?,
     };
     let m = margins(margin, &rows);
     let arrays = (
@@ -155,7 +190,7 @@ pub(super) fn margin_loss<'py>(
 /// target cosine, needed by hard-negative margins.
 #[pyfunction]
 #[pyo3(signature = (emb, weight, labels, margin, reduction, stash_classes, first_shard, combine,
-    row_margins=None, sub_centers=1, interclass_filter=None, target_cos=None))]
+    row_margins=None, sub_centers=1, interclass_filter=None, target_cos=None, grad_filter=None))]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn margin_loss_shard<'py>(
     py: Python<'py>,
@@ -171,11 +206,13 @@ pub(super) fn margin_loss_shard<'py>(
     sub_centers: usize,
     interclass_filter: Option<f64>,
     target_cos: Option<PyReadonlyArray1<'py, f64>>,
+    grad_filter: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let labels = labels_vec(labels);
     let rows = self::row_margins(margin, row_margins)?;
     let options = LossOptions {
         head: head_options(sub_centers, interclass_filter),
+        grad_filter: self::grad_filter(grad_filter)?,
         ..LossOptions::new(parse_reduction(reduction)?)
     };
     let shard = ShardArgs {

@@ -80,8 +80,8 @@ def test_torch_head_through_the_real_launch(cpu_stream, margin, reduction, dtype
     emb, weight, labels = (torch.tensor(a) for a in make_problem(9, 6, 30, seed=1, ignore=2))
     emb, weight = emb.to(dtype), weight.to(dtype)
     kind, params = tops._encode(margin)
-    want = tops._loss_op(emb, weight, labels, kind, params, 1, None, reduction, True, True)
-    got = tcuda._loss_cuda(emb, weight, labels, kind, params, 1, None, reduction, True, True)
+    want = tops._loss_op(emb, weight, labels, kind, params, 1, None, None, reduction, True, True)
+    got = tcuda._loss_cuda(emb, weight, labels, kind, params, 1, None, None, reduction, True, True)
     tol = 1e-10 if dtype == torch.float64 else 2e-4
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and g.shape == w.shape
@@ -89,10 +89,10 @@ def test_torch_head_through_the_real_launch(cpu_stream, margin, reduction, dtype
     if reduction == "none":
         up = torch.linspace(-1, 1, 9, dtype=torch.float64)
         want = tops._loss_backward_op(
-            emb, weight, labels, kind, params, 1, None, "none", up, True, True
+            emb, weight, labels, kind, params, 1, None, None, "none", up, True, True
         )
         got = tcuda._loss_backward_cuda(
-            emb, weight, labels, kind, params, 1, None, "none", up, True, True
+            emb, weight, labels, kind, params, 1, None, None, "none", up, True, True
         )
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=tol, atol=tol)
@@ -109,11 +109,11 @@ def test_hard_negatives_and_the_filter_through_the_real_launch(
 ):
     emb, weight, labels = (torch.tensor(a) for a in make_problem(9, 6, 30, seed=5, ignore=2))
     kind, params = tops._encode(margin)
-    args = (emb, weight, labels, kind, params, 1, interclass_filter, "mean", True, True)
+    args = (emb, weight, labels, kind, params, 1, interclass_filter, None, "mean", True, True)
     for g, w in zip(tcuda._loss_cuda(*args), tops._loss_op(*args)):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="sub_centers"):
-        tcuda._loss_cuda(emb, weight, labels, kind, params, 2, None, "mean", True, True)
+        tcuda._loss_cuda(emb, weight, labels, kind, params, 2, None, None, "mean", True, True)
 
 
 @pytest.mark.parametrize(
@@ -134,8 +134,10 @@ def test_per_row_and_norm_margins_through_the_real_launch(cpu_stream, margin):
     block, _ = tops._encode(margin)
     rows = tops._rows_of(margin, emb, weight, labels)  # once: AdaFace's statistics move
     for reduction in ("mean", "none"):
-        want = tops._loss_op(emb, weight, labels, block, rows, 1, None, reduction, True, True)
-        got = tcuda._loss_cuda(emb, weight, labels, block, rows, 1, None, reduction, True, True)
+        want = tops._loss_op(emb, weight, labels, block, rows, 1, None, None, reduction, True, True)
+        got = tcuda._loss_cuda(
+            emb, weight, labels, block, rows, 1, None, None, reduction, True, True
+        )
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
@@ -152,6 +154,7 @@ def test_torch_head_bad_rows_raise_through_the_real_launch(cpu_stream):
             params,
             1,
             None,
+            None,
             "mean",
             True,
             True,
@@ -164,6 +167,7 @@ def test_torch_head_bad_rows_raise_through_the_real_launch(cpu_stream):
             kind,
             params,
             1,
+            None,
             None,
             "mean",
             True,
