@@ -713,7 +713,8 @@ fn backprop_tile<T: Real>(
 /// [`backprop_tile`] for a tile whose `g` is mostly zeros (the gradient filter dropped
 /// them): one axpy per non-zero entry into `dxhat` and into the tile's gradient rows, and
 /// the normalisation's Jacobian on the rows that got any. `beta = 0` clears the rows first
-/// (they may hold the stash).
+/// (they may hold the stash). `nz` is scratch for the entries.
+#[allow(clippy::too_many_arguments)]
 fn sparse_backprop_tile<T: Real>(
     g: ArrayView2<T>,
     xhat_rows: ArrayView2<T>,
@@ -722,16 +723,18 @@ fn sparse_backprop_tile<T: Real>(
     beta: T,
     grad_tile: Option<ArrayViewMut2<T>>,
     dxhat: Option<&mut Array2<T>>,
+    nz: &mut Vec<(u32, u32, T)>,
 ) {
+    nz.clear();
+    for (i, grow) in g.axis_iter(Axis(0)).enumerate() {
+        let grow = grow.to_slice().expect("g rows are contiguous");
+        kernels::nonzeros(grow, |j, v| nz.push((i as u32, j as u32, v)));
+    }
     if let Some(dxhat) = dxhat {
-        for (i, grow) in g.axis_iter(Axis(0)).enumerate() {
-            let mut out = dxhat.row_mut(i);
+        for &(i, j, v) in nz.iter() {
+            let mut out = dxhat.row_mut(i as usize);
             let out = out.as_slice_mut().expect("gradient rows are contiguous");
-            for (j, &v) in grow.iter().enumerate() {
-                if v != T::zero() {
-                    kernels::axpy(v, row(w_tile, j), out);
-                }
-            }
+            kernels::axpy(v, row(w_tile, j as usize), out);
         }
     }
     if let Some(mut grad_tile) = grad_tile {
@@ -739,15 +742,11 @@ fn sparse_backprop_tile<T: Real>(
             grad_tile.fill(T::zero());
         }
         let mut touched = vec![false; grad_tile.nrows()];
-        for (i, grow) in g.axis_iter(Axis(0)).enumerate() {
-            let x = row(xhat_rows, i);
-            for (j, &v) in grow.iter().enumerate() {
-                if v != T::zero() {
-                    let mut out = grad_tile.row_mut(j);
-                    kernels::axpy(v, x, out.as_slice_mut().expect("contiguous"));
-                    touched[j] = true;
-                }
-            }
+        for &(i, j, v) in nz.iter() {
+            let mut out = grad_tile.row_mut(j as usize);
+            let out = out.as_slice_mut().expect("gradient rows are contiguous");
+            kernels::axpy(v, row(xhat_rows, i as usize), out);
+            touched[j as usize] = true;
         }
         for (j, _) in touched.iter().enumerate().filter(|(_, &t)| t) {
             let mut gw = grad_tile.row_mut(j);
@@ -787,6 +786,8 @@ struct Pass2<T> {
     /// Entries of the backward GEMMs done and in all (the gradient filter's savings).
     work_done: f64,
     work_full: f64,
+    /// A sparse tile's kept entries (row, column, value).
+    nonzeros: Vec<(u32, u32, T)>,
 }
 
 impl<T: Real> Pass2<T> {
@@ -800,6 +801,7 @@ impl<T: Real> Pass2<T> {
             pz: vec![0.0; rows],
             work_done: 0.0,
             work_full: 0.0,
+            nonzeros: Vec::new(),
         }
     }
 
@@ -1310,7 +1312,8 @@ impl<T: Real> Tiles<'_, T> {
             let dx_out = want_emb.then_some(&mut dx);
             let grad_out = want_weight.then_some(grad_view);
             if sparse {
-                sparse_backprop_tile(g, xhat_rows, w_tile, inv, beta, grad_out, dx_out);
+                let nz = &mut acc.nonzeros;
+                sparse_backprop_tile(g, xhat_rows, w_tile, inv, beta, grad_out, dx_out, nz);
             } else {
                 backprop_tile(g, xhat_rows, w_tile, inv, beta, grad_out, dx_out);
             }

@@ -285,6 +285,25 @@ multiversion! {
     pub fn scale_mul_above<T: Real>(e: &[T], k: T, inv: &[T], floor: T, g: &mut [T]) -> usize = scale_mul_above_impl;
 }
 
+/// Calls `f(j, v)` for every non-zero `v = g[j]`, in order; blocks of zeros are skipped
+/// with one test (a filtered gradient row is mostly zeros).
+#[inline]
+pub fn nonzeros<T: Real>(g: &[T], mut f: impl FnMut(usize, T)) {
+    const BLOCK: usize = 16;
+    for (b, block) in g.chunks(BLOCK).enumerate() {
+        // all-zero test without branches per element (vectorises)
+        let any = block.iter().fold(T::zero(), |acc, v| acc + v.abs());
+        if any == T::zero() {
+            continue;
+        }
+        for (k, &v) in block.iter().enumerate() {
+            if v != T::zero() {
+                f(b * BLOCK + k, v);
+            }
+        }
+    }
+}
+
 #[inline(always)]
 fn axpy_impl<T: Real>(a: T, x: &[T], y: &mut [T]) {
     for (yv, &xv) in y.iter_mut().zip(x) {
