@@ -16,10 +16,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runner import run_json  # noqa: E402
 
 PEER = Path(__file__).resolve().parent / "peer_adaface.py"
 HEADS = ("ArcFaceHead", "AdaFaceHead", "MagFaceHead")
@@ -48,11 +50,6 @@ def worker(name: str, b: int, d: int, c: int) -> None:
         times.append(time.perf_counter() - t)
     peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     print(json.dumps({"ms": 1e3 * min(times), "peak_mb": round(peak, 1)}))
-
-
-def run_json(cmd: list[str], env: dict[str, str]) -> dict:
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:

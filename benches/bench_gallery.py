@@ -29,6 +29,7 @@ if "--simd" in sys.argv[:-1]:  # read by arcface_rs at first use: set before the
 
 import numpy as np  # noqa: E402
 from _memory import rss_growth_mib  # noqa: E402
+from _runner import cpu_model  # noqa: E402
 
 import arcface_rs as afr  # noqa: E402
 
@@ -51,17 +52,6 @@ def clustered(n: int, per: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     probes = probes + rng.standard_normal(probes.shape, dtype=np.float32) / np.sqrt(D)
     probes /= np.linalg.norm(probes, axis=1, keepdims=True)
     return g, probes.astype(np.float32)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def read_bandwidth_gbs(a: np.ndarray, threads: int = 2) -> float:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _memory import rss_growth_mib  # noqa: E402
+from _runner import cpu_model  # noqa: E402
 
 
 def make_batch(kind: str, b: int, d: int, c: int, seed: int = 0):
@@ -117,17 +118,6 @@ def best_of(cases: list[tuple[str, str, int]], b: int, d: int, rounds: int, env)
         memory = run(*case[:2], b, d, case[2], {**env, **FRESH_PAGES})
         best[case] = dict(rs[0], ms=min(r["ms"] for r in rs), peak_mb=memory["peak_mb"])
     return best
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def main() -> None:

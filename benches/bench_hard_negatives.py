@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _memory import rss_growth_mib  # noqa: E402
+from _runner import cpu_model, run_json  # noqa: E402
 
 # name: (how the head is built, classes it is built for in units of C)
 CASES = {
@@ -79,22 +79,6 @@ def worker(case: str, b: int, d: int, c: int, k: int) -> None:
             p.grad = None
         peaks.append(rss_growth_mib(step))
     print(json.dumps({"ms": 1e3 * min(times[1:]), "peak_mb": round(max(peaks[1:]), 1)}))
-
-
-def run_json(cmd: list[str], env: dict[str, str]) -> dict:
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def main() -> None:

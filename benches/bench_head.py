@@ -18,10 +18,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runner import run_json  # noqa: E402
 
 DEFAULT_PEER = Path(__file__).resolve().parent / "peer_head.py"
 
@@ -56,11 +58,6 @@ def worker(b: int, d: int, c: int) -> None:
             }
         )
     )
-
-
-def run_json(cmd: list[str], env: dict[str, str]) -> dict:
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:

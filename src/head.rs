@@ -645,6 +645,29 @@ impl<T: Real> Prepared<T> {
         }
     }
 
+    /// [`Prepared::cosines_tile`] of every row, in new buffers: (cosines, arg-max centres).
+    fn all_rows_cosines(
+        &self,
+        lo: usize,
+        w_tile: ArrayView2<T>,
+        inv: &[T],
+    ) -> (Array2<T>, Vec<u8>) {
+        let (b, width) = (self.b(), w_tile.nrows() / self.k);
+        let mut cos = Array2::zeros((b, width));
+        let mut sub = vec![0u8; if self.k > 1 { b * width } else { 0 }];
+        let mut scratch = Vec::new();
+        self.cosines_tile(
+            0..b,
+            lo,
+            w_tile,
+            inv,
+            cos.view_mut(),
+            &mut scratch,
+            &mut sub,
+        );
+        (cos, sub)
+    }
+
     /// Row `i`'s logits from its class cosines `cos` of the tile starting at class `lo`: its
     /// non-target rule, scaled, and the target logit in the target's column.
     fn general_logits_row(&self, i: usize, lo: usize, cos: &[T], z: &mut [T]) {
@@ -1541,17 +1564,7 @@ pub fn margin_logits_with<'m, T: Real>(
                 return;
             }
             let width = tile.ncols();
-            let (mut cos, mut scratch) = (Array2::zeros((b, width)), Vec::new());
-            let mut sub = vec![0u8; if p.k > 1 { b * width } else { 0 }];
-            p.cosines_tile(
-                0..b,
-                lo,
-                w_tile,
-                inv,
-                cos.view_mut(),
-                &mut scratch,
-                &mut sub,
-            );
+            let (cos, _) = p.all_rows_cosines(lo, w_tile, inv);
             let mut z = vec![T::zero(); width];
             for (i, crow) in cos.axis_iter(Axis(0)).enumerate() {
                 let crow = crow.to_slice().expect("standard layout");
@@ -1616,20 +1629,11 @@ pub fn margin_logits_backward_with<'m, T: Real>(
             let width = w_rows / k;
             let upstream = grad_logits.slice(s![.., lo..lo + width]);
             // the tile's class cosines (and arg-max centres) when the logits need them
-            let mut cos = Array2::zeros((b, width));
-            let mut sub = vec![0u8; if k > 1 { b * width } else { 0 }];
-            if p.general || p.feature_norm_scale {
-                let mut scratch = Vec::new();
-                p.cosines_tile(
-                    0..b,
-                    lo,
-                    w_tile,
-                    inv,
-                    cos.view_mut(),
-                    &mut scratch,
-                    &mut sub,
-                );
-            }
+            let (cos, sub) = if p.general || p.feature_norm_scale {
+                p.all_rows_cosines(lo, w_tile, inv)
+            } else {
+                (Array2::zeros((b, width)), Vec::new())
+            };
             let mut z = vec![T::zero(); width];
             for i in 0..b {
                 let scale = p.row_scale[i];

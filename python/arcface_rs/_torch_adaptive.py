@@ -10,8 +10,7 @@ import torch
 from torch import Tensor
 
 from ._margins import AdaFace, ElasticFace, MagFace
-from ._torch_plain import _plain_logits, _plain_loss, _warn_cuda_once
-from .torch import _check, _fused_cuda, _loss, _MarginHead
+from .torch import _check, _MarginHead
 
 __all__ = ["AdaFaceHead", "ElasticFaceHead", "MagFaceHead"]
 
@@ -102,25 +101,12 @@ class AdaFaceHead(_MarginHead):
         labels = _check(emb, self.weight, labels)
         if self.training:  # the statistics move before use, as the paper's head does
             self._update_statistics(emb)
-        rows, head = self._row_blocks(emb), self._head
-        fused = emb.device.type == "cuda" and _fused_cuda(head[0])
-        if emb.device.type != "cpu" and not fused:
-            _warn_cuda_once()
-            return _plain_loss(emb, self.weight, labels, self.margin, self.reduction, rows, *head)
-        return _loss(
-            emb, self.weight, labels, self.margin, self.reduction, rows, head, self.grad_filter
-        )
+        return self._loss_with_rows(emb, labels, self._row_blocks(emb))
 
     def logits(self, emb: Tensor, labels: Tensor) -> Tensor:
         """The (B, num_classes) margin logits with the current statistics (no update)."""
-        from ._torch_ops import _encode, _logits_op
-
         labels = _check(emb, self.weight, labels)
-        rows, block = self._row_blocks(emb), _encode(self.margin)[0]
-        if emb.device.type != "cpu":
-            _warn_cuda_once()
-            return _plain_logits(emb, self.weight, labels, self.margin, rows, *self._head)
-        return _logits_op(emb, self.weight, labels, block, rows, *self._head)
+        return self._logits_with_rows(emb, labels, self._row_blocks(emb))
 
 
 class MagFaceHead(_MarginHead):

@@ -292,6 +292,24 @@ class _MarginHead(nn.Module):
     def _head(self) -> tuple[int, float | None]:
         return self.sub_centers, self.interclass_filter
 
+    def _loss_with_rows(self, emb: Tensor, labels: Tensor, rows: Tensor | None) -> Tensor:
+        """The loss with this batch's per-row parameter blocks (heads whose margin keeps
+        state as buffers build them in torch ops); ``labels`` already checked."""
+        head = self._head
+        if emb.device.type != "cpu" and not (emb.device.type == "cuda" and _fused_cuda(head[0])):
+            _warn_cuda_once()
+            return _plain_loss(emb, self.weight, labels, self.margin, self.reduction, rows, *head)
+        margin, reduction = self.margin, self.reduction
+        return _loss(emb, self.weight, labels, margin, reduction, rows, head, self.grad_filter)
+
+    def _logits_with_rows(self, emb: Tensor, labels: Tensor, rows: Tensor | None) -> Tensor:
+        """The logits with this batch's per-row parameter blocks; ``labels`` already checked."""
+        if emb.device.type != "cpu":
+            _warn_cuda_once()
+            return _plain_logits(emb, self.weight, labels, self.margin, rows, *self._head)
+        block, _ = _encode(self.margin)
+        return _logits_op(emb, self.weight, labels, block, rows, *self._head)
+
     def extra_repr(self) -> str:
         extra = f", sub_centers={self.sub_centers}" if self.sub_centers > 1 else ""
         if self.interclass_filter is not None:
