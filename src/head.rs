@@ -104,7 +104,9 @@ pub enum GradFilter {
     /// Entries with p below this (in [0, 1)).
     Below(f64),
     /// `Below(eps / 32)` of the dtype: 2^-28 for float32, 2^-57 for float64 (the choice of
-    /// Apple's Cut Cross-Entropy): what drops is already lost in rounding next to the rest.
+    /// Apple's Cut Cross-Entropy). Each dropped entry is below rounding next to an entry of
+    /// order s; rows classified with great confidence have no such entry, and there the
+    /// dropped ones are a visible share of a small gradient.
     Auto,
 }
 

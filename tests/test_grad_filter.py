@@ -78,7 +78,9 @@ def test_dropped_gradient_is_within_the_bound(margin, reduction):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_auto_on_a_late_batch_is_exact_to_the_dtype(dtype):
+def test_auto_on_a_small_late_batch_stays_within_1e6_of_exact(dtype):
+    """(At B=256, D=512, C=100k the late batch's rows are so confident that the whole
+    gradient is ~1e-3 s and auto's error is 5e-4 of it: benches/bench_grad_filter.py.)"""
     emb, weight, labels = late_batch(dtype=dtype)
     margin = afr.ArcFace(s=64.0, m=0.5)
     exact = afr.margin_loss(emb, weight, labels, margin)

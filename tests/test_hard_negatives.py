@@ -349,3 +349,27 @@ def test_dominant_centers_and_outliers_follow_the_paper():
         afr.dominant_centers(weight[:-1], k)
     with pytest.raises(ValueError, match="threshold_deg"):
         afr.find_outliers(emb, labels, weight, k, threshold_deg=200)
+
+
+@pytest.mark.parametrize(
+    "margin, head",
+    [
+        (afr.MVSoftmax(s=32.0, m=0.35, t=1.2), {}),
+        (afr.MVSoftmax(s=32.0, m=0.5, kind="arc"), {}),
+        (afr.ArcFace(s=64.0, m=0.5), {"sub_centers": 3}),
+        (afr.ArcFace(s=64.0, m=0.5), {"interclass_filter": 0.1}),
+        (afr.CurricularFace(s=30.0, t=0.4), {"sub_centers": 2, "interclass_filter": 0.3}),
+    ],
+    ids=["mv-cos", "mv-arc", "sub-centres", "filter", "curricular-all"],
+)
+def test_float32_is_close_to_float64(margin, head):
+    k = head.get("sub_centers", 1)
+    emb, weight, labels = _problem(c=40 * k, seed=37, spread=1.0)
+    labels = labels % 40
+    if isinstance(margin, afr.CurricularFace):
+        margin.training = False
+    a = afr.margin_loss(emb, weight, labels, margin, **head)
+    b = afr.margin_loss(emb.astype(np.float32), weight.astype(np.float32), labels, margin, **head)
+    assert abs(float(b[0]) - float(a[0])) <= 2e-3 * abs(float(a[0]))
+    for x, y in ((b[1], a[1]), (b[2], a[2])):
+        assert np.abs(x - y).max() <= 2e-3 * np.abs(y).max()

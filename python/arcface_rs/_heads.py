@@ -196,9 +196,11 @@ def margin_loss(
         None (default): the exact gradient. A float f drops from dL/dcos the entries whose
         softmax probability is below f (times |h'(cos)| for CurricularFace and MV-Softmax;
         the target's entry is always kept) and skips the backward work of what drops;
-        ``"auto"`` is the dtype's eps/32 (2**-28 for float32, 2**-57 for float64), below
-        which an entry is lost in rounding anyway. The loss stays exact. Each row's change
-        of dL/dcos is at most (its dropped entries) * f * s * (its weight in the reduction).
+        ``"auto"`` is the dtype's eps/32 (2**-28 for float32, 2**-57 for float64), Cut
+        Cross-Entropy's choice. The loss stays exact. Each row's change of dL/dcos is at
+        most (its dropped entries) * f * s * (its weight in the reduction): an
+        approximation, visible when rows are classified with great confidence (the whole
+        gradient is then small).
 
     Returns
     -------
