@@ -128,3 +128,63 @@ def test_gil_is_released_during_the_heavy_work():
     elapsed = time.perf_counter() - start
     # with the GIL held, the main thread could not tick during the calls at all
     assert ticks > 0.2 * elapsed / 0.001
+
+
+hard_negative_margins = st.one_of(
+    st.builds(
+        afr.CurricularFace,
+        s=st.floats(1.0, 64.0),
+        m=st.floats(0.0, 1.5),
+        t=st.floats(-1.0, 1.0),
+    ),
+    st.builds(
+        afr.MVSoftmax,
+        s=st.floats(1.0, 64.0),
+        m=st.floats(0.0, 0.8),
+        t=st.floats(1.0, 2.0),
+        kind=st.sampled_from(["cos", "arc"]),
+    ),
+    st.builds(afr.ArcFace, s=st.floats(1.0, 64.0), m=st.floats(0.0, 1.0)),
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    problem=problems(),
+    margin=hard_negative_margins,
+    k=st.integers(1, 3),
+    interclass_filter=st.one_of(st.none(), st.floats(-1.0, 1.0)),
+    grad_filter=st.one_of(st.none(), st.sampled_from(["auto", 1e-6])),
+)
+def test_hard_negatives_sub_centres_and_filters_equal_the_softmax_of_their_logits(
+    problem, margin, k, interclass_filter, grad_filter
+):
+    """The fused loss equals the float64 softmax cross-entropy of margin_logits (which
+    test_hard_negatives.py checks against the papers' heads), for any K and filters, and is
+    finite; the filtered gradient stays within its bound of the exact one."""
+    emb, weight, labels = problem
+    weight = np.repeat(weight, k, axis=0) + 0.1 * np.random.default_rng(k).standard_normal(
+        (weight.shape[0] * k, weight.shape[1])
+    )
+    if isinstance(margin, afr.CurricularFace):
+        margin.training = False
+    head = {"sub_centers": k, "interclass_filter": interclass_filter}
+    loss, ge, gw = afr.margin_loss(emb, weight, labels, margin, grad_filter=grad_filter, **head)
+    z = afr.margin_logits(emb, weight, labels, margin, **head)
+    rows = labels >= 0
+    want = 0.0
+    if rows.any():
+        zr = z[rows]
+        lse = zr.max(axis=1) + np.log(np.exp(zr - zr.max(axis=1, keepdims=True)).sum(axis=1))
+        want = float(np.mean(lse - zr[np.arange(rows.sum()), labels[rows]]))
+    assert abs(float(loss) - want) <= 1e-9 * max(1.0, abs(want))
+    assert np.isfinite(ge).all() and np.isfinite(gw).all()
+    exact = afr.margin_loss(emb, weight, labels, margin, **head)
+    scale = max(1.0, np.abs(exact[1]).max())
+    if grad_filter is None:
+        np.testing.assert_array_equal(ge, exact[1])
+    else:
+        floor = 2.0**-57 if grad_filter == "auto" else grad_filter
+        n = weight.shape[0] // k
+        bound = n * floor * margin.scale / np.linalg.norm(emb, axis=1).min()
+        assert np.abs(ge - exact[1]).max() <= bound * scale + 1e-12
