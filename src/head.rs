@@ -913,6 +913,7 @@ impl<T: Real> Prepared<T> {
                 continue;
             }
             let coef = weight * self.row_scale[i] * (tile_max[local].f64() - lr.lse[local]).exp();
+            // (+ 1: the target's entry, set below whatever the filter said)
             kept += match lr.stash_floor(local, tile_max[local]) {
                 Some(floor) => kernels::scale_mul_above(erow, T::of(coef), inv, floor, grow) + 1,
                 None => {
