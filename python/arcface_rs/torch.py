@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any
 
 import torch
@@ -151,6 +152,7 @@ def margin_loss(
     check_reduction(reduction)
     head = (check_sub_centers(sub_centers), check_filter(interclass_filter))
     grad_filter = check_grad_filter(grad_filter)
+    _note_exact_on_cuda(grad_filter, emb)
     rows = _rows_of(margin, emb, weight, labels, head[0])
     if emb.device.type != "cpu" and not (emb.device.type == "cuda" and _fused_cuda(head[0])):
         _warn_cuda_once()
@@ -185,6 +187,21 @@ def _loss(
         grad and weight.requires_grad,
     )
     return loss
+
+
+_warned: set[str] = set()
+
+
+def _note_exact_on_cuda(grad_filter: str | float | None, emb: Tensor) -> None:
+    """Warns once that tensors off the CPU get the exact gradient whatever the filter."""
+    if grad_filter is not None and emb.device.type != "cpu" and "grad_filter" not in _warned:
+        _warned.add("grad_filter")
+        warnings.warn(
+            "arcface_rs: grad_filter applies to the CPU kernel; CUDA tensors get the exact "
+            "gradient",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _floor(grad_filter: str | float | None, emb: Tensor, weight: Tensor) -> float | None:
@@ -296,6 +313,7 @@ class _MarginHead(nn.Module):
         """The loss with this batch's per-row parameter blocks (heads whose margin keeps
         state as buffers build them in torch ops); ``labels`` already checked."""
         head = self._head
+        _note_exact_on_cuda(self.grad_filter, emb)
         if emb.device.type != "cpu" and not (emb.device.type == "cuda" and _fused_cuda(head[0])):
             _warn_cuda_once()
             return _plain_loss(emb, self.weight, labels, self.margin, self.reduction, rows, *head)
