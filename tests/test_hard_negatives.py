@@ -331,7 +331,7 @@ def test_dominant_centers_and_outliers_follow_the_paper():
     emb = base + 0.1 * rng.normal(size=base.shape)
     far = np.arange(c) * 12
     emb[far] = -base[far]
-    centres, index = afr.dominant_centers(weight, k, emb, labels)
+    centres, index = afr.dominant_centers(weight, k, emb, labels, return_index=True)
     assert index.tolist() == [1] * c
     np.testing.assert_array_equal(centres, weight.reshape(c, k, d)[:, 1])
     out = afr.find_outliers(emb, labels, weight, k, threshold_deg=75)
@@ -343,8 +343,10 @@ def test_dominant_centers_and_outliers_follow_the_paper():
     # without samples: the centre the siblings agree with
     twin = weight.copy().reshape(c, k, d)
     twin[:, 2] = twin[:, 0] + 0.01
-    _, index = afr.dominant_centers(twin.reshape(-1, d), k)
+    _, index = afr.dominant_centers(twin.reshape(-1, d), k, return_index=True)
     assert set(index.tolist()) <= {0, 2}
+    plain = afr.dominant_centers(twin.reshape(-1, d), k)
+    np.testing.assert_array_equal(plain, twin[np.arange(c), index])
     with pytest.raises(ValueError, match="weight"):
         afr.dominant_centers(weight[:-1], k)
     with pytest.raises(ValueError, match="threshold_deg"):

@@ -51,8 +51,8 @@ def _sample_cosines(
 
 
 def dominant_centers(
-    weight: Any, K: int, emb: Any = None, labels: Any = None
-) -> tuple[np.ndarray, np.ndarray]:
+    weight: Any, K: int, emb: Any = None, labels: Any = None, return_index: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Each class's dominant sub-centre.
 
     With samples (``emb``, ``labels``), as in the paper: every sample is assigned to its
@@ -71,13 +71,16 @@ def dominant_centers(
         (B, D) training embeddings.
     labels : array_like, optional
         (B,) their classes, -1 for rows to skip.
+    return_index : bool
+        Also return which centre of each class is dominant.
 
     Returns
     -------
     centers : numpy.ndarray
-        (C, D) the dominant centres, as given (not normalised), in ``weight``'s dtype.
+        (C, D) the dominant centres, as given (not normalised), in ``weight``'s dtype: the
+        weight of a one-centre head after the clean-up.
     index : numpy.ndarray
-        (C,) int64 the dominant centre of each class, in 0..K.
+        (C,) int64 the dominant centre of each class, in 0..K (with ``return_index``).
     """
     centres, k = _centres(weight, K)
     agreement = np.einsum("ckd,cjd->ck", centres, centres)  # includes the centre itself
@@ -91,7 +94,8 @@ def dominant_centers(
         seen = counts.sum(axis=1) > 0
         index = np.where(seen, np.argmax(counts, axis=1), index)
     w = np.asarray(weight)
-    return w.reshape(len(centres), k, -1)[np.arange(len(centres)), index], index.astype(np.int64)
+    chosen = w.reshape(len(centres), k, -1)[np.arange(len(centres)), index]
+    return (chosen, index.astype(np.int64)) if return_index else chosen
 
 
 def find_outliers(
@@ -122,7 +126,7 @@ def find_outliers(
     if not 0.0 <= threshold <= 180.0:
         raise ValueError(f"threshold_deg: must be in [0, 180], got {threshold_deg}")
     centres, k = _centres(weight, K)
-    _, index = dominant_centers(weight, k, emb, labels)
+    _, index = dominant_centers(weight, k, emb, labels, return_index=True)
     rows, y, cos = _sample_cosines(emb, labels, centres)
     to_dominant = np.clip(cos[np.arange(len(rows)), index[y]], -1.0, 1.0)
     out = np.zeros(len(_labels(labels)), dtype=bool)
