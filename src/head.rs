@@ -182,6 +182,8 @@ struct Prepared<T> {
     /// filter or hard negatives. Such tiles stash cosines instead of `exp(z - max)`.
     general: bool,
     filter: Option<f64>,
+    /// Whether the margin re-weights hard negatives (CurricularFace, MV-Softmax).
+    hard_negatives: bool,
     /// Each row's rule for its non-targets (only read when `general`).
     rules: Vec<NonTarget<T>>,
     /// The arg-max centre (0..k) of each row's target class.
@@ -473,6 +475,7 @@ impl<T: Real> Prepared<T> {
             d,
             k,
             general: k > 1 || head.interclass_filter.is_some() || hard,
+            hard_negatives: hard,
             filter: head.interclass_filter,
             rules: vec![nontarget_rule(head.interclass_filter, None); b],
             target_sub: vec![0; b],
@@ -499,7 +502,6 @@ impl<T: Real> Prepared<T> {
         remote_cos: Option<&[f64]>,
     ) -> Result<()> {
         let weight = centres.view();
-        let hard = margin.row(0).hard_negatives(0.0).is_some();
         for i in 0..self.b() {
             if let Some(y) = self.target[i] {
                 // the class's cosine: its closest centre's
@@ -524,7 +526,7 @@ impl<T: Real> Prepared<T> {
                 self.target_logit[i] = T::of(self.row_scale[i] * target.psi).f64();
                 self.target_dpsi[i] = target.dpsi;
                 self.target_dnorm[i] = target.dpsi_dnorm;
-            } else if hard && self.valid[i] {
+            } else if self.hard_negatives && self.valid[i] {
                 // the target lives in another shard: its cosine comes from the caller
                 let cos = remote_cos
                     .and_then(|cs| cs.get(i))
@@ -832,8 +834,8 @@ impl<T: Real> Pass2<T> {
 
     /// Row `i`'s per-class gradient buffer of a tile of `width` classes: its row of `g`
     /// without sub-centres, else `g_class`.
-    fn g_class_row(&mut self, i: usize, width: usize) -> &mut [T] {
-        if self.inv_sel.is_empty() {
+    fn g_class_row(&mut self, i: usize, width: usize, k: usize) -> &mut [T] {
+        if k == 1 {
             &mut self.g[i * width..(i + 1) * width]
         } else {
             &mut self.g_class[..width]
@@ -1649,7 +1651,7 @@ pub fn margin_logits_backward_with<'m, T: Real>(
                     acc.pz[i] += dot_f64(upstream.row(i), zrow) / scale;
                 }
                 // dL/dc_ij / ||w||, per class
-                let g_row = &mut acc.g_class_row(i, width);
+                let g_row = &mut acc.g_class_row(i, width, k);
                 for (j, (gv, &u)) in g_row.iter_mut().zip(upstream.row(i)).enumerate() {
                     let dh = if p.general {
                         p.rules[i].apply(crow[j]).1
@@ -1743,8 +1745,9 @@ pub fn apply_margin<'m, T: Real>(
         if let Some(y) = *y {
             let cy = cos[[i, y]].f64();
             if let Some(hard) = margin.row(i).hard_negatives(cy) {
+                let rule = nontarget_rule::<f64>(None, Some(hard));
                 for (o, &c) in out.row_mut(i).iter_mut().zip(cos.row(i)) {
-                    *o = T::of(s * hard.apply(c.f64().clamp(-1.0, 1.0)).0);
+                    *o = T::of(s * rule.apply(c.f64().clamp(-1.0, 1.0)).0);
                 }
             }
             out[[i, y]] = T::of(s * margin.row(i).psi(cy));
@@ -1772,8 +1775,9 @@ pub fn apply_margin_backward<'m, T: Real>(
     for (i, y) in target.iter().enumerate() {
         if let Some(y) = *y {
             if let Some(hard) = margin.row(i).hard_negatives(cos[[i, y]].f64()) {
+                let rule = nontarget_rule::<f64>(None, Some(hard));
                 for (o, &c) in out.row_mut(i).iter_mut().zip(cos.row(i)) {
-                    *o *= T::of(hard.apply(c.f64().clamp(-1.0, 1.0)).1);
+                    *o *= T::of(rule.apply(c.f64().clamp(-1.0, 1.0)).1);
                 }
             }
             let d = s * margin.row(i).dpsi(cos[[i, y]].f64());

@@ -319,7 +319,8 @@ multiversion! {
 /// A row's rule for its non-target cosines, as the kernels apply it: a cosine above
 /// `filter` becomes 0 with no gradient (inter-class filtering, `+inf` for none), then one
 /// above `above` (a hard negative, `+inf` for none) becomes `c (t + c)` (`curricular`) or
-/// `t c + t - 1` (MV-Softmax). The scalar definitions are `margin::HardNegatives`'.
+/// `t c + t - 1` (MV-Softmax): the one definition of these rules (margin.rs's
+/// `HardNegatives` says where each row's hard negatives start and what its t is).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct NonTarget<T> {
     pub filter: T,

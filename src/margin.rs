@@ -163,25 +163,13 @@ pub enum HardRule {
 
 /// How one row's non-target cosines change before scaling: those above `above` (a function
 /// of the row's target cosine, taken without gradient) are hard negatives and become
-/// `h(c)`; the others stay `c`.
+/// `h(c)` of [`HardRule`]; the others stay `c`. The head applies it with
+/// `kernels::NonTarget::apply`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct HardNegatives {
     pub above: f64,
     pub t: f64,
     pub rule: HardRule,
-}
-
-impl HardNegatives {
-    /// `h(c)` and `h'(c)` for a non-target cosine `c`.
-    pub fn apply(&self, c: f64) -> (f64, f64) {
-        if c <= self.above {
-            return (c, 1.0);
-        }
-        match self.rule {
-            HardRule::Curricular => (c * (self.t + c), self.t + 2.0 * c),
-            HardRule::MvSoftmax => (self.t * c + self.t - 1.0, self.t),
-        }
-    }
 }
 
 fn check_scale(s: f64) -> Result<f64> {
