@@ -101,7 +101,8 @@ print(os.path.dirname(hits[0]) if hits else '')")
     local defines
     defines=$(PYTHONPATH="$fake/site" "$PY" -c "from arcface_rs import _core
 print(' '.join([f'-DMARGIN_{k.upper()}={v}' for k, v in _core.MARGIN_KINDS.items()]
-               + [f'-DMARGIN_PARAMS={_core.MARGIN_PARAMS}']))")
+               + [f'-DMARGIN_PARAMS={_core.MARGIN_PARAMS}',
+                  f'-DREMOTE_TARGET={_core.REMOTE_TARGET}']))")
     # shellcheck disable=SC2086  # one word per flag
     bash tests/fake_cuda/build.sh "$fake/lib" $defines
     ARCFACE_RS_FAKE_CUDA="$fake/lib" PYTHONPATH="$fake/site" "$PY" -m pytest -q -p no:cacheprovider tests/fake_cuda

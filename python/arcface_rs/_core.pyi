@@ -11,6 +11,7 @@ __all__ = [
     "GalleryFileError",
     "MARGIN_KINDS",
     "MARGIN_PARAMS",
+    "REMOTE_TARGET",
     "Margin",
     "__version__",
     "_cuda_margin_loss",
@@ -36,6 +37,7 @@ __all__ = [
 __version__: str
 
 MARGIN_PARAMS: int
+REMOTE_TARGET: int
 MARGIN_KINDS: dict[str, int]
 
 class GalleryFileError(ValueError): ...

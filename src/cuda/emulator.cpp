@@ -117,7 +117,7 @@ static const Entry entries[] = {
     ENTRY2(normalize_rows), ENTRY2(inv_norms),  ENTRY2(targets),
     ENTRY2(logits_tile),    ENTRY2(grad_tile),  ENTRY2(project_out_rows),
     ENTRY2(finish_grad_emb), ENTRY(fill_f64),   ENTRY(merge_stats),
-    ENTRY(row_losses),      ENTRY(topk_tile),   ENTRY(split_half),
+    ENTRY(finish_stats),   ENTRY(row_losses),      ENTRY(topk_tile),   ENTRY(split_half),
     ENTRY(margin_grid),
 };
 

@@ -93,14 +93,17 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(shape: HeadShape, want_weight: bool, tiling: Tiling) -> Plan {
+    /// `stash_classes`: the classes a chunk's stash is sized for (C, or for one shard of a
+    /// sharded head the largest shard's count, so that every shard cuts the rows alike).
+    fn new(shape: HeadShape, want_weight: bool, tiling: Tiling, stash_classes: usize) -> Plan {
         let HeadShape { b, c, d, elem } = shape;
         let tile = tiling.class_tile.max(1).min(c.max(1));
         let stash_in_grad = want_weight && b <= d;
         let chunk_rows = if stash_in_grad {
             b
         } else {
-            (tiling.stash_budget_bytes / (c.max(1) * elem.size())).clamp(1, b.max(1))
+            (tiling.stash_budget_bytes / (stash_classes.max(c).max(1) * elem.size()))
+                .clamp(1, b.max(1))
         };
         Plan {
             tile,
@@ -128,6 +131,8 @@ struct Scratch {
     pz: u64,
     tile_max: u64,
     stats: u64,
+    /// per row of a chunk: [max, Σe, Σe·z, target logit] (a sharded head's are the caller's)
+    parts: u64,
     g: u64,
     stash: u64,
 }
@@ -150,6 +155,7 @@ impl Scratch {
             pz: carver.take(nr, 8),
             tile_max: carver.take(plan.tiles * nr, sz),
             stats: carver.take(plan.tiles * nr * 3, 8),
+            parts: carver.take(nr * 4, 8),
             g: carver.take(nr * plan.tile, sz),
             stash: if plan.stash_in_grad {
                 0
@@ -162,9 +168,43 @@ impl Scratch {
 
 /// Workspace bytes one call needs.
 pub fn workspace_bytes(shape: HeadShape, want_weight: bool, tiling: Tiling) -> usize {
+    workspace_bytes_shard(shape, want_weight, tiling, shape.c)
+}
+
+/// Workspace bytes of one shard's call (see [`ShardHooks::stash_classes`]).
+pub fn workspace_bytes_shard(
+    shape: HeadShape,
+    want_weight: bool,
+    tiling: Tiling,
+    stash_classes: usize,
+) -> usize {
     let mut carver = Carver::new(0);
-    Scratch::carve(&mut carver, shape, Plan::new(shape, want_weight, tiling));
+    let plan = Plan::new(shape, want_weight, tiling, stash_classes);
+    Scratch::carve(&mut carver, shape, plan);
     carver.bytes()
+}
+
+/// How one shard of a model-parallel head meets the others between the two passes
+/// (`crate::head::ShardOptions` on the GPU). `labels` hold [`crate::head::REMOTE_TARGET`] for
+/// rows whose target another shard holds; the loss rows are the whole head's on every shard,
+/// `grad_weight` is this shard's and `grad_emb` this shard's share (the sum over shards is
+/// the whole).
+pub struct ShardHooks<'a> {
+    /// Every shard cuts the rows into the same chunks (one `combine` each): they are sized
+    /// for this many classes, the largest shard's count.
+    pub stash_classes: usize,
+    /// Exactly one shard adds the terms that do not split over classes.
+    pub first_shard: bool,
+    /// (B,) float64 on the device: every row's target cosine, for hard-negative margins
+    /// (0 otherwise).
+    pub target_cos: u64,
+    /// (B, 4) float64 on the device: each row's [max, Σe, Σe·z, target logit] over this
+    /// shard's classes, which `combine` replaces by those over all shards.
+    pub parts: u64,
+    /// `combine(first_row, rows)`: queues on the stream the exchange that merges rows
+    /// `first_row..first_row + rows` of `parts` over all shards (a collective). It is called
+    /// once per chunk on every shard, even when this shard fails (so that none waits).
+    pub combine: &'a mut dyn FnMut(usize, usize) -> Result<()>,
 }
 
 /// Address of element `index` of an array of `size`-byte elements at `base`.
@@ -184,6 +224,53 @@ pub fn margin_loss(
     buf: &HeadBuffers,
     tiling: Tiling,
 ) -> Result<()> {
+    fused(device, shape, margin, head, buf, tiling, None)
+}
+
+/// One shard of a model-parallel head (see [`ShardHooks`]): `shape.c` and `buf.weight` are
+/// this shard's classes.
+pub fn margin_loss_shard(
+    device: &dyn Device,
+    shape: HeadShape,
+    margin: &Margin,
+    head: HeadOptions,
+    buf: &HeadBuffers,
+    tiling: Tiling,
+    shard: &mut ShardHooks,
+) -> Result<()> {
+    let plan = Plan::new(shape, buf.grad_weight != 0, tiling, shard.stash_classes);
+    let chunks = shape.b.div_ceil(plan.chunk_rows.max(1));
+    let mut combined = 0;
+    let out = {
+        let mut counted = |start: usize, rows: usize| {
+            combined += 1;
+            (shard.combine)(start, rows)
+        };
+        let mut hooks = ShardHooks {
+            combine: &mut counted,
+            ..*shard
+        };
+        fused(device, shape, margin, head, buf, tiling, Some(&mut hooks))
+    };
+    if out.is_err() {
+        // the other shards wait in the collectives this one has not joined yet
+        for chunk in combined..chunks {
+            let start = chunk * plan.chunk_rows;
+            let _ = (shard.combine)(start, plan.chunk_rows.min(shape.b - start));
+        }
+    }
+    out
+}
+
+fn fused(
+    device: &dyn Device,
+    shape: HeadShape,
+    margin: &Margin,
+    head: HeadOptions,
+    buf: &HeadBuffers,
+    tiling: Tiling,
+    mut shard: Option<&mut ShardHooks>,
+) -> Result<()> {
     use Arg::{Ptr, F64, I32};
     let HeadShape { b, c, d, elem } = shape;
     if b == 0 || c == 0 || d == 0 {
@@ -201,7 +288,10 @@ pub fn margin_loss(
     }
     let filter = head.interclass_filter.unwrap_or(f64::INFINITY);
     let (want_emb, want_weight) = (buf.grad_emb != 0, buf.grad_weight != 0);
-    let plan = Plan::new(shape, want_weight, tiling);
+    let stash_classes = shard.as_ref().map_or(c, |sh| sh.stash_classes);
+    let plan = Plan::new(shape, want_weight, tiling, stash_classes);
+    let first_shard = shard.as_ref().is_none_or(|sh| sh.first_shard);
+    let target_cos = shard.as_ref().map_or(0, |sh| sh.target_cos);
     let mut carver = Carver::new(buf.workspace);
     let s = Scratch::carve(&mut carver, shape, plan);
     let (sz, sfx) = (elem.size(), elem.suffix());
@@ -264,6 +354,7 @@ pub fn margin_loss(
             } else {
                 0
             }),
+            Ptr(target_cos),
             Ptr(s.target_logit),
             Ptr(s.target_dpsi),
             Ptr(s.norm_extra),
@@ -340,6 +431,9 @@ pub fn margin_loss(
             )?;
         }
         let flat_grid = rows.div_ceil(FLAT_THREADS);
+        let parts = shard
+            .as_ref()
+            .map_or(s.parts, |sh| at(sh.parts, start * 4, 8));
         device.launch(
             "merge_stats",
             flat_grid,
@@ -348,8 +442,23 @@ pub fn margin_loss(
                 Ptr(s.stats),
                 I32(plan.tiles as i32),
                 I32(ri),
+                Ptr(target_logit),
+                Ptr(parts),
+            ],
+        )?;
+        if let Some(sh) = shard.as_mut() {
+            (sh.combine)(start, rows)?;
+        }
+        device.launch(
+            "finish_stats",
+            flat_grid,
+            FLAT_THREADS,
+            &[
+                Ptr(parts),
+                I32(ri),
                 Ptr(s.lse),
                 Ptr(s.pz),
+                Ptr(target_logit),
             ],
         )?;
         device.launch(
@@ -365,6 +474,7 @@ pub fn margin_loss(
                 Ptr(scale),
                 Ptr(at(s.norm_extra, 3 * start, 8)),
                 I32(feature_norm as i32),
+                I32(first_shard as i32),
                 I32(ri),
                 Ptr(at(buf.row_loss, start, 8)),
                 Ptr(at(s.norm_term, start, 8)),

@@ -239,14 +239,17 @@ __device__ void inv_norms(const T* w, T* w_inv, int rows, int d, int* bad) {
 
 // Per row with a label: the target's cosine (from x̂ and the raw centre), psi and psi', and
 // the scaled target logit rounded to T as the stash will hold it. Row r's margin block is
-// margins + r * margin_stride (stride 0: one margin for all rows). norm_extra[3r..3r+3]:
+// margins + r * margin_stride (stride 0: one margin for all rows). Labels are -1 (ignored)
+// or, for one shard of a sharded head, REMOTE_TARGET: `target_cos` (null unless the margin
+// has hard negatives) then gives every row's target cosine. norm_extra[3r..3r+3]:
 // d psi / d norm, the row's penalty and its d / d norm (MagFace; zeros for the others).
 // rules[3r..3r+3]: the row's hard-negative rule (above, t, curricular; above = +inf: none).
 template <typename T>
 __device__ void targets(const T* xhat, const T* weight, const long long* labels,
                         const double* row_scale, const double* norms, int rows, int d,
-                        const double* margins, int margin_stride, double* target_logit,
-                        double* target_dpsi, double* norm_extra, double* rules) {
+                        const double* margins, int margin_stride, const double* target_cos,
+                        double* target_logit, double* target_dpsi, double* norm_extra,
+                        double* rules) {
     __shared__ double shared[32];
     int r = blockIdx.x;
     if (r >= rows) return;
@@ -258,6 +261,14 @@ __device__ void targets(const T* xhat, const T* weight, const long long* labels,
             norm_extra[3 * r] = norm_extra[3 * r + 1] = norm_extra[3 * r + 2] = 0.0;
             rules[3 * r] = INFINITY;
             rules[3 * r + 1] = rules[3 * r + 2] = 0.0;
+            if (y == REMOTE_TARGET) {
+                // another shard holds the target: the row still pays its penalty, and its
+                // hard negatives here follow the target cosine that shard measured
+                const double* p = margins + (long long)r * margin_stride;
+                penalty(p, norms[r], norm_extra + 3 * r + 1, norm_extra + 3 * r + 2);
+                if (target_cos)
+                    hard_rule(p, target_cos[r], rules + 3 * r, rules + 3 * r + 1, rules + 3 * r + 2);
+            }
         }
         return;
     }
@@ -338,9 +349,11 @@ extern "C" __global__ void fill_f64(double* out, double v, int n) {
     if (i < n) out[i] = v;
 }
 
-// One thread per row: the tiles' statistics merged into lse and Σ p z.
-extern "C" __global__ void merge_stats(const double* stats, int tiles, int rows, double* lse,
-                                       double* pz) {
+// One thread per row: the tiles' statistics merged into the row's part over this set of
+// classes, parts[4r..4r+4] = [max, Σe, Σe·z, target logit] (head.rs's RowPart); a sharded
+// head merges the shards' parts between this kernel and finish_stats.
+extern "C" __global__ void merge_stats(const double* stats, int tiles, int rows,
+                                       const double* target_logit, double* parts) {
     int r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= rows) return;
     double m = -INFINITY;
@@ -352,28 +365,49 @@ extern "C" __global__ void merge_stats(const double* stats, int tiles, int rows,
         s += st[1] * f;
         sz += st[2] * f;
     }
-    lse[r] = m + log(s);
-    pz[r] = sz / s;
+    double* part = parts + 4 * (long long)r;
+    part[0] = m;
+    part[1] = s;
+    part[2] = sz;
+    part[3] = target_logit[r];
+}
+
+// One thread per row: lse and Σ p z from the row's part over all classes, whose target
+// logit (another shard's, when that shard holds the target) the row losses read.
+extern "C" __global__ void finish_stats(const double* parts, int rows, double* lse, double* pz,
+                                        double* target_logit) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    const double* part = parts + 4 * (long long)r;
+    lse[r] = part[0] + log(part[1]);
+    pz[r] = part[2] / part[1];
+    target_logit[r] = part[3];
 }
 
 // One thread per row: the row's loss (0 when ignored, plus its penalty) and the term of
 // d loss / d x along x̂: row_weight (Σ p z - z_target) / ||x|| when the scale is ||x||, and
-// MagFace's row_weight (s (p_target - 1) d psi / d norm + d penalty / d norm).
+// MagFace's row_weight (s (p_target - 1) d psi / d norm + d penalty / d norm). Of a sharded
+// head's shards, each returns the whole loss but only the first adds the terms that do not
+// split over classes (the scale's and the penalty's); d psi / d norm is the target shard's.
 extern "C" __global__ void row_losses(const double* lse, const double* pz,
                                       const double* target_logit, const long long* labels,
                                       const double* row_weight, const double* row_scale,
-                                      const double* norm_extra, int feature_norm, int rows,
-                                      double* loss, double* norm_term) {
+                                      const double* norm_extra, int feature_norm,
+                                      int first_shard, int rows, double* loss,
+                                      double* norm_term) {
     int r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= rows) return;
-    bool valid = labels[r] >= 0;
+    bool valid = labels[r] != -1;
     const double* extra = norm_extra + 3 * r;
     loss[r] = valid ? lse[r] - target_logit[r] + extra[1] : 0.0;
     double term = 0.0;
     if (valid) {
-        if (feature_norm) term = row_weight[r] * (pz[r] - target_logit[r]) / row_scale[r];
+        if (first_shard) {
+            if (feature_norm) term = row_weight[r] * (pz[r] - target_logit[r]) / row_scale[r];
+            term += row_weight[r] * extra[2];
+        }
         double p = exp(target_logit[r] - lse[r]);
-        term += row_weight[r] * (row_scale[r] * (p - 1.0) * extra[0] + extra[2]);
+        term += row_weight[r] * row_scale[r] * (p - 1.0) * extra[0];
     }
     norm_term[r] = term;
 }
@@ -445,10 +479,11 @@ __device__ void finish_grad_emb(T* dxhat, const T* xhat, const double* norms,
                                            const long long* labels, const double* row_scale,   \
                                            const double* norms, int rows, int d,               \
                                            const double* margins, int margin_stride,           \
-                                           double* target_logit, double* target_dpsi,          \
-                                           double* norm_extra, double* rules) {                \
+                                           const double* target_cos, double* target_logit,     \
+                                           double* target_dpsi, double* norm_extra,            \
+                                           double* rules) {                                    \
         targets<T>(xhat, weight, labels, row_scale, norms, rows, d, margins, margin_stride,    \
-                   target_logit, target_dpsi, norm_extra, rules);                              \
+                   target_cos, target_logit, target_dpsi, norm_extra, rules);                  \
     }                                                                                          \
     extern "C" __global__ void logits_tile_##S(T* z, int rows, int ct, int lo, const T* w_inv, \
                                                const double* row_scale,                        \

@@ -25,13 +25,15 @@ mod tests;
 pub const KERNELS: &str = include_str!("kernels.cu");
 
 /// The `#define`s that `kernels.cu` reads the margins' parameter blocks with, from
-/// `crate::margin` (the one definition): `MARGIN_<KIND>` codes and `MARGIN_PARAMS`.
-pub fn margin_defines() -> Vec<(String, u32)> {
-    let mut defines: Vec<(String, u32)> = kind::NAMES
+/// `crate::margin` (the one definition): `MARGIN_<KIND>` codes and `MARGIN_PARAMS`; and
+/// `crate::head`'s `REMOTE_TARGET` label of a sharded head.
+pub fn margin_defines() -> Vec<(String, i64)> {
+    let mut defines: Vec<(String, i64)> = kind::NAMES
         .iter()
-        .map(|&(name, code)| (format!("MARGIN_{}", name.to_uppercase()), code))
+        .map(|&(name, code)| (format!("MARGIN_{}", name.to_uppercase()), code.into()))
         .collect();
-    defines.push(("MARGIN_PARAMS".into(), PARAMS_LEN as u32));
+    defines.push(("MARGIN_PARAMS".into(), PARAMS_LEN as i64));
+    defines.push(("REMOTE_TARGET".into(), crate::head::REMOTE_TARGET));
     defines
 }
 
@@ -58,6 +60,7 @@ pub const ENTRY_POINTS: &[&str] = &[
     "logits_tile_f32",
     "logits_tile_f64",
     "merge_stats",
+    "finish_stats",
     "grad_tile_f32",
     "grad_tile_f64",
     "project_out_rows_f32",

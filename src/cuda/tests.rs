@@ -95,6 +95,24 @@ fn emulate<T: Real>(
     want: (bool, bool),
     tiling: Tiling,
 ) -> Emulated<T> {
+    emulate_shard(
+        emb, weight, labels, margin, filter, row_weight, want, tiling, None,
+    )
+}
+
+/// [`emulate`], as one shard of a sharded head when `shard` is given.
+#[allow(clippy::too_many_arguments)]
+fn emulate_shard<T: Real>(
+    emb: &Array2<T>,
+    weight: &Array2<T>,
+    labels: &[i64],
+    margin: Margins,
+    filter: HeadOptions,
+    row_weight: &[f64],
+    want: (bool, bool),
+    tiling: Tiling,
+    shard: Option<&mut head::ShardHooks>,
+) -> Emulated<T> {
     let blocks: Vec<f64> = match margin {
         Margins::Same(m) => m.encode().to_vec(),
         Margins::PerRow(ms) => ms.iter().flat_map(Margin::encode).collect(),
@@ -111,7 +129,9 @@ fn emulate<T: Real>(
     let mut grad_emb = Array2::from_elem((b, d), T::of(f64::NAN));
     let mut grad_weight = Array2::from_elem((c, d), T::of(f64::NAN));
     let mut bad = [7i32; 2];
-    let mut workspace = vec![u64::MAX; head::workspace_bytes(shape, want.1, tiling) / 8 + 1];
+    let stash_classes = shard.as_ref().map_or(c, |sh| sh.stash_classes);
+    let mut workspace =
+        vec![u64::MAX; head::workspace_bytes_shard(shape, want.1, tiling, stash_classes) / 8 + 1];
     let addr = |p: *const T| p as u64;
     let buffers = HeadBuffers {
         emb: addr(emb.as_ptr()),
@@ -134,14 +154,25 @@ fn emulate<T: Real>(
         bad: bad.as_mut_ptr() as u64,
         workspace: workspace.as_mut_ptr() as u64,
     };
-    head::margin_loss(
-        Emulator::get(),
-        shape,
-        margin.row(0),
-        filter,
-        &buffers,
-        tiling,
-    )
+    match shard {
+        None => head::margin_loss(
+            Emulator::get(),
+            shape,
+            margin.row(0),
+            filter,
+            &buffers,
+            tiling,
+        ),
+        Some(sh) => head::margin_loss_shard(
+            Emulator::get(),
+            shape,
+            margin.row(0),
+            filter,
+            &buffers,
+            tiling,
+            sh,
+        ),
+    }
     .unwrap();
     Emulated {
         row_loss,
@@ -442,6 +473,182 @@ fn head_equals_the_cpu_head_over_row_chunks() {
         Tiling::default(),
         1e-10,
     );
+}
+
+/// The classes of `weight` cut into the shards `bounds`, each run by one thread on the
+/// emulator as one rank of a sharded head, meeting in `combine` as ranks would in a
+/// collective; returns each shard's result.
+fn emulate_shards<T: Real>(
+    emb: &Array2<T>,
+    weight: &Array2<T>,
+    labels: &[i64],
+    margin: Margins,
+    row_weight: &[f64],
+    bounds: &[usize],
+    tiling: Tiling,
+) -> Vec<Emulated<T>> {
+    use crate::head::{RowPart, REMOTE_TARGET};
+    use std::sync::{Barrier, Mutex};
+    let shards = bounds.len() - 1;
+    let largest = bounds.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    // every row's target cosine, as the sharded head gathers it (hard negatives)
+    let xhat = emb.mapv(|v| v.f64());
+    let target_cos: Vec<f64> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, &y)| {
+            if y < 0 {
+                return f64::NAN;
+            }
+            let (x, w) = (xhat.row(i), weight.row(y as usize).mapv(|v| v.f64()));
+            x.dot(&w) / (x.dot(&x).sqrt() * w.dot(&w).sqrt())
+        })
+        .collect();
+    let slots = Mutex::new(vec![Vec::<RowPart>::new(); shards]);
+    let barrier = Barrier::new(shards);
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = (0..shards)
+            .map(|r| {
+                let (lo, hi) = (bounds[r], bounds[r + 1]);
+                let (slots, barrier, target_cos) = (&slots, &barrier, &target_cos);
+                scope.spawn(move || {
+                    let local: Vec<i64> = labels
+                        .iter()
+                        .map(|&y| match y {
+                            -1 => -1,
+                            y if (lo as i64..hi as i64).contains(&y) => y - lo as i64,
+                            _ => REMOTE_TARGET,
+                        })
+                        .collect();
+                    let mut parts = vec![f64::NAN; 4 * labels.len()];
+                    let parts_at = parts.as_mut_ptr() as u64;
+                    let mut combine = |start: usize, rows: usize| -> crate::Result<()> {
+                        // SAFETY: `parts` outlives the call and nothing else touches these
+                        // rows while the (emulated, synchronous) stream waits for us.
+                        let mine = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                (parts_at as *mut f64).add(4 * start),
+                                4 * rows,
+                            )
+                        };
+                        let as_part = |p: &[f64]| RowPart {
+                            max: p[0],
+                            sum: p[1],
+                            sum_ez: p[2],
+                            target_logit: p[3],
+                        };
+                        slots.lock().unwrap()[r] = mine.chunks(4).map(as_part).collect();
+                        barrier.wait();
+                        let all = slots.lock().unwrap().clone();
+                        barrier.wait();
+                        for (i, out) in mine.chunks_mut(4).enumerate() {
+                            let m = all
+                                .iter()
+                                .fold(RowPart::EMPTY, |acc, shard| acc.merge(shard[i]));
+                            out.copy_from_slice(&[m.max, m.sum, m.sum_ez, m.target_logit]);
+                        }
+                        Ok(())
+                    };
+                    let mut hooks = head::ShardHooks {
+                        stash_classes: largest,
+                        first_shard: r == 0,
+                        target_cos: target_cos.as_ptr() as u64,
+                        parts: parts_at,
+                        combine: &mut combine,
+                    };
+                    let w = weight.slice(ndarray::s![lo..hi, ..]).to_owned();
+                    emulate_shard(
+                        emb,
+                        &w,
+                        &local,
+                        margin,
+                        HeadOptions::default(),
+                        row_weight,
+                        (true, true),
+                        tiling,
+                        Some(&mut hooks),
+                    )
+                })
+            })
+            .collect();
+        runs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn sharded_head_equals_the_whole_cpu_head() {
+    // uneven shards; the stash in the gradient (B <= D) and many row chunks (B > D)
+    for (b, d, budget) in [(9, 12, 1 << 20), (11, 4, 3 * 8 * 8)] {
+        let c = 23;
+        let tiling = Tiling {
+            class_tile: 5,
+            stash_budget_bytes: budget,
+        };
+        let emb = matrix::<f64>(7, b, d).mapv(|v| v * 3.0);
+        let weight = matrix::<f64>(8, c, d);
+        let mut labels: Vec<i64> = (0..b).map(|i| ((i * 5 + 2) % c) as i64).collect();
+        labels[1] = -1;
+        let up: Vec<f64> = noise(9, b).iter().map(|v| 1.5 + v).collect();
+        let row_weight: Vec<f64> = labels
+            .iter()
+            .zip(&up)
+            .map(|(&y, &u)| if y < 0 { 0.0 } else { u })
+            .collect();
+        // (SphereFace's scale is the feature norm: the first shard's term)
+        for margin in &margins() {
+            let options = LossOptions {
+                reduction: Reduction::None,
+                upstream: Some(&up),
+                grad_emb: true,
+                grad_weight: true,
+                head: HeadOptions::default(),
+                grad_filter: crate::head::GradFilter::Exact,
+            };
+            let cpu =
+                margin_loss_with(emb.view(), weight.view(), &labels, margin, options).unwrap();
+            for bounds in [vec![0, 9, c], vec![0, 4, 15, c]] {
+                let ctx = format!("{margin:?} b={b} d={d} shards {bounds:?}: ");
+                let shards = emulate_shards(
+                    &emb,
+                    &weight,
+                    &labels,
+                    margin.into(),
+                    &row_weight,
+                    &bounds,
+                    tiling,
+                );
+                let mut grad_emb = Array2::<f64>::zeros((b, d));
+                for (r, shard) in shards.iter().enumerate() {
+                    assert_eq!(shard.bad, [0, 0], "{ctx}");
+                    for (i, (g, w)) in shard.row_loss.iter().zip(&cpu.row_losses).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 1e-10 * w.abs().max(1.0),
+                            "{ctx}row {i}: {g} vs {w}"
+                        );
+                    }
+                    grad_emb += shard.grad_emb.as_ref().unwrap();
+                    let want = cpu
+                        .grad_weight
+                        .as_ref()
+                        .unwrap()
+                        .slice(ndarray::s![bounds[r]..bounds[r + 1], ..])
+                        .to_owned();
+                    assert_close(
+                        &format!("{ctx}grad_weight {r}"),
+                        shard.grad_weight.as_ref().unwrap(),
+                        &want,
+                        1e-10,
+                    );
+                }
+                assert_close(
+                    &format!("{ctx}grad_emb"),
+                    &grad_emb,
+                    cpu.grad_emb.as_ref().unwrap(),
+                    1e-10,
+                );
+            }
+        }
+    }
 }
 
 #[test]

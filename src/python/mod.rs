@@ -54,6 +54,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         kinds.set_item(name, code)?;
     }
     m.add("MARGIN_KINDS", kinds)?;
+    // the label of a row whose target class another shard holds (margin_loss_shard, kernels.cu)
+    m.add("REMOTE_TARGET", crate::head::REMOTE_TARGET)?;
     m.add_class::<gallery::PyGallery>()?;
     m.add_function(wrap_pyfunction!(head::margin_loss, m)?)?;
     m.add_function(wrap_pyfunction!(head::margin_loss_shard, m)?)?;

@@ -3,7 +3,8 @@
 # a weak, trapping stub for every other symbol cudarc looks up (it refuses a library that
 # lacks any). Used by tests/fake_cuda.rs and by scripts/test.sh's Python check.
 # Usage: build.sh OUT_DIR -DMARGIN_...=N ...: the margin definitions that kernels.cu needs,
-# from the crate's one definition (arcface_rs::cuda::margin_defines, or _core.MARGIN_KINDS).
+# from the crate's one definition (arcface_rs::cuda::margin_defines, or _core.MARGIN_KINDS,
+# _core.MARGIN_PARAMS and _core.REMOTE_TARGET).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=$1
