@@ -279,6 +279,31 @@ def test_plain_pytorch_path_matches_the_fused_kernels(margin):
         assert _rel(a, b) < 1e-9
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize(
+    "margin",
+    [
+        afr.MagFace(l_a=2.0, u_a=6.0, lambda_g=3.0),
+        afr.MagFace(l_a=2.0, u_a=6.0, easy_margin=False, lambda_g=5.0),
+    ],
+    ids=["easy", "not-easy"],
+)
+def test_plain_pytorch_magface_matches_the_fused_kernel(margin, reduction):
+    """MagFace on the plain path (its margin and regulariser move with the norm): norms
+    below, inside and above [l_a, u_a], against the Rust path."""
+    emb, weight, labels = _inputs(24, 10, 30, torch.float64, seed=12, ignore=2)
+    norms = emb.detach().norm(dim=1)
+    assert bool((norms < 2.0).any() and (norms > 6.0).any() and ((norms > 2) & (norms < 6)).any())
+    fused = _loss_and_grads(
+        lambda e, w, y: aft.margin_loss(e, w, y, margin, reduction), emb, weight, labels
+    )
+    plain = _loss_and_grads(
+        lambda e, w, y: tplain._plain_loss(e, w, y, margin, reduction), emb, weight, labels
+    )
+    for a, b in zip(plain, fused):
+        assert _rel(a, b) < 1e-9
+
+
 def test_cpu_tensors_are_shared_not_copied():
     w = torch.randn(100, 16)
     assert np.shares_memory(tops._numpy(w, torch.float32), w.numpy())

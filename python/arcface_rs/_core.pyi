@@ -167,7 +167,9 @@ def all_pairs_tar_at_far(
 def simd_level() -> str: ...
 def _panic_for_tests(message: str) -> None: ...
 def cuda_available() -> bool: ...
-def cuda_head_workspace_bytes(b: int, c: int, d: int, dtype: str, grad_weight: bool) -> int: ...
+def cuda_head_workspace_bytes(
+    b: int, c: int, d: int, dtype: str, grad_weight: bool, stash_classes: int | None = None
+) -> int: ...
 def _cuda_margin_loss(
     device: int,
     stream: int,
@@ -188,6 +190,11 @@ def _cuda_margin_loss(
     bad: int,
     workspace: int,
     interclass_filter: float | None = None,
+    combine: Callable[[int, int], object] | None = None,
+    first_shard: bool = True,
+    stash_classes: int | None = None,
+    parts: int = 0,
+    target_cos: int = 0,
 ) -> None: ...
 
 cuda_feature: bool

@@ -109,6 +109,50 @@ class _Psi(torch.autograd.Function):
         return grad * dpsi, None, None
 
 
+def _magface_dpsi_dnorm(margin: Margin, c: Tensor, norm: Tensor) -> Tensor:
+    """d psi / d ||x|| of MagFace's target (margin.rs's arc_with_dm times m'(a)): its margin
+    m(a) grows with the clamped norm a; the clamp passes no gradient outside [l_a, u_a]."""
+    l_a, u_a, l_m, u_m, easy = margin._block[2:7]
+    slope = (u_m - l_m) / (u_a - l_a)
+    m = l_m + slope * (norm.clamp(l_a, u_a) - l_a)
+    theta = torch.acos(c)
+    by_m = torch.where(
+        theta > math.pi - m,  # the fallback c - k(m), k = max(m sin m, 1 - cos m)
+        torch.where(
+            m * torch.sin(m) >= 1 - torch.cos(m), -(torch.sin(m) + m * torch.cos(m)), -torch.sin(m)
+        ),
+        -torch.sin(theta + m),
+    )
+    if easy:
+        by_m = torch.where(c <= 0, 0.0, by_m)
+    return torch.where((norm >= l_a) & (norm <= u_a), by_m * slope, 0.0)
+
+
+class _PsiNorm(torch.autograd.Function):
+    """MagFace's target psi(c, ||x||): its margin moves with the feature norm."""
+
+    @staticmethod
+    def forward(ctx: Any, c: Tensor, norm: Tensor, margin: Margin) -> Tensor:
+        psi, dpsi = _psi_dpsi(margin, c, None, norm)
+        ctx.save_for_backward(dpsi, _magface_dpsi_dnorm(margin, c, norm))
+        return psi
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):
+        dpsi, dnorm = ctx.saved_tensors
+        return grad * dpsi, grad * dnorm, None
+
+
+def _penalty(margin: Margin, norm: Tensor) -> Tensor:
+    """Each row's term of the loss besides the softmax (margin.rs's penalty): MagFace's
+    lambda_g (a / u_a^2 + 1 / a), a the norm clamped to [l_a, u_a]; zeros for the others."""
+    if margin._block[0] != _KINDS["magface"]:
+        return torch.zeros_like(norm)
+    l_a, u_a, lambda_g = margin._block[2], margin._block[3], margin._block[7]
+    a = norm.clamp(l_a, u_a)
+    return lambda_g * (a / (u_a * u_a) + 1.0 / a)
+
+
 def _hard_negatives(blocks: Tensor, target: Tensor, cos: Tensor) -> Tensor:
     """CurricularFace's and MV-Softmax's non-target cosines (margin.rs's HardNegatives):
     rows' blocks (n, MARGIN_PARAMS), their target cosines (n,) and cosines (n, C)."""
@@ -130,7 +174,11 @@ def _plain_logits(
     row_blocks: Tensor | None = None,
     sub_centers: int = 1,
     interclass_filter: float | None = None,
+    remote_target_cos: Tensor | None = None,
 ) -> Tensor:
+    """The (B, C) logits. One shard of a sharded head passes ``remote_target_cos``: the
+    target cosine of each row whose target another shard holds (NaN elsewhere), for the
+    hard-negative margins' rule; ``labels`` are then this shard's columns or -1."""
     dtype = _compute_dtype(emb, weight)
     x, w = emb.to(dtype), weight.to(dtype)
     x_norm, w_norm = x.norm(dim=1, keepdim=True), w.norm(dim=1, keepdim=True)
@@ -152,17 +200,21 @@ def _plain_logits(
         dirty = (cos > interclass_filter).detach()
         dirty[rows, cols] = False
         cos = cos.masked_fill(dirty, 0.0)
-    if margin._block[0] == _KINDS["magface"]:
-        raise ValueError(
-            "margin: MagFace on CUDA tensors needs the fused CUDA head (a build with the "
-            "`cuda` feature and a visible GPU); the plain-PyTorch path does not have it"
-        )
     blocks = None if row_blocks is None else row_blocks[rows]
     target = cos[rows, cols]
     if margin._block[0] in (_KINDS["curricularface"], _KINDS["mvsoftmax"]):
-        every = _blocks(margin, target, blocks).to(cos.dtype)
-        cos = cos.index_put((rows,), _hard_negatives(every, target, cos[rows]))
-    psi = _Psi.apply(target, margin, blocks)
+        hard_rows, hard_target = rows, target
+        if remote_target_cos is not None:  # and the rows whose target is elsewhere
+            remote = torch.nonzero(~torch.isnan(remote_target_cos)).flatten()
+            hard_rows = torch.cat([rows, remote])
+            hard_target = torch.cat([target.detach(), remote_target_cos[remote].to(cos.dtype)])
+        hard_blocks = None if row_blocks is None else row_blocks[hard_rows]
+        every = _blocks(margin, hard_target, hard_blocks).to(cos.dtype)
+        cos = cos.index_put((hard_rows,), _hard_negatives(every, hard_target, cos[hard_rows]))
+    if margin._block[0] == _KINDS["magface"]:
+        psi = _PsiNorm.apply(target, x_norm[rows, 0], margin)
+    else:
+        psi = _Psi.apply(target, margin, blocks)
     cos = cos.index_put((rows, cols), psi)
     scale = x_norm if margin.scale is None else margin.scale
     return cos * scale
@@ -180,6 +232,9 @@ def _plain_loss(
 ) -> Tensor:
     logits = _plain_logits(emb, weight, labels, margin, row_blocks, sub_centers, interclass_filter)
     per_row = F.cross_entropy(logits, labels, ignore_index=-1, reduction="none")
+    if margin._block[0] == _KINDS["magface"]:
+        norm = emb.to(logits.dtype).norm(dim=1)
+        per_row = per_row + torch.where(labels >= 0, _penalty(margin, norm), 0.0)
     if reduction == "none":
         return per_row
     if reduction == "sum":

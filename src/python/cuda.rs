@@ -42,27 +42,35 @@ pub(super) fn no_cuda_feature() -> PyErr {
     )
 }
 
-/// Bytes of device workspace `cuda_margin_loss` needs for B rows, C classes, D dims.
+/// Bytes of device workspace `cuda_margin_loss` needs for B rows, C classes, D dims (for one
+/// shard of a sharded head, C is the shard's and `stash_classes` the largest shard's).
 #[pyfunction]
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-#[pyo3(signature = (b, c, d, dtype, grad_weight))]
+#[pyo3(signature = (b, c, d, dtype, grad_weight, stash_classes=None))]
 pub(super) fn cuda_head_workspace_bytes(
     b: usize,
     c: usize,
     d: usize,
     dtype: &str,
     grad_weight: bool,
+    stash_classes: Option<usize>,
 ) -> PyResult<usize> {
     #[cfg(feature = "cuda")]
     {
-        use crate::cuda::head::{workspace_bytes, HeadShape, Tiling};
+        use crate::cuda::head::{workspace_bytes_shard, HeadShape, Tiling};
         let shape = HeadShape {
             b,
             c,
             d,
             elem: cuda_elem(dtype)?,
         };
-        Ok(workspace_bytes(shape, grad_weight, Tiling::default()))
+        let stash_classes = stash_classes.unwrap_or(c);
+        Ok(workspace_bytes_shard(
+            shape,
+            grad_weight,
+            Tiling::default(),
+            stash_classes,
+        ))
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -77,12 +85,18 @@ pub(super) fn cuda_head_workspace_bytes(
 /// gradient; the others must be non-zero and aligned to their element type, and the shape
 /// non-empty (checked before anything is queued). `margins` holds `margin.encode()` (one
 /// block) or, with `per_row_margins`, B blocks of margins of `margin`'s kind and scale.
+///
+/// One shard of a sharded head (`cuda::head::ShardHooks`) when `combine` is given:
+/// `combine(first_row, rows)` must queue on the stream the merge of those rows of `parts`
+/// ((B, 4) float64 [max, sum, sum_ez, target_logit]) over all shards; labels may be
+/// `REMOTE_TARGET`; `target_cos` ((B,) float64, or 0) serves hard-negative margins.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 #[pyo3(name = "_cuda_margin_loss", signature = (device, stream, b, c, d, dtype, margin,
         margins, per_row_margins, emb, weight, labels, row_weight, row_loss, grad_emb,
-        grad_weight, bad, workspace, interclass_filter=None))]
+        grad_weight, bad, workspace, interclass_filter=None, combine=None, first_shard=true,
+        stash_classes=None, parts=0, target_cos=0))]
 pub(super) fn cuda_margin_loss(
     py: Python<'_>,
     device: usize,
@@ -104,10 +118,15 @@ pub(super) fn cuda_margin_loss(
     bad: u64,
     workspace: u64,
     interclass_filter: Option<f64>,
+    combine: Option<Py<PyAny>>,
+    first_shard: bool,
+    stash_classes: Option<usize>,
+    parts: u64,
+    target_cos: u64,
 ) -> PyResult<()> {
     #[cfg(feature = "cuda")]
     {
-        use crate::cuda::head::{margin_loss, HeadBuffers, HeadShape, Tiling};
+        use crate::cuda::head::{margin_loss, margin_loss_shard, HeadBuffers, HeadShape, Tiling};
         let elem = cuda_elem(dtype)?;
         if b == 0 || c == 0 || d == 0 {
             return Err(pyo3::exceptions::PyValueError::new_err(format!(
@@ -125,6 +144,8 @@ pub(super) fn cuda_margin_loss(
             ("grad_emb", grad_emb, real, false),
             ("grad_weight", grad_weight, real, false),
             ("bad", bad, 4, true),
+            ("parts", parts, 8, combine.is_some()),
+            ("target_cos", target_cos, 8, false),
         ] {
             if (required && address == 0) || address % align != 0 {
                 return Err(pyo3::exceptions::PyValueError::new_err(format!(
@@ -151,12 +172,43 @@ pub(super) fn cuda_margin_loss(
             sub_centers: 1,
             interclass_filter,
         };
-        run(py, || {
-            crate::cuda::driver::with_stream(device, stream, |s| {
-                margin_loss(s, shape, &margin, head, &buffers, Tiling::default())
+        // An exception raised by `combine` is kept and re-raised as it was.
+        let mut raised: Option<PyErr> = None;
+        let out = run(py, || {
+            crate::cuda::driver::with_stream(device, stream, |s| match &combine {
+                None => margin_loss(s, shape, &margin, head, &buffers, Tiling::default()),
+                Some(callback) => {
+                    let mut combine = |start: usize, rows: usize| {
+                        Python::attach(|py| callback.call1(py, (start, rows)).map(drop)).map_err(
+                            |err| {
+                                raised.get_or_insert(err);
+                                crate::Error::invalid("combine", "raised an exception")
+                            },
+                        )
+                    };
+                    let mut hooks = crate::cuda::head::ShardHooks {
+                        stash_classes: stash_classes.unwrap_or(c),
+                        first_shard,
+                        target_cos,
+                        parts,
+                        combine: &mut combine,
+                    };
+                    margin_loss_shard(
+                        s,
+                        shape,
+                        &margin,
+                        head,
+                        &buffers,
+                        Tiling::default(),
+                        &mut hooks,
+                    )
+                }
             })
-        })?
-        .map_err(to_py_err)
+        })?;
+        if let Some(err) = raised {
+            return Err(err);
+        }
+        out.map_err(to_py_err)
     }
     #[cfg(not(feature = "cuda"))]
     {
