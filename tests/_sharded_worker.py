@@ -43,6 +43,7 @@ def main() -> None:
             grad_filter=case["grad_filter"],
         )
         head.load_full_weight(weight)
+        head._path = case.get("path")  # None: the CPU kernel; "plain": torch ops
         sizes = case["splits"][world]
         lo = sum(sizes[:rank])
         emb = case["emb"][lo : lo + sizes[rank]].clone().requires_grad_(True)
@@ -59,6 +60,7 @@ def main() -> None:
                     getattr(head.margin, name, None) for name in ("batch_mean", "batch_std", "t")
                 ),
                 "sampled": head.last_sampled,
+                "path": head._implementation(emb),
                 "state": {k: v.clone() for k, v in head.state_dict().items()},
                 "full_weight": head.full_weight(),
                 "split_matches": bool(

@@ -1,10 +1,12 @@
 """ShardedMarginHead over torch.distributed (gloo, 2 and 3 processes on 127.0.0.1) against
 the independent float64 reference head on the global batch: loss, each rank's embedding
 gradients and its shard's weight gradient (1e-9); C not divisible by the world size, labels
--1, uneven batches, Partial FC sampling, checkpoint merge and split."""
+-1, uneven batches, Partial FC sampling, checkpoint merge and split; on the Rust kernel and
+on the plain-PyTorch path that CUDA tensors take without the fused kernels."""
 
 from __future__ import annotations
 
+import copy
 import pickle
 import socket
 import subprocess
@@ -96,6 +98,15 @@ CASES = [
     case("grad filter", 24, 16, 90, afr.ArcFace(s=64.0, m=0.5), seed=17, grad=1e-4),
 ]
 
+# The same cases on the plain-PyTorch path (what CUDA tensors run without the fused CUDA
+# kernels), forced on CPU tensors; it has the exact gradient only (no gradient filter).
+CASES += [
+    # (a margin of its own: AdaFace's and CurricularFace's state moves with each step)
+    {**cs, "name": cs["name"] + " [plain]", "path": "plain", "margin": copy.deepcopy(cs["margin"])}
+    for cs in CASES
+    if cs["grad_filter"] is None
+]
+
 # margins whose independent reference is the one-process fused head (itself checked
 # against float64 references from the papers in test_adaptive_margins.py)
 # (and test_hard_negatives.py for CurricularFace, MV-Softmax, sub-centres and filtering)
@@ -174,6 +185,7 @@ def test_ranks_together_equal_one_process_on_the_global_batch(runs, index):
         n = cs["splits"][world][r]
         lo, hi = res["shard_range"]
         assert (lo, hi) == shard_range(weight.shape[0] // k, world, r)
+        assert res["path"] == cs.get("path", "cpu")
         assert float(res["loss"]) == pytest.approx(loss, rel=1e-9)
         np.testing.assert_allclose(
             res["grad_emb"].numpy(), g_emb[offset : offset + n], rtol=1e-9, atol=1e-12

@@ -6,6 +6,10 @@ on the rank's block, and all-reduces the per-row max, sum-exp and target logits 
 kernel's two passes, so the loss is exactly the softmax loss over all classes. The backward
 pass needs no communication beyond the gather's own (an all-reduce of the embeddings'
 gradient, of which each rank keeps its rows). No rank ever holds B_global × C.
+
+CPU tensors run the Rust kernel; CUDA tensors the fused CUDA kernel with the exchange done
+by collectives on the device, or, without the fused kernels, the same math in torch ops
+(``_sharded_device``).
 """
 
 from __future__ import annotations
@@ -22,15 +26,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _core
+from ._cuda import cuda_available
 from ._margins import _KINDS_WITH_HARD_NEGATIVES, Margin
+from ._sharded_device import FusedShardLoss, plain_shard_loss
 from ._torch_ops import _no_double_backward
+from ._torch_plain import _note_exact_on_cuda, _warn_cuda_once
 from ._validate import grad_filter as check_grad_filter
 from ._validate import interclass_filter as check_filter
 from ._validate import sub_centers as check_sub_centers
 
 __all__ = ["ShardedMarginHead", "ddp_sum_hook", "merge_shards", "shard_range", "split_weight"]
 
-_REMOTE = -2  # a row whose target class another rank holds (the core's REMOTE_TARGET)
+_REMOTE = _core.REMOTE_TARGET  # the label of a row whose target class another rank holds
+_PATHS = ("cpu", "fused", "plain")
 
 
 def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -83,16 +91,18 @@ ddp_sum_hook.__annotations__ = {
 }
 
 
-def _gather_sizes(n: int, group: Any) -> list[int]:
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, torch.tensor([n], dtype=torch.int64), group=group)
-    return [int(s) for s in sizes]
+def _gather_sizes(n: int, group: Any, device: Any) -> list[int]:
+    sizes = [
+        torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))
+    ]
+    dist.all_gather(sizes, torch.tensor([n], dtype=torch.int64, device=device), group=group)
+    return [int(s) for s in torch.cat(sizes).tolist()]
 
 
 def _all_gather_rows(x: Tensor, sizes: list[int], group: Any) -> Tensor:
     """Rows of every rank, in rank order (padded to the largest batch for the collective)."""
     most = max(sizes)
-    padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype)
+    padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype, device=x.device)
     padded[: x.shape[0]] = x
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded, group=group)
@@ -193,8 +203,12 @@ class ShardedMarginHead(nn.Module):
     ``head(emb, labels)`` takes this rank's batch (any size, labels -1 ignored) and returns
     the mean loss over the global batch — the same value on every rank. Its backward gives
     exactly that loss's gradient for this rank's embeddings and for this rank's shard
-    ``weight`` (rows ``shard_range`` of the full (C, D) matrix). CPU tensors, float32 or
-    float64; the process group's backend must support all_gather and all_reduce (gloo).
+    ``weight`` (rows ``shard_range`` of the full (C, D) matrix). Float32 or float64 tensors on
+    the CPU (a backend with all_gather and all_reduce on CPU tensors: gloo) or on a GPU (the
+    fused CUDA head per shard when ``arcface_rs.cuda_available()``, with the statistics
+    exchanged between its passes by collectives on the device, NCCL in practice; else the
+    same math in torch ops, warned once). The weight lives on ``device``; inputs must be
+    there too.
 
     ``sub_centers=K`` gives each class K centres (this rank's ``weight`` holds all K rows
     of each of its classes: a class never straddles two ranks); ``interclass_filter`` as
@@ -259,6 +273,9 @@ class ShardedMarginHead(nn.Module):
             torch.empty(rows, self.embedding_size, dtype=dtype, device=device)
         )
         self.last_sampled: Tensor | None = None
+        # which implementation runs: None picks by device; the tests force "plain" or
+        # "fused" on CPU tensors (the fused one on the fake CUDA driver)
+        self._path: str | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -295,49 +312,69 @@ class ShardedMarginHead(nn.Module):
         return _all_gather_rows(self.weight.detach(), sizes, self.group)
 
     def _sample(self, labels: Tensor) -> Tensor:
-        """Global class ids of this shard kept this step: every target, then random others."""
+        """Global class ids of this shard kept this step: every target, then random others
+        (on the labels' device)."""
         lo, hi = self.shard_range
         positives = torch.unique(labels[(labels >= lo) & (labels < hi)])
         keep = max(1, math.ceil(self.sample_rate * (hi - lo)))
         if len(positives) >= keep:
             return positives
-        mask = torch.ones(hi - lo, dtype=torch.bool)
+        mask = torch.ones(hi - lo, dtype=torch.bool, device=labels.device)
         mask[positives - lo] = False
         others = torch.nonzero(mask).flatten() + lo
-        chosen = others[torch.randperm(len(others))[: keep - len(positives)]]
+        chosen = others[torch.randperm(len(others), device=labels.device)[: keep - len(positives)]]
         return torch.sort(torch.cat([positives, chosen])).values
 
-    def _target_cos(self, x: Tensor, labels_all: Tensor, local: Tensor) -> np.ndarray:
+    def _target_cos(self, x: Tensor, labels_all: Tensor, local: Tensor) -> Tensor:
         """(B,) float64 target cosine of every global row, NaN for ignored rows: each rank
         knows those of the rows whose class it holds (a collective)."""
-        cos = torch.zeros(len(labels_all), dtype=torch.float64)
+        cos = torch.zeros(len(labels_all), dtype=torch.float64, device=x.device)
         k, lo = self.sub_centers, self.shard_range[0]
         if bool(local.any()):
             centres = self.weight.detach().to(torch.float64).view(-1, k, x.shape[1])
             mine = centres[labels_all[local] - lo]
             cos[local] = F.cosine_similarity(x[local][:, None, :], mine, dim=2).amax(dim=1)
         dist.all_reduce(cos, op=dist.ReduceOp.SUM, group=self.group)
-        return torch.where(labels_all >= 0, cos, torch.full_like(cos, math.nan)).numpy()
+        return torch.where(labels_all >= 0, cos, torch.full_like(cos, math.nan))
 
-    def _row_blocks(self, x: Tensor, target_cos: Any) -> np.ndarray | None:
-        """The margin's per-row blocks for the global batch, identical on every rank: each
-        rank updates its own margin's state from the same gathered batch (AdaFace's
-        statistics), then rank 0's blocks are broadcast (ElasticFace's draws)."""
+    def _row_blocks(self, x: Tensor, target_cos: Any) -> Tensor | None:
+        """The margin's per-row blocks for the global batch (float64 on x's device),
+        identical on every rank: each rank updates its own margin's state from the same
+        gathered batch (AdaFace's statistics), then rank 0's blocks are broadcast
+        (ElasticFace's draws)."""
         if type(self.margin)._rows is Margin._rows:
-            return self.margin._row_blocks
-        blocks = self.margin._rows(lambda: x.norm(dim=1).numpy(), target_cos)
+            blocks = self.margin._row_blocks
+            return None if blocks is None else torch.from_numpy(blocks).to(x.device)
+        blocks = self.margin._rows(lambda: x.norm(dim=1).cpu().numpy(), target_cos)
         if blocks is None:
             return None
-        t = torch.from_numpy(np.ascontiguousarray(blocks, dtype=np.float64))
+        t = torch.from_numpy(np.ascontiguousarray(blocks, dtype=np.float64)).to(x.device)
         src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
         dist.broadcast(t, src=src, group=self.group)
-        return t.numpy()
+        return t
+
+    def _implementation(self, emb: Tensor) -> str:
+        """ "cpu" (the Rust kernel), "fused" (the CUDA kernel) or "plain" (torch ops)."""
+        if self._path is not None:
+            if self._path not in _PATHS:
+                raise ValueError(f"_path must be one of {_PATHS} or None, got {self._path!r}")
+            return self._path
+        if emb.device.type == "cpu":
+            return "cpu"
+        if emb.device.type == "cuda" and self.sub_centers == 1 and cuda_available():
+            return "fused"
+        _warn_cuda_once()
+        return "plain"
 
     def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
         if not isinstance(emb, Tensor) or not isinstance(labels, Tensor):
             raise TypeError("emb and labels must be torch tensors")
-        if emb.device.type != "cpu" or labels.device.type != "cpu":
-            raise ValueError("ShardedMarginHead runs on CPU tensors")
+        device = self.weight.device
+        if emb.device != device or labels.device != device:
+            raise ValueError(
+                f"emb and labels must be on the weight's device {device}, got {emb.device} "
+                f"and {labels.device}"
+            )
         if emb.dim() != 2 or emb.shape[1] != self.embedding_size:
             raise ValueError(
                 f"emb must have shape (batch, {self.embedding_size}), got {tuple(emb.shape)}"
@@ -348,8 +385,11 @@ class ShardedMarginHead(nn.Module):
             )
         if labels.shape[0] != emb.shape[0]:
             raise ValueError(f"labels has {labels.shape[0]} entries for {emb.shape[0]} rows")
+        path = self._implementation(emb)
+        if path != "cpu":
+            _note_exact_on_cuda(self.grad_filter, emb)
         emb = emb.to(self.weight.dtype)
-        sizes = _gather_sizes(emb.shape[0], self.group)
+        sizes = _gather_sizes(emb.shape[0], self.group, device)
         emb_all = _GatherRows.apply(emb, sizes, self.group)
         labels_all = _all_gather_rows(labels.long(), sizes, self.group)
         bad = (labels_all < -1) | (labels_all >= self.num_classes)
@@ -363,14 +403,14 @@ class ShardedMarginHead(nn.Module):
         k = self.sub_centers
         local = (labels_all >= lo) & (labels_all < hi)
         x = emb_all.detach().to(torch.float64)
-        cos_cache: list[np.ndarray] = []
+        cos_cache: list[Tensor] = []
 
-        def target_cos() -> np.ndarray:
+        def target_cos() -> Tensor:
             if not cos_cache:  # one collective per call, whoever asks first
                 cos_cache.append(self._target_cos(x, labels_all, local))
             return cos_cache[0]
 
-        rows = self._row_blocks(x, target_cos)
+        rows = self._row_blocks(x, lambda: target_cos().cpu().numpy())
         hard = self.margin._block[0] in _KINDS_WITH_HARD_NEGATIVES
         if self.sample_rate < 1.0:
             kept = self._sample(labels_all)
@@ -378,24 +418,43 @@ class ShardedMarginHead(nn.Module):
             centre_rows = ((kept - lo)[:, None] * k + torch.arange(k)).flatten()
             weight = self.weight[centre_rows]
             columns = torch.searchsorted(kept, labels_all.clamp(lo, hi - 1))
-            count = torch.tensor([len(kept)], dtype=torch.int64)
+            count = torch.tensor([len(kept)], dtype=torch.int64, device=device)
             dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.group)
             stash_classes = int(count)
         else:
+            kept = None
             weight = self.weight
             columns = labels_all - lo
             stash_classes = math.ceil(self.num_classes / self.world_size)
         targets = torch.where(local, columns, torch.where(labels_all == -1, -1, _REMOTE))
+        first = self.rank == 0
+        cos = target_cos() if hard else None
+        if path == "plain":
+            return plain_shard_loss(
+                emb_all, weight, targets, self.margin, rows, first, self.group, k,
+                self.interclass_filter, cos,
+            )  # fmt: skip
+        if path == "fused":
+            if k != 1:
+                raise ValueError("sub_centers: the fused CUDA kernels have one centre per class")
+
+            def class_of_row(row: int) -> int:
+                return int(kept[row]) if kept is not None else lo + row
+
+            return FusedShardLoss.apply(
+                emb_all, weight, targets, self.margin, rows, stash_classes, first, self.group,
+                self.interclass_filter, cos, class_of_row,
+            )  # fmt: skip
         return _ShardedLoss.apply(
             emb_all,
             weight,
             targets,
             self.margin._spec,
-            rows,
+            None if rows is None else rows.numpy(),
             stash_classes,
-            self.rank == 0,
+            first,
             self.group,
             (k, self.interclass_filter),
-            target_cos() if hard else None,
+            None if cos is None else cos.numpy(),
             self.grad_filter,
         )

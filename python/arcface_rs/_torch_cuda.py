@@ -22,10 +22,12 @@ def _launch_cuda(
     per_row: bool,
     *tensors: Tensor | None,
     interclass_filter: float | None = None,
+    **shard: Any,
 ):
     """Queues the fused head on torch's current stream over the tensors' memory (in the
     order of ``_core._cuda_margin_loss``; None skips a gradient). ``blocks``: the margin's
-    parameter block, or one per row when ``per_row``."""
+    parameter block, or one per row when ``per_row``; ``shard``: one shard's hooks
+    (``_core._cuda_margin_loss``'s combine, first_shard, stash_classes, parts, target_cos)."""
     device = blocks.device
     index = torch.cuda.current_device() if device.index is None else device.index
     _core._cuda_margin_loss(
@@ -38,6 +40,7 @@ def _launch_cuda(
         per_row,
         *(0 if t is None else t.data_ptr() for t in tensors),
         interclass_filter=interclass_filter,
+        **shard,
     )
 
 

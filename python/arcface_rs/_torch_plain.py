@@ -253,3 +253,18 @@ def _warn_cuda_once() -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+_warned: set[str] = set()
+
+
+def _note_exact_on_cuda(grad_filter: str | float | None, emb: Tensor) -> None:
+    """Warns once that tensors off the CPU get the exact gradient whatever the filter."""
+    if grad_filter is not None and emb.device.type != "cpu" and "grad_filter" not in _warned:
+        _warned.add("grad_filter")
+        warnings.warn(
+            "arcface_rs: grad_filter applies to the CPU kernel; CUDA tensors get the exact "
+            "gradient",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from typing import Any
 
 import torch
@@ -40,7 +39,7 @@ from ._margins import (
 )
 from ._sharded import ShardedMarginHead, ddp_sum_hook, merge_shards, shard_range, split_weight
 from ._torch_ops import NATIVE, _compute_dtype, _encode, _logits_op, _loss_op, _rows_of
-from ._torch_plain import _plain_logits, _plain_loss, _warn_cuda_once
+from ._torch_plain import _note_exact_on_cuda, _plain_logits, _plain_loss, _warn_cuda_once
 from ._validate import grad_filter as check_grad_filter
 from ._validate import interclass_filter as check_filter
 from ._validate import reduction as check_reduction
@@ -187,21 +186,6 @@ def _loss(
         grad and weight.requires_grad,
     )
     return loss
-
-
-_warned: set[str] = set()
-
-
-def _note_exact_on_cuda(grad_filter: str | float | None, emb: Tensor) -> None:
-    """Warns once that tensors off the CPU get the exact gradient whatever the filter."""
-    if grad_filter is not None and emb.device.type != "cpu" and "grad_filter" not in _warned:
-        _warned.add("grad_filter")
-        warnings.warn(
-            "arcface_rs: grad_filter applies to the CPU kernel; CUDA tensors get the exact "
-            "gradient",
-            RuntimeWarning,
-            stacklevel=3,
-        )
 
 
 def _floor(grad_filter: str | float | None, emb: Tensor, weight: Tensor) -> float | None:
