@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check (about 5 minutes; under 8 with the build): installs arcface_rs with the
-# `cuda` feature, runs the GPU tests, then the GPU benchmarks.
+# The GPU check (about 6 minutes; under 9 with the build): installs arcface_rs with the
+# `cuda` feature, runs the GPU tests, then the GPU benchmarks and the sharded head's check.
 #
 # What the machine needs: an NVIDIA GPU with a CUDA 13 driver, and a Python with numpy,
 # pytest and PyTorch's CUDA wheels (they bring NVRTC and cuBLAS). It needs no Rust toolchain
@@ -30,3 +30,6 @@ timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs
 
 echo "== GPU benchmarks"
 timeout 300 "$PY" benches/bench_cuda.py
+
+echo "== the sharded head on GPUs (2 ranks: NCCL with a GPU each, else gloo on one GPU)"
+timeout 300 "$PY" benches/bench_sharded_cuda.py

@@ -91,21 +91,34 @@ ddp_sum_hook.__annotations__ = {
 }
 
 
+def _gathers_by_all_reduce(x: Tensor, group: Any) -> bool:
+    """Whether the group cannot all_gather ``x``: gloo has all_reduce and broadcast for GPU
+    tensors but no all_gather (e.g. two ranks on one GPU, where NCCL refuses)."""
+    return x.device.type != "cpu" and dist.get_backend(group) == "gloo"
+
+
 def _gather_sizes(n: int, group: Any, device: Any) -> list[int]:
-    sizes = [
-        torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))
-    ]
-    dist.all_gather(sizes, torch.tensor([n], dtype=torch.int64, device=device), group=group)
-    return [int(s) for s in torch.cat(sizes).tolist()]
+    """Every rank's batch size (an all_reduce: every backend has it for every device)."""
+    sizes = torch.zeros(dist.get_world_size(group), dtype=torch.int64, device=device)
+    sizes[dist.get_rank(group)] = n
+    dist.all_reduce(sizes, op=dist.ReduceOp.SUM, group=group)
+    return [int(s) for s in sizes.tolist()]
 
 
 def _all_gather_rows(x: Tensor, sizes: list[int], group: Any) -> Tensor:
     """Rows of every rank, in rank order (padded to the largest batch for the collective)."""
     most = max(sizes)
-    padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded, group=group)
+    if _gathers_by_all_reduce(x, group):
+        # each rank fills its own slot of a zeroed buffer; the sum is the gather, exactly
+        slots = torch.zeros((len(sizes), most, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        slots[dist.get_rank(group), : x.shape[0]] = x
+        dist.all_reduce(slots, op=dist.ReduceOp.SUM, group=group)
+        parts = list(slots)
+    else:
+        padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded, group=group)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
 
 
