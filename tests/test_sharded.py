@@ -230,3 +230,45 @@ def test_needs_an_initialised_process_group():
 
     with pytest.raises(RuntimeError, match="torch.distributed initialised"):
         ShardedMarginHead(embedding_size=4, num_classes=10, margin=afr.ArcFace())
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A gloo group of one process (this one)."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    yield
+    dist.destroy_process_group()
+
+
+def test_the_implementation_follows_the_device_and_inputs_must_be_on_it(one_rank, monkeypatch):
+    from arcface_rs import _torch_plain
+    from arcface_rs.torch import ShardedMarginHead
+
+    head = ShardedMarginHead(embedding_size=4, num_classes=10, margin=afr.ArcFace())
+    assert head._implementation(torch.zeros(2, 4)) == "cpu"
+    # a device without the fused kernels (here "meta"; on GPUs a build without the cuda
+    # feature) takes the plain-PyTorch path, warned once
+    monkeypatch.setattr(_torch_plain, "_warned_cuda", False)
+    with pytest.warns(RuntimeWarning, match="plain PyTorch"):
+        assert head._implementation(torch.zeros(2, 4, device="meta")) == "plain"
+    head._path = "fast"
+    with pytest.raises(ValueError, match="_path must be one of"):
+        head._implementation(torch.zeros(2, 4))
+    head._path = None
+    with pytest.raises(ValueError, match="on the weight's device cpu, got meta"):
+        head(torch.zeros(2, 4, device="meta"), torch.zeros(2, dtype=torch.long))
+    # one rank alone is the whole head, on both CPU paths
+    emb, labels = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 3, -1, 9, 9, 2])
+    weight = torch.randn(10, 4, dtype=torch.float64)
+    losses = []
+    for path in ("cpu", "plain"):
+        h = ShardedMarginHead(4, 10, afr.ArcFace(), dtype=torch.float64)
+        h.load_full_weight(weight)
+        h._path = path
+        losses.append(float(h(emb, labels).detach()))
+    want = float(afr.torch.margin_loss(emb, weight, labels, afr.ArcFace()))
+    assert losses == pytest.approx([want, want], rel=1e-12)
