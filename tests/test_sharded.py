@@ -53,6 +53,8 @@ def case(name, b, d, c, margin, sample_rate=1.0, seed=0, upstream=1.0, k=1, filt
 
 CASES = [
     case("arcface", 24, 16, 90, afr.ArcFace(s=64.0, m=0.5)),
+    case("softmax", 24, 16, 90, afr.Softmax(s=30.0), seed=18),
+    case("easy margin", 24, 16, 90, afr.ArcFace(s=30.0, m=0.5, easy_margin=True), seed=19),
     case("scaled loss", 20, 16, 90, afr.ArcFace(s=64.0, m=0.5), seed=5, upstream=-2.5),
     case("uneven classes", 24, 16, 101, afr.CosFace(s=30.0, m=0.35), seed=1),
     case("feature-norm scale", 18, 12, 47, afr.SphereFace(m=4, s=None, lambda_=1.0), seed=2),

@@ -34,6 +34,9 @@ torch.cuda.current_device = lambda: 0
 
 CASES = [
     ("arcface", afr.ArcFace(), {}),
+    ("softmax", afr.Softmax(s=30.0), {}),
+    ("elasticface", afr.ElasticFace(std=0.1, plus=True, seed=3), {}),
+    ("straight-through", afr.ArcFace(grad="straight_through"), {}),
     ("cosface uneven", afr.CosFace(s=30.0, m=0.35), {"c": 37}),
     ("sphereface feature norm", afr.SphereFace(m=4, s=None, lambda_=1.0), {}),
     ("adaface", afr.AdaFace(batch_mean=3.0, batch_std=1.0, t_alpha=0.3), {}),

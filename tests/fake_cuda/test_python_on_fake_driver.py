@@ -222,7 +222,7 @@ def test_the_fused_sharded_head_equals_the_cpu_sharded_head(tmp_path):
             dtype, errors = result
             tol = 1e-10 if dtype == "torch.float64" else 2e-4
             assert max(errors) <= tol, (name, errors)
-        assert len(results) == 13
+        assert len(results) == 16
     assert ranks[1]["bad weight"].startswith("ValueError: weight: the centre of class 7")
     assert ranks[0]["bad weight"] == (
         "RuntimeError: another rank of the sharded head failed; see its error"
