@@ -35,6 +35,19 @@ rust_stage() {
     if rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu; then
         echo "== the core for aarch64 (cargo clippy --target aarch64-unknown-linux-gnu)"
         cargo clippy --quiet --lib --target aarch64-unknown-linux-gnu -- -D warnings
+        # ...and its tests run there, where an aarch64 linker and qemu-user are installed
+        # (apt install gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user): the portable
+        # loops and the NEON code of the dependencies, checked on ARM. The fork test is left
+        # out: qemu-user cannot fork a process that has threads.
+        if command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null; then
+            echo "== the core's tests on aarch64 under qemu-user"
+            CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+                CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu" \
+                cargo test --quiet --lib --target aarch64-unknown-linux-gnu -- \
+                --skip a_forked_child_gets_a_pool_of_its_own
+        else
+            echo "== skipped: the core's tests on aarch64 (no aarch64-linux-gnu-gcc or qemu-aarch64)"
+        fi
     else
         echo "== skipped: the aarch64 check (its standard library is not installed here)"
     fi
