@@ -2,8 +2,8 @@
 //!
 //! Each kernel is written once, generically, with independent accumulator lanes so the
 //! compiler can vectorise the reductions, and compiled three times: AVX-512, AVX2+FMA and the
-//! baseline; the best one the CPU supports is picked at run time, so one binary runs
-//! everywhere. float32 uses a branch-free exp (below) that vectorises; float64 uses `exp`.
+//! baseline (on aarch64 the baseline has NEON; the stored-row dots also have NEON loops);
+//! the best one the CPU supports is picked at run time, so one binary runs everywhere. float32 uses a branch-free exp (below) that vectorises; float64 uses `exp`.
 
 use crate::real::Real;
 
@@ -15,6 +15,8 @@ const LANES: usize = 16;
 pub enum SimdLevel {
     /// The portable loops (any CPU).
     Scalar = 1,
+    /// aarch64's Advanced SIMD (every aarch64 CPU has it): the stored-row dots' NEON loops.
+    Neon = 2,
     /// AVX2 + FMA.
     Avx2 = 3,
     /// AVX-512 F/VL/BW/DQ + FMA.
@@ -25,6 +27,7 @@ impl SimdLevel {
     pub fn name(self) -> &'static str {
         match self {
             SimdLevel::Scalar => "scalar",
+            SimdLevel::Neon => "neon",
             SimdLevel::Avx2 => "avx2",
             SimdLevel::Avx512 => "avx512",
         }
@@ -33,6 +36,7 @@ impl SimdLevel {
     fn parse(text: &str) -> Option<Self> {
         match text.trim().to_ascii_lowercase().as_str() {
             "scalar" => Some(SimdLevel::Scalar),
+            "neon" => Some(SimdLevel::Neon),
             "avx2" => Some(SimdLevel::Avx2),
             "avx512" => Some(SimdLevel::Avx512),
             _ => None,
@@ -58,7 +62,21 @@ impl SimdLevel {
                 return SimdLevel::Avx2;
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        return SimdLevel::Neon;
+        #[allow(unreachable_code)]
         SimdLevel::Scalar
+    }
+
+    /// Whether this CPU can run the level (the portable loops run everywhere; NEON only on
+    /// aarch64; AVX2 and AVX-512 only on x86-64 CPUs that have them).
+    fn available(self) -> bool {
+        let best = SimdLevel::detected();
+        match self {
+            SimdLevel::Scalar => true,
+            SimdLevel::Neon => best == SimdLevel::Neon,
+            SimdLevel::Avx2 | SimdLevel::Avx512 => best >= self && best != SimdLevel::Neon,
+        }
     }
 
     /// The level `ARCFACE_RS_SIMD` asks for (unset: the best detected). A level this CPU
@@ -70,11 +88,11 @@ impl SimdLevel {
         };
         match SimdLevel::parse(value) {
             None => Err(format!(
-                "ARCFACE_RS_SIMD={value:?}: must be avx512, avx2 or scalar (this CPU's best \
-                 level is {})",
+                "ARCFACE_RS_SIMD={value:?}: must be avx512, avx2, neon or scalar (this CPU's \
+                 best level is {})",
                 best.name()
             )),
-            Some(asked) if asked > best => Err(format!(
+            Some(asked) if !asked.available() => Err(format!(
                 "ARCFACE_RS_SIMD={value:?}: this CPU lacks {}; its best level is {}",
                 asked.name(),
                 best.name()
@@ -102,7 +120,7 @@ pub fn simd_check() -> Result<(), String> {
     SimdLevel::from_env(value.as_deref()).map(|_| ())
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[inline]
 fn simd_level() -> u8 {
     use std::sync::atomic::{AtomicU8, Ordering};
@@ -591,6 +609,14 @@ mod tests {
                 "{err}"
             );
         }
+        // NEON is aarch64's and only aarch64's
+        let neon = SimdLevel::from_env(Some("neon"));
+        if cfg!(target_arch = "aarch64") {
+            assert_eq!((best, neon), (SimdLevel::Neon, Ok(SimdLevel::Neon)));
+            assert!(SimdLevel::from_env(Some("avx2")).is_err());
+        } else {
+            assert!(neon.unwrap_err().contains("lacks neon"));
+        }
     }
 
     #[test]
@@ -846,7 +872,8 @@ fn dots_decoded_impl<'r, S: Copy + 'r>(
 /// intrinsics inline; the portable `decode` loop elsewhere.
 macro_rules! stored_dots {
     ($(#[$doc:meta])* pub fn $name:ident(rows: &[$s:ty]), at: $at:ident, $decode:ident,
-     avx512: |$p:ident| $load:expr, avx2: |$p3:ident| $load3:expr) => {
+     avx512: |$p:ident| $load:expr, avx2: |$p3:ident| $load3:expr,
+     neon: |$pn:ident| $loadn:expr) => {
         $(#[$doc])*
         pub fn $name(query: &[f32], rows: &[$s], out: &mut [f32]) {
             let d = query.len();
@@ -886,6 +913,15 @@ macro_rules! stored_dots {
                     _ => {}
                 }
             }
+            #[cfg(target_arch = "aarch64")]
+            if simd_level() == SimdLevel::Neon as u8 {
+                #[allow(unused_imports)]
+                use std::arch::aarch64::*;
+                // SAFETY: reads 4 values, which dots_neon guarantees are in bounds (NEON is
+                // part of every aarch64 CPU).
+                let load = |$pn: *const $s| unsafe { $loadn };
+                return dots_neon(query, picked, out, load, $decode);
+            }
             dots_decoded_impl(query, picked, out, $decode);
         }
     };
@@ -901,14 +937,16 @@ stored_dots! {
     /// its four accumulators keep a single query at the memory bandwidth).
     pub fn dots_f32(rows: &[f32]), at: dots_f32_at, f32_as_is,
     avx512: |p| _mm512_loadu_ps(p),
-    avx2: |p| _mm256_loadu_ps(p)
+    avx2: |p| _mm256_loadu_ps(p),
+    neon: |p| vld1q_f32(p)
 }
 
 stored_dots! {
     /// `out[r] = query · rows[r]` for rows stored as float16 bits.
     pub fn dots_f16(rows: &[u16]), at: dots_f16_at, f16_to_f32,
     avx512: |p| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
-    avx2: |p| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    avx2: |p| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+    neon: |p| f16x4_to_f32(vld1_u16(p))
 }
 
 stored_dots! {
@@ -921,14 +959,72 @@ stored_dots! {
     avx2: |p| {
         let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
-    }
+    },
+    neon: |p| vreinterpretq_f32_u32(vshll_n_u16::<16>(vld1_u16(p)))
 }
 
 stored_dots! {
     /// `out[r] = query · rows[r]` for rows of int8 codes (unscaled).
     pub fn dots_i8(rows: &[i8]), at: dots_i8_at, i8_to_f32,
     avx512: |p| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))),
-    avx2: |p| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+    avx2: |p| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i))),
+    neon: |p| {
+        // 4 codes in the low lanes: int8 -> int16 -> int32 -> float32
+        let four = vreinterpret_s8_u32(vdup_n_u32((p as *const u32).read_unaligned()));
+        vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(four))))
+    }
+}
+
+/// Four float16 values (bits) to float32 with one `fcvtl` (Rust's NEON float16 types are
+/// not stable yet, hence the instruction itself).
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+fn f16x4_to_f32(bits: std::arch::aarch64::uint16x4_t) -> std::arch::aarch64::float32x4_t {
+    let out;
+    // SAFETY: fcvtl reads and writes registers only; every aarch64 CPU has it.
+    unsafe {
+        std::arch::asm!("fcvtl {o:v}.4s, {i:v}.4h", o = out(vreg) out, i = in(vreg) bits,
+                        options(pure, nomem, nostack))
+    };
+    out
+}
+
+/// The NEON loop of the fused dots: `load` decodes 4 stored values into a register, four
+/// accumulators hide the FMA latency, `decode` handles the tail.
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+fn dots_neon<'r, S: Copy + 'r>(
+    query: &[f32],
+    rows: impl Iterator<Item = &'r [S]>,
+    out: &mut [f32],
+    load: impl Fn(*const S) -> std::arch::aarch64::float32x4_t,
+    decode: impl Fn(S) -> f32,
+) {
+    use std::arch::aarch64::*;
+    let d = query.len();
+    let body = d / 16 * 16;
+    for (row, o) in rows.zip(out) {
+        // SAFETY: j + 16 <= d, the length of both `row` and `query`.
+        unsafe {
+            let (q, r) = (query.as_ptr(), row.as_ptr());
+            let mut acc = [vdupq_n_f32(0.0); 4];
+            let mut j = 0;
+            while j < body {
+                for (k, a) in acc.iter_mut().enumerate() {
+                    let off = j + 4 * k;
+                    *a = vfmaq_f32(*a, vld1q_f32(q.add(off)), load(r.add(off)));
+                }
+                j += 16;
+            }
+            let sum = vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3]));
+            let tail: f32 = query[body..]
+                .iter()
+                .zip(&row[body..])
+                .map(|(&q, &r)| q * decode(r))
+                .sum();
+            *o = vaddvq_f32(sum) + tail;
+        }
+    }
 }
 
 /// The AVX2 loop of the fused dots: `load` decodes 8 stored values into a register, four

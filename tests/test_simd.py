@@ -13,7 +13,16 @@ import pytest
 import arcface_rs as afr
 from _reference import make_problem, ref_loss, rel_err
 
-LEVELS = ("avx512", "avx2", "scalar")
+LEVELS = ("avx512", "avx2", "neon", "scalar")
+
+
+def _levels_from(best: str) -> list[str]:
+    """The levels this machine can run, from its best down: x86-64 has AVX-512, AVX2 and
+    the portable loops; aarch64 has NEON and the portable loops."""
+    if best == "neon":
+        return ["neon", "scalar"]
+    x86 = ["avx512", "avx2", "scalar"]
+    return x86[x86.index(best) :]
 
 
 def _run(code: str, level: str | None) -> subprocess.CompletedProcess:
@@ -52,7 +61,7 @@ def test_the_cap_is_honoured_and_answers_agree_across_levels():
     best = _run(code, None)
     assert best.returncode == 0, best.stderr
     best_level, *want = best.stdout.split(" ", 1)
-    for level in LEVELS[LEVELS.index(best_level) :]:
+    for level in _levels_from(best_level):
         got = _run(code, level)
         assert got.returncode == 0, got.stderr
         name, *rest = got.stdout.split(" ", 1)
@@ -67,6 +76,9 @@ def test_a_level_the_cpu_lacks_or_an_unknown_name_is_refused_at_import():
         lacking = _run("import arcface_rs", "avx512")
         assert lacking.returncode != 0
         assert "lacks avx512" in lacking.stderr and best in lacking.stderr
+    if best is not None and best != "neon":  # an x86-64 CPU has no NEON
+        lacking = _run("import arcface_rs", "neon")
+        assert lacking.returncode != 0 and "lacks neon" in lacking.stderr
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -102,7 +114,7 @@ def test_many_queries_and_the_head_agree_across_levels():
     best = _run(code, None)
     assert best.returncode == 0, best.stderr
     level, ids, gids, loss, ge, gw = json.loads(best.stdout)
-    for other in LEVELS[LEVELS.index(level) + 1 :]:
+    for other in _levels_from(level)[1:]:
         got = _run(code, other)
         assert got.returncode == 0, got.stderr
         name, ids2, gids2, loss2, ge2, gw2 = json.loads(got.stdout)

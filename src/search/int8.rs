@@ -81,7 +81,7 @@ pub(crate) fn available() -> Option<Pass> {
                 Some(Pass::Vnni)
             }
             SimdLevel::Avx512 | SimdLevel::Avx2 => Some(Pass::Avx2),
-            SimdLevel::Scalar => None,
+            SimdLevel::Scalar | SimdLevel::Neon => None,
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
