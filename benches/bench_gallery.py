@@ -4,7 +4,7 @@ faiss-cpu IndexFlatIP (both float32) on clustered, face-like data: identities wi
 noisy samples each. D=512, k=10, 2 threads; every figure in this one process and run.
 
 usage: python benches/bench_gallery.py [--n 1000000] [--per-identity 5] [--big-q 256]
-                                      [--simd avx512|avx2|scalar]
+                                      [--simd avx512|avx2|neon|scalar]
 
 `--simd` caps the kernels' instruction set (ARCFACE_RS_SIMD) to measure a lower level.
 
@@ -77,7 +77,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--per-identity", type=int, default=5)
     ap.add_argument("--big-q", type=int, default=256)
-    ap.add_argument("--simd", choices=("avx512", "avx2", "scalar"), help="cap the SIMD level")
+    ap.add_argument(
+        "--simd", choices=("avx512", "avx2", "neon", "scalar"), help="cap the SIMD level"
+    )
     args = ap.parse_args()
     import faiss
     from usearch.index import MetricKind

@@ -2,7 +2,7 @@
 """arcface_rs.cosine_topk vs the peers of benches/peer_search.py (faiss-cpu
 IndexFlatIP, numpy matmul + argpartition, usearch exact), float32, k=10, 2 threads.
 
-usage: python benches/bench_search.py [N,D,Q ...] [--peer PATH] [--simd avx512|avx2|scalar]
+usage: python benches/bench_search.py [N,D,Q ...] [--peer PATH] [--simd avx512|avx2|neon|scalar]
   default workloads: 1000000,512,1  100000,512,32  1000000,512,256  100000,512,1024
 The peers run in their own process (peer_search.py); arcface_rs runs on the same data (same
 generator and seed) in this one, best of 3, and its ids are compared with faiss's.
@@ -51,7 +51,9 @@ def main() -> None:
         default=["1000000,512,1", "100000,512,32", "1000000,512,256", "100000,512,1024"],
     )
     ap.add_argument("--peer", default=str(PEER))
-    ap.add_argument("--simd", choices=("avx512", "avx2", "scalar"), help="cap the SIMD level")
+    ap.add_argument(
+        "--simd", choices=("avx512", "avx2", "neon", "scalar"), help="cap the SIMD level"
+    )
     args = ap.parse_args()
     env = dict(os.environ, RAYON_NUM_THREADS="2", OMP_NUM_THREADS="2")
     os.environ.update(RAYON_NUM_THREADS="2", OMP_NUM_THREADS="2")

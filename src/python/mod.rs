@@ -33,8 +33,8 @@ fn _panic_for_tests(py: Python<'_>, message: String) -> PyResult<()> {
     run(py, || -> () { panic!("{message}") })
 }
 
-/// The instruction set the kernels run: "avx512", "avx2" or "scalar" (the best the CPU has,
-/// capped by ARCFACE_RS_SIMD).
+/// The instruction set the kernels run: "avx512", "avx2", "neon" (aarch64) or "scalar" (the
+/// best the CPU has, capped by ARCFACE_RS_SIMD).
 #[pyfunction]
 fn simd_level() -> &'static str {
     crate::kernels::simd_in_use().name()
