@@ -28,8 +28,7 @@ from torch import Tensor, nn
 from . import _core
 from ._cuda import cuda_available
 from ._margins import _KINDS_WITH_HARD_NEGATIVES, Margin
-from ._sharded_device import FusedShardLoss, plain_shard_loss
-from ._torch_ops import _no_double_backward
+from ._sharded_device import FusedShardLoss, kernel_grads, plain_shard_loss
 from ._torch_plain import _note_exact_on_cuda, _warn_cuda_once
 from ._validate import grad_filter as check_grad_filter
 from ._validate import interclass_filter as check_filter
@@ -199,15 +198,7 @@ class _ShardedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):
-        _no_double_backward()
-        g_emb, g_w = ctx.grads
-        del ctx.grads
-        # The gradients are ours alone: scale them in place rather than allocate another
-        # shard-sized tensor (and skip even that for the usual upstream gradient of 1).
-        if not bool(grad == 1):
-            g_emb.mul_(grad)
-            g_w.mul_(grad)
-        return (g_emb, g_w) + (None,) * 9
+        return kernel_grads(ctx, grad, 9)
 
 
 class ShardedMarginHead(nn.Module):

@@ -61,6 +61,20 @@ def _raise_if_any_failed(error: BaseException | None, bad: Tensor, group: Any, w
         raise RuntimeError("another rank of the sharded head failed; see its error")
 
 
+def kernel_grads(ctx: Any, grad: Tensor, inputs_after: int) -> tuple[Tensor | None, ...]:
+    """A fused shard's backward: the gradients its kernel computed in the forward (kept in
+    ``ctx.grads``) times the upstream gradient, then None for the ``inputs_after`` other
+    inputs. They are ours alone, so they are scaled in place, and not at all for the usual
+    upstream gradient of 1 (no second shard-sized tensor)."""
+    _no_double_backward()
+    g_emb, g_w = ctx.grads
+    del ctx.grads
+    if not bool(grad == 1):
+        g_emb.mul_(grad)
+        g_w.mul_(grad)
+    return (g_emb, g_w) + (None,) * inputs_after
+
+
 class FusedShardLoss(torch.autograd.Function):
     """The fused CUDA head over this rank's shard; the loss is the mean over the global
     batch. ``targets``: this shard's columns, -1 (ignored) or REMOTE_TARGET."""
@@ -131,13 +145,7 @@ class FusedShardLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):
-        _no_double_backward()
-        g_emb, g_w = ctx.grads
-        del ctx.grads
-        if not bool(grad == 1):  # ours alone: scale in place
-            g_emb.mul_(grad)
-            g_w.mul_(grad)
-        return (g_emb, g_w) + (None,) * 9
+        return kernel_grads(ctx, grad, 9)
 
 
 class _ShardedCrossEntropy(torch.autograd.Function):

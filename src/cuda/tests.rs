@@ -84,25 +84,9 @@ struct Emulated<T> {
     bad: [i32; 2],
 }
 
+/// The fused head on the emulator, as one shard of a sharded head when `shard` is given.
 #[allow(clippy::too_many_arguments)]
 fn emulate<T: Real>(
-    emb: &Array2<T>,
-    weight: &Array2<T>,
-    labels: &[i64],
-    margin: Margins,
-    filter: HeadOptions,
-    row_weight: &[f64],
-    want: (bool, bool),
-    tiling: Tiling,
-) -> Emulated<T> {
-    emulate_shard(
-        emb, weight, labels, margin, filter, row_weight, want, tiling, None,
-    )
-}
-
-/// [`emulate`], as one shard of a sharded head when `shard` is given.
-#[allow(clippy::too_many_arguments)]
-fn emulate_shard<T: Real>(
     emb: &Array2<T>,
     weight: &Array2<T>,
     labels: &[i64],
@@ -249,6 +233,7 @@ fn check_with<T: Real>(
             &row_weight,
             want,
             tiling,
+            None,
         );
         let ctx = format!("{margin:?} {head:?} b={b} c={c} d={d} {tiling:?} {want:?}: ");
         assert_eq!(gpu.bad, [0, 0], "{ctx}");
@@ -557,7 +542,7 @@ fn emulate_shards<T: Real>(
                         combine: &mut combine,
                     };
                     let w = weight.slice(ndarray::s![lo..hi, ..]).to_owned();
-                    emulate_shard(
+                    emulate(
                         emb,
                         &w,
                         &local,
@@ -668,6 +653,7 @@ fn head_flags_bad_rows_instead_of_failing() {
         &[1.0; 4],
         (true, true),
         Tiling::default(),
+        None,
     );
     assert_eq!(gpu.bad, [3, 6]);
 }
