@@ -411,33 +411,51 @@ pub(crate) fn search<T: Real, R: Rows<T>>(
         bad,
         ..
     } = scan;
-    // Exact scores for the rows that can still be among the k best.
-    let tops = candidates
-        .into_par_iter()
-        .zip(lower)
-        .enumerate()
-        .map(|(i, (cands, lower))| {
-            let floor = lower.threshold();
-            let query = qhat.row(i);
-            let query = query.as_slice().expect("standard layout");
-            let mut top = TopK::new(k);
-            let mut scratch = Vec::new();
-            for (ub, row, mult) in cands {
-                if ub < floor {
-                    continue;
-                }
-                let g = rows.decoded(row, row + 1, &mut scratch);
-                let score = kernels::dot(query, g) * T::of(mult);
-                top.push(Hit {
-                    score: score.f64(),
-                    index: row,
-                });
-            }
-            top
-        })
+    // Exact scores for the rows that can still be among the k best, taken in row order: the
+    // reads go forward through the gallery instead of jumping about it once per query, and
+    // a row several queries kept is read once for all of them.
+    let mut work: Vec<(usize, usize, f64)> = Vec::new(); // (row, query, factor)
+    for (i, (cands, lower)) in candidates.iter().zip(&lower).enumerate() {
+        let floor = lower.threshold();
+        work.extend(
+            cands
+                .iter()
+                .filter(|c| c.0 >= floor)
+                .map(|&(_, row, mult)| (row, i, mult)),
+        );
+    }
+    drop(candidates);
+    work.par_sort_unstable_by_key(|&(row, i, _)| (row, i));
+    let queries: Vec<&[T]> = qhat
+        .axis_iter(Axis(0))
+        .map(|r| r.to_slice().expect("standard layout"))
         .collect();
+    let tops = work
+        .par_chunks(RERANK_CHUNK)
+        .fold(
+            || (vec![TopK::new(k); q], Vec::new()),
+            |(mut tops, mut scratch), chunk| {
+                for &(row, i, mult) in chunk {
+                    let g = rows.decoded(row, row + 1, &mut scratch);
+                    let score = kernels::dot(queries[i], g) * T::of(mult);
+                    tops[i].push(Hit {
+                        score: score.f64(),
+                        index: row,
+                    });
+                }
+                (tops, scratch)
+            },
+        )
+        .map(|(tops, _)| tops)
+        .reduce(
+            || vec![TopK::new(k); q],
+            |a, b| a.into_iter().zip(b).map(|(x, y)| x.merge(y)).collect(),
+        );
     (tops, bad)
 }
+
+/// Re-rank work items per parallel job (each a (row, query) pair).
+const RERANK_CHUNK: usize = 4096;
 
 /// Raises the floors from an evenly spread sample of rows before the real scan, so that no
 /// thread starts with a floor of -inf and admits a whole tile of candidates per query.
