@@ -7,7 +7,7 @@
 //! between the query and the stored (quantised) vector.
 
 use super::topk::TopK;
-use super::{collect, search_rows, unit_queries, Dense, Filtered, Rows, SearchResult, Subset};
+use super::{collect, search_rows, unit_queries, Filtered, Rows, SearchResult, Subset};
 use crate::error::{unnormalisable, Error, Result};
 use crate::kernels;
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
@@ -562,13 +562,10 @@ impl Gallery {
         }
         let k_rows = k.min(self.len());
         let (tops, bad) = match (&self.codes, filter) {
-            // float32 rows are just a dense array of unit vectors
-            (Codes::F32(v), None) => search_rows(qhat.view(), &Dense::unit(v, self.dim), k_rows),
+            // Every storage, float32 included, is read through the stored-row kernels: the
+            // rows are unit vectors (normalised on `add`, checksummed on `load`), so one
+            // query needs only its dot products, not the rows' norms as well.
             (_, None) => search_rows(qhat.view(), self, k_rows),
-            (Codes::F32(v), Some(f)) => {
-                let dense = Dense::unit(v, self.dim);
-                search_rows(qhat.view(), &f.over(&dense, &self.ids), k_rows)
-            }
             (_, Some(f)) => search_rows(qhat.view(), &f.over(self, &self.ids), k_rows),
         };
         debug_assert!(bad.is_none(), "rows are checked when added");

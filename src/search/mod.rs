@@ -183,17 +183,6 @@ pub(crate) struct Dense<'a, T> {
     normalized: bool,
 }
 
-impl<'a, T> Dense<'a, T> {
-    /// Rows known to be unit vectors (still checked for NaN/inf and zeros as read).
-    pub(crate) fn unit(flat: &'a [T], d: usize) -> Self {
-        Dense {
-            flat,
-            d,
-            normalized: true,
-        }
-    }
-}
-
 impl<T: Real> Rows<T> for Dense<'_, T> {
     fn len(&self) -> usize {
         self.flat.len() / self.d
