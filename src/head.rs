@@ -909,27 +909,46 @@ impl<T: Real> Prepared<T> {
         for (local, i) in lr.rows.clone().enumerate() {
             let erow = &e[local * ct..(local + 1) * ct];
             let grow = &mut acc.g[local * ct..(local + 1) * ct];
-            let weight = lr.row_weight[local];
-            if weight == 0.0 {
+            if lr.row_weight[local] == 0.0 {
                 grow.fill(T::zero());
                 continue;
             }
-            let coef = weight * self.row_scale[i] * (tile_max[local].f64() - lr.lse[local]).exp();
-            // (+ 1: the target's entry, set below whatever the filter said)
-            kept += match lr.stash_floor(local, tile_max[local]) {
-                Some(floor) => kernels::scale_mul_above(erow, T::of(coef), inv, floor, grow) + 1,
-                None => {
-                    kernels::scale_mul(erow, T::of(coef), inv, grow);
-                    ct
-                }
-            };
-            if let Some(y) = self.target[i] {
-                if (lo..lo + ct).contains(&y) {
-                    // p - 1 in f64 from the f64 logits: no cancellation in float32.
-                    let p = (self.target_logit[i] - lr.lse[local]).exp();
-                    let g = weight * self.row_scale[i] * (p - 1.0) * self.target_dpsi[i];
-                    grow[y - lo] = T::of(g * inv[y - lo].f64());
-                }
+            kept += self.grad_row(lr, local, i, lo, tile_max[local], erow, inv, grow);
+        }
+        kept
+    }
+
+    /// Row `local` (batch row `i`) of dL/dc / ||w_j|| over the classes from `lo`, from its
+    /// stash `erow`: `p = e exp(tile_max - lse)` times the row's weight and scale, dropped
+    /// where the gradient filter says, and the target's entry, `(p - 1) psi'` in f64 from
+    /// the f64 logits (no cancellation in float32). Returns how many entries it kept.
+    #[allow(clippy::too_many_arguments)]
+    fn grad_row(
+        &self,
+        lr: &LossRows,
+        local: usize,
+        i: usize,
+        lo: usize,
+        tile_max: T,
+        erow: &[T],
+        inv: &[T],
+        grow: &mut [T],
+    ) -> usize {
+        let scale = lr.row_weight[local] * self.row_scale[i];
+        let coef = T::of(scale * (tile_max.f64() - lr.lse[local]).exp());
+        // (+ 1: the target's entry, set below whatever the filter said)
+        let kept = match lr.stash_floor(local, tile_max) {
+            Some(floor) => kernels::scale_mul_above(erow, coef, inv, floor, grow) + 1,
+            None => {
+                kernels::scale_mul(erow, coef, inv, grow);
+                erow.len()
+            }
+        };
+        if let Some(y) = self.target[i] {
+            if (lo..lo + erow.len()).contains(&y) {
+                let p = (self.target_logit[i] - lr.lse[local]).exp();
+                let g = scale * (p - 1.0) * self.target_dpsi[i];
+                grow[y - lo] = T::of(g * inv[y - lo].f64());
             }
         }
         kept
@@ -961,8 +980,7 @@ impl<T: Real> Prepared<T> {
         for (local, i) in lr.rows.clone().enumerate() {
             let full = &mut g[local * width * k..(local + 1) * width * k];
             full.fill(T::zero());
-            let weight = lr.row_weight[local];
-            if weight == 0.0 {
+            if lr.row_weight[local] == 0.0 {
                 continue;
             }
             let subs = &sub[local * width..(local + 1) * width];
@@ -973,24 +991,8 @@ impl<T: Real> Prepared<T> {
                 &e[local * width..(local + 1) * width],
                 &mut g_class[..width],
             );
-            let coef = weight * self.row_scale[i] * (tile_max[local].f64() - lr.lse[local]).exp();
             let inv_row = &inv_sel[..width];
-            kept += match lr.stash_floor(local, tile_max[local]) {
-                Some(floor) => {
-                    kernels::scale_mul_above(erow, T::of(coef), inv_row, floor, grow) + 1
-                }
-                None => {
-                    kernels::scale_mul(erow, T::of(coef), inv_row, grow);
-                    width
-                }
-            };
-            if let Some(y) = self.target[i] {
-                if (lo..lo + width).contains(&y) {
-                    let p = (self.target_logit[i] - lr.lse[local]).exp();
-                    let g = weight * self.row_scale[i] * (p - 1.0) * self.target_dpsi[i];
-                    grow[y - lo] = T::of(g * inv_sel[y - lo].f64());
-                }
-            }
+            kept += self.grad_row(lr, local, i, lo, tile_max[local], erow, inv_row, grow);
             for (j, &v) in grow.iter().enumerate() {
                 full[j * k + subs[j] as usize] = v;
             }

@@ -75,7 +75,7 @@ impl SimdLevel {
         match self {
             SimdLevel::Scalar => true,
             SimdLevel::Neon => best == SimdLevel::Neon,
-            SimdLevel::Avx2 | SimdLevel::Avx512 => best >= self && best != SimdLevel::Neon,
+            SimdLevel::Avx2 | SimdLevel::Avx512 => best >= self, // (Neon ranks below both)
         }
     }
 

@@ -15,7 +15,6 @@ by collectives on the device, or, without the fused kernels, the same math in to
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +29,7 @@ from ._cuda import cuda_available
 from ._margins import _KINDS_WITH_HARD_NEGATIVES, Margin
 from ._sharded_device import FusedShardLoss, kernel_grads, plain_shard_loss
 from ._torch_plain import _note_exact_on_cuda, _warn_cuda_once
+from ._validate import count as check_count
 from ._validate import grad_filter as check_grad_filter
 from ._validate import interclass_filter as check_filter
 from ._validate import sub_centers as check_sub_centers
@@ -256,11 +256,8 @@ class ShardedMarginHead(nn.Module):
         self.group = process_group
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
-        for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"{name} must be a positive int, got {type(value).__name__}")
-        if embedding_size < 1:
-            raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
+        embedding_size = check_count("embedding_size", embedding_size)
+        num_classes = check_count("num_classes", num_classes)
         if num_classes < self.world_size:
             raise ValueError(
                 f"num_classes ({num_classes}) must be at least the world size ({self.world_size})"
