@@ -49,6 +49,21 @@ def test_exact_ties_go_to_the_lower_index(q):
     assert idx.shape == want.shape
 
 
+def test_int8_pass_keeps_exact_ties_and_near_duplicates():
+    """300 queries take the int8 first pass, whose exact scores are computed inside the
+    scan: copies of a row tie exactly (lower index first) and near-copies, closer together
+    than the int8 bounds can tell apart, still come out in exact order."""
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((400, 64))
+    near = base + 1e-4 * rng.standard_normal(base.shape)
+    gallery = np.concatenate([np.repeat(base, 3, axis=0), near])
+    queries = base[:300] + 0.01 * rng.standard_normal((300, 64))
+    scores, idx = afr.cosine_topk(queries, gallery, k=5)
+    want_s, want_i = brute(queries, gallery, 5)
+    np.testing.assert_array_equal(idx, want_i)
+    np.testing.assert_allclose(scores, want_s, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("q", [1, 12])
 def test_k_equal_and_beyond_gallery_size(q):
     rng = np.random.default_rng(1)

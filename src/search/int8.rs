@@ -11,10 +11,11 @@
 //! `eps = |q| |e_g| + |e_q| |g~|` (Cauchy-Schwarz), plus the rounding of the float score the
 //! re-rank computes. So every row has a lower bound `lb = est - eps` and an upper bound
 //! `ub = est + eps` on its computed score; the k-th largest lower bound seen so far, `L`, can
-//! only grow, and a row with `ub < L` can never be among the k best. The scan keeps the
-//! rows with `ub >= L` (a few dozen per query: the bounds are tight next to the spread of
-//! scores) and the re-rank computes their scores exactly, so the result is the exact top k
-//! whatever the data: the quantisation decides how much work is skipped, never the answer.
+//! only grow, and a row with `ub < L` can never be among the k best. The scan scores the
+//! rows with `ub >= L` exactly on the spot, while the tile's rows are still in cache (a few
+//! dozen per query: the bounds are tight next to the spread of scores), and `L` is the k-th
+//! largest exact score so far, so the result is the exact top k whatever the data: the
+//! quantisation decides how much work is skipped, never the answer.
 
 // The int8 pass has x86 kernels only; elsewhere `available()` is None and nothing calls it.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables))]
@@ -123,15 +124,23 @@ fn quantise_to(v: &[f32], out: &mut [i8], levels: f32) -> (f64, f64, f64) {
         1.0
     };
     let inv = 1.0 / step;
-    let code = |x: f32| (x * inv).round_ties_even().clamp(-levels, levels);
+    // Rounding to an integer by adding 1.5 * 2^23 (ties to even, as the FPU rounds): the sum
+    // holds the integer in its low mantissa bits, which the compiler vectorises, where
+    // `round_ties_even` and `as i32` (NaN and saturation checks) stayed scalar.
+    const MAGIC: f32 = 12_582_912.0;
+    let code = |x: f32| {
+        let biased = (x * inv).clamp(-levels, levels) + MAGIC;
+        let int = (biased.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+        (int as i8, biased - MAGIC)
+    };
     let (mut err, mut norm) = ([0.0f32; L], [0.0f32; L]);
     for (o, c) in out[..body]
         .chunks_exact_mut(L)
         .zip(v[..body].chunks_exact(L))
     {
         for k in 0..L {
-            let q = code(c[k]);
-            o[k] = q as i32 as i8;
+            let (int, q) = code(c[k]);
+            o[k] = int;
             let back = q * step;
             err[k] += (c[k] - back) * (c[k] - back);
             norm[k] += back * back;
@@ -139,8 +148,8 @@ fn quantise_to(v: &[f32], out: &mut [i8], levels: f32) -> (f64, f64, f64) {
     }
     let (mut err, mut norm): (f32, f32) = (err.iter().sum(), norm.iter().sum());
     for (o, &x) in out[body..v.len()].iter_mut().zip(&v[body..]) {
-        let q = code(x);
-        *o = q as i32 as i8;
+        let (int, q) = code(x);
+        *o = int;
         let back = q * step;
         err += (x - back) * (x - back);
         norm += back * back;
@@ -169,18 +178,25 @@ fn quantise_queries<T: Real>(qhat: ArrayView2<T>, dpad: usize, pass: Pass) -> Qu
     let qpad = q.div_ceil(QBLOCK) * QBLOCK;
     let offset = pass.offset();
     let mut codes = vec![offset as u8; qpad * dpad];
-    let (mut step, mut norm, mut err) = (vec![0.0; qpad], vec![0.0; qpad], vec![0.0; qpad]);
-    let mut signed = vec![0i8; dpad];
-    for (i, row) in qhat.axis_iter(Axis(0)).enumerate() {
-        let v: Vec<f32> = row.iter().map(|x| x.f64() as f32).collect();
-        let (s, e, _) = quantise_to(&v, &mut signed, pass.levels());
-        step[i] = s;
-        err[i] = e;
-        norm[i] = row.iter().map(|x| x.f64() * x.f64()).sum::<f64>().sqrt();
-        for (o, &c) in codes[i * dpad..(i + 1) * dpad].iter_mut().zip(&signed) {
-            *o = (c as i16 + offset as i16) as u8;
-        }
-    }
+    // (step, |e_q|, |q|) per query; padding queries keep code 0 and zeros
+    let mut stats = vec![(0.0, 0.0, 0.0); qpad];
+    codes
+        .par_chunks_mut(dpad)
+        .zip(stats.par_iter_mut())
+        .zip(qhat.axis_iter(Axis(0)).into_par_iter())
+        .for_each(|((out, stat), row)| {
+            let v: Vec<f32> = row.iter().map(|x| x.f64() as f32).collect();
+            let mut signed = vec![0i8; dpad];
+            let (s, e, _) = quantise_to(&v, &mut signed, pass.levels());
+            let norm = row.iter().map(|x| x.f64() * x.f64()).sum::<f64>().sqrt();
+            *stat = (s, e, norm);
+            for (o, &c) in out.iter_mut().zip(&signed) {
+                *o = (c as i16 + offset as i16) as u8;
+            }
+        });
+    let step = stats.iter().map(|s| s.0).collect();
+    let err = stats.iter().map(|s| s.1).collect();
+    let norm = stats.iter().map(|s| s.2).collect();
     Queries {
         codes,
         step,
@@ -313,54 +329,37 @@ impl Floors {
     }
 }
 
-/// What one thread has found: per query, the k largest lower bounds and the rows whose
-/// upper bound reached the k-th of them when seen.
+/// What one thread has found: per query, the k best rows by exact score (or, in a scan
+/// that only seeds the floors, by lower bound).
 struct Scan {
-    lower: Vec<TopK>,
-    /// (upper bound, row, the row's factor to a cosine)
-    candidates: Vec<Vec<(f64, usize, f64)>>,
+    top: Vec<TopK>,
     bad: Option<(usize, Error)>,
-    /// A scan of a sample that only raises the floors (its rows are scanned again later).
-    seed: bool,
 }
 
 impl Scan {
     fn new(q: usize, k: usize) -> Self {
         Scan {
-            lower: vec![TopK::new(k); q],
-            candidates: vec![Vec::new(); q],
+            top: vec![TopK::new(k); q],
             bad: None,
-            seed: false,
         }
     }
 
-    fn merge(mut self, o: Scan) -> Scan {
-        for (i, (lo, c)) in o.lower.into_iter().zip(o.candidates).enumerate() {
-            let mine = std::mem::replace(&mut self.lower[i], TopK::new(0));
-            self.lower[i] = mine.merge(lo);
-            self.candidates[i].extend(c);
-        }
-        self.bad = first_bad(self.bad, o.bad);
-        self
-    }
-
-    /// A row whose upper bound reached the threshold: keep it, and let its lower bound
-    /// raise the threshold. Candidates left behind by the threshold are dropped now and then.
-    fn admit(&mut self, query: usize, row: usize, est: f64, eps: f64, mult: f64) {
-        if !self.seed {
-            self.candidates[query].push((est + eps, row, mult));
-        }
-        self.lower[query].push(Hit {
-            score: est - eps,
-            index: row,
-        });
-        let c = &mut self.candidates[query];
-        if c.len() >= 4 * self.lower[query].k() + 256 {
-            let floor = self.lower[query].threshold();
-            c.retain(|&(ub, ..)| ub >= floor);
+    fn merge(self, o: Scan) -> Scan {
+        Scan {
+            top: self
+                .top
+                .into_iter()
+                .zip(o.top)
+                .map(|(a, b)| a.merge(b))
+                .collect(),
+            bad: first_bad(self.bad, o.bad),
         }
     }
 }
+
+/// The exact score of (query, row of the tile), computed the way every other search path
+/// computes it, so that each level and path ranks the same rows with the same scores.
+type Exact<'a> = &'a (dyn Fn(usize, usize) -> f64 + Sync);
 
 /// Top `k` rows for many unit queries: int8 scan, then exact scores for the survivors.
 pub(crate) fn search<T: Real, R: Rows<T>>(
@@ -377,6 +376,10 @@ pub(crate) fn search<T: Real, R: Rows<T>>(
     let tiles: Vec<usize> = (0..n).step_by(TILE_ROWS).collect();
     let floors = Floors::new(q);
     seed_floors(qhat.nrows(), k, rows, &queries, rounding, &floors);
+    let unit: Vec<&[T]> = qhat
+        .axis_iter(Axis(0))
+        .map(|r| r.to_slice().expect("standard layout"))
+        .collect();
     let scan = tiles
         .par_iter()
         .fold(
@@ -396,66 +399,26 @@ pub(crate) fn search<T: Real, R: Rows<T>>(
                 for (r, a) in tile.allowed[..count].iter_mut().enumerate() {
                     *a = rows.allowed(lo + r);
                 }
-                let mult64: Vec<f64> = mult[..count].iter().map(|m| m.f64()).collect();
+                let exact = |i: usize, r: usize| {
+                    (kernels::dot(unit[i], &block[r * d..(r + 1) * d]) * mult[r]).f64()
+                };
                 scan_tile(
-                    &tile, &queries, q, lo, &mult64, rounding, &floors, &mut scan,
+                    &tile,
+                    &queries,
+                    q,
+                    lo,
+                    rounding,
+                    &floors,
+                    &mut scan,
+                    Some(&exact),
                 );
                 (scan, tile, scratch, mult)
             },
         )
         .map(|(scan, ..)| scan)
         .reduce(|| Scan::new(q, k), Scan::merge);
-    let Scan {
-        lower,
-        candidates,
-        bad,
-        ..
-    } = scan;
-    // Exact scores for the rows that can still be among the k best, taken in row order: the
-    // reads go forward through the gallery instead of jumping about it once per query, and
-    // a row several queries kept is read once for all of them.
-    let mut work: Vec<(usize, usize, f64)> = Vec::new(); // (row, query, factor)
-    for (i, (cands, lower)) in candidates.iter().zip(&lower).enumerate() {
-        let floor = lower.threshold();
-        work.extend(
-            cands
-                .iter()
-                .filter(|c| c.0 >= floor)
-                .map(|&(_, row, mult)| (row, i, mult)),
-        );
-    }
-    drop(candidates);
-    work.par_sort_unstable_by_key(|&(row, i, _)| (row, i));
-    let queries: Vec<&[T]> = qhat
-        .axis_iter(Axis(0))
-        .map(|r| r.to_slice().expect("standard layout"))
-        .collect();
-    let tops = work
-        .par_chunks(RERANK_CHUNK)
-        .fold(
-            || (vec![TopK::new(k); q], Vec::new()),
-            |(mut tops, mut scratch), chunk| {
-                for &(row, i, mult) in chunk {
-                    let g = rows.decoded(row, row + 1, &mut scratch);
-                    let score = kernels::dot(queries[i], g) * T::of(mult);
-                    tops[i].push(Hit {
-                        score: score.f64(),
-                        index: row,
-                    });
-                }
-                (tops, scratch)
-            },
-        )
-        .map(|(tops, _)| tops)
-        .reduce(
-            || vec![TopK::new(k); q],
-            |a, b| a.into_iter().zip(b).map(|(x, y)| x.merge(y)).collect(),
-        );
-    (tops, bad)
+    (scan.top, scan.bad)
 }
-
-/// Re-rank work items per parallel job (each a (row, query) pair).
-const RERANK_CHUNK: usize = 4096;
 
 /// Raises the floors from an evenly spread sample of rows before the real scan, so that no
 /// thread starts with a floor of -inf and admits a whole tile of candidates per query.
@@ -468,7 +431,7 @@ fn seed_floors<T: Real, R: Rows<T>>(
     floors: &Floors,
 ) {
     let (n, d) = (rows.len(), rows.dim());
-    let samples = (4 * TILE_ROWS).min(n / 8);
+    let samples = (2 * TILE_ROWS).min(n / 8);
     if samples < k.max(PANEL) {
         return;
     }
@@ -490,24 +453,25 @@ fn seed_floors<T: Real, R: Rows<T>>(
         }
         let mut tile = Tile::new(d, queries.dpad);
         tile.fill(queries.pass, &block, &mult, d, queries.dpad);
+        // lower bounds are valid floors: no exact scores needed for the sample
         let mut scan = Scan::new(q, k);
-        scan.seed = true;
-        let mult64: Vec<f64> = mult.iter().map(|m| m.f64()).collect();
-        scan_tile(&tile, queries, q, 0, &mult64, rounding, floors, &mut scan);
+        scan_tile(&tile, queries, q, 0, rounding, floors, &mut scan, None);
     });
 }
 
-/// Every query block against every panel of the tile, selecting as the sums come out.
+/// Every query block against every panel of the tile, selecting as the sums come out: a
+/// row whose upper bound reaches a query's floor gets its `exact` score (its lower bound
+/// where `exact` is None, which only raises the floors).
 #[allow(clippy::too_many_arguments)]
 fn scan_tile(
     tile: &Tile,
     queries: &Queries,
     q: usize,
     lo: usize,
-    mult: &[f64],
     rounding: f64,
     floors: &Floors,
     scan: &mut Scan,
+    exact: Option<Exact>,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -518,14 +482,14 @@ fn scan_tile(
             queries: &Queries,
             q: usize,
             lo: usize,
-            mult: &[f64],
             rounding: f64,
             floors: &Floors,
             scan: &mut Scan,
+            exact: Option<Exact>,
         ) {
             // (this function's features are those dots_panel_vnni needs)
             let dots = |p: &[i8], c: &[u8], d: usize, s: &mut Sums| dots_panel_vnni(p, c, d, s);
-            scan_tile_with(dots, tile, queries, q, lo, mult, rounding, floors, scan)
+            scan_tile_with(dots, tile, queries, q, lo, rounding, floors, scan, exact)
         }
         #[target_feature(enable = "avx2,fma")]
         #[allow(clippy::too_many_arguments)]
@@ -534,19 +498,19 @@ fn scan_tile(
             queries: &Queries,
             q: usize,
             lo: usize,
-            mult: &[f64],
             rounding: f64,
             floors: &Floors,
             scan: &mut Scan,
+            exact: Option<Exact>,
         ) {
             // (this function's features are those dots_panel_avx2 needs)
             let dots = |p: &[i8], c: &[u8], d: usize, s: &mut Sums| dots_panel_avx2(p, c, d, s);
-            scan_tile_with(dots, tile, queries, q, lo, mult, rounding, floors, scan)
+            scan_tile_with(dots, tile, queries, q, lo, rounding, floors, scan, exact)
         }
         // SAFETY: search() runs only with the pass available() chose from the CPU.
         match queries.pass {
-            Pass::Vnni => unsafe { vnni(tile, queries, q, lo, mult, rounding, floors, scan) },
-            Pass::Avx2 => unsafe { avx2(tile, queries, q, lo, mult, rounding, floors, scan) },
+            Pass::Vnni => unsafe { vnni(tile, queries, q, lo, rounding, floors, scan, exact) },
+            Pass::Avx2 => unsafe { avx2(tile, queries, q, lo, rounding, floors, scan, exact) },
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -566,10 +530,10 @@ fn scan_tile_with(
     queries: &Queries,
     q: usize,
     lo: usize,
-    mult: &[f64],
     rounding: f64,
     floors: &Floors,
     scan: &mut Scan,
+    exact: Option<Exact>,
 ) {
     let dpad = queries.dpad;
     let offset = queries.pass.offset();
@@ -588,7 +552,7 @@ fn scan_tile_with(
             let norm: &[f32; PANEL] = tile.norm[rows].try_into().expect("panel");
             for (j, row_sums) in sums.iter().enumerate().take(q - qb) {
                 let i = qb + j;
-                let floor = scan.lower[i].threshold().max(floors.get(i));
+                let floor = scan.top[i].threshold().max(floors.get(i));
                 let (sq, qn, qe) = (
                     queries.step[i] as f32,
                     queries.norm[i] as f32,
@@ -617,10 +581,14 @@ fn scan_tile_with(
                     let est = dot * queries.step[i] * step[l] as f64;
                     let eps =
                         queries.norm[i] * err[l] as f64 + queries.err[i] * norm[l] as f64 + slack;
-                    let floor = scan.lower[i].threshold().max(floors.get(i));
+                    let floor = scan.top[i].threshold().max(floors.get(i));
                     if est + eps >= floor {
-                        scan.admit(i, lo + r, est, eps, mult[r]);
-                        floors.raise(i, scan.lower[i].threshold());
+                        let score = exact.map_or(est - eps, |f| f(i, r));
+                        scan.top[i].push(Hit {
+                            score,
+                            index: lo + r,
+                        });
+                        floors.raise(i, scan.top[i].threshold());
                     }
                 }
             }
@@ -710,6 +678,47 @@ fn dots_panel_avx2(panel: &[i8], queries: &[u8], dpad: usize, sums: &mut Sums) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The vectorised rounding of [`quantise_to`] against `round_ties_even`, on values
+    /// exactly halfway between two codes (the step is a power of two, so the halves are
+    /// exact ties: they go to the even code), and with a tail shorter than one block.
+    #[test]
+    fn quantise_rounds_ties_to_even_and_reports_its_error() {
+        for levels in [63.0f32, 127.0] {
+            let step = 1.0 / 128.0;
+            for d in [1usize, 16, 37, 512] {
+                let v: Vec<f32> = (0..d)
+                    .map(|i| match i % 4 {
+                        0 => levels * step, // the peak: sets the step
+                        1 => -((i % 9) as f32 + 0.5) * step,
+                        2 => ((i % 13) as f32 + 0.5) * step,
+                        _ => ((i * 7919) % 1000) as f32 / 4000.0 - 0.125,
+                    })
+                    .collect();
+                let mut out = vec![0i8; d];
+                let (got_step, err, norm) = quantise_to(&v, &mut out, levels);
+                assert_eq!(got_step, step as f64);
+                let (mut e, mut n) = (0.0f64, 0.0f64);
+                for (&x, &c) in v.iter().zip(&out) {
+                    let want = (x / step).round_ties_even().clamp(-levels, levels);
+                    assert_eq!(c as f32, want, "x={x} levels={levels}");
+                    let back = c as f64 * step as f64;
+                    e += (x as f64 - back).powi(2);
+                    n += back * back;
+                }
+                assert!(
+                    (err - e.sqrt()).abs() <= 1e-6 * (1.0 + n.sqrt()),
+                    "{err} {}",
+                    e.sqrt()
+                );
+                assert!(
+                    (norm - n.sqrt()).abs() <= 1e-5 * n.sqrt(),
+                    "{norm} vs {}",
+                    n.sqrt()
+                );
+            }
+        }
+    }
 
     /// The panel kernels against plain i32 sums, at the codes' extremes (where a 16-bit
     /// pair sum would saturate if the bounds of [`Pass`] did not hold).
