@@ -1,5 +1,5 @@
-//! Many-query search with an int8 first pass and an exact re-rank: same results as the
-//! float GEMM path, several times the arithmetic throughput (AVX-512 VNNI `vpdpbusd` does
+//! Many-query search with an int8 first pass whose survivors are scored exactly: the same
+//! results as the float GEMM path, several times the arithmetic throughput (AVX-512 VNNI `vpdpbusd` does
 //! 64 int8 multiply-adds per instruction, a float32 FMA 16). On AVX2 without VNNI,
 //! `vpmaddubsw` + `vpmaddwd` do 32 multiply-adds in two multiplying instructions where
 //! float32 FMAs take four; there the queries are quantised to 63 levels each side so that
@@ -8,14 +8,14 @@
 //! Queries and gallery rows are quantised per vector to int8: `q = q~ + e_q`, `g = g~ + e_g`
 //! with `q~ = sq * codes` and the rounding errors `e` known exactly. The int8 estimate
 //! `q~ . g~` differs from the exact score by `q . e_g + e_q . g~`, so by at most
-//! `eps = |q| |e_g| + |e_q| |g~|` (Cauchy-Schwarz), plus the rounding of the float score the
-//! re-rank computes. So every row has a lower bound `lb = est - eps` and an upper bound
-//! `ub = est + eps` on its computed score; the k-th largest lower bound seen so far, `L`, can
-//! only grow, and a row with `ub < L` can never be among the k best. The scan scores the
-//! rows with `ub >= L` exactly on the spot, while the tile's rows are still in cache (a few
-//! dozen per query: the bounds are tight next to the spread of scores), and `L` is the k-th
-//! largest exact score so far, so the result is the exact top k whatever the data: the
-//! quantisation decides how much work is skipped, never the answer.
+//! `eps = |q| |e_g| + |e_q| |g~|` (Cauchy-Schwarz), plus the rounding of the float score
+//! computed for the rows that survive. So every row has an upper bound `ub = est + eps` on
+//! its computed score, and a row with `ub < L`, where `L` is the k-th largest score computed
+//! so far (or, before there are k, a lower bound `est - eps` from a sample), can never be
+//! among the k best. The scan scores the rows with `ub >= L` exactly on the spot, while the
+//! tile's rows are still in cache (a few dozen per query: the bounds are tight next to the
+//! spread of scores), so the result is the exact top k whatever the data: the quantisation
+//! decides how much work is skipped, never the answer.
 
 // The int8 pass has x86 kernels only; elsewhere `available()` is None and nothing calls it.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables))]
@@ -41,7 +41,7 @@ const QBLOCK: usize = 8;
 /// adds two products into 16 bits with saturation, so a pair `(q + 64) * g` with
 /// `|q| <= 63`, `|g| <= 127` stays below 32767: at most `2 * 127 * 127 = 32258`. (31 levels,
 /// which would let two outputs add in 16 bits, made the bounds so loose that five times as
-/// many rows needed the exact re-rank: slower overall.)
+/// many rows needed an exact score: slower overall.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Pass {
     Vnni,
@@ -361,7 +361,7 @@ impl Scan {
 /// computes it, so that each level and path ranks the same rows with the same scores.
 type Exact<'a> = &'a (dyn Fn(usize, usize) -> f64 + Sync);
 
-/// Top `k` rows for many unit queries: int8 scan, then exact scores for the survivors.
+/// Top `k` rows for many unit queries: an int8 scan that scores its survivors exactly.
 pub(crate) fn search<T: Real, R: Rows<T>>(
     qhat: ArrayView2<T>,
     rows: &R,
@@ -371,7 +371,7 @@ pub(crate) fn search<T: Real, R: Rows<T>>(
     let (q, n, d) = (qhat.nrows(), rows.len(), rows.dim());
     let dpad = d.div_ceil(8) * 8;
     let queries = quantise_queries(qhat, dpad, pass);
-    // The computed score of the re-rank differs from the exact one by less than this.
+    // A survivor's computed score differs from its true one by less than this.
     let rounding = 4.0 * d as f64 * T::epsilon().f64() + 1e-6;
     let tiles: Vec<usize> = (0..n).step_by(TILE_ROWS).collect();
     let floors = Floors::new(q);
