@@ -1,9 +1,9 @@
 //! Many-query search with an int8 first pass whose survivors are scored exactly: the same
-//! results as the float GEMM path, several times the arithmetic throughput (AVX-512 VNNI `vpdpbusd` does
-//! 64 int8 multiply-adds per instruction, a float32 FMA 16). On AVX2 without VNNI,
-//! `vpmaddubsw` + `vpmaddwd` do 32 multiply-adds in two multiplying instructions where
-//! float32 FMAs take four; there the queries are quantised to 63 levels each side so that
-//! the 16-bit pair sums of `vpmaddubsw` can never saturate (see [`Pass`]).
+//! results as the float GEMM path, several times the arithmetic throughput (AVX-512 VNNI
+//! `vpdpbusd` does 64 int8 multiply-adds per instruction, a float32 FMA 16). On AVX2
+//! without VNNI, `vpmaddubsw` + `vpmaddwd` do 32 multiply-adds in two multiplying
+//! instructions where float32 FMAs take four; there the queries are quantised to 63 levels
+//! each side so that the 16-bit pair sums of `vpmaddubsw` can never saturate (see [`Pass`]).
 //!
 //! Queries and gallery rows are quantised per vector to int8: `q = q~ + e_q`, `g = g~ + e_g`
 //! with `q~ = sq * codes` and the rounding errors `e` known exactly. The int8 estimate
