@@ -22,7 +22,7 @@ def brute(queries, gallery, k):
     return np.take_along_axis(s, order, 1), order
 
 
-@pytest.mark.parametrize("q", [1, 2, 8, 9, 33, 300])  # 300: the int8 first pass
+@pytest.mark.parametrize("q", [1, 2, 8, 9, 33, 64, 300])  # 64: AVX2 int8 pass, 300: any
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_matches_brute_force(q, dtype):
     rng = np.random.default_rng(q)

@@ -99,7 +99,7 @@ def test_many_queries_and_the_head_agree_across_levels():
         import json, numpy as np, arcface_rs as afr
         rng = np.random.default_rng(1)
         g = rng.standard_normal((4000, 96)).astype(np.float32)
-        q = rng.standard_normal((300, 96)).astype(np.float32)   # >= 256: the int8 pass
+        q = rng.standard_normal((300, 96)).astype(np.float32)   # >= 256: an int8 pass
         _, ids = afr.cosine_topk(q, g, k=7)
         gal = afr.Gallery(96, "bfloat16")
         gal.add(g)
