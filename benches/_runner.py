@@ -1,10 +1,11 @@
-"""Helpers the benchmarks share: the CPU's name for the tables, and running a worker process
-that prints one JSON line."""
+"""Helpers the benchmarks share: the CPU's name for the tables, the best of several timed
+calls, and running a worker process that prints one JSON line."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 
 def cpu_model() -> str:
@@ -17,6 +18,17 @@ def cpu_model() -> str:
     except OSError:
         pass
     return "unknown CPU"
+
+
+def best(fn, reps: int = 7) -> float:
+    """The fastest of ``reps`` calls of ``fn`` after one warm-up call, in ms."""
+    fn()
+    t_best = 1e9
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        t_best = min(t_best, time.perf_counter() - t)
+    return 1e3 * t_best
 
 
 def run_json(cmd: list[str], env: dict[str, str]) -> dict:

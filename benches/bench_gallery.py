@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("RAYON_NUM_THREADS", "2")
@@ -29,7 +28,7 @@ if "--simd" in sys.argv[:-1]:  # read by arcface_rs at first use: set before the
 
 import numpy as np  # noqa: E402
 from _memory import rss_growth_mib  # noqa: E402
-from _runner import cpu_model  # noqa: E402
+from _runner import best, cpu_model  # noqa: E402
 
 import arcface_rs as afr  # noqa: E402
 
@@ -60,16 +59,6 @@ def read_bandwidth_gbs(a: np.ndarray, threads: int = 2) -> float:
     with ThreadPoolExecutor(threads) as pool:
         t_best = best(lambda: list(pool.map(np.bitwise_or.reduce, parts)), reps=5)
     return a.nbytes / (t_best / 1e3) / 1e9
-
-
-def best(fn, reps: int = 7) -> float:
-    fn()
-    t_best = 1e9
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        t_best = min(t_best, time.perf_counter() - t)
-    return 1e3 * t_best
 
 
 def main() -> None:

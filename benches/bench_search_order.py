@@ -17,24 +17,13 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import time
 
 os.environ.setdefault("RAYON_NUM_THREADS", "2")
 
 import numpy as np  # noqa: E402
-from _runner import cpu_model  # noqa: E402
+from _runner import best, cpu_model  # noqa: E402
 
 import arcface_rs as afr  # noqa: E402
-
-
-def best_ms(fn, repeat: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return 1e3 * best
 
 
 def main() -> None:
@@ -63,7 +52,7 @@ def main() -> None:
     qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     for name, order in orders.items():
         rows = np.ascontiguousarray(g[order])
-        ms = best_ms(functools.partial(afr.cosine_topk, queries, rows, k))
+        ms = best(functools.partial(afr.cosine_topk, queries, rows, k), reps=3)
         _, ids = afr.cosine_topk(queries, rows, k)
         exact = qn.astype(np.float64) @ unit[order].astype(np.float64).T
         want = np.argsort(-exact, axis=1, kind="stable")[:, :k]

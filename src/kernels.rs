@@ -3,7 +3,8 @@
 //! Each kernel is written once, generically, with independent accumulator lanes so the
 //! compiler can vectorise the reductions, and compiled three times: AVX-512, AVX2+FMA and the
 //! baseline (on aarch64 the baseline has NEON; the stored-row dots also have NEON loops);
-//! the best one the CPU supports is picked at run time, so one binary runs everywhere. float32 uses a branch-free exp (below) that vectorises; float64 uses `exp`.
+//! the best one the CPU supports is picked at run time, so one binary runs everywhere.
+//! float32 uses a branch-free exp (below) that vectorises; float64 uses `exp`.
 
 use crate::real::Real;
 

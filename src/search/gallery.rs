@@ -819,17 +819,17 @@ impl Rows<f32> for Gallery {
 
     fn decoded<'a>(&'a self, lo: usize, hi: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
         let (a, b) = (lo * self.dim, hi * self.dim);
-        if let Codes::F32(v) = &self.codes {
-            return &v[a..b]; // float32 rows are read where they are: no scratch
-        }
-        scratch.resize(b - a, 0.0);
+        let into = |scratch: &'a mut Vec<f32>, decode: &dyn Fn(&mut [f32])| -> &'a [f32] {
+            scratch.resize(b - a, 0.0);
+            decode(scratch);
+            scratch
+        };
         match &self.codes {
-            Codes::F32(_) => unreachable!("returned above"),
-            Codes::F16(v) => kernels::decode_f16(&v[a..b], scratch),
-            Codes::BF16(v) => kernels::decode_bf16(&v[a..b], scratch),
-            Codes::I8(v, _) => kernels::decode_i8(&v[a..b], scratch),
+            Codes::F32(v) => &v[a..b], // float32 rows are read where they are: no scratch
+            Codes::F16(v) => into(scratch, &|s| kernels::decode_f16(&v[a..b], s)),
+            Codes::BF16(v) => into(scratch, &|s| kernels::decode_bf16(&v[a..b], s)),
+            Codes::I8(v, _) => into(scratch, &|s| kernels::decode_i8(&v[a..b], s)),
         }
-        scratch
     }
 }
 

@@ -359,7 +359,7 @@ impl Scan {
 
 /// The exact score of (query, row of the tile), computed the way every other search path
 /// computes it, so that each level and path ranks the same rows with the same scores.
-type Exact<'a> = &'a (dyn Fn(usize, usize) -> f64 + Sync);
+type Exact<'a> = &'a dyn Fn(usize, usize) -> f64;
 
 /// Top `k` rows for many unit queries: an int8 scan that scores its survivors exactly.
 pub(crate) fn search<T: Real, R: Rows<T>>(
@@ -375,7 +375,7 @@ pub(crate) fn search<T: Real, R: Rows<T>>(
     let rounding = 4.0 * d as f64 * T::epsilon().f64() + 1e-6;
     let tiles: Vec<usize> = (0..n).step_by(TILE_ROWS).collect();
     let floors = Floors::new(q);
-    seed_floors(qhat.nrows(), k, rows, &queries, rounding, &floors);
+    seed_floors(q, k, rows, &queries, rounding, &floors);
     let unit: Vec<&[T]> = qhat
         .axis_iter(Axis(0))
         .map(|r| r.to_slice().expect("standard layout"))

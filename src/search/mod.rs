@@ -623,7 +623,8 @@ mod tests {
     #[test]
     fn rows_closer_than_the_int8_step_are_still_ranked_exactly() {
         // Every row is one base vector plus noise far below the int8 step: the estimates
-        // cannot tell the rows apart, so the bounds must let them all through to their exact scores.
+        // cannot tell the rows apart, so the bounds must let them all through to their
+        // exact scores.
         let base = data(1, 64, 21);
         let noise = data(4000, 64, 22);
         let gallery =
