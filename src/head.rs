@@ -17,6 +17,7 @@
 use crate::error::{unnormalisable, Error, Result};
 use crate::kernels::{self, NonTarget};
 use crate::margin::{HardRule, Margins, RowContext, Scale};
+use crate::pool::fold_per_thread;
 use crate::real::Real;
 use ndarray::linalg::general_mat_mul;
 use ndarray::parallel::prelude::*;
@@ -794,9 +795,22 @@ fn row<'a, T>(m: ArrayView2<'a, T>, i: usize) -> &'a [T] {
 ///
 /// The weight gradient is hundreds of MB, freshly allocated per call; with 4 KiB pages the
 /// first touch of each page is a fault that cost ~10% of the whole head in profiles.
+///
+/// Above glibc's largest mmap threshold (32 MiB) calloc hands out fresh pages that are
+/// zero already, so nothing is written here and the first touches are spread over the
+/// threads of pass 1. Below it the block may come from the heap, where calloc would clear
+/// it on this one thread while the others wait (1.5 ms of a 65 ms step at 10k classes), so
+/// the zeros are written in parallel instead.
 fn zeroed_for_huge_pages<T: Real>(n: usize) -> Vec<T> {
-    let buf = vec![T::zero(); n]; // calloc: large sizes are fresh, untouched mmap pages
+    const FRESH_PAGES_FROM: usize = 32 << 20;
+    if n.saturating_mul(std::mem::size_of::<T>()) >= FRESH_PAGES_FROM {
+        let buf = vec![T::zero(); n];
+        crate::pages::advise_huge(&buf);
+        return buf;
+    }
+    let mut buf = Vec::with_capacity(n);
     crate::pages::advise_huge(&buf);
+    buf.par_extend(rayon::iter::repeat_n(T::zero(), n));
     buf
 }
 
@@ -1351,22 +1365,23 @@ impl<T: Real> Tiles<'_, T> {
             acc
         };
         let new_acc = || Pass2::new(nr, d, ct, k);
-        let acc = match stash {
-            None => grad_w
-                .par_chunks_mut(ct * k * d)
-                .enumerate()
-                .fold(new_acc, |acc, (t, grad_tile)| step(acc, t, None, grad_tile))
-                .reduce(new_acc, Pass2::add),
-            Some(stash) => stash
-                .par_chunks(nr * ct)
-                .zip(grad_w.par_chunks_mut(ct * k * d))
-                .enumerate()
-                .fold(new_acc, |acc, (t, (e, grad_tile))| {
-                    step(acc, t, Some(e), grad_tile)
-                })
-                .reduce(new_acc, Pass2::add),
-        };
-        acc
+        match stash {
+            None => fold_per_thread(
+                grad_w.par_chunks_mut(ct * k * d).enumerate(),
+                new_acc,
+                |acc, (t, grad_tile)| step(acc, t, None, grad_tile),
+                Pass2::add,
+            ),
+            Some(stash) => fold_per_thread(
+                stash
+                    .par_chunks(nr * ct)
+                    .zip(grad_w.par_chunks_mut(ct * k * d))
+                    .enumerate(),
+                new_acc,
+                |acc, (t, (e, grad_tile))| step(acc, t, Some(e), grad_tile),
+                Pass2::add,
+            ),
+        }
     }
 }
 
@@ -1626,11 +1641,14 @@ pub fn margin_logits_backward_with<'m, T: Real>(
     let mut grad_w = Array2::from_shape_vec((c * k, d), zeroed_for_huge_pages::<T>(c * k * d))
         .expect("gradient shape");
     let new_acc = || Pass2::new(b, d, ct, k);
-    let acc = grad_w
+    let tiles_of_grad = grad_w
         .axis_chunks_iter_mut(Axis(0), ct * k)
         .into_par_iter()
-        .enumerate()
-        .fold(new_acc, |mut acc, (t, grad_tile)| {
+        .enumerate();
+    let acc = fold_per_thread(
+        tiles_of_grad,
+        new_acc,
+        |mut acc, (t, grad_tile)| {
             let (lo, w_tile, inv) = tiles.tile(t);
             let w_rows = w_tile.nrows();
             let width = w_rows / k;
@@ -1685,8 +1703,9 @@ pub fn margin_logits_backward_with<'m, T: Real>(
             );
             acc.dxhat = dx;
             acc
-        })
-        .reduce(new_acc, Pass2::add);
+        },
+        Pass2::add,
+    );
     let grad_emb = p.finish_grad_emb(acc.dxhat, &acc.pz);
     centres.fix_gradient(grad_w.as_slice_mut().expect("gradient is contiguous"), d);
     Ok((grad_emb, grad_w))
