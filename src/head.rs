@@ -17,7 +17,7 @@
 use crate::error::{unnormalisable, Error, Result};
 use crate::kernels::{self, NonTarget};
 use crate::margin::{HardRule, Margins, RowContext, Scale};
-use crate::pool::fold_per_thread;
+use crate::pool::fold_in_groups;
 use crate::real::Real;
 use ndarray::linalg::general_mat_mul;
 use ndarray::parallel::prelude::*;
@@ -1260,46 +1260,46 @@ impl<T: Real> Tiles<'_, T> {
     ) -> Vec<RowPart> {
         let nr = rows.len();
         let k = self.p.k;
-        let mut stats = slots
+        let tiles = slots
             .par_chunks_mut(slot_len)
             .zip(tile_max.par_chunks_mut(nr))
             .zip(subs.par_chunks_mut(self.sub_chunk(nr)))
-            .enumerate()
-            .fold(
-                || (vec![RowPart::EMPTY; nr], Vec::new(), Vec::new()),
-                |(mut acc, mut scratch, mut zrow): (Vec<RowPart>, Vec<T>, Vec<T>),
-                 (t, ((slot, tmax), sub))| {
-                    let (lo, w_tile, inv) = self.tile(t);
-                    let width = w_tile.nrows() / k;
-                    let z = &mut slot[..nr * width];
-                    let view = ArrayViewMut2::from_shape((nr, width), &mut *z).expect("tile shape");
-                    if !self.p.general {
-                        self.p.logits_tile(rows.clone(), lo, w_tile, inv, view);
-                        for (r, zrow) in z.chunks_exact_mut(width).enumerate() {
-                            let st = RowPart::exp_row(zrow);
-                            tmax[r] = T::of(st.max);
-                            acc[r] = acc[r].merge(st);
-                        }
-                        return (acc, scratch, zrow);
-                    }
-                    self.p
-                        .cosines_tile(rows.clone(), lo, w_tile, inv, view, &mut scratch, sub);
-                    zrow.resize(width, T::zero());
-                    for ((r, i), cos) in rows.clone().enumerate().zip(z.chunks_exact_mut(width)) {
-                        self.p.general_logits_row(i, lo, cos, &mut zrow[..width]);
-                        let st = RowPart::exp_row(&mut zrow[..width]);
+            .enumerate();
+        let (mut stats, _, _) = fold_in_groups(
+            tiles,
+            || (vec![RowPart::EMPTY; nr], Vec::new(), Vec::new()),
+            |(mut acc, mut scratch, mut zrow): (Vec<RowPart>, Vec<T>, Vec<T>),
+             (t, ((slot, tmax), sub))| {
+                let (lo, w_tile, inv) = self.tile(t);
+                let width = w_tile.nrows() / k;
+                let z = &mut slot[..nr * width];
+                let view = ArrayViewMut2::from_shape((nr, width), &mut *z).expect("tile shape");
+                if !self.p.general {
+                    self.p.logits_tile(rows.clone(), lo, w_tile, inv, view);
+                    for (r, zrow) in z.chunks_exact_mut(width).enumerate() {
+                        let st = RowPart::exp_row(zrow);
                         tmax[r] = T::of(st.max);
                         acc[r] = acc[r].merge(st);
-                        kernels::nontarget_stash(cos, &zrow[..width], self.p.rules[i]);
                     }
-                    (acc, scratch, zrow)
-                },
-            )
-            .map(|(acc, _, _)| acc)
-            .reduce(
-                || vec![RowPart::EMPTY; nr],
-                |a, b| a.iter().zip(&b).map(|(x, y)| x.merge(*y)).collect(),
-            );
+                    return (acc, scratch, zrow);
+                }
+                self.p
+                    .cosines_tile(rows.clone(), lo, w_tile, inv, view, &mut scratch, sub);
+                zrow.resize(width, T::zero());
+                for ((r, i), cos) in rows.clone().enumerate().zip(z.chunks_exact_mut(width)) {
+                    self.p.general_logits_row(i, lo, cos, &mut zrow[..width]);
+                    let st = RowPart::exp_row(&mut zrow[..width]);
+                    tmax[r] = T::of(st.max);
+                    acc[r] = acc[r].merge(st);
+                    kernels::nontarget_stash(cos, &zrow[..width], self.p.rules[i]);
+                }
+                (acc, scratch, zrow)
+            },
+            |(a, scratch, zrow), (b, _, _)| {
+                let merged = a.iter().zip(&b).map(|(x, y)| x.merge(*y)).collect();
+                (merged, scratch, zrow)
+            },
+        );
         for (st, i) in stats.iter_mut().zip(rows) {
             st.target_logit = self.p.target_logit[i];
         }
@@ -1366,13 +1366,13 @@ impl<T: Real> Tiles<'_, T> {
         };
         let new_acc = || Pass2::new(nr, d, ct, k);
         match stash {
-            None => fold_per_thread(
+            None => fold_in_groups(
                 grad_w.par_chunks_mut(ct * k * d).enumerate(),
                 new_acc,
                 |acc, (t, grad_tile)| step(acc, t, None, grad_tile),
                 Pass2::add,
             ),
-            Some(stash) => fold_per_thread(
+            Some(stash) => fold_in_groups(
                 stash
                     .par_chunks(nr * ct)
                     .zip(grad_w.par_chunks_mut(ct * k * d))
@@ -1645,7 +1645,7 @@ pub fn margin_logits_backward_with<'m, T: Real>(
         .axis_chunks_iter_mut(Axis(0), ct * k)
         .into_par_iter()
         .enumerate();
-    let acc = fold_per_thread(
+    let acc = fold_in_groups(
         tiles_of_grad,
         new_acc,
         |mut acc, (t, grad_tile)| {

@@ -81,39 +81,34 @@ pub fn num_threads() -> usize {
     pool().current_num_threads()
 }
 
-/// Folds a parallel iterator with one accumulator per worker thread, made by `new` when
-/// the thread takes its first item, and merges those at the end (`new()` if there were no
-/// items).
+/// Folds a parallel iterator in a fixed number of groups of consecutive items (four per
+/// thread), each group with an accumulator of its own, folded in order, and merges the
+/// groups' accumulators in order (`new()` if there were no items).
 ///
 /// rayon's own `fold` makes an accumulator per piece it splits the work into, and over a
 /// few dozen items (the head's class tiles) that is one per item: with accumulators that
 /// hold a batch-sized buffer, zeroing and summing them cost as much as a GEMM's packing.
-/// The order in which items reach an accumulator is not fixed (neither is rayon's).
-pub(crate) fn fold_per_thread<I, A>(
+/// The groups do not depend on which thread ran what, so neither do the sums: a call
+/// repeated gives the same bits (for a given thread count).
+pub(crate) fn fold_in_groups<I, A>(
     items: I,
     new: impl Fn() -> A + Sync,
     step: impl Fn(A, I::Item) -> A + Sync,
     merge: impl Fn(A, A) -> A,
 ) -> A
 where
-    I: rayon::iter::ParallelIterator,
+    I: rayon::iter::IndexedParallelIterator,
+    I::Item: Send,
     A: Send,
 {
-    let threads = rayon::current_num_threads().max(1);
-    let slots: Vec<Mutex<Option<A>>> = (0..threads).map(|_| Mutex::new(None)).collect();
-    items.for_each(|item| {
-        // Each worker only ever locks its own slot, so the lock is never contended; a
-        // caller outside the pool that runs an item itself shares slot 0.
-        let index = rayon::current_thread_index().unwrap_or(0) % threads;
-        let mut slot = slots[index].lock().unwrap_or_else(|e| e.into_inner());
-        let acc = slot.take().unwrap_or_else(&new);
-        *slot = Some(step(acc, item));
-    });
-    slots
-        .into_iter()
-        .filter_map(|slot| slot.into_inner().unwrap_or_else(|e| e.into_inner()))
-        .reduce(merge)
-        .unwrap_or_else(new)
+    use rayon::iter::ParallelIterator;
+    let groups = 4 * rayon::current_num_threads().max(1);
+    let per_group = items.len().div_ceil(groups).max(1);
+    let parts: Vec<A> = items
+        .chunks(per_group)
+        .map(|group| group.into_iter().fold(new(), &step))
+        .collect();
+    parts.into_iter().reduce(merge).unwrap_or_else(new)
 }
 
 #[cfg(test)]
@@ -122,28 +117,36 @@ mod tests {
     use rayon::prelude::*;
 
     #[test]
-    fn fold_per_thread_makes_one_accumulator_per_thread_and_loses_no_item() {
+    fn fold_in_groups_makes_few_accumulators_and_repeats_its_sums_exactly() {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let made = AtomicUsize::new(0);
-        let (sum, count) = install(|| {
-            fold_per_thread(
-                (1..=1000u64).into_par_iter(),
-                || {
-                    made.fetch_add(1, Ordering::Relaxed);
-                    (0u64, 0usize)
-                },
-                |(s, n), v| (s + v, n + 1),
-                |a, b| (a.0 + b.0, a.1 + b.1),
-            )
-        });
-        assert_eq!((sum, count), (500_500, 1000));
-        assert!(made.load(Ordering::Relaxed) <= num_threads());
+        let values: Vec<f64> = (0..1000).map(|i| 1.0 / (1.0 + i as f64)).collect();
+        let sum = || {
+            install(|| {
+                fold_in_groups(
+                    values.par_iter(),
+                    || {
+                        made.fetch_add(1, Ordering::Relaxed);
+                        (0.0f64, 0usize)
+                    },
+                    |(s, n), &v| (s + v, n + 1),
+                    |a, b| (a.0 + b.0, a.1 + b.1),
+                )
+            })
+        };
+        let first = sum();
+        assert_eq!(first.1, 1000);
+        assert!((first.0 - values.iter().sum::<f64>()).abs() < 1e-12);
+        assert!(made.load(Ordering::Relaxed) <= 4 * num_threads());
+        for _ in 0..20 {
+            assert_eq!(sum().0.to_bits(), first.0.to_bits());
+        }
         // no items: the merge of nothing is a fresh accumulator
         let empty = install(|| {
-            fold_per_thread(
-                (0..0u64).into_par_iter(),
+            fold_in_groups(
+                (0..0u32).into_par_iter(),
                 || 7u64,
-                |a, v| a + v,
+                |a, v| a + u64::from(v),
                 |a, b| a + b,
             )
         });

@@ -24,6 +24,21 @@ def test_loss_and_gradients_match_float64_reference(margin, shape):
     assert rel_err(g_w, r_w) < 1e-9
 
 
+@pytest.mark.parametrize("sub_centers", [1, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_repeated_call_gives_the_same_bits(dtype, sub_centers):
+    # Many class tiles (work shared between threads in a different order each time): the
+    # loss and both gradients must not depend on which thread summed what.
+    emb, weight, labels = make_problem(64, 32, 6000 * sub_centers, seed=11, dtype=dtype)
+    labels = labels // sub_centers
+    first = afr.margin_loss(emb, weight, labels, afr.ArcFace(), sub_centers=sub_centers)
+    for _ in range(5):
+        again = afr.margin_loss(emb, weight, labels, afr.ArcFace(), sub_centers=sub_centers)
+        assert float(again[0]) == float(first[0])
+        assert np.array_equal(again[1], first[1])
+        assert np.array_equal(again[2], first[2])
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("margin", [afr.ArcFace(), afr.SphereFace()], ids=repr)
 def test_reductions(reduction, margin):
