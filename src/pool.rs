@@ -87,7 +87,7 @@ pub fn num_threads() -> usize {
 ///
 /// rayon's own `fold` makes an accumulator per piece it splits the work into, and over a
 /// few dozen items (the head's class tiles) that is one per item: with accumulators that
-/// hold a batch-sized buffer, zeroing and summing them cost as much as a GEMM's packing.
+/// hold a batch-sized buffer, that is 20 MB zeroed and 10 MB summed per step at 10k classes.
 /// The groups do not depend on which thread ran what, so neither do the sums: a call
 /// repeated gives the same bits (for a given thread count).
 pub(crate) fn fold_in_groups<I, A>(
