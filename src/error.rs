@@ -21,6 +21,9 @@ pub enum ErrorKind {
     CorruptFile,
     /// The CUDA driver, NVRTC or cuBLAS failed (Python: `RuntimeError`).
     Device,
+    /// A buffer sized by the caller (or by a file) cannot be allocated: it exceeds the
+    /// memory available or the address space left (Python: `MemoryError`).
+    OutOfMemory,
 }
 
 /// A failure of the core; `arg` names the argument (or path) it concerns as the Python API
@@ -63,6 +66,22 @@ impl Error {
                 "{}: not a valid arcface_rs gallery file: {why}",
                 path.display()
             ),
+        }
+    }
+
+    /// `bytes` for `what`, sized by the argument `arg`, cannot be allocated (`limit`: the
+    /// bytes that could be, when known).
+    pub fn out_of_memory(arg: &'static str, what: &str, bytes: u128, limit: Option<u128>) -> Self {
+        let limit = limit.map_or(String::new(), |l| {
+            format!(
+                ", more than this process can allocate now ({:.3e} bytes)",
+                l as f64
+            )
+        });
+        Error {
+            kind: ErrorKind::OutOfMemory,
+            arg,
+            message: format!("{what} would need {:.3e} bytes{limit}", bytes as f64),
         }
     }
 

@@ -16,6 +16,7 @@
 
 use crate::error::{unnormalisable, Error, Result};
 use crate::kernels::{self, NonTarget};
+use crate::limits;
 use crate::margin::{HardRule, Margins, RowContext, Scale};
 use crate::pool::fold_in_groups;
 use crate::real::Real;
@@ -446,6 +447,20 @@ impl<T: Real> Prepared<T> {
                 format!("has {dw} columns but emb has {d}: embedding sizes differ"),
             ));
         }
+        // Buffers sized by the caller (a broadcast array can claim terabytes without holding
+        // them): the unit rows and gradient of the embeddings, the class centres' row-major
+        // copy and gradient. Refused before anything is allocated.
+        let size = std::mem::size_of::<T>() as u128;
+        limits::check_memory(
+            "emb",
+            2 * b as u128 * d as u128 * size,
+            "the embeddings' unit rows and gradient",
+        )?;
+        limits::check_memory(
+            "weight",
+            2 * rows as u128 * d as u128 * size,
+            "the class centres' copy and gradient",
+        )?;
         let target = check_targets(labels, b, c, sharded)?;
         let valid = labels.iter().map(|&y| y != -1).collect();
         let x_norm = row_norms(emb, "emb")?;
@@ -801,17 +816,22 @@ fn row<'a, T>(m: ArrayView2<'a, T>, i: usize) -> &'a [T] {
 /// threads of pass 1. Below it the block may come from the heap, where calloc would clear
 /// it on this one thread while the others wait (1.5 ms of a 65 ms step at 10k classes), so
 /// the zeros are written in parallel instead.
-fn zeroed_for_huge_pages<T: Real>(n: usize) -> Vec<T> {
+///
+/// The allocation is fallible: a gradient the system cannot give is a `MemoryError` naming
+/// `weight`, not an abort.
+fn zeroed_for_huge_pages<T: Real>(n: usize) -> Result<Vec<T>> {
     const FRESH_PAGES_FROM: usize = 32 << 20;
+    const WHAT: &str = "the class centres' gradient";
     if n.saturating_mul(std::mem::size_of::<T>()) >= FRESH_PAGES_FROM {
-        let buf = vec![T::zero(); n];
+        let buf = limits::filled("weight", n, T::zero(), WHAT)?;
         crate::pages::advise_huge(&buf);
-        return buf;
+        return Ok(buf);
     }
-    let mut buf = Vec::with_capacity(n);
+    let mut buf = Vec::new();
+    limits::reserve("weight", &mut buf, n, WHAT)?;
     crate::pages::advise_huge(&buf);
     buf.par_extend(rayon::iter::repeat_n(T::zero(), n));
-    buf
+    Ok(buf)
 }
 
 /// Scratch one rayon job reuses across the tiles it processes in pass 2.
@@ -1421,7 +1441,7 @@ fn fused_loss<T: Real>(
     let (row_weight, mean_factor) = row_weights(&p.valid, reduction, options.upstream)?;
     let (want_emb, want_weight) = (options.grad_emb, options.grad_weight);
 
-    let mut grad_w = zeroed_for_huge_pages::<T>(c * k * d);
+    let mut grad_w = zeroed_for_huge_pages::<T>(c * k * d)?;
     if !p.valid.iter().any(|&v| v) {
         // Every row ignored: nothing to compute, and the stash must not leak into grad_w.
         return Ok(LossOutput {
@@ -1575,7 +1595,8 @@ pub fn margin_logits_with<'m, T: Real>(
         inv: &centres.inv,
         ct: tile_width(c),
     };
-    let mut out = Array2::<T>::zeros((b, c));
+    let mut out =
+        Array2::from_shape_vec((b, c), logits_buffer("weight", b, c)?).expect("logits shape");
     out.axis_chunks_iter_mut(Axis(1), tiles.ct)
         .into_par_iter()
         .enumerate()
@@ -1638,7 +1659,7 @@ pub fn margin_logits_backward_with<'m, T: Real>(
         ct: tile_width(c),
     };
     let ct = tiles.ct;
-    let mut grad_w = Array2::from_shape_vec((c * k, d), zeroed_for_huge_pages::<T>(c * k * d))
+    let mut grad_w = Array2::from_shape_vec((c * k, d), zeroed_for_huge_pages::<T>(c * k * d)?)
         .expect("gradient shape");
     let new_acc = || Pass2::new(b, d, ct, k);
     let tiles_of_grad = grad_w
@@ -1711,6 +1732,15 @@ pub fn margin_logits_backward_with<'m, T: Real>(
     Ok((grad_emb, grad_w))
 }
 
+/// A zeroed (B, C) logits buffer, allocated fallibly; `arg` sized C (the weight's classes,
+/// or a cosine matrix's columns).
+fn logits_buffer<T: Real>(arg: &'static str, b: usize, c: usize) -> Result<Vec<T>> {
+    let n = b.checked_mul(c).ok_or_else(|| {
+        Error::out_of_memory(arg, "the (B, C) logits", b as u128 * c as u128, None)
+    })?;
+    limits::filled(arg, n, T::zero(), "the (B, C) logits")
+}
+
 fn fixed_scale(margin: Margins, rows: usize) -> Result<f64> {
     let scale = margin.check(rows)?;
     if (0..rows).any(|i| margin.row(i).reads_norm()) {
@@ -1756,12 +1786,14 @@ pub fn apply_margin<'m, T: Real>(
     margin: impl Into<Margins<'m>>,
 ) -> Result<Array2<T>> {
     let margin = margin.into();
+    let out = logits_buffer("cos", cos.nrows(), cos.ncols())?;
     check_cos(cos)?;
     let s = fixed_scale(margin, cos.nrows())?;
     check_logit_range::<T>(margin, s, "s")?;
     let target = check_labels(labels, cos.nrows(), cos.ncols())?;
     let st = T::of(s);
-    let mut out = cos.mapv(|v| st * v.max(-T::one()).min(T::one()));
+    let mut out = Array2::from_shape_vec(cos.dim(), out).expect("logits shape");
+    out.zip_mut_with(&cos, |o, &v| *o = st * v.max(-T::one()).min(T::one()));
     for (i, y) in target.iter().enumerate() {
         if let Some(y) = *y {
             let cy = cos[[i, y]].f64();
@@ -1785,6 +1817,7 @@ pub fn apply_margin_backward<'m, T: Real>(
     margin: impl Into<Margins<'m>>,
 ) -> Result<Array2<T>> {
     let margin = margin.into();
+    let out = logits_buffer("cos", cos.nrows(), cos.ncols())?;
     check_cos(cos)?;
     let s = fixed_scale(margin, cos.nrows())?;
     check_logit_range::<T>(margin, s, "s")?;
@@ -1792,7 +1825,8 @@ pub fn apply_margin_backward<'m, T: Real>(
     check_finite(grad_logits, "grad_logits")?;
     let target = check_labels(labels, cos.nrows(), cos.ncols())?;
     let st = T::of(s);
-    let mut out = grad_logits.mapv(|g| g * st);
+    let mut out = Array2::from_shape_vec(cos.dim(), out).expect("gradient shape");
+    out.zip_mut_with(&grad_logits, |o, &g| *o = g * st);
     for (i, y) in target.iter().enumerate() {
         if let Some(y) = *y {
             if let Some(hard) = margin.row(i).hard_negatives(cos[[i, y]].f64()) {

@@ -27,14 +27,23 @@ pub(crate) fn advise_huge<T>(buf: &Vec<T>) {
 }
 
 /// Makes room for `extra` more values in `v`; when it must grow, the new allocation gets
-/// the huge-page advice before the old values are copied in.
-pub(crate) fn reserve_huge<T: Copy>(v: &mut Vec<T>, extra: usize) {
-    let need = v.len() + extra;
+/// the huge-page advice before the old values are copied in. Fallible: when the system
+/// cannot give the memory, `v` is left as it was.
+pub(crate) fn reserve_huge<T: Copy>(
+    v: &mut Vec<T>,
+    extra: usize,
+) -> Result<(), std::collections::TryReserveError> {
+    let need = v.len().saturating_add(extra);
     if need <= v.capacity() {
-        return;
+        return Ok(());
     }
-    let mut grown = Vec::with_capacity(need.max(2 * v.capacity()));
+    let mut grown = Vec::new();
+    // doubling keeps appends amortised; when the double cannot be had, exactly what is needed
+    if grown.try_reserve_exact(need.max(2 * v.capacity())).is_err() {
+        grown.try_reserve_exact(need)?;
+    }
     advise_huge(&grown);
     grown.extend_from_slice(v);
     *v = grown;
+    Ok(())
 }

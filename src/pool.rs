@@ -32,6 +32,7 @@ pub fn pool() -> &'static ThreadPool {
     // Built outside the lock: spawning threads takes a while, and a fork in another thread
     // while the lock were held would leave the child's copy locked for good.
     let built = ThreadPoolBuilder::new()
+        .num_threads(threads())
         .thread_name(|i| format!("arcface_rs-{i}"))
         .start_handler(|_| keep_denormals())
         .build()
@@ -47,6 +48,27 @@ pub fn pool() -> &'static ThreadPool {
             pool
         }
     }
+}
+
+/// Most threads per CPU the pool starts: `RAYON_NUM_THREADS` above this many times the
+/// CPUs is capped (a typo like 100000 would otherwise start 100000 threads and make every
+/// small call take minutes). Above one per CPU the threads only take turns.
+pub const MAX_THREADS_PER_CPU: usize = 4;
+
+/// The CPUs this process may run on.
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The pool's size: `RAYON_NUM_THREADS` when set to a positive number (as rayon reads it),
+/// else one thread per CPU; never above [`MAX_THREADS_PER_CPU`] per CPU.
+pub fn threads() -> usize {
+    let asked = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0);
+    let cap = MAX_THREADS_PER_CPU * cpus();
+    asked.unwrap_or_else(cpus).min(cap)
 }
 
 /// Turns off flush-to-zero and denormals-are-zero on this thread.

@@ -143,3 +143,58 @@ def test_margin_objects_are_values():
         m.s = 10.0
     assert afr.SphereFace(m=4.0).m == 4
     assert afr.SphereFace().scale is None and afr.CosFace(s=30).scale == 30.0
+
+
+# ---------------------------------------------------------------------------------------
+# Sizes a caller can claim without holding them (a broadcast array) or that the address
+# space cannot take: a MemoryError naming the argument, never an abort in the allocator.
+
+
+def test_a_weight_of_more_rows_than_memory_holds_is_a_memory_error(run_isolated):
+    out = run_isolated(
+        """
+        import numpy as np, arcface_rs as afr
+        emb = np.ones((2, 8), np.float32)
+        weight = np.broadcast_to(np.ones(8, np.float32), (2**33, 8))
+        for call in (afr.margin_loss, afr.margin_logits):
+            try:
+                call(emb, weight, [0, 1], afr.ArcFace())
+            except MemoryError as e:
+                assert "weight" in str(e), e
+            else:
+                raise AssertionError("no error")
+        cos = np.broadcast_to(np.float32(0.5), (2**20, 2**20))
+        try:
+            afr.apply_margin(cos, np.zeros(2**20, np.int64), afr.CosFace())
+        except MemoryError as e:
+            assert "cos" in str(e), e
+        # and the library still works
+        afr.margin_loss(emb, np.ones((3, 8), np.float32), [0, 1], afr.ArcFace())
+        print("ok")
+        """
+    )
+    assert out.returncode == 0 and "ok" in out.stdout, (out.returncode, out.stderr[-2000:])
+
+
+@pytest.mark.parametrize("classes", [2**28, 2**30])
+def test_outputs_beyond_the_address_space_limit_are_memory_errors(classes, run_isolated):
+    """Under ``ulimit -v`` (3 GiB here) MemAvailable still says the machine has room; the
+    address space left is what decides."""
+    out = run_isolated(
+        f"""
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+        import numpy as np, arcface_rs as afr
+        emb = np.ones((4, 8), np.float32)
+        weight = np.broadcast_to(np.arange(1, 9, dtype=np.float32), ({classes}, 8))
+        for call in (afr.margin_logits, afr.margin_loss):
+            try:
+                call(emb, weight, [0, 1, 2, 3], afr.ArcFace())
+            except MemoryError as e:
+                assert "weight" in str(e), e
+            else:
+                raise AssertionError("no error")
+        print("ok")
+        """
+    )
+    assert out.returncode == 0 and "ok" in out.stdout, (out.returncode, out.stderr[-2000:])

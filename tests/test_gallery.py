@@ -309,3 +309,98 @@ def test_many_threads_never_see_a_half_done_add_or_remove():
         t.join(timeout=120)
     assert not errors, errors[:5]
     assert len(g) == 20000
+
+
+# ---------------------------------------------------------------------------------------
+# Sizes from the caller, filters given as lists, copies (hostile testing, round three).
+
+
+@pytest.mark.parametrize("dim", [2**24 + 1, 2**61, 2**62, 2**64 + 3])
+def test_dims_no_row_could_hold_are_refused_before_anything_runs(dim, run_isolated):
+    """A dim of 2**61 used to build a gallery whose vectors()/snapshot()/get([]) segfaulted
+    (the row size overflowed); run in a fresh process so a crash fails only this test."""
+    out = run_isolated(
+        f"""
+        import arcface_rs as afr
+        try:
+            g = afr.Gallery({dim})
+        except ValueError as e:
+            assert "dim" in str(e), e
+            print("refused")
+        else:
+            g.vectors(); g.snapshot(); g.get([])
+            print("built")
+        """
+    )
+    assert out.returncode == 0 and "refused" in out.stdout, (out.returncode, out.stderr[-2000:])
+
+
+def test_the_largest_dim_is_accepted():
+    g = afr.Gallery(afr._core.GALLERY_MAX_DIM, "int8")
+    assert g.dim == 2**24 and g.vectors().shape == (0, 2**24)
+    assert g.get([]).shape == (0, 2**24)
+
+
+def test_adding_more_rows_than_memory_holds_is_a_memory_error_and_adds_nothing(run_isolated):
+    """np.broadcast_to claims 2**34 rows in 32 bytes; the add used to abort the interpreter
+    in the allocator ("memory allocation of 137438953472 bytes failed")."""
+    out = run_isolated(
+        """
+        import numpy as np, arcface_rs as afr
+        g = afr.Gallery(8)
+        g.add(np.ones((3, 8), np.float32))
+        row = np.ones(8, np.float32)
+        try:
+            g.add(np.broadcast_to(row, (2**34, 8)))
+        except MemoryError as e:
+            assert "emb" in str(e), e
+        assert len(g) == 3, len(g)
+        assert g.search(row, k=2)[1].tolist() == [0, 1]
+        print("ok")
+        """
+    )
+    assert out.returncode == 0 and "ok" in out.stdout, (out.returncode, out.stderr[-2000:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_lists_are_filters_that_let_nothing_or_everything_through(dtype):
+    rng = np.random.default_rng(11)
+    g = afr.Gallery(16, dtype)
+    g.add(rng.standard_normal((30, 16)))
+    q = rng.standard_normal((2, 16))
+    scores, ids = g.search(q, k=4, allow=[])
+    assert (ids == -1).all() and np.isneginf(scores).all()
+    np.testing.assert_array_equal(g.search(q, k=4, deny=[])[1], g.search(q, k=4)[1])
+    ids, best = g.identify(q, threshold=-1.0, allow=[])
+    assert (ids == -1).all()
+    np.testing.assert_array_equal(g.identify(q, 0.0, deny=[])[0], g.identify(q, 0.0)[0])
+    assert g.get([]).shape == (0, 16) and g.get([]).dtype == np.float32
+    assert g.get(np.array([], dtype=np.uint8)).shape == (0, 16)
+    with pytest.raises(ValueError, match="allow"):
+        g.search(q, k=2, allow=[1.5])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pickle_and_copies_are_independent_galleries(dtype):
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(12)
+    g = afr.Gallery(12, dtype)
+    g.add(rng.standard_normal((25, 12)), ids=np.arange(100, 125))
+    g.remove([103, 117])
+    q = rng.standard_normal((4, 12))
+    want = g.search(q, k=5)
+    for clone in (pickle.loads(pickle.dumps(g)), copy.deepcopy(g), copy.copy(g)):
+        assert type(clone) is afr.Gallery and clone.dtype == dtype and clone.dim == 12
+        np.testing.assert_array_equal(clone.ids(), g.ids())
+        np.testing.assert_array_equal(clone.vectors(), g.vectors())
+        got = clone.search(q, k=5)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+        # automatic ids continue where the original's would
+        assert clone.add(rng.standard_normal(12))[0] == 125
+        clone.remove([100])
+        assert len(g) == 23 and 100 in g.ids() and 125 not in g.ids()
+    with pytest.raises(afr.GalleryFileError):
+        afr._core.Gallery.from_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -305,3 +306,102 @@ def test_damaged_and_foreign_files_raise_gallery_file_error(tmp_path):
     with pytest.raises(afr.GalleryFileError, match="not a valid"):
         afr.Gallery.load(foreign)
     assert issubclass(afr.GalleryFileError, ValueError)
+
+
+# ---------------------------------------------------------------------------------------
+# Files as untrusted input (hostile testing, round three).
+
+
+def _zero_row_file(path, dim: int) -> None:
+    """A 0-row gallery file claiming ``dim``, with a valid CRC: written as save() would."""
+    import json
+    import struct
+    import zlib
+
+    meta = {
+        "format": "arcface_rs.gallery",
+        "version": "1",
+        "dim": str(dim),
+        "dtype": "float32",
+        "next_id": "0",
+        "crc32": f"{zlib.crc32(f'{dim}/float32/0/'.encode()):08x}",
+    }
+    header = {
+        "__metadata__": meta,
+        "ids": {"dtype": "I64", "shape": [0], "data_offsets": [0, 0]},
+        "vectors": {"dtype": "F32", "shape": [0, dim], "data_offsets": [0, 0]},
+    }
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text)
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_a_file_claiming_a_huge_dim_is_refused_not_a_segfault(tmp_path, mmap, run_isolated):
+    path = tmp_path / "huge.safetensors"
+    _zero_row_file(path, 2**62)
+    ok = tmp_path / "ok.safetensors"
+    _zero_row_file(ok, 8)  # the same writer with a sane dim loads: the file is well formed
+    assert afr.Gallery.load(ok).dim == 8
+    out = run_isolated(
+        f"""
+        import arcface_rs as afr
+        try:
+            g = afr.Gallery.load({str(path)!r}, mmap={mmap})
+        except afr.GalleryFileError as e:
+            assert "dim" in str(e), e
+            print("refused")
+        else:
+            g.snapshot()
+            print("loaded")
+        """
+    )
+    assert out.returncode == 0 and "refused" in out.stdout, (out.returncode, out.stderr[-2000:])
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom", "/dev/null"])
+@pytest.mark.parametrize("mmap", [False, True])
+def test_devices_are_refused_before_reading(device, mmap, run_isolated):
+    if not os.path.exists(device):
+        pytest.skip(f"{device} does not exist here")
+    out = run_isolated(
+        f"""
+        import arcface_rs as afr
+        try:
+            afr.Gallery.load({device!r}, mmap={mmap})
+        except afr.GalleryFileError as e:
+            assert "not a regular file" in str(e), e
+            print("refused")
+        """,
+        timeout=60,
+    )
+    assert out.returncode == 0 and "refused" in out.stdout, (out.returncode, out.stderr[-2000:])
+
+
+def test_a_fifo_without_a_writer_is_refused_not_waited_on(tmp_path, run_isolated):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    out = run_isolated(
+        f"""
+        import arcface_rs as afr
+        for mmap in (False, True):
+            try:
+                afr.Gallery.load({str(fifo)!r}, mmap=mmap)
+            except afr.GalleryFileError as e:
+                assert "not a regular file" in str(e), e
+        print("refused")
+        """,
+        timeout=60,
+    )
+    assert out.returncode == 0 and "refused" in out.stdout, (out.returncode, out.stderr[-2000:])
+
+
+def test_symlink_loops_and_nul_bytes_are_named_as_such(tmp_path):
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    with pytest.raises(OSError) as info:
+        afr.Gallery.load(loop)
+    assert info.value.errno == errno.ELOOP
+    assert not isinstance(info.value, FileNotFoundError)
+    with pytest.raises(ValueError, match="NUL"):
+        afr.Gallery.load(str(tmp_path / "a\0b"))

@@ -593,3 +593,29 @@ def test_denormals_survive_a_caller_that_flushes_them():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_an_absurd_thread_count_is_capped_and_said(run_isolated):
+    """RAYON_NUM_THREADS=100000 used to start 100000 threads and make a small call take
+    minutes; the pool stops at MAX_THREADS_PER_CPU per CPU and a warning says so."""
+    code = """
+        import os, time, warnings
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            import arcface_rs as afr
+        import numpy as np
+        cpus = len(os.sched_getaffinity(0))
+        assert afr.num_threads() == min(100000, afr._core.MAX_THREADS_PER_CPU * cpus)
+        assert any("RAYON_NUM_THREADS" in str(w.message) for w in seen), seen
+        t = time.perf_counter()
+        afr.margin_loss(np.ones((4, 8)), np.eye(8), [0, 1, 2, 3], afr.ArcFace())
+        assert time.perf_counter() - t < 10
+        print("ok")
+        """
+    out = run_isolated(code, timeout=60, env={"RAYON_NUM_THREADS": "100000"})
+    assert out.returncode == 0 and "ok" in out.stdout, (out.returncode, out.stderr[-2000:])
+    # a sane request is followed exactly
+    out = run_isolated(
+        "import arcface_rs as afr; print(afr.num_threads())", env={"RAYON_NUM_THREADS": "3"}
+    )
+    assert out.stdout.strip() == "3", out.stderr

@@ -5,6 +5,10 @@ NumPy API; ``arcface_rs.torch`` holds the PyTorch modules (needs torch), and
 ``arcface_rs.metrics`` the verification metrics.
 """
 
+import os as _os
+import warnings as _warnings
+
+from ._core import MAX_THREADS_PER_CPU as _MAX_THREADS_PER_CPU
 from ._core import GalleryFileError, __version__, num_threads, simd_level
 from ._cuda import cuda_available
 from ._gallery import Gallery
@@ -31,6 +35,26 @@ from ._margins import (
 )
 from ._search import cosine_topk
 from ._subcenters import dominant_centers, find_outliers
+
+
+def _warn_if_threads_capped() -> None:
+    """RAYON_NUM_THREADS beyond MAX_THREADS_PER_CPU threads per CPU is capped by the core
+    (the pool would only make its threads take turns); say so once, at import."""
+    asked = _os.environ.get("RAYON_NUM_THREADS", "").strip()
+    if not asked.isdigit():
+        return
+    cpus = len(_os.sched_getaffinity(0)) if hasattr(_os, "sched_getaffinity") else _os.cpu_count()
+    cap = _MAX_THREADS_PER_CPU * (cpus or 1)
+    if int(asked) > cap:
+        _warnings.warn(
+            f"RAYON_NUM_THREADS={asked}: arcface_rs runs at most {_MAX_THREADS_PER_CPU} threads "
+            f"per CPU, {cap} here",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+_warn_if_threads_capped()
 
 __all__ = [
     "AdaFace",

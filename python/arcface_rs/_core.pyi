@@ -7,10 +7,12 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "GALLERY_MAX_DIM",
     "Gallery",
     "GalleryFileError",
     "MARGIN_KINDS",
     "MARGIN_PARAMS",
+    "MAX_THREADS_PER_CPU",
     "REMOTE_TARGET",
     "Margin",
     "__version__",
@@ -38,6 +40,8 @@ __version__: str
 
 MARGIN_PARAMS: int
 REMOTE_TARGET: int
+GALLERY_MAX_DIM: int
+MAX_THREADS_PER_CPU: int
 MARGIN_KINDS: dict[str, int]
 
 class GalleryFileError(ValueError): ...
@@ -218,6 +222,9 @@ class Gallery:
     def add(
         self, emb: npt.NDArray[np.float32], ids: npt.NDArray[np.int64] | None = None
     ) -> npt.NDArray[np.int64]: ...
+    def to_bytes(self) -> bytes: ...
+    @staticmethod
+    def from_bytes(data: bytes) -> Gallery: ...
     def remove(self, ids: npt.NDArray[np.int64]) -> int: ...
     def search(
         self,

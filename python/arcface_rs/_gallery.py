@@ -65,6 +65,18 @@ def _ids(value: Any) -> np.ndarray:
     return _labels(ids[None] if ids.ndim == 0 else ids, "ids")
 
 
+def id_list(name: str, value: Any) -> np.ndarray:
+    """A 1-D int64 array of ids; an empty list (which NumPy reads as float64) is no id."""
+    a = np.asarray(value)
+    if a.ndim == 1 and a.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if a.dtype.kind not in "iu" or a.ndim != 1:
+        raise ValueError(f"{name}: must be a 1-D array of integer ids, got {a.dtype} {a.shape}")
+    if a.dtype.kind == "u" and a.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name}: ids exceed the int64 range")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
 class Gallery:
     """Enrolled face embeddings with int64 ids, for exact cosine search.
 
@@ -87,6 +99,8 @@ class Gallery:
             raise TypeError(f"dim must be an int, got {type(dim).__name__}")
         if dim <= 0:
             raise ValueError(f"dim must be >= 1, got {dim}")
+        if dim > _core.GALLERY_MAX_DIM:
+            raise ValueError(f"dim must be at most {_core.GALLERY_MAX_DIM} (2**24), got {dim}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
         self._device = _device(device)
@@ -177,12 +191,7 @@ class Gallery:
         out = {}
         for name, value in (("allow", allow), ("deny", deny)):
             if value is not None:
-                a = np.asarray(value)
-                if a.dtype.kind not in "iu" or a.ndim != 1:
-                    raise ValueError(
-                        f"{name}: must be a 1-D array of integer ids, got {a.dtype} {a.shape}"
-                    )
-                out[name] = np.ascontiguousarray(a, dtype=np.int64)
+                out[name] = id_list(name, value)
         return out
 
     def search(
@@ -300,10 +309,7 @@ class Gallery:
         numpy.ndarray
             (n, dim) float32.
         """
-        a = np.asarray(ids)
-        if a.dtype.kind not in "iu" or a.ndim != 1:
-            raise ValueError(f"ids: must be a 1-D array of integer ids, got {a.dtype} {a.shape}")
-        return self._core.get(np.ascontiguousarray(a, dtype=np.int64))
+        return self._core.get(id_list("ids", ids))
 
     def ids(self) -> np.ndarray:
         """The ids, int64, in gallery order."""
@@ -344,6 +350,18 @@ class Gallery:
         """
         self._core.save(os.fspath(path))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled as the bytes of its file (checked again on unpickling), searched where it
+        # was: a pickled GPU gallery unpickles on the same device
+        return (_from_bytes, (self._core.to_bytes(), self.device))
+
+    def __copy__(self) -> Gallery:
+        # a copy owns its rows: adding to or removing from it leaves this gallery alone
+        return _from_bytes(self._core.to_bytes(), self.device)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Gallery:
+        return self.__copy__()
+
     @property
     def mapped(self) -> bool:
         """Whether the vectors are read in place from the file (``load(..., mmap=True)``)."""
@@ -375,9 +393,19 @@ class Gallery:
         Gallery
         """
         path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"path: no gallery file at {path!r}")
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        if "\0" in path:
+            raise ValueError(f"path: contains a NUL byte, which no file name can: {path!r}")
         g = cls.__new__(cls)
         g._device = _device(device)
         g._core = _core.Gallery.load(path, bool(mmap))
         return g
+
+
+def _from_bytes(data: bytes, device: Any = "cpu") -> Gallery:
+    """A gallery from the bytes of its file (unpickling and copies)."""
+    g = Gallery.__new__(Gallery)
+    g._device = _device(device)
+    g._core = _core.Gallery.from_bytes(data)
+    return g

@@ -23,6 +23,7 @@ pub(super) fn to_py_err(e: crate::Error) -> PyErr {
         ErrorKind::InvalidArgument => PyValueError::new_err(message),
         ErrorKind::CorruptFile => GalleryFileError::new_err(message),
         ErrorKind::Device => pyo3::exceptions::PyRuntimeError::new_err(message),
+        ErrorKind::OutOfMemory => pyo3::exceptions::PyMemoryError::new_err(message),
         // OSError(errno, strerror) constructs the subclass that errno names
         ErrorKind::Io {
             errno: Some(errno), ..

@@ -1,6 +1,6 @@
 //! `Gallery`: enrolled embeddings behind a lock, searched, identified, saved and loaded.
 
-use super::convert::{detached, run, to_py_err};
+use super::convert::{detached, run, to_py_err, GalleryFileError};
 use crate::search::gallery::{Dtype, Gallery, IdFilter};
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
@@ -260,6 +260,22 @@ impl PyGallery {
             }
         })?
         .map_err(to_py_err)?;
+        Ok(PyGallery::wrap(g))
+    }
+
+    /// The gallery as the bytes of its file (for pickling and copies).
+    fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+        let bytes = self.reading(py, crate::search::file::to_bytes)?;
+        Ok(pyo3::types::PyBytes::new(py, &bytes))
+    }
+
+    /// A gallery from the bytes of `to_bytes` (checked as a file is: a damaged copy is a
+    /// GalleryFileError).
+    #[staticmethod]
+    fn from_bytes(py: Python<'_>, data: &[u8]) -> PyResult<Self> {
+        let g = run(py, || crate::search::file::parse(data))?.map_err(|why| {
+            GalleryFileError::new_err(format!("data: not a valid arcface_rs gallery: {why}"))
+        })?;
         Ok(PyGallery::wrap(g))
     }
 

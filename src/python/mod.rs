@@ -20,7 +20,8 @@ mod search;
 use convert::{run, GalleryFileError};
 use pyo3::prelude::*;
 
-/// Number of threads the Rust kernels use (RAYON_NUM_THREADS, else the core count).
+/// Number of threads the Rust kernels use (RAYON_NUM_THREADS, else the core count; at most
+/// MAX_THREADS_PER_CPU per CPU).
 #[pyfunction]
 fn num_threads() -> usize {
     crate::pool::num_threads()
@@ -57,6 +58,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // the label of a row whose target class another shard holds (margin_loss_shard, kernels.cu)
     m.add("REMOTE_TARGET", crate::head::REMOTE_TARGET)?;
     m.add_class::<gallery::PyGallery>()?;
+    m.add("GALLERY_MAX_DIM", crate::search::gallery::MAX_DIM)?;
+    m.add("MAX_THREADS_PER_CPU", crate::pool::MAX_THREADS_PER_CPU)?;
     m.add_function(wrap_pyfunction!(head::margin_loss, m)?)?;
     m.add_function(wrap_pyfunction!(head::margin_loss_shard, m)?)?;
     m.add_function(wrap_pyfunction!(head::margin_logits, m)?)?;

@@ -22,7 +22,7 @@ const FORMAT: &str = "arcface_rs.gallery";
 const VERSION: u32 = 1;
 
 /// The tensors of a gallery as (name, safetensors dtype, shape, little-endian bytes).
-fn tensors(g: &Gallery) -> Vec<(&'static str, &'static str, Vec<usize>, Vec<u8>)> {
+fn tensors(g: &Gallery) -> Tensors {
     fn bytes<T: Copy, const W: usize>(v: &[T], le: impl Fn(T) -> [u8; W]) -> Vec<u8> {
         v.iter().flat_map(|&x| le(x)).collect()
     }
@@ -40,8 +40,23 @@ fn tensors(g: &Gallery) -> Vec<(&'static str, &'static str, Vec<usize>, Vec<u8>)
     out
 }
 
-/// Writes `g` to `path` atomically.
-pub fn save(g: &Gallery, path: &Path) -> Result<()> {
+/// The file's bytes in memory (what [`save`] writes, and [`parse`] reads back): for pickling.
+pub fn to_bytes(g: &Gallery) -> Vec<u8> {
+    let (header, tensors) = encode(g);
+    let mut out =
+        Vec::with_capacity(8 + header.len() + tensors.iter().map(|t| t.3.len()).sum::<usize>());
+    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    out.extend_from_slice(&header);
+    for (_, _, _, data) in &tensors {
+        out.extend_from_slice(data);
+    }
+    out
+}
+
+type Tensors = Vec<(&'static str, &'static str, Vec<usize>, Vec<u8>)>;
+
+/// The padded JSON header and the tensors of `g`.
+fn encode(g: &Gallery) -> (Vec<u8>, Tensors) {
     let tensors = tensors(g);
     let mut crc = checksum_start(g.dim(), g.dtype(), g.next_id());
     let mut entries = Vec::new();
@@ -66,7 +81,12 @@ pub fn save(g: &Gallery, path: &Path) -> Result<()> {
     let mut header = format!("{{{metadata},{}}}", entries.join(",")).into_bytes();
     // Pad to 8 bytes so every tensor stays aligned for readers that map the file.
     header.resize(header.len().next_multiple_of(8), b' ');
+    (header, tensors)
+}
 
+/// Writes `g` to `path` atomically.
+pub fn save(g: &Gallery, path: &Path) -> Result<()> {
+    let (header, tensors) = encode(g);
     remove_stale_temporaries(path);
     let tmp = temporary_path(path);
     let write = || -> std::io::Result<()> {
@@ -169,9 +189,67 @@ fn temporary_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// `path` opened for reading, with its size, when it is a regular file. Anything else is
+/// refused before a byte is read: a device such as /dev/zero would be read until memory
+/// runs out, and opening a FIFO with no writer blocks forever.
+fn open_regular(path: &Path) -> Result<(File, u64)> {
+    let meta = std::fs::metadata(path).map_err(|e| {
+        let what = match e.kind() {
+            std::io::ErrorKind::NotFound => "no gallery file",
+            _ => "cannot read",
+        };
+        Error::io(path, what, &e)
+    })?;
+    let not_regular = |meta: &std::fs::Metadata| -> Option<Error> {
+        if meta.is_file() {
+            return None;
+        }
+        if meta.is_dir() {
+            #[cfg(target_os = "linux")]
+            let e = std::io::Error::from_raw_os_error(libc::EISDIR);
+            #[cfg(not(target_os = "linux"))]
+            let e = std::io::Error::other("is a directory");
+            return Some(Error::io(path, "cannot read", &e));
+        }
+        Some(Error::corrupt(
+            path,
+            "not a regular file (a device, FIFO or socket); a gallery is a file written by save",
+        ))
+    };
+    if let Some(e) = not_regular(&meta) {
+        return Err(e);
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    // Non-blocking, so that a FIFO put in the file's place after the check cannot block the
+    // open; the handle's own metadata is checked again below.
+    #[cfg(target_os = "linux")]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    let file = options
+        .open(path)
+        .map_err(|e| Error::io(path, "cannot open", &e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io(path, "cannot read", &e))?;
+    if let Some(e) = not_regular(&meta) {
+        return Err(e);
+    }
+    Ok((file, meta.len()))
+}
+
 /// Reads a gallery written by [`save`], checking everything that could make it wrong.
 pub fn load(path: &Path) -> Result<Gallery> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, "cannot read", &e))?;
+    use std::io::Read;
+    let (file, len) = open_regular(path)?;
+    crate::limits::check_memory("path", len as u128, "reading the gallery file")?;
+    let len = usize::try_from(len)
+        .map_err(|_| Error::out_of_memory("path", "reading the gallery file", len as u128, None))?;
+    let mut bytes = Vec::new();
+    crate::limits::reserve("path", &mut bytes, len, "reading the gallery file")?;
+    // never more than the size the file had when it was checked (it may grow meanwhile)
+    file.take(len as u64)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, "cannot read", &e))?;
     parse(&bytes).map_err(|why| Error::corrupt(path, why))
 }
 
@@ -180,11 +258,7 @@ pub fn load(path: &Path) -> Result<Gallery> {
 /// must not be changed in place while the gallery is alive; [`save`] never does that (it
 /// replaces the file by renaming, and the mapping keeps the old contents).
 pub fn load_mapped(path: &Path) -> Result<Gallery> {
-    let file = File::open(path).map_err(|e| Error::io(path, "cannot open", &e))?;
-    let len = file
-        .metadata()
-        .map_err(|e| Error::io(path, "cannot read", &e))?
-        .len();
+    let (file, len) = open_regular(path)?;
     if len < 8 {
         return Err(Error::corrupt(path, "shorter than a safetensors header"));
     }

@@ -190,13 +190,19 @@ impl Codes {
 
     /// Room for `rows` more rows of `dim` values, on huge pages where the system allows
     /// (a search streams the whole gallery: 4 KiB pages cost ~10% in TLB misses).
-    fn reserve_rows(&mut self, rows: usize, dim: usize) {
+    /// Room for `rows` more rows; a refused allocation is a `MemoryError` naming `emb`.
+    fn reserve_rows(&mut self, rows: usize, dim: usize) -> Result<()> {
+        let values = rows.saturating_mul(dim);
+        let bytes = rows as u128 * dim as u128 * self.dtype().bytes() as u128;
+        let refused = |_| Error::out_of_memory("emb", "the gallery's new rows", bytes, None);
         match self {
-            Codes::F32(v) => crate::pages::reserve_huge(v.owned(), rows * dim),
-            Codes::F16(v) | Codes::BF16(v) => crate::pages::reserve_huge(v.owned(), rows * dim),
+            Codes::F32(v) => crate::pages::reserve_huge(v.owned(), values).map_err(refused),
+            Codes::F16(v) | Codes::BF16(v) => {
+                crate::pages::reserve_huge(v.owned(), values).map_err(refused)
+            }
             Codes::I8(v, scales) => {
-                crate::pages::reserve_huge(v.owned(), rows * dim);
-                scales.reserve(rows);
+                crate::pages::reserve_huge(v.owned(), values).map_err(refused)?;
+                scales.try_reserve(rows).map_err(refused)
             }
         }
     }
@@ -253,6 +259,10 @@ impl Codes {
     }
 }
 
+/// The longest row a gallery holds: 2**24 values (64 MiB in float32), far beyond any
+/// embedding; longer rows are refused at construction and when a file claims them.
+pub const MAX_DIM: usize = 1 << 24;
+
 /// Enrolled embeddings and their int64 ids. Not synchronised: the bindings wrap it in a lock.
 #[derive(Clone, Debug)]
 pub struct Gallery {
@@ -269,6 +279,14 @@ impl Gallery {
         if dim == 0 {
             return Err(Error::invalid("dim", "must be >= 1"));
         }
+        if dim > MAX_DIM {
+            // A row this long overflows the sizes computed from it (a float32 row of 2**61
+            // values is 2**63 bytes) and could never be allocated anyway.
+            return Err(Error::invalid(
+                "dim",
+                format!("must be at most {MAX_DIM} (2**24 values per row), got {dim}"),
+            ));
+        }
         Ok(Gallery {
             dim,
             codes: Codes::empty(dtype),
@@ -282,7 +300,7 @@ impl Gallery {
     /// and of unit norm, ids to be unique, so a damaged file cannot give a wrong gallery.
     pub fn from_parts(dim: usize, codes: Codes, ids: Vec<i64>) -> Result<Self> {
         let mut g = Gallery::new(dim, codes.dtype())?;
-        if codes.values() != ids.len() * dim {
+        if Some(codes.values()) != ids.len().checked_mul(dim) {
             return Err(Error::invalid(
                 "vectors",
                 format!(
@@ -402,6 +420,12 @@ impl Gallery {
                 format!("has {d} columns but the gallery's dim is {}", self.dim),
             ));
         }
+        // Rows are read one at a time through their strides (a broadcast array can claim
+        // more rows than memory holds): only what is stored is allocated (codes, scale, id,
+        // its map entry and the call's norms), checked before anything else.
+        let stored = (self.len() as u128 + n as u128)
+            * (d as u128 * self.dtype().bytes() as u128 + 4 + 8 + 16 + 8);
+        crate::limits::check_memory("emb", stored, "the gallery with these rows added")?;
         let ids: Array1<i64> = match ids {
             Some(ids) => {
                 if ids.len() != n {
@@ -437,20 +461,21 @@ impl Gallery {
                 Array1::from_iter(self.next_id..last)
             }
         };
-        let emb = emb.as_standard_layout();
-        let mut norms = Vec::with_capacity(n);
-        for (i, row) in emb.axis_iter(Axis(0)).enumerate() {
-            let norm = kernels::norm(row.as_slice().expect("standard layout"));
-            if let Some(e) = unnormalisable("emb", i, norm) {
+        let mut row_buf = vec![0.0f32; d];
+        let mut norms = crate::limits::filled("emb", n, 0.0f64, "the rows' norms")?;
+        for (i, norm) in norms.iter_mut().enumerate() {
+            *norm = kernels::norm(row_of(&emb, i, &mut row_buf));
+            if let Some(e) = unnormalisable("emb", i, *norm) {
                 return Err(e);
             }
-            norms.push(norm);
         }
-        self.codes.reserve_rows(n, d);
+        self.codes.reserve_rows(n, d)?;
+        self.ids.try_reserve(n).map_err(|_| {
+            Error::out_of_memory("emb", "the ids of the new rows", n as u128 * 8, None)
+        })?;
         let mut unit = vec![0.0f32; d];
-        for (row, &norm) in emb.axis_iter(Axis(0)).zip(&norms) {
-            let row = row.as_slice().expect("standard layout");
-            for (u, &x) in unit.iter_mut().zip(row) {
+        for (i, &norm) in norms.iter().enumerate() {
+            for (u, &x) in unit.iter_mut().zip(row_of(&emb, i, &mut row_buf)) {
                 *u = (x as f64 / norm) as f32;
             }
             self.codes.push(&unit);
@@ -713,6 +738,16 @@ impl Gallery {
         }
         out
     }
+}
+
+/// Row `i` of `m` as a slice: its own memory when contiguous, else copied into `buf`.
+fn row_of<'a>(m: &'a ArrayView2<f32>, i: usize, buf: &'a mut [f32]) -> &'a [f32] {
+    let row = m.row(i);
+    if let Some(slice) = row.to_slice() {
+        return slice;
+    }
+    buf.iter_mut().zip(row).for_each(|(b, &x)| *b = x);
+    buf
 }
 
 /// Row of each id. Ids are integers the caller chose (or counted up), so the map hashes
