@@ -62,9 +62,9 @@ pub fn pair_dots<T: Real>(
 pub struct AllPairs {
     /// TAR at each asked FAR.
     pub tar: Vec<f64>,
-    /// The score threshold of each FAR: the k-th largest negative score, k = ⌊far·negatives⌋
-    /// (pairs scoring at least this are accepted); for k = 0 the largest negative score,
-    /// which must then be beaten strictly.
+    /// The score threshold of each FAR: the (k+1)-th largest negative score, k =
+    /// ⌊far·negatives⌋ (pairs scoring strictly above it are accepted: at most k negatives
+    /// are); -inf when k covers every negative.
     pub thresholds: Vec<f64>,
     pub positives: u64,
     pub negatives: u64,
@@ -77,7 +77,6 @@ struct Scan<T> {
     negatives: Vec<T>,
     floor: T,
     keep: usize,
-    max_negative: T,
 }
 
 impl<T: Real> Scan<T> {
@@ -87,7 +86,6 @@ impl<T: Real> Scan<T> {
             negatives: Vec::new(),
             floor: T::of(f64::NEG_INFINITY),
             keep,
-            max_negative: T::of(f64::NEG_INFINITY),
         }
     }
 
@@ -110,9 +108,6 @@ impl<T: Real> Scan<T> {
         self.negatives.extend(other.negatives);
         if other.floor > self.floor {
             self.floor = other.floor;
-        }
-        if other.max_negative > self.max_negative {
-            self.max_negative = other.max_negative;
         }
         self.prune();
         self
@@ -169,11 +164,13 @@ pub fn all_pairs_tar_at_far<T: Real>(
             ),
         ));
     }
+    // k = the false accepts each FAR allows (the same tolerance as `verification`'s
+    // fpr <= far); the (k+1)-th largest negative is the one that must stay rejected
     let ks: Vec<u64> = fars
         .iter()
-        .map(|f| ((f * negatives as f64).floor() as u64).min(negatives))
+        .map(|f| ((f * (1.0 + 1e-15) * negatives as f64).floor() as u64).min(negatives))
         .collect();
-    let keep = ks.iter().copied().max().unwrap_or(0).max(1);
+    let keep = (ks.iter().copied().max().unwrap_or(0) + 1).min(negatives);
     let threads = rayon::current_num_threads().max(1) as u128;
     let size = std::mem::size_of::<T>() as u128;
     // each thread holds up to 2·keep negatives between prunes, and the merge holds them all
@@ -234,13 +231,8 @@ pub fn all_pairs_tar_at_far<T: Real>(
                     for (&sc, &l) in row[from..].iter().zip(&lb[from..]) {
                         if l == la {
                             scan.positives.push(sc);
-                        } else {
-                            if sc > scan.max_negative {
-                                scan.max_negative = sc;
-                            }
-                            if sc >= scan.floor {
-                                scan.negatives.push(sc);
-                            }
+                        } else if sc >= scan.floor {
+                            scan.negatives.push(sc);
                         }
                     }
                     if scan.negatives.len() >= 2 * keep.max(4096) {
@@ -257,16 +249,14 @@ pub fn all_pairs_tar_at_far<T: Real>(
     negs.sort_unstable_by(|a, b| b.partial_cmp(a).expect("finite scores"));
     let mut pos = scan.positives;
     pos.sort_unstable_by(|a, b| a.partial_cmp(b).expect("finite scores"));
-    let max_negative = scan.max_negative;
     let (mut tar, mut thresholds) = (Vec::new(), Vec::new());
     for &k in &ks {
-        let (threshold, accepted) = if k == 0 {
-            // strictly above every negative
-            let above = pos.len() - pos.partition_point(|&p| p <= max_negative);
-            (max_negative, above)
-        } else {
-            let t = negs[k as usize - 1];
-            (t, pos.len() - pos.partition_point(|&p| p < t))
+        // The highest TPR over thresholds whose FPR <= far: accept every score above the
+        // (k+1)-th largest negative (so at most k negatives, ties included, get in); with
+        // k = every negative, accept everything.
+        let (threshold, accepted) = match negs.get(k as usize) {
+            Some(&t) => (t, pos.len() - pos.partition_point(|&p| p <= t)),
+            None => (T::of(f64::NEG_INFINITY), pos.len()),
         };
         thresholds.push(threshold.f64());
         tar.push(accepted as f64 / positives as f64);
@@ -299,14 +289,19 @@ mod tests {
                 }
             }
         }
-        neg.sort_by(|a, b| b.partial_cmp(a).unwrap());
-        let k = (far * neg.len() as f64).floor() as usize;
-        let accepted = if k == 0 {
-            pos.iter().filter(|&&p| p > neg[0]).count()
-        } else {
-            pos.iter().filter(|&&p| p >= neg[k - 1]).count()
-        };
-        accepted as f64 / pos.len() as f64
+        // the highest TPR over every threshold (each score, accepting scores >= it) whose
+        // FPR <= far, tried one by one
+        neg.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        pos.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let mut best = 0.0f64;
+        for &t in pos.iter().chain(&neg) {
+            let fp = neg.len() - neg.partition_point(|&n| n < t);
+            if fp as f64 <= far * neg.len() as f64 {
+                let tp = pos.len() - pos.partition_point(|&p| p < t);
+                best = best.max(tp as f64 / pos.len() as f64);
+            }
+        }
+        best
     }
 
     #[test]

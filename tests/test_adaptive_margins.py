@@ -221,3 +221,143 @@ def test_new_margins_stay_finite_over_extreme_norms_and_unit_cosines(scale):
     ):
         loss, ge, gw = afr.margin_loss(emb, weight, labels, margin)
         assert np.isfinite(loss) and np.isfinite(ge).all() and np.isfinite(gw).all(), margin
+
+
+# ---------------------------------------------------------------------------------------
+# State and refused calls (hostile testing, round three): a refused call changes nothing,
+# bad statistics are refused, copies carry everything.
+
+
+def _bad_batches(emb, weight, labels):
+    """Calls the core refuses: an empty batch, a NaN row, a label out of range."""
+    nan = emb.copy()
+    nan[1] = np.nan
+    return [
+        (emb[:0], weight, labels[:0]),
+        (nan, weight, labels),
+        (emb, weight, np.r_[labels[:-1], weight.shape[0]]),
+        (np.zeros_like(emb), weight, labels),
+    ]
+
+
+def test_a_refused_call_leaves_adaface_as_it_was():
+    emb, weight, labels = _problem(seed=31)
+    margin = afr.AdaFace(batch_mean=21.0, batch_std=90.0)
+    for call in (afr.margin_loss, afr.margin_logits):
+        for e, w, y in _bad_batches(emb, weight, labels):
+            with pytest.raises(ValueError):
+                call(e, w, y, margin)
+            assert (margin.batch_mean, margin.batch_std) == (21.0, 90.0)
+    # and it still trains, from where it stood
+    afr.margin_loss(emb, weight, labels, margin)
+    n = np.clip(np.linalg.norm(emb, axis=1), 1e-3, 100)
+    assert margin.batch_mean == pytest.approx(0.01 * n.mean() + 0.99 * 21.0, rel=1e-12)
+
+
+def test_adaface_statistics_are_validated_at_construction_and_assignment():
+    for kw in (
+        {"batch_mean": math.inf},
+        {"batch_mean": math.nan},
+        {"batch_std": math.nan},
+        {"batch_std": -1.0},
+        {"batch_std": math.inf},
+    ):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            afr.AdaFace(**kw)
+    margin = afr.AdaFace()
+    for name, value in (("batch_mean", -math.inf), ("batch_std", -0.5), ("batch_std", math.nan)):
+        with pytest.raises(ValueError, match=name):
+            setattr(margin, name, value)
+    with pytest.raises(TypeError):
+        margin.batch_mean = "20"
+    assert (margin.batch_mean, margin.batch_std) == (20.0, 100.0)
+
+
+def test_apply_margin_refuses_adaface_like_magface():
+    cos = np.full((2, 3), 0.3)
+    for margin in (afr.AdaFace(), afr.MagFace()):
+        with pytest.raises(ValueError, match="norm"):
+            afr.apply_margin(cos, [0, 1], margin)
+        with pytest.raises(ValueError, match="norm"):
+            afr.apply_margin_backward(np.ones_like(cos), cos, [0, 1], margin)
+
+
+def test_only_loss_calls_move_running_statistics():
+    """One rule for NumPy and torch: margin_loss (a head's forward) moves AdaFace's and
+    CurricularFace's statistics in training; margin_logits (a head's .logits()) uses them."""
+    emb, weight, labels = _problem(seed=32)
+    for margin, names in (
+        (afr.AdaFace(), ("batch_mean", "batch_std")),
+        (afr.CurricularFace(t=0.1), ("t",)),
+    ):
+        before = [getattr(margin, n) for n in names]
+        afr.margin_logits(emb, weight, labels, margin)
+        assert [getattr(margin, n) for n in names] == before
+        afr.margin_loss(emb, weight, labels, margin)
+        assert [getattr(margin, n) for n in names] != before
+
+
+def test_a_refused_call_takes_no_elasticface_draws():
+    emb, weight, labels = _problem(seed=33)
+    margin, twin = afr.ElasticFace(seed=5), afr.ElasticFace(seed=5)
+    for e, w, y in _bad_batches(emb, weight, labels):
+        with pytest.raises(ValueError):
+            afr.margin_loss(e, w, y, margin)
+    a = afr.margin_loss(emb, weight, labels, margin)
+    b = afr.margin_loss(emb, weight, labels, twin)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "copy"])
+def test_copies_of_stateful_margins_continue_where_the_original_stands(how):
+    import copy
+    import pickle
+
+    clone = {
+        "pickle": lambda m: pickle.loads(pickle.dumps(m)),
+        "deepcopy": copy.deepcopy,
+        "copy": copy.copy,
+    }[how]
+    emb, weight, labels = _problem(seed=34)
+    margins = [
+        afr.AdaFace(batch_mean=30.0),
+        afr.CurricularFace(t=0.3),
+        afr.ElasticFace(seed=7, plus=True),
+    ]
+    for margin in margins:
+        afr.margin_loss(emb, weight, labels, margin)  # move the state off its start
+        if hasattr(margin, "training"):
+            margin.training = False
+        twin = clone(margin)
+        assert twin is not margin and type(twin) is type(margin)
+        assert getattr(twin, "training", None) == getattr(margin, "training", None)
+        for name in ("batch_mean", "batch_std", "t"):
+            assert getattr(twin, name, None) == getattr(margin, name, None)
+        # the next call gives the same result on both (draws included), and a call on the
+        # copy leaves the original alone
+        got = afr.margin_loss(emb, weight, labels, twin)
+        want = afr.margin_loss(emb, weight, labels, margin)
+        for x, y in zip(got, want):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_dominant_centres_and_outliers_accept_rows_of_any_magnitude():
+    rng = np.random.default_rng(35)
+    weight = rng.standard_normal((12, 8))  # 4 classes x 3 sub-centres
+    emb = rng.standard_normal((10, 8))
+    labels = rng.integers(0, 4, size=10)
+    want_centres = afr.dominant_centers(weight, 3, emb, labels, return_index=True)[1]
+    want_out = afr.find_outliers(emb, labels, weight, 3, threshold_deg=60)
+    for scale in (1e-200, 1e200):
+        got = afr.dominant_centers(weight * scale, 3, emb / scale, labels, return_index=True)
+        np.testing.assert_array_equal(got[1], want_centres)
+        np.testing.assert_array_equal(
+            afr.find_outliers(emb * scale, labels, weight / scale, 3, threshold_deg=60), want_out
+        )
+
+
+def test_elasticface_plus_with_labels_of_the_wrong_length_names_them():
+    emb, weight, labels = _problem(seed=36)
+    with pytest.raises(ValueError, match="labels: has 11 entries but emb has 12 rows"):
+        afr.margin_loss(emb, weight, labels[:-1], afr.ElasticFace(plus=True, seed=1))

@@ -102,3 +102,33 @@ def test_bad_input_is_named():
         aft.CenterLoss(6, 8)(torch.zeros(3, 8), torch.tensor([0, 6, 1]))
     none = afr.center_loss(emb, centers, np.full(len(emb), -1))
     assert none[0] == 0.0 and not none[1].any() and len(none[2][0]) == 0
+
+
+def test_center_loss_module_refuses_what_the_numpy_one_refuses():
+    torch.manual_seed(0)
+    module = aft.CenterLoss(4, 3, dtype=torch.float64)
+    before = module.centers.clone()
+    emb = torch.randn(5, 3, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, -1])
+    nan = emb.clone()
+    nan[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="emb"):
+        module(nan, labels)
+    with pytest.raises(ValueError, match="emb"):
+        afr.center_loss(nan.numpy(), before.numpy(), labels.numpy())
+    with pytest.raises(TypeError, match="labels"):
+        module(emb[:2], torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="emb"):
+        module(emb[:0], labels[:0])
+    assert torch.equal(module.centers, before)  # nothing moved
+    # an ignored row may hold anything, as in the NumPy version
+    ignored = emb.clone()
+    ignored[4] = float("nan")
+    loss = module(ignored, labels)
+    want, _, _ = afr.center_loss(ignored.numpy(), before.numpy(), labels.numpy(), 0.003, 0.5)
+    assert loss.item() == pytest.approx(float(want), rel=1e-12)
+    assert torch.isfinite(module.centers).all()
+    for name in ("lambda_c", "alpha"):
+        for value in (float("inf"), float("nan"), -1.0):
+            with pytest.raises(ValueError, match=name):
+                aft.CenterLoss(4, 3, **{name: value})

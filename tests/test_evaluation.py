@@ -219,8 +219,10 @@ def _brute_tar(x, labels, fars):
     pos = scores[same]
     out = {}
     for f in fars:
+        # the highest TPR over thresholds whose FPR <= f: accept the scores above the
+        # (k+1)-th largest negative, k = the false accepts f allows
         k = int(np.floor(f * len(neg)))
-        out[f] = float(np.mean(pos > neg[0])) if k == 0 else float(np.mean(pos >= neg[k - 1]))
+        out[f] = float(np.mean(pos > neg[k])) if k < len(neg) else 1.0
     return out
 
 
@@ -303,3 +305,84 @@ def test_the_example_runs_every_protocol():
     assert out.returncode == 0, out.stderr
     for line in ("LFW-style", "IJB-style 1:1", "IJB-style 1:N G2", "all pairs"):
         assert line in out.stdout
+
+
+@pytest.mark.parametrize("n", [300, 2000])
+def test_all_pairs_tar_at_far_equals_the_verification_report_on_the_same_pairs(n):
+    """TAR@FAR is the highest TPR over thresholds with FPR <= far in both (the all-pairs
+    scan used to accept k-1 negatives where k are allowed: 0.1030 vs 0.1032 at N=2000)."""
+    rng = np.random.default_rng(n)
+    ids = rng.integers(0, n // 4, n)
+    x = rng.standard_normal((n // 4, 16))[ids] + 0.9 * rng.standard_normal((n, 16))
+    iu = np.triu_indices(n, 1)
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    scores, same = (u @ u.T)[iu], ids[iu[0]] == ids[iu[1]]
+    negatives = int((~same).sum())
+    fars = [f for f in (1e-5, 1e-4, 1e-3, 1e-2, 0.1) if f * negatives >= 1]
+    report = afr.metrics.verification(scores, same, far=fars)
+    got = ev.all_pairs_tar_at_far(x, ids, far=fars)
+    for f in fars:
+        assert got[f] == pytest.approx(report.tar_at_far[f], abs=1e-12), f
+    # ties: negatives scoring exactly at the threshold count as accepted
+    tied = np.repeat(np.eye(4), [3, 3, 3, 3], axis=0)  # 4 identities, 3 identical rows each
+    tied = np.vstack([tied, np.eye(4)[[0, 1]]])
+    labels = np.r_[np.repeat(np.arange(4), 3), 9, 8]  # the last two duplicate other ids' rows
+    iu = np.triu_indices(len(tied), 1)
+    s = (tied @ tied.T)[iu]
+    m = labels[iu[0]] == labels[iu[1]]
+    for f in (0.02, 0.05, 0.2, 1.0):
+        want = afr.metrics.verification(s, m, far=[f]).tar_at_far[f]
+        assert ev.all_pairs_tar_at_far(tied, labels, far=[f])[f] == pytest.approx(want), f
+
+
+def test_template_ids_must_name_one_row_each_and_weights_be_finite():
+    feats = np.eye(3)
+    with pytest.raises(ValueError, match="template_ids.*7"):
+        ev.template_pair_scores(feats, [7, 8, 7], [7], [8])
+    x = np.random.default_rng(0).standard_normal((4, 5))
+    t, m = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 0])
+    for bad in ([1.0, np.nan, 1.0, 1.0], [1.0, 1.0, np.inf, 1.0]):
+        with pytest.raises(ValueError, match="weights"):
+            ev.aggregate_templates(x, t, m, weights=bad)
+
+
+def test_lfw_protocol_names_a_fold_without_both_kinds_of_pair():
+    rng = np.random.default_rng(5)
+    emb = rng.standard_normal((40, 8))
+    same = np.r_[np.ones(10, bool), np.zeros(10, bool)]  # fold 0 and 1 of 10 hold one kind
+    with pytest.raises(ValueError, match="issame: fold 0"):
+        ev.lfw_protocol(emb, same, folds=10)
+
+
+def _bin(path, bins, issame):
+    with open(path, "wb") as f:
+        pickle.dump((bins, issame), f, protocol=2)
+
+
+@pytest.mark.parametrize("issame", [["False", True], [2, 1], [None, True], [0.5, 1]])
+def test_load_bin_refuses_what_is_not_a_boolean(tmp_path, issame):
+    pytest.importorskip("PIL")
+    path = tmp_path / "odd.bin"
+    _bin(path, [_png(i)[0] for i in range(4)], issame)
+    with pytest.raises(ValueError, match=r"issame\[0\]") as info:
+        ev.load_bin(path)
+    assert str(path) in str(info.value)
+    _bin(path, [_png(i)[0] for i in range(4)], [1, 0])  # 0/1 are fine
+    assert ev.load_bin(path, image_size=(8, 6))[1].tolist() == [True, False]
+
+
+def test_load_bin_errors_name_the_file_and_the_image(tmp_path):
+    pytest.importorskip("PIL")
+    path = tmp_path / "broken.bin"
+    _bin(path, [_png(0)[0], b"not an image", _png(1)[0], _png(2)[0]], [True, False])
+    with pytest.raises(ValueError, match="image 1") as info:
+        ev.load_bin(path)
+    assert str(path) in str(info.value)
+    _bin(path, None, None)
+    with pytest.raises(ValueError) as info:
+        ev.load_bin(path)
+    assert str(path) in str(info.value)
+    path.write_bytes(pickle.dumps(([b"x"], [True]), protocol=2)[:-9] + b"h\x05.")
+    with pytest.raises((ValueError, pickle.UnpicklingError)) as info:
+        ev.load_bin(path)
+    assert str(path) in str(info.value)

@@ -375,3 +375,46 @@ def test_float32_is_close_to_float64(margin, head):
     assert abs(float(b[0]) - float(a[0])) <= 2e-3 * abs(float(a[0]))
     for x, y in ((b[1], a[1]), (b[2], a[2])):
         assert np.abs(x - y).max() <= 2e-3 * np.abs(y).max()
+
+
+# ---------------------------------------------------------------------------------------
+# State and refused calls (hostile testing, round three).
+
+
+def test_a_refused_call_leaves_curricularface_t_as_it_was():
+    import warnings
+
+    emb, weight, labels = _problem(seed=40)
+    margin = afr.CurricularFace(t=0.25)
+    nan, zero, centre0 = emb.copy(), emb.copy(), weight.copy()
+    nan[2] = np.nan
+    zero[3] = 0.0
+    centre0[labels[0]] = 0.0
+    bad = [
+        (nan, weight, labels),
+        (zero, weight, labels),
+        (emb, centre0, labels),
+        (emb, weight, labels[:-1]),
+        (emb, weight, np.r_[labels[:-1], len(weight)]),
+        (emb[:0], weight, labels[:0]),
+    ]
+    for e, w, y in bad:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the refusal comes with no warning before it
+            with pytest.raises(ValueError):
+                afr.margin_loss(e, w, y, margin)
+        assert margin.t == 0.25
+    afr.margin_loss(emb, weight, labels, margin)  # one NaN batch no longer poisons the rest
+    assert margin.t != 0.25 and math.isfinite(margin.t)
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-160, 1e160, 1e300])
+def test_curricularface_t_and_loss_follow_the_rescaled_rows(scale):
+    """The README's promise: any finite non-zero row gives the loss of the rescaled row;
+    t used to come out 0 from norms that overflowed or underflowed."""
+    emb, weight, labels = _problem(seed=41, spread=1.0)
+    plain, scaled = afr.CurricularFace(t=0.1), afr.CurricularFace(t=0.1)
+    want = afr.margin_loss(emb, weight, labels, plain)
+    got = afr.margin_loss(emb * scale, weight, labels, scaled)
+    assert scaled.t == pytest.approx(plain.t, abs=1e-12) and plain.t != 0.1
+    assert float(got[0]) == pytest.approx(float(want[0]), rel=1e-9)

@@ -128,3 +128,94 @@ def test_concurrent_callers_see_whole_batches(runtime):
         t.join()
     assert not errors, errors
     assert len(sg) == 400
+
+
+# ---------------------------------------------------------------------------------------
+# Hostile testing, round three: all-or-nothing adds, ids under one lock, the Gallery's own
+# conversions and checks on the caller's side, shard errors as the Gallery raises them.
+
+
+def test_a_refused_add_leaves_every_shard_as_it_was(runtime):
+    from arcface_rs.ray import ShardedGallery
+
+    x, _ = _data(d=16, seed=3)
+    sg = ShardedGallery(16, "float32", shards=2, actor_options=OPTIONS)
+    sg.add(x[:2])
+    bad = x[2:6].copy()
+    bad[3] = np.nan  # its home shard would refuse it, the other would take its rows
+    with pytest.raises(ValueError, match="emb: row 3"):
+        sg.add(bad)
+    zero = x[2:6].copy()
+    zero[1] = 0.0
+    with pytest.raises(ValueError, match="emb: row 1"):
+        sg.add(zero)
+    assert len(sg) == 2
+    np.testing.assert_array_equal(sg.add(x[2:6]), [2, 3, 4, 5])  # no clash on ids
+
+
+def test_concurrent_adds_never_collide_on_automatic_ids(runtime):
+    from arcface_rs.ray import ShardedGallery
+
+    x, _ = _data(d=16, seed=4)
+    sg = ShardedGallery(16, "float32", shards=3, actor_options=OPTIONS)
+    got, errors = [], []
+
+    def add(part):
+        try:
+            got.append(sg.add(part))
+        except Exception as e:  # collected and reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=add, args=(x[i * 8 : (i + 1) * 8],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    ids = np.concatenate(got)
+    assert sorted(ids.tolist()) == list(range(64)) and len(sg) == 64
+
+
+def test_float64_queries_give_the_gallerys_answer_on_near_ties(runtime):
+    from arcface_rs.ray import ShardedGallery
+
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal(32)
+    # rows that differ from each other below float32's resolution of the queries' values
+    rows = base + 1e-9 * rng.standard_normal((40, 32))
+    sg = ShardedGallery(32, "float32", shards=3, actor_options=OPTIONS)
+    one = afr.Gallery(32, "float32")
+    sg.add(rows)
+    one.add(rows)
+    q = base[None, :] * 1e200 + 1e-9 * rng.standard_normal((12, 32)) * 1e200  # float64 only
+    _same(sg, one, q, 5)
+    np.testing.assert_array_equal(sg.identify(q, 0.5)[0], one.identify(q, 0.5)[0])
+
+
+def test_caller_side_checks_and_clean_shard_errors(runtime, tmp_path):
+    from arcface_rs.ray import ShardedGallery
+
+    x, _ = _data(d=16, seed=6)
+    x = x[:20]
+    sg = ShardedGallery(16, "float32", shards=2, actor_options=OPTIONS)
+    sg.add(x)
+    with pytest.raises(TypeError, match="k"):
+        sg.search(x[0], k=2.5)
+    with pytest.raises(ValueError, match="k"):
+        sg.search(x[0], k=0)
+    with pytest.raises(ValueError, match="queries"):
+        sg.search(np.ones(7), k=2)
+    with pytest.raises(TypeError, match="threshold"):
+        sg.identify(x[0], threshold="high")
+    with pytest.raises(ValueError, match="allow"):
+        sg.search(x[0], k=2, allow=[1.5])
+    # empty filters: nothing / everything
+    assert (sg.search(x[:2], k=3, allow=[])[1] == -1).all()
+    np.testing.assert_array_equal(sg.search(x[:2], k=3, deny=[])[1], sg.search(x[:2], k=3)[1])
+    # an error raised inside a shard arrives as the Gallery's own exception
+    with pytest.raises(ValueError) as info:
+        sg.search(x[0], k=10**12)
+    assert type(info.value) is ValueError and "\x1b[" not in str(info.value)
+    sg.save(tmp_path / "g")
+    with pytest.raises(ValueError, match="shards"):
+        ShardedGallery.load(tmp_path / "g", shards=0, actor_options=OPTIONS)

@@ -274,3 +274,99 @@ def test_the_implementation_follows_the_device_and_inputs_must_be_on_it(one_rank
         losses.append(float(h(emb, labels).detach()))
     want = float(afr.torch.margin_loss(emb, weight, labels, afr.ArcFace()))
     assert losses == pytest.approx([want, want], rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# Ranks that disagree (hostile testing, round three): every rank raises the same clear
+# error, promptly, instead of one rank dying in gloo, all waiting for the group's timeout,
+# or classes left without an owner.
+
+_RANKS_CODE = """
+import sys, time
+from datetime import timedelta
+import torch, torch.distributed as dist
+import arcface_rs as afr
+from arcface_rs.torch import ShardedMarginHead
+
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank,
+                        world_size=2, timeout=timedelta(seconds=40))
+torch.manual_seed(rank)
+cfg = {{"embedding_size": 8, "num_classes": 12, "dtype": torch.float32, "sample_rate": 1.0}}
+cfg.update({overrides}[rank])
+head = ShardedMarginHead(margin=afr.ArcFace(), **cfg)
+emb_width = {widths}[rank]
+labels = torch.tensor([0, 5, 11, 3])
+start = time.perf_counter()
+for step in range(2):
+    emb = torch.randn(4, emb_width, dtype=cfg["dtype"], requires_grad=True)
+    try:
+        loss = head(emb, labels)
+        loss.backward()
+        print(f"step {{step}} loss {{loss.item():.6f}}", flush=True)
+    except Exception as e:
+        print(f"step {{step}} {{type(e).__name__}}: {{e}}", flush=True)
+    emb_width = cfg["embedding_size"]  # the second step's inputs are right
+print(f"seconds {{time.perf_counter() - start:.1f}}", flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def _two_ranks(tmp_path, overrides=({}, {}), widths=(8, 8)):
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        _RANKS_CODE.format(port=free_port(), overrides=list(overrides), widths=list(widths))
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    try:
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} died ({p.returncode}):\n{logs[r][-3000:]}"
+    return logs
+
+
+@pytest.mark.parametrize(
+    "field, overrides",
+    [
+        ("embedding_size", ({}, {"embedding_size": 12})),
+        ("num_classes", ({"num_classes": 9}, {})),
+        ("dtype", ({}, {"dtype": torch.float64})),
+        ("sample_rate", ({}, {"sample_rate": 0.5})),
+    ],
+)
+def test_ranks_that_disagree_on_the_configuration_all_raise_the_same_error(
+    tmp_path, field, overrides
+):
+    widths = [cfg.get("embedding_size", 8) for cfg in overrides]
+    logs = _two_ranks(tmp_path, overrides, widths)
+    errors = [[line for line in log.splitlines() if line.startswith("step 0")] for log in logs]
+    for r in range(2):
+        assert (
+            errors[r]
+            and f"ValueError: ShardedMarginHead: the ranks disagree on {field}" in (errors[r][0])
+        ), logs[r][-2000:]
+    assert errors[0] == errors[1]  # the same message on both
+
+
+def test_a_rank_that_refuses_its_input_stops_every_rank_at_once(tmp_path):
+    logs = _two_ranks(tmp_path, widths=(8, 5))
+    assert "step 0 RuntimeError: ShardedMarginHead: rank(s) [1] refused" in logs[0], logs[0]
+    assert "step 0 ValueError: emb must have shape (batch, 8)" in logs[1], logs[1]
+    for log in logs:
+        seconds = float(log.split("seconds ")[1].split()[0])
+        assert seconds < 20, log  # not the process group's timeout (40 s here)
+        assert "step 1 loss" in log, log  # and the next step runs on both
+    loss = [float(log.split("step 1 loss ")[1].split()[0]) for log in logs]
+    assert loss[0] == loss[1]

@@ -156,3 +156,43 @@ def test_compiled_heads_equal_eager_without_graph_breaks(cls):
     assert torch.equal(eager.state_dict()["weight"], compiled_head.state_dict()["weight"])
     if cls is aft.AdaFaceHead:
         assert float(eager.batch_mean) == pytest.approx(float(compiled_head.batch_mean), rel=1e-14)
+
+
+# ---------------------------------------------------------------------------------------
+# Buffers and refused calls (hostile testing, round three).
+
+
+def test_a_refused_batch_leaves_the_adaface_buffers_and_state_dict_alone():
+    torch.manual_seed(0)
+    head = aft.AdaFaceHead(8, 5, batch_mean=21.0, batch_std=90.0, dtype=torch.float64)
+    emb = torch.randn(6, 8, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    nan = emb.clone()
+    nan[2] = float("nan")
+    for e, y in ((emb[:0], labels[:0]), (nan, labels), (emb, torch.tensor([0, 1, 2, 3, 4, 5]))):
+        with pytest.raises(ValueError):
+            head(e, y)
+        state = head.state_dict()
+        assert state["batch_mean"].item() == 21.0 and state["batch_std"].item() == 90.0
+    head(emb, labels).backward()
+    n = emb.norm(dim=1).clamp(1e-3, 100)
+    assert head.batch_mean.item() == pytest.approx(0.01 * n.mean().item() + 0.99 * 21.0)
+
+
+def test_elasticface_draws_are_in_the_state_dict_and_resume():
+    import io
+
+    torch.manual_seed(0)
+    emb = torch.randn(6, 8)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    head = aft.ElasticFaceHead(8, 5, seed=3)
+    head(emb, labels)  # the draws have moved on
+    buf = io.BytesIO()
+    torch.save(head.state_dict(), buf)
+    buf.seek(0)
+    resumed = aft.ElasticFaceHead(8, 5, seed=3)  # same seed: would repeat the first draws
+    resumed.load_state_dict(torch.load(buf))
+    assert torch.equal(resumed(emb, labels), head(emb, labels))
+    fresh = aft.ElasticFaceHead(8, 5, seed=3)
+    fresh.load_state_dict(head.state_dict() | {"weight": head.weight})
+    assert not torch.equal(aft.ElasticFaceHead(8, 5, seed=3)(emb, labels), head(emb, labels))

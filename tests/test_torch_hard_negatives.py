@@ -183,3 +183,33 @@ def test_bad_head_options_name_the_argument():
     emb, weight, labels = (torch.tensor(a) for a in _problem())
     with pytest.raises(ValueError, match="weight"):
         aft.margin_loss(emb, weight, labels % 13, afr.ArcFace(), sub_centers=3)
+
+
+def test_a_refused_batch_leaves_t_alone_and_a_bad_label_is_a_value_error():
+    torch.manual_seed(0)
+    head = aft.CurricularFaceHead(8, 5, t=0.25, dtype=torch.float64)
+    emb = torch.randn(6, 8, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    nan = emb.clone()
+    nan[1] = float("nan")
+    for e, y in ((nan, labels), (emb, torch.tensor([0, 1, 2, 3, 4, 5]))):
+        with pytest.raises(ValueError, match="emb|labels"):
+            head(e, y)
+        assert head.t.item() == 0.25
+    with pytest.raises(ValueError, match="labels"):
+        head.logits(emb, torch.tensor([0, 1, 2, 3, 4, 5]))
+    head(emb, labels)
+    assert head.t.item() != 0.25
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e300])
+def test_head_t_follows_the_rescaled_rows(scale):
+    torch.manual_seed(1)
+    emb = torch.randn(6, 8, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    plain = aft.CurricularFaceHead(8, 5, t=0.1, dtype=torch.float64)
+    scaled = aft.CurricularFaceHead(8, 5, t=0.1, dtype=torch.float64)
+    scaled.load_state_dict(plain.state_dict())
+    plain(emb, labels)
+    scaled(emb * scale, labels)
+    assert scaled.t.item() == pytest.approx(plain.t.item(), abs=1e-12)

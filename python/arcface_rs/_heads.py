@@ -7,7 +7,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import _core
-from ._margins import Margin
+from ._margins import AdaFace, Margin
 from ._validate import floats as _floats
 from ._validate import grad_filter as _grad_filter
 from ._validate import interclass_filter as _interclass_filter
@@ -15,6 +15,7 @@ from ._validate import labels as _labels
 from ._validate import reduction as _reduction
 from ._validate import same_dtype as _same_dtype
 from ._validate import sub_centers as _sub_centers
+from ._validate import unit_rows
 
 __all__ = [
     "apply_margin",
@@ -36,6 +37,18 @@ def _margin(value: Any) -> _core.Margin:
     return value._spec
 
 
+def _refuse_norm_margins(margin: Any) -> _core.Margin:
+    """The core margin of ``margin`` for a cosine matrix, which carries no feature norm:
+    AdaFace's margin follows the norm (the core refuses MagFace and SphereFace(s=None))."""
+    spec = _margin(margin)
+    if isinstance(margin, AdaFace):
+        raise ValueError(
+            "margin: AdaFace's margin follows each row's feature norm, which a cosine matrix "
+            "does not carry; use margin_loss or margin_logits on the embeddings"
+        )
+    return spec
+
+
 def target_cosines(
     emb: np.ndarray, weight: np.ndarray, labels: np.ndarray, sub_centers: int = 1
 ) -> np.ndarray:
@@ -44,22 +57,32 @@ def target_cosines(
     out = np.full(len(labels), np.nan)
     rows = np.nonzero(labels >= 0)[0]
     if rows.size:
-        x = emb[rows].astype(np.float64)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        # norms taken safely: every finite non-zero magnitude gives its exact cosine (a bad
+        # row gives NaN here, and the core names it next)
+        x, _ = unit_rows(emb[rows])
         best = np.full(rows.size, -np.inf)
         for a in range(sub_centers):
-            w = weight[labels[rows] * sub_centers + a].astype(np.float64)
-            cos = np.einsum("ij,ij->i", x, w) / np.linalg.norm(w, axis=1)
-            best = np.maximum(best, cos)
+            w, _ = unit_rows(weight[labels[rows] * sub_centers + a])
+            best = np.maximum(best, np.einsum("ij,ij->i", x, w))
         out[rows] = np.clip(best, -1.0, 1.0)
     return out
 
 
 def _row_blocks(
-    margin: Margin, emb: np.ndarray, weight: np.ndarray, labels: np.ndarray, sub_centers: int = 1
+    margin: Margin,
+    emb: np.ndarray,
+    weight: np.ndarray,
+    labels: np.ndarray,
+    sub_centers: int = 1,
+    step: bool = True,
 ) -> np.ndarray | None:
-    """The margin's per-row parameter blocks for this batch (None: one for all rows)."""
+    """The margin's per-row parameter blocks for this batch (None: one for all rows);
+    ``step``: a loss call, which moves running statistics (applied by ``margin._commit()``
+    once the call has been accepted)."""
     _margin(margin)
+    if labels.shape[0] != emb.shape[0]:
+        # refused here, as the core words it, before a margin reads the batch row by row
+        raise ValueError(f"labels: has {labels.shape[0]} entries but emb has {emb.shape[0]} rows")
 
     def target_cos() -> np.ndarray:
         if emb.shape[1] != weight.shape[1] or weight.shape[0] % sub_centers:
@@ -69,7 +92,11 @@ def _row_blocks(
             return np.full(len(labels), np.nan)  # the core names the bad label next
         return target_cosines(emb, weight, labels, sub_centers)
 
-    return margin._rows(lambda: np.linalg.norm(emb.astype(np.float64), axis=1), target_cos)
+    def norms() -> np.ndarray:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.linalg.norm(emb.astype(np.float64), axis=1)
+
+    return margin._rows(norms, target_cos, step)
 
 
 def _head_options(sub_centers: Any, interclass_filter: Any) -> dict[str, Any]:
@@ -116,8 +143,10 @@ def margin_logits(
     _same_dtype(emb=emb, weight=weight)
     labels = _labels(labels)
     head = _head_options(sub_centers, interclass_filter)
-    rows = _row_blocks(margin, emb, weight, labels, head["sub_centers"])
-    return _core.margin_logits(emb, weight, labels, _margin(margin), row_margins=rows, **head)
+    rows = _row_blocks(margin, emb, weight, labels, head["sub_centers"], step=False)
+    out = _core.margin_logits(emb, weight, labels, _margin(margin), row_margins=rows, **head)
+    margin._commit()
+    return out
 
 
 def margin_logits_backward(
@@ -227,6 +256,7 @@ def margin_loss(
         grad_filter=_grad_filter(grad_filter),
         **head,
     )
+    margin._commit()  # the call was accepted: running statistics and draws move on
     out = rows.astype(emb.dtype) if reduction == "none" else emb.dtype.type(loss)
     return out, g_emb, g_w
 
@@ -251,7 +281,7 @@ def apply_margin(cos: Any, labels: Any, margin: Margin) -> np.ndarray:
         (B, C) logits ``s * cos``, ``s * psi(cos)`` on each row's label.
     """
     cos = _floats("cos", cos)
-    spec = _margin(margin)
+    spec = _refuse_norm_margins(margin)
     return _core.apply_margin(cos, _labels(labels), spec, row_margins=margin._row_blocks)
 
 
@@ -272,7 +302,7 @@ def apply_margin_backward(grad_logits: Any, cos: Any, labels: Any, margin: Margi
     """
     grad_logits, cos = _floats("grad_logits", grad_logits), _floats("cos", cos)
     _same_dtype(grad_logits=grad_logits, cos=cos)
-    spec = _margin(margin)
+    spec = _refuse_norm_margins(margin)
     return _core.apply_margin_backward(
         grad_logits, cos, _labels(labels), spec, row_margins=margin._row_blocks
     )

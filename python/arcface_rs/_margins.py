@@ -45,22 +45,25 @@ class Margin:
         values = (getattr(self, name) for name in self._params)
         return tuple(tuple(v.tolist()) if isinstance(v, np.ndarray) else v for v in values)
 
-    def _rows(self, norms: Any, target_cos: Any) -> np.ndarray | None:
+    def _rows(self, norms: Any, target_cos: Any, step: bool = True) -> np.ndarray | None:
         """The per-row parameter blocks of one call, or None for one margin for all rows.
 
         ``norms()`` and ``target_cos()`` return the batch's (B,) float64 feature norms and
         target cosines (NaN for ignored rows), computed only when a margin asks for them.
-        Margins with running state (AdaFace, CurricularFace) update it here; per-sample
-        draws (ElasticFace) are made here."""
+        Margins with running state (AdaFace, CurricularFace) compute the state this call
+        moves them to when ``step`` (a loss call in training) and use it; per-sample draws
+        (ElasticFace) are made here. Nothing changes yet: the new state waits in
+        ``_pending`` until the caller's work has been accepted and it calls ``_commit()``,
+        so a refused call leaves the margin as it was."""
         return self._row_blocks
 
-    def _rows_again(self) -> np.ndarray | None:
-        """The blocks of the last ``_rows`` call, for a backward of that call."""
-        return getattr(self, "_last_rows", self._row_blocks)
+    def _commit(self) -> None:
+        """Applies the state of the last ``_rows`` call (see there); margins without state
+        have none."""
 
-    def _remember(self, blocks: np.ndarray | None) -> np.ndarray | None:
-        object.__setattr__(self, "_last_rows", blocks)
-        return blocks
+    def _rows_again(self) -> np.ndarray | None:
+        """The blocks of the last accepted ``_rows`` call, for a backward of that call."""
+        return getattr(self, "_last_rows", self._row_blocks)
 
     @property
     def scale(self) -> float | None:
@@ -317,13 +320,45 @@ class CombinedMargin(Margin):
 
 
 class _StatefulMargin(Margin):
-    """A margin whose calls change it (draws, running statistics): equal only to itself."""
+    """A margin whose calls change it (draws, running statistics): equal only to itself.
+
+    Pickles and copies carry the whole state (``training``, running statistics, the random
+    generator's position), so a copy continues exactly where the original stands."""
+
+    #: attributes beyond the constructor's arguments that a copy carries
+    _state: tuple[str, ...] = ()
 
     def __hash__(self) -> int:
         return id(self)
 
     def __eq__(self, other: object) -> bool:
         return other is self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self._values(), {n: getattr(self, n) for n in self._state})
+
+    def _stage(self, blocks: np.ndarray | None, **state: Any) -> np.ndarray | None:
+        """Keeps ``state`` (and ``blocks`` for ``_rows_again``) for ``_commit``."""
+        object.__setattr__(self, "_pending", {"_last_rows": blocks, **state})
+        return blocks
+
+    def _commit(self) -> None:
+        pending = self.__dict__.get("_pending")
+        if not pending:
+            return
+        object.__setattr__(self, "_pending", None)
+        for name, value in pending.items():
+            if name.startswith("_"):
+                object.__setattr__(self, name, value)
+            else:
+                setattr(self, name, value)  # validated as any assignment is
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            if name.startswith("_"):
+                object.__setattr__(self, name, value)
+            else:
+                setattr(self, name, value)
 
 
 class ElasticFace(_StatefulMargin):
@@ -350,6 +385,12 @@ class ElasticFace(_StatefulMargin):
         ElasticFace+: draws assigned by the target cosines.
     seed : int or None
         Seed of the draws.
+
+    Notes
+    -----
+    Every accepted call (loss or logits) draws anew; a refused call takes no draws.
+    ``rng_state`` is the generator's position: pickles and copies carry it (a copy draws
+    what the original would), and ``ElasticFaceHead`` saves it in its state_dict.
     """
 
     _params = ("s", "m", "std", "kind", "plus", "seed")
@@ -372,9 +413,30 @@ class ElasticFace(_StatefulMargin):
         self._set(s=s, m=m, std=std, kind=kind, plus=bool(plus), seed=seed)
         self._set(_rng=np.random.default_rng(seed), _spec=spec)
 
-    def _rows(self, norms: Any, target_cos: Any) -> np.ndarray | None:
+    _state = ("rng_state",)
+
+    @property
+    def rng_state(self) -> dict[str, Any]:
+        """The position of the draws (``numpy.random.Generator.bit_generator.state``):
+        saved with a checkpoint and assigned back, a resumed run continues the sequence."""
+        return self._rng.bit_generator.state
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name != "rng_state":
+            super().__setattr__(name, value)  # refused: the parameters are fixed
+        rng = np.random.default_rng()
+        try:
+            rng.bit_generator.state = value
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"rng_state: not a NumPy PCG64 generator state ({e})") from None
+        object.__setattr__(self, "_rng", rng)
+
+    def _rows(self, norms: Any, target_cos: Any, step: bool = True) -> np.ndarray | None:
         n = len(norms())
-        draws = self._rng.normal(self.m, self.std, size=n)
+        # drawn from a copy of the generator: it moves on only when the call is accepted
+        rng = np.random.default_rng()
+        rng.bit_generator.state = self._rng.bit_generator.state
+        draws = rng.normal(self.m, self.std, size=n)
         upper = math.pi - 1e-9 if self.kind == "arc" else np.inf
         draws = np.clip(draws, 0.0, upper)
         if self.plus:
@@ -385,7 +447,7 @@ class ElasticFace(_StatefulMargin):
             draws = ranked
         blocks = np.tile(np.asarray(self._block, dtype=np.float64), (n, 1))
         blocks[:, 2] = draws
-        return self._remember(blocks)
+        return self._stage(blocks, rng_state=rng.bit_generator.state)
 
 
 class AdaFace(_StatefulMargin):
@@ -408,8 +470,16 @@ class AdaFace(_StatefulMargin):
     t_alpha : float
         Momentum of the running statistics, in [0, 1].
     batch_mean, batch_std : float
-        Initial running statistics (the attributes, updated by each call while
-        ``training`` is True, used unchanged when False).
+        Initial running statistics (the attributes): batch_mean finite, batch_std finite
+        and >= 0, checked here and on every assignment.
+
+    Notes
+    -----
+    The statistics move only in loss calls (:func:`arcface_rs.margin_loss`, a head's
+    forward) while ``training`` is True, and only once the call has been accepted: a refused
+    call (an empty batch, a NaN row, a bad label) leaves them as they were. Logits calls
+    (:func:`arcface_rs.margin_logits`, a head's ``.logits()``) use them unchanged. Pickles
+    and copies carry the statistics and ``training``.
     """
 
     _params = ("s", "m", "h", "t_alpha")
@@ -430,17 +500,26 @@ class AdaFace(_StatefulMargin):
         if not (math.isfinite(h) and h >= 0):
             raise ValueError(f"h: must be a finite number >= 0, got {h}")
         self._set(s=s, m=m, h=h, t_alpha=t_alpha, _spec=_core.Margin.adaface(s, m, 0.0))
-        self.batch_mean = _real("batch_mean", batch_mean)
-        self.batch_std = _real("batch_std", batch_std)
+        self.batch_mean = batch_mean
+        self.batch_std = batch_std
         self.training = True
 
+    _state = ("batch_mean", "batch_std", "training")
+
     def __setattr__(self, name: str, value: Any) -> None:
-        if name not in ("batch_mean", "batch_std", "training", "_last_rows"):
+        if name == "batch_mean":
+            value = _real(name, value)
+            if not math.isfinite(value):
+                raise ValueError(f"batch_mean: must be finite, got {value}")
+        elif name == "batch_std":
+            value = _real(name, value)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"batch_std: must be a finite number >= 0, got {value}")
+        elif name == "training":
+            value = bool(value)
+        else:
             raise AttributeError(f"AdaFace.{name} is fixed; build a new one")
         object.__setattr__(self, name, value)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), self._values() + (self.batch_mean, self.batch_std))
 
     def __repr__(self) -> str:
         return (
@@ -453,16 +532,22 @@ class AdaFace(_StatefulMargin):
         n = np.clip(np.asarray(norms, dtype=np.float64), 1e-3, 100.0)
         return np.clip(self.h * (n - self.batch_mean) / (self.batch_std + 1e-3), -1.0, 1.0)
 
-    def _rows(self, norms: Any, target_cos: Any) -> np.ndarray | None:
+    def _rows(self, norms: Any, target_cos: Any, step: bool = True) -> np.ndarray | None:
         n = np.clip(np.asarray(norms(), dtype=np.float64), 1e-3, 100.0)
-        if self.training:
-            std = float(n.std(ddof=1)) if n.size > 1 else 0.0
+        mean, std = self.batch_mean, self.batch_std
+        state = {}
+        if self.training and step and n.size and np.isfinite(n).all():
+            # (a batch the core refuses, empty or with a NaN row, moves nothing: the update
+            # is kept for _commit, which runs only once the call is accepted)
+            row_std = float(n.std(ddof=1)) if n.size > 1 else 0.0
             a = self.t_alpha
-            self.batch_mean = a * float(n.mean()) + (1.0 - a) * self.batch_mean
-            self.batch_std = a * std + (1.0 - a) * self.batch_std
+            mean = a * float(n.mean()) + (1.0 - a) * mean
+            std = a * row_std + (1.0 - a) * std
+            state = {"batch_mean": mean, "batch_std": std}
         blocks = np.tile(np.asarray(self._block, dtype=np.float64), (n.size, 1))
-        blocks[:, 3] = self.margin_scaler(n)
-        return self._remember(blocks)
+        with np.errstate(invalid="ignore"):
+            blocks[:, 3] = np.clip(self.h * (n - mean) / (std + 1e-3), -1.0, 1.0)
+        return self._stage(blocks, **state)
 
 
 class MagFace(Margin):
@@ -544,6 +629,15 @@ class CurricularFace(_StatefulMargin):
         Momentum of t, in [0, 1].
     t : float
         Initial t, in [-1, 1] (the attribute, updated by training calls).
+
+    Notes
+    -----
+    t moves only in loss calls (:func:`arcface_rs.margin_loss`, a head's forward) while
+    ``training`` is True, and only once the call has been accepted: a refused call leaves
+    it as it was. Logits calls (:func:`arcface_rs.margin_logits`, a head's ``.logits()``)
+    use it unchanged. The target cosines are taken with safe norms, so rows of any finite
+    non-zero magnitude give the t of the rescaled rows. Pickles and copies carry t and
+    ``training``.
     """
 
     _params = ("s", "m", "alpha")
@@ -556,30 +650,36 @@ class CurricularFace(_StatefulMargin):
         self.t = t
         self.training = True
 
+    _state = ("t", "training")
+
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "t":
             value = _real("t", value)
             # validated by the core; the block follows t so apply_margin sees it too
             self._set(_spec=_core.Margin.curricularface(self.s, self.m, value))
-        elif name not in ("training", "_last_rows"):
+        elif name == "training":
+            value = bool(value)
+        else:
             raise AttributeError(f"CurricularFace.{name} is fixed; build a new one")
         object.__setattr__(self, name, value)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), self._values() + (self.t,))
 
     def __repr__(self) -> str:
         return f"CurricularFace(s={self.s!r}, m={self.m!r}, alpha={self.alpha!r}, t={self.t!r})"
 
-    def _rows(self, norms: Any, target_cos: Any) -> np.ndarray | None:
+    def _rows(self, norms: Any, target_cos: Any, step: bool = True) -> np.ndarray | None:
         n = len(norms())
-        if self.training:
+        block = np.asarray(self._block, dtype=np.float64)
+        state = {}
+        if self.training and step:
             cos = np.asarray(target_cos(), dtype=np.float64)
             cos = cos[~np.isnan(cos)]
             if cos.size:
-                self.t = self.alpha * float(cos.mean()) + (1.0 - self.alpha) * self.t
-        blocks = np.tile(np.asarray(self._block, dtype=np.float64), (n, 1))
-        return self._remember(blocks)
+                t = self.alpha * float(cos.mean()) + (1.0 - self.alpha) * self.t
+                # the block of the new t (validated by the core); kept for _commit
+                block = np.asarray(_core.Margin.curricularface(self.s, self.m, t).encode())
+                state = {"t": t}
+        blocks = np.tile(block, (n, 1))
+        return self._stage(blocks, **state)
 
 
 class MVSoftmax(Margin):

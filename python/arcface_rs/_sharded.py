@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _core
 from ._cuda import cuda_available
 from ._margins import _KINDS_WITH_HARD_NEGATIVES, Margin
 from ._sharded_device import FusedShardLoss, kernel_grads, plain_shard_loss
+from ._torch_ops import unit_rows
 from ._torch_plain import _note_exact_on_cuda, _warn_cuda_once
 from ._validate import count as check_count
 from ._validate import grad_filter as check_grad_filter
@@ -274,6 +274,7 @@ class ShardedMarginHead(nn.Module):
             torch.empty(rows, self.embedding_size, dtype=dtype, device=device)
         )
         self.last_sampled: Tensor | None = None
+        self._agreed = False  # the ranks' configurations are compared on the first call
         # which implementation runs: None picks by device; the tests force "plain" or
         # "fused" on CPU tensors (the fused one on the fake CUDA driver)
         self._path: str | None = None
@@ -332,9 +333,10 @@ class ShardedMarginHead(nn.Module):
         cos = torch.zeros(len(labels_all), dtype=torch.float64, device=x.device)
         k, lo = self.sub_centers, self.shard_range[0]
         if bool(local.any()):
-            centres = self.weight.detach().to(torch.float64).view(-1, k, x.shape[1])
-            mine = centres[labels_all[local] - lo]
-            cos[local] = F.cosine_similarity(x[local][:, None, :], mine, dim=2).amax(dim=1)
+            centres = self.weight.detach().view(-1, k, x.shape[1])
+            mine = unit_rows(centres[labels_all[local] - lo])
+            # norms taken safely: rows of any finite non-zero magnitude give exact cosines
+            cos[local] = (unit_rows(x[local])[:, None, :] * mine).sum(dim=2).amax(dim=1)
         dist.all_reduce(cos, op=dist.ReduceOp.SUM, group=self.group)
         return torch.where(labels_all >= 0, cos, torch.full_like(cos, math.nan))
 
@@ -367,30 +369,90 @@ class ShardedMarginHead(nn.Module):
         _warn_cuda_once()
         return "plain"
 
-    def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
+    def _input_problem(self, emb: Any, labels: Any) -> Exception | None:
+        """What is wrong with this rank's inputs, or None (checked locally, raised only
+        after every rank has said whether its own inputs are fine)."""
         if not isinstance(emb, Tensor) or not isinstance(labels, Tensor):
-            raise TypeError("emb and labels must be torch tensors")
+            return TypeError("emb and labels must be torch tensors")
         device = self.weight.device
         if emb.device != device or labels.device != device:
-            raise ValueError(
+            return ValueError(
                 f"emb and labels must be on the weight's device {device}, got {emb.device} "
                 f"and {labels.device}"
             )
         if emb.dim() != 2 or emb.shape[1] != self.embedding_size:
-            raise ValueError(
+            return ValueError(
                 f"emb must have shape (batch, {self.embedding_size}), got {tuple(emb.shape)}"
             )
+        if not emb.is_floating_point():
+            return TypeError(f"emb must be a floating-point tensor, got {emb.dtype}")
         if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1:
-            raise TypeError(
+            return TypeError(
                 f"labels must be a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}"
             )
         if labels.shape[0] != emb.shape[0]:
-            raise ValueError(f"labels has {labels.shape[0]} entries for {emb.shape[0]} rows")
+            return ValueError(f"labels has {labels.shape[0]} entries for {emb.shape[0]} rows")
+        return None
+
+    def _configuration(self) -> dict[str, float]:
+        """What every rank's head must agree on, as numbers."""
+        dtypes = (torch.float32, torch.float64)
+        config = {
+            "world_size": float(self.world_size),
+            "embedding_size": float(self.embedding_size),
+            "num_classes": float(self.num_classes),
+            "sub_centers": float(self.sub_centers),
+            "dtype": float(dtypes.index(self.weight.dtype) if self.weight.dtype in dtypes else -1),
+            "sample_rate": self.sample_rate,
+            "interclass_filter": math.nan
+            if self.interclass_filter is None
+            else self.interclass_filter,
+        }
+        config.update({f"margin[{i}]": float(v) for i, v in enumerate(self.margin._block)})
+        return config
+
+    def _agree_on_configuration(self) -> None:
+        """Every rank's configuration, compared on every rank (one collective, on the first
+        call): ranks that disagree on the shapes would die inside the collectives (gloo
+        aborts on mismatched sizes) or leave classes without an owner and compute a wrong
+        loss; instead every rank raises the same ValueError."""
+        config = self._configuration()
+        mine = torch.tensor(list(config.values()), dtype=torch.float64)
+        every = _all_gather_rows(
+            mine[None].to(self.weight.device), [1] * self.world_size, self.group
+        ).cpu()
+        for j, name in enumerate(config):
+            column = every[:, j]
+            if not bool((column == column[0]).all() | column.isnan().all()):
+                values = ", ".join(f"rank {r}: {v:g}" for r, v in enumerate(column.tolist()))
+                raise ValueError(
+                    f"ShardedMarginHead: the ranks disagree on {name} ({values}); every rank "
+                    "must build the head with the same arguments"
+                )
+        self._agreed = True
+
+    def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
+        device = self.weight.device
+        if not self._agreed:
+            self._agree_on_configuration()
+        # Each rank's inputs are checked before the first collective that the others would
+        # wait in: a rank that refuses its own sends -1 as its batch size, so every rank
+        # raises together instead of the others waiting until the group's timeout.
+        problem = self._input_problem(emb, labels)
+        n = -1 if problem is not None else emb.shape[0]
+        sizes = _gather_sizes(n, self.group, device)
+        if problem is not None:
+            raise problem
+        refused = [r for r, size in enumerate(sizes) if size < 0]
+        if refused:
+            raise RuntimeError(
+                f"ShardedMarginHead: rank(s) {refused} refused their inputs (see their error); "
+                "every rank stops here"
+            )
         path = self._implementation(emb)
         if path != "cpu":
             _note_exact_on_cuda(self.grad_filter, emb)
         emb = emb.to(self.weight.dtype)
-        sizes = _gather_sizes(emb.shape[0], self.group, device)
         emb_all = _GatherRows.apply(emb, sizes, self.group)
         labels_all = _all_gather_rows(labels.long(), sizes, self.group)
         bad = (labels_all < -1) | (labels_all >= self.num_classes)
@@ -416,7 +478,7 @@ class ShardedMarginHead(nn.Module):
         if self.sample_rate < 1.0:
             kept = self._sample(labels_all)
             self.last_sampled = kept
-            centre_rows = ((kept - lo)[:, None] * k + torch.arange(k)).flatten()
+            centre_rows = ((kept - lo)[:, None] * k + torch.arange(k, device=kept.device)).flatten()
             weight = self.weight[centre_rows]
             columns = torch.searchsorted(kept, labels_all.clamp(lo, hi - 1))
             count = torch.tensor([len(kept)], dtype=torch.int64, device=device)
@@ -431,21 +493,36 @@ class ShardedMarginHead(nn.Module):
         first = self.rank == 0
         cos = target_cos() if hard else None
         if path == "plain":
-            return plain_shard_loss(
+            loss = plain_shard_loss(
                 emb_all, weight, targets, self.margin, rows, first, self.group, k,
                 self.interclass_filter, cos,
             )  # fmt: skip
-        if path == "fused":
+        elif path == "fused":
             if k != 1:
                 raise ValueError("sub_centers: the fused CUDA kernels have one centre per class")
 
             def class_of_row(row: int) -> int:
                 return int(kept[row]) if kept is not None else lo + row
 
-            return FusedShardLoss.apply(
+            loss = FusedShardLoss.apply(
                 emb_all, weight, targets, self.margin, rows, stash_classes, first, self.group,
                 self.interclass_filter, cos, class_of_row,
             )  # fmt: skip
+        else:
+            loss = self._cpu_loss(emb_all, weight, targets, rows, stash_classes, first, cos)
+        self.margin._commit()  # accepted on every rank: running statistics and draws move on
+        return loss
+
+    def _cpu_loss(
+        self,
+        emb_all: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        rows: Tensor | None,
+        stash_classes: int,
+        first: bool,
+        cos: Tensor | None,
+    ) -> Tensor:
         return _ShardedLoss.apply(
             emb_all,
             weight,
@@ -455,7 +532,7 @@ class ShardedMarginHead(nn.Module):
             stash_classes,
             first,
             self.group,
-            (k, self.interclass_filter),
+            (self.sub_centers, self.interclass_filter),
             None if cos is None else cos.numpy(),
             self.grad_filter,
         )

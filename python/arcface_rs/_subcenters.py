@@ -10,16 +10,19 @@ import numpy as np
 from ._validate import floats as _floats
 from ._validate import labels as _labels
 from ._validate import sub_centers as _sub_centers
+from ._validate import unit_rows
 
 __all__ = ["dominant_centers", "find_outliers"]
 
 
 def _unit(rows: np.ndarray, name: str) -> np.ndarray:
-    rows = rows.astype(np.float64)
-    norms = np.linalg.norm(rows, axis=-1, keepdims=True)
-    if not np.all(np.isfinite(norms)) or np.any(norms == 0):
-        raise ValueError(f"{name}: every row must be finite and non-zero")
-    return rows / norms
+    """Unit rows in float64 for any finite non-zero magnitude, as the heads accept them."""
+    unit, ok = unit_rows(rows)
+    if not ok.all():
+        raise ValueError(
+            f"{name}: every row must be finite and non-zero (row {int(np.argmin(ok))} is not)"
+        )
+    return unit
 
 
 def _centres(weight: Any, k: Any) -> tuple[np.ndarray, int]:

@@ -76,37 +76,52 @@ class AdaFaceHead(_MarginHead):
 
     def margin_scaler(self, emb: Tensor) -> Tensor:
         """z_i of each row of ``emb`` with the current statistics (no update)."""
-        n = emb.detach().to(torch.float64).norm(dim=1).clamp(1e-3, 100.0)
-        z = self.margin.h * (n - self.batch_mean) / (self.batch_std + 1e-3)
-        return z.clamp(-1.0, 1.0)
+        return self._scaler(emb, self.batch_mean, self.batch_std)
 
-    def _row_blocks(self, emb: Tensor) -> Tensor:
-        """Each row's parameter block, its scaler from the current statistics."""
+    def _scaler(self, emb: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        n = emb.detach().to(torch.float64).norm(dim=1).clamp(1e-3, 100.0)
+        return (self.margin.h * (n - mean) / (std + 1e-3)).clamp(-1.0, 1.0)
+
+    def _row_blocks(self, emb: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        """Each row's parameter block, its scaler from the statistics (mean, std)."""
         with torch.no_grad():
             block = torch.tensor(self.margin._block, dtype=torch.float64, device=emb.device)
             blocks = block.expand(emb.shape[0], block.shape[0]).clone()
-            blocks[:, 3] = self.margin_scaler(emb)
+            blocks[:, 3] = self._scaler(emb, mean, std)
         return blocks
 
-    def _update_statistics(self, emb: Tensor) -> None:
+    def _next_statistics(self, emb: Tensor) -> tuple[Tensor, Tensor]:
+        """The statistics after this batch (the buffers are not touched here)."""
         with torch.no_grad():
             n = emb.detach().to(torch.float64).norm(dim=1).clamp(1e-3, 100.0)
             std = n.std() if n.numel() > 1 else torch.zeros_like(self.batch_std)
             a = self.margin.t_alpha
-            self.batch_mean.mul_(1.0 - a).add_(a * n.mean())
-            self.batch_std.mul_(1.0 - a).add_(a * std)
+            return (1.0 - a) * self.batch_mean + a * n.mean(), (1.0 - a) * self.batch_std + a * std
 
     def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
         """The loss of ``emb`` (B, embedding_size) with ``labels`` (B,)."""
         labels = _check(emb, self.weight, labels)
-        if self.training:  # the statistics move before use, as the paper's head does
-            self._update_statistics(emb)
-        return self._loss_with_rows(emb, labels, self._row_blocks(emb))
+        if not self.training:
+            return self._loss_with_rows(emb, labels, self._row_blocks(emb, *self.stats))
+        # The statistics move before use, as the paper's head does, but into the buffers
+        # only once the loss has accepted the batch: an empty batch or a NaN row is refused
+        # and leaves them (and the state_dict) as they were.
+        mean, std = self._next_statistics(emb)
+        loss = self._loss_with_rows(emb, labels, self._row_blocks(emb, mean, std))
+        with torch.no_grad():
+            self.batch_mean.copy_(mean)
+            self.batch_std.copy_(std)
+        return loss
+
+    @property
+    def stats(self) -> tuple[Tensor, Tensor]:
+        """The running statistics (batch_mean, batch_std)."""
+        return self.batch_mean, self.batch_std
 
     def logits(self, emb: Tensor, labels: Tensor) -> Tensor:
         """The (B, num_classes) margin logits with the current statistics (no update)."""
         labels = _check(emb, self.weight, labels)
-        return self._logits_with_rows(emb, labels, self._row_blocks(emb))
+        return self._logits_with_rows(emb, labels, self._row_blocks(emb, *self.stats))
 
 
 class MagFaceHead(_MarginHead):
@@ -208,3 +223,13 @@ class ElasticFaceHead(_MarginHead):
             grad_filter,
         )
         self.margin = margin
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The draws' position, saved in the state_dict: a resumed run continues the
+        sequence instead of repeating it."""
+        return {"rng_state": self.margin.rng_state}
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or "rng_state" not in state:
+            raise ValueError("ElasticFaceHead: the saved extra state has no 'rng_state'")
+        self.margin.rng_state = state["rng_state"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -50,7 +51,9 @@ class CenterLoss(nn.Module):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name, value in (("lambda_c", lambda_c), ("alpha", alpha)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+            if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         self.num_classes, self.embedding_size = int(num_classes), int(embedding_size)
         self.lambda_c, self.alpha = float(lambda_c), float(alpha)
@@ -60,12 +63,24 @@ class CenterLoss(nn.Module):
         )
 
     def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
-        """The loss of ``emb`` (B, embedding_size) with ``labels`` (B,); -1 rows take no part."""
-        if emb.dim() != 2 or emb.shape[1] != self.embedding_size:
+        """The loss of ``emb`` (B, embedding_size) with ``labels`` (B,); -1 rows take no part.
+
+        Checked as :func:`arcface_rs.center_loss` checks: an empty batch, a NaN or inf
+        embedding, or a label outside [-1, num_classes) raises ValueError before the
+        centres move (one bad batch would otherwise turn its classes' centres NaN for good).
+        """
+        for name, t in (("emb", emb), ("labels", labels)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not emb.is_floating_point():
+            raise TypeError(f"emb must be a floating-point tensor, got {emb.dtype}")
+        if emb.dim() != 2 or emb.shape[1] != self.embedding_size or emb.shape[0] == 0:
             raise ValueError(
-                f"emb must have shape (B, {self.embedding_size}), got {tuple(emb.shape)}"
+                f"emb must have shape (B >= 1, {self.embedding_size}), got {tuple(emb.shape)}"
             )
-        if labels.dtype.is_floating_point or labels.dim() != 1 or len(labels) != len(emb):
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        if labels.dim() != 1 or len(labels) != len(emb):
             raise ValueError(
                 f"labels must be ({len(emb)},) integers, got {labels.dtype} {tuple(labels.shape)}"
             )
@@ -76,7 +91,13 @@ class CenterLoss(nn.Module):
         yc = y.clamp(min=0)
         centres = self.centers[yc].to(emb.dtype)
         diff = emb - centres
-        per_row = (diff * diff).sum(1) * valid.to(emb.dtype)
+        bad = valid & ~torch.isfinite(diff.detach()).all(dim=1)
+        if bool(bad.any()):
+            raise ValueError(
+                f"emb: row {int(bad.nonzero()[0])} (or its centre) contains NaN or inf"
+            )
+        # ignored rows take no part, whatever they hold (a where, not a product: NaN * 0)
+        per_row = torch.where(valid, (diff * diff).sum(1), torch.zeros((), dtype=emb.dtype))
         loss = self.lambda_c / 2 * per_row.sum() / valid.sum().clamp(min=1)
         if self.training and bool(valid.any()):
             with torch.no_grad():

@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._margins import CurricularFace, MVSoftmax
+from ._torch_ops import unit_rows
 from .torch import _check, _MarginHead
 
 __all__ = ["CurricularFaceHead", "MVSoftmaxHead"]
@@ -74,44 +74,53 @@ class CurricularFaceHead(_MarginHead):
 
     def target_cosines(self, emb: Tensor, labels: Tensor) -> Tensor:
         """(B,) float64 cosine of each row to its class (its closest sub-centre), 0 for rows
-        labelled -1 (no gradient)."""
+        labelled -1 and for rows that cannot be normalised (no gradient). Norms are taken
+        safely: rows of any finite non-zero magnitude give their exact cosine."""
         with torch.no_grad():
             k = self.sub_centers
-            y = labels.clamp(min=0)
-            x = emb.detach().to(torch.float64)
+            y = labels.clamp(0, self.num_classes - 1)
             # the rows' own centres only (a float64 copy of the whole weight would be 400 MB
             # at 100k classes)
-            w = self.weight.detach().view(self.num_classes, k, -1)[y].to(torch.float64)
-            cos = F.cosine_similarity(x[:, None, :], w, dim=2).amax(dim=1).clamp(-1.0, 1.0)
-            return torch.where(labels >= 0, cos, torch.zeros_like(cos))
+            w = unit_rows(self.weight.detach().view(self.num_classes, k, -1)[y])
+            x = unit_rows(emb.detach())
+            cos = (x[:, None, :] * w).sum(dim=2).amax(dim=1).clamp(-1.0, 1.0)
+            keep = (labels >= 0) & torch.isfinite(cos)
+            return torch.where(keep, cos, torch.zeros_like(cos))
 
-    def _update_t(self, emb: Tensor, labels: Tensor) -> None:
+    def _next_t(self, emb: Tensor, labels: Tensor) -> Tensor:
+        """t after this batch (the buffer is not touched here)."""
         with torch.no_grad():
             valid = (labels >= 0).to(torch.float64)
             n = valid.sum()
             mean = (self.target_cosines(emb, labels) * valid).sum() / n.clamp(min=1.0)
             a = self.margin.alpha
             # no valid row: t stays (a where, not a branch: one graph under torch.compile)
-            self.t.copy_(torch.where(n > 0, a * mean + (1.0 - a) * self.t, self.t))
+            return torch.where(n > 0, a * mean + (1.0 - a) * self.t, self.t)
 
-    def _row_blocks(self, emb: Tensor) -> Tensor:
+    def _row_blocks(self, emb: Tensor, t: Tensor) -> Tensor:
         with torch.no_grad():
             block = torch.tensor(self.margin._block, dtype=torch.float64, device=emb.device)
             blocks = block.expand(emb.shape[0], block.shape[0]).clone()
-            blocks[:, 3] = self.t.clamp(-1.0, 1.0)
+            blocks[:, 3] = t.clamp(-1.0, 1.0)
         return blocks
 
     def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
         """The loss of ``emb`` (B, embedding_size) with ``labels`` (B,)."""
         labels = _check(emb, self.weight, labels)
-        if self.training:  # t moves before use, as the paper's head does
-            self._update_t(emb, labels)
-        return self._loss_with_rows(emb, labels, self._row_blocks(emb))
+        if not self.training:
+            return self._loss_with_rows(emb, labels, self._row_blocks(emb, self.t))
+        # t moves before use, as the paper's head does, but into the buffer only once the
+        # loss has accepted the batch (a refused batch leaves t as it was)
+        t = self._next_t(emb, labels)
+        loss = self._loss_with_rows(emb, labels, self._row_blocks(emb, t))
+        with torch.no_grad():
+            self.t.copy_(t)
+        return loss
 
     def logits(self, emb: Tensor, labels: Tensor) -> Tensor:
         """The (B, num_classes) margin logits with the current t (no update)."""
         labels = _check(emb, self.weight, labels)
-        return self._logits_with_rows(emb, labels, self._row_blocks(emb))
+        return self._logits_with_rows(emb, labels, self._row_blocks(emb, self.t))
 
 
 class MVSoftmaxHead(_MarginHead):

@@ -30,6 +30,23 @@ def floats(name: str, value: Any) -> np.ndarray:
     return value
 
 
+def unit_rows(value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row over its norm in float64, taken without overflow or underflow (the row is
+    first scaled by its largest magnitude, so rows of norm 1e-300 or 1e300 come out exact),
+    and whether it could be normalised: zero, NaN and inf rows give NaN, without a warning.
+    """
+    x = np.asarray(value, dtype=np.float64)
+    peak = (
+        np.max(np.abs(x), axis=-1, keepdims=True) if x.shape[-1] else np.zeros(x.shape[:-1] + (1,))
+    )
+    ok = np.isfinite(peak) & (peak > 0)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        scaled = x / np.where(ok, peak, 1.0)
+        norms = np.linalg.norm(scaled, axis=-1, keepdims=True)
+        out = np.where(ok, scaled / np.where(ok, norms, 1.0), np.nan)
+    return out, ok[..., 0]
+
+
 def same_dtype(**arrays: np.ndarray) -> None:
     dtypes = {a.dtype for a in arrays.values()}
     if len(dtypes) > 1:

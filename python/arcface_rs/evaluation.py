@@ -192,6 +192,15 @@ def lfw_protocol(embeddings: Any, issame: Any, folds: int = 10) -> LfwReport:
     val, far = np.zeros(folds), np.zeros(folds)
     for f, test in enumerate(test_sets):
         train = np.setdiff1d(everything, test, assume_unique=True)
+        for part, rows in (("training folds", train), ("test fold", test)):
+            kinds = same[rows]
+            if kinds.all() or not kinds.any():
+                only = "same-identity" if kinds.all() else "different-identity"
+                raise ValueError(
+                    f"issame: fold {f}'s {part} hold only {only} pairs; accuracy thresholds "
+                    "and VAL@FAR=1e-3 need both kinds in every fold (fewer folds, or pairs "
+                    "interleaved as in the published lists)"
+                )
         _, _, acc_train, *_ = _rates(dist[train], same[train], grid)
         b = int(np.argmax(acc_train))
         tprs[f], fprs[f], acc_test, *_ = _rates(dist[test], same[test], grid)
@@ -276,16 +285,26 @@ def load_bin(path: str | Path, image_size: tuple[int, int] = (112, 112)):
         data = f.read()
     try:
         loaded = _BinUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except pickle.UnpicklingError:
-        raise
+    except pickle.UnpicklingError as e:
+        raise pickle.UnpicklingError(f"path: {path}: {e}") from e
     except Exception as e:  # truncated or foreign files
-        raise ValueError(f"{path}: not an InsightFace .bin file ({e})") from e
+        raise ValueError(
+            f"path: {path}: not an InsightFace .bin file (unpickling failed: "
+            f"{type(e).__name__}: {e})"
+        ) from e
     if not (isinstance(loaded, (tuple, list)) and len(loaded) == 2):
-        raise ValueError(f"{path}: expected (images, issame), got {type(loaded).__name__}")
+        raise ValueError(f"path: {path}: expected (images, issame), got {type(loaded).__name__}")
     bins, issame = loaded
-    issame = np.asarray(list(issame), dtype=bool)
+    if not isinstance(bins, (list, tuple)) or not isinstance(issame, (list, tuple, np.ndarray)):
+        raise ValueError(
+            f"path: {path}: expected a list of images and a list of booleans, got "
+            f"{type(bins).__name__} and {type(issame).__name__}"
+        )
+    issame = _booleans(path, issame)
     if len(bins) != 2 * len(issame):
-        raise ValueError(f"{path}: {len(bins)} images for {len(issame)} pairs (need 2 per pair)")
+        raise ValueError(
+            f"path: {path}: {len(bins)} images for {len(issame)} pairs (need 2 per pair)"
+        )
     try:
         from PIL import Image
     except ImportError as e:  # pragma: no cover - Pillow comes with the test extras
@@ -294,13 +313,34 @@ def load_bin(path: str | Path, image_size: tuple[int, int] = (112, 112)):
         ) from e
     images = np.empty((len(bins), h, w, 3), dtype=np.uint8)
     for i, b in enumerate(bins):
+        if not isinstance(b, (bytes, bytearray, np.ndarray)):
+            raise ValueError(
+                f"path: {path}: image {i} is a {type(b).__name__}, not encoded image bytes"
+            )
         raw = bytes(b) if not isinstance(b, np.ndarray) else b.tobytes()
-        with Image.open(io.BytesIO(raw)) as im:
-            im = im.convert("RGB")
-            if im.size != (w, h):
-                im = im.resize((w, h))
-            images[i] = np.asarray(im)
+        try:
+            with Image.open(io.BytesIO(raw)) as im:
+                im = im.convert("RGB")
+                if im.size != (w, h):
+                    im = im.resize((w, h))
+                images[i] = np.asarray(im)
+        except (OSError, ValueError, SyntaxError) as e:  # Pillow's "cannot identify" et al.
+            raise ValueError(f"path: {path}: image {i} cannot be decoded ({e})") from e
     return images, issame
+
+
+def _booleans(path: Any, values: Any) -> np.ndarray:
+    """``issame`` of a .bin file: booleans, or the integers 0 and 1 (NumPy's bool() would
+    read the string "False" and the number 2 as True)."""
+    out = np.empty(len(values), dtype=bool)
+    for i, v in enumerate(values):
+        if isinstance(v, (bool, np.bool_)):
+            out[i] = bool(v)
+        elif isinstance(v, (int, np.integer)) and v in (0, 1):
+            out[i] = v == 1
+        else:
+            raise ValueError(f"path: {path}: issame[{i}] is {v!r}, not a boolean (or 0/1)")
+    return out
 
 
 def aggregate_templates(
@@ -345,9 +385,12 @@ def aggregate_templates(
     if normalize:
         x = _l2_normalise(x, "features")
     if weights is not None:
-        wv = np.asarray(weights, dtype=np.float64)
-        if wv.shape != (n,):
-            raise ValueError(f"weights: must have shape ({n},), got {wv.shape}")
+        wv = np.asarray(weights)
+        if wv.dtype.kind not in "fiub" or wv.shape != (n,):
+            raise ValueError(f"weights: must be ({n},) numbers, got {wv.dtype} {wv.shape}")
+        wv = wv.astype(np.float64)
+        if not np.isfinite(wv).all():
+            raise ValueError(f"weights: entry {int(np.argmin(np.isfinite(wv)))} is NaN or inf")
         x = x * wv[:, None]
     ids, t_index = np.unique(t, return_inverse=True)
     # one group per (template, media): mean within it, then sum the groups of a template
@@ -388,6 +431,12 @@ def template_pair_scores(template_features: Any, template_ids: Any, t1: Any, t2:
         raise ValueError(f"template_ids: needs {feats.shape[0]} entries, got shape {ids.shape}")
     order = np.argsort(ids, kind="stable")
     sorted_ids = ids[order]
+    repeated = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]]
+    if repeated.size:
+        raise ValueError(
+            f"template_ids: template id {repeated[0]!r} names more than one row; "
+            "each template has one feature row"
+        )
 
     def rows(name: str, value: Any) -> np.ndarray:
         v = np.asarray(value).reshape(-1)
@@ -446,10 +495,11 @@ def all_pairs_tar_at_far(
 
     The rows are L2-normalised and scored by cosine; a pair is positive when its labels are
     equal. A blocked GEMM walks the upper triangle of the score matrix, keeping every
-    positive and only the k = ⌊max(far)·negatives⌋ largest negatives. For each FAR the
-    threshold is the k-th largest negative score (k = ⌊far·negatives⌋) and TAR the share of
-    positives scoring at least that (for k = 0: strictly above every negative). Memory
-    O(N·D + k + positives).
+    positive and only the k + 1 largest negatives, k = ⌊max(far)·negatives⌋. TAR at a FAR
+    is the highest TPR over thresholds whose FPR ≤ far, as :func:`arcface_rs.metrics.
+    verification` defines it on the same pairs: the share of positives scoring strictly
+    above the (k+1)-th largest negative score (k = ⌊far·negatives⌋), so that at most k
+    negatives (ties included) are accepted. Memory O(N·D + k + positives).
 
     Parameters
     ----------

@@ -16,14 +16,18 @@ a scheduling strategy).
 from __future__ import annotations
 
 import json
+import numbers
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 
-from ._gallery import Gallery
+from ._gallery import Gallery, id_list
+from ._gallery import _rows as _float32_rows
+from ._validate import count as _count
 
 __all__ = ["ShardedGallery"]
 
@@ -82,10 +86,15 @@ class _Shard:
 
 
 def _ids_array(name: str, value: Any) -> np.ndarray:
-    a = np.asarray(value)
-    if a.dtype.kind not in "iu" or a.ndim != 1:
-        raise ValueError(f"{name}: must be a 1-D array of integer ids, got {a.dtype} {a.shape}")
-    return a.astype(np.int64)
+    return id_list(name, np.asarray(value).reshape(-1) if np.ndim(value) == 0 else value)
+
+
+def _threshold(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"threshold must be a number, got {type(value).__name__}")
+    if not np.isfinite(value):
+        raise ValueError(f"threshold must be finite, got {value}")
+    return float(value)
 
 
 class ShardedGallery:
@@ -120,6 +129,9 @@ class ShardedGallery:
         self._actors = [remote.remote(self.dim, dtype) for _ in range(self.shards)]
         self._next_id = 0
         self._next_order = 0
+        # adds and removes run one at a time: automatic ids and the add order are assigned
+        # under it, so concurrent callers never collide on an id
+        self._lock = threading.Lock()
 
     @property
     def actors(self) -> list[Any]:
@@ -139,6 +151,13 @@ class ShardedGallery:
                 ) from e
             except ray.exceptions.RayActorError as e:
                 raise RuntimeError(f"ShardedGallery: shard {i} is dead or unreachable ({e})") from e
+            except ray.exceptions.RayTaskError as e:
+                # the shard's own exception (ValueError, MemoryError, ...), as a Gallery
+                # would raise it, not Ray's wrapper with its coloured remote traceback
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, Exception):
+                    raise cause from None
+                raise RuntimeError(f"ShardedGallery: shard {i} failed: {e}") from None
         return out
 
     def _route(self, ids: np.ndarray) -> list[np.ndarray]:
@@ -166,55 +185,89 @@ class ShardedGallery:
         numpy.ndarray
             (n,) int64 ids.
         """
-        x = np.asarray(emb, dtype=np.float32)
-        x = x[None, :] if x.ndim == 1 else x
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"emb: must have shape (n, {self.dim}), got {np.shape(emb)}")
-        if ids is None:
-            ids_a = np.arange(self._next_id, self._next_id + len(x), dtype=np.int64)
-        else:
-            ids_a = _ids_array("ids", ids)
-            if len(ids_a) != len(x):
-                raise ValueError(f"ids: {len(ids_a)} ids for {len(x)} rows")
-            if (ids_a < 0).any():
+        # The whole batch is checked here, as Gallery.add checks it, before any shard sees
+        # it (float64 rows are scaled into float32's range first, as a Gallery does).
+        x = _float32_rows("emb", emb, self.dim)
+        norms = np.linalg.norm(x.astype(np.float64), axis=1) if len(x) else np.zeros(0)
+        bad = ~np.isfinite(norms) | (norms == 0)
+        if bad.any():
+            i = int(np.argmax(bad))
+            what = "is all zeros" if norms[i] == 0 else "contains NaN or inf"
+            raise ValueError(f"emb: row {i} {what}")
+        given = None
+        if ids is not None:
+            given = _ids_array("ids", ids)
+            if len(given) != len(x):
+                raise ValueError(f"ids: {len(given)} ids for {len(x)} rows")
+            if (given < 0).any():
                 raise ValueError("ids: must be >= 0 (-1 means 'no result')")
-            if len(np.unique(ids_a)) != len(ids_a):
+            if len(np.unique(given)) != len(given):
                 raise ValueError("ids: contains duplicates")
-        parts = self._route(ids_a)
-        taken = self._get([a.present.remote(ids_a[p]) for a, p in zip(self._actors, parts)])
-        clash = np.concatenate(taken)
-        if len(clash):
-            raise ValueError(f"ids: already in the gallery: {clash[:5].tolist()}")
-        order = np.arange(self._next_order, self._next_order + len(x), dtype=np.int64)
-        refs = [
-            a.add.remote(x[p], ids_a[p], order[p]) for a, p in zip(self._actors, parts) if len(p)
-        ]
-        self._get(refs)
-        self._next_order += len(x)
-        if len(ids_a):
-            self._next_id = max(self._next_id, int(ids_a.max()) + 1)
+        with self._lock:
+            if given is None:
+                ids_a = np.arange(self._next_id, self._next_id + len(x), dtype=np.int64)
+            else:
+                ids_a = given
+            parts = self._route(ids_a)
+            taken = self._get([a.present.remote(ids_a[p]) for a, p in zip(self._actors, parts)])
+            clash = np.concatenate(taken)
+            if len(clash):
+                raise ValueError(f"ids: already in the gallery: {clash[:5].tolist()}")
+            order = np.arange(self._next_order, self._next_order + len(x), dtype=np.int64)
+            self._add_all_or_nothing(x, ids_a, order, parts)
+            self._next_order += len(x)
+            if len(ids_a):
+                self._next_id = max(self._next_id, int(ids_a.max()) + 1)
         return ids_a
+
+    def _add_all_or_nothing(
+        self, x: np.ndarray, ids: np.ndarray, order: np.ndarray, parts: list[np.ndarray]
+    ) -> None:
+        """Adds each shard's part; if any shard fails (out of memory, dead), the parts the
+        others took are removed again before the error is raised."""
+        refs = {s: self._actors[s].add.remote(x[p], ids[p], order[p]) for s, p in enumerate(parts)}
+        done, error = [], None
+        for s, ref in refs.items():
+            try:
+                self._get([ref])
+                done.append(s)
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the rollback
+                error = error or e
+        if error is not None:
+            for s in done:
+                if len(parts[s]):
+                    try:
+                        self._get([self._actors[s].remove.remote(ids[parts[s]])])
+                    except Exception:  # noqa: BLE001, S110 - the first error is the one to report
+                        pass
+            raise error
 
     def remove(self, ids: Any) -> int:
         """Removes rows by id (all must be present); returns how many."""
         ids_a = _ids_array("ids", ids)
-        parts = self._route(ids_a)
-        gone = self._get([a.missing.remote(ids_a[p]) for a, p in zip(self._actors, parts)])
-        missing = np.concatenate(gone)
-        if len(missing):
-            raise ValueError(f"ids: not in the gallery: {missing[:5].tolist()}")
-        refs = [a.remove.remote(ids_a[p]) for a, p in zip(self._actors, parts) if len(p)]
-        return int(sum(self._get(refs)))
+        if len(np.unique(ids_a)) != len(ids_a):
+            raise ValueError("ids: contains duplicates")
+        with self._lock:
+            parts = self._route(ids_a)
+            gone = self._get([a.missing.remote(ids_a[p]) for a, p in zip(self._actors, parts)])
+            missing = np.concatenate(gone)
+            if len(missing):
+                raise ValueError(f"ids: not in the gallery: {missing[:5].tolist()}")
+            refs = [a.remove.remote(ids_a[p]) for a, p in zip(self._actors, parts) if len(p)]
+            return int(sum(self._get(refs)))
 
     def search(
         self, queries: Any, k: int = 10, allow: Any = None, deny: Any = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` over every shard, as :meth:`Gallery.search` (same results, ties
         included): each shard's exact top-k, merged here."""
-        q = np.asarray(queries, dtype=np.float32)
-        single = q.ndim == 1
-        q = q[None, :] if single else q
+        k = _count("k", k)
+        single = np.ndim(queries) == 1
+        # the Gallery's own conversion (float64 queries scaled into float32's range)
+        q = _float32_rows("queries", queries, self.dim)
         ref = ray.put(np.ascontiguousarray(q))
+        if allow is not None and deny is not None:
+            raise ValueError("allow, deny: give one of them, not both")
         allow_a = None if allow is None else _ids_array("allow", allow)
         deny_a = None if deny is None else _ids_array("deny", deny)
         parts = self._get([a.search.remote(ref, k, allow_a, deny_a) for a in self._actors])
@@ -230,18 +283,17 @@ class ShardedGallery:
         self, queries: Any, threshold: float, allow: Any = None, deny: Any = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Each query's best id, -1 below ``threshold`` (as :meth:`Gallery.identify`)."""
-        if not np.isfinite(threshold):
-            raise ValueError(f"threshold must be finite, got {threshold}")
+        threshold = _threshold(threshold)
         scores, ids = self.search(queries, 1, allow=allow, deny=deny)
         best, top = scores[..., 0], ids[..., 0]
         return np.where(best >= threshold, top, -1), best
 
     def range_search(self, queries: Any, threshold: float):
         """Every row scoring above ``threshold``, as :meth:`Gallery.range_search`."""
-        q = np.asarray(queries, dtype=np.float32)
-        q = q[None, :] if q.ndim == 1 else q
+        threshold = _threshold(threshold)
+        q = _float32_rows("queries", queries, self.dim)
         ref = ray.put(np.ascontiguousarray(q))
-        parts = self._get([a.range_search.remote(ref, float(threshold)) for a in self._actors])
+        parts = self._get([a.range_search.remote(ref, threshold) for a in self._actors])
         lims, all_scores, all_ids = [0], [], []
         for i in range(len(q)):
             s = np.concatenate([p[1][p[0][i] : p[0][i + 1]] for p in parts])
@@ -288,11 +340,19 @@ class ShardedGallery:
     ) -> ShardedGallery:
         """Reads a :meth:`save` into ``shards`` new actors (by default as many as saved),
         each row on shard ``id % shards``, in the order the rows were added."""
+        if shards is not None and (
+            isinstance(shards, bool) or not isinstance(shards, (int, np.integer)) or shards < 1
+        ):
+            raise ValueError(f"shards: must be None (as saved) or an integer >= 1, got {shards!r}")
         folder = Path(folder)
         manifest = json.loads((folder / "manifest.json").read_text())
         if manifest.get("format") != "arcface_rs.ShardedGallery" or manifest.get("version") != 1:
             raise ValueError(f"{folder}: not a ShardedGallery save (manifest {manifest})")
-        out = cls(manifest["dim"], manifest["dtype"], shards or manifest["shards"], actor_options)
+        saved = manifest.get("shards")
+        if isinstance(saved, bool) or not isinstance(saved, int) or saved < 1:
+            raise ValueError(f"{folder}: the manifest's shard count {saved!r} is not >= 1")
+        out = cls(manifest["dim"], manifest["dtype"], saved if shards is None else shards,
+                  actor_options)  # fmt: skip
         ids, vectors, orders = [], [], []
         for i in range(manifest["shards"]):
             g = Gallery.load(folder / f"shard_{i}.safetensors")

@@ -155,8 +155,11 @@ def margin_loss(
     rows = _rows_of(margin, emb, weight, labels, head[0])
     if emb.device.type != "cpu" and not (emb.device.type == "cuda" and _fused_cuda(head[0])):
         _warn_cuda_once()
-        return _plain_loss(emb, weight, labels, margin, reduction, rows, *head)
-    return _loss(emb, weight, labels, margin, reduction, rows, head, grad_filter)
+        loss = _plain_loss(emb, weight, labels, margin, reduction, rows, *head)
+    else:
+        loss = _loss(emb, weight, labels, margin, reduction, rows, head, grad_filter)
+    margin._commit()  # accepted: running statistics and draws move on
+    return loss
 
 
 def _loss(
@@ -221,12 +224,15 @@ def margin_logits(
     """
     labels = _check(emb, weight, labels)
     head = (check_sub_centers(sub_centers), check_filter(interclass_filter))
-    rows = _rows_of(margin, emb, weight, labels, head[0])
+    rows = _rows_of(margin, emb, weight, labels, head[0], step=False)
     if emb.device.type != "cpu":
         _warn_cuda_once()
-        return _plain_logits(emb, weight, labels, margin, rows, *head)
-    block, _ = _encode(margin)
-    return _logits_op(emb, weight, labels, block, rows, *head)
+        out = _plain_logits(emb, weight, labels, margin, rows, *head)
+    else:
+        block, _ = _encode(margin)
+        out = _logits_op(emb, weight, labels, block, rows, *head)
+    margin._commit()
+    return out
 
 
 # ---------------------------------------------------------------------------------------
