@@ -1,11 +1,16 @@
-//! matrixmultiply (through ndarray) vs the `gemm` crate on the head's three GEMM shapes.
+//! The project's GEMM (`arcface_rs::gemm::sgemm`: its own AVX-512 kernel where the CPU has
+//! it, else matrixmultiply), matrixmultiply (through ndarray) and the `gemm` crate on the
+//! head's three GEMM shapes.
 //!
-//! Run: `cargo bench --bench gemm_crates` (RAYON_NUM_THREADS=2 on the reference machine).
-//! The head cuts C=100k classes into tiles of 512 and runs one single-threaded GEMM per
-//! tile on each rayon thread, so that is what this measures: B=256, D=512, C=100k, f32.
+//! Run: `cargo bench --bench gemm_crates` (RAYON_NUM_THREADS=2 on the reference machine);
+//! `python benches/bench_gemm.py` runs it beside PyTorch's `torch.mm` (MKL) on the same
+//! shapes and threads. The head cuts C=100k classes into tiles of 512 and runs one
+//! single-threaded GEMM per tile on each rayon thread, so that is what this measures:
+//! B=256, D=512, C=100k, f32.
 
 #[cfg(target_arch = "x86_64")]
 mod on_x86 {
+    use arcface_rs::gemm::sgemm;
     use ndarray::linalg::general_mat_mul;
     use ndarray::{s, Array2, Axis};
     use rayon::prelude::*;
@@ -121,6 +126,16 @@ mod on_x86 {
                 },
             )
         });
+        let own1 = best_of(|| {
+            tiles.par_iter().for_each_init(
+                || Array2::<f32>::zeros((B, CT)),
+                |out, &lo| {
+                    let wt = w.slice(s![lo..(lo + CT).min(C), ..]);
+                    let mut o = out.slice_mut(s![.., ..wt.nrows()]);
+                    sgemm(1.0, &x.view(), &wt.t(), 0.0, &mut o);
+                },
+            )
+        });
         // Shape 2: dX (B×D) += G_t (B×ct) · W_t (ct×D), accumulated per thread
         let mm2 = best_of(|| {
             tiles.par_iter().for_each_init(
@@ -129,6 +144,16 @@ mod on_x86 {
                     let wt = w.slice(s![lo..(lo + CT).min(C), ..]);
                     let gt = g.slice(s![.., ..wt.nrows()]);
                     general_mat_mul(1.0, &gt, &wt, 1.0, acc);
+                },
+            )
+        });
+        let own2 = best_of(|| {
+            tiles.par_iter().for_each_init(
+                || Array2::<f32>::zeros((B, D)),
+                |acc, &lo| {
+                    let wt = w.slice(s![lo..(lo + CT).min(C), ..]);
+                    let gt = g.slice(s![.., ..wt.nrows()]);
+                    sgemm(1.0, &gt, &wt, 1.0, &mut acc.view_mut());
                 },
             )
         });
@@ -141,6 +166,14 @@ mod on_x86 {
                 .for_each(|(_, mut out)| {
                     let gt = g.slice(s![.., ..out.nrows()]);
                     general_mat_mul(1.0, &gt.t(), &x, 0.0, &mut out);
+                })
+        });
+        let own3 = best_of(|| {
+            dw.axis_chunks_iter_mut(Axis(0), CT)
+                .into_par_iter()
+                .for_each(|mut out| {
+                    let gt = g.slice(s![.., ..out.nrows()]);
+                    sgemm(1.0, &gt.t(), &x.view(), 0.0, &mut out);
                 })
         });
         let gm3 = best_of(|| {
@@ -167,22 +200,44 @@ mod on_x86 {
                 })
         });
         println!(
-            "threads={} B={B} D={D} C={C} tile={CT} (GFLOP/s, higher is better)",
+            "cpu={:?} level={} threads={} B={B} D={D} C={C} tile={CT} (GFLOP/s, higher is better)",
+            cpu_model(),
+            arcface_rs::kernels::simd_in_use().name(),
             rayon::current_num_threads()
         );
-        println!("| GEMM | matrixmultiply | gemm crate |");
-        println!("| --- | --- | --- |");
+        println!("| GEMM | arcface_rs | matrixmultiply | gemm crate |");
+        println!("| --- | --- | --- | --- |");
+        let rate = |t: f64| flops / t / 1e9;
         println!(
-            "| X·W_tᵀ (forward) | {:.0} | {:.0} |",
-            flops / mm1 / 1e9,
-            flops / gm1 / 1e9
+            "| X·W_tᵀ (forward) | {:.0} | {:.0} | {:.0} |",
+            rate(own1),
+            rate(mm1),
+            rate(gm1)
         );
-        println!("| G_t·W_t (dX) | {:.0} | n/a |", flops / mm2 / 1e9);
         println!(
-            "| G_tᵀ·X (dW) | {:.0} | {:.0} |",
-            flops / mm3 / 1e9,
-            flops / gm3 / 1e9
+            "| G_t·W_t (dX) | {:.0} | {:.0} | n/a |",
+            rate(own2),
+            rate(mm2)
         );
+        println!(
+            "| G_tᵀ·X (dW) | {:.0} | {:.0} | {:.0} |",
+            rate(own3),
+            rate(mm3),
+            rate(gm3)
+        );
+    }
+
+    /// The CPU's model name (Linux), for the table's caption.
+    fn cpu_model() -> String {
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|m| m.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".into())
     }
 }
 

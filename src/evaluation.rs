@@ -6,7 +6,6 @@ use crate::error::{unnormalisable, Error, Result};
 use crate::kernels;
 use crate::limits;
 use crate::real::Real;
-use ndarray::linalg::general_mat_mul;
 use ndarray::{s, Array2, ArrayView2, Axis};
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -220,7 +219,7 @@ pub fn all_pairs_tar_at_far<T: Real>(
                 let mut tile = buf.slice_mut(s![..ra, ..rb]);
                 let xa = unit.slice(s![a0..a1, ..]);
                 let xb = unit.slice(s![b0..b1, ..]);
-                general_mat_mul(T::one(), &xa, &xb.t(), T::zero(), &mut tile);
+                T::gemm(T::one(), &xa, &xb.t(), T::zero(), &mut tile);
                 let lb = &labels[b0..b1];
                 for (r, row) in tile.axis_iter(Axis(0)).enumerate() {
                     let i = a0 + r;

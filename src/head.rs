@@ -20,7 +20,6 @@ use crate::limits;
 use crate::margin::{HardRule, Margins, RowContext, Scale};
 use crate::pool::fold_in_groups;
 use crate::real::Real;
-use ndarray::linalg::general_mat_mul;
 use ndarray::parallel::prelude::*;
 use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
@@ -587,7 +586,7 @@ impl<T: Real> Prepared<T> {
         mut out: ArrayViewMut2<T>,
     ) {
         let ct = w_tile.nrows();
-        general_mat_mul(
+        T::gemm(
             T::one(),
             &self.xhat.slice(s![rows.clone(), ..]),
             &w_tile.t(),
@@ -625,7 +624,7 @@ impl<T: Real> Prepared<T> {
         let (nr, k) = (rows.len(), self.k);
         let x = self.xhat.slice(s![rows.clone(), ..]);
         if k == 1 {
-            general_mat_mul(T::one(), &x, &w_tile.t(), T::zero(), &mut out);
+            T::gemm(T::one(), &x, &w_tile.t(), T::zero(), &mut out);
             for mut row in out.rows_mut() {
                 let row = row.as_slice_mut().expect("cosine rows are contiguous");
                 kernels::scale_clamp(row, inv, T::one());
@@ -638,7 +637,7 @@ impl<T: Real> Prepared<T> {
         {
             let mut all =
                 ArrayViewMut2::from_shape((nr, kw), &mut scratch[..nr * kw]).expect("tile");
-            general_mat_mul(T::one(), &x, &w_tile.t(), T::zero(), &mut all);
+            T::gemm(T::one(), &x, &w_tile.t(), T::zero(), &mut all);
         }
         for (local, i) in rows.enumerate() {
             let centres = &mut scratch[local * kw..(local + 1) * kw];
@@ -738,10 +737,10 @@ fn backprop_tile<T: Real>(
     dxhat: Option<&mut Array2<T>>,
 ) {
     if let Some(dxhat) = dxhat {
-        general_mat_mul(T::one(), &g, &w_tile, T::one(), dxhat);
+        T::gemm(T::one(), &g, &w_tile, T::one(), dxhat);
     }
     if let Some(mut grad_tile) = grad_tile {
-        general_mat_mul(T::one(), &g.t(), &xhat_rows, beta, &mut grad_tile);
+        T::gemm(T::one(), &g.t(), &xhat_rows, beta, &mut grad_tile);
         for ((mut gw, w), &inv) in grad_tile
             .axis_iter_mut(Axis(0))
             .zip(w_tile.axis_iter(Axis(0)))
@@ -819,10 +818,18 @@ fn row<'a, T>(m: ArrayView2<'a, T>, i: usize) -> &'a [T] {
 ///
 /// The allocation is fallible: a gradient the system cannot give is a `MemoryError` naming
 /// `weight`, not an abort.
+///
+/// A large buffer a caller has dropped since (see [`crate::pages::give_back`]) is reused
+/// when one fits: its pages are mapped already, so the zeros are a parallel memset instead
+/// of the kernel's zeroing of fresh pages inside the GEMMs.
 fn zeroed_for_huge_pages<T: Real>(n: usize) -> Result<Vec<T>> {
-    const FRESH_PAGES_FROM: usize = 32 << 20;
+    use crate::pages::FRESH_PAGES_FROM;
     const WHAT: &str = "the class centres' gradient";
     if n.saturating_mul(std::mem::size_of::<T>()) >= FRESH_PAGES_FROM {
+        if let Some(mut buf) = crate::pages::take::<T>(n) {
+            buf.par_extend(rayon::iter::repeat_n(T::zero(), n));
+            return Ok(buf);
+        }
         let buf = limits::filled("weight", n, T::zero(), WHAT)?;
         crate::pages::advise_huge(&buf);
         return Ok(buf);

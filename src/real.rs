@@ -1,6 +1,7 @@
 //! The two float types the heads run in.
 
-use ndarray::LinalgScalar;
+use ndarray::linalg::general_mat_mul;
+use ndarray::{ArrayBase, Data, DataMut, Ix2, LinalgScalar};
 use num_traits::Float;
 use std::fmt::Debug;
 use std::iter::Sum;
@@ -8,7 +9,17 @@ use std::ops::{AddAssign, MulAssign, SubAssign};
 
 /// `f32` or `f64`: what the GEMMs and the elementwise kernels are generic over.
 pub trait Real:
-    Float + LinalgScalar + Send + Sync + Debug + Default + Sum + AddAssign + SubAssign + MulAssign
+    Float
+    + LinalgScalar
+    + Send
+    + Sync
+    + Debug
+    + Default
+    + Sum
+    + AddAssign
+    + SubAssign
+    + MulAssign
+    + crate::pages::Recycled
 {
     fn of(v: f64) -> Self;
     fn f64(self) -> f64;
@@ -26,6 +37,22 @@ pub trait Real:
     /// that a tiny (but valid) row cannot make them overflow (2^-100 for f32, 2^-1000 for
     /// f64). The forward pass is exact for every finite non-zero row regardless.
     const GRAD_NORM_MIN: f64;
+
+    /// `c = alpha·a·b + beta·c` (`beta = 0` overwrites `c`): the project's AVX-512 kernel
+    /// for f32 where the CPU has it ([`crate::gemm`]), else matrixmultiply.
+    fn gemm<S1, S2, S3>(
+        alpha: Self,
+        a: &ArrayBase<S1, Ix2>,
+        b: &ArrayBase<S2, Ix2>,
+        beta: Self,
+        c: &mut ArrayBase<S3, Ix2>,
+    ) where
+        S1: Data<Elem = Self>,
+        S2: Data<Elem = Self>,
+        S3: DataMut<Elem = Self>,
+    {
+        general_mat_mul(alpha, a, b, beta, c);
+    }
 }
 
 impl Real for f32 {
@@ -44,6 +71,19 @@ impl Real for f32 {
     #[inline(always)]
     fn fast_exp(self) -> Self {
         crate::kernels::exp_f32(self)
+    }
+    fn gemm<S1, S2, S3>(
+        alpha: Self,
+        a: &ArrayBase<S1, Ix2>,
+        b: &ArrayBase<S2, Ix2>,
+        beta: Self,
+        c: &mut ArrayBase<S3, Ix2>,
+    ) where
+        S1: Data<Elem = Self>,
+        S2: Data<Elem = Self>,
+        S3: DataMut<Elem = Self>,
+    {
+        crate::gemm::sgemm(alpha, &a.view(), &b.view(), beta, &mut c.view_mut());
     }
 }
 

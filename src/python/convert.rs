@@ -116,3 +116,68 @@ pub(super) fn parse_reduction(reduction: &str) -> PyResult<Reduction> {
         ))),
     }
 }
+
+/// The memory of a large output array handed to NumPy: when the array (or a tensor sharing
+/// it) is freed, the buffer goes back to [`crate::pages`]' shelf for the next call to
+/// reuse, instead of to the system (whose fresh pages the next call would fault in again).
+#[pyclass(frozen, name = "_RecycledBuffer", module = "arcface_rs._core")]
+pub(super) struct RecycledBuffer {
+    data: Recycle,
+}
+
+pub(super) enum Recycle {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    Gone,
+}
+
+impl Drop for RecycledBuffer {
+    fn drop(&mut self) {
+        match std::mem::replace(&mut self.data, Recycle::Gone) {
+            Recycle::F32(v) => crate::pages::give_back(v),
+            Recycle::F64(v) => crate::pages::give_back(v),
+            Recycle::Gone => {}
+        }
+    }
+}
+
+/// The float types whose large outputs are recycled.
+pub(super) trait Recyclable: numpy::Element + crate::real::Real {
+    fn wrap(v: Vec<Self>) -> Recycle;
+}
+
+impl Recyclable for f32 {
+    fn wrap(v: Vec<Self>) -> Recycle {
+        Recycle::F32(v)
+    }
+}
+
+impl Recyclable for f64 {
+    fn wrap(v: Vec<Self>) -> Recycle {
+        Recycle::F64(v)
+    }
+}
+
+/// `a` as a NumPy array; a large one keeps its buffer for reuse once NumPy frees it.
+pub(super) fn recycled_array<T: Recyclable>(
+    py: Python<'_>,
+    a: ndarray::Array2<T>,
+) -> PyResult<Bound<'_, numpy::PyArray2<T>>> {
+    use numpy::IntoPyArray;
+    if a.len() * std::mem::size_of::<T>() < crate::pages::FRESH_PAGES_FROM
+        || !a.is_standard_layout()
+    {
+        return Ok(a.into_pyarray(py));
+    }
+    let dim = a.raw_dim();
+    let (vec, offset) = a.into_raw_vec_and_offset();
+    if offset != Some(0) {
+        let a = ndarray::Array2::from_shape_vec(dim, vec).expect("same shape");
+        return Ok(a.into_pyarray(py));
+    }
+    // SAFETY: the view covers the vector's `dim` values in row-major order; the vector lives
+    // inside `holder`, is never reallocated, and `holder` outlives the array (it is its base).
+    let view = unsafe { ndarray::ArrayView2::from_shape_ptr(dim, vec.as_ptr()) };
+    let holder = Bound::new(py, RecycledBuffer { data: T::wrap(vec) })?;
+    Ok(unsafe { numpy::PyArray2::borrow_from_array(&view, holder.into_any()) })
+}

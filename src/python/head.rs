@@ -2,7 +2,8 @@
 //! backward, and the margin on a cosine matrix.
 
 use super::convert::{
-    labels_vec, parse_reduction, run, same_dtype_error, same_floats, to_py_err, Floats,
+    labels_vec, parse_reduction, recycled_array, run, same_dtype_error, same_floats, to_py_err,
+    Floats, Recyclable,
 };
 use super::margin::{margins, row_margins, PyMargin};
 use crate::head::{self, GradFilter, HeadOptions, LossOptions, RowPart};
@@ -94,7 +95,7 @@ fn call_combine(combine: &Py<PyAny>, parts: &mut [RowPart], failed: bool) -> PyR
     })
 }
 
-fn loss_typed<'py, T: Real + Element>(
+fn loss_typed<'py, T: Real + Element + Recyclable>(
     py: Python<'py>,
     emb: PyReadonlyArray2<'py, T>,
     weight: PyReadonlyArray2<'py, T>,
@@ -132,7 +133,7 @@ fn loss_typed<'py, T: Real + Element>(
         out.loss,
         PyArray1::from_vec(py, out.row_losses),
         out.grad_emb.map(|g| g.into_pyarray(py)),
-        out.grad_weight.map(|g| g.into_pyarray(py)),
+        out.grad_weight.map(|g| recycled_array(py, g)).transpose()?,
         out.backward_skipped,
     )
         .into_pyobject(py)
@@ -282,7 +283,7 @@ pub(super) fn margin_logits<'py>(
     ))
 }
 
-fn logits_backward_typed<'py, T: Real + Element>(
+fn logits_backward_typed<'py, T: Real + Element + Recyclable>(
     py: Python<'py>,
     grad: PyReadonlyArray2<'py, T>,
     emb: PyReadonlyArray2<'py, T>,
@@ -296,7 +297,7 @@ fn logits_backward_typed<'py, T: Real + Element>(
         head::margin_logits_backward_with(g, e, w, labels, margin, head)
     })?
     .map_err(to_py_err)?;
-    (ge.into_pyarray(py), gw.into_pyarray(py)).into_pyobject(py)
+    (ge.into_pyarray(py), recycled_array(py, gw)?).into_pyobject(py)
 }
 
 /// (grad_emb, grad_weight) from dL/dlogits.

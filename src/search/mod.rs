@@ -15,7 +15,6 @@ pub mod topk;
 use crate::error::{unnormalisable, Error, Result};
 use crate::kernels;
 use crate::real::Real;
-use ndarray::linalg::general_mat_mul;
 use ndarray::{s, Array2, ArrayView2, Axis};
 use rayon::prelude::*;
 use topk::{Hit, TopK};
@@ -505,7 +504,7 @@ fn tiled<T: Real, R: Rows<T>>(qhat: ArrayView2<T>, rows: &R, k: usize) -> Partia
                 let block = rows.decoded(lo, lo + count, &mut decoded);
                 let tile = ArrayView2::from_shape((count, d), block).expect("block of whole rows");
                 let mut tile_scores = scores.slice_mut(s![..count, ..]);
-                general_mat_mul(T::one(), &tile, &qhat.t(), T::zero(), &mut tile_scores);
+                T::gemm(T::one(), &tile, &qhat.t(), T::zero(), &mut tile_scores);
                 // Thresholds in T: every score is a T value, so comparing in T is exact.
                 let mut thresholds: Vec<T> = tops.iter().map(|t| T::of(t.threshold())).collect();
                 for (r, row) in tile_scores.axis_iter(Axis(0)).enumerate() {
