@@ -17,6 +17,7 @@ mod pages;
 pub mod pool;
 pub mod real;
 pub mod search;
+pub mod triplet;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -35,6 +35,7 @@ from ._margins import (
 )
 from ._search import cosine_topk
 from ._subcenters import dominant_centers, find_outliers
+from ._triplet import triplet_loss
 
 
 def _warn_if_threads_capped() -> None:
@@ -83,4 +84,5 @@ __all__ = [
     "margin_loss",
     "num_threads",
     "simd_level",
+    "triplet_loss",
 ]

@@ -33,6 +33,7 @@ __all__ = [
     "num_threads",
     "pair_dots",
     "simd_level",
+    "triplet_loss",
     "verification",
 ]
 
@@ -154,6 +155,15 @@ def apply_margin_backward(
     margin: Margin,
     row_margins: npt.NDArray[np.float64] | None = None,
 ) -> npt.NDArray[np.floating]: ...
+def triplet_loss(
+    emb: npt.NDArray[np.floating],
+    labels: npt.NDArray[np.int64],
+    margin: float,
+    mining: str,
+    distance: str,
+    reduction: str,
+    upstream: npt.NDArray[np.float64] | None = None,
+) -> tuple[float, npt.NDArray[np.float64], npt.NDArray[np.floating], int, int]: ...
 def center_loss(
     emb: npt.NDArray[np.floating],
     centers: npt.NDArray[np.floating],

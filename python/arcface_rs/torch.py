@@ -58,6 +58,7 @@ __all__ = [
     "ShardedMarginHead",
     "SoftmaxHead",
     "SphereFaceHead",
+    "TripletLoss",
     "ddp_sum_hook",
     "margin_logits",
     "margin_loss",
@@ -606,3 +607,4 @@ class SphereFaceHead(_MarginHead):
 from ._torch_adaptive import AdaFaceHead, ElasticFaceHead, MagFaceHead  # noqa: E402
 from ._torch_center import CenterLoss  # noqa: E402
 from ._torch_negatives import CurricularFaceHead, MVSoftmaxHead  # noqa: E402
+from ._torch_triplet import TripletLoss  # noqa: E402

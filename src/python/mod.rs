@@ -16,6 +16,7 @@ mod head;
 mod margin;
 mod metrics;
 mod search;
+mod triplet;
 
 use convert::{run, GalleryFileError};
 use pyo3::prelude::*;
@@ -67,6 +68,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(head::apply_margin, m)?)?;
     m.add_function(wrap_pyfunction!(head::apply_margin_backward, m)?)?;
     m.add_function(wrap_pyfunction!(center::center_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(triplet::triplet_loss, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(cuda::cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(cuda::cuda_head_workspace_bytes, m)?)?;
