@@ -74,9 +74,9 @@ python_stage() {
             continue
         fi
         echo "== kernels at ARCFACE_RS_SIMD=$level (this CPU's best: $best)"
-        ARCFACE_RS_SIMD=$level cargo test --quiet --lib -- kernels search head
+        ARCFACE_RS_SIMD=$level cargo test --quiet --lib -- kernels search head gemm triplet
         ARCFACE_RS_SIMD=$level "$PY" -m pytest -q -p no:cacheprovider tests/test_heads.py \
-            tests/test_search.py tests/test_gallery.py tests/test_simd.py
+            tests/test_search.py tests/test_gallery.py tests/test_simd.py tests/test_triplet.py
     done
 }
 
