@@ -159,8 +159,7 @@ pub fn triplet_loss<T: Real>(
         .into_par_iter()
         .map(|row| kernels::sum_squares(row.to_slice().expect("standard layout")))
         .collect();
-    let mut sims = Array2::<T>::zeros((b, b));
-    par_gemm(&xhat, &xhat.t(), &mut sims);
+    let sims = gram(&xhat);
     let pair = |i: usize, j: usize| -> f64 {
         let s = sims[[i, j]].f64();
         match measure {
@@ -175,14 +174,6 @@ pub fn triplet_loss<T: Real>(
             PairMeasure::Euclidean => ap - an + margin,
         }
     };
-    // is `a` a harder (worse) positive than `b`? a harder negative is the reverse
-    let farther = |a: f64, b: f64| -> bool {
-        match measure {
-            PairMeasure::Cosine => a < b,
-            PairMeasure::Euclidean => a > b,
-        }
-    };
-
     // Per anchor (in parallel, each writing only its own row of the pair gradient): its
     // triplets, their losses, and dloss/d(pair value) up to the reduction's weight.
     struct Anchor {
@@ -221,23 +212,43 @@ pub fn triplet_loss<T: Real>(
                 return out;
             }
             if mining == Mining::BatchHard {
-                // one pass over the anchor's row: its hardest positive and negative
-                // (row, pair value) of the hardest so far
-                let mut p: Option<(usize, f64)> = None;
-                let mut n: Option<(usize, f64)> = None;
-                for (j, &yj) in labels.iter().enumerate() {
-                    if j == a || yj == -1 {
-                        continue;
-                    }
-                    let v = pair(a, j);
-                    if yj == ya {
-                        if p.is_none_or(|(_, best)| farther(v, best)) {
-                            p = Some((j, v));
-                        }
-                    } else if n.is_none_or(|(_, best)| farther(best, v)) {
-                        n = Some((j, v));
-                    }
+                // the anchor's row of pair values, then its hardest positive and negative:
+                // the extreme values first (loops without branches, which vectorise), then
+                // the first row holding each (ties go to the lower index)
+                let srow = sims.row(a).to_slice().expect("standard layout");
+                let ra = r[a];
+                let vals: Vec<f64> = match measure {
+                    PairMeasure::Cosine => srow.iter().map(|&v| v.f64()).collect(),
+                    PairMeasure::Euclidean => srow
+                        .iter()
+                        .zip(&r)
+                        .map(|(&v, &rj)| (ra + rj - 2.0 * v.f64()).max(0.0).sqrt())
+                        .collect(),
+                };
+                let is_pos = |j: usize| j != a && labels[j] == ya;
+                let is_neg = |j: usize| labels[j] != ya && labels[j] != -1;
+                // cosine: the hardest positive is the least similar, the hardest negative
+                // the most; Euclidean the reverse
+                let sign = match measure {
+                    PairMeasure::Cosine => -1.0,
+                    PairMeasure::Euclidean => 1.0,
+                };
+                let (mut worst_p, mut worst_n) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
+                for (j, &v) in vals.iter().enumerate() {
+                    let (vp, vn) = (sign * v, -sign * v);
+                    let vp = if is_pos(j) { vp } else { f64::NEG_INFINITY };
+                    let vn = if is_neg(j) { vn } else { f64::NEG_INFINITY };
+                    worst_p = if vp > worst_p { vp } else { worst_p };
+                    worst_n = if vn > worst_n { vn } else { worst_n };
                 }
+                let p = (worst_p > f64::NEG_INFINITY)
+                    .then(|| (0..b).find(|&j| is_pos(j) && sign * vals[j] == worst_p))
+                    .flatten()
+                    .map(|j| (j, vals[j]));
+                let n = (worst_n > f64::NEG_INFINITY)
+                    .then(|| (0..b).find(|&j| is_neg(j) && -sign * vals[j] == worst_n))
+                    .flatten()
+                    .map(|j| (j, vals[j]));
                 if let (Some((p, ap)), Some((n, an))) = (p, n) {
                     add_triplet(&mut out, p, n, ap, an);
                 }
@@ -421,6 +432,32 @@ pub fn triplet_loss<T: Real>(
         triplets,
         active,
     })
+}
+
+/// `X Xᵀ`, symmetric: each block of rows is multiplied only up to the diagonal (in
+/// parallel; 10 of 16 block products for four blocks), then the upper triangle is copied
+/// from the lower.
+fn gram<T: Real>(x: &Array2<T>) -> Array2<T> {
+    let b = x.nrows();
+    let bs = b.div_ceil(2 * rayon::current_num_threads()).clamp(64, 256);
+    let mut g = Array2::<T>::zeros((b, b));
+    g.axis_chunks_iter_mut(Axis(0), bs)
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(i, mut rows)| {
+            let (lo, hi) = (i * bs, i * bs + rows.nrows());
+            let xi = x.slice(ndarray::s![lo..hi, ..]);
+            let upto = x.slice(ndarray::s![..hi, ..]);
+            let mut out = rows.slice_mut(ndarray::s![.., ..hi]);
+            T::gemm(T::one(), &xi, &upto.t(), T::zero(), &mut out);
+        });
+    let data = g.as_slice_mut().expect("standard layout");
+    for i in 0..b {
+        for j in i + 1..b {
+            data[i * b + j] = data[j * b + i];
+        }
+    }
+    g
 }
 
 /// `out = a·b`, its rows split over the pool's threads (each GEMM call is single-threaded
