@@ -112,6 +112,15 @@ def train(margin: Head, x, y, dim: int, epochs: int, seed: int, progress: str = 
     params = list(net.parameters()) + [weight] + ([bias] if margin is None else [])
     opt = torch.optim.Adam(params, lr=3e-3, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    _fit(net, loss_fn, opt, x, y, epochs, seed, progress, sched=sched)
+    return net, weight.detach()
+
+
+def _fit(net, loss_fn, opt, x, y, epochs: int, seed: int, progress: str, sched=None) -> None:
+    """Mini-batches of 64 in a seeded random order for ``epochs``; leaves ``net`` in eval
+    mode. Prints the mean loss four times along the way when ``progress`` names the run."""
+    import torch
+
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     gen = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
@@ -127,11 +136,11 @@ def train(margin: Head, x, y, dim: int, epochs: int, seed: int, progress: str = 
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
-        sched.step()
+        if sched is not None:
+            sched.step()
         if progress and (epoch + 1) % max(1, epochs // 4) == 0:
-            print(f"  {progress} epoch {epoch + 1:3d}/{epochs}  loss {total / len(xt):7.3f}")
+            print(f"  {progress} epoch {epoch + 1:3d}/{epochs}  loss {total / len(xt):7.4f}")
     net.eval()
-    return net, weight.detach()
 
 
 def fine_tune_triplet(net, x, y, epochs: int, seed: int, progress: str = ""):
@@ -143,26 +152,8 @@ def fine_tune_triplet(net, x, y, epochs: int, seed: int, progress: str = ""):
 
     loss_fn = TripletLoss(margin=0.2, mining="batch_hard", distance="cosine")
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=5e-4)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    gen = torch.Generator().manual_seed(seed + 1000)
-    for epoch in range(epochs):
-        net.train()
-        order = torch.randperm(len(xt), generator=gen)
-        total = 0.0
-        for start in range(0, len(order), 64):
-            idx = order[start : start + 64]
-            if len(idx) < 2:
-                continue
-            opt.zero_grad()
-            loss = loss_fn(net(xt[idx]), yt[idx])
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        if progress and (epoch + 1) % max(1, epochs // 2) == 0:
-            print(
-                f"  {progress} triplet epoch {epoch + 1:3d}/{epochs}  loss {total / len(xt):7.4f}"
-            )
-    net.eval()
+    label = f"{progress} triplet" if progress else ""
+    _fit(net, loss_fn, opt, x, y, epochs, seed + 1000, label)
     return net
 
 
