@@ -2,9 +2,10 @@
 //!
 //! float32 on a CPU with AVX-512 runs the project's own kernel ([`avx512`]); everything else
 //! (float64, AVX2, NEON, scalar, `ARCFACE_RS_SIMD` below avx512, small products) runs
-//! matrixmultiply through ndarray, as before. matrixmultiply's widest x86 kernel is AVX2
-//! (8 floats per register): on an AVX-512 server it uses half the FMA width the core has,
-//! and reaches ~55% of MKL there (101–112 against ~187 GFLOP/s on a 2-vCPU Ice Lake).
+//! matrixmultiply through ndarray, as before. matrixmultiply 0.3.11 has an AVX-512 kernel
+//! of its own (16×16); the one here (12×32, panels packed with in-register transposes) is
+//! faster on the head's forward shape and close on the two backward ones (benches/
+//! bench_gemm.py; README "Performance").
 //!
 //! Every call is single-threaded: the callers already run one GEMM per class tile (or
 //! gallery tile) on each rayon thread.
@@ -81,10 +82,9 @@ mod avx512 {
     //! The micro-kernel keeps a 12×32 block of C in 24 zmm accumulators (two registers of
     //! 16 floats per row); each step of k loads one 32-float row of a packed B panel and
     //! broadcasts the 12 values of a packed A column into 24 FMAs. Panels are packed so both
-    //! are read contiguously whatever the caller's strides: B in KC×NR panels (32 KB at
-    //! KC = 256, kept in L1 while the A panels of the block stream past it from L2), A in
-    //! MR×KC panels of an MC×KC block. Ragged edges are packed with zeros and written back
-    //! through a small buffer.
+    //! are read contiguously whatever the caller's strides: B in KC×NR panels (streamed
+    //! from L1/L2 while the A panels of the block pass by), A in MR×KC panels of an MC×KC
+    //! block. Ragged edges are packed with zeros and written back through a small buffer.
 
     use super::Strided;
     use std::arch::x86_64::*;
@@ -95,7 +95,7 @@ mod avx512 {
     /// Depth of one pass: a B panel KC×NR is 48 KB (measured best of 256, 384 and 512 on
     /// the head's shapes: fewer passes over C outweigh the panel spilling out of L1).
     const KC: usize = 384;
-    /// Rows of A packed at once: MC×KC floats is 192 KB, well within L2.
+    /// Rows of A packed at once: MC×KC floats is 288 KB, well within L2.
     const MC: usize = MR * 16;
     /// Columns of B packed at once: KC×NC floats is 1 MB.
     const NC: usize = NR * 32;

@@ -231,14 +231,14 @@ class ShardedGallery:
             try:
                 self._get([ref])
                 done.append(s)
-            except Exception as e:  # noqa: BLE001 - re-raised below, after the rollback
+            except Exception as e:  # re-raised below, after the rollback
                 error = error or e
         if error is not None:
             for s in done:
                 if len(parts[s]):
                     try:
                         self._get([self._actors[s].remove.remote(ids[parts[s]])])
-                    except Exception:  # noqa: BLE001, S110 - the first error is the one to report
+                    except Exception:  # the first error is the one to report
                         pass
             raise error
 
