@@ -1,12 +1,14 @@
 """GPU benchmarks of the CUDA path (needs a GPU and a build with the `cuda` feature).
 
-Head: ArcFace forward + backward at B=512, D=512, C=1M float32, against (a) the same three
-GEMMs alone in cuBLAS (torch.matmul, TF32 off), the floor of any exact head, and (b) a plain
-PyTorch eager head (normalise, matmul, margin, cross-entropy), all in this process, timed
-with CUDA events. Search: Gallery(device="cuda") at N=1M, D=512 against torch's
+Head: ArcFace forward + backward at B=512, D=512, C=100k and 1M, arcface_rs under bf16
+autocast, on bf16 tensors, in fp32 with and without TF32, against the three GEMMs alone in
+cuBLAS (bf16, TF32, fp32: the floors), an InsightFace-style PyTorch head eager and under
+torch.compile (bf16 autocast), and cut-cross-entropy / Liger-Kernel when installed; all in
+this process, timed with CUDA events, with the extra device memory each takes.
+Search: Gallery(device="cuda") at N=1M, D=512 against torch's
 matmul + topk on the same GPU and the CPU Gallery. Prints ratios measured in one run.
 
-    python benches/bench_cuda.py [--classes 1000000] [--rows 1000000]
+    python benches/bench_cuda.py [--classes 1000000] [--rows 1000000] [--part head|search]
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import torch
 
 import arcface_rs as afr
 import arcface_rs.torch as aft
-from arcface_rs import _torch_plain as tplain
 
 
 def gpu_ms(fn, repeat: int = 10, warmup: int = 3) -> float:
@@ -50,64 +51,155 @@ def wall_ms(fn, repeat: int = 5) -> float:
     return statistics.median(times)
 
 
-def bench_head(b: int, d: int, c: int) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = False
+def insightface_arcface(emb, weight, labels, s: float = 64.0, m: float = 0.5):
+    """The head a PyTorch user writes (InsightFace's arcface_torch recipe): F.linear of the
+    normalised rows, cos(theta + m) on the target column in float32, cross-entropy."""
+    fn = torch.nn.functional
+    cos = fn.linear(fn.normalize(emb), fn.normalize(weight)).float().clamp(-1 + 1e-7, 1 - 1e-7)
+    target = cos.gather(1, labels[:, None])
+    cos = cos.scatter(1, labels[:, None], torch.cos(torch.acos(target) + m))
+    return fn.cross_entropy(s * cos, labels)
+
+
+def optional_peers(emb, weight, labels):
+    """Apple's cut-cross-entropy and Liger-Kernel's fused linear cross-entropy (no margin),
+    bf16, when installed."""
+    peers = []
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        def cce():
+            linear_cross_entropy(emb.bfloat16(), weight.bfloat16(), labels).backward()
+
+        peers.append(("cut-cross-entropy bf16 (no margin)", cce))
+    except ImportError:
+        print("(cut-cross-entropy not installed: its row is skipped)")
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+
+        def lig():
+            liger(weight.bfloat16(), emb.bfloat16(), labels).backward()
+
+        peers.append(("Liger fused linear CE bf16 (no margin)", lig))
+    except ImportError:
+        print("(liger-kernel not installed: its row is skipped)")
+    return peers
+
+
+def bench_head(b: int, d: int, c: int, compile_peer: bool = True) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     emb = torch.randn(b, d, device="cuda", generator=gen).requires_grad_()
     weight = (0.01 * torch.randn(c, d, device="cuda", generator=gen)).requires_grad_()
     labels = torch.randint(0, c, (b,), device="cuda", generator=gen)
     margin = afr.ArcFace(s=64.0, m=0.5)
 
-    def step(loss_fn):
+    def step(loss_fn, autocast=None, tf32=False, dtype=None):
+        e, w = emb, weight
+        if dtype is not None:
+            e = emb.detach().to(dtype).requires_grad_()
+            w = weight.detach().to(dtype).requires_grad_()
+
         def run():
-            emb.grad = weight.grad = None
-            loss_fn(emb, weight, labels, margin, "mean").backward()
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            e.grad = w.grad = None
+            if autocast is None:
+                loss_fn(e, w, labels).backward()
+            else:
+                with torch.autocast("cuda", dtype=autocast):
+                    loss_fn(e, w, labels).backward()
 
         return run
 
-    fused = step(aft.margin_loss)
-    eager = step(tplain._plain_loss)
+    def fused(e, w, y):
+        return aft.margin_loss(e, w, y, margin)
+
     x, w = emb.detach(), weight.detach()
     g = torch.randn(b, c, device="cuda", generator=gen)
 
-    def gemms():
-        torch.mm(x, w.T)  # logits
-        torch.mm(g, w)  # d emb
-        torch.mm(g.T, x)  # d weight
+    def gemms(dtype, tf32):
+        xs, ws, gs = x.to(dtype), w.to(dtype), g.to(dtype)
 
-    # correctness at full size: the fused head against the eager one
-    emb.grad = weight.grad = None
-    loss = aft.margin_loss(emb, weight, labels, margin)
-    loss.backward()
-    ge, gw = emb.grad.clone(), weight.grad.clone()
-    emb.grad = weight.grad = None
-    want = tplain._plain_loss(emb, weight, labels, margin, "mean")
-    want.backward()
+        def run():
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.mm(xs, ws.T)  # logits
+            torch.mm(gs, ws)  # d emb
+            torch.mm(gs.T, xs)  # d weight
+
+        return run
+
+    bf16 = torch.bfloat16
+    cases = [
+        ("arcface_rs, bf16 autocast", step(fused, autocast=bf16)),
+        ("arcface_rs, bf16 tensors", step(fused, dtype=bf16)),
+        ("arcface_rs, fp32 TF32", step(fused, tf32=True)),
+        ("arcface_rs, fp32", step(fused)),
+        ("cuBLAS 3 GEMMs bf16 (AMP floor)", gemms(bf16, False)),
+        ("cuBLAS 3 GEMMs fp32 TF32", gemms(torch.float32, True)),
+        ("cuBLAS 3 GEMMs fp32", gemms(torch.float32, False)),
+        ("eager head, bf16 autocast", step(insightface_arcface, autocast=bf16)),
+        ("eager head, fp32 TF32", step(insightface_arcface, tf32=True)),
+    ]
+    if compile_peer:
+        compiled = torch.compile(insightface_arcface)
+        cases.append(("torch.compile head, bf16 autocast", step(compiled, autocast=bf16)))
+    cases += optional_peers(emb, weight, labels)
+
+    rows = {}
+    for name, fn in cases:
+        try:
+            torch.cuda.synchronize()
+            emb.grad = weight.grad = None
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            ms = gpu_ms(fn, repeat=7)
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            rows[name] = (ms, peak)
+        except Exception as e:  # a peer that fails here is reported, not fatal
+            print(f"{name}: failed: {type(e).__name__}: {str(e)[:200]}")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ours = rows.get("arcface_rs, bf16 autocast", (float("nan"),))[0]
+    print(f"\nhead forward+backward, ArcFace, B={b} D={d} C={c} (median of 7, CUDA events)")
+    print(f"{'':40s} {'ms':>8s} {'extra MiB':>10s} {'this / ours (autocast)':>23s}")
+    for name, (ms, peak) in rows.items():
+        print(f"{name:40s} {ms:8.2f} {peak:10.0f} {ms / ours:23.2f}")
+    fp32 = rows.get("arcface_rs, fp32", (float("nan"),))[0]
+    tf32 = rows.get("arcface_rs, fp32 TF32", (float("nan"),))[0]
+    floor32 = rows.get("cuBLAS 3 GEMMs fp32", (float("nan"),))[0]
+    floor_tf = rows.get("cuBLAS 3 GEMMs fp32 TF32", (float("nan"),))[0]
+    print(f"fp32 / its GEMMs {fp32 / floor32:.2f}; TF32 / its GEMMs {tf32 / floor_tf:.2f}")
+
+
+def check_head(b: int, d: int, c: int) -> None:
+    """The bf16 autocast head against a float64 reference on the GPU, beside the eager
+    autocast head: the errors each makes."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    emb = torch.randn(b, d, device="cuda", generator=gen)
+    weight = 0.01 * torch.randn(c, d, device="cuda", generator=gen)
+    labels = torch.randint(0, c, (b,), device="cuda", generator=gen)
+    margin = afr.ArcFace(s=64.0, m=0.5)
+
+    def run(fn, e, w, autocast):
+        e = e.clone().requires_grad_()
+        w = w.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = fn(e, w, labels)
+        loss.backward()
+        return loss.detach().double(), e.grad.double(), w.grad.double()
+
+    def ours(e, w, y):
+        return aft.margin_loss(e, w, y, margin)
+
+    want = run(ours, emb.double(), weight.double(), False)
 
     def rel(a, b):
         return float((a - b).abs().max() / b.abs().max())
 
-    print(
-        f"head check: loss rel {abs(loss.item() - want.item()) / abs(want.item()):.1e}, "
-        f"grad_emb rel {rel(ge, emb.grad):.1e}, grad_weight rel {rel(gw, weight.grad):.1e}"
-    )
-
-    rows = []
-    for name, fn in (
-        ("arcface_rs fused", fused),
-        ("cuBLAS GEMMs alone", gemms),
-        ("PyTorch eager head", eager),
-    ):
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        ms = gpu_ms(fn)
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        rows.append((name, ms, peak))
-    fused_ms = rows[0][1]
-    print(f"\nhead forward+backward, B={b} D={d} C={c} float32 (median of 10, CUDA events)")
-    print(f"{'':22s} {'ms':>8s} {'extra MiB':>10s} {'fused / this':>13s}")
-    for name, ms, peak in rows:
-        print(f"{name:22s} {ms:8.2f} {peak:10.0f} {fused_ms / ms:13.2f}")
+    for name, fn in (("arcface_rs", ours), ("eager InsightFace head", insightface_arcface)):
+        got = run(fn, emb, weight, True)
+        errors = ", ".join(f"{rel(g, w):.1e}" for g, w in zip(got, want))
+        print(f"bf16 autocast vs float64, {name}: loss, grad_emb, grad_weight rel {errors}")
 
 
 def bench_search(n: int, d: int) -> None:
@@ -149,12 +241,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, default=1_000_000)
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--part", choices=("head", "search", "all"), default="all")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     args = parser.parse_args()
     if not afr.cuda_available():
         raise SystemExit("needs a GPU and arcface_rs built with the cuda feature")
     print(torch.cuda.get_device_name(), "| torch", torch.__version__)
-    bench_head(512, 512, args.classes)
-    bench_search(args.rows, 512)
+    if args.part in ("head", "all"):
+        check_head(512, 512, 100_000)
+        for c in sorted({100_000, args.classes}):
+            bench_head(512, 512, c, compile_peer=not args.no_compile)
+    if args.part in ("search", "all"):
+        bench_search(args.rows, 512)
 
 
 if __name__ == "__main__":

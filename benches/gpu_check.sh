@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check (about 6 minutes; under 9 with the build): installs arcface_rs with the
-# `cuda` feature, runs the GPU tests, then the GPU benchmarks and the sharded head's check.
+# The GPU check: installs arcface_rs with the `cuda` feature, runs the GPU tests, then the
+# GPU benchmarks and the sharded head's check.
+#
+#   bash benches/gpu_check.sh          everything (about 6 minutes on an H200)
+#   bash benches/gpu_check.sh head     the head's GPU tests and its benchmark (under 4 minutes)
 #
 # What the machine needs: an NVIDIA GPU with a CUDA 13 driver, and a Python with numpy,
 # pytest and PyTorch's CUDA wheels (they bring NVRTC and cuBLAS). It needs no Rust toolchain
@@ -11,6 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+MODE=${1:-all}
 export PYTHONUNBUFFERED=1
 
 wheel=$(ls .gpu/arcface_rs-*.whl 2>/dev/null | head -1 || true)
@@ -20,10 +24,19 @@ if [ -n "$wheel" ]; then
     export PYTHONPATH="/tmp/arcface_rs_site${PYTHONPATH:+:$PYTHONPATH}"
 else
     echo "== building with the cuda feature"
-    MATURIN_PEP517_ARGS="--features python,cuda" "$PY" -m pip install --quiet .
+    "$PY" -m pip install --quiet .
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 "$PY" -c "import arcface_rs as a; assert a._core.cuda_feature and a.cuda_available(), 'no usable GPU'"
+
+if [ "$MODE" = head ]; then
+    echo "== GPU tests of the head"
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs -x \
+        -k "gpu and not gallery" || echo "== GPU head tests FAILED (rc $?)"
+    echo "== GPU head benchmark"
+    timeout 200 "$PY" benches/bench_cuda.py --part head
+    exit 0
+fi
 
 echo "== GPU tests"
 timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs

@@ -133,12 +133,7 @@ fn the_head_through_the_driver_equals_the_cpu_head() {
             LossOptions::new(Reduction::Mean),
         )
         .unwrap();
-        let shape = HeadShape {
-            b,
-            c,
-            d,
-            elem: Elem::F64,
-        };
+        let shape = HeadShape::exact(b, c, d, Elem::F64);
         let tiling = Tiling {
             class_tile: 16,
             stash_budget_bytes: 1 << 20,
@@ -146,7 +141,7 @@ fn the_head_through_the_driver_equals_the_cpu_head() {
         let mut row_loss = vec![0.0f64; b];
         let mut grad_emb = Array2::<f64>::zeros((b, d));
         let mut grad_weight = Array2::<f64>::zeros((c, d));
-        let mut bad = [0i32; 2];
+        let mut bad = [0i32; 3];
         let mut workspace = vec![0u64; head::workspace_bytes(shape, true, tiling) / 8 + 1];
         let block = margin.encode();
         let buffers = HeadBuffers {
@@ -167,7 +162,7 @@ fn the_head_through_the_driver_equals_the_cpu_head() {
             s.synchronize()
         })
         .unwrap();
-        assert_eq!(bad, [0, 0]);
+        assert_eq!(bad, [0, 0, 0]);
         let loss: f64 = row_loss.iter().sum::<f64>() / 5.0;
         assert!(
             (loss - cpu.loss).abs() < 1e-10 * cpu.loss.abs(),

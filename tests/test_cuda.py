@@ -45,25 +45,37 @@ def _cpu_launch(
     bad,
     workspace,
     interclass_filter=None,
+    weight_dtype=None,
+    tf32=False,
 ):
-    """What the CUDA launch computes, done by the CPU core on the same buffers."""
+    """What the CUDA launch computes, done by the CPU core on the same buffers (the
+    half-precision path in float32)."""
     b, c, d = shape
     assert blocks.dtype == torch.float64 and blocks.is_contiguous()
     if per_row:
         assert blocks.shape == (b, afr._core.MARGIN_PARAMS)
     else:
         assert blocks.tolist() == spec.encode()
+    half = dtype in ("bfloat16", "float16")
     assert x.shape == (b, d) and w.shape == (c, d) and y.shape == (b,)
-    assert str(x.dtype).endswith(dtype) and w.dtype == x.dtype and y.dtype == torch.int64
+    assert str(x.dtype).endswith("float32" if half else dtype) and y.dtype == torch.int64
+    assert str(w.dtype).endswith(weight_dtype or dtype)
+    assert not tf32 or dtype == "float32"
     assert row_weight.dtype == row_loss.dtype == torch.float64 and bad.dtype == torch.int32
     for t in (x, w, y, row_weight, row_loss, g_emb, g_w, bad):
         assert t is None or t.is_contiguous()
-    bad.zero_()
+    for t in (g_emb, g_w):
+        assert t is None or t.dtype == x.dtype  # float32 gradients on the 16-bit path
+    assert bad.shape == (3,) and not bad.any()  # the caller zeroes the flags
+    w = w.to(x.dtype)
     for slot, m in ((0, x), (1, w)):
         norms = m.double().norm(dim=1)
         broken = torch.nonzero(~torch.isfinite(norms) | (norms == 0)).flatten()
         if len(broken):
             bad[slot] = int(broken[-1]) + 1
+    wrong = torch.nonzero((y < -1) | (y >= c)).flatten()
+    if len(wrong):
+        bad[2] = int(wrong[-1]) + 1
     if bad.any():
         return
     _, rows, ge, gw, _ = afr._core.margin_loss(
@@ -147,18 +159,48 @@ def test_glue_all_rows_ignored_gives_zero_not_nan(cpu_launch):
     assert loss.item() == 0.0 and not g_emb.any() and not g_w.any()
 
 
-def test_glue_half_precision_inputs_compute_in_float32(cpu_launch):
+@pytest.mark.parametrize("emb_dtype", [torch.float16, torch.float32])
+def test_glue_half_precision_inputs_take_the_16_bit_path(cpu_launch, monkeypatch, emb_dtype):
+    # float16 weight: GEMMs in float16, float32 rows and gradients inside, each gradient
+    # back in its tensor's dtype
     emb, weight, labels = _problem(5, 8, 7, torch.float32)
+    seen = []
+    monkeypatch.setattr(
+        tcuda, "_launch_cuda", lambda *a, **k: seen.append((a[1], k)) or _cpu_launch(*a, **k)
+    )
     kind, params = tops._encode(afr.ArcFace())
-    got = tcuda._loss_cuda(
-        emb.half(), weight.half(), labels, kind, params, 1, None, None, "mean", True, True
-    )
-    want = tops._loss_op(
-        emb.half(), weight.half(), labels, kind, params, 1, None, None, "mean", True, True
-    )
-    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.float16
+    args = (labels, kind, params, 1, None, None, "mean", True, True)
+    got = tcuda._loss_cuda(emb.to(emb_dtype), weight.half(), *args)
+    want = tops._loss_op(emb.to(emb_dtype), weight.half(), *args)
+    assert seen[0][0] == "float16" and seen[0][1]["weight_dtype"] == "float16"
+    assert got[0].dtype == torch.float32 and got[1].dtype == emb_dtype
+    assert got[2].dtype == torch.float16
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+    # a float32 weight (autocast's master copy) stays float32 and gets a float32 gradient
+    got = tcuda._loss_cuda(emb.bfloat16(), weight, *args)
+    assert seen[1][0] == "bfloat16" and seen[1][1]["weight_dtype"] == "float32"
+    assert got[2].dtype == torch.float32
+    with pytest.raises(TypeError, match="bfloat16 and float16 cannot be mixed"):
+        tcuda._loss_cuda(emb.bfloat16(), weight.half(), *args)
+
+
+def test_glue_tf32_follows_torch_s_float32_matmul_setting(cpu_launch, monkeypatch):
+    emb, weight, labels = _problem(5, 8, 7, torch.float32)
+    seen = []
+    monkeypatch.setattr(
+        tcuda, "_launch_cuda", lambda *a, **k: seen.append(k["tf32"]) or _cpu_launch(*a, **k)
+    )
+    kind, params = tops._encode(afr.CosFace())
+    args = (emb, weight, labels, kind, params, 1, None, None, "mean", True, True)
+    before = torch.get_float32_matmul_precision()
+    try:
+        for precision in ("highest", "high"):
+            torch.set_float32_matmul_precision(precision)
+            tcuda._loss_cuda(*args)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert seen == [False, True]
 
 
 @pytest.mark.parametrize(
@@ -269,12 +311,18 @@ def test_gpu_head_module_trains_and_bad_input_raises():
     loss = head(emb, labels)
     loss.backward()
     assert torch.isfinite(loss) and head.weight.grad.shape == (3000, 64)
-    with pytest.raises(ValueError, match="labels"):
-        head(emb, torch.full_like(labels, 3000))
-    with pytest.raises(ValueError, match="emb: row"):
-        head(emb.detach().index_fill(0, torch.tensor([2], device="cuda"), 0.0), labels)
-    # the context survives the errors
+    # the GPU checks the inputs without making the host wait: a flagged call raises at
+    # the next call, or in check_cuda_errors()
+    head(emb, torch.full_like(labels, 3000))
+    with pytest.raises(ValueError, match="labels: .* found 3000"):
+        aft.check_cuda_errors()
+    head(emb.detach().index_fill(0, torch.tensor([2], device="cuda"), 0.0), labels)
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match="emb: row 2 .* earlier call"):
+        head(emb, labels)
+    # the context survives the errors, and nothing is left pending
     assert torch.isfinite(head(emb, labels))
+    aft.check_cuda_errors()
 
 
 @needs_gpu
@@ -286,6 +334,119 @@ def test_gpu_head_never_nans_at_extreme_inputs():
         emb.cuda() * 1e4, weight.cuda(), labels.cuda(), afr.ArcFace(s=64.0, m=0.5)
     )
     assert torch.isfinite(loss) and torch.isfinite(g_emb).all() and torch.isfinite(g_w).all()
+
+
+def _reference_head(emb, weight, labels, margin):
+    """Loss and both gradients in float64 on the CPU (the core's head)."""
+    return _loss_and_grads(emb.double().cpu(), weight.double().cpu(), labels.cpu(), margin)
+
+
+def _torch_autocast_head(emb, weight, labels, margin):
+    """PyTorch's own head under bf16 autocast: F.linear of the normalised rows, the margin
+    and cross-entropy in float32 (arcface_rs's plain path, the InsightFace recipe)."""
+    from arcface_rs import _torch_plain as tplain
+
+    e = emb.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = tplain._plain_loss(e, w, labels, margin, "mean")
+    loss.backward()
+    return loss.detach(), e.grad, w.grad
+
+
+@needs_gpu
+@pytest.mark.parametrize("margin", all_margins(), ids=repr)
+def test_gpu_autocast_head_is_as_close_to_float64_as_torch_autocast(margin):
+    # the 16-bit path against a float64 reference, side by side with PyTorch's autocast
+    # head: loss within 5e-3, each gradient within that head's own error (x1.5 + 1e-3)
+    emb, weight, labels = _problem(64, 128, 5000, torch.float32, seed=11, ignore=3)
+    emb, weight, labels = emb.cuda() * 3.0, weight.cuda(), labels.cuda()
+    want = _reference_head(emb, weight, labels, margin)
+    peer = _torch_autocast_head(emb, weight, labels, margin)
+    e = emb.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = aft.margin_loss(e, w, labels, margin)
+    loss.backward()
+    assert loss.dtype == torch.float32 and e.grad.dtype == w.grad.dtype == torch.float32
+    assert _rel(loss, want[0]) < 5e-3
+    for got, theirs, ref in ((e.grad, peer[1], want[1]), (w.grad, peer[2], want[2])):
+        assert _rel(got, ref) <= 1.5 * _rel(theirs, ref) + 1e-3
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_half_tensors_get_half_gradients(dtype):
+    emb, weight, labels = _problem(48, 64, 3000, torch.float32, seed=12)
+    want = _reference_head(emb, weight, labels, afr.CosFace())
+    emb, weight = emb.cuda().to(dtype), weight.cuda().to(dtype)
+    got = _loss_and_grads(emb, weight, labels.cuda(), afr.CosFace())
+    assert got[1].dtype == got[2].dtype == dtype
+    assert _rel(got[0], want[0]) < 5e-3
+    assert _rel(got[1], want[1]) < 3e-2 and _rel(got[2], want[2]) < 3e-2
+
+
+@needs_gpu
+def test_gpu_tf32_follows_the_float32_matmul_precision():
+    emb, weight, labels = _problem(64, 256, 4000, torch.float32, seed=13)
+    want = _reference_head(emb, weight, labels, afr.ArcFace())
+    before = torch.get_float32_matmul_precision()
+    errors = {}
+    try:
+        for precision in ("highest", "high"):
+            torch.set_float32_matmul_precision(precision)
+            got = _loss_and_grads(emb.cuda(), weight.cuda(), labels.cuda(), afr.ArcFace())
+            errors[precision] = max(_rel(g, r) for g, r in zip(got[1:], want[1:]))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert errors["highest"] < 1e-4 < errors["high"] < 3e-2
+
+
+def _step(head, emb, labels, forward=None):
+    """One autocast training step of `head`; `forward` replaces head(emb, labels)."""
+    head.weight.grad = None
+    e = emb.detach().clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = (head if forward is None else forward)(e, labels)
+    loss.backward()
+    return loss.detach(), e.grad, head.weight.grad
+
+
+@needs_gpu
+def test_gpu_compiled_autocast_step_equals_eager():
+    head = aft.ArcFaceHead(64, 5000).cuda()
+    emb, _, labels = _problem(32, 64, 5000, torch.float32, seed=14)
+    emb, labels = emb.cuda(), labels.cuda()
+    eager = _step(head, emb, labels)
+    compiled = _step(head, emb, labels, torch.compile(head, fullgraph=True))
+    for g, w in zip(compiled, eager):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@needs_gpu
+def test_gpu_step_captured_in_a_cuda_graph_replays_like_eager():
+    head = aft.ArcFaceHead(64, 5000).cuda()
+    emb, _, labels = _problem(32, 64, 5000, torch.float32, seed=15)
+    static_emb, static_labels = emb.cuda(), labels.cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (kernels loaded, margin block uploaded)
+        for _ in range(2):
+            _step(head, static_emb, static_labels)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    head.weight.grad = None
+    with torch.cuda.graph(graph):
+        out = _step(head, static_emb, static_labels)
+    for seed in (16, 17):
+        emb, _, labels = _problem(32, 64, 5000, torch.float32, seed=seed)
+        static_emb.copy_(emb.cuda())
+        static_labels.copy_(labels.cuda())
+        graph.replay()
+        want = _step(head, static_emb, static_labels)
+        for g, w in zip(out, want):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+    aft.check_cuda_errors()  # reads the graph's flags too
 
 
 # ---------------------------------------------------------------------------------------

@@ -42,12 +42,13 @@ def _merge_parts(parts: Tensor, group: Any) -> None:
 def _raise_if_any_failed(error: BaseException | None, bad: Tensor, group: Any, where: Any):
     """Every rank learns whether any failed (one small MAX all-reduce), so that all raise
     together: a rank raises its own error, the others say that another rank failed.
-    ``bad``: (2,) int32, one past the first bad row of emb and of the weight, or 0;
+    ``bad``: (3,) int32, one past the last bad row of emb and of the weight, or 0 (the
+    labels, the third, were checked before);
     ``where(row)``: the global class of a row of this rank's weight."""
     flags = torch.stack([bad[0].clamp(max=1), bad[1].clamp(max=1)]).to(torch.float64)
     flags = torch.cat([flags, flags.new_tensor([0.0 if error is None else 1.0])])
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    bad_emb, bad_weight = (int(v) for v in bad.tolist())
+    bad_emb, bad_weight = (int(v) for v in bad[:2].tolist())
     if error is not None:
         raise error
     if bad_emb:
@@ -104,7 +105,7 @@ class FusedShardLoss(torch.autograd.Function):
         row_weight = valid.to(torch.float64) / valid.sum().clamp(min=1)
         row_loss = torch.empty(b, dtype=torch.float64, device=device)
         g_emb, g_w = torch.empty_like(x), torch.empty_like(w)
-        bad = torch.zeros(2, dtype=torch.int32, device=device)
+        bad = torch.zeros(3, dtype=torch.int32, device=device)
         parts = torch.empty((b, 4), dtype=torch.float64, device=device)
         name = _CUDA_DTYPES[dtype]
         per_row = row_blocks is not None

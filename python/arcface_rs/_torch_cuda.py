@@ -22,6 +22,8 @@ def _launch_cuda(
     per_row: bool,
     *tensors: Tensor | None,
     interclass_filter: float | None = None,
+    weight_dtype: str | None = None,
+    tf32: bool = False,
     **shard: Any,
 ):
     """Queues the fused head on torch's current stream over the tensors' memory (in the
@@ -40,8 +42,144 @@ def _launch_cuda(
         per_row,
         *(0 if t is None else t.data_ptr() for t in tensors),
         interclass_filter=interclass_filter,
+        weight_dtype=weight_dtype,
+        tf32=tf32,
         **shard,
     )
+
+
+_HALF = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _gemm_dtype(emb: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype the fused head's GEMMs read: float64 if either input is; else the 16-bit
+    dtype of either (bfloat16/float16 tensors, or emb cast by autocast: the half-precision
+    path); else float32."""
+    dtypes = {emb.dtype, weight.dtype}
+    if torch.float64 in dtypes:
+        return torch.float64
+    halves = dtypes & set(_HALF)
+    if len(halves) > 1:
+        raise TypeError(
+            f"emb ({emb.dtype}) and weight ({weight.dtype}): bfloat16 and float16 cannot be "
+            "mixed in one head; cast one"
+        )
+    return halves.pop() if halves else torch.float32
+
+
+def _tf32_allowed() -> bool:
+    """Whether torch lets float32 matmuls run as TF32 (``allow_tf32``, or a float32 matmul
+    precision other than "highest"), read when the op runs, as torch's own matmuls do."""
+    return bool(torch.backends.cuda.matmul.allow_tf32) or (
+        torch.get_float32_matmul_precision() != "highest"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The bad-input flags. The kernels raise (3,) int32 flags on the device (one past the last
+# bad row of emb, of the weight, and of a label outside [0, C)); reading them at once would
+# make the host wait for the GPU on every step. Instead each call copies them to pinned
+# host memory behind an event, and the next call (or check_cuda_errors) raises for any
+# copy that has landed. Inside a CUDA graph capture the flags are kept for
+# check_cuda_errors, which waits.
+
+
+class _Flags:
+    """One call's flags on their way to the host."""
+
+    def __init__(self, device_flags: Tensor, labels: Tensor, classes: int, captured: bool):
+        self.device_flags, self.labels, self.classes = device_flags, labels, classes
+        self.host: Tensor | None = None
+        self.event: Any = None
+        if not captured:
+            self.host = torch.empty(3, dtype=torch.int32, pin_memory=True)
+            self.host.copy_(device_flags, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(device_flags.device))
+
+    def ready(self) -> bool:
+        return self.event is None or bool(self.event.query())
+
+    def values(self) -> list[int]:
+        if self.host is None:  # captured in a graph: read what the last replay left
+            if self.device_flags.device.type == "cuda":
+                torch.cuda.synchronize(self.device_flags.device)
+            return [int(v) for v in self.device_flags.cpu().tolist()]
+        self.event.synchronize()
+        return [int(v) for v in self.host.tolist()]
+
+    def error(self, when: str) -> ValueError | None:
+        bad_emb, bad_weight, bad_label = self.values()
+        if bad_emb:
+            return ValueError(f"emb: row {bad_emb - 1} is all zeros or contains NaN or inf{when}")
+        if bad_weight:
+            return ValueError(
+                f"weight: row {bad_weight - 1} is all zeros or contains NaN or inf{when}"
+            )
+        if bad_label:
+            value = int(self.labels[bad_label - 1])
+            return ValueError(
+                f"labels: must be -1 (ignored) or a class in [0, {self.classes}), found "
+                f"{value} (row {bad_label - 1}){when}"
+            )
+        return None
+
+
+_pending: list[_Flags] = []
+_captured: list[_Flags] = []
+_LATER = (
+    " (in an earlier call of the fused CUDA head: it checks its inputs on the GPU and "
+    "raises at the next call, without waiting; that call's results were not valid)"
+)
+
+
+def _raise_landed(wait: bool = False) -> None:
+    """Raises for the first flagged call whose flags reached the host (all, when ``wait``)."""
+    error = None
+    keep = []
+    for flags in _pending:
+        if error is None and (wait or flags.ready()):
+            error = flags.error(_LATER)
+        elif error is None:
+            keep.append(flags)
+    _pending[:] = keep if error is None else []
+    if error is not None:
+        raise error
+
+
+def check_cuda_errors() -> None:
+    """Waits for the fused CUDA head's queued calls and raises for bad inputs they met.
+
+    The CUDA head checks its inputs (zero, NaN or inf rows of ``emb`` or ``weight``,
+    labels outside ``[0, C)`` and not -1) on the GPU, so that a training step never waits
+    for the device. A flagged call raises ``ValueError`` at the next call of the head, or
+    here. Inside ``torch.cuda.graph`` capture the flags stay on the device: call this after
+    a replay to check them.
+
+    Raises
+    ------
+    ValueError
+        Naming the argument and row of the first flagged call.
+    """
+    _raise_landed(wait=True)
+    for flags in _captured:
+        error = flags.error(" (in a captured CUDA graph's last replay)")
+        if error is not None:
+            raise error
+
+
+_blocks: dict[tuple[tuple[float, ...], torch.device], Tensor] = {}
+
+
+def _margin_block(block: tuple[float, ...], device: torch.device) -> Tensor:
+    """A margin's parameter block on the device, uploaded once: a copy from the host on
+    every step would make the host wait for the GPU (and cannot be captured in a graph)."""
+    key = (block, device)
+    if key not in _blocks:
+        if len(_blocks) > 64:
+            _blocks.clear()
+        _blocks[key] = torch.tensor(block, dtype=torch.float64, device=device)
+    return _blocks[key]
 
 
 def _run_loss_cuda(
@@ -56,11 +194,16 @@ def _run_loss_cuda(
     upstream: Tensor | None = None,
     interclass_filter: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Row losses and d loss / d row loss (float64), and the wanted gradients (compute
-    dtype) on the GPU."""
-    dtype = _compute_dtype(emb, weight)
+    """Row losses and d loss / d row loss (float64), and the wanted gradients (float32 on
+    the half-precision path, else the compute dtype) on the GPU, without waiting for it."""
+    _raise_landed()
+    gemm = _gemm_dtype(emb, weight)
+    half = gemm in _HALF
+    # the half-precision path takes float32 rows and a float32 or 16-bit weight
+    dtype = torch.float32 if half else gemm
     x = emb.detach().to(dtype).contiguous()
-    w = weight.detach().to(dtype).contiguous()
+    w_dtype = weight.dtype if half and weight.dtype == gemm else dtype
+    w = weight.detach().to(w_dtype).contiguous()
     y = labels.detach().to(torch.int64).contiguous()
     (b, d), c = x.shape, w.shape[0]
     if b == 0:
@@ -69,10 +212,6 @@ def _run_loss_cuda(
         raise ValueError("emb: embedding size is 0")
     if c == 0:
         raise ValueError("weight: has no classes (0 rows)")
-    lo, hi = torch.stack(torch.aminmax(y)).tolist()
-    if lo < -1 or hi >= c:
-        bad = lo if lo < -1 else hi
-        raise ValueError(f"labels: must be -1 (ignored) or a class in [0, {c}), found {bad}")
     valid = y >= 0
     row_weight = valid.to(torch.float64)
     if reduction == "mean":
@@ -82,17 +221,18 @@ def _run_loss_cuda(
     device = x.device
     row_loss = torch.empty(b, dtype=torch.float64, device=device)
     g_emb = torch.empty_like(x) if need_emb else None
-    g_w = torch.empty_like(w) if need_weight else None
-    bad_rows = torch.empty(2, dtype=torch.int32, device=device)
-    name = _CUDA_DTYPES[dtype]
+    g_w = torch.empty((c, d), dtype=dtype, device=device) if need_weight else None
+    bad = torch.zeros(3, dtype=torch.int32, device=device)
+    name = _HALF[gemm] if half else _CUDA_DTYPES[gemm]
+    weight_name = _CUDA_DTYPES.get(w_dtype) or _HALF[w_dtype]
     per_row = row_margins is not None
     blocks = (
         row_margins.to(device=device, dtype=torch.float64).contiguous()
         if per_row
-        else torch.tensor(margin, dtype=torch.float64, device=device)
+        else _margin_block(tuple(margin), device)
     )
     workspace = torch.empty(
-        _core.cuda_head_workspace_bytes(b, c, d, name, need_weight),
+        _core.cuda_head_workspace_bytes(b, c, d, name, need_weight, weight_dtype=weight_name),
         dtype=torch.uint8,
         device=device,
     )
@@ -110,15 +250,20 @@ def _run_loss_cuda(
         row_loss,
         g_emb,
         g_w,
-        bad_rows,
+        bad,
         workspace,
         interclass_filter=interclass_filter,
+        weight_dtype=weight_name,
+        tf32=gemm == torch.float32 and _tf32_allowed(),
     )
-    bad_emb, bad_weight = bad_rows.tolist()
-    if bad_emb:
-        raise ValueError(f"emb: row {bad_emb - 1} is all zeros or contains NaN or inf")
-    if bad_weight:
-        raise ValueError(f"weight: row {bad_weight - 1} is all zeros or contains NaN or inf")
+    if device.type != "cuda":  # the fake driver of the tests: host memory, nothing to wait for
+        error = _Flags(bad, y, c, captured=True).error("")
+        if error is not None:
+            raise error
+    elif torch.cuda.is_current_stream_capturing():
+        _captured.append(_Flags(bad, y, c, captured=True))
+    else:
+        _pending.append(_Flags(bad, y, c, captured=False))
     return row_loss, row_weight, g_emb, g_w
 
 

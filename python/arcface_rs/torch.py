@@ -38,6 +38,7 @@ from ._margins import (
     SphereFace,
 )
 from ._sharded import ShardedMarginHead, ddp_sum_hook, merge_shards, shard_range, split_weight
+from ._torch_cuda import check_cuda_errors
 from ._torch_ops import NATIVE, _compute_dtype, _encode, _logits_op, _loss_op, _rows_of
 from ._torch_plain import _note_exact_on_cuda, _plain_logits, _plain_loss, _warn_cuda_once
 from ._validate import grad_filter as check_grad_filter
@@ -59,6 +60,7 @@ __all__ = [
     "SoftmaxHead",
     "SphereFaceHead",
     "TripletLoss",
+    "check_cuda_errors",
     "ddp_sum_hook",
     "margin_logits",
     "margin_loss",
@@ -130,7 +132,12 @@ def margin_loss(
     Parameters
     ----------
     emb : torch.Tensor
-        (B, D) embeddings (float32/float64; half precision is computed in float32).
+        (B, D) embeddings (float32/float64). On CUDA, bfloat16/float16 inputs or
+        ``torch.autocast("cuda")`` run the GEMMs in 16 bits on tensor cores (row statistics
+        and a float32 weight's gradient stay float32), and float32 ones use TF32 when
+        ``torch.backends.cuda.matmul.allow_tf32`` is set; the CPU computes half precision
+        in float32. Bad inputs met on the GPU raise at the next call (see
+        :func:`check_cuda_errors`).
     weight : torch.Tensor
         (C, D) class centres, on the same device.
     labels : torch.Tensor
@@ -177,6 +184,7 @@ def _loss(
     ``head``: (sub_centers, interclass_filter); ``grad_filter`` as checked."""
     block, _ = _encode(margin)
     grad = torch.is_grad_enabled()
+    emb = _autocast_operand(emb, weight)
     loss, _, _ = _loss_op(
         emb,
         weight,
@@ -190,6 +198,21 @@ def _loss(
         grad and weight.requires_grad,
     )
     return loss
+
+
+def _autocast_operand(emb: Tensor, weight: Tensor) -> Tensor:
+    """Under ``torch.autocast("cuda")`` the fused CUDA head's GEMMs run in the autocast
+    dtype, as ``F.linear``'s would: the (B, D) embeddings are cast here, in the graph, so
+    that their gradient flows back through the cast; the float32 weight stays the master
+    copy (the op rounds it one class tile at a time and returns a float32 gradient)."""
+    if emb.device.type != "cuda" or emb.dtype != torch.float32 or weight.dtype != torch.float32:
+        return emb
+    try:
+        enabled = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda")
+    except TypeError:  # torch < 2.4 spells them for CUDA only
+        enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+    return emb.to(dtype) if enabled and dtype in (torch.bfloat16, torch.float16) else emb
 
 
 def _floor(grad_filter: str | float | None, emb: Tensor, weight: Tensor) -> float | None:

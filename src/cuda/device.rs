@@ -15,13 +15,14 @@ pub enum Arg {
     F64(f64),
 }
 
-/// Element types of a GEMM: both inputs and the output in f32 or f64; or float16 inputs with
-/// float32 output and accumulation.
+/// Element types of the device buffers: of a GEMM's inputs and of its output (f32 or f64;
+/// 16-bit inputs always accumulate and write in f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Elem {
     F32,
     F64,
     F16,
+    Bf16,
 }
 
 impl Elem {
@@ -30,7 +31,22 @@ impl Elem {
         match self {
             Elem::F32 => 4,
             Elem::F64 => 8,
+            Elem::F16 | Elem::Bf16 => 2,
+        }
+    }
+
+    /// Whether this is a 16-bit type (the half-precision head).
+    pub fn is_half(self) -> bool {
+        matches!(self, Elem::F16 | Elem::Bf16)
+    }
+
+    /// cuBLAS's cudaDataType_t code of this type.
+    pub fn cuda_type(self) -> i32 {
+        match self {
+            Elem::F32 => 0,
+            Elem::F64 => 1,
             Elem::F16 => 2,
+            Elem::Bf16 => 14,
         }
     }
 
@@ -40,16 +56,20 @@ impl Elem {
             Elem::F32 => "f32",
             Elem::F64 => "f64",
             Elem::F16 => "f16",
+            Elem::Bf16 => "bf16",
         }
     }
 }
 
 /// A GEMM over row-major matrices: `C (m×n) = alpha op(A) op(B) + beta C`, with `op(A)` m×k
 /// and `op(B)` k×n; `trans_a` means A is stored k×m. `ld*` are row strides in elements.
-/// With `beta == 0`, C is not read (it may hold anything).
+/// With `beta == 0`, C is not read (it may hold anything). A and B are `elem`, C is `out`;
+/// `tf32` lets float32 inputs run on tensor cores as TF32 (10 mantissa bits).
 #[derive(Clone, Copy, Debug)]
 pub struct RowMajorGemm {
     pub elem: Elem,
+    pub out: Elem,
+    pub tf32: bool,
     pub trans_a: bool,
     pub trans_b: bool,
     pub m: usize,

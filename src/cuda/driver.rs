@@ -199,8 +199,8 @@ impl Device for Stream<'_> {
         // SAFETY: operands are device addresses of the sizes the dimensions say; alpha and
         // beta are host scalars (cuBLAS's default pointer mode).
         let status = unsafe {
-            match g.elem {
-                Elem::F32 => {
+            match (g.elem, g.out, g.tf32) {
+                (Elem::F32, Elem::F32, false) => {
                     let (alpha, beta) = (g.alpha as f32, g.beta as f32);
                     cudarc::cublas::result::sgemm(
                         h,
@@ -219,7 +219,7 @@ impl Device for Stream<'_> {
                         ldc,
                     )
                 }
-                Elem::F64 => cudarc::cublas::result::dgemm(
+                (Elem::F64, Elem::F64, _) => cudarc::cublas::result::dgemm(
                     h,
                     op(g.trans_a),
                     op(g.trans_b),
@@ -235,8 +235,16 @@ impl Device for Stream<'_> {
                     g.c as *mut f64,
                     ldc,
                 ),
-                Elem::F16 => {
+                // 16-bit inputs, or float32 ones as TF32: tensor cores, float32 accumulation
+                // and output
+                (Elem::F32 | Elem::F16 | Elem::Bf16, Elem::F32, tf32) => {
                     let (alpha, beta) = (g.alpha as f32, g.beta as f32);
+                    let input = data_type(g.elem);
+                    let compute = if tf32 && g.elem == Elem::F32 {
+                        cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+                    } else {
+                        cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F
+                    };
                     cudarc::cublas::result::gemm_ex(
                         h,
                         op(g.trans_a),
@@ -246,18 +254,24 @@ impl Device for Stream<'_> {
                         k,
                         &alpha as *const f32 as *const c_void,
                         g.a as *const c_void,
-                        cublas::cudaDataType_t::CUDA_R_16F,
+                        input,
                         lda,
                         g.b as *const c_void,
-                        cublas::cudaDataType_t::CUDA_R_16F,
+                        input,
                         ldb,
                         &beta as *const f32 as *const c_void,
                         g.c as *mut c_void,
                         cublas::cudaDataType_t::CUDA_R_32F,
                         ldc,
-                        cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        compute,
                         cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                     )
+                }
+                (input, output, _) => {
+                    return Err(cuda_error(
+                        "GEMM",
+                        format!("{input:?} inputs with {output:?} output are not supported"),
+                    ))
                 }
             }
         };
@@ -268,6 +282,17 @@ impl Device for Stream<'_> {
         // SAFETY: the caller's buffer at `ptr` holds `bytes` bytes.
         unsafe { cu::memset_d8_async(ptr, 0, bytes, self.stream) }
             .map_err(|e| cuda_error("cuMemsetD8Async", e))
+    }
+}
+
+/// cuBLAS's name of an input type.
+fn data_type(elem: Elem) -> cublas::cudaDataType_t {
+    use cublas::cudaDataType_t::*;
+    match elem {
+        Elem::F32 => CUDA_R_32F,
+        Elem::F64 => CUDA_R_64F,
+        Elem::F16 => CUDA_R_16F,
+        Elem::Bf16 => CUDA_R_16BF,
     }
 }
 

@@ -112,12 +112,15 @@ struct Entry {
 
 #define ENTRY(name) {#name, entry(name)}
 #define ENTRY2(name) ENTRY(name##_f32), ENTRY(name##_f64)
+#define ENTRY4(name) ENTRY2(name), ENTRY(name##_bf16), ENTRY(name##_f16)
 
 static const Entry entries[] = {
-    ENTRY2(normalize_rows), ENTRY2(inv_norms),  ENTRY2(targets),
-    ENTRY2(logits_tile),    ENTRY2(grad_tile),  ENTRY2(project_out_rows),
-    ENTRY2(finish_grad_emb), ENTRY(fill_f64),   ENTRY(merge_stats),
-    ENTRY(finish_stats),   ENTRY(row_losses),      ENTRY(topk_tile),   ENTRY(split_half),
+    ENTRY4(normalize_rows),   ENTRY4(targets),         ENTRY4(logits_tile),
+    ENTRY4(grad_tile),        ENTRY4(project_out_rows), ENTRY2(finish_grad_emb),
+    ENTRY(weights_tile_f32_f32),  ENTRY(weights_tile_f64_f64),  ENTRY(weights_tile_f32_bf16),
+    ENTRY(weights_tile_bf16_bf16), ENTRY(weights_tile_f32_f16), ENTRY(weights_tile_f16_f16),
+    ENTRY(fill_f64),          ENTRY(merge_stats),      ENTRY(finish_stats),
+    ENTRY(row_losses),        ENTRY(topk_tile),        ENTRY(split_half),
     ENTRY(margin_grid),
 };
 
@@ -204,24 +207,12 @@ extern "C" int emu_launch(const char* name, unsigned grid, unsigned block, void*
 
 extern "C" int emu_has(const char* name) { return find(name) != nullptr; }
 
-// One GEMM of cuBLAS's semantics (reference_gemm.h); elem 0: float32, 1: float64,
-// 2: float16 inputs with float32 output. Returns 0 or a cuBLAS status.
-extern "C" int emu_gemm(int elem, int ta, int tb, int m, int n, int k, double alpha,
-                        const void* a, int lda, const void* b, int ldb, double beta, void* c,
-                        int ldc) {
-    switch (elem) {
-        case 0:
-            return reference_gemm(ta, tb, m, n, k, alpha, (const float*)a, lda, (const float*)b,
-                                  ldb, beta, (float*)c, ldc, [](float v) { return (double)v; });
-        case 1:
-            return reference_gemm(ta, tb, m, n, k, alpha, (const double*)a, lda,
-                                  (const double*)b, ldb, beta, (double*)c, ldc,
-                                  [](double v) { return v; });
-        case 2:
-            return reference_gemm(ta, tb, m, n, k, alpha, (const unsigned short*)a, lda,
-                                  (const unsigned short*)b, ldb, beta, (float*)c, ldc,
-                                  half_bits_to_double);
-        default:
-            return GEMM_NOT_SUPPORTED;
-    }
+// One GEMM of cuBLAS's semantics (reference_gemm.h): inputs of `in_type`, output of
+// `out_type` (cudaDataType_t codes), TF32 rounding of float32 inputs when `tf32`. Returns 0
+// or a cuBLAS status.
+extern "C" int emu_gemm(int in_type, int out_type, int tf32, int ta, int tb, int m, int n,
+                        int k, double alpha, const void* a, int lda, const void* b, int ldb,
+                        double beta, void* c, int ldc) {
+    return typed_gemm(in_type, out_type, tf32 != 0, ta, tb, m, n, k, alpha, a, lda, b, ldb,
+                      beta, c, ldc);
 }

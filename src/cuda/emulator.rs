@@ -3,7 +3,7 @@
 //! without a GPU.
 //! "Device addresses" are host addresses of the test's own buffers.
 
-use super::device::{arg_values, cuda_error, Arg, ColumnMajorGemm, Device, Elem};
+use super::device::{arg_values, cuda_error, Arg, ColumnMajorGemm, Device};
 use crate::Result;
 use std::ffi::{c_char, c_int, c_uint, c_void, CString};
 use std::path::PathBuf;
@@ -13,6 +13,8 @@ use std::sync::{Mutex, OnceLock};
 type LaunchFn = unsafe extern "C" fn(*const c_char, c_uint, c_uint, *mut *mut c_void) -> c_int;
 type HasFn = unsafe extern "C" fn(*const c_char) -> c_int;
 type GemmFn = unsafe extern "C" fn(
+    c_int,
+    c_int,
     c_int,
     c_int,
     c_int,
@@ -127,16 +129,13 @@ impl Device for Emulator {
 
     fn gemm(&self, gemm: &ColumnMajorGemm) -> Result<()> {
         let g = &gemm.0;
-        let elem = match g.elem {
-            Elem::F32 => 0,
-            Elem::F64 => 1,
-            Elem::F16 => 2,
-        };
         let int = |v: usize| v as c_int;
         // SAFETY: the test's buffers hold the sizes the leading dimensions say.
         let status = unsafe {
             (self.gemm)(
-                elem,
+                g.elem.cuda_type(),
+                g.out.cuda_type(),
+                g.tf32 as c_int,
                 g.trans_a as c_int,
                 g.trans_b as c_int,
                 int(g.m),

@@ -10,6 +10,14 @@
 //! When B <= D and the weight gradient is wanted, each tile's stash lives in that tile's own
 //! rows of dW, as on the CPU; otherwise rows are cut into chunks whose stash fits
 //! [`STASH_BUDGET_BYTES`] and dW accumulates over them.
+//!
+//! Precision ([`HeadShape`]): float64 and float32 run every step in their own type (float32
+//! GEMMs optionally as TF32). The half-precision path (`elem` bf16 or f16) takes float32
+//! embeddings and a float32 or 16-bit weight; the GEMM operands (x̂, each tile's centres,
+//! dL/dcos) and the stash are 16-bit, on tensor cores with float32 accumulation; the logits
+//! tile, dX̂ and dW are float32 and the row statistics float64. A float32 weight is rounded
+//! to 16 bits one tile at a time (its inverse norms come from the float32 values), so no
+//! 16-bit copy of the whole weight is ever held.
 
 use super::device::{gemm, Arg, Carver, Device, Elem, RowMajorGemm};
 use crate::head::HeadOptions;
@@ -29,22 +37,79 @@ const ROW_THREADS: usize = 256;
 const CENTRE_THREADS: usize = 128;
 /// Threads per block of the one-thread-per-row kernels.
 const FLAT_THREADS: usize = 128;
+/// Centres per block of `weights_tile` (one warp each).
+const WEIGHT_ROWS_PER_BLOCK: usize = 8;
 
-/// Sizes of one call: B rows of D, C classes, in f32 or f64.
+/// Sizes and types of one call: B rows of D, C classes.
 #[derive(Clone, Copy, Debug)]
 pub struct HeadShape {
     pub b: usize,
     pub c: usize,
     pub d: usize,
+    /// The GEMM operands' type: F32 or F64 (the exact paths: embeddings, weight and both
+    /// gradients all in it), or F16 / Bf16 (the half-precision path: float32 embeddings,
+    /// float32 gradients, the weight in `weight`).
     pub elem: Elem,
+    /// The weight's type: `elem`, or F32 on the half-precision path.
+    pub weight: Elem,
+    /// float32 GEMMs on tensor cores as TF32 (torch's `allow_tf32`).
+    pub tf32: bool,
+}
+
+impl HeadShape {
+    /// One call computed entirely in `elem` (F32 or F64), without TF32.
+    pub fn exact(b: usize, c: usize, d: usize, elem: Elem) -> HeadShape {
+        HeadShape {
+            b,
+            c,
+            d,
+            elem,
+            weight: elem,
+            tf32: false,
+        }
+    }
+
+    /// The type of the logits tile, dX̂, dW, the inverse norms and the embeddings: `elem`
+    /// on the exact paths, F32 on the half-precision path.
+    pub fn acc(&self) -> Elem {
+        if self.elem.is_half() {
+            Elem::F32
+        } else {
+            self.elem
+        }
+    }
+
+    /// Whether each tile's centres are rounded into a 16-bit copy (a float32 weight on the
+    /// half-precision path).
+    fn stages_weight(&self) -> bool {
+        self.weight != self.elem
+    }
+
+    /// Refuses type combinations the kernels do not have.
+    pub fn check(&self) -> Result<()> {
+        let ok = match self.elem {
+            Elem::F32 | Elem::F64 => self.weight == self.elem,
+            Elem::F16 | Elem::Bf16 => self.weight == self.elem || self.weight == Elem::F32,
+        };
+        if !ok {
+            return Err(Error::invalid(
+                "weight",
+                format!(
+                    "a {:?} weight cannot run with {:?} GEMM operands",
+                    self.weight, self.elem
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Device addresses of one call (row-major, contiguous). Addresses of 0 mean "not wanted".
 #[derive(Clone, Copy, Debug)]
 pub struct HeadBuffers {
-    /// (B, D) embeddings.
+    /// (B, D) embeddings ([`HeadShape::acc`]).
     pub emb: u64,
-    /// (C, D) class centres.
+    /// (C, D) class centres ([`HeadShape::weight`]).
     pub weight: u64,
     /// (B,) int64 labels, -1 for ignored rows, all checked to be < C.
     pub labels: u64,
@@ -56,12 +121,15 @@ pub struct HeadBuffers {
     pub per_row_margins: bool,
     /// Output (B,) float64: each row's loss, 0 for ignored rows.
     pub row_loss: u64,
-    /// Output (B, D) gradient of the embeddings, or 0.
+    /// Output (B, D) gradient of the embeddings ([`HeadShape::acc`]), or 0.
     pub grad_emb: u64,
-    /// Output (C, D) gradient of the class centres, or 0.
+    /// Output (C, D) gradient of the class centres ([`HeadShape::acc`]), or 0.
     pub grad_weight: u64,
-    /// Output (2,) int32: one past the first bad row (zero, NaN or inf) of emb and of
-    /// weight, 0 when all are fine (the caller raises after reading them).
+    /// (3,) int32 flags, raised (atomic max, never cleared here: the caller zeroes them once
+    /// and may let several calls raise them before it reads them): one past the highest bad
+    /// row (zero, NaN or inf) of emb, one past the highest bad centre of weight, and one
+    /// past the highest row whose label is outside [0, C) and not -1. A flagged call's
+    /// results are not to be trusted.
     pub bad: u64,
     /// [`workspace_bytes`] bytes of scratch.
     pub workspace: u64,
@@ -96,7 +164,7 @@ impl Plan {
     /// `stash_classes`: the classes a chunk's stash is sized for (C, or for one shard of a
     /// sharded head the largest shard's count, so that every shard cuts the rows alike).
     fn new(shape: HeadShape, want_weight: bool, tiling: Tiling, stash_classes: usize) -> Plan {
-        let HeadShape { b, c, d, elem } = shape;
+        let HeadShape { b, c, d, elem, .. } = shape;
         let tile = tiling.class_tile.max(1).min(c.max(1));
         let stash_in_grad = want_weight && b <= d;
         let chunk_rows = if stash_in_grad {
@@ -131,6 +199,10 @@ struct Scratch {
     pz: u64,
     tile_max: u64,
     stats: u64,
+    /// the half-precision path's float32 logits tile (the stash is 16-bit elsewhere)
+    ztile: u64,
+    /// the 16-bit copy of one tile's centres (a float32 weight on the half-precision path)
+    wtile: u64,
     /// per row of a chunk: [max, Σe, Σe·z, target logit] (a sharded head's are the caller's)
     parts: u64,
     g: u64,
@@ -139,13 +211,13 @@ struct Scratch {
 
 impl Scratch {
     fn carve(carver: &mut Carver, shape: HeadShape, plan: Plan) -> Scratch {
-        let HeadShape { b, c, d, elem } = shape;
-        let (sz, nr) = (elem.size(), plan.chunk_rows);
+        let HeadShape { b, c, d, elem, .. } = shape;
+        let (sz, asz, nr) = (elem.size(), shape.acc().size(), plan.chunk_rows);
         Scratch {
             xhat: carver.take(b * d, sz),
             norms: carver.take(b, 8),
             row_scale: carver.take(b, 8),
-            w_inv: carver.take(c, sz),
+            w_inv: carver.take(c, asz),
             target_logit: carver.take(b, 8),
             target_dpsi: carver.take(b, 8),
             norm_extra: carver.take(3 * b, 8),
@@ -153,8 +225,18 @@ impl Scratch {
             norm_term: carver.take(b, 8),
             lse: carver.take(nr, 8),
             pz: carver.take(nr, 8),
-            tile_max: carver.take(plan.tiles * nr, sz),
+            tile_max: carver.take(plan.tiles * nr, asz),
             stats: carver.take(plan.tiles * nr * 3, 8),
+            ztile: if elem.is_half() {
+                carver.take(nr * plan.tile, asz)
+            } else {
+                0
+            },
+            wtile: if shape.stages_weight() {
+                carver.take(plan.tile * d, sz)
+            } else {
+                0
+            },
             parts: carver.take(nr * 4, 8),
             g: carver.take(nr * plan.tile, sz),
             stash: if plan.stash_in_grad {
@@ -272,13 +354,14 @@ fn fused(
     mut shard: Option<&mut ShardHooks>,
 ) -> Result<()> {
     use Arg::{Ptr, F64, I32};
-    let HeadShape { b, c, d, elem } = shape;
+    let HeadShape { b, c, d, elem, .. } = shape;
     if b == 0 || c == 0 || d == 0 {
         return Err(Error::invalid(
             "emb",
             format!("need at least one row, class and dimension, got B={b}, C={c}, D={d}"),
         ));
     }
+    shape.check()?;
     head.check()?;
     if head.sub_centers != 1 {
         return Err(Error::invalid(
@@ -294,11 +377,31 @@ fn fused(
     let target_cos = shard.as_ref().map_or(0, |sh| sh.target_cos);
     let mut carver = Carver::new(buf.workspace);
     let s = Scratch::carve(&mut carver, shape, plan);
-    let (sz, sfx) = (elem.size(), elem.suffix());
+    let half = elem.is_half();
+    let acc = shape.acc();
+    // sizes: GEMM operands and stash, float32/64 results, the weight as stored
+    let (sz, asz, wsz) = (elem.size(), acc.size(), shape.weight.size());
+    let (sfx, acc_sfx) = (elem.suffix(), acc.suffix());
     let (bi, ci, di) = (b as i32, c as i32, d as i32);
     let kernel = |name: &str| format!("{name}_{sfx}");
+    let weights_kernel = format!("weights_tile_{}_{sfx}", shape.weight.suffix());
+    let weights_tile = |lo: usize, width: usize, copy: u64, w_inv: u64| {
+        device.launch(
+            &weights_kernel,
+            width.div_ceil(WEIGHT_ROWS_PER_BLOCK),
+            32 * WEIGHT_ROWS_PER_BLOCK,
+            &[
+                Ptr(at(buf.weight, lo * d, wsz)),
+                Ptr(copy),
+                Ptr(w_inv),
+                I32(width as i32),
+                I32(di),
+                I32(lo as i32),
+                Ptr(buf.bad + 4),
+            ],
+        )
+    };
 
-    device.zero(buf.bad, 8)?;
     device.launch(
         &kernel("normalize_rows"),
         b,
@@ -312,18 +415,10 @@ fn fused(
             Ptr(buf.bad),
         ],
     )?;
-    device.launch(
-        &kernel("inv_norms"),
-        c,
-        CENTRE_THREADS,
-        &[
-            Ptr(buf.weight),
-            Ptr(s.w_inv),
-            I32(ci),
-            I32(di),
-            Ptr(buf.bad + 4),
-        ],
-    )?;
+    if !half {
+        // the half-precision path takes each tile's norms as it stages the tile
+        weights_tile(0, c, 0, s.w_inv)?;
+    }
     let (row_scale, feature_norm) = match margin.scale() {
         Scale::Fixed(scale) => {
             device.launch(
@@ -337,13 +432,17 @@ fn fused(
         Scale::FeatureNorm => (s.norms, true),
     };
     device.launch(
-        &kernel("targets"),
+        &format!("targets_{}", shape.weight.suffix()),
         b,
         ROW_THREADS,
         &[
-            Ptr(s.xhat),
+            // the half-precision path's x̂ is 16-bit: the target cosine comes from x
+            Ptr(if half { buf.emb } else { s.xhat }),
+            I32(half as i32),
             Ptr(buf.weight),
             Ptr(buf.labels),
+            I32(ci),
+            I32(shard.is_some() as i32),
             Ptr(row_scale),
             Ptr(s.norms),
             I32(bi),
@@ -359,14 +458,17 @@ fn fused(
             Ptr(s.target_dpsi),
             Ptr(s.norm_extra),
             Ptr(s.rules),
+            Ptr(buf.bad),
         ],
     )?;
     if want_emb {
-        device.zero(buf.grad_emb, b * d * sz)?;
+        device.zero(buf.grad_emb, b * d * asz)?;
     }
 
     let row_gemm = |m, n, k, a, lda, b, ldb| RowMajorGemm {
         elem,
+        out: acc,
+        tf32: shape.tf32,
         trans_a: false,
         trans_b: false,
         m,
@@ -381,6 +483,14 @@ fn fused(
         c: 0,
         ldc: 0,
     };
+    // A tile's centres as the GEMMs read them: the weight's own rows, or their 16-bit copy.
+    let centres = |lo: usize| {
+        if shape.stages_weight() {
+            s.wtile
+        } else {
+            at(buf.weight, lo * d, sz)
+        }
+    };
     for start in (0..b).step_by(plan.chunk_rows) {
         let rows = plan.chunk_rows.min(b - start);
         let ri = rows as i32;
@@ -392,7 +502,7 @@ fn fused(
         // A tile's stash: its own rows of dW, or its place in this chunk's stash.
         let slot = |lo: usize| {
             if plan.stash_in_grad {
-                at(buf.grad_weight, lo * d, sz)
+                at(buf.grad_weight, lo * d, asz)
             } else {
                 at(s.stash, lo * rows, sz)
             }
@@ -401,13 +511,19 @@ fn fused(
         for t in 0..plan.tiles {
             let lo = t * plan.tile;
             let width = plan.tile.min(c - lo);
+            if half {
+                let copy = if shape.stages_weight() { s.wtile } else { 0 };
+                weights_tile(lo, width, copy, at(s.w_inv, lo, asz))?;
+            }
+            // the logits: in place of the stash, or (half precision) a float32 tile
+            let z = if half { s.ztile } else { slot(lo) };
             gemm(
                 device,
                 RowMajorGemm {
                     trans_b: true,
-                    c: slot(lo),
+                    c: z,
                     ldc: width,
-                    ..row_gemm(rows, width, d, xhat, d, at(buf.weight, lo * d, sz), d)
+                    ..row_gemm(rows, width, d, xhat, d, centres(lo), d)
                 },
             )?;
             device.launch(
@@ -415,17 +531,18 @@ fn fused(
                 rows,
                 ROW_THREADS,
                 &[
+                    Ptr(z),
                     Ptr(slot(lo)),
                     I32(ri),
                     I32(width as i32),
                     I32(lo as i32),
-                    Ptr(at(s.w_inv, lo, sz)),
+                    Ptr(at(s.w_inv, lo, asz)),
                     Ptr(scale),
                     Ptr(labels),
                     Ptr(target_logit),
                     Ptr(at(s.rules, start * 3, 8)),
                     F64(filter),
-                    Ptr(at(s.tile_max, t * rows, sz)),
+                    Ptr(at(s.tile_max, t * rows, asz)),
                     Ptr(at(s.stats, t * rows * 3, 8)),
                 ],
             )?;
@@ -487,8 +604,11 @@ fn fused(
         for t in 0..plan.tiles {
             let lo = t * plan.tile;
             let width = plan.tile.min(c - lo);
-            let w_tile = at(buf.weight, lo * d, sz);
-            let w_inv = at(s.w_inv, lo, sz);
+            if shape.stages_weight() {
+                weights_tile(lo, width, s.wtile, 0)?;
+            }
+            let w_tile = centres(lo);
+            let w_inv = at(s.w_inv, lo, asz);
             device.launch(
                 &kernel("grad_tile"),
                 rows,
@@ -499,7 +619,7 @@ fn fused(
                     I32(ri),
                     I32(width as i32),
                     I32(lo as i32),
-                    Ptr(at(s.tile_max, t * rows, sz)),
+                    Ptr(at(s.tile_max, t * rows, asz)),
                     Ptr(s.lse),
                     Ptr(row_weight),
                     Ptr(scale),
@@ -515,7 +635,7 @@ fn fused(
                     device,
                     RowMajorGemm {
                         beta: 1.0,
-                        c: at(buf.grad_emb, start * d, sz),
+                        c: at(buf.grad_emb, start * d, asz),
                         ldc: d,
                         ..row_gemm(rows, d, width, s.g, width, w_tile, d)
                     },
@@ -525,7 +645,7 @@ fn fused(
                 // dW_t = Gᵀ X̂ rows, accumulated over row chunks (P is linear and
                 // idempotent, so projecting after each chunk stays exact).
                 let fresh = plan.stash_in_grad || start == 0;
-                let g_dw = at(buf.grad_weight, lo * d, sz);
+                let g_dw = at(buf.grad_weight, lo * d, asz);
                 gemm(
                     device,
                     RowMajorGemm {
@@ -553,12 +673,12 @@ fn fused(
     }
     if want_emb {
         device.launch(
-            &kernel("finish_grad_emb"),
+            &format!("finish_grad_emb_{acc_sfx}"),
             b,
             ROW_THREADS,
             &[
                 Ptr(buf.grad_emb),
-                Ptr(s.xhat),
+                Ptr(buf.emb),
                 Ptr(s.norms),
                 Ptr(s.norm_term),
                 I32(bi),

@@ -15,6 +15,42 @@
 #endif
 #define NAN_D __longlong_as_double(0x7ff8000000000000LL)
 
+// 16-bit storage (the half-precision head: GEMM inputs, the stash, dL/dcos) as raw bits:
+// NVRTC has no cuda_bf16.h / cuda_fp16.h here. Arithmetic widens to float (`widen`) and
+// rounds back to nearest even on store (`put`); float and double pass through unchanged.
+struct bf16 { unsigned short bits; };
+struct f16 { unsigned short bits; };
+
+template <typename S> struct Acc { typedef S type; };  // the type arithmetic on S runs in
+template <> struct Acc<bf16> { typedef float type; };
+template <> struct Acc<f16> { typedef float type; };
+
+#ifdef __CUDACC_RTC__
+__device__ unsigned f32_bits(float x) { return __float_as_uint(x); }
+__device__ float bits_f32(unsigned u) { return __uint_as_float(u); }
+#else
+static unsigned f32_bits(float x) { unsigned u; std::memcpy(&u, &x, 4); return u; }
+static float bits_f32(unsigned u) { float x; std::memcpy(&x, &u, 4); return x; }
+#endif
+
+__device__ unsigned short f32_to_f16(float x);
+__device__ float f16_to_f32(unsigned short h);
+
+__device__ float widen(float v) { return v; }
+__device__ double widen(double v) { return v; }
+__device__ float widen(bf16 v) { return bits_f32((unsigned)v.bits << 16); }
+__device__ float widen(f16 v) { return f16_to_f32(v.bits); }
+
+__device__ void put(float* p, float v) { *p = v; }
+__device__ void put(double* p, double v) { *p = v; }
+__device__ void put(bf16* p, float v) {
+    unsigned u = f32_bits(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { p->bits = 0x7fc0; return; }  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);                                      // nearest even
+    p->bits = (unsigned short)(u >> 16);
+}
+__device__ void put(f16* p, float v) { p->bits = f32_to_f16(v); }
+
 // A margin is a parameter block of MARGIN_PARAMS doubles, [kind, s, p0, p1, ...], as
 // Margin::encode in margin.rs writes it; the MARGIN_<KIND> codes and MARGIN_PARAMS are
 // #defined in front of this file from margin.rs (cuda/mod.rs, margin_defines).
@@ -199,10 +235,11 @@ __device__ double block_max(double v, double* shared) {
 }
 
 // a · b over d elements, summed in float64 by the whole block.
-template <typename T>
-__device__ double row_dot(const T* a, const T* b, int d, double* shared) {
+template <typename A, typename B>
+__device__ double row_dot(const A* a, const B* b, int d, double* shared) {
     double s = 0.0;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) s += (double)a[j] * (double)b[j];
+    for (int j = threadIdx.x; j < d; j += blockDim.x)
+        s += (double)widen(a[j]) * (double)widen(b[j]);
     return block_sum(s, shared);
 }
 
@@ -214,46 +251,73 @@ __device__ double checked_norm(const T* row, int d, int r, int* bad, double* sha
     return n;
 }
 
-// One block per row: x̂ = x / ||x||, norms in float64.
-template <typename T>
-__device__ void normalize_rows(const T* x, T* xhat, double* norms, int rows, int d, int* bad) {
+// One block per row: x̂ = x / ||x|| stored as S (the GEMMs' operand), norms in float64.
+template <typename X, typename S>
+__device__ void normalize_rows(const X* x, S* xhat, double* norms, int rows, int d, int* bad) {
+    typedef typename Acc<S>::type A;
     __shared__ double shared[32];
     int r = blockIdx.x;
     if (r >= rows) return;
-    const T* row = x + (long long)r * d;
+    const X* row = x + (long long)r * d;
     double n = checked_norm(row, d, r, bad, shared);
     if (threadIdx.x == 0) norms[r] = n;
-    T inv = (T)(1.0 / n);
-    for (int j = threadIdx.x; j < d; j += blockDim.x) xhat[(long long)r * d + j] = row[j] * inv;
+    A inv = (A)(1.0 / n);
+    for (int j = threadIdx.x; j < d; j += blockDim.x)
+        put(xhat + (long long)r * d + j, (A)widen(row[j]) * inv);
 }
 
-// One block per class centre: w_inv[j] = 1 / ||w_j||.
-template <typename T>
-__device__ void inv_norms(const T* w, T* w_inv, int rows, int d, int* bad) {
-    __shared__ double shared[32];
-    int r = blockIdx.x;
-    if (r >= rows) return;
-    double n = checked_norm(w + (long long)r * d, d, r, bad, shared);
-    if (threadIdx.x == 0) w_inv[r] = (T)(1.0 / n);
+// One warp per class centre of a tile (rows `first` .. `first + rows` of the weight): its
+// inverse norm when `w_inv` is not null (a zero or non-finite centre raises bad[0] to its
+// class + 1), and its copy rounded to S when `copy` is not null (the operand of the
+// half-precision GEMMs, one tile at a time: a whole 16-bit copy of a float32 weight would
+// cost half its size again in device memory).
+template <typename W, typename S, typename A>
+__device__ void weights_tile(const W* w, S* copy, A* w_inv, int rows, int d, int first,
+                             int* bad) {
+    int lane = threadIdx.x & 31;
+    int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= rows) return;  // the whole warp leaves: no barrier is left waiting
+    const W* row = w + (long long)r * d;
+    double ss = 0.0;
+    for (int j = lane; j < d; j += 32) {
+        typename Acc<W>::type v = widen(row[j]);
+        ss += (double)v * (double)v;
+        if (copy) put(copy + (long long)r * d + j, (typename Acc<S>::type)v);
+    }
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_down_sync(0xffffffff, ss, o);
+    if (lane == 0 && w_inv) {
+        double n = sqrt(ss);
+        if (!(n > 0.0) || !isfinite(n)) atomicMax(bad, first + r + 1);
+        w_inv[r] = (A)(1.0 / n);
+    }
 }
 
-// Per row with a label: the target's cosine (from x̂ and the raw centre), psi and psi', and
-// the scaled target logit rounded to T as the stash will hold it. Row r's margin block is
-// margins + r * margin_stride (stride 0: one margin for all rows). Labels are -1 (ignored)
-// or, for one shard of a sharded head, REMOTE_TARGET: `target_cos` (null unless the margin
-// has hard negatives) then gives every row's target cosine. norm_extra[3r..3r+3]:
-// d psi / d norm, the row's penalty and its d / d norm (MagFace; zeros for the others).
-// rules[3r..3r+3]: the row's hard-negative rule (above, t, curricular; above = +inf: none).
-template <typename T>
-__device__ void targets(const T* xhat, const T* weight, const long long* labels,
-                        const double* row_scale, const double* norms, int rows, int d,
-                        const double* margins, int margin_stride, const double* target_cos,
-                        double* target_logit, double* target_dpsi, double* norm_extra,
-                        double* rules) {
+// Per row with a label: the target's cosine, psi and psi', and the scaled target logit
+// rounded to A as the logits are computed. `xh` holds x̂, or when `raw_x` the rows of x
+// themselves (the half-precision path keeps x̂ only in 16 bits; the cosine is then
+// (x · w) / (||x|| ||w||) in float64). Row r's margin block is margins + r * margin_stride
+// (stride 0: one margin for all rows). Labels are -1 (ignored) or, for one shard of a
+// sharded head (`sharded`), REMOTE_TARGET: `target_cos` (null unless the margin has hard
+// negatives) then gives every row's target cosine. Any other label outside [0, classes)
+// raises bad[2] to r + 1 (the caller raises; the row is treated as ignored meanwhile).
+// norm_extra[3r..3r+3]: d psi / d norm, the row's penalty and its d / d norm (MagFace;
+// zeros for the others). rules[3r..3r+3]: the row's hard-negative rule (above, t,
+// curricular; above = +inf: none).
+template <typename XH, typename W, typename A>
+__device__ void targets(const XH* xh, int raw_x, const W* weight, const long long* labels,
+                        int classes, int sharded, const double* row_scale, const double* norms,
+                        int rows, int d, const double* margins, int margin_stride,
+                        const double* target_cos, double* target_logit, double* target_dpsi,
+                        double* norm_extra, double* rules, int* bad) {
     __shared__ double shared[32];
     int r = blockIdx.x;
     if (r >= rows) return;
     long long y = labels[r];
+    bool remote = sharded && y == REMOTE_TARGET;
+    if (y >= classes || (y < 0 && y != -1 && !remote)) {
+        if (threadIdx.x == 0) atomicMax(bad + 2, r + 1);
+        y = -1;
+    }
     if (y < 0) {
         if (threadIdx.x == 0) {
             target_logit[r] = 0.0;
@@ -261,7 +325,7 @@ __device__ void targets(const T* xhat, const T* weight, const long long* labels,
             norm_extra[3 * r] = norm_extra[3 * r + 1] = norm_extra[3 * r + 2] = 0.0;
             rules[3 * r] = INFINITY;
             rules[3 * r + 1] = rules[3 * r + 2] = 0.0;
-            if (y == REMOTE_TARGET) {
+            if (remote) {
                 // another shard holds the target: the row still pays its penalty, and its
                 // hard negatives here follow the target cosine that shard measured
                 const double* p = margins + (long long)r * margin_stride;
@@ -272,16 +336,17 @@ __device__ void targets(const T* xhat, const T* weight, const long long* labels,
         }
         return;
     }
-    const T* w = weight + y * d;
-    double dot = row_dot(xhat + (long long)r * d, w, d, shared);
+    const W* w = weight + y * d;
+    double dot = row_dot(xh + (long long)r * d, w, d, shared);
     double ww = row_dot(w, w, d, shared);
     if (threadIdx.x == 0) {
         double c = dot / sqrt(ww);
+        if (raw_x) c /= norms[r];
         if (!isfinite(c)) c = 0.0;
         const double* p = margins + (long long)r * margin_stride;
         double psi, dpsi, dnorm;
         psi_dpsi(p, c, norms[r], &psi, &dpsi, &dnorm);
-        target_logit[r] = (double)(T)(row_scale[r] * psi);
+        target_logit[r] = (double)(A)(row_scale[r] * psi);
         target_dpsi[r] = dpsi;
         norm_extra[3 * r] = dnorm;
         penalty(p, norms[r], norm_extra + 3 * r + 1, norm_extra + 3 * r + 2);
@@ -289,37 +354,39 @@ __device__ void targets(const T* xhat, const T* weight, const long long* labels,
     }
 }
 
-// One block per row of a tile of raw dot products x̂·w_j (cuBLAS): c = clamp(dot * inv_j),
-// z = scale * h(c) under the row's non-target rule (`rules`, `filter`; h(c) = c for plain
-// heads), the target logit in its column; the tile's row statistics (max, Σe, Σe·z) go to
-// stats[row * 3 ..] and the tile becomes e h'(c), e = exp(z - tile max), so that grad_tile
-// needs one multiply (head.rs stashes the same).
-template <typename T>
-__device__ T tile_logit(const T* row, int j, const T* w_inv, T scale, T filter, const double* rule,
-                        bool target, double target_logit, T* dh) {
-    T c = row[j] * w_inv[j];
-    c = c > (T)1 ? (T)1 : (c < (T)-1 ? (T)-1 : c);
-    T h;
-    nontarget(c, filter, (T)rule[0], (T)rule[1], rule[2] != 0.0, &h, dh);
-    return target ? (T)target_logit : scale * h;
+// One block per row of a tile of raw dot products x̂·w_j (cuBLAS, type Z): c = clamp(dot *
+// inv_j), z = scale * h(c) under the row's non-target rule (`rules`, `filter`; h(c) = c for
+// plain heads), the target logit in its column; the tile's row statistics (max, Σe, Σe·z)
+// go to stats[row * 3 ..] and the stash (type S; the same memory as z on the float32 and
+// float64 paths) gets e h'(c), e = exp(z - tile max), so that grad_tile needs one multiply
+// (head.rs stashes the same).
+template <typename Z, typename A>
+__device__ A tile_logit(const Z* row, int j, const A* w_inv, A scale, A filter, const double* rule,
+                        bool target, double target_logit, A* dh) {
+    A c = (A)widen(row[j]) * w_inv[j];
+    c = c > (A)1 ? (A)1 : (c < (A)-1 ? (A)-1 : c);
+    A h;
+    nontarget(c, filter, (A)rule[0], (A)rule[1], rule[2] != 0.0, &h, dh);
+    return target ? (A)target_logit : scale * h;
 }
 
-template <typename T>
-__device__ void logits_tile(T* z, int rows, int ct, int lo, const T* w_inv,
+template <typename Z, typename S, typename A>
+__device__ void logits_tile(const Z* z, S* stash, int rows, int ct, int lo, const A* w_inv,
                             const double* row_scale, const long long* labels,
                             const double* target_logit, const double* rules, double filter,
-                            T* tile_max, double* stats) {
+                            A* tile_max, double* stats) {
     __shared__ double shared[32];
     int r = blockIdx.x;
     if (r >= rows) return;
-    T* row = z + (long long)r * ct;
-    T scale = (T)row_scale[r], f = (T)filter;
+    const Z* row = z + (long long)r * ct;
+    S* out = stash + (long long)r * ct;
+    A scale = (A)row_scale[r], f = (A)filter;
     const double* rule = rules + 3 * r;
     long long y = labels[r];
     double m = -INFINITY;
-    T dh;
+    A dh;
     for (int j = threadIdx.x; j < ct; j += blockDim.x) {
-        T v = tile_logit(row, j, w_inv, scale, f, rule, y == lo + j, target_logit[r], &dh);
+        A v = tile_logit(row, j, w_inv, scale, f, rule, y == lo + j, target_logit[r], &dh);
         m = fmax(m, (double)v);
     }
     m = block_max(m, shared);
@@ -331,12 +398,12 @@ __device__ void logits_tile(T* z, int rows, int ct, int lo, const T* w_inv,
         double e = exp(v - m);
         s += e;
         sz += e * v;
-        row[j] = (T)e * dh;
+        put(out + j, (A)e * dh);
     }
     s = block_sum(s, shared);
     sz = block_sum(sz, shared);
     if (threadIdx.x == 0) {
-        tile_max[r] = (T)m;
+        tile_max[r] = (A)m;
         stats[r * 3] = m;
         stats[r * 3 + 1] = s;
         stats[r * 3 + 2] = sz;
@@ -415,104 +482,136 @@ extern "C" __global__ void row_losses(const double* lse, const double* pz,
 // From a tile's stash e = exp(z - tile_max) to g = dL/dcos / ||w_j|| (a separate buffer: the
 // stash may live in the weight gradient's rows, which the next GEMM overwrites), with
 // p = e * exp(tile_max - lse); the target column gets (p - 1) psi' in float64.
-template <typename T>
-__device__ void grad_tile(const T* e, T* g, int rows, int ct, int lo, const T* tile_max,
+template <typename S, typename A>
+__device__ void grad_tile(const S* e, S* g, int rows, int ct, int lo, const A* tile_max,
                           const double* lse, const double* row_weight, const double* row_scale,
-                          const T* w_inv, const long long* labels, const double* target_logit,
+                          const A* w_inv, const long long* labels, const double* target_logit,
                           const double* target_dpsi) {
     int r = blockIdx.x;
     if (r >= rows) return;
-    const T* erow = e + (long long)r * ct;
-    T* grow = g + (long long)r * ct;
+    const S* erow = e + (long long)r * ct;
+    S* grow = g + (long long)r * ct;
     double weight = row_weight[r];
     long long y = labels[r];
-    T coef = (T)(weight * row_scale[r] * exp((double)tile_max[r] - lse[r]));
+    A coef = (A)(weight * row_scale[r] * exp((double)tile_max[r] - lse[r]));
     for (int j = threadIdx.x; j < ct; j += blockDim.x) {
-        T v = erow[j] * coef * w_inv[j];
-        if (weight == 0.0) v = (T)0;
+        A v = (A)widen(erow[j]) * coef * w_inv[j];
+        if (weight == 0.0) v = (A)0;
         if (y == lo + j && weight != 0.0) {
             double p = exp(target_logit[r] - lse[r]);
-            v = (T)(weight * row_scale[r] * (p - 1.0) * target_dpsi[r] * (double)w_inv[j]);
+            v = (A)(weight * row_scale[r] * (p - 1.0) * target_dpsi[r] * (double)w_inv[j]);
         }
-        grow[j] = v;
+        put(grow + j, v);
     }
 }
 
-// One block per row of dW: removes the component along w_j (the normalisation's Jacobian).
-template <typename T>
-__device__ void project_out_rows(T* g, const T* w, const T* w_inv, int rows, int d) {
+// One block per row of dW (type G): removes the component along w_j (the normalisation's
+// Jacobian); w is the tile's centres in W (on the half-precision path, their 16-bit copy).
+template <typename G, typename W, typename A>
+__device__ void project_out_rows(G* g, const W* w, const A* w_inv, int rows, int d) {
     __shared__ double shared[32];
     int r = blockIdx.x;
     if (r >= rows) return;
-    T* gr = g + (long long)r * d;
-    const T* wr = w + (long long)r * d;
+    G* gr = g + (long long)r * d;
+    const W* wr = w + (long long)r * d;
     double dot = row_dot(gr, wr, d, shared);
-    T k = (T)(dot * (double)w_inv[r] * (double)w_inv[r]);
-    for (int j = threadIdx.x; j < d; j += blockDim.x) gr[j] -= wr[j] * k;
+    G k = (G)(dot * (double)w_inv[r] * (double)w_inv[r]);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) gr[j] -= (G)widen(wr[j]) * k;
 }
 
-// One block per row: dx = (dx̂ - x̂ (x̂·dx̂)) / ||x|| + x̂ * norm_term.
+// One block per row: dx = (dx̂ - x̂ (x̂·dx̂)) / ||x|| + x̂ * norm_term, with x̂ = x / ||x||
+// rounded as normalize_rows rounds it.
 template <typename T>
-__device__ void finish_grad_emb(T* dxhat, const T* xhat, const double* norms,
+__device__ void finish_grad_emb(T* dxhat, const T* x, const double* norms,
                                 const double* norm_term, int rows, int d) {
     __shared__ double shared[32];
     int r = blockIdx.x;
     if (r >= rows) return;
     T* g = dxhat + (long long)r * d;
-    const T* x = xhat + (long long)r * d;
-    double dot = row_dot(g, x, d, shared);
+    const T* xr = x + (long long)r * d;
     T inv = (T)(1.0 / norms[r]);
+    double s = 0.0;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) s += (double)g[j] * (double)(xr[j] * inv);
+    double dot = block_sum(s, shared);
     T extra = (T)norm_term[r];
     T dt = (T)dot;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) g[j] = (g[j] - x[j] * dt) * inv + x[j] * extra;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        T xh = xr[j] * inv;
+        g[j] = (g[j] - xh * dt) * inv + xh * extra;
+    }
 }
 
-#define INSTANTIATE(T, S)                                                                      \
-    extern "C" __global__ void normalize_rows_##S(const T* x, T* xhat, double* norms, int rows, \
+// The entry points. S names the storage of the GEMM operands and the stash: f32 and f64 are
+// the exact paths (everything in T, the stash in place of the logits); bf16 and f16 the
+// half-precision path (x in float32, 16-bit operands, float32 logits, dW and dX̂, row
+// statistics in float64). weights_tile_<weight>_<S> reads the weight in its own dtype.
+#define ENTRY_COMMON(X, S, A, N)                                                               \
+    extern "C" __global__ void normalize_rows_##N(const X* x, S* xhat, double* norms, int rows, \
                                                   int d, int* bad) {                           \
-        normalize_rows<T>(x, xhat, norms, rows, d, bad);                                        \
+        normalize_rows<X, S>(x, xhat, norms, rows, d, bad);                                     \
     }                                                                                          \
-    extern "C" __global__ void inv_norms_##S(const T* w, T* w_inv, int rows, int d, int* bad) { \
-        inv_norms<T>(w, w_inv, rows, d, bad);                                                   \
-    }                                                                                          \
-    extern "C" __global__ void targets_##S(const T* xhat, const T* weight,                     \
-                                           const long long* labels, const double* row_scale,   \
-                                           const double* norms, int rows, int d,               \
-                                           const double* margins, int margin_stride,           \
-                                           const double* target_cos, double* target_logit,     \
-                                           double* target_dpsi, double* norm_extra,            \
-                                           double* rules) {                                    \
-        targets<T>(xhat, weight, labels, row_scale, norms, rows, d, margins, margin_stride,    \
-                   target_cos, target_logit, target_dpsi, norm_extra, rules);                  \
-    }                                                                                          \
-    extern "C" __global__ void logits_tile_##S(T* z, int rows, int ct, int lo, const T* w_inv, \
-                                               const double* row_scale,                        \
+    extern "C" __global__ void logits_tile_##N(const A* z, S* stash, int rows, int ct, int lo, \
+                                               const A* w_inv, const double* row_scale,        \
                                                const long long* labels,                        \
                                                const double* target_logit,                     \
                                                const double* rules, double filter,             \
-                                               T* tile_max, double* stats) {                   \
-        logits_tile<T>(z, rows, ct, lo, w_inv, row_scale, labels, target_logit, rules, filter, \
-                       tile_max, stats);                                                       \
+                                               A* tile_max, double* stats) {                   \
+        logits_tile<A, S, A>(z, stash, rows, ct, lo, w_inv, row_scale, labels, target_logit,   \
+                             rules, filter, tile_max, stats);                                  \
     }                                                                                          \
-    extern "C" __global__ void grad_tile_##S(                                                  \
-        const T* e, T* g, int rows, int ct, int lo, const T* tile_max, const double* lse,      \
-        const double* row_weight, const double* row_scale, const T* w_inv,                     \
+    extern "C" __global__ void grad_tile_##N(                                                  \
+        const S* e, S* g, int rows, int ct, int lo, const A* tile_max, const double* lse,      \
+        const double* row_weight, const double* row_scale, const A* w_inv,                     \
         const long long* labels, const double* target_logit, const double* target_dpsi) {      \
-        grad_tile<T>(e, g, rows, ct, lo, tile_max, lse, row_weight, row_scale, w_inv, labels,  \
-                     target_logit, target_dpsi);                                               \
+        grad_tile<S, A>(e, g, rows, ct, lo, tile_max, lse, row_weight, row_scale, w_inv,       \
+                        labels, target_logit, target_dpsi);                                    \
     }                                                                                          \
-    extern "C" __global__ void project_out_rows_##S(T* g, const T* w, const T* w_inv,          \
+    extern "C" __global__ void project_out_rows_##N(A* g, const S* w, const A* w_inv,          \
                                                     int rows, int d) {                         \
-        project_out_rows<T>(g, w, w_inv, rows, d);                                             \
-    }                                                                                          \
-    extern "C" __global__ void finish_grad_emb_##S(T* dxhat, const T* xhat,                    \
-                                                   const double* norms,                        \
-                                                   const double* norm_term, int rows, int d) { \
-        finish_grad_emb<T>(dxhat, xhat, norms, norm_term, rows, d);                            \
+        project_out_rows<A, S, A>(g, w, w_inv, rows, d);                                       \
     }
 
-INSTANTIATE(float, f32)
-INSTANTIATE(double, f64)
+// targets_<weight>: x̂ (or x) in X, the weight in W.
+#define ENTRY_TARGETS(X, W, A, N)                                                              \
+    extern "C" __global__ void targets_##N(                                                    \
+        const X* xh, int raw_x, const W* weight, const long long* labels, int classes,         \
+        int sharded, const double* row_scale, const double* norms, int rows, int d,            \
+        const double* margins, int margin_stride, const double* target_cos,                   \
+        double* target_logit, double* target_dpsi, double* norm_extra, double* rules,          \
+        int* bad) {                                                                            \
+        targets<X, W, A>(xh, raw_x, weight, labels, classes, sharded, row_scale, norms, rows,  \
+                         d, margins, margin_stride, target_cos, target_logit, target_dpsi,     \
+                         norm_extra, rules, bad);                                              \
+    }
+
+#define ENTRY_WEIGHTS(W, S, A, N)                                                              \
+    extern "C" __global__ void weights_tile_##N(const W* w, S* copy, A* w_inv, int rows,       \
+                                                int d, int first, int* bad) {                  \
+        weights_tile<W, S, A>(w, copy, w_inv, rows, d, first, bad);                            \
+    }
+
+#define ENTRY_FINISH(T, N)                                                                     \
+    extern "C" __global__ void finish_grad_emb_##N(T* dxhat, const T* x, const double* norms,  \
+                                                   const double* norm_term, int rows, int d) { \
+        finish_grad_emb<T>(dxhat, x, norms, norm_term, rows, d);                               \
+    }
+
+ENTRY_COMMON(float, float, float, f32)
+ENTRY_COMMON(double, double, double, f64)
+ENTRY_COMMON(float, bf16, float, bf16)
+ENTRY_COMMON(float, f16, float, f16)
+ENTRY_TARGETS(float, float, float, f32)
+ENTRY_TARGETS(double, double, double, f64)
+ENTRY_TARGETS(float, bf16, float, bf16)
+ENTRY_TARGETS(float, f16, float, f16)
+ENTRY_WEIGHTS(float, float, float, f32_f32)
+ENTRY_WEIGHTS(double, double, double, f64_f64)
+ENTRY_WEIGHTS(float, bf16, float, f32_bf16)
+ENTRY_WEIGHTS(bf16, bf16, float, bf16_bf16)
+ENTRY_WEIGHTS(float, f16, float, f32_f16)
+ENTRY_WEIGHTS(f16, f16, float, f16_f16)
+ENTRY_FINISH(float, f32)
+ENTRY_FINISH(double, f64)
 
 // ---------------------------------------------------------------------------------------
 // Search. A (queries x stride) score tile covers gallery rows lo.. lo + width; its columns

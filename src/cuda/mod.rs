@@ -4,8 +4,8 @@
 //! machines without CUDA: [`available`] then says false instead of failing. The kernels in
 //! `kernels.cu` are compiled at run time with NVRTC, once per process.
 //!
-//! Status: the kernels and their compilation are here and tested on CPU-only machines (NVRTC
-//! needs no GPU); launching them on a device is the next step and needs a GPU to verify.
+//! `driver` launches them on a GPU on torch's stream; `emulator` (tests) runs the same
+//! kernels on the CPU, so the launch sequences are tested on machines without one.
 
 use crate::margin::{kind, PARAMS_LEN};
 use std::sync::OnceLock;
@@ -51,20 +51,34 @@ pub fn kernel_source() -> String {
 pub const ENTRY_POINTS: &[&str] = &[
     "normalize_rows_f32",
     "normalize_rows_f64",
-    "inv_norms_f32",
-    "inv_norms_f64",
+    "normalize_rows_bf16",
+    "normalize_rows_f16",
+    "weights_tile_f32_f32",
+    "weights_tile_f64_f64",
+    "weights_tile_f32_bf16",
+    "weights_tile_bf16_bf16",
+    "weights_tile_f32_f16",
+    "weights_tile_f16_f16",
     "fill_f64",
     "row_losses",
     "targets_f32",
     "targets_f64",
+    "targets_bf16",
+    "targets_f16",
     "logits_tile_f32",
     "logits_tile_f64",
+    "logits_tile_bf16",
+    "logits_tile_f16",
     "merge_stats",
     "finish_stats",
     "grad_tile_f32",
     "grad_tile_f64",
+    "grad_tile_bf16",
+    "grad_tile_f16",
     "project_out_rows_f32",
     "project_out_rows_f64",
+    "project_out_rows_bf16",
+    "project_out_rows_f16",
     "finish_grad_emb_f32",
     "finish_grad_emb_f64",
     "topk_tile",

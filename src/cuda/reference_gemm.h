@@ -17,6 +17,27 @@ static double half_bits_to_double(unsigned short bits) {
     return (double)h;
 }
 
+static double bf16_bits_to_double(unsigned short bits) {
+    unsigned u = (unsigned)bits << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return (double)f;
+}
+
+// A float32 input as the tensor cores read it under TF32 (cuBLAS's *_FAST_TF32 compute
+// types): 10 mantissa bits, rounded to nearest even.
+static double tf32_round(float x) {
+    unsigned u;
+    std::memcpy(&u, &x, 4);
+    if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0xfffu + ((u >> 13) & 1u)) & ~0x1fffu;
+    float r;
+    std::memcpy(&r, &u, 4);
+    return (double)r;
+}
+
+// The element types of cuBLAS's cudaDataType_t that arcface_rs uses.
+enum { TYPE_R_32F = 0, TYPE_R_64F = 1, TYPE_R_16F = 2, TYPE_R_16BF = 14 };
+
 template <typename In, typename Out, typename Load>
 static int reference_gemm(int ta, int tb, int m, int n, int k, double alpha, const In* a,
                           int lda, const In* b, int ldb, double beta, Out* c, int ldc,
@@ -39,4 +60,34 @@ static int reference_gemm(int ta, int tb, int m, int n, int k, double alpha, con
             out = (Out)(alpha * acc + (beta == 0.0 ? 0.0 : beta * (double)out));
         }
     return GEMM_OK;
+}
+
+// A GEMM whose inputs are `in_type` and output is float32 (or float64 with float64 inputs),
+// cuBLAS's cublasGemmEx; `tf32`: float32 inputs rounded to TF32 first.
+static int typed_gemm(int in_type, int out_type, bool tf32, int ta, int tb, int m, int n,
+                      int k, double alpha, const void* a, int lda, const void* b, int ldb,
+                      double beta, void* c, int ldc) {
+    if (in_type == TYPE_R_64F && out_type == TYPE_R_64F)
+        return reference_gemm(ta, tb, m, n, k, alpha, (const double*)a, lda, (const double*)b,
+                              ldb, beta, (double*)c, ldc, [](double v) { return v; });
+    if (out_type != TYPE_R_32F) return GEMM_NOT_SUPPORTED;
+    float* out = (float*)c;
+    switch (in_type) {
+        case TYPE_R_32F:
+            if (tf32)
+                return reference_gemm(ta, tb, m, n, k, alpha, (const float*)a, lda,
+                                      (const float*)b, ldb, beta, out, ldc, tf32_round);
+            return reference_gemm(ta, tb, m, n, k, alpha, (const float*)a, lda, (const float*)b,
+                                  ldb, beta, out, ldc, [](float v) { return (double)v; });
+        case TYPE_R_16F:
+            return reference_gemm(ta, tb, m, n, k, alpha, (const unsigned short*)a, lda,
+                                  (const unsigned short*)b, ldb, beta, out, ldc,
+                                  half_bits_to_double);
+        case TYPE_R_16BF:
+            return reference_gemm(ta, tb, m, n, k, alpha, (const unsigned short*)a, lda,
+                                  (const unsigned short*)b, ldb, beta, out, ldc,
+                                  bf16_bits_to_double);
+        default:
+            return GEMM_NOT_SUPPORTED;
+    }
 }

@@ -156,6 +156,8 @@ pub fn search(
         let width = plan.tile.min(n - lo);
         let product = |a: u64, alpha: f64, beta: f64| RowMajorGemm {
             elem,
+            out: Elem::F32,
+            tf32: false,
             trans_a: false,
             trans_b: true,
             m: q,

@@ -1,7 +1,7 @@
 //! The launch sequences, run on the CPU emulator of the kernels and checked against the CPU
 //! implementation; and every kernel compiled with NVRTC.
 
-use super::device::{Device, Elem};
+use super::device::{Device, Elem, RowMajorGemm};
 use super::emulator::Emulator;
 use super::head::{self, HeadBuffers, HeadShape, Tiling};
 use super::search::{self, SearchBuffers, SearchPlan, SearchShape, SearchTiling};
@@ -81,7 +81,7 @@ struct Emulated<T> {
     row_loss: Vec<f64>,
     grad_emb: Option<Array2<T>>,
     grad_weight: Option<Array2<T>>,
-    bad: [i32; 2],
+    bad: [i32; 3],
 }
 
 /// The fused head on the emulator, as one shard of a sharded head when `shard` is given.
@@ -107,12 +107,12 @@ fn emulate<T: Real>(
     } else {
         Elem::F32
     };
-    let shape = HeadShape { b, c, d, elem };
+    let shape = HeadShape::exact(b, c, d, elem);
     let mut row_loss = vec![f64::NAN; b];
     // garbage in the outputs must not leak into the results
     let mut grad_emb = Array2::from_elem((b, d), T::of(f64::NAN));
     let mut grad_weight = Array2::from_elem((c, d), T::of(f64::NAN));
-    let mut bad = [7i32; 2];
+    let mut bad = [0i32; 3]; // the caller zeroes the flags
     let stash_classes = shard.as_ref().map_or(c, |sh| sh.stash_classes);
     let mut workspace =
         vec![u64::MAX; head::workspace_bytes_shard(shape, want.1, tiling, stash_classes) / 8 + 1];
@@ -236,7 +236,7 @@ fn check_with<T: Real>(
             None,
         );
         let ctx = format!("{margin:?} {head:?} b={b} c={c} d={d} {tiling:?} {want:?}: ");
-        assert_eq!(gpu.bad, [0, 0], "{ctx}");
+        assert_eq!(gpu.bad, [0, 0, 0], "{ctx}");
         for (i, (g, w)) in gpu.row_loss.iter().zip(&cpu.row_losses).enumerate() {
             assert!(
                 (g - w).abs() <= tol * w.abs().max(1.0),
@@ -314,12 +314,7 @@ fn head_equals_the_cpu_head_with_interclass_filtering() {
         sub_centers: 2,
         interclass_filter: None,
     };
-    let shape = HeadShape {
-        b: 4,
-        c: 10,
-        d: 8,
-        elem: Elem::F64,
-    };
+    let shape = HeadShape::exact(4, 10, 8, Elem::F64);
     let buffers = HeadBuffers {
         emb: emb.as_ptr() as u64,
         weight: weight.as_ptr() as u64,
@@ -604,7 +599,7 @@ fn sharded_head_equals_the_whole_cpu_head() {
                 );
                 let mut grad_emb = Array2::<f64>::zeros((b, d));
                 for (r, shard) in shards.iter().enumerate() {
-                    assert_eq!(shard.bad, [0, 0], "{ctx}");
+                    assert_eq!(shard.bad, [0, 0, 0], "{ctx}");
                     for (i, (g, w)) in shard.row_loss.iter().zip(&cpu.row_losses).enumerate() {
                         assert!(
                             (g - w).abs() <= 1e-10 * w.abs().max(1.0),
@@ -655,7 +650,7 @@ fn head_flags_bad_rows_instead_of_failing() {
         Tiling::default(),
         None,
     );
-    assert_eq!(gpu.bad, [3, 6]);
+    assert_eq!(gpu.bad, [3, 6, 0]);
 }
 
 /// Unit rows from the noise generator, with rows 7 and 11 equal to row 3 (exact ties).
@@ -793,12 +788,7 @@ fn search_pads_when_k_exceeds_the_gallery() {
 fn head_refuses_empty_shapes_before_any_launch() {
     let margin = Margin::arcface(64.0, 0.5, false).unwrap();
     for (b, c, d) in [(0, 5, 4), (3, 0, 4), (3, 5, 0)] {
-        let shape = HeadShape {
-            b,
-            c,
-            d,
-            elem: Elem::F32,
-        };
+        let shape = HeadShape::exact(b, c, d, Elem::F32);
         // sizing the workspace of such a call must not panic either
         let _ = head::workspace_bytes(shape, true, Tiling::default());
         let buffers = HeadBuffers {
@@ -823,5 +813,231 @@ fn head_refuses_empty_shapes_before_any_launch() {
             Tiling::default(),
         );
         assert_eq!(err.unwrap_err().arg, "emb", "{b} {c} {d}");
+    }
+}
+
+/// A matrix in a 16-bit device type, as raw bits.
+fn half_bits(m: &Array2<f64>, elem: Elem) -> Vec<u16> {
+    m.iter()
+        .map(|&v| match elem {
+            Elem::Bf16 => half::bf16::from_f64(v).to_bits(),
+            _ => half::f16::from_f64(v).to_bits(),
+        })
+        .collect()
+}
+
+struct EmulatedHalf {
+    row_loss: Vec<f64>,
+    grad_emb: Array2<f32>,
+    grad_weight: Array2<f32>,
+    bad: [i32; 3],
+}
+
+/// The half-precision head on the emulator: float32 embeddings, the weight in float32 (when
+/// `weight_f32`) or in `elem`, 16-bit GEMM operands; float32 gradients.
+#[allow(clippy::too_many_arguments)]
+fn emulate_half(
+    emb: &Array2<f64>,
+    weight: &Array2<f64>,
+    labels: &[i64],
+    margin: &Margin,
+    elem: Elem,
+    weight_f32: bool,
+    row_weight: &[f64],
+    tiling: Tiling,
+) -> EmulatedHalf {
+    let ((b, d), c) = (emb.dim(), weight.nrows());
+    let shape = HeadShape {
+        b,
+        c,
+        d,
+        elem,
+        weight: if weight_f32 { Elem::F32 } else { elem },
+        tf32: false,
+    };
+    let emb32 = emb.mapv(|v| v as f32);
+    let weight32 = weight.mapv(|v| v as f32);
+    let weight16 = half_bits(weight, elem);
+    let block = margin.encode().to_vec();
+    let mut row_loss = vec![f64::NAN; b];
+    let mut grad_emb = Array2::from_elem((b, d), f32::NAN);
+    let mut grad_weight = Array2::from_elem((c, d), f32::NAN);
+    let mut bad = [0i32; 3];
+    let mut workspace = vec![u64::MAX; head::workspace_bytes(shape, true, tiling) / 8 + 1];
+    let buffers = HeadBuffers {
+        emb: emb32.as_ptr() as u64,
+        weight: if weight_f32 {
+            weight32.as_ptr() as u64
+        } else {
+            weight16.as_ptr() as u64
+        },
+        labels: labels.as_ptr() as u64,
+        row_weight: row_weight.as_ptr() as u64,
+        margins: block.as_ptr() as u64,
+        per_row_margins: false,
+        row_loss: row_loss.as_mut_ptr() as u64,
+        grad_emb: grad_emb.as_mut_ptr() as u64,
+        grad_weight: grad_weight.as_mut_ptr() as u64,
+        bad: bad.as_mut_ptr() as u64,
+        workspace: workspace.as_mut_ptr() as u64,
+    };
+    head::margin_loss(
+        Emulator::get(),
+        shape,
+        margin,
+        HeadOptions::default(),
+        &buffers,
+        tiling,
+    )
+    .unwrap();
+    EmulatedHalf {
+        row_loss,
+        grad_emb,
+        grad_weight,
+        bad,
+    }
+}
+
+/// Largest error over the largest magnitude of the reference.
+fn relative_error<A: Real, B: Real>(got: &Array2<A>, want: &Array2<B>) -> f64 {
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.f64().abs()));
+    got.iter()
+        .zip(want)
+        .fold(0.0f64, |m, (g, w)| m.max((g.f64() - w.f64()).abs()))
+        / scale.max(1e-300)
+}
+
+#[test]
+fn half_precision_head_is_within_its_rounding_of_the_float64_head() {
+    // 16-bit operands carry 8 (bfloat16) or 11 (float16) significant bits: the head must
+    // agree with the exact one to about that, over tiles, the stash in dW (B <= D) and
+    // outside it (B > D, row chunks), and a float32 or 16-bit weight.
+    for (b, c, d, tiling) in [
+        (
+            6,
+            37,
+            16,
+            Tiling {
+                class_tile: 8,
+                stash_budget_bytes: 1 << 20,
+            },
+        ),
+        (
+            12,
+            29,
+            8,
+            Tiling {
+                class_tile: 7,
+                stash_budget_bytes: 5 * 29 * 2,
+            },
+        ),
+    ] {
+        let emb = matrix::<f64>(11, b, d).mapv(|v| v * 3.0);
+        let weight = matrix::<f64>(12, c, d);
+        let mut labels: Vec<i64> = (0..b).map(|i| ((i * 5 + 1) % c) as i64).collect();
+        labels[1] = -1;
+        let row_weight: Vec<f64> = labels
+            .iter()
+            .map(|&y| if y < 0 { 0.0 } else { 0.25 })
+            .collect();
+        for margin in [
+            Margin::arcface(16.0, 0.5, false).unwrap(),
+            Margin::cosface(16.0, 0.35).unwrap(),
+            Margin::softmax(16.0).unwrap(),
+        ] {
+            let up: Vec<f64> = labels.iter().map(|_| 0.25).collect();
+            let options = LossOptions {
+                reduction: Reduction::None,
+                upstream: Some(&up),
+                grad_emb: true,
+                grad_weight: true,
+                head: HeadOptions::default(),
+                grad_filter: crate::head::GradFilter::Exact,
+            };
+            let cpu =
+                margin_loss_with(emb.view(), weight.view(), &labels, &margin, options).unwrap();
+            for (elem, bound) in [(Elem::Bf16, 1.5e-2), (Elem::F16, 2e-3)] {
+                for weight_f32 in [true, false] {
+                    let gpu = emulate_half(
+                        &emb,
+                        &weight,
+                        &labels,
+                        &margin,
+                        elem,
+                        weight_f32,
+                        &row_weight,
+                        tiling,
+                    );
+                    let ctx = format!("{margin:?} {elem:?} weight_f32={weight_f32} b={b}");
+                    assert_eq!(gpu.bad, [0, 0, 0], "{ctx}");
+                    for (g, w) in gpu.row_loss.iter().zip(&cpu.row_losses) {
+                        assert!(
+                            (g - w).abs() <= bound * w.abs().max(1.0),
+                            "{ctx}: {g} vs {w}"
+                        );
+                    }
+                    let e_emb = relative_error(&gpu.grad_emb, cpu.grad_emb.as_ref().unwrap());
+                    let e_w = relative_error(&gpu.grad_weight, cpu.grad_weight.as_ref().unwrap());
+                    assert!(e_emb <= bound && e_w <= bound, "{ctx}: {e_emb:e} {e_w:e}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn half_precision_head_flags_bad_rows_and_labels() {
+    let emb = matrix::<f64>(3, 4, 8);
+    let mut weight = matrix::<f64>(4, 9, 8);
+    weight[[5, 1]] = f64::NAN;
+    let labels = [0i64, 9, 2, -3];
+    let margin = Margin::arcface(64.0, 0.5, false).unwrap();
+    for weight_f32 in [true, false] {
+        let gpu = emulate_half(
+            &emb,
+            &weight,
+            &labels,
+            &margin,
+            Elem::Bf16,
+            weight_f32,
+            &[1.0; 4],
+            Tiling {
+                class_tile: 4,
+                stash_budget_bytes: 1 << 20,
+            },
+        );
+        // row 3 (label -3) is the highest bad label row; class 5 the bad centre
+        assert_eq!(gpu.bad, [0, 6, 4], "weight_f32={weight_f32}");
+    }
+}
+
+#[test]
+fn tf32_gemms_round_their_inputs_to_ten_bits() {
+    // the emulator's TF32 (what the fake cuBLAS and the head's TF32 mode rely on): 1 + 2^-11
+    // is not a TF32 number, 1 + 2^-10 is
+    let a = [1.0f32 + 2f32.powi(-11), 1.0 + 2f32.powi(-10)];
+    let b = [1.0f32, 1.0];
+    let mut c = [0f32; 2];
+    for (tf32, want) in [(false, a[0] + a[1]), (true, 1.0 + 1.0 + 2f32.powi(-10))] {
+        let g = RowMajorGemm {
+            elem: Elem::F32,
+            out: Elem::F32,
+            tf32,
+            trans_a: false,
+            trans_b: false,
+            m: 1,
+            n: 1,
+            k: 2,
+            alpha: 1.0,
+            a: a.as_ptr() as u64,
+            lda: 2,
+            b: b.as_ptr() as u64,
+            ldb: 1,
+            beta: 0.0,
+            c: c.as_mut_ptr() as u64,
+            ldc: 1,
+        };
+        super::device::gemm(Emulator::get(), g).unwrap();
+        assert_eq!(c[0], want, "tf32={tf32}");
     }
 }

@@ -23,15 +23,41 @@ pub(super) fn cuda_available() -> bool {
 }
 
 #[cfg(feature = "cuda")]
-pub(super) fn cuda_elem(dtype: &str) -> PyResult<crate::cuda::device::Elem> {
+fn cuda_elem(name: &str, dtype: &str) -> PyResult<crate::cuda::device::Elem> {
     use crate::cuda::device::Elem;
     match dtype {
         "float32" => Ok(Elem::F32),
         "float64" => Ok(Elem::F64),
+        "bfloat16" => Ok(Elem::Bf16),
+        "float16" => Ok(Elem::F16),
         other => Err(pyo3::exceptions::PyTypeError::new_err(format!(
-            "dtype: the CUDA head computes in 'float32' or 'float64', got {other:?}"
+            "{name}: the CUDA head computes in 'float32', 'float64', 'bfloat16' or \
+             'float16', got {other:?}"
         ))),
     }
+}
+
+/// The call's sizes and types (`cuda::head::HeadShape`): `dtype` the GEMM operands',
+/// `weight_dtype` the weight's (None: `dtype`), `tf32` float32 GEMMs as TF32.
+#[cfg(feature = "cuda")]
+fn cuda_shape(
+    (b, c, d): (usize, usize, usize),
+    dtype: &str,
+    weight_dtype: Option<&str>,
+    tf32: bool,
+) -> PyResult<crate::cuda::head::HeadShape> {
+    let elem = cuda_elem("dtype", dtype)?;
+    let weight = weight_dtype.map_or(Ok(elem), |w| cuda_elem("weight_dtype", w))?;
+    let shape = crate::cuda::head::HeadShape {
+        b,
+        c,
+        d,
+        elem,
+        weight,
+        tf32,
+    };
+    shape.check().map_err(to_py_err)?;
+    Ok(shape)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -46,7 +72,7 @@ pub(super) fn no_cuda_feature() -> PyErr {
 /// shard of a sharded head, C is the shard's and `stash_classes` the largest shard's).
 #[pyfunction]
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-#[pyo3(signature = (b, c, d, dtype, grad_weight, stash_classes=None))]
+#[pyo3(signature = (b, c, d, dtype, grad_weight, stash_classes=None, weight_dtype=None))]
 pub(super) fn cuda_head_workspace_bytes(
     b: usize,
     c: usize,
@@ -54,16 +80,12 @@ pub(super) fn cuda_head_workspace_bytes(
     dtype: &str,
     grad_weight: bool,
     stash_classes: Option<usize>,
+    weight_dtype: Option<&str>,
 ) -> PyResult<usize> {
     #[cfg(feature = "cuda")]
     {
-        use crate::cuda::head::{workspace_bytes_shard, HeadShape, Tiling};
-        let shape = HeadShape {
-            b,
-            c,
-            d,
-            elem: cuda_elem(dtype)?,
-        };
+        use crate::cuda::head::{workspace_bytes_shard, Tiling};
+        let shape = cuda_shape((b, c, d), dtype, weight_dtype, false)?;
         let stash_classes = stash_classes.unwrap_or(c);
         Ok(workspace_bytes_shard(
             shape,
@@ -85,6 +107,10 @@ pub(super) fn cuda_head_workspace_bytes(
 /// gradient; the others must be non-zero and aligned to their element type, and the shape
 /// non-empty (checked before anything is queued). `margins` holds `margin.encode()` (one
 /// block) or, with `per_row_margins`, B blocks of margins of `margin`'s kind and scale.
+/// `dtype` is the GEMM operands' type ('float32', 'float64', or 'bfloat16' / 'float16' for
+/// the half-precision path: float32 emb and gradients, a `weight_dtype` weight); `tf32` runs
+/// float32 GEMMs as TF32. `bad` ((3,) int32, zeroed by the caller) is raised, never read:
+/// nothing here waits for the GPU.
 ///
 /// One shard of a sharded head (`cuda::head::ShardHooks`) when `combine` is given:
 /// `combine(first_row, rows)` must queue on the stream the merge of those rows of `parts`
@@ -96,7 +122,7 @@ pub(super) fn cuda_head_workspace_bytes(
 #[pyo3(name = "_cuda_margin_loss", signature = (device, stream, b, c, d, dtype, margin,
         margins, per_row_margins, emb, weight, labels, row_weight, row_loss, grad_emb,
         grad_weight, bad, workspace, interclass_filter=None, combine=None, first_shard=true,
-        stash_classes=None, parts=0, target_cos=0))]
+        stash_classes=None, parts=0, target_cos=0, weight_dtype=None, tf32=false))]
 pub(super) fn cuda_margin_loss(
     py: Python<'_>,
     device: usize,
@@ -123,20 +149,22 @@ pub(super) fn cuda_margin_loss(
     stash_classes: Option<usize>,
     parts: u64,
     target_cos: u64,
+    weight_dtype: Option<&str>,
+    tf32: bool,
 ) -> PyResult<()> {
     #[cfg(feature = "cuda")]
     {
-        use crate::cuda::head::{margin_loss, margin_loss_shard, HeadBuffers, HeadShape, Tiling};
-        let elem = cuda_elem(dtype)?;
+        use crate::cuda::head::{margin_loss, margin_loss_shard, HeadBuffers, Tiling};
+        let shape = cuda_shape((b, c, d), dtype, weight_dtype, tf32)?;
         if b == 0 || c == 0 || d == 0 {
             return Err(pyo3::exceptions::PyValueError::new_err(format!(
                 "shape: b, c and d must be >= 1, got ({b}, {c}, {d})"
             )));
         }
-        let real = elem.size() as u64;
+        let real = shape.acc().size() as u64;
         for (name, address, align, required) in [
             ("emb", emb, real, true),
-            ("weight", weight, real, true),
+            ("weight", weight, shape.weight.size() as u64, true),
             ("labels", labels, 8, true),
             ("row_weight", row_weight, 8, true),
             ("margins", margins, 8, true),
@@ -153,7 +181,6 @@ pub(super) fn cuda_margin_loss(
                 )));
             }
         }
-        let shape = HeadShape { b, c, d, elem };
         let buffers = HeadBuffers {
             emb,
             weight,

@@ -5,7 +5,6 @@
 #include "../../src/cuda/reference_gemm.h"
 
 typedef int cublasStatus_t;
-enum { R_32F = 0, R_16F = 2 };
 
 extern "C" {
 
@@ -33,15 +32,18 @@ cublasStatus_t cublasDgemm_v2(void*, int ta, int tb, int m, int n, int k, const 
                           [](double v) { return v; });
 }
 
-// Only what arcface_rs uses: float16 inputs, float32 output, float32 scalars.
+// Only what arcface_rs uses: float16, bfloat16 or float32 inputs (TF32 with
+// CUBLAS_COMPUTE_32F_FAST_TF32) and a float32 output, float32 scalars.
+enum { COMPUTE_32F = 68, COMPUTE_32F_FAST_TF32 = 77 };
+
 cublasStatus_t cublasGemmEx(void*, int ta, int tb, int m, int n, int k, const void* alpha,
                             const void* a, int a_type, int lda, const void* b, int b_type,
-                            int ldb, const void* beta, void* c, int c_type, int ldc, int, int) {
-    if (a_type != R_16F || b_type != R_16F || c_type != R_32F) return GEMM_NOT_SUPPORTED;
-    return reference_gemm(ta, tb, m, n, k, *static_cast<const float*>(alpha),
-                          static_cast<const unsigned short*>(a), lda,
-                          static_cast<const unsigned short*>(b), ldb,
-                          *static_cast<const float*>(beta), static_cast<float*>(c), ldc,
-                          half_bits_to_double);
+                            int ldb, const void* beta, void* c, int c_type, int ldc,
+                            int compute, int) {
+    if (a_type != b_type || c_type != TYPE_R_32F) return GEMM_NOT_SUPPORTED;
+    if (compute != COMPUTE_32F && compute != COMPUTE_32F_FAST_TF32) return GEMM_NOT_SUPPORTED;
+    return typed_gemm(a_type, c_type, compute == COMPUTE_32F_FAST_TF32, ta, tb, m, n, k,
+                      *static_cast<const float*>(alpha), a, lda, b, ldb,
+                      *static_cast<const float*>(beta), c, ldc);
 }
 }

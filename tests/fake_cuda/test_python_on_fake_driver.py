@@ -142,6 +142,36 @@ def test_per_row_and_norm_margins_through_the_real_launch(cpu_stream, margin):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("gemm", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weight_f32", [True, False], ids=["f32 weight", "16-bit weight"])
+@pytest.mark.parametrize("margin", all_margins()[::3], ids=repr)
+def test_half_precision_head_through_the_real_launch(cpu_stream, margin, weight_f32, gemm):
+    # 16-bit GEMM operands and stash, on the emulator: within their rounding of float64
+    emb, weight, labels = (torch.tensor(a) for a in make_problem(9, 16, 30, seed=6, ignore=2))
+    block, _ = tops._encode(margin)
+    rows = tops._rows_of(margin, emb, weight, labels)
+    args = (labels, block, rows, 1, None, None, "mean", True, True)
+    want = tops._loss_op(emb, weight, labels, block, rows, 1, None, None, "mean", True, True)
+    w = weight.float() if weight_f32 else weight.to(gemm)
+    got = tcuda._loss_cuda(emb.to(gemm), w, *args)
+    assert got[1].dtype == gemm and got[2].dtype == w.dtype
+    bound = 2e-2 if gemm == torch.bfloat16 else 3e-3
+    assert abs(float(got[0]) - float(want[0])) <= bound * abs(float(want[0]))
+    for g, ref in zip(got[1:], want[1:]):
+        assert float((g.double() - ref).abs().max()) <= bound * float(ref.abs().max())
+
+
+def test_bad_labels_raise_through_the_real_launch(cpu_stream):
+    emb, weight, labels = (torch.tensor(a) for a in make_problem(5, 4, 8, seed=2))
+    kind, params = tops._encode(afr.CosFace())
+    for bad in (8, -2):
+        with pytest.raises(ValueError, match=f"labels: .* found {bad} \\(row 3\\)"):
+            tcuda._loss_cuda(
+                emb, weight, torch.where(torch.arange(5) == 3, bad, labels), kind, params,
+                1, None, None, "mean", True, True,
+            )  # fmt: skip
+
+
 def test_torch_head_bad_rows_raise_through_the_real_launch(cpu_stream):
     emb, weight, labels = (torch.tensor(a) for a in make_problem(5, 4, 8, seed=2))
     kind, params = tops._encode(afr.ArcFace())
