@@ -182,7 +182,13 @@ def simd_level() -> str: ...
 def _panic_for_tests(message: str) -> None: ...
 def cuda_available() -> bool: ...
 def cuda_head_workspace_bytes(
-    b: int, c: int, d: int, dtype: str, grad_weight: bool, stash_classes: int | None = None
+    b: int,
+    c: int,
+    d: int,
+    dtype: str,
+    grad_weight: bool,
+    stash_classes: int | None = None,
+    weight_dtype: str | None = None,
 ) -> int: ...
 def _cuda_margin_loss(
     device: int,
@@ -209,6 +215,8 @@ def _cuda_margin_loss(
     stash_classes: int | None = None,
     parts: int = 0,
     target_cos: int = 0,
+    weight_dtype: str | None = None,
+    tf32: bool = False,
 ) -> None: ...
 
 cuda_feature: bool

@@ -194,8 +194,9 @@ def _run_loss_cuda(
     upstream: Tensor | None = None,
     interclass_filter: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Row losses and d loss / d row loss (float64), and the wanted gradients (float32 on
-    the half-precision path, else the compute dtype) on the GPU, without waiting for it."""
+    """Row losses and d loss / d row loss (float64), and the wanted gradients (emb's in
+    float32 on the half-precision path, the weight's in its dtype; else in the compute
+    dtype) on the GPU, without waiting for it."""
     _raise_landed()
     gemm = _gemm_dtype(emb, weight)
     half = gemm in _HALF
@@ -221,7 +222,8 @@ def _run_loss_cuda(
     device = x.device
     row_loss = torch.empty(b, dtype=torch.float64, device=device)
     g_emb = torch.empty_like(x) if need_emb else None
-    g_w = torch.empty((c, d), dtype=dtype, device=device) if need_weight else None
+    # dW in the weight's dtype: a float32 master weight's float32, a 16-bit weight's own
+    g_w = torch.empty_like(w) if need_weight else None
     bad = torch.zeros(3, dtype=torch.int32, device=device)
     name = _HALF[gemm] if half else _CUDA_DTYPES[gemm]
     weight_name = _CUDA_DTYPES.get(w_dtype) or _HALF[w_dtype]

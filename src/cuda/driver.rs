@@ -235,9 +235,11 @@ impl Device for Stream<'_> {
                     g.c as *mut f64,
                     ldc,
                 ),
-                // 16-bit inputs, or float32 ones as TF32: tensor cores, float32 accumulation
-                // and output
-                (Elem::F32 | Elem::F16 | Elem::Bf16, Elem::F32, tf32) => {
+                // 16-bit inputs, or float32 ones as TF32: tensor cores, float32 accumulation,
+                // a float32 output or one in the inputs' type
+                (Elem::F32 | Elem::F16 | Elem::Bf16, out, tf32)
+                    if out == Elem::F32 || out == g.elem =>
+                {
                     let (alpha, beta) = (g.alpha as f32, g.beta as f32);
                     let input = data_type(g.elem);
                     let compute = if tf32 && g.elem == Elem::F32 {
@@ -261,7 +263,7 @@ impl Device for Stream<'_> {
                         ldb,
                         &beta as *const f32 as *const c_void,
                         g.c as *mut c_void,
-                        cublas::cudaDataType_t::CUDA_R_32F,
+                        data_type(out),
                         ldc,
                         compute,
                         cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,

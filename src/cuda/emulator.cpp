@@ -63,6 +63,16 @@ static V __shfl_down_sync(unsigned, V v, int offset) {
     return out;
 }
 
+template <typename V>
+static V __shfl_xor_sync(unsigned, V v, int mask) {
+    unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    warp_slots[warp][lane] = (double)v;
+    wait_at(State::Warp);
+    V out = (V)warp_slots[warp][lane ^ mask];
+    wait_at(State::Warp);
+    return out;
+}
+
 static int atomicMax(int* address, int value) {
     std::atomic_ref<int> a(*address);
     int old = a.load();
@@ -116,7 +126,10 @@ struct Entry {
 
 static const Entry entries[] = {
     ENTRY4(normalize_rows),   ENTRY4(targets),         ENTRY4(logits_tile),
-    ENTRY4(grad_tile),        ENTRY4(project_out_rows), ENTRY2(finish_grad_emb),
+    ENTRY4(grad_tile),        ENTRY2(finish_grad_emb),
+    ENTRY(project_out_rows_f32_f32), ENTRY(project_out_rows_f64_f64),
+    ENTRY(project_out_rows_f32_bf16), ENTRY(project_out_rows_bf16_bf16),
+    ENTRY(project_out_rows_f32_f16), ENTRY(project_out_rows_f16_f16),
     ENTRY(weights_tile_f32_f32),  ENTRY(weights_tile_f64_f64),  ENTRY(weights_tile_f32_bf16),
     ENTRY(weights_tile_bf16_bf16), ENTRY(weights_tile_f32_f16), ENTRY(weights_tile_f16_f16),
     ENTRY(fill_f64),          ENTRY(merge_stats),      ENTRY(finish_stats),

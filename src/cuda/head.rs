@@ -15,9 +15,12 @@
 //! GEMMs optionally as TF32). The half-precision path (`elem` bf16 or f16) takes float32
 //! embeddings and a float32 or 16-bit weight; the GEMM operands (x̂, each tile's centres,
 //! dL/dcos) and the stash are 16-bit, on tensor cores with float32 accumulation; the logits
-//! tile, dX̂ and dW are float32 and the row statistics float64. A float32 weight is rounded
-//! to 16 bits one tile at a time (its inverse norms come from the float32 values), so no
-//! 16-bit copy of the whole weight is ever held.
+//! tile and dX̂ are float32, dW is in the weight's type and the row statistics are float64.
+//! A float32 weight (autocast's master copy) is rounded to 16 bits one tile at a time (its
+//! inverse norms come from the float32 values): with the stash in dW (B <= D) the tile's
+//! copy lives in the second half of the tile's own rows of dW until the dW GEMM overwrites
+//! them (the projection then reads the float32 centres), else in a scratch tile made again
+//! in pass 2. No 16-bit copy of the whole weight is ever held.
 
 use super::device::{gemm, Arg, Carver, Device, Elem, RowMajorGemm};
 use crate::head::HeadOptions;
@@ -33,12 +36,10 @@ pub const STASH_BUDGET_BYTES: usize = 1 << 30;
 
 /// Threads per block of the per-row kernels.
 const ROW_THREADS: usize = 256;
-/// Threads per block of the per-class-centre kernels (rows of D elements, many blocks).
-const CENTRE_THREADS: usize = 128;
 /// Threads per block of the one-thread-per-row kernels.
 const FLAT_THREADS: usize = 128;
-/// Centres per block of `weights_tile` (one warp each).
-const WEIGHT_ROWS_PER_BLOCK: usize = 8;
+/// Centres per block of `weights_tile` and `project_out_rows` (one warp each).
+const WARP_ROWS_PER_BLOCK: usize = 8;
 
 /// Sizes and types of one call: B rows of D, C classes.
 #[derive(Clone, Copy, Debug)]
@@ -52,7 +53,8 @@ pub struct HeadShape {
     pub elem: Elem,
     /// The weight's type: `elem`, or F32 on the half-precision path.
     pub weight: Elem,
-    /// float32 GEMMs on tensor cores as TF32 (torch's `allow_tf32`).
+    /// float32 GEMMs on tensor cores as TF32 (torch's `allow_tf32`). The weight gradient is
+    /// in `weight`'s type.
     pub tf32: bool,
 }
 
@@ -69,8 +71,8 @@ impl HeadShape {
         }
     }
 
-    /// The type of the logits tile, dX̂, dW, the inverse norms and the embeddings: `elem`
-    /// on the exact paths, F32 on the half-precision path.
+    /// The type of the logits tile, dX̂, the inverse norms and the embeddings: `elem` on the
+    /// exact paths, F32 on the half-precision path.
     pub fn acc(&self) -> Elem {
         if self.elem.is_half() {
             Elem::F32
@@ -123,7 +125,7 @@ pub struct HeadBuffers {
     pub row_loss: u64,
     /// Output (B, D) gradient of the embeddings ([`HeadShape::acc`]), or 0.
     pub grad_emb: u64,
-    /// Output (C, D) gradient of the class centres ([`HeadShape::acc`]), or 0.
+    /// Output (C, D) gradient of the class centres ([`HeadShape::weight`]), or 0.
     pub grad_weight: u64,
     /// (3,) int32 flags, raised (atomic max, never cleared here: the caller zeroes them once
     /// and may let several calls raise them before it reads them): one past the highest bad
@@ -232,7 +234,7 @@ impl Scratch {
             } else {
                 0
             },
-            wtile: if shape.stages_weight() {
+            wtile: if shape.stages_weight() && !plan.stash_in_grad {
                 carver.take(plan.tile * d, sz)
             } else {
                 0
@@ -379,8 +381,17 @@ fn fused(
     let s = Scratch::carve(&mut carver, shape, plan);
     let half = elem.is_half();
     let acc = shape.acc();
-    // sizes: GEMM operands and stash, float32/64 results, the weight as stored
+    // sizes: GEMM operands and stash, float32/64 results, the weight and dW as stored
     let (sz, asz, wsz) = (elem.size(), acc.size(), shape.weight.size());
+    // a float32 weight's 16-bit tile copy in the second half of the tile's rows of dW
+    let copy_in_grad = shape.stages_weight() && plan.stash_in_grad;
+    let copy_of = |lo: usize, width: usize| {
+        if copy_in_grad {
+            at(buf.grad_weight, lo * d, wsz) + (width * d * sz) as u64
+        } else {
+            s.wtile
+        }
+    };
     let (sfx, acc_sfx) = (elem.suffix(), acc.suffix());
     let (bi, ci, di) = (b as i32, c as i32, d as i32);
     let kernel = |name: &str| format!("{name}_{sfx}");
@@ -388,8 +399,8 @@ fn fused(
     let weights_tile = |lo: usize, width: usize, copy: u64, w_inv: u64| {
         device.launch(
             &weights_kernel,
-            width.div_ceil(WEIGHT_ROWS_PER_BLOCK),
-            32 * WEIGHT_ROWS_PER_BLOCK,
+            width.div_ceil(WARP_ROWS_PER_BLOCK),
+            32 * WARP_ROWS_PER_BLOCK,
             &[
                 Ptr(at(buf.weight, lo * d, wsz)),
                 Ptr(copy),
@@ -484,9 +495,9 @@ fn fused(
         ldc: 0,
     };
     // A tile's centres as the GEMMs read them: the weight's own rows, or their 16-bit copy.
-    let centres = |lo: usize| {
+    let centres = |lo: usize, width: usize| {
         if shape.stages_weight() {
-            s.wtile
+            copy_of(lo, width)
         } else {
             at(buf.weight, lo * d, sz)
         }
@@ -502,7 +513,7 @@ fn fused(
         // A tile's stash: its own rows of dW, or its place in this chunk's stash.
         let slot = |lo: usize| {
             if plan.stash_in_grad {
-                at(buf.grad_weight, lo * d, asz)
+                at(buf.grad_weight, lo * d, wsz)
             } else {
                 at(s.stash, lo * rows, sz)
             }
@@ -512,7 +523,11 @@ fn fused(
             let lo = t * plan.tile;
             let width = plan.tile.min(c - lo);
             if half {
-                let copy = if shape.stages_weight() { s.wtile } else { 0 };
+                let copy = if shape.stages_weight() {
+                    copy_of(lo, width)
+                } else {
+                    0
+                };
                 weights_tile(lo, width, copy, at(s.w_inv, lo, asz))?;
             }
             // the logits: in place of the stash, or (half precision) a float32 tile
@@ -523,7 +538,7 @@ fn fused(
                     trans_b: true,
                     c: z,
                     ldc: width,
-                    ..row_gemm(rows, width, d, xhat, d, centres(lo), d)
+                    ..row_gemm(rows, width, d, xhat, d, centres(lo, width), d)
                 },
             )?;
             device.launch(
@@ -604,10 +619,10 @@ fn fused(
         for t in 0..plan.tiles {
             let lo = t * plan.tile;
             let width = plan.tile.min(c - lo);
-            if shape.stages_weight() {
+            if shape.stages_weight() && !copy_in_grad {
                 weights_tile(lo, width, s.wtile, 0)?;
             }
-            let w_tile = centres(lo);
+            let w_tile = centres(lo, width);
             let w_inv = at(s.w_inv, lo, asz);
             device.launch(
                 &kernel("grad_tile"),
@@ -645,10 +660,11 @@ fn fused(
                 // dW_t = Gᵀ X̂ rows, accumulated over row chunks (P is linear and
                 // idempotent, so projecting after each chunk stays exact).
                 let fresh = plan.stash_in_grad || start == 0;
-                let g_dw = at(buf.grad_weight, lo * d, asz);
+                let g_dw = at(buf.grad_weight, lo * d, wsz);
                 gemm(
                     device,
                     RowMajorGemm {
+                        out: shape.weight,
                         trans_a: true,
                         beta: if fresh { 0.0 } else { 1.0 },
                         c: g_dw,
@@ -656,13 +672,24 @@ fn fused(
                         ..row_gemm(width, d, rows, s.g, width, xhat, d)
                     },
                 )?;
+                // the centres along which to project: the float32 ones when the dW GEMM has
+                // just overwritten their copy, else those the GEMMs read
+                let (along, along_type) = if copy_in_grad {
+                    (at(buf.weight, lo * d, wsz), shape.weight)
+                } else {
+                    (w_tile, elem)
+                };
                 device.launch(
-                    &kernel("project_out_rows"),
-                    width,
-                    CENTRE_THREADS,
+                    &format!(
+                        "project_out_rows_{}_{}",
+                        shape.weight.suffix(),
+                        along_type.suffix()
+                    ),
+                    width.div_ceil(WARP_ROWS_PER_BLOCK),
+                    32 * WARP_ROWS_PER_BLOCK,
                     &[
                         Ptr(g_dw),
-                        Ptr(w_tile),
+                        Ptr(along),
                         Ptr(w_inv),
                         I32(width as i32),
                         I32(di),

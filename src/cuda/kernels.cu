@@ -51,6 +51,13 @@ __device__ void put(bf16* p, float v) {
 }
 __device__ void put(f16* p, float v) { p->bits = f32_to_f16(v); }
 
+// exp and max in the arithmetic type: float ones on the float32 and 16-bit paths (the
+// float64 versions cost the logits pass several times its memory traffic).
+__device__ float aexp(float v) { return expf(v); }
+__device__ double aexp(double v) { return exp(v); }
+__device__ float amax(float a, float b) { return fmaxf(a, b); }
+__device__ double amax(double a, double b) { return fmax(a, b); }
+
 // A margin is a parameter block of MARGIN_PARAMS doubles, [kind, s, p0, p1, ...], as
 // Margin::encode in margin.rs writes it; the MARGIN_<KIND> codes and MARGIN_PARAMS are
 // #defined in front of this file from margin.rs (cuda/mod.rs, margin_defines).
@@ -359,15 +366,16 @@ __device__ void targets(const XH* xh, int raw_x, const W* weight, const long lon
 // plain heads), the target logit in its column; the tile's row statistics (max, Σe, Σe·z)
 // go to stats[row * 3 ..] and the stash (type S; the same memory as z on the float32 and
 // float64 paths) gets e h'(c), e = exp(z - tile max), so that grad_tile needs one multiply
-// (head.rs stashes the same).
+// (head.rs stashes the same). Elements are computed in A (each thread's sums too: at most
+// ct / blockDim.x terms), the block's sums in float64.
 template <typename Z, typename A>
-__device__ A tile_logit(const Z* row, int j, const A* w_inv, A scale, A filter, const double* rule,
-                        bool target, double target_logit, A* dh) {
+__device__ A tile_logit(const Z* row, int j, const A* w_inv, A scale, A filter, A above, A t,
+                        bool curricular, int target, A target_logit, A* dh) {
     A c = (A)widen(row[j]) * w_inv[j];
     c = c > (A)1 ? (A)1 : (c < (A)-1 ? (A)-1 : c);
     A h;
-    nontarget(c, filter, (A)rule[0], (A)rule[1], rule[2] != 0.0, &h, dh);
-    return target ? (A)target_logit : scale * h;
+    nontarget(c, filter, above, t, curricular, &h, dh);
+    return j == target ? target_logit : scale * h;
 }
 
 template <typename Z, typename S, typename A>
@@ -382,31 +390,33 @@ __device__ void logits_tile(const Z* z, S* stash, int rows, int ct, int lo, cons
     S* out = stash + (long long)r * ct;
     A scale = (A)row_scale[r], f = (A)filter;
     const double* rule = rules + 3 * r;
+    A above = (A)rule[0], t = (A)rule[1];
+    bool curricular = rule[2] != 0.0;
     long long y = labels[r];
-    double m = -INFINITY;
-    A dh;
-    for (int j = threadIdx.x; j < ct; j += blockDim.x) {
-        A v = tile_logit(row, j, w_inv, scale, f, rule, y == lo + j, target_logit[r], &dh);
-        m = fmax(m, (double)v);
-    }
-    m = block_max(m, shared);
-    double s = 0.0, sz = 0.0;
+    int target = (y >= lo && y < (long long)lo + ct) ? (int)(y - lo) : -1;
+    A tl = (A)target_logit[r];
+    A m = (A)-INFINITY, dh;
+#pragma unroll 4
+    for (int j = threadIdx.x; j < ct; j += blockDim.x)
+        m = amax(m, tile_logit(row, j, w_inv, scale, f, above, t, curricular, target, tl, &dh));
+    m = (A)block_max((double)m, shared);
+    A s = (A)0, sz = (A)0;
+#pragma unroll 4
     for (int j = threadIdx.x; j < ct; j += blockDim.x) {
         // the same thread recomputes its own elements: row[j] still holds the dot product
-        double v = (double)tile_logit(row, j, w_inv, scale, f, rule, y == lo + j,
-                                      target_logit[r], &dh);
-        double e = exp(v - m);
+        A v = tile_logit(row, j, w_inv, scale, f, above, t, curricular, target, tl, &dh);
+        A e = aexp(v - m);
         s += e;
         sz += e * v;
-        put(out + j, (A)e * dh);
+        put(out + j, e * dh);
     }
-    s = block_sum(s, shared);
-    sz = block_sum(sz, shared);
+    double sum = block_sum((double)s, shared);
+    double sum_z = block_sum((double)sz, shared);
     if (threadIdx.x == 0) {
-        tile_max[r] = (A)m;
-        stats[r * 3] = m;
-        stats[r * 3 + 1] = s;
-        stats[r * 3 + 2] = sz;
+        tile_max[r] = m;
+        stats[r * 3] = (double)m;
+        stats[r * 3 + 1] = sum;
+        stats[r * 3 + 2] = sum_z;
     }
 }
 
@@ -481,7 +491,8 @@ extern "C" __global__ void row_losses(const double* lse, const double* pz,
 
 // From a tile's stash e = exp(z - tile_max) to g = dL/dcos / ||w_j|| (a separate buffer: the
 // stash may live in the weight gradient's rows, which the next GEMM overwrites), with
-// p = e * exp(tile_max - lse); the target column gets (p - 1) psi' in float64.
+// p = e * exp(tile_max - lse); the target column gets (p - 1) psi' in float64 (written by
+// the thread that wrote that column, after it).
 template <typename S, typename A>
 __device__ void grad_tile(const S* e, S* g, int rows, int ct, int lo, const A* tile_max,
                           const double* lse, const double* row_weight, const double* row_scale,
@@ -492,31 +503,41 @@ __device__ void grad_tile(const S* e, S* g, int rows, int ct, int lo, const A* t
     const S* erow = e + (long long)r * ct;
     S* grow = g + (long long)r * ct;
     double weight = row_weight[r];
+    if (weight == 0.0) {  // an ignored row: no gradient
+        for (int j = threadIdx.x; j < ct; j += blockDim.x) put(grow + j, (A)0);
+        return;
+    }
     long long y = labels[r];
+    int target = (y >= lo && y < (long long)lo + ct) ? (int)(y - lo) : -1;
     A coef = (A)(weight * row_scale[r] * exp((double)tile_max[r] - lse[r]));
-    for (int j = threadIdx.x; j < ct; j += blockDim.x) {
-        A v = (A)widen(erow[j]) * coef * w_inv[j];
-        if (weight == 0.0) v = (A)0;
-        if (y == lo + j && weight != 0.0) {
-            double p = exp(target_logit[r] - lse[r]);
-            v = (A)(weight * row_scale[r] * (p - 1.0) * target_dpsi[r] * (double)w_inv[j]);
-        }
-        put(grow + j, v);
+#pragma unroll 4
+    for (int j = threadIdx.x; j < ct; j += blockDim.x)
+        put(grow + j, (A)widen(erow[j]) * coef * w_inv[j]);
+    if (target >= 0 && target % (int)blockDim.x == (int)threadIdx.x) {
+        double p = exp(target_logit[r] - lse[r]);
+        put(grow + target,
+            (A)(weight * row_scale[r] * (p - 1.0) * target_dpsi[r] * (double)w_inv[target]));
     }
 }
 
-// One block per row of dW (type G): removes the component along w_j (the normalisation's
-// Jacobian); w is the tile's centres in W (on the half-precision path, their 16-bit copy).
+// One warp per row of dW (type G, 8 rows a block): removes the component along w_j (the
+// normalisation's Jacobian); w holds the tile's centres in W (the weight itself, or on the
+// half-precision path its 16-bit copy).
 template <typename G, typename W, typename A>
 __device__ void project_out_rows(G* g, const W* w, const A* w_inv, int rows, int d) {
-    __shared__ double shared[32];
-    int r = blockIdx.x;
-    if (r >= rows) return;
+    int lane = threadIdx.x & 31;
+    int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= rows) return;  // the whole warp leaves
     G* gr = g + (long long)r * d;
     const W* wr = w + (long long)r * d;
-    double dot = row_dot(gr, wr, d, shared);
-    G k = (G)(dot * (double)w_inv[r] * (double)w_inv[r]);
-    for (int j = threadIdx.x; j < d; j += blockDim.x) gr[j] -= (G)widen(wr[j]) * k;
+    double dot = 0.0;
+#pragma unroll 4
+    for (int j = lane; j < d; j += 32) dot += (double)widen(gr[j]) * (double)widen(wr[j]);
+    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
+    typedef typename Acc<G>::type GA;
+    GA k = (GA)(dot * (double)w_inv[r] * (double)w_inv[r]);
+#pragma unroll 4
+    for (int j = lane; j < d; j += 32) put(gr + j, (GA)widen(gr[j]) - (GA)widen(wr[j]) * k);
 }
 
 // One block per row: dx = (dx̂ - x̂ (x̂·dx̂)) / ||x|| + x̂ * norm_term, with x̂ = x / ||x||
@@ -566,10 +587,7 @@ __device__ void finish_grad_emb(T* dxhat, const T* x, const double* norms,
         grad_tile<S, A>(e, g, rows, ct, lo, tile_max, lse, row_weight, row_scale, w_inv,       \
                         labels, target_logit, target_dpsi);                                    \
     }                                                                                          \
-    extern "C" __global__ void project_out_rows_##N(A* g, const S* w, const A* w_inv,          \
-                                                    int rows, int d) {                         \
-        project_out_rows<A, S, A>(g, w, w_inv, rows, d);                                       \
-    }
+
 
 // targets_<weight>: x̂ (or x) in X, the weight in W.
 #define ENTRY_TARGETS(X, W, A, N)                                                              \
@@ -588,6 +606,14 @@ __device__ void finish_grad_emb(T* dxhat, const T* x, const double* norms,
     extern "C" __global__ void weights_tile_##N(const W* w, S* copy, A* w_inv, int rows,       \
                                                 int d, int first, int* bad) {                  \
         weights_tile<W, S, A>(w, copy, w_inv, rows, d, first, bad);                            \
+    }
+
+// project_out_rows_<dW>_<centres>: the weight gradient in G, the centres read in W.
+#define ENTRY_PROJECT(G, W, N)                                                                 \
+    extern "C" __global__ void project_out_rows_##N(G* g, const W* w,                          \
+                                                    const typename Acc<W>::type* w_inv,        \
+                                                    int rows, int d) {                         \
+        project_out_rows<G, W, typename Acc<W>::type>(g, w, w_inv, rows, d);                   \
     }
 
 #define ENTRY_FINISH(T, N)                                                                     \
@@ -610,6 +636,12 @@ ENTRY_WEIGHTS(float, bf16, float, f32_bf16)
 ENTRY_WEIGHTS(bf16, bf16, float, bf16_bf16)
 ENTRY_WEIGHTS(float, f16, float, f32_f16)
 ENTRY_WEIGHTS(f16, f16, float, f16_f16)
+ENTRY_PROJECT(float, float, f32_f32)
+ENTRY_PROJECT(double, double, f64_f64)
+ENTRY_PROJECT(float, bf16, f32_bf16)
+ENTRY_PROJECT(bf16, bf16, bf16_bf16)
+ENTRY_PROJECT(float, f16, f32_f16)
+ENTRY_PROJECT(f16, f16, f16_f16)
 ENTRY_FINISH(float, f32)
 ENTRY_FINISH(double, f64)
 

@@ -38,10 +38,11 @@ static double tf32_round(float x) {
 // The element types of cuBLAS's cudaDataType_t that arcface_rs uses.
 enum { TYPE_R_32F = 0, TYPE_R_64F = 1, TYPE_R_16F = 2, TYPE_R_16BF = 14 };
 
-template <typename In, typename Out, typename Load>
-static int reference_gemm(int ta, int tb, int m, int n, int k, double alpha, const In* a,
-                          int lda, const In* b, int ldb, double beta, Out* c, int ldc,
-                          Load load) {
+// C's elements are read with `get` (only when beta != 0) and written with `set`.
+template <typename In, typename Out, typename Load, typename Get, typename Set>
+static int reference_gemm_io(int ta, int tb, int m, int n, int k, double alpha, const In* a,
+                             int lda, const In* b, int ldb, double beta, Out* c, int ldc,
+                             Load load, Get get, Set set) {
     auto at_least = [](int ld, int rows) { return ld >= (rows > 1 ? rows : 1); };
     if ((ta != GEMM_OP_N && ta != GEMM_OP_T) || (tb != GEMM_OP_N && tb != GEMM_OP_T))
         return GEMM_INVALID_VALUE;
@@ -57,19 +58,54 @@ static int reference_gemm(int ta, int tb, int m, int n, int k, double alpha, con
                 acc += x * y;
             }
             Out& out = c[i + (long long)j * ldc];
-            out = (Out)(alpha * acc + (beta == 0.0 ? 0.0 : beta * (double)out));
+            set(out, alpha * acc + (beta == 0.0 ? 0.0 : beta * get(out)));
         }
     return GEMM_OK;
 }
 
-// A GEMM whose inputs are `in_type` and output is float32 (or float64 with float64 inputs),
-// cuBLAS's cublasGemmEx; `tf32`: float32 inputs rounded to TF32 first.
+template <typename In, typename Out, typename Load>
+static int reference_gemm(int ta, int tb, int m, int n, int k, double alpha, const In* a,
+                          int lda, const In* b, int ldb, double beta, Out* c, int ldc,
+                          Load load) {
+    return reference_gemm_io(
+        ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, load,
+        [](const Out& v) { return (double)v; }, [](Out& o, double v) { o = (Out)v; });
+}
+
+static unsigned short double_to_bf16_bits(double v) {
+    float f = (float)v;
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+
+static unsigned short double_to_half_bits(double v) {
+    _Float16 h = (_Float16)(float)v;
+    unsigned short bits;
+    std::memcpy(&bits, &h, 2);
+    return bits;
+}
+
+// A GEMM whose inputs are `in_type` and output is float32, or the inputs' own 16-bit type
+// (accumulated in float32, rounded once), or float64 with float64 inputs: cuBLAS's
+// cublasGemmEx; `tf32`: float32 inputs rounded to TF32 first.
 static int typed_gemm(int in_type, int out_type, bool tf32, int ta, int tb, int m, int n,
                       int k, double alpha, const void* a, int lda, const void* b, int ldb,
                       double beta, void* c, int ldc) {
     if (in_type == TYPE_R_64F && out_type == TYPE_R_64F)
         return reference_gemm(ta, tb, m, n, k, alpha, (const double*)a, lda, (const double*)b,
                               ldb, beta, (double*)c, ldc, [](double v) { return v; });
+    if ((in_type == TYPE_R_16F || in_type == TYPE_R_16BF) && out_type == in_type) {
+        auto load = in_type == TYPE_R_16F ? half_bits_to_double : bf16_bits_to_double;
+        auto store = in_type == TYPE_R_16F ? double_to_half_bits : double_to_bf16_bits;
+        return reference_gemm_io(
+            ta, tb, m, n, k, alpha, (const unsigned short*)a, lda, (const unsigned short*)b,
+            ldb, beta, (unsigned short*)c, ldc, load,
+            [load](const unsigned short& v) { return load(v); },
+            [store](unsigned short& o, double v) { o = store((double)(float)v); });
+    }
     if (out_type != TYPE_R_32F) return GEMM_NOT_SUPPORTED;
     float* out = (float*)c;
     switch (in_type) {

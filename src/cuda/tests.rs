@@ -834,7 +834,8 @@ struct EmulatedHalf {
 }
 
 /// The half-precision head on the emulator: float32 embeddings, the weight in float32 (when
-/// `weight_f32`) or in `elem`, 16-bit GEMM operands; float32 gradients.
+/// `weight_f32`) or in `elem`, 16-bit GEMM operands; a float32 emb gradient and the weight
+/// gradient in the weight's type (returned widened to float32).
 #[allow(clippy::too_many_arguments)]
 fn emulate_half(
     emb: &Array2<f64>,
@@ -861,7 +862,9 @@ fn emulate_half(
     let block = margin.encode().to_vec();
     let mut row_loss = vec![f64::NAN; b];
     let mut grad_emb = Array2::from_elem((b, d), f32::NAN);
+    // dW comes in the weight's type
     let mut grad_weight = Array2::from_elem((c, d), f32::NAN);
+    let mut grad_weight16 = vec![0x7fc0u16; c * d];
     let mut bad = [0i32; 3];
     let mut workspace = vec![u64::MAX; head::workspace_bytes(shape, true, tiling) / 8 + 1];
     let buffers = HeadBuffers {
@@ -877,7 +880,11 @@ fn emulate_half(
         per_row_margins: false,
         row_loss: row_loss.as_mut_ptr() as u64,
         grad_emb: grad_emb.as_mut_ptr() as u64,
-        grad_weight: grad_weight.as_mut_ptr() as u64,
+        grad_weight: if weight_f32 {
+            grad_weight.as_mut_ptr() as u64
+        } else {
+            grad_weight16.as_mut_ptr() as u64
+        },
         bad: bad.as_mut_ptr() as u64,
         workspace: workspace.as_mut_ptr() as u64,
     };
@@ -890,6 +897,14 @@ fn emulate_half(
         tiling,
     )
     .unwrap();
+    if !weight_f32 {
+        let widen = |bits: u16| match elem {
+            Elem::Bf16 => half::bf16::from_bits(bits).to_f32(),
+            _ => half::f16::from_bits(bits).to_f32(),
+        };
+        grad_weight =
+            Array2::from_shape_vec((c, d), grad_weight16.into_iter().map(widen).collect()).unwrap();
+    }
     EmulatedHalf {
         row_loss,
         grad_emb,
@@ -1040,4 +1055,68 @@ fn tf32_gemms_round_their_inputs_to_ten_bits() {
         super::device::gemm(Emulator::get(), g).unwrap();
         assert_eq!(c[0], want, "tf32={tf32}");
     }
+}
+
+#[test]
+fn tf32_head_is_within_tf32_rounding_of_the_float64_head() {
+    let (b, c, d) = (6, 23, 16);
+    let emb = matrix::<f64>(21, b, d).mapv(|v| v * 2.0);
+    let weight = matrix::<f64>(22, c, d);
+    let labels: Vec<i64> = (0..b).map(|i| ((i * 3 + 2) % c) as i64).collect();
+    let margin = Margin::arcface(16.0, 0.5, false).unwrap();
+    let rows = vec![0.5; b];
+    let options = LossOptions {
+        reduction: Reduction::None,
+        upstream: Some(&rows),
+        grad_emb: true,
+        grad_weight: true,
+        head: HeadOptions::default(),
+        grad_filter: crate::head::GradFilter::Exact,
+    };
+    let cpu = margin_loss_with(emb.view(), weight.view(), &labels, &margin, options).unwrap();
+    let (emb32, weight32) = (emb.mapv(|v| v as f32), weight.mapv(|v| v as f32));
+    let tiling = Tiling {
+        class_tile: 8,
+        stash_budget_bytes: 1 << 20,
+    };
+    let mut errors = vec![];
+    for tf32 in [false, true] {
+        let shape = HeadShape {
+            tf32,
+            ..HeadShape::exact(b, c, d, Elem::F32)
+        };
+        let mut row_loss = vec![0.0; b];
+        let mut grad_emb = Array2::<f32>::zeros((b, d));
+        let mut grad_weight = Array2::<f32>::zeros((c, d));
+        let mut bad = [0i32; 3];
+        let mut workspace = vec![0u64; head::workspace_bytes(shape, true, tiling) / 8 + 1];
+        let block = margin.encode().to_vec();
+        let buffers = HeadBuffers {
+            emb: emb32.as_ptr() as u64,
+            weight: weight32.as_ptr() as u64,
+            labels: labels.as_ptr() as u64,
+            row_weight: rows.as_ptr() as u64,
+            margins: block.as_ptr() as u64,
+            per_row_margins: false,
+            row_loss: row_loss.as_mut_ptr() as u64,
+            grad_emb: grad_emb.as_mut_ptr() as u64,
+            grad_weight: grad_weight.as_mut_ptr() as u64,
+            bad: bad.as_mut_ptr() as u64,
+            workspace: workspace.as_mut_ptr() as u64,
+        };
+        let default = HeadOptions::default();
+        head::margin_loss(Emulator::get(), shape, &margin, default, &buffers, tiling).unwrap();
+        assert_eq!(bad, [0, 0, 0]);
+        errors.push(
+            relative_error(&grad_emb, cpu.grad_emb.as_ref().unwrap()).max(relative_error(
+                &grad_weight,
+                cpu.grad_weight.as_ref().unwrap(),
+            )),
+        );
+    }
+    // TF32 keeps 10 mantissa bits: errors well above float32's, well below 1e-2
+    assert!(
+        errors[0] < 1e-5 && errors[0] * 10.0 < errors[1] && errors[1] < 1e-2,
+        "{errors:?}"
+    );
 }

@@ -170,7 +170,7 @@ pub(super) fn cuda_margin_loss(
             ("margins", margins, 8, true),
             ("row_loss", row_loss, 8, true),
             ("grad_emb", grad_emb, real, false),
-            ("grad_weight", grad_weight, real, false),
+            ("grad_weight", grad_weight, shape.weight.size() as u64, false),
             ("bad", bad, 4, true),
             ("parts", parts, 8, combine.is_some()),
             ("target_cos", target_cos, 8, false),

@@ -33,14 +33,15 @@ cublasStatus_t cublasDgemm_v2(void*, int ta, int tb, int m, int n, int k, const 
 }
 
 // Only what arcface_rs uses: float16, bfloat16 or float32 inputs (TF32 with
-// CUBLAS_COMPUTE_32F_FAST_TF32) and a float32 output, float32 scalars.
+// CUBLAS_COMPUTE_32F_FAST_TF32), a float32 output or one of the inputs' type, float32
+// scalars.
 enum { COMPUTE_32F = 68, COMPUTE_32F_FAST_TF32 = 77 };
 
 cublasStatus_t cublasGemmEx(void*, int ta, int tb, int m, int n, int k, const void* alpha,
                             const void* a, int a_type, int lda, const void* b, int b_type,
                             int ldb, const void* beta, void* c, int c_type, int ldc,
                             int compute, int) {
-    if (a_type != b_type || c_type != TYPE_R_32F) return GEMM_NOT_SUPPORTED;
+    if (a_type != b_type || (c_type != TYPE_R_32F && c_type != a_type)) return GEMM_NOT_SUPPORTED;
     if (compute != COMPUTE_32F && compute != COMPUTE_32F_FAST_TF32) return GEMM_NOT_SUPPORTED;
     return typed_gemm(a_type, c_type, compute == COMPUTE_32F_FAST_TF32, ta, tb, m, n, k,
                       *static_cast<const float*>(alpha), a, lda, b, ldb,
