@@ -47,6 +47,7 @@ def _cpu_launch(
     interclass_filter=None,
     weight_dtype=None,
     tf32=False,
+    sub_centers=1,
 ):
     """What the CUDA launch computes, done by the CPU core on the same buffers (the
     half-precision path in float32)."""
@@ -76,7 +77,7 @@ def _cpu_launch(
         broken = torch.nonzero(~torch.isfinite(norms) | (norms == 0)).flatten()
         if len(broken):
             bad[slot] = int(broken[-1]) + 1
-    wrong = torch.nonzero((y < -1) | (y >= c)).flatten()
+    wrong = torch.nonzero((y < -1) | (y >= c // sub_centers)).flatten()
     if len(wrong):
         bad[2] = int(wrong[-1]) + 1
     if bad.any():
@@ -90,6 +91,7 @@ def _cpu_launch(
         grad_emb=g_emb is not None,
         grad_weight=g_w is not None,
         interclass_filter=interclass_filter,
+        sub_centers=sub_centers,
         upstream=row_weight.numpy(),
         row_margins=blocks.numpy() if per_row else None,
     )
@@ -208,6 +210,17 @@ def test_glue_tf32_follows_torch_s_float32_matmul_setting(cpu_launch, monkeypatc
     assert seen == [False, True]
 
 
+def test_glue_sub_centres_take_the_fused_path(cpu_launch):
+    emb, weight, labels = _problem(6, 5, 12, torch.float64, seed=6)
+    kind, params = tops._encode(afr.ArcFace())
+    args = (emb, weight, labels % 4, kind, params, 3, None, None, "mean", True, True)
+    for g, w in zip(tcuda._loss_cuda(*args), tops._loss_op(*args)):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="labels: must be .* in \\[0, 4\\), found 5"):
+        tcuda._loss_cuda(emb, weight, labels.clamp(max=5), kind, params, 3, None, None, "mean",
+                         True, True)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "change, match",
     [
@@ -271,10 +284,10 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp(min=1e-300))
 
 
-def _loss_and_grads(emb, weight, labels, margin, reduction="mean", upstream=None):
+def _loss_and_grads(emb, weight, labels, margin, reduction="mean", upstream=None, **keywords):
     e = emb.clone().requires_grad_()
     w = weight.clone().requires_grad_()
-    loss = aft.margin_loss(e, w, labels, margin, reduction)
+    loss = aft.margin_loss(e, w, labels, margin, reduction, **keywords)
     (loss if upstream is None else (loss * upstream).sum()).backward()
     return loss.detach(), e.grad, w.grad
 
@@ -291,6 +304,18 @@ def test_gpu_head_equals_the_cpu_head(margin, dtype, tol, b, d, c):
     assert _rel(gpu[0], cpu[0]) < (1e-5 if dtype == torch.float32 else 1e-10)
     assert _rel(gpu[1], cpu[1]) < tol
     assert _rel(gpu[2], cpu[2]) < tol
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-3), (torch.float64, 1e-9)])
+@pytest.mark.parametrize("margin", [afr.ArcFace(), afr.CurricularFace()], ids=repr)
+def test_gpu_sub_centre_head_equals_the_cpu_head(margin, dtype, tol):
+    emb, weight, labels = _problem(40, 32, 3 * 7000, dtype, seed=21, ignore=3)
+    labels = torch.where(labels >= 0, labels % 7000, labels)
+    cpu = _loss_and_grads(emb, weight, labels, margin, sub_centers=3)
+    gpu = _loss_and_grads(emb.cuda(), weight.cuda(), labels.cuda(), margin, sub_centers=3)
+    for g, c in zip(gpu, cpu):
+        assert _rel(g, c) < tol
 
 
 @needs_gpu

@@ -189,6 +189,7 @@ def cuda_head_workspace_bytes(
     grad_weight: bool,
     stash_classes: int | None = None,
     weight_dtype: str | None = None,
+    sub_centers: int = 1,
 ) -> int: ...
 def _cuda_margin_loss(
     device: int,
@@ -217,6 +218,7 @@ def _cuda_margin_loss(
     target_cos: int = 0,
     weight_dtype: str | None = None,
     tf32: bool = False,
+    sub_centers: int = 1,
 ) -> None: ...
 
 cuda_feature: bool

@@ -24,6 +24,7 @@ def _launch_cuda(
     interclass_filter: float | None = None,
     weight_dtype: str | None = None,
     tf32: bool = False,
+    sub_centers: int = 1,
     **shard: Any,
 ):
     """Queues the fused head on torch's current stream over the tensors' memory (in the
@@ -44,6 +45,7 @@ def _launch_cuda(
         interclass_filter=interclass_filter,
         weight_dtype=weight_dtype,
         tf32=tf32,
+        sub_centers=sub_centers,
         **shard,
     )
 
@@ -193,6 +195,7 @@ def _run_loss_cuda(
     need_weight: bool,
     upstream: Tensor | None = None,
     interclass_filter: float | None = None,
+    sub_centers: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Row losses and d loss / d row loss (float64), and the wanted gradients (emb's in
     float32 on the half-precision path, the weight's in its dtype; else in the compute
@@ -213,6 +216,9 @@ def _run_loss_cuda(
         raise ValueError("emb: embedding size is 0")
     if c == 0:
         raise ValueError("weight: has no classes (0 rows)")
+    if c % sub_centers:
+        raise ValueError(f"weight: has {c} rows, not a multiple of sub_centers = {sub_centers}")
+    classes = c // sub_centers
     valid = y >= 0
     row_weight = valid.to(torch.float64)
     if reduction == "mean":
@@ -234,7 +240,9 @@ def _run_loss_cuda(
         else _margin_block(tuple(margin), device)
     )
     workspace = torch.empty(
-        _core.cuda_head_workspace_bytes(b, c, d, name, need_weight, weight_dtype=weight_name),
+        _core.cuda_head_workspace_bytes(
+            b, c, d, name, need_weight, weight_dtype=weight_name, sub_centers=sub_centers
+        ),
         dtype=torch.uint8,
         device=device,
     )
@@ -257,26 +265,17 @@ def _run_loss_cuda(
         interclass_filter=interclass_filter,
         weight_dtype=weight_name,
         tf32=gemm == torch.float32 and _tf32_allowed(),
+        sub_centers=sub_centers,
     )
     if device.type != "cuda":  # the fake driver of the tests: host memory, nothing to wait for
-        error = _Flags(bad, y, c, captured=True).error("")
+        error = _Flags(bad, y, classes, captured=True).error("")
         if error is not None:
             raise error
     elif torch.cuda.is_current_stream_capturing():
-        _captured.append(_Flags(bad, y, c, captured=True))
+        _captured.append(_Flags(bad, y, classes, captured=True))
     else:
-        _pending.append(_Flags(bad, y, c, captured=False))
+        _pending.append(_Flags(bad, y, classes, captured=False))
     return row_loss, row_weight, g_emb, g_w
-
-
-def _one_centre_per_class(sub_centers: int) -> None:
-    """The CUDA kernels have one centre per class (arcface_rs.torch routes sub-centre heads
-    to the plain-PyTorch path before reaching them)."""
-    if sub_centers != 1:
-        raise ValueError(
-            "sub_centers: the fused CUDA kernels have one centre per class; arcface_rs.torch "
-            "runs sub-centre heads on CUDA tensors with plain PyTorch"
-        )
 
 
 def _like(g: Tensor | None, like: Tensor) -> Tensor:
@@ -297,7 +296,6 @@ def _loss_cuda(
     need_emb,
     need_weight,
 ):
-    _one_centre_per_class(sub_centers)
     dtype = _compute_dtype(emb, weight)
     fused = reduction != "none"
     rows, row_weight, g_emb, g_w = _run_loss_cuda(
@@ -310,6 +308,7 @@ def _loss_cuda(
         need_emb and fused,
         need_weight and fused,
         interclass_filter=interclass_filter,
+        sub_centers=sub_centers,
     )
     # the row weights are 1 (sum) or 1 / valid rows (mean), 0 on ignored rows
     out = rows.to(dtype) if reduction == "none" else (rows * row_weight).sum().to(dtype)
@@ -331,7 +330,6 @@ def _loss_backward_cuda(
     need_emb,
     need_weight,
 ):
-    _one_centre_per_class(sub_centers)
     rows = torch.broadcast_to(upstream.to(torch.float64), (emb.shape[0],)).contiguous()
     _, _, g_emb, g_w = _run_loss_cuda(
         emb,
@@ -344,5 +342,6 @@ def _loss_backward_cuda(
         need_weight,
         upstream=rows,
         interclass_filter=interclass_filter,
+        sub_centers=sub_centers,
     )
     return _like(g_emb, emb), _like(g_w, weight)

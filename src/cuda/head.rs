@@ -45,8 +45,11 @@ const WARP_ROWS_PER_BLOCK: usize = 8;
 #[derive(Clone, Copy, Debug)]
 pub struct HeadShape {
     pub b: usize,
+    /// Rows of the weight: classes × `k`.
     pub c: usize,
     pub d: usize,
+    /// Centres per class (sub-centres; 1 without): class j owns weight rows j·k .. j·k + k.
+    pub k: usize,
     /// The GEMM operands' type: F32 or F64 (the exact paths: embeddings, weight and both
     /// gradients all in it), or F16 / Bf16 (the half-precision path: float32 embeddings,
     /// float32 gradients, the weight in `weight`).
@@ -65,6 +68,7 @@ impl HeadShape {
             b,
             c,
             d,
+            k: 1,
             elem,
             weight: elem,
             tf32: false,
@@ -166,8 +170,15 @@ impl Plan {
     /// `stash_classes`: the classes a chunk's stash is sized for (C, or for one shard of a
     /// sharded head the largest shard's count, so that every shard cuts the rows alike).
     fn new(shape: HeadShape, want_weight: bool, tiling: Tiling, stash_classes: usize) -> Plan {
-        let HeadShape { b, c, d, elem, .. } = shape;
-        let tile = tiling.class_tile.max(1).min(c.max(1));
+        let HeadShape {
+            b, c, d, k, elem, ..
+        } = shape;
+        // whole classes per tile: a class's centres meet in one logits pass
+        let k = k.max(1);
+        let tile = (tiling.class_tile / k)
+            .max(1)
+            .saturating_mul(k)
+            .min(c.max(1));
         let stash_in_grad = want_weight && b <= d;
         let chunk_rows = if stash_in_grad {
             b
@@ -196,6 +207,8 @@ struct Scratch {
     norm_extra: u64,
     /// per row: the hard-negative rule (above, t, curricular)
     rules: u64,
+    /// per row (int32): the target class's closest centre (sub-centres)
+    target_sub: u64,
     norm_term: u64,
     lse: u64,
     pz: u64,
@@ -224,6 +237,7 @@ impl Scratch {
             target_dpsi: carver.take(b, 8),
             norm_extra: carver.take(3 * b, 8),
             rules: carver.take(3 * b, 8),
+            target_sub: carver.take(b, 4),
             norm_term: carver.take(b, 8),
             lse: carver.take(nr, 8),
             pz: carver.take(nr, 8),
@@ -365,10 +379,14 @@ fn fused(
     }
     shape.check()?;
     head.check()?;
-    if head.sub_centers != 1 {
+    let k = shape.k;
+    if head.sub_centers != k || c % k != 0 {
         return Err(Error::invalid(
             "sub_centers",
-            "the CUDA kernels have one centre per class; sub-centres run on the CPU core",
+            format!(
+                "{} centres per class for a weight of {c} rows, but the shape says {k}",
+                head.sub_centers
+            ),
         ));
     }
     let filter = head.interclass_filter.unwrap_or(f64::INFINITY);
@@ -393,7 +411,7 @@ fn fused(
         }
     };
     let (sfx, acc_sfx) = (elem.suffix(), acc.suffix());
-    let (bi, ci, di) = (b as i32, c as i32, d as i32);
+    let (bi, di) = (b as i32, d as i32);
     let kernel = |name: &str| format!("{name}_{sfx}");
     let weights_kernel = format!("weights_tile_{}_{sfx}", shape.weight.suffix());
     let weights_tile = |lo: usize, width: usize, copy: u64, w_inv: u64| {
@@ -452,7 +470,8 @@ fn fused(
             I32(half as i32),
             Ptr(buf.weight),
             Ptr(buf.labels),
-            I32(ci),
+            I32((c / k) as i32),
+            I32(k as i32),
             I32(shard.is_some() as i32),
             Ptr(row_scale),
             Ptr(s.norms),
@@ -469,6 +488,7 @@ fn fused(
             Ptr(s.target_dpsi),
             Ptr(s.norm_extra),
             Ptr(s.rules),
+            Ptr(s.target_sub),
             Ptr(buf.bad),
         ],
     )?;
@@ -551,10 +571,12 @@ fn fused(
                     I32(ri),
                     I32(width as i32),
                     I32(lo as i32),
+                    I32(k as i32),
                     Ptr(at(s.w_inv, lo, asz)),
                     Ptr(scale),
                     Ptr(labels),
                     Ptr(target_logit),
+                    Ptr(at(s.target_sub, start, 4)),
                     Ptr(at(s.rules, start * 3, 8)),
                     F64(filter),
                     Ptr(at(s.tile_max, t * rows, asz)),
@@ -634,6 +656,7 @@ fn fused(
                     I32(ri),
                     I32(width as i32),
                     I32(lo as i32),
+                    I32(k as i32),
                     Ptr(at(s.tile_max, t * rows, asz)),
                     Ptr(s.lse),
                     Ptr(row_weight),
@@ -642,6 +665,7 @@ fn fused(
                     Ptr(labels),
                     Ptr(target_logit),
                     Ptr(at(s.target_dpsi, start, 8)),
+                    Ptr(at(s.target_sub, start, 4)),
                 ],
             )?;
             if want_emb {

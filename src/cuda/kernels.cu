@@ -312,10 +312,11 @@ __device__ void weights_tile(const W* w, S* copy, A* w_inv, int rows, int d, int
 // curricular; above = +inf: none).
 template <typename XH, typename W, typename A>
 __device__ void targets(const XH* xh, int raw_x, const W* weight, const long long* labels,
-                        int classes, int sharded, const double* row_scale, const double* norms,
-                        int rows, int d, const double* margins, int margin_stride,
-                        const double* target_cos, double* target_logit, double* target_dpsi,
-                        double* norm_extra, double* rules, int* bad) {
+                        int classes, int k, int sharded, const double* row_scale,
+                        const double* norms, int rows, int d, const double* margins,
+                        int margin_stride, const double* target_cos, double* target_logit,
+                        double* target_dpsi, double* norm_extra, double* rules, int* target_sub,
+                        int* bad) {
     __shared__ double shared[32];
     int r = blockIdx.x;
     if (r >= rows) return;
@@ -327,6 +328,7 @@ __device__ void targets(const XH* xh, int raw_x, const W* weight, const long lon
     }
     if (y < 0) {
         if (threadIdx.x == 0) {
+            target_sub[r] = 0;
             target_logit[r] = 0.0;
             target_dpsi[r] = 0.0;
             norm_extra[3 * r] = norm_extra[3 * r + 1] = norm_extra[3 * r + 2] = 0.0;
@@ -343,13 +345,20 @@ __device__ void targets(const XH* xh, int raw_x, const W* weight, const long lon
         }
         return;
     }
-    const W* w = weight + y * d;
-    double dot = row_dot(xh + (long long)r * d, w, d, shared);
-    double ww = row_dot(w, w, d, shared);
+    // the class's cosine: its closest centre's (the first of equals), as head.rs takes it
+    double c = -INFINITY;
+    int sub = 0;
+    for (int a = 0; a < k; ++a) {
+        const W* w = weight + (y * k + a) * d;
+        double dot = row_dot(xh + (long long)r * d, w, d, shared);
+        double ww = row_dot(w, w, d, shared);
+        double ca = dot / sqrt(ww);
+        if (raw_x) ca /= norms[r];
+        if (!isfinite(ca)) ca = 0.0;
+        if (ca > c) { c = ca; sub = a; }
+    }
     if (threadIdx.x == 0) {
-        double c = dot / sqrt(ww);
-        if (raw_x) c /= norms[r];
-        if (!isfinite(c)) c = 0.0;
+        target_sub[r] = sub;
         const double* p = margins + (long long)r * margin_stride;
         double psi, dpsi, dnorm;
         psi_dpsi(p, c, norms[r], &psi, &dpsi, &dnorm);
@@ -361,17 +370,33 @@ __device__ void targets(const XH* xh, int raw_x, const W* weight, const long lon
     }
 }
 
-// One block per row of a tile of raw dot products x̂·w_j (cuBLAS, type Z): c = clamp(dot *
-// inv_j), z = scale * h(c) under the row's non-target rule (`rules`, `filter`; h(c) = c for
-// plain heads), the target logit in its column; the tile's row statistics (max, Σe, Σe·z)
-// go to stats[row * 3 ..] and the stash (type S; the same memory as z on the float32 and
-// float64 paths) gets e h'(c), e = exp(z - tile max), so that grad_tile needs one multiply
-// (head.rs stashes the same). Elements are computed in A (each thread's sums too: at most
-// ct / blockDim.x terms), the block's sums in float64.
+// One block per row of a tile of raw dot products x̂·w (cuBLAS, type Z) over the weight rows
+// lo.. lo + ct, k per class (sub-centres; k = 1 without): a class's cosine is its closest
+// centre's (the first of equals; the target class's is `target_sub`'s, the centre its
+// logit was computed from), c = clamp(dot * inv), z = scale * h(c) under the row's
+// non-target rule (`rules`, `filter`; h(c) = c for plain heads), the target logit for the
+// target class; the tile's row statistics over classes (max, Σe, Σe·z) go to stats[row * 3
+// ..] and the stash (type S, one entry per centre; the same memory as z on the float32 and
+// float64 paths) gets e h'(c), e = exp(z - tile max), on the class's chosen centre and 0 on
+// its others, so that grad_tile needs one multiply (head.rs stashes the same). Elements are
+// computed in A (each thread's sums too: at most ct / blockDim.x terms), the block's sums in
+// float64.
 template <typename Z, typename A>
-__device__ A tile_logit(const Z* row, int j, const A* w_inv, A scale, A filter, A above, A t,
-                        bool curricular, int target, A target_logit, A* dh) {
-    A c = (A)widen(row[j]) * w_inv[j];
+__device__ A tile_logit(const Z* row, int j, int k, const A* w_inv, A scale, A filter, A above,
+                        A t, bool curricular, int target, int target_sub, A target_logit,
+                        A* dh, int* arg) {
+    int first = j * k;
+    A c = (A)widen(row[first]) * w_inv[first];
+    *arg = 0;
+    if (j == target) {
+        *arg = target_sub;
+        c = (A)widen(row[first + target_sub]) * w_inv[first + target_sub];
+    } else {
+        for (int a = 1; a < k; ++a) {
+            A ca = (A)widen(row[first + a]) * w_inv[first + a];
+            if (ca > c) { c = ca; *arg = a; }
+        }
+    }
     c = c > (A)1 ? (A)1 : (c < (A)-1 ? (A)-1 : c);
     A h;
     nontarget(c, filter, above, t, curricular, &h, dh);
@@ -379,10 +404,10 @@ __device__ A tile_logit(const Z* row, int j, const A* w_inv, A scale, A filter, 
 }
 
 template <typename Z, typename S, typename A>
-__device__ void logits_tile(const Z* z, S* stash, int rows, int ct, int lo, const A* w_inv,
-                            const double* row_scale, const long long* labels,
-                            const double* target_logit, const double* rules, double filter,
-                            A* tile_max, double* stats) {
+__device__ void logits_tile(const Z* z, S* stash, int rows, int ct, int lo, int k,
+                            const A* w_inv, const double* row_scale, const long long* labels,
+                            const double* target_logit, const int* target_sub,
+                            const double* rules, double filter, A* tile_max, double* stats) {
     __shared__ double shared[32];
     int r = blockIdx.x;
     if (r >= rows) return;
@@ -393,22 +418,27 @@ __device__ void logits_tile(const Z* z, S* stash, int rows, int ct, int lo, cons
     A above = (A)rule[0], t = (A)rule[1];
     bool curricular = rule[2] != 0.0;
     long long y = labels[r];
-    int target = (y >= lo && y < (long long)lo + ct) ? (int)(y - lo) : -1;
+    int classes = ct / k, class_lo = lo / k;
+    int target = (y >= class_lo && y < (long long)class_lo + classes) ? (int)(y - class_lo) : -1;
+    int sub = target_sub[r];
     A tl = (A)target_logit[r];
     A m = (A)-INFINITY, dh;
+    int arg;
 #pragma unroll 4
-    for (int j = threadIdx.x; j < ct; j += blockDim.x)
-        m = amax(m, tile_logit(row, j, w_inv, scale, f, above, t, curricular, target, tl, &dh));
+    for (int j = threadIdx.x; j < classes; j += blockDim.x)
+        m = amax(m, tile_logit(row, j, k, w_inv, scale, f, above, t, curricular, target, sub, tl,
+                               &dh, &arg));
     m = (A)block_max((double)m, shared);
     A s = (A)0, sz = (A)0;
 #pragma unroll 4
-    for (int j = threadIdx.x; j < ct; j += blockDim.x) {
-        // the same thread recomputes its own elements: row[j] still holds the dot product
-        A v = tile_logit(row, j, w_inv, scale, f, above, t, curricular, target, tl, &dh);
+    for (int j = threadIdx.x; j < classes; j += blockDim.x) {
+        // the same thread recomputes its own elements: row[j] still holds the dot products
+        A v = tile_logit(row, j, k, w_inv, scale, f, above, t, curricular, target, sub, tl, &dh,
+                         &arg);
         A e = aexp(v - m);
         s += e;
         sz += e * v;
-        put(out + j, e * dh);
+        for (int a = 0; a < k; ++a) put(out + j * k + a, a == arg ? e * dh : (A)0);
     }
     double sum = block_sum((double)s, shared);
     double sum_z = block_sum((double)sz, shared);
@@ -494,10 +524,10 @@ extern "C" __global__ void row_losses(const double* lse, const double* pz,
 // p = e * exp(tile_max - lse); the target column gets (p - 1) psi' in float64 (written by
 // the thread that wrote that column, after it).
 template <typename S, typename A>
-__device__ void grad_tile(const S* e, S* g, int rows, int ct, int lo, const A* tile_max,
+__device__ void grad_tile(const S* e, S* g, int rows, int ct, int lo, int k, const A* tile_max,
                           const double* lse, const double* row_weight, const double* row_scale,
                           const A* w_inv, const long long* labels, const double* target_logit,
-                          const double* target_dpsi) {
+                          const double* target_dpsi, const int* target_sub) {
     int r = blockIdx.x;
     if (r >= rows) return;
     const S* erow = e + (long long)r * ct;
@@ -507,8 +537,11 @@ __device__ void grad_tile(const S* e, S* g, int rows, int ct, int lo, const A* t
         for (int j = threadIdx.x; j < ct; j += blockDim.x) put(grow + j, (A)0);
         return;
     }
-    long long y = labels[r];
-    int target = (y >= lo && y < (long long)lo + ct) ? (int)(y - lo) : -1;
+    // the target's column: its class's chosen centre
+    long long y = labels[r], class_lo = lo / k;
+    int target = (y >= class_lo && y < class_lo + ct / k)
+                     ? (int)(y - class_lo) * k + target_sub[r]
+                     : -1;
     A coef = (A)(weight * row_scale[r] * exp((double)tile_max[r] - lse[r]));
 #pragma unroll 4
     for (int j = threadIdx.x; j < ct; j += blockDim.x)
@@ -571,35 +604,35 @@ __device__ void finish_grad_emb(T* dxhat, const T* x, const double* norms,
                                                   int d, int* bad) {                           \
         normalize_rows<X, S>(x, xhat, norms, rows, d, bad);                                     \
     }                                                                                          \
-    extern "C" __global__ void logits_tile_##N(const A* z, S* stash, int rows, int ct, int lo, \
-                                               const A* w_inv, const double* row_scale,        \
-                                               const long long* labels,                        \
-                                               const double* target_logit,                     \
-                                               const double* rules, double filter,             \
-                                               A* tile_max, double* stats) {                   \
-        logits_tile<A, S, A>(z, stash, rows, ct, lo, w_inv, row_scale, labels, target_logit,   \
-                             rules, filter, tile_max, stats);                                  \
+    extern "C" __global__ void logits_tile_##N(                                                \
+        const A* z, S* stash, int rows, int ct, int lo, int k, const A* w_inv,                 \
+        const double* row_scale, const long long* labels, const double* target_logit,          \
+        const int* target_sub, const double* rules, double filter, A* tile_max,                \
+        double* stats) {                                                                       \
+        logits_tile<A, S, A>(z, stash, rows, ct, lo, k, w_inv, row_scale, labels, target_logit, \
+                             target_sub, rules, filter, tile_max, stats);                      \
     }                                                                                          \
     extern "C" __global__ void grad_tile_##N(                                                  \
-        const S* e, S* g, int rows, int ct, int lo, const A* tile_max, const double* lse,      \
-        const double* row_weight, const double* row_scale, const A* w_inv,                     \
-        const long long* labels, const double* target_logit, const double* target_dpsi) {      \
-        grad_tile<S, A>(e, g, rows, ct, lo, tile_max, lse, row_weight, row_scale, w_inv,       \
-                        labels, target_logit, target_dpsi);                                    \
+        const S* e, S* g, int rows, int ct, int lo, int k, const A* tile_max,                  \
+        const double* lse, const double* row_weight, const double* row_scale, const A* w_inv,  \
+        const long long* labels, const double* target_logit, const double* target_dpsi,        \
+        const int* target_sub) {                                                               \
+        grad_tile<S, A>(e, g, rows, ct, lo, k, tile_max, lse, row_weight, row_scale, w_inv,    \
+                        labels, target_logit, target_dpsi, target_sub);                        \
     }                                                                                          \
 
 
 // targets_<weight>: x̂ (or x) in X, the weight in W.
 #define ENTRY_TARGETS(X, W, A, N)                                                              \
     extern "C" __global__ void targets_##N(                                                    \
-        const X* xh, int raw_x, const W* weight, const long long* labels, int classes,         \
+        const X* xh, int raw_x, const W* weight, const long long* labels, int classes, int k,  \
         int sharded, const double* row_scale, const double* norms, int rows, int d,            \
         const double* margins, int margin_stride, const double* target_cos,                   \
         double* target_logit, double* target_dpsi, double* norm_extra, double* rules,          \
-        int* bad) {                                                                            \
-        targets<X, W, A>(xh, raw_x, weight, labels, classes, sharded, row_scale, norms, rows,  \
-                         d, margins, margin_stride, target_cos, target_logit, target_dpsi,     \
-                         norm_extra, rules, bad);                                              \
+        int* target_sub, int* bad) {                                                           \
+        targets<X, W, A>(xh, raw_x, weight, labels, classes, k, sharded, row_scale, norms,     \
+                         rows, d, margins, margin_stride, target_cos, target_logit,            \
+                         target_dpsi, norm_extra, rules, target_sub, bad);                     \
     }
 
 #define ENTRY_WEIGHTS(W, S, A, N)                                                              \

@@ -107,7 +107,10 @@ fn emulate<T: Real>(
     } else {
         Elem::F32
     };
-    let shape = HeadShape::exact(b, c, d, elem);
+    let shape = HeadShape {
+        k: filter.sub_centers,
+        ..HeadShape::exact(b, c, d, elem)
+    };
     let mut row_loss = vec![f64::NAN; b];
     // garbage in the outputs must not leak into the results
     let mut grad_emb = Array2::from_elem((b, d), T::of(f64::NAN));
@@ -206,7 +209,8 @@ fn check_with<T: Real>(
 ) {
     let emb = matrix::<T>(1 + b as u64, b, d).mapv(|v| v * T::of(3.0));
     let weight = matrix::<T>(2 + c as u64, c, d);
-    let mut labels: Vec<i64> = (0..b).map(|i| ((i * 7 + 3) % c) as i64).collect();
+    let classes = c / head.sub_centers;
+    let mut labels: Vec<i64> = (0..b).map(|i| ((i * 7 + 3) % classes) as i64).collect();
     labels[b / 2] = -1;
     let up: Vec<f64> = noise(5, b).iter().map(|v| 1.5 + v).collect();
     let row_weight: Vec<f64> = labels
@@ -330,6 +334,37 @@ fn head_equals_the_cpu_head_with_interclass_filtering() {
     };
     let err = head::margin_loss(Emulator::get(), shape, &arc, k2, &buffers, tiling).unwrap_err();
     assert_eq!(err.arg, "sub_centers");
+}
+
+#[test]
+fn head_equals_the_cpu_head_with_sub_centres() {
+    // a class's cosine is its closest centre's; only that centre gets a gradient. Tiles of 7
+    // weight rows round down to whole classes (6 rows for K = 2 and 3); B <= D keeps the
+    // stash in dW, B > D cuts rows into chunks.
+    let arc = Margin::arcface(32.0, 0.5, false).unwrap();
+    let curricular = Margin::curricularface(30.0, 0.5, 0.4).unwrap();
+    for k in [2, 3] {
+        for filter in [None, Some(0.05)] {
+            let head = HeadOptions {
+                sub_centers: k,
+                interclass_filter: filter,
+            };
+            for margin in [&arc, &curricular] {
+                for (b, d, budget) in [(5, 8, 1 << 20), (11, 4, 3 * 12 * 3 * 8)] {
+                    let tiling = Tiling {
+                        class_tile: 7,
+                        stash_budget_bytes: budget,
+                    };
+                    check_with::<f64>(b, 12 * k, d, margin.into(), head, tiling, 1e-10);
+                }
+                let tiling = Tiling {
+                    class_tile: 7,
+                    stash_budget_bytes: 1 << 20,
+                };
+                check_with::<f32>(5, 12 * k, 8, margin.into(), head, tiling, 2e-4);
+            }
+        }
+    }
 }
 
 #[test]
@@ -852,6 +887,7 @@ fn emulate_half(
         b,
         c,
         d,
+        k: 1,
         elem,
         weight: if weight_f32 { Elem::F32 } else { elem },
         tf32: false,

@@ -41,7 +41,7 @@ fn cuda_elem(name: &str, dtype: &str) -> PyResult<crate::cuda::device::Elem> {
 /// `weight_dtype` the weight's (None: `dtype`), `tf32` float32 GEMMs as TF32.
 #[cfg(feature = "cuda")]
 fn cuda_shape(
-    (b, c, d): (usize, usize, usize),
+    (b, c, d, k): (usize, usize, usize, usize),
     dtype: &str,
     weight_dtype: Option<&str>,
     tf32: bool,
@@ -52,6 +52,7 @@ fn cuda_shape(
         b,
         c,
         d,
+        k,
         elem,
         weight,
         tf32,
@@ -71,8 +72,10 @@ pub(super) fn no_cuda_feature() -> PyErr {
 /// Bytes of device workspace `cuda_margin_loss` needs for B rows, C classes, D dims (for one
 /// shard of a sharded head, C is the shard's and `stash_classes` the largest shard's).
 #[pyfunction]
+#[allow(clippy::too_many_arguments)] // Python's keyword arguments
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-#[pyo3(signature = (b, c, d, dtype, grad_weight, stash_classes=None, weight_dtype=None))]
+#[pyo3(signature = (b, c, d, dtype, grad_weight, stash_classes=None, weight_dtype=None,
+        sub_centers=1))]
 pub(super) fn cuda_head_workspace_bytes(
     b: usize,
     c: usize,
@@ -81,11 +84,12 @@ pub(super) fn cuda_head_workspace_bytes(
     grad_weight: bool,
     stash_classes: Option<usize>,
     weight_dtype: Option<&str>,
+    sub_centers: usize,
 ) -> PyResult<usize> {
     #[cfg(feature = "cuda")]
     {
         use crate::cuda::head::{workspace_bytes_shard, Tiling};
-        let shape = cuda_shape((b, c, d), dtype, weight_dtype, false)?;
+        let shape = cuda_shape((b, c, d, sub_centers), dtype, weight_dtype, false)?;
         let stash_classes = stash_classes.unwrap_or(c);
         Ok(workspace_bytes_shard(
             shape,
@@ -109,8 +113,9 @@ pub(super) fn cuda_head_workspace_bytes(
 /// block) or, with `per_row_margins`, B blocks of margins of `margin`'s kind and scale.
 /// `dtype` is the GEMM operands' type ('float32', 'float64', or 'bfloat16' / 'float16' for
 /// the half-precision path: float32 emb and gradients, a `weight_dtype` weight); `tf32` runs
-/// float32 GEMMs as TF32. `bad` ((3,) int32, zeroed by the caller) is raised, never read:
-/// nothing here waits for the GPU.
+/// float32 GEMMs as TF32; `sub_centers` centres per class (c is then classes × that).
+/// `bad` ((3,) int32, zeroed by the caller) is raised, never read: nothing here waits for
+/// the GPU.
 ///
 /// One shard of a sharded head (`cuda::head::ShardHooks`) when `combine` is given:
 /// `combine(first_row, rows)` must queue on the stream the merge of those rows of `parts`
@@ -122,7 +127,8 @@ pub(super) fn cuda_head_workspace_bytes(
 #[pyo3(name = "_cuda_margin_loss", signature = (device, stream, b, c, d, dtype, margin,
         margins, per_row_margins, emb, weight, labels, row_weight, row_loss, grad_emb,
         grad_weight, bad, workspace, interclass_filter=None, combine=None, first_shard=true,
-        stash_classes=None, parts=0, target_cos=0, weight_dtype=None, tf32=false))]
+        stash_classes=None, parts=0, target_cos=0, weight_dtype=None, tf32=false,
+        sub_centers=1))]
 pub(super) fn cuda_margin_loss(
     py: Python<'_>,
     device: usize,
@@ -151,11 +157,12 @@ pub(super) fn cuda_margin_loss(
     target_cos: u64,
     weight_dtype: Option<&str>,
     tf32: bool,
+    sub_centers: usize,
 ) -> PyResult<()> {
     #[cfg(feature = "cuda")]
     {
         use crate::cuda::head::{margin_loss, margin_loss_shard, HeadBuffers, Tiling};
-        let shape = cuda_shape((b, c, d), dtype, weight_dtype, tf32)?;
+        let shape = cuda_shape((b, c, d, sub_centers), dtype, weight_dtype, tf32)?;
         if b == 0 || c == 0 || d == 0 {
             return Err(pyo3::exceptions::PyValueError::new_err(format!(
                 "shape: b, c and d must be >= 1, got ({b}, {c}, {d})"
@@ -170,7 +177,12 @@ pub(super) fn cuda_margin_loss(
             ("margins", margins, 8, true),
             ("row_loss", row_loss, 8, true),
             ("grad_emb", grad_emb, real, false),
-            ("grad_weight", grad_weight, shape.weight.size() as u64, false),
+            (
+                "grad_weight",
+                grad_weight,
+                shape.weight.size() as u64,
+                false,
+            ),
             ("bad", bad, 4, true),
             ("parts", parts, 8, combine.is_some()),
             ("target_cos", target_cos, 8, false),
@@ -196,7 +208,7 @@ pub(super) fn cuda_margin_loss(
         };
         let margin = margin.0;
         let head = crate::head::HeadOptions {
-            sub_centers: 1,
+            sub_centers,
             interclass_filter,
         };
         // An exception raised by `combine` is kept and re-raised as it was.

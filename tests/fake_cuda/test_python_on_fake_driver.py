@@ -112,8 +112,12 @@ def test_hard_negatives_and_the_filter_through_the_real_launch(
     args = (emb, weight, labels, kind, params, 1, interclass_filter, None, "mean", True, True)
     for g, w in zip(tcuda._loss_cuda(*args), tops._loss_op(*args)):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
-    with pytest.raises(ValueError, match="sub_centers"):
-        tcuda._loss_cuda(emb, weight, labels, kind, params, 2, None, None, "mean", True, True)
+    # sub-centres: 30 rows, 10 classes of 3 centres
+    args = (emb, weight, labels % 10, kind, params, 3, interclass_filter, None, "mean", True, True)
+    for g, w in zip(tcuda._loss_cuda(*args), tops._loss_op(*args)):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="not a multiple of sub_centers = 4"):
+        tcuda._loss_cuda(emb, weight, labels % 7, kind, params, 4, None, None, "mean", True, True)
 
 
 @pytest.mark.parametrize(
