@@ -4,7 +4,7 @@
 // tiles, dL/dcos, the normalisation Jacobians, and the per-query top-k of score tiles.
 //
 // Layouts are row-major. A class tile holds `ct` columns starting at class `lo`; `labels`
-// are int64 with -1 for ignored rows. The math mirrors margin.rs and head.rs exactly.
+// are int64 with -1 for ignored rows. The math mirrors margin.rs and head/ exactly.
 
 #define PI_D 3.141592653589793
 #define THETA_EPS 1e-3
@@ -345,7 +345,7 @@ __device__ void targets(const XH* xh, int raw_x, const W* weight, const long lon
         }
         return;
     }
-    // the class's cosine: its closest centre's (the first of equals), as head.rs takes it
+    // the class's cosine: its closest centre's (the first of equals), as head/prepare.rs takes it
     double c = -INFINITY;
     int sub = 0;
     for (int a = 0; a < k; ++a) {
@@ -378,7 +378,7 @@ __device__ void targets(const XH* xh, int raw_x, const W* weight, const long lon
 // target class; the tile's row statistics over classes (max, Σe, Σe·z) go to stats[row * 3
 // ..] and the stash (type S, one entry per centre; the same memory as z on the float32 and
 // float64 paths) gets e h'(c), e = exp(z - tile max), on the class's chosen centre and 0 on
-// its others, so that grad_tile needs one multiply (head.rs stashes the same). Elements are
+// its others, so that grad_tile needs one multiply (head/tiles.rs stashes the same). Elements are
 // computed in A (each thread's sums too: at most ct / blockDim.x terms), the block's sums in
 // float64.
 template <typename Z, typename A>
@@ -457,7 +457,7 @@ extern "C" __global__ void fill_f64(double* out, double v, int n) {
 }
 
 // One thread per row: the tiles' statistics merged into the row's part over this set of
-// classes, parts[4r..4r+4] = [max, Σe, Σe·z, target logit] (head.rs's RowPart); a sharded
+// classes, parts[4r..4r+4] = [max, Σe, Σe·z, target logit] (head/shard.rs RowPart); a sharded
 // head merges the shards' parts between this kernel and finish_stats.
 extern "C" __global__ void merge_stats(const double* stats, int tiles, int rows,
                                        const double* target_logit, double* parts) {
