@@ -5,7 +5,7 @@
 //! matrixmultiply through ndarray, as before. matrixmultiply 0.3.11 has an AVX-512 kernel
 //! of its own (16×16); the one here (12×32, panels packed with in-register transposes) is
 //! faster on the head's forward shape and close on the two backward ones (benches/
-//! bench_gemm.py; README "Performance").
+//! bench_gemm.py; benches/README.md).
 //!
 //! Every call is single-threaded: the callers already run one GEMM per class tile (or
 //! gallery tile) on each rayon thread.

@@ -410,7 +410,7 @@ def test_a_refused_call_leaves_curricularface_t_as_it_was():
 
 @pytest.mark.parametrize("scale", [1e-300, 1e-160, 1e160, 1e300])
 def test_curricularface_t_and_loss_follow_the_rescaled_rows(scale):
-    """The README's promise: any finite non-zero row gives the loss of the rescaled row;
+    """docs/heads.md promises: any finite non-zero row gives the loss of the rescaled row;
     t used to come out 0 from norms that overflowed or underflowed."""
     emb, weight, labels = _problem(seed=41, spread=1.0)
     plain, scaled = afr.CurricularFace(t=0.1), afr.CurricularFace(t=0.1)
