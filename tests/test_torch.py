@@ -346,3 +346,47 @@ def test_heads_take_reduction_device_and_dtype_as_keywords():
         head = cls(embedding_size=4, num_classes=3, reduction="sum", dtype=torch.float64)
         assert head.weight.dtype == torch.float64 and head.reduction == "sum"
         assert head.weight.device.type == "cpu"
+
+
+def test_margin_head_takes_any_margin_and_the_named_heads_are_it():
+    torch.manual_seed(0)
+    emb, labels = torch.randn(6, 8, dtype=torch.float64), torch.tensor([0, 3, 9, -1, 2, 3])
+    for margin, named in (
+        (afr.ArcFace(m=0.4), aft.ArcFaceHead(8, 10, m=0.4, dtype=torch.float64)),
+        (afr.CosFace(s=30.0), aft.CosFaceHead(8, 10, s=30.0, dtype=torch.float64)),
+        (afr.CurricularFace(t=0.2), aft.CurricularFaceHead(8, 10, t=0.2, dtype=torch.float64)),
+    ):
+        head = aft.MarginHead(8, 10, margin, dtype=torch.float64, reduction="sum")
+        named.reduction = "sum"
+        with torch.no_grad():
+            named.weight.copy_(head.weight)
+        assert isinstance(named, aft.MarginHead) and repr(named.margin) == repr(margin)
+        torch.testing.assert_close(head(emb, labels), named(emb, labels), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="margin"):
+        aft.MarginHead(8, 10, "arcface")
+    with pytest.raises(TypeError):  # the head's keywords come by name
+        aft.MarginHead(8, 10, afr.ArcFace(), "sum")
+
+
+def test_named_heads_take_their_margin_s_keywords_and_defaults_from_the_margin_class():
+    # defaults are written once, on the margin classes: the heads' signatures show them
+    import inspect
+
+    for head, margin in (
+        (aft.ArcFaceHead, afr.ArcFace),
+        (aft.SphereFaceHead, afr.SphereFace),
+        (aft.AdaFaceHead, afr.AdaFace),
+        (aft.MVSoftmaxHead, afr.MVSoftmax),
+    ):
+        theirs = inspect.signature(margin).parameters
+        ours = list(inspect.signature(head).parameters.values())
+        assert [p.name for p in ours[:2]] == ["embedding_size", "num_classes"]
+        for p in ours[2 : 2 + len(theirs)]:
+            assert theirs[p.name].default == p.default
+        assert [p.name for p in ours[-6:]] == list(aft.HEAD_KEYWORDS)
+    # positionally, in the order they had: margin keywords, then reduction and the rest
+    head = aft.ArcFaceHead(8, 10, 30.0, 0.4, False, "exact", "sum", None, torch.float64)
+    assert (head.margin.s, head.margin.m, head.reduction) == (30.0, 0.4, "sum")
+    assert head.weight.dtype == torch.float64
+    with pytest.raises(TypeError):
+        aft.ArcFaceHead(8, 10, bogus=1)

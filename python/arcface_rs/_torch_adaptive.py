@@ -10,12 +10,12 @@ import torch
 from torch import Tensor
 
 from ._margins import AdaFace, ElasticFace, MagFace
-from .torch import _check, _MarginHead
+from .torch import MarginHead, _check
 
 __all__ = ["AdaFaceHead", "ElasticFaceHead", "MagFaceHead"]
 
 
-class AdaFaceHead(_MarginHead):
+class AdaFaceHead(MarginHead, margin=AdaFace):
     """AdaFace head: the margin adapts to each row's feature norm (image quality).
 
     The running statistics ``batch_mean`` and ``batch_std`` are float64 buffers (saved in
@@ -25,54 +25,21 @@ class AdaFaceHead(_MarginHead):
 
     Parameters
     ----------
-    embedding_size, num_classes : int
-        The shape (num_classes, embedding_size) of ``weight``, initialised N(0, 0.01).
     s, m, h, t_alpha, batch_mean, batch_std
         As for :class:`arcface_rs.AdaFace` (the last two: the buffers' initial values).
-    reduction : {"mean", "sum", "none"}
-        Over the rows whose label is not -1.
-    device, dtype
-        Of ``weight``.
-    sub_centers, interclass_filter, grad_filter
-        Centres per class, the inter-class filter and the gradient filter (see
-        :func:`arcface_rs.margin_loss`).
+    embedding_size, num_classes, **keywords
+        As for :class:`arcface_rs.torch.MarginHead` (reduction, device, dtype,
+        sub_centers, interclass_filter, grad_filter).
     """
 
     batch_mean: Tensor
     batch_std: Tensor
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        s: float = 64.0,
-        m: float = 0.4,
-        h: float = 0.333,
-        t_alpha: float = 0.01,
-        batch_mean: float = 20.0,
-        batch_std: float = 100.0,
-        reduction: str = "mean",
-        device: Any = None,
-        dtype: Any = None,
-        sub_centers: int = 1,
-        interclass_filter: float | None = None,
-        grad_filter: str | float | None = None,
-    ) -> None:
-        margin = AdaFace(s=s, m=m, h=h, t_alpha=t_alpha, batch_mean=batch_mean, batch_std=batch_std)
-        super().__init__(
-            embedding_size,
-            num_classes,
-            reduction,
-            device,
-            dtype,
-            sub_centers,
-            interclass_filter,
-            grad_filter,
-        )
-        self.margin = margin
-        stats = {"dtype": torch.float64, "device": device}
-        self.register_buffer("batch_mean", torch.full((), float(batch_mean), **stats))
-        self.register_buffer("batch_std", torch.full((), float(batch_std), **stats))
+    def _set_up(self) -> None:
+        # the running statistics start from the margin's
+        stats = {"dtype": torch.float64, "device": self.weight.device}
+        self.register_buffer("batch_mean", torch.full((), float(self.margin.batch_mean), **stats))
+        self.register_buffer("batch_std", torch.full((), float(self.margin.batch_std), **stats))
 
     def margin_scaler(self, emb: Tensor) -> Tensor:
         """z_i of each row of ``emb`` with the current statistics (no update)."""
@@ -124,14 +91,12 @@ class AdaFaceHead(_MarginHead):
         return self._logits_with_rows(emb, labels, self._row_blocks(emb, *self.stats))
 
 
-class MagFaceHead(_MarginHead):
+class MagFaceHead(MarginHead, margin=MagFace):
     """MagFace head: ArcFace whose margin grows with the feature norm, with the norm
     regulariser in the loss (both, and their gradients, in the fused kernel).
 
     Parameters
     ----------
-    embedding_size, num_classes : int
-        The shape (num_classes, embedding_size) of ``weight``, initialised N(0, 0.01).
     s, l_a, u_a, l_m, u_m, lambda_g, easy_margin
         As for :class:`arcface_rs.MagFace`.
     reduction : {"mean", "sum", "none"}
@@ -143,86 +108,19 @@ class MagFaceHead(_MarginHead):
         :func:`arcface_rs.margin_loss`).
     """
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        s: float = 64.0,
-        l_a: float = 10.0,
-        u_a: float = 110.0,
-        l_m: float = 0.45,
-        u_m: float = 0.8,
-        lambda_g: float = 35.0,
-        easy_margin: bool = True,
-        reduction: str = "mean",
-        device: Any = None,
-        dtype: Any = None,
-        sub_centers: int = 1,
-        interclass_filter: float | None = None,
-        grad_filter: str | float | None = None,
-    ) -> None:
-        margin = MagFace(s, l_a, u_a, l_m, u_m, lambda_g, easy_margin)
-        super().__init__(
-            embedding_size,
-            num_classes,
-            reduction,
-            device,
-            dtype,
-            sub_centers,
-            interclass_filter,
-            grad_filter,
-        )
-        self.margin = margin
 
-
-class ElasticFaceHead(_MarginHead):
+class ElasticFaceHead(MarginHead, margin=ElasticFace):
     """ElasticFace head: a margin drawn per row and per step (see
     :class:`arcface_rs.ElasticFace`; the draws are made on the host, from ``seed``).
 
     Parameters
     ----------
-    embedding_size, num_classes : int
-        The shape (num_classes, embedding_size) of ``weight``, initialised N(0, 0.01).
     s, m, std, kind, plus, seed
         As for :class:`arcface_rs.ElasticFace`.
-    reduction : {"mean", "sum", "none"}
-        Over the rows whose label is not -1.
-    device, dtype
-        Of ``weight``.
-    sub_centers, interclass_filter, grad_filter
-        Centres per class, the inter-class filter and the gradient filter (see
-        :func:`arcface_rs.margin_loss`).
+    embedding_size, num_classes, **keywords
+        As for :class:`arcface_rs.torch.MarginHead` (reduction, device, dtype,
+        sub_centers, interclass_filter, grad_filter).
     """
-
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        s: float = 64.0,
-        m: float = 0.5,
-        std: float = 0.0125,
-        kind: str = "arc",
-        plus: bool = False,
-        seed: int | None = None,
-        reduction: str = "mean",
-        device: Any = None,
-        dtype: Any = None,
-        sub_centers: int = 1,
-        interclass_filter: float | None = None,
-        grad_filter: str | float | None = None,
-    ) -> None:
-        margin = ElasticFace(s=s, m=m, std=std, kind=kind, plus=plus, seed=seed)
-        super().__init__(
-            embedding_size,
-            num_classes,
-            reduction,
-            device,
-            dtype,
-            sub_centers,
-            interclass_filter,
-            grad_filter,
-        )
-        self.margin = margin
 
     def get_extra_state(self) -> dict[str, Any]:
         """The draws' position, saved in the state_dict: a resumed run continues the

@@ -4,19 +4,17 @@ MV-Softmax. The non-target rule runs inside the fused kernel's tiles. Re-exporte
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from ._margins import CurricularFace, MVSoftmax
 from ._torch_ops import unit_rows
-from .torch import _check, _MarginHead
+from .torch import MarginHead, _check
 
 __all__ = ["CurricularFaceHead", "MVSoftmaxHead"]
 
 
-class CurricularFaceHead(_MarginHead):
+class CurricularFaceHead(MarginHead, margin=CurricularFace):
     """CurricularFace head: ArcFace's target, and hard negatives ``c (t + c)`` whose weight
     grows with t, the running mean of the target cosines.
 
@@ -28,49 +26,18 @@ class CurricularFaceHead(_MarginHead):
 
     Parameters
     ----------
-    embedding_size, num_classes : int
-        The shape (num_classes, embedding_size) of ``weight``, initialised N(0, 0.01).
     s, m, alpha, t
         As for :class:`arcface_rs.CurricularFace` (``t``: the buffer's initial value).
-    reduction : {"mean", "sum", "none"}
-        Over the rows whose label is not -1.
-    device, dtype
-        Of ``weight``.
-    sub_centers, interclass_filter, grad_filter
-        Centres per class, the inter-class filter and the gradient filter (see
-        :func:`arcface_rs.margin_loss`).
+    embedding_size, num_classes, **keywords
+        As for :class:`arcface_rs.torch.MarginHead` (reduction, device, dtype,
+        sub_centers, interclass_filter, grad_filter).
     """
 
     t: Tensor
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        s: float = 64.0,
-        m: float = 0.5,
-        alpha: float = 0.01,
-        t: float = 0.0,
-        reduction: str = "mean",
-        device: Any = None,
-        dtype: Any = None,
-        sub_centers: int = 1,
-        interclass_filter: float | None = None,
-        grad_filter: str | float | None = None,
-    ) -> None:
-        margin = CurricularFace(s=s, m=m, alpha=alpha, t=t)
-        super().__init__(
-            embedding_size,
-            num_classes,
-            reduction,
-            device,
-            dtype,
-            sub_centers,
-            interclass_filter,
-            grad_filter,
-        )
-        self.margin = margin
-        self.register_buffer("t", torch.full((), float(t), dtype=torch.float64, device=device))
+    def _set_up(self) -> None:
+        t = float(self.margin.t)  # the running mean starts from the margin's
+        self.register_buffer("t", torch.full((), t, dtype=torch.float64, device=self.weight.device))
 
     def target_cosines(self, emb: Tensor, labels: Tensor) -> Tensor:
         """(B,) float64 cosine of each row to its class (its closest sub-centre), 0 for rows
@@ -123,49 +90,15 @@ class CurricularFaceHead(_MarginHead):
         return self._logits_with_rows(emb, labels, self._row_blocks(emb, self.t))
 
 
-class MVSoftmaxHead(_MarginHead):
+class MVSoftmaxHead(MarginHead, margin=MVSoftmax):
     """MV-Softmax head: a cosine (``kind="cos"``) or angular (``"arc"``) margin on the
     target, and misclassified non-targets weighted up to ``t c + t - 1``.
 
     Parameters
     ----------
-    embedding_size, num_classes : int
-        The shape (num_classes, embedding_size) of ``weight``, initialised N(0, 0.01).
     s, m, t, kind
         As for :class:`arcface_rs.MVSoftmax`.
-    reduction : {"mean", "sum", "none"}
-        Over the rows whose label is not -1.
-    device, dtype
-        Of ``weight``.
-    sub_centers, interclass_filter, grad_filter
-        Centres per class, the inter-class filter and the gradient filter (see
-        :func:`arcface_rs.margin_loss`).
+    embedding_size, num_classes, **keywords
+        As for :class:`arcface_rs.torch.MarginHead` (reduction, device, dtype,
+        sub_centers, interclass_filter, grad_filter).
     """
-
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        s: float = 32.0,
-        m: float = 0.35,
-        t: float = 1.12,
-        kind: str = "cos",
-        reduction: str = "mean",
-        device: Any = None,
-        dtype: Any = None,
-        sub_centers: int = 1,
-        interclass_filter: float | None = None,
-        grad_filter: str | float | None = None,
-    ) -> None:
-        margin = MVSoftmax(s=s, m=m, t=t, kind=kind)
-        super().__init__(
-            embedding_size,
-            num_classes,
-            reduction,
-            device,
-            dtype,
-            sub_centers,
-            interclass_filter,
-            grad_filter,
-        )
-        self.margin = margin

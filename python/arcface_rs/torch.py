@@ -20,6 +20,7 @@ PyTorch implementation of the same math (same margins, same exact gradient) and 
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from typing import Any
@@ -56,6 +57,7 @@ __all__ = [
     "ElasticFaceHead",
     "MagFaceHead",
     "MVSoftmaxHead",
+    "MarginHead",
     "ShardedMarginHead",
     "SoftmaxHead",
     "SphereFaceHead",
@@ -264,14 +266,40 @@ def margin_logits(
 # Modules
 
 
-class _MarginHead(nn.Module):
-    """A margin-softmax head owning the class centres ``weight`` (num_classes, embedding_size).
+# The keywords every head takes after its margin's, with their defaults (written once).
+HEAD_KEYWORDS: dict[str, Any] = {
+    "reduction": "mean",
+    "device": None,
+    "dtype": None,
+    "sub_centers": 1,
+    "interclass_filter": None,
+    "grad_filter": None,
+}
 
-    Every head also takes ``reduction`` ("mean", "sum" or "none": the loss over the rows
-    whose label is not -1), ``device`` / ``dtype`` for its ``weight``, and the keywords
-    ``sub_centers=K`` (``weight`` is then (num_classes * K, embedding_size), class j's
-    centres in rows j*K .. j*K+K-1), ``interclass_filter`` and ``grad_filter`` (see
-    :func:`arcface_rs.margin_loss`).
+
+class MarginHead(nn.Module):
+    """A margin-softmax head owning the class centres ``weight`` (num_classes * sub_centers,
+    embedding_size), initialised N(0, 0.01).
+
+    ``ArcFaceHead`` and the other named heads are this head with their margin built from
+    the margin class's own keywords (``ArcFaceHead(512, 1000, m=0.4)`` is
+    ``MarginHead(512, 1000, ArcFace(m=0.4))``), taken positionally after
+    ``num_classes`` too, then the keywords below.
+
+    Parameters
+    ----------
+    embedding_size, num_classes : int
+        The shape of ``weight`` (num_classes rows per centre).
+    margin : Margin
+        Any margin object of :mod:`arcface_rs` (ArcFace, CosFace, AdaFace, ...).
+    reduction : {"mean", "sum", "none"}
+        Over the rows whose label is not -1.
+    device, dtype
+        Of ``weight``.
+    sub_centers : int
+        Centres per class K: class j's centres are rows j*K .. j*K+K-1 of ``weight``.
+    interclass_filter, grad_filter
+        The inter-class filter and the gradient filter (see :func:`arcface_rs.margin_loss`).
     """
 
     margin: Margin
@@ -280,6 +308,8 @@ class _MarginHead(nn.Module):
         self,
         embedding_size: int,
         num_classes: int,
+        margin: Margin,
+        *,
         reduction: str = "mean",
         device: Any = None,
         dtype: Any = None,
@@ -288,6 +318,7 @@ class _MarginHead(nn.Module):
         grad_filter: str | float | None = None,
     ) -> None:
         super().__init__()
+        _encode(margin)  # a TypeError for anything but a margin
         for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be a positive int, got {type(value).__name__}")
@@ -306,6 +337,20 @@ class _MarginHead(nn.Module):
         rows = num_classes * self.sub_centers
         self.weight = nn.Parameter(torch.empty((rows, embedding_size), device=device, dtype=dtype))
         self.reset_parameters()
+        self.margin = margin
+
+    def __init_subclass__(
+        cls, margin: type[Margin] | None = None, schedule: dict[str, Any] | None = None, **kw
+    ) -> None:
+        """``class ArcFaceHead(MarginHead, margin=ArcFace)``: the head takes the margin
+        class's keywords (its defaults, written there once) and ``schedule``'s extra keywords
+        (handed to ``_set_up``) before :data:`HEAD_KEYWORDS`."""
+        super().__init_subclass__(**kw)
+        if margin is not None:
+            cls.__init__ = _margin_keywords_init(margin, schedule or {})  # type: ignore[method-assign]
+
+    def _set_up(self, **schedule: Any) -> None:
+        """A named head's own state after the margin and ``weight`` exist (buffers)."""
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, 0.0, 0.01)
@@ -355,7 +400,42 @@ class _MarginHead(nn.Module):
         )
 
 
-class ArcFaceHead(_MarginHead):
+def _margin_keywords_init(margin_type: type[Margin], schedule: dict[str, Any]) -> Any:
+    """A named head's ``__init__(embedding_size, num_classes, <margin_type's keywords>,
+    <schedule>, <HEAD_KEYWORDS>)``, positional or keyword, with its full signature (help()
+    and inspect show every keyword and default)."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    margin_params = [
+        p.replace(kind=kind) for p in inspect.signature(margin_type).parameters.values()
+    ]
+    params = [
+        inspect.Parameter("self", kind),
+        inspect.Parameter("embedding_size", kind, annotation=int),
+        inspect.Parameter("num_classes", kind, annotation=int),
+        *margin_params,
+        *(inspect.Parameter(name, kind, default=v) for name, v in schedule.items()),
+        *(inspect.Parameter(name, kind, default=v) for name, v in HEAD_KEYWORDS.items()),
+    ]
+    signature = inspect.Signature(params, return_annotation=None)
+
+    def __init__(self: MarginHead, *args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        given = bound.arguments
+        margin = margin_type(**{p.name: given[p.name] for p in margin_params})
+        head = {name: given[name] for name in HEAD_KEYWORDS}
+        MarginHead.__init__(self, given["embedding_size"], given["num_classes"], margin, **head)
+        self._set_up(**{name: given[name] for name in schedule})
+
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
+    __init__.__doc__ = (
+        f"The head of :class:`arcface_rs.{margin_type.__name__}` (its keywords, then "
+        ":class:`MarginHead`'s)."
+    )
+    return __init__
+
+
+class ArcFaceHead(MarginHead, margin=ArcFace):
     """ArcFace: additive angular margin, target logit ``s cos(theta + m)``.
 
     Parameters
@@ -363,184 +443,56 @@ class ArcFaceHead(_MarginHead):
     s, m, easy_margin, grad
         As for :class:`arcface_rs.ArcFace` (``grad="straight_through"``: arcface_torch's
         gradient).
-    embedding_size, num_classes : int
-        The shape (num_classes, embedding_size) of ``weight``, initialised N(0, 0.01).
-    reduction : {"mean", "sum", "none"}
-        Over the rows whose label is not -1.
-    device, dtype
-        Of ``weight``.
-    sub_centers, interclass_filter, grad_filter
-        Centres per class, the inter-class filter and the gradient filter (see
-        :func:`arcface_rs.margin_loss`).
+    embedding_size, num_classes, **keywords
+        As for :class:`MarginHead` (reduction, device, dtype, sub_centers,
+        interclass_filter, grad_filter).
     """
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        s: float = 64.0,
-        m: float = 0.5,
-        easy_margin: bool = False,
-        grad: str = "exact",
-        reduction: str = "mean",
-        device: Any = None,
-        dtype: Any = None,
-        sub_centers: int = 1,
-        interclass_filter: float | None = None,
-        grad_filter: str | float | None = None,
-    ) -> None:
-        margin = ArcFace(s=s, m=m, easy_margin=easy_margin, grad=grad)
-        super().__init__(
-            embedding_size,
-            num_classes,
-            reduction,
-            device,
-            dtype,
-            sub_centers,
-            interclass_filter,
-            grad_filter,
-        )
-        self.margin = margin
 
-
-class CosFaceHead(_MarginHead):
+class CosFaceHead(MarginHead, margin=CosFace):
     """CosFace: additive cosine margin, target logit ``s (cos theta - m)``.
 
     Parameters
     ----------
     s, m
         As for :class:`arcface_rs.CosFace`.
-    embedding_size, num_classes : int
-        The shape (num_classes, embedding_size) of ``weight``, initialised N(0, 0.01).
-    reduction : {"mean", "sum", "none"}
-        Over the rows whose label is not -1.
-    device, dtype
-        Of ``weight``.
-    sub_centers, interclass_filter, grad_filter
-        Centres per class, the inter-class filter and the gradient filter (see
-        :func:`arcface_rs.margin_loss`).
+    embedding_size, num_classes, **keywords
+        As for :class:`MarginHead` (reduction, device, dtype, sub_centers,
+        interclass_filter, grad_filter).
     """
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        s: float = 64.0,
-        m: float = 0.35,
-        reduction: str = "mean",
-        device: Any = None,
-        dtype: Any = None,
-        sub_centers: int = 1,
-        interclass_filter: float | None = None,
-        grad_filter: str | float | None = None,
-    ) -> None:
-        margin = CosFace(s=s, m=m)
-        super().__init__(
-            embedding_size,
-            num_classes,
-            reduction,
-            device,
-            dtype,
-            sub_centers,
-            interclass_filter,
-            grad_filter,
-        )
-        self.margin = margin
 
-
-class CombinedMarginHead(_MarginHead):
+class CombinedMarginHead(MarginHead, margin=CombinedMargin):
     """Combined margin: target logit ``s (cos(m1 theta + m2) - m3)``.
 
     Parameters
     ----------
     s, m1, m2, m3, grad
         As for :class:`arcface_rs.CombinedMargin`.
-    embedding_size, num_classes : int
-        The shape (num_classes, embedding_size) of ``weight``, initialised N(0, 0.01).
-    reduction : {"mean", "sum", "none"}
-        Over the rows whose label is not -1.
-    device, dtype
-        Of ``weight``.
-    sub_centers, interclass_filter, grad_filter
-        Centres per class, the inter-class filter and the gradient filter (see
-        :func:`arcface_rs.margin_loss`).
+    embedding_size, num_classes, **keywords
+        As for :class:`MarginHead` (reduction, device, dtype, sub_centers,
+        interclass_filter, grad_filter).
     """
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        s: float = 64.0,
-        m1: float = 1.0,
-        m2: float = 0.5,
-        m3: float = 0.0,
-        grad: str = "exact",
-        reduction: str = "mean",
-        device: Any = None,
-        dtype: Any = None,
-        sub_centers: int = 1,
-        interclass_filter: float | None = None,
-        grad_filter: str | float | None = None,
-    ) -> None:
-        margin = CombinedMargin(s=s, m1=m1, m2=m2, m3=m3, grad=grad)
-        super().__init__(
-            embedding_size,
-            num_classes,
-            reduction,
-            device,
-            dtype,
-            sub_centers,
-            interclass_filter,
-            grad_filter,
-        )
-        self.margin = margin
 
-
-class SoftmaxHead(_MarginHead):
-    """Normalised softmax without margin (the baseline): logits ``s cos theta``.
+class SoftmaxHead(MarginHead, margin=Softmax):
+    """Normalised softmax (no margin): logits ``s cos theta``.
 
     Parameters
     ----------
     s
         As for :class:`arcface_rs.Softmax`.
-    embedding_size, num_classes : int
-        The shape (num_classes, embedding_size) of ``weight``, initialised N(0, 0.01).
-    reduction : {"mean", "sum", "none"}
-        Over the rows whose label is not -1.
-    device, dtype
-        Of ``weight``.
-    sub_centers, interclass_filter, grad_filter
-        Centres per class, the inter-class filter and the gradient filter (see
-        :func:`arcface_rs.margin_loss`).
+    embedding_size, num_classes, **keywords
+        As for :class:`MarginHead` (reduction, device, dtype, sub_centers,
+        interclass_filter, grad_filter).
     """
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        s: float = 64.0,
-        reduction: str = "mean",
-        device: Any = None,
-        dtype: Any = None,
-        sub_centers: int = 1,
-        interclass_filter: float | None = None,
-        grad_filter: str | float | None = None,
-    ) -> None:
-        margin = Softmax(s=s)
-        super().__init__(
-            embedding_size,
-            num_classes,
-            reduction,
-            device,
-            dtype,
-            sub_centers,
-            interclass_filter,
-            grad_filter,
-        )
-        self.margin = margin
 
-
-class SphereFaceHead(_MarginHead):
+class SphereFaceHead(
+    MarginHead,
+    margin=SphereFace,
+    schedule={"anneal": False, "base": 1000.0, "gamma": 0.12, "power": 1.0, "lambda_min": 5.0},
+):
     """SphereFace (A-Softmax), integer ``m`` in 1..4; ``s=None`` scales by ||x||.
 
     ``lambda_`` blends psi with cos: ``(lambda_ cos + psi) / (1 + lambda_)``. With
@@ -554,55 +506,21 @@ class SphereFaceHead(_MarginHead):
         As for :class:`arcface_rs.SphereFace`.
     anneal, base, gamma, power, lambda_min
         The lambda schedule above (used when ``anneal=True``).
-    embedding_size, num_classes : int
-        The shape (num_classes, embedding_size) of ``weight``, initialised N(0, 0.01).
-    reduction : {"mean", "sum", "none"}
-        Over the rows whose label is not -1.
-    device, dtype
-        Of ``weight``.
-    sub_centers, interclass_filter, grad_filter
-        Centres per class, the inter-class filter and the gradient filter (see
-        :func:`arcface_rs.margin_loss`).
+    embedding_size, num_classes, **keywords
+        As for :class:`MarginHead` (reduction, device, dtype, sub_centers,
+        interclass_filter, grad_filter).
     """
 
     iteration: Tensor
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        m: int = 4,
-        s: float | None = None,
-        lambda_: float = 0.0,
-        anneal: bool = False,
-        base: float = 1000.0,
-        gamma: float = 0.12,
-        power: float = 1.0,
-        lambda_min: float = 5.0,
-        reduction: str = "mean",
-        device: Any = None,
-        dtype: Any = None,
-        sub_centers: int = 1,
-        interclass_filter: float | None = None,
-        grad_filter: str | float | None = None,
+    def _set_up(  # type: ignore[override]
+        self, anneal: bool, base: float, gamma: float, power: float, lambda_min: float
     ) -> None:
-        fixed = SphereFace(m=m, s=s, lambda_=lambda_)
         for name, value in (("base", base), ("gamma", gamma), ("power", power)):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not (math.isfinite(lambda_min) and lambda_min >= 0):
             raise ValueError(f"lambda_min must be a finite number >= 0, got {lambda_min!r}")
-        super().__init__(
-            embedding_size,
-            num_classes,
-            reduction,
-            device,
-            dtype,
-            sub_centers,
-            interclass_filter,
-            grad_filter,
-        )
-        self._fixed = fixed
         self.anneal, self.base, self.gamma = bool(anneal), float(base), float(gamma)
         self.power, self.lambda_min = float(power), float(lambda_min)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.int64))
@@ -616,9 +534,14 @@ class SphereFaceHead(_MarginHead):
 
     @property
     def margin(self) -> SphereFace:  # type: ignore[override]
-        if not self.anneal:
+        """The margin in force: lambda_ from the schedule when annealing."""
+        if not getattr(self, "anneal", False):
             return self._fixed
         return SphereFace(m=self._fixed.m, s=self._fixed.s, lambda_=self.current_lambda())
+
+    @margin.setter
+    def margin(self, value: SphereFace) -> None:
+        self._fixed = value
 
     def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
         loss = super().forward(emb, labels)
