@@ -14,8 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from arcface_rs import _sharded
 from arcface_rs.torch import ShardedMarginHead, split_weight
+from arcface_rs.torch import sharded as _sharded
 
 
 def main() -> None:

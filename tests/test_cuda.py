@@ -20,8 +20,8 @@ import torch
 import arcface_rs as afr
 import arcface_rs.torch as aft
 from _reference import all_margins, make_problem
-from arcface_rs import _torch_cuda as tcuda
-from arcface_rs import _torch_ops as tops
+from arcface_rs.torch import _cuda as tcuda
+from arcface_rs.torch import _ops as tops
 
 FUSED = afr.cuda_available()
 needs_gpu = pytest.mark.skipif(
@@ -106,7 +106,7 @@ def _cpu_launch(
 
 @pytest.fixture
 def cpu_launch(monkeypatch):
-    monkeypatch.setattr(tcuda, "_launch_cuda", _cpu_launch)
+    monkeypatch.setattr(tcuda, "launch_cuda", _cpu_launch)
     if not afr._core.cuda_feature:
         monkeypatch.setattr(afr._core, "cuda_head_workspace_bytes", lambda *a: 0)
 
@@ -124,8 +124,8 @@ def _problem(b, d, c, dtype, seed=0, ignore=2):
 @pytest.mark.parametrize("margin", all_margins()[:5], ids=repr)
 def test_glue_gives_what_the_cpu_op_gives(cpu_launch, margin, reduction):
     emb, weight, labels = _problem(7, 5, 11, torch.float64, seed=3)
-    kind, params = tops._encode(margin)
-    want = tops._loss_op(emb, weight, labels, kind, params, 1, None, None, reduction, True, True)
+    kind, params = tops.encode(margin)
+    want = tops.loss_op(emb, weight, labels, kind, params, 1, None, None, reduction, True, True)
     got = tcuda._loss_cuda(emb, weight, labels, kind, params, 1, None, None, reduction, True, True)
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and g.shape == w.shape
@@ -134,9 +134,9 @@ def test_glue_gives_what_the_cpu_op_gives(cpu_launch, margin, reduction):
 
 def test_glue_backward_of_reduction_none_weights_rows_by_upstream(cpu_launch):
     emb, weight, labels = _problem(6, 4, 9, torch.float64, seed=4)
-    kind, params = tops._encode(afr.ArcFace())
+    kind, params = tops.encode(afr.ArcFace())
     upstream = torch.linspace(-1.0, 2.0, 6, dtype=torch.float64)
-    want = tops._loss_backward_op(
+    want = tops.loss_backward_op(
         emb, weight, labels, kind, params, 1, None, None, "none", upstream, True, True
     )
     got = tcuda._loss_backward_cuda(
@@ -149,7 +149,7 @@ def test_glue_backward_of_reduction_none_weights_rows_by_upstream(cpu_launch):
     got = tcuda._loss_backward_cuda(
         emb, weight, labels, kind, params, 1, None, None, "none", one, True, False
     )
-    want = tops._loss_backward_op(
+    want = tops.loss_backward_op(
         emb, weight, labels, kind, params, 1, None, None, "none", one, True, False
     )
     torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
@@ -159,7 +159,7 @@ def test_glue_backward_of_reduction_none_weights_rows_by_upstream(cpu_launch):
 def test_glue_all_rows_ignored_gives_zero_not_nan(cpu_launch):
     emb, weight, _ = _problem(4, 5, 6, torch.float64)
     labels = torch.full((4,), -1)
-    kind, params = tops._encode(afr.CosFace())
+    kind, params = tops.encode(afr.CosFace())
     loss, g_emb, g_w = tcuda._loss_cuda(
         emb, weight, labels, kind, params, 1, None, None, "mean", True, True
     )
@@ -173,12 +173,12 @@ def test_glue_half_precision_inputs_take_the_16_bit_path(cpu_launch, monkeypatch
     emb, weight, labels = _problem(5, 8, 7, torch.float32)
     seen = []
     monkeypatch.setattr(
-        tcuda, "_launch_cuda", lambda *a, **k: seen.append((a[1], k)) or _cpu_launch(*a, **k)
+        tcuda, "launch_cuda", lambda *a, **k: seen.append((a[1], k)) or _cpu_launch(*a, **k)
     )
-    kind, params = tops._encode(afr.ArcFace())
+    kind, params = tops.encode(afr.ArcFace())
     args = (labels, kind, params, 1, None, None, "mean", True, True)
     got = tcuda._loss_cuda(emb.to(emb_dtype), weight.half(), *args)
-    want = tops._loss_op(emb.to(emb_dtype), weight.half(), *args)
+    want = tops.loss_op(emb.to(emb_dtype), weight.half(), *args)
     assert seen[0][0] == "float16" and seen[0][1]["weight_dtype"] == "float16"
     assert got[0].dtype == torch.float32 and got[1].dtype == emb_dtype
     assert got[2].dtype == torch.float16
@@ -196,9 +196,9 @@ def test_glue_tf32_follows_torch_s_float32_matmul_setting(cpu_launch, monkeypatc
     emb, weight, labels = _problem(5, 8, 7, torch.float32)
     seen = []
     monkeypatch.setattr(
-        tcuda, "_launch_cuda", lambda *a, **k: seen.append(k["tf32"]) or _cpu_launch(*a, **k)
+        tcuda, "launch_cuda", lambda *a, **k: seen.append(k["tf32"]) or _cpu_launch(*a, **k)
     )
-    kind, params = tops._encode(afr.CosFace())
+    kind, params = tops.encode(afr.CosFace())
     args = (emb, weight, labels, kind, params, 1, None, None, "mean", True, True)
     before = torch.get_float32_matmul_precision()
     try:
@@ -212,9 +212,9 @@ def test_glue_tf32_follows_torch_s_float32_matmul_setting(cpu_launch, monkeypatc
 
 def test_glue_sub_centres_take_the_fused_path(cpu_launch):
     emb, weight, labels = _problem(6, 5, 12, torch.float64, seed=6)
-    kind, params = tops._encode(afr.ArcFace())
+    kind, params = tops.encode(afr.ArcFace())
     args = (emb, weight, labels % 4, kind, params, 3, None, None, "mean", True, True)
-    for g, w in zip(tcuda._loss_cuda(*args), tops._loss_op(*args)):
+    for g, w in zip(tcuda._loss_cuda(*args), tops.loss_op(*args)):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="labels: must be .* in \\[0, 4\\), found 5"):
         tcuda._loss_cuda(emb, weight, labels.clamp(max=5), kind, params, 3, None, None, "mean",
@@ -233,7 +233,7 @@ def test_glue_sub_centres_take_the_fused_path(cpu_launch):
 )
 def test_glue_bad_input_raises_value_error_naming_the_argument(cpu_launch, change, match):
     emb, weight, labels = change(*_problem(6, 5, 11, torch.float64, seed=5))
-    kind, params = tops._encode(afr.ArcFace())
+    kind, params = tops.encode(afr.ArcFace())
     with pytest.raises(ValueError, match=match):
         tcuda._loss_cuda(emb, weight, labels, kind, params, 1, None, None, "mean", True, True)
 
@@ -374,12 +374,12 @@ def _reference_head(emb, weight, labels, margin):
 def _torch_autocast_head(emb, weight, labels, margin):
     """PyTorch's own head under bf16 autocast: F.linear of the normalised rows, the margin
     and cross-entropy in float32 (arcface_rs's plain path, the InsightFace recipe)."""
-    from arcface_rs import _torch_plain as tplain
+    from arcface_rs.torch import _plain as tplain
 
     e = emb.clone().requires_grad_()
     w = weight.clone().requires_grad_()
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = tplain._plain_loss(e, w, labels, margin, "mean")
+        loss = tplain.plain_loss(e, w, labels, margin, "mean")
     loss.backward()
     return loss.detach(), e.grad, w.grad
 

@@ -194,10 +194,10 @@ def test_training_with_auto_reaches_the_exact_heads_auc():
 
 
 def test_tensors_off_the_cpu_are_told_they_get_the_exact_gradient(monkeypatch):
-    import arcface_rs._torch_plain as torch_module
+    import arcface_rs.torch._plain as torch_module
 
     monkeypatch.setattr(torch_module, "_warned", set())
     emb = torch.zeros(2, 3, device="meta")
     with pytest.warns(RuntimeWarning, match="exact"):
-        torch_module._note_exact_on_cuda("auto", emb)
-    torch_module._note_exact_on_cuda(None, emb)  # nothing to say
+        torch_module.note_exact_on_cuda("auto", emb)
+    torch_module.note_exact_on_cuda(None, emb)  # nothing to say

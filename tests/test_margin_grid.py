@@ -16,7 +16,7 @@ import torch
 import arcface_rs as afr
 from _reference import all_margins, make_problem
 from arcface_rs import _core
-from arcface_rs import _torch_plain as tplain
+from arcface_rs.torch import _plain as tplain
 
 GRID_MARGINS = all_margins() + [
     afr.ArcFace(m=2.6),
@@ -117,7 +117,7 @@ def test_per_row_blocks_give_each_row_its_own_margin():
         np.testing.assert_allclose(rows[i], row[0], rtol=1e-12)
         np.testing.assert_allclose(ge[i : i + 1], ge_i, rtol=1e-10, atol=1e-14)
     z = _core.margin_logits(emb, weight, labels, spec, row_margins=blocks)
-    z_plain = tplain._plain_logits(
+    z_plain = tplain.plain_logits(
         torch.from_numpy(emb),
         torch.from_numpy(weight),
         torch.from_numpy(labels),

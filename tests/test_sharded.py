@@ -247,8 +247,8 @@ def one_rank(tmp_path):
 
 
 def test_the_implementation_follows_the_device_and_inputs_must_be_on_it(one_rank, monkeypatch):
-    from arcface_rs import _torch_plain
     from arcface_rs.torch import ShardedMarginHead
+    from arcface_rs.torch import _plain as _torch_plain
 
     head = ShardedMarginHead(embedding_size=4, num_classes=10, margin=afr.ArcFace())
     assert head._implementation(torch.zeros(2, 4)) == "cpu"

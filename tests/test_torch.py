@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import arcface_rs as afr
 import arcface_rs.torch as aft
 from _reference import all_margins, make_problem, ref_logits
-from arcface_rs import _torch_ops as tops
-from arcface_rs import _torch_plain as tplain
+from arcface_rs.torch import _ops as tops
+from arcface_rs.torch import _plain as tplain
 
 HEADS = [
     (aft.ArcFaceHead, {"s": 64.0, "m": 0.5}),
@@ -111,7 +111,7 @@ def test_opcheck_custom_ops(margin, head):
     k = head[0]
     emb, weight, labels = _inputs(6, 5, 9 * k, torch.float64, seed=4)
     labels = labels % 9
-    kind, params = tops._encode(margin)
+    kind, params = tops.encode(margin)
     torch.library.opcheck(
         torch.ops.arcface_rs.margin_loss.default,
         (emb, weight, labels, kind, params, *head, None, "mean", True, True),
@@ -273,7 +273,7 @@ def test_plain_pytorch_path_matches_the_fused_kernels(margin):
     weight.requires_grad_()
     fused = _loss_and_grads(lambda e, w, y: aft.margin_loss(e, w, y, margin), emb, weight, labels)
     plain = _loss_and_grads(
-        lambda e, w, y: tplain._plain_loss(e, w, y, margin, "mean"), emb, weight, labels
+        lambda e, w, y: tplain.plain_loss(e, w, y, margin, "mean"), emb, weight, labels
     )
     for a, b in zip(plain, fused):
         assert _rel(a, b) < 1e-9
@@ -298,7 +298,7 @@ def test_plain_pytorch_magface_matches_the_fused_kernel(margin, reduction):
         lambda e, w, y: aft.margin_loss(e, w, y, margin, reduction), emb, weight, labels
     )
     plain = _loss_and_grads(
-        lambda e, w, y: tplain._plain_loss(e, w, y, margin, reduction), emb, weight, labels
+        lambda e, w, y: tplain.plain_loss(e, w, y, margin, reduction), emb, weight, labels
     )
     for a, b in zip(plain, fused):
         assert _rel(a, b) < 1e-9

@@ -14,7 +14,7 @@ from test_hard_negatives import _problem, curricular_reference, mv_reference
 
 import arcface_rs as afr
 import arcface_rs.torch as aft
-from arcface_rs import _torch_plain as tplain
+from arcface_rs.torch import _plain as tplain
 
 TOL = 1e-9
 
@@ -153,7 +153,7 @@ def test_the_plain_path_equals_the_fused_kernel(margin):
     want = afr.margin_loss(emb, weight, labels, margin, sub_centers=2, interclass_filter=0.3)
     e = torch.tensor(emb, requires_grad=True)
     w = torch.tensor(weight, requires_grad=True)
-    loss = tplain._plain_loss(e, w, torch.tensor(labels), margin, "mean", None, 2, 0.3)
+    loss = tplain.plain_loss(e, w, torch.tensor(labels), margin, "mean", None, 2, 0.3)
     loss.backward()
     _close((loss.item(), e.grad.numpy(), w.grad.numpy()), want)
 

@@ -10,7 +10,7 @@ import torch
 
 import arcface_rs as afr
 import arcface_rs.torch as aft
-from arcface_rs import _torch_triplet
+from arcface_rs.torch import triplet as _torch_triplet
 
 pml = pytest.importorskip("pytorch_metric_learning")
 from pytorch_metric_learning import distances, losses, miners, reducers  # noqa: E402

@@ -26,7 +26,7 @@ __all__ = [
 
 _GRADS = ("exact", "straight_through")
 #: kind codes of the margins that re-weight non-target logits (CurricularFace, MV-Softmax)
-_KINDS_WITH_HARD_NEGATIVES = (
+KINDS_WITH_HARD_NEGATIVES = (
     _core.MARGIN_KINDS["curricularface"],
     _core.MARGIN_KINDS["mvsoftmax"],
 )
@@ -40,6 +40,13 @@ class Margin:
     _block: tuple[float, ...]
     #: (B, MARGIN_PARAMS) parameter blocks when the margin has one value per row, else None
     _row_blocks: np.ndarray | None = None
+
+    @property
+    def block(self) -> tuple[float, ...]:
+        """The margin's parameter block ``[kind, s, p0, p1, ...]`` (the core's
+        ``Margin.encode()``): what the fused ops, the CUDA kernels and a sharded head's
+        configuration check read. Per-row margins hold their rows elsewhere."""
+        return self._block
 
     def _values(self) -> tuple[Any, ...]:
         values = (getattr(self, name) for name in self._params)

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._margins import AdaFace, ElasticFace, MagFace
-from .torch import MarginHead, _check
+from .._margins import AdaFace, ElasticFace, MagFace
+from .functional import check_inputs
+from .heads import MarginHead
 
 __all__ = ["AdaFaceHead", "ElasticFaceHead", "MagFaceHead"]
 
@@ -52,7 +53,7 @@ class AdaFaceHead(MarginHead, margin=AdaFace):
     def _row_blocks(self, emb: Tensor, mean: Tensor, std: Tensor) -> Tensor:
         """Each row's parameter block, its scaler from the statistics (mean, std)."""
         with torch.no_grad():
-            block = torch.tensor(self.margin._block, dtype=torch.float64, device=emb.device)
+            block = torch.tensor(self.margin.block, dtype=torch.float64, device=emb.device)
             blocks = block.expand(emb.shape[0], block.shape[0]).clone()
             blocks[:, 3] = self._scaler(emb, mean, std)
         return blocks
@@ -67,7 +68,7 @@ class AdaFaceHead(MarginHead, margin=AdaFace):
 
     def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
         """The loss of ``emb`` (B, embedding_size) with ``labels`` (B,)."""
-        labels = _check(emb, self.weight, labels)
+        labels = check_inputs(emb, self.weight, labels)
         if not self.training:
             return self._loss_with_rows(emb, labels, self._row_blocks(emb, *self.stats))
         # The statistics move before use, as the paper's head does, but into the buffers
@@ -87,7 +88,7 @@ class AdaFaceHead(MarginHead, margin=AdaFace):
 
     def logits(self, emb: Tensor, labels: Tensor) -> Tensor:
         """The (B, num_classes) margin logits with the current statistics (no update)."""
-        labels = _check(emb, self.weight, labels)
+        labels = check_inputs(emb, self.weight, labels)
         return self._logits_with_rows(emb, labels, self._row_blocks(emb, *self.stats))
 
 

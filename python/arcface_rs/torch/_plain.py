@@ -12,19 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _core
-from ._margins import Margin
-from ._torch_ops import _compute_dtype
+from .. import _core
+from .._margins import Margin
+from ._ops import compute_dtype
 
 _THETA_EPS = 1e-3  # as margin.rs: psi' is evaluated with theta clamped to [eps, pi - eps]
-_KINDS = _core.MARGIN_KINDS
+KINDS = _core.MARGIN_KINDS
 _warned_cuda = False
 
 
 def _blocks(margin: Margin, c: Tensor, row_blocks: Tensor | None) -> Tensor:
     """The margin's parameter blocks (the core's encoding), one per element of ``c``."""
     if row_blocks is None:
-        block = torch.tensor(margin._block, dtype=c.dtype, device=c.device)
+        block = torch.tensor(margin.block, dtype=c.dtype, device=c.device)
         return block.expand(*c.shape, _core.MARGIN_PARAMS)
     return row_blocks.to(dtype=c.dtype, device=c.device)
 
@@ -36,14 +36,14 @@ def _psi_dpsi(
     margin.rs encodes (``row_blocks``: one block per element of ``c``, else the margin's;
     ``norm``: the rows' feature norms, for MagFace)."""
     p = _blocks(margin, c, row_blocks)
-    kind = int(p.reshape(-1, p.shape[-1])[0, 0]) if p.numel() else _KINDS["softmax"]
+    kind = int(p.reshape(-1, p.shape[-1])[0, 0]) if p.numel() else KINDS["softmax"]
     a = [p[..., i] for i in range(2, p.shape[-1])]  # the parameters after [kind, s]
     one = torch.ones_like(c)
-    if kind == _KINDS["softmax"]:
+    if kind == KINDS["softmax"]:
         return c, one
-    if kind == _KINDS["cosface"]:
+    if kind == KINDS["cosface"]:
         return c - a[0], one
-    if kind == _KINDS["sphereface"]:
+    if kind == KINDS["sphereface"]:
         m, lam = a[0], a[1]
         theta = torch.acos(c)
         k = torch.minimum(torch.floor(m * theta / math.pi), m - 1)
@@ -56,7 +56,7 @@ def _psi_dpsi(
             t_m, u_m = torch.where(m == order, t, t_m), torch.where(m == order, u, u_m)
         psi, dpsi = sign * t_m - 2 * k, sign * m * u_m
         return (lam * c + psi) / (1 + lam), (lam + dpsi) / (1 + lam)
-    if kind == _KINDS["adaface"]:
+    if kind == KINDS["adaface"]:
         m, z, eps = a[0], a[1], 1e-3
         cc = c.clamp(-1 + eps, 1 - eps)
         theta = torch.acos(cc)
@@ -64,20 +64,20 @@ def _psi_dpsi(
         t = shifted.clamp(eps, math.pi - eps)
         free = (cc == c) & (t == shifted)
         return torch.cos(t) - (m + m * z), torch.where(free, torch.sin(t) / torch.sin(theta), 0)
-    if kind == _KINDS["mvsoftmax"] and not bool((a[2] != 0).any()):
+    if kind == KINDS["mvsoftmax"] and not bool((a[2] != 0).any()):
         return torch.where(c > a[0], c - a[0], c), one
     straight = torch.zeros_like(c, dtype=torch.bool)
-    if kind in (_KINDS["curricularface"], _KINDS["mvsoftmax"]):
+    if kind in (KINDS["curricularface"], KINDS["mvsoftmax"]):
         # ArcFace's target (MV-Softmax's angular kind: psi = c where c <= 0)
         no = torch.zeros_like(c, dtype=torch.bool)
         m1, m2, m3 = one, a[0], torch.zeros_like(c)
-        easy = no if kind == _KINDS["curricularface"] else torch.ones_like(no)
-    elif kind == _KINDS["arcface"]:
+        easy = no if kind == KINDS["curricularface"] else torch.ones_like(no)
+    elif kind == KINDS["arcface"]:
         m1, m2, m3, easy, straight = one, a[0], torch.zeros_like(c), a[1] != 0, a[2] != 0
-    elif kind == _KINDS["combined"]:
+    elif kind == KINDS["combined"]:
         m1, m2, m3, easy = a[0], a[1], a[2], torch.zeros_like(c, dtype=torch.bool)
         straight = a[3] != 0
-    elif kind == _KINDS["magface"]:
+    elif kind == KINDS["magface"]:
         n = torch.ones_like(c) if norm is None else norm.to(c.dtype)
         l_a, u_a, l_m, u_m = a[0], a[1], a[2], a[3]
         m2 = l_m + (u_m - l_m) * (torch.minimum(torch.maximum(n, l_a), u_a) - l_a) / (u_a - l_a)
@@ -112,7 +112,7 @@ class _Psi(torch.autograd.Function):
 def _magface_dpsi_dnorm(margin: Margin, c: Tensor, norm: Tensor) -> Tensor:
     """d psi / d ||x|| of MagFace's target (margin.rs's arc_with_dm times m'(a)): its margin
     m(a) grows with the clamped norm a; the clamp passes no gradient outside [l_a, u_a]."""
-    l_a, u_a, l_m, u_m, easy = margin._block[2:7]
+    l_a, u_a, l_m, u_m, easy = margin.block[2:7]
     slope = (u_m - l_m) / (u_a - l_a)
     m = l_m + slope * (norm.clamp(l_a, u_a) - l_a)
     theta = torch.acos(c)
@@ -143,12 +143,12 @@ class _PsiNorm(torch.autograd.Function):
         return grad * dpsi, grad * dnorm, None
 
 
-def _penalty(margin: Margin, norm: Tensor) -> Tensor:
+def norm_penalty(margin: Margin, norm: Tensor) -> Tensor:
     """Each row's term of the loss besides the softmax (margin.rs's penalty): MagFace's
     lambda_g (a / u_a^2 + 1 / a), a the norm clamped to [l_a, u_a]; zeros for the others."""
-    if margin._block[0] != _KINDS["magface"]:
+    if margin.block[0] != KINDS["magface"]:
         return torch.zeros_like(norm)
-    l_a, u_a, lambda_g = margin._block[2], margin._block[3], margin._block[7]
+    l_a, u_a, lambda_g = margin.block[2], margin.block[3], margin.block[7]
     a = norm.clamp(l_a, u_a)
     return lambda_g * (a / (u_a * u_a) + 1.0 / a)
 
@@ -160,13 +160,13 @@ def _hard_negatives(blocks: Tensor, target: Tensor, cos: Tensor) -> Tensor:
     m, t = blocks[:, 2:3], blocks[:, 3:4]
     target = target.detach()[:, None]
     shifted = torch.cos(torch.acos(target) + m)  # cos(theta_y + m), no fallback
-    if kind == _KINDS["curricularface"]:
+    if kind == KINDS["curricularface"]:
         return torch.where(cos > shifted, cos * (t + cos), cos)
     above = torch.where(blocks[:, 4:5] != 0, shifted, target - m)
     return torch.where(cos > above, t * cos + t - 1.0, cos)
 
 
-def _plain_logits(
+def plain_logits(
     emb: Tensor,
     weight: Tensor,
     labels: Tensor,
@@ -179,7 +179,7 @@ def _plain_logits(
     """The (B, C) logits. One shard of a sharded head passes ``remote_target_cos``: the
     target cosine of each row whose target another shard holds (NaN elsewhere), for the
     hard-negative margins' rule; ``labels`` are then this shard's columns or -1."""
-    dtype = _compute_dtype(emb, weight)
+    dtype = compute_dtype(emb, weight)
     x, w = emb.to(dtype), weight.to(dtype)
     x_norm, w_norm = x.norm(dim=1, keepdim=True), w.norm(dim=1, keepdim=True)
     for name, norms in (("emb", x_norm), ("weight", w_norm)):
@@ -202,7 +202,7 @@ def _plain_logits(
         cos = cos.masked_fill(dirty, 0.0)
     blocks = None if row_blocks is None else row_blocks[rows]
     target = cos[rows, cols]
-    if margin._block[0] in (_KINDS["curricularface"], _KINDS["mvsoftmax"]):
+    if margin.block[0] in (KINDS["curricularface"], KINDS["mvsoftmax"]):
         hard_rows, hard_target = rows, target
         if remote_target_cos is not None:  # and the rows whose target is elsewhere
             remote = torch.nonzero(~torch.isnan(remote_target_cos)).flatten()
@@ -211,7 +211,7 @@ def _plain_logits(
         hard_blocks = None if row_blocks is None else row_blocks[hard_rows]
         every = _blocks(margin, hard_target, hard_blocks).to(cos.dtype)
         cos = cos.index_put((hard_rows,), _hard_negatives(every, hard_target, cos[hard_rows]))
-    if margin._block[0] == _KINDS["magface"]:
+    if margin.block[0] == KINDS["magface"]:
         psi = _PsiNorm.apply(target, x_norm[rows, 0], margin)
     else:
         psi = _Psi.apply(target, margin, blocks)
@@ -220,7 +220,7 @@ def _plain_logits(
     return cos * scale
 
 
-def _plain_loss(
+def plain_loss(
     emb: Tensor,
     weight: Tensor,
     labels: Tensor,
@@ -230,11 +230,11 @@ def _plain_loss(
     sub_centers: int = 1,
     interclass_filter: float | None = None,
 ) -> Tensor:
-    logits = _plain_logits(emb, weight, labels, margin, row_blocks, sub_centers, interclass_filter)
+    logits = plain_logits(emb, weight, labels, margin, row_blocks, sub_centers, interclass_filter)
     per_row = F.cross_entropy(logits, labels, ignore_index=-1, reduction="none")
-    if margin._block[0] == _KINDS["magface"]:
+    if margin.block[0] == KINDS["magface"]:
         norm = emb.to(logits.dtype).norm(dim=1)
-        per_row = per_row + torch.where(labels >= 0, _penalty(margin, norm), 0.0)
+        per_row = per_row + torch.where(labels >= 0, norm_penalty(margin, norm), 0.0)
     if reduction == "none":
         return per_row
     if reduction == "sum":
@@ -242,7 +242,7 @@ def _plain_loss(
     return per_row.sum() / (labels >= 0).sum().clamp(min=1)  # 0, not NaN, if all ignored
 
 
-def _warn_cuda_once() -> None:
+def warn_cuda_once() -> None:
     global _warned_cuda
     if not _warned_cuda:
         _warned_cuda = True
@@ -258,7 +258,7 @@ def _warn_cuda_once() -> None:
 _warned: set[str] = set()
 
 
-def _note_exact_on_cuda(grad_filter: str | float | None, emb: Tensor) -> None:
+def note_exact_on_cuda(grad_filter: str | float | None, emb: Tensor) -> None:
     """Warns once that tensors off the CPU get the exact gradient whatever the filter."""
     if grad_filter is not None and emb.device.type != "cpu" and "grad_filter" not in _warned:
         _warned.add("grad_filter")

@@ -23,16 +23,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import _core
-from ._cuda import cuda_available
-from ._margins import _KINDS_WITH_HARD_NEGATIVES, Margin
+from .. import _core
+from .._cuda import cuda_available
+from .._margins import KINDS_WITH_HARD_NEGATIVES, Margin
+from .._validate import count as check_count
+from .._validate import grad_filter as check_grad_filter
+from .._validate import interclass_filter as check_filter
+from .._validate import sub_centers as check_sub_centers
+from ._ops import unit_rows
+from ._plain import note_exact_on_cuda, warn_cuda_once
 from ._sharded_device import FusedShardLoss, kernel_grads, plain_shard_loss
-from ._torch_ops import unit_rows
-from ._torch_plain import _note_exact_on_cuda, _warn_cuda_once
-from ._validate import count as check_count
-from ._validate import grad_filter as check_grad_filter
-from ._validate import interclass_filter as check_filter
-from ._validate import sub_centers as check_sub_centers
 
 __all__ = ["ShardedMarginHead", "ddp_sum_hook", "merge_shards", "shard_range", "split_weight"]
 
@@ -366,7 +366,7 @@ class ShardedMarginHead(nn.Module):
             return "cpu"
         if emb.device.type == "cuda" and self.sub_centers == 1 and cuda_available():
             return "fused"
-        _warn_cuda_once()
+        warn_cuda_once()
         return "plain"
 
     def _input_problem(self, emb: Any, labels: Any) -> Exception | None:
@@ -408,7 +408,7 @@ class ShardedMarginHead(nn.Module):
             if self.interclass_filter is None
             else self.interclass_filter,
         }
-        config.update({f"margin[{i}]": float(v) for i, v in enumerate(self.margin._block)})
+        config.update({f"margin[{i}]": float(v) for i, v in enumerate(self.margin.block)})
         return config
 
     def _agree_on_configuration(self) -> None:
@@ -451,7 +451,7 @@ class ShardedMarginHead(nn.Module):
             )
         path = self._implementation(emb)
         if path != "cpu":
-            _note_exact_on_cuda(self.grad_filter, emb)
+            note_exact_on_cuda(self.grad_filter, emb)
         emb = emb.to(self.weight.dtype)
         emb_all = _GatherRows.apply(emb, sizes, self.group)
         labels_all = _all_gather_rows(labels.long(), sizes, self.group)
@@ -474,7 +474,7 @@ class ShardedMarginHead(nn.Module):
             return cos_cache[0]
 
         rows = self._row_blocks(x, lambda: target_cos().cpu().numpy())
-        hard = self.margin._block[0] in _KINDS_WITH_HARD_NEGATIVES
+        hard = self.margin.block[0] in KINDS_WITH_HARD_NEGATIVES
         if self.sample_rate < 1.0:
             kept = self._sample(labels_all)
             self.last_sampled = kept

@@ -18,11 +18,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _core
-from ._margins import Margin
-from ._torch_cuda import _CUDA_DTYPES, _launch_cuda
-from ._torch_ops import _compute_dtype, _no_double_backward, _spec
-from ._torch_plain import _KINDS, _penalty, _plain_logits
+from .. import _core
+from .._margins import Margin
+from ._cuda import CUDA_DTYPES, launch_cuda
+from ._ops import compute_dtype, core_margin, no_double_backward
+from ._plain import KINDS, norm_penalty, plain_logits
 
 
 def _merge_parts(parts: Tensor, group: Any) -> None:
@@ -67,7 +67,7 @@ def kernel_grads(ctx: Any, grad: Tensor, inputs_after: int) -> tuple[Tensor | No
     ``ctx.grads``) times the upstream gradient, then None for the ``inputs_after`` other
     inputs. They are ours alone, so they are scaled in place, and not at all for the usual
     upstream gradient of 1 (no second shard-sized tensor)."""
-    _no_double_backward()
+    no_double_backward()
     g_emb, g_w = ctx.grads
     del ctx.grads
     if not bool(grad == 1):
@@ -95,7 +95,7 @@ class FusedShardLoss(torch.autograd.Function):
         target_cos: Tensor | None,
         class_of_row: Any,
     ) -> Tensor:
-        dtype = _compute_dtype(emb_all, weight)
+        dtype = compute_dtype(emb_all, weight)
         x = emb_all.detach().to(dtype).contiguous()
         w = weight.detach().to(dtype).contiguous()
         y = targets.to(torch.int64).contiguous()
@@ -107,12 +107,12 @@ class FusedShardLoss(torch.autograd.Function):
         g_emb, g_w = torch.empty_like(x), torch.empty_like(w)
         bad = torch.zeros(3, dtype=torch.int32, device=device)
         parts = torch.empty((b, 4), dtype=torch.float64, device=device)
-        name = _CUDA_DTYPES[dtype]
+        name = CUDA_DTYPES[dtype]
         per_row = row_blocks is not None
         blocks = (
             row_blocks.to(device=device, dtype=torch.float64).contiguous()
             if row_blocks is not None
-            else torch.tensor(margin._block, dtype=torch.float64, device=device)
+            else torch.tensor(margin.block, dtype=torch.float64, device=device)
         )
         cos = None
         if target_cos is not None:
@@ -124,10 +124,10 @@ class FusedShardLoss(torch.autograd.Function):
         )
         error: BaseException | None = None
         try:
-            _launch_cuda(
+            launch_cuda(
                 (b, c, d),
                 name,
-                _spec(margin._block),
+                core_margin(margin.block),
                 blocks,
                 per_row,
                 *(x, w, y, row_weight, row_loss, g_emb, g_w, bad, workspace),
@@ -199,7 +199,7 @@ def plain_shard_loss(
         remote = targets == _core.REMOTE_TARGET
         nan = torch.full_like(target_cos, float("nan"))
         remote_cos = torch.where(remote, target_cos.to(emb_all.device), nan)
-    logits = _plain_logits(
+    logits = plain_logits(
         emb_all,
         weight,
         local,
@@ -210,8 +210,8 @@ def plain_shard_loss(
         remote_target_cos=remote_cos,
     )
     rows = _ShardedCrossEntropy.apply(logits, local, group)
-    if margin._block[0] == _KINDS["magface"]:
-        penalty = _penalty(margin, emb_all.to(logits.dtype).norm(dim=1))
+    if margin.block[0] == KINDS["magface"]:
+        penalty = norm_penalty(margin, emb_all.to(logits.dtype).norm(dim=1))
         # every rank returns the whole loss; one rank's backward carries the penalty's share
         rows = rows + (penalty if first else penalty.detach())
     valid = targets != -1

@@ -7,9 +7,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._margins import CurricularFace, MVSoftmax
-from ._torch_ops import unit_rows
-from .torch import MarginHead, _check
+from .._margins import CurricularFace, MVSoftmax
+from ._ops import unit_rows
+from .functional import check_inputs
+from .heads import MarginHead
 
 __all__ = ["CurricularFaceHead", "MVSoftmaxHead"]
 
@@ -66,14 +67,14 @@ class CurricularFaceHead(MarginHead, margin=CurricularFace):
 
     def _row_blocks(self, emb: Tensor, t: Tensor) -> Tensor:
         with torch.no_grad():
-            block = torch.tensor(self.margin._block, dtype=torch.float64, device=emb.device)
+            block = torch.tensor(self.margin.block, dtype=torch.float64, device=emb.device)
             blocks = block.expand(emb.shape[0], block.shape[0]).clone()
             blocks[:, 3] = t.clamp(-1.0, 1.0)
         return blocks
 
     def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
         """The loss of ``emb`` (B, embedding_size) with ``labels`` (B,)."""
-        labels = _check(emb, self.weight, labels)
+        labels = check_inputs(emb, self.weight, labels)
         if not self.training:
             return self._loss_with_rows(emb, labels, self._row_blocks(emb, self.t))
         # t moves before use, as the paper's head does, but into the buffer only once the
@@ -86,7 +87,7 @@ class CurricularFaceHead(MarginHead, margin=CurricularFace):
 
     def logits(self, emb: Tensor, labels: Tensor) -> Tensor:
         """The (B, num_classes) margin logits with the current t (no update)."""
-        labels = _check(emb, self.weight, labels)
+        labels = check_inputs(emb, self.weight, labels)
         return self._logits_with_rows(emb, labels, self._row_blocks(emb, self.t))
 
 

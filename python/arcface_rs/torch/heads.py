@@ -1,22 +1,5 @@
-"""PyTorch heads on the fused Rust kernels: ``import arcface_rs.torch`` (needs torch).
-
-``ArcFaceHead``, ``CosFaceHead``, ``SphereFaceHead``, ``CombinedMarginHead`` and
-``SoftmaxHead`` own the class centres ``weight`` (C, D) and a ``margin``; ``head(emb, labels)``
-returns the loss, ``head.logits(emb, labels)`` the (B, C) logits. The work runs in
-``torch.library`` custom ops (with fake implementations, so ``torch.compile`` keeps one
-graph); CPU tensors are shared with the Rust core without copies. float32 and float64 keep
-their dtype; float16/bfloat16 (autocast) are computed in float32 and their gradients come
-back in the input dtype.
-
-``ShardedMarginHead`` splits the class centres across the ranks of a torch.distributed
-process group (model parallel, Partial FC style); see its docstring.
-
-CUDA tensors run the fused CUDA kernels when arcface_rs was built with the ``cuda`` feature
-and a device is present (``arcface_rs.cuda_available()``): on torch's current stream, over
-the tensors' own memory, with scratch from torch's allocator. Otherwise they run a plain
-PyTorch implementation of the same math (same margins, same exact gradient) and warn once.
-``margin_logits`` on CUDA tensors always runs the plain implementation.
-"""
+"""The margin-softmax heads: :class:`MarginHead` (any margin) and the named heads built
+from a margin class's keywords. Their work is :mod:`arcface_rs.torch.functional`'s."""
 
 from __future__ import annotations
 
@@ -28,242 +11,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _torch_cuda  # noqa: F401  (registers the CUDA kernels of the ops)
-from ._cuda import cuda_available
-from ._margins import (
-    ArcFace,
-    CombinedMargin,
-    CosFace,
-    Margin,
-    Softmax,
-    SphereFace,
-)
-from ._sharded import ShardedMarginHead, ddp_sum_hook, merge_shards, shard_range, split_weight
-from ._torch_cuda import check_cuda_errors
-from ._torch_ops import NATIVE, _compute_dtype, _encode, _logits_op, _loss_op, _rows_of
-from ._torch_plain import _note_exact_on_cuda, _plain_logits, _plain_loss, _warn_cuda_once
-from ._validate import grad_filter as check_grad_filter
-from ._validate import interclass_filter as check_filter
-from ._validate import reduction as check_reduction
-from ._validate import sub_centers as check_sub_centers
+from .._margins import ArcFace, CombinedMargin, CosFace, Margin, Softmax, SphereFace
+from .._validate import grad_filter as check_grad_filter
+from .._validate import interclass_filter as check_filter
+from .._validate import reduction as check_reduction
+from .._validate import sub_centers as check_sub_centers
+from ._ops import encode, logits_op
+from ._plain import note_exact_on_cuda, plain_logits, plain_loss, warn_cuda_once
+from .functional import fused_cuda, fused_loss, margin_logits, margin_loss
 
 __all__ = [
-    "AdaFaceHead",
+    "HEAD_KEYWORDS",
     "ArcFaceHead",
-    "CenterLoss",
     "CombinedMarginHead",
     "CosFaceHead",
-    "CurricularFaceHead",
-    "ElasticFaceHead",
-    "MagFaceHead",
-    "MVSoftmaxHead",
     "MarginHead",
-    "ShardedMarginHead",
     "SoftmaxHead",
     "SphereFaceHead",
-    "TripletLoss",
-    "check_cuda_errors",
-    "ddp_sum_hook",
-    "margin_logits",
-    "margin_loss",
-    "merge_shards",
-    "shard_range",
-    "split_weight",
 ]
-
-
-# ---------------------------------------------------------------------------------------
-# Public functional API
-
-
-def _check(emb: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
-    for name, t in (("emb", emb), ("weight", weight), ("labels", labels)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not emb.is_floating_point():
-        raise TypeError(f"emb must be a floating-point tensor, got {emb.dtype}")
-    if not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
-    if emb.dtype in NATIVE and weight.dtype in NATIVE and emb.dtype != weight.dtype:
-        raise TypeError(
-            f"emb ({emb.dtype}) and weight ({weight.dtype}) must share one dtype; cast one"
-        )
-    if emb.dim() != 2:
-        raise ValueError(f"emb must be 2-D (batch, embedding_size), got shape {tuple(emb.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(
-            f"weight must be 2-D (num_classes, embedding_size), got shape {tuple(weight.shape)}"
-        )
-    if emb.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"emb has embedding size {emb.shape[1]} but weight has {weight.shape[1]} columns"
-        )
-    if emb.device != weight.device or labels.device != emb.device:
-        raise ValueError(
-            f"emb, weight and labels must be on one device, got {emb.device}, "
-            f"{weight.device} and {labels.device}"
-        )
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.dim() != 1 or labels.shape[0] != emb.shape[0]:
-        raise ValueError(
-            f"labels must be 1-D with one entry per row of emb ({emb.shape[0]}), "
-            f"got shape {tuple(labels.shape)}"
-        )
-    return labels.long()
-
-
-def _fused_cuda(sub_centers: int) -> bool:
-    """Whether CUDA tensors can take the fused CUDA kernels (else the plain path): they have
-    every margin, the filter and sub-centres, so only a build or a machine without CUDA
-    sends them to the plain path."""
-    return sub_centers >= 1 and cuda_available()
-
-
-def margin_loss(
-    emb: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    margin: Margin,
-    reduction: str = "mean",
-    sub_centers: int = 1,
-    interclass_filter: float | None = None,
-    grad_filter: str | float | None = None,
-) -> Tensor:
-    """Fused margin-softmax cross-entropy, differentiable in ``emb`` and ``weight``.
-
-    Parameters
-    ----------
-    emb : torch.Tensor
-        (B, D) embeddings (float32/float64). On CUDA, bfloat16/float16 inputs or
-        ``torch.autocast("cuda")`` run the GEMMs in 16 bits on tensor cores (row statistics
-        and a float32 weight's gradient stay float32), and float32 ones use TF32 when
-        ``torch.backends.cuda.matmul.allow_tf32`` is set; the CPU computes half precision
-        in float32. Bad inputs met on the GPU raise at the next call (see
-        :func:`check_cuda_errors`).
-    weight : torch.Tensor
-        (C, D) class centres, on the same device.
-    labels : torch.Tensor
-        (B,) integer labels; -1 rows are ignored.
-    margin : Margin
-        The head's margin object.
-    reduction : {"mean", "sum", "none"}
-        Over the rows that are not ignored.
-    sub_centers, interclass_filter, grad_filter
-        As for :func:`arcface_rs.margin_loss` (weight (C*K, D) for K sub-centres). The
-        gradient filter applies to the CPU kernel; CUDA tensors get the exact gradient.
-
-    Returns
-    -------
-    torch.Tensor
-        The loss (a scalar, or (B,) for ``none``). Double backward is refused.
-    """
-    labels = _check(emb, weight, labels)
-    check_reduction(reduction)
-    head = (check_sub_centers(sub_centers), check_filter(interclass_filter))
-    grad_filter = check_grad_filter(grad_filter)
-    _note_exact_on_cuda(grad_filter, emb)
-    rows = _rows_of(margin, emb, weight, labels, head[0])
-    if emb.device.type != "cpu" and not (emb.device.type == "cuda" and _fused_cuda(head[0])):
-        _warn_cuda_once()
-        loss = _plain_loss(emb, weight, labels, margin, reduction, rows, *head)
-    else:
-        loss = _loss(emb, weight, labels, margin, reduction, rows, head, grad_filter)
-    margin._commit()  # accepted: running statistics and draws move on
-    return loss
-
-
-def _loss(
-    emb: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    margin: Margin,
-    reduction: str,
-    row_blocks: Tensor | None,
-    head: tuple[int, float | None] = (1, None),
-    grad_filter: str | float | None = None,
-) -> Tensor:
-    """The fused loss op with checked inputs and the batch's per-row blocks (if any);
-    ``head``: (sub_centers, interclass_filter); ``grad_filter`` as checked."""
-    block, _ = _encode(margin)
-    grad = torch.is_grad_enabled()
-    emb = _autocast_operand(emb, weight)
-    loss, _, _ = _loss_op(
-        emb,
-        weight,
-        labels,
-        block,
-        row_blocks,
-        *head,
-        _floor(grad_filter, emb, weight),
-        reduction,
-        grad and emb.requires_grad,
-        grad and weight.requires_grad,
-    )
-    return loss
-
-
-def _autocast_operand(emb: Tensor, weight: Tensor) -> Tensor:
-    """Under ``torch.autocast("cuda")`` the fused CUDA head's GEMMs run in the autocast
-    dtype, as ``F.linear``'s would: the (B, D) embeddings are cast here, in the graph, so
-    that their gradient flows back through the cast; the float32 weight stays the master
-    copy (the op rounds it one class tile at a time and returns a float32 gradient)."""
-    if emb.device.type != "cuda" or emb.dtype != torch.float32 or weight.dtype != torch.float32:
-        return emb
-    try:
-        enabled = torch.is_autocast_enabled("cuda")
-        dtype = torch.get_autocast_dtype("cuda")
-    except TypeError:  # torch < 2.4 spells them for CUDA only
-        enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
-    return emb.to(dtype) if enabled and dtype in (torch.bfloat16, torch.float16) else emb
-
-
-def _floor(grad_filter: str | float | None, emb: Tensor, weight: Tensor) -> float | None:
-    """The gradient filter's probability floor for the ops: "auto" is the compute dtype's
-    eps/32; CUDA tensors get the exact gradient (the filter is in the CPU kernel)."""
-    if grad_filter is None or emb.device.type != "cpu":
-        return None
-    if grad_filter == "auto":
-        return torch.finfo(_compute_dtype(emb, weight)).eps / 32.0
-    return float(grad_filter)
-
-
-def margin_logits(
-    emb: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    margin: Margin,
-    sub_centers: int = 1,
-    interclass_filter: float | None = None,
-) -> Tensor:
-    """The (B, C) margin logits, differentiable.
-
-    Parameters
-    ----------
-    emb, weight, labels, margin, sub_centers, interclass_filter
-        As for :func:`margin_loss`.
-
-    Returns
-    -------
-    torch.Tensor
-        ``s * cos`` with ``s * psi(cos)`` on each row's label (and the margin's non-target
-        rule, the filter and the sub-centre max).
-    """
-    labels = _check(emb, weight, labels)
-    head = (check_sub_centers(sub_centers), check_filter(interclass_filter))
-    rows = _rows_of(margin, emb, weight, labels, head[0], step=False)
-    if emb.device.type != "cpu":
-        _warn_cuda_once()
-        out = _plain_logits(emb, weight, labels, margin, rows, *head)
-    else:
-        block, _ = _encode(margin)
-        out = _logits_op(emb, weight, labels, block, rows, *head)
-    margin._commit()
-    return out
-
-
-# ---------------------------------------------------------------------------------------
-# Modules
 
 
 # The keywords every head takes after its margin's, with their defaults (written once).
@@ -318,7 +83,7 @@ class MarginHead(nn.Module):
         grad_filter: str | float | None = None,
     ) -> None:
         super().__init__()
-        _encode(margin)  # a TypeError for anything but a margin
+        encode(margin)  # a TypeError for anything but a margin
         for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be a positive int, got {type(value).__name__}")
@@ -373,20 +138,20 @@ class MarginHead(nn.Module):
         """The loss with this batch's per-row parameter blocks (heads whose margin keeps
         state as buffers build them in torch ops); ``labels`` already checked."""
         head = self._head
-        _note_exact_on_cuda(self.grad_filter, emb)
-        if emb.device.type != "cpu" and not (emb.device.type == "cuda" and _fused_cuda(head[0])):
-            _warn_cuda_once()
-            return _plain_loss(emb, self.weight, labels, self.margin, self.reduction, rows, *head)
+        note_exact_on_cuda(self.grad_filter, emb)
+        if emb.device.type != "cpu" and not (emb.device.type == "cuda" and fused_cuda(head[0])):
+            warn_cuda_once()
+            return plain_loss(emb, self.weight, labels, self.margin, self.reduction, rows, *head)
         margin, reduction = self.margin, self.reduction
-        return _loss(emb, self.weight, labels, margin, reduction, rows, head, self.grad_filter)
+        return fused_loss(emb, self.weight, labels, margin, reduction, rows, head, self.grad_filter)
 
     def _logits_with_rows(self, emb: Tensor, labels: Tensor, rows: Tensor | None) -> Tensor:
         """The logits with this batch's per-row parameter blocks; ``labels`` already checked."""
         if emb.device.type != "cpu":
-            _warn_cuda_once()
-            return _plain_logits(emb, self.weight, labels, self.margin, rows, *self._head)
-        block, _ = _encode(self.margin)
-        return _logits_op(emb, self.weight, labels, block, rows, *self._head)
+            warn_cuda_once()
+            return plain_logits(emb, self.weight, labels, self.margin, rows, *self._head)
+        block, _ = encode(self.margin)
+        return logits_op(emb, self.weight, labels, block, rows, *self._head)
 
     def extra_repr(self) -> str:
         extra = f", sub_centers={self.sub_centers}" if self.sub_centers > 1 else ""
@@ -549,9 +314,3 @@ class SphereFaceHead(
             with torch.no_grad():
                 self.iteration += 1
         return loss
-
-
-from ._torch_adaptive import AdaFaceHead, ElasticFaceHead, MagFaceHead  # noqa: E402
-from ._torch_center import CenterLoss  # noqa: E402
-from ._torch_negatives import CurricularFaceHead, MVSoftmaxHead  # noqa: E402
-from ._torch_triplet import TripletLoss  # noqa: E402

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _core
-from ._torch_ops import _is_exactly_one
-from ._triplet import check_arguments
+from .. import _core
+from .._triplet import check_arguments
+from ._ops import is_exactly_one
 
 __all__ = ["TripletLoss"]
 
@@ -94,7 +94,7 @@ def _backward(ctx: Any, grad_loss: Tensor | None, _grad_grad: Tensor | None):
         return None, *[None] * 5
     if reduction == "none":
         return _triplet_backward_op(emb, labels, margin, mining, distance, grad_loss), *[None] * 5
-    if _is_exactly_one(grad_loss):
+    if is_exactly_one(grad_loss):
         # loss.backward(): the forward's gradient as it is, no extra pass over B×D
         return grad, *[None] * 5
     return grad * grad_loss, *[None] * 5

@@ -8,13 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _core
-from ._torch_ops import _compute_dtype, _loss_backward_op, _loss_op, _spec
+from .. import _core
+from ._ops import compute_dtype, core_margin, loss_backward_op, loss_op
 
-_CUDA_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+CUDA_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 
 
-def _launch_cuda(
+def launch_cuda(
     shape: tuple[int, int, int],
     dtype: str,
     spec: Any,
@@ -231,8 +231,8 @@ def _run_loss_cuda(
     # dW in the weight's dtype: a float32 master weight's float32, a 16-bit weight's own
     g_w = torch.empty_like(w) if need_weight else None
     bad = torch.zeros(3, dtype=torch.int32, device=device)
-    name = _HALF[gemm] if half else _CUDA_DTYPES[gemm]
-    weight_name = _CUDA_DTYPES.get(w_dtype) or _HALF[w_dtype]
+    name = _HALF[gemm] if half else CUDA_DTYPES[gemm]
+    weight_name = CUDA_DTYPES.get(w_dtype) or _HALF[w_dtype]
     per_row = row_margins is not None
     blocks = (
         row_margins.to(device=device, dtype=torch.float64).contiguous()
@@ -247,10 +247,10 @@ def _run_loss_cuda(
         device=device,
     )
 
-    _launch_cuda(
+    launch_cuda(
         (b, c, d),
         name,
-        _spec(tuple(margin)),
+        core_margin(tuple(margin)),
         blocks,
         per_row,
         x,
@@ -282,7 +282,7 @@ def _like(g: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty((0,)) if g is None else g.to(like.dtype)
 
 
-@_loss_op.register_kernel("cuda")
+@loss_op.register_kernel("cuda")
 def _loss_cuda(
     emb,
     weight,
@@ -296,7 +296,7 @@ def _loss_cuda(
     need_emb,
     need_weight,
 ):
-    dtype = _compute_dtype(emb, weight)
+    dtype = compute_dtype(emb, weight)
     fused = reduction != "none"
     rows, row_weight, g_emb, g_w = _run_loss_cuda(
         emb,
@@ -315,7 +315,7 @@ def _loss_cuda(
     return out, _like(g_emb, emb), _like(g_w, weight)
 
 
-@_loss_backward_op.register_kernel("cuda")
+@loss_backward_op.register_kernel("cuda")
 def _loss_backward_cuda(
     emb,
     weight,

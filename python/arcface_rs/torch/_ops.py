@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _core
-from ._margins import Margin
+from .. import _core
+from .._margins import Margin
 
 NATIVE = (torch.float32, torch.float64)
 
@@ -48,17 +48,17 @@ _LOGITS_BACKWARD_SCHEMA = (
 )
 
 
-def _encode(margin: Margin) -> tuple[list[float], Tensor | None]:
+def encode(margin: Margin) -> tuple[list[float], Tensor | None]:
     """The op arguments of a margin: its parameter block and its per-row blocks (or None)."""
     if not isinstance(margin, Margin):
         raise TypeError(
             "margin must be ArcFace, CosFace, SphereFace, CombinedMargin or Softmax, "
             f"got {type(margin).__name__}"
         )
-    return list(margin._block), None
+    return list(margin.block), None
 
 
-def _rows_of(
+def rows_of(
     margin: Margin,
     emb: Tensor,
     weight: Tensor,
@@ -71,7 +71,7 @@ def _rows_of(
     ElasticFace's draws) compute them on the host from the detached batch; ``step`` (a
     loss call) lets running statistics move, which the caller applies with
     ``margin._commit()`` once the op has accepted the batch."""
-    _encode(margin)  # a TypeError for anything but a margin
+    encode(margin)  # a TypeError for anything but a margin
     if type(margin)._rows is Margin._rows:  # fixed values: no batch needed
         blocks = margin._row_blocks
         return None if blocks is None else torch.from_numpy(np.array(blocks))
@@ -107,7 +107,7 @@ def unit_rows(t: Tensor) -> Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def _spec(block: tuple[float, ...]) -> _core.Margin:
+def core_margin(block: tuple[float, ...]) -> _core.Margin:
     """The core margin of a parameter block (validated by the core)."""
     return _core.Margin.decode(list(block))
 
@@ -116,7 +116,7 @@ def _row_blocks(row_margins: Tensor | None) -> np.ndarray | None:
     return None if row_margins is None else _numpy(row_margins, torch.float64)
 
 
-def _compute_dtype(emb: Tensor, weight: Tensor) -> torch.dtype:
+def compute_dtype(emb: Tensor, weight: Tensor) -> torch.dtype:
     """float32/float64 as given; half precision (autocast) is computed in float32."""
     if emb.dtype in NATIVE and weight.dtype in NATIVE:
         return emb.dtype
@@ -138,7 +138,7 @@ def _numpy(t: Tensor, dtype: torch.dtype) -> np.ndarray:
 @torch.library.custom_op(
     "arcface_rs::margin_loss", mutates_args=(), device_types="cpu", schema=_LOSS_SCHEMA
 )
-def _loss_op(
+def loss_op(
     emb: Tensor,
     weight: Tensor,
     labels: Tensor,
@@ -151,7 +151,7 @@ def _loss_op(
     need_emb: bool,
     need_weight: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    dtype = _compute_dtype(emb, weight)
+    dtype = compute_dtype(emb, weight)
     fused = reduction != "none"
     loss, rows, g_emb, g_w = _run_loss(
         emb,
@@ -185,12 +185,12 @@ def _run_loss(
 ) -> tuple[float, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """The fused kernel on NumPy views of CPU tensors, in the compute dtype. ``head``:
     (sub_centers, interclass_filter, grad_filter)."""
-    dtype = _compute_dtype(emb, weight)
+    dtype = compute_dtype(emb, weight)
     loss, rows, g_emb, g_w, _ = _core.margin_loss(
         _numpy(emb, dtype),
         _numpy(weight, dtype),
         labels.numpy(),
-        _spec(tuple(margin)),
+        core_margin(tuple(margin)),
         reduction,
         grad_emb=need_emb,
         grad_weight=need_weight,
@@ -209,7 +209,7 @@ def _grad_tensor(g: np.ndarray | None, like: Tensor) -> Tensor:
     return torch.from_numpy(g).to(like.dtype)
 
 
-@_loss_op.register_fake
+@loss_op.register_fake
 def _(
     emb,
     weight,
@@ -223,7 +223,7 @@ def _(
     need_emb,
     need_weight,
 ):
-    dtype = _compute_dtype(emb, weight)
+    dtype = compute_dtype(emb, weight)
     out = emb.new_empty((emb.shape[0],) if reduction == "none" else (), dtype=dtype)
     fused = reduction != "none"
     g_emb = emb.new_empty(emb.shape if need_emb and fused else (0,))
@@ -237,7 +237,7 @@ def _(
     device_types="cpu",
     schema=_LOSS_BACKWARD_SCHEMA,
 )
-def _loss_backward_op(
+def loss_backward_op(
     emb: Tensor,
     weight: Tensor,
     labels: Tensor,
@@ -268,7 +268,7 @@ def _loss_backward_op(
     return _grad_tensor(g_emb, emb), _grad_tensor(g_w, weight)
 
 
-@_loss_backward_op.register_fake
+@loss_backward_op.register_fake
 def _(
     emb,
     weight,
@@ -289,7 +289,7 @@ def _(
     )
 
 
-def _is_exactly_one(t: Tensor) -> bool:
+def is_exactly_one(t: Tensor) -> bool:
     """True for a concrete scalar 1 (loss.backward()); False while tracing (fake tensors)."""
     if torch.compiler.is_compiling():
         return False
@@ -318,7 +318,7 @@ def _loss_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.fused = None if reduction == "none" else [output[1], output[2]]
 
 
-def _no_double_backward() -> None:
+def no_double_backward() -> None:
     """The fused ops' gradients are computed by the kernel, not by torch ops, so they carry
     no graph of their own: a second derivative through them (``create_graph=True``, as a
     gradient penalty needs) would silently be zero. Refuse it instead."""
@@ -335,17 +335,17 @@ def _loss_backward(ctx: Any, g_loss: Tensor | None, _g1: Any, _g2: Any):
     need_emb, need_weight = ctx.need
     if g_loss is None:
         return (None,) * 11
-    _no_double_backward()
+    no_double_backward()
     if ctx.fused is not None:
         g_emb, g_w = ctx.fused
         ctx.fused = None
         # the common loss.backward() passes exactly 1: skip a pass over the (C, D) gradient
-        if not _is_exactly_one(g_loss):
+        if not is_exactly_one(g_loss):
             g_emb = g_emb * g_loss.to(g_emb.dtype)
             g_w = g_w * g_loss.to(g_w.dtype)
     else:
         emb, weight, labels = ctx.saved_tensors
-        g_emb, g_w = _loss_backward_op(
+        g_emb, g_w = loss_backward_op(
             emb,
             weight,
             labels,
@@ -368,7 +368,7 @@ torch.library.register_autograd(
 @torch.library.custom_op(
     "arcface_rs::margin_logits", mutates_args=(), device_types="cpu", schema=_LOGITS_SCHEMA
 )
-def _logits_op(
+def logits_op(
     emb: Tensor,
     weight: Tensor,
     labels: Tensor,
@@ -377,12 +377,12 @@ def _logits_op(
     sub_centers: int,
     interclass_filter: float | None,
 ) -> Tensor:
-    dtype = _compute_dtype(emb, weight)
+    dtype = compute_dtype(emb, weight)
     z = _core.margin_logits(
         _numpy(emb, dtype),
         _numpy(weight, dtype),
         labels.numpy(),
-        _spec(tuple(margin)),
+        core_margin(tuple(margin)),
         row_margins=_row_blocks(row_margins),
         sub_centers=sub_centers,
         interclass_filter=interclass_filter,
@@ -390,10 +390,10 @@ def _logits_op(
     return torch.from_numpy(z)
 
 
-@_logits_op.register_fake
+@logits_op.register_fake
 def _(emb, weight, labels, margin, row_margins, sub_centers, interclass_filter):
     classes = weight.shape[0] // sub_centers
-    return emb.new_empty((emb.shape[0], classes), dtype=_compute_dtype(emb, weight))
+    return emb.new_empty((emb.shape[0], classes), dtype=compute_dtype(emb, weight))
 
 
 @torch.library.custom_op(
@@ -412,13 +412,13 @@ def _logits_backward_op(
     sub_centers: int,
     interclass_filter: float | None,
 ) -> tuple[Tensor, Tensor]:
-    dtype = _compute_dtype(emb, weight)
+    dtype = compute_dtype(emb, weight)
     g_emb, g_w = _core.margin_logits_backward(
         _numpy(grad, dtype),
         _numpy(emb, dtype),
         _numpy(weight, dtype),
         labels.numpy(),
-        _spec(tuple(margin)),
+        core_margin(tuple(margin)),
         row_margins=_row_blocks(row_margins),
         sub_centers=sub_centers,
         interclass_filter=interclass_filter,
@@ -439,7 +439,7 @@ def _logits_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
 
 
 def _logits_backward(ctx: Any, grad: Tensor):
-    _no_double_backward()
+    no_double_backward()
     emb, weight, labels = ctx.saved_tensors
     g_emb, g_w = _logits_backward_op(
         grad, emb, weight, labels, ctx.margin, ctx.row_margins, *ctx.head
