@@ -542,13 +542,15 @@ fn fused(
         for t in 0..plan.tiles {
             let lo = t * plan.tile;
             let width = plan.tile.min(c - lo);
-            if half {
-                let copy = if shape.stages_weight() {
-                    copy_of(lo, width)
-                } else {
-                    0
-                };
-                weights_tile(lo, width, copy, at(s.w_inv, lo, asz))?;
+            // the half-precision path's norms (once per call) and 16-bit centres (per chunk)
+            let copy = if shape.stages_weight() {
+                copy_of(lo, width)
+            } else {
+                0
+            };
+            let w_inv = if start == 0 { at(s.w_inv, lo, asz) } else { 0 };
+            if half && (copy != 0 || w_inv != 0) {
+                weights_tile(lo, width, copy, w_inv)?;
             }
             // the logits: in place of the stash, or (half precision) a float32 tile
             let z = if half { s.ztile } else { slot(lo) };

@@ -868,16 +868,17 @@ struct EmulatedHalf {
     bad: [i32; 3],
 }
 
-/// The half-precision head on the emulator: float32 embeddings, the weight in float32 (when
-/// `weight_f32`) or in `elem`, 16-bit GEMM operands; a float32 emb gradient and the weight
-/// gradient in the weight's type (returned widened to float32).
+/// The head on the emulator with float32 embeddings: GEMM operands in `elem` (F32, with
+/// `tf32` or not, or 16-bit), the weight in float32 (when `weight_f32`) or in `elem`; a
+/// float32 emb gradient and the weight gradient in the weight's type (returned widened to
+/// float32).
 #[allow(clippy::too_many_arguments)]
 fn emulate_half(
     emb: &Array2<f64>,
     weight: &Array2<f64>,
     labels: &[i64],
     margin: &Margin,
-    elem: Elem,
+    (elem, tf32): (Elem, bool),
     weight_f32: bool,
     row_weight: &[f64],
     tiling: Tiling,
@@ -890,7 +891,7 @@ fn emulate_half(
         k: 1,
         elem,
         weight: if weight_f32 { Elem::F32 } else { elem },
-        tf32: false,
+        tf32,
     };
     let emb32 = emb.mapv(|v| v as f32);
     let weight32 = weight.mapv(|v| v as f32);
@@ -1014,7 +1015,7 @@ fn half_precision_head_is_within_its_rounding_of_the_float64_head() {
                         &weight,
                         &labels,
                         &margin,
-                        elem,
+                        (elem, false),
                         weight_f32,
                         &row_weight,
                         tiling,
@@ -1049,7 +1050,7 @@ fn half_precision_head_flags_bad_rows_and_labels() {
             &weight,
             &labels,
             &margin,
-            Elem::Bf16,
+            (Elem::Bf16, false),
             weight_f32,
             &[1.0; 4],
             Tiling {
@@ -1110,46 +1111,30 @@ fn tf32_head_is_within_tf32_rounding_of_the_float64_head() {
         grad_filter: crate::head::GradFilter::Exact,
     };
     let cpu = margin_loss_with(emb.view(), weight.view(), &labels, &margin, options).unwrap();
-    let (emb32, weight32) = (emb.mapv(|v| v as f32), weight.mapv(|v| v as f32));
     let tiling = Tiling {
         class_tile: 8,
         stash_budget_bytes: 1 << 20,
     };
-    let mut errors = vec![];
-    for tf32 in [false, true] {
-        let shape = HeadShape {
-            tf32,
-            ..HeadShape::exact(b, c, d, Elem::F32)
-        };
-        let mut row_loss = vec![0.0; b];
-        let mut grad_emb = Array2::<f32>::zeros((b, d));
-        let mut grad_weight = Array2::<f32>::zeros((c, d));
-        let mut bad = [0i32; 3];
-        let mut workspace = vec![0u64; head::workspace_bytes(shape, true, tiling) / 8 + 1];
-        let block = margin.encode().to_vec();
-        let buffers = HeadBuffers {
-            emb: emb32.as_ptr() as u64,
-            weight: weight32.as_ptr() as u64,
-            labels: labels.as_ptr() as u64,
-            row_weight: rows.as_ptr() as u64,
-            margins: block.as_ptr() as u64,
-            per_row_margins: false,
-            row_loss: row_loss.as_mut_ptr() as u64,
-            grad_emb: grad_emb.as_mut_ptr() as u64,
-            grad_weight: grad_weight.as_mut_ptr() as u64,
-            bad: bad.as_mut_ptr() as u64,
-            workspace: workspace.as_mut_ptr() as u64,
-        };
-        let default = HeadOptions::default();
-        head::margin_loss(Emulator::get(), shape, &margin, default, &buffers, tiling).unwrap();
-        assert_eq!(bad, [0, 0, 0]);
-        errors.push(
-            relative_error(&grad_emb, cpu.grad_emb.as_ref().unwrap()).max(relative_error(
-                &grad_weight,
+    let errors: Vec<f64> = [false, true]
+        .into_iter()
+        .map(|tf32| {
+            let gpu = emulate_half(
+                &emb,
+                &weight,
+                &labels,
+                &margin,
+                (Elem::F32, tf32),
+                true,
+                &rows,
+                tiling,
+            );
+            assert_eq!(gpu.bad, [0, 0, 0]);
+            relative_error(&gpu.grad_emb, cpu.grad_emb.as_ref().unwrap()).max(relative_error(
+                &gpu.grad_weight,
                 cpu.grad_weight.as_ref().unwrap(),
-            )),
-        );
-    }
+            ))
+        })
+        .collect();
     // TF32 keeps 10 mantissa bits: errors well above float32's, well below 1e-2
     assert!(
         errors[0] < 1e-5 && errors[0] * 10.0 < errors[1] && errors[1] < 1e-2,

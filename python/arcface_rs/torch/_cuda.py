@@ -282,6 +282,8 @@ def _like(g: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty((0,)) if g is None else g.to(like.dtype)
 
 
+# The two kernels below restate their ops' parameter lists (_ops.py) by necessity:
+# torch.library calls a device's kernel with the op's arguments, in the op's order.
 @loss_op.register_kernel("cuda")
 def _loss_cuda(
     emb,
