@@ -1,5 +1,5 @@
 // cuBLAS's GEMM by its definition, for the CPU stand-ins of the tests: the kernel emulator
-// (emulator.cpp, for the launch sequences) and the fake libcublas (tests/fake_cuda/).
+// (emulator.cpp, for the launch sequences) and the fake libcublas (tests/cuda/fake_cuda/).
 //
 // Column-major C = alpha op(A) op(B) + beta C, with C m x n, op(A) m x k, op(B) k x n,
 // accumulated in double; C is not read when beta == 0 (it may hold anything), as in cuBLAS.

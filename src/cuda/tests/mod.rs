@@ -1,0 +1,89 @@
+//! The launch sequences, run on the CPU emulator of the kernels and checked against the CPU
+//! implementation; and every kernel compiled with NVRTC.
+
+use super::device::{Device, Elem, RowMajorGemm};
+use super::emulator::Emulator;
+use super::head::{self, HeadBuffers, HeadShape, Tiling};
+use super::search::{self, SearchBuffers, SearchPlan, SearchShape, SearchTiling};
+use super::{available, compile, ENTRY_POINTS};
+use crate::head::{margin_loss_with, HeadOptions, LossOptions, Reduction};
+use crate::margin::{kind, Margin, Margins, RowContext, PARAMS_LEN};
+use crate::real::Real;
+use ndarray::Array2;
+
+/// Fails on any compile error; needs libnvrtc (no GPU). scripts/test.sh points
+/// LD_LIBRARY_PATH at the NVRTC that PyTorch's CUDA wheels install.
+#[test]
+fn every_kernel_compiles_with_nvrtc() {
+    for arch in [None, Some("compute_80"), Some("compute_90")] {
+        let ptx = compile(arch).unwrap_or_else(|log| panic!("NVRTC ({arch:?}): {log}"));
+        for name in ENTRY_POINTS {
+            assert!(
+                ptx.contains(&format!(".entry {name}(")),
+                "{name} missing from the PTX for {arch:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_kernel_compiles_to_machine_code_with_nvrtc() {
+    for arch in ["sm_80", "sm_90"] {
+        let cubin =
+            super::compile_cubin(arch).unwrap_or_else(|log| panic!("NVRTC ({arch}): {log}"));
+        assert_eq!(&cubin[..4], b"\x7fELF", "{arch}");
+        for name in ENTRY_POINTS {
+            let found = cubin
+                .windows(name.len() + 1)
+                .any(|w| w[..name.len()] == *name.as_bytes() && w[name.len()] == 0);
+            assert!(found, "{name} missing from the {arch} CUBIN");
+        }
+    }
+}
+
+#[test]
+fn no_device_is_not_an_error() {
+    // On a machine without a driver this must be false, not a panic; with a GPU, true.
+    let _ = available();
+}
+
+#[test]
+fn the_emulator_runs_every_entry_point() {
+    let emu = Emulator::get();
+    for name in ENTRY_POINTS {
+        assert!(emu.has(name), "{name} is not in emulator.cpp's table");
+    }
+    assert!(emu.launch("no_such_kernel", 1, 32, &[]).is_err());
+}
+
+/// A small deterministic generator (the tests need no rand crate).
+fn noise(seed: u64, n: usize) -> Vec<f64> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn matrix<T: Real>(seed: u64, rows: usize, cols: usize) -> Array2<T> {
+    Array2::from_shape_vec(
+        (rows, cols),
+        noise(seed, rows * cols).into_iter().map(T::of).collect(),
+    )
+    .unwrap()
+}
+
+struct Emulated<T> {
+    row_loss: Vec<f64>,
+    grad_emb: Option<Array2<T>>,
+    grad_weight: Option<Array2<T>>,
+    bad: [i32; 3],
+}
+
+mod fused_head;
+mod half_precision;
+mod top_k;

@@ -1,0 +1,134 @@
+//! The search on the emulator against a float64 brute force.
+
+use super::*;
+
+/// Unit rows from the noise generator, with rows 7 and 11 equal to row 3 (exact ties).
+fn unit_rows(seed: u64, n: usize, d: usize) -> Array2<f32> {
+    let mut m = matrix::<f64>(seed, n, d);
+    for r in [7, 11] {
+        if r < n {
+            let copy = m.row(3).to_owned();
+            m.row_mut(r).assign(&copy);
+        }
+    }
+    for mut row in m.rows_mut() {
+        let norm = row.dot(&row).sqrt();
+        row.mapv_inplace(|v| v / norm);
+    }
+    m.mapv(|v| v as f32)
+}
+
+/// Emulated GPU search of `queries` in `rows` (f32, or f16 when `half`).
+fn emulate_search(
+    rows: &Array2<f32>,
+    queries: &Array2<f32>,
+    k: usize,
+    half: bool,
+    tiling: SearchTiling,
+) -> (Vec<f32>, Vec<i64>) {
+    let ((n, d), q) = (rows.dim(), queries.nrows());
+    let elem = if half { Elem::F16 } else { Elem::F32 };
+    let shape = SearchShape { n, d, q, k, elem };
+    let plan = SearchPlan::new(shape, tiling);
+    let halves: Vec<u16> = rows
+        .iter()
+        .map(|&v| half::f16::from_f32(v).to_bits())
+        .collect();
+    let mut workspace = vec![0u64; search::workspace_bytes(shape, tiling) / 8 + 1];
+    let mut best_s = vec![f32::NEG_INFINITY; plan.candidates(shape)];
+    let mut best_i = vec![-1i64; plan.candidates(shape)];
+    let buffers = SearchBuffers {
+        rows: if half {
+            halves.as_ptr() as u64
+        } else {
+            rows.as_ptr() as u64
+        },
+        queries: queries.as_ptr() as u64,
+        workspace: workspace.as_mut_ptr() as u64,
+        best_s: best_s.as_mut_ptr() as u64,
+        best_i: best_i.as_mut_ptr() as u64,
+    };
+    search::search(Emulator::get(), shape, &buffers, tiling).unwrap();
+    search::merge_runs(&best_s, &best_i, shape, plan, k)
+}
+
+/// Exact top-k in f64 of the rows as stored (f16-rounded when `half`).
+fn brute_force(
+    rows: &Array2<f32>,
+    queries: &Array2<f32>,
+    k: usize,
+    half: bool,
+) -> Vec<Vec<(f64, i64)>> {
+    let stored = |v: f32| {
+        if half {
+            half::f16::from_f32(v).to_f64()
+        } else {
+            v as f64
+        }
+    };
+    queries
+        .rows()
+        .into_iter()
+        .map(|qr| {
+            let mut all: Vec<(f64, i64)> = rows
+                .rows()
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let s = r.iter().zip(qr).map(|(&a, &b)| stored(a) * b as f64).sum();
+                    (s, i as i64)
+                })
+                .collect();
+            all.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            all.truncate(k);
+            all
+        })
+        .collect()
+}
+
+#[test]
+fn search_equals_brute_force_across_tiles_runs_and_dtypes() {
+    let rows = unit_rows(21, 300, 16);
+    let queries = unit_rows(22, 5, 16);
+    // runs of 32 columns, tiles of 64 rows: 5 tiles, the last one short (44 rows)
+    let tiling = SearchTiling {
+        run: 32,
+        score_budget_bytes: 5 * 4 * 64,
+    };
+    let mut with_ties = queries.clone();
+    with_ties.row_mut(4).assign(&rows.row(3)); // rows 3, 7, 11 tie at the top
+    for half in [false, true] {
+        for k in [1, 7, 64] {
+            let (scores, ids) = emulate_search(&rows, &with_ties, k, half, tiling);
+            let want = brute_force(&rows, &with_ties, k, half);
+            for (q, expected) in want.iter().enumerate() {
+                for (r, &(s, i)) in expected.iter().enumerate() {
+                    let at = q * k + r;
+                    assert_eq!(ids[at], i, "half={half} k={k} query {q} rank {r}");
+                    assert!(
+                        (scores[at] as f64 - s).abs() < 2e-6,
+                        "{} vs {s}",
+                        scores[at]
+                    );
+                }
+            }
+            assert_eq!(&ids[4 * k..4 * k + 3.min(k)], &[3, 7, 11][..3.min(k)]);
+        }
+    }
+}
+
+#[test]
+fn search_pads_when_k_exceeds_the_gallery() {
+    let rows = unit_rows(23, 5, 8);
+    let queries = unit_rows(24, 2, 8);
+    let (scores, ids) = emulate_search(&rows, &queries, 9, false, SearchTiling::default());
+    for q in 0..2 {
+        let mut found: Vec<i64> = ids[q * 9..q * 9 + 5].to_vec();
+        found.sort();
+        assert_eq!(found, vec![0, 1, 2, 3, 4]);
+        assert_eq!(&ids[q * 9 + 5..(q + 1) * 9], &[-1; 4]);
+        assert!(scores[q * 9 + 5..(q + 1) * 9]
+            .iter()
+            .all(|s| *s == f32::NEG_INFINITY));
+    }
+}
