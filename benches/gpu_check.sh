@@ -31,7 +31,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 
 if [ "$MODE" = head ]; then
     echo "== GPU tests of the head"
-    timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs -x \
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/cuda/test_cuda.py -rs -x \
         -k "gpu and not gallery" || echo "== GPU head tests FAILED (rc $?)"
     echo "== GPU head benchmark"
     timeout 200 "$PY" benches/bench_cuda.py --part head
@@ -39,7 +39,7 @@ if [ "$MODE" = head ]; then
 fi
 
 echo "== GPU tests"
-timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs
+timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/cuda/test_cuda.py -rs
 
 echo "== GPU benchmarks"
 timeout 300 "$PY" benches/bench_cuda.py

@@ -75,8 +75,8 @@ python_stage() {
         fi
         echo "== kernels at ARCFACE_RS_SIMD=$level (this CPU's best: $best)"
         ARCFACE_RS_SIMD=$level cargo test --quiet --lib -- kernels search head gemm triplet
-        ARCFACE_RS_SIMD=$level "$PY" -m pytest -q -p no:cacheprovider tests/test_heads.py \
-            tests/test_search.py tests/test_gallery.py tests/test_simd.py tests/test_triplet.py
+        ARCFACE_RS_SIMD=$level "$PY" -m pytest -q -p no:cacheprovider tests/core/test_heads.py \
+            tests/search/test_search.py tests/search/test_gallery.py tests/core/test_simd.py tests/core/test_triplet.py
     done
 }
 
@@ -103,7 +103,7 @@ print(os.path.dirname(hits[0]) if hits else '')")
     cargo test --quiet --features cuda --lib cuda::
     cargo test --quiet --features cuda --test fake_cuda
 
-    echo "== the Python side of the cuda feature on the fake driver (tests/fake_cuda/)"
+    echo "== the Python side of the cuda feature on the fake driver (tests/cuda/fake_cuda/)"
     local fake
     fake=$(mktemp -d)
     # shellcheck disable=SC2064  # expand now: the folder is local to this function
@@ -117,8 +117,8 @@ print(' '.join([f'-DMARGIN_{k.upper()}={v}' for k, v in _core.MARGIN_KINDS.items
                + [f'-DMARGIN_PARAMS={_core.MARGIN_PARAMS}',
                   f'-DREMOTE_TARGET={_core.REMOTE_TARGET}']))")
     # shellcheck disable=SC2086  # one word per flag
-    bash tests/fake_cuda/build.sh "$fake/lib" $defines
-    ARCFACE_RS_FAKE_CUDA="$fake/lib" PYTHONPATH="$fake/site" "$PY" -m pytest -q -p no:cacheprovider tests/fake_cuda
+    bash tests/cuda/fake_cuda/build.sh "$fake/lib" $defines
+    ARCFACE_RS_FAKE_CUDA="$fake/lib" PYTHONPATH="$fake/site" "$PY" -m pytest -q -p no:cacheprovider tests/cuda/fake_cuda
 }
 
 case "$STAGE" in

@@ -102,3 +102,17 @@ def make_problem(b, d, c, seed=0, dtype=np.float64, ignore=0):
     if ignore:
         labels[rng.choice(b, size=ignore, replace=False)] = -1
     return emb.astype(dtype), weight.astype(dtype), labels
+
+
+def unit(a: np.ndarray) -> np.ndarray:
+    """Rows over their float64 norm, taken without over- or underflow."""
+    a = np.asarray(a, dtype=np.float64)
+    peak = np.abs(a).max(axis=1, keepdims=True)
+    scaled = a / peak
+    return scaled / np.linalg.norm(scaled, axis=1, keepdims=True)
+
+
+def brute_topk(q: np.ndarray, g: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k best cosines per query, ties to the lower index (a full sort)."""
+    scores = unit(q) @ unit(g).T
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]

@@ -1,5 +1,5 @@
 //! arcface_rs's CUDA driver code (src/cuda/driver.rs, gallery.rs) run end to end without a
-//! GPU: a fake libcuda and libcublas (tests/fake_cuda/) keep "device memory" in host memory
+//! GPU: a fake libcuda and libcublas (tests/cuda/fake_cuda/) keep "device memory" in host memory
 //! and run the kernels on the CPU emulator; NVRTC is the real one. Each library is loaded
 //! by path before cudarc asks for it by name, so cudarc finds these.
 #![cfg(feature = "cuda")]
@@ -21,7 +21,7 @@ fn fake() -> &'static libloading::Library {
     static DRIVER: OnceLock<(libloading::Library, libloading::Library)> = OnceLock::new();
     &DRIVER
         .get_or_init(|| {
-            let here = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cuda");
+            let here = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/cuda/fake_cuda");
             let out =
                 std::env::temp_dir().join(format!("arcface_rs_fake_cuda_{}", std::process::id()));
             std::fs::create_dir_all(&out).unwrap();
@@ -35,7 +35,7 @@ fn fake() -> &'static libloading::Library {
                 )
                 .status()
                 .expect("bash");
-            assert!(status.success(), "tests/fake_cuda/build.sh failed");
+            assert!(status.success(), "tests/cuda/fake_cuda/build.sh failed");
             // SAFETY: our own libraries; loading runs no code beyond static initialisers.
             let loaded = unsafe {
                 (

@@ -14,8 +14,9 @@ from .._validate import interclass_filter as check_filter
 from .._validate import reduction as check_reduction
 from .._validate import sub_centers as check_sub_centers
 from . import _cuda  # noqa: F401  (registers the CUDA kernels of the ops)
-from ._ops import NATIVE, compute_dtype, encode, logits_op, loss_op, rows_of
+from ._ops import NATIVE, compute_dtype, logits_op, loss_op
 from ._plain import note_exact_on_cuda, plain_logits, plain_loss, warn_cuda_once
+from ._rows import encode, rows_of
 
 __all__ = ["check_inputs", "fused_cuda", "fused_loss", "margin_logits", "margin_loss"]
 

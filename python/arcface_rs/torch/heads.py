@@ -16,8 +16,9 @@ from .._validate import grad_filter as check_grad_filter
 from .._validate import interclass_filter as check_filter
 from .._validate import reduction as check_reduction
 from .._validate import sub_centers as check_sub_centers
-from ._ops import encode, logits_op
+from ._ops import logits_op
 from ._plain import note_exact_on_cuda, plain_logits, plain_loss, warn_cuda_once
+from ._rows import encode
 from .functional import fused_cuda, fused_loss, margin_logits, margin_loss
 
 __all__ = [

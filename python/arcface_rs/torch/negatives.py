@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .._margins import CurricularFace, MVSoftmax
-from ._ops import unit_rows
+from ._rows import unit_rows
 from .functional import check_inputs
 from .heads import MarginHead
 

@@ -30,9 +30,10 @@ from .._validate import count as check_count
 from .._validate import grad_filter as check_grad_filter
 from .._validate import interclass_filter as check_filter
 from .._validate import sub_centers as check_sub_centers
-from ._ops import unit_rows
+from ._collectives import GatherRows, ShardedCpuLoss, all_gather_rows, gather_sizes
 from ._plain import note_exact_on_cuda, warn_cuda_once
-from ._sharded_device import FusedShardLoss, kernel_grads, plain_shard_loss
+from ._rows import unit_rows
+from ._sharded_device import FusedShardLoss, plain_shard_loss
 
 __all__ = ["ShardedMarginHead", "ddp_sum_hook", "merge_shards", "shard_range", "split_weight"]
 
@@ -88,117 +89,6 @@ ddp_sum_hook.__annotations__ = {
     "bucket": dist.GradBucket,
     "return": torch.futures.Future[torch.Tensor],
 }
-
-
-def _gathers_by_all_reduce(x: Tensor, group: Any) -> bool:
-    """Whether the group cannot all_gather ``x``: gloo has all_reduce and broadcast for GPU
-    tensors but no all_gather (e.g. two ranks on one GPU, where NCCL refuses)."""
-    return x.device.type != "cpu" and dist.get_backend(group) == "gloo"
-
-
-def _gather_sizes(n: int, group: Any, device: Any) -> list[int]:
-    """Every rank's batch size (an all_reduce: every backend has it for every device)."""
-    sizes = torch.zeros(dist.get_world_size(group), dtype=torch.int64, device=device)
-    sizes[dist.get_rank(group)] = n
-    dist.all_reduce(sizes, op=dist.ReduceOp.SUM, group=group)
-    return [int(s) for s in sizes.tolist()]
-
-
-def _all_gather_rows(x: Tensor, sizes: list[int], group: Any) -> Tensor:
-    """Rows of every rank, in rank order (padded to the largest batch for the collective)."""
-    most = max(sizes)
-    if _gathers_by_all_reduce(x, group):
-        # each rank fills its own slot of a zeroed buffer; the sum is the gather, exactly
-        slots = torch.zeros((len(sizes), most, *x.shape[1:]), dtype=x.dtype, device=x.device)
-        slots[dist.get_rank(group), : x.shape[0]] = x
-        dist.all_reduce(slots, op=dist.ReduceOp.SUM, group=group)
-        parts = list(slots)
-    else:
-        padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype, device=x.device)
-        padded[: x.shape[0]] = x
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded, group=group)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
-
-
-class _GatherRows(torch.autograd.Function):
-    """All-gather whose backward sums every rank's gradient and keeps this rank's rows."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, sizes: list[int], group: Any) -> Tensor:
-        ctx.sizes, ctx.group = sizes, group
-        ctx.rank = dist.get_rank(group)
-        return _all_gather_rows(x.detach(), sizes, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        lo = sum(ctx.sizes[: ctx.rank])
-        return grad[lo : lo + ctx.sizes[ctx.rank]], None, None
-
-
-def _combine_over(group: Any):
-    """The kernel's `combine`: per-row statistics of every rank merged into global ones."""
-
-    def combine(parts: np.ndarray, failed: bool) -> np.ndarray:
-        t = torch.from_numpy(parts)
-        # one MAX all-reduce carries the row maxima and whether any rank failed
-        head = torch.cat([t[:, 0], torch.tensor([1.0 if failed else 0.0], dtype=t.dtype)])
-        dist.all_reduce(head, op=dist.ReduceOp.MAX, group=group)
-        if failed:
-            return parts  # this rank raises its own error next
-        if head[-1] > 0:
-            raise RuntimeError("another rank of the sharded head failed; see its error")
-        gmax = head[:-1]
-        rescale = torch.exp(t[:, 0] - gmax)
-        sums = torch.stack([t[:, 1] * rescale, t[:, 2] * rescale, t[:, 3]], dim=1)
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        return torch.cat([gmax[:, None], sums], dim=1).numpy()
-
-    return combine
-
-
-class _ShardedLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: Any,
-        emb_all: Tensor,
-        weight: Tensor,
-        targets: Tensor,
-        spec: _core.Margin,
-        rows: np.ndarray | None,
-        stash_classes: int,
-        first: bool,
-        group: Any,
-        head: tuple[int, float | None],
-        target_cos: np.ndarray | None,
-        grad_filter: str | float | None,
-    ) -> Tensor:
-        e = emb_all.detach().contiguous().numpy()
-        w = weight.detach().contiguous().numpy()
-        combine = _combine_over(group)
-        loss, _, g_emb, g_w, _ = _core.margin_loss_shard(
-            e,
-            w,
-            targets.numpy(),
-            spec,
-            "mean",
-            stash_classes,
-            first,
-            combine,
-            row_margins=rows,
-            sub_centers=head[0],
-            interclass_filter=head[1],
-            target_cos=target_cos,
-            grad_filter=grad_filter,
-        )
-        ctx.grads = (torch.from_numpy(g_emb), torch.from_numpy(g_w))
-        return torch.tensor(loss, dtype=emb_all.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor):
-        return kernel_grads(ctx, grad, 9)
 
 
 class ShardedMarginHead(nn.Module):
@@ -311,7 +201,7 @@ class ShardedMarginHead(nn.Module):
                 shard_range(self.num_classes, self.world_size, r) for r in range(self.world_size)
             )
         ]
-        return _all_gather_rows(self.weight.detach(), sizes, self.group)
+        return all_gather_rows(self.weight.detach(), sizes, self.group)
 
     def _sample(self, labels: Tensor) -> Tensor:
         """Global class ids of this shard kept this step: every target, then random others
@@ -418,7 +308,7 @@ class ShardedMarginHead(nn.Module):
         loss; instead every rank raises the same ValueError."""
         config = self._configuration()
         mine = torch.tensor(list(config.values()), dtype=torch.float64)
-        every = _all_gather_rows(
+        every = all_gather_rows(
             mine[None].to(self.weight.device), [1] * self.world_size, self.group
         ).cpu()
         for j, name in enumerate(config):
@@ -440,7 +330,7 @@ class ShardedMarginHead(nn.Module):
         # raises together instead of the others waiting until the group's timeout.
         problem = self._input_problem(emb, labels)
         n = -1 if problem is not None else emb.shape[0]
-        sizes = _gather_sizes(n, self.group, device)
+        sizes = gather_sizes(n, self.group, device)
         if problem is not None:
             raise problem
         refused = [r for r, size in enumerate(sizes) if size < 0]
@@ -453,8 +343,8 @@ class ShardedMarginHead(nn.Module):
         if path != "cpu":
             note_exact_on_cuda(self.grad_filter, emb)
         emb = emb.to(self.weight.dtype)
-        emb_all = _GatherRows.apply(emb, sizes, self.group)
-        labels_all = _all_gather_rows(labels.long(), sizes, self.group)
+        emb_all = GatherRows.apply(emb, sizes, self.group)
+        labels_all = all_gather_rows(labels.long(), sizes, self.group)
         bad = (labels_all < -1) | (labels_all >= self.num_classes)
         if bad.any():
             i = int(torch.nonzero(bad)[0])
@@ -523,7 +413,7 @@ class ShardedMarginHead(nn.Module):
         first: bool,
         cos: Tensor | None,
     ) -> Tensor:
-        return _ShardedLoss.apply(
+        return ShardedCpuLoss.apply(
             emb_all,
             weight,
             targets,

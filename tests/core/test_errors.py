@@ -9,6 +9,7 @@ import pytest
 
 import arcface_rs as afr
 from _reference import make_problem
+from arcface_rs import metrics
 
 EMB, WEIGHT, LABELS = make_problem(6, 5, 10, seed=0)
 
@@ -198,3 +199,48 @@ def test_outputs_beyond_the_address_space_limit_are_memory_errors(classes, run_i
         """
     )
     assert out.returncode == 0 and "ok" in out.stdout, (out.returncode, out.stderr[-2000:])
+
+
+def test_a_rust_panic_is_a_runtime_error_not_panic_exception():
+    with pytest.raises(RuntimeError, match="boom"):
+        afr._core._panic_for_tests("boom")
+    # and the pool keeps working
+    afr.cosine_topk(np.ones((20, 4)), np.eye(4), k=2)
+
+
+def test_messages_say_what_is_really_wrong():
+    g = np.ones((3, 4))
+    g[1] = 0.0
+    with pytest.raises(ValueError, match="row 1 is all zeros"):
+        afr.cosine_topk(np.ones((1, 4)), g, k=2)
+    g[1] = np.inf
+    with pytest.raises(ValueError, match="row 1 contains NaN or inf"):
+        afr.cosine_topk(np.ones((1, 4)), g, k=2)
+
+
+def test_friendly_errors():
+    rng = np.random.default_rng(17)
+    scores, same = rng.standard_normal(100), rng.random(100) < 0.5
+    with pytest.raises(ValueError, match="folds"):
+        metrics.verification(scores, same, folds=-1)
+    with pytest.raises(ValueError, match="far"):
+        metrics.verification(scores, same, far=(float("nan"),))
+    probes = rng.standard_normal((3, 4))
+    with pytest.raises(ValueError, match="fpir"):
+        metrics.identification(probes, [0, 1, 2], probes, [0, 1, 2], fpir=(float("nan"),))
+    with pytest.raises(ValueError, match="gallery"):
+        metrics.identification(probes, [0, 1, 2], np.zeros((0, 4)), np.zeros(0, np.int64))
+
+
+def test_big_endian_arrays_are_converted():
+    rng = np.random.default_rng(18)
+    q, g = rng.standard_normal((2, 8)), rng.standard_normal((30, 8))
+    want = afr.cosine_topk(q, g, k=3)
+    got = afr.cosine_topk(q.astype(">f8"), g.astype(">f8"), k=3)
+    np.testing.assert_array_equal(got[1], want[1])
+    emb, weight, labels = make_problem(3, 8, 4, seed=19)
+    a = afr.margin_loss(emb, weight, labels, afr.ArcFace())
+    b = afr.margin_loss(
+        emb.astype(">f8"), weight.astype(">f8"), labels.astype(">i8"), afr.ArcFace()
+    )
+    assert a[0] == b[0]

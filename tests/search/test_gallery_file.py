@@ -405,3 +405,31 @@ def test_symlink_loops_and_nul_bytes_are_named_as_such(tmp_path):
     assert not isinstance(info.value, FileNotFoundError)
     with pytest.raises(ValueError, match="NUL"):
         afr.Gallery.load(str(tmp_path / "a\0b"))
+
+
+def test_save_over_a_mapped_gallery_keeps_it_readable(tmp_path):
+    path = tmp_path / "g.safetensors"
+    rng = np.random.default_rng(7)
+    g = afr.Gallery(16)
+    g.add(rng.standard_normal((100, 16)))
+    g.save(path)
+    mapped = afr.Gallery.load(path, mmap=True)
+    before = mapped.search(rng.standard_normal((2, 16)), k=4)
+    afr.Gallery(16).save(path)  # an empty gallery replaces the file
+    after = mapped.search(rng.standard_normal((2, 16)), k=4)
+    assert after[1].shape == before[1].shape and (after[1] >= 0).all()
+    assert len(afr.Gallery.load(path)) == 0
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    path = tmp_path / "g.safetensors"
+    # a pid that cannot exist (beyond pid_max) and our own (a save that may be in progress)
+    stale = tmp_path / "g.safetensors.tmp-4194305-0"
+    ours = tmp_path / f"g.safetensors.tmp-{os.getpid()}-99"
+    other = tmp_path / "other.safetensors.tmp-4194305-0"
+    for f in (stale, ours, other):
+        f.write_bytes(b"x" * 1000)
+    g = afr.Gallery(4)
+    g.add(np.eye(4))
+    g.save(path)
+    assert not stale.exists() and ours.exists() and other.exists()

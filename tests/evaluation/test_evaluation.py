@@ -300,7 +300,7 @@ def test_the_example_runs_every_protocol():
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "examples" / "evaluation_protocols.py"
+    script = Path(__file__).resolve().parents[2] / "examples" / "evaluation_protocols.py"
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     for line in ("LFW-style", "IJB-style 1:1", "IJB-style 1:N G2", "all pairs"):

@@ -3,7 +3,7 @@
 // (src/cuda/driver.rs, through cudarc) runs end to end in tests. Only the calls arcface_rs
 // makes are implemented; stubs.cpp gives every other symbol cudarc looks up.
 
-#include "../../src/cuda/emulator.cpp"
+#include "../../../src/cuda/emulator.cpp"
 
 #include <cstdlib>
 #include <cstring>

@@ -8,47 +8,17 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import arcface_rs as afr
-
-
-def _problem(b=12, d=16, c=40, seed=0, spread=0.0):
-    rng = np.random.default_rng(seed)
-    weight = rng.normal(size=(c, d))
-    labels = rng.integers(0, c, size=b)
-    emb = rng.normal(size=(b, d))
-    # pull rows towards their centre so the margins' regions are all visited
-    emb += spread * weight[labels] / np.linalg.norm(weight[labels], axis=1, keepdims=True)
-    return emb, weight, labels
-
-
-def _cosines(emb, weight, k=1):
-    x = F.normalize(emb, dim=1)
-    w = F.normalize(weight, dim=1)
-    cos = (x @ w.T).clamp(-1, 1)
-    if k > 1:
-        cos = cos.view(len(emb), -1, k).max(dim=2).values
-    return cos
-
-
-def _arc_target(t, m):
-    """ArcFace's target as the reference heads write it (the fallback beyond pi - m)."""
-    sin = torch.sqrt(1.0 - t * t)
-    ctm = t * math.cos(m) - sin * math.sin(m)
-    return torch.where(t > math.cos(math.pi - m), ctm, t - math.sin(math.pi - m) * m), ctm
-
-
-def _ce(logits, labels):
-    return F.cross_entropy(logits, torch.as_tensor(labels), reduction="mean")
-
-
-def _grads(loss_fn, emb, weight):
-    e = torch.tensor(emb, dtype=torch.float64, requires_grad=True)
-    w = torch.tensor(weight, dtype=torch.float64, requires_grad=True)
-    loss = loss_fn(e, w)
-    loss.backward()
-    return loss.item(), e.grad.numpy(), w.grad.numpy()
+from _papers import (
+    arc_target,
+    cosines,
+    cross_entropy,
+    curricular_reference,
+    grads_of,
+    mv_reference,
+    spread_problem,
+)
 
 
 def _close(ours, ref, tol=1e-9):
@@ -60,33 +30,12 @@ def _close(ours, ref, tol=1e-9):
         assert np.abs(a - b).max() <= tol * scale
 
 
-def curricular_reference(s, m, alpha, t0, emb, weight, labels):
-    """HuangYG123/CurricularFace's head: t updated before use, hard negatives c (t + c)."""
-    state = {"t": t0}
-
-    def loss(e, w):
-        cos = _cosines(e, w)
-        rows = torch.arange(len(labels))
-        target = cos[rows, labels].view(-1, 1)
-        final, ctm = _arc_target(target, m)
-        with torch.no_grad():
-            state["t"] = target.mean().item() * alpha + (1 - alpha) * state["t"]
-        mask = cos > ctm
-        t = state["t"]
-        cos = torch.where(mask, cos * (t + cos), cos)
-        cos = cos.scatter(1, torch.as_tensor(labels).view(-1, 1), final)
-        return _ce(s * cos, labels)
-
-    out = _grads(loss, emb, weight)
-    return out, state["t"]
-
-
 def test_curricularface_equals_the_reference_over_two_steps():
     s, m, alpha = 30.0, 0.5, 0.1
     margin = afr.CurricularFace(s=s, m=m, alpha=alpha, t=0.2)
     t = 0.2
     for step in range(2):
-        emb, weight, labels = _problem(seed=step, spread=1.5 * step)
+        emb, weight, labels = spread_problem(seed=step, spread=1.5 * step)
         ours = afr.margin_loss(emb, weight, labels, margin)
         ref, t = curricular_reference(s, m, alpha, t, emb, weight, labels)
         assert margin.t == pytest.approx(t, abs=1e-12)
@@ -99,7 +48,7 @@ def test_curricularface_equals_the_reference_over_two_steps():
 
 
 def test_curricularface_float32_is_close():
-    emb, weight, labels = _problem(seed=3, spread=1.0)
+    emb, weight, labels = spread_problem(seed=3, spread=1.0)
     m64, m32 = afr.CurricularFace(s=30.0), afr.CurricularFace(s=30.0)
     a = afr.margin_loss(emb, weight, labels, m64)
     b = afr.margin_loss(emb.astype(np.float32), weight.astype(np.float32), labels, m32)
@@ -109,30 +58,10 @@ def test_curricularface_float32_is_close():
         assert np.abs(x - y).max() <= 2e-3 * np.abs(y).max()
 
 
-def mv_reference(s, m, t, kind, emb, weight, labels):
-    """FaceX-Zoo's MV-Softmax (adaptive): misclassified non-targets become t c + t - 1."""
-
-    def loss(e, w):
-        cos = _cosines(e, w)
-        gt = cos[torch.arange(len(labels)), labels].view(-1, 1)
-        if kind == "cos":
-            mask = cos > gt - m
-            final = torch.where(gt > m, gt - m, gt)
-        else:
-            ctm = gt * math.cos(m) - torch.sqrt(1.0 - gt * gt) * math.sin(m)
-            mask = cos > ctm
-            final = torch.where(gt > 0, ctm, gt)
-        cos = torch.where(mask, t * cos + t - 1.0, cos)
-        cos = cos.scatter(1, torch.as_tensor(labels).view(-1, 1), final)
-        return _ce(s * cos, labels)
-
-    return _grads(loss, emb, weight)
-
-
 @pytest.mark.parametrize("kind", ["cos", "arc"])
 @pytest.mark.parametrize("spread", [0.0, 2.0])
 def test_mvsoftmax_equals_the_reference(kind, spread):
-    emb, weight, labels = _problem(seed=5, spread=spread)
+    emb, weight, labels = spread_problem(seed=5, spread=spread)
     m = 0.35 if kind == "cos" else 0.5
     ours = afr.margin_loss(emb, weight, labels, afr.MVSoftmax(s=32.0, m=m, t=1.2, kind=kind))
     _close(ours, mv_reference(32.0, m, 1.2, kind, emb, weight, labels))
@@ -142,7 +71,7 @@ def filter_reference(s, m, threshold, straight_through, emb, weight, labels):
     """InsightFace's CombinedMarginLoss with inter-class filtering, ArcFace branch."""
 
     def loss(e, w):
-        cos = _cosines(e, w)
+        cos = cosines(e, w)
         rows = torch.arange(len(labels))
         with torch.no_grad():
             dirty = (cos > threshold).double()
@@ -150,41 +79,41 @@ def filter_reference(s, m, threshold, straight_through, emb, weight, labels):
         cos = (1.0 - dirty) * cos
         target = cos[rows, labels]
         if straight_through:
-            final = target + (_arc_target(target.detach(), m)[0] - target.detach())
+            final = target + (arc_target(target.detach(), m)[0] - target.detach())
         else:
-            final = _arc_target(target, m)[0]
+            final = arc_target(target, m)[0]
         cos = cos.scatter(1, torch.as_tensor(labels).view(-1, 1), final.view(-1, 1))
-        return _ce(s * cos, labels)
+        return cross_entropy(s * cos, labels)
 
-    return _grads(loss, emb, weight)
+    return grads_of(loss, emb, weight)
 
 
 @pytest.mark.parametrize("grad", ["exact", "straight_through"])
 def test_interclass_filter_equals_insightface(grad):
-    emb, weight, labels = _problem(seed=7, spread=1.0)
+    emb, weight, labels = spread_problem(seed=7, spread=1.0)
     threshold = 0.1  # low enough that random centres cross it
     margin = afr.ArcFace(s=64.0, m=0.5, grad=grad)
     ours = afr.margin_loss(emb, weight, labels, margin, interclass_filter=threshold)
     ref = filter_reference(64.0, 0.5, threshold, grad != "exact", emb, weight, labels)
     _close(ours, ref)
-    cos = _cosines(torch.tensor(emb), torch.tensor(weight)).numpy()
+    cos = cosines(torch.tensor(emb), torch.tensor(weight)).numpy()
     assert (cos > threshold).sum() > len(labels)  # the filter did something
 
 
 def subcenter_reference(s, m, k, emb, weight, labels):
     def loss(e, w):
-        cos = _cosines(e, w, k)
+        cos = cosines(e, w, k)
         rows = torch.arange(len(labels))
-        final = _arc_target(cos[rows, labels], m)[0]
+        final = arc_target(cos[rows, labels], m)[0]
         cos = cos.scatter(1, torch.as_tensor(labels).view(-1, 1), final.view(-1, 1))
-        return _ce(s * cos, labels)
+        return cross_entropy(s * cos, labels)
 
-    return _grads(loss, emb, weight)
+    return grads_of(loss, emb, weight)
 
 
 @pytest.mark.parametrize("k", [2, 3])
 def test_subcenters_equal_the_reference(k):
-    emb, weight, labels = _problem(c=40 * k, seed=9)
+    emb, weight, labels = spread_problem(c=40 * k, seed=9)
     labels = labels % 40
     ours = afr.margin_loss(emb, weight, labels, afr.ArcFace(s=64.0, m=0.5), sub_centers=k)
     _close(ours, subcenter_reference(64.0, 0.5, k, emb, weight, labels))
@@ -199,7 +128,7 @@ def test_subcenters_equal_the_reference(k):
 def test_subcenters_equal_pytorch_metric_learning():
     pml = pytest.importorskip("pytorch_metric_learning.losses")
     c, k, d = 30, 3, 16
-    emb, weight, labels = _problem(b=20, d=d, c=c * k, seed=13)
+    emb, weight, labels = spread_problem(b=20, d=d, c=c * k, seed=13)
     labels = labels % c
     head = pml.SubCenterArcFaceLoss(
         num_classes=c, embedding_size=d, margin=math.degrees(0.5), scale=64.0, sub_centers=k
@@ -216,37 +145,37 @@ def test_subcenters_equal_pytorch_metric_learning():
 
 def test_sub_centers_and_filter_compose_with_curricularface():
     k = 2
-    emb, weight, labels = _problem(c=40 * k, seed=17, spread=1.0)
+    emb, weight, labels = spread_problem(c=40 * k, seed=17, spread=1.0)
     labels = labels % 40
     s, m, alpha, thr = 30.0, 0.5, 0.01, 0.3
 
     def loss(e, w):
-        cos = _cosines(e, w, k)
+        cos = cosines(e, w, k)
         rows = torch.arange(len(labels))
         with torch.no_grad():
             dirty = (cos > thr).double()
             dirty[rows, labels] = 0.0
         cos = (1.0 - dirty) * cos
         target = cos[rows, labels].view(-1, 1)
-        final, ctm = _arc_target(target, m)
+        final, ctm = arc_target(target, m)
         t = alpha * target.mean().item()
         cos = torch.where(cos > ctm, cos * (t + cos), cos)
         cos = cos.scatter(1, torch.as_tensor(labels).view(-1, 1), final)
-        return _ce(s * cos, labels)
+        return cross_entropy(s * cos, labels)
 
     margin = afr.CurricularFace(s=s, m=m, alpha=alpha)
     ours = afr.margin_loss(emb, weight, labels, margin, sub_centers=k, interclass_filter=thr)
-    _close(ours, _grads(loss, emb, weight))
+    _close(ours, grads_of(loss, emb, weight))
 
 
 def test_logits_and_their_backward_carry_the_non_target_rules():
-    emb, weight, labels = _problem(c=60, seed=19, spread=1.0)
+    emb, weight, labels = spread_problem(c=60, seed=19, spread=1.0)
     labels = labels % 30
     margin = afr.MVSoftmax(s=32.0, m=0.35, t=1.2)
     z = afr.margin_logits(emb, weight, labels, margin, sub_centers=2, interclass_filter=0.5)
     e = torch.tensor(emb, requires_grad=True)
     w = torch.tensor(weight, requires_grad=True)
-    cos = _cosines(e, w, 2)
+    cos = cosines(e, w, 2)
     rows = torch.arange(len(labels))
     with torch.no_grad():
         dirty = (cos > 0.5).double()
@@ -268,8 +197,8 @@ def test_logits_and_their_backward_carry_the_non_target_rules():
 
 
 def test_apply_margin_applies_the_hard_negatives():
-    emb, weight, labels = _problem(seed=23, spread=1.0)
-    cos = _cosines(torch.tensor(emb), torch.tensor(weight)).numpy()
+    emb, weight, labels = spread_problem(seed=23, spread=1.0)
+    cos = cosines(torch.tensor(emb), torch.tensor(weight)).numpy()
     margin = afr.CurricularFace(s=30.0, t=0.3)
     margin.training = False  # margin_logits would move t first
     ours = afr.apply_margin(cos, labels, margin)
@@ -299,7 +228,7 @@ def test_no_nan_at_the_edges(margin):
 
 
 def test_bad_options_name_the_argument():
-    emb, weight, labels = _problem()
+    emb, weight, labels = spread_problem()
     m = afr.ArcFace()
     with pytest.raises(ValueError, match="sub_centers"):
         afr.margin_loss(emb, weight, labels, m, sub_centers=0)
@@ -366,7 +295,7 @@ def test_dominant_centers_and_outliers_follow_the_paper():
 )
 def test_float32_is_close_to_float64(margin, head):
     k = head.get("sub_centers", 1)
-    emb, weight, labels = _problem(c=40 * k, seed=37, spread=1.0)
+    emb, weight, labels = spread_problem(c=40 * k, seed=37, spread=1.0)
     labels = labels % 40
     if isinstance(margin, afr.CurricularFace):
         margin.training = False
@@ -384,7 +313,7 @@ def test_float32_is_close_to_float64(margin, head):
 def test_a_refused_call_leaves_curricularface_t_as_it_was():
     import warnings
 
-    emb, weight, labels = _problem(seed=40)
+    emb, weight, labels = spread_problem(seed=40)
     margin = afr.CurricularFace(t=0.25)
     nan, zero, centre0 = emb.copy(), emb.copy(), weight.copy()
     nan[2] = np.nan
@@ -412,7 +341,7 @@ def test_a_refused_call_leaves_curricularface_t_as_it_was():
 def test_curricularface_t_and_loss_follow_the_rescaled_rows(scale):
     """docs/heads.md promises: any finite non-zero row gives the loss of the rescaled row;
     t used to come out 0 from norms that overflowed or underflowed."""
-    emb, weight, labels = _problem(seed=41, spread=1.0)
+    emb, weight, labels = spread_problem(seed=41, spread=1.0)
     plain, scaled = afr.CurricularFace(t=0.1), afr.CurricularFace(t=0.1)
     want = afr.margin_loss(emb, weight, labels, plain)
     got = afr.margin_loss(emb * scale, weight, labels, scaled)

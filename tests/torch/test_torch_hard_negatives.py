@@ -10,34 +10,13 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from test_hard_negatives import _problem, curricular_reference, mv_reference
 
 import arcface_rs as afr
 import arcface_rs.torch as aft
+from _papers import curricular_reference, float64_head, head_step, mv_reference, spread_problem
 from arcface_rs.torch import _plain as tplain
 
 TOL = 1e-9
-
-
-def _head(cls, weight, k=1, **kw):
-    head = cls(
-        embedding_size=weight.shape[1],
-        num_classes=weight.shape[0] // k,
-        dtype=torch.float64,
-        sub_centers=k,
-        **kw,
-    )
-    with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(weight))
-    return head
-
-
-def _step(head, emb, labels):
-    e = torch.tensor(emb, requires_grad=True)
-    head.weight.grad = None
-    loss = head(e, torch.tensor(labels))
-    loss.backward()
-    return loss.item(), e.grad.numpy(), head.weight.grad.numpy().copy()
 
 
 def _close(got, want, tol=TOL):
@@ -47,19 +26,19 @@ def _close(got, want, tol=TOL):
 
 
 def test_curricularface_head_two_steps_and_its_buffer_equal_the_papers_head():
-    emb, weight, labels = _problem(seed=1, spread=1.0)
-    head = _head(aft.CurricularFaceHead, weight, s=30.0, alpha=0.2, t=0.1)
+    emb, weight, labels = spread_problem(seed=1, spread=1.0)
+    head = float64_head(aft.CurricularFaceHead, weight, s=30.0, alpha=0.2, t=0.1)
     assert set(head.state_dict()) == {"weight", "t"}
     t = 0.1
     for step in range(2):
         e = emb * (1.0 + step)
-        got = _step(head, e, labels)
+        got = head_step(head, e, labels)
         want, t = curricular_reference(30.0, 0.5, 0.2, t, e, weight, labels)
         _close(got, want)
         assert float(head.t) == pytest.approx(t, abs=1e-12)
-    again = _head(aft.CurricularFaceHead, weight, s=30.0, alpha=0.2)
+    again = float64_head(aft.CurricularFaceHead, weight, s=30.0, alpha=0.2)
     again.load_state_dict(head.state_dict())
-    _close(_step(again, emb, labels), _step(head, emb, labels), 1e-12)
+    _close(head_step(again, emb, labels), head_step(head, emb, labels), 1e-12)
     head.eval()
     before = float(head.t)
     head(torch.tensor(emb), torch.tensor(labels))
@@ -67,7 +46,7 @@ def test_curricularface_head_two_steps_and_its_buffer_equal_the_papers_head():
     # ignored rows take no part in t
     only = labels.copy()
     only[1:] = -1
-    fresh = _head(aft.CurricularFaceHead, weight, s=30.0, alpha=1.0)
+    fresh = float64_head(aft.CurricularFaceHead, weight, s=30.0, alpha=1.0)
     fresh(torch.tensor(emb), torch.tensor(only))
     want = float(fresh.target_cosines(torch.tensor(emb[:1]), torch.tensor(only[:1]))[0])
     assert float(fresh.t) == pytest.approx(want, abs=1e-12)
@@ -75,10 +54,10 @@ def test_curricularface_head_two_steps_and_its_buffer_equal_the_papers_head():
 
 @pytest.mark.parametrize("kind", ["cos", "arc"])
 def test_mvsoftmax_head_equals_faceX_zoo(kind):
-    emb, weight, labels = _problem(seed=2, spread=1.0)
+    emb, weight, labels = spread_problem(seed=2, spread=1.0)
     m = 0.35 if kind == "cos" else 0.5
-    head = _head(aft.MVSoftmaxHead, weight, m=m, t=1.2, kind=kind)
-    _close(_step(head, emb, labels), mv_reference(32.0, m, 1.2, kind, emb, weight, labels))
+    head = float64_head(aft.MVSoftmaxHead, weight, m=m, t=1.2, kind=kind)
+    _close(head_step(head, emb, labels), mv_reference(32.0, m, 1.2, kind, emb, weight, labels))
 
 
 @pytest.mark.parametrize(
@@ -98,20 +77,20 @@ def test_mvsoftmax_head_equals_faceX_zoo(kind):
 )
 def test_every_head_takes_sub_centers_and_the_filter(cls, kw):
     k, c = 3, 20
-    emb, weight, labels = _problem(c=c * k, seed=3, spread=1.0)
+    emb, weight, labels = spread_problem(c=c * k, seed=3, spread=1.0)
     labels = labels % c
-    head = _head(cls, weight, k=k, interclass_filter=0.4, **kw)
+    head = float64_head(cls, weight, k=k, interclass_filter=0.4, **kw)
     assert tuple(head.weight.shape) == (c * k, emb.shape[1])
     assert "sub_centers=3" in repr(head) and "interclass_filter=0.4" in repr(head)
     margin = pickle.loads(pickle.dumps(head.margin))  # its state as the head starts
     want = afr.margin_loss(emb, weight, labels, margin, sub_centers=k, interclass_filter=0.4)
-    _close(_step(head, emb, labels), want)
+    _close(head_step(head, emb, labels), want)
     z = head.logits(torch.tensor(emb), torch.tensor(labels))
     assert tuple(z.shape) == (len(labels), c)
 
 
 def test_gradcheck_through_sub_centres_filter_and_hard_negatives():
-    emb, weight, labels = _problem(b=6, d=5, c=16, seed=4, spread=1.0)
+    emb, weight, labels = spread_problem(b=6, d=5, c=16, seed=4, spread=1.0)
     labels = labels % 8
     e = torch.tensor(emb, requires_grad=True)
     w = torch.tensor(weight, requires_grad=True)
@@ -145,7 +124,7 @@ def test_gradcheck_through_sub_centres_filter_and_hard_negatives():
 )
 def test_the_plain_path_equals_the_fused_kernel(margin):
     """What CUDA tensors run (plain PyTorch ops) gives the fused CPU kernel's results."""
-    emb, weight, labels = _problem(c=40, seed=5, spread=1.0)
+    emb, weight, labels = spread_problem(c=40, seed=5, spread=1.0)
     labels = labels % 20
     labels[3] = -1
     if isinstance(margin, afr.CurricularFace):
@@ -161,14 +140,14 @@ def test_the_plain_path_equals_the_fused_kernel(margin):
 @pytest.mark.parametrize("cls", [aft.CurricularFaceHead, aft.MVSoftmaxHead])
 def test_compiled_heads_equal_eager_without_graph_breaks(cls):
     torch._dynamo.reset()
-    emb, weight, labels = _problem(c=40, seed=6, spread=1.0)
+    emb, weight, labels = spread_problem(c=40, seed=6, spread=1.0)
     labels = labels % 20
-    eager = _head(cls, weight, k=2, interclass_filter=0.4)
-    compiled_head = _head(cls, weight, k=2, interclass_filter=0.4)
+    eager = float64_head(cls, weight, k=2, interclass_filter=0.4)
+    compiled_head = float64_head(cls, weight, k=2, interclass_filter=0.4)
     compiled = torch.compile(compiled_head, backend="aot_eager", fullgraph=True)
     for step in range(2):
         e = emb * (1.0 + step)
-        _close(_step(compiled, e, labels), _step(eager, e, labels), 1e-12)
+        _close(head_step(compiled, e, labels), head_step(eager, e, labels), 1e-12)
     if cls is aft.CurricularFaceHead:
         assert float(eager.t) == pytest.approx(float(compiled_head.t), rel=1e-14)
 
@@ -180,7 +159,7 @@ def test_bad_head_options_name_the_argument():
         aft.ArcFaceHead(8, 10, sub_centers="3")
     with pytest.raises(ValueError, match="interclass_filter"):
         aft.CosFaceHead(8, 10, interclass_filter=-3.0)
-    emb, weight, labels = (torch.tensor(a) for a in _problem())
+    emb, weight, labels = (torch.tensor(a) for a in spread_problem())
     with pytest.raises(ValueError, match="weight"):
         aft.margin_loss(emb, weight, labels % 13, afr.ArcFace(), sub_centers=3)
 

@@ -4,6 +4,7 @@ odd dimensions, both code paths (few queries stream, many use GEMM tiles), bad i
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import arcface_rs as afr
+from _reference import brute_topk
 
 
 def brute(queries, gallery, k):
@@ -177,3 +179,73 @@ def test_non_contiguous_inputs_are_read_correctly():
     for g in (np.asfortranarray(gallery), np.repeat(gallery, 2, axis=1)[:, ::2]):
         got = afr.cosine_topk(np.asfortranarray(queries), g, k=6)
         np.testing.assert_array_equal(got[1], want[1])
+
+
+# sizes beyond any gallery (from the reliability rounds)
+BIG_KS = [10**12, 2**62, 2**63 - 1]
+
+
+@pytest.mark.parametrize("k", BIG_KS)
+def test_cosine_topk_huge_k_is_a_value_error(k):
+    rng = np.random.default_rng(0)
+    q, g = rng.standard_normal((3, 8)), rng.standard_normal((20, 8))
+    t = time.perf_counter()
+    with pytest.raises(ValueError, match="k"):
+        afr.cosine_topk(q, g, k=k)
+    assert time.perf_counter() - t < 5.0
+
+
+def test_k_beyond_int64_and_many_queries_are_refused_before_allocating():
+    rng = np.random.default_rng(1)
+    q, g = rng.standard_normal((1000, 8)), rng.standard_normal((20, 8))
+    with pytest.raises(ValueError, match="k"):
+        afr.cosine_topk(q, g, k=10**9)  # 1000 x 1e9 x 16 bytes of padding
+    with pytest.raises(ValueError, match="k"):
+        afr.cosine_topk(q[:1], g, k=2**64)
+
+
+def test_k_a_little_beyond_n_pads():
+    rng = np.random.default_rng(2)
+    q, g = rng.standard_normal((2, 8)), rng.standard_normal((5, 8))
+    scores, idx = afr.cosine_topk(q, g, k=9)
+    assert idx.shape == (2, 9)
+    np.testing.assert_array_equal(idx[:, :5], brute_topk(q, g, 5))
+    assert (idx[:, 5:] == -1).all() and np.isneginf(scores[:, 5:]).all()
+
+
+@pytest.mark.parametrize(
+    "dtype,scale", [(np.float32, 1e-39), (np.float32, 1e-30), (np.float64, 1e-300)]
+)
+def test_search_with_extreme_queries_and_rows(dtype, scale):
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((12, 16))
+    g = rng.standard_normal((50, 16))
+    want = brute_topk(q, g, 5)
+    qs, gs = (q * scale).astype(dtype), (g * scale).astype(dtype)
+    for queries in (qs[:1], qs):  # the streaming and the tiled paths
+        scores, idx = afr.cosine_topk(queries, gs, k=5)
+        assert np.all(np.isfinite(scores)) and (idx >= 0).all()
+        np.testing.assert_array_equal(idx, want[: len(queries)])
+    gallery = afr.Gallery(16)
+    gallery.add(gs)
+    scores, ids = gallery.search(qs, k=5)
+    assert np.all(np.isfinite(scores))
+    np.testing.assert_array_equal(ids, want)
+    who, best = gallery.identify(qs, threshold=-1.0)
+    np.testing.assert_array_equal(who, want[:, 0])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_self_match_scores_are_never_above_one(dtype):
+    rng = np.random.default_rng(16)
+    rows = rng.standard_normal((200, 64)).astype(np.float32)
+    g = afr.Gallery(64, dtype)
+    g.add(rows)
+    stored = g.vectors()
+    scores, _ = g.search(stored, k=1)
+    assert scores.max() <= 1.0
+    top, _ = afr.cosine_topk(rows, rows, k=1)
+    assert top.max() <= 1.0 and top.min() >= -1.0
+    if dtype == "float32":
+        who, _ = g.identify(stored, threshold=1.0 - 1e-6)
+        assert (who >= 0).all()

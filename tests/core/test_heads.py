@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import arcface_rs as afr
-from _reference import all_margins, make_problem, ref_logits, ref_loss, rel_err
+from _reference import all_margins, brute_topk, make_problem, ref_logits, ref_loss, rel_err, unit
 
 SHAPES = [(188, 31, 123), (64, 128, 1000), (1, 7, 3), (32, 64, 2000)]
 
@@ -225,3 +227,143 @@ def test_labels_accept_any_integer_dtype():
     for dt in (np.int32, np.int16, np.uint8, np.int64):
         assert afr.margin_loss(emb, weight, labels.astype(dt), afr.ArcFace())[0] == want
     assert afr.margin_loss(emb, weight, list(labels), afr.ArcFace())[0] == want
+
+
+def _loss_of(emb, weight, labels, margin):
+    loss, g_emb, g_w = afr.margin_loss(emb, weight, labels, margin)
+    for name, a in (("loss", loss), ("grad_emb", g_emb), ("grad_weight", g_w)):
+        assert np.all(np.isfinite(a)), name
+    return float(loss)
+
+
+@pytest.mark.parametrize(
+    "dtype,scale",
+    [
+        (np.float32, 1e-39),  # denormal
+        (np.float32, 1e-44),
+        (np.float32, 1e-20),
+        (np.float32, 1e30),
+        (np.float64, 1e-200),
+        (np.float64, 1e-310),
+        (np.float64, 1e200),
+        (np.float64, 1e300),
+    ],
+)
+@pytest.mark.parametrize("which", ["emb", "weight"])
+def test_extreme_rows_give_the_loss_of_the_rescaled_row(dtype, scale, which):
+    emb, weight, labels = make_problem(6, 8, 9, seed=8)
+    emb, weight = unit(emb), unit(weight)
+    margin = afr.ArcFace(s=30.0, m=0.5)
+    want = float(ref_loss(emb, weight, labels, margin)[0])
+    e, w = emb.astype(dtype), weight.astype(dtype)
+    rows = [1, 4]
+    if which == "emb":
+        e[rows] = (emb[rows] * scale).astype(dtype)
+    else:
+        labels[0] = 4  # a tiny or huge centre is a target too
+        want = float(ref_loss(emb, weight, labels, margin)[0])
+        w[rows] = (weight[rows] * scale).astype(dtype)
+    got = _loss_of(e, w, labels, margin)
+    # the rounding of the scaled copy itself (denormals keep few digits) sets the tolerance
+    tol = 5e-2 if scale < 1e-37 and dtype == np.float32 else 1e-4
+    tol = 5e-2 if scale < 1e-300 else tol
+    assert abs(got - want) <= tol * max(1.0, abs(want)), (got, want)
+
+
+def test_tiny_float32_weight_rows_get_finite_gradients_along_the_true_direction():
+    emb, weight, labels = make_problem(5, 8, 6, seed=9)
+    emb, weight = unit(emb), unit(weight)
+    margin = afr.CosFace(s=30.0, m=0.2)
+    _, _, want_gw = ref_loss(emb, weight, labels, margin)
+    w = weight.astype(np.float32)
+    w[2] = (weight[2] * 1e-20).astype(np.float32)  # norm 1e-20: gradient ~1e20, representable
+    _, _, gw = afr.margin_loss(emb.astype(np.float32), w, labels, margin)
+    assert np.all(np.isfinite(gw))
+    np.testing.assert_allclose(gw[2] * 1e-20, want_gw[2], rtol=1e-3, atol=1e-5)
+    w[2] = (weight[2] * 1e-40).astype(np.float32)  # below 2^-100: bounded, still finite
+    _, _, gw = afr.margin_loss(emb.astype(np.float32), w, labels, margin)
+    assert np.all(np.isfinite(gw))
+    got = gw[2].astype(np.float64)
+    cos = got @ want_gw[2] / (np.linalg.norm(got) * np.linalg.norm(want_gw[2]))
+    assert cos > 0.99
+
+
+def test_float64_gradients_of_tiny_rows_are_exact():
+    emb, weight, labels = make_problem(4, 6, 5, seed=10)
+    margin = afr.ArcFace(s=16.0, m=0.4)
+    _, want_ge, want_gw = ref_loss(emb, weight, labels, margin)
+    _, ge, gw = afr.margin_loss(emb * 1e-200, weight * 1e-200, labels, margin)
+    assert rel_err(ge * 1e-200, want_ge) < 1e-9
+    assert rel_err(gw * 1e-200, want_gw) < 1e-9
+
+
+def test_huge_float64_rows_are_not_called_nan():
+    rng = np.random.default_rng(12)
+    q, g = rng.standard_normal((3, 8)), rng.standard_normal((10, 8))
+    _, idx = afr.cosine_topk(q * 1e200, g * 1e250, k=4)
+    np.testing.assert_array_equal(idx, brute_topk(q, g, 4))
+
+
+def test_scale_beyond_float32_is_refused_and_fine_in_float64():
+    emb, weight, labels = make_problem(4, 8, 5, seed=13)
+    big = afr.ArcFace(s=1e39)
+    with pytest.raises(ValueError, match="float32"):
+        afr.margin_loss(emb.astype(np.float32), weight.astype(np.float32), labels, big)
+    with pytest.raises(ValueError, match="s"):
+        afr.apply_margin(np.zeros((2, 3), np.float32), [0, 1], big)
+    loss, ge, gw = afr.margin_loss(emb, weight, labels, big)
+    assert np.isfinite(loss) and np.all(np.isfinite(ge)) and np.all(np.isfinite(gw))
+    with pytest.raises(ValueError, match="s"):
+        afr.margin_loss(emb, weight, labels, afr.CosFace(s=1e300))
+    with pytest.raises(ValueError, match="float32"):
+        afr.margin_loss(
+            emb.astype(np.float32), weight.astype(np.float32), labels, afr.CosFace(m=1e37)
+        )
+
+
+def test_large_but_representable_scale_matches_the_reference():
+    emb, weight, labels = make_problem(4, 8, 5, seed=14)
+    margin = afr.CosFace(s=1e6, m=0.35)
+    want = ref_loss(emb, weight, labels, margin)
+    got = afr.margin_loss(emb, weight, labels, margin)
+    assert rel_err(got[0], want[0]) < 1e-9
+    assert rel_err(got[1], want[1]) < 1e-7
+
+
+def test_arcface_fallback_is_what_the_docs_say():
+    for m in (0.5, 2.0, 2.6):
+        margin = afr.ArcFace(s=1.0, m=m)
+        c = np.cos(np.pi - m / 4)  # theta beyond pi - m
+        assert abs(margin.psi(c) - (c - max(m * np.sin(m), 1 - np.cos(m)))) < 1e-12
+        assert "max(m sin m, 1 - cos m)" in afr.ArcFace.__doc__
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dtype=st.sampled_from([np.float32, np.float64]),
+    exp_emb=st.integers(-300, 300),
+    exp_w=st.integers(-300, 300),
+    k=st.one_of(st.integers(1, 40), st.integers(2**40, 2**63 - 1)),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_property_any_magnitude_any_k(dtype, exp_emb, exp_w, k, seed):
+    if dtype == np.float32:  # float32 spans about 1e-45 .. 3e38
+        exp_emb, exp_w = exp_emb * 37 // 300 - 2, exp_w * 37 // 300 - 2
+    emb, weight, labels = make_problem(5, 6, 7, seed=seed % 1000)
+    emb, weight = unit(emb), unit(weight)
+    margin = afr.ArcFace(s=16.0, m=0.4)
+    want = float(ref_loss(emb, weight, labels, margin)[0])
+    e = (emb * 10.0**exp_emb).astype(dtype)
+    w = (weight * 10.0**exp_w).astype(dtype)
+    if not (np.abs(e).max(axis=1) > 0).all() or not (np.abs(w).max(axis=1) > 0).all():
+        return  # the cast itself rounded a row to zeros
+    got = _loss_of(e, w, labels, margin)
+    tol = 0.1 if min(exp_emb, exp_w) < (-37 if dtype == np.float32 else -300) else 1e-3
+    assert abs(got - want) <= tol * max(1.0, abs(want))
+    try:
+        scores, idx = afr.cosine_topk(e, w, k=k)
+    except ValueError as err:
+        assert "k" in str(err) and k > 10**6
+        return
+    assert np.all(scores[idx >= 0] <= 1.0) and np.all(np.isfinite(scores[idx >= 0]))
+    assert (idx[:, : w.shape[0]] >= 0).all() and (idx[:, w.shape[0] :] == -1).all()

@@ -11,13 +11,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import arcface_rs as afr
+from _reference import unit
 
 DTYPES = ["float32", "float16", "bfloat16", "int8"]
-
-
-def unit(x):
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def brute(queries, vectors, ids, k, stored=False):
@@ -404,3 +400,76 @@ def test_pickle_and_copies_are_independent_galleries(dtype):
         assert len(g) == 23 and 100 in g.ids() and 125 not in g.ids()
     with pytest.raises(afr.GalleryFileError):
         afr._core.Gallery.from_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+
+
+# sizes beyond any gallery (from the reliability rounds)
+BIG_KS = [10**12, 2**62, 2**63 - 1]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+@pytest.mark.parametrize("k", BIG_KS)
+def test_gallery_search_huge_k_is_a_value_error(dtype, k):
+    g = afr.Gallery(8, dtype)
+    g.add(np.random.default_rng(3).standard_normal((30, 8)))
+    with pytest.raises(ValueError, match="k"):
+        g.search(np.ones(8), k=k)
+    # still usable afterwards
+    assert g.search(np.ones(8), k=3)[1].shape == (3,)
+
+
+def test_negative_ids_are_refused_and_nothing_is_added():
+    g = afr.Gallery(4)
+    with pytest.raises(ValueError, match="negative"):
+        g.add(np.eye(4), ids=[0, 1, -5, 3])
+    assert len(g) == 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
+def test_empty_gallery_searches_as_padding(dtype):
+    g = afr.Gallery(4, dtype)
+    scores, ids = g.search(np.ones((2, 4)), k=3)
+    assert ids.shape == (2, 3) and (ids == -1).all() and np.isneginf(scores).all()
+    who, best = g.identify(np.ones(4), threshold=0.0)
+    assert who == -1 and np.isneginf(best)
+    scores, idx = afr.cosine_topk(np.ones((1, 4)), np.zeros((0, 4)), k=2)
+    assert (idx == -1).all()
+
+
+def test_remove_refuses_duplicates_and_empty_input_is_a_no_op():
+    g = afr.Gallery(4)
+    g.add(np.eye(4) + 0.1)
+    with pytest.raises(ValueError, match="twice"):
+        g.remove([1, 1])
+    assert len(g) == 4
+    assert g.remove([]) == 0
+    assert len(g.add([], ids=[])) == 0
+    assert len(g.add(np.zeros((0, 4)))) == 0
+    assert len(g) == 4
+
+
+def test_snapshot_is_consistent_under_concurrent_writers():
+    rng = np.random.default_rng(20)
+    g = afr.Gallery(8)
+    rows = rng.standard_normal((400, 8))
+    g.add(rows[:200], ids=np.arange(200))
+    want = {i: r / np.linalg.norm(r) for i, r in enumerate(rows)}
+    stop = threading.Event()
+
+    def writer():
+        i = 200
+        while not stop.is_set() and i < 400:
+            g.add(rows[i], ids=[i])
+            g.remove([i - 200])
+            i += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for _ in range(50):
+            ids, vectors = g.snapshot()
+            assert len(ids) == len(vectors)
+            for i, v in zip(ids[:20], vectors[:20]):
+                np.testing.assert_allclose(v, want[int(i)], atol=1e-6)
+    finally:
+        stop.set()
+        t.join()

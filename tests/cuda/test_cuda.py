@@ -22,6 +22,7 @@ import arcface_rs.torch as aft
 from _reference import all_margins, make_problem
 from arcface_rs.torch import _cuda as tcuda
 from arcface_rs.torch import _ops as tops
+from arcface_rs.torch._rows import encode
 
 FUSED = afr.cuda_available()
 needs_gpu = pytest.mark.skipif(
@@ -124,7 +125,7 @@ def _problem(b, d, c, dtype, seed=0, ignore=2):
 @pytest.mark.parametrize("margin", all_margins()[:5], ids=repr)
 def test_glue_gives_what_the_cpu_op_gives(cpu_launch, margin, reduction):
     emb, weight, labels = _problem(7, 5, 11, torch.float64, seed=3)
-    kind, params = tops.encode(margin)
+    kind, params = encode(margin)
     want = tops.loss_op(emb, weight, labels, kind, params, 1, None, None, reduction, True, True)
     got = tcuda._loss_cuda(emb, weight, labels, kind, params, 1, None, None, reduction, True, True)
     for g, w in zip(got, want):
@@ -134,7 +135,7 @@ def test_glue_gives_what_the_cpu_op_gives(cpu_launch, margin, reduction):
 
 def test_glue_backward_of_reduction_none_weights_rows_by_upstream(cpu_launch):
     emb, weight, labels = _problem(6, 4, 9, torch.float64, seed=4)
-    kind, params = tops.encode(afr.ArcFace())
+    kind, params = encode(afr.ArcFace())
     upstream = torch.linspace(-1.0, 2.0, 6, dtype=torch.float64)
     want = tops.loss_backward_op(
         emb, weight, labels, kind, params, 1, None, None, "none", upstream, True, True
@@ -159,7 +160,7 @@ def test_glue_backward_of_reduction_none_weights_rows_by_upstream(cpu_launch):
 def test_glue_all_rows_ignored_gives_zero_not_nan(cpu_launch):
     emb, weight, _ = _problem(4, 5, 6, torch.float64)
     labels = torch.full((4,), -1)
-    kind, params = tops.encode(afr.CosFace())
+    kind, params = encode(afr.CosFace())
     loss, g_emb, g_w = tcuda._loss_cuda(
         emb, weight, labels, kind, params, 1, None, None, "mean", True, True
     )
@@ -175,7 +176,7 @@ def test_glue_half_precision_inputs_take_the_16_bit_path(cpu_launch, monkeypatch
     monkeypatch.setattr(
         tcuda, "launch_cuda", lambda *a, **k: seen.append((a[1], k)) or _cpu_launch(*a, **k)
     )
-    kind, params = tops.encode(afr.ArcFace())
+    kind, params = encode(afr.ArcFace())
     args = (labels, kind, params, 1, None, None, "mean", True, True)
     got = tcuda._loss_cuda(emb.to(emb_dtype), weight.half(), *args)
     want = tops.loss_op(emb.to(emb_dtype), weight.half(), *args)
@@ -198,7 +199,7 @@ def test_glue_tf32_follows_torch_s_float32_matmul_setting(cpu_launch, monkeypatc
     monkeypatch.setattr(
         tcuda, "launch_cuda", lambda *a, **k: seen.append(k["tf32"]) or _cpu_launch(*a, **k)
     )
-    kind, params = tops.encode(afr.CosFace())
+    kind, params = encode(afr.CosFace())
     args = (emb, weight, labels, kind, params, 1, None, None, "mean", True, True)
     before = torch.get_float32_matmul_precision()
     try:
@@ -212,7 +213,7 @@ def test_glue_tf32_follows_torch_s_float32_matmul_setting(cpu_launch, monkeypatc
 
 def test_glue_sub_centres_take_the_fused_path(cpu_launch):
     emb, weight, labels = _problem(6, 5, 12, torch.float64, seed=6)
-    kind, params = tops.encode(afr.ArcFace())
+    kind, params = encode(afr.ArcFace())
     args = (emb, weight, labels % 4, kind, params, 3, None, None, "mean", True, True)
     for g, w in zip(tcuda._loss_cuda(*args), tops.loss_op(*args)):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
@@ -233,7 +234,7 @@ def test_glue_sub_centres_take_the_fused_path(cpu_launch):
 )
 def test_glue_bad_input_raises_value_error_naming_the_argument(cpu_launch, change, match):
     emb, weight, labels = change(*_problem(6, 5, 11, torch.float64, seed=5))
-    kind, params = tops.encode(afr.ArcFace())
+    kind, params = encode(afr.ArcFace())
     with pytest.raises(ValueError, match=match):
         tcuda._loss_cuda(emb, weight, labels, kind, params, 1, None, None, "mean", True, True)
 

@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 
 import arcface_rs as afr
+from _reference import unit
+from arcface_rs import metrics
 from arcface_rs.metrics import identification
-
-
-def unit(x):
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def brute_ranks(probes, probe_labels, gallery, gallery_labels, distractors, max_rank):
@@ -132,3 +130,34 @@ def test_a_gallery_without_labels_uses_its_ids_as_identities():
     assert rep.rank1 == 1.0 and rep.mated_probes == 20
     with pytest.raises(ValueError, match="gallery_labels: required"):
         identification(probes, np.arange(20), centres)
+
+
+def test_identification_ranks_far_beyond_the_candidates():
+    rng = np.random.default_rng(4)
+    gallery = rng.standard_normal((12, 16))
+    labels = np.arange(12)
+    probes = gallery[[0, 3, 5]] + 0.5 * rng.standard_normal((3, 16))
+    distractors = rng.standard_normal((7, 16))
+    huge = metrics.identification(
+        probes, [0, 3, 5], gallery, labels, distractors=distractors, ranks=(1, 10**12)
+    )
+    exact = metrics.identification(
+        probes, [0, 3, 5], gallery, labels, distractors=distractors, ranks=(1, 19)
+    )
+    assert huge.cmc[1] == exact.cmc[1]
+    # beyond every candidate (12 + 7 rows), every mate ranks within
+    assert huge.cmc[10**12] == exact.cmc[19] == 1.0
+    with pytest.raises(ValueError, match="ranks"):
+        metrics.identification(probes, [0, 3, 5], gallery, labels, ranks=(1, 2**64))
+
+
+def test_identification_with_a_gallery_object_equals_arrays():
+    rng = np.random.default_rng(15)
+    rows = rng.standard_normal((40, 16))
+    ids = rng.permutation(1000)[:40]
+    g = afr.Gallery(16)
+    g.add(rows, ids=ids)
+    probes = rows[:10] + 0.8 * rng.standard_normal((10, 16))
+    a = metrics.identification(probes, ids[:10], rows, ids)
+    b = metrics.identification(probes, ids[:10], g)
+    assert a.cmc == b.cmc and a.cmc[1] > 0

@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import arcface_rs as afr
+from _papers import adaface_reference, autograd_reference, magface_reference, scatter_target
 from _reference import make_problem
 
 TOL = 1e-9
@@ -28,30 +28,6 @@ def _problem(b=12, d=16, c=40, seed=0, scale=1.0):
     return emb * scale, weight, labels
 
 
-def _reference(emb, weight, labels, target_logit, extra=None):
-    """Mean CE of s*cos with target logits from ``target_logit(cos_target, norms)`` and the
-    gradients by autograd; ``extra(norms)`` adds a per-row loss term."""
-    x = torch.tensor(emb, requires_grad=True)
-    w = torch.tensor(weight, requires_grad=True)
-    y = torch.tensor(labels)
-    norms = x.norm(dim=1)
-    cos = F.normalize(x, dim=1) @ F.normalize(w, dim=1).T
-    rows = torch.arange(len(y))
-    logits, s = target_logit(cos, cos[rows, y], norms)
-    logits = logits.clone()
-    loss = F.cross_entropy(logits, y, reduction="none")
-    if extra is not None:
-        loss = loss + extra(norms)
-    loss = loss.mean()
-    loss.backward()
-    return loss.item(), x.grad.numpy(), w.grad.numpy()
-
-
-def _scatter(cos, y, target, s):
-    onehot = F.one_hot(y, cos.shape[1]).to(cos.dtype)
-    return s * (cos * (1 - onehot) + onehot * target[:, None])
-
-
 def test_per_row_arcface_equals_the_reference():
     emb, weight, labels = _problem(seed=1)
     m = np.linspace(0.1, 0.7, len(labels))
@@ -61,10 +37,10 @@ def test_per_row_arcface_equals_the_reference():
         mt = torch.tensor(m)
         theta = torch.acos(ct.clamp(-1, 1))
         psi = torch.where(theta + mt <= math.pi, torch.cos(theta + mt), ct - mt * torch.sin(mt))
-        return _scatter(cos, torch.tensor(labels), psi, 30.0), 30.0
+        return scatter_target(cos, torch.tensor(labels), psi, 30.0), 30.0
 
     loss, ge, gw = afr.margin_loss(emb, weight, labels, margin)
-    want = _reference(emb, weight, labels, target)
+    want = autograd_reference(emb, weight, labels, target)
     _close(loss, want[0])
     _close(ge, want[1])
     _close(gw, want[2])
@@ -87,10 +63,10 @@ def test_straight_through_arcface_has_the_plain_logit_gradient():
         psi = torch.where(theta + 0.5 <= math.pi, torch.cos(theta + 0.5), ct - 0.5 * math.sin(0.5))
         # the margin as a constant shift: no gradient through it (arcface_torch)
         shifted = ct + (psi - ct).detach()
-        return _scatter(cos, torch.tensor(labels), shifted, 64.0), 64.0
+        return scatter_target(cos, torch.tensor(labels), shifted, 64.0), 64.0
 
     loss, ge, gw = afr.margin_loss(emb, weight, labels, margin)
-    want = _reference(emb, weight, labels, target)
+    want = autograd_reference(emb, weight, labels, target)
     _close(loss, want[0])
     _close(ge, want[1])
     _close(gw, want[2])
@@ -101,25 +77,6 @@ def test_straight_through_arcface_has_the_plain_logit_gradient():
         afr.ArcFace(grad="approximate")
 
 
-def _adaface_reference(emb, weight, labels, state, s=64.0, m=0.4, h=0.333, t_alpha=0.01):
-    """One step of the AdaFace paper's head; updates ``state`` (mean, std) in place."""
-    eps = 1e-3
-
-    def target(cos, ct, norms):
-        safe = norms.detach().clamp(0.001, 100)
-        state[0] = safe.mean().item() * t_alpha + (1 - t_alpha) * state[0]
-        state[1] = safe.std().item() * t_alpha + (1 - t_alpha) * state[1]
-        z = ((safe - state[0]) / (state[1] + eps) * h).clamp(-1, 1)
-        cos = cos.clamp(-1 + eps, 1 - eps)
-        ct = ct.clamp(-1 + eps, 1 - eps)
-        theta = torch.acos(ct)
-        theta_m = (theta - m * z).clamp(eps, math.pi - eps)
-        psi = torch.cos(theta_m) - (m + m * z)
-        return _scatter(cos, torch.tensor(labels), psi, s), s
-
-    return _reference(emb, weight, labels, target)
-
-
 def test_adaface_two_steps_equal_the_papers_head_with_its_statistics():
     emb, weight, labels = _problem(seed=3, scale=12.0)
     margin = afr.AdaFace()
@@ -127,7 +84,7 @@ def test_adaface_two_steps_equal_the_papers_head_with_its_statistics():
     for step in range(2):
         e = emb * (1.0 + 0.5 * step)
         loss, ge, gw = afr.margin_loss(e, weight, labels, margin)
-        want = _adaface_reference(e, weight, labels, state)
+        want = adaface_reference(e, weight, labels, state)
         _close(loss, want[0])
         _close(ge, want[1])
         _close(gw, want[2])
@@ -138,7 +95,7 @@ def test_adaface_two_steps_equal_the_papers_head_with_its_statistics():
     l32, ge32, gw32 = afr.margin_loss(
         emb.astype(np.float32), weight.astype(np.float32), labels, m32
     )
-    want = _adaface_reference(emb, weight, labels, [margin.batch_mean, margin.batch_std])
+    want = adaface_reference(emb, weight, labels, [margin.batch_mean, margin.batch_std])
     _close(l32, want[0], 2e-3)
     _close(ge32, want[1], 2e-3)
     _close(gw32, want[2], 2e-3)
@@ -148,27 +105,6 @@ def test_adaface_two_steps_equal_the_papers_head_with_its_statistics():
     assert (margin.batch_mean, margin.batch_std) == frozen
 
 
-def _magface_reference(
-    emb, weight, labels, s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0, easy=True
-):
-    def target(cos, ct, norms):
-        a = norms.clamp(l_a, u_a)
-        mm = (u_m - l_m) / (u_a - l_a) * (a - l_a) + l_m
-        theta = torch.acos(ct.clamp(-1, 1))
-        psi = torch.cos(theta + mm)
-        if easy:
-            psi = torch.where(ct > 0, psi, ct)
-        else:
-            psi = torch.where(theta + mm <= math.pi, psi, ct - mm * torch.sin(mm))
-        return _scatter(cos, torch.tensor(labels), psi, s), s
-
-    def regulariser(norms):
-        a = norms.clamp(l_a, u_a)
-        return lambda_g * (a / u_a**2 + 1 / a)
-
-    return _reference(emb, weight, labels, target, regulariser)
-
-
 @pytest.mark.parametrize("easy", [True, False])
 def test_magface_with_its_regulariser_equals_the_papers_head(easy):
     emb, weight, labels = _problem(seed=4, scale=15.0)  # norms across (l_a, u_a) and beyond
@@ -176,7 +112,7 @@ def test_magface_with_its_regulariser_equals_the_papers_head(easy):
     emb[1] *= 30.0
     margin = afr.MagFace(easy_margin=easy)
     loss, ge, gw = afr.margin_loss(emb, weight, labels, margin)
-    want = _magface_reference(emb, weight, labels, easy=easy)
+    want = magface_reference(emb, weight, labels, easy=easy)
     _close(loss, want[0])
     _close(ge, want[1])
     _close(gw, want[2])

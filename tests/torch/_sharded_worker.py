@@ -1,4 +1,4 @@
-"""One rank of the sharded-head tests (run by tests/test_sharded.py, not collected by pytest).
+"""One rank of the sharded-head tests (run by tests/torch/test_sharded.py, not collected by pytest).
 
 usage: python _sharded_worker.py RANK WORLD PORT CASES_FILE OUT_DIR
 Runs every case of CASES_FILE (a torch.save'd list) in one gloo process group and saves this
@@ -14,8 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from arcface_rs.torch import ShardedMarginHead, split_weight
-from arcface_rs.torch import sharded as _sharded
+from arcface_rs.torch import ShardedMarginHead, _collectives, split_weight
 
 
 def main() -> None:
@@ -47,7 +46,7 @@ def main() -> None:
         head._path = case.get("path")  # None: the CPU kernel; "plain": torch ops
         # the plain path is what GPUs run; there a gloo group gathers by all_reduce
         by_all_reduce = case.get("path") == "plain"
-        _sharded._gathers_by_all_reduce = lambda x, group, yes=by_all_reduce: yes
+        _collectives.gathers_by_all_reduce = lambda x, group, yes=by_all_reduce: yes
         sizes = case["splits"][world]
         lo = sum(sizes[:rank])
         emb = case["emb"][lo : lo + sizes[rank]].clone().requires_grad_(True)

@@ -7,31 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_adaptive_margins import _adaface_reference, _magface_reference
 
 import arcface_rs as afr
 import arcface_rs.torch as aft
+from _papers import adaface_reference, float64_head, head_step, magface_reference
 from _reference import make_problem
 from arcface_rs.torch import functional
 
 TOL = 1e-9
-
-
-def _head(cls, weight, **kw):
-    head = cls(
-        embedding_size=weight.shape[1], num_classes=weight.shape[0], dtype=torch.float64, **kw
-    )
-    with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(weight))
-    return head
-
-
-def _step(head, emb, labels):
-    e = torch.tensor(emb, requires_grad=True)
-    head.weight.grad = None
-    loss = head(e, torch.tensor(labels))
-    loss.backward()
-    return loss.item(), e.grad.numpy(), head.weight.grad.numpy().copy()
 
 
 def _close(got, want, tol=TOL):
@@ -42,26 +25,26 @@ def _close(got, want, tol=TOL):
 def test_adaface_head_two_steps_and_buffers_equal_the_papers_head():
     emb, weight, labels = make_problem(12, 16, 40, seed=3)
     emb = emb * 12.0
-    head = _head(aft.AdaFaceHead, weight)
+    head = float64_head(aft.AdaFaceHead, weight)
     assert set(head.state_dict()) == {"weight", "batch_mean", "batch_std"}
     state = [20.0, 100.0]
     for step in range(2):
         e = emb * (1.0 + 0.5 * step)
-        got = _step(head, e, labels)
-        want = _adaface_reference(e, weight, labels, state)
+        got = head_step(head, e, labels)
+        want = adaface_reference(e, weight, labels, state)
         for a, b in zip(got, want):
             _close(a, b)
         assert abs(float(head.batch_mean) - state[0]) <= 1e-12 * state[0]
         assert abs(float(head.batch_std) - state[1]) <= 1e-12 * state[1]
     # a state_dict round trip carries the statistics: the next step agrees
-    again = _head(aft.AdaFaceHead, weight)
+    again = float64_head(aft.AdaFaceHead, weight)
     again.load_state_dict(head.state_dict())
-    for a, b in zip(_step(again, emb, labels), _step(head, emb, labels)):
+    for a, b in zip(head_step(again, emb, labels), head_step(head, emb, labels)):
         _close(a, b, 1e-12)
     # eval mode uses the statistics unchanged
     head.eval()
     frozen = (float(head.batch_mean), float(head.batch_std))
-    _step(head, emb * 3.0, labels)
+    head_step(head, emb * 3.0, labels)
     assert (float(head.batch_mean), float(head.batch_std)) == frozen
 
 
@@ -69,9 +52,9 @@ def test_adaface_head_two_steps_and_buffers_equal_the_papers_head():
 def test_magface_head_equals_the_papers_head_with_its_regulariser(easy):
     emb, weight, labels = make_problem(12, 16, 40, seed=4)
     emb = emb * 15.0
-    head = _head(aft.MagFaceHead, weight, easy_margin=easy)
-    got = _step(head, emb, labels)
-    want = _magface_reference(emb, weight, labels, easy=easy)
+    head = float64_head(aft.MagFaceHead, weight, easy_margin=easy)
+    got = head_step(head, emb, labels)
+    want = magface_reference(emb, weight, labels, easy=easy)
     for a, b in zip(got, want):
         _close(a, b)
     # float32 to 2e-3
@@ -87,20 +70,20 @@ def test_magface_head_equals_the_papers_head_with_its_regulariser(easy):
 
 def test_straight_through_head_equals_the_numpy_api_and_differs_from_exact():
     emb, weight, labels = make_problem(12, 16, 40, seed=2)
-    st = _step(_head(aft.ArcFaceHead, weight, grad="straight_through"), emb, labels)
+    st = head_step(float64_head(aft.ArcFaceHead, weight, grad="straight_through"), emb, labels)
     want = afr.margin_loss(emb, weight, labels, afr.ArcFace(grad="straight_through"))
     for a, b in zip(st, want):
         _close(a, b, 1e-12)
-    exact = _step(_head(aft.ArcFaceHead, weight), emb, labels)
+    exact = head_step(float64_head(aft.ArcFaceHead, weight), emb, labels)
     assert abs(exact[0] - st[0]) < 1e-12 and np.abs(exact[1] - st[1]).max() > 1e-6
-    head = _head(aft.CombinedMarginHead, weight, grad="straight_through")
+    head = float64_head(aft.CombinedMarginHead, weight, grad="straight_through")
     assert head.margin.grad == "straight_through"
 
 
 def test_elastic_face_head_is_reproducible_from_its_seed():
     emb, weight, labels = make_problem(16, 8, 30, seed=5)
-    a = [_step(_head(aft.ElasticFaceHead, weight, seed=3, std=0.05), emb, labels)[0]]
-    b = [_step(_head(aft.ElasticFaceHead, weight, seed=3, std=0.05), emb, labels)[0]]
+    a = [head_step(float64_head(aft.ElasticFaceHead, weight, seed=3, std=0.05), emb, labels)[0]]
+    b = [head_step(float64_head(aft.ElasticFaceHead, weight, seed=3, std=0.05), emb, labels)[0]]
     assert a == b
 
 
@@ -146,12 +129,12 @@ def test_gradcheck_float64_adaface_at_fixed_scalers():
 def test_compiled_heads_equal_eager_without_graph_breaks(cls):
     torch._dynamo.reset()
     emb, weight, labels = make_problem(16, 8, 40, seed=9)
-    eager, compiled_head = _head(cls, weight), _head(cls, weight)
+    eager, compiled_head = float64_head(cls, weight), float64_head(cls, weight)
     compiled = torch.compile(compiled_head, backend="aot_eager", fullgraph=True)
     for step in range(2):
         e = emb * (4.0 + step)
-        want = _step(eager, e, labels)
-        got = _step(compiled, e, labels)
+        want = head_step(eager, e, labels)
+        got = head_step(compiled, e, labels)
         for a, b in zip(got, want):
             _close(a, b, 1e-12)
     assert torch.equal(eager.state_dict()["weight"], compiled_head.state_dict()["weight"])

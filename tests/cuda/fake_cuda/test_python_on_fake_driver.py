@@ -1,4 +1,4 @@
-"""The Python side of the CUDA path on the fake driver (tests/fake_cuda/): the real
+"""The Python side of the CUDA path on the fake driver (tests/cuda/fake_cuda/): the real
 bindings, driver code and kernels (on the CPU emulator) behind ``Gallery(device="cuda")``
 and the torch head's CUDA kernel. "Device memory" is host memory there, so the torch glue
 runs on CPU tensors through the real launch.
@@ -27,6 +27,7 @@ import arcface_rs as afr  # noqa: E402
 from _reference import all_margins, make_problem  # noqa: E402
 from arcface_rs.torch import _cuda as tcuda  # noqa: E402
 from arcface_rs.torch import _ops as tops  # noqa: E402
+from arcface_rs.torch._rows import encode, rows_of  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not FAKE, reason="scripts/test.sh runs it on the fake driver")
 
@@ -79,7 +80,7 @@ def cpu_stream(monkeypatch):
 def test_torch_head_through_the_real_launch(cpu_stream, margin, reduction, dtype):
     emb, weight, labels = (torch.tensor(a) for a in make_problem(9, 6, 30, seed=1, ignore=2))
     emb, weight = emb.to(dtype), weight.to(dtype)
-    kind, params = tops.encode(margin)
+    kind, params = encode(margin)
     want = tops.loss_op(emb, weight, labels, kind, params, 1, None, None, reduction, True, True)
     got = tcuda._loss_cuda(emb, weight, labels, kind, params, 1, None, None, reduction, True, True)
     tol = 1e-10 if dtype == torch.float64 else 2e-4
@@ -108,7 +109,7 @@ def test_hard_negatives_and_the_filter_through_the_real_launch(
     cpu_stream, margin, interclass_filter
 ):
     emb, weight, labels = (torch.tensor(a) for a in make_problem(9, 6, 30, seed=5, ignore=2))
-    kind, params = tops.encode(margin)
+    kind, params = encode(margin)
     args = (emb, weight, labels, kind, params, 1, interclass_filter, None, "mean", True, True)
     for g, w in zip(tcuda._loss_cuda(*args), tops.loss_op(*args)):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
@@ -135,8 +136,8 @@ def test_hard_negatives_and_the_filter_through_the_real_launch(
 def test_per_row_and_norm_margins_through_the_real_launch(cpu_stream, margin):
     emb, weight, labels = (torch.tensor(a) for a in make_problem(9, 6, 30, seed=4, ignore=2))
     emb = emb * 3.0
-    block, _ = tops.encode(margin)
-    rows = tops.rows_of(margin, emb, weight, labels)  # once: AdaFace's statistics move
+    block, _ = encode(margin)
+    rows = rows_of(margin, emb, weight, labels)  # once: AdaFace's statistics move
     for reduction in ("mean", "none"):
         want = tops.loss_op(emb, weight, labels, block, rows, 1, None, None, reduction, True, True)
         got = tcuda._loss_cuda(
@@ -152,8 +153,8 @@ def test_per_row_and_norm_margins_through_the_real_launch(cpu_stream, margin):
 def test_half_precision_head_through_the_real_launch(cpu_stream, margin, weight_f32, gemm):
     # 16-bit GEMM operands and stash, on the emulator: within their rounding of float64
     emb, weight, labels = (torch.tensor(a) for a in make_problem(9, 16, 30, seed=6, ignore=2))
-    block, _ = tops.encode(margin)
-    rows = tops.rows_of(margin, emb, weight, labels)
+    block, _ = encode(margin)
+    rows = rows_of(margin, emb, weight, labels)
     args = (labels, block, rows, 1, None, None, "mean", True, True)
     want = tops.loss_op(emb, weight, labels, block, rows, 1, None, None, "mean", True, True)
     w = weight.float() if weight_f32 else weight.to(gemm)
@@ -167,7 +168,7 @@ def test_half_precision_head_through_the_real_launch(cpu_stream, margin, weight_
 
 def test_bad_labels_raise_through_the_real_launch(cpu_stream):
     emb, weight, labels = (torch.tensor(a) for a in make_problem(5, 4, 8, seed=2))
-    kind, params = tops.encode(afr.CosFace())
+    kind, params = encode(afr.CosFace())
     for bad in (8, -2):
         with pytest.raises(ValueError, match=f"labels: .* found {bad} \\(row 3\\)"):
             tcuda._loss_cuda(
@@ -178,7 +179,7 @@ def test_bad_labels_raise_through_the_real_launch(cpu_stream):
 
 def test_torch_head_bad_rows_raise_through_the_real_launch(cpu_stream):
     emb, weight, labels = (torch.tensor(a) for a in make_problem(5, 4, 8, seed=2))
-    kind, params = tops.encode(afr.ArcFace())
+    kind, params = encode(afr.ArcFace())
     with pytest.raises(ValueError, match="emb: row 2"):
         tcuda._loss_cuda(
             emb.index_fill(0, torch.tensor([2]), 0.0),

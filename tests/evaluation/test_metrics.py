@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from arcface_rs import metrics
 from arcface_rs.metrics import verification
 
 
@@ -105,3 +108,12 @@ def test_far_below_one_over_negatives_is_nan_with_a_warning():
 def test_bad_input(scores, same, kw, exc, match):
     with pytest.raises(exc, match=match):
         verification(scores, same, **kw)
+
+
+def test_far_zero_is_the_tar_with_no_false_accept():
+    scores = np.array([0.9, 0.8, 0.7, 0.75, 0.2, 0.1])
+    same = np.array([True, True, True, False, False, False])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rep = metrics.verification(scores, same, far=(0.0,), folds=0)
+    assert rep.tar_at_far[0.0] == pytest.approx(2 / 3)

@@ -15,6 +15,7 @@ import arcface_rs.torch as aft
 from _reference import all_margins, make_problem, ref_logits
 from arcface_rs.torch import _ops as tops
 from arcface_rs.torch import _plain as tplain
+from arcface_rs.torch._rows import encode
 
 HEADS = [
     (aft.ArcFaceHead, {"s": 64.0, "m": 0.5}),
@@ -111,7 +112,7 @@ def test_opcheck_custom_ops(margin, head):
     k = head[0]
     emb, weight, labels = _inputs(6, 5, 9 * k, torch.float64, seed=4)
     labels = labels % 9
-    kind, params = tops.encode(margin)
+    kind, params = encode(margin)
     torch.library.opcheck(
         torch.ops.arcface_rs.margin_loss.default,
         (emb, weight, labels, kind, params, *head, None, "mean", True, True),
@@ -390,3 +391,47 @@ def test_named_heads_take_their_margin_s_keywords_and_defaults_from_the_margin_c
     assert head.weight.dtype == torch.float64
     with pytest.raises(TypeError):
         aft.ArcFaceHead(8, 10, bogus=1)
+
+
+def test_double_backward_raises():
+    torch = pytest.importorskip("torch")
+    import arcface_rs.torch as aft
+
+    head = aft.ArcFaceHead(embedding_size=8, num_classes=10).double()
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3])
+    loss = head(x, y)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    z = head.logits(x, y)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(z.sum(), x, create_graph=True)
+    # first-order gradients still work
+    (g,) = torch.autograd.grad(head(x, y), x)
+    assert torch.isfinite(g).all()
+
+
+def test_torch_heads_take_numpy_integer_sizes():
+    pytest.importorskip("torch")
+    import arcface_rs.torch as aft
+
+    head = aft.CosFaceHead(embedding_size=np.int64(8), num_classes=np.int32(5))
+    assert tuple(head.weight.shape) == (5, 8) and type(head.num_classes) is int
+    with pytest.raises(TypeError, match="num_classes"):
+        aft.CosFaceHead(embedding_size=8, num_classes=5.0)
+
+
+def test_torch_extreme_rows_are_finite():
+    torch = pytest.importorskip("torch")
+    import arcface_rs.torch as aft
+
+    head = aft.ArcFaceHead(embedding_size=8, num_classes=6)
+    x = torch.randn(3, 8)
+    x[1] *= 1e-39
+    x.requires_grad_(True)
+    with torch.no_grad():
+        head.weight[2] *= 1e-30
+    loss = head(x, torch.tensor([2, 1, 0]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    assert torch.isfinite(head.weight.grad).all()

@@ -2,7 +2,7 @@
 // arcface_rs calls, by cuBLAS's column-major definition (reference_gemm.h), over host
 // memory.
 
-#include "../../src/cuda/reference_gemm.h"
+#include "../../../src/cuda/reference_gemm.h"
 
 typedef int cublasStatus_t;
 

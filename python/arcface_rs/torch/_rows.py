@@ -1,0 +1,71 @@
+"""A margin's arguments to the ops: its parameter block, and for margins that vary per row
+(AdaFace, MagFace, ElasticFace, CurricularFace) the blocks of one batch, computed from the
+detached batch on its device (norms, target cosines through overflow-safe unit rows)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._margins import Margin
+
+
+def encode(margin: Margin) -> tuple[list[float], Tensor | None]:
+    """The op arguments of a margin: its parameter block and its per-row blocks (or None)."""
+    if not isinstance(margin, Margin):
+        raise TypeError(
+            "margin must be ArcFace, CosFace, SphereFace, CombinedMargin or Softmax, "
+            f"got {type(margin).__name__}"
+        )
+    return list(margin.block), None
+
+
+def rows_of(
+    margin: Margin,
+    emb: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    sub_centers: int = 1,
+    step: bool = True,
+) -> Tensor | None:
+    """The margin's per-row parameter blocks for this batch as a float64 tensor, or None
+    when one margin serves every row. Margins with state (AdaFace's statistics,
+    ElasticFace's draws) compute them on the host from the detached batch; ``step`` (a
+    loss call) lets running statistics move, which the caller applies with
+    ``margin._commit()`` once the op has accepted the batch."""
+    encode(margin)  # a TypeError for anything but a margin
+    if type(margin)._rows is Margin._rows:  # fixed values: no batch needed
+        blocks = margin._row_blocks
+        return None if blocks is None else torch.from_numpy(np.array(blocks))
+    x, w = emb.detach(), weight.detach()
+
+    def norms() -> np.ndarray:
+        return x.to(torch.float64).norm(dim=1).cpu().numpy()
+
+    def target_cos() -> np.ndarray:
+        y = labels.to(torch.int64)
+        k = sub_centers
+        classes = w.shape[0] // k
+        if w.shape[0] % k or bool(((y < -1) | (y >= classes)).any()):
+            return np.full(len(y), math.nan)  # the op names the bad shape or label next
+        centres = unit_rows(w.reshape(classes, k, -1)[y.clamp(0, classes - 1)])
+        c = (unit_rows(x)[:, None, :] * centres).sum(dim=2).amax(dim=1).clamp(-1.0, 1.0)
+        return torch.where(y >= 0, c, torch.full_like(c, math.nan)).cpu().numpy()
+
+    blocks = margin._rows(norms, target_cos, step)
+    return None if blocks is None else torch.from_numpy(blocks)
+
+
+def unit_rows(t: Tensor) -> Tensor:
+    """Rows (along the last axis) over their norms in float64, without overflow or
+    underflow: each row is first scaled by its largest magnitude, so rows of norm 1e-300
+    or 1e300 give exact cosines. Zero and non-finite rows give NaN."""
+    t = t.to(torch.float64)
+    peak = t.abs().amax(dim=-1, keepdim=True)
+    ok = torch.isfinite(peak) & (peak > 0)
+    scaled = t / torch.where(ok, peak, torch.ones_like(peak))
+    unit = scaled / scaled.norm(dim=-1, keepdim=True).clamp(min=1e-300)
+    return torch.where(ok, unit, torch.full_like(unit, math.nan))
