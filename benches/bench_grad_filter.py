@@ -56,7 +56,7 @@ def worker(what: str, kind: str, b: int, d: int, c: int) -> None:
     emb, weight, labels = make_batch(kind, b, d, c)
     out: dict = {}
     if what in ("exact", "auto", "softmax"):
-        spec = (afr.Softmax(s=64.0) if what == "softmax" else afr.ArcFace(s=64.0, m=0.5))._spec
+        spec = (afr.Softmax(s=64.0) if what == "softmax" else afr.ArcFace(s=64.0, m=0.5)).spec
         filt = "auto" if what == "auto" else None
 
         def step() -> None:

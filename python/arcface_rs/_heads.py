@@ -34,7 +34,7 @@ def _margin(value: Any) -> _core.Margin:
             "Softmax, AdaFace, MagFace, ElasticFace, CurricularFace, MVSoftmax), got "
             f"{type(value).__name__}"
         )
-    return value._spec
+    return value.spec
 
 
 def _refuse_norm_margins(margin: Any) -> _core.Margin:
@@ -77,7 +77,7 @@ def _row_blocks(
     step: bool = True,
 ) -> np.ndarray | None:
     """The margin's per-row parameter blocks for this batch (None: one for all rows);
-    ``step``: a loss call, which moves running statistics (applied by ``margin._commit()``
+    ``step``: a loss call, which moves running statistics (applied by ``margin.commit()``
     once the call has been accepted)."""
     _margin(margin)
     if labels.shape[0] != emb.shape[0]:
@@ -96,7 +96,7 @@ def _row_blocks(
         with np.errstate(over="ignore", invalid="ignore"):
             return np.linalg.norm(emb.astype(np.float64), axis=1)
 
-    return margin._rows(norms, target_cos, step)
+    return margin.batch_rows(norms, target_cos, step)
 
 
 def _head_options(sub_centers: Any, interclass_filter: Any) -> dict[str, Any]:
@@ -145,7 +145,7 @@ def margin_logits(
     head = _head_options(sub_centers, interclass_filter)
     rows = _row_blocks(margin, emb, weight, labels, head["sub_centers"], step=False)
     out = _core.margin_logits(emb, weight, labels, _margin(margin), row_margins=rows, **head)
-    margin._commit()
+    margin.commit()
     return out
 
 
@@ -180,7 +180,7 @@ def margin_logits_backward(
     _same_dtype(grad_logits=grad_logits, emb=emb, weight=weight)
     spec = _margin(margin)
     head = _head_options(sub_centers, interclass_filter)
-    rows = margin._rows_again()
+    rows = margin.last_rows()
     return _core.margin_logits_backward(
         grad_logits, emb, weight, _labels(labels), spec, row_margins=rows, **head
     )
@@ -256,7 +256,7 @@ def margin_loss(
         grad_filter=_grad_filter(grad_filter),
         **head,
     )
-    margin._commit()  # the call was accepted: running statistics and draws move on
+    margin.commit()  # the call was accepted: running statistics and draws move on
     out = rows.astype(emb.dtype) if reduction == "none" else emb.dtype.type(loss)
     return out, g_emb, g_w
 
@@ -282,7 +282,7 @@ def apply_margin(cos: Any, labels: Any, margin: Margin) -> np.ndarray:
     """
     cos = _floats("cos", cos)
     spec = _refuse_norm_margins(margin)
-    return _core.apply_margin(cos, _labels(labels), spec, row_margins=margin._row_blocks)
+    return _core.apply_margin(cos, _labels(labels), spec, row_margins=margin.row_blocks)
 
 
 def apply_margin_backward(grad_logits: Any, cos: Any, labels: Any, margin: Margin) -> np.ndarray:
@@ -304,7 +304,7 @@ def apply_margin_backward(grad_logits: Any, cos: Any, labels: Any, margin: Margi
     _same_dtype(grad_logits=grad_logits, cos=cos)
     spec = _refuse_norm_margins(margin)
     return _core.apply_margin_backward(
-        grad_logits, cos, _labels(labels), spec, row_margins=margin._row_blocks
+        grad_logits, cos, _labels(labels), spec, row_margins=margin.row_blocks
     )
 
 

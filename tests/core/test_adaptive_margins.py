@@ -124,11 +124,11 @@ def test_elasticface_draws_are_reproducible_and_plus_sorts_them():
     first = [afr.margin_loss(emb, weight, labels, a)[0] for _ in range(2)]
     again = [afr.margin_loss(emb, weight, labels, b)[0] for _ in range(2)]
     assert first == again and first[0] != first[1]
-    blocks = a._rows_again()
+    blocks = a.last_rows()
     assert abs(blocks[:, 2].mean() - 0.5) < 0.05 and blocks[:, 2].std() > 0.01
     plus = afr.ElasticFace(seed=1, std=0.05, plus=True)
     afr.margin_loss(emb, weight, labels, plus)
-    draws = plus._rows_again()[:, 2]
+    draws = plus.last_rows()[:, 2]
     cos = afr._heads.target_cosines(emb, weight, labels)
     order = np.argsort(-cos, kind="stable")
     assert np.all(np.diff(draws[order]) >= 0)  # closest to its centre: smallest margin

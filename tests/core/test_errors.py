@@ -93,7 +93,7 @@ def test_other_entry_points_reject_bad_input():
 def test_native_module_refuses_what_it_cannot_read():
     from arcface_rs import _core
 
-    spec = afr.ArcFace()._spec
+    spec = afr.ArcFace().spec
     with pytest.raises(TypeError, match="emb must be a 2-D numpy array of float32 or float64"):
         _core.margin_loss(EMB.astype(np.float16), WEIGHT, LABELS, spec, "mean")
     with pytest.raises(TypeError):

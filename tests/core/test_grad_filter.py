@@ -88,7 +88,7 @@ def test_auto_on_a_small_late_batch_stays_within_1e6_of_exact(dtype):
     assert float(got[0]) == float(exact[0])
     for a, b in ((got[1], exact[1]), (got[2], exact[2])):
         assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
-    spec = margin._spec
+    spec = margin.spec
     *_, skipped = _core.margin_loss(emb, weight, labels, spec, "mean", grad_filter="auto")
     if dtype == np.float32:  # float64's floor, 2**-57, keeps most of this batch
         assert skipped > 0.5
@@ -102,7 +102,7 @@ def test_auto_on_an_early_batch_skips_nothing_and_changes_nothing_measurable():
     assert float(got[0]) == float(exact[0])
     for a, b in ((got[1], exact[1]), (got[2], exact[2])):
         assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
-    *_, skipped = _core.margin_loss(emb, weight, labels, margin._spec, "mean", grad_filter="auto")
+    *_, skipped = _core.margin_loss(emb, weight, labels, margin.spec, "mean", grad_filter="auto")
     assert skipped == 0.0
 
 

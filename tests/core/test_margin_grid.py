@@ -79,7 +79,7 @@ def test_plain_torch_magface_agrees_with_the_core_at_every_norm(norm):
 
 @pytest.mark.parametrize("margin", GRID_MARGINS, ids=repr)
 def test_the_parameter_block_round_trips_through_the_core(margin):
-    block = margin._spec.encode()
+    block = margin.spec.encode()
     assert len(block) == _core.MARGIN_PARAMS and tuple(block) == margin._block
     again = _core.Margin.decode(block)
     c = _grid()
@@ -88,7 +88,7 @@ def test_the_parameter_block_round_trips_through_the_core(margin):
 
 
 def test_decode_refuses_bad_blocks_by_name():
-    block = afr.ArcFace()._spec.encode()
+    block = afr.ArcFace().spec.encode()
     with pytest.raises(ValueError, match="margin: unknown margin kind"):
         _core.Margin.decode([99.0] + block[1:])
     with pytest.raises(ValueError, match="margin: a parameter block has"):
@@ -129,7 +129,7 @@ def test_per_row_blocks_give_each_row_its_own_margin():
 
 def test_per_row_blocks_are_checked():
     emb, weight, labels = make_problem(3, 4, 5)
-    spec = afr.ArcFace()._spec
+    spec = afr.ArcFace().spec
     block = np.array([afr.ArcFace()._block] * 3)
     with pytest.raises(ValueError, match="row_margins: must have"):
         _core.margin_loss(emb, weight, labels, spec, "mean", row_margins=block[:, :4])

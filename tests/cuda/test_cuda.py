@@ -260,7 +260,7 @@ def test_without_the_feature_the_cuda_entry_points_say_how_to_build():
         afr._core.cuda_head_workspace_bytes(4, 4, 4, "float32", True)
     with pytest.raises(RuntimeError, match="--features python,cuda"):
         afr._core._cuda_margin_loss(
-            0, 0, 4, 4, 4, "float32", afr.ArcFace()._spec, 8, False, *[8] * 9
+            0, 0, 4, 4, 4, "float32", afr.ArcFace().spec, 8, False, *[8] * 9
         )
 
 

@@ -118,7 +118,7 @@ STATEFUL = (afr.AdaFace, afr.MagFace, afr.ElasticFace, afr.CurricularFace, afr.M
 def one_process(emb, weight, labels, margin, k=1, filter=None, grad=None):
     """The loss and gradients of one process on the global batch."""
     head = {"sub_centers": k, "interclass_filter": filter, "grad_filter": grad}
-    if isinstance(margin, STATEFUL) or margin._row_blocks is not None or head != _PLAIN:
+    if isinstance(margin, STATEFUL) or margin.row_blocks is not None or head != _PLAIN:
         fresh = pickle.loads(pickle.dumps(margin))  # the state before the step
         e, w, y = emb.numpy(), weight.numpy(), labels.numpy()
         loss, g_emb, g_w = afr.margin_loss(e, w, y, fresh, **head)

@@ -82,7 +82,7 @@ class ElasticFace(StatefulMargin):
             raise ValueError(f"rng_state: not a NumPy PCG64 generator state ({e})") from None
         object.__setattr__(self, "_rng", rng)
 
-    def _rows(self, norms: Any, target_cos: Any, step: bool = True) -> np.ndarray | None:
+    def batch_rows(self, norms: Any, target_cos: Any, step: bool = True) -> np.ndarray | None:
         n = len(norms())
         # drawn from a copy of the generator: it moves on only when the call is accepted
         rng = np.random.default_rng()
@@ -183,13 +183,13 @@ class AdaFace(StatefulMargin):
         n = np.clip(np.asarray(norms, dtype=np.float64), 1e-3, 100.0)
         return np.clip(self.h * (n - self.batch_mean) / (self.batch_std + 1e-3), -1.0, 1.0)
 
-    def _rows(self, norms: Any, target_cos: Any, step: bool = True) -> np.ndarray | None:
+    def batch_rows(self, norms: Any, target_cos: Any, step: bool = True) -> np.ndarray | None:
         n = np.clip(np.asarray(norms(), dtype=np.float64), 1e-3, 100.0)
         mean, std = self.batch_mean, self.batch_std
         state = {}
         if self.training and step and n.size and np.isfinite(n).all():
             # (a batch the core refuses, empty or with a NaN row, moves nothing: the update
-            # is kept for _commit, which runs only once the call is accepted)
+            # is kept for commit, which runs only once the call is accepted)
             row_std = float(n.std(ddof=1)) if n.size > 1 else 0.0
             a = self.t_alpha
             mean = a * float(n.mean()) + (1.0 - a) * mean

@@ -33,11 +33,29 @@ class Margin:
         configuration check read. Per-row margins hold their rows elsewhere."""
         return self._block
 
+    @property
+    def spec(self) -> _core.Margin:
+        """The core's margin (``_core.Margin``) of these values: what the NumPy heads pass to
+        the Rust core. Per-row margins: the first row's (for kind and scale)."""
+        return self._spec
+
+    @property
+    def row_blocks(self) -> np.ndarray | None:
+        """(B, MARGIN_PARAMS) parameter blocks when the margin was built with one value per
+        row, else None."""
+        return self._row_blocks
+
+    @property
+    def varies_per_batch(self) -> bool:
+        """Whether the margin's rows depend on the batch (feature norms, target cosines,
+        draws, running statistics): then the heads call ``batch_rows`` every call."""
+        return type(self).batch_rows is not Margin.batch_rows
+
     def _values(self) -> tuple[Any, ...]:
         values = (getattr(self, name) for name in self._params)
         return tuple(tuple(v.tolist()) if isinstance(v, np.ndarray) else v for v in values)
 
-    def _rows(self, norms: Any, target_cos: Any, step: bool = True) -> np.ndarray | None:
+    def batch_rows(self, norms: Any, target_cos: Any, step: bool = True) -> np.ndarray | None:
         """The per-row parameter blocks of one call, or None for one margin for all rows.
 
         ``norms()`` and ``target_cos()`` return the batch's (B,) float64 feature norms and
@@ -45,16 +63,16 @@ class Margin:
         Margins with running state (AdaFace, CurricularFace) compute the state this call
         moves them to when ``step`` (a loss call in training) and use it; per-sample draws
         (ElasticFace) are made here. Nothing changes yet: the new state waits in
-        ``_pending`` until the caller's work has been accepted and it calls ``_commit()``,
+        ``_pending`` until the caller's work has been accepted and it calls ``commit()``,
         so a refused call leaves the margin as it was."""
         return self._row_blocks
 
-    def _commit(self) -> None:
-        """Applies the state of the last ``_rows`` call (see there); margins without state
+    def commit(self) -> None:
+        """Applies the state of the last ``batch_rows`` call (see there); margins without state
         have none."""
 
-    def _rows_again(self) -> np.ndarray | None:
-        """The blocks of the last accepted ``_rows`` call, for a backward of that call."""
+    def last_rows(self) -> np.ndarray | None:
+        """The blocks of the last accepted ``batch_rows`` call, for a backward of that call."""
         return getattr(self, "_last_rows", self._row_blocks)
 
     @property
@@ -177,11 +195,11 @@ class StatefulMargin(Margin):
         return (type(self), self._values(), {n: getattr(self, n) for n in self._state})
 
     def _stage(self, blocks: np.ndarray | None, **state: Any) -> np.ndarray | None:
-        """Keeps ``state`` (and ``blocks`` for ``_rows_again``) for ``_commit``."""
+        """Keeps ``state`` (and ``blocks`` for ``last_rows``) for ``commit``."""
         object.__setattr__(self, "_pending", {"_last_rows": blocks, **state})
         return blocks
 
-    def _commit(self) -> None:
+    def commit(self) -> None:
         pending = self.__dict__.get("_pending")
         if not pending:
             return

@@ -68,7 +68,7 @@ class CurricularFace(StatefulMargin):
     def __repr__(self) -> str:
         return f"CurricularFace(s={self.s!r}, m={self.m!r}, alpha={self.alpha!r}, t={self.t!r})"
 
-    def _rows(self, norms: Any, target_cos: Any, step: bool = True) -> np.ndarray | None:
+    def batch_rows(self, norms: Any, target_cos: Any, step: bool = True) -> np.ndarray | None:
         n = len(norms())
         block = np.asarray(self._block, dtype=np.float64)
         state = {}
@@ -77,7 +77,7 @@ class CurricularFace(StatefulMargin):
             cos = cos[~np.isnan(cos)]
             if cos.size:
                 t = self.alpha * float(cos.mean()) + (1.0 - self.alpha) * self.t
-                # the block of the new t (validated by the core); kept for _commit
+                # the block of the new t (validated by the core); kept for commit
                 block = np.asarray(_core.Margin.curricularface(self.s, self.m, t).encode())
                 state = {"t": t}
         blocks = np.tile(block, (n, 1))

@@ -35,10 +35,10 @@ def rows_of(
     when one margin serves every row. Margins with state (AdaFace's statistics,
     ElasticFace's draws) compute them on the host from the detached batch; ``step`` (a
     loss call) lets running statistics move, which the caller applies with
-    ``margin._commit()`` once the op has accepted the batch."""
+    ``margin.commit()`` once the op has accepted the batch."""
     encode(margin)  # a TypeError for anything but a margin
-    if type(margin)._rows is Margin._rows:  # fixed values: no batch needed
-        blocks = margin._row_blocks
+    if not margin.varies_per_batch:  # fixed values: no batch needed
+        blocks = margin.row_blocks
         return None if blocks is None else torch.from_numpy(np.array(blocks))
     x, w = emb.detach(), weight.detach()
 
@@ -55,7 +55,7 @@ def rows_of(
         c = (unit_rows(x)[:, None, :] * centres).sum(dim=2).amax(dim=1).clamp(-1.0, 1.0)
         return torch.where(y >= 0, c, torch.full_like(c, math.nan)).cpu().numpy()
 
-    blocks = margin._rows(norms, target_cos, step)
+    blocks = margin.batch_rows(norms, target_cos, step)
     return None if blocks is None else torch.from_numpy(blocks)
 
 

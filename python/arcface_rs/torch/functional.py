@@ -114,7 +114,7 @@ def margin_loss(
         loss = plain_loss(emb, weight, labels, margin, reduction, rows, *head)
     else:
         loss = fused_loss(emb, weight, labels, margin, reduction, rows, head, grad_filter)
-    margin._commit()  # accepted: running statistics and draws move on
+    margin.commit()  # accepted: running statistics and draws move on
     return loss
 
 
@@ -203,5 +203,5 @@ def margin_logits(
     else:
         block, _ = encode(margin)
         out = logits_op(emb, weight, labels, block, rows, *head)
-    margin._commit()
+    margin.commit()
     return out

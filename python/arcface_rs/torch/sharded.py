@@ -235,10 +235,10 @@ class ShardedMarginHead(nn.Module):
         identical on every rank: each rank updates its own margin's state from the same
         gathered batch (AdaFace's statistics), then rank 0's blocks are broadcast
         (ElasticFace's draws)."""
-        if type(self.margin)._rows is Margin._rows:
-            blocks = self.margin._row_blocks
+        if not self.margin.varies_per_batch:
+            blocks = self.margin.row_blocks
             return None if blocks is None else torch.from_numpy(blocks).to(x.device)
-        blocks = self.margin._rows(lambda: x.norm(dim=1).cpu().numpy(), target_cos)
+        blocks = self.margin.batch_rows(lambda: x.norm(dim=1).cpu().numpy(), target_cos)
         if blocks is None:
             return None
         t = torch.from_numpy(np.ascontiguousarray(blocks, dtype=np.float64)).to(x.device)
@@ -400,7 +400,7 @@ class ShardedMarginHead(nn.Module):
             )  # fmt: skip
         else:
             loss = self._cpu_loss(emb_all, weight, targets, rows, stash_classes, first, cos)
-        self.margin._commit()  # accepted on every rank: running statistics and draws move on
+        self.margin.commit()  # accepted on every rank: running statistics and draws move on
         return loss
 
     def _cpu_loss(
@@ -417,7 +417,7 @@ class ShardedMarginHead(nn.Module):
             emb_all,
             weight,
             targets,
-            self.margin._spec,
+            self.margin.spec,
             None if rows is None else rows.numpy(),
             stash_classes,
             first,

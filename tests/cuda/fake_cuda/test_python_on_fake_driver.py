@@ -211,7 +211,7 @@ def test_torch_head_bad_rows_raise_through_the_real_launch(cpu_stream):
 
 
 def test_the_private_launch_entry_checks_its_addresses_and_shape():
-    spec = afr.ArcFace()._spec
+    spec = afr.ArcFace().spec
     block = [1 << 20, False]  # the margin blocks' address, and not per row
     good = [1 << 20] * 9  # aligned, non-zero; never dereferenced: the checks come first
     with pytest.raises(ValueError, match="emb: device address 0x0"):
