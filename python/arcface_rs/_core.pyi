@@ -1,4 +1,6 @@
-"""Typed stubs of the native module (checked against it by mypy's stubtest)."""
+"""Typed stubs of the native module (checked against it by mypy's stubtest). The stubs of
+related functions repeat their keyword lists by necessity: each stub is its function's
+signature, and stubtest checks every one against the module."""
 
 from collections.abc import Callable, Sequence
 from typing import Any, final

@@ -1,5 +1,9 @@
 //! The heads: fused loss (whole or one shard of a model-parallel head), logits and their
 //! backward, and the margin on a cosine matrix.
+//!
+//! Each `#[pyfunction]` restates its parameter list and its dtype dispatch by necessity:
+//! pyo3 reads a function's Python signature from its own Rust signature, and the typed
+//! helpers are generic over the float type the arrays turn out to hold.
 
 use super::convert::{
     labels_vec, parse_reduction, recycled_array, run, same_dtype_error, same_floats, to_py_err,

@@ -462,6 +462,9 @@ fn seed_floors<T: Real, R: Rows<T>>(
 /// Every query block against every panel of the tile, selecting as the sums come out: a
 /// row whose upper bound reaches a query's floor gets its `exact` score (its lower bound
 /// where `exact` is None, which only raises the floors).
+///
+/// The two wrappers inside restate the arguments by necessity: each is a function of its
+/// own compiled for its target features, so that the panel kernel it calls inlines.
 #[allow(clippy::too_many_arguments)]
 fn scan_tile(
     tile: &Tile,

@@ -149,6 +149,8 @@ pub(crate) struct Filtered<'a, R> {
     pub allow: bool,
 }
 
+// Forwards the trait to the wrapped rows method by method (Rust has no delegation): only
+// `allowed` differs.
 impl<T, R: Rows<T>> Rows<T> for Filtered<'_, R> {
     fn len(&self) -> usize {
         self.rows.len()

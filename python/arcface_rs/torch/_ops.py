@@ -70,6 +70,9 @@ def _numpy(t: Tensor, dtype: torch.dtype) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------
+# Each op, its fake (register_fake) and its CUDA kernel (_cuda.py) restate the same
+# parameter list by necessity: torch.library calls them with the op's arguments, in order.
+#
 # Custom ops (CPU). The loss op computes the gradients in its forward pass (the fused
 # kernel) and hands them to autograd; reduction="none" instead recomputes in backward with
 # the upstream row weights.
