@@ -4,6 +4,7 @@
 #
 #   bash benches/gpu_check.sh          everything (about 6 minutes on an H200)
 #   bash benches/gpu_check.sh head     the head's GPU tests and its benchmark (under 4 minutes)
+#   bash benches/gpu_check.sh search   the gallery's GPU tests and the search benchmark
 #
 # What the machine needs: an NVIDIA GPU with a CUDA 13 driver, and a Python with numpy,
 # pytest and PyTorch's CUDA wheels (they bring NVRTC and cuBLAS). It needs no Rust toolchain
@@ -35,6 +36,14 @@ if [ "$MODE" = head ]; then
         -k "gpu and not gallery" || echo "== GPU head tests FAILED (rc $?)"
     echo "== GPU head benchmark"
     timeout 200 "$PY" benches/bench_cuda.py --part head
+    exit 0
+fi
+if [ "$MODE" = search ]; then
+    echo "== GPU tests of the gallery"
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/cuda/test_cuda.py -rs \
+        -k "gpu and gallery" || echo "== GPU gallery tests FAILED (rc $?)"
+    echo "== GPU search benchmark"
+    timeout 300 "$PY" benches/bench_cuda.py --part search
     exit 0
 fi
 

@@ -183,22 +183,27 @@ fn the_head_through_the_driver_equals_the_cpu_head() {
 fn gallery_search_through_the_driver_equals_the_cpu_search() {
     let _device = device();
     let emb = noise(3, 700, 24).mapv(|v| v as f32);
-    let queries = noise(4, 9, 24).mapv(|v| v as f32);
-    for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::I8] {
+    // 9 queries score by the row scan, 20 by GEMMs (more than SCAN_QUERIES)
+    let all_queries = noise(4, 20, 24).mapv(|v| v as f32);
+    for (dtype, count) in [Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::I8]
+        .into_iter()
+        .flat_map(|d| [(d, 9), (d, 20)])
+    {
+        let queries = all_queries.slice(ndarray::s![..count, ..]);
         let mut gallery = Gallery::new(24, dtype).unwrap();
         gallery.add(emb.view(), None).unwrap();
         let before = live_allocations();
         {
-            let mirror = Mirror::new(&gallery, 0).unwrap();
+            let mut mirror = Mirror::new(&gallery, 0).unwrap();
             for k in [1, 10, 64] {
-                let gpu = mirror.search_rows(queries.view(), k).unwrap();
-                let cpu = gallery.search(queries.view(), k).unwrap();
+                let gpu = mirror.search_rows(queries, k).unwrap();
+                let cpu = gallery.search(queries, k).unwrap();
                 // ids are 0..700 in row order, so rows and ids coincide
-                assert_eq!(gpu.indices, cpu.indices, "{dtype:?} k={k}");
+                assert_eq!(gpu.indices, cpu.indices, "{dtype:?} q={count} k={k}");
                 let diff = (&gpu.scores - &cpu.scores).mapv(f32::abs);
-                assert!(diff.iter().all(|&e| e < 2e-6), "{dtype:?} k={k}");
+                assert!(diff.iter().all(|&e| e < 2e-6), "{dtype:?} q={count} k={k}");
             }
-            assert!(mirror.search_rows(queries.view(), 65).is_err());
+            assert!(mirror.search_rows(queries, 65).is_err());
             let zero = Array2::<f32>::zeros((1, 24));
             let err = mirror.search_rows(zero.view(), 3).unwrap_err();
             assert_eq!(err.arg, "queries");
@@ -218,7 +223,7 @@ fn gallery_search_pads_beyond_the_rows() {
     gallery
         .add(noise(5, 3, 5).mapv(|v| v as f32).view(), None)
         .unwrap();
-    let mirror = Mirror::new(&gallery, 0).unwrap();
+    let mut mirror = Mirror::new(&gallery, 0).unwrap();
     let got = mirror
         .search_rows(noise(6, 2, 5).mapv(|v| v as f32).view(), 6)
         .unwrap();

@@ -134,6 +134,8 @@ static const Entry entries[] = {
     ENTRY(weights_tile_bf16_bf16), ENTRY(weights_tile_f32_f16), ENTRY(weights_tile_f16_f16),
     ENTRY(fill_f64),          ENTRY(merge_stats),      ENTRY(finish_stats),
     ENTRY(row_losses),        ENTRY(topk_tile),        ENTRY(split_half),
+    ENTRY(topk_reset),        ENTRY(topk_merge),       ENTRY(score_rows_f32),
+    ENTRY(score_rows_f16),
     ENTRY(margin_grid),
 };
 

@@ -6,7 +6,7 @@
 
 use super::device::{Carver, Elem};
 use super::driver::{with_stream, DeviceBuffer};
-use super::search::{self, SearchBuffers, SearchPlan, SearchShape, SearchTiling, MAX_K};
+use super::search::{self, SearchBuffers, SearchShape, SearchTiling, MAX_K};
 use crate::search::gallery::{Codes, Gallery};
 use crate::search::{unit_queries, SearchResult};
 use crate::{Error, Result};
@@ -20,6 +20,9 @@ pub struct Mirror {
     elem: Elem,
     n: usize,
     d: usize,
+    /// The last search's scratch (queries, results, workspace), kept for the next one:
+    /// allocating device memory is a synchronous driver call.
+    scratch: Option<DeviceBuffer>,
 }
 
 impl Mirror {
@@ -48,6 +51,7 @@ impl Mirror {
             elem,
             n,
             d,
+            scratch: None,
         })
     }
 
@@ -62,7 +66,7 @@ impl Mirror {
 
     /// Top-`k` of `queries` as gallery row indices; -1 / -inf pad when `k` exceeds the rows.
     /// More than [`MAX_K`] per query (counting only rows that exist) is an error.
-    pub fn search_rows(&self, queries: ArrayView2<f32>, k: usize) -> Result<SearchResult<f32>> {
+    pub fn search_rows(&mut self, queries: ArrayView2<f32>, k: usize) -> Result<SearchResult<f32>> {
         if k == 0 {
             return Err(Error::invalid("k", "must be >= 1"));
         }
@@ -79,37 +83,43 @@ impl Mirror {
             elem: self.elem,
         };
         let tiling = SearchTiling::default();
-        let plan = SearchPlan::new(shape, tiling);
-        let cands = plan.candidates(shape);
+        let found = q * shape.k;
         // One allocation per search (each is a synchronous driver call), carved up.
         let mut layout = Carver::new(0);
         let offsets = [
             layout.take(q * self.d, 4),
-            layout.take(cands, 4),
-            layout.take(cands, 8),
+            layout.take(found, 4),
+            layout.take(found, 8),
             layout.take(search::workspace_bytes(shape, tiling), 1),
         ];
-        let scratch = DeviceBuffer::new(self.ordinal, layout.bytes())?;
-        let [queries_at, best_s_at, best_i_at, workspace_at] = offsets.map(|o| scratch.ptr() + o);
-        let mut host_s = vec![f32::NEG_INFINITY; cands];
-        let mut host_i = vec![-1i64; cands];
+        if self
+            .scratch
+            .as_ref()
+            .is_none_or(|b| b.bytes() < layout.bytes())
+        {
+            self.scratch = None; // free the small one first
+            self.scratch = Some(DeviceBuffer::new(self.ordinal, layout.bytes())?);
+        }
+        let scratch = self.scratch.as_ref().expect("just made");
+        let [queries_at, out_s_at, out_i_at, workspace_at] = offsets.map(|o| scratch.ptr() + o);
+        let mut host_s = vec![0f32; found];
+        let mut host_i = vec![0i64; found];
         with_stream(self.ordinal, 0, |s| {
             let unit = qhat.as_slice().expect("unit queries are contiguous");
             s.upload(queries_at, unit)?;
-            s.upload(best_s_at, &host_s)?;
-            s.upload(best_i_at, &host_i)?;
             let buffers = SearchBuffers {
                 rows: self.rows.ptr(),
                 queries: queries_at,
                 workspace: workspace_at,
-                best_s: best_s_at,
-                best_i: best_i_at,
+                out_s: out_s_at,
+                out_i: out_i_at,
             };
             search::search(s, shape, &buffers, tiling)?;
-            s.download(&mut host_s, best_s_at)?;
-            s.download(&mut host_i, best_i_at)
+            // only (Q, k) comes back: the selection and the merge ran on the device
+            s.download(&mut host_s, out_s_at)?;
+            s.download(&mut host_i, out_i_at)
         })?;
-        let (mut scores, rows) = search::merge_runs(&host_s, &host_i, shape, plan, k);
+        let (mut scores, rows) = search::padded(&host_s, &host_i, shape, k);
         // reported cosines stay in [-1, 1], as on the CPU; -inf padding stays
         for s in scores.iter_mut().filter(|s| s.is_finite()) {
             *s = s.clamp(-1.0, 1.0);
@@ -148,7 +158,7 @@ impl GpuSearch {
             *copy = None; // free the stale copy before making the new one
             *copy = Some((generation, Mirror::new(gallery, device)?));
         }
-        let (_, mirror) = copy.as_ref().expect("just made");
+        let (_, mirror) = copy.as_mut().expect("just made");
         let mut result = mirror.search_rows(queries, k)?;
         let ids = gallery.ids();
         result

@@ -682,14 +682,43 @@ ENTRY_FINISH(double, f64)
 // Search. A (queries x stride) score tile covers gallery rows lo.. lo + width; its columns
 // are cut into `splits` runs of `sub`. One block per (query, run) keeps the best K
 // (<= TOPK_MAX) of its run merged with its own running list at best_s / best_i (descending,
-// ties to the lower row), so one query still spreads over many blocks; the host merges the
-// lists of a query's runs at the end.
+// ties to the lower row), so one query still spreads over many blocks. At the end
+// `topk_merge` merges each query's run lists into its final K on the device: only (Q, K)
+// crosses to the host.
 
 #define TOPK_MAX 64
 #define TOPK_THREADS 128
+#define NO_ROW 0x7fffffffffffffffLL
 
 __device__ bool better(float s, long long i, float t, long long j) {
     return s > t || (s == t && i < j);
+}
+
+// The block's best of every thread's (s, i, tag) in slot 0 of the shared arrays (a tree
+// over TOPK_THREADS slots; the tag says whose candidate won). Every thread reads the winner
+// before the arrays are written again (the caller's next __syncthreads).
+__device__ void block_best(float* cand_s, long long* cand_i, int* cand_t) {
+    __syncthreads();
+    for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+        if (threadIdx.x < w) {
+            int o = threadIdx.x + w;
+            if (better(cand_s[o], cand_i[o], cand_s[threadIdx.x], cand_i[threadIdx.x])) {
+                cand_s[threadIdx.x] = cand_s[o];
+                cand_i[threadIdx.x] = cand_i[o];
+                cand_t[threadIdx.x] = cand_t[o];
+            }
+        }
+        __syncthreads();
+    }
+}
+
+// Sets n entries of a search's running lists to empty (-inf, -1).
+extern "C" __global__ void topk_reset(float* best_s, long long* best_i, long long n) {
+    long long at = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (at < n) {
+        best_s[at] = -INFINITY;
+        best_i[at] = -1;
+    }
 }
 
 extern "C" __global__ void topk_tile(const float* scores, int queries, int stride, int sub,
@@ -697,6 +726,7 @@ extern "C" __global__ void topk_tile(const float* scores, int queries, int strid
                                      float* best_s, long long* best_i) {
     __shared__ float cand_s[TOPK_THREADS];
     __shared__ long long cand_i[TOPK_THREADS];
+    __shared__ int cand_t[TOPK_THREADS];
     int q = blockIdx.x / splits, run = blockIdx.x % splits;
     if (q >= queries) return;
     int first = run * sub;
@@ -705,52 +735,131 @@ extern "C" __global__ void topk_tile(const float* scores, int queries, int strid
     long long base = lo + first;
     float* bs = best_s + (long long)blockIdx.x * k;
     long long* bi = best_i + (long long)blockIdx.x * k;
-    // K rounds: each thread proposes its best candidate not yet taken (strictly worse than
-    // the last one taken), the block picks the best of the proposals and the running list.
-    float last_s = INFINITY;
-    long long last_i = -1;
+    // Each score is read once: every thread keeps the best k of its columns (a strided
+    // share of the run), sorted by insertion; most scores fail the first comparison.
+    float mine_s[TOPK_MAX];
+    long long mine_i[TOPK_MAX];
+    int mine = 0;
+    for (int j = threadIdx.x; j < count; j += blockDim.x) {
+        float s = row[j];
+        long long i = base + j;
+        if (mine == k && !better(s, i, mine_s[k - 1], mine_i[k - 1])) continue;
+        int at = mine < k ? mine : k - 1;
+        for (; at > 0 && better(s, i, mine_s[at - 1], mine_i[at - 1]); --at) {
+            mine_s[at] = mine_s[at - 1];
+            mine_i[at] = mine_i[at - 1];
+        }
+        mine_s[at] = s;
+        mine_i[at] = i;
+        if (mine < k) ++mine;
+    }
+    // k rounds: the best head of the threads' lists against the running list's next entry.
     float out_s[TOPK_MAX];
     long long out_i[TOPK_MAX];
-    int from_old = 0;
+    int head = 0, from_old = 0;
     for (int round = 0; round < k; ++round) {
-        float my_s = -INFINITY;
-        long long my_i = 0x7fffffffffffffffLL;
-        for (int j = threadIdx.x; j < count; j += blockDim.x) {
-            float s = row[j];
-            long long i = base + j;
-            if (better(last_s, last_i, s, i) && better(s, i, my_s, my_i)) { my_s = s; my_i = i; }
-        }
-        cand_s[threadIdx.x] = my_s;
-        cand_i[threadIdx.x] = my_i;
-        __syncthreads();
-        for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-            if (threadIdx.x < w) {
-                int o = threadIdx.x + w;
-                if (better(cand_s[o], cand_i[o], cand_s[threadIdx.x], cand_i[threadIdx.x])) {
-                    cand_s[threadIdx.x] = cand_s[o];
-                    cand_i[threadIdx.x] = cand_i[o];
-                }
-            }
-            __syncthreads();
-        }
+        cand_s[threadIdx.x] = head < mine ? mine_s[head] : -INFINITY;
+        cand_i[threadIdx.x] = head < mine ? mine_i[head] : NO_ROW;
+        cand_t[threadIdx.x] = threadIdx.x;
+        block_best(cand_s, cand_i, cand_t);
         float s = cand_s[0];
         long long i = cand_i[0];
+        int who = cand_t[0];
         __syncthreads();
-        // the running list's next entry may be better
         if (from_old < k && bi[from_old] >= 0 && better(bs[from_old], bi[from_old], s, i)) {
             s = bs[from_old];
             i = bi[from_old];
             ++from_old;
-        } else {
-            last_s = s;
-            last_i = i;
+        } else if (i != NO_ROW && (int)threadIdx.x == who) {
+            ++head;  // the winner's owner moves to its next candidate
         }
-        if (i == 0x7fffffffffffffffLL) { s = -INFINITY; i = -1; }
+        if (i == NO_ROW) { s = -INFINITY; i = -1; }
         out_s[round] = s;
         out_i[round] = i;
     }
+    __syncthreads();  // every thread has read the running list before it is rewritten
     if (threadIdx.x == 0)
         for (int r = 0; r < k; ++r) { bs[r] = out_s[r]; bi[r] = out_i[r]; }
+}
+
+// Few queries (<= SCAN_QUERIES): the tile's scores without a GEMM, reading each stored row
+// once. One warp per row: each lane takes every 32nd element, widens it to float in
+// registers and accumulates its products with every query in float (the CPU search's
+// arithmetic: float32 query against the stored value), then the warp sums the lanes.
+#define SCAN_QUERIES 16
+
+template <typename S>
+__device__ void score_rows(const S* rows, const float* queries, int q, int d, long long lo,
+                           int width, float* scores, int stride) {
+    int lane = threadIdx.x % 32;
+    long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    long long warps = (long long)gridDim.x * blockDim.x / 32;
+    for (long long r = warp; r < width; r += warps) {
+        const S* row = rows + (lo + r) * d;
+        float acc[SCAN_QUERIES];
+        for (int a = 0; a < q; ++a) acc[a] = 0.0f;
+        for (int j = lane; j < d; j += 32) {
+            float v = widen(row[j]);
+            for (int a = 0; a < q; ++a) acc[a] += v * queries[a * d + j];
+        }
+        for (int a = 0; a < q; ++a) {
+            float s = acc[a];
+            for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
+            if (lane == 0) scores[(long long)a * stride + r] = s;
+        }
+    }
+}
+
+#define ENTRY_SCORE_ROWS(S, N)                                                               \
+    extern "C" __global__ void score_rows_##N(const S* rows, const float* queries, int q,    \
+                                              int d, long long lo, int width, float* scores, \
+                                              int stride) {                                  \
+        score_rows<S>(rows, queries, q, d, lo, width, scores, stride);                       \
+    }
+ENTRY_SCORE_ROWS(float, f32)
+ENTRY_SCORE_ROWS(f16, f16)
+
+// One block per query: the best k of its `splits` run lists (each sorted, padded with row
+// -1) into out_s / out_i (Q, k), as a k-way merge. `heads` holds, per query, each list's
+// next entry; list j belongs to thread j % blockDim.x, which alone reads and moves it.
+extern "C" __global__ void topk_merge(const float* best_s, const long long* best_i,
+                                      int splits, int k, int* heads, float* out_s,
+                                      long long* out_i) {
+    __shared__ float cand_s[TOPK_THREADS];
+    __shared__ long long cand_i[TOPK_THREADS];
+    __shared__ int cand_t[TOPK_THREADS];
+    long long q = blockIdx.x;
+    const float* bs = best_s + q * splits * k;
+    const long long* bi = best_i + q * splits * k;
+    int* h = heads + q * splits;
+    for (int j = threadIdx.x; j < splits; j += blockDim.x) h[j] = 0;
+    for (int round = 0; round < k; ++round) {
+        float my_s = -INFINITY;
+        long long my_i = NO_ROW;
+        int my_list = -1;
+        for (int j = threadIdx.x; j < splits; j += blockDim.x) {
+            int at = h[j];
+            if (at < k && bi[j * k + at] >= 0 &&
+                better(bs[j * k + at], bi[j * k + at], my_s, my_i)) {
+                my_s = bs[j * k + at];
+                my_i = bi[j * k + at];
+                my_list = j;
+            }
+        }
+        cand_s[threadIdx.x] = my_s;
+        cand_i[threadIdx.x] = my_i;
+        cand_t[threadIdx.x] = my_list;
+        block_best(cand_s, cand_i, cand_t);
+        float s = cand_s[0];
+        long long i = cand_i[0];
+        int list = cand_t[0];
+        __syncthreads();
+        if (list >= 0 && list % (int)blockDim.x == (int)threadIdx.x) ++h[list];
+        if (threadIdx.x == 0) {
+            out_s[q * k + round] = list >= 0 ? s : -INFINITY;
+            out_i[q * k + round] = list >= 0 ? i : -1;
+        }
+    }
 }
 
 // float32 queries to two float16 halves for a float16 gallery's GEMMs (cuBLAS has no

@@ -83,7 +83,11 @@ pub const ENTRY_POINTS: &[&str] = &[
     "project_out_rows_f16_f16",
     "finish_grad_emb_f32",
     "finish_grad_emb_f64",
+    "topk_reset",
     "topk_tile",
+    "topk_merge",
+    "score_rows_f32",
+    "score_rows_f16",
     "split_half",
     "margin_grid",
 ];

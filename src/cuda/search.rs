@@ -1,9 +1,10 @@
-//! Exact cosine search on a GPU: score tiles by cuBLAS, top-k by a kernel, merged on the host.
+//! Exact cosine search on a GPU: score tiles by cuBLAS, top-k by kernels, all on the device.
 //!
 //! Gallery rows live on the device as unit vectors in float32 or float16. Per tile of rows:
 //! scores (Q × tile) = Q̂ Gᵀ, then `topk_tile` keeps, for each query and each run of
-//! [`RUN`] columns, the best k merged with that run's list from the previous tiles. The host
-//! merges each query's lists. A float16 gallery multiplies a float32 query split into two
+//! [`RUN`] columns, the best k merged with that run's list from the previous tiles (each
+//! score read once). After the last tile `topk_merge` merges each query's run lists into its
+//! final k, so only (Q, k) is copied back. A float16 gallery multiplies a float32 query split into two
 //! float16 halves (hi + 2⁻¹² lo, see `split_half`): as exact as the float32 query, since
 //! cuBLAS has no float32 × float16 product.
 
@@ -16,6 +17,11 @@ pub const MAX_K: usize = 64;
 pub const RUN: usize = 2048;
 /// Threads of a top-k block (TOPK_THREADS in kernels.cu).
 const TOPK_THREADS: usize = 128;
+/// Up to this many queries the scores come from `score_rows` (each stored row read once,
+/// decoded in registers) instead of GEMMs (SCAN_QUERIES in kernels.cu).
+pub const SCAN_QUERIES: usize = 16;
+/// Warps per block of `score_rows`.
+const SCAN_WARPS: usize = 8;
 /// Most memory the score tile may take.
 pub const SCORE_BUDGET_BYTES: usize = 256 << 20;
 
@@ -81,21 +87,26 @@ pub struct SearchBuffers {
     pub queries: u64,
     /// [`workspace_bytes`] bytes of scratch.
     pub workspace: u64,
-    /// [`SearchPlan::candidates`] float32 scores, set to -inf by the caller before the call.
-    pub best_s: u64,
-    /// As many int64 row indices, set to -1 by the caller before the call.
-    pub best_i: u64,
+    /// (Q, k) float32 scores out, best first, -inf where fewer than k rows exist.
+    pub out_s: u64,
+    /// (Q, k) int64 row indices out, -1 where fewer than k rows exist.
+    pub out_i: u64,
 }
 
 struct Scratch {
     scores: u64,
     q_hi: u64,
     q_lo: u64,
+    /// [`SearchPlan::candidates`] running scores and rows: k per (query, run).
+    best_s: u64,
+    best_i: u64,
+    /// The merge's next entry of each (query, run) list.
+    heads: u64,
 }
 
 impl Scratch {
     fn carve(carver: &mut Carver, shape: SearchShape, plan: SearchPlan) -> Scratch {
-        let halves = if shape.elem == Elem::F16 {
+        let halves = if shape.elem == Elem::F16 && !scans(shape) {
             shape.q * shape.d
         } else {
             0
@@ -104,9 +115,21 @@ impl Scratch {
             scores: carver.take(shape.q * plan.tile, 4),
             q_hi: carver.take(halves, 2),
             q_lo: carver.take(halves, 2),
+            best_s: carver.take(plan.candidates(shape), 4),
+            best_i: carver.take(plan.candidates(shape), 8),
+            heads: carver.take(shape.q * plan.splits, 4),
         }
     }
 }
+
+/// Whether the search scores by `score_rows` (few queries) rather than GEMMs.
+fn scans(shape: SearchShape) -> bool {
+    shape.q <= SCAN_QUERIES && matches!(shape.elem, Elem::F32 | Elem::F16)
+}
+
+/// Blocks of `score_rows` at most: enough warps in flight to keep the memory busy on any
+/// current GPU; each warp then takes every (blocks × warps)-th row.
+const SCAN_BLOCKS: usize = 4096;
 
 /// Workspace bytes one search needs.
 pub fn workspace_bytes(shape: SearchShape, tiling: SearchTiling) -> usize {
@@ -118,7 +141,7 @@ pub fn workspace_bytes(shape: SearchShape, tiling: SearchTiling) -> usize {
 /// 2¹² (SPLIT_SCALE in kernels.cu): the low half of a split query is scaled up by this.
 const SPLIT_SCALE: f64 = 4096.0;
 
-/// Queues the search (see the module docs); the per-run lists land in `best_s` / `best_i`.
+/// Queues the search (see the module docs); each query's best k lands in `out_s` / `out_i`.
 pub fn search(
     device: &dyn Device,
     shape: SearchShape,
@@ -135,7 +158,19 @@ pub fn search(
     let plan = SearchPlan::new(shape, tiling);
     let mut carver = Carver::new(buf.workspace);
     let s = Scratch::carve(&mut carver, shape, plan);
-    let (q_first, q_second) = if elem == Elem::F16 {
+    let cands = plan.candidates(shape);
+    device.launch(
+        "topk_reset",
+        cands.div_ceil(256),
+        256,
+        &[
+            Arg::Ptr(s.best_s),
+            Arg::Ptr(s.best_i),
+            Arg::I64(cands as i64),
+        ],
+    )?;
+    let scan = scans(shape);
+    let (q_first, q_second) = if elem == Elem::F16 && !scan {
         let count = q * d;
         device.launch(
             "split_half",
@@ -172,9 +207,31 @@ pub fn search(
             c: s.scores,
             ldc: plan.tile,
         };
-        gemm(device, product(q_first, 1.0, 0.0))?;
-        if let Some(low) = q_second {
-            gemm(device, product(low, 1.0 / SPLIT_SCALE, 1.0))?;
+        if scan {
+            let kernel = match elem {
+                Elem::F16 => "score_rows_f16",
+                _ => "score_rows_f32",
+            };
+            device.launch(
+                kernel,
+                width.div_ceil(SCAN_WARPS).min(SCAN_BLOCKS),
+                SCAN_WARPS * 32,
+                &[
+                    Arg::Ptr(buf.rows),
+                    Arg::Ptr(buf.queries),
+                    Arg::I32(q as i32),
+                    Arg::I32(d as i32),
+                    Arg::I64(lo as i64),
+                    Arg::I32(width as i32),
+                    Arg::Ptr(s.scores),
+                    Arg::I32(plan.tile as i32),
+                ],
+            )?;
+        } else {
+            gemm(device, product(q_first, 1.0, 0.0))?;
+            if let Some(low) = q_second {
+                gemm(device, product(low, 1.0 / SPLIT_SCALE, 1.0))?;
+            }
         }
         device.launch(
             "topk_tile",
@@ -189,44 +246,46 @@ pub fn search(
                 Arg::I32(plan.splits as i32),
                 Arg::I64(lo as i64),
                 Arg::I32(k as i32),
-                Arg::Ptr(buf.best_s),
-                Arg::Ptr(buf.best_i),
+                Arg::Ptr(s.best_s),
+                Arg::Ptr(s.best_i),
             ],
         )?;
     }
-    Ok(())
+    device.launch(
+        "topk_merge",
+        q,
+        TOPK_THREADS,
+        &[
+            Arg::Ptr(s.best_s),
+            Arg::Ptr(s.best_i),
+            Arg::I32(plan.splits as i32),
+            Arg::I32(k as i32),
+            Arg::Ptr(s.heads),
+            Arg::Ptr(buf.out_s),
+            Arg::Ptr(buf.out_i),
+        ],
+    )
 }
 
-/// Each query's best `k_out` over its runs' lists (descending, ties to the lower row), as
-/// (Q, k_out) row-major; rows -1 and scores -inf pad where fewer exist (`k_out` may exceed
-/// the shape's k, which is at most N).
-pub fn merge_runs(
-    best_s: &[f32],
-    best_i: &[i64],
+/// (Q, `k_out`) row-major from the (Q, `shape.k`) results: `k_out` may exceed the shape's k
+/// (which is at most N), and the columns beyond are padded with row -1 and score -inf.
+pub fn padded(
+    scores: &[f32],
+    rows: &[i64],
     shape: SearchShape,
-    plan: SearchPlan,
     k_out: usize,
 ) -> (Vec<f32>, Vec<i64>) {
-    let per_query = plan.splits * shape.k;
-    let mut scores = Vec::with_capacity(shape.q * k_out);
-    let mut rows = Vec::with_capacity(shape.q * k_out);
-    let mut pool: Vec<(f32, i64)> = Vec::with_capacity(per_query);
+    let k = shape.k;
+    let mut out_s = vec![f32::NEG_INFINITY; shape.q * k_out];
+    let mut out_i = vec![-1i64; shape.q * k_out];
     for query in 0..shape.q {
-        let span = query * per_query..(query + 1) * per_query;
-        pool.clear();
-        pool.extend(
-            best_s[span.clone()]
-                .iter()
-                .zip(&best_i[span])
-                .filter(|(_, &i)| i >= 0)
-                .map(|(&s, &i)| (s, i)),
+        let (from, to) = (
+            query * k..(query + 1) * k,
+            query * k_out..query * k_out + k.min(k_out),
         );
-        pool.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        for r in 0..k_out {
-            let (s, i) = pool.get(r).copied().unwrap_or((f32::NEG_INFINITY, -1));
-            scores.push(s);
-            rows.push(i);
-        }
+        let kept = to.len();
+        out_s[to.clone()].copy_from_slice(&scores[from.clone()][..kept]);
+        out_i[to].copy_from_slice(&rows[from][..kept]);
     }
-    (scores, rows)
+    (out_s, out_i)
 }

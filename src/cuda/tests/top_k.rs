@@ -29,14 +29,18 @@ fn emulate_search(
     let ((n, d), q) = (rows.dim(), queries.nrows());
     let elem = if half { Elem::F16 } else { Elem::F32 };
     let shape = SearchShape { n, d, q, k, elem };
-    let plan = SearchPlan::new(shape, tiling);
+    let kept = SearchShape {
+        k: k.min(n),
+        ..shape
+    };
     let halves: Vec<u16> = rows
         .iter()
         .map(|&v| half::f16::from_f32(v).to_bits())
         .collect();
-    let mut workspace = vec![0u64; search::workspace_bytes(shape, tiling) / 8 + 1];
-    let mut best_s = vec![f32::NEG_INFINITY; plan.candidates(shape)];
-    let mut best_i = vec![-1i64; plan.candidates(shape)];
+    let mut workspace = vec![u64::MAX; search::workspace_bytes(kept, tiling) / 8 + 1];
+    // garbage in the outputs and the workspace: the search must set every entry itself
+    let mut out_s = vec![f32::NAN; q * kept.k];
+    let mut out_i = vec![-7i64; q * kept.k];
     let buffers = SearchBuffers {
         rows: if half {
             halves.as_ptr() as u64
@@ -45,11 +49,11 @@ fn emulate_search(
         },
         queries: queries.as_ptr() as u64,
         workspace: workspace.as_mut_ptr() as u64,
-        best_s: best_s.as_mut_ptr() as u64,
-        best_i: best_i.as_mut_ptr() as u64,
+        out_s: out_s.as_mut_ptr() as u64,
+        out_i: out_i.as_mut_ptr() as u64,
     };
-    search::search(Emulator::get(), shape, &buffers, tiling).unwrap();
-    search::merge_runs(&best_s, &best_i, shape, plan, k)
+    search::search(Emulator::get(), kept, &buffers, tiling).unwrap();
+    search::padded(&out_s, &out_i, kept, k)
 }
 
 /// Exact top-k in f64 of the rows as stored (f16-rounded when `half`).
@@ -130,5 +134,57 @@ fn search_pads_when_k_exceeds_the_gallery() {
         assert!(scores[q * 9 + 5..(q + 1) * 9]
             .iter()
             .all(|s| *s == f32::NEG_INFINITY));
+    }
+}
+
+#[test]
+fn the_device_merge_takes_ties_across_many_runs_to_the_lower_row() {
+    // runs of 4 columns in tiles of 560 rows: 140 run lists per query, more than the merge's
+    // 128 threads, so a thread merges several; rows repeat every 50, so every top score is
+    // tied across runs and tiles and only the row order breaks the ties
+    let base = unit_rows(25, 50, 8);
+    let rows = Array2::from_shape_fn((600, 8), |(r, c)| base[[r % 50, c]]);
+    let queries = unit_rows(26, 2, 8);
+    let tiling = SearchTiling {
+        run: 4,
+        score_budget_bytes: 2 * 4 * 560,
+    };
+    for half in [false, true] {
+        for k in [1, 13] {
+            let (scores, ids) = emulate_search(&rows, &queries, k, half, tiling);
+            let want = brute_force(&rows, &queries, k, half);
+            for (q, expected) in want.iter().enumerate() {
+                let got: Vec<i64> = ids[q * k..(q + 1) * k].to_vec();
+                let wanted: Vec<i64> = expected.iter().map(|&(_, i)| i).collect();
+                assert_eq!(got, wanted, "half={half} k={k} query {q}");
+                for (r, &(s, _)) in expected.iter().enumerate() {
+                    assert!((scores[q * k + r] as f64 - s).abs() < 2e-6);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn many_queries_score_by_gemm_and_equal_brute_force() {
+    // more than SCAN_QUERIES: the GEMM path (a float16 gallery's query split in two halves)
+    let rows = unit_rows(27, 200, 16);
+    let mut queries = unit_rows(28, search::SCAN_QUERIES + 2, 16);
+    queries.row_mut(0).assign(&rows.row(3)); // rows 3, 7, 11 tie at the top
+    let tiling = SearchTiling {
+        run: 32,
+        score_budget_bytes: queries.nrows() * 4 * 128,
+    };
+    for half in [false, true] {
+        let k = 6;
+        let (scores, ids) = emulate_search(&rows, &queries, k, half, tiling);
+        let want = brute_force(&rows, &queries, k, half);
+        for (q, expected) in want.iter().enumerate() {
+            for (r, &(s, i)) in expected.iter().enumerate() {
+                assert_eq!(ids[q * k + r], i, "half={half} query {q} rank {r}");
+                assert!((scores[q * k + r] as f64 - s).abs() < 2e-6);
+            }
+        }
+        assert_eq!(&ids[..3], &[3, 7, 11]);
     }
 }

@@ -36,6 +36,19 @@ def test_the_fake_driver_is_what_runs():
     assert afr._core.cuda_feature and afr.cuda_available()
 
 
+def _assert_same_results(gpu, cpu, queries, k):
+    """The GPU's ids are the CPU's except where scores tie to float32 rounding (the two sum
+    a dot product in different orders); the CPU's (k+1)-th result shows a tie at the end."""
+    got_s, got_i = gpu.search(queries, k=k)
+    want_s, want_i = cpu.search(queries, k=k + 1)
+    np.testing.assert_allclose(got_s, want_s[:, :k], rtol=0, atol=2e-6)
+    differ = got_i != want_i[:, :k]
+    gaps = np.abs(np.diff(want_s, axis=1))  # (Q, k): the last is the k-th to the (k+1)-th
+    near = gaps <= 4e-6
+    near[:, 1:] |= gaps[:, :-1] <= 4e-6
+    assert not (differ & ~near).any(), np.argwhere(differ & ~near)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
 def test_gallery_on_cuda_equals_the_cpu_gallery(dtype, tmp_path):
     rng = np.random.default_rng(0)
@@ -46,9 +59,7 @@ def test_gallery_on_cuda_equals_the_cpu_gallery(dtype, tmp_path):
         g.add(emb[:500], ids=np.arange(1000, 1500))
     assert gpu.device == "cuda:0" and "cuda:0" in repr(gpu)
     for k in (1, 7, 64, 100):  # 100: past the kernel's 64, the CPU search
-        got, want = gpu.search(queries, k=k), cpu.search(queries, k=k)
-        np.testing.assert_array_equal(got[1], want[1])
-        np.testing.assert_allclose(got[0], want[0], rtol=0, atol=2e-6)
+        _assert_same_results(gpu, cpu, queries, k)
     single = gpu.search(queries[0], k=3)
     assert single[1].shape == (3,) and single[1][0] == 1000
     np.testing.assert_array_equal(
@@ -57,12 +68,12 @@ def test_gallery_on_cuda_equals_the_cpu_gallery(dtype, tmp_path):
     for g in (cpu, gpu):  # the GPU copy follows changes
         g.add(emb[500:])
         g.remove([1001])
-    np.testing.assert_array_equal(gpu.search(queries, k=9)[1], cpu.search(queries, k=9)[1])
+    _assert_same_results(gpu, cpu, queries, 9)
     with pytest.raises(ValueError, match="queries"):
         gpu.search(np.zeros(20), k=3)
     gpu.save(tmp_path / "g.safetensors")
     back = afr.Gallery.load(tmp_path / "g.safetensors", device="cuda")
-    np.testing.assert_array_equal(back.search(queries, k=5)[1], cpu.search(queries, k=5)[1])
+    _assert_same_results(back, cpu, queries, 5)
 
 
 @pytest.fixture
