@@ -77,14 +77,18 @@ impl Strided {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    //! A packed GEMM around a 12×32 register tile (BLIS's loop order).
+    //! A packed GEMM around a 12×32 register tile.
     //!
     //! The micro-kernel keeps a 12×32 block of C in 24 zmm accumulators (two registers of
     //! 16 floats per row); each step of k loads one 32-float row of a packed B panel and
     //! broadcasts the 12 values of a packed A column into 24 FMAs. Panels are packed so both
-    //! are read contiguously whatever the caller's strides: B in KC×NR panels (streamed
-    //! from L1/L2 while the A panels of the block pass by), A in MR×KC panels of an MC×KC
-    //! block. Ragged edges are packed with zeros and written back through a small buffer.
+    //! are read contiguously whatever the caller's strides: B in KC×NR panels of a KC×NC
+    //! block (kept in L2), A in MR×KC panels of an MC×KC block. Unlike BLIS, which sweeps
+    //! the A panels under one B panel, each A panel (12 KB, in L1) sweeps the B panels: C
+    //! is then written 12 whole rows at a time, front to back, which the stores' prefetch
+    //! follows (the head's dW tiles land in a fresh (C, D) gradient; the column-strip order
+    //! cost it ~10%, benches/bench_gemm.py). Ragged edges are packed with zeros and written
+    //! back through a small buffer.
 
     use super::Strided;
     use std::arch::x86_64::*;
@@ -92,13 +96,14 @@ mod avx512 {
 
     const MR: usize = 12;
     const NR: usize = 32;
-    /// Depth of one pass: a B panel KC×NR is 48 KB (measured best of 256, 384 and 512 on
-    /// the head's shapes: fewer passes over C outweigh the panel spilling out of L1).
-    const KC: usize = 384;
-    /// Rows of A packed at once: MC×KC floats is 288 KB, well within L2.
+    /// Depth of one pass: with D = 512 the head's forward GEMM is one pass over C instead
+    /// of two (measured 384 against 512: ~3% faster forward, the rest the same).
+    const KC: usize = 512;
+    /// Rows of A packed at once (MC×KC floats, 384 KB).
     const MC: usize = MR * 16;
-    /// Columns of B packed at once: KC×NC floats is 1 MB.
-    const NC: usize = NR * 32;
+    /// Columns of B packed at once: the KC×NC block (1 MB) stays in a server core's L2
+    /// while every A panel sweeps it.
+    const NC: usize = NR * 16;
 
     thread_local! {
         /// Packing buffers, kept per thread across calls (the head calls once per tile).
@@ -138,12 +143,12 @@ mod avx512 {
                     for ic in (0..m).step_by(MC) {
                         let mc = MC.min(m - ic);
                         pack_a(mc, kc, a, ic, pc, pa);
-                        for jr in (0..nc).step_by(NR) {
-                            let nr = NR.min(nc - jr);
-                            let bp = pb.as_ptr().add(jr * kc);
-                            for ir in (0..mc).step_by(MR) {
-                                let mr = MR.min(mc - ir);
-                                let ap = pa.as_ptr().add(ir * kc);
+                        for ir in (0..mc).step_by(MR) {
+                            let mr = MR.min(mc - ir);
+                            let ap = pa.as_ptr().add(ir * kc);
+                            for jr in (0..nc).step_by(NR) {
+                                let nr = NR.min(nc - jr);
+                                let bp = pb.as_ptr().add(jr * kc);
                                 let ct =
                                     c.offset((ic + ir) as isize * rsc + (jc + jr) as isize * csc);
                                 tile(kc, ap, bp, ct, rsc, csc, mr, nr, alpha, beta);
@@ -158,6 +163,10 @@ mod avx512 {
     /// Packs rows `ic..ic+mc`, columns `pc..pc+kc` of A as MR-row panels: panel p holds, for
     /// each of the kc columns, its MR values (rows past `mc` are zeros).
     unsafe fn pack_a(mc: usize, kc: usize, a: Strided, ic: usize, pc: usize, out: &mut [f32]) {
+        if a.rs == 1 {
+            let first = a.ptr.offset(ic as isize + pc as isize * a.cs);
+            return pack_segments::<MR>(out, kc, mc, first, a.cs);
+        }
         for (p, panel) in out[..mc.div_ceil(MR) * MR * kc]
             .chunks_exact_mut(MR * kc)
             .enumerate()
@@ -173,6 +182,10 @@ mod avx512 {
     /// Packs rows `pc..pc+kc`, columns `jc..jc+nc` of B as NR-column panels: panel p holds,
     /// for each of the kc rows, its NR values (columns past `nc` are zeros).
     unsafe fn pack_b(kc: usize, nc: usize, b: Strided, pc: usize, jc: usize, out: &mut [f32]) {
+        if b.cs == 1 {
+            let first = b.ptr.offset(pc as isize * b.rs + jc as isize);
+            return pack_segments::<NR>(out, kc, nc, first, b.rs);
+        }
         for (p, panel) in out[..nc.div_ceil(NR) * NR * kc]
             .chunks_exact_mut(NR * kc)
             .enumerate()
@@ -182,6 +195,38 @@ mod avx512 {
                 .ptr
                 .offset(pc as isize * b.rs + (jc + p * NR) as isize * b.cs);
             gather::<NR>(panel, kc, cols, first, b.cs, b.rs);
+        }
+    }
+
+    /// Packs `lanes` lanes into W-wide panels when each step of k is one contiguous segment
+    /// (`first + l·step`, lanes side by side): the segment is read once, front to back, and
+    /// cut into the panels' groups. Packing panel after panel instead would revisit every
+    /// segment once per panel, a few floats at a time, and segments a power-of-two stride
+    /// apart (the head's 512- and 2048-float rows) fall into the same few L1 sets.
+    #[inline(always)]
+    unsafe fn pack_segments<const W: usize>(
+        out: &mut [f32],
+        kc: usize,
+        lanes: usize,
+        first: *const f32,
+        step: isize,
+    ) {
+        let panels = lanes.div_ceil(W);
+        let out = out.as_mut_ptr();
+        for l in 0..kc {
+            let src = first.offset(l as isize * step);
+            for p in 0..panels {
+                let dst = out.add(p * W * kc + l * W);
+                let n = W.min(lanes - p * W);
+                if n == W {
+                    // a constant length: inlined as a few vector moves, not a memmove call
+                    std::ptr::copy_nonoverlapping(src.add(p * W), dst, W);
+                    continue;
+                }
+                std::ptr::copy_nonoverlapping(src.add(p * W), dst, n);
+                // zeros, not stale values (which could be denormals that slow the FMAs)
+                std::ptr::write_bytes(dst.add(n), 0, W - n);
+            }
         }
     }
 
@@ -466,7 +511,7 @@ mod tests {
 
     #[test]
     fn matches_a_float64_reference_over_ragged_shapes_and_strides() {
-        // edges of every panel (MR = 12, NR = 32, KC = 256, MC = 192, NC = 1024), k not a
+        // edges of every panel (MR = 12, NR = 32, KC = 512, MC = 192, NC = 512), k not a
         // multiple of anything, tiny and one-row/one-column products
         let shapes = [
             (1, 1, 1),
