@@ -8,7 +8,8 @@
 //! bench_gemm.py; benches/README.md).
 //!
 //! Every call is single-threaded: the callers already run one GEMM per class tile (or
-//! gallery tile) on each rayon thread.
+//! gallery tile) on each rayon thread. An operand that every tile shares (the head's rows
+//! of X̂, the search's queries) is packed once into a [`Packed`] instead of once per tile.
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2};
@@ -39,21 +40,122 @@ pub fn sgemm(
         // matrices through their pointers and strides, and `c` is borrowed mutably.
         unsafe {
             avx512::gemm(
-                m,
-                n,
-                k,
+                (m, n, k),
                 alpha,
-                Strided::of(a),
-                Strided::of(b),
+                avx512::Source::Strided(Strided::of(a)),
+                avx512::Source::Strided(Strided::of(b)),
                 beta,
-                c.as_mut_ptr(),
-                c.strides()[0],
-                c.strides()[1],
+                c,
             )
         };
         return;
     }
     general_mat_mul(alpha, a, b, beta, c);
+}
+
+/// Which operand of the products a [`Packed`] matrix is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// A in `A·B`.
+    Left,
+    /// B in `A·B`.
+    Right,
+}
+
+/// A matrix that is the same operand of many products, packed once into the kernel's
+/// panels (float32 with the AVX-512 kernel); otherwise just the view, and every product
+/// reads it as [`sgemm`] would.
+pub struct Packed<'a, T> {
+    view: ArrayView2<'a, T>,
+    side: Side,
+    /// The panels of every depth block, one block after the other; empty when unpacked.
+    panels: Vec<f32>,
+}
+
+impl<'a, T> Packed<'a, T> {
+    /// The view unpacked: products read it directly.
+    pub fn plain(view: ArrayView2<'a, T>, side: Side) -> Self {
+        Packed {
+            view,
+            side,
+            panels: Vec::new(),
+        }
+    }
+
+    /// The matrix.
+    pub fn view(&self) -> ArrayView2<'a, T> {
+        self.view
+    }
+}
+
+impl<'a> Packed<'a, f32> {
+    /// `view` packed for the side it will be on, where the AVX-512 kernel runs.
+    pub fn new(view: ArrayView2<'a, f32>, side: Side) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if !view.is_empty() && crate::kernels::simd_in_use() == crate::kernels::SimdLevel::Avx512 {
+            // SAFETY: the CPU has AVX-512F; the view is in bounds for its strides.
+            let panels = unsafe { avx512::pack_whole(Strided::of(&view), view.dim(), side) };
+            return Packed { view, side, panels };
+        }
+        Packed::plain(view, side)
+    }
+}
+
+/// [`sgemm`] with a left operand packed once for many products.
+pub fn sgemm_packed_left(
+    alpha: f32,
+    a: &Packed<f32>,
+    b: &ArrayView2<f32>,
+    beta: f32,
+    c: &mut ArrayViewMut2<f32>,
+) {
+    assert_eq!(a.side, Side::Left, "a right operand used on the left");
+    let ((m, k), (k2, n)) = (a.view.dim(), b.dim());
+    #[cfg(target_arch = "x86_64")]
+    if !a.panels.is_empty() && k == k2 && c.dim() == (m, n) {
+        // SAFETY: the panels exist, so the CPU has AVX-512F; they hold the whole of `a`
+        // (checked shapes); `b` and `c` are in bounds for their strides.
+        unsafe {
+            avx512::gemm(
+                (m, n, k),
+                alpha,
+                avx512::Source::Packed(a.panels.as_ptr()),
+                avx512::Source::Strided(Strided::of(b)),
+                beta,
+                c,
+            )
+        };
+        return;
+    }
+    sgemm(alpha, &a.view, b, beta, c);
+}
+
+/// [`sgemm`] with a right operand packed once for many products.
+pub fn sgemm_packed_right(
+    alpha: f32,
+    a: &ArrayView2<f32>,
+    b: &Packed<f32>,
+    beta: f32,
+    c: &mut ArrayViewMut2<f32>,
+) {
+    assert_eq!(b.side, Side::Right, "a left operand used on the right");
+    let ((m, k), (k2, n)) = (a.dim(), b.view.dim());
+    #[cfg(target_arch = "x86_64")]
+    if !b.panels.is_empty() && k == k2 && c.dim() == (m, n) {
+        // SAFETY: as in sgemm_packed_left, with the sides swapped.
+        unsafe {
+            avx512::gemm(
+                (m, n, k),
+                alpha,
+                avx512::Source::Strided(Strided::of(a)),
+                avx512::Source::Packed(b.panels.as_ptr()),
+                beta,
+                c,
+            )
+        };
+        return;
+    }
+    sgemm(alpha, a, &b.view, beta, c);
 }
 
 /// A matrix read through its first element and its (row, column) strides in elements.
@@ -90,7 +192,8 @@ mod avx512 {
     //! cost it ~10%, benches/bench_gemm.py). Ragged edges are packed with zeros and written
     //! back through a small buffer.
 
-    use super::Strided;
+    use super::{Side, Strided};
+    use ndarray::ArrayViewMut2;
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
@@ -110,45 +213,92 @@ mod avx512 {
         static PACKS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
     }
 
-    /// See [`super::sgemm`]; `c` is `m×n` at `c` with strides (`rsc`, `csc`).
+    /// An operand as the products read it: strided (packed per product into the thread's
+    /// buffers) or packed whole by [`pack_whole`] (`Packed(panels)`).
+    #[derive(Clone, Copy)]
+    pub(super) enum Source {
+        Strided(Strided),
+        Packed(*const f32),
+    }
+
+    /// `a` (m×k) or `b` (k×n) packed whole: for each depth block of KC (the last may be
+    /// shorter), the panels `pack_a` / `pack_b` would make of all its rows / columns. Block
+    /// `pc` starts at `pc × padded` (`padded`: the rows or columns rounded up to panels).
     ///
     /// # Safety
-    /// The CPU has AVX-512F; `a` (m×k), `b` (k×n) and `c` (m×n) are valid for their strides,
-    /// and `c` does not overlap `a` or `b`.
-    #[allow(clippy::too_many_arguments)]
+    /// The CPU has AVX-512F; `m` is in bounds for `dim` and its strides.
+    pub(super) unsafe fn pack_whole(m: Strided, dim: (usize, usize), side: Side) -> Vec<f32> {
+        let (rows, cols) = dim;
+        let (k, padded) = match side {
+            Side::Left => (cols, rows.div_ceil(MR) * MR),
+            Side::Right => (rows, cols.div_ceil(NR) * NR),
+        };
+        let mut out = vec![0.0f32; k * padded];
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            let block = &mut out[pc * padded..];
+            match side {
+                Side::Left => pack_a(rows, kc, m, 0, pc, block),
+                Side::Right => pack_b(kc, cols, m, pc, 0, block),
+            }
+        }
+        out
+    }
+
+    /// See [`super::sgemm`]; `dims` is (m, n, k).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; strided operands are valid for their strides, packed ones hold
+    /// the whole operand of these dims ([`pack_whole`]); `c` does not overlap them.
     pub(super) unsafe fn gemm(
-        m: usize,
-        n: usize,
-        k: usize,
+        dims: (usize, usize, usize),
         alpha: f32,
-        a: Strided,
-        b: Strided,
+        a: Source,
+        b: Source,
         beta: f32,
-        c: *mut f32,
-        rsc: isize,
-        csc: isize,
+        c: &mut ArrayViewMut2<f32>,
     ) {
+        let (m, n, k) = dims;
+        let (rsc, csc) = (c.strides()[0], c.strides()[1]);
+        let c = c.as_mut_ptr();
+        let (m_padded, n_padded) = (m.div_ceil(MR) * MR, n.div_ceil(NR) * NR);
         PACKS.with(|packs| {
             let mut packs = packs.borrow_mut();
             let (pa, pb) = &mut *packs;
-            pa.resize(MC * KC, 0.0);
-            pb.resize(NC * KC, 0.0);
+            if let Source::Strided(_) = a {
+                pa.resize(MC * KC, 0.0);
+            }
+            if let Source::Strided(_) = b {
+                pb.resize(NC * KC, 0.0);
+            }
             for jc in (0..n).step_by(NC) {
                 let nc = NC.min(n - jc);
                 for pc in (0..k).step_by(KC) {
                     let kc = KC.min(k - pc);
                     // the first pass over k applies beta; the others add to it
                     let beta = if pc == 0 { beta } else { 1.0 };
-                    pack_b(kc, nc, b, pc, jc, pb);
+                    let b_block = match b {
+                        Source::Strided(b) => {
+                            pack_b(kc, nc, b, pc, jc, pb);
+                            pb.as_ptr()
+                        }
+                        Source::Packed(panels) => panels.add(pc * n_padded + jc * kc),
+                    };
                     for ic in (0..m).step_by(MC) {
                         let mc = MC.min(m - ic);
-                        pack_a(mc, kc, a, ic, pc, pa);
+                        let a_block = match a {
+                            Source::Strided(a) => {
+                                pack_a(mc, kc, a, ic, pc, pa);
+                                pa.as_ptr()
+                            }
+                            Source::Packed(panels) => panels.add(pc * m_padded + ic * kc),
+                        };
                         for ir in (0..mc).step_by(MR) {
                             let mr = MR.min(mc - ir);
-                            let ap = pa.as_ptr().add(ir * kc);
+                            let ap = a_block.add(ir * kc);
                             for jr in (0..nc).step_by(NR) {
                                 let nr = NR.min(nc - jr);
-                                let bp = pb.as_ptr().add(jr * kc);
+                                let bp = b_block.add(jr * kc);
                                 let ct =
                                     c.offset((ic + ir) as isize * rsc + (jc + jr) as isize * csc);
                                 tile(kc, ap, bp, ct, rsc, csc, mr, nr, alpha, beta);
@@ -495,8 +645,20 @@ mod tests {
         sgemm(alpha, &a, &b, beta, &mut c.view_mut());
         let mut ct = c0.t().to_owned();
         sgemm(alpha, &a, &b, beta, &mut ct.view_mut().reversed_axes());
+        // the same products with either operand packed once beforehand
+        let mut c_left = c0.clone();
+        let packed_a = Packed::new(a, Side::Left);
+        sgemm_packed_left(alpha, &packed_a, &b, beta, &mut c_left.view_mut());
+        let mut c_right = c0.clone();
+        let packed_b = Packed::new(b, Side::Right);
+        sgemm_packed_right(alpha, &a, &packed_b, beta, &mut c_right.view_mut());
         let scale = (k as f64).sqrt() + 1.0;
-        for (got, what) in [(c, "row-major C"), (ct.t().to_owned(), "transposed C")] {
+        for (got, what) in [
+            (c, "row-major C"),
+            (ct.t().to_owned(), "transposed C"),
+            (c_left, "packed A"),
+            (c_right, "packed B"),
+        ] {
             let err = got
                 .iter()
                 .zip(&want)

@@ -1,7 +1,8 @@
 //! The two float types the heads run in.
 
+use crate::gemm::{Packed, Side};
 use ndarray::linalg::general_mat_mul;
-use ndarray::{ArrayBase, Data, DataMut, Ix2, LinalgScalar};
+use ndarray::{ArrayBase, ArrayView2, ArrayViewMut2, Data, DataMut, Ix2, LinalgScalar};
 use num_traits::Float;
 use std::fmt::Debug;
 use std::iter::Sum;
@@ -53,6 +54,34 @@ pub trait Real:
     {
         general_mat_mul(alpha, a, b, beta, c);
     }
+
+    /// `m` as the same operand of many products: packed once where [`crate::gemm`]'s
+    /// kernel runs, else the view.
+    fn pack(m: ArrayView2<'_, Self>, side: Side) -> Packed<'_, Self> {
+        Packed::plain(m, side)
+    }
+
+    /// [`Real::gemm`] with a left operand from [`Real::pack`].
+    fn gemm_packed_left(
+        alpha: Self,
+        a: &Packed<Self>,
+        b: &ArrayView2<Self>,
+        beta: Self,
+        c: &mut ArrayViewMut2<Self>,
+    ) {
+        general_mat_mul(alpha, &a.view(), b, beta, c);
+    }
+
+    /// [`Real::gemm`] with a right operand from [`Real::pack`].
+    fn gemm_packed_right(
+        alpha: Self,
+        a: &ArrayView2<Self>,
+        b: &Packed<Self>,
+        beta: Self,
+        c: &mut ArrayViewMut2<Self>,
+    ) {
+        general_mat_mul(alpha, a, &b.view(), beta, c);
+    }
 }
 
 impl Real for f32 {
@@ -85,6 +114,30 @@ impl Real for f32 {
         S3: DataMut<Elem = Self>,
     {
         crate::gemm::sgemm(alpha, &a.view(), &b.view(), beta, &mut c.view_mut());
+    }
+
+    fn pack(m: ArrayView2<'_, Self>, side: Side) -> Packed<'_, Self> {
+        Packed::new(m, side)
+    }
+
+    fn gemm_packed_left(
+        alpha: Self,
+        a: &Packed<Self>,
+        b: &ArrayView2<Self>,
+        beta: Self,
+        c: &mut ArrayViewMut2<Self>,
+    ) {
+        crate::gemm::sgemm_packed_left(alpha, a, b, beta, c);
+    }
+
+    fn gemm_packed_right(
+        alpha: Self,
+        a: &ArrayView2<Self>,
+        b: &Packed<Self>,
+        beta: Self,
+        c: &mut ArrayViewMut2<Self>,
+    ) {
+        crate::gemm::sgemm_packed_right(alpha, a, b, beta, c);
     }
 }
 

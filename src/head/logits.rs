@@ -33,17 +33,18 @@ pub fn margin_logits_with<'m, T: Real>(
     };
     let mut out =
         Array2::from_shape_vec((b, c), logits_buffer("weight", b, c)?).expect("logits shape");
+    let x = p.packed_rows(0..b);
     out.axis_chunks_iter_mut(Axis(1), tiles.ct)
         .into_par_iter()
         .enumerate()
         .for_each(|(t, mut tile)| {
             let (lo, w_tile, inv) = tiles.tile(t);
             if !p.general {
-                p.logits_tile(0..b, lo, w_tile, inv, tile);
+                p.logits_tile(0..b, &x, lo, w_tile, inv, tile);
                 return;
             }
             let width = tile.ncols();
-            let (cos, _) = p.all_rows_cosines(lo, w_tile, inv);
+            let (cos, _) = p.all_rows_cosines(&x, lo, w_tile, inv);
             let mut z = vec![T::zero(); width];
             for (i, crow) in cos.axis_iter(Axis(0)).enumerate() {
                 let crow = crow.to_slice().expect("standard layout");
@@ -98,6 +99,7 @@ pub fn margin_logits_backward_with<'m, T: Real>(
     let mut grad_w = Array2::from_shape_vec((c * k, d), zeroed_for_huge_pages::<T>(c * k * d)?)
         .expect("gradient shape");
     let new_acc = || Pass2::new(b, d, ct, k);
+    let (x_left, x_right) = (p.packed_rows(0..b), T::pack(p.xhat.view(), Side::Right));
     let tiles_of_grad = grad_w
         .axis_chunks_iter_mut(Axis(0), ct * k)
         .into_par_iter()
@@ -112,7 +114,7 @@ pub fn margin_logits_backward_with<'m, T: Real>(
             let upstream = grad_logits.slice(s![.., lo..lo + width]);
             // the tile's class cosines (and arg-max centres) when the logits need them
             let (cos, sub) = if p.general || p.feature_norm_scale {
-                p.all_rows_cosines(lo, w_tile, inv)
+                p.all_rows_cosines(&x_left, lo, w_tile, inv)
             } else {
                 (Array2::zeros((b, width)), Vec::new())
             };
@@ -151,7 +153,7 @@ pub fn margin_logits_backward_with<'m, T: Real>(
             let mut dx = std::mem::take(&mut acc.dxhat);
             backprop_tile(
                 g,
-                p.xhat.view(),
+                &x_right,
                 w_tile,
                 inv,
                 T::zero(),

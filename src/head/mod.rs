@@ -22,6 +22,7 @@
 //! `apply_margin`; `tests` checks them against a plain float64 reference.
 
 use crate::error::{unnormalisable, Error, Result};
+use crate::gemm::{Packed, Side};
 use crate::kernels::{self, NonTarget};
 use crate::limits;
 use crate::margin::{HardRule, Margins, RowContext, Scale};

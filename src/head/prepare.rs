@@ -326,23 +326,20 @@ impl<T: Real> Prepared<T> {
         self.x_norm.len()
     }
 
-    /// Logits of rows `rows` against the class tile starting at `lo` (`w_tile` its rows of W).
+    /// Logits of rows `rows` against the class tile starting at `lo` (`w_tile` its rows of W);
+    /// `x` is those rows of X̂, packed for every tile ([`Prepared::packed_rows`]).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn logits_tile(
         &self,
         rows: Range<usize>,
+        x: &Packed<T>,
         lo: usize,
         w_tile: ArrayView2<T>,
         inv: &[T],
         mut out: ArrayViewMut2<T>,
     ) {
         let ct = w_tile.nrows();
-        T::gemm(
-            T::one(),
-            &self.xhat.slice(s![rows.clone(), ..]),
-            &w_tile.t(),
-            T::zero(),
-            &mut out,
-        );
+        T::gemm_packed_left(T::one(), x, &w_tile.t(), T::zero(), &mut out);
         for (local, i) in rows.enumerate() {
             let mut row = out.row_mut(local);
             let z = row.as_slice_mut().expect("logit rows are contiguous");
@@ -364,6 +361,7 @@ impl<T: Real> Prepared<T> {
     pub(super) fn cosines_tile(
         &self,
         rows: Range<usize>,
+        x: &Packed<T>,
         lo: usize,
         w_tile: ArrayView2<T>,
         inv: &[T],
@@ -372,9 +370,8 @@ impl<T: Real> Prepared<T> {
         sub: &mut [u8],
     ) {
         let (nr, k) = (rows.len(), self.k);
-        let x = self.xhat.slice(s![rows.clone(), ..]);
         if k == 1 {
-            T::gemm(T::one(), &x, &w_tile.t(), T::zero(), &mut out);
+            T::gemm_packed_left(T::one(), x, &w_tile.t(), T::zero(), &mut out);
             for mut row in out.rows_mut() {
                 let row = row.as_slice_mut().expect("cosine rows are contiguous");
                 kernels::scale_clamp(row, inv, T::one());
@@ -387,7 +384,7 @@ impl<T: Real> Prepared<T> {
         {
             let mut all =
                 ArrayViewMut2::from_shape((nr, kw), &mut scratch[..nr * kw]).expect("tile");
-            T::gemm(T::one(), &x, &w_tile.t(), T::zero(), &mut all);
+            T::gemm_packed_left(T::one(), x, &w_tile.t(), T::zero(), &mut all);
         }
         for (local, i) in rows.enumerate() {
             let centres = &mut scratch[local * kw..(local + 1) * kw];
@@ -414,9 +411,16 @@ impl<T: Real> Prepared<T> {
         }
     }
 
-    /// [`Prepared::cosines_tile`] of every row, in new buffers: (cosines, arg-max centres).
+    /// Rows `rows` of X̂ as the left operand of every tile's GEMM, packed once.
+    pub(super) fn packed_rows(&self, rows: Range<usize>) -> Packed<'_, T> {
+        T::pack(self.xhat.slice(s![rows, ..]), Side::Left)
+    }
+
+    /// [`Prepared::cosines_tile`] of every row (`x`: [`Prepared::packed_rows`] of them all),
+    /// in new buffers: (cosines, arg-max centres).
     pub(super) fn all_rows_cosines(
         &self,
+        x: &Packed<T>,
         lo: usize,
         w_tile: ArrayView2<T>,
         inv: &[T],
@@ -427,6 +431,7 @@ impl<T: Real> Prepared<T> {
         let mut scratch = Vec::new();
         self.cosines_tile(
             0..b,
+            x,
             lo,
             w_tile,
             inv,

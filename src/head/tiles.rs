@@ -4,9 +4,10 @@ use super::*;
 /// into `dxhat` and sets `grad_tile = P(beta·grad_tile + gᵀ·X̂)`, where P removes from each
 /// row its component along ŵ_j (the normalisation's Jacobian; P is linear and idempotent,
 /// so accumulating over row chunks with beta = 1 stays exact). A None output is skipped.
+/// `xhat_rows` is packed as the right operand once for every tile.
 pub(super) fn backprop_tile<T: Real>(
     g: ArrayView2<T>,
-    xhat_rows: ArrayView2<T>,
+    xhat_rows: &Packed<T>,
     w_tile: ArrayView2<T>,
     w_inv: &[T],
     beta: T,
@@ -17,7 +18,7 @@ pub(super) fn backprop_tile<T: Real>(
         T::gemm(T::one(), &g, &w_tile, T::one(), dxhat);
     }
     if let Some(mut grad_tile) = grad_tile {
-        T::gemm(T::one(), &g.t(), &xhat_rows, beta, &mut grad_tile);
+        T::gemm_packed_right(T::one(), &g.t(), xhat_rows, beta, &mut grad_tile);
         for ((mut gw, w), &inv) in grad_tile
             .axis_iter_mut(Axis(0))
             .zip(w_tile.axis_iter(Axis(0)))
@@ -441,6 +442,7 @@ impl<T: Real> Tiles<'_, T> {
     ) -> Vec<RowPart> {
         let nr = rows.len();
         let k = self.p.k;
+        let x = self.p.packed_rows(rows.clone());
         let tiles = slots
             .par_chunks_mut(slot_len)
             .zip(tile_max.par_chunks_mut(nr))
@@ -456,7 +458,7 @@ impl<T: Real> Tiles<'_, T> {
                 let z = &mut slot[..nr * width];
                 let view = ArrayViewMut2::from_shape((nr, width), &mut *z).expect("tile shape");
                 if !self.p.general {
-                    self.p.logits_tile(rows.clone(), lo, w_tile, inv, view);
+                    self.p.logits_tile(rows.clone(), &x, lo, w_tile, inv, view);
                     for (r, zrow) in z.chunks_exact_mut(width).enumerate() {
                         let st = RowPart::exp_row(zrow);
                         tmax[r] = T::of(st.max);
@@ -465,7 +467,7 @@ impl<T: Real> Tiles<'_, T> {
                     return (acc, scratch, zrow);
                 }
                 self.p
-                    .cosines_tile(rows.clone(), lo, w_tile, inv, view, &mut scratch, sub);
+                    .cosines_tile(rows.clone(), &x, lo, w_tile, inv, view, &mut scratch, sub);
                 zrow.resize(width, T::zero());
                 for ((r, i), cos) in rows.clone().enumerate().zip(z.chunks_exact_mut(width)) {
                     self.p.general_logits_row(i, lo, cos, &mut zrow[..width]);
@@ -503,6 +505,11 @@ impl<T: Real> Tiles<'_, T> {
         want_weight: bool,
     ) -> Pass2<T> {
         let (nr, d, ct, k) = (lr.rows.len(), self.p.d, self.ct, self.p.k);
+        let x_right = if want_weight {
+            T::pack(xhat_rows, Side::Right)
+        } else {
+            Packed::plain(xhat_rows, Side::Right)
+        };
         // `own_stash` is None when the stash lives in `grad_tile` itself.
         let step = |mut acc: Pass2<T>, t: usize, own_stash: Option<&[T]>, grad_tile: &mut [T]| {
             let (lo, w_tile, inv) = self.tile(t);
@@ -540,7 +547,7 @@ impl<T: Real> Tiles<'_, T> {
                 let nz = &mut acc.nonzeros;
                 sparse_backprop_tile(g, xhat_rows, w_tile, inv, beta, grad_out, dx_out, nz);
             } else {
-                backprop_tile(g, xhat_rows, w_tile, inv, beta, grad_out, dx_out);
+                backprop_tile(g, &x_right, w_tile, inv, beta, grad_out, dx_out);
             }
             acc.dxhat = dx;
             acc

@@ -13,6 +13,7 @@ mod int8;
 pub mod topk;
 
 use crate::error::{unnormalisable, Error, Result};
+use crate::gemm::Side;
 use crate::kernels;
 use crate::real::Real;
 use ndarray::{s, Array2, ArrayView2, Axis};
@@ -489,6 +490,8 @@ fn tiled<T: Real, R: Rows<T>>(qhat: ArrayView2<T>, rows: &R, k: usize) -> Partia
     let empty = || (vec![TopK::new(k); q], None);
     let tile_rows = (TILE_SCRATCH_BYTES / (q * std::mem::size_of::<T>())).clamp(16, TILE_ROWS);
     let tiles: Vec<usize> = (0..n).step_by(tile_rows).collect();
+    // every tile multiplies by the same queries: packed once
+    let queries = T::pack(qhat.reversed_axes(), Side::Right);
     tiles
         .par_iter()
         .fold(
@@ -506,7 +509,7 @@ fn tiled<T: Real, R: Rows<T>>(qhat: ArrayView2<T>, rows: &R, k: usize) -> Partia
                 let block = rows.decoded(lo, lo + count, &mut decoded);
                 let tile = ArrayView2::from_shape((count, d), block).expect("block of whole rows");
                 let mut tile_scores = scores.slice_mut(s![..count, ..]);
-                T::gemm(T::one(), &tile, &qhat.t(), T::zero(), &mut tile_scores);
+                T::gemm_packed_right(T::one(), &tile, &queries, T::zero(), &mut tile_scores);
                 // Thresholds in T: every score is a T value, so comparing in T is exact.
                 let mut thresholds: Vec<T> = tops.iter().map(|t| T::of(t.threshold())).collect();
                 for (r, row) in tile_scores.axis_iter(Axis(0)).enumerate() {
