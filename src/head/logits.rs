@@ -216,6 +216,17 @@ pub(super) fn check_cos<T: Real>(cos: ArrayView2<T>) -> Result<()> {
     }
 }
 
+/// What [`apply_margin`] and its backward check first: a (B, C) output the size of `cos`
+/// (allocated fallibly), `cos` itself, and the margin's fixed scale `s`.
+fn cos_output<T: Real>(cos: ArrayView2<T>, margin: Margins) -> Result<(Array2<T>, f64)> {
+    let out = logits_buffer("cos", cos.nrows(), cos.ncols())?;
+    check_cos(cos)?;
+    let s = fixed_scale(margin, cos.nrows())?;
+    check_logit_range::<T>(margin, s, "s")?;
+    let out = Array2::from_shape_vec(cos.dim(), out).expect("output shape");
+    Ok((out, s))
+}
+
 /// `s * cos` with `s * psi(cos_iy)` on each row's target (and a hard-negative margin's
 /// `s * h(cos)` on its non-targets): the margin on a cosine matrix computed by any GEMM.
 pub fn apply_margin<'m, T: Real>(
@@ -224,13 +235,9 @@ pub fn apply_margin<'m, T: Real>(
     margin: impl Into<Margins<'m>>,
 ) -> Result<Array2<T>> {
     let margin = margin.into();
-    let out = logits_buffer("cos", cos.nrows(), cos.ncols())?;
-    check_cos(cos)?;
-    let s = fixed_scale(margin, cos.nrows())?;
-    check_logit_range::<T>(margin, s, "s")?;
+    let (mut out, s) = cos_output(cos, margin)?;
     let target = check_labels(labels, cos.nrows(), cos.ncols())?;
     let st = T::of(s);
-    let mut out = Array2::from_shape_vec(cos.dim(), out).expect("logits shape");
     out.zip_mut_with(&cos, |o, &v| *o = st * v.max(-T::one()).min(T::one()));
     for (i, y) in target.iter().enumerate() {
         if let Some(y) = *y {
@@ -255,15 +262,11 @@ pub fn apply_margin_backward<'m, T: Real>(
     margin: impl Into<Margins<'m>>,
 ) -> Result<Array2<T>> {
     let margin = margin.into();
-    let out = logits_buffer("cos", cos.nrows(), cos.ncols())?;
-    check_cos(cos)?;
-    let s = fixed_scale(margin, cos.nrows())?;
-    check_logit_range::<T>(margin, s, "s")?;
+    let (mut out, s) = cos_output(cos, margin)?;
     check_shape("grad_logits", grad_logits.dim(), cos.dim())?;
     check_finite(grad_logits, "grad_logits")?;
     let target = check_labels(labels, cos.nrows(), cos.ncols())?;
     let st = T::of(s);
-    let mut out = Array2::from_shape_vec(cos.dim(), out).expect("gradient shape");
     out.zip_mut_with(&grad_logits, |o, &g| *o = g * st);
     for (i, y) in target.iter().enumerate() {
         if let Some(y) = *y {

@@ -135,46 +135,20 @@ fn simd_level() -> u8 {
     level
 }
 
-/// Defines `pub fn $name` that runs `$imp` compiled for the best instruction set available.
+/// Defines `pub fn $name` that runs `$imp` compiled for the best instruction set available
+/// (generic over `T: Real` or not: the gallery's storage decoders are plain).
 macro_rules! multiversion {
-    ($(#[$doc:meta])* pub fn $name:ident<T: Real>($($a:ident: $t:ty),* $(,)?) -> $r:ty = $imp:ident;) => {
+    ($(#[$doc:meta])* pub fn $name:ident $(<$g:ident: Real>)? ($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? = $imp:ident;) => {
         $(#[$doc])*
-        pub fn $name<T: Real>($($a: $t),*) -> $r {
+        pub fn $name $(<$g: Real>)? ($($a: $t),*) $(-> $r)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-                fn v4<T: Real>($($a: $t),*) -> $r {
+                fn v4 $(<$g: Real>)? ($($a: $t),*) $(-> $r)? {
                     $imp($($a),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
-                fn v3<T: Real>($($a: $t),*) -> $r {
-                    $imp($($a),*)
-                }
-                match simd_level() {
-                    // SAFETY: simd_level() confirmed the CPU has these features.
-                    4 => return unsafe { v4($($a),*) },
-                    3 => return unsafe { v3($($a),*) },
-                    _ => {}
-                }
-            }
-            $imp($($a),*)
-        }
-    };
-}
-
-/// The same for functions that are not generic (the gallery's storage decoders).
-macro_rules! multiversion_plain {
-    ($(#[$doc:meta])* pub fn $name:ident($($a:ident: $t:ty),* $(,)?) = $imp:ident;) => {
-        $(#[$doc])*
-        pub fn $name($($a: $t),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-                fn v4($($a: $t),*) {
-                    $imp($($a),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                fn v3($($a: $t),*) {
+                fn v3 $(<$g: Real>)? ($($a: $t),*) $(-> $r)? {
                     $imp($($a),*)
                 }
                 match simd_level() {

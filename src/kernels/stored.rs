@@ -65,17 +65,17 @@ fn decode_i8_impl(src: &[i8], dst: &mut [f32]) {
     decode_with(src, dst, i8_to_f32)
 }
 
-multiversion_plain! {
+multiversion! {
     /// float16 bits to float32.
     pub fn decode_f16(src: &[u16], dst: &mut [f32]) = decode_f16_impl;
 }
 
-multiversion_plain! {
+multiversion! {
     /// bfloat16 bits to float32.
     pub fn decode_bf16(src: &[u16], dst: &mut [f32]) = decode_bf16_impl;
 }
 
-multiversion_plain! {
+multiversion! {
     /// int8 codes to float32 (unscaled).
     pub fn decode_i8(src: &[i8], dst: &mut [f32]) = decode_i8_impl;
 }

@@ -191,34 +191,16 @@ def test_bad_labels_raise_through_the_real_launch(cpu_stream):
 def test_torch_head_bad_rows_raise_through_the_real_launch(cpu_stream):
     emb, weight, labels = (torch.tensor(a) for a in make_problem(5, 4, 8, seed=2))
     kind, params = encode(afr.ArcFace())
+
+    def loss(emb, weight):
+        return tcuda._loss_cuda(
+            emb, weight, labels, kind, params, 1, None, None, "mean", True, True
+        )
+
     with pytest.raises(ValueError, match="emb: row 2"):
-        tcuda._loss_cuda(
-            emb.index_fill(0, torch.tensor([2]), 0.0),
-            weight,
-            labels,
-            kind,
-            params,
-            1,
-            None,
-            None,
-            "mean",
-            True,
-            True,
-        )
+        loss(emb.index_fill(0, torch.tensor([2]), 0.0), weight)
     with pytest.raises(ValueError, match="weight: row 6"):
-        tcuda._loss_cuda(
-            emb,
-            weight.index_fill(0, torch.tensor([6]), float("inf")),
-            labels,
-            kind,
-            params,
-            1,
-            None,
-            None,
-            "mean",
-            True,
-            True,
-        )
+        loss(emb, weight.index_fill(0, torch.tensor([6]), float("inf")))
 
 
 def test_the_private_launch_entry_checks_its_addresses_and_shape():
