@@ -101,7 +101,7 @@ impl Real for f32 {
     fn fast_exp(self) -> Self {
         crate::kernels::exp_f32(self)
     }
-    // the trait's signature again (an override must restate it): f32 goes to crate::gemm
+    // the trait's signatures again (an override must restate them): f32 goes to crate::gemm
     fn gemm<S1, S2, S3>(
         alpha: Self,
         a: &ArrayBase<S1, Ix2>,

@@ -530,26 +530,13 @@ mod tests {
             }
             let mut triplets = Vec::new();
             if mining == Mining::BatchHard {
-                let p = *pos
-                    .iter()
-                    .reduce(|p, j| {
-                        if worse(pair(a, *j), pair(a, *p)) {
-                            j
-                        } else {
-                            p
-                        }
-                    })
-                    .unwrap();
-                let n = *neg
-                    .iter()
-                    .reduce(|n, j| {
-                        if worse(pair(a, *n), pair(a, *j)) {
-                            j
-                        } else {
-                            n
-                        }
-                    })
-                    .unwrap();
+                // the member of `set` that beats every other by `beats(challenger, best)`
+                let pick = |set: &[usize], beats: &dyn Fn(usize, usize) -> bool| {
+                    let keep = |best: usize, j: usize| if beats(j, best) { j } else { best };
+                    set.iter().copied().reduce(keep).unwrap()
+                };
+                let p = pick(&pos, &|j, p| worse(pair(a, j), pair(a, p)));
+                let n = pick(&neg, &|j, n| worse(pair(a, n), pair(a, j)));
                 triplets.push((p, n));
             } else {
                 for &p in &pos {
