@@ -217,38 +217,45 @@ pub fn triplet_loss<T: Real>(
                 // the first row holding each (ties go to the lower index)
                 let srow = sims.row(a).to_slice().expect("standard layout");
                 let ra = r[a];
-                let vals: Vec<f64> = match measure {
-                    PairMeasure::Cosine => srow.iter().map(|&v| v.f64()).collect(),
-                    PairMeasure::Euclidean => srow
-                        .iter()
-                        .zip(&r)
-                        .map(|(&v, &rj)| (ra + rj - 2.0 * v.f64()).max(0.0).sqrt())
-                        .collect(),
+                let value = |j: usize| -> f64 {
+                    let v = srow[j].f64();
+                    match measure {
+                        PairMeasure::Cosine => v,
+                        PairMeasure::Euclidean => (ra + r[j] - 2.0 * v).max(0.0).sqrt(),
+                    }
                 };
                 let is_pos = |j: usize| j != a && labels[j] == ya;
                 let is_neg = |j: usize| labels[j] != ya && labels[j] != -1;
-                // cosine: the hardest positive is the least similar, the hardest negative
-                // the most; Euclidean the reverse
-                let sign = match measure {
-                    PairMeasure::Cosine => -1.0,
-                    PairMeasure::Euclidean => 1.0,
+                // The hardest positive and negative: the extreme values first, then the
+                // first row holding each (ties go to the lower index).
+                let (hardest_pos, hardest_neg) = match measure {
+                    // on the similarities themselves, in T (the least similar positive,
+                    // the most similar negative)
+                    PairMeasure::Cosine => {
+                        let (p, n) = kernels::hardest_similarities(srow, labels, a);
+                        let find = |want: T, is: &dyn Fn(usize) -> bool| {
+                            (0..b).find(|&j| is(j) && srow[j] == want)
+                        };
+                        let p = (p < T::infinity()).then(|| find(p, &is_pos)).flatten();
+                        let n = (n > T::neg_infinity()).then(|| find(n, &is_neg)).flatten();
+                        (p, n)
+                    }
+                    // on the distances as computed (rounding in rᵢ + rⱼ can reorder rows
+                    // whose similarities tie): the farthest positive, the nearest negative
+                    PairMeasure::Euclidean => {
+                        let vals: Vec<f64> = (0..b).map(value).collect();
+                        let (mut far_p, mut near_n) = (f64::NEG_INFINITY, f64::INFINITY);
+                        for (j, &v) in vals.iter().enumerate() {
+                            far_p = if is_pos(j) && v > far_p { v } else { far_p };
+                            near_n = if is_neg(j) && v < near_n { v } else { near_n };
+                        }
+                        let p = (0..b).find(|&j| is_pos(j) && vals[j] == far_p);
+                        let n = (0..b).find(|&j| is_neg(j) && vals[j] == near_n);
+                        (p, n)
+                    }
                 };
-                let (mut worst_p, mut worst_n) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
-                for (j, &v) in vals.iter().enumerate() {
-                    let (vp, vn) = (sign * v, -sign * v);
-                    let vp = if is_pos(j) { vp } else { f64::NEG_INFINITY };
-                    let vn = if is_neg(j) { vn } else { f64::NEG_INFINITY };
-                    worst_p = if vp > worst_p { vp } else { worst_p };
-                    worst_n = if vn > worst_n { vn } else { worst_n };
-                }
-                let p = (worst_p > f64::NEG_INFINITY)
-                    .then(|| (0..b).find(|&j| is_pos(j) && sign * vals[j] == worst_p))
-                    .flatten()
-                    .map(|j| (j, vals[j]));
-                let n = (worst_n > f64::NEG_INFINITY)
-                    .then(|| (0..b).find(|&j| is_neg(j) && -sign * vals[j] == worst_n))
-                    .flatten()
-                    .map(|j| (j, vals[j]));
+                let p = hardest_pos.map(|j| (j, value(j)));
+                let n = hardest_neg.map(|j| (j, value(j)));
                 if let (Some((p, ap)), Some((n, an))) = (p, n) {
                     add_triplet(&mut out, p, n, ap, an);
                 }
@@ -451,10 +458,17 @@ fn gram<T: Real>(x: &Array2<T>) -> Array2<T> {
             let mut out = rows.slice_mut(ndarray::s![.., ..hi]);
             T::gemm(T::one(), &xi, &upto.t(), T::zero(), &mut out);
         });
+    // the upper triangle from the lower, in 32×32 blocks (a block's rows and columns stay
+    // in L1, where a whole column of the lower triangle would not)
     let data = g.as_slice_mut().expect("standard layout");
-    for i in 0..b {
-        for j in i + 1..b {
-            data[i * b + j] = data[j * b + i];
+    const BLOCK: usize = 32;
+    for bi in (0..b).step_by(BLOCK) {
+        for bj in (bi..b).step_by(BLOCK) {
+            for i in bi..(bi + BLOCK).min(b) {
+                for j in (i + 1).max(bj)..(bj + BLOCK).min(b) {
+                    data[i * b + j] = data[j * b + i];
+                }
+            }
         }
     }
     g

@@ -207,6 +207,50 @@ multiversion! {
     pub fn max<T: Real>(z: &[T]) -> T = max_impl;
 }
 
+/// Over row `sims` of anchor `a`'s similarities (`labels[j]` the label of row j, -1 for
+/// none): the least similar positive's value and the most similar negative's, +inf / -inf
+/// when there is none. LANES independent minima and maxima: the comparisons form no chain
+/// and the loop vectorises.
+#[inline(always)]
+fn hardest_similarities_impl<T: Real>(sims: &[T], labels: &[i64], a: usize) -> (T, T) {
+    const LANES: usize = 16;
+    let ya = labels[a];
+    let (mut least_pos, mut most_neg) = ([T::infinity(); LANES], [T::neg_infinity(); LANES]);
+    let whole = sims.len().min(labels.len()) / LANES * LANES;
+    for (c, (sv, lv)) in sims[..whole]
+        .chunks_exact(LANES)
+        .zip(labels[..whole].chunks_exact(LANES))
+        .enumerate()
+    {
+        for l in 0..LANES {
+            let (v, y) = (sv[l], lv[l]);
+            let pos = y == ya && c * LANES + l != a;
+            let neg = y != ya && y != -1;
+            let lp = if pos { v } else { T::infinity() };
+            let mn = if neg { v } else { T::neg_infinity() };
+            least_pos[l] = if lp < least_pos[l] { lp } else { least_pos[l] };
+            most_neg[l] = if mn > most_neg[l] { mn } else { most_neg[l] };
+        }
+    }
+    for (j, (&v, &y)) in sims.iter().zip(labels).enumerate().skip(whole) {
+        if y == ya && j != a && v < least_pos[0] {
+            least_pos[0] = v;
+        }
+        if y != ya && y != -1 && v > most_neg[0] {
+            most_neg[0] = v;
+        }
+    }
+    (
+        least_pos.iter().fold(T::infinity(), |m, &v| m.min(v)),
+        most_neg.iter().fold(T::neg_infinity(), |m, &v| m.max(v)),
+    )
+}
+
+multiversion! {
+    /// The batch-hard miner's extremes of one anchor (see `hardest_similarities_impl`).
+    pub fn hardest_similarities<T: Real>(sims: &[T], labels: &[i64], a: usize) -> (T, T) = hardest_similarities_impl;
+}
+
 #[inline(always)]
 fn exp_in_place_impl<T: Real>(z: &mut [T], shift: T) -> (T, T) {
     let mut sum = [T::zero(); LANES];

@@ -172,3 +172,34 @@ fn fused_dots_match_decode_then_dot() {
         assert!(close(&want, &got), "i8 d={d}");
     }
 }
+
+#[test]
+fn hardest_similarities_match_a_plain_scan() {
+    // lengths around the 16 lanes, labels with -1 and repeated values (ties), every anchor
+    let mut state = 7u64;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        state >> 33
+    };
+    for b in [1usize, 2, 15, 16, 17, 33, 50] {
+        let labels: Vec<i64> = (0..b).map(|_| next() as i64 % 4 - 1).collect();
+        // few distinct values, so extremes tie across lanes and the tail
+        let sims: Vec<f32> = (0..b).map(|_| (next() % 5) as f32 * 0.25 - 0.5).collect();
+        for a in 0..b {
+            let ya = labels[a];
+            let (mut want_p, mut want_n) = (f32::INFINITY, f32::NEG_INFINITY);
+            for j in 0..b {
+                if labels[j] == ya && j != a {
+                    want_p = want_p.min(sims[j]);
+                }
+                if labels[j] != ya && labels[j] != -1 {
+                    want_n = want_n.max(sims[j]);
+                }
+            }
+            let got = hardest_similarities(&sims, &labels, a);
+            assert_eq!(got, (want_p, want_n), "b={b} a={a}");
+        }
+    }
+}
