@@ -12,7 +12,7 @@
 //! of X̂, the search's queries) is packed once into a [`Packed`] instead of once per tile.
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{ArrayView2, ArrayViewMut2};
+use ndarray::{s, ArrayView2, ArrayViewMut2};
 
 /// Below this many multiply-adds the packing does not pay for itself: matrixmultiply.
 const SMALL: usize = 16 * 16 * 16;
@@ -89,6 +89,19 @@ impl<'a, T> Packed<'a, T> {
 }
 
 impl<'a> Packed<'a, f32> {
+    /// The panels as the kernel reads them.
+    #[cfg(target_arch = "x86_64")]
+    fn source(&self) -> avx512::Source {
+        let padded = match self.side {
+            Side::Left => self.view.nrows().div_ceil(avx512::MR) * avx512::MR,
+            Side::Right => self.view.ncols().div_ceil(avx512::NR) * avx512::NR,
+        };
+        avx512::Source::Packed {
+            panels: self.panels.as_ptr(),
+            padded,
+        }
+    }
+
     /// `view` packed for the side it will be on, where the AVX-512 kernel runs.
     pub fn new(view: ArrayView2<'a, f32>, side: Side) -> Self {
         #[cfg(target_arch = "x86_64")]
@@ -101,7 +114,8 @@ impl<'a> Packed<'a, f32> {
     }
 }
 
-/// [`sgemm`] with a left operand packed once for many products.
+/// [`sgemm`] with a left operand packed once for many products: `c` takes the product of
+/// the first `c.nrows()` rows of `a` (all of them, or a leading block).
 pub fn sgemm_packed_left(
     alpha: f32,
     a: &Packed<f32>,
@@ -110,16 +124,18 @@ pub fn sgemm_packed_left(
     c: &mut ArrayViewMut2<f32>,
 ) {
     assert_eq!(a.side, Side::Left, "a right operand used on the left");
-    let ((m, k), (k2, n)) = (a.view.dim(), b.dim());
+    let m = c.nrows().min(a.view.nrows());
+    let ((k, k2), n) = ((a.view.ncols(), b.nrows()), b.ncols());
     #[cfg(target_arch = "x86_64")]
     if !a.panels.is_empty() && k == k2 && c.dim() == (m, n) {
         // SAFETY: the panels exist, so the CPU has AVX-512F; they hold the whole of `a`
-        // (checked shapes); `b` and `c` are in bounds for their strides.
+        // (checked shapes; the first m rows are read); `b` and `c` are in bounds for their
+        // strides.
         unsafe {
             avx512::gemm(
                 (m, n, k),
                 alpha,
-                avx512::Source::Packed(a.panels.as_ptr()),
+                a.source(),
                 avx512::Source::Strided(Strided::of(b)),
                 beta,
                 c,
@@ -127,10 +143,11 @@ pub fn sgemm_packed_left(
         };
         return;
     }
-    sgemm(alpha, &a.view, b, beta, c);
+    sgemm(alpha, &a.view.slice(s![..m, ..]), b, beta, c);
 }
 
-/// [`sgemm`] with a right operand packed once for many products.
+/// [`sgemm`] with a right operand packed once for many products: `c` takes the product
+/// with the first `c.ncols()` columns of `b` (all of them, or a leading block).
 pub fn sgemm_packed_right(
     alpha: f32,
     a: &ArrayView2<f32>,
@@ -139,7 +156,8 @@ pub fn sgemm_packed_right(
     c: &mut ArrayViewMut2<f32>,
 ) {
     assert_eq!(b.side, Side::Right, "a left operand used on the right");
-    let ((m, k), (k2, n)) = (a.dim(), b.view.dim());
+    let n = c.ncols().min(b.view.ncols());
+    let ((m, k), k2) = (a.dim(), b.view.nrows());
     #[cfg(target_arch = "x86_64")]
     if !b.panels.is_empty() && k == k2 && c.dim() == (m, n) {
         // SAFETY: as in sgemm_packed_left, with the sides swapped.
@@ -148,14 +166,14 @@ pub fn sgemm_packed_right(
                 (m, n, k),
                 alpha,
                 avx512::Source::Strided(Strided::of(a)),
-                avx512::Source::Packed(b.panels.as_ptr()),
+                b.source(),
                 beta,
                 c,
             )
         };
         return;
     }
-    sgemm(alpha, a, &b.view, beta, c);
+    sgemm(alpha, a, &b.view.slice(s![.., ..n]), beta, c);
 }
 
 /// A matrix read through its first element and its (row, column) strides in elements.
@@ -197,8 +215,8 @@ mod avx512 {
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
-    const MR: usize = 12;
-    const NR: usize = 32;
+    pub(super) const MR: usize = 12;
+    pub(super) const NR: usize = 32;
     /// Depth of one pass: with D = 512 the head's forward GEMM is one pass over C instead
     /// of two (measured 384 against 512: ~3% faster forward, the rest the same).
     const KC: usize = 512;
@@ -214,11 +232,16 @@ mod avx512 {
     }
 
     /// An operand as the products read it: strided (packed per product into the thread's
-    /// buffers) or packed whole by [`pack_whole`] (`Packed(panels)`).
+    /// buffers) or packed whole by [`pack_whole`].
     #[derive(Clone, Copy)]
     pub(super) enum Source {
         Strided(Strided),
-        Packed(*const f32),
+        /// `padded`: the packed matrix's rows (A) or columns (B), rounded up to panels; a
+        /// product may read a leading block of them.
+        Packed {
+            panels: *const f32,
+            padded: usize,
+        },
     }
 
     /// `a` (m×k) or `b` (k×n) packed whole: for each depth block of KC (the last may be
@@ -261,7 +284,6 @@ mod avx512 {
         let (m, n, k) = dims;
         let (rsc, csc) = (c.strides()[0], c.strides()[1]);
         let c = c.as_mut_ptr();
-        let (m_padded, n_padded) = (m.div_ceil(MR) * MR, n.div_ceil(NR) * NR);
         PACKS.with(|packs| {
             let mut packs = packs.borrow_mut();
             let (pa, pb) = &mut *packs;
@@ -282,7 +304,7 @@ mod avx512 {
                             pack_b(kc, nc, b, pc, jc, pb);
                             pb.as_ptr()
                         }
-                        Source::Packed(panels) => panels.add(pc * n_padded + jc * kc),
+                        Source::Packed { panels, padded } => panels.add(pc * padded + jc * kc),
                     };
                     for ic in (0..m).step_by(MC) {
                         let mc = MC.min(m - ic);
@@ -291,7 +313,7 @@ mod avx512 {
                                 pack_a(mc, kc, a, ic, pc, pa);
                                 pa.as_ptr()
                             }
-                            Source::Packed(panels) => panels.add(pc * m_padded + ic * kc),
+                            Source::Packed { panels, padded } => panels.add(pc * padded + ic * kc),
                         };
                         for ir in (0..mc).step_by(MR) {
                             let mr = MR.min(mc - ir);
@@ -652,7 +674,28 @@ mod tests {
         let mut c_right = c0.clone();
         let packed_b = Packed::new(b, Side::Right);
         sgemm_packed_right(alpha, &a, &packed_b, beta, &mut c_right.view_mut());
+        // and with a leading block of the packed operand (the first rows / columns)
+        let (mh, nh) = (m.div_ceil(2), n.div_ceil(2));
+        let mut c_top = c0.slice(s![..mh, ..]).to_owned();
+        sgemm_packed_left(alpha, &packed_a, &b, beta, &mut c_top.view_mut());
+        let mut c_leftmost = c0.slice(s![.., ..nh]).to_owned();
+        sgemm_packed_right(alpha, &a, &packed_b, beta, &mut c_leftmost.view_mut());
+        let block_err = |got: &Array2<f32>| {
+            got.indexed_iter()
+                .map(|((i, j), &g)| (g as f64 - want[[i, j]]).abs())
+                .fold(0.0, f64::max)
+        };
         let scale = (k as f64).sqrt() + 1.0;
+        for (got, what) in [
+            (&c_top, "leading rows of packed A"),
+            (&c_leftmost, "leading columns of packed B"),
+        ] {
+            let err = block_err(got);
+            assert!(
+                err < 1e-5 * scale,
+                "{what}: m={m} n={n} k={k} layout={layout}: {err}"
+            );
+        }
         for (got, what) in [
             (c, "row-major C"),
             (ct.t().to_owned(), "transposed C"),

@@ -2,7 +2,7 @@
 
 use crate::gemm::{Packed, Side};
 use ndarray::linalg::general_mat_mul;
-use ndarray::{ArrayBase, ArrayView2, ArrayViewMut2, Data, DataMut, Ix2, LinalgScalar};
+use ndarray::{s, ArrayBase, ArrayView2, ArrayViewMut2, Data, DataMut, Ix2, LinalgScalar};
 use num_traits::Float;
 use std::fmt::Debug;
 use std::iter::Sum;
@@ -61,7 +61,8 @@ pub trait Real:
         Packed::plain(m, side)
     }
 
-    /// [`Real::gemm`] with a left operand from [`Real::pack`].
+    /// [`Real::gemm`] with a left operand from [`Real::pack`], of which `c` takes the
+    /// first `c.nrows()` rows.
     fn gemm_packed_left(
         alpha: Self,
         a: &Packed<Self>,
@@ -69,10 +70,11 @@ pub trait Real:
         beta: Self,
         c: &mut ArrayViewMut2<Self>,
     ) {
-        general_mat_mul(alpha, &a.view(), b, beta, c);
+        general_mat_mul(alpha, &a.view().slice(s![..c.nrows(), ..]), b, beta, c);
     }
 
-    /// [`Real::gemm`] with a right operand from [`Real::pack`].
+    /// [`Real::gemm`] with a right operand from [`Real::pack`], of which `c` takes the
+    /// first `c.ncols()` columns.
     fn gemm_packed_right(
         alpha: Self,
         a: &ArrayView2<Self>,
@@ -80,7 +82,7 @@ pub trait Real:
         beta: Self,
         c: &mut ArrayViewMut2<Self>,
     ) {
-        general_mat_mul(alpha, a, &b.view(), beta, c);
+        general_mat_mul(alpha, a, &b.view().slice(s![.., ..c.ncols()]), beta, c);
     }
 }
 

@@ -18,6 +18,7 @@
 //! no triplet; a batch without any triplet has loss 0 and zero gradient.
 
 use crate::error::{unnormalisable, Error, Result};
+use crate::gemm::Side;
 use crate::kernels;
 use crate::limits;
 use crate::real::Real;
@@ -448,15 +449,17 @@ fn gram<T: Real>(x: &Array2<T>) -> Array2<T> {
     let b = x.nrows();
     let bs = b.div_ceil(2 * rayon::current_num_threads()).clamp(64, 256);
     let mut g = Array2::<T>::zeros((b, b));
+    // Xᵀ packed once for every block (each reads its leading columns), not once per block
+    // and thread
+    let xt = T::pack(x.t(), Side::Right);
     g.axis_chunks_iter_mut(Axis(0), bs)
         .into_par_iter()
         .enumerate()
         .for_each(|(i, mut rows)| {
             let (lo, hi) = (i * bs, i * bs + rows.nrows());
             let xi = x.slice(ndarray::s![lo..hi, ..]);
-            let upto = x.slice(ndarray::s![..hi, ..]);
             let mut out = rows.slice_mut(ndarray::s![.., ..hi]);
-            T::gemm(T::one(), &xi, &upto.t(), T::zero(), &mut out);
+            T::gemm_packed_right(T::one(), &xi, &xt, T::zero(), &mut out);
         });
     // the upper triangle from the lower, in 32×32 blocks (a block's rows and columns stay
     // in L1, where a whole column of the lower triangle would not)
