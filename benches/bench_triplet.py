@@ -6,8 +6,11 @@ usage: python benches/bench_triplet.py [B,D ...] [--mining batch_hard|semi_hard|
        [--distance cosine|euclidean] [--threads 2] [--rounds 3]
   default: 512,512 with batch-hard mining and cosine similarity (64 identities of 8)
 
-Each side runs in its own process (so its peak RSS growth is its own), alternating for
-`--rounds` rounds; each keeps its best time (of 7 steps after a warm-up) and its peak.
+Each side runs in its own processes, alternating for `--rounds` rounds: one times it (best of
+7 steps after a warm-up), one measures its memory: the most one step raises resident memory
+above what was resident before it (glibc's thresholds fixed so that freed buffers leave the
+resident set, the peak reset before each step; see `_runner.step_peak_mb`). Each side keeps
+its best time and its largest peak.
 PML's side is the loss with BatchHardMiner / TripletMarginMiner("semihard") / no miner and
 the matching reducer (MeanReducer), on the same data and distance.
 """
@@ -17,15 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runner import best, cpu_model, run_json  # noqa: E402
+from _runner import MEMORY_ENV, best, cpu_model, run_json, step_peak_mb  # noqa: E402
 
 
-def worker(side: str, b: int, d: int, mining: str, distance: str) -> None:
+def worker(side: str, b: int, d: int, mining: str, distance: str, measure: str) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("RAYON_NUM_THREADS", "2")))
@@ -61,11 +63,10 @@ def worker(side: str, b: int, d: int, mining: str, distance: str) -> None:
             triplets = miner(x, labels) if miner is not None else None
             loss_fn(x, labels, triplets).backward()
 
-    step()  # first-call set-up (lazy imports, the thread pool) is not the loss's memory
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    ms = best(step)
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
-    print(json.dumps({"ms": ms, "peak_mb": round(peak, 1)}))
+    if measure == "time":
+        print(json.dumps({"ms": best(step)}))
+    else:
+        print(json.dumps({"peak_mb": step_peak_mb(step)}))
 
 
 def main() -> None:
@@ -75,11 +76,11 @@ def main() -> None:
     ap.add_argument("--distance", default="cosine")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        side, b, d = args.worker
-        worker(side, int(b), int(d), args.mining, args.distance)
+        side, b, d, measure = args.worker
+        worker(side, int(b), int(d), args.mining, args.distance, measure)
         return
     env = dict(os.environ)
     n = str(args.threads)
@@ -93,18 +94,23 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for cfg in args.configs:
         b, d = (int(v) for v in cfg.split(","))
-        runs: dict[str, list[dict]] = {"pml": [], "arcface_rs": []}
+        ms: dict[str, list[float]] = {"pml": [], "arcface_rs": []}
+        peaks: dict[str, list[float]] = {"pml": [], "arcface_rs": []}
         for _ in range(args.rounds):
-            for side in runs:
-                cmd = [sys.executable, __file__, "--worker", side, str(b), str(d)]
-                cmd += ["--mining", args.mining, "--distance", args.distance]
-                runs[side].append(run_json(cmd, env))
-        peer = {k: min(r[k] for r in runs["pml"]) for k in ("ms", "peak_mb")}
-        ours = {k: min(r[k] for r in runs["arcface_rs"]) for k in ("ms", "peak_mb")}
+            for side in ms:
+                cmd = [sys.executable, __file__, "--mining", args.mining]
+                cmd += ["--distance", args.distance, "--worker", side, str(b), str(d)]
+                ms[side].append(run_json([*cmd, "time"], env)["ms"])
+                peak = run_json([*cmd, "memory"], env | MEMORY_ENV)["peak_mb"]
+                peaks[side] += [] if peak is None else [peak]
+        peer, ours = min(ms["pml"]), min(ms["arcface_rs"])
+        if peaks["pml"] and peaks["arcface_rs"]:
+            peer_mb, ours_mb = max(peaks["pml"]), max(peaks["arcface_rs"])
+            memory = f"{peer_mb:.1f} | {ours_mb:.1f} | {ours_mb / peer_mb:.2f}"
+        else:
+            memory = "n/a | n/a | n/a (no /proc/self/clear_refs)"
         print(
-            f"| {b}, {d} | {peer['ms']:.2f} | {ours['ms']:.2f} | {peer['ms'] / ours['ms']:.2f}x "
-            f"| {peer['peak_mb']:.1f} | {ours['peak_mb']:.1f} "
-            f"| {ours['peak_mb'] / max(peer['peak_mb'], 1e-9):.2f} |",
+            f"| {b}, {d} | {peer:.2f} | {ours:.2f} | {peer / ours:.2f}x | {memory} |",
             flush=True,
         )
 

@@ -18,7 +18,6 @@
 //! no triplet; a batch without any triplet has loss 0 and zero gradient.
 
 use crate::error::{unnormalisable, Error, Result};
-use crate::gemm::Side;
 use crate::kernels;
 use crate::limits;
 use crate::real::Real;
@@ -154,12 +153,15 @@ pub fn triplet_loss<T: Real>(
             )
         });
     // squared norms of the unit rows as computed (1 up to rounding): the Euclidean distance
-    // is sqrt(rᵢ + rⱼ − 2 sᵢⱼ), as torch.cdist computes it for batches
-    let r: Vec<f64> = xhat
-        .axis_iter(Axis(0))
-        .into_par_iter()
-        .map(|row| kernels::sum_squares(row.to_slice().expect("standard layout")))
-        .collect();
+    // is sqrt(rᵢ + rⱼ − 2 sᵢⱼ), as torch.cdist computes it for batches (cosine reads none)
+    let r: Vec<f64> = match measure {
+        PairMeasure::Euclidean => xhat
+            .axis_iter(Axis(0))
+            .into_par_iter()
+            .map(|row| kernels::sum_squares(row.to_slice().expect("standard layout")))
+            .collect(),
+        PairMeasure::Cosine => Vec::new(),
+    };
     let sims = gram(&xhat);
     let pair = |i: usize, j: usize| -> f64 {
         let s = sims[[i, j]].f64();
@@ -181,8 +183,10 @@ pub fn triplet_loss<T: Real>(
         loss: f64,
         triplets: u64,
         active: u64,
-        /// (column, d(sum of this anchor's hinges)/d pair(a, column))
-        grads: Vec<(usize, f64)>,
+        /// (column, d(sum of this anchor's hinges)/d pair(a, column), pair(a, column)):
+        /// the pair value is kept so that the pairwise matrix can be freed before the
+        /// gradient's B×D buffer exists
+        grads: Vec<(usize, f64, f64)>,
     }
     let add_triplet = |out: &mut Anchor, p: usize, n: usize, ap: f64, an: f64| {
         let v = violation(ap, an);
@@ -195,8 +199,8 @@ pub fn triplet_loss<T: Real>(
                 PairMeasure::Cosine => (-1.0, 1.0),
                 PairMeasure::Euclidean => (1.0, -1.0),
             };
-            out.grads.push((p, dp));
-            out.grads.push((n, dn));
+            out.grads.push((p, dp, ap));
+            out.grads.push((n, dn, an));
         }
     };
     let anchors: Vec<Anchor> = (0..b)
@@ -217,12 +221,11 @@ pub fn triplet_loss<T: Real>(
                 // the extreme values first (loops without branches, which vectorise), then
                 // the first row holding each (ties go to the lower index)
                 let srow = sims.row(a).to_slice().expect("standard layout");
-                let ra = r[a];
                 let value = |j: usize| -> f64 {
                     let v = srow[j].f64();
                     match measure {
                         PairMeasure::Cosine => v,
-                        PairMeasure::Euclidean => (ra + r[j] - 2.0 * v).max(0.0).sqrt(),
+                        PairMeasure::Euclidean => (r[a] + r[j] - 2.0 * v).max(0.0).sqrt(),
                     }
                 };
                 let is_pos = |j: usize| j != a && labels[j] == ya;
@@ -234,8 +237,9 @@ pub fn triplet_loss<T: Real>(
                     // the most similar negative)
                     PairMeasure::Cosine => {
                         let (p, n) = kernels::hardest_similarities(srow, labels, a);
+                        // the value compared first: the label test runs on matches only
                         let find = |want: T, is: &dyn Fn(usize) -> bool| {
-                            (0..b).find(|&j| is(j) && srow[j] == want)
+                            (0..b).find(|&j| srow[j] == want && is(j))
                         };
                         let p = (p < T::infinity()).then(|| find(p, &is_pos)).flatten();
                         let n = (n > T::neg_infinity()).then(|| find(n, &is_neg)).flatten();
@@ -296,13 +300,14 @@ pub fn triplet_loss<T: Real>(
             // one entry per pair: summed over the anchor's triplets (at most B per anchor)
             if out.grads.len() > 2 * b {
                 let mut row = vec![0.0f64; b];
-                for &(j, g) in &out.grads {
+                for &(j, g, _) in &out.grads {
                     row[j] += g;
                 }
                 out.grads = row
                     .into_iter()
                     .enumerate()
                     .filter(|&(_, g)| g != 0.0)
+                    .map(|(j, g)| (j, g, pair(a, j)))
                     .collect();
             }
             out
@@ -331,40 +336,44 @@ pub fn triplet_loss<T: Real>(
         _ => 0.0,
     };
 
+    // the pairwise matrix is not read again: freed before the gradient's buffer exists
+    drop(sims);
+
     // dloss/d pair value, then through the pair measure to the unit rows:
     // cosine: s_ij = x̂ᵢ·x̂ⱼ, so dX̂ = (G + Gᵀ) X̂;
     // Euclidean: d_ij = ‖x̂ᵢ − x̂ⱼ‖, so with H_ij = G_ij / d_ij (0 where d_ij = 0) and
     // K = H + Hᵀ, dx̂ᵢ = (Σⱼ K_ij) x̂ᵢ − Σⱼ K_ij x̂ⱼ.
-    // K_ij, both halves, as (row, column, value): few entries for batch-hard mining (at
-    // most four per anchor), which are then applied one axpy each instead of a B×B GEMM
-    let mut entries: Vec<(usize, usize, f64)> = Vec::new();
-    for (a, anchor) in anchors.iter().enumerate() {
+    // Each anchor's entries of K, weighted by the reduction, as (column, value).
+    let k_entries = |a: usize| {
         let w = weight(a);
-        if w == 0.0 {
-            continue;
-        }
-        for &(j, g) in &anchor.grads {
+        anchors[a].grads.iter().filter_map(move |&(j, g, value)| {
             let g = match measure {
                 PairMeasure::Cosine => g * w,
-                PairMeasure::Euclidean => {
-                    let dist = pair(a, j);
-                    if dist > 0.0 {
-                        g * w / dist
-                    } else {
-                        0.0
-                    }
-                }
+                PairMeasure::Euclidean if value > 0.0 => g * w / value,
+                PairMeasure::Euclidean => 0.0,
             };
-            entries.push((a, j, g));
-            entries.push((j, a, g));
+            (w != 0.0).then_some((j, g))
+        })
+    };
+    let entry_count: usize = anchors.iter().map(|a| 2 * a.grads.len()).sum();
+    let mut row_sums = vec![0.0f64; b];
+    for a in 0..b {
+        for (j, g) in k_entries(a) {
+            row_sums[a] += g;
+            row_sums[j] += g;
         }
     }
     let mut dxhat = Array2::<T>::zeros((b, d));
-    let mut row_sums = vec![0.0f64; b];
-    for &(i, _, g) in &entries {
-        row_sums[i] += g;
-    }
-    if entries.len() * 16 <= b * b {
+    if entry_count * 16 <= b * b {
+        // few entries (batch-hard: at most four per anchor): both halves of K as
+        // (row, column, value), sorted by row, applied one axpy each instead of a B×B GEMM
+        let mut entries: Vec<(usize, usize, f64)> = Vec::with_capacity(entry_count);
+        for a in 0..b {
+            for (j, g) in k_entries(a) {
+                entries.push((a, j, g));
+                entries.push((j, a, g));
+            }
+        }
         entries.sort_unstable_by_key(|&(i, j, _)| (i, j));
         let starts: Vec<usize> = (0..=b)
             .map(|i| entries.partition_point(|&(r, _, _)| r < i))
@@ -384,9 +393,13 @@ pub fn triplet_loss<T: Real>(
                 }
             });
     } else {
+        // many entries: K filled directly (no list of entries beside it), then one GEMM
         let mut k = Array2::<T>::zeros((b, b));
-        for &(i, j, g) in &entries {
-            k[[i, j]] += T::of(g);
+        for a in 0..b {
+            for (j, g) in k_entries(a) {
+                k[[a, j]] += T::of(g);
+                k[[j, a]] += T::of(g);
+            }
         }
         par_gemm(&k, &xhat.view(), &mut dxhat);
     }
@@ -449,9 +462,6 @@ fn gram<T: Real>(x: &Array2<T>) -> Array2<T> {
     let b = x.nrows();
     let bs = b.div_ceil(2 * rayon::current_num_threads()).clamp(64, 256);
     let mut g = Array2::<T>::zeros((b, b));
-    // Xᵀ packed once for every block (each reads its leading columns), not once per block
-    // and thread
-    let xt = T::pack(x.t(), Side::Right);
     g.axis_chunks_iter_mut(Axis(0), bs)
         .into_par_iter()
         .enumerate()
@@ -459,7 +469,8 @@ fn gram<T: Real>(x: &Array2<T>) -> Array2<T> {
             let (lo, hi) = (i * bs, i * bs + rows.nrows());
             let xi = x.slice(ndarray::s![lo..hi, ..]);
             let mut out = rows.slice_mut(ndarray::s![.., ..hi]);
-            T::gemm_packed_right(T::one(), &xi, &xt, T::zero(), &mut out);
+            let xt = x.slice(ndarray::s![..hi, ..]).reversed_axes();
+            T::gemm(T::one(), &xi, &xt, T::zero(), &mut out);
         });
     // the upper triangle from the lower, in 32×32 blocks (a block's rows and columns stay
     // in L1, where a whole column of the lower triangle would not)
