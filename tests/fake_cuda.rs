@@ -9,7 +9,7 @@ use arcface_rs::cuda::driver::with_stream;
 use arcface_rs::cuda::gallery::{GpuSearch, Mirror};
 use arcface_rs::cuda::head::{self, HeadBuffers, HeadShape, Tiling};
 use arcface_rs::head::{margin_loss_with, LossOptions, Reduction};
-use arcface_rs::search::gallery::{Dtype, Gallery};
+use arcface_rs::search::gallery::{Dtype, Gallery, IdFilter};
 use arcface_rs::Margin;
 use ndarray::Array2;
 use std::path::PathBuf;
@@ -100,7 +100,7 @@ fn kernels_load_as_machine_code_else_as_ptx_and_missing_devices_are_errors() {
     let probe = noise(10, 3, 8).mapv(|v| v as f32);
     let on_1 = Mirror::new(&gallery, 1)
         .unwrap()
-        .search_rows(probe.view(), 4)
+        .search_rows(probe.view(), 4, None)
         .unwrap();
     assert_eq!(
         on_1.indices,
@@ -195,17 +195,28 @@ fn gallery_search_through_the_driver_equals_the_cpu_search() {
         let before = live_allocations();
         {
             let mut mirror = Mirror::new(&gallery, 0).unwrap();
-            for k in [1, 10, 64] {
-                let gpu = mirror.search_rows(queries, k).unwrap();
+            for k in [1, 10, 64, 200] {
+                let gpu = mirror.search_rows(queries, k, None).unwrap();
                 let cpu = gallery.search(queries, k).unwrap();
                 // ids are 0..700 in row order, so rows and ids coincide
                 assert_eq!(gpu.indices, cpu.indices, "{dtype:?} q={count} k={k}");
                 let diff = (&gpu.scores - &cpu.scores).mapv(f32::abs);
                 assert!(diff.iter().all(|&e| e < 2e-6), "{dtype:?} q={count} k={k}");
             }
-            assert!(mirror.search_rows(queries, 65).is_err());
+            // past the rows there are: all 700, then padding
+            let wide = mirror.search_rows(queries, 1025, None).unwrap();
+            assert!(wide
+                .indices
+                .slice(ndarray::s![.., 700..])
+                .iter()
+                .all(|&i| i == -1));
+            assert!(wide
+                .indices
+                .slice(ndarray::s![.., ..700])
+                .iter()
+                .all(|&i| i >= 0));
             let zero = Array2::<f32>::zeros((1, 24));
-            let err = mirror.search_rows(zero.view(), 3).unwrap_err();
+            let err = mirror.search_rows(zero.view(), 3, None).unwrap_err();
             assert_eq!(err.arg, "queries");
         }
         assert_eq!(
@@ -225,7 +236,7 @@ fn gallery_search_pads_beyond_the_rows() {
         .unwrap();
     let mut mirror = Mirror::new(&gallery, 0).unwrap();
     let got = mirror
-        .search_rows(noise(6, 2, 5).mapv(|v| v as f32).view(), 6)
+        .search_rows(noise(6, 2, 5).mapv(|v| v as f32).view(), 6, None)
         .unwrap();
     let cpu = gallery
         .search(noise(6, 2, 5).mapv(|v| v as f32).view(), 6)
@@ -248,24 +259,36 @@ fn gpu_search_follows_changes_maps_ids_and_falls_back_above_64() {
         .unwrap();
     let gpu = GpuSearch::default();
     let probe = emb.slice(ndarray::s![250..252, ..]);
-    let first = gpu.search(&gallery, 0, probe, 5, 0).unwrap();
+    let first = gpu.search(&gallery, 0, probe, 5, 0, None).unwrap();
     assert_eq!(first.indices, gallery.search(probe, 5).unwrap().indices);
     assert!(gpu.nbytes() == 200 * 16 * 2);
     // a change with the same generation would serve the stale copy; a new one refreshes it
     gallery
         .add(emb.slice(ndarray::s![200.., ..]), None)
         .unwrap();
-    let stale = gpu.search(&gallery, 0, probe, 5, 0).unwrap();
+    let stale = gpu.search(&gallery, 0, probe, 5, 0, None).unwrap();
     assert_eq!(stale.indices, first.indices);
-    let fresh = gpu.search(&gallery, 1, probe, 5, 0).unwrap();
+    let fresh = gpu.search(&gallery, 1, probe, 5, 0, None).unwrap();
     let cpu = gallery.search(probe, 5).unwrap();
     assert_eq!(fresh.indices, cpu.indices);
     assert_eq!(fresh.indices[[0, 0]], gallery.ids()[250]); // finds itself, by id
     assert_eq!(gpu.nbytes(), 300 * 16 * 2);
-    // k above 64: the CPU search, same answer
-    let wide = gpu.search(&gallery, 1, probe, 100, 0).unwrap();
-    assert_eq!(wide.indices, gallery.search(probe, 100).unwrap().indices);
+    // k above 64 (the large-k kernels) and above 1024 (the CPU search): the same answer
+    for k in [100, 1100] {
+        let wide = gpu.search(&gallery, 1, probe, k, 0, None).unwrap();
+        assert_eq!(wide.indices, gallery.search(probe, k).unwrap().indices);
+    }
+    // a filter: the same rows as the CPU's filtered search
+    let allow: Vec<i64> = gallery.ids().iter().step_by(4).copied().collect();
+    for k in [3, 90] {
+        let filter = Some(IdFilter::Allow(&allow));
+        let got = gpu.search(&gallery, 1, probe, k, 0, filter).unwrap();
+        assert_eq!(
+            got.indices,
+            gallery.search_with(probe, k, filter).unwrap().indices
+        );
+    }
     // a missing device is an error, and the copy is dropped rather than kept stale
-    assert!(gpu.search(&gallery, 1, probe, 5, 7).is_err());
+    assert!(gpu.search(&gallery, 1, probe, 5, 7, None).is_err());
     assert_eq!(gpu.nbytes(), 0);
 }

@@ -260,7 +260,12 @@ class Gallery:
     ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.float32], npt.NDArray[np.int64]]: ...
     def get(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]: ...
     def search_cuda(
-        self, queries: npt.NDArray[np.float32], k: int, device: int
+        self,
+        queries: npt.NDArray[np.float32],
+        k: int,
+        device: int,
+        allow: npt.NDArray[np.int64] | None = None,
+        deny: npt.NDArray[np.int64] | None = None,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]: ...
     def identify(
         self,

@@ -89,7 +89,8 @@ class Gallery:
     ``device="cuda"`` (or ``"cuda:N"``; needs a build with the ``cuda`` feature) searches on
     the GPU: a copy of the rows (float16 for a float16 gallery, float32 otherwise) is made
     there on the first search and again after each change; results are the CPU search's,
-    up to the order of scores equal to float32 rounding. ``k`` above 64 searches on the CPU.
+    up to the order of scores equal to float32 rounding. ``k`` up to 1024 and ``allow`` /
+    ``deny`` filters are selected on the GPU; a larger ``k`` searches on the CPU.
     """
 
     __slots__ = ("_core", "_device")
@@ -226,10 +227,10 @@ class Gallery:
         k = _count("k", k)
         q, single = self._queries(queries)
         filt = self._filter(allow, deny)
-        if self._device is None or len(self) == 0 or filt:  # filters run on the CPU
+        if self._device is None or len(self) == 0:
             scores, ids = self._core.search(q, k, **filt)
         else:
-            scores, ids = self._core.search_cuda(q, k, self._device)
+            scores, ids = self._core.search_cuda(q, k, self._device, **filt)
         return (scores[0], ids[0]) if single else (scores, ids)
 
     def identify(
@@ -259,10 +260,10 @@ class Gallery:
             raise ValueError(f"threshold must be finite, got {threshold}")
         q, single = self._queries(queries)
         filt = self._filter(allow, deny)
-        if self._device is None or len(self) == 0 or filt:
+        if self._device is None or len(self) == 0:
             ids, scores = self._core.identify(q, float(threshold), **filt)
         else:
-            best, top = self._core.search_cuda(q, 1, self._device)
+            best, top = self._core.search_cuda(q, 1, self._device, **filt)
             scores = best[:, 0]
             ids = np.where(scores >= threshold, top[:, 0], -1)
         return (ids[0], scores[0]) if single else (ids, scores)

@@ -81,6 +81,12 @@ static int atomicMax(int* address, int value) {
     return old;
 }
 
+// Fibers of a block take turns, so a read-modify-write is atomic as it stands.
+static int atomicAdd(int* address, int value) {
+    int old = *address;
+    *address = old + value;
+    return old;
+}
 static double __longlong_as_double(long long bits) {
     double d;
     std::memcpy(&d, &bits, 8);
@@ -135,7 +141,7 @@ static const Entry entries[] = {
     ENTRY(fill_f64),          ENTRY(merge_stats),      ENTRY(finish_stats),
     ENTRY(row_losses),        ENTRY(topk_tile),        ENTRY(split_half),
     ENTRY(topk_reset),        ENTRY(topk_merge),       ENTRY(score_rows_f32),
-    ENTRY(score_rows_f16),
+    ENTRY(score_rows_f16),    ENTRY(topk_tile_large),  ENTRY(topk_merge_large),
     ENTRY(margin_grid),
 };
 

@@ -7,7 +7,7 @@
 use super::device::{Carver, Elem};
 use super::driver::{with_stream, DeviceBuffer};
 use super::search::{self, SearchBuffers, SearchShape, SearchTiling, MAX_K};
-use crate::search::gallery::{Codes, Gallery};
+use crate::search::gallery::{Codes, Gallery, IdFilter};
 use crate::search::{unit_queries, SearchResult};
 use crate::{Error, Result};
 use ndarray::{Array2, ArrayView2};
@@ -64,9 +64,15 @@ impl Mirror {
         self.rows.bytes()
     }
 
-    /// Top-`k` of `queries` as gallery row indices; -1 / -inf pad when `k` exceeds the rows.
-    /// More than [`MAX_K`] per query (counting only rows that exist) is an error.
-    pub fn search_rows(&mut self, queries: ArrayView2<f32>, k: usize) -> Result<SearchResult<f32>> {
+    /// Top-`k` of `queries` as gallery row indices; -1 / -inf pad when `k` exceeds the rows
+    /// (or the rows `allowed` lets through: a [`Gallery::row_mask`]). More than [`MAX_K`] per
+    /// query (counting only rows that exist) is an error.
+    pub fn search_rows(
+        &mut self,
+        queries: ArrayView2<f32>,
+        k: usize,
+        allowed: Option<&[u32]>,
+    ) -> Result<SearchResult<f32>> {
         if k == 0 {
             return Err(Error::invalid("k", "must be >= 1"));
         }
@@ -91,6 +97,7 @@ impl Mirror {
             layout.take(found, 4),
             layout.take(found, 8),
             layout.take(search::workspace_bytes(shape, tiling), 1),
+            layout.take(allowed.map_or(0, <[u32]>::len), 4),
         ];
         if self
             .scratch
@@ -101,18 +108,23 @@ impl Mirror {
             self.scratch = Some(DeviceBuffer::new(self.ordinal, layout.bytes())?);
         }
         let scratch = self.scratch.as_ref().expect("just made");
-        let [queries_at, out_s_at, out_i_at, workspace_at] = offsets.map(|o| scratch.ptr() + o);
+        let [queries_at, out_s_at, out_i_at, workspace_at, mask_at] =
+            offsets.map(|o| scratch.ptr() + o);
         let mut host_s = vec![0f32; found];
         let mut host_i = vec![0i64; found];
         with_stream(self.ordinal, 0, |s| {
             let unit = qhat.as_slice().expect("unit queries are contiguous");
             s.upload(queries_at, unit)?;
+            if let Some(mask) = allowed {
+                s.upload(mask_at, mask)?;
+            }
             let buffers = SearchBuffers {
                 rows: self.rows.ptr(),
                 queries: queries_at,
                 workspace: workspace_at,
                 out_s: out_s_at,
                 out_i: out_i_at,
+                allowed: if allowed.is_some() { mask_at } else { 0 },
             };
             search::search(s, shape, &buffers, tiling)?;
             // only (Q, k) comes back: the selection and the merge ran on the device
@@ -139,8 +151,10 @@ pub struct GpuSearch {
 }
 
 impl GpuSearch {
-    /// `gallery.search` on GPU `device`, with ids; `generation` must change whenever the
-    /// gallery does. k above [`MAX_K`] runs the CPU search (the same results).
+    /// `gallery.search_with` on GPU `device`, with ids; `generation` must change whenever
+    /// the gallery does. The filter becomes a bitmask of the rows it lets through, applied
+    /// where candidates are selected on the device. k above [`MAX_K`] runs the CPU search
+    /// (the same results).
     pub fn search(
         &self,
         gallery: &Gallery,
@@ -148,10 +162,12 @@ impl GpuSearch {
         queries: ArrayView2<f32>,
         k: usize,
         device: usize,
+        filter: Option<IdFilter>,
     ) -> Result<SearchResult<f32>> {
         if k > MAX_K {
-            return gallery.search(queries, k);
+            return gallery.search_with(queries, k, filter);
         }
+        let mask = filter.map(|f| gallery.row_mask(f));
         let mut copy = self.copy.lock().unwrap_or_else(|e| e.into_inner());
         let fresh = matches!(&*copy, Some((g, m)) if *g == generation && m.ordinal() == device);
         if !fresh {
@@ -159,7 +175,7 @@ impl GpuSearch {
             *copy = Some((generation, Mirror::new(gallery, device)?));
         }
         let (_, mirror) = copy.as_mut().expect("just made");
-        let mut result = mirror.search_rows(queries, k)?;
+        let mut result = mirror.search_rows(queries, k, mask.as_deref())?;
         let ids = gallery.ids();
         result
             .indices

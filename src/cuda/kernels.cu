@@ -721,9 +721,16 @@ extern "C" __global__ void topk_reset(float* best_s, long long* best_i, long lon
     }
 }
 
+// Whether gallery row i may be returned: bit i of `allowed` (one bit per row, from an
+// allow/deny filter), or every row when there is no filter.
+__device__ bool row_allowed(const unsigned* allowed, long long i) {
+    return allowed == nullptr || ((allowed[i >> 5] >> (i & 31)) & 1u) != 0;
+}
+
 extern "C" __global__ void topk_tile(const float* scores, int queries, int stride, int sub,
                                      int width, int splits, long long lo, int k,
-                                     float* best_s, long long* best_i) {
+                                     float* best_s, long long* best_i,
+                                     const unsigned* allowed) {
     __shared__ float cand_s[TOPK_THREADS];
     __shared__ long long cand_i[TOPK_THREADS];
     __shared__ int cand_t[TOPK_THREADS];
@@ -744,6 +751,7 @@ extern "C" __global__ void topk_tile(const float* scores, int queries, int strid
         float s = row[j];
         long long i = base + j;
         if (mine == k && !better(s, i, mine_s[k - 1], mine_i[k - 1])) continue;
+        if (!row_allowed(allowed, i)) continue;
         int at = mine < k ? mine : k - 1;
         for (; at > 0 && better(s, i, mine_s[at - 1], mine_i[at - 1]); --at) {
             mine_s[at] = mine_s[at - 1];
@@ -860,6 +868,193 @@ extern "C" __global__ void topk_merge(const float* best_s, const long long* best
             out_i[q * k + round] = list >= 0 ? i : -1;
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Large k (TOPK_MAX < k <= TOPK_LARGE_MAX): a register list per thread would spill, so a
+// block keeps one running list in shared memory and a buffer of pending candidates: a
+// candidate enters the buffer only if it beats the list's k-th entry (after the first k,
+// few do), and a full buffer is sorted (bitonic) and merged into the list, each element's
+// new place found by a binary search in the other sorted array (merge path). The same
+// selection serves the tiles (`topk_tile_large`: the running list of a (query, run)) and the
+// final merge (`topk_merge_large`: a query's run lists). Row numbers are 32-bit in shared
+// memory (the caller keeps galleries on this path below 2^31 rows).
+
+#define TOPK_LARGE_MAX 1024
+#define LARGE_THREADS 256
+#define LARGE_CAP 2048
+#define NO_ROW32 0x7fffffff
+
+struct LargeSelect {
+    float buf_s[LARGE_CAP];
+    int buf_i[LARGE_CAP];
+    float list_s[TOPK_LARGE_MAX];
+    int list_i[TOPK_LARGE_MAX];
+    float out_s[TOPK_LARGE_MAX];
+    int out_i[TOPK_LARGE_MAX];
+    int pending, len;
+};
+
+// How many of sorted (descending) s[0..n), i[0..n) are better than (t, j).
+__device__ int count_better(const float* s, const int* i, int n, float t, int j) {
+    int lo = 0, hi = n;
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (better(s[mid], i[mid], t, j)) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+// Sorts the pending buffer, merges it into the list (keeping the best k), empties it.
+// Called by every thread of the block.
+__device__ void large_flush(LargeSelect& st, int k) {
+    __syncthreads();
+    int n = st.pending, len = st.len;
+    int size = 1;
+    while (size < n) size <<= 1;
+    for (int t = n + threadIdx.x; t < size; t += blockDim.x) {
+        st.buf_s[t] = -INFINITY;
+        st.buf_i[t] = NO_ROW32;
+    }
+    __syncthreads();
+    for (int span = 2; span <= size; span <<= 1) {
+        for (int stride = span / 2; stride > 0; stride >>= 1) {
+            for (int t = threadIdx.x; t < size / 2; t += blockDim.x) {
+                int a = 2 * t - (t & (stride - 1)), b = a + stride;
+                bool descending = (a & span) == 0;
+                bool swap = descending ? better(st.buf_s[b], st.buf_i[b], st.buf_s[a], st.buf_i[a])
+                                       : better(st.buf_s[a], st.buf_i[a], st.buf_s[b], st.buf_i[b]);
+                if (swap) {
+                    float s = st.buf_s[a];
+                    int i = st.buf_i[a];
+                    st.buf_s[a] = st.buf_s[b];
+                    st.buf_i[a] = st.buf_i[b];
+                    st.buf_s[b] = s;
+                    st.buf_i[b] = i;
+                }
+            }
+            __syncthreads();
+        }
+    }
+    // each entry's place in the merged order is its index plus the other array's entries
+    // that beat it; those past k drop out
+    for (int t = threadIdx.x; t < len; t += blockDim.x) {
+        int at = t + count_better(st.buf_s, st.buf_i, n, st.list_s[t], st.list_i[t]);
+        if (at < k) { st.out_s[at] = st.list_s[t]; st.out_i[at] = st.list_i[t]; }
+    }
+    for (int t = threadIdx.x; t < n; t += blockDim.x) {
+        int at = t + count_better(st.list_s, st.list_i, len, st.buf_s[t], st.buf_i[t]);
+        if (at < k) { st.out_s[at] = st.buf_s[t]; st.out_i[at] = st.buf_i[t]; }
+    }
+    __syncthreads();
+    int merged = len + n < k ? len + n : k;
+    for (int t = threadIdx.x; t < merged; t += blockDim.x) {
+        st.list_s[t] = st.out_s[t];
+        st.list_i[t] = st.out_i[t];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) { st.len = merged; st.pending = 0; }
+    __syncthreads();
+}
+
+// Streams `count` candidates from `source.get(j, s, i)` (false: no candidate at j) through
+// the list, in rounds of one candidate per thread.
+template <typename Source>
+__device__ void large_select(LargeSelect& st, int k, long long count, const Source& source) {
+    for (long long base = 0; base < count; base += blockDim.x) {
+        long long j = base + threadIdx.x;
+        float s;
+        int i;
+        if (j < count && source.get(j, s, i) &&
+            (st.len < k || better(s, i, st.list_s[k - 1], st.list_i[k - 1]))) {
+            int slot = atomicAdd(&st.pending, 1);
+            st.buf_s[slot] = s;
+            st.buf_i[slot] = i;
+        }
+        __syncthreads();
+        bool full = st.pending > LARGE_CAP - (int)blockDim.x;
+        __syncthreads();  // everyone has read the count before the next round adds to it
+        if (full) large_flush(st, k);
+    }
+    if (st.pending > 0) large_flush(st, k);
+}
+
+// Loads a running list (valid entries first, row -1 after) into the shared list.
+__device__ void large_load(LargeSelect& st, const float* bs, const long long* bi, int k) {
+    if (threadIdx.x == 0) { st.pending = 0; st.len = 0; }
+    __syncthreads();
+    for (int t = threadIdx.x; t < k; t += blockDim.x)
+        if (bi[t] >= 0) {
+            st.list_s[t] = bs[t];
+            st.list_i[t] = (int)bi[t];
+            atomicAdd(&st.len, 1);
+        }
+    __syncthreads();
+}
+
+// Writes the shared list to k entries (padded with -inf / -1).
+__device__ void large_store(const LargeSelect& st, float* out_s, long long* out_i, int k) {
+    __syncthreads();
+    for (int t = threadIdx.x; t < k; t += blockDim.x) {
+        bool have = t < st.len;
+        out_s[t] = have ? st.list_s[t] : -INFINITY;
+        out_i[t] = have ? (long long)st.list_i[t] : -1;
+    }
+}
+
+struct TileColumns {
+    const float* row;
+    long long base;
+    const unsigned* allowed;
+    __device__ bool get(long long j, float& s, int& i) const {
+        if (!row_allowed(allowed, base + j)) return false;
+        s = row[j];
+        i = (int)(base + j);
+        return true;
+    }
+};
+
+struct RunLists {
+    const float* s;
+    const long long* i;
+    __device__ bool get(long long j, float& score, int& row) const {
+        if (i[j] < 0) return false;
+        score = s[j];
+        row = (int)i[j];
+        return true;
+    }
+};
+
+// As topk_tile, for k > TOPK_MAX (LARGE_THREADS threads a block).
+extern "C" __global__ void topk_tile_large(const float* scores, int queries, int stride,
+                                           int sub, int width, int splits, long long lo,
+                                           int k, float* best_s, long long* best_i,
+                                           const unsigned* allowed) {
+    __shared__ LargeSelect st;
+    int q = blockIdx.x / splits, run = blockIdx.x % splits;
+    if (q >= queries) return;
+    int first = run * sub;
+    int count = width - first < sub ? width - first : sub;
+    if (count <= 0) return;  // the list stays as it is
+    float* bs = best_s + (long long)blockIdx.x * k;
+    long long* bi = best_i + (long long)blockIdx.x * k;
+    large_load(st, bs, bi, k);
+    TileColumns source{scores + (long long)q * stride + first, lo + first, allowed};
+    large_select(st, k, count, source);
+    large_store(st, bs, bi, k);
+}
+
+// As topk_merge, for k > TOPK_MAX: one block per query selects from its splits * k entries.
+extern "C" __global__ void topk_merge_large(const float* best_s, const long long* best_i,
+                                            int splits, int k, float* out_s,
+                                            long long* out_i) {
+    __shared__ LargeSelect st;
+    long long q = blockIdx.x;
+    if (threadIdx.x == 0) { st.pending = 0; st.len = 0; }
+    __syncthreads();
+    RunLists source{best_s + q * splits * k, best_i + q * splits * k};
+    large_select(st, k, (long long)splits * k, source);
+    large_store(st, out_s + q * k, out_i + q * k, k);
 }
 
 // float32 queries to two float16 halves for a float16 gallery's GEMMs (cuBLAS has no

@@ -86,6 +86,8 @@ pub const ENTRY_POINTS: &[&str] = &[
     "topk_reset",
     "topk_tile",
     "topk_merge",
+    "topk_tile_large",
+    "topk_merge_large",
     "score_rows_f32",
     "score_rows_f16",
     "split_half",

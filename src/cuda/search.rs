@@ -11,8 +11,13 @@
 use super::device::{gemm, Arg, Carver, Device, Elem, RowMajorGemm};
 use crate::Result;
 
-/// Largest k the top-k kernel keeps (TOPK_MAX in kernels.cu).
-pub const MAX_K: usize = 64;
+/// Largest k the register top-k kernels keep (TOPK_MAX in kernels.cu); above it the
+/// shared-memory ones (`topk_tile_large`, `topk_merge_large`) run.
+pub const SMALL_K: usize = 64;
+/// Largest k the GPU search keeps (TOPK_LARGE_MAX in kernels.cu).
+pub const MAX_K: usize = 1024;
+/// Threads of a large-k block (LARGE_THREADS in kernels.cu).
+const LARGE_THREADS: usize = 256;
 /// Columns of a score tile one block scans.
 pub const RUN: usize = 2048;
 /// Threads of a top-k block (TOPK_THREADS in kernels.cu).
@@ -41,6 +46,10 @@ pub struct SearchShape {
 pub struct SearchTiling {
     pub run: usize,
     pub score_budget_bytes: usize,
+    /// Above [`SMALL_K`], runs are at least this many times k long: each (query, run) keeps
+    /// a list of k, so longer runs keep the lists a small part of the scores they select
+    /// from (and most of a run's scores fail the list's k-th after its first k).
+    pub run_per_k: usize,
 }
 
 impl Default for SearchTiling {
@@ -48,6 +57,7 @@ impl Default for SearchTiling {
         SearchTiling {
             run: RUN,
             score_budget_bytes: SCORE_BUDGET_BYTES,
+            run_per_k: 16,
         }
     }
 }
@@ -62,7 +72,11 @@ pub struct SearchPlan {
 
 impl SearchPlan {
     pub fn new(shape: SearchShape, tiling: SearchTiling) -> Self {
-        let run = tiling.run.max(1);
+        let run = match shape.k {
+            k if k > SMALL_K => tiling.run.max(tiling.run_per_k * k),
+            _ => tiling.run,
+        }
+        .max(1);
         let fit = (tiling.score_budget_bytes / (shape.q.max(1) * 4) / run).max(1) * run;
         let tile = fit.min(shape.n.div_ceil(run) * run);
         SearchPlan {
@@ -91,6 +105,9 @@ pub struct SearchBuffers {
     pub out_s: u64,
     /// (Q, k) int64 row indices out, -1 where fewer than k rows exist.
     pub out_i: u64,
+    /// ceil(N / 32) u32 words, bit r set where row r may be returned (an allow/deny
+    /// filter); 0 for no filter.
+    pub allowed: u64,
 }
 
 struct Scratch {
@@ -155,6 +172,19 @@ pub fn search(
             format!("the GPU search keeps 1 to {MAX_K} per query, got {k}"),
         ));
     }
+    let large = k > SMALL_K;
+    if large && n > i32::MAX as usize {
+        // the large-k kernels keep row numbers in 32 bits
+        return Err(crate::Error::invalid(
+            "k",
+            format!("above {SMALL_K} needs a gallery of fewer than 2^31 rows on the GPU"),
+        ));
+    }
+    let (tile_kernel, merge_kernel, select_threads) = if large {
+        ("topk_tile_large", "topk_merge_large", LARGE_THREADS)
+    } else {
+        ("topk_tile", "topk_merge", TOPK_THREADS)
+    };
     let plan = SearchPlan::new(shape, tiling);
     let mut carver = Carver::new(buf.workspace);
     let s = Scratch::carve(&mut carver, shape, plan);
@@ -234,9 +264,9 @@ pub fn search(
             }
         }
         device.launch(
-            "topk_tile",
+            tile_kernel,
             q * plan.splits,
-            TOPK_THREADS,
+            select_threads,
             &[
                 Arg::Ptr(s.scores),
                 Arg::I32(q as i32),
@@ -248,23 +278,19 @@ pub fn search(
                 Arg::I32(k as i32),
                 Arg::Ptr(s.best_s),
                 Arg::Ptr(s.best_i),
+                Arg::Ptr(buf.allowed),
             ],
         )?;
     }
-    device.launch(
-        "topk_merge",
-        q,
-        TOPK_THREADS,
-        &[
-            Arg::Ptr(s.best_s),
-            Arg::Ptr(s.best_i),
-            Arg::I32(plan.splits as i32),
-            Arg::I32(k as i32),
-            Arg::Ptr(s.heads),
-            Arg::Ptr(buf.out_s),
-            Arg::Ptr(buf.out_i),
-        ],
-    )
+    let lists = [Arg::Ptr(s.best_s), Arg::Ptr(s.best_i)];
+    let sizes = [Arg::I32(plan.splits as i32), Arg::I32(k as i32)];
+    let outputs = [Arg::Ptr(buf.out_s), Arg::Ptr(buf.out_i)];
+    let args: Vec<Arg> = if large {
+        [&lists[..], &sizes, &outputs].concat()
+    } else {
+        [&lists[..], &sizes, &[Arg::Ptr(s.heads)], &outputs].concat()
+    };
+    device.launch(merge_kernel, q, select_threads, &args)
 }
 
 /// (Q, `k_out`) row-major from the (Q, `shape.k`) results: `k_out` may exceed the shape's k

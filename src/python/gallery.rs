@@ -177,23 +177,29 @@ impl PyGallery {
     }
 
     /// `search` on CUDA device `device` (a copy of the rows stays there until the gallery
-    /// changes). k above 64 runs on the CPU, with the same results.
+    /// changes; `allow` / `deny` as for `search`). k above 1024 runs on the CPU, with the
+    /// same results.
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    #[pyo3(signature = (queries, k, device, allow=None, deny=None))]
     fn search_cuda<'py>(
         &self,
         py: Python<'py>,
         queries: PyReadonlyArray2<'py, f32>,
         k: usize,
         device: usize,
+        allow: Option<PyReadonlyArray1<'py, i64>>,
+        deny: Option<PyReadonlyArray1<'py, i64>>,
     ) -> PyResult<Bound<'py, PyTuple>> {
         #[cfg(feature = "cuda")]
         {
             let q = queries.as_array();
+            let (allow, deny) = (allow.as_ref().map(id_list), deny.as_ref().map(id_list));
+            let filter = id_filter(allow.as_deref(), deny.as_deref())?;
             let generation = &self.generation;
             let r = self
                 .reading(py, |gallery| {
                     let generation = generation.load(Ordering::SeqCst);
-                    self.gpu.search(gallery, generation, q, k, device)
+                    self.gpu.search(gallery, generation, q, k, device, filter)
                 })?
                 .map_err(to_py_err)?;
             (r.scores.into_pyarray(py), r.indices.into_pyarray(py)).into_pyobject(py)

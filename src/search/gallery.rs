@@ -527,6 +527,26 @@ impl Gallery {
         Ok(removed)
     }
 
+    /// The rows `filter` lets through as a bitmask: bit r of word r / 32 set where row r may
+    /// be returned (ids the gallery lacks are ignored, as in [`Gallery::search_with`]).
+    pub fn row_mask(&self, filter: IdFilter) -> Vec<u32> {
+        let n = self.len();
+        let (list, allow) = match filter {
+            IdFilter::Allow(l) => (l, true),
+            IdFilter::Deny(l) => (l, false),
+        };
+        let mut mask = vec![if allow { 0 } else { u32::MAX }; n.div_ceil(32)];
+        for row in list.iter().filter_map(|id| self.rows_by_id.get(id)) {
+            let bit = 1u32 << (row % 32);
+            if allow {
+                mask[row / 32] |= bit;
+            } else {
+                mask[row / 32] &= !bit;
+            }
+        }
+        mask
+    }
+
     /// Top-`k` rows by cosine for each query, as ids; padded with id -1 and score -inf when
     /// `k` exceeds the gallery. Ties go to the row added first.
     pub fn search(&self, queries: ArrayView2<f32>, k: usize) -> Result<SearchResult<f32>> {

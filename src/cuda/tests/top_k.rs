@@ -26,6 +26,18 @@ fn emulate_search(
     half: bool,
     tiling: SearchTiling,
 ) -> (Vec<f32>, Vec<i64>) {
+    emulate_filtered_search(rows, queries, k, half, tiling, None)
+}
+
+/// [`emulate_search`] over the rows whose bit is set in `allowed` (one bit per row).
+fn emulate_filtered_search(
+    rows: &Array2<f32>,
+    queries: &Array2<f32>,
+    k: usize,
+    half: bool,
+    tiling: SearchTiling,
+    allowed: Option<&[u32]>,
+) -> (Vec<f32>, Vec<i64>) {
     let ((n, d), q) = (rows.dim(), queries.nrows());
     let elem = if half { Elem::F16 } else { Elem::F32 };
     let shape = SearchShape { n, d, q, k, elem };
@@ -51,6 +63,7 @@ fn emulate_search(
         workspace: workspace.as_mut_ptr() as u64,
         out_s: out_s.as_mut_ptr() as u64,
         out_i: out_i.as_mut_ptr() as u64,
+        allowed: allowed.map_or(0, |m| m.as_ptr() as u64),
     };
     search::search(Emulator::get(), kept, &buffers, tiling).unwrap();
     search::padded(&out_s, &out_i, kept, k)
@@ -62,6 +75,22 @@ fn brute_force(
     queries: &Array2<f32>,
     k: usize,
     half: bool,
+) -> Vec<Vec<(f64, i64)>> {
+    filtered_brute_force(rows, queries, k, half, None)
+}
+
+/// Whether bit `row` of `mask` is set.
+fn bit(mask: &[u32], row: usize) -> bool {
+    mask[row / 32] >> (row % 32) & 1 == 1
+}
+
+/// [`brute_force`] over the rows whose bit is set in `allowed`.
+fn filtered_brute_force(
+    rows: &Array2<f32>,
+    queries: &Array2<f32>,
+    k: usize,
+    half: bool,
+    allowed: Option<&[u32]>,
 ) -> Vec<Vec<(f64, i64)>> {
     let stored = |v: f32| {
         if half {
@@ -78,6 +107,7 @@ fn brute_force(
                 .rows()
                 .into_iter()
                 .enumerate()
+                .filter(|&(i, _)| allowed.is_none_or(|m| bit(m, i)))
                 .map(|(i, r)| {
                     let s = r.iter().zip(qr).map(|(&a, &b)| stored(a) * b as f64).sum();
                     (s, i as i64)
@@ -98,6 +128,7 @@ fn search_equals_brute_force_across_tiles_runs_and_dtypes() {
     let tiling = SearchTiling {
         run: 32,
         score_budget_bytes: 5 * 4 * 64,
+        ..SearchTiling::default()
     };
     let mut with_ties = queries.clone();
     with_ties.row_mut(4).assign(&rows.row(3)); // rows 3, 7, 11 tie at the top
@@ -148,6 +179,7 @@ fn the_device_merge_takes_ties_across_many_runs_to_the_lower_row() {
     let tiling = SearchTiling {
         run: 4,
         score_budget_bytes: 2 * 4 * 560,
+        ..SearchTiling::default()
     };
     for half in [false, true] {
         for k in [1, 13] {
@@ -174,6 +206,7 @@ fn many_queries_score_by_gemm_and_equal_brute_force() {
     let tiling = SearchTiling {
         run: 32,
         score_budget_bytes: queries.nrows() * 4 * 128,
+        ..SearchTiling::default()
     };
     for half in [false, true] {
         let k = 6;
@@ -186,5 +219,169 @@ fn many_queries_score_by_gemm_and_equal_brute_force() {
             }
         }
         assert_eq!(&ids[..3], &[3, 7, 11]);
+    }
+}
+
+/// The emulated search equals the brute force (`all`: every allowed row, ranked): at each
+/// rank a row whose exact score is the expected one (rows whose float64 scores are within
+/// float32 rounding of each other may trade places; exact ties keep the row order, which
+/// the callers check), each row once, scores within float32 rounding, and -1 / -inf past
+/// the rows there are.
+fn assert_matches(
+    (scores, ids): &(Vec<f32>, Vec<i64>),
+    all: &[Vec<(f64, i64)>],
+    k: usize,
+    case: &str,
+) {
+    for (q, ranked) in all.iter().enumerate() {
+        let exact: std::collections::HashMap<i64, f64> =
+            ranked.iter().map(|&(s, i)| (i, s)).collect();
+        let found = ranked.len().min(k);
+        let got = &ids[q * k..q * k + found];
+        let distinct: std::collections::HashSet<i64> = got.iter().copied().collect();
+        assert_eq!(distinct.len(), found, "{case}: query {q} repeats a row");
+        for (r, (&i, &(want, _))) in got.iter().zip(ranked).enumerate() {
+            let truth = exact
+                .get(&i)
+                .unwrap_or_else(|| panic!("{case}: row {i} not allowed"));
+            assert!(
+                (truth - want).abs() < 2e-6,
+                "{case}: query {q} rank {r}: row {i}"
+            );
+            let score = scores[q * k + r] as f64;
+            assert!(
+                (score - want).abs() < 2e-6,
+                "{case}: query {q} rank {r}: {score} vs {want}"
+            );
+        }
+        assert!(
+            ids[q * k + found..(q + 1) * k].iter().all(|&i| i == -1),
+            "{case}"
+        );
+        assert!(scores[q * k + found..(q + 1) * k]
+            .iter()
+            .all(|&s| s == f32::NEG_INFINITY));
+    }
+}
+
+#[test]
+fn large_k_equals_brute_force_across_tiles_runs_paths_and_dtypes() {
+    // k above SMALL_K: the shared-memory selection (buffer, bitonic sort, merge path), over
+    // several runs and tiles, for the scan (3 queries) and the GEMM path (18 queries)
+    let rows = unit_rows(31, 900, 8);
+    for nq in [3, search::SCAN_QUERIES + 2] {
+        let mut queries = unit_rows(32, nq, 8);
+        queries.row_mut(1).assign(&rows.row(3)); // rows 3, 7, 11 tie at the top
+        for k in [65, 200] {
+            // runs of 2k columns, tiles of two runs
+            let tiling = SearchTiling {
+                run: 16,
+                score_budget_bytes: nq * 4 * 4 * k,
+                run_per_k: 2,
+            };
+            for half in [false, true] {
+                let got = emulate_search(&rows, &queries, k, half, tiling);
+                let all = brute_force(&rows, &queries, rows.nrows(), half);
+                assert_matches(&got, &all, k, &format!("q={nq} k={k} half={half}"));
+                assert_eq!(&got.1[k..k + 3], &[3, 7, 11]);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_largest_k_and_k_beyond_the_gallery_on_the_large_path() {
+    let queries = unit_rows(34, 2, 8);
+    // k = 1024 over 2600 rows in runs of 1024: three runs, the last one short
+    let rows = unit_rows(33, 2600, 8);
+    let tiling = SearchTiling {
+        run_per_k: 1,
+        ..SearchTiling::default()
+    };
+    let got = emulate_search(&rows, &queries, search::MAX_K, false, tiling);
+    let all = brute_force(&rows, &queries, rows.nrows(), false);
+    assert_matches(&got, &all, search::MAX_K, "k=1024");
+    // k = 500 over 300 rows: all 300 in order, then padding
+    let rows = unit_rows(35, 300, 8);
+    let got = emulate_search(&rows, &queries, 500, true, SearchTiling::default());
+    assert_matches(
+        &got,
+        &brute_force(&rows, &queries, 500, true),
+        500,
+        "k=500 > n",
+    );
+}
+
+#[test]
+fn large_k_takes_ties_across_runs_and_tiles_to_the_lower_row() {
+    // rows repeat every 50: every score is tied 12 times, only the row order breaks ties
+    let base = unit_rows(36, 50, 8);
+    let rows = Array2::from_shape_fn((600, 8), |(r, c)| base[[r % 50, c]]);
+    let queries = unit_rows(37, 2, 8);
+    let tiling = SearchTiling {
+        run: 8,
+        score_budget_bytes: 2 * 4 * 400,
+        run_per_k: 2,
+    };
+    for half in [false, true] {
+        let got = emulate_search(&rows, &queries, 150, half, tiling);
+        let all = brute_force(&rows, &queries, rows.nrows(), half);
+        assert_matches(&got, &all, 150, &format!("half={half}"));
+        // only the row order breaks these ties: the exact list
+        let want = brute_force(&rows, &queries, 150, half);
+        let wanted: Vec<i64> = want
+            .iter()
+            .flat_map(|w| w.iter().map(|&(_, i)| i))
+            .collect();
+        assert_eq!(got.1, wanted, "half={half}");
+    }
+}
+
+#[test]
+fn a_row_mask_filters_the_selection_for_every_k_and_path() {
+    let rows = unit_rows(38, 500, 8);
+    // every third row, and rows 3 and 11 (so two of the three tied rows are allowed)
+    let mut mask = vec![0u32; 500usize.div_ceil(32)];
+    for r in (0..500).filter(|r| r % 3 == 0 || *r == 11) {
+        mask[r / 32] |= 1 << (r % 32);
+    }
+    // the scan path for every k (k = 200 is more than the 168 rows allowed: padding after
+    // them), the GEMM path for one k of each selection
+    let cases = [
+        (2, 5),
+        (2, 64),
+        (2, 100),
+        (2, 200),
+        (search::SCAN_QUERIES + 1, 5),
+        (search::SCAN_QUERIES + 1, 100),
+    ];
+    for (nq, k) in cases {
+        let mut queries = unit_rows(39, nq, 8);
+        queries.row_mut(0).assign(&rows.row(3));
+        let tiling = SearchTiling {
+            run: 32,
+            score_budget_bytes: nq * 4 * 128,
+            run_per_k: 1,
+        };
+        for half in [false, true] {
+            let got = emulate_filtered_search(&rows, &queries, k, half, tiling, Some(&mask));
+            let all = filtered_brute_force(&rows, &queries, 500, half, Some(&mask));
+            assert_matches(&got, &all, k, &format!("q={nq} k={k} half={half}"));
+            assert_eq!(&got.1[..2], &[3, 11]);
+        }
+    }
+    // a mask that lets nothing through: every entry is padding
+    let none = vec![0u32; mask.len()];
+    let queries = unit_rows(40, 2, 8);
+    for k in [3, 70] {
+        let (scores, ids) = emulate_filtered_search(
+            &rows,
+            &queries,
+            k,
+            false,
+            SearchTiling::default(),
+            Some(&none),
+        );
+        assert!(ids.iter().all(|&i| i == -1) && scores.iter().all(|&s| s == f32::NEG_INFINITY));
     }
 }

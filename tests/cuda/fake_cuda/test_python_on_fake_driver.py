@@ -36,11 +36,11 @@ def test_the_fake_driver_is_what_runs():
     assert afr._core.cuda_feature and afr.cuda_available()
 
 
-def _assert_same_results(gpu, cpu, queries, k):
+def _assert_same_results(gpu, cpu, queries, k, **filt):
     """The GPU's ids are the CPU's except where scores tie to float32 rounding (the two sum
     a dot product in different orders); the CPU's (k+1)-th result shows a tie at the end."""
-    got_s, got_i = gpu.search(queries, k=k)
-    want_s, want_i = cpu.search(queries, k=k + 1)
+    got_s, got_i = gpu.search(queries, k=k, **filt)
+    want_s, want_i = cpu.search(queries, k=k + 1, **filt)
     np.testing.assert_allclose(got_s, want_s[:, :k], rtol=0, atol=2e-6)
     differ = got_i != want_i[:, :k]
     gaps = np.abs(np.diff(want_s, axis=1))  # (Q, k): the last is the k-th to the (k+1)-th
@@ -58,7 +58,8 @@ def test_gallery_on_cuda_equals_the_cpu_gallery(dtype, tmp_path):
     for g in (cpu, gpu):
         g.add(emb[:500], ids=np.arange(1000, 1500))
     assert gpu.device == "cuda:0" and "cuda:0" in repr(gpu)
-    for k in (1, 7, 64, 100):  # 100: past the kernel's 64, the CPU search
+    # 100 and 300: the large-k selection; 1100: past the GPU's 1024, the CPU search
+    for k in (1, 7, 64, 100, 300, 1100):
         _assert_same_results(gpu, cpu, queries, k)
     single = gpu.search(queries[0], k=3)
     assert single[1].shape == (3,) and single[1][0] == 1000
@@ -74,6 +75,28 @@ def test_gallery_on_cuda_equals_the_cpu_gallery(dtype, tmp_path):
     gpu.save(tmp_path / "g.safetensors")
     back = afr.Gallery.load(tmp_path / "g.safetensors", device="cuda")
     _assert_same_results(back, cpu, queries, 5)
+
+
+def test_gallery_filters_run_on_cuda_and_equal_the_cpu_gallery():
+    rng = np.random.default_rng(1)
+    emb = rng.standard_normal((400, 16)).astype(np.float32)
+    queries = np.vstack([emb[:2], rng.standard_normal((3, 16))]).astype(np.float32)
+    cpu, gpu = afr.Gallery(16), afr.Gallery(16, device="cuda")
+    for g in (cpu, gpu):
+        g.add(emb, ids=np.arange(5000, 5400))
+    allow = np.arange(5000, 5400, 3)  # 134 ids
+    deny = np.concatenate([np.arange(5000, 5200), [77, 5001]])  # with an id not stored
+    for k in (1, 10, 100, 200):  # 200: more than the allow-list holds, padded
+        _assert_same_results(gpu, cpu, queries, k, allow=allow)
+        _assert_same_results(gpu, cpu, queries, k, deny=deny)
+    ids = gpu.search(queries, k=200, allow=allow)[1]
+    assert set(ids[ids >= 0].ravel()) <= set(allow) and (ids[:, 134:] == -1).all()
+    np.testing.assert_array_equal(
+        gpu.identify(queries, threshold=0.5, deny=[5000, 5001])[0],
+        cpu.identify(queries, threshold=0.5, deny=[5000, 5001])[0],
+    )
+    with pytest.raises(ValueError, match="allow, deny"):
+        gpu.search(queries, k=3, allow=allow, deny=deny)
 
 
 @pytest.fixture
