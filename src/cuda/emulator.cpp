@@ -141,7 +141,9 @@ static const Entry entries[] = {
     ENTRY(fill_f64),          ENTRY(merge_stats),      ENTRY(finish_stats),
     ENTRY(row_losses),        ENTRY(topk_tile),        ENTRY(split_half),
     ENTRY(topk_reset),        ENTRY(topk_merge),       ENTRY(score_rows_f32),
-    ENTRY(score_rows_f16),    ENTRY(topk_tile_large),  ENTRY(topk_merge_large),
+    ENTRY(score_rows_f16),    ENTRY(score_rows_bf16),  ENTRY(score_rows_i8),
+    ENTRY(decode_rows_bf16),  ENTRY(decode_rows_i8),
+    ENTRY(topk_tile_large),   ENTRY(topk_merge_large),
     ENTRY(margin_grid),
 };
 

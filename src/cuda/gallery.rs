@@ -1,12 +1,13 @@
 //! A Gallery's rows on a GPU, searched there (`Gallery(..., device="cuda")`).
 //!
-//! The mirror holds the unit rows as float16 for a float16 gallery and as float32 otherwise
-//! (bfloat16 and int8 rows decoded: the same unit vectors the CPU search scores against).
-//! It is built from the gallery on first search and rebuilt after the gallery changes.
+//! The mirror holds the rows in the gallery's storage type (float32, float16, bfloat16, or
+//! int8 codes with their per-row scales): the bytes the CPU search reads, decoded in the
+//! kernels. It is built from the gallery on first search and rebuilt after the gallery
+//! changes.
 
-use super::device::{Carver, Elem};
+use super::device::Carver;
 use super::driver::{with_stream, DeviceBuffer};
-use super::search::{self, SearchBuffers, SearchShape, SearchTiling, MAX_K};
+use super::search::{self, SearchBuffers, SearchShape, SearchTiling, Stored, MAX_K};
 use crate::search::gallery::{Codes, Gallery, IdFilter};
 use crate::search::{unit_queries, SearchResult};
 use crate::{Error, Result};
@@ -17,7 +18,9 @@ use std::sync::Mutex;
 pub struct Mirror {
     ordinal: usize,
     rows: DeviceBuffer,
-    elem: Elem,
+    /// int8 rows' scales.
+    scales: Option<DeviceBuffer>,
+    stored: Stored,
     n: usize,
     d: usize,
     /// The last search's scratch (queries, results, workspace), kept for the next one:
@@ -29,26 +32,30 @@ impl Mirror {
     /// Uploads `gallery`'s rows to device `ordinal`.
     pub fn new(gallery: &Gallery, ordinal: usize) -> Result<Mirror> {
         let (n, d) = (gallery.len(), gallery.dim());
-        let (elem, bytes) = match gallery.codes() {
-            Codes::F16(_) => (Elem::F16, n * d * 2),
-            _ => (Elem::F32, n * d * 4),
+        let stored = match gallery.codes() {
+            Codes::F32(_) => Stored::F32,
+            Codes::F16(_) => Stored::F16,
+            Codes::BF16(_) => Stored::Bf16,
+            Codes::I8(..) => Stored::I8,
         };
-        let rows = DeviceBuffer::new(ordinal, bytes)?;
+        let rows = DeviceBuffer::new(ordinal, n * d * stored.size())?;
+        let scales = match gallery.codes() {
+            Codes::I8(_, scales) => Some(DeviceBuffer::new(ordinal, scales.len() * 4)?),
+            _ => None,
+        };
         with_stream(ordinal, 0, |s| match gallery.codes() {
-            Codes::F16(v) => s.upload(rows.ptr(), &v[..]),
             Codes::F32(v) => s.upload(rows.ptr(), &v[..]),
-            _ => {
-                let decoded = gallery.vectors();
-                s.upload(
-                    rows.ptr(),
-                    decoded.as_slice().expect("vectors are contiguous"),
-                )
+            Codes::F16(v) | Codes::BF16(v) => s.upload(rows.ptr(), &v[..]),
+            Codes::I8(v, scale) => {
+                s.upload(rows.ptr(), &v[..])?;
+                s.upload(scales.as_ref().expect("made above").ptr(), &scale[..])
             }
         })?;
         Ok(Mirror {
             ordinal,
             rows,
-            elem,
+            scales,
+            stored,
             n,
             d,
             scratch: None,
@@ -59,9 +66,9 @@ impl Mirror {
         self.ordinal
     }
 
-    /// Device memory the rows take.
+    /// Device memory the rows (and int8 scales) take.
     pub fn nbytes(&self) -> usize {
-        self.rows.bytes()
+        self.rows.bytes() + self.scales.as_ref().map_or(0, DeviceBuffer::bytes)
     }
 
     /// Top-`k` of `queries` as gallery row indices; -1 / -inf pad when `k` exceeds the rows
@@ -86,7 +93,7 @@ impl Mirror {
             d: self.d,
             q,
             k: k.min(self.n),
-            elem: self.elem,
+            stored: self.stored,
         };
         let tiling = SearchTiling::default();
         let found = q * shape.k;
@@ -120,6 +127,7 @@ impl Mirror {
             }
             let buffers = SearchBuffers {
                 rows: self.rows.ptr(),
+                scales: self.scales.as_ref().map_or(0, DeviceBuffer::ptr),
                 queries: queries_at,
                 workspace: workspace_at,
                 out_s: out_s_at,

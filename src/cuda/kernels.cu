@@ -793,12 +793,15 @@ extern "C" __global__ void topk_tile(const float* scores, int queries, int strid
 // Few queries (<= SCAN_QUERIES): the tile's scores without a GEMM, reading each stored row
 // once. One warp per row: each lane takes every 32nd element, widens it to float in
 // registers and accumulates its products with every query in float (the CPU search's
-// arithmetic: float32 query against the stored value), then the warp sums the lanes.
+// arithmetic: float32 query against the stored value), then the warp sums the lanes. int8
+// rows are codes: their sums are multiplied by the row's scale, as on the CPU.
 #define SCAN_QUERIES 16
 
+__device__ float widen(signed char v) { return (float)v; }
+
 template <typename S>
-__device__ void score_rows(const S* rows, const float* queries, int q, int d, long long lo,
-                           int width, float* scores, int stride) {
+__device__ void score_rows(const S* rows, const float* scales, const float* queries, int q,
+                           int d, long long lo, int width, float* scores, int stride) {
     int lane = threadIdx.x % 32;
     long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     long long warps = (long long)gridDim.x * blockDim.x / 32;
@@ -810,22 +813,50 @@ __device__ void score_rows(const S* rows, const float* queries, int q, int d, lo
             float v = widen(row[j]);
             for (int a = 0; a < q; ++a) acc[a] += v * queries[a * d + j];
         }
+        float scale = scales == nullptr ? 1.0f : scales[lo + r];
         for (int a = 0; a < q; ++a) {
             float s = acc[a];
             for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
-            if (lane == 0) scores[(long long)a * stride + r] = s;
+            if (lane == 0) scores[(long long)a * stride + r] = s * scale;
         }
     }
 }
 
-#define ENTRY_SCORE_ROWS(S, N)                                                               \
-    extern "C" __global__ void score_rows_##N(const S* rows, const float* queries, int q,    \
-                                              int d, long long lo, int width, float* scores, \
-                                              int stride) {                                  \
-        score_rows<S>(rows, queries, q, d, lo, width, scores, stride);                       \
+// Many queries over bfloat16 or int8 rows: a chunk of rows decoded to float32 (exact for
+// bfloat16; code * scale rounded once for int8, so a score moves by at most 2^-24 of
+// sum |g_j q_j| <= 6e-8 for unit vectors), then scored by an exact float32 GEMM.
+template <typename S>
+__device__ void decode_rows(const S* rows, const float* scales, long long lo,
+                            long long count, int d, float* out) {
+    long long n = count * d;
+    for (long long at = (long long)blockIdx.x * blockDim.x + threadIdx.x; at < n;
+         at += (long long)gridDim.x * blockDim.x) {
+        long long r = at / d;
+        float scale = scales == nullptr ? 1.0f : scales[lo + r];
+        out[at] = widen(rows[lo * d + at]) * scale;
+    }
+}
+
+#define ENTRY_SCORE_ROWS(S, N)                                                                \
+    extern "C" __global__ void score_rows_##N(const S* rows, const float* scales,            \
+                                              const float* queries, int q, int d,             \
+                                              long long lo, int width, float* scores,         \
+                                              int stride) {                                   \
+        score_rows<S>(rows, scales, queries, q, d, lo, width, scores, stride);                \
     }
 ENTRY_SCORE_ROWS(float, f32)
 ENTRY_SCORE_ROWS(f16, f16)
+ENTRY_SCORE_ROWS(bf16, bf16)
+ENTRY_SCORE_ROWS(signed char, i8)
+
+#define ENTRY_DECODE_ROWS(S, N)                                                               \
+    extern "C" __global__ void decode_rows_##N(const S* rows, const float* scales,           \
+                                               long long lo, long long count, int d,          \
+                                               float* out) {                                  \
+        decode_rows<S>(rows, scales, lo, count, d, out);                                      \
+    }
+ENTRY_DECODE_ROWS(bf16, bf16)
+ENTRY_DECODE_ROWS(signed char, i8)
 
 // One block per query: the best k of its `splits` run lists (each sorted, padded with row
 // -1) into out_s / out_i (Q, k), as a k-way merge. `heads` holds, per query, each list's

@@ -90,6 +90,10 @@ pub const ENTRY_POINTS: &[&str] = &[
     "topk_merge_large",
     "score_rows_f32",
     "score_rows_f16",
+    "score_rows_bf16",
+    "score_rows_i8",
+    "decode_rows_bf16",
+    "decode_rows_i8",
     "split_half",
     "margin_grid",
 ];

@@ -1,6 +1,7 @@
 //! Exact cosine search on a GPU: score tiles by cuBLAS, top-k by kernels, all on the device.
 //!
-//! Gallery rows live on the device as unit vectors in float32 or float16. Per tile of rows:
+//! Gallery rows live on the device in their storage type: float32, float16, bfloat16 (unit
+//! vectors) or int8 codes with one float32 scale per row. Per tile of rows:
 //! scores (Q × tile) = Q̂ Gᵀ, then `topk_tile` keeps, for each query and each run of
 //! [`RUN`] columns, the best k merged with that run's list from the previous tiles (each
 //! score read once). After the last tile `topk_merge` merges each query's run lists into its
@@ -29,6 +30,45 @@ pub const SCAN_QUERIES: usize = 16;
 const SCAN_WARPS: usize = 8;
 /// Most memory the score tile may take.
 pub const SCORE_BUDGET_BYTES: usize = 256 << 20;
+/// Most memory a chunk of bfloat16 / int8 rows decoded to float32 for a GEMM may take.
+pub const DECODE_BUDGET_BYTES: usize = 32 << 20;
+
+/// How the gallery's rows are stored on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored {
+    F32,
+    F16,
+    Bf16,
+    /// Codes in -127..=127, with one float32 scale per row at [`SearchBuffers::scales`].
+    I8,
+}
+
+impl Stored {
+    /// Bytes per stored element.
+    pub fn size(self) -> usize {
+        match self {
+            Stored::F32 => 4,
+            Stored::F16 | Stored::Bf16 => 2,
+            Stored::I8 => 1,
+        }
+    }
+
+    /// The kernels' name suffix for this type.
+    fn suffix(self) -> &'static str {
+        match self {
+            Stored::F32 => "f32",
+            Stored::F16 => "f16",
+            Stored::Bf16 => "bf16",
+            Stored::I8 => "i8",
+        }
+    }
+
+    /// Whether many queries decode chunks of rows to float32 before the GEMM (cuBLAS has no
+    /// exact float32 x bfloat16 or float32 x int8 product).
+    fn decodes(self) -> bool {
+        matches!(self, Stored::Bf16 | Stored::I8)
+    }
+}
 
 /// Sizes of one search: Q queries against N rows of D, k best each.
 #[derive(Clone, Copy, Debug)]
@@ -37,8 +77,7 @@ pub struct SearchShape {
     pub d: usize,
     pub q: usize,
     pub k: usize,
-    /// F32 or F16 rows.
-    pub elem: Elem,
+    pub stored: Stored,
 }
 
 /// Tile width and run length (the tests use small ones).
@@ -50,6 +89,8 @@ pub struct SearchTiling {
     /// a list of k, so longer runs keep the lists a small part of the scores they select
     /// from (and most of a run's scores fail the list's k-th after its first k).
     pub run_per_k: usize,
+    /// Most bytes of a chunk of rows decoded to float32 (bfloat16 / int8, many queries).
+    pub decode_budget_bytes: usize,
 }
 
 impl Default for SearchTiling {
@@ -58,6 +99,7 @@ impl Default for SearchTiling {
             run: RUN,
             score_budget_bytes: SCORE_BUDGET_BYTES,
             run_per_k: 16,
+            decode_budget_bytes: DECODE_BUDGET_BYTES,
         }
     }
 }
@@ -68,6 +110,8 @@ pub struct SearchPlan {
     pub tile: usize,
     pub run: usize,
     pub splits: usize,
+    /// Rows of one decoded chunk (bfloat16 / int8 with many queries).
+    pub chunk: usize,
 }
 
 impl SearchPlan {
@@ -79,10 +123,12 @@ impl SearchPlan {
         .max(1);
         let fit = (tiling.score_budget_bytes / (shape.q.max(1) * 4) / run).max(1) * run;
         let tile = fit.min(shape.n.div_ceil(run) * run);
+        let chunk = (tiling.decode_budget_bytes / (shape.d.max(1) * 4)).clamp(1, tile);
         SearchPlan {
             tile,
             run,
             splits: tile / run,
+            chunk,
         }
     }
 
@@ -95,8 +141,10 @@ impl SearchPlan {
 /// Device addresses of one search (row-major, contiguous).
 #[derive(Clone, Copy, Debug)]
 pub struct SearchBuffers {
-    /// (N, D) unit rows in the shape's element type.
+    /// (N, D) rows in the shape's storage type.
     pub rows: u64,
+    /// (N,) float32 scales of int8 rows; 0 for the other types.
+    pub scales: u64,
     /// (Q, D) float32 unit queries.
     pub queries: u64,
     /// [`workspace_bytes`] bytes of scratch.
@@ -114,6 +162,8 @@ struct Scratch {
     scores: u64,
     q_hi: u64,
     q_lo: u64,
+    /// A chunk of decoded rows (bfloat16 / int8 with many queries).
+    decoded: u64,
     /// [`SearchPlan::candidates`] running scores and rows: k per (query, run).
     best_s: u64,
     best_i: u64,
@@ -123,8 +173,14 @@ struct Scratch {
 
 impl Scratch {
     fn carve(carver: &mut Carver, shape: SearchShape, plan: SearchPlan) -> Scratch {
-        let halves = if shape.elem == Elem::F16 && !scans(shape) {
+        let many = !scans(shape);
+        let halves = if shape.stored == Stored::F16 && many {
             shape.q * shape.d
+        } else {
+            0
+        };
+        let decoded = if shape.stored.decodes() && many {
+            plan.chunk * shape.d
         } else {
             0
         };
@@ -132,6 +188,7 @@ impl Scratch {
             scores: carver.take(shape.q * plan.tile, 4),
             q_hi: carver.take(halves, 2),
             q_lo: carver.take(halves, 2),
+            decoded: carver.take(decoded, 4),
             best_s: carver.take(plan.candidates(shape), 4),
             best_i: carver.take(plan.candidates(shape), 8),
             heads: carver.take(shape.q * plan.splits, 4),
@@ -141,7 +198,7 @@ impl Scratch {
 
 /// Whether the search scores by `score_rows` (few queries) rather than GEMMs.
 fn scans(shape: SearchShape) -> bool {
-    shape.q <= SCAN_QUERIES && matches!(shape.elem, Elem::F32 | Elem::F16)
+    shape.q <= SCAN_QUERIES
 }
 
 /// Blocks of `score_rows` at most: enough warps in flight to keep the memory busy on any
@@ -165,7 +222,7 @@ pub fn search(
     buf: &SearchBuffers,
     tiling: SearchTiling,
 ) -> Result<()> {
-    let SearchShape { n, d, q, k, elem } = shape;
+    let SearchShape { n, d, q, k, stored } = shape;
     if !(1..=MAX_K).contains(&k) {
         return Err(crate::Error::invalid(
             "k",
@@ -200,7 +257,7 @@ pub fn search(
         ],
     )?;
     let scan = scans(shape);
-    let (q_first, q_second) = if elem == Elem::F16 && !scan {
+    let (q_first, q_second) = if stored == Stored::F16 && !scan {
         let count = q * d;
         device.launch(
             "split_half",
@@ -219,35 +276,35 @@ pub fn search(
     };
     for lo in (0..n).step_by(plan.tile) {
         let width = plan.tile.min(n - lo);
-        let product = |a: u64, alpha: f64, beta: f64| RowMajorGemm {
-            elem,
-            out: Elem::F32,
-            tf32: false,
-            trans_a: false,
-            trans_b: true,
-            m: q,
-            n: width,
-            k: d,
-            alpha,
-            a,
-            lda: d,
-            b: buf.rows + (lo * d * elem.size()) as u64,
-            ldb: d,
-            beta,
-            c: s.scores,
-            ldc: plan.tile,
+        // scores of columns first..first + count of the tile against rows at `rows`
+        let product = |elem: Elem, rows: u64, first: usize, count: usize| {
+            move |a: u64, alpha: f64, beta: f64| RowMajorGemm {
+                elem,
+                out: Elem::F32,
+                tf32: false,
+                trans_a: false,
+                trans_b: true,
+                m: q,
+                n: count,
+                k: d,
+                alpha,
+                a,
+                lda: d,
+                b: rows,
+                ldb: d,
+                beta,
+                c: s.scores + (first * 4) as u64,
+                ldc: plan.tile,
+            }
         };
         if scan {
-            let kernel = match elem {
-                Elem::F16 => "score_rows_f16",
-                _ => "score_rows_f32",
-            };
             device.launch(
-                kernel,
+                &format!("score_rows_{}", stored.suffix()),
                 width.div_ceil(SCAN_WARPS).min(SCAN_BLOCKS),
                 SCAN_WARPS * 32,
                 &[
                     Arg::Ptr(buf.rows),
+                    Arg::Ptr(buf.scales),
                     Arg::Ptr(buf.queries),
                     Arg::I32(q as i32),
                     Arg::I32(d as i32),
@@ -257,10 +314,38 @@ pub fn search(
                     Arg::I32(plan.tile as i32),
                 ],
             )?;
+        } else if stored.decodes() {
+            for first in (0..width).step_by(plan.chunk) {
+                let count = plan.chunk.min(width - first);
+                device.launch(
+                    &format!("decode_rows_{}", stored.suffix()),
+                    (count * d).div_ceil(256).min(SCAN_BLOCKS * 8),
+                    256,
+                    &[
+                        Arg::Ptr(buf.rows),
+                        Arg::Ptr(buf.scales),
+                        Arg::I64((lo + first) as i64),
+                        Arg::I64(count as i64),
+                        Arg::I32(d as i32),
+                        Arg::Ptr(s.decoded),
+                    ],
+                )?;
+                gemm(
+                    device,
+                    product(Elem::F32, s.decoded, first, count)(buf.queries, 1.0, 0.0),
+                )?;
+            }
         } else {
-            gemm(device, product(q_first, 1.0, 0.0))?;
+            let elem = if stored == Stored::F16 {
+                Elem::F16
+            } else {
+                Elem::F32
+            };
+            let rows = buf.rows + (lo * d * stored.size()) as u64;
+            let tile_product = product(elem, rows, 0, width);
+            gemm(device, tile_product(q_first, 1.0, 0.0))?;
             if let Some(low) = q_second {
-                gemm(device, product(low, 1.0 / SPLIT_SCALE, 1.0))?;
+                gemm(device, tile_product(low, 1.0 / SPLIT_SCALE, 1.0))?;
             }
         }
         device.launch(

@@ -4,7 +4,7 @@
 use super::device::{Device, Elem, RowMajorGemm};
 use super::emulator::Emulator;
 use super::head::{self, HeadBuffers, HeadShape, Tiling};
-use super::search::{self, SearchBuffers, SearchShape, SearchTiling};
+use super::search::{self, SearchBuffers, SearchShape, SearchTiling, Stored};
 use super::{available, compile, ENTRY_POINTS};
 use crate::head::{margin_loss_with, HeadOptions, LossOptions, Reduction};
 use crate::margin::{kind, Margin, Margins, RowContext, PARAMS_LEN};

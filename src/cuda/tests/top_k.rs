@@ -18,15 +18,63 @@ fn unit_rows(seed: u64, n: usize, d: usize) -> Array2<f32> {
     m.mapv(|v| v as f32)
 }
 
-/// Emulated GPU search of `queries` in `rows` (f32, or f16 when `half`).
+/// `rows` as the device stores them: the bytes, int8 scales, and each value as stored.
+struct StoredRows {
+    bytes: Vec<u8>,
+    scales: Vec<f32>,
+    values: Array2<f64>,
+}
+
+fn store(rows: &Array2<f32>, stored: Stored) -> StoredRows {
+    let mut bytes = Vec::new();
+    let mut scales = Vec::new();
+    let mut values = rows.mapv(|v| v as f64);
+    for (r, row) in rows.rows().into_iter().enumerate() {
+        match stored {
+            Stored::F32 => bytes.extend(row.iter().flat_map(|v| v.to_le_bytes())),
+            Stored::F16 => {
+                for (c, &v) in row.iter().enumerate() {
+                    let h = half::f16::from_f32(v);
+                    bytes.extend(h.to_bits().to_le_bytes());
+                    values[[r, c]] = h.to_f64();
+                }
+            }
+            Stored::Bf16 => {
+                for (c, &v) in row.iter().enumerate() {
+                    let h = half::bf16::from_f32(v);
+                    bytes.extend(h.to_bits().to_le_bytes());
+                    values[[r, c]] = h.to_f64();
+                }
+            }
+            Stored::I8 => {
+                let scale = row.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+                scales.push(scale);
+                for (c, &v) in row.iter().enumerate() {
+                    let code = (v / scale).round().clamp(-127.0, 127.0) as i8;
+                    bytes.push(code as u8);
+                    values[[r, c]] = code as f64 * scale as f64;
+                }
+            }
+        }
+    }
+    StoredRows {
+        bytes,
+        scales,
+        values,
+    }
+}
+
+const ALL_STORED: [Stored; 4] = [Stored::F32, Stored::F16, Stored::Bf16, Stored::I8];
+
+/// Emulated GPU search of `queries` in `rows` stored as `stored`.
 fn emulate_search(
     rows: &Array2<f32>,
     queries: &Array2<f32>,
     k: usize,
-    half: bool,
+    stored: Stored,
     tiling: SearchTiling,
 ) -> (Vec<f32>, Vec<i64>) {
-    emulate_filtered_search(rows, queries, k, half, tiling, None)
+    emulate_filtered_search(rows, queries, k, stored, tiling, None)
 }
 
 /// [`emulate_search`] over the rows whose bit is set in `allowed` (one bit per row).
@@ -34,30 +82,27 @@ fn emulate_filtered_search(
     rows: &Array2<f32>,
     queries: &Array2<f32>,
     k: usize,
-    half: bool,
+    stored: Stored,
     tiling: SearchTiling,
     allowed: Option<&[u32]>,
 ) -> (Vec<f32>, Vec<i64>) {
     let ((n, d), q) = (rows.dim(), queries.nrows());
-    let elem = if half { Elem::F16 } else { Elem::F32 };
-    let shape = SearchShape { n, d, q, k, elem };
+    let shape = SearchShape { n, d, q, k, stored };
     let kept = SearchShape {
         k: k.min(n),
         ..shape
     };
-    let halves: Vec<u16> = rows
-        .iter()
-        .map(|&v| half::f16::from_f32(v).to_bits())
-        .collect();
+    let device_rows = store(rows, stored);
     let mut workspace = vec![u64::MAX; search::workspace_bytes(kept, tiling) / 8 + 1];
     // garbage in the outputs and the workspace: the search must set every entry itself
     let mut out_s = vec![f32::NAN; q * kept.k];
     let mut out_i = vec![-7i64; q * kept.k];
     let buffers = SearchBuffers {
-        rows: if half {
-            halves.as_ptr() as u64
+        rows: device_rows.bytes.as_ptr() as u64,
+        scales: if stored == Stored::I8 {
+            device_rows.scales.as_ptr() as u64
         } else {
-            rows.as_ptr() as u64
+            0
         },
         queries: queries.as_ptr() as u64,
         workspace: workspace.as_mut_ptr() as u64,
@@ -69,14 +114,14 @@ fn emulate_filtered_search(
     search::padded(&out_s, &out_i, kept, k)
 }
 
-/// Exact top-k in f64 of the rows as stored (f16-rounded when `half`).
+/// Exact top-k in f64 of the rows as stored.
 fn brute_force(
     rows: &Array2<f32>,
     queries: &Array2<f32>,
     k: usize,
-    half: bool,
+    stored: Stored,
 ) -> Vec<Vec<(f64, i64)>> {
-    filtered_brute_force(rows, queries, k, half, None)
+    filtered_brute_force(rows, queries, k, stored, None)
 }
 
 /// Whether bit `row` of `mask` is set.
@@ -89,27 +134,21 @@ fn filtered_brute_force(
     rows: &Array2<f32>,
     queries: &Array2<f32>,
     k: usize,
-    half: bool,
+    stored: Stored,
     allowed: Option<&[u32]>,
 ) -> Vec<Vec<(f64, i64)>> {
-    let stored = |v: f32| {
-        if half {
-            half::f16::from_f32(v).to_f64()
-        } else {
-            v as f64
-        }
-    };
+    let values = store(rows, stored).values;
     queries
         .rows()
         .into_iter()
         .map(|qr| {
-            let mut all: Vec<(f64, i64)> = rows
+            let mut all: Vec<(f64, i64)> = values
                 .rows()
                 .into_iter()
                 .enumerate()
                 .filter(|&(i, _)| allowed.is_none_or(|m| bit(m, i)))
                 .map(|(i, r)| {
-                    let s = r.iter().zip(qr).map(|(&a, &b)| stored(a) * b as f64).sum();
+                    let s = r.iter().zip(qr).map(|(&a, &b)| a * b as f64).sum();
                     (s, i as i64)
                 })
                 .collect();
@@ -132,14 +171,14 @@ fn search_equals_brute_force_across_tiles_runs_and_dtypes() {
     };
     let mut with_ties = queries.clone();
     with_ties.row_mut(4).assign(&rows.row(3)); // rows 3, 7, 11 tie at the top
-    for half in [false, true] {
+    for stored in ALL_STORED {
         for k in [1, 7, 64] {
-            let (scores, ids) = emulate_search(&rows, &with_ties, k, half, tiling);
-            let want = brute_force(&rows, &with_ties, k, half);
+            let (scores, ids) = emulate_search(&rows, &with_ties, k, stored, tiling);
+            let want = brute_force(&rows, &with_ties, k, stored);
             for (q, expected) in want.iter().enumerate() {
                 for (r, &(s, i)) in expected.iter().enumerate() {
                     let at = q * k + r;
-                    assert_eq!(ids[at], i, "half={half} k={k} query {q} rank {r}");
+                    assert_eq!(ids[at], i, "{stored:?} k={k} query {q} rank {r}");
                     assert!(
                         (scores[at] as f64 - s).abs() < 2e-6,
                         "{} vs {s}",
@@ -156,7 +195,7 @@ fn search_equals_brute_force_across_tiles_runs_and_dtypes() {
 fn search_pads_when_k_exceeds_the_gallery() {
     let rows = unit_rows(23, 5, 8);
     let queries = unit_rows(24, 2, 8);
-    let (scores, ids) = emulate_search(&rows, &queries, 9, false, SearchTiling::default());
+    let (scores, ids) = emulate_search(&rows, &queries, 9, Stored::F32, SearchTiling::default());
     for q in 0..2 {
         let mut found: Vec<i64> = ids[q * 9..q * 9 + 5].to_vec();
         found.sort();
@@ -181,14 +220,14 @@ fn the_device_merge_takes_ties_across_many_runs_to_the_lower_row() {
         score_budget_bytes: 2 * 4 * 560,
         ..SearchTiling::default()
     };
-    for half in [false, true] {
+    for stored in [Stored::F32, Stored::F16] {
         for k in [1, 13] {
-            let (scores, ids) = emulate_search(&rows, &queries, k, half, tiling);
-            let want = brute_force(&rows, &queries, k, half);
+            let (scores, ids) = emulate_search(&rows, &queries, k, stored, tiling);
+            let want = brute_force(&rows, &queries, k, stored);
             for (q, expected) in want.iter().enumerate() {
                 let got: Vec<i64> = ids[q * k..(q + 1) * k].to_vec();
                 let wanted: Vec<i64> = expected.iter().map(|&(_, i)| i).collect();
-                assert_eq!(got, wanted, "half={half} k={k} query {q}");
+                assert_eq!(got, wanted, "{stored:?} k={k} query {q}");
                 for (r, &(s, _)) in expected.iter().enumerate() {
                     assert!((scores[q * k + r] as f64 - s).abs() < 2e-6);
                 }
@@ -206,15 +245,17 @@ fn many_queries_score_by_gemm_and_equal_brute_force() {
     let tiling = SearchTiling {
         run: 32,
         score_budget_bytes: queries.nrows() * 4 * 128,
+        // bfloat16 / int8 rows decoded 48 at a time: three chunks a tile, the last short
+        decode_budget_bytes: 48 * 16 * 4,
         ..SearchTiling::default()
     };
-    for half in [false, true] {
+    for stored in ALL_STORED {
         let k = 6;
-        let (scores, ids) = emulate_search(&rows, &queries, k, half, tiling);
-        let want = brute_force(&rows, &queries, k, half);
+        let (scores, ids) = emulate_search(&rows, &queries, k, stored, tiling);
+        let want = brute_force(&rows, &queries, k, stored);
         for (q, expected) in want.iter().enumerate() {
             for (r, &(s, i)) in expected.iter().enumerate() {
-                assert_eq!(ids[q * k + r], i, "half={half} query {q} rank {r}");
+                assert_eq!(ids[q * k + r], i, "{stored:?} query {q} rank {r}");
                 assert!((scores[q * k + r] as f64 - s).abs() < 2e-6);
             }
         }
@@ -278,11 +319,12 @@ fn large_k_equals_brute_force_across_tiles_runs_paths_and_dtypes() {
                 run: 16,
                 score_budget_bytes: nq * 4 * 4 * k,
                 run_per_k: 2,
+                ..SearchTiling::default()
             };
-            for half in [false, true] {
-                let got = emulate_search(&rows, &queries, k, half, tiling);
-                let all = brute_force(&rows, &queries, rows.nrows(), half);
-                assert_matches(&got, &all, k, &format!("q={nq} k={k} half={half}"));
+            for stored in [Stored::F32, Stored::F16] {
+                let got = emulate_search(&rows, &queries, k, stored, tiling);
+                let all = brute_force(&rows, &queries, rows.nrows(), stored);
+                assert_matches(&got, &all, k, &format!("q={nq} k={k} {stored:?}"));
                 assert_eq!(&got.1[k..k + 3], &[3, 7, 11]);
             }
         }
@@ -298,15 +340,15 @@ fn the_largest_k_and_k_beyond_the_gallery_on_the_large_path() {
         run_per_k: 1,
         ..SearchTiling::default()
     };
-    let got = emulate_search(&rows, &queries, search::MAX_K, false, tiling);
-    let all = brute_force(&rows, &queries, rows.nrows(), false);
+    let got = emulate_search(&rows, &queries, search::MAX_K, Stored::F32, tiling);
+    let all = brute_force(&rows, &queries, rows.nrows(), Stored::F32);
     assert_matches(&got, &all, search::MAX_K, "k=1024");
     // k = 500 over 300 rows: all 300 in order, then padding
     let rows = unit_rows(35, 300, 8);
-    let got = emulate_search(&rows, &queries, 500, true, SearchTiling::default());
+    let got = emulate_search(&rows, &queries, 500, Stored::F16, SearchTiling::default());
     assert_matches(
         &got,
-        &brute_force(&rows, &queries, 500, true),
+        &brute_force(&rows, &queries, 500, Stored::F16),
         500,
         "k=500 > n",
     );
@@ -322,18 +364,19 @@ fn large_k_takes_ties_across_runs_and_tiles_to_the_lower_row() {
         run: 8,
         score_budget_bytes: 2 * 4 * 400,
         run_per_k: 2,
+        ..SearchTiling::default()
     };
-    for half in [false, true] {
-        let got = emulate_search(&rows, &queries, 150, half, tiling);
-        let all = brute_force(&rows, &queries, rows.nrows(), half);
-        assert_matches(&got, &all, 150, &format!("half={half}"));
+    for stored in [Stored::F32, Stored::F16] {
+        let got = emulate_search(&rows, &queries, 150, stored, tiling);
+        let all = brute_force(&rows, &queries, rows.nrows(), stored);
+        assert_matches(&got, &all, 150, &format!("{stored:?}"));
         // only the row order breaks these ties: the exact list
-        let want = brute_force(&rows, &queries, 150, half);
+        let want = brute_force(&rows, &queries, 150, stored);
         let wanted: Vec<i64> = want
             .iter()
             .flat_map(|w| w.iter().map(|&(_, i)| i))
             .collect();
-        assert_eq!(got.1, wanted, "half={half}");
+        assert_eq!(got.1, wanted, "{stored:?}");
     }
 }
 
@@ -362,11 +405,12 @@ fn a_row_mask_filters_the_selection_for_every_k_and_path() {
             run: 32,
             score_budget_bytes: nq * 4 * 128,
             run_per_k: 1,
+            ..SearchTiling::default()
         };
-        for half in [false, true] {
-            let got = emulate_filtered_search(&rows, &queries, k, half, tiling, Some(&mask));
-            let all = filtered_brute_force(&rows, &queries, 500, half, Some(&mask));
-            assert_matches(&got, &all, k, &format!("q={nq} k={k} half={half}"));
+        for stored in [Stored::F32, Stored::F16] {
+            let got = emulate_filtered_search(&rows, &queries, k, stored, tiling, Some(&mask));
+            let all = filtered_brute_force(&rows, &queries, 500, stored, Some(&mask));
+            assert_matches(&got, &all, k, &format!("q={nq} k={k} {stored:?}"));
             assert_eq!(&got.1[..2], &[3, 11]);
         }
     }
@@ -378,7 +422,7 @@ fn a_row_mask_filters_the_selection_for_every_k_and_path() {
             &rows,
             &queries,
             k,
-            false,
+            Stored::F32,
             SearchTiling::default(),
             Some(&none),
         );
