@@ -246,7 +246,7 @@ fn gallery_search_pads_beyond_the_rows() {
 }
 
 #[test]
-fn gpu_search_follows_changes_maps_ids_and_falls_back_above_64() {
+fn gpu_search_follows_changes_maps_ids_and_falls_back_above_1024() {
     let _device = device();
     let emb = noise(7, 300, 16).mapv(|v| v as f32);
     let mut gallery = Gallery::new(16, Dtype::F16).unwrap();
@@ -259,36 +259,102 @@ fn gpu_search_follows_changes_maps_ids_and_falls_back_above_64() {
         .unwrap();
     let gpu = GpuSearch::default();
     let probe = emb.slice(ndarray::s![250..252, ..]);
-    let first = gpu.search(&gallery, 0, probe, 5, 0, None).unwrap();
+    let first = gpu.search(&gallery, probe, 5, 0, None).unwrap();
     assert_eq!(first.indices, gallery.search(probe, 5).unwrap().indices);
-    assert!(gpu.nbytes() == 200 * 16 * 2);
-    // a change with the same generation would serve the stale copy; a new one refreshes it
+    // rows with room for 1024 more (a quarter of the rows, at least 1024)
+    assert_eq!(gpu.nbytes(), (200 + 1024) * 16 * 2);
     gallery
         .add(emb.slice(ndarray::s![200.., ..]), None)
         .unwrap();
-    let stale = gpu.search(&gallery, 0, probe, 5, 0, None).unwrap();
-    assert_eq!(stale.indices, first.indices);
-    let fresh = gpu.search(&gallery, 1, probe, 5, 0, None).unwrap();
+    let fresh = gpu.search(&gallery, probe, 5, 0, None).unwrap();
     let cpu = gallery.search(probe, 5).unwrap();
     assert_eq!(fresh.indices, cpu.indices);
     assert_eq!(fresh.indices[[0, 0]], gallery.ids()[250]); // finds itself, by id
-    assert_eq!(gpu.nbytes(), 300 * 16 * 2);
-    // k above 64 (the large-k kernels) and above 1024 (the CPU search): the same answer
+    assert_eq!(gpu.nbytes(), (200 + 1024) * 16 * 2); // followed, not rebuilt
+                                                     // k above 64 (the large-k kernels) and above 1024 (the CPU search): the same answer
     for k in [100, 1100] {
-        let wide = gpu.search(&gallery, 1, probe, k, 0, None).unwrap();
+        let wide = gpu.search(&gallery, probe, k, 0, None).unwrap();
         assert_eq!(wide.indices, gallery.search(probe, k).unwrap().indices);
     }
     // a filter: the same rows as the CPU's filtered search
     let allow: Vec<i64> = gallery.ids().iter().step_by(4).copied().collect();
     for k in [3, 90] {
         let filter = Some(IdFilter::Allow(&allow));
-        let got = gpu.search(&gallery, 1, probe, k, 0, filter).unwrap();
+        let got = gpu.search(&gallery, probe, k, 0, filter).unwrap();
         assert_eq!(
             got.indices,
             gallery.search_with(probe, k, filter).unwrap().indices
         );
     }
     // a missing device is an error, and the copy is dropped rather than kept stale
-    assert!(gpu.search(&gallery, 1, probe, 5, 7, None).is_err());
+    assert!(gpu.search(&gallery, probe, 5, 7, None).is_err());
     assert_eq!(gpu.nbytes(), 0);
+}
+
+#[test]
+fn the_gpu_copy_appends_added_rows_and_masks_removed_ones() {
+    let _device = device();
+    let uploaded = || {
+        // SAFETY: the fake's counter has this signature.
+        unsafe {
+            let count = fake()
+                .get::<unsafe extern "C" fn() -> i64>(b"fake_uploaded_bytes\0")
+                .unwrap();
+            count()
+        }
+    };
+    let emb = noise(9, 900, 8).mapv(|v| v as f32);
+    let probe = noise(10, 3, 8).mapv(|v| v as f32);
+    for dtype in [Dtype::F32, Dtype::I8] {
+        let mut gallery = Gallery::new(8, dtype).unwrap();
+        gallery
+            .add(emb.slice(ndarray::s![..400, ..]), None)
+            .unwrap();
+        let gpu = GpuSearch::default();
+        let row_bytes = 8 * dtype.bytes() + if dtype == Dtype::I8 { 4 } else { 0 };
+        let check = |gallery: &Gallery, case: &str| {
+            for (k, filter) in [
+                (7, None),
+                (80, None),
+                (9, Some(IdFilter::Deny(&[3, 5, 401]))),
+            ] {
+                let got = gpu.search(gallery, probe.view(), k, 0, filter).unwrap();
+                let want = gallery.search_with(probe.view(), k, filter).unwrap();
+                assert_eq!(got.indices, want.indices, "{dtype:?} {case} k={k}");
+            }
+        };
+        check(&gallery, "built");
+        let built = gpu.nbytes();
+        // steps of adds and removes (a removed id added back holds a new vector)
+        let remove = |g: &mut Gallery, ids: &[i64]| {
+            g.remove(ndarray::ArrayView1::from(ids)).unwrap();
+        };
+        let before = uploaded();
+        gallery
+            .add(emb.slice(ndarray::s![400..450, ..]), None)
+            .unwrap();
+        remove(&mut gallery, &[0, 7, 420, 399]);
+        gallery
+            .add(
+                emb.slice(ndarray::s![450..452, ..]),
+                Some(ndarray::ArrayView1::from(&[7i64, 0][..])),
+            )
+            .unwrap();
+        remove(&mut gallery, &[0]);
+        check(&gallery, "followed");
+        assert_eq!(gpu.nbytes(), built + 4 * (400 + 1024usize).div_ceil(32)); // + the live mask
+        let sent = (uploaded() - before) as usize;
+        // the 50 rows still to send, the live mask, and the three searches' queries and masks
+        let searches = 3 * (3 * 8 * 4) + 4 * (1424usize.div_ceil(32)) * 2;
+        assert!(
+            sent <= 50 * row_bytes + searches,
+            "{dtype:?}: {sent} bytes sent"
+        );
+        assert_eq!(gallery.search(probe.view(), 5).unwrap().indices.len(), 15);
+        // removing most rows: a rebuild of just the live ones
+        let old: Vec<i64> = gallery.ids()[..300].to_vec();
+        remove(&mut gallery, &old);
+        check(&gallery, "rebuilt");
+        assert_eq!(gpu.nbytes(), (gallery.len() + 1024) * row_bytes);
+    }
 }

@@ -87,8 +87,8 @@ class Gallery:
     for them and run alone; the GIL is released during the work.
 
     ``device="cuda"`` (or ``"cuda:N"``; needs a build with the ``cuda`` feature) searches on
-    the GPU: a copy of the rows (float16 for a float16 gallery, float32 otherwise) is made
-    there on the first search and again after each change; results are the CPU search's,
+    the GPU: a copy of the rows in the storage dtype is made there on the first search and
+    brought up to date after each change; results are the CPU search's,
     up to the order of scores equal to float32 rounding. ``k`` up to 1024 and ``allow`` /
     ``deny`` filters are selected on the GPU; a larger ``k`` searches on the CPU.
     """

@@ -2,13 +2,17 @@
 //!
 //! The mirror holds the rows in the gallery's storage type (float32, float16, bfloat16, or
 //! int8 codes with their per-row scales): the bytes the CPU search reads, decoded in the
-//! kernels. It is built from the gallery on first search and rebuilt after the gallery
+//! kernels. It is built from the gallery on first search, with room for more rows, and then
+//! follows the gallery's journal: added rows are appended (only they are uploaded), removed
+//! rows are masked out on the device (a bit per row). It is built again when the room runs
+//! out, when removed rows outnumber the live ones, or when the journal has forgotten the
 //! changes.
 
 use super::device::Carver;
 use super::driver::{with_stream, DeviceBuffer};
 use super::search::{self, SearchBuffers, SearchShape, SearchTiling, Stored, MAX_K};
 use crate::search::gallery::{Codes, Gallery, IdFilter};
+use crate::search::journal::RowChange;
 use crate::search::{unit_queries, SearchResult};
 use crate::{Error, Result};
 use ndarray::{Array2, ArrayView2};
@@ -17,15 +21,32 @@ use std::sync::Mutex;
 /// A gallery's rows in device memory.
 pub struct Mirror {
     ordinal: usize,
+    /// Room for `capacity` rows; the first `ids.len()` hold rows.
     rows: DeviceBuffer,
     /// int8 rows' scales.
     scales: Option<DeviceBuffer>,
     stored: Stored,
-    n: usize,
     d: usize,
+    capacity: usize,
+    /// The gallery's stamp this copy is up to date with.
+    stamp: u64,
+    /// The id of each device row (a removed row keeps its own; it is masked out).
+    ids: Vec<i64>,
+    /// The device row of each gallery row, in the gallery's order.
+    device_rows: Vec<usize>,
+    /// One bit per device row (of `capacity`), cleared for removed rows; on the device too
+    /// once a row is removed.
+    live: Vec<u32>,
+    live_on_device: Option<DeviceBuffer>,
+    removed: usize,
     /// The last search's scratch (queries, results, workspace), kept for the next one:
     /// allocating device memory is a synchronous driver call.
     scratch: Option<DeviceBuffer>,
+}
+
+/// Rows of room a new copy leaves for adds: a quarter of the gallery, at least 1024.
+fn room_for(rows: usize) -> usize {
+    rows + (rows / 4).max(1024)
 }
 
 impl Mirror {
@@ -38,42 +59,167 @@ impl Mirror {
             Codes::BF16(_) => Stored::Bf16,
             Codes::I8(..) => Stored::I8,
         };
-        let rows = DeviceBuffer::new(ordinal, n * d * stored.size())?;
-        let scales = match gallery.codes() {
-            Codes::I8(_, scales) => Some(DeviceBuffer::new(ordinal, scales.len() * 4)?),
+        let capacity = room_for(n);
+        let rows = DeviceBuffer::new(ordinal, capacity * d * stored.size())?;
+        let scales = match stored {
+            Stored::I8 => Some(DeviceBuffer::new(ordinal, capacity * 4)?),
             _ => None,
         };
-        with_stream(ordinal, 0, |s| match gallery.codes() {
-            Codes::F32(v) => s.upload(rows.ptr(), &v[..]),
-            Codes::F16(v) | Codes::BF16(v) => s.upload(rows.ptr(), &v[..]),
-            Codes::I8(v, scale) => {
-                s.upload(rows.ptr(), &v[..])?;
-                s.upload(scales.as_ref().expect("made above").ptr(), &scale[..])
-            }
-        })?;
-        Ok(Mirror {
+        let mut mirror = Mirror {
             ordinal,
             rows,
             scales,
             stored,
-            n,
             d,
+            capacity,
+            stamp: gallery.stamp(),
+            ids: Vec::new(),
+            device_rows: Vec::new(),
+            live: vec![0; capacity.div_ceil(32)],
+            live_on_device: None,
+            removed: 0,
             scratch: None,
-        })
+        };
+        mirror.append(gallery, 0)?;
+        Ok(mirror)
+    }
+
+    /// Uploads the gallery's rows from `first` on after the rows the copy holds, and takes
+    /// them into the copy (nothing changes if the upload fails).
+    fn append(&mut self, gallery: &Gallery, first: usize) -> Result<()> {
+        let (d, used) = (self.d, self.ids.len());
+        let count = gallery.len() - first;
+        if count == 0 {
+            return Ok(());
+        }
+        let at = self.rows.ptr() + (used * d * self.stored.size()) as u64;
+        let (lo, hi) = (first * d, gallery.len() * d);
+        with_stream(self.ordinal, 0, |s| match gallery.codes() {
+            Codes::F32(v) => s.upload(at, &v[lo..hi]),
+            Codes::F16(v) | Codes::BF16(v) => s.upload(at, &v[lo..hi]),
+            Codes::I8(v, scale) => {
+                s.upload(at, &v[lo..hi])?;
+                let scales = self.scales.as_ref().expect("an int8 copy has scales");
+                s.upload(scales.ptr() + (used * 4) as u64, &scale[first..])
+            }
+        })?;
+        self.ids.extend_from_slice(&gallery.ids()[first..]);
+        self.device_rows.extend(used..used + count);
+        for row in used..used + count {
+            self.live[row / 32] |= 1 << (row % 32);
+        }
+        Ok(())
+    }
+
+    /// Brings the copy up to `gallery` by its journal: Ok(false) (and the copy unchanged)
+    /// where it must be built again instead.
+    pub fn follow(&mut self, gallery: &Gallery) -> Result<bool> {
+        let Some(changes) = gallery.changes_since(self.stamp) else {
+            return Ok(false);
+        };
+        if changes.is_empty() {
+            return Ok(true);
+        }
+        // the gallery's rows as device rows (None: not on the device yet), replayed
+        let mut slots: Vec<Option<usize>> = self.device_rows.iter().map(|&r| Some(r)).collect();
+        let mut gone = Vec::new();
+        for change in changes {
+            match change {
+                RowChange::Appended(count) => slots.resize(slots.len() + count, None),
+                RowChange::Removed(positions) => {
+                    if positions.last().is_some_and(|&p| p >= slots.len()) {
+                        return Ok(false);
+                    }
+                    let mut next = positions.iter().peekable();
+                    let mut position = 0;
+                    slots.retain(|slot| {
+                        let drop = next.next_if_eq(&&position).is_some();
+                        position += 1;
+                        if drop {
+                            gone.extend(*slot);
+                        }
+                        !drop
+                    });
+                }
+            }
+        }
+        // rows not yet on the device are the newest, so they end the gallery
+        let first = slots
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(slots.len());
+        let added = slots.len() - first;
+        let used = self.ids.len();
+        if slots.len() != gallery.len()
+            || slots[first..].iter().any(Option::is_some)
+            || used + added > self.capacity
+            || 2 * (self.removed + gone.len()) > used + added
+        {
+            return Ok(false);
+        }
+        let mut live = self.live.clone();
+        for &row in &gone {
+            live[row / 32] &= !(1 << (row % 32));
+        }
+        for row in used..used + added {
+            live[row / 32] |= 1 << (row % 32);
+        }
+        let removed = self.removed + gone.len();
+        if removed > 0 {
+            // the device mask first: nothing changes here if an upload fails
+            if self.live_on_device.is_none() {
+                self.live_on_device = Some(DeviceBuffer::new(self.ordinal, live.len() * 4)?);
+            }
+            let mask = self.live_on_device.as_ref().expect("made above").ptr();
+            with_stream(self.ordinal, 0, |s| s.upload(mask, &live))?;
+        }
+        self.device_rows.truncate(0);
+        self.device_rows
+            .extend(slots[..first].iter().map(|r| r.expect("on the device")));
+        self.live = live;
+        self.removed = removed;
+        self.append(gallery, first)?;
+        self.stamp = gallery.stamp();
+        Ok(true)
+    }
+
+    /// `gallery_mask` (one bit per gallery row, a [`Gallery::row_mask`]) as a mask over
+    /// the device rows.
+    pub fn device_mask(&self, gallery_mask: &[u32]) -> Vec<u32> {
+        let mut mask = vec![0u32; self.live.len()];
+        for (row, &device_row) in self.device_rows.iter().enumerate() {
+            if gallery_mask[row / 32] >> (row % 32) & 1 == 1 {
+                mask[device_row / 32] |= 1 << (device_row % 32);
+            }
+        }
+        mask
     }
 
     pub fn ordinal(&self) -> usize {
         self.ordinal
     }
 
-    /// Device memory the rows (and int8 scales) take.
-    pub fn nbytes(&self) -> usize {
-        self.rows.bytes() + self.scales.as_ref().map_or(0, DeviceBuffer::bytes)
+    /// The id of a device row.
+    pub fn id(&self, device_row: usize) -> i64 {
+        self.ids[device_row]
     }
 
-    /// Top-`k` of `queries` as gallery row indices; -1 / -inf pad when `k` exceeds the rows
-    /// (or the rows `allowed` lets through: a [`Gallery::row_mask`]). More than [`MAX_K`] per
-    /// query (counting only rows that exist) is an error.
+    /// Device memory the copy holds (rows with their room, int8 scales, the live mask).
+    pub fn nbytes(&self) -> usize {
+        [
+            &Some(&self.rows),
+            &self.scales.as_ref(),
+            &self.live_on_device.as_ref(),
+        ]
+        .iter()
+        .map(|b| b.map_or(0, DeviceBuffer::bytes))
+        .sum()
+    }
+
+    /// Top-`k` of `queries` as device rows (see [`Mirror::id`]); -1 / -inf pad when `k`
+    /// exceeds the live rows (or those `allowed` lets through: a [`Mirror::device_mask`];
+    /// without one, the rows not removed). More than [`MAX_K`] per query (counting only
+    /// rows that exist) is an error.
     pub fn search_rows(
         &mut self,
         queries: ArrayView2<f32>,
@@ -83,16 +229,18 @@ impl Mirror {
         if k == 0 {
             return Err(Error::invalid("k", "must be >= 1"));
         }
-        if self.n == 0 {
+        let n = self.ids.len();
+        if n == 0 {
             return Err(Error::invalid("gallery", "is empty: add embeddings first"));
         }
+        let live = self.live_on_device.as_ref().filter(|_| self.removed > 0);
         let qhat = unit_queries(queries, self.d, false)?;
         let q = qhat.nrows();
         let shape = SearchShape {
-            n: self.n,
+            n,
             d: self.d,
             q,
-            k: k.min(self.n),
+            k: k.min(n),
             stored: self.stored,
         };
         let tiling = SearchTiling::default();
@@ -132,7 +280,11 @@ impl Mirror {
                 workspace: workspace_at,
                 out_s: out_s_at,
                 out_i: out_i_at,
-                allowed: if allowed.is_some() { mask_at } else { 0 },
+                allowed: match (allowed, live) {
+                    (Some(_), _) => mask_at,
+                    (None, Some(mask)) => mask.ptr(),
+                    (None, None) => 0,
+                },
             };
             search::search(s, shape, &buffers, tiling)?;
             // only (Q, k) comes back: the selection and the merge ran on the device
@@ -151,22 +303,21 @@ impl Mirror {
     }
 }
 
-/// A gallery's GPU copy kept across searches: made on the first search, made again when the
-/// gallery's generation (a count of its changes, kept by the caller) or the device changes.
+/// A gallery's GPU copy kept across searches: made on the first search, brought up to date
+/// by the gallery's journal before each search, made again when that is not possible or the
+/// device changes.
 #[derive(Default)]
 pub struct GpuSearch {
-    copy: Mutex<Option<(u64, Mirror)>>,
+    copy: Mutex<Option<Mirror>>,
 }
 
 impl GpuSearch {
-    /// `gallery.search_with` on GPU `device`, with ids; `generation` must change whenever
-    /// the gallery does. The filter becomes a bitmask of the rows it lets through, applied
-    /// where candidates are selected on the device. k above [`MAX_K`] runs the CPU search
-    /// (the same results).
+    /// `gallery.search_with` on GPU `device`, with ids. The filter becomes a bitmask of the
+    /// rows it lets through, applied where candidates are selected on the device. k above
+    /// [`MAX_K`] runs the CPU search (the same results).
     pub fn search(
         &self,
         gallery: &Gallery,
-        generation: u64,
         queries: ArrayView2<f32>,
         k: usize,
         device: usize,
@@ -175,25 +326,32 @@ impl GpuSearch {
         if k > MAX_K {
             return gallery.search_with(queries, k, filter);
         }
-        let mask = filter.map(|f| gallery.row_mask(f));
         let mut copy = self.copy.lock().unwrap_or_else(|e| e.into_inner());
-        let fresh = matches!(&*copy, Some((g, m)) if *g == generation && m.ordinal() == device);
-        if !fresh {
-            *copy = None; // free the stale copy before making the new one
-            *copy = Some((generation, Mirror::new(gallery, device)?));
+        let current = match copy.as_mut() {
+            Some(mirror) if mirror.ordinal() == device => mirror.follow(gallery),
+            _ => Ok(false),
+        };
+        if !matches!(current, Ok(true)) {
+            // free the old copy (or one a failed upload left half-followed) before the new
+            *copy = None;
+            *copy = Some(Mirror::new(gallery, device)?);
         }
-        let (_, mirror) = copy.as_mut().expect("just made");
+        let mirror = copy.as_mut().expect("just made");
+        let mask = filter.map(|f| mirror.device_mask(&gallery.row_mask(f)));
         let mut result = mirror.search_rows(queries, k, mask.as_deref())?;
-        let ids = gallery.ids();
-        result
-            .indices
-            .mapv_inplace(|row| if row >= 0 { ids[row as usize] } else { -1 });
+        result.indices.mapv_inplace(|row| {
+            if row >= 0 {
+                mirror.id(row as usize)
+            } else {
+                -1
+            }
+        });
         Ok(result)
     }
 
     /// Device bytes the copy holds (0 before the first search).
     pub fn nbytes(&self) -> usize {
         let copy = self.copy.lock().unwrap_or_else(|e| e.into_inner());
-        copy.as_ref().map_or(0, |(_, m)| m.nbytes())
+        copy.as_ref().map_or(0, Mirror::nbytes)
     }
 }

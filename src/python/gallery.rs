@@ -7,7 +7,6 @@ use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 use std::borrow::Cow;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// The filter of `allow` / `deny` (giving both is an error).
@@ -38,8 +37,6 @@ fn id_list<'a>(ids: &'a PyReadonlyArray1<'_, i64>) -> Cow<'a, [i64]> {
 #[pyclass(frozen, name = "Gallery", module = "arcface_rs._core")]
 pub struct PyGallery {
     gallery: RwLock<Gallery>,
-    /// Counts changes, so that a GPU copy of the rows knows when it is stale.
-    generation: AtomicU64,
     #[cfg(feature = "cuda")]
     gpu: crate::cuda::gallery::GpuSearch,
 }
@@ -48,7 +45,6 @@ impl PyGallery {
     fn wrap(gallery: Gallery) -> Self {
         PyGallery {
             gallery: RwLock::new(gallery),
-            generation: AtomicU64::new(0),
             #[cfg(feature = "cuda")]
             gpu: Default::default(),
         }
@@ -60,11 +56,9 @@ impl PyGallery {
         self.gallery.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The gallery for a change; the generation moves on with it.
+    /// The gallery for a change (its journal records it, for the GPU copy).
     fn write(&self) -> RwLockWriteGuard<'_, Gallery> {
-        let guard = self.gallery.write().unwrap_or_else(|e| e.into_inner());
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        guard
+        self.gallery.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// `work` on the gallery under its read lock, taken without the GIL and outside the
@@ -176,8 +170,8 @@ impl PyGallery {
         Ok(out.into_pyarray(py))
     }
 
-    /// `search` on CUDA device `device` (a copy of the rows stays there until the gallery
-    /// changes; `allow` / `deny` as for `search`). k above 1024 runs on the CPU, with the
+    /// `search` on CUDA device `device` (a copy of the rows stays there and follows the
+    /// gallery's adds and removes; `allow` / `deny` as for `search`). k above 1024 runs on the CPU, with the
     /// same results.
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     #[pyo3(signature = (queries, k, device, allow=None, deny=None))]
@@ -195,12 +189,8 @@ impl PyGallery {
             let q = queries.as_array();
             let (allow, deny) = (allow.as_ref().map(id_list), deny.as_ref().map(id_list));
             let filter = id_filter(allow.as_deref(), deny.as_deref())?;
-            let generation = &self.generation;
             let r = self
-                .reading(py, |gallery| {
-                    let generation = generation.load(Ordering::SeqCst);
-                    self.gpu.search(gallery, generation, q, k, device, filter)
-                })?
+                .reading(py, |gallery| self.gpu.search(gallery, q, k, device, filter))?
                 .map_err(to_py_err)?;
             (r.scores.into_pyarray(py), r.indices.into_pyarray(py)).into_pyobject(py)
         }

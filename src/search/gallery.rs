@@ -6,13 +6,14 @@
 //! so that `codes * scale` is itself a unit vector: the score is then the exact cosine
 //! between the query and the stored (quantised) vector.
 
+use super::ids::IdMap;
+use super::journal::{RowChange, RowJournal};
 use super::topk::TopK;
 use super::{collect, search_rows, unit_queries, Filtered, Rows, SearchResult, Subset};
 use crate::error::{unnormalisable, Error, Result};
 use crate::kernels;
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
 use rayon::prelude::*;
-use std::collections::HashMap;
 use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
@@ -272,6 +273,8 @@ pub struct Gallery {
     rows_by_id: IdMap,
     /// Where automatic ids continue: one past the largest id ever added.
     next_id: i64,
+    /// Recent adds and removes, for copies that follow the rows (the GPU's).
+    journal: RowJournal,
 }
 
 impl Gallery {
@@ -293,6 +296,7 @@ impl Gallery {
             ids: Vec::new(),
             rows_by_id: IdMap::default(),
             next_id: 0,
+            journal: RowJournal::default(),
         })
     }
 
@@ -486,6 +490,9 @@ impl Gallery {
             self.next_id = self.next_id.max(id.saturating_add(1));
         }
         self.ids.extend(ids.iter().copied());
+        if n > 0 {
+            self.journal.record(RowChange::Appended(n));
+        }
         Ok(ids)
     }
 
@@ -524,7 +531,20 @@ impl Gallery {
             .enumerate()
             .map(|(r, &id)| (id, r))
             .collect();
+        let positions = (0..keep.len()).filter(|&r| !keep[r]).collect();
+        self.journal.record(RowChange::Removed(positions));
         Ok(removed)
+    }
+
+    /// How many changes (adds, removes) the rows have seen.
+    pub fn stamp(&self) -> u64 {
+        self.journal.stamp()
+    }
+
+    /// The changes to the rows after `stamp` (oldest first), or None where they are no
+    /// longer known (then a copy made at `stamp` must be made again).
+    pub fn changes_since(&self, stamp: u64) -> Option<&[RowChange]> {
+        self.journal.since(stamp)
     }
 
     /// The rows `filter` lets through as a bitmask: bit r of word r / 32 set where row r may
@@ -768,32 +788,6 @@ fn row_of<'a>(m: &'a ArrayView2<f32>, i: usize, buf: &'a mut [f32]) -> &'a [f32]
     }
     buf.iter_mut().zip(row).for_each(|(b, &x)| *b = x);
     buf
-}
-
-/// Row of each id. Ids are integers the caller chose (or counted up), so the map hashes
-/// them with a fast integer mix instead of the DoS-resistant default: an allow-list of
-/// 100k ids is 100k lookups per search.
-type IdMap = HashMap<i64, usize, std::hash::BuildHasherDefault<IdHasher>>;
-
-/// splitmix64's finaliser over an i64 key.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        let mut z = self.0.wrapping_add(0x9e3779b97f4a7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        z ^ (z >> 31)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_i64(&mut self, i: i64) {
-        self.0 = i as u64;
-    }
 }
 
 /// Which rows a filtered search may return, by id.

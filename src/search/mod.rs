@@ -9,7 +9,9 @@
 
 pub mod file;
 pub mod gallery;
+mod ids;
 mod int8;
+pub mod journal;
 pub mod topk;
 
 use crate::error::{unnormalisable, Error, Result};

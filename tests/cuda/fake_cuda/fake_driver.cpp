@@ -7,6 +7,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <atomic>
 #include <mutex>
 #include <set>
 
@@ -129,8 +130,11 @@ CUresult cuMemsetD8Async(CUdeviceptr ptr, unsigned char value, size_t bytes, voi
     return SUCCESS;
 }
 
+static std::atomic<long long> uploaded_bytes{0};
+
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) {
     std::memcpy(reinterpret_cast<void*>(dst), src, bytes);
+    uploaded_bytes += (long long)bytes;
     return SUCCESS;
 }
 
@@ -154,6 +158,9 @@ CUresult cuGetErrorName(CUresult, const char** text) {
 // For the tests: how many modules were loaded from CUBINs and from PTX.
 int fake_loaded_cubins() { return loaded_cubins; }
 int fake_loaded_ptx() { return loaded_ptx; }
+
+// For the tests: bytes copied from the host so far.
+long long fake_uploaded_bytes() { return uploaded_bytes.load(); }
 
 // For the tests: how many cuMemAlloc blocks are not freed.
 int fake_live_allocations() {
