@@ -267,6 +267,23 @@ class Gallery:
         allow: npt.NDArray[np.int64] | None = None,
         deny: npt.NDArray[np.int64] | None = None,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]: ...
+    def search_cuda_workspace(
+        self, q: int, k: int, device: int, filtered: bool
+    ) -> tuple[int, int]: ...
+    def search_cuda_device(
+        self,
+        queries: int,
+        q: int,
+        k: int,
+        device: int,
+        stream: int,
+        workspace: int,
+        workspace_bytes: int,
+        out_scores: int,
+        out_ids: int,
+        allow: npt.NDArray[np.int64] | None = None,
+        deny: npt.NDArray[np.int64] | None = None,
+    ) -> None: ...
     def identify(
         self,
         queries: npt.NDArray[np.float32],

@@ -10,6 +10,7 @@ import numpy as np
 
 from . import _core
 from ._cuda import cuda_available
+from ._gallery_torch import GPU_MAX_K, query_rows, search_on_device, to_device, torch_of
 from ._validate import count as _count
 from ._validate import floats as _floats
 from ._validate import labels as _labels
@@ -186,6 +187,18 @@ class Gallery:
         single = np.ndim(queries) == 1
         return _rows("queries", queries, self.dim), single
 
+    def _search_tensor(self, torch: Any, queries: Any, k: int, filt: dict) -> tuple[Any, Any]:
+        """``search`` of a torch tensor: on the GPU where both are there, else on the CPU
+        path with the results moved to the queries' device."""
+        rows, single = query_rows(torch, queries, self.dim)
+        if self._device is not None and rows.is_cuda and len(self) > 0 and k <= GPU_MAX_K:
+            if rows.device.index != self._device:
+                raise ValueError(f"queries are on {rows.device}, the gallery on {self.device}")
+            scores, ids = search_on_device(self._core, self._device, torch, rows, k, filt)
+        else:
+            scores, ids = to_device(torch, rows, *self.search(rows.cpu().numpy(), k, **filt))
+        return (scores[0], ids[0]) if single else (scores, ids)
+
     def _filter(self, allow: Any, deny: Any) -> dict[str, np.ndarray]:
         if allow is not None and deny is not None:
             raise ValueError("allow, deny: give one of them, not both")
@@ -202,8 +215,12 @@ class Gallery:
 
         Parameters
         ----------
-        queries : array_like
-            (Q, dim) or one (dim,) float32 or float64 queries.
+        queries : array_like or torch.Tensor
+            (Q, dim) or one (dim,) float32 or float64 queries. A CUDA tensor on a CUDA
+            gallery is searched in place on torch's current stream and the results are
+            CUDA tensors, with nothing copied to the host (a zero or non-finite query row
+            then finds nothing: ids -1, scores -inf, since raising would wait for the GPU);
+            other tensors get tensors on their device.
         k : int
             Results per query, >= 1. Beyond ``len(self)`` (or the rows a filter lets
             through) the extra columns hold score -inf and id -1 (all of them for an empty
@@ -225,8 +242,11 @@ class Gallery:
             (Q, k) int64; ties go to the vector added first.
         """
         k = _count("k", k)
-        q, single = self._queries(queries)
         filt = self._filter(allow, deny)
+        torch = torch_of(queries)
+        if torch is not None:
+            return self._search_tensor(torch, queries, k, filt)
+        q, single = self._queries(queries)
         if self._device is None or len(self) == 0:
             scores, ids = self._core.search(q, k, **filt)
         else:
@@ -240,8 +260,8 @@ class Gallery:
 
         Parameters
         ----------
-        queries : array_like
-            (Q, dim) or one (dim,) queries.
+        queries : array_like or torch.Tensor
+            (Q, dim) or one (dim,) queries (tensors as for :meth:`search`).
         threshold : float
             A best score below it means the face is not enrolled.
         allow, deny : array_like of int, optional
@@ -258,8 +278,13 @@ class Gallery:
             raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
         if not np.isfinite(threshold):
             raise ValueError(f"threshold must be finite, got {threshold}")
-        q, single = self._queries(queries)
         filt = self._filter(allow, deny)
+        torch = torch_of(queries)
+        if torch is not None:
+            best, top = self._search_tensor(torch, queries, 1, filt)
+            best, top = best[..., 0], top[..., 0]
+            return torch.where(best >= threshold, top, torch.full_like(top, -1)), best
+        q, single = self._queries(queries)
         if self._device is None or len(self) == 0:
             ids, scores = self._core.identify(q, float(threshold), **filt)
         else:
@@ -275,8 +300,9 @@ class Gallery:
 
         Parameters
         ----------
-        queries : array_like
-            (Q, dim) or one (dim,) queries.
+        queries : array_like or torch.Tensor
+            (Q, dim) or one (dim,) queries; a tensor is searched on the CPU (the result's
+            length is not known in advance) and gets tensors on its device.
         threshold : float
             Rows with cosine > threshold are returned.
 
@@ -293,6 +319,10 @@ class Gallery:
             raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
         if not np.isfinite(threshold):
             raise ValueError(f"threshold must be finite, got {threshold}")
+        torch = torch_of(queries)
+        if torch is not None:  # a variable-length result: found on the CPU
+            rows, _ = query_rows(torch, queries, self.dim)
+            return to_device(torch, rows, *self.range_search(rows.cpu().numpy(), threshold))
         q, _ = self._queries(queries)
         lims, scores, ids = self._core.range_search(q, float(threshold))
         return lims.astype(np.int64), scores, ids

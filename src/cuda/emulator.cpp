@@ -143,7 +143,8 @@ static const Entry entries[] = {
     ENTRY(topk_reset),        ENTRY(topk_merge),       ENTRY(score_rows_f32),
     ENTRY(score_rows_f16),    ENTRY(score_rows_bf16),  ENTRY(score_rows_i8),
     ENTRY(decode_rows_bf16),  ENTRY(decode_rows_i8),
-    ENTRY(topk_tile_large),   ENTRY(topk_merge_large),
+    ENTRY(topk_tile_large),   ENTRY(topk_merge_large), ENTRY(unit_queries),
+    ENTRY(finish_results),
     ENTRY(margin_grid),
 };
 

@@ -8,7 +8,7 @@
 //! out, when removed rows outnumber the live ones, or when the journal has forgotten the
 //! changes.
 
-use super::device::Carver;
+use super::device::{Arg, Carver, Device};
 use super::driver::{with_stream, DeviceBuffer};
 use super::search::{self, SearchBuffers, SearchShape, SearchTiling, Stored, MAX_K};
 use crate::search::gallery::{Codes, Gallery, IdFilter};
@@ -39,6 +39,9 @@ pub struct Mirror {
     live: Vec<u32>,
     live_on_device: Option<DeviceBuffer>,
     removed: usize,
+    /// `ids` on the device (room for `capacity`), made for the first search with device
+    /// queries, whose results are mapped to ids there.
+    ids_on_device: Option<DeviceBuffer>,
     /// The last search's scratch (queries, results, workspace), kept for the next one:
     /// allocating device memory is a synchronous driver call.
     scratch: Option<DeviceBuffer>,
@@ -78,6 +81,7 @@ impl Mirror {
             live: vec![0; capacity.div_ceil(32)],
             live_on_device: None,
             removed: 0,
+            ids_on_device: None,
             scratch: None,
         };
         mirror.append(gallery, 0)?;
@@ -103,6 +107,10 @@ impl Mirror {
                 s.upload(scales.ptr() + (used * 4) as u64, &scale[first..])
             }
         })?;
+        if let Some(ids) = &self.ids_on_device {
+            let at = ids.ptr() + (used * 8) as u64;
+            with_stream(self.ordinal, 0, |s| s.upload(at, &gallery.ids()[first..]))?;
+        }
         self.ids.extend_from_slice(&gallery.ids()[first..]);
         self.device_rows.extend(used..used + count);
         for row in used..used + count {
@@ -204,16 +212,120 @@ impl Mirror {
         self.ids[device_row]
     }
 
-    /// Device memory the copy holds (rows with their room, int8 scales, the live mask).
+    /// Device memory the copy holds (rows with their room, int8 scales, the live mask, the
+    /// ids).
     pub fn nbytes(&self) -> usize {
         [
-            &Some(&self.rows),
-            &self.scales.as_ref(),
-            &self.live_on_device.as_ref(),
+            Some(&self.rows),
+            self.scales.as_ref(),
+            self.live_on_device.as_ref(),
+            self.ids_on_device.as_ref(),
         ]
         .iter()
         .map(|b| b.map_or(0, DeviceBuffer::bytes))
         .sum()
+    }
+
+    /// The shape of a search of `q` queries for `k` (k capped at the device rows).
+    fn shape(&self, q: usize, k: usize) -> SearchShape {
+        let n = self.ids.len();
+        SearchShape {
+            n,
+            d: self.d,
+            q,
+            k: k.min(n),
+            stored: self.stored,
+        }
+    }
+
+    /// Bytes of workspace [`Mirror::search_device`] needs, and the k it returns per query
+    /// (at most the device rows).
+    pub fn device_workspace(&self, q: usize, k: usize, filtered: bool) -> (usize, usize) {
+        let shape = self.shape(q, k);
+        let mut layout = Carver::new(0);
+        layout.take(q * self.d, 4);
+        layout.take(search::workspace_bytes(shape, SearchTiling::default()), 1);
+        layout.take(if filtered { self.live.len() } else { 0 }, 4);
+        (layout.bytes(), shape.k)
+    }
+
+    /// The search of queries already on the device, queued on `call.stream`: results (ids,
+    /// clamped scores) land in the caller's (Q, k) buffers, k as [`Mirror::device_workspace`]
+    /// says. Nothing is copied to the host; a filter's mask (`allowed`, a
+    /// [`Mirror::device_mask`]) is copied to the device, which waits for the stream.
+    pub fn search_device(&mut self, call: &DeviceQueries, allowed: Option<&[u32]>) -> Result<()> {
+        let DeviceQueries { q, k, .. } = *call;
+        if q == 0 || self.ids.is_empty() {
+            return Err(Error::invalid(
+                "queries",
+                "a device search needs queries and a gallery with rows",
+            ));
+        }
+        let (bytes, kept) = self.device_workspace(q, k, allowed.is_some());
+        if !(1..=MAX_K).contains(&kept) || call.workspace_bytes < bytes {
+            return Err(Error::invalid(
+                "workspace",
+                format!(
+                    "has {} bytes for k={k}; the search needs {bytes} and 1 <= k <= {MAX_K}",
+                    call.workspace_bytes
+                ),
+            ));
+        }
+        if self.ids_on_device.is_none() {
+            let ids = DeviceBuffer::new(self.ordinal, self.capacity * 8)?;
+            with_stream(self.ordinal, 0, |s| s.upload(ids.ptr(), &self.ids))?;
+            self.ids_on_device = Some(ids);
+        }
+        let shape = self.shape(q, k);
+        let mut layout = Carver::new(call.workspace);
+        let unit = layout.take(q * self.d, 4);
+        let workspace = layout.take(search::workspace_bytes(shape, SearchTiling::default()), 1);
+        let mask_at = layout.take(allowed.map_or(0, <[u32]>::len), 4);
+        let live = self.live_on_device.as_ref().filter(|_| self.removed > 0);
+        let ids = self.ids_on_device.as_ref().expect("made above").ptr();
+        with_stream(self.ordinal, call.stream, |s| {
+            if let Some(mask) = allowed {
+                s.upload(mask_at, mask)?;
+            }
+            // one warp per query row
+            s.launch(
+                "unit_queries",
+                q.div_ceil(8),
+                256,
+                &[
+                    Arg::Ptr(call.queries),
+                    Arg::I32(q as i32),
+                    Arg::I32(self.d as i32),
+                    Arg::Ptr(unit),
+                ],
+            )?;
+            let buffers = SearchBuffers {
+                rows: self.rows.ptr(),
+                scales: self.scales.as_ref().map_or(0, DeviceBuffer::ptr),
+                queries: unit,
+                workspace,
+                out_s: call.out_s,
+                out_i: call.out_i,
+                allowed: match (allowed, live) {
+                    (Some(_), _) => mask_at,
+                    (None, Some(mask)) => mask.ptr(),
+                    (None, None) => 0,
+                },
+            };
+            search::search(s, shape, &buffers, SearchTiling::default())?;
+            let found = q * kept;
+            s.launch(
+                "finish_results",
+                found.div_ceil(256),
+                256,
+                &[
+                    Arg::Ptr(call.out_s),
+                    Arg::Ptr(call.out_i),
+                    Arg::Ptr(ids),
+                    Arg::I64(found as i64),
+                ],
+            )
+        })
     }
 
     /// Top-`k` of `queries` as device rows (see [`Mirror::id`]); -1 / -inf pad when `k`
@@ -303,6 +415,22 @@ impl Mirror {
     }
 }
 
+/// A search of queries in device memory (float32, (q, dim) contiguous), as the caller
+/// (torch) allocated it: results and workspace are the caller's too.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceQueries {
+    /// The CUDA stream to queue on (torch's current one).
+    pub stream: u64,
+    pub queries: u64,
+    pub q: usize,
+    pub k: usize,
+    pub workspace: u64,
+    pub workspace_bytes: usize,
+    /// (q, kept k) float32 scores and int64 ids out.
+    pub out_s: u64,
+    pub out_i: u64,
+}
+
 /// A gallery's GPU copy kept across searches: made on the first search, brought up to date
 /// by the gallery's journal before each search, made again when that is not possible or the
 /// device changes.
@@ -327,16 +455,7 @@ impl GpuSearch {
             return gallery.search_with(queries, k, filter);
         }
         let mut copy = self.copy.lock().unwrap_or_else(|e| e.into_inner());
-        let current = match copy.as_mut() {
-            Some(mirror) if mirror.ordinal() == device => mirror.follow(gallery),
-            _ => Ok(false),
-        };
-        if !matches!(current, Ok(true)) {
-            // free the old copy (or one a failed upload left half-followed) before the new
-            *copy = None;
-            *copy = Some(Mirror::new(gallery, device)?);
-        }
-        let mirror = copy.as_mut().expect("just made");
+        let mirror = Self::current(&mut copy, gallery, device)?;
         let mask = filter.map(|f| mirror.device_mask(&gallery.row_mask(f)));
         let mut result = mirror.search_rows(queries, k, mask.as_deref())?;
         result.indices.mapv_inplace(|row| {
@@ -347,6 +466,52 @@ impl GpuSearch {
             }
         });
         Ok(result)
+    }
+
+    /// The copy on `device`, up to date with `gallery` (made or made again when needed).
+    fn current<'a>(
+        copy: &'a mut Option<Mirror>,
+        gallery: &Gallery,
+        device: usize,
+    ) -> Result<&'a mut Mirror> {
+        let current = match copy.as_mut() {
+            Some(mirror) if mirror.ordinal() == device => mirror.follow(gallery),
+            _ => Ok(false),
+        };
+        if !matches!(current, Ok(true)) {
+            // free the old copy (or one a failed upload left half-followed) before the new
+            *copy = None;
+            *copy = Some(Mirror::new(gallery, device)?);
+        }
+        Ok(copy.as_mut().expect("just made"))
+    }
+
+    /// [`Mirror::device_workspace`] of the up-to-date copy on `device`.
+    pub fn device_workspace(
+        &self,
+        gallery: &Gallery,
+        device: usize,
+        q: usize,
+        k: usize,
+        filtered: bool,
+    ) -> Result<(usize, usize)> {
+        let mut copy = self.copy.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(Self::current(&mut copy, gallery, device)?.device_workspace(q, k, filtered))
+    }
+
+    /// [`Mirror::search_device`] on the up-to-date copy on `device`, `filter` as for
+    /// [`GpuSearch::search`].
+    pub fn search_device(
+        &self,
+        gallery: &Gallery,
+        device: usize,
+        call: &DeviceQueries,
+        filter: Option<IdFilter>,
+    ) -> Result<()> {
+        let mut copy = self.copy.lock().unwrap_or_else(|e| e.into_inner());
+        let mirror = Self::current(&mut copy, gallery, device)?;
+        let mask = filter.map(|f| mirror.device_mask(&gallery.row_mask(f)));
+        mirror.search_device(call, mask.as_deref())
     }
 
     /// Device bytes the copy holds (0 before the first search).

@@ -751,7 +751,7 @@ extern "C" __global__ void topk_tile(const float* scores, int queries, int strid
         float s = row[j];
         long long i = base + j;
         if (mine == k && !better(s, i, mine_s[k - 1], mine_i[k - 1])) continue;
-        if (!row_allowed(allowed, i)) continue;
+        if (s != s || !row_allowed(allowed, i)) continue;  // NaN: a query that is not usable
         int at = mine < k ? mine : k - 1;
         for (; at > 0 && better(s, i, mine_s[at - 1], mine_i[at - 1]); --at) {
             mine_s[at] = mine_s[at - 1];
@@ -1038,7 +1038,7 @@ struct TileColumns {
     long long base;
     const unsigned* allowed;
     __device__ bool get(long long j, float& s, int& i) const {
-        if (!row_allowed(allowed, base + j)) return false;
+        if (row[j] != row[j] || !row_allowed(allowed, base + j)) return false;  // NaN
         s = row[j];
         i = (int)(base + j);
         return true;
@@ -1086,6 +1086,35 @@ extern "C" __global__ void topk_merge_large(const float* best_s, const long long
     RunLists source{best_s + q * splits * k, best_i + q * splits * k};
     large_select(st, k, (long long)splits * k, source);
     large_store(st, out_s + q * k, out_i + q * k, k);
+}
+
+// Queries given on the device: each row scaled to unit length (its norm summed in double,
+// which no float32 row overflows). A zero or non-finite row becomes NaN, which scores NaN
+// against every row and so finds nothing (the selection skips NaN): telling the caller
+// would need the host to wait for the device.
+extern "C" __global__ void unit_queries(const float* x, int q, int d, float* out) {
+    int lane = threadIdx.x % 32;
+    long long r = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    if (r >= q) return;
+    const float* row = x + r * d;
+    double sum = 0.0;
+    for (int j = lane; j < d; j += 32) sum += (double)row[j] * (double)row[j];
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    double norm = sqrt(sum);
+    bool usable = norm > 0.0 && isfinite(norm);
+    for (int j = lane; j < d; j += 32)
+        out[r * d + j] = usable ? (float)((double)row[j] / norm) : (float)NAN_D;
+}
+
+// Results for the caller: device rows to ids (a copy's rows are not the gallery's), finite
+// scores clamped to [-1, 1] as on the CPU; -1 / -inf padding stays.
+extern "C" __global__ void finish_results(float* scores, long long* rows,
+                                          const long long* ids, long long n) {
+    long long at = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (at >= n) return;
+    if (rows[at] >= 0) rows[at] = ids[rows[at]];
+    float s = scores[at];
+    if (isfinite(s)) scores[at] = s < -1.0f ? -1.0f : (s > 1.0f ? 1.0f : s);
 }
 
 // float32 queries to two float16 halves for a float16 gallery's GEMMs (cuBLAS has no

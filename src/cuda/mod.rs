@@ -88,6 +88,8 @@ pub const ENTRY_POINTS: &[&str] = &[
     "topk_merge",
     "topk_tile_large",
     "topk_merge_large",
+    "unit_queries",
+    "finish_results",
     "score_rows_f32",
     "score_rows_f16",
     "score_rows_bf16",

@@ -200,6 +200,79 @@ impl PyGallery {
         }
     }
 
+    /// (workspace bytes, k per query) of a search of `q` queries in device memory for `k`
+    /// (`filtered`: with an allow/deny filter): what `search_cuda_device` needs. The GPU
+    /// copy is brought up to date first.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn search_cuda_workspace(
+        &self,
+        py: Python<'_>,
+        q: usize,
+        k: usize,
+        device: usize,
+        filtered: bool,
+    ) -> PyResult<(usize, usize)> {
+        #[cfg(feature = "cuda")]
+        {
+            self.reading(py, |g| self.gpu.device_workspace(g, device, q, k, filtered))?
+                .map_err(to_py_err)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Err(super::cuda::no_cuda_feature())
+        }
+    }
+
+    /// Queues the search of (q, dim) contiguous float32 `queries` in device memory on
+    /// `stream`, into (q, k') float32 `out_scores` and int64 `out_ids` (k' and the workspace
+    /// size from `search_cuda_workspace`); device addresses, from arcface_rs's own torch
+    /// glue. Nothing is copied to the host.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    #[pyo3(signature = (queries, q, k, device, stream, workspace, workspace_bytes, out_scores, out_ids, allow=None, deny=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn search_cuda_device(
+        &self,
+        py: Python<'_>,
+        queries: u64,
+        q: usize,
+        k: usize,
+        device: usize,
+        stream: u64,
+        workspace: u64,
+        workspace_bytes: usize,
+        out_scores: u64,
+        out_ids: u64,
+        allow: Option<PyReadonlyArray1<'_, i64>>,
+        deny: Option<PyReadonlyArray1<'_, i64>>,
+    ) -> PyResult<()> {
+        #[cfg(feature = "cuda")]
+        {
+            if [queries, workspace, out_scores, out_ids].contains(&0) {
+                return Err(pyo3::exceptions::PyValueError::new_err(
+                    "queries, workspace, out_scores, out_ids: device addresses must not be 0",
+                ));
+            }
+            let (allow, deny) = (allow.as_ref().map(id_list), deny.as_ref().map(id_list));
+            let filter = id_filter(allow.as_deref(), deny.as_deref())?;
+            let call = crate::cuda::gallery::DeviceQueries {
+                stream,
+                queries,
+                q,
+                k,
+                workspace,
+                workspace_bytes,
+                out_s: out_scores,
+                out_i: out_ids,
+            };
+            self.reading(py, |g| self.gpu.search_device(g, device, &call, filter))?
+                .map_err(to_py_err)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Err(super::cuda::no_cuda_feature())
+        }
+    }
+
     /// (ids int64 (Q,), scores float32 (Q,)): the best id, -1 below the threshold
     /// (`allow` / `deny` as for `search`).
     #[pyo3(signature = (queries, threshold, allow=None, deny=None))]

@@ -108,6 +108,48 @@ def cpu_stream(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 
 
+class _DeviceTensorSearch:
+    """A CUDA gallery searched with "device" tensors (host memory on the fake driver) through
+    the torch glue, answering as ``Gallery.search`` does (NumPy in, NumPy out)."""
+
+    def __init__(self, gallery):
+        self.gallery = gallery
+
+    def search(self, queries, k, **filt):
+        from arcface_rs._gallery_torch import search_on_device
+
+        filt = {name: np.asarray(v, dtype=np.int64) for name, v in filt.items()}
+        rows = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+        scores, ids = search_on_device(self.gallery._core, 0, torch, rows, k, filt)
+        return scores.numpy(), ids.numpy()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_device_tensor_queries_search_in_place_through_the_real_launch(cpu_stream, dtype):
+    rng = np.random.default_rng(2)
+    emb = rng.standard_normal((300, 16)).astype(np.float32)
+    queries = np.vstack([emb[:2], rng.standard_normal((3, 16))]).astype(np.float32)
+    cpu, gpu = afr.Gallery(16, dtype), afr.Gallery(16, dtype, device="cuda")
+    for g in (cpu, gpu):
+        g.add(emb[:200], ids=np.arange(100, 300))
+    tensors = _DeviceTensorSearch(gpu)
+    for k in (1, 10, 100, 250):  # 250: more than the rows, padded
+        _assert_same_results(tensors, cpu, queries, k)
+    for g in (cpu, gpu):  # the copy follows: appended rows, removed ones masked
+        g.add(emb[200:])
+        g.remove([100, 150, 301])
+    for k in (5, 80):
+        _assert_same_results(tensors, cpu, queries, k)
+        _assert_same_results(tensors, cpu, queries, k, allow=np.arange(100, 400, 7))
+    # a zero or non-finite query finds nothing (no error: that would wait for the GPU)
+    bad = queries.copy()
+    bad[1] = 0.0
+    bad[3, 2] = np.nan
+    scores, ids = tensors.search(bad, 4)
+    assert (ids[[1, 3]] == -1).all() and np.isneginf(scores[[1, 3]]).all()
+    np.testing.assert_array_equal(ids[[0, 2, 4]], cpu.search(bad[[0, 2, 4]], k=4)[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("margin", all_margins()[::2], ids=repr)
