@@ -5,10 +5,13 @@ autocast, on bf16 tensors, in fp32 with and without TF32, against the three GEMM
 cuBLAS (bf16, TF32, fp32: the floors), an InsightFace-style PyTorch head eager and under
 torch.compile (bf16 autocast), and cut-cross-entropy / Liger-Kernel when installed; all in
 this process, timed with CUDA events, with the extra device memory each takes.
-Search: Gallery(device="cuda") at N=1M, D=512 against torch's
-matmul + topk on the same GPU and the CPU Gallery. Prints ratios measured in one run.
+Search: Gallery(device="cuda") in every storage dtype at N=1M, D=512, Q=1..1024, with NumPy
+and with CUDA tensor queries, against torch's matmul + topk on the same GPU, rows and dtype
+and the CPU Gallery; its device memory; the host copies a tensor search makes (profiler);
+float16 at N=10M against the card's copy bandwidth. Prints ratios measured in one run.
 
-    python benches/bench_cuda.py [--classes 1000000] [--rows 1000000] [--part head|search]
+    python benches/bench_cuda.py [--classes 1000000] [--rows 1000000] [--big-rows 10000000]
+                                 [--part head|search]
 """
 
 from __future__ import annotations
@@ -202,30 +205,66 @@ def check_head(b: int, d: int, c: int) -> None:
         print(f"bf16 autocast vs float64, {name}: loss, grad_emb, grad_weight rel {errors}")
 
 
-def bench_search(n: int, d: int) -> None:
+def bench_search(n: int, d: int, big_rows: int) -> None:
+    """Every storage dtype at N=n (NumPy queries, then CUDA tensor queries), then float16
+    at N=big_rows; then whether a tensor search copies anything to or from the host."""
     rng = np.random.default_rng(1)
     emb = rng.standard_normal((n, d), dtype=np.float32)
-    print(f"\nGallery search, N={n} D={d} k=10 (median wall ms, queries from and results to host)")
+    print(f"\nGallery search, N={n} D={d} k=10: median wall ms, NumPy queries in and results")
+    print("back on the host; the peer is torch matmul + topk on the same rows in the same dtype")
+    print("(int8: its decoded rows in float16, torch has no float x int8 product)")
     print(
-        f"{'dtype':8s} {'Q':>5s} {'gpu':>8s} {'torch mm+topk':>14s} {'cpu':>9s} {'ids = cpu':>10s}"
+        f"{'dtype':8s} {'Q':>5s} {'gpu':>8s} {'torch mm+topk':>14s} {'peer / gpu':>10s} "
+        f"{'cpu':>9s} {'ids = cpu':>10s} {'GB/s':>7s}"
     )
-    for dtype in ("float16", "float32"):
+    tensor_rows, memory = [], []
+    for dtype in ("float16", "float32", "bfloat16", "int8"):
         gpu, cpu = afr.Gallery(d, dtype, device="cuda"), afr.Gallery(d, dtype)
         gpu.add(emb)
         cpu.add(emb)
-        gt = torch.from_numpy(gpu.vectors()).cuda()
-        gt = gt.half() if dtype == "float16" else gt
+        torch.cuda.synchronize()
+        free_before = torch.cuda.mem_get_info()[0]
+        for q in (1, 1024):  # the GPU copy, then the scratch of the largest batch
+            gpu.search(rng.standard_normal((q, d), dtype=np.float32), k=10)
+        used = (free_before - torch.cuda.mem_get_info()[0]) / 2**20
+        peer = peer_rows(gpu.vectors(), dtype)
         for q in (1, 32, 256, 1024):
             queries = rng.standard_normal((q, d), dtype=np.float32)
-            print(search_row(dtype, gpu, cpu, gt, queries))
+            print(search_row(dtype, gpu, cpu, peer, queries))
+        rows_mib = gpu.nbytes / 2**20
+        memory.append(
+            f"{dtype:8s} {rows_mib:9.0f} {used:12.0f} {used - rows_mib:12.0f} {rows_mib / 32:9.0f}"
+        )
+        for q in (1, 32, 1024):
+            qt = torch.randn(q, d, device="cuda")
+            tensor_rows.append(tensor_row(dtype, gpu, peer, qt))
+        del gpu, cpu, peer
+        torch.cuda.empty_cache()
+    print("\nDevice memory of the GPU search after Q=1 and Q=1024 (MiB; the copy has room for")
+    print("1/32 more rows, at least 1024; the rest is scratch kept between searches)")
+    print(f"{'dtype':8s} {'rows':>9s} {'used':>12s} {'beyond rows':>12s} {'room':>9s}")
+    print("\n".join(memory))
+    print("\nCUDA tensor queries, results as CUDA tensors (wall ms, synchronised after each)")
+    print(f"{'dtype':8s} {'Q':>5s} {'gpu':>8s} {'torch mm+topk':>14s} {'peer / gpu':>10s}")
+    print("\n".join(tensor_rows))
+    host_copies(d, emb[: min(n, 100_000)])
+    if big_rows:
+        bench_big(big_rows, d, rng)
 
 
-def torch_topk(gallery: torch.Tensor, queries: np.ndarray, k: int):
-    """The peer on the same GPU: normalise, one matmul, torch.topk, results to the host."""
-    qt = torch.from_numpy(queries).cuda()
+def peer_rows(vectors: np.ndarray, dtype: str) -> torch.Tensor:
+    """The gallery's rows (decoded, unit) on the GPU in the dtype torch's peer multiplies."""
+    rows = torch.from_numpy(vectors).cuda()
+    return rows.to({"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.half))
+
+
+def torch_topk(gallery: torch.Tensor, queries, k: int, to_host: bool = True):
+    """The peer on the same GPU: normalise, one matmul, torch.topk (results to the host for
+    NumPy queries)."""
+    qt = torch.as_tensor(queries).cuda()
     qt = torch.nn.functional.normalize(qt, dim=1).to(gallery.dtype)
     s, i = torch.topk((qt @ gallery.T).float(), k, dim=1)
-    return s.cpu(), i.cpu()
+    return (s.cpu(), i.cpu()) if to_host else (s, i)
 
 
 def search_row(dtype: str, gpu, cpu, gallery: torch.Tensor, queries: np.ndarray) -> str:
@@ -234,13 +273,90 @@ def search_row(dtype: str, gpu, cpu, gallery: torch.Tensor, queries: np.ndarray)
     p_ms = wall_ms(functools.partial(torch_topk, gallery, queries, 10))
     c_ms = wall_ms(functools.partial(cpu.search, queries, k=10), repeat=2 if q >= 256 else 5)
     same = np.mean(gpu.search(queries, k=10)[1] == cpu.search(queries, k=10)[1])
-    return f"{dtype:8s} {q:5d} {g_ms:8.2f} {p_ms:14.2f} {c_ms:9.1f} {same:10.4f}"
+    gbs = f"{gpu.nbytes / g_ms / 1e6:7.0f}" if q == 1 else ""
+    return (
+        f"{dtype:8s} {q:5d} {g_ms:8.2f} {p_ms:14.2f} {p_ms / g_ms:10.2f} {c_ms:9.1f} "
+        f"{same:10.4f} {gbs}"
+    )
+
+
+def synced(fn):
+    def run():
+        fn()
+        torch.cuda.synchronize()
+
+    return run
+
+
+def tensor_row(dtype: str, gpu, gallery: torch.Tensor, queries: torch.Tensor) -> str:
+    g_ms = wall_ms(synced(functools.partial(gpu.search, queries, k=10)))
+    p_ms = wall_ms(synced(functools.partial(torch_topk, gallery, queries, 10, False)))
+    return f"{dtype:8s} {len(queries):5d} {g_ms:8.3f} {p_ms:14.3f} {p_ms / g_ms:10.2f}"
+
+
+def host_copies(d: int, emb: np.ndarray) -> None:
+    """Counts the host <-> device copies torch.profiler records during tensor searches
+    (after a first search has made the GPU copy)."""
+    gpu = afr.Gallery(d, "float16", device="cuda")
+    gpu.add(emb)
+    qt = torch.randn(4, d, device="cuda")
+    gpu.search(qt, k=10)
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(5):
+            gpu.search(qt, k=10)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    copies = [
+        x for x in names if "HtoD" in x or "DtoH" in x or "_to_copy" in x or "memcpy" in x.lower()
+    ]
+    kernels = sorted({x for x in names if x in KERNEL_NAMES})
+    print(f"\n5 tensor searches in torch.profiler: {len(copies)} host copies {sorted(set(copies))}")
+    print(f"kernels seen: {kernels}")
+
+
+KERNEL_NAMES = {
+    "unit_queries", "score_rows_f16", "topk_tile", "topk_merge", "finish_results",
+}  # fmt: skip
+
+
+def bench_big(n: int, d: int, rng: np.random.Generator) -> None:
+    """float16 at n rows (10M: 10 GB), Q=1, against reading the rows at the card's copy
+    bandwidth (a device-to-device copy of 1 GiB reads and writes it)."""
+    gpu = afr.Gallery(d, "float16", device="cuda")
+    chunks = []
+    for start in range(0, n, 1_000_000):
+        part = rng.standard_normal((min(1_000_000, n - start), d), dtype=np.float32)
+        gpu.add(part)
+        chunks.append(torch.nn.functional.normalize(torch.from_numpy(part).cuda()).half())
+    peer = torch.cat(chunks)
+    del chunks
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = gpu_ms(functools.partial(dst.copy_, src))
+    bandwidth = 2 * 2**30 / copy_ms / 1e6  # GB/s, read + write
+    del src, dst
+    query = rng.standard_normal((1, d), dtype=np.float32)
+    g_ms = wall_ms(functools.partial(gpu.search, query, k=10))
+    p_ms = wall_ms(functools.partial(torch_topk, peer, query, 10))
+    t_ms = wall_ms(synced(functools.partial(gpu.search, torch.from_numpy(query).cuda(), k=10)))
+    floor = gpu.nbytes / bandwidth / 1e6
+    print(
+        f"\nfloat16 N={n} Q=1: gpu {g_ms:.2f} ms NumPy query, {t_ms:.2f} ms CUDA tensor "
+        f"({gpu.nbytes / t_ms / 1e6:.0f} GB/s); torch mm+topk {p_ms:.2f} ms; reading "
+        f"{gpu.nbytes / 1e9:.1f} GB at the copy bandwidth ({bandwidth:.0f} GB/s) {floor:.2f} ms: "
+        f"tensor search / that {t_ms / floor:.2f}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, default=1_000_000)
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument(
+        "--big-rows", type=int, default=10_000_000, help="float16 rows of the large run (0: skip)"
+    )
     parser.add_argument("--part", choices=("head", "search", "all"), default="all")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     args = parser.parse_args()
@@ -252,7 +368,7 @@ def main() -> None:
         for c in sorted({100_000, args.classes}):
             bench_head(512, 512, c, compile_peer=not args.no_compile)
     if args.part in ("search", "all"):
-        bench_search(args.rows, 512)
+        bench_search(args.rows, 512, args.big_rows)
 
 
 if __name__ == "__main__":

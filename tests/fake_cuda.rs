@@ -261,7 +261,7 @@ fn gpu_search_follows_changes_maps_ids_and_falls_back_above_1024() {
     let probe = emb.slice(ndarray::s![250..252, ..]);
     let first = gpu.search(&gallery, probe, 5, 0, None).unwrap();
     assert_eq!(first.indices, gallery.search(probe, 5).unwrap().indices);
-    // rows with room for 1024 more (a quarter of the rows, at least 1024)
+    // rows with room for 1024 more (1/32 of the rows, at least 1024)
     assert_eq!(gpu.nbytes(), (200 + 1024) * 16 * 2);
     gallery
         .add(emb.slice(ndarray::s![200.., ..]), None)

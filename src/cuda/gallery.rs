@@ -47,9 +47,28 @@ pub struct Mirror {
     scratch: Option<DeviceBuffer>,
 }
 
-/// Rows of room a new copy leaves for adds: a quarter of the gallery, at least 1024.
-fn room_for(rows: usize) -> usize {
-    rows + (rows / 4).max(1024)
+/// Rows of room a new copy leaves for adds: 1/32 of the gallery, at least 1024. Room is
+/// device memory held for rows that may never come, and the search's scratch must fit
+/// beside it in 256 MiB at Q=1024 (1M float16 rows: 32 MiB of room); running out costs
+/// one upload of the rows per 1/32 of growth, a small part of the uploads it saves.
+pub(crate) fn room_for(rows: usize) -> usize {
+    rows + (rows / 32).max(1024)
+}
+
+/// The scratch of a search of host queries, one allocation carved up (each allocation is a
+/// synchronous driver call): offsets of the unit queries, the (Q, k) scores and rows, the
+/// search's workspace and the filter's `mask_words`; and its size in bytes.
+pub(crate) fn host_queries_layout(shape: SearchShape, mask_words: usize) -> ([u64; 5], usize) {
+    let found = shape.q * shape.k;
+    let mut layout = Carver::new(0);
+    let offsets = [
+        layout.take(shape.q * shape.d, 4),
+        layout.take(found, 4),
+        layout.take(found, 8),
+        layout.take(search::workspace_bytes(shape, SearchTiling::default()), 1),
+        layout.take(mask_words, 4),
+    ];
+    (offsets, layout.bytes())
 }
 
 impl Mirror {
@@ -357,22 +376,10 @@ impl Mirror {
         };
         let tiling = SearchTiling::default();
         let found = q * shape.k;
-        // One allocation per search (each is a synchronous driver call), carved up.
-        let mut layout = Carver::new(0);
-        let offsets = [
-            layout.take(q * self.d, 4),
-            layout.take(found, 4),
-            layout.take(found, 8),
-            layout.take(search::workspace_bytes(shape, tiling), 1),
-            layout.take(allowed.map_or(0, <[u32]>::len), 4),
-        ];
-        if self
-            .scratch
-            .as_ref()
-            .is_none_or(|b| b.bytes() < layout.bytes())
-        {
+        let (offsets, bytes) = host_queries_layout(shape, allowed.map_or(0, <[u32]>::len));
+        if self.scratch.as_ref().is_none_or(|b| b.bytes() < bytes) {
             self.scratch = None; // free the small one first
-            self.scratch = Some(DeviceBuffer::new(self.ordinal, layout.bytes())?);
+            self.scratch = Some(DeviceBuffer::new(self.ordinal, bytes)?);
         }
         let scratch = self.scratch.as_ref().expect("just made");
         let [queries_at, out_s_at, out_i_at, workspace_at, mask_at] =

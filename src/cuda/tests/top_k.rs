@@ -429,3 +429,23 @@ fn a_row_mask_filters_the_selection_for_every_k_and_path() {
         assert!(ids.iter().all(|&i| i == -1) && scores.iter().all(|&s| s == f32::NEG_INFINITY));
     }
 }
+
+/// The device memory a GPU gallery holds beyond its stored rows — the room left for added
+/// rows, a search's scratch, the id table of device-query searches and the mask of removed
+/// rows — stays within 256 MiB for 1024 queries over 1M rows of
+/// 512, in every storage type and for k up to [`search::MAX_K`], with a filter.
+#[test]
+fn memory_beyond_the_rows_fits_256_mib_at_1024_queries() {
+    let (n, d, q) = (1_000_000, 512, 1024);
+    for stored in ALL_STORED {
+        for k in [10, search::SMALL_K + 1, search::MAX_K] {
+            let shape = SearchShape { n, d, q, k, stored };
+            let (_, scratch) = crate::cuda::gallery::host_queries_layout(shape, n.div_ceil(32));
+            let row_bytes = d * stored.size() + if stored == Stored::I8 { 4 } else { 0 };
+            let room = (crate::cuda::gallery::room_for(n) - n) * row_bytes;
+            let ids_and_mask = crate::cuda::gallery::room_for(n) * (8 + 1);
+            let beyond = (room + scratch + ids_and_mask) as f64 / (1 << 20) as f64;
+            assert!(beyond <= 256.0, "{stored:?} k={k}: {beyond:.1} MiB");
+        }
+    }
+}
