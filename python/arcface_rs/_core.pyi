@@ -19,6 +19,7 @@ __all__ = [
     "Margin",
     "__version__",
     "_cuda_margin_loss",
+    "_cuda_scale_unless_one",
     "_panic_for_tests",
     "all_pairs_tar_at_far",
     "apply_margin",
@@ -221,6 +222,9 @@ def _cuda_margin_loss(
     weight_dtype: str | None = None,
     tf32: bool = False,
     sub_centers: int = 1,
+) -> None: ...
+def _cuda_scale_unless_one(
+    device: int, stream: int, dtype: str, grad: int, n: int, scale: int
 ) -> None: ...
 
 cuda_feature: bool

@@ -145,7 +145,7 @@ static const Entry entries[] = {
     ENTRY(decode_rows_bf16),  ENTRY(decode_rows_i8),
     ENTRY(topk_tile_large),   ENTRY(topk_merge_large), ENTRY(unit_queries),
     ENTRY(finish_results),
-    ENTRY(margin_grid),
+    ENTRY(margin_grid),       ENTRY4(scale_unless_one),
 };
 
 static const Entry* find(const char* name) {

@@ -741,3 +741,32 @@ fn fused(
     }
     Ok(())
 }
+
+/// Blocks of `scale_unless_one` at most (each thread then strides over the rest): enough
+/// to keep a GPU's memory busy, few enough that the common call (upstream exactly 1, every
+/// block returns at once) costs about one launch.
+const SCALE_BLOCKS: usize = 2048;
+/// Threads per block of `scale_unless_one`.
+const SCALE_THREADS: usize = 256;
+
+/// Multiplies `n` elements of a gradient at `grad` (type `elem`) in place by the float64
+/// scalar at device address `scale` (the upstream gradient of the loss), unless it is
+/// exactly 1. The head computes its gradients in the forward pass, before autograd knows
+/// the upstream gradient; this applies it in the backward without the host reading it.
+pub fn scale_unless_one(
+    device: &dyn Device,
+    elem: Elem,
+    grad: u64,
+    n: usize,
+    scale: u64,
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    device.launch(
+        &format!("scale_unless_one_{}", elem.suffix()),
+        n.div_ceil(SCALE_THREADS).min(SCALE_BLOCKS),
+        SCALE_THREADS,
+        &[Arg::Ptr(grad), Arg::I64(n as i64), Arg::Ptr(scale)],
+    )
+}

@@ -456,6 +456,32 @@ extern "C" __global__ void fill_f64(double* out, double v, int n) {
     if (i < n) out[i] = v;
 }
 
+// A gradient times the upstream gradient `*scale` (a float64 scalar on the device), in
+// place. Every block returns at once when the scalar is exactly 1 (what loss.backward()
+// passes), so the common step pays one launch rather than a pass over the (C, D) weight
+// gradient, and the host never reads the scalar (that would wait for the GPU). The product
+// is taken in the accumulator type with the scalar rounded to it first, as torch's
+// `g * upstream.to(g.dtype)` would for float32.
+template <typename T>
+__device__ void scale_unless_one(T* g, long long n, const double* scale) {
+    typedef typename Acc<T>::type A;
+    const double s = *scale;
+    if (s == 1.0) return;
+    const A a = (A)s;
+    const long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step)
+        put(g + i, (A)(widen(g[i]) * a));
+}
+
+#define ENTRY_SCALE(T, N)                                                                      \
+    extern "C" __global__ void scale_unless_one_##N(T* g, long long n, const double* scale) { \
+        scale_unless_one(g, n, scale);                                                         \
+    }
+ENTRY_SCALE(float, f32)
+ENTRY_SCALE(double, f64)
+ENTRY_SCALE(bf16, bf16)
+ENTRY_SCALE(f16, f16)
+
 // One thread per row: the tiles' statistics merged into the row's part over this set of
 // classes, parts[4r..4r+4] = [max, Σe, Σe·z, target logit] (head/shard.rs RowPart); a sharded
 // head merges the shards' parts between this kernel and finish_stats.

@@ -254,3 +254,41 @@ pub(super) fn cuda_margin_loss(
         Err(no_cuda_feature())
     }
 }
+
+/// Multiplies `n` elements of a gradient at device address `grad` (`dtype`) in place by the
+/// float64 scalar at device address `scale` unless it is exactly 1
+/// (`cuda::head::scale_unless_one`), queued on `stream`; the host never reads the scalar.
+#[pyfunction]
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+#[pyo3(name = "_cuda_scale_unless_one")]
+pub(super) fn cuda_scale_unless_one(
+    py: Python<'_>,
+    device: usize,
+    stream: u64,
+    dtype: &str,
+    grad: u64,
+    n: usize,
+    scale: u64,
+) -> PyResult<()> {
+    #[cfg(feature = "cuda")]
+    {
+        let elem = cuda_elem("dtype", dtype)?;
+        for (name, address, align) in [("grad", grad, elem.size() as u64), ("scale", scale, 8)] {
+            if address == 0 || address % align != 0 {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "{name}: device address {address:#x} is null or not aligned to {align} bytes"
+                )));
+            }
+        }
+        run(py, || {
+            crate::cuda::driver::with_stream(device, stream, |s| {
+                crate::cuda::head::scale_unless_one(s, elem, grad, n, scale)
+            })
+        })?
+        .map_err(to_py_err)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(no_cuda_feature())
+    }
+}

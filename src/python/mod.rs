@@ -73,6 +73,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda::cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(cuda::cuda_head_workspace_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(cuda::cuda_margin_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda::cuda_scale_unless_one, m)?)?;
     m.add("cuda_feature", cfg!(feature = "cuda"))?;
     m.add_function(wrap_pyfunction!(metrics::verification, m)?)?;
     m.add_function(wrap_pyfunction!(evaluation::pair_dots, m)?)?;

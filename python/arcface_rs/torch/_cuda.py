@@ -31,11 +31,8 @@ def launch_cuda(
     order of ``_core._cuda_margin_loss``; None skips a gradient). ``blocks``: the margin's
     parameter block, or one per row when ``per_row``; ``shard``: one shard's hooks
     (``_core._cuda_margin_loss``'s combine, first_shard, stash_classes, parts, target_cos)."""
-    device = blocks.device
-    index = torch.cuda.current_device() if device.index is None else device.index
     _core._cuda_margin_loss(
-        index,
-        torch.cuda.current_stream(device).cuda_stream,
+        *_stream(blocks.device),
         *shape,
         dtype,
         spec,
@@ -51,6 +48,26 @@ def launch_cuda(
 
 
 _HALF = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _stream(device: torch.device) -> tuple[int, int]:
+    """The device's index and torch's current stream on it."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return index, torch.cuda.current_stream(device).cuda_stream
+
+
+def scale_unless_one(g: Tensor, upstream: Tensor) -> Tensor:
+    """``g`` times the scalar ``upstream``, in place on torch's current stream, by a kernel
+    whose blocks return at once when ``upstream`` is exactly 1: nothing is read on the host.
+    Returns ``g`` (a product for layouts the kernel does not take)."""
+    dtype = CUDA_DTYPES.get(g.dtype) or _HALF.get(g.dtype)
+    if dtype is None or not g.is_contiguous() or upstream.numel() != 1:
+        return g * upstream.to(g.dtype)
+    scale = upstream.detach().reshape(()).to(torch.float64)
+    _core._cuda_scale_unless_one(
+        *_stream(g.device), dtype, g.data_ptr(), g.numel(), scale.data_ptr()
+    )
+    return g
 
 
 def _gemm_dtype(emb: Tensor, weight: Tensor) -> torch.dtype:

@@ -242,6 +242,19 @@ def is_exactly_one(t: Tensor) -> bool:
         return False
 
 
+def scale_gradient(g: Tensor, g_loss: Tensor) -> Tensor:
+    """A fused op's own gradient ``g`` times the upstream gradient ``g_loss`` (a scalar).
+    On the GPU, run eagerly, a kernel scales ``g`` in place and returns at once when the
+    upstream is exactly 1 (loss.backward()'s ones, which the host cannot see without waiting
+    for the GPU), so the common step pays no pass over the (C, D) weight gradient. Elsewhere
+    (CPU tensors, or traced by torch.compile, which fuses the product) a plain product."""
+    if g.is_cuda and g_loss.is_cuda and g.numel() and not torch.compiler.is_compiling():
+        from ._cuda import scale_unless_one  # the CUDA glue imports this module
+
+        return scale_unless_one(g, g_loss)
+    return g * g_loss.to(g.dtype)
+
+
 def _loss_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     emb, weight, labels, margin, row_margins, sub_centers, interclass_filter = inputs[:7]
     grad_filter, reduction, need_emb, need_weight = inputs[7:]
@@ -284,8 +297,8 @@ def _loss_backward(ctx: Any, g_loss: Tensor | None, _g1: Any, _g2: Any):
         ctx.fused = None
         # the common loss.backward() passes exactly 1: skip a pass over the (C, D) gradient
         if not is_exactly_one(g_loss):
-            g_emb = g_emb * g_loss.to(g_emb.dtype)
-            g_w = g_w * g_loss.to(g_w.dtype)
+            g_emb = scale_gradient(g_emb, g_loss)
+            g_w = scale_gradient(g_w, g_loss)
     else:
         emb, weight, labels = ctx.saved_tensors
         g_emb, g_w = loss_backward_op(

@@ -292,3 +292,73 @@ fn tf32_head_is_within_tf32_rounding_of_the_float64_head() {
         "{errors:?}"
     );
 }
+
+/// `scale_unless_one` leaves a gradient bit for bit as it was when the upstream gradient is
+/// exactly 1, and otherwise multiplies every element (in the accumulator type, the scalar
+/// rounded to it) in each gradient type, over more elements than its blocks' threads so
+/// that the grid stride is taken.
+#[test]
+fn upstream_gradient_scales_in_place_unless_it_is_one() {
+    let n = 2 * 2048 * 256 + 37;
+    let values: Vec<f64> = (0..n)
+        .map(|i| ((i * 37 % 1001) as f64 - 500.0) / 97.0)
+        .collect();
+    for upstream in [1.0, 0.5 + f64::EPSILON, -3.25, 65536.0] {
+        let scale = [upstream];
+        let run = |elem: Elem, bytes: &mut [u8]| {
+            head::scale_unless_one(
+                Emulator::get(),
+                elem,
+                bytes.as_mut_ptr() as u64,
+                n,
+                scale.as_ptr() as u64,
+            )
+            .unwrap();
+        };
+        let mut f64s = values.clone();
+        run(Elem::F64, bytemuck_slice(&mut f64s));
+        let mut f32s: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+        let f32_before = f32s.clone();
+        run(Elem::F32, bytemuck_slice(&mut f32s));
+        for (i, &v) in values.iter().enumerate() {
+            assert_eq!(f64s[i], v * upstream);
+            assert_eq!(f32s[i], f32_before[i] * upstream as f32);
+        }
+        for elem in [Elem::Bf16, Elem::F16] {
+            let mut bits = half_bits(
+                &Array2::from_shape_vec((1, n), values.clone()).unwrap(),
+                elem,
+            );
+            let before = bits.clone();
+            run(elem, bytemuck_slice(&mut bits));
+            let widen = |b: u16| match elem {
+                Elem::Bf16 => half::bf16::from_bits(b).to_f32(),
+                _ => half::f16::from_bits(b).to_f32(),
+            };
+            let narrow = |v: f32| match elem {
+                Elem::Bf16 => half::bf16::from_f32(v).to_bits(),
+                _ => half::f16::from_f32(v).to_bits(),
+            };
+            for i in 0..n {
+                let want = if upstream == 1.0 {
+                    before[i]
+                } else {
+                    narrow(widen(before[i]) * upstream as f32)
+                };
+                assert_eq!(bits[i], want, "{elem:?} element {i}, upstream {upstream}");
+            }
+        }
+    }
+}
+
+/// The bytes of a slice of plain numbers, for a kernel to write through.
+fn bytemuck_slice<T: Copy>(values: &mut [T]) -> &mut [u8] {
+    // SAFETY: f64 / f32 / u16 have no padding and any byte pattern the kernel writes is one
+    // of their values.
+    unsafe {
+        std::slice::from_raw_parts_mut(
+            values.as_mut_ptr() as *mut u8,
+            std::mem::size_of_val(values),
+        )
+    }
+}

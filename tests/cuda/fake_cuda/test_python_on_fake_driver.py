@@ -175,6 +175,24 @@ def test_torch_head_through_the_real_launch(cpu_stream, margin, reduction, dtype
             torch.testing.assert_close(g, w, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("upstream", [1.0, -2.5, 1024.0])
+def test_the_upstream_gradient_scales_in_place_through_the_real_launch(cpu_stream, dtype, upstream):
+    """The backward's scaling of the fused gradients (the kernel, not a torch product):
+    exactly torch's product, in place, and untouched when the upstream is 1."""
+    g = torch.linspace(-3, 5, 3001, dtype=torch.float64).to(dtype)
+    before = g.clone()
+    up = torch.tensor(upstream, dtype=torch.float32)
+    out = tcuda.scale_unless_one(g, up)
+    assert out.data_ptr() == g.data_ptr()
+    if upstream == 1.0:
+        assert torch.equal(g, before)
+    elif dtype in (torch.float64, torch.float32):
+        assert torch.equal(g, before * up.to(dtype))
+    else:  # in float32, rounded once: torch's 16-bit product rounds the same way
+        assert torch.equal(g, (before.float() * upstream).to(dtype))
+
+
 @pytest.mark.parametrize(
     "margin",
     [afr.ArcFace(), afr.CurricularFace(s=30.0, t=0.4), afr.MVSoftmax(), afr.MVSoftmax(kind="arc")],
