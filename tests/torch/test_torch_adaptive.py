@@ -180,3 +180,39 @@ def test_elasticface_draws_are_in_the_state_dict_and_resume():
     fresh = aft.ElasticFaceHead(8, 5, seed=3)
     fresh.load_state_dict(head.state_dict() | {"weight": head.weight})
     assert not torch.equal(aft.ElasticFaceHead(8, 5, seed=3)(emb, labels), head(emb, labels))
+
+
+@pytest.mark.parametrize(
+    "margin, reads",
+    [
+        (afr.ElasticFace(), False),  # draws: only the row count
+        (afr.AdaFace(), True),  # the norms move its statistics
+        (afr.ArcFace(), False),  # one block for every row
+    ],
+    ids=repr,
+)
+def test_the_batch_values_are_read_on_the_host_only_by_margins_that_use_them(
+    monkeypatch, margin, reads
+):
+    """A GPU batch's norms are copied to the host only when a margin reads their values (a
+    wait for the GPU): counting rows does not."""
+    from arcface_rs.torch import _rows
+
+    read = []
+    real = _rows.ReadLater.__array__
+
+    def counted(self, *args, **kwargs):
+        read.append(len(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(_rows.ReadLater, "__array__", counted)
+    emb, weight, labels = (torch.tensor(a) for a in make_problem(6, 5, 8, seed=2))
+    blocks = _rows.rows_of(margin, emb, weight, labels)
+    assert bool(read) == reads
+    if margin.varies_per_batch:
+        assert blocks is not None and blocks.shape[0] == 6
+    eager = _rows.ReadLater(emb.norm(dim=1))
+    assert len(eager) == 6
+    values = np.asarray(eager, dtype=np.float32)
+    assert values.dtype == np.float32
+    np.testing.assert_array_equal(values, emb.norm(dim=1).numpy().astype(np.float32))

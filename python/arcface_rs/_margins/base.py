@@ -59,7 +59,8 @@ class Margin:
         """The per-row parameter blocks of one call, or None for one margin for all rows.
 
         ``norms()`` and ``target_cos()`` return the batch's (B,) float64 feature norms and
-        target cosines (NaN for ignored rows), computed only when a margin asks for them.
+        target cosines (NaN for ignored rows), computed only when a margin asks for them
+        (array-likes: ``len(norms())`` does not read a GPU batch's values).
         Margins with running state (AdaFace, CurricularFace) compute the state this call
         moves them to when ``step`` (a loss call in training) and use it; per-sample draws
         (ElasticFace) are made here. Nothing changes yet: the new state waits in

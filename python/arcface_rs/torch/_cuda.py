@@ -201,6 +201,16 @@ def _margin_block(block: tuple[float, ...], device: torch.device) -> Tensor:
     return _blocks[key]
 
 
+def _rows_on(rows: Tensor, device: torch.device) -> Tensor:
+    """Per-row margin blocks (made on the host for most margins) on the device. From host
+    memory through a pinned copy queued on the stream: a copy from pageable memory would
+    wait for the GPU's queued work first."""
+    rows = rows.to(torch.float64).contiguous()
+    if rows.device == device or device.type != "cuda":
+        return rows.to(device)
+    return rows.pin_memory().to(device, non_blocking=True)
+
+
 def _run_loss_cuda(
     emb: Tensor,
     weight: Tensor,
@@ -251,11 +261,7 @@ def _run_loss_cuda(
     name = _HALF[gemm] if half else CUDA_DTYPES[gemm]
     weight_name = CUDA_DTYPES.get(w_dtype) or _HALF[w_dtype]
     per_row = row_margins is not None
-    blocks = (
-        row_margins.to(device=device, dtype=torch.float64).contiguous()
-        if per_row
-        else _margin_block(tuple(margin), device)
-    )
+    blocks = _rows_on(row_margins, device) if per_row else _margin_block(tuple(margin), device)
     workspace = torch.empty(
         _core.cuda_head_workspace_bytes(
             b, c, d, name, need_weight, weight_dtype=weight_name, sub_centers=sub_centers

@@ -5,6 +5,7 @@ detached batch on its device (norms, target cosines through overflow-safe unit r
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,8 +43,8 @@ def rows_of(
         return None if blocks is None else torch.from_numpy(np.array(blocks))
     x, w = emb.detach(), weight.detach()
 
-    def norms() -> np.ndarray:
-        return x.to(torch.float64).norm(dim=1).cpu().numpy()
+    def norms() -> ReadLater:
+        return ReadLater(x.to(torch.float64).norm(dim=1))
 
     def target_cos() -> np.ndarray:
         y = labels.to(torch.int64)
@@ -57,6 +58,24 @@ def rows_of(
 
     blocks = margin.batch_rows(norms, target_cos, step)
     return None if blocks is None else torch.from_numpy(blocks)
+
+
+class ReadLater:
+    """A (B,) tensor that is copied to the host only when its values are read
+    (``np.asarray``): margins that only count the rows (ElasticFace's draws, CurricularFace
+    outside training) then make their blocks without waiting for the GPU."""
+
+    __slots__ = ("_tensor",)
+
+    def __init__(self, tensor: Tensor) -> None:
+        self._tensor = tensor
+
+    def __len__(self) -> int:
+        return int(self._tensor.shape[0])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        values = self._tensor.detach().cpu().numpy()
+        return values if dtype is None else values.astype(dtype, copy=False)
 
 
 def unit_rows(t: Tensor) -> Tensor:

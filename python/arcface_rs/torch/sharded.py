@@ -32,7 +32,7 @@ from .._validate import interclass_filter as check_filter
 from .._validate import sub_centers as check_sub_centers
 from ._collectives import GatherRows, ShardedCpuLoss, all_gather_rows, gather_sizes
 from ._plain import note_exact_on_cuda, warn_cuda_once
-from ._rows import unit_rows
+from ._rows import ReadLater, unit_rows
 from ._sharded_device import FusedShardLoss, plain_shard_loss
 
 __all__ = ["ShardedMarginHead", "ddp_sum_hook", "merge_shards", "shard_range", "split_weight"]
@@ -238,7 +238,7 @@ class ShardedMarginHead(nn.Module):
         if not self.margin.varies_per_batch:
             blocks = self.margin.row_blocks
             return None if blocks is None else torch.from_numpy(blocks).to(x.device)
-        blocks = self.margin.batch_rows(lambda: x.norm(dim=1).cpu().numpy(), target_cos)
+        blocks = self.margin.batch_rows(lambda: ReadLater(x.norm(dim=1)), target_cos)
         if blocks is None:
             return None
         t = torch.from_numpy(np.ascontiguousarray(blocks, dtype=np.float64)).to(x.device)
