@@ -201,7 +201,44 @@ def _margin_block(block: tuple[float, ...], device: torch.device) -> Tensor:
     return _blocks[key]
 
 
-def _rows_on(rows: Tensor, device: torch.device) -> Tensor:
+def autocast_operand(emb: Tensor, weight: Tensor) -> Tensor:
+    """Under ``torch.autocast("cuda")`` the fused CUDA head's GEMMs run in the autocast
+    dtype, as ``F.linear``'s would: the (B, D) embeddings are cast here, in the graph, so
+    that their gradient flows back through the cast; the float32 weight stays the master
+    copy (the op rounds it one class tile at a time and returns a float32 gradient)."""
+    if emb.device.type != "cuda" or emb.dtype != torch.float32 or weight.dtype != torch.float32:
+        return emb
+    try:
+        enabled = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda")
+    except TypeError:  # torch < 2.4 spells them for CUDA only
+        enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+    return emb.to(dtype) if enabled and dtype in (torch.bfloat16, torch.float16) else emb
+
+
+def gemm_operands(emb: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """The fused head's inputs as its kernels take them, and how its GEMMs run: float64 and
+    float32 in their own type (float32 as TF32 where torch allows it); 16-bit GEMM operands
+    from float32 rows and a float32 (master) or 16-bit weight. Returns x, w and the launch's
+    ``dtype``, ``weight_dtype`` and ``tf32``."""
+    gemm = _gemm_dtype(emb, weight)
+    half = gemm in _HALF
+    dtype = torch.float32 if half else gemm
+    x = emb.detach().to(dtype).contiguous()
+    w_dtype = weight.dtype if half and weight.dtype == gemm else dtype
+    w = weight.detach().to(w_dtype).contiguous()
+    return (
+        x,
+        w,
+        {
+            "dtype": _HALF[gemm] if half else CUDA_DTYPES[gemm],
+            "weight_dtype": CUDA_DTYPES.get(w_dtype) or _HALF[w_dtype],
+            "tf32": gemm == torch.float32 and _tf32_allowed(),
+        },
+    )
+
+
+def rows_on(rows: Tensor, device: torch.device) -> Tensor:
     """Per-row margin blocks (made on the host for most margins) on the device. From host
     memory through a pinned copy queued on the stream: a copy from pageable memory would
     wait for the GPU's queued work first."""
@@ -228,13 +265,7 @@ def _run_loss_cuda(
     float32 on the half-precision path, the weight's in its dtype; else in the compute
     dtype) on the GPU, without waiting for it."""
     _raise_landed()
-    gemm = _gemm_dtype(emb, weight)
-    half = gemm in _HALF
-    # the half-precision path takes float32 rows and a float32 or 16-bit weight
-    dtype = torch.float32 if half else gemm
-    x = emb.detach().to(dtype).contiguous()
-    w_dtype = weight.dtype if half and weight.dtype == gemm else dtype
-    w = weight.detach().to(w_dtype).contiguous()
+    x, w, operands = gemm_operands(emb, weight)
     y = labels.detach().to(torch.int64).contiguous()
     (b, d), c = x.shape, w.shape[0]
     if b == 0:
@@ -258,10 +289,9 @@ def _run_loss_cuda(
     # dW in the weight's dtype: a float32 master weight's float32, a 16-bit weight's own
     g_w = torch.empty_like(w) if need_weight else None
     bad = torch.zeros(3, dtype=torch.int32, device=device)
-    name = _HALF[gemm] if half else CUDA_DTYPES[gemm]
-    weight_name = CUDA_DTYPES.get(w_dtype) or _HALF[w_dtype]
+    name, weight_name = operands["dtype"], operands["weight_dtype"]
     per_row = row_margins is not None
-    blocks = _rows_on(row_margins, device) if per_row else _margin_block(tuple(margin), device)
+    blocks = rows_on(row_margins, device) if per_row else _margin_block(tuple(margin), device)
     workspace = torch.empty(
         _core.cuda_head_workspace_bytes(
             b, c, d, name, need_weight, weight_dtype=weight_name, sub_centers=sub_centers
@@ -287,7 +317,7 @@ def _run_loss_cuda(
         workspace,
         interclass_filter=interclass_filter,
         weight_dtype=weight_name,
-        tf32=gemm == torch.float32 and _tf32_allowed(),
+        tf32=operands["tf32"],
         sub_centers=sub_centers,
     )
     if device.type != "cuda":  # the fake driver of the tests: host memory, nothing to wait for

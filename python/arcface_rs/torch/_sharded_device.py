@@ -20,8 +20,8 @@ from torch import Tensor
 
 from .. import _core
 from .._margins import Margin
-from ._cuda import CUDA_DTYPES, launch_cuda
-from ._ops import compute_dtype, core_margin, no_double_backward
+from ._cuda import gemm_operands, launch_cuda, rows_on
+from ._ops import core_margin, is_exactly_one, no_double_backward, scale_gradient
 from ._plain import KINDS, norm_penalty, plain_logits
 
 
@@ -65,20 +65,25 @@ def _raise_if_any_failed(error: BaseException | None, bad: Tensor, group: Any, w
 def kernel_grads(ctx: Any, grad: Tensor, inputs_after: int) -> tuple[Tensor | None, ...]:
     """A fused shard's backward: the gradients its kernel computed in the forward (kept in
     ``ctx.grads``) times the upstream gradient, then None for the ``inputs_after`` other
-    inputs. They are ours alone, so they are scaled in place, and not at all for the usual
-    upstream gradient of 1 (no second shard-sized tensor)."""
+    inputs. They are ours alone, so they are scaled in place (no second shard-sized tensor),
+    and not at all for the usual upstream gradient of 1 (on the GPU a kernel tells, without
+    the host reading the value)."""
     no_double_backward()
     g_emb, g_w = ctx.grads
     del ctx.grads
-    if not bool(grad == 1):
-        g_emb.mul_(grad)
-        g_w.mul_(grad)
+    if not is_exactly_one(grad):
+        if g_w.is_cuda:
+            g_emb, g_w = scale_gradient(g_emb, grad), scale_gradient(g_w, grad)
+        else:
+            g_emb.mul_(grad)
+            g_w.mul_(grad)
     return (g_emb, g_w) + (None,) * inputs_after
 
 
 class FusedShardLoss(torch.autograd.Function):
     """The fused CUDA head over this rank's shard; the loss is the mean over the global
-    batch. ``targets``: this shard's columns, -1 (ignored) or REMOTE_TARGET."""
+    batch. ``targets``: this shard's columns, -1 (ignored) or REMOTE_TARGET. The GEMMs run
+    in 16 bits for 16-bit inputs (autocast casts ``emb_all`` before), as the single head's."""
 
     @staticmethod
     def forward(
@@ -94,10 +99,9 @@ class FusedShardLoss(torch.autograd.Function):
         interclass_filter: float | None,
         target_cos: Tensor | None,
         class_of_row: Any,
+        sub_centers: int,
     ) -> Tensor:
-        dtype = compute_dtype(emb_all, weight)
-        x = emb_all.detach().to(dtype).contiguous()
-        w = weight.detach().to(dtype).contiguous()
+        x, w, operands = gemm_operands(emb_all, weight)
         y = targets.to(torch.int64).contiguous()
         (b, d), c = x.shape, w.shape[0]
         device = x.device
@@ -107,10 +111,9 @@ class FusedShardLoss(torch.autograd.Function):
         g_emb, g_w = torch.empty_like(x), torch.empty_like(w)
         bad = torch.zeros(3, dtype=torch.int32, device=device)
         parts = torch.empty((b, 4), dtype=torch.float64, device=device)
-        name = CUDA_DTYPES[dtype]
         per_row = row_blocks is not None
         blocks = (
-            row_blocks.to(device=device, dtype=torch.float64).contiguous()
+            rows_on(row_blocks, device)
             if row_blocks is not None
             else torch.tensor(margin.block, dtype=torch.float64, device=device)
         )
@@ -118,7 +121,16 @@ class FusedShardLoss(torch.autograd.Function):
         if target_cos is not None:
             cos = target_cos.to(device=device, dtype=torch.float64).contiguous()
         workspace = torch.empty(
-            _core.cuda_head_workspace_bytes(b, c, d, name, True, stash_classes),
+            _core.cuda_head_workspace_bytes(
+                b,
+                c,
+                d,
+                operands["dtype"],
+                True,
+                stash_classes,
+                weight_dtype=operands["weight_dtype"],
+                sub_centers=sub_centers,
+            ),
             dtype=torch.uint8,
             device=device,
         )
@@ -126,7 +138,7 @@ class FusedShardLoss(torch.autograd.Function):
         try:
             launch_cuda(
                 (b, c, d),
-                name,
+                operands["dtype"],
                 core_margin(margin.block),
                 blocks,
                 per_row,
@@ -137,16 +149,20 @@ class FusedShardLoss(torch.autograd.Function):
                 stash_classes=stash_classes,
                 parts=parts.data_ptr(),
                 target_cos=0 if cos is None else cos.data_ptr(),
+                weight_dtype=operands["weight_dtype"],
+                tf32=operands["tf32"],
+                sub_centers=sub_centers,
             )
         except (ValueError, RuntimeError) as e:  # the kernel joined every collective first
             error = e
         _raise_if_any_failed(error, bad, group, class_of_row)
         ctx.grads = (g_emb.to(emb_all.dtype), g_w.to(weight.dtype))
-        return (row_loss * row_weight).sum().to(emb_all.dtype)
+        # a float32 loss for 16-bit operands, as autocast's cross-entropy gives
+        return (row_loss * row_weight).sum().to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):
-        return kernel_grads(ctx, grad, 9)
+        return kernel_grads(ctx, grad, 10)
 
 
 class _ShardedCrossEntropy(torch.autograd.Function):

@@ -13,7 +13,7 @@ from .._validate import grad_filter as check_grad_filter
 from .._validate import interclass_filter as check_filter
 from .._validate import reduction as check_reduction
 from .._validate import sub_centers as check_sub_centers
-from . import _cuda  # noqa: F401  (registers the CUDA kernels of the ops)
+from ._cuda import autocast_operand  # (importing _cuda registers the ops' CUDA kernels)
 from ._ops import NATIVE, compute_dtype, logits_op, loss_op
 from ._plain import note_exact_on_cuda, plain_logits, plain_loss, warn_cuda_once
 from ._rows import encode, rows_of
@@ -132,7 +132,7 @@ def fused_loss(
     ``head``: (sub_centers, interclass_filter); ``grad_filter`` as checked."""
     block, _ = encode(margin)
     grad = torch.is_grad_enabled()
-    emb = _autocast_operand(emb, weight)
+    emb = autocast_operand(emb, weight)
     loss, _, _ = loss_op(
         emb,
         weight,
@@ -146,21 +146,6 @@ def fused_loss(
         grad and weight.requires_grad,
     )
     return loss
-
-
-def _autocast_operand(emb: Tensor, weight: Tensor) -> Tensor:
-    """Under ``torch.autocast("cuda")`` the fused CUDA head's GEMMs run in the autocast
-    dtype, as ``F.linear``'s would: the (B, D) embeddings are cast here, in the graph, so
-    that their gradient flows back through the cast; the float32 weight stays the master
-    copy (the op rounds it one class tile at a time and returns a float32 gradient)."""
-    if emb.device.type != "cuda" or emb.dtype != torch.float32 or weight.dtype != torch.float32:
-        return emb
-    try:
-        enabled = torch.is_autocast_enabled("cuda")
-        dtype = torch.get_autocast_dtype("cuda")
-    except TypeError:  # torch < 2.4 spells them for CUDA only
-        enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
-    return emb.to(dtype) if enabled and dtype in (torch.bfloat16, torch.float16) else emb
 
 
 def _floor(grad_filter: str | float | None, emb: Tensor, weight: Tensor) -> float | None:

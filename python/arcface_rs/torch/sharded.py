@@ -31,6 +31,7 @@ from .._validate import grad_filter as check_grad_filter
 from .._validate import interclass_filter as check_filter
 from .._validate import sub_centers as check_sub_centers
 from ._collectives import GatherRows, ShardedCpuLoss, all_gather_rows, gather_sizes
+from ._cuda import autocast_operand
 from ._plain import note_exact_on_cuda, warn_cuda_once
 from ._rows import ReadLater, unit_rows
 from ._sharded_device import FusedShardLoss, plain_shard_loss
@@ -254,7 +255,7 @@ class ShardedMarginHead(nn.Module):
             return self._path
         if emb.device.type == "cpu":
             return "cpu"
-        if emb.device.type == "cuda" and self.sub_centers == 1 and cuda_available():
+        if emb.device.type == "cuda" and cuda_available():
             return "fused"
         warn_cuda_once()
         return "plain"
@@ -388,15 +389,15 @@ class ShardedMarginHead(nn.Module):
                 self.interclass_filter, cos,
             )  # fmt: skip
         elif path == "fused":
-            if k != 1:
-                raise ValueError("sub_centers: the fused CUDA kernels have one centre per class")
 
             def class_of_row(row: int) -> int:
-                return int(kept[row]) if kept is not None else lo + row
+                return int(kept[row // k]) if kept is not None else lo + row // k
 
+            # the kernels size row chunks by centres (weight rows), alike on every rank
             loss = FusedShardLoss.apply(
-                emb_all, weight, targets, self.margin, rows, stash_classes, first, self.group,
-                self.interclass_filter, cos, class_of_row,
+                autocast_operand(emb_all, weight), weight, targets, self.margin, rows,
+                stash_classes * k, first, self.group, self.interclass_filter, cos,
+                class_of_row, k,
             )  # fmt: skip
         else:
             loss = self._cpu_loss(emb_all, weight, targets, rows, stash_classes, first, cos)

@@ -26,11 +26,12 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import arcface_rs as afr  # noqa: E402
-from arcface_rs.torch import ShardedMarginHead  # noqa: E402
+from arcface_rs.torch import ShardedMarginHead, sharded  # noqa: E402
 
 # torch's stream queries answer for the fake device (the tensors are CPU tensors)
 torch.cuda.current_stream = lambda device=None: types.SimpleNamespace(cuda_stream=0)
 torch.cuda.current_device = lambda: 0
+real_cast = sharded.autocast_operand
 
 CASES = [
     ("arcface", afr.ArcFace(), {}),
@@ -48,6 +49,17 @@ CASES = [
     ("partial fc", afr.ArcFace(), {"sample_rate": 0.4, "c": 60}),
     ("batch above dim", afr.CombinedMargin(30.0, 1.0, 0.3, 0.1), {"d": 4}),
     ("float32", afr.ArcFace(), {"dtype": torch.float32}),
+    ("sub-centres", afr.ArcFace(), {"sub_centers": 3}),
+    ("sub-centres batch above dim", afr.CosFace(), {"sub_centers": 2, "d": 4, "c": 37}),
+    ("sub-centres partial fc", afr.ArcFace(), {"sub_centers": 2, "sample_rate": 0.4, "c": 60}),
+    ("sub-centres mv-softmax", afr.MVSoftmax(s=32.0, m=0.3), {"sub_centers": 2}),
+    ("bfloat16 operands", afr.ArcFace(), {"autocast": torch.bfloat16}),
+    ("float16 operands batch above dim", afr.CosFace(), {"autocast": torch.float16, "d": 4}),
+    (
+        "bfloat16 operands sub-centres",
+        afr.ArcFace(),
+        {"autocast": torch.bfloat16, "sub_centers": 2},
+    ),
 ]
 
 
@@ -56,17 +68,22 @@ def run(case, world, rank, path):
     b, d, c = 21, opts.get("d", 12), opts.get("c", 45)
     dtype = opts.get("dtype", torch.float64)
     rng = np.random.default_rng(len(case[0]))
-    weight = torch.tensor(rng.standard_normal((c, d)), dtype=dtype)
+    k = opts.get("sub_centers", 1)
+    weight = torch.tensor(rng.standard_normal((c * k, d)), dtype=dtype)
     labels = torch.tensor(rng.integers(0, c, b))
     labels[::4] = -1
     emb_all = torch.tensor(rng.standard_normal((b, d)) * 2.0, dtype=dtype)
     torch.manual_seed(rank)  # Partial FC's draws, alike on both paths
     head = ShardedMarginHead(
         d, c, copy.deepcopy(margin), sample_rate=opts.get("sample_rate", 1.0), dtype=dtype,
-        interclass_filter=opts.get("interclass_filter"),
+        interclass_filter=opts.get("interclass_filter"), sub_centers=k,
     )  # fmt: skip
     head.load_full_weight(weight)
     head._path = path
+    # what torch.autocast("cuda") does to a CUDA batch: 16-bit GEMM operands from the float32
+    # rows and the float32 master weight (the fake device's tensors are CPU tensors)
+    half = opts.get("autocast")
+    sharded.autocast_operand = (lambda e, w: e.to(half)) if half and path == "fused" else real_cast
     sizes = [b // world + (r < b % world) for r in range(world)]
     lo = sum(sizes[:rank])
     emb = emb_all[lo : lo + sizes[rank]].clone().requires_grad_(True)
@@ -76,6 +93,7 @@ def run(case, world, rank, path):
 
 
 def rel(a, b):
+    a, b = a.double(), b.double()
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-300))
 
 
@@ -91,7 +109,8 @@ def main() -> None:
     for case in CASES:
         fused = run(case, world, rank, "fused")
         cpu = run(case, world, rank, None)
-        results[case[0]] = (str(fused[0].dtype), [rel(f, c) for f, c in zip(fused, cpu)])
+        label = str(case[2].get("autocast") or fused[0].dtype)
+        results[case[0]] = (label, [rel(f, c) for f, c in zip(fused, cpu)])
     # a bad centre on rank 1's shard: it names the class, every other rank says why it stops
     head = ShardedMarginHead(8, 10, afr.ArcFace(), dtype=torch.float64)
     head._path = "fused"

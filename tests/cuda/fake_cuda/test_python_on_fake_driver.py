@@ -303,8 +303,10 @@ def test_the_private_launch_entry_checks_its_addresses_and_shape():
 
 def test_the_fused_sharded_head_equals_the_cpu_sharded_head(tmp_path):
     """ShardedMarginHead on the fused CUDA path (two gloo ranks, the fake driver) equals the
-    CPU sharded head: loss and both gradients, 1e-10 in float64 and 2e-4 in float32; a bad
-    centre on one rank makes every rank raise."""
+    CPU sharded head: loss and both gradients, 1e-10 in float64 and 2e-4 in float32; with
+    16-bit GEMM operands (autocast's) 3e-2 in bf16 (a sub-centre that wins by less than
+    bf16's rounding may be another) and 3e-3 in f16, the loss 2e-3; with sub-centres,
+    Partial FC and row chunks. A bad centre on one rank makes every rank raise."""
     import socket
     import subprocess
     import sys
@@ -331,9 +333,13 @@ def test_the_fused_sharded_head_equals_the_cpu_sharded_head(tmp_path):
             if name == "bad weight":
                 continue
             dtype, errors = result
-            tol = 1e-10 if dtype == "torch.float64" else 2e-4
-            assert max(errors) <= tol, (name, errors)
-        assert len(results) == 16
+            # 16-bit GEMM operands and stash (autocast's: bf16 keeps 8 bits, f16 11) against
+            # the CPU head in float32; the loss is far closer than the gradients
+            tol = {"torch.float64": 1e-10, "torch.float32": 2e-4, "torch.float16": 3e-3}
+            assert max(errors) <= tol.get(dtype, 3e-2), (name, errors)
+            if dtype in ("torch.bfloat16", "torch.float16"):
+                assert errors[0] <= 2e-3, (name, errors)
+        assert len(results) == 23
     assert ranks[1]["bad weight"].startswith("ValueError: weight: the centre of class 7")
     assert ranks[0]["bad weight"] == (
         "RuntimeError: another rank of the sharded head failed; see its error"
