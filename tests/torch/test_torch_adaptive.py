@@ -216,3 +216,17 @@ def test_the_batch_values_are_read_on_the_host_only_by_margins_that_use_them(
     values = np.asarray(eager, dtype=np.float32)
     assert values.dtype == np.float32
     np.testing.assert_array_equal(values, emb.norm(dim=1).numpy().astype(np.float32))
+
+
+def test_adaface_statistics_skip_a_batch_with_a_non_finite_row():
+    """The next statistics of a batch with a NaN or inf row are the current ones (on CUDA
+    the loss refuses such a batch only at the next call, after the buffers are written)."""
+    head = aft.AdaFaceHead(4, 6, dtype=torch.float64, batch_mean=5.0, batch_std=2.0)
+    emb = torch.randn(3, 4, dtype=torch.float64)
+    moved = head._next_statistics(emb)
+    assert float(moved[0]) != 5.0 and float(moved[1]) != 2.0
+    for bad in (float("nan"), float("inf")):
+        spoiled = emb.clone()
+        spoiled[1, 2] = bad
+        mean, std = head._next_statistics(spoiled)
+        assert (float(mean), float(std)) == (5.0, 2.0)

@@ -59,12 +59,19 @@ class AdaFaceHead(MarginHead, margin=AdaFace):
         return blocks
 
     def _next_statistics(self, emb: Tensor) -> tuple[Tensor, Tensor]:
-        """The statistics after this batch (the buffers are not touched here)."""
+        """The statistics after this batch (the buffers are not touched here). A batch with
+        a NaN or inf row leaves them as they were: on CUDA the loss reports such a batch at
+        the next call (it does not wait for the GPU), after the buffers took these values,
+        and NaN statistics would spoil every later step."""
         with torch.no_grad():
-            n = emb.detach().to(torch.float64).norm(dim=1).clamp(1e-3, 100.0)
+            raw = emb.detach().to(torch.float64).norm(dim=1)
+            ok = torch.isfinite(raw).all()  # a where, not a branch: no wait, one graph
+            n = raw.clamp(1e-3, 100.0)
             std = n.std() if n.numel() > 1 else torch.zeros_like(self.batch_std)
             a = self.margin.t_alpha
-            return (1.0 - a) * self.batch_mean + a * n.mean(), (1.0 - a) * self.batch_std + a * std
+            mean = torch.where(ok, (1.0 - a) * self.batch_mean + a * n.mean(), self.batch_mean)
+            std = torch.where(ok, (1.0 - a) * self.batch_std + a * std, self.batch_std)
+            return mean, std
 
     def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
         """The loss of ``emb`` (B, embedding_size) with ``labels`` (B,)."""
