@@ -381,6 +381,18 @@ __device__ void targets(const XH* xh, int raw_x, const W* weight, const long lon
 // its others, so that grad_tile needs one multiply (head/tiles.rs stashes the same). Elements are
 // computed in A (each thread's sums too: at most ct / blockDim.x terms), the block's sums in
 // float64.
+// Four consecutive elements loaded or stored as one access (128 bits of float32, 64 of a
+// 16-bit type): a warp then moves 512 contiguous bytes of float32 per instruction instead of
+// 128, enough loads in flight for the logits and gradient passes to reach the memory
+// bandwidth. Used where the row is a multiple of 4 and the pointers are aligned for it (the
+// buffers are 256-byte aligned and tiles hold 16384 classes); else element by element.
+template <typename T> struct alignas(4 * sizeof(T)) Quad { T v[4]; };
+template <typename T> __device__ bool quad_aligned(const T* p) {
+    return ((unsigned long long)p & (4 * sizeof(T) - 1)) == 0;
+}
+template <typename T> __device__ Quad<T> load_quad(const T* p) { return *(const Quad<T>*)p; }
+template <typename T> __device__ void store_quad(T* p, const Quad<T>& q) { *(Quad<T>*)p = q; }
+
 template <typename Z, typename A>
 __device__ A tile_logit(const Z* row, int j, int k, const A* w_inv, A scale, A filter, A above,
                         A t, bool curricular, int target, int target_sub, A target_logit,
@@ -424,21 +436,54 @@ __device__ void logits_tile(const Z* z, S* stash, int rows, int ct, int lo, int 
     A tl = (A)target_logit[r];
     A m = (A)-INFINITY, dh;
     int arg;
+    // one centre per class: each thread takes quads of classes (its i-th has index i in the
+    // quad, and the target's index there is target - 4q)
+    const bool quads = k == 1 && (ct & 3) == 0 && quad_aligned(row) && quad_aligned(out) &&
+                       quad_aligned(w_inv);
+    if (quads) {
+#pragma unroll 2
+        for (int q = threadIdx.x; q < (ct >> 2); q += blockDim.x) {
+            Quad<Z> zq = load_quad(row + 4 * q);
+            Quad<A> wq = load_quad(w_inv + 4 * q);
+            for (int i = 0; i < 4; ++i)
+                m = amax(m, tile_logit(zq.v, i, 1, wq.v, scale, f, above, t, curricular,
+                                       target - 4 * q, 0, tl, &dh, &arg));
+        }
+    } else {
 #pragma unroll 4
-    for (int j = threadIdx.x; j < classes; j += blockDim.x)
-        m = amax(m, tile_logit(row, j, k, w_inv, scale, f, above, t, curricular, target, sub, tl,
-                               &dh, &arg));
+        for (int j = threadIdx.x; j < classes; j += blockDim.x)
+            m = amax(m, tile_logit(row, j, k, w_inv, scale, f, above, t, curricular, target, sub,
+                                   tl, &dh, &arg));
+    }
     m = (A)block_max((double)m, shared);
     A s = (A)0, sz = (A)0;
+    // the same thread recomputes its own elements: the row still holds the dot products
+    if (quads) {
+#pragma unroll 2
+        for (int q = threadIdx.x; q < (ct >> 2); q += blockDim.x) {
+            Quad<Z> zq = load_quad(row + 4 * q);
+            Quad<A> wq = load_quad(w_inv + 4 * q);
+            Quad<S> sq;
+            for (int i = 0; i < 4; ++i) {
+                A v = tile_logit(zq.v, i, 1, wq.v, scale, f, above, t, curricular, target - 4 * q,
+                                 0, tl, &dh, &arg);
+                A e = aexp(v - m);
+                s += e;
+                sz += e * v;
+                put(&sq.v[i], e * dh);
+            }
+            store_quad(out + 4 * q, sq);
+        }
+    } else {
 #pragma unroll 4
-    for (int j = threadIdx.x; j < classes; j += blockDim.x) {
-        // the same thread recomputes its own elements: row[j] still holds the dot products
-        A v = tile_logit(row, j, k, w_inv, scale, f, above, t, curricular, target, sub, tl, &dh,
-                         &arg);
-        A e = aexp(v - m);
-        s += e;
-        sz += e * v;
-        for (int a = 0; a < k; ++a) put(out + j * k + a, a == arg ? e * dh : (A)0);
+        for (int j = threadIdx.x; j < classes; j += blockDim.x) {
+            A v = tile_logit(row, j, k, w_inv, scale, f, above, t, curricular, target, sub, tl,
+                             &dh, &arg);
+            A e = aexp(v - m);
+            s += e;
+            sz += e * v;
+            for (int a = 0; a < k; ++a) put(out + j * k + a, a == arg ? e * dh : (A)0);
+        }
     }
     double sum = block_sum((double)s, shared);
     double sum_z = block_sum((double)sz, shared);
@@ -569,10 +614,24 @@ __device__ void grad_tile(const S* e, S* g, int rows, int ct, int lo, int k, con
                      ? (int)(y - class_lo) * k + target_sub[r]
                      : -1;
     A coef = (A)(weight * row_scale[r] * exp((double)tile_max[r] - lse[r]));
+    // quads of columns where the row and pointers allow (see Quad), else one by one
+    const bool quads = (ct & 3) == 0 && quad_aligned(erow) && quad_aligned(grow) &&
+                       quad_aligned(w_inv);
+    if (quads) {
+#pragma unroll 2
+        for (int q = threadIdx.x; q < (ct >> 2); q += blockDim.x) {
+            Quad<S> eq = load_quad(erow + 4 * q), gq;
+            Quad<A> wq = load_quad(w_inv + 4 * q);
+            for (int i = 0; i < 4; ++i) put(&gq.v[i], (A)widen(eq.v[i]) * coef * wq.v[i]);
+            store_quad(grow + 4 * q, gq);
+        }
+    } else {
 #pragma unroll 4
-    for (int j = threadIdx.x; j < ct; j += blockDim.x)
-        put(grow + j, (A)widen(erow[j]) * coef * w_inv[j]);
-    if (target >= 0 && target % (int)blockDim.x == (int)threadIdx.x) {
+        for (int j = threadIdx.x; j < ct; j += blockDim.x)
+            put(grow + j, (A)widen(erow[j]) * coef * w_inv[j]);
+    }
+    int owner = quads ? target / 4 : target;  // the work item that wrote the target column
+    if (target >= 0 && owner % (int)blockDim.x == (int)threadIdx.x) {
         double p = exp(target_logit[r] - lse[r]);
         put(grow + target,
             (A)(weight * row_scale[r] * (p - 1.0) * target_dpsi[r] * (double)w_inv[target]));

@@ -300,6 +300,38 @@ fn head_equals_the_cpu_head_with_the_stash_in_the_gradient() {
 }
 
 #[test]
+fn head_equals_the_cpu_head_with_four_columns_a_load() {
+    // Tiles of 8 classes: the logits and gradient passes take four columns per access (the
+    // last tile of 23 classes, 7 wide, and sub-centres' logits go one by one); the targets
+    // fall at every position of a quad. B <= D (stash in dW) and B > D (row chunks).
+    for (b, d, budget) in [(5, 8, 1 << 20), (11, 4, 3 * 8 * 24)] {
+        let tiling = Tiling {
+            class_tile: 8,
+            stash_budget_bytes: budget,
+        };
+        // the margins' math is shared with the one-by-one loops: a plain, a feature-norm
+        // and two hard-negative rules cover what the quads change
+        let some = [
+            Margin::arcface(64.0, 0.5, false).unwrap(),
+            Margin::sphereface(4, None, 5.0).unwrap(),
+            Margin::curricularface(30.0, 0.5, 0.4).unwrap(),
+            Margin::mvsoftmax(30.0, 0.4, 1.12, true).unwrap(),
+        ];
+        for margin in &some {
+            check::<f64>(b, 23, d, margin, tiling, 1e-10);
+            check::<f64>(b, 24, d, margin, tiling, 1e-10);
+            check::<f32>(b, 24, d, margin, tiling, 2e-4);
+        }
+        let head = HeadOptions {
+            sub_centers: 2,
+            interclass_filter: Some(0.05),
+        };
+        let arc = Margin::arcface(32.0, 0.5, false).unwrap();
+        check_with::<f64>(b, 24, d, (&arc).into(), head, tiling, 1e-10);
+    }
+}
+
+#[test]
 fn head_equals_the_cpu_head_with_one_margin_per_row() {
     let tiling = Tiling {
         class_tile: 7,
