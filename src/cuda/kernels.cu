@@ -876,30 +876,60 @@ extern "C" __global__ void topk_tile(const float* scores, int queries, int strid
 }
 
 // Few queries (<= SCAN_QUERIES): the tile's scores without a GEMM, reading each stored row
-// once. One warp per row: each lane takes every 32nd element, widens it to float in
-// registers and accumulates its products with every query in float (the CPU search's
-// arithmetic: float32 query against the stored value), then the warp sums the lanes. int8
-// rows are codes: their sums are multiplied by the row's scale, as on the CPU.
+// once. One warp per row: each lane widens its elements to float in registers and
+// accumulates their products with every query in float (the CPU search's arithmetic:
+// float32 query against the stored value), then the warp sums the lanes. int8 rows are
+// codes: their sums are multiplied by the row's scale, as on the CPU. Where a row is a
+// whole number of 16-byte packs (8 float16, 16 int8, 4 float32), each lane loads a pack at
+// a time, so a warp moves 512 contiguous bytes per load: one element per lane (64 bytes of
+// float16) left too few bytes in flight to read the gallery at the memory bandwidth. The
+// accumulators are unrolled over SCAN_QUERIES so that they stay in registers.
 #define SCAN_QUERIES 16
 
 __device__ float widen(signed char v) { return (float)v; }
 
+template <typename S> struct alignas(16) Pack { S v[16 / sizeof(S)]; };
+
 template <typename S>
 __device__ void score_rows(const S* rows, const float* scales, const float* queries, int q,
                            int d, long long lo, int width, float* scores, int stride) {
+    const int P = 16 / sizeof(S);  // elements of a pack
+    const bool packs = d % P == 0 && ((unsigned long long)rows & 15) == 0 &&
+                       ((unsigned long long)queries & 15) == 0;
     int lane = threadIdx.x % 32;
     long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     long long warps = (long long)gridDim.x * blockDim.x / 32;
     for (long long r = warp; r < width; r += warps) {
         const S* row = rows + (lo + r) * d;
         float acc[SCAN_QUERIES];
-        for (int a = 0; a < q; ++a) acc[a] = 0.0f;
-        for (int j = lane; j < d; j += 32) {
-            float v = widen(row[j]);
-            for (int a = 0; a < q; ++a) acc[a] += v * queries[a * d + j];
+#pragma unroll
+        for (int a = 0; a < SCAN_QUERIES; ++a) acc[a] = 0.0f;
+        if (packs) {
+            for (int j = lane * P; j < d; j += 32 * P) {
+                Pack<S> pack = *(const Pack<S>*)(row + j);
+                for (int h = 0; h < P; h += 4) {
+#pragma unroll
+                    for (int a = 0; a < SCAN_QUERIES; ++a) {
+                        if (a >= q) break;
+                        Quad<float> qa = load_quad(queries + (long long)a * d + j + h);
+                        for (int i = 0; i < 4; ++i) acc[a] += widen(pack.v[h + i]) * qa.v[i];
+                    }
+                }
+            }
+        } else {
+            for (int j = lane; j < d; j += 32) {
+                float v = widen(row[j]);
+#pragma unroll
+                for (int a = 0; a < SCAN_QUERIES; ++a) {
+                    if (a >= q) break;
+                    acc[a] += v * queries[(long long)a * d + j];
+                }
+            }
         }
         float scale = scales == nullptr ? 1.0f : scales[lo + r];
-        for (int a = 0; a < q; ++a) {
+#pragma unroll
+        for (int a = 0; a < SCAN_QUERIES; ++a) {
+            if (a >= q) break;
             float s = acc[a];
             for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
             if (lane == 0) scores[(long long)a * stride + r] = s * scale;
