@@ -42,7 +42,21 @@ struct Fiber {
 static ucontext_t scheduler;
 static std::vector<Fiber> fibers;
 static int running = -1;
-static double warp_slots[32][32];
+// A lane's shuffled value, its bytes as they are (64-bit row numbers stay exact).
+static unsigned long long warp_slots[32][32];
+
+template <typename V>
+static void put_slot(unsigned warp, unsigned lane, V v) {
+    static_assert(sizeof(V) <= 8, "shuffles move at most 64 bits");
+    std::memcpy(&warp_slots[warp][lane], &v, sizeof(V));
+}
+
+template <typename V>
+static V get_slot(unsigned warp, unsigned lane) {
+    V v;
+    std::memcpy(&v, &warp_slots[warp][lane], sizeof(V));
+    return v;
+}
 
 // Suspends the running thread until the scheduler releases the barrier it waits at.
 static void wait_at(State barrier) {
@@ -52,13 +66,14 @@ static void wait_at(State barrier) {
 }
 
 static void __syncthreads() { wait_at(State::Block); }
+static void __syncwarp(unsigned = 0xffffffffu) { wait_at(State::Warp); }
 
 template <typename V>
 static V __shfl_down_sync(unsigned, V v, int offset) {
     unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    warp_slots[warp][lane] = (double)v;
+    put_slot(warp, lane, v);
     wait_at(State::Warp);
-    V out = lane + offset < 32 ? (V)warp_slots[warp][lane + offset] : v;
+    V out = lane + offset < 32 ? get_slot<V>(warp, lane + offset) : v;
     wait_at(State::Warp);  // nobody writes its slot again before every lane has read
     return out;
 }
@@ -66,9 +81,9 @@ static V __shfl_down_sync(unsigned, V v, int offset) {
 template <typename V>
 static V __shfl_xor_sync(unsigned, V v, int mask) {
     unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    warp_slots[warp][lane] = (double)v;
+    put_slot(warp, lane, v);
     wait_at(State::Warp);
-    V out = (V)warp_slots[warp][lane ^ mask];
+    V out = get_slot<V>(warp, lane ^ mask);
     wait_at(State::Warp);
     return out;
 }

@@ -239,10 +239,11 @@ pub fn search(
             format!("above {SMALL_K} needs a gallery of fewer than 2^31 rows on the GPU"),
         ));
     }
-    let (tile_kernel, merge_kernel, select_threads) = if large {
-        ("topk_tile_large", "topk_merge_large", LARGE_THREADS)
+    // blocks of the tile kernel: one per (query, run), or (small k) one warp per pair
+    let (tile_kernel, merge_kernel, select_threads, pairs_per_block) = if large {
+        ("topk_tile_large", "topk_merge_large", LARGE_THREADS, 1)
     } else {
-        ("topk_tile", "topk_merge", TOPK_THREADS)
+        ("topk_tile", "topk_merge", TOPK_THREADS, TOPK_THREADS / 32)
     };
     let plan = SearchPlan::new(shape, tiling);
     let mut carver = Carver::new(buf.workspace);
@@ -352,7 +353,7 @@ pub fn search(
         }
         device.launch(
             tile_kernel,
-            q * plan.splits,
+            (q * plan.splits).div_ceil(pairs_per_block),
             select_threads,
             &[
                 Arg::Ptr(s.scores),
