@@ -71,6 +71,18 @@ pub(crate) fn host_queries_layout(shape: SearchShape, mask_words: usize) -> ([u6
     (offsets, layout.bytes())
 }
 
+/// The caller's workspace of a search of device queries, carved up: offsets of the unit
+/// queries, the search's workspace and the filter's `mask_words`; and its size in bytes.
+fn device_queries_layout(shape: SearchShape, mask_words: usize) -> ([u64; 3], usize) {
+    let mut layout = Carver::new(0);
+    let offsets = [
+        layout.take(shape.q * shape.d, 4),
+        layout.take(search::workspace_bytes(shape, SearchTiling::default()), 1),
+        layout.take(mask_words, 4),
+    ];
+    (offsets, layout.bytes())
+}
+
 impl Mirror {
     /// Uploads `gallery`'s rows to device `ordinal`.
     pub fn new(gallery: &Gallery, ordinal: usize) -> Result<Mirror> {
@@ -261,11 +273,9 @@ impl Mirror {
     /// (at most the device rows).
     pub fn device_workspace(&self, q: usize, k: usize, filtered: bool) -> (usize, usize) {
         let shape = self.shape(q, k);
-        let mut layout = Carver::new(0);
-        layout.take(q * self.d, 4);
-        layout.take(search::workspace_bytes(shape, SearchTiling::default()), 1);
-        layout.take(if filtered { self.live.len() } else { 0 }, 4);
-        (layout.bytes(), shape.k)
+        // a filter is a [`Mirror::device_mask`]: one bit per device row
+        let (_, bytes) = device_queries_layout(shape, if filtered { self.live.len() } else { 0 });
+        (bytes, shape.k)
     }
 
     /// The search of queries already on the device, queued on `call.stream`: results (ids,
@@ -280,7 +290,9 @@ impl Mirror {
                 "a device search needs queries and a gallery with rows",
             ));
         }
-        let (bytes, kept) = self.device_workspace(q, k, allowed.is_some());
+        let shape = self.shape(q, k);
+        let (offsets, bytes) = device_queries_layout(shape, allowed.map_or(0, <[u32]>::len));
+        let kept = shape.k;
         if !(1..=MAX_K).contains(&kept) || call.workspace_bytes < bytes {
             return Err(Error::invalid(
                 "workspace",
@@ -295,11 +307,7 @@ impl Mirror {
             with_stream(self.ordinal, 0, |s| s.upload(ids.ptr(), &self.ids))?;
             self.ids_on_device = Some(ids);
         }
-        let shape = self.shape(q, k);
-        let mut layout = Carver::new(call.workspace);
-        let unit = layout.take(q * self.d, 4);
-        let workspace = layout.take(search::workspace_bytes(shape, SearchTiling::default()), 1);
-        let mask_at = layout.take(allowed.map_or(0, <[u32]>::len), 4);
+        let [unit, workspace, mask_at] = offsets.map(|o| call.workspace + o);
         let live = self.live_on_device.as_ref().filter(|_| self.removed > 0);
         let ids = self.ids_on_device.as_ref().expect("made above").ptr();
         with_stream(self.ordinal, call.stream, |s| {
@@ -360,20 +368,13 @@ impl Mirror {
         if k == 0 {
             return Err(Error::invalid("k", "must be >= 1"));
         }
-        let n = self.ids.len();
-        if n == 0 {
+        if self.ids.is_empty() {
             return Err(Error::invalid("gallery", "is empty: add embeddings first"));
         }
         let live = self.live_on_device.as_ref().filter(|_| self.removed > 0);
         let qhat = unit_queries(queries, self.d, false)?;
         let q = qhat.nrows();
-        let shape = SearchShape {
-            n,
-            d: self.d,
-            q,
-            k: k.min(n),
-            stored: self.stored,
-        };
+        let shape = self.shape(q, k);
         let tiling = SearchTiling::default();
         let found = q * shape.k;
         let (offsets, bytes) = host_queries_layout(shape, allowed.map_or(0, <[u32]>::len));

@@ -370,17 +370,6 @@ __device__ void targets(const XH* xh, int raw_x, const W* weight, const long lon
     }
 }
 
-// One block per row of a tile of raw dot products x̂·w (cuBLAS, type Z) over the weight rows
-// lo.. lo + ct, k per class (sub-centres; k = 1 without): a class's cosine is its closest
-// centre's (the first of equals; the target class's is `target_sub`'s, the centre its
-// logit was computed from), c = clamp(dot * inv), z = scale * h(c) under the row's
-// non-target rule (`rules`, `filter`; h(c) = c for plain heads), the target logit for the
-// target class; the tile's row statistics over classes (max, Σe, Σe·z) go to stats[row * 3
-// ..] and the stash (type S, one entry per centre; the same memory as z on the float32 and
-// float64 paths) gets e h'(c), e = exp(z - tile max), on the class's chosen centre and 0 on
-// its others, so that grad_tile needs one multiply (head/tiles.rs stashes the same). Elements are
-// computed in A (each thread's sums too: at most ct / blockDim.x terms), the block's sums in
-// float64.
 // Four consecutive elements loaded or stored as one access (128 bits of float32, 64 of a
 // 16-bit type): a warp then moves 512 contiguous bytes of float32 per instruction instead of
 // 128, enough loads in flight for the logits and gradient passes to reach the memory
@@ -393,6 +382,17 @@ template <typename T> __device__ bool quad_aligned(const T* p) {
 template <typename T> __device__ Quad<T> load_quad(const T* p) { return *(const Quad<T>*)p; }
 template <typename T> __device__ void store_quad(T* p, const Quad<T>& q) { *(Quad<T>*)p = q; }
 
+// One block per row of a tile of raw dot products x̂·w (cuBLAS, type Z) over the weight rows
+// lo.. lo + ct, k per class (sub-centres; k = 1 without): a class's cosine is its closest
+// centre's (the first of equals; the target class's is `target_sub`'s, the centre its
+// logit was computed from), c = clamp(dot * inv), z = scale * h(c) under the row's
+// non-target rule (`rules`, `filter`; h(c) = c for plain heads), the target logit for the
+// target class; the tile's row statistics over classes (max, Σe, Σe·z) go to stats[row * 3
+// ..] and the stash (type S, one entry per centre; the same memory as z on the float32 and
+// float64 paths) gets e h'(c), e = exp(z - tile max), on the class's chosen centre and 0 on
+// its others, so that grad_tile needs one multiply (head/tiles.rs stashes the same). Elements are
+// computed in A (each thread's sums too: at most ct / blockDim.x terms), the block's sums in
+// float64.
 template <typename Z, typename A>
 __device__ A tile_logit(const Z* row, int j, int k, const A* w_inv, A scale, A filter, A above,
                         A t, bool curricular, int target, int target_sub, A target_logit,
@@ -858,7 +858,7 @@ extern "C" __global__ void topk_tile(const float* scores, int queries, int strid
     };
     // four scores per load where the run is aligned for it (runs start at multiples of
     // 2048 columns), the tail one by one
-    int quads = ((unsigned long long)row & 15) == 0 && count > 0 ? count / 4 : 0;
+    int quads = quad_aligned(row) && count > 0 ? count / 4 : 0;
     for (int at = lane; at < quads; at += 32) {
         Quad<float> v = load_quad(row + 4 * at);
         for (int h = 0; h < 4; ++h) keep(v.v[h], base + 4 * at + h);
@@ -930,8 +930,8 @@ template <typename S>
 __device__ void score_rows(const S* rows, const float* scales, const float* queries, int q,
                            int d, long long lo, int width, float* scores, int stride) {
     const int P = 16 / sizeof(S);  // elements of a pack
-    const bool packs = d % P == 0 && ((unsigned long long)rows & 15) == 0 &&
-                       ((unsigned long long)queries & 15) == 0;
+    const bool packs =
+        d % P == 0 && ((unsigned long long)rows & 15) == 0 && quad_aligned(queries);
     int lane = threadIdx.x % 32;
     long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     long long warps = (long long)gridDim.x * blockDim.x / 32;

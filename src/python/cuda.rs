@@ -61,6 +61,18 @@ fn cuda_shape(
     Ok(shape)
 }
 
+/// A device address the caller passed: aligned to `align` bytes, and not 0 when `required`
+/// (0 means "not wanted" for the optional ones).
+#[cfg(feature = "cuda")]
+fn check_address(name: &str, address: u64, align: u64, required: bool) -> PyResult<()> {
+    if (required && address == 0) || !address.is_multiple_of(align) {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "{name}: device address {address:#x} is null or not aligned to {align} bytes"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(not(feature = "cuda"))]
 pub(super) fn no_cuda_feature() -> PyErr {
     pyo3::exceptions::PyRuntimeError::new_err(
@@ -187,11 +199,7 @@ pub(super) fn cuda_margin_loss(
             ("parts", parts, 8, combine.is_some()),
             ("target_cos", target_cos, 8, false),
         ] {
-            if (required && address == 0) || address % align != 0 {
-                return Err(pyo3::exceptions::PyValueError::new_err(format!(
-                    "{name}: device address {address:#x} is null or not aligned to {align} bytes"
-                )));
-            }
+            check_address(name, address, align, required)?;
         }
         let buffers = HeadBuffers {
             emb,
@@ -273,13 +281,8 @@ pub(super) fn cuda_scale_unless_one(
     #[cfg(feature = "cuda")]
     {
         let elem = cuda_elem("dtype", dtype)?;
-        for (name, address, align) in [("grad", grad, elem.size() as u64), ("scale", scale, 8)] {
-            if address == 0 || address % align != 0 {
-                return Err(pyo3::exceptions::PyValueError::new_err(format!(
-                    "{name}: device address {address:#x} is null or not aligned to {align} bytes"
-                )));
-            }
-        }
+        check_address("grad", grad, elem.size() as u64, true)?;
+        check_address("scale", scale, 8, true)?;
         run(py, || {
             crate::cuda::driver::with_stream(device, stream, |s| {
                 crate::cuda::head::scale_unless_one(s, elem, grad, n, scale)

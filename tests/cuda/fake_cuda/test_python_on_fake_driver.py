@@ -49,14 +49,20 @@ def _assert_same_results(gpu, cpu, queries, k, **filt):
     assert not (differ & ~near).any(), np.argwhere(differ & ~near)
 
 
+def _cpu_and_cuda_galleries(dtype, emb, ids):
+    """A CPU gallery and a CUDA one (the fake device) holding the same rows and ids."""
+    cpu, gpu = afr.Gallery(emb.shape[1], dtype), afr.Gallery(emb.shape[1], dtype, device="cuda")
+    for g in (cpu, gpu):
+        g.add(emb, ids=ids)
+    return cpu, gpu
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
 def test_gallery_on_cuda_equals_the_cpu_gallery(dtype, tmp_path):
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((600, 20)).astype(np.float32)
     queries = np.vstack([emb[:3], rng.standard_normal((5, 20))]).astype(np.float32)
-    cpu, gpu = afr.Gallery(20, dtype), afr.Gallery(20, dtype, device="cuda")
-    for g in (cpu, gpu):
-        g.add(emb[:500], ids=np.arange(1000, 1500))
+    cpu, gpu = _cpu_and_cuda_galleries(dtype, emb[:500], np.arange(1000, 1500))
     assert gpu.device == "cuda:0" and "cuda:0" in repr(gpu)
     # 100 and 300: the large-k selection; 1100: past the GPU's 1024, the CPU search
     for k in (1, 7, 64, 100, 300, 1100):
@@ -81,9 +87,7 @@ def test_gallery_filters_run_on_cuda_and_equal_the_cpu_gallery():
     rng = np.random.default_rng(1)
     emb = rng.standard_normal((400, 16)).astype(np.float32)
     queries = np.vstack([emb[:2], rng.standard_normal((3, 16))]).astype(np.float32)
-    cpu, gpu = afr.Gallery(16), afr.Gallery(16, device="cuda")
-    for g in (cpu, gpu):
-        g.add(emb, ids=np.arange(5000, 5400))
+    cpu, gpu = _cpu_and_cuda_galleries("float32", emb, np.arange(5000, 5400))
     allow = np.arange(5000, 5400, 3)  # 134 ids
     deny = np.concatenate([np.arange(5000, 5200), [77, 5001]])  # with an id not stored
     for k in (1, 10, 100, 200):  # 200: more than the allow-list holds, padded
@@ -129,9 +133,7 @@ def test_device_tensor_queries_search_in_place_through_the_real_launch(cpu_strea
     rng = np.random.default_rng(2)
     emb = rng.standard_normal((300, 16)).astype(np.float32)
     queries = np.vstack([emb[:2], rng.standard_normal((3, 16))]).astype(np.float32)
-    cpu, gpu = afr.Gallery(16, dtype), afr.Gallery(16, dtype, device="cuda")
-    for g in (cpu, gpu):
-        g.add(emb[:200], ids=np.arange(100, 300))
+    cpu, gpu = _cpu_and_cuda_galleries(dtype, emb[:200], np.arange(100, 300))
     tensors = _DeviceTensorSearch(gpu)
     for k in (1, 10, 100, 250):  # 250: more than the rows, padded
         _assert_same_results(tensors, cpu, queries, k)
