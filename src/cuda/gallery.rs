@@ -15,7 +15,7 @@ use crate::search::gallery::{Codes, Gallery, IdFilter};
 use crate::search::journal::RowChange;
 use crate::search::{unit_queries, SearchResult};
 use crate::{Error, Result};
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array2, ArrayView2, Axis};
 use std::sync::Mutex;
 
 /// A gallery's rows in device memory.
@@ -57,16 +57,23 @@ pub(crate) fn room_for(rows: usize) -> usize {
 
 /// The scratch of a search of host queries, one allocation carved up (each allocation is a
 /// synchronous driver call): offsets of the unit queries, the (Q, k) scores and rows, the
-/// search's workspace and the filter's `mask_words`; and its size in bytes.
-pub(crate) fn host_queries_layout(shape: SearchShape, mask_words: usize) -> ([u64; 5], usize) {
+/// search's workspace, the filter's `mask_words` and the unsure flags of a `rescored`
+/// search; and its size in bytes.
+pub(crate) fn host_queries_layout(
+    shape: SearchShape,
+    mask_words: usize,
+    rescored: bool,
+) -> ([u64; 6], usize) {
     let found = shape.q * shape.k;
+    let tiling = SearchTiling::default();
     let mut layout = Carver::new(0);
     let offsets = [
         layout.take(shape.q * shape.d, 4),
         layout.take(found, 4),
         layout.take(found, 8),
-        layout.take(search::workspace_bytes(shape, SearchTiling::default()), 1),
+        layout.take(search::workspace_bytes(shape, tiling, rescored), 1),
         layout.take(mask_words, 4),
+        layout.take(if rescored { shape.q } else { 0 }, 4),
     ];
     (offsets, layout.bytes())
 }
@@ -77,7 +84,10 @@ fn device_queries_layout(shape: SearchShape, mask_words: usize) -> ([u64; 3], us
     let mut layout = Carver::new(0);
     let offsets = [
         layout.take(shape.q * shape.d, 4),
-        layout.take(search::workspace_bytes(shape, SearchTiling::default()), 1),
+        layout.take(
+            search::workspace_bytes(shape, SearchTiling::default(), false),
+            1,
+        ),
         layout.take(mask_words, 4),
     ];
     (offsets, layout.bytes())
@@ -338,6 +348,8 @@ impl Mirror {
                     (None, Some(mask)) => mask.ptr(),
                     (None, None) => 0,
                 },
+                // the exact route: a rescored search's unsure queries would need the host
+                unsure: 0,
             };
             search::search(s, shape, &buffers, SearchTiling::default())?;
             let found = q * kept;
@@ -371,24 +383,66 @@ impl Mirror {
         if self.ids.is_empty() {
             return Err(Error::invalid("gallery", "is empty: add embeddings first"));
         }
-        let live = self.live_on_device.as_ref().filter(|_| self.removed > 0);
         let qhat = unit_queries(queries, self.d, false)?;
         let q = qhat.nrows();
         let shape = self.shape(q, k);
-        let tiling = SearchTiling::default();
-        let found = q * shape.k;
-        let (offsets, bytes) = host_queries_layout(shape, allowed.map_or(0, <[u32]>::len));
+        let kept = shape.k;
+        let (mut host_s, mut host_i, unsure) =
+            self.search_unit(qhat.view(), shape, allowed, true)?;
+        // the queries a rescored search could not vouch for, searched again by the exact
+        // route (rare: more rows than its spare candidates scored within rounding of the k-th)
+        let redo: Vec<usize> = (0..q).filter(|&query| unsure[query] != 0).collect();
+        if !redo.is_empty() {
+            let again = qhat.select(Axis(0), &redo);
+            let shape = self.shape(redo.len(), k);
+            let (s, i, _) = self.search_unit(again.view(), shape, allowed, false)?;
+            for (from, &query) in redo.iter().enumerate() {
+                let (src, dst) = (
+                    from * kept..(from + 1) * kept,
+                    query * kept..(query + 1) * kept,
+                );
+                host_s[dst.clone()].copy_from_slice(&s[src.clone()]);
+                host_i[dst].copy_from_slice(&i[src]);
+            }
+        }
+        let (mut scores, rows) = search::padded(&host_s, &host_i, shape, k);
+        // reported cosines stay in [-1, 1], as on the CPU; -inf padding stays
+        for s in scores.iter_mut().filter(|s| s.is_finite()) {
+            *s = s.clamp(-1.0, 1.0);
+        }
+        Ok(SearchResult {
+            scores: Array2::from_shape_vec((q, k), scores).expect("q x k scores"),
+            indices: Array2::from_shape_vec((q, k), rows).expect("q x k rows"),
+        })
+    }
+
+    /// The (Q, k) scores and device rows of unit queries on the host, and each query's
+    /// unsure flag (see [`SearchBuffers::unsure`]; all 0 unless `rescore` and the shape
+    /// [`search::rescores`]).
+    fn search_unit(
+        &mut self,
+        unit: ArrayView2<f32>,
+        shape: SearchShape,
+        allowed: Option<&[u32]>,
+        rescore: bool,
+    ) -> Result<(Vec<f32>, Vec<i64>, Vec<i32>)> {
+        let live = self.live_on_device.as_ref().filter(|_| self.removed > 0);
+        let rescored = rescore && search::rescores(shape);
+        let found = shape.q * shape.k;
+        let mask_words = allowed.map_or(0, <[u32]>::len);
+        let (offsets, bytes) = host_queries_layout(shape, mask_words, rescored);
         if self.scratch.as_ref().is_none_or(|b| b.bytes() < bytes) {
             self.scratch = None; // free the small one first
             self.scratch = Some(DeviceBuffer::new(self.ordinal, bytes)?);
         }
         let scratch = self.scratch.as_ref().expect("just made");
-        let [queries_at, out_s_at, out_i_at, workspace_at, mask_at] =
+        let [queries_at, out_s_at, out_i_at, workspace_at, mask_at, unsure_at] =
             offsets.map(|o| scratch.ptr() + o);
         let mut host_s = vec![0f32; found];
         let mut host_i = vec![0i64; found];
+        let mut unsure = vec![0i32; shape.q];
         with_stream(self.ordinal, 0, |s| {
-            let unit = qhat.as_slice().expect("unit queries are contiguous");
+            let unit = unit.as_slice().expect("unit queries are contiguous");
             s.upload(queries_at, unit)?;
             if let Some(mask) = allowed {
                 s.upload(mask_at, mask)?;
@@ -405,21 +459,18 @@ impl Mirror {
                     (None, Some(mask)) => mask.ptr(),
                     (None, None) => 0,
                 },
+                unsure: if rescored { unsure_at } else { 0 },
             };
-            search::search(s, shape, &buffers, tiling)?;
+            search::search(s, shape, &buffers, SearchTiling::default())?;
             // only (Q, k) comes back: the selection and the merge ran on the device
             s.download(&mut host_s, out_s_at)?;
-            s.download(&mut host_i, out_i_at)
+            s.download(&mut host_i, out_i_at)?;
+            if rescored {
+                s.download(&mut unsure, unsure_at)?;
+            }
+            Ok(())
         })?;
-        let (mut scores, rows) = search::padded(&host_s, &host_i, shape, k);
-        // reported cosines stay in [-1, 1], as on the CPU; -inf padding stays
-        for s in scores.iter_mut().filter(|s| s.is_finite()) {
-            *s = s.clamp(-1.0, 1.0);
-        }
-        Ok(SearchResult {
-            scores: Array2::from_shape_vec((q, k), scores).expect("q x k scores"),
-            indices: Array2::from_shape_vec((q, k), rows).expect("q x k rows"),
-        })
+        Ok((host_s, host_i, unsure))
     }
 }
 

@@ -1302,3 +1302,78 @@ extern "C" __global__ void split_half(const float* x, unsigned short* hi, unsign
         lo[i] = f32_to_f16((x[i] - f16_to_f32(h)) * SPLIT_SCALE);
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Many queries over float16 / bfloat16 rows, rescored: one 16-bit GEMM (the query rounded
+// to the rows' type) ranks the rows, the selection keeps kc > k candidates per query by
+// those scores, and `rescore` recomputes the candidates' scores exactly (float32 query x
+// stored row, float32 sums, as `score_rows` does) and keeps the best k. The GEMM's score of
+// a row is within `slack` of its exact one (the bound is derived in search.rs); so when the
+// kc-th candidate's GEMM score plus `slack` is below the k-th exact score, no row left out
+// could have entered the k best, and the query is sure. Otherwise `unsure[q]` is set and
+// the caller searches that query again by the exact path.
+
+template <typename S>
+__device__ void round_queries(const float* x, S* out, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) put(out + i, x[i]);
+}
+
+#define RESCORE_THREADS 256
+template <typename S>
+__device__ void rescore(const S* rows, const float* queries, int d, const float* cand_s,
+                        const long long* cand_i, int kc, int k, double slack, float* out_s,
+                        long long* out_i, int* unsure) {
+    __shared__ float exact[TOPK_LARGE_MAX];
+    __shared__ long long row_of[TOPK_LARGE_MAX];
+    __shared__ float kth[1];
+    long long q = blockIdx.x;
+    const float* query = queries + q * d;
+    int lane = threadIdx.x % 32;
+    // one warp per candidate: a row's elements over the lanes, summed by shuffles
+    for (int c = threadIdx.x / 32; c < kc; c += blockDim.x / 32) {
+        long long r = cand_i[q * kc + c];
+        float s = 0.0f;
+        if (r >= 0)
+            for (int j = lane; j < d; j += 32) s += widen(rows[r * d + j]) * query[j];
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (lane == 0) {
+            exact[c] = r >= 0 ? s : -INFINITY;
+            row_of[c] = r >= 0 ? r : NO_ROW;
+        }
+    }
+    if (threadIdx.x == 0) kth[0] = -INFINITY;
+    __syncthreads();
+    // each candidate's rank among the exact scores (ties to the lower row; the padding's
+    // equal entries by position), then its place in the output
+    for (int c = threadIdx.x; c < kc; c += blockDim.x) {
+        int rank = 0;
+        for (int o = 0; o < kc; ++o)
+            rank += better(exact[o], row_of[o], exact[c], row_of[c]) ||
+                    (o < c && exact[o] == exact[c] && row_of[o] == row_of[c]);
+        if (rank < k) {
+            out_s[q * k + rank] = exact[c];
+            out_i[q * k + rank] = row_of[c] == NO_ROW ? -1 : row_of[c];
+        }
+        if (rank == k - 1) kth[0] = exact[c];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        // fewer than kc rows could be selected: every one of them was rescored
+        bool complete = cand_i[q * kc + kc - 1] < 0;
+        unsure[q] = complete || (double)cand_s[q * kc + kc - 1] + slack < (double)kth[0] ? 0 : 1;
+    }
+}
+
+#define ENTRY_RESCORE(S, N)                                                                   \
+    extern "C" __global__ void round_queries_##N(const float* x, S* out, long long n) {      \
+        round_queries<S>(x, out, n);                                                          \
+    }                                                                                         \
+    extern "C" __global__ void rescore_##N(const S* rows, const float* queries, int d,       \
+                                           const float* cand_s, const long long* cand_i,      \
+                                           int kc, int k, double slack, float* out_s,         \
+                                           long long* out_i, int* unsure) {                   \
+        rescore<S>(rows, queries, d, cand_s, cand_i, kc, k, slack, out_s, out_i, unsure);     \
+    }
+ENTRY_RESCORE(f16, f16)
+ENTRY_RESCORE(bf16, bf16)

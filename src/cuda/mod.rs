@@ -101,6 +101,10 @@ pub const ENTRY_POINTS: &[&str] = &[
     "decode_rows_bf16",
     "decode_rows_i8",
     "split_half",
+    "round_queries_f16",
+    "round_queries_bf16",
+    "rescore_f16",
+    "rescore_bf16",
     "margin_grid",
 ];
 

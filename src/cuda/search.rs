@@ -5,9 +5,16 @@
 //! scores (Q × tile) = Q̂ Gᵀ, then `topk_tile` keeps, for each query and each run of
 //! [`RUN`] columns, the best k merged with that run's list from the previous tiles (each
 //! score read once). After the last tile `topk_merge` merges each query's run lists into its
-//! final k, so only (Q, k) is copied back. A float16 gallery multiplies a float32 query split into two
-//! float16 halves (hi + 2⁻¹² lo, see `split_half`): as exact as the float32 query, since
-//! cuBLAS has no float32 × float16 product.
+//! final k, so only (Q, k) is copied back.
+//!
+//! cuBLAS has no float32 × float16 (or × bfloat16) product, so many queries over 16-bit rows
+//! take one of two exact routes. Rescored (the caller gives [`SearchBuffers::unsure`]): one
+//! GEMM of the query rounded to the rows' type ranks the rows, the selection keeps
+//! [`rescored_candidates`] per query, and `rescore` recomputes those exactly and keeps the
+//! best k; a query whose candidates could have missed a row (see [`rescore_slack`]) is
+//! flagged for the exact route. Exact: a float16 gallery multiplies the float32 query split
+//! into two float16 halves (hi + 2⁻¹² lo, see `split_half`), reading the rows twice; a
+//! bfloat16 one decodes chunks of rows to float32 for a float32 GEMM.
 
 use super::device::{gemm, Arg, Carver, Device, Elem, RowMajorGemm};
 use crate::Result;
@@ -23,6 +30,8 @@ const LARGE_THREADS: usize = 256;
 pub const RUN: usize = 2048;
 /// Threads of a top-k block (TOPK_THREADS in kernels.cu).
 const TOPK_THREADS: usize = 128;
+/// Threads of a `rescore` block (one block per query).
+const RESCORE_THREADS: usize = 256;
 /// Up to this many queries the scores come from `score_rows` (each stored row read once,
 /// decoded in registers) instead of GEMMs (SCAN_QUERIES in kernels.cu).
 pub const SCAN_QUERIES: usize = 16;
@@ -158,10 +167,55 @@ pub struct SearchBuffers {
     /// ceil(N / 32) u32 words, bit r set where row r may be returned (an allow/deny
     /// filter); 0 for no filter.
     pub allowed: u64,
+    /// (Q,) int32 set to 1 for the queries a rescored search could not vouch for (their
+    /// results must come from an exact search); 0 asks for the exact route. Used only where
+    /// [`rescores`] holds.
+    pub unsure: u64,
+}
+
+/// Candidates beyond k a rescored search keeps at least: the rows whose 16-bit scores sit
+/// just below the k-th exact one (within [`rescore_slack`]) must all be among them.
+const RESCORE_PAD: usize = 32;
+
+/// Candidates a rescored search keeps per query for k.
+pub fn rescored_candidates(k: usize) -> usize {
+    k + k.max(RESCORE_PAD)
+}
+
+/// Whether a search of `shape` is rescored when the caller gives [`SearchBuffers::unsure`]:
+/// many queries over float16 or bfloat16 rows, with the candidates within [`MAX_K`] and
+/// fewer than the rows (a small gallery takes the exact route).
+pub fn rescores(shape: SearchShape) -> bool {
+    let kc = rescored_candidates(shape.k);
+    !scans(shape)
+        && matches!(shape.stored, Stored::F16 | Stored::Bf16)
+        && kc <= MAX_K
+        && kc < shape.n
+}
+
+/// A bound on |GEMM score - rescored score| of any row in a rescored search of unit
+/// queries over stored rows of norm at most 1 + u (u the rows' rounding: 2^-11 float16,
+/// 2^-8 bfloat16). With q' the query rounded to the rows' type and g a row:
+/// - |q'·g - q·g| <= ||q' - q|| ||g||, and each |q'_j - q_j| <= u |q_j| (+ 2^-25 where
+///   float16 is subnormal), so this part is at most (u + 2^-25 sqrt(d)) (1 + u);
+/// - each float32 sum of d products (the GEMM's, in whatever order and rounding its tensor
+///   cores use, and the rescore's) is within d 2^-23 of sum |q_j g_j| <= (1 + u)^2 of its
+///   exact value: 2 d 2^-23 (1 + u)^2 for both.
+///
+/// The kernel compares in float64, so nothing is added for that comparison.
+pub fn rescore_slack(d: usize, stored: Stored) -> f64 {
+    let (u, subnormal) = match stored {
+        Stored::F16 => (2f64.powi(-11), 2f64.powi(-25)),
+        _ => (2f64.powi(-8), 0.0),
+    };
+    let d = d as f64;
+    (u + subnormal * d.sqrt()) * (1.0 + u) + 2.0 * d * 2f64.powi(-23) * (1.0 + u).powi(2)
 }
 
 struct Scratch {
     scores: u64,
+    /// The split float16 query (hi, lo) of the exact route; a rescored search's rounded
+    /// query in `q_hi`.
     q_hi: u64,
     q_lo: u64,
     /// A chunk of decoded rows (bfloat16 / int8 with many queries).
@@ -171,29 +225,36 @@ struct Scratch {
     best_i: u64,
     /// The merge's next entry of each (query, run) list.
     heads: u64,
+    /// (Q, kc) candidates a rescored search rescores.
+    cand_s: u64,
+    cand_i: u64,
 }
 
 impl Scratch {
-    fn carve(carver: &mut Carver, shape: SearchShape, plan: SearchPlan) -> Scratch {
+    /// `shape.k` is the selection's k (the candidates of a rescored search).
+    fn carve(carver: &mut Carver, shape: SearchShape, plan: SearchPlan, rescored: bool) -> Scratch {
         let many = !scans(shape);
-        let halves = if shape.stored == Stored::F16 && many {
-            shape.q * shape.d
-        } else {
-            0
+        let (hi, lo) = match (shape.stored, many, rescored) {
+            (_, true, true) => (shape.q * shape.d, 0),
+            (Stored::F16, true, false) => (shape.q * shape.d, shape.q * shape.d),
+            _ => (0, 0),
         };
-        let decoded = if shape.stored.decodes() && many {
+        let decoded = if shape.stored.decodes() && many && !rescored {
             plan.chunk * shape.d
         } else {
             0
         };
+        let candidates = if rescored { shape.q * shape.k } else { 0 };
         Scratch {
             scores: carver.take(shape.q * plan.tile, 4),
-            q_hi: carver.take(halves, 2),
-            q_lo: carver.take(halves, 2),
+            q_hi: carver.take(hi, 2),
+            q_lo: carver.take(lo, 2),
             decoded: carver.take(decoded, 4),
             best_s: carver.take(plan.candidates(shape), 4),
             best_i: carver.take(plan.candidates(shape), 8),
             heads: carver.take(shape.q * plan.splits, 4),
+            cand_s: carver.take(candidates, 4),
+            cand_i: carver.take(candidates, 8),
         }
     }
 }
@@ -207,10 +268,28 @@ fn scans(shape: SearchShape) -> bool {
 /// current GPU; each warp then takes every (blocks × warps)-th row.
 const SCAN_BLOCKS: usize = 4096;
 
-/// Workspace bytes one search needs.
-pub fn workspace_bytes(shape: SearchShape, tiling: SearchTiling) -> usize {
+/// The shape the selection runs on: k widened to the candidates when `rescored`.
+fn selection(shape: SearchShape, rescored: bool) -> SearchShape {
+    match rescored {
+        true => SearchShape {
+            k: rescored_candidates(shape.k),
+            ..shape
+        },
+        false => shape,
+    }
+}
+
+/// Workspace bytes one search needs; `rescored` as [`rescores`] says when the caller gives
+/// [`SearchBuffers::unsure`], false otherwise.
+pub fn workspace_bytes(shape: SearchShape, tiling: SearchTiling, rescored: bool) -> usize {
+    let select = selection(shape, rescored);
     let mut carver = Carver::new(0);
-    Scratch::carve(&mut carver, shape, SearchPlan::new(shape, tiling));
+    Scratch::carve(
+        &mut carver,
+        select,
+        SearchPlan::new(select, tiling),
+        rescored,
+    );
     carver.bytes()
 }
 
@@ -231,7 +310,11 @@ pub fn search(
             format!("the GPU search keeps 1 to {MAX_K} per query, got {k}"),
         ));
     }
-    let large = k > SMALL_K;
+    let rescored = buf.unsure != 0 && rescores(shape);
+    // the selection keeps kc per query: the k results, or a rescored search's candidates
+    let select = selection(shape, rescored);
+    let kc = select.k;
+    let large = kc > SMALL_K;
     if large && n > i32::MAX as usize {
         // the large-k kernels keep row numbers in 32 bits
         return Err(crate::Error::invalid(
@@ -245,10 +328,10 @@ pub fn search(
     } else {
         ("topk_tile", "topk_merge", TOPK_THREADS, TOPK_THREADS / 32)
     };
-    let plan = SearchPlan::new(shape, tiling);
+    let plan = SearchPlan::new(select, tiling);
     let mut carver = Carver::new(buf.workspace);
-    let s = Scratch::carve(&mut carver, shape, plan);
-    let cands = plan.candidates(shape);
+    let s = Scratch::carve(&mut carver, select, plan, rescored);
+    let cands = plan.candidates(select);
     device.launch(
         "topk_reset",
         cands.div_ceil(256),
@@ -260,8 +343,20 @@ pub fn search(
         ],
     )?;
     let scan = scans(shape);
-    let (q_first, q_second) = if stored == Stored::F16 && !scan {
-        let count = q * d;
+    let count = q * d;
+    let (q_first, q_second) = if rescored {
+        device.launch(
+            &format!("round_queries_{}", stored.suffix()),
+            count.div_ceil(256),
+            256,
+            &[
+                Arg::Ptr(buf.queries),
+                Arg::Ptr(s.q_hi),
+                Arg::I64(count as i64),
+            ],
+        )?;
+        (s.q_hi, None)
+    } else if stored == Stored::F16 && !scan {
         device.launch(
             "split_half",
             count.div_ceil(256),
@@ -317,7 +412,7 @@ pub fn search(
                     Arg::I32(plan.tile as i32),
                 ],
             )?;
-        } else if stored.decodes() {
+        } else if stored.decodes() && !rescored {
             for first in (0..width).step_by(plan.chunk) {
                 let count = plan.chunk.min(width - first);
                 device.launch(
@@ -339,10 +434,10 @@ pub fn search(
                 )?;
             }
         } else {
-            let elem = if stored == Stored::F16 {
-                Elem::F16
-            } else {
-                Elem::F32
+            let elem = match stored {
+                Stored::F16 => Elem::F16,
+                Stored::Bf16 => Elem::Bf16,
+                _ => Elem::F32,
             };
             let rows = buf.rows + (lo * d * stored.size()) as u64;
             let tile_product = product(elem, rows, 0, width);
@@ -363,7 +458,7 @@ pub fn search(
                 Arg::I32(width as i32),
                 Arg::I32(plan.splits as i32),
                 Arg::I64(lo as i64),
-                Arg::I32(k as i32),
+                Arg::I32(kc as i32),
                 Arg::Ptr(s.best_s),
                 Arg::Ptr(s.best_i),
                 Arg::Ptr(buf.allowed),
@@ -371,14 +466,39 @@ pub fn search(
         )?;
     }
     let lists = [Arg::Ptr(s.best_s), Arg::Ptr(s.best_i)];
-    let sizes = [Arg::I32(plan.splits as i32), Arg::I32(k as i32)];
-    let outputs = [Arg::Ptr(buf.out_s), Arg::Ptr(buf.out_i)];
+    let sizes = [Arg::I32(plan.splits as i32), Arg::I32(kc as i32)];
+    let merged = match rescored {
+        true => (s.cand_s, s.cand_i),
+        false => (buf.out_s, buf.out_i),
+    };
+    let outputs = [Arg::Ptr(merged.0), Arg::Ptr(merged.1)];
     let args: Vec<Arg> = if large {
         [&lists[..], &sizes, &outputs].concat()
     } else {
         [&lists[..], &sizes, &[Arg::Ptr(s.heads)], &outputs].concat()
     };
-    device.launch(merge_kernel, q, select_threads, &args)
+    device.launch(merge_kernel, q, select_threads, &args)?;
+    if rescored {
+        device.launch(
+            &format!("rescore_{}", stored.suffix()),
+            q,
+            RESCORE_THREADS,
+            &[
+                Arg::Ptr(buf.rows),
+                Arg::Ptr(buf.queries),
+                Arg::I32(d as i32),
+                Arg::Ptr(s.cand_s),
+                Arg::Ptr(s.cand_i),
+                Arg::I32(kc as i32),
+                Arg::I32(k as i32),
+                Arg::F64(rescore_slack(d, stored)),
+                Arg::Ptr(buf.out_s),
+                Arg::Ptr(buf.out_i),
+                Arg::Ptr(buf.unsure),
+            ],
+        )?;
+    }
+    Ok(())
 }
 
 /// (Q, `k_out`) row-major from the (Q, `shape.k`) results: `k_out` may exceed the shape's k

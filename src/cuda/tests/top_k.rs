@@ -86,6 +86,21 @@ fn emulate_filtered_search(
     tiling: SearchTiling,
     allowed: Option<&[u32]>,
 ) -> (Vec<f32>, Vec<i64>) {
+    let (scores, ids, _) = emulate_any_search(rows, queries, k, stored, tiling, allowed, false);
+    (scores, ids)
+}
+
+/// [`emulate_filtered_search`], rescored where [`search::rescores`] (and `rescore`): also
+/// each query's unsure flag (all 0 on the exact route).
+fn emulate_any_search(
+    rows: &Array2<f32>,
+    queries: &Array2<f32>,
+    k: usize,
+    stored: Stored,
+    tiling: SearchTiling,
+    allowed: Option<&[u32]>,
+    rescore: bool,
+) -> (Vec<f32>, Vec<i64>, Vec<i32>) {
     let ((n, d), q) = (rows.dim(), queries.nrows());
     let shape = SearchShape { n, d, q, k, stored };
     let kept = SearchShape {
@@ -93,7 +108,10 @@ fn emulate_filtered_search(
         ..shape
     };
     let device_rows = store(rows, stored);
-    let mut workspace = vec![u64::MAX; search::workspace_bytes(kept, tiling) / 8 + 1];
+    let rescored = rescore && search::rescores(kept);
+    let bytes = search::workspace_bytes(kept, tiling, rescored);
+    let mut workspace = vec![u64::MAX; bytes / 8 + 1];
+    let mut unsure = vec![7i32; q];
     // garbage in the outputs and the workspace: the search must set every entry itself
     let mut out_s = vec![f32::NAN; q * kept.k];
     let mut out_i = vec![-7i64; q * kept.k];
@@ -109,9 +127,18 @@ fn emulate_filtered_search(
         out_s: out_s.as_mut_ptr() as u64,
         out_i: out_i.as_mut_ptr() as u64,
         allowed: allowed.map_or(0, |m| m.as_ptr() as u64),
+        unsure: if rescored {
+            unsure.as_mut_ptr() as u64
+        } else {
+            0
+        },
     };
     search::search(Emulator::get(), kept, &buffers, tiling).unwrap();
-    search::padded(&out_s, &out_i, kept, k)
+    let (scores, ids) = search::padded(&out_s, &out_i, kept, k);
+    if !rescored {
+        unsure.fill(0);
+    }
+    (scores, ids, unsure)
 }
 
 /// Exact top-k in f64 of the rows as stored.
@@ -440,12 +467,165 @@ fn memory_beyond_the_rows_fits_256_mib_at_1024_queries() {
     for stored in ALL_STORED {
         for k in [10, search::SMALL_K + 1, search::MAX_K] {
             let shape = SearchShape { n, d, q, k, stored };
-            let (_, scratch) = crate::cuda::gallery::host_queries_layout(shape, n.div_ceil(32));
+            // the rescored layout where there is one, and the exact route's (its fallback)
+            let scratch = [false, search::rescores(shape)]
+                .map(|rescored| {
+                    crate::cuda::gallery::host_queries_layout(shape, n.div_ceil(32), rescored).1
+                })
+                .into_iter()
+                .max()
+                .expect("two layouts");
             let row_bytes = d * stored.size() + if stored == Stored::I8 { 4 } else { 0 };
             let room = (crate::cuda::gallery::room_for(n) - n) * row_bytes;
             let ids_and_mask = crate::cuda::gallery::room_for(n) * (8 + 1);
             let beyond = (room + scratch + ids_and_mask) as f64 / (1 << 20) as f64;
             assert!(beyond <= 256.0, "{stored:?} k={k}: {beyond:.1} MiB");
+        }
+    }
+}
+
+/// A row mask of `n` rows (one bit each) with the bits of the rows `allowed` picks set.
+fn mask_of(n: usize, allowed: impl Fn(usize) -> bool) -> Vec<u32> {
+    let mut mask = vec![0u32; n.div_ceil(32)];
+    for r in (0..n).filter(|&r| allowed(r)) {
+        mask[r / 32] |= 1 << (r % 32);
+    }
+    mask
+}
+
+#[test]
+fn rescored_searches_of_16_bit_rows_equal_brute_force() {
+    // many queries over float16 / bfloat16 rows: one 16-bit GEMM picks k + max(k, 32)
+    // candidates, `rescore` ranks them exactly; several tiles and runs, k on the small
+    // selection (6: 38 candidates) and the large one (40: 80 candidates), with and without
+    // a filter
+    let rows = unit_rows(41, 700, 16);
+    let nq = search::SCAN_QUERIES + 2;
+    let mut queries = unit_rows(42, nq, 16);
+    queries.row_mut(1).assign(&rows.row(3)); // rows 3, 7, 11 tie at the top
+    let every_other = mask_of(700, |r| r % 2 == 1 || r == 3);
+    for stored in [Stored::F16, Stored::Bf16] {
+        for k in [6, 40] {
+            let shape = SearchShape {
+                n: 700,
+                d: 16,
+                q: nq,
+                k,
+                stored,
+            };
+            assert!(search::rescores(shape), "{stored:?} k={k}");
+            let tiling = SearchTiling {
+                run: 32,
+                score_budget_bytes: nq * 4 * 192,
+                run_per_k: 1,
+                ..SearchTiling::default()
+            };
+            for allowed in [None, Some(&every_other[..])] {
+                let case = format!("{stored:?} k={k} filtered={}", allowed.is_some());
+                let (scores, ids, unsure) =
+                    emulate_any_search(&rows, &queries, k, stored, tiling, allowed, true);
+                assert_eq!(unsure, vec![0; nq], "{case}: random rows are all sure");
+                let all = filtered_brute_force(&rows, &queries, 700, stored, allowed);
+                assert_matches(&(scores, ids.clone()), &all, k, &case);
+                // rows 7 and 11 are odd: the filter keeps all three ties
+                assert_eq!(&ids[k..k + 3], &[3, 7, 11], "{case}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_query_with_more_near_ties_than_spare_candidates_is_flagged_unsure() {
+    // rows 100..160 are one row repeated: a query equal to it finds 60 rows within rounding
+    // of its k-th, more than the 42 candidates kept for k = 10, so the rescore cannot vouch
+    // that no left-out row belongs in the k best; the other queries stay sure
+    let mut rows = unit_rows(43, 400, 16);
+    let copy = rows.row(100).to_owned();
+    for r in 101..160 {
+        rows.row_mut(r).assign(&copy);
+    }
+    let nq = search::SCAN_QUERIES + 1;
+    let mut queries = unit_rows(44, nq, 16);
+    queries.row_mut(2).assign(&copy);
+    for stored in [Stored::F16, Stored::Bf16] {
+        let (_, ids, unsure) = emulate_any_search(
+            &rows,
+            &queries,
+            10,
+            stored,
+            SearchTiling::default(),
+            None,
+            true,
+        );
+        let flagged: Vec<usize> = (0..nq).filter(|&q| unsure[q] != 0).collect();
+        assert_eq!(flagged, vec![2], "{stored:?}");
+        // what it returns is still ten of the repeated rows
+        assert!(
+            ids[20..30].iter().all(|i| (100..160).contains(i)),
+            "{stored:?}"
+        );
+        // a filter that leaves ten of them: all are among the candidates, and it is sure
+        let few = mask_of(400, |r| !(110..160).contains(&r));
+        let (_, _, unsure) = emulate_any_search(
+            &rows,
+            &queries,
+            10,
+            stored,
+            SearchTiling::default(),
+            Some(&few),
+            true,
+        );
+        assert_eq!(unsure, vec![0; nq], "{stored:?} filtered");
+    }
+}
+
+/// float64 `v` rounded to the rows' 16-bit type, as `round_queries` does.
+fn round_to(stored: Stored, v: f32) -> f64 {
+    match stored {
+        Stored::F16 => half::f16::from_f32(v).to_f64(),
+        _ => half::bf16::from_f32(v).to_f64(),
+    }
+}
+
+/// A float32 dot product summed in order.
+fn f32_dot(a: impl Iterator<Item = f64>, b: impl Iterator<Item = f64>) -> f64 {
+    a.zip(b).fold(0f32, |s, (x, y)| s + x as f32 * y as f32) as f64
+}
+
+#[test]
+fn rescore_slack_bounds_the_16_bit_score_against_the_exact_one() {
+    // the worst row for a query points along its rounding error; queries with many tiny
+    // components reach float16's subnormals; float32 sums in order on both sides
+    for stored in [Stored::F16, Stored::Bf16] {
+        for d in [16, 512] {
+            let slack = search::rescore_slack(d, stored);
+            let mut queries = unit_rows(45, 8, d);
+            for c in 0..d {
+                // mostly components near 2^-20 (subnormal in float16), one large
+                queries[[0, c]] = if c == 0 { 1.0 } else { 3e-7 };
+            }
+            let norm = queries.row(0).dot(&queries.row(0)).sqrt();
+            queries.row_mut(0).mapv_inplace(|v| v / norm);
+            let mut worst: f64 = 0.0;
+            for q in queries.rows() {
+                let rounded: Vec<f64> = q.iter().map(|&v| round_to(stored, v)).collect();
+                let exact: Vec<f64> = q.iter().map(|&v| v as f64).collect();
+                // the row along the rounding error (stored in the 16-bit type), and random rows
+                let err: Vec<f64> = rounded.iter().zip(&exact).map(|(r, e)| r - e).collect();
+                let norm = err.iter().map(|e| e * e).sum::<f64>().sqrt().max(1e-30);
+                let along = Array2::from_shape_fn((1, d), |(_, c)| (err[c] / norm) as f32);
+                let random = unit_rows(46, 20, d);
+                let candidates = ndarray::concatenate![ndarray::Axis(0), along, random];
+                for g in store(&candidates, stored).values.rows() {
+                    let gemm = f32_dot(rounded.iter().copied(), g.iter().copied());
+                    let rescored = f32_dot(exact.iter().copied(), g.iter().copied());
+                    let truth: f64 = exact.iter().zip(g).map(|(a, b)| a * b).sum();
+                    worst = worst.max((gemm - rescored).abs()).max((gemm - truth).abs());
+                }
+            }
+            assert!(worst <= slack, "{stored:?} d={d}: {worst} > {slack}");
+            // and the bound is not loose by orders of magnitude
+            assert!(worst > slack / 64.0, "{stored:?} d={d}: {worst} << {slack}");
         }
     }
 }

@@ -103,6 +103,26 @@ def test_gallery_filters_run_on_cuda_and_equal_the_cpu_gallery():
         gpu.search(queries, k=3, allow=allow, deny=deny)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_many_queries_over_16_bit_rows_equal_the_cpu_gallery_sure_or_not(dtype):
+    # more than 16 queries over 16-bit rows: one 16-bit GEMM and an exact rescore of the
+    # candidates; rows 100..160 are one row repeated, so a query equal to it has more
+    # near-ties than spare candidates and is searched again by the exact route
+    rng = np.random.default_rng(3)
+    emb = rng.standard_normal((500, 16)).astype(np.float32)
+    emb[100:160] = emb[100]
+    queries = np.vstack([emb[100], emb[:3], rng.standard_normal((16, 16))]).astype(np.float32)
+    cpu, gpu = _cpu_and_cuda_galleries(dtype, emb, np.arange(500))
+    for k in (1, 10, 40, 100, 300):  # 300: more candidates than rows, the exact route
+        _assert_same_results(gpu, cpu, queries, k)
+        # the tied rows in row order, as the CPU gallery gives them
+        np.testing.assert_array_equal(
+            gpu.search(queries, k=k)[1][0, : min(k, 60)], np.arange(100, 100 + min(k, 60))
+        )
+    allow = np.arange(0, 500, 2)
+    _assert_same_results(gpu, cpu, queries, 10, allow=allow)
+
+
 @pytest.fixture
 def cpu_stream(monkeypatch):
     """torch's stream queries answer for the fake device (the tensors are CPU tensors)."""
