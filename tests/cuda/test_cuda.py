@@ -534,6 +534,31 @@ def test_gpu_gallery_search_equals_the_cpu_search(dtype, q, k):
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gpu_gallery_many_queries_among_more_ties_than_candidates(dtype):
+    # more than 16 queries over 16-bit rows rank by one 16-bit GEMM and rescore k + 32
+    # candidates; 200 equal rows tie a query beyond its spare candidates, so that query is
+    # searched again by the exact route; the rest must be vouched for by the rescore's bound
+    rng = np.random.default_rng(7)
+    emb = rng.standard_normal((30000, 128)).astype(np.float32)
+    emb[1000:1200] = emb[1000]
+    queries = np.vstack([emb[1000], emb[:40], rng.standard_normal((40, 128))])
+    cpu, gpu = afr.Gallery(128, dtype), afr.Gallery(128, dtype, device="cuda")
+    for g in (cpu, gpu):
+        g.add(emb)
+    for k in (10, 100):
+        want_s, want_i = cpu.search(queries, k=k + 1)
+        got_s, got_i = gpu.search(queries, k=k)
+        np.testing.assert_allclose(got_s, want_s[:, :k], rtol=0, atol=2e-6)
+        np.testing.assert_array_equal(got_i[0], np.arange(1000, 1000 + k))
+        differ = got_i != want_i[:, :k]
+        gaps = np.abs(np.diff(want_s, axis=1))
+        near = gaps <= 4e-6
+        near[:, 1:] |= gaps[:, :-1] <= 4e-6
+        assert not (differ & ~near).any()
+
+
+@needs_gpu
 def test_gpu_gallery_follows_changes_and_identifies(tmp_path):
     rng = np.random.default_rng(1)
     emb = rng.standard_normal((500, 32)).astype(np.float32)
