@@ -480,6 +480,35 @@ def test_gpu_step_captured_in_a_cuda_graph_replays_like_eager():
     aft.check_cuda_errors()  # reads the graph's flags too
 
 
+@needs_gpu
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: aft.ArcFaceHead(64, 500),
+        lambda: aft.AdaFaceHead(64, 500),
+        lambda: aft.MagFaceHead(64, 500),
+        lambda: aft.CurricularFaceHead(64, 500),
+        lambda: aft.ElasticFaceHead(64, 500, plus=True, seed=0),
+    ],
+    ids=["arcface", "adaface", "magface", "curricularface", "elasticface_plus"],
+)
+def test_gpu_training_step_never_waits_for_the_gpu(make):
+    """torch's sync debug mode raises on any copy to the host or wait that torch makes: a
+    warmed-up step of each head (statistics, draws, bad-row flags) makes none."""
+    head = make().cuda()
+    emb, _, labels = _problem(32, 64, 500, torch.float32, seed=18)
+    emb, labels = emb.cuda(), labels.cuda()
+    _step(head, emb, labels)  # warm up: kernels loaded, the margin's block uploaded
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            _step(head, emb, labels)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    aft.check_cuda_errors()
+
+
 # ---------------------------------------------------------------------------------------
 # Gallery(device=...)
 

@@ -230,3 +230,46 @@ def test_adaface_statistics_skip_a_batch_with_a_non_finite_row():
         spoiled[1, 2] = bad
         mean, std = head._next_statistics(spoiled)
         assert (float(mean), float(std)) == (5.0, 2.0)
+
+
+def _numpy_target_cos(emb, weight, labels):
+    """Target cosines from the definition in float64 NumPy, NaN for ignored rows."""
+    x = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    w = weight / np.linalg.norm(weight, axis=1, keepdims=True)
+    cos = np.einsum("bd,bd->b", x, w[np.maximum(labels, 0)])
+    return np.where(labels >= 0, cos, np.nan)
+
+
+def test_elasticface_plus_ranks_its_draws_where_the_batch_is_as_on_the_host(monkeypatch):
+    """The torch route places ElasticFace+'s sorted draws with torch ops on the batch's device
+    (no copy to the host, so a GPU step does not wait); the blocks equal the host's
+    placement from the same generator, ties (equal rows, ignored rows) in row order."""
+    from arcface_rs.torch import _rows
+
+    emb, weight, labels = make_problem(16, 8, 5, seed=9, ignore=3)
+    emb[10] = emb[4]  # equal rows of one class: equal cosines, kept in row order
+    labels[10] = labels[4] if labels[4] >= 0 else 2
+    labels[4] = labels[10]
+    host = afr.ElasticFace(std=0.2, plus=True, seed=11)
+    on_host = host.batch_rows(lambda: np.ones(16), lambda: _numpy_target_cos(emb, weight, labels))
+    reads = []
+    for name in ("cpu", "numpy", "item", "tolist", "__bool__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    device = afr.ElasticFace(std=0.2, plus=True, seed=11)
+    t = [torch.tensor(a) for a in (emb, weight, labels)]
+    blocks = _rows.rows_of(device, *t)
+    monkeypatch.undo()
+    assert reads == []
+    np.testing.assert_array_equal(blocks.numpy(), on_host)
+    # the smallest draw to the row closest to its centre, ignored rows ranked as cosine 0
+    cos = np.nan_to_num(_numpy_target_cos(emb, weight, labels), nan=0.0)
+    assert blocks[int(np.argmax(cos)), 2] == blocks[:, 2].min()
+    # both generators moved on alike once accepted
+    host.commit(), device.commit()
+    assert host.rng_state == device.rng_state

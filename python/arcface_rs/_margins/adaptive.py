@@ -4,7 +4,7 @@ statistics) and MagFace (feature norms)."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -84,6 +84,19 @@ class ElasticFace(StatefulMargin):
 
     def batch_rows(self, norms: Any, target_cos: Any, step: bool = True) -> np.ndarray | None:
         n = len(norms())
+        if not self.plus:
+            return self._placed_rows(n, lambda blocks: blocks)
+
+        def by_target_cos(ascending: np.ndarray) -> np.ndarray:
+            return place_by_rank(ascending, np.nan_to_num(target_cos(), nan=0.0))
+
+        return self._placed_rows(n, by_target_cos)
+
+    def _placed_rows(self, n: int, place: Callable[[np.ndarray], Any]) -> Any:
+        """One call's (n, P) blocks, drawn (ascending for ElasticFace+) and given to ``place``,
+        which puts them in row order (see ``place_by_rank``) where the target cosines live: a
+        GPU batch ranks them on the device, so the host does not wait. Staged as
+        ``batch_rows`` stages; returns what ``place`` returns."""
         # drawn from a copy of the generator: it moves on only when the call is accepted
         rng = np.random.default_rng()
         rng.bit_generator.state = self._rng.bit_generator.state
@@ -91,14 +104,19 @@ class ElasticFace(StatefulMargin):
         upper = math.pi - 1e-9 if self.kind == "arc" else np.inf
         draws = np.clip(draws, 0.0, upper)
         if self.plus:
-            cos = np.nan_to_num(target_cos(), nan=0.0)
-            order = np.argsort(-cos, kind="stable")  # closest to its centre first
-            ranked = np.empty(n)
-            ranked[order] = np.sort(draws)
-            draws = ranked
+            draws = np.sort(draws)
         blocks = np.tile(np.asarray(self._block, dtype=np.float64), (n, 1))
         blocks[:, 2] = draws
-        return self._stage(blocks, rng_state=rng.bit_generator.state)
+        return self._stage(place(blocks), rng_state=rng.bit_generator.state)
+
+
+def place_by_rank(ascending: np.ndarray, cos: np.ndarray) -> np.ndarray:
+    """ElasticFace+'s placement: the row with the largest target cosine (closest to its
+    centre) gets the first of the ``ascending`` blocks (the smallest margin), ties in row
+    order."""
+    placed = np.empty_like(ascending)
+    placed[np.argsort(-cos, kind="stable")] = ascending
+    return placed
 
 
 class AdaFace(StatefulMargin):

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._margins import Margin
+from .._margins import ElasticFace, Margin
+from ._cuda import rows_on
 
 
 def encode(margin: Margin) -> tuple[list[float], Tensor | None]:
@@ -46,18 +47,38 @@ def rows_of(
     def norms() -> ReadLater:
         return ReadLater(x.to(torch.float64).norm(dim=1))
 
-    def target_cos() -> np.ndarray:
+    def target_cos_here() -> Tensor:
+        """(B,) float64 target cosines where the batch is, NaN for ignored rows, and for
+        every row when a label or the shape is bad (the op names it next)."""
         y = labels.to(torch.int64)
         k = sub_centers
         classes = w.shape[0] // k
-        if w.shape[0] % k or bool(((y < -1) | (y >= classes)).any()):
-            return np.full(len(y), math.nan)  # the op names the bad shape or label next
+        if w.shape[0] % k:
+            return torch.full(y.shape, math.nan, dtype=torch.float64, device=x.device)
         centres = unit_rows(w.reshape(classes, k, -1)[y.clamp(0, classes - 1)])
         c = (unit_rows(x)[:, None, :] * centres).sum(dim=2).amax(dim=1).clamp(-1.0, 1.0)
-        return torch.where(y >= 0, c, torch.full_like(c, math.nan)).cpu().numpy()
+        c = torch.where(y >= 0, c, torch.full_like(c, math.nan))
+        # a bad label spoils the batch, as on the host (no test of it here: that would wait)
+        bad = ((y < -1) | (y >= classes)).any()
+        return torch.where(bad, torch.full_like(c, math.nan), c)
 
-    blocks = margin.batch_rows(norms, target_cos, step)
+    if isinstance(margin, ElasticFace) and margin.plus:
+        # ElasticFace+ ranks its draws by the target cosines where they are: no wait
+        return margin._placed_rows(len(x), lambda blocks: placed_here(blocks, target_cos_here()))
+
+    blocks = margin.batch_rows(norms, lambda: target_cos_here().cpu().numpy(), step)
     return None if blocks is None else torch.from_numpy(blocks)
+
+
+def placed_here(ascending: np.ndarray, cos: Tensor) -> Tensor:
+    """``place_by_rank`` (ElasticFace+'s placement) on the cosines' device: the ascending
+    blocks go there (from a GPU's host, a pinned copy queued on the stream) and are scattered
+    by the stable ranking of the cosines, NaN as 0, as ``place_by_rank`` ranks them."""
+    blocks = rows_on(torch.from_numpy(ascending), cos.device)
+    order = torch.argsort(-torch.nan_to_num(cos, nan=0.0), stable=True)
+    placed = torch.empty_like(blocks)
+    placed[order] = blocks
+    return placed
 
 
 class ReadLater:
