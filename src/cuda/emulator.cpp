@@ -160,7 +160,8 @@ static const Entry entries[] = {
     ENTRY(decode_rows_bf16),  ENTRY(decode_rows_i8),
     ENTRY(topk_tile_large),   ENTRY(topk_merge_large), ENTRY(unit_queries),
     ENTRY(finish_results),    ENTRY(round_queries_f16), ENTRY(round_queries_bf16),
-    ENTRY(rescore_f16),       ENTRY(rescore_bf16),
+    ENTRY(rescore_f32),       ENTRY(rescore_f16),      ENTRY(rescore_bf16),
+    ENTRY(rescore_i8),
     ENTRY(margin_grid),       ENTRY4(scale_unless_one),
 };
 

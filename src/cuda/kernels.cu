@@ -1304,10 +1304,11 @@ extern "C" __global__ void split_half(const float* x, unsigned short* hi, unsign
 }
 
 // ---------------------------------------------------------------------------------------
-// Many queries over float16 / bfloat16 rows, rescored: one 16-bit GEMM (the query rounded
-// to the rows' type) ranks the rows, the selection keeps kc > k candidates per query by
-// those scores, and `rescore` recomputes the candidates' scores exactly (float32 query x
-// stored row, float32 sums, as `score_rows` does) and keeps the best k. The GEMM's score of
+// Many queries, rescored: one GEMM on tensor cores ranks the rows (float16 / bfloat16 rows
+// against the query rounded to their type; float32 and decoded int8 rows as TF32), the
+// selection keeps kc > k candidates per query by those scores, and `rescore` recomputes
+// the candidates' scores exactly (float32 query x stored row, float32 sums, times int8's
+// scale, as `score_rows` does) and keeps the best k. The GEMM's score of
 // a row is within `slack` of its exact one (the bound is derived in search.rs); so when the
 // kc-th candidate's GEMM score plus `slack` is below the k-th exact score, no row left out
 // could have entered the k best, and the query is sure. Otherwise `unsure[q]` is set and
@@ -1321,7 +1322,8 @@ __device__ void round_queries(const float* x, S* out, long long n) {
 
 #define RESCORE_THREADS 256
 template <typename S>
-__device__ void rescore(const S* rows, const float* queries, int d, const float* cand_s,
+__device__ void rescore(const S* rows, const float* scales, const float* queries, int d,
+                        const float* cand_s,
                         const long long* cand_i, int kc, int k, double slack, float* out_s,
                         long long* out_i, int* unsure) {
     __shared__ float exact[TOPK_LARGE_MAX];
@@ -1338,6 +1340,7 @@ __device__ void rescore(const S* rows, const float* queries, int d, const float*
             for (int j = lane; j < d; j += 32) s += widen(rows[r * d + j]) * query[j];
         for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
         if (lane == 0) {
+            if (r >= 0 && scales != nullptr) s *= scales[r];
             exact[c] = r >= 0 ? s : -INFINITY;
             row_of[c] = r >= 0 ? r : NO_ROW;
         }
@@ -1365,15 +1368,22 @@ __device__ void rescore(const S* rows, const float* queries, int d, const float*
     }
 }
 
-#define ENTRY_RESCORE(S, N)                                                                   \
+#define ENTRY_ROUND_QUERIES(S, N)                                                             \
     extern "C" __global__ void round_queries_##N(const float* x, S* out, long long n) {      \
         round_queries<S>(x, out, n);                                                          \
-    }                                                                                         \
-    extern "C" __global__ void rescore_##N(const S* rows, const float* queries, int d,       \
-                                           const float* cand_s, const long long* cand_i,      \
-                                           int kc, int k, double slack, float* out_s,         \
-                                           long long* out_i, int* unsure) {                   \
-        rescore<S>(rows, queries, d, cand_s, cand_i, kc, k, slack, out_s, out_i, unsure);     \
     }
+#define ENTRY_RESCORE(S, N)                                                                   \
+    extern "C" __global__ void rescore_##N(const S* rows, const float* scales,               \
+                                           const float* queries, int d, const float* cand_s,  \
+                                           const long long* cand_i, int kc, int k,            \
+                                           double slack, float* out_s, long long* out_i,      \
+                                           int* unsure) {                                     \
+        rescore<S>(rows, scales, queries, d, cand_s, cand_i, kc, k, slack, out_s, out_i,      \
+                   unsure);                                                                   \
+    }
+ENTRY_ROUND_QUERIES(f16, f16)
+ENTRY_ROUND_QUERIES(bf16, bf16)
+ENTRY_RESCORE(float, f32)
 ENTRY_RESCORE(f16, f16)
 ENTRY_RESCORE(bf16, bf16)
+ENTRY_RESCORE(signed char, i8)

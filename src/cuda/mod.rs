@@ -103,8 +103,10 @@ pub const ENTRY_POINTS: &[&str] = &[
     "split_half",
     "round_queries_f16",
     "round_queries_bf16",
+    "rescore_f32",
     "rescore_f16",
     "rescore_bf16",
+    "rescore_i8",
     "margin_grid",
 ];
 

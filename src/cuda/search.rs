@@ -7,14 +7,15 @@
 //! score read once). After the last tile `topk_merge` merges each query's run lists into its
 //! final k, so only (Q, k) is copied back.
 //!
-//! cuBLAS has no float32 × float16 (or × bfloat16) product, so many queries over 16-bit rows
-//! take one of two exact routes. Rescored (the caller gives [`SearchBuffers::unsure`]): one
-//! GEMM of the query rounded to the rows' type ranks the rows, the selection keeps
-//! [`rescored_candidates`] per query, and `rescore` recomputes those exactly and keeps the
-//! best k; a query whose candidates could have missed a row (see [`rescore_slack`]) is
-//! flagged for the exact route. Exact: a float16 gallery multiplies the float32 query split
-//! into two float16 halves (hi + 2⁻¹² lo, see `split_half`), reading the rows twice; a
-//! bfloat16 one decodes chunks of rows to float32 for a float32 GEMM.
+//! Many queries take one of two exact routes. Rescored (the caller gives
+//! [`SearchBuffers::unsure`]): one GEMM on tensor cores ranks the rows (float16 / bfloat16
+//! rows against the query rounded to their type, float32 and decoded int8 rows as TF32),
+//! the selection keeps [`rescored_candidates`] per query, and `rescore` recomputes those
+//! exactly and keeps the best k; a query whose candidates could have missed a row (see
+//! [`rescore_slack`]) is flagged for the exact route. Exact (cuBLAS has no float32 ×
+//! float16 product): a float16 gallery multiplies the float32 query split into two float16
+//! halves (hi + 2⁻¹² lo, see `split_half`), reading the rows twice; bfloat16 and int8 ones
+//! decode chunks of rows to float32; float32 GEMMs without TF32.
 
 use super::device::{gemm, Arg, Carver, Device, Elem, RowMajorGemm};
 use crate::Result;
@@ -37,10 +38,11 @@ const RESCORE_THREADS: usize = 256;
 pub const SCAN_QUERIES: usize = 16;
 /// Warps per block of `score_rows`.
 const SCAN_WARPS: usize = 8;
-/// Most memory the score tile may take: with the decoded chunk, the candidate lists and the
-/// copy's room for added rows, a search of 1024 queries over 1M rows stays within 256 MiB
-/// beyond the stored rows; the tile's GEMM (1024 x 40960 x D at Q=1024) is still large.
-pub const SCORE_BUDGET_BYTES: usize = 160 << 20;
+/// Most memory the score tile may take: with the decoded chunk, the candidate lists (a
+/// rescored search's twice as long) and the copy's room for added rows, a search of 1024
+/// queries over 1M rows stays within 256 MiB beyond the stored rows; the tile's GEMM
+/// (1024 x 36864 x D at Q=1024) is still large.
+pub const SCORE_BUDGET_BYTES: usize = 144 << 20;
 /// Most memory a chunk of bfloat16 / int8 rows decoded to float32 for a GEMM may take.
 pub const DECODE_BUDGET_BYTES: usize = 32 << 20;
 
@@ -72,12 +74,6 @@ impl Stored {
             Stored::Bf16 => "bf16",
             Stored::I8 => "i8",
         }
-    }
-
-    /// Whether many queries decode chunks of rows to float32 before the GEMM (cuBLAS has no
-    /// exact float32 x bfloat16 or float32 x int8 product).
-    fn decodes(self) -> bool {
-        matches!(self, Stored::Bf16 | Stored::I8)
     }
 }
 
@@ -173,7 +169,7 @@ pub struct SearchBuffers {
     pub unsure: u64,
 }
 
-/// Candidates beyond k a rescored search keeps at least: the rows whose 16-bit scores sit
+/// Candidates beyond k a rescored search keeps at least: the rows whose GEMM scores sit
 /// just below the k-th exact one (within [`rescore_slack`]) must all be among them.
 const RESCORE_PAD: usize = 32;
 
@@ -183,33 +179,63 @@ pub fn rescored_candidates(k: usize) -> usize {
 }
 
 /// Whether a search of `shape` is rescored when the caller gives [`SearchBuffers::unsure`]:
-/// many queries over float16 or bfloat16 rows, with the candidates within [`MAX_K`] and
-/// fewer than the rows (a small gallery takes the exact route).
+/// many queries, with the candidates within [`MAX_K`] and fewer than the rows (a small
+/// gallery takes the exact route).
 pub fn rescores(shape: SearchShape) -> bool {
     let kc = rescored_candidates(shape.k);
-    !scans(shape)
-        && matches!(shape.stored, Stored::F16 | Stored::Bf16)
-        && kc <= MAX_K
-        && kc < shape.n
+    !scans(shape) && kc <= MAX_K && kc < shape.n
 }
 
-/// A bound on |GEMM score - rescored score| of any row in a rescored search of unit
-/// queries over stored rows of norm at most 1 + u (u the rows' rounding: 2^-11 float16,
-/// 2^-8 bfloat16). With q' the query rounded to the rows' type and g a row:
-/// - |q'·g - q·g| <= ||q' - q|| ||g||, and each |q'_j - q_j| <= u |q_j| (+ 2^-25 where
-///   float16 is subnormal), so this part is at most (u + 2^-25 sqrt(d)) (1 + u);
+/// Whether many queries decode chunks of rows to float32 before the GEMM: cuBLAS has no
+/// float32 x bfloat16 or float32 x int8 product, and int8 none that keeps each row's scale;
+/// a rescored search multiplies bfloat16 rows as they are.
+fn decodes(stored: Stored, rescored: bool) -> bool {
+    match stored {
+        Stored::Bf16 => !rescored,
+        Stored::I8 => true,
+        _ => false,
+    }
+}
+
+/// Whether a rescored search's GEMM multiplies the query rounded to the rows' 16-bit type
+/// (float16, bfloat16); float32 and decoded int8 rows run TF32 GEMMs instead.
+fn rounds_queries(stored: Stored) -> bool {
+    matches!(stored, Stored::F16 | Stored::Bf16)
+}
+
+/// A bound on |GEMM score - rescored score| of any row in a rescored search of `d`-long
+/// unit queries q over rows g stored as `stored` (every row was a unit vector before it was
+/// stored). The GEMM reads q' and g': the query rounded to float16 / bfloat16 and the row as
+/// stored, or both rounded to TF32 for float32 and (decoded) int8 rows. Then
+/// |q'·g' - q·g| <= ||q' - q|| ||g'|| + ||q|| ||g' - g||, with, per element:
+/// - float16: |q'_j - q_j| <= 2^-11 |q_j| + 2^-25 (subnormal), so ||q' - q|| is at most
+///   2^-11 ||q|| plus 2^-25 sqrt(d); bfloat16: 2^-8 ||q||; TF32 (10 stored bits, rounded or
+///   truncated): 2^-10 of the norm for q and for g, and 2^-23 more for int8's code * scale
+///   in float32;
+/// - ||q|| <= 1 + d 2^-24 (a float32 normalisation), and the rows' norms: float32 the same,
+///   float16 and bfloat16 that times 1 + u (2^-11 + 2^-25 sqrt(d), 2^-8), int8 plus
+///   sqrt(d) / 254 (each code within half a step of max |g_j| / 127 <= 1 / 127);
 /// - each float32 sum of d products (the GEMM's, in whatever order and rounding its tensor
-///   cores use, and the rescore's) is within d 2^-23 of sum |q_j g_j| <= (1 + u)^2 of its
-///   exact value: 2 d 2^-23 (1 + u)^2 for both.
+///   cores use, and the rescore's) is within d 2^-23 of sum |a_j b_j| <= ||a|| ||b|| of its
+///   exact value, and int8's product by the scale adds 2^-23 of the score.
 ///
 /// The kernel compares in float64, so nothing is added for that comparison.
 pub fn rescore_slack(d: usize, stored: Stored) -> f64 {
-    let (u, subnormal) = match stored {
-        Stored::F16 => (2f64.powi(-11), 2f64.powi(-25)),
-        _ => (2f64.powi(-8), 0.0),
+    let (d, ulp) = (d as f64, |e: i32| 2f64.powi(e));
+    let unit = 1.0 + d * ulp(-24);
+    let f16 = ulp(-11) + ulp(-25) * d.sqrt();
+    // relative errors of the GEMM's query and row, and the stored rows' largest norm
+    let (query_err, row_err, row_norm) = match stored {
+        Stored::F16 => (f16, 0.0, unit * (1.0 + f16)),
+        Stored::Bf16 => (ulp(-8), 0.0, unit * (1.0 + ulp(-8))),
+        Stored::F32 => (ulp(-10), ulp(-10), unit),
+        Stored::I8 => (ulp(-10), ulp(-10) + ulp(-23), unit + d.sqrt() / 254.0),
     };
-    let d = d as f64;
-    (u + subnormal * d.sqrt()) * (1.0 + u) + 2.0 * d * 2f64.powi(-23) * (1.0 + u).powi(2)
+    let (q_err, g_err) = (query_err * unit, row_err * row_norm);
+    let product = q_err * (row_norm + g_err) + unit * g_err;
+    let gemm_sum = d * ulp(-23) * (unit + q_err) * (row_norm + g_err);
+    let rescore_sum = (d + 1.0) * ulp(-23) * unit * row_norm;
+    product + gemm_sum + rescore_sum
 }
 
 struct Scratch {
@@ -235,11 +261,11 @@ impl Scratch {
     fn carve(carver: &mut Carver, shape: SearchShape, plan: SearchPlan, rescored: bool) -> Scratch {
         let many = !scans(shape);
         let (hi, lo) = match (shape.stored, many, rescored) {
-            (_, true, true) => (shape.q * shape.d, 0),
+            (stored, true, true) if rounds_queries(stored) => (shape.q * shape.d, 0),
             (Stored::F16, true, false) => (shape.q * shape.d, shape.q * shape.d),
             _ => (0, 0),
         };
-        let decoded = if shape.stored.decodes() && many && !rescored {
+        let decoded = if decodes(shape.stored, rescored) && many {
             plan.chunk * shape.d
         } else {
             0
@@ -344,7 +370,7 @@ pub fn search(
     )?;
     let scan = scans(shape);
     let count = q * d;
-    let (q_first, q_second) = if rescored {
+    let (q_first, q_second) = if rescored && rounds_queries(stored) {
         device.launch(
             &format!("round_queries_{}", stored.suffix()),
             count.div_ceil(256),
@@ -356,7 +382,7 @@ pub fn search(
             ],
         )?;
         (s.q_hi, None)
-    } else if stored == Stored::F16 && !scan {
+    } else if stored == Stored::F16 && !scan && !rescored {
         device.launch(
             "split_half",
             count.div_ceil(256),
@@ -375,11 +401,12 @@ pub fn search(
     for lo in (0..n).step_by(plan.tile) {
         let width = plan.tile.min(n - lo);
         // scores of columns first..first + count of the tile against rows at `rows`
+        // float32 products run as TF32 only where the candidates are rescored
         let product = |elem: Elem, rows: u64, first: usize, count: usize| {
             move |a: u64, alpha: f64, beta: f64| RowMajorGemm {
                 elem,
                 out: Elem::F32,
-                tf32: false,
+                tf32: rescored && elem == Elem::F32,
                 trans_a: false,
                 trans_b: true,
                 m: q,
@@ -412,7 +439,7 @@ pub fn search(
                     Arg::I32(plan.tile as i32),
                 ],
             )?;
-        } else if stored.decodes() && !rescored {
+        } else if decodes(stored, rescored) {
             for first in (0..width).step_by(plan.chunk) {
                 let count = plan.chunk.min(width - first);
                 device.launch(
@@ -485,6 +512,7 @@ pub fn search(
             RESCORE_THREADS,
             &[
                 Arg::Ptr(buf.rows),
+                Arg::Ptr(buf.scales),
                 Arg::Ptr(buf.queries),
                 Arg::I32(d as i32),
                 Arg::Ptr(s.cand_s),

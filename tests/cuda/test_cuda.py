@@ -563,11 +563,12 @@ def test_gpu_gallery_search_equals_the_cpu_search(dtype, q, k):
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
 def test_gpu_gallery_many_queries_among_more_ties_than_candidates(dtype):
-    # more than 16 queries over 16-bit rows rank by one 16-bit GEMM and rescore k + 32
-    # candidates; 200 equal rows tie a query beyond its spare candidates, so that query is
-    # searched again by the exact route; the rest must be vouched for by the rescore's bound
+    # more than 16 queries rank by one GEMM on tensor cores (16-bit, or TF32 for float32 and
+    # int8) and rescore k + max(k, 32) candidates; 200 equal rows tie a query beyond its
+    # spare candidates, so that query is searched again by the exact route; the rest must be
+    # vouched for by the rescore's bound
     rng = np.random.default_rng(7)
     emb = rng.standard_normal((30000, 128)).astype(np.float32)
     emb[1000:1200] = emb[1000]

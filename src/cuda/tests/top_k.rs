@@ -494,17 +494,17 @@ fn mask_of(n: usize, allowed: impl Fn(usize) -> bool) -> Vec<u32> {
 }
 
 #[test]
-fn rescored_searches_of_16_bit_rows_equal_brute_force() {
-    // many queries over float16 / bfloat16 rows: one 16-bit GEMM picks k + max(k, 32)
-    // candidates, `rescore` ranks them exactly; several tiles and runs, k on the small
-    // selection (6: 38 candidates) and the large one (40: 80 candidates), with and without
-    // a filter
+fn rescored_searches_equal_brute_force_in_every_storage_type() {
+    // many queries: one GEMM (16-bit, or TF32 for float32 and decoded int8 rows) picks
+    // k + max(k, 32) candidates, `rescore` ranks them exactly; several tiles and runs (int8
+    // decoded in chunks of 48 rows), k on the small selection (6: 38 candidates) and the
+    // large one (40: 80 candidates), with and without a filter
     let rows = unit_rows(41, 700, 16);
     let nq = search::SCAN_QUERIES + 2;
     let mut queries = unit_rows(42, nq, 16);
     queries.row_mut(1).assign(&rows.row(3)); // rows 3, 7, 11 tie at the top
     let every_other = mask_of(700, |r| r % 2 == 1 || r == 3);
-    for stored in [Stored::F16, Stored::Bf16] {
+    for stored in ALL_STORED {
         for k in [6, 40] {
             let shape = SearchShape {
                 n: 700,
@@ -518,7 +518,7 @@ fn rescored_searches_of_16_bit_rows_equal_brute_force() {
                 run: 32,
                 score_budget_bytes: nq * 4 * 192,
                 run_per_k: 1,
-                ..SearchTiling::default()
+                decode_budget_bytes: 48 * 16 * 4,
             };
             for allowed in [None, Some(&every_other[..])] {
                 let case = format!("{stored:?} k={k} filtered={}", allowed.is_some());
@@ -547,7 +547,7 @@ fn a_query_with_more_near_ties_than_spare_candidates_is_flagged_unsure() {
     let nq = search::SCAN_QUERIES + 1;
     let mut queries = unit_rows(44, nq, 16);
     queries.row_mut(2).assign(&copy);
-    for stored in [Stored::F16, Stored::Bf16] {
+    for stored in ALL_STORED {
         let (_, ids, unsure) = emulate_any_search(
             &rows,
             &queries,
@@ -579,11 +579,28 @@ fn a_query_with_more_near_ties_than_spare_candidates_is_flagged_unsure() {
     }
 }
 
-/// float64 `v` rounded to the rows' 16-bit type, as `round_queries` does.
-fn round_to(stored: Stored, v: f32) -> f64 {
+/// A float32 value as a TF32 GEMM may read it: 10 stored bits, truncated (the worst case;
+/// the emulator rounds).
+fn tf32(v: f64) -> f64 {
+    f32::from_bits((v as f32).to_bits() & !0x1fff) as f64
+}
+
+/// A query element as a rescored search's GEMM reads it: rounded to the rows' 16-bit type
+/// (`round_queries`), or TF32.
+fn gemm_query(stored: Stored, v: f32) -> f64 {
     match stored {
         Stored::F16 => half::f16::from_f32(v).to_f64(),
-        _ => half::bf16::from_f32(v).to_f64(),
+        Stored::Bf16 => half::bf16::from_f32(v).to_f64(),
+        _ => tf32(v as f64),
+    }
+}
+
+/// A stored row element (its exact value) as the GEMM reads it: 16-bit rows as they are,
+/// float32 and int8's code * scale (in float32) as TF32.
+fn gemm_row(stored: Stored, v: f64) -> f64 {
+    match stored {
+        Stored::F16 | Stored::Bf16 => v,
+        _ => tf32(v),
     }
 }
 
@@ -593,10 +610,10 @@ fn f32_dot(a: impl Iterator<Item = f64>, b: impl Iterator<Item = f64>) -> f64 {
 }
 
 #[test]
-fn rescore_slack_bounds_the_16_bit_score_against_the_exact_one() {
+fn rescore_slack_bounds_the_gemm_score_against_the_exact_one() {
     // the worst row for a query points along its rounding error; queries with many tiny
     // components reach float16's subnormals; float32 sums in order on both sides
-    for stored in [Stored::F16, Stored::Bf16] {
+    for stored in ALL_STORED {
         for d in [16, 512] {
             let slack = search::rescore_slack(d, stored);
             let mut queries = unit_rows(45, 8, d);
@@ -608,16 +625,17 @@ fn rescore_slack_bounds_the_16_bit_score_against_the_exact_one() {
             queries.row_mut(0).mapv_inplace(|v| v / norm);
             let mut worst: f64 = 0.0;
             for q in queries.rows() {
-                let rounded: Vec<f64> = q.iter().map(|&v| round_to(stored, v)).collect();
+                let read: Vec<f64> = q.iter().map(|&v| gemm_query(stored, v)).collect();
                 let exact: Vec<f64> = q.iter().map(|&v| v as f64).collect();
-                // the row along the rounding error (stored in the 16-bit type), and random rows
-                let err: Vec<f64> = rounded.iter().zip(&exact).map(|(r, e)| r - e).collect();
+                // the row along the rounding error, and random rows, as stored
+                let err: Vec<f64> = read.iter().zip(&exact).map(|(r, e)| r - e).collect();
                 let norm = err.iter().map(|e| e * e).sum::<f64>().sqrt().max(1e-30);
                 let along = Array2::from_shape_fn((1, d), |(_, c)| (err[c] / norm) as f32);
                 let random = unit_rows(46, 20, d);
                 let candidates = ndarray::concatenate![ndarray::Axis(0), along, random];
                 for g in store(&candidates, stored).values.rows() {
-                    let gemm = f32_dot(rounded.iter().copied(), g.iter().copied());
+                    let g_read = g.iter().map(|&v| gemm_row(stored, v));
+                    let gemm = f32_dot(read.iter().copied(), g_read);
                     let rescored = f32_dot(exact.iter().copied(), g.iter().copied());
                     let truth: f64 = exact.iter().zip(g).map(|(a, b)| a * b).sum();
                     worst = worst.max((gemm - rescored).abs()).max((gemm - truth).abs());

@@ -103,10 +103,10 @@ def test_gallery_filters_run_on_cuda_and_equal_the_cpu_gallery():
         gpu.search(queries, k=3, allow=allow, deny=deny)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_many_queries_over_16_bit_rows_equal_the_cpu_gallery_sure_or_not(dtype):
-    # more than 16 queries over 16-bit rows: one 16-bit GEMM and an exact rescore of the
-    # candidates; rows 100..160 are one row repeated, so a query equal to it has more
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
+def test_many_queries_equal_the_cpu_gallery_sure_or_not(dtype):
+    # more than 16 queries: one GEMM on tensor cores (16-bit or TF32) and an exact rescore
+    # of the candidates; rows 100..160 are one row repeated, so a query equal to it has more
     # near-ties than spare candidates and is searched again by the exact route
     rng = np.random.default_rng(3)
     emb = rng.standard_normal((500, 16)).astype(np.float32)
