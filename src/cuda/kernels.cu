@@ -840,7 +840,15 @@ extern "C" __global__ void topk_tile(const float* scores, int queries, int strid
     int mine = 0;
     float worst_s = -INFINITY;  // the lane's k-th, once it has k
     long long worst_i = NO_ROW;
+    // A score that does not beat the running list's k-th cannot enter the merged k: once
+    // the list is full (after the first tiles), it turns most scores away at one compare,
+    // where the lane's own k-th, from its share of one run, would let most of them in for
+    // k near a lane's share (a rescored search keeps k + 32 or 2k).
+    bool full = bi[k - 1] >= 0;
+    float floor_s = full ? bs[k - 1] : -INFINITY;
+    long long floor_i = full ? bi[k - 1] : NO_ROW;
     auto keep = [&](float s, long long i) {
+        if (full && !better(s, i, floor_s, floor_i)) return;
         if (mine == k && !better(s, i, worst_s, worst_i)) return;
         if (s != s || !row_allowed(allowed, i)) return;  // NaN: a query that is not usable
         int at = mine < k ? mine : k - 1;
