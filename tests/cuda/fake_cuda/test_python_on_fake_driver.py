@@ -27,6 +27,7 @@ import arcface_rs as afr  # noqa: E402
 from _reference import all_margins, make_problem  # noqa: E402
 from arcface_rs.torch import _cuda as tcuda  # noqa: E402
 from arcface_rs.torch import _ops as tops  # noqa: E402
+from arcface_rs.torch._plain import plain_loss  # noqa: E402
 from arcface_rs.torch._rows import encode, rows_of  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not FAKE, reason="scripts/test.sh runs it on the fake driver")
@@ -280,6 +281,57 @@ def test_half_precision_head_through_the_real_launch(cpu_stream, margin, weight_
     assert abs(float(got[0]) - float(want[0])) <= bound * abs(float(want[0]))
     for g, ref in zip(got[1:], want[1:]):
         assert float((g.double() - ref).abs().max()) <= bound * float(ref.abs().max())
+
+
+def _every_margin():
+    """The classic margins, the modern ones and per-row margins (one test each)."""
+    return all_margins() + [
+        afr.AdaFace(batch_mean=4.0, batch_std=1.0),
+        afr.MagFace(s=30.0, l_a=1.0, u_a=8.0, lambda_g=3.0),
+        afr.CurricularFace(),
+        afr.MVSoftmax(),
+        afr.ElasticFace(std=0.05, plus=True, seed=0),
+        afr.ArcFace(m=np.linspace(0.1, 0.8, 32)),
+    ]
+
+
+@pytest.mark.parametrize("gemm", [torch.bfloat16, torch.float16])
+def test_half_precision_head_is_as_accurate_as_torch_autocast(cpu_stream, gemm):
+    """Under autocast the fused head's GEMMs are 16-bit (the embeddings cast as F.linear's
+    operand would be; the float32 weight is the master copy). Against the float64 op, for
+    every margin, side by side with PyTorch's own head (the same margins in plain torch ops)
+    under autocast: the loss within 5e-3 relative, and each gradient's error, relative to
+    its largest entry, within PyTorch's on average over the margins (a case may lose to
+    rounding noise, by at most 2x)."""
+    ours, theirs = {"emb": [], "weight": []}, {"emb": [], "weight": []}
+
+    def error(got, want):
+        return float((got.double() - want).abs().max()) / float(want.abs().max())
+
+    for margin in _every_margin():
+        emb, weight, labels = (torch.tensor(a) for a in make_problem(32, 64, 500, seed=6, ignore=2))
+        block, _ = encode(margin)
+        rows = rows_of(margin, emb, weight, labels)  # once: AdaFace's statistics move
+        args = (labels, block, rows, 1, None, None, "mean", True, True)
+        want = tops.loss_op(emb, weight, *args)
+        got = tcuda._loss_cuda(emb.float().to(gemm), weight.float(), *args)
+        assert got[1].dtype == gemm and got[2].dtype == torch.float32
+        e, w = emb.float().requires_grad_(), weight.float().requires_grad_()
+        with torch.autocast("cpu", dtype=gemm):
+            blocks = None if rows is None else rows.float()
+            loss = plain_loss(e, w, labels, margin, "mean", blocks)
+        loss.backward()
+        reference = float(want[0])
+        assert abs(float(got[0]) - reference) <= 5e-3 * abs(reference), repr(margin)
+        for name, g, peer, ref in (
+            ("emb", got[1], e.grad, want[1]),
+            ("weight", got[2], w.grad, want[2]),
+        ):
+            ours[name].append(error(g, ref))
+            theirs[name].append(error(peer, ref))
+            assert ours[name][-1] <= 2.0 * theirs[name][-1], (repr(margin), name)
+    for name in ours:
+        assert np.mean(ours[name]) <= np.mean(theirs[name]), (name, ours[name], theirs[name])
 
 
 def test_bad_labels_raise_through_the_real_launch(cpu_stream):
