@@ -465,7 +465,14 @@ fn a_row_mask_filters_the_selection_for_every_k_and_path() {
 fn memory_beyond_the_rows_fits_256_mib_at_1024_queries() {
     let (n, d, q) = (1_000_000, 512, 1024);
     for stored in ALL_STORED {
-        for k in [10, search::SMALL_K + 1, search::MAX_K] {
+        for k in [
+            10,
+            40,
+            search::SMALL_K + 1,
+            200,
+            search::MAX_K / 2,
+            search::MAX_K,
+        ] {
             let shape = SearchShape { n, d, q, k, stored };
             // the rescored layout where there is one, and the exact route's (its fallback)
             let scratch = [false, search::rescores(shape)]
