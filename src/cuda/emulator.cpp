@@ -161,7 +161,8 @@ static const Entry entries[] = {
     ENTRY(topk_tile_large),   ENTRY(topk_merge_large), ENTRY(unit_queries),
     ENTRY(finish_results),    ENTRY(round_queries_f16), ENTRY(round_queries_bf16),
     ENTRY(rescore_f32),       ENTRY(rescore_f16),      ENTRY(rescore_bf16),
-    ENTRY(rescore_i8),
+    ENTRY(rescore_i8),        ENTRY(redo_unsure_f32),  ENTRY(redo_unsure_f16),
+    ENTRY(redo_unsure_bf16),  ENTRY(redo_unsure_i8),
     ENTRY(margin_grid),       ENTRY4(scale_unless_one),
 };
 

@@ -78,17 +78,26 @@ pub(crate) fn host_queries_layout(
     (offsets, layout.bytes())
 }
 
+/// Whether a search of device queries is rescored: its unsure queries are searched again
+/// on the device ([`search::redo_unsure`]), which numbers rows in 32 bits.
+fn rescores_on_device(shape: SearchShape) -> bool {
+    search::rescores(shape) && shape.n <= i32::MAX as usize
+}
+
 /// The caller's workspace of a search of device queries, carved up: offsets of the unit
-/// queries, the search's workspace and the filter's `mask_words`; and its size in bytes.
-fn device_queries_layout(shape: SearchShape, mask_words: usize) -> ([u64; 3], usize) {
+/// queries, the search's workspace, the filter's `mask_words` and a rescored search's unsure
+/// flags; and its size in bytes.
+fn device_queries_layout(shape: SearchShape, mask_words: usize) -> ([u64; 4], usize) {
+    let rescored = rescores_on_device(shape);
     let mut layout = Carver::new(0);
     let offsets = [
         layout.take(shape.q * shape.d, 4),
         layout.take(
-            search::workspace_bytes(shape, SearchTiling::default(), false),
+            search::workspace_bytes(shape, SearchTiling::default(), rescored),
             1,
         ),
         layout.take(mask_words, 4),
+        layout.take(if rescored { shape.q } else { 0 }, 4),
     ];
     (offsets, layout.bytes())
 }
@@ -317,7 +326,8 @@ impl Mirror {
             with_stream(self.ordinal, 0, |s| s.upload(ids.ptr(), &self.ids))?;
             self.ids_on_device = Some(ids);
         }
-        let [unit, workspace, mask_at] = offsets.map(|o| call.workspace + o);
+        let [unit, workspace, mask_at, unsure_at] = offsets.map(|o| call.workspace + o);
+        let rescored = rescores_on_device(shape);
         let live = self.live_on_device.as_ref().filter(|_| self.removed > 0);
         let ids = self.ids_on_device.as_ref().expect("made above").ptr();
         with_stream(self.ordinal, call.stream, |s| {
@@ -348,10 +358,11 @@ impl Mirror {
                     (None, Some(mask)) => mask.ptr(),
                     (None, None) => 0,
                 },
-                // the exact route: a rescored search's unsure queries would need the host
-                unsure: 0,
+                unsure: if rescored { unsure_at } else { 0 },
             };
             search::search(s, shape, &buffers, SearchTiling::default())?;
+            // the queries the rescore could not vouch for, again, without the host
+            search::redo_unsure(s, shape, &buffers)?;
             let found = q * kept;
             s.launch(
                 "finish_results",

@@ -1395,3 +1395,55 @@ ENTRY_RESCORE(float, f32)
 ENTRY_RESCORE(f16, f16)
 ENTRY_RESCORE(bf16, bf16)
 ENTRY_RESCORE(signed char, i8)
+
+// A rescored search of queries on the device cannot hand its unsure queries to the host
+// (that would wait for the device): each one is searched again here, exactly, one block per
+// query over every row (a thread a row, its float32 dot product as `rescore` takes it) into
+// the block-level top-k of the large selection. Slow, since each thread reads its own row,
+// but rare; the blocks of sure queries return at once.
+template <typename S>
+struct ExactRows {
+    const S* rows;
+    const float* scales;
+    const float* query;
+    int d;
+    const unsigned* allowed;
+    __device__ bool get(long long j, float& s, int& i) const {
+        if (!row_allowed(allowed, j)) return false;
+        const S* row = rows + j * d;
+        float acc = 0.0f;
+        for (int c = 0; c < d; ++c) acc += widen(row[c]) * query[c];
+        if (scales != nullptr) acc *= scales[j];
+        if (acc != acc) return false;  // NaN: a query that is not usable
+        s = acc;
+        i = (int)j;
+        return true;
+    }
+};
+
+template <typename S>
+__device__ void redo_unsure(const S* rows, const float* scales, const float* queries, int d,
+                            long long n, int k, const unsigned* allowed, const int* unsure,
+                            float* out_s, long long* out_i) {
+    __shared__ LargeSelect st;
+    long long q = blockIdx.x;
+    if (unsure[q] == 0) return;  // the whole block: the flag is the query's
+    if (threadIdx.x == 0) { st.pending = 0; st.len = 0; }
+    __syncthreads();
+    ExactRows<S> source{rows, scales, queries + q * d, d, allowed};
+    large_select(st, k, n, source);
+    large_store(st, out_s + q * k, out_i + q * k, k);
+}
+
+#define ENTRY_REDO_UNSURE(S, N)                                                               \
+    extern "C" __global__ void redo_unsure_##N(const S* rows, const float* scales,           \
+                                               const float* queries, int d, long long n,      \
+                                               int k, const unsigned* allowed,                \
+                                               const int* unsure, float* out_s,               \
+                                               long long* out_i) {                            \
+        redo_unsure<S>(rows, scales, queries, d, n, k, allowed, unsure, out_s, out_i);        \
+    }
+ENTRY_REDO_UNSURE(float, f32)
+ENTRY_REDO_UNSURE(f16, f16)
+ENTRY_REDO_UNSURE(bf16, bf16)
+ENTRY_REDO_UNSURE(signed char, i8)

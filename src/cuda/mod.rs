@@ -107,6 +107,10 @@ pub const ENTRY_POINTS: &[&str] = &[
     "rescore_f16",
     "rescore_bf16",
     "rescore_i8",
+    "redo_unsure_f32",
+    "redo_unsure_f16",
+    "redo_unsure_bf16",
+    "redo_unsure_i8",
     "margin_grid",
 ];
 

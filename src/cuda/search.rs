@@ -12,7 +12,7 @@
 //! rows against the query rounded to their type, float32 and decoded int8 rows as TF32),
 //! the selection keeps [`rescored_candidates`] per query, and `rescore` recomputes those
 //! exactly and keeps the best k; a query whose candidates could have missed a row (see
-//! [`rescore_slack`]) is flagged for the exact route. Exact (cuBLAS has no float32 ×
+//! [`rescore_slack`]) is flagged, for the exact route or [`redo_unsure`] on the device. Exact (cuBLAS has no float32 ×
 //! float16 product): a float16 gallery multiplies the float32 query split into two float16
 //! halves (hi + 2⁻¹² lo, see `split_half`), reading the rows twice; bfloat16 and int8 ones
 //! decode chunks of rows to float32; float32 GEMMs without TF32.
@@ -527,6 +527,43 @@ pub fn search(
         )?;
     }
     Ok(())
+}
+
+/// Searches again, exactly and on the device, the queries a rescored search flagged in
+/// [`SearchBuffers::unsure`], writing their results over the rescored ones: for callers that
+/// cannot read the flags (queries on the device, whose search must not wait for it). One
+/// block per query scans every row; the blocks of sure queries return at once. A no-op
+/// unless the search was rescored; rows are numbered in 32 bits here.
+pub fn redo_unsure(device: &dyn Device, shape: SearchShape, buf: &SearchBuffers) -> Result<()> {
+    if buf.unsure == 0 || !rescores(shape) {
+        return Ok(());
+    }
+    if shape.n > i32::MAX as usize {
+        return Err(crate::Error::invalid(
+            "gallery",
+            format!(
+                "has {} rows; a device search again keeps row numbers in 32 bits",
+                shape.n
+            ),
+        ));
+    }
+    device.launch(
+        &format!("redo_unsure_{}", shape.stored.suffix()),
+        shape.q,
+        LARGE_THREADS,
+        &[
+            Arg::Ptr(buf.rows),
+            Arg::Ptr(buf.scales),
+            Arg::Ptr(buf.queries),
+            Arg::I32(shape.d as i32),
+            Arg::I64(shape.n as i64),
+            Arg::I32(shape.k as i32),
+            Arg::Ptr(buf.allowed),
+            Arg::Ptr(buf.unsure),
+            Arg::Ptr(buf.out_s),
+            Arg::Ptr(buf.out_i),
+        ],
+    )
 }
 
 /// (Q, `k_out`) row-major from the (Q, `shape.k`) results: `k_out` may exceed the shape's k

@@ -86,12 +86,24 @@ fn emulate_filtered_search(
     tiling: SearchTiling,
     allowed: Option<&[u32]>,
 ) -> (Vec<f32>, Vec<i64>) {
-    let (scores, ids, _) = emulate_any_search(rows, queries, k, stored, tiling, allowed, false);
+    let (scores, ids, _) =
+        emulate_any_search(rows, queries, k, stored, tiling, allowed, Route::Exact);
     (scores, ids)
 }
 
-/// [`emulate_filtered_search`], rescored where [`search::rescores`] (and `rescore`): also
-/// each query's unsure flag (all 0 on the exact route).
+/// How [`emulate_any_search`] searches.
+#[derive(Clone, Copy, PartialEq)]
+enum Route {
+    Exact,
+    /// Rescored where [`search::rescores`] holds.
+    Rescored,
+    /// Rescored, then the results of the unsure queries spoiled and searched again by
+    /// [`search::redo_unsure`] (as a search of device queries does).
+    Redone,
+}
+
+/// [`emulate_filtered_search`] by `route`: also each query's unsure flag (all 0 on the exact
+/// route).
 fn emulate_any_search(
     rows: &Array2<f32>,
     queries: &Array2<f32>,
@@ -99,7 +111,7 @@ fn emulate_any_search(
     stored: Stored,
     tiling: SearchTiling,
     allowed: Option<&[u32]>,
-    rescore: bool,
+    route: Route,
 ) -> (Vec<f32>, Vec<i64>, Vec<i32>) {
     let ((n, d), q) = (rows.dim(), queries.nrows());
     let shape = SearchShape { n, d, q, k, stored };
@@ -108,7 +120,7 @@ fn emulate_any_search(
         ..shape
     };
     let device_rows = store(rows, stored);
-    let rescored = rescore && search::rescores(kept);
+    let rescored = route != Route::Exact && search::rescores(kept);
     let bytes = search::workspace_bytes(kept, tiling, rescored);
     let mut workspace = vec![u64::MAX; bytes / 8 + 1];
     let mut unsure = vec![7i32; q];
@@ -134,6 +146,13 @@ fn emulate_any_search(
         },
     };
     search::search(Emulator::get(), kept, &buffers, tiling).unwrap();
+    if route == Route::Redone {
+        for (query, _) in unsure.iter().enumerate().filter(|(_, &u)| u != 0) {
+            out_s[query * kept.k..(query + 1) * kept.k].fill(f32::NAN);
+            out_i[query * kept.k..(query + 1) * kept.k].fill(-7);
+        }
+        search::redo_unsure(Emulator::get(), kept, &buffers).unwrap();
+    }
     let (scores, ids) = search::padded(&out_s, &out_i, kept, k);
     if !rescored {
         unsure.fill(0);
@@ -529,8 +548,15 @@ fn rescored_searches_equal_brute_force_in_every_storage_type() {
             };
             for allowed in [None, Some(&every_other[..])] {
                 let case = format!("{stored:?} k={k} filtered={}", allowed.is_some());
-                let (scores, ids, unsure) =
-                    emulate_any_search(&rows, &queries, k, stored, tiling, allowed, true);
+                let (scores, ids, unsure) = emulate_any_search(
+                    &rows,
+                    &queries,
+                    k,
+                    stored,
+                    tiling,
+                    allowed,
+                    Route::Rescored,
+                );
                 assert_eq!(unsure, vec![0; nq], "{case}: random rows are all sure");
                 let all = filtered_brute_force(&rows, &queries, 700, stored, allowed);
                 assert_matches(&(scores, ids.clone()), &all, k, &case);
@@ -562,7 +588,7 @@ fn a_query_with_more_near_ties_than_spare_candidates_is_flagged_unsure() {
             stored,
             SearchTiling::default(),
             None,
-            true,
+            Route::Rescored,
         );
         let flagged: Vec<usize> = (0..nq).filter(|&q| unsure[q] != 0).collect();
         assert_eq!(flagged, vec![2], "{stored:?}");
@@ -580,9 +606,54 @@ fn a_query_with_more_near_ties_than_spare_candidates_is_flagged_unsure() {
             stored,
             SearchTiling::default(),
             Some(&few),
-            true,
+            Route::Rescored,
         );
         assert_eq!(unsure, vec![0; nq], "{stored:?} filtered");
+    }
+}
+
+#[test]
+fn a_device_search_searches_its_unsure_queries_again_exactly() {
+    // rows 100..260 are one row repeated, more than the candidates of k = 10 (42) and of
+    // k = 70 (140, the large selection): the query equal to them is flagged, its rescored
+    // results are spoiled, and `redo_unsure` must give the brute force's (the equal rows in
+    // row order), with and without a filter; the sure queries keep the rescored results
+    let mut rows = unit_rows(43, 400, 16);
+    let copy = rows.row(100).to_owned();
+    for r in 101..260 {
+        rows.row_mut(r).assign(&copy);
+    }
+    let nq = search::SCAN_QUERIES + 1;
+    let mut queries = unit_rows(44, nq, 16);
+    queries.row_mut(2).assign(&copy);
+    let odd = mask_of(400, |r| r % 2 == 1);
+    for stored in ALL_STORED {
+        for (k, allowed) in [(10, None), (10, Some(&odd[..])), (70, None)] {
+            let case = format!("{stored:?} k={k} filtered={}", allowed.is_some());
+            let tiling = SearchTiling::default();
+            let (s, i, unsure) =
+                emulate_any_search(&rows, &queries, k, stored, tiling, allowed, Route::Redone);
+            assert_eq!(unsure[2], 1, "{case}");
+            let all = filtered_brute_force(&rows, &queries, 400, stored, allowed);
+            assert_matches(&(s.clone(), i.clone()), &all, k, &case);
+            let want: Vec<i64> = (100..160)
+                .filter(|&r| allowed.is_none() || r % 2 == 1)
+                .collect();
+            assert_eq!(
+                &i[2 * k..2 * k + k.min(want.len())],
+                &want[..k.min(want.len())],
+                "{case}"
+            );
+            let rescored =
+                emulate_any_search(&rows, &queries, k, stored, tiling, allowed, Route::Rescored);
+            for q in (0..nq).filter(|&q| unsure[q] == 0) {
+                assert_eq!(
+                    &i[q * k..(q + 1) * k],
+                    &rescored.1[q * k..(q + 1) * k],
+                    "{case}"
+                );
+            }
+        }
     }
 }
 

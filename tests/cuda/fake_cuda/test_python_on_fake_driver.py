@@ -173,6 +173,29 @@ def test_device_tensor_queries_search_in_place_through_the_real_launch(cpu_strea
     np.testing.assert_array_equal(ids[[0, 2, 4]], cpu.search(bad[[0, 2, 4]], k=4)[1])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
+def test_many_device_tensor_queries_are_rescored_and_redone_on_the_device(cpu_stream, dtype):
+    # more than 16 device queries are rescored too; the query among 60 equal rows cannot be
+    # vouched for and is searched again on the device (its flag never reaches the host);
+    # a zero query finds nothing
+    rng = np.random.default_rng(4)
+    emb = rng.standard_normal((500, 16)).astype(np.float32)
+    emb[100:160] = emb[100]
+    queries = np.vstack([emb[100], emb[:3], rng.standard_normal((16, 16))]).astype(np.float32)
+    cpu, gpu = _cpu_and_cuda_galleries(dtype, emb, np.arange(1000, 1500))
+    tensors = _DeviceTensorSearch(gpu)
+    for k in (10, 70):
+        _assert_same_results(tensors, cpu, queries, k)
+        want = np.arange(1100, 1100 + min(k, 60))
+        np.testing.assert_array_equal(tensors.search(queries, k)[1][0, : len(want)], want)
+    _assert_same_results(tensors, cpu, queries, 10, allow=np.arange(1000, 1500, 3))
+    bad = queries.copy()
+    bad[5] = 0.0
+    scores, ids = tensors.search(bad, 10)
+    assert (ids[5] == -1).all() and np.isneginf(scores[5]).all()
+    np.testing.assert_array_equal(ids[0], np.arange(1100, 1110))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("margin", all_margins()[::2], ids=repr)
