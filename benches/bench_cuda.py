@@ -296,28 +296,33 @@ def tensor_row(dtype: str, gpu, gallery: torch.Tensor, queries: torch.Tensor) ->
 
 def host_copies(d: int, emb: np.ndarray) -> None:
     """Counts the host <-> device copies torch.profiler records during tensor searches
-    (after a first search has made the GPU copy)."""
+    (after first searches have made the GPU copy): 4 queries (the scan) and 32 (the
+    rescored GEMM route)."""
     gpu = afr.Gallery(d, "float16", device="cuda")
     gpu.add(emb)
-    qt = torch.randn(4, d, device="cuda")
-    gpu.search(qt, k=10)
+    batches = [torch.randn(q, d, device="cuda") for q in (4, 32)]
+    for qt in batches:
+        gpu.search(qt, k=10)
     torch.cuda.synchronize()
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(5):
-            gpu.search(qt, k=10)
+            for qt in batches:
+                gpu.search(qt, k=10)
         torch.cuda.synchronize()
     names = [e.name for e in prof.events()]
     copies = [
         x for x in names if "HtoD" in x or "DtoH" in x or "_to_copy" in x or "memcpy" in x.lower()
     ]
     kernels = sorted({x for x in names if x in KERNEL_NAMES})
-    print(f"\n5 tensor searches in torch.profiler: {len(copies)} host copies {sorted(set(copies))}")
+    found = f"{len(copies)} host copies {sorted(set(copies))}"
+    print(f"\n10 tensor searches in torch.profiler: {found}")
     print(f"kernels seen: {kernels}")
 
 
 KERNEL_NAMES = {
     "unit_queries", "score_rows_f16", "topk_tile", "topk_merge", "finish_results",
+    "round_queries_f16", "rescore_f16", "redo_unsure_f16",
 }  # fmt: skip
 
 
