@@ -576,16 +576,23 @@ def test_gpu_gallery_many_queries_among_more_ties_than_candidates(dtype):
     cpu, gpu = afr.Gallery(128, dtype), afr.Gallery(128, dtype, device="cuda")
     for g in (cpu, gpu):
         g.add(emb)
+    on_device = torch.from_numpy(queries.astype(np.float32)).cuda()
     for k in (10, 100):
         want_s, want_i = cpu.search(queries, k=k + 1)
-        got_s, got_i = gpu.search(queries, k=k)
-        np.testing.assert_allclose(got_s, want_s[:, :k], rtol=0, atol=2e-6)
-        np.testing.assert_array_equal(got_i[0], np.arange(1000, 1000 + k))
-        differ = got_i != want_i[:, :k]
-        gaps = np.abs(np.diff(want_s, axis=1))
-        near = gaps <= 4e-6
-        near[:, 1:] |= gaps[:, :-1] <= 4e-6
-        assert not (differ & ~near).any()
+        # NumPy queries (unsure ones searched again from the host) and CUDA tensors (again
+        # on the device)
+        for got_s, got_i in (gpu.search(queries, k=k), gpu.search(on_device, k=k)):
+            got_s, got_i = (
+                np.asarray(torch.as_tensor(got_s).cpu()),
+                np.asarray(torch.as_tensor(got_i).cpu()),
+            )
+            np.testing.assert_allclose(got_s, want_s[:, :k], rtol=0, atol=2e-6)
+            np.testing.assert_array_equal(got_i[0], np.arange(1000, 1000 + k))
+            differ = got_i != want_i[:, :k]
+            gaps = np.abs(np.diff(want_s, axis=1))
+            near = gaps <= 4e-6
+            near[:, 1:] |= gaps[:, :-1] <= 4e-6
+            assert not (differ & ~near).any()
 
 
 @needs_gpu
