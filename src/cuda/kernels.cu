@@ -1316,11 +1316,11 @@ extern "C" __global__ void split_half(const float* x, unsigned short* hi, unsign
 // against the query rounded to their type; float32 and decoded int8 rows as TF32), the
 // selection keeps kc > k candidates per query by those scores, and `rescore` recomputes
 // the candidates' scores exactly (float32 query x stored row, float32 sums, times int8's
-// scale, as `score_rows` does) and keeps the best k. The GEMM's score of
-// a row is within `slack` of its exact one (the bound is derived in search.rs); so when the
-// kc-th candidate's GEMM score plus `slack` is below the k-th exact score, no row left out
-// could have entered the k best, and the query is sure. Otherwise `unsure[q]` is set and
-// the caller searches that query again by the exact path.
+// scale, as `score_rows` does) and keeps the best k. The GEMM's score of a row is within
+// `slack` of its exact one (the bound is derived in search.rs); so when the kc-th
+// candidate's GEMM score plus `slack` is below the k-th exact score, no row left out could
+// have entered the k best, and the query is sure. Otherwise `unsure[q]` is set and the
+// query is searched again exactly (by the caller's exact route, or `redo_unsure`).
 
 template <typename S>
 __device__ void round_queries(const float* x, S* out, long long n) {
@@ -1331,9 +1331,8 @@ __device__ void round_queries(const float* x, S* out, long long n) {
 #define RESCORE_THREADS 256
 template <typename S>
 __device__ void rescore(const S* rows, const float* scales, const float* queries, int d,
-                        const float* cand_s,
-                        const long long* cand_i, int kc, int k, double slack, float* out_s,
-                        long long* out_i, int* unsure) {
+                        const float* cand_s, const long long* cand_i, int kc, int k,
+                        double slack, float* out_s, long long* out_i, int* unsure) {
     __shared__ float exact[TOPK_LARGE_MAX];
     __shared__ long long row_of[TOPK_LARGE_MAX];
     __shared__ float kth[1];
