@@ -87,7 +87,7 @@ fn rescores_on_device(shape: SearchShape) -> bool {
 /// The caller's workspace of a search of device queries, carved up: offsets of the unit
 /// queries, the search's workspace, the filter's `mask_words` and a rescored search's unsure
 /// flags; and its size in bytes.
-fn device_queries_layout(shape: SearchShape, mask_words: usize) -> ([u64; 4], usize) {
+pub(crate) fn device_queries_layout(shape: SearchShape, mask_words: usize) -> ([u64; 4], usize) {
     let rescored = rescores_on_device(shape);
     let mut layout = Carver::new(0);
     let offsets = [

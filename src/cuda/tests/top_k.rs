@@ -493,14 +493,17 @@ fn memory_beyond_the_rows_fits_256_mib_at_1024_queries() {
             search::MAX_K,
         ] {
             let shape = SearchShape { n, d, q, k, stored };
-            // the rescored layout where there is one, and the exact route's (its fallback)
+            // NumPy queries: the rescored layout where there is one, and the exact route's
+            // (its fallback); CUDA-tensor queries: the caller's workspace
+            let mask_words = n.div_ceil(32);
             let scratch = [false, search::rescores(shape)]
                 .map(|rescored| {
-                    crate::cuda::gallery::host_queries_layout(shape, n.div_ceil(32), rescored).1
+                    crate::cuda::gallery::host_queries_layout(shape, mask_words, rescored).1
                 })
                 .into_iter()
+                .chain([crate::cuda::gallery::device_queries_layout(shape, mask_words).1])
                 .max()
-                .expect("two layouts");
+                .expect("three layouts");
             let row_bytes = d * stored.size() + if stored == Stored::I8 { 4 } else { 0 };
             let room = (crate::cuda::gallery::room_for(n) - n) * row_bytes;
             let ids_and_mask = crate::cuda::gallery::room_for(n) * (8 + 1);
