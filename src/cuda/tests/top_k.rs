@@ -570,19 +570,26 @@ fn rescored_searches_equal_brute_force_in_every_storage_type() {
     }
 }
 
+/// Rows where 100..`end` repeat row 100, and SCAN_QUERIES + 1 queries (the GEMM path)
+/// whose query 2 equals that row.
+fn repeated_rows(end: usize) -> (Array2<f32>, Array2<f32>) {
+    let mut rows = unit_rows(43, 400, 16);
+    let copy = rows.row(100).to_owned();
+    for r in 101..end {
+        rows.row_mut(r).assign(&copy);
+    }
+    let mut queries = unit_rows(44, search::SCAN_QUERIES + 1, 16);
+    queries.row_mut(2).assign(&copy);
+    (rows, queries)
+}
+
 #[test]
 fn a_query_with_more_near_ties_than_spare_candidates_is_flagged_unsure() {
     // rows 100..160 are one row repeated: a query equal to it finds 60 rows within rounding
     // of its k-th, more than the 42 candidates kept for k = 10, so the rescore cannot vouch
     // that no left-out row belongs in the k best; the other queries stay sure
-    let mut rows = unit_rows(43, 400, 16);
-    let copy = rows.row(100).to_owned();
-    for r in 101..160 {
-        rows.row_mut(r).assign(&copy);
-    }
-    let nq = search::SCAN_QUERIES + 1;
-    let mut queries = unit_rows(44, nq, 16);
-    queries.row_mut(2).assign(&copy);
+    let (rows, queries) = repeated_rows(160);
+    let nq = queries.nrows();
     for stored in ALL_STORED {
         let (_, ids, unsure) = emulate_any_search(
             &rows,
@@ -621,14 +628,8 @@ fn a_device_search_searches_its_unsure_queries_again_exactly() {
     // k = 70 (140, the large selection): the query equal to them is flagged, its rescored
     // results are spoiled, and `redo_unsure` must give the brute force's (the equal rows in
     // row order), with and without a filter; the sure queries keep the rescored results
-    let mut rows = unit_rows(43, 400, 16);
-    let copy = rows.row(100).to_owned();
-    for r in 101..260 {
-        rows.row_mut(r).assign(&copy);
-    }
-    let nq = search::SCAN_QUERIES + 1;
-    let mut queries = unit_rows(44, nq, 16);
-    queries.row_mut(2).assign(&copy);
+    let (rows, queries) = repeated_rows(260);
+    let nq = queries.nrows();
     let odd = mask_of(400, |r| r % 2 == 1);
     for stored in ALL_STORED {
         for (k, allowed) in [(10, None), (10, Some(&odd[..])), (70, None)] {
