@@ -78,17 +78,12 @@ pub(crate) fn host_queries_layout(
     (offsets, layout.bytes())
 }
 
-/// Whether a search of device queries is rescored: its unsure queries are searched again
-/// on the device ([`search::redo_unsure`]), which numbers rows in 32 bits.
-fn rescores_on_device(shape: SearchShape) -> bool {
-    search::rescores(shape) && shape.n <= i32::MAX as usize
-}
-
 /// The caller's workspace of a search of device queries, carved up: offsets of the unit
 /// queries, the search's workspace, the filter's `mask_words` and a rescored search's unsure
-/// flags; and its size in bytes.
+/// flags (its unsure queries are searched again on the device, [`search::redo_unsure`]); and
+/// its size in bytes.
 pub(crate) fn device_queries_layout(shape: SearchShape, mask_words: usize) -> ([u64; 4], usize) {
-    let rescored = rescores_on_device(shape);
+    let rescored = search::rescores(shape);
     let mut layout = Carver::new(0);
     let offsets = [
         layout.take(shape.q * shape.d, 4),
@@ -327,7 +322,7 @@ impl Mirror {
             self.ids_on_device = Some(ids);
         }
         let [unit, workspace, mask_at, unsure_at] = offsets.map(|o| call.workspace + o);
-        let rescored = rescores_on_device(shape);
+        let rescored = search::rescores(shape);
         let live = self.live_on_device.as_ref().filter(|_| self.removed > 0);
         let ids = self.ids_on_device.as_ref().expect("made above").ptr();
         with_stream(self.ordinal, call.stream, |s| {

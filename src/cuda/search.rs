@@ -180,10 +180,11 @@ pub fn rescored_candidates(k: usize) -> usize {
 
 /// Whether a search of `shape` is rescored when the caller gives [`SearchBuffers::unsure`]:
 /// many queries, with the candidates within [`MAX_K`] and fewer than the rows (a small
-/// gallery takes the exact route).
+/// gallery takes the exact route), and rows numbered in 32 bits (as the large selection,
+/// which k + max(k, 32) candidates may need, and [`redo_unsure`] keep them).
 pub fn rescores(shape: SearchShape) -> bool {
     let kc = rescored_candidates(shape.k);
-    !scans(shape) && kc <= MAX_K && kc < shape.n
+    !scans(shape) && kc <= MAX_K && kc < shape.n && shape.n <= i32::MAX as usize
 }
 
 /// Whether many queries decode chunks of rows to float32 before the GEMM: cuBLAS has no
@@ -296,13 +297,12 @@ const SCAN_BLOCKS: usize = 4096;
 
 /// The shape the selection runs on: k widened to the candidates when `rescored`.
 fn selection(shape: SearchShape, rescored: bool) -> SearchShape {
-    match rescored {
-        true => SearchShape {
-            k: rescored_candidates(shape.k),
-            ..shape
-        },
-        false => shape,
-    }
+    let k = if rescored {
+        rescored_candidates(shape.k)
+    } else {
+        shape.k
+    };
+    SearchShape { k, ..shape }
 }
 
 /// Workspace bytes one search needs; `rescored` as [`rescores`] says when the caller gives
@@ -494,11 +494,12 @@ pub fn search(
     }
     let lists = [Arg::Ptr(s.best_s), Arg::Ptr(s.best_i)];
     let sizes = [Arg::I32(plan.splits as i32), Arg::I32(kc as i32)];
-    let merged = match rescored {
-        true => (s.cand_s, s.cand_i),
-        false => (buf.out_s, buf.out_i),
+    // a rescored search merges into its candidates, which `rescore` turns into the results
+    let outputs = if rescored {
+        [Arg::Ptr(s.cand_s), Arg::Ptr(s.cand_i)]
+    } else {
+        [Arg::Ptr(buf.out_s), Arg::Ptr(buf.out_i)]
     };
-    let outputs = [Arg::Ptr(merged.0), Arg::Ptr(merged.1)];
     let args: Vec<Arg> = if large {
         [&lists[..], &sizes, &outputs].concat()
     } else {
@@ -533,19 +534,10 @@ pub fn search(
 /// [`SearchBuffers::unsure`], writing their results over the rescored ones: for callers that
 /// cannot read the flags (queries on the device, whose search must not wait for it). One
 /// block per query scans every row; the blocks of sure queries return at once. A no-op
-/// unless the search was rescored; rows are numbered in 32 bits here.
+/// unless the search was rescored.
 pub fn redo_unsure(device: &dyn Device, shape: SearchShape, buf: &SearchBuffers) -> Result<()> {
     if buf.unsure == 0 || !rescores(shape) {
         return Ok(());
-    }
-    if shape.n > i32::MAX as usize {
-        return Err(crate::Error::invalid(
-            "gallery",
-            format!(
-                "has {} rows; a device search again keeps row numbers in 32 bits",
-                shape.n
-            ),
-        ));
     }
     device.launch(
         &format!("redo_unsure_{}", shape.stored.suffix()),

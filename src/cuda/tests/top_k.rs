@@ -729,3 +729,21 @@ fn rescore_slack_bounds_the_gemm_score_against_the_exact_one() {
         }
     }
 }
+
+#[test]
+fn galleries_past_32_bit_row_numbers_take_the_exact_route() {
+    // the large selection and the device's redo number rows in 32 bits: beyond them, a
+    // search of many queries is not rescored (k = 40 keeps 80 candidates, the large path)
+    let shape = SearchShape {
+        n: i32::MAX as usize + 1,
+        d: 512,
+        q: 1024,
+        k: 40,
+        stored: Stored::F16,
+    };
+    assert!(!search::rescores(shape));
+    assert!(search::rescores(SearchShape {
+        n: 1_000_000,
+        ..shape
+    }));
+}
