@@ -239,6 +239,29 @@ def test_glue_bad_input_raises_value_error_naming_the_argument(cpu_launch, chang
         tcuda._loss_cuda(emb, weight, labels, kind, params, 1, None, None, "mean", True, True)
 
 
+class _FlagsNotToQuery:
+    """An earlier call's flags whose event must not be queried."""
+
+    def ready(self):
+        raise AssertionError("an event was queried while a CUDA graph was being captured")
+
+
+def test_glue_queries_no_event_while_a_graph_is_captured(cpu_launch, monkeypatch):
+    # cudaEventQuery is refused during torch.cuda.graph's (global) capture and would
+    # invalidate it: earlier calls' flags are left for the next call outside the capture
+    emb, weight, labels = _problem(6, 5, 11, torch.float64, seed=5)
+    kind, params = encode(afr.ArcFace())
+    args = (emb, weight, labels, kind, params, 1, None, None, "mean", True, True)
+    monkeypatch.setattr(tcuda, "_pending", [_FlagsNotToQuery()])
+    monkeypatch.setattr(tcuda, "_capturing", lambda device: True)
+    tcuda._loss_cuda(*args)
+    assert len(tcuda._pending) == 1
+    monkeypatch.setattr(tcuda, "_capturing", lambda device: False)
+    with pytest.raises(AssertionError, match="queried while a CUDA graph"):
+        tcuda._loss_cuda(*args)
+    assert not tcuda._capturing(torch.device("cpu"))
+
+
 def test_preload_makes_nvrtc_and_cublas_resolve_by_name():
     # cudarc opens them by name; PyTorch's wheels keep them where the loader does not look
     from arcface_rs import _cuda
@@ -455,8 +478,17 @@ def test_gpu_compiled_autocast_step_equals_eager():
 
 
 @needs_gpu
-def test_gpu_step_captured_in_a_cuda_graph_replays_like_eager():
-    head = aft.ArcFaceHead(64, 5000).cuda()
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: aft.ArcFaceHead(64, 5000),
+        # per-row margins: their blocks are uploaded once, before the capture
+        lambda: aft.MarginHead(64, 5000, afr.ArcFace(m=np.linspace(0.2, 0.6, 32))),
+    ],
+    ids=["arcface", "per_row_arcface"],
+)
+def test_gpu_step_captured_in_a_cuda_graph_replays_like_eager(make):
+    head = make().cuda()
     emb, _, labels = _problem(32, 64, 5000, torch.float32, seed=15)
     static_emb, static_labels = emb.cuda(), labels.cuda()
     side = torch.cuda.Stream()

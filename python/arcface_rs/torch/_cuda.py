@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -152,6 +153,17 @@ _LATER = (
 )
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the device's current stream, where the op
+    queues its work. No event may then be queried: under torch.cuda.graph's default capture
+    mode cudaEventQuery is refused and invalidates the capture, so earlier calls' flags wait
+    for the next call made outside the capture (or check_cuda_errors)."""
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
 def _raise_landed(wait: bool = False) -> None:
     """Raises for the first flagged call whose flags reached the host (all, when ``wait``)."""
     error = None
@@ -187,18 +199,24 @@ def check_cuda_errors() -> None:
             raise error
 
 
-_blocks: dict[tuple[tuple[float, ...], torch.device], Tensor] = {}
+_uploaded: dict[tuple[bytes, tuple[int, ...], torch.device], Tensor] = {}
 
 
-def _margin_block(block: tuple[float, ...], device: torch.device) -> Tensor:
-    """A margin's parameter block on the device, uploaded once: a copy from the host on
-    every step would make the host wait for the GPU (and cannot be captured in a graph)."""
-    key = (block, device)
-    if key not in _blocks:
-        if len(_blocks) > 64:
-            _blocks.clear()
-        _blocks[key] = torch.tensor(block, dtype=torch.float64, device=device)
-    return _blocks[key]
+def margin_values_on(values: Any, device: torch.device) -> Tensor:
+    """Fixed margin parameters (a margin's block, or its per-row blocks) as a float64 tensor
+    on the device, uploaded once per content and device: a copy from the host on every step
+    would stage through pinned memory each time, and a CUDA graph must replay a copy made
+    before its capture (a copy captured from a staging buffer would read whatever that
+    buffer holds later). Off the GPU, a fresh tensor."""
+    array = np.ascontiguousarray(values, dtype=np.float64)
+    if device.type != "cuda":
+        return torch.from_numpy(array.copy()).to(device)
+    key = (array.tobytes(), array.shape, device)
+    if key not in _uploaded:
+        if len(_uploaded) > 64:
+            _uploaded.clear()
+        _uploaded[key] = rows_on(torch.from_numpy(array.copy()), device)
+    return _uploaded[key]
 
 
 def autocast_operand(emb: Tensor, weight: Tensor) -> Tensor:
@@ -264,7 +282,9 @@ def _run_loss_cuda(
     """Row losses and d loss / d row loss (float64), and the wanted gradients (emb's in
     float32 on the half-precision path, the weight's in its dtype; else in the compute
     dtype) on the GPU, without waiting for it."""
-    _raise_landed()
+    capturing = _capturing(emb.device)
+    if not capturing:
+        _raise_landed()
     x, w, operands = gemm_operands(emb, weight)
     y = labels.detach().to(torch.int64).contiguous()
     (b, d), c = x.shape, w.shape[0]
@@ -291,7 +311,7 @@ def _run_loss_cuda(
     bad = torch.zeros(3, dtype=torch.int32, device=device)
     name, weight_name = operands["dtype"], operands["weight_dtype"]
     per_row = row_margins is not None
-    blocks = rows_on(row_margins, device) if per_row else _margin_block(tuple(margin), device)
+    blocks = rows_on(row_margins, device) if per_row else margin_values_on(margin, device)
     workspace = torch.empty(
         _core.cuda_head_workspace_bytes(
             b, c, d, name, need_weight, weight_dtype=weight_name, sub_centers=sub_centers
@@ -324,7 +344,7 @@ def _run_loss_cuda(
         error = _Flags(bad, y, classes, captured=True).error("")
         if error is not None:
             raise error
-    elif torch.cuda.is_current_stream_capturing():
+    elif capturing:
         _captured.append(_Flags(bad, y, classes, captured=True))
     else:
         _pending.append(_Flags(bad, y, classes, captured=False))

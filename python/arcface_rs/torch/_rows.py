@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .._margins import ElasticFace, Margin
-from ._cuda import rows_on
+from ._cuda import margin_values_on, rows_on
 
 
 def encode(margin: Margin) -> tuple[list[float], Tensor | None]:
@@ -41,7 +41,7 @@ def rows_of(
     encode(margin)  # a TypeError for anything but a margin
     if not margin.varies_per_batch:  # fixed values: no batch needed
         blocks = margin.row_blocks
-        return None if blocks is None else torch.from_numpy(np.array(blocks))
+        return None if blocks is None else margin_values_on(blocks, emb.device)
     x, w = emb.detach(), weight.detach()
 
     def norms() -> ReadLater:

@@ -31,7 +31,7 @@ from .._validate import grad_filter as check_grad_filter
 from .._validate import interclass_filter as check_filter
 from .._validate import sub_centers as check_sub_centers
 from ._collectives import GatherRows, ShardedCpuLoss, all_gather_rows, gather_sizes
-from ._cuda import autocast_operand
+from ._cuda import autocast_operand, margin_values_on
 from ._plain import note_exact_on_cuda, warn_cuda_once
 from ._rows import ReadLater, unit_rows
 from ._sharded_device import FusedShardLoss, plain_shard_loss
@@ -238,7 +238,7 @@ class ShardedMarginHead(nn.Module):
         (ElasticFace's draws)."""
         if not self.margin.varies_per_batch:
             blocks = self.margin.row_blocks
-            return None if blocks is None else torch.from_numpy(blocks).to(x.device)
+            return None if blocks is None else margin_values_on(blocks, x.device)
         blocks = self.margin.batch_rows(lambda: ReadLater(x.norm(dim=1)), target_cos)
         if blocks is None:
             return None
