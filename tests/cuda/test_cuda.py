@@ -262,6 +262,29 @@ def test_glue_queries_no_event_while_a_graph_is_captured(cpu_launch, monkeypatch
     assert not tcuda._capturing(torch.device("cpu"))
 
 
+def test_glue_uploads_fixed_margin_values_once_per_content(monkeypatch):
+    # a copy on every step would stage through pinned memory (or, from pageable memory,
+    # wait for the GPU), and a CUDA graph would replay a copy from a reused staging buffer
+    uploads = []
+    monkeypatch.setattr(tcuda, "rows_on", lambda rows, device: uploads.append(rows) or rows)
+    monkeypatch.setattr(tcuda, "_uploaded", {})
+    gpu = torch.device("cuda", 0)
+    per_row = np.linspace(0.0, 1.0, 4 * afr._core.MARGIN_PARAMS).reshape(4, -1)
+    first = tcuda.margin_values_on(per_row, gpu)
+    assert tcuda.margin_values_on(per_row.copy(), gpu) is first and len(uploads) == 1
+    assert first.dtype == torch.float64 and torch.equal(first, torch.from_numpy(per_row))
+    block = tuple(afr.ArcFace().block)
+    assert tcuda.margin_values_on(block, gpu).tolist() == list(block) and len(uploads) == 2
+    changed = per_row.copy()
+    changed[1, 2] += 1.0
+    assert torch.equal(tcuda.margin_values_on(changed, gpu), torch.from_numpy(changed))
+    assert len(uploads) == 3
+    # off the GPU: a fresh tensor each time, which the caller may own
+    on_cpu = tcuda.margin_values_on(per_row, torch.device("cpu"))
+    assert on_cpu is not tcuda.margin_values_on(per_row, torch.device("cpu"))
+    assert len(uploads) == 3
+
+
 def test_preload_makes_nvrtc_and_cublas_resolve_by_name():
     # cudarc opens them by name; PyTorch's wheels keep them where the loader does not look
     from arcface_rs import _cuda

@@ -207,7 +207,10 @@ def margin_values_on(values: Any, device: torch.device) -> Tensor:
     on the device, uploaded once per content and device: a copy from the host on every step
     would stage through pinned memory each time, and a CUDA graph must replay a copy made
     before its capture (a copy captured from a staging buffer would read whatever that
-    buffer holds later). Off the GPU, a fresh tensor."""
+    buffer holds later). Off the GPU, a fresh tensor; traced by torch.compile, a constant of
+    the graph."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=torch.float64, device=device)
     array = np.ascontiguousarray(values, dtype=np.float64)
     if device.type != "cuda":
         return torch.from_numpy(array.copy()).to(device)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import _core
 from .._margins import Margin
-from ._cuda import gemm_operands, launch_cuda, rows_on
+from ._cuda import gemm_operands, launch_cuda, margin_values_on, rows_on
 from ._ops import core_margin, is_exactly_one, no_double_backward, scale_gradient
 from ._plain import KINDS, norm_penalty, plain_logits
 
@@ -115,7 +115,7 @@ class FusedShardLoss(torch.autograd.Function):
         blocks = (
             rows_on(row_blocks, device)
             if row_blocks is not None
-            else torch.tensor(margin.block, dtype=torch.float64, device=device)
+            else margin_values_on(margin.block, device)
         )
         cos = None
         if target_cos is not None:

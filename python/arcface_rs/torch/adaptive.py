@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .._margins import AdaFace, ElasticFace, MagFace
+from ._cuda import margin_values_on
 from .functional import check_inputs
 from .heads import MarginHead
 
@@ -53,7 +54,7 @@ class AdaFaceHead(MarginHead, margin=AdaFace):
     def _row_blocks(self, emb: Tensor, mean: Tensor, std: Tensor) -> Tensor:
         """Each row's parameter block, its scaler from the statistics (mean, std)."""
         with torch.no_grad():
-            block = torch.tensor(self.margin.block, dtype=torch.float64, device=emb.device)
+            block = margin_values_on(self.margin.block, emb.device)
             blocks = block.expand(emb.shape[0], block.shape[0]).clone()
             blocks[:, 3] = self._scaler(emb, mean, std)
         return blocks

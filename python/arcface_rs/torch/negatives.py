@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .._margins import CurricularFace, MVSoftmax
+from ._cuda import margin_values_on
 from ._rows import unit_rows
 from .functional import check_inputs
 from .heads import MarginHead
@@ -67,7 +68,7 @@ class CurricularFaceHead(MarginHead, margin=CurricularFace):
 
     def _row_blocks(self, emb: Tensor, t: Tensor) -> Tensor:
         with torch.no_grad():
-            block = torch.tensor(self.margin.block, dtype=torch.float64, device=emb.device)
+            block = margin_values_on(self.margin.block, emb.device)
             blocks = block.expand(emb.shape[0], block.shape[0]).clone()
             blocks[:, 3] = t.clamp(-1.0, 1.0)
         return blocks
