@@ -273,23 +273,65 @@ __device__ void normalize_rows(const X* x, S* xhat, double* norms, int rows, int
         put(xhat + (long long)r * d + j, (A)widen(row[j]) * inv);
 }
 
+// V consecutive elements of T loaded or stored as one access of V * sizeof(T) bytes (8 or
+// 16): a warp whose lanes each move one float32 moves 128 bytes per instruction, too few in
+// flight for the passes over the logits or the weight to reach the memory bandwidth; 16
+// bytes a lane move 512. Used where the row is a multiple of V and the pointers are aligned
+// for it (the buffers are 256-byte aligned and tiles hold 16384 classes); else element by
+// element.
+template <typename T, int V> struct alignas(V * sizeof(T)) Vec { T v[V]; };
+template <typename T, int V> __device__ bool vec_aligned(const T* p) {
+    return ((unsigned long long)p & (V * sizeof(T) - 1)) == 0;
+}
+template <typename T, int V> __device__ Vec<T, V> load_vec(const T* p) {
+    return *(const Vec<T, V>*)p;
+}
+template <typename T, int V> __device__ void store_vec(T* p, const Vec<T, V>& q) {
+    *(Vec<T, V>*)p = q;
+}
+template <typename T> using Quad = Vec<T, 4>;
+template <typename T> __device__ bool quad_aligned(const T* p) { return vec_aligned<T, 4>(p); }
+template <typename T> __device__ Quad<T> load_quad(const T* p) { return load_vec<T, 4>(p); }
+template <typename T> __device__ void store_quad(T* p, const Quad<T>& q) { store_vec<T, 4>(p, q); }
+
 // One warp per class centre of a tile (rows `first` .. `first + rows` of the weight): its
 // inverse norm when `w_inv` is not null (a zero or non-finite centre raises bad[0] to its
 // class + 1), and its copy rounded to S when `copy` is not null (the operand of the
 // half-precision GEMMs, one tile at a time: a whole 16-bit copy of a float32 weight would
 // cost half its size again in device memory).
+// Each lane moves 16 bytes of the weight per access where the row allows (see Vec).
 template <typename W, typename S, typename A>
 __device__ void weights_tile(const W* w, S* copy, A* w_inv, int rows, int d, int first,
                              int* bad) {
+    typedef typename Acc<W>::type WA;
+    typedef typename Acc<S>::type SA;
+    const int V = 16 / sizeof(W);
     int lane = threadIdx.x & 31;
     int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= rows) return;  // the whole warp leaves: no barrier is left waiting
     const W* row = w + (long long)r * d;
+    S* out = copy ? copy + (long long)r * d : nullptr;
     double ss = 0.0;
-    for (int j = lane; j < d; j += 32) {
-        typename Acc<W>::type v = widen(row[j]);
-        ss += (double)v * (double)v;
-        if (copy) put(copy + (long long)r * d + j, (typename Acc<S>::type)v);
+    if (d % V == 0 && vec_aligned<W, V>(row) && (out == nullptr || vec_aligned<S, V>(out))) {
+#pragma unroll 4
+        for (int q = lane; q < d / V; q += 32) {
+            Vec<W, V> wv = load_vec<W, V>(row + q * V);
+            for (int i = 0; i < V; ++i) {
+                WA v = widen(wv.v[i]);
+                ss += (double)v * (double)v;
+            }
+            if (out) {
+                Vec<S, V> sv;
+                for (int i = 0; i < V; ++i) put(&sv.v[i], (SA)widen(wv.v[i]));
+                store_vec<S, V>(out + q * V, sv);
+            }
+        }
+    } else {
+        for (int j = lane; j < d; j += 32) {
+            WA v = widen(row[j]);
+            ss += (double)v * (double)v;
+            if (out) put(out + j, (SA)v);
+        }
     }
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_down_sync(0xffffffff, ss, o);
     if (lane == 0 && w_inv) {
@@ -369,18 +411,6 @@ __device__ void targets(const XH* xh, int raw_x, const W* weight, const long lon
         hard_rule(p, c, rules + 3 * r, rules + 3 * r + 1, rules + 3 * r + 2);
     }
 }
-
-// Four consecutive elements loaded or stored as one access (128 bits of float32, 64 of a
-// 16-bit type): a warp then moves 512 contiguous bytes of float32 per instruction instead of
-// 128, enough loads in flight for the logits and gradient passes to reach the memory
-// bandwidth. Used where the row is a multiple of 4 and the pointers are aligned for it (the
-// buffers are 256-byte aligned and tiles hold 16384 classes); else element by element.
-template <typename T> struct alignas(4 * sizeof(T)) Quad { T v[4]; };
-template <typename T> __device__ bool quad_aligned(const T* p) {
-    return ((unsigned long long)p & (4 * sizeof(T) - 1)) == 0;
-}
-template <typename T> __device__ Quad<T> load_quad(const T* p) { return *(const Quad<T>*)p; }
-template <typename T> __device__ void store_quad(T* p, const Quad<T>& q) { *(Quad<T>*)p = q; }
 
 // One block per row of a tile of raw dot products x̂·w (cuBLAS, type Z) over the weight rows
 // lo.. lo + ct, k per class (sub-centres; k = 1 without): a class's cosine is its closest
@@ -640,22 +670,60 @@ __device__ void grad_tile(const S* e, S* g, int rows, int ct, int lo, int k, con
 
 // One warp per row of dW (type G, 8 rows a block): removes the component along w_j (the
 // normalisation's Jacobian); w holds the tile's centres in W (the weight itself, or on the
-// half-precision path its 16-bit copy).
+// half-precision path its 16-bit copy). A row of up to PROJECT_VECS accesses per lane (d up
+// to 1024 in float32) is read once, by 16-byte accesses (see Vec), into registers, and
+// written back from them; other rows are read twice, an element at a time.
+#define PROJECT_VECS 8
 template <typename G, typename W, typename A>
 __device__ void project_out_rows(G* g, const W* w, const A* w_inv, int rows, int d) {
+    typedef typename Acc<G>::type GA;
+    const int V = 16 / (sizeof(G) > sizeof(W) ? sizeof(G) : sizeof(W));
     int lane = threadIdx.x & 31;
     int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= rows) return;  // the whole warp leaves
     G* gr = g + (long long)r * d;
     const W* wr = w + (long long)r * d;
+    const int n = d / V;
+    const bool in_registers = d % V == 0 && n <= 32 * PROJECT_VECS && vec_aligned<G, V>(gr) &&
+                              vec_aligned<W, V>(wr);
     double dot = 0.0;
+    Vec<G, V> gv[PROJECT_VECS];
+    Vec<W, V> wv[PROJECT_VECS];
+    if (in_registers) {
+#pragma unroll
+        for (int t = 0; t < PROJECT_VECS; ++t) {  // every load issued before any is used
+            int q = lane + 32 * t;
+            if (q < n) {
+                gv[t] = load_vec<G, V>(gr + q * V);
+                wv[t] = load_vec<W, V>(wr + q * V);
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < PROJECT_VECS; ++t)
+            if (lane + 32 * t < n)
+                for (int i = 0; i < V; ++i)
+                    dot += (double)widen(gv[t].v[i]) * (double)widen(wv[t].v[i]);
+    } else {
 #pragma unroll 4
-    for (int j = lane; j < d; j += 32) dot += (double)widen(gr[j]) * (double)widen(wr[j]);
+        for (int j = lane; j < d; j += 32) dot += (double)widen(gr[j]) * (double)widen(wr[j]);
+    }
     for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
-    typedef typename Acc<G>::type GA;
     GA k = (GA)(dot * (double)w_inv[r] * (double)w_inv[r]);
+    if (in_registers) {
+#pragma unroll
+        for (int t = 0; t < PROJECT_VECS; ++t) {
+            int q = lane + 32 * t;
+            if (q < n) {
+                Vec<G, V> out;
+                for (int i = 0; i < V; ++i)
+                    put(&out.v[i], (GA)widen(gv[t].v[i]) - (GA)widen(wv[t].v[i]) * k);
+                store_vec<G, V>(gr + q * V, out);
+            }
+        }
+    } else {
 #pragma unroll 4
-    for (int j = lane; j < d; j += 32) put(gr + j, (GA)widen(gr[j]) - (GA)widen(wr[j]) * k);
+        for (int j = lane; j < d; j += 32) put(gr + j, (GA)widen(gr[j]) - (GA)widen(wr[j]) * k);
+    }
 }
 
 // One block per row: dx = (dx̂ - x̂ (x̂·dx̂)) / ||x|| + x̂ * norm_term, with x̂ = x / ||x||
@@ -932,7 +1000,7 @@ extern "C" __global__ void topk_tile(const float* scores, int queries, int strid
 
 __device__ float widen(signed char v) { return (float)v; }
 
-template <typename S> struct alignas(16) Pack { S v[16 / sizeof(S)]; };
+template <typename S> using Pack = Vec<S, 16 / sizeof(S)>;  // 16 bytes of S
 
 template <typename S>
 __device__ void score_rows(const S* rows, const float* scales, const float* queries, int q,

@@ -332,6 +332,24 @@ fn head_equals_the_cpu_head_with_four_columns_a_load() {
 }
 
 #[test]
+fn head_equals_the_cpu_head_over_weight_row_lengths() {
+    // The passes over the weight (inverse norms, the projection of dW) move 16 bytes a lane
+    // where a row is a whole number of such accesses and keep a row of up to 8 of them a lane
+    // in registers; other lengths go element by element: d = 3 and 6 (float32) and 3
+    // (float64) one by one, 12 by vectors, 1030 and 2052 by vectors but projected from
+    // memory (float32's 1030 one by one). B > D for d = 3 (row chunks), else B <= D.
+    let arc = Margin::arcface(64.0, 0.5, false).unwrap();
+    let tiling = Tiling {
+        class_tile: 8,
+        stash_budget_bytes: 1 << 20,
+    };
+    for d in [3, 6, 12, 1030, 2052] {
+        check::<f64>(4, 13, d, &arc, tiling, 1e-10);
+        check::<f32>(4, 13, d, &arc, tiling, 2e-4);
+    }
+}
+
+#[test]
 fn head_equals_the_cpu_head_with_one_margin_per_row() {
     let tiling = Tiling {
         class_tile: 7,

@@ -134,6 +134,17 @@ fn half_precision_head_is_within_its_rounding_of_the_float64_head() {
                 stash_budget_bytes: 5 * 29 * 2,
             },
         ),
+        // 12 columns: a float32 weight's rows go by 16-byte accesses, a 16-bit one's
+        // (8 elements an access) one element at a time
+        (
+            3,
+            11,
+            12,
+            Tiling {
+                class_tile: 4,
+                stash_budget_bytes: 1 << 20,
+            },
+        ),
     ] {
         let emb = matrix::<f64>(11, b, d).mapv(|v| v * 3.0);
         let weight = matrix::<f64>(12, c, d);
