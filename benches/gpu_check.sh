@@ -36,6 +36,8 @@ if [ "$MODE" = head ]; then
         -k "gpu and not gallery" || echo "== GPU head tests FAILED (rc $?)"
     echo "== GPU head benchmark"
     timeout 200 "$PY" benches/bench_cuda.py --part head
+    echo "== where a step's time goes (bf16 autocast, C=1M), with each pass's bandwidth"
+    timeout 90 "$PY" benches/profile_cuda.py --mode autocast || echo "== profile FAILED (rc $?)"
     exit 0
 fi
 if [ "$MODE" = search ]; then
@@ -52,6 +54,7 @@ timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/cuda/test_cuda.py -rs
 
 echo "== GPU benchmarks"
 timeout 300 "$PY" benches/bench_cuda.py
+timeout 90 "$PY" benches/profile_cuda.py --mode autocast || echo "== profile FAILED (rc $?)"
 
 echo "== the sharded head on GPUs (2 ranks: NCCL with a GPU each, else gloo on one GPU)"
 timeout 300 "$PY" benches/bench_sharded_cuda.py

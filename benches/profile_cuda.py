@@ -1,6 +1,7 @@
 """Where a step of the fused CUDA head spends its time: torch.profiler over three
-forward + backward steps (ArcFace, B=512, D=512), kernels sorted by device time, with the
-bytes each pass over (C, D) or (B, C) would move at the card's bandwidth for comparison.
+forward + backward steps (ArcFace, B=512, D=512), kernels sorted by device time, then each
+of arcface_rs's passes over (C, D) or (B, C) with the bytes it moves per step (from the
+types in its name) and the bandwidth it achieved.
 
     python benches/profile_cuda.py [--classes 1000000] [--mode autocast|bf16|fp32|tf32]
 """
@@ -8,6 +9,7 @@ bytes each pass over (C, D) or (B, C) would move at the card's bandwidth for com
 from __future__ import annotations
 
 import argparse
+import re
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -47,8 +49,43 @@ def main() -> None:
         sort_by="cuda_time_total", row_limit=22, max_name_column_width=40
     )
     print(table)
-    mib = c * d / 2**20
-    print(f"(C, D): {mib:.0f} Mi elements, one pass {4 * mib:.0f} MiB fp32, {2 * mib:.0f} bf16")
+    print(f"{'pass (per step)':34s} {'ms':>8s} {'MB moved':>9s} {'GB/s':>7s}")
+    for event in prof.key_averages():
+        moved = bytes_moved(event.key, b, c, d)
+        if moved is None:
+            continue
+        ms = _device_us(event) / 3 / 1e3
+        gbs = moved / ms / 1e6 if ms > 0 else float("nan")
+        print(f"{event.key:34s} {ms:8.3f} {moved / 1e6:9.0f} {gbs:7.0f}")
+
+
+SIZES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2}
+
+
+def bytes_moved(kernel: str, b: int, c: int, d: int) -> int | None:
+    """The bytes one step's launches of a head kernel read and write in all (each element
+    once), from the element types in its name; None for other kernels. The logits pass
+    reads the float32 logits tile of the 16-bit path (the GEMM's output; on the exact
+    paths the stash holds the logits in place) and writes the stash."""
+    if m := re.fullmatch(r"weights_tile_(\w+?)_(\w+)", kernel):
+        w, s = SIZES[m[1]], SIZES[m[2]]
+        return c * d * (w + (s if m[1] != m[2] else 0))  # a float32 weight's 16-bit copy
+    if m := re.fullmatch(r"logits_tile_(\w+)", kernel):
+        s = SIZES[m[1]]
+        return b * c * ((4 if s == 2 else s) + s)
+    if m := re.fullmatch(r"grad_tile_(\w+)", kernel):
+        return 2 * b * c * SIZES[m[1]]
+    if m := re.fullmatch(r"project_out_rows_(\w+?)_(\w+)", kernel):
+        return c * d * (2 * SIZES[m[1]] + SIZES[m[2]])  # dW read and written, centres read
+    return None
+
+
+def _device_us(event) -> float:
+    """An event's total device time in microseconds (its name changed across torch releases)."""
+    for name in ("device_time_total", "cuda_time_total"):
+        if hasattr(event, name):
+            return float(getattr(event, name))
+    return 0.0
 
 
 if __name__ == "__main__":
