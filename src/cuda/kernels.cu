@@ -644,23 +644,25 @@ __device__ void grad_tile(const S* e, S* g, int rows, int ct, int lo, int k, con
                      ? (int)(y - class_lo) * k + target_sub[r]
                      : -1;
     A coef = (A)(weight * row_scale[r] * exp((double)tile_max[r] - lse[r]));
-    // quads of columns where the row and pointers allow (see Quad), else one by one
-    const bool quads = (ct & 3) == 0 && quad_aligned(erow) && quad_aligned(grow) &&
-                       quad_aligned(w_inv);
-    if (quads) {
+    // V columns an access where the row and pointers allow (see Vec: 16 bytes of a 16-bit
+    // stash, four float32 or float64 columns), else one by one
+    const int V = sizeof(S) == 2 ? 8 : 4;
+    const bool vecs = ct % V == 0 && vec_aligned<S, V>(erow) && vec_aligned<S, V>(grow) &&
+                      vec_aligned<A, V>(w_inv);
+    if (vecs) {
 #pragma unroll 2
-        for (int q = threadIdx.x; q < (ct >> 2); q += blockDim.x) {
-            Quad<S> eq = load_quad(erow + 4 * q), gq;
-            Quad<A> wq = load_quad(w_inv + 4 * q);
-            for (int i = 0; i < 4; ++i) put(&gq.v[i], (A)widen(eq.v[i]) * coef * wq.v[i]);
-            store_quad(grow + 4 * q, gq);
+        for (int q = threadIdx.x; q < ct / V; q += blockDim.x) {
+            Vec<S, V> ev = load_vec<S, V>(erow + V * q), gv;
+            Vec<A, V> wv = load_vec<A, V>(w_inv + V * q);
+            for (int i = 0; i < V; ++i) put(&gv.v[i], (A)widen(ev.v[i]) * coef * wv.v[i]);
+            store_vec<S, V>(grow + V * q, gv);
         }
     } else {
 #pragma unroll 4
         for (int j = threadIdx.x; j < ct; j += blockDim.x)
             put(grow + j, (A)widen(erow[j]) * coef * w_inv[j]);
     }
-    int owner = quads ? target / 4 : target;  // the work item that wrote the target column
+    int owner = vecs ? target / V : target;  // the work item that wrote the target column
     if (target >= 0 && owner % (int)blockDim.x == (int)threadIdx.x) {
         double p = exp(target_logit[r] - lse[r]);
         put(grow + target,
