@@ -890,10 +890,10 @@ __device__ bool row_allowed(const unsigned* allowed, long long i) {
 // list's next entry. (A block per pair met 8 block barriers a round: at 1024 queries the
 // selection took 14.7 ms of the H200's 31.8 ms search.)
 #define TOPK_WARPS (TOPK_THREADS / 32)
-extern "C" __global__ void topk_tile(const float* scores, int queries, int stride, int sub,
-                                     int width, int splits, long long lo, int k,
-                                     float* best_s, long long* best_i,
-                                     const unsigned* allowed) {
+template <typename T>
+__device__ void topk_tile_of(const T* scores, int queries, int stride, int sub, int width,
+                             int splits, long long lo, int k, float* best_s, long long* best_i,
+                             const unsigned* allowed) {
     const unsigned all = 0xffffffffu;
     int lane = threadIdx.x % 32;
     long long pair = (long long)blockIdx.x * TOPK_WARPS + threadIdx.x / 32;
@@ -901,7 +901,7 @@ extern "C" __global__ void topk_tile(const float* scores, int queries, int strid
     int q = (int)(pair / splits), run = (int)(pair % splits);
     int first = run * sub;
     int count = width - first < sub ? width - first : sub;  // <= 0: nothing new this tile
-    const float* row = scores + (long long)q * stride + first;
+    const T* row = scores + (long long)q * stride + first;
     long long base = lo + first;
     float* bs = best_s + pair * k;
     long long* bi = best_i + pair * k;
@@ -934,14 +934,15 @@ extern "C" __global__ void topk_tile(const float* scores, int queries, int strid
             worst_i = mine_i[k - 1];
         }
     };
-    // four scores per load where the run is aligned for it (runs start at multiples of
-    // 2048 columns), the tail one by one
-    int quads = quad_aligned(row) && count > 0 ? count / 4 : 0;
-    for (int at = lane; at < quads; at += 32) {
-        Quad<float> v = load_quad(row + 4 * at);
-        for (int h = 0; h < 4; ++h) keep(v.v[h], base + 4 * at + h);
+    // 16 bytes of scores per load where the run is aligned for it (runs start at multiples
+    // of 2048 columns), the tail one by one
+    const int V = 16 / sizeof(T);
+    int vecs = vec_aligned<T, V>(row) && count > 0 ? count / V : 0;
+    for (int at = lane; at < vecs; at += 32) {
+        Vec<T, V> v = load_vec<T, V>(row + V * at);
+        for (int h = 0; h < V; ++h) keep(widen(v.v[h]), base + V * at + h);
     }
-    for (int j = 4 * quads + lane; j < count; j += 32) keep(row[j], base + j);
+    for (int j = V * vecs + lane; j < count; j += 32) keep(widen(row[j]), base + j);
     // Round r's pick goes to lane r % 32 (k <= 64: two slots a lane), written after every
     // lane has read the running list.
     float out_s[2] = {-INFINITY, -INFINITY};
@@ -987,6 +988,21 @@ extern "C" __global__ void topk_tile(const float* scores, int queries, int strid
             bi[r] = out_i[slot];
         }
     }
+}
+
+// One warp per (query, run) of a float32 score tile (see topk_tile_of), or (_f16) of the
+// float16 scores of a rescored float16 gallery's GEMM.
+extern "C" __global__ void topk_tile(const float* scores, int queries, int stride, int sub,
+                                     int width, int splits, long long lo, int k,
+                                     float* best_s, long long* best_i,
+                                     const unsigned* allowed) {
+    topk_tile_of(scores, queries, stride, sub, width, splits, lo, k, best_s, best_i, allowed);
+}
+extern "C" __global__ void topk_tile_f16(const f16* scores, int queries, int stride, int sub,
+                                         int width, int splits, long long lo, int k,
+                                         float* best_s, long long* best_i,
+                                         const unsigned* allowed) {
+    topk_tile_of(scores, queries, stride, sub, width, splits, lo, k, best_s, best_i, allowed);
 }
 
 // Few queries (<= SCAN_QUERIES): the tile's scores without a GEMM, reading each stored row
@@ -1262,13 +1278,14 @@ __device__ void large_store(const LargeSelect& st, float* out_s, long long* out_
     }
 }
 
-struct TileColumns {
-    const float* row;
+template <typename T> struct TileColumns {
+    const T* row;
     long long base;
     const unsigned* allowed;
     __device__ bool get(long long j, float& s, int& i) const {
-        if (row[j] != row[j] || !row_allowed(allowed, base + j)) return false;  // NaN
-        s = row[j];
+        float v = widen(row[j]);
+        if (v != v || !row_allowed(allowed, base + j)) return false;  // NaN
+        s = v;
         i = (int)(base + j);
         return true;
     }
@@ -1286,10 +1303,10 @@ struct RunLists {
 };
 
 // As topk_tile, for k > TOPK_MAX (LARGE_THREADS threads a block).
-extern "C" __global__ void topk_tile_large(const float* scores, int queries, int stride,
-                                           int sub, int width, int splits, long long lo,
-                                           int k, float* best_s, long long* best_i,
-                                           const unsigned* allowed) {
+template <typename T>
+__device__ void topk_tile_large_of(const T* scores, int queries, int stride, int sub,
+                                   int width, int splits, long long lo, int k, float* best_s,
+                                   long long* best_i, const unsigned* allowed) {
     __shared__ LargeSelect st;
     int q = blockIdx.x / splits, run = blockIdx.x % splits;
     if (q >= queries) return;
@@ -1299,9 +1316,23 @@ extern "C" __global__ void topk_tile_large(const float* scores, int queries, int
     float* bs = best_s + (long long)blockIdx.x * k;
     long long* bi = best_i + (long long)blockIdx.x * k;
     large_load(st, bs, bi, k);
-    TileColumns source{scores + (long long)q * stride + first, lo + first, allowed};
+    TileColumns<T> source{scores + (long long)q * stride + first, lo + first, allowed};
     large_select(st, k, count, source);
     large_store(st, bs, bi, k);
+}
+extern "C" __global__ void topk_tile_large(const float* scores, int queries, int stride,
+                                           int sub, int width, int splits, long long lo,
+                                           int k, float* best_s, long long* best_i,
+                                           const unsigned* allowed) {
+    topk_tile_large_of(scores, queries, stride, sub, width, splits, lo, k, best_s, best_i,
+                       allowed);
+}
+extern "C" __global__ void topk_tile_large_f16(const f16* scores, int queries, int stride,
+                                               int sub, int width, int splits, long long lo,
+                                               int k, float* best_s, long long* best_i,
+                                               const unsigned* allowed) {
+    topk_tile_large_of(scores, queries, stride, sub, width, splits, lo, k, best_s, best_i,
+                       allowed);
 }
 
 // As topk_merge, for k > TOPK_MAX: one block per query selects from its splits * k entries.

@@ -204,6 +204,18 @@ fn rounds_queries(stored: Stored) -> bool {
     matches!(stored, Stored::F16 | Stored::Bf16)
 }
 
+/// The type of the score tiles: float16 where a rescored search multiplies float16 rows
+/// (its GEMM's float32 sums rounded once more, which [`rescore_slack`] counts: the
+/// selection only ranks candidates, and half the bytes per score halve the traffic of
+/// writing and selecting from the tiles), else float32.
+fn score_elem(stored: Stored, rescored: bool) -> Elem {
+    if rescored && stored == Stored::F16 {
+        Elem::F16
+    } else {
+        Elem::F32
+    }
+}
+
 /// A bound on |GEMM score - rescored score| of any row in a rescored search of `d`-long
 /// unit queries q over rows g stored as `stored` (every row was a unit vector before it was
 /// stored). The GEMM reads q' and g': the query rounded to float16 / bfloat16 and the row as
@@ -218,7 +230,10 @@ fn rounds_queries(stored: Stored) -> bool {
 ///   sqrt(d) / 254 (each code within half a step of max |g_j| / 127 <= 1 / 127);
 /// - each float32 sum of d products (the GEMM's, in whatever order and rounding its tensor
 ///   cores use, and the rescore's) is within d 2^-23 of sum |a_j b_j| <= ||a|| ||b|| of its
-///   exact value, and int8's product by the scale adds 2^-23 of the score.
+///   exact value, and int8's product by the scale adds 2^-23 of the score;
+/// - float16 rows' GEMM scores are stored in float16 ([`score_elem`]): |score| < 2, so
+///   rounding moves one by at most half its spacing below 2, 2^-11. Rounding is monotone,
+///   so a row left out still scores at most the last candidate's rounded score plus this.
 ///
 /// The kernel compares in float64, so nothing is added for that comparison.
 pub fn rescore_slack(d: usize, stored: Stored) -> f64 {
@@ -236,7 +251,12 @@ pub fn rescore_slack(d: usize, stored: Stored) -> f64 {
     let product = q_err * (row_norm + g_err) + unit * g_err;
     let gemm_sum = d * ulp(-23) * (unit + q_err) * (row_norm + g_err);
     let rescore_sum = (d + 1.0) * ulp(-23) * unit * row_norm;
-    product + gemm_sum + rescore_sum
+    let stored_score = if score_elem(stored, true) == Elem::F16 {
+        ulp(-11)
+    } else {
+        0.0
+    };
+    product + gemm_sum + rescore_sum + stored_score
 }
 
 struct Scratch {
@@ -273,7 +293,10 @@ impl Scratch {
         };
         let candidates = if rescored { shape.q * shape.k } else { 0 };
         Scratch {
-            scores: carver.take(shape.q * plan.tile, 4),
+            scores: carver.take(
+                shape.q * plan.tile,
+                score_elem(shape.stored, rescored).size(),
+            ),
             q_hi: carver.take(hi, 2),
             q_lo: carver.take(lo, 2),
             decoded: carver.take(decoded, 4),
@@ -354,6 +377,11 @@ pub fn search(
     } else {
         ("topk_tile", "topk_merge", TOPK_THREADS, TOPK_THREADS / 32)
     };
+    let scores = score_elem(stored, rescored);
+    let tile_kernel = match scores {
+        Elem::F16 => format!("{tile_kernel}_f16"),
+        _ => tile_kernel.to_string(),
+    };
     let plan = SearchPlan::new(select, tiling);
     let mut carver = Carver::new(buf.workspace);
     let s = Scratch::carve(&mut carver, select, plan, rescored);
@@ -405,7 +433,7 @@ pub fn search(
         let product = |elem: Elem, rows: u64, first: usize, count: usize| {
             move |a: u64, alpha: f64, beta: f64| RowMajorGemm {
                 elem,
-                out: Elem::F32,
+                out: scores,
                 tf32: rescored && elem == Elem::F32,
                 trans_a: false,
                 trans_b: true,
@@ -418,7 +446,7 @@ pub fn search(
                 b: rows,
                 ldb: d,
                 beta,
-                c: s.scores + (first * 4) as u64,
+                c: s.scores + (first * scores.size()) as u64,
                 ldc: plan.tile,
             }
         };
@@ -474,7 +502,7 @@ pub fn search(
             }
         }
         device.launch(
-            tile_kernel,
+            &tile_kernel,
             (q * plan.splits).div_ceil(pairs_per_block),
             select_threads,
             &[
