@@ -268,6 +268,7 @@ def test_glue_uploads_fixed_margin_values_once_per_content(monkeypatch):
     uploads = []
     monkeypatch.setattr(tcuda, "rows_on", lambda rows, device: uploads.append(rows) or rows)
     monkeypatch.setattr(tcuda, "_uploaded", {})
+    monkeypatch.setattr(tcuda, "_capturing", lambda device: False)
     gpu = torch.device("cuda", 0)
     per_row = np.linspace(0.0, 1.0, 4 * afr._core.MARGIN_PARAMS).reshape(4, -1)
     first = tcuda.margin_values_on(per_row, gpu)
@@ -279,10 +280,19 @@ def test_glue_uploads_fixed_margin_values_once_per_content(monkeypatch):
     changed[1, 2] += 1.0
     assert torch.equal(tcuda.margin_values_on(changed, gpu), torch.from_numpy(changed))
     assert len(uploads) == 3
+    # what a graph being captured reads outlives the cache's clearing
+    monkeypatch.setattr(tcuda, "_read_by_graphs", [])
+    monkeypatch.setattr(tcuda, "_capturing", lambda device: True)
+    captured = tcuda.margin_values_on(block, gpu)
+    tcuda._uploaded.clear()
+    assert len(tcuda._read_by_graphs) == 1 and tcuda._read_by_graphs[0] is captured
+    tcuda.margin_values_on(block, gpu)
+    assert len(tcuda._read_by_graphs) == 2  # a new upload, read by the capture too
+    monkeypatch.setattr(tcuda, "_capturing", lambda device: False)
     # off the GPU: a fresh tensor each time, which the caller may own
     on_cpu = tcuda.margin_values_on(per_row, torch.device("cpu"))
     assert on_cpu is not tcuda.margin_values_on(per_row, torch.device("cpu"))
-    assert len(uploads) == 3
+    assert len(uploads) == 4
 
 
 def test_preload_makes_nvrtc_and_cublas_resolve_by_name():

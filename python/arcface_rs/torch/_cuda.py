@@ -200,6 +200,8 @@ def check_cuda_errors() -> None:
 
 
 _uploaded: dict[tuple[bytes, tuple[int, ...], torch.device], Tensor] = {}
+# what a captured CUDA graph reads stays allocated as long as the graph may replay
+_read_by_graphs: list[Tensor] = []
 
 
 def margin_values_on(values: Any, device: torch.device) -> Tensor:
@@ -219,7 +221,10 @@ def margin_values_on(values: Any, device: torch.device) -> Tensor:
         if len(_uploaded) > 64:
             _uploaded.clear()
         _uploaded[key] = rows_on(torch.from_numpy(array.copy()), device)
-    return _uploaded[key]
+    values_on = _uploaded[key]
+    if _capturing(device) and not any(t is values_on for t in _read_by_graphs):
+        _read_by_graphs.append(values_on)  # never freed under a graph that reads it
+    return values_on
 
 
 def autocast_operand(emb: Tensor, weight: Tensor) -> Tensor:
