@@ -883,10 +883,11 @@ __device__ bool row_allowed(const unsigned* allowed, long long i) {
 }
 
 // One warp per (query, run of `sub` columns of the tile): the run's best k merged with the
-// run's list from the previous tiles (best_s / best_i, k per pair, sorted). Each score is
-// read once: every lane keeps the best k of its columns (a quad in every 32), sorted by
-// insertion; most scores fail the comparison with the lane's k-th. Then k rounds: the best
-// head of the lanes' lists (a butterfly of shuffles, no block barrier) against the running
+// run's list from the previous tiles (best_s / best_i, k per pair, sorted). Scores are T:
+// float32, or float16 (a rescored float16 gallery's). Each score is read once: every lane
+// keeps the best k of its columns (16 bytes of them in every 32 such), sorted by insertion;
+// most scores fail the comparison with the lane's k-th. Then k rounds: the best head of the
+// lanes' lists (a butterfly of shuffles, no block barrier) against the running
 // list's next entry. (A block per pair met 8 block barriers a round: at 1024 queries the
 // selection took 14.7 ms of the H200's 31.8 ms search.)
 #define TOPK_WARPS (TOPK_THREADS / 32)
@@ -990,20 +991,6 @@ __device__ void topk_tile_of(const T* scores, int queries, int stride, int sub, 
     }
 }
 
-// One warp per (query, run) of a float32 score tile (see topk_tile_of), or (_f16) of the
-// float16 scores of a rescored float16 gallery's GEMM.
-extern "C" __global__ void topk_tile(const float* scores, int queries, int stride, int sub,
-                                     int width, int splits, long long lo, int k,
-                                     float* best_s, long long* best_i,
-                                     const unsigned* allowed) {
-    topk_tile_of(scores, queries, stride, sub, width, splits, lo, k, best_s, best_i, allowed);
-}
-extern "C" __global__ void topk_tile_f16(const f16* scores, int queries, int stride, int sub,
-                                         int width, int splits, long long lo, int k,
-                                         float* best_s, long long* best_i,
-                                         const unsigned* allowed) {
-    topk_tile_of(scores, queries, stride, sub, width, splits, lo, k, best_s, best_i, allowed);
-}
 
 // Few queries (<= SCAN_QUERIES): the tile's scores without a GEMM, reading each stored row
 // once. One warp per row: each lane widens its elements to float in registers and
@@ -1320,20 +1307,20 @@ __device__ void topk_tile_large_of(const T* scores, int queries, int stride, int
     large_select(st, k, count, source);
     large_store(st, bs, bi, k);
 }
-extern "C" __global__ void topk_tile_large(const float* scores, int queries, int stride,
-                                           int sub, int width, int splits, long long lo,
-                                           int k, float* best_s, long long* best_i,
-                                           const unsigned* allowed) {
-    topk_tile_large_of(scores, queries, stride, sub, width, splits, lo, k, best_s, best_i,
-                       allowed);
-}
-extern "C" __global__ void topk_tile_large_f16(const f16* scores, int queries, int stride,
-                                               int sub, int width, int splits, long long lo,
-                                               int k, float* best_s, long long* best_i,
-                                               const unsigned* allowed) {
-    topk_tile_large_of(scores, queries, stride, sub, width, splits, lo, k, best_s, best_i,
-                       allowed);
-}
+
+// The tile selections' entry points: float32 score tiles, and (_f16) the float16 ones of a
+// rescored float16 gallery.
+#define TOPK_TILE_ENTRY(NAME, SELECT, T)                                                       \
+    extern "C" __global__ void NAME(const T* scores, int queries, int stride, int sub,         \
+                                    int width, int splits, long long lo, int k,                \
+                                    float* best_s, long long* best_i,                          \
+                                    const unsigned* allowed) {                                 \
+        SELECT(scores, queries, stride, sub, width, splits, lo, k, best_s, best_i, allowed);   \
+    }
+TOPK_TILE_ENTRY(topk_tile, topk_tile_of, float)
+TOPK_TILE_ENTRY(topk_tile_f16, topk_tile_of, f16)
+TOPK_TILE_ENTRY(topk_tile_large, topk_tile_large_of, float)
+TOPK_TILE_ENTRY(topk_tile_large_f16, topk_tile_large_of, f16)
 
 // As topk_merge, for k > TOPK_MAX: one block per query selects from its splits * k entries.
 extern "C" __global__ void topk_merge_large(const float* best_s, const long long* best_i,
