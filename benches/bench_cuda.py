@@ -321,7 +321,8 @@ def host_copies(d: int, emb: np.ndarray) -> None:
 
 
 KERNEL_NAMES = {
-    "unit_queries", "score_rows_f16", "topk_tile", "topk_merge", "finish_results",
+    "unit_queries", "score_rows_f16", "topk_tile", "topk_tile_f16", "topk_merge",
+    "finish_results",
     "round_queries_f16", "rescore_f16", "redo_unsure_f16",
 }  # fmt: skip
 

@@ -155,7 +155,6 @@ static const Entry entries[] = {
     ENTRY(weights_tile_bf16_bf16), ENTRY(weights_tile_f32_f16), ENTRY(weights_tile_f16_f16),
     ENTRY(fill_f64),          ENTRY(merge_stats),      ENTRY(finish_stats),
     ENTRY(row_losses),        ENTRY(topk_tile),        ENTRY(topk_tile_f16),
-    ENTRY(split_half),
     ENTRY(topk_reset),        ENTRY(topk_merge),       ENTRY(score_rows_f32),
     ENTRY(score_rows_f16),    ENTRY(score_rows_bf16),  ENTRY(score_rows_i8),
     ENTRY(decode_rows_bf16),  ENTRY(decode_rows_i8),

@@ -1389,16 +1389,6 @@ __device__ float f16_to_f32(unsigned short h) {
 #endif
 }
 
-extern "C" __global__ void split_half(const float* x, unsigned short* hi, unsigned short* lo,
-                                      long long n) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) {
-        unsigned short h = f32_to_f16(x[i]);
-        hi[i] = h;
-        lo[i] = f32_to_f16((x[i] - f16_to_f32(h)) * SPLIT_SCALE);
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Many queries, rescored: one GEMM on tensor cores ranks the rows (float16 / bfloat16 rows
 // against the query rounded to their type; float32 and decoded int8 rows as TF32), the
@@ -1410,10 +1400,16 @@ extern "C" __global__ void split_half(const float* x, unsigned short* hi, unsign
 // have entered the k best, and the query is sure. Otherwise `unsure[q]` is set and the
 // query is searched again exactly (by the caller's exact route, or `redo_unsure`).
 
+// The float32 queries rounded to the rows' 16-bit type S, for the GEMMs: `hi` the nearest
+// S, and when `lo` is not null the remainder times SPLIT_SCALE rounded again (the exact
+// route's split float16 query: hi + lo / SPLIT_SCALE is as exact as the float32 query,
+// since cuBLAS has no float32 x float16 product).
 template <typename S>
-__device__ void round_queries(const float* x, S* out, long long n) {
+__device__ void round_queries(const float* x, S* hi, S* lo, long long n) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) put(out + i, x[i]);
+    if (i >= n) return;
+    put(hi + i, x[i]);
+    if (lo) put(lo + i, (x[i] - widen(hi[i])) * SPLIT_SCALE);
 }
 
 #define RESCORE_THREADS 256
@@ -1464,8 +1460,8 @@ __device__ void rescore(const S* rows, const float* scales, const float* queries
 }
 
 #define ENTRY_ROUND_QUERIES(S, N)                                                             \
-    extern "C" __global__ void round_queries_##N(const float* x, S* out, long long n) {      \
-        round_queries<S>(x, out, n);                                                          \
+    extern "C" __global__ void round_queries_##N(const float* x, S* hi, S* lo, long long n) { \
+        round_queries<S>(x, hi, lo, n);                                                       \
     }
 #define ENTRY_RESCORE(S, N)                                                                   \
     extern "C" __global__ void rescore_##N(const S* rows, const float* scales,               \

@@ -102,7 +102,6 @@ pub const ENTRY_POINTS: &[&str] = &[
     "score_rows_i8",
     "decode_rows_bf16",
     "decode_rows_i8",
-    "split_half",
     "round_queries_f16",
     "round_queries_bf16",
     "rescore_f32",

@@ -14,7 +14,7 @@
 //! exactly and keeps the best k; a query whose candidates could have missed a row (see
 //! [`rescore_slack`]) is flagged, for the exact route or [`redo_unsure`] on the device. Exact (cuBLAS has no float32 ×
 //! float16 product): a float16 gallery multiplies the float32 query split into two float16
-//! halves (hi + 2⁻¹² lo, see `split_half`), reading the rows twice; bfloat16 and int8 ones
+//! halves (hi + 2⁻¹² lo, see `round_queries`), reading the rows twice; bfloat16 and int8 ones
 //! decode chunks of rows to float32; float32 GEMMs without TF32.
 
 use super::device::{gemm, Arg, Carver, Device, Elem, RowMajorGemm};
@@ -198,10 +198,25 @@ fn decodes(stored: Stored, rescored: bool) -> bool {
     }
 }
 
-/// Whether a rescored search's GEMM multiplies the query rounded to the rows' 16-bit type
-/// (float16, bfloat16); float32 and decoded int8 rows run TF32 GEMMs instead.
-fn rounds_queries(stored: Stored) -> bool {
-    matches!(stored, Stored::F16 | Stored::Bf16)
+/// How the GEMMs of many queries read the float32 queries.
+#[derive(Clone, Copy, PartialEq)]
+enum QueryOperand {
+    /// As they are: float32 rows (TF32 where rescored), decoded chunks, or no GEMM at all
+    /// (few queries, `score_rows`).
+    AsGiven,
+    /// Rounded to the rows' 16-bit type: a rescored search of float16 / bfloat16 rows.
+    Rounded,
+    /// Split into two float16 halves, hi + 2⁻¹² lo: the exact route over float16 rows.
+    Split,
+}
+
+fn query_operand(shape: SearchShape, rescored: bool) -> QueryOperand {
+    match (shape.stored, rescored) {
+        _ if scans(shape) => QueryOperand::AsGiven,
+        (Stored::F16 | Stored::Bf16, true) => QueryOperand::Rounded,
+        (Stored::F16, false) => QueryOperand::Split,
+        _ => QueryOperand::AsGiven,
+    }
 }
 
 /// The type of the score tiles: float16 where a rescored search multiplies float16 rows
@@ -281,10 +296,10 @@ impl Scratch {
     /// `shape.k` is the selection's k (the candidates of a rescored search).
     fn carve(carver: &mut Carver, shape: SearchShape, plan: SearchPlan, rescored: bool) -> Scratch {
         let many = !scans(shape);
-        let (hi, lo) = match (shape.stored, many, rescored) {
-            (stored, true, true) if rounds_queries(stored) => (shape.q * shape.d, 0),
-            (Stored::F16, true, false) => (shape.q * shape.d, shape.q * shape.d),
-            _ => (0, 0),
+        let (hi, lo) = match query_operand(shape, rescored) {
+            QueryOperand::AsGiven => (0, 0),
+            QueryOperand::Rounded => (shape.q * shape.d, 0),
+            QueryOperand::Split => (shape.q * shape.d, shape.q * shape.d),
         };
         let decoded = if decodes(shape.stored, rescored) && many {
             plan.chunk * shape.d
@@ -398,7 +413,9 @@ pub fn search(
     )?;
     let scan = scans(shape);
     let count = q * d;
-    let (q_first, q_second) = if rescored && rounds_queries(stored) {
+    let operand = query_operand(shape, rescored);
+    let split = operand == QueryOperand::Split;
+    if operand != QueryOperand::AsGiven {
         device.launch(
             &format!("round_queries_{}", stored.suffix()),
             count.div_ceil(256),
@@ -406,25 +423,15 @@ pub fn search(
             &[
                 Arg::Ptr(buf.queries),
                 Arg::Ptr(s.q_hi),
+                Arg::Ptr(if split { s.q_lo } else { 0 }),
                 Arg::I64(count as i64),
             ],
         )?;
-        (s.q_hi, None)
-    } else if stored == Stored::F16 && !scan && !rescored {
-        device.launch(
-            "split_half",
-            count.div_ceil(256),
-            256,
-            &[
-                Arg::Ptr(buf.queries),
-                Arg::Ptr(s.q_hi),
-                Arg::Ptr(s.q_lo),
-                Arg::I64(count as i64),
-            ],
-        )?;
-        (s.q_hi, Some(s.q_lo))
-    } else {
-        (buf.queries, None)
+    }
+    let (q_first, q_second) = match operand {
+        QueryOperand::AsGiven => (buf.queries, None),
+        QueryOperand::Rounded => (s.q_hi, None),
+        QueryOperand::Split => (s.q_hi, Some(s.q_lo)),
     };
     for lo in (0..n).step_by(plan.tile) {
         let width = plan.tile.min(n - lo);
