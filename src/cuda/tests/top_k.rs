@@ -74,20 +74,7 @@ fn emulate_search(
     stored: Stored,
     tiling: SearchTiling,
 ) -> (Vec<f32>, Vec<i64>) {
-    emulate_filtered_search(rows, queries, k, stored, tiling, None)
-}
-
-/// [`emulate_search`] over the rows whose bit is set in `allowed` (one bit per row).
-fn emulate_filtered_search(
-    rows: &Array2<f32>,
-    queries: &Array2<f32>,
-    k: usize,
-    stored: Stored,
-    tiling: SearchTiling,
-    allowed: Option<&[u32]>,
-) -> (Vec<f32>, Vec<i64>) {
-    let (scores, ids, _) =
-        emulate_any_search(rows, queries, k, stored, tiling, allowed, Route::Exact);
+    let (scores, ids, _) = emulate_any_search(rows, queries, k, stored, tiling, None, Route::Exact);
     (scores, ids)
 }
 
@@ -102,8 +89,8 @@ enum Route {
     Redone,
 }
 
-/// [`emulate_filtered_search`] by `route`: also each query's unsure flag (all 0 on the exact
-/// route).
+/// [`emulate_search`] by `route` over the rows whose bit is set in `allowed` (one bit per
+/// row; None: every row): also each query's unsure flag (all 0 on the exact route).
 fn emulate_any_search(
     rows: &Array2<f32>,
     queries: &Array2<f32>,
@@ -454,7 +441,16 @@ fn a_row_mask_filters_the_selection_for_every_k_and_path() {
             ..SearchTiling::default()
         };
         for stored in [Stored::F32, Stored::F16] {
-            let got = emulate_filtered_search(&rows, &queries, k, stored, tiling, Some(&mask));
+            let (s, i, _) = emulate_any_search(
+                &rows,
+                &queries,
+                k,
+                stored,
+                tiling,
+                Some(&mask),
+                Route::Exact,
+            );
+            let got = (s, i);
             let all = filtered_brute_force(&rows, &queries, 500, stored, Some(&mask));
             assert_matches(&got, &all, k, &format!("q={nq} k={k} {stored:?}"));
             assert_eq!(&got.1[..2], &[3, 11]);
@@ -464,13 +460,14 @@ fn a_row_mask_filters_the_selection_for_every_k_and_path() {
     let none = vec![0u32; mask.len()];
     let queries = unit_rows(40, 2, 8);
     for k in [3, 70] {
-        let (scores, ids) = emulate_filtered_search(
+        let (scores, ids, _) = emulate_any_search(
             &rows,
             &queries,
             k,
             Stored::F32,
             SearchTiling::default(),
             Some(&none),
+            Route::Exact,
         );
         assert!(ids.iter().all(|&i| i == -1) && scores.iter().all(|&s| s == f32::NEG_INFINITY));
     }
