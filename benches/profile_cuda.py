@@ -73,8 +73,6 @@ def bytes_moved(kernel: str, b: int, c: int, d: int) -> int | None:
     if m := re.fullmatch(r"logits_tile_(\w+)", kernel):
         s = SIZES[m[1]]
         return b * c * ((4 if s == 2 else s) + s)
-    if m := re.fullmatch(r"grad_tile_(\w+)", kernel):
-        return 2 * b * c * SIZES[m[1]]
     if m := re.fullmatch(r"project_out_rows_(\w+?)_(\w+)", kernel):
         return c * d * (2 * SIZES[m[1]] + SIZES[m[2]])  # dW read and written, centres read
     return None

@@ -147,7 +147,7 @@ struct Entry {
 
 static const Entry entries[] = {
     ENTRY4(normalize_rows),   ENTRY4(targets),         ENTRY4(logits_tile),
-    ENTRY4(grad_tile),        ENTRY2(finish_grad_emb),
+    ENTRY4(tile_rows),        ENTRY4(target_grads),    ENTRY2(finish_grad_emb),
     ENTRY(project_out_rows_f32_f32), ENTRY(project_out_rows_f64_f64),
     ENTRY(project_out_rows_f32_bf16), ENTRY(project_out_rows_bf16_bf16),
     ENTRY(project_out_rows_f32_f16), ENTRY(project_out_rows_f16_f16),

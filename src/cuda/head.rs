@@ -220,7 +220,12 @@ struct Scratch {
     wtile: u64,
     /// per row of a chunk: [max, Σe, Σe·z, target logit] (a sharded head's are the caller's)
     parts: u64,
-    g: u64,
+    /// a tile's stash times its centres (dX̂ before the row factors; see `tile_rows`)
+    dxt: u64,
+    /// the rows of X̂ times a tile's row factors (the dW GEMM's operand)
+    xs: u64,
+    /// the stash of the tiles whose next tile cannot hold it (the last one or two)
+    spill: u64,
     stash: u64,
 }
 
@@ -254,7 +259,13 @@ impl Scratch {
                 0
             },
             parts: carver.take(nr * 4, 8),
-            g: carver.take(nr * plan.tile, sz),
+            dxt: carver.take(nr * d, asz),
+            xs: carver.take(nr * d, sz),
+            spill: if plan.stash_in_grad {
+                carver.take(plan.tiles.min(2) * nr * plan.tile, sz)
+            } else {
+                0
+            },
             stash: if plan.stash_in_grad {
                 0
             } else {
@@ -530,12 +541,17 @@ fn fused(
         let scale = at(row_scale, start, 8);
         let target_logit = at(s.target_logit, start, 8);
         let row_weight = at(buf.row_weight, start, 8);
-        // A tile's stash: its own rows of dW, or its place in this chunk's stash.
-        let slot = |lo: usize| {
-            if plan.stash_in_grad {
-                at(buf.grad_weight, lo * d, wsz)
+        // Tile t's stash: its place in this chunk's stash, or the rows of dW of tile t + 1
+        // (written by tile t + 1's dW GEMM only after tile t's GEMMs have read it; not its
+        // own rows, which its dW GEMM writes while reading the stash), or a spill slot where
+        // tile t + 1 is short or missing (the last tile, and the one before a short last).
+        let slot = |t: usize| {
+            if !plan.stash_in_grad {
+                at(s.stash, t * plan.tile * rows, sz)
+            } else if t + 1 < plan.tiles && c - (t + 1) * plan.tile >= plan.tile {
+                at(buf.grad_weight, (t + 1) * plan.tile * d, wsz)
             } else {
-                at(s.stash, lo * rows, sz)
+                at(s.spill, (t % 2) * plan.tile * rows, sz)
             }
         };
 
@@ -553,7 +569,7 @@ fn fused(
                 weights_tile(lo, width, copy, w_inv)?;
             }
             // the logits: in place of the stash, or (half precision) a float32 tile
-            let z = if half { s.ztile } else { slot(lo) };
+            let z = if half { s.ztile } else { slot(t) };
             gemm(
                 device,
                 RowMajorGemm {
@@ -569,7 +585,7 @@ fn fused(
                 ROW_THREADS,
                 &[
                     Ptr(z),
-                    Ptr(slot(lo)),
+                    Ptr(slot(t)),
                     I32(ri),
                     I32(width as i32),
                     I32(lo as i32),
@@ -640,6 +656,34 @@ fn fused(
             continue;
         }
 
+        let dxhat = at(buf.grad_emb, start * d, asz);
+        let emb = at(buf.emb, start * d, asz);
+        let norms = at(s.norms, start, 8);
+        // Between tiles: the previous tile's dX̂ product into dX̂ and this tile's rows of X̂,
+        // each times the tile's row factors (tile `t`, or none past the last).
+        let tile_rows = |t: usize| {
+            let prev = want_emb && t > 0;
+            let next = want_weight && t < plan.tiles;
+            device.launch(
+                &kernel("tile_rows"),
+                rows,
+                ROW_THREADS,
+                &[
+                    Ptr(if prev { s.dxt } else { 0 }),
+                    Ptr(at(s.tile_max, t.saturating_sub(1) * rows, asz)),
+                    Ptr(dxhat),
+                    Ptr(emb),
+                    Ptr(norms),
+                    Ptr(at(s.tile_max, t.min(plan.tiles - 1) * rows, asz)),
+                    Ptr(if next { s.xs } else { 0 }),
+                    Ptr(s.lse),
+                    Ptr(row_weight),
+                    Ptr(scale),
+                    I32(ri),
+                    I32(di),
+                ],
+            )
+        };
         for t in 0..plan.tiles {
             let lo = t * plan.tile;
             let width = plan.tile.min(c - lo);
@@ -648,43 +692,21 @@ fn fused(
             }
             let w_tile = centres(lo, width);
             let w_inv = at(s.w_inv, lo, asz);
-            device.launch(
-                &kernel("grad_tile"),
-                rows,
-                ROW_THREADS,
-                &[
-                    Ptr(slot(lo)),
-                    Ptr(s.g),
-                    I32(ri),
-                    I32(width as i32),
-                    I32(lo as i32),
-                    I32(k as i32),
-                    Ptr(at(s.tile_max, t * rows, asz)),
-                    Ptr(s.lse),
-                    Ptr(row_weight),
-                    Ptr(scale),
-                    Ptr(w_inv),
-                    Ptr(labels),
-                    Ptr(target_logit),
-                    Ptr(at(s.target_dpsi, start, 8)),
-                    Ptr(at(s.target_sub, start, 4)),
-                ],
-            )?;
+            tile_rows(t)?;
             if want_emb {
-                // dX̂ rows += G W_t
+                // the tile's stash times its centres, scaled into dX̂ by the next tile_rows
                 gemm(
                     device,
                     RowMajorGemm {
-                        beta: 1.0,
-                        c: at(buf.grad_emb, start * d, asz),
+                        c: s.dxt,
                         ldc: d,
-                        ..row_gemm(rows, d, width, s.g, width, w_tile, d)
+                        ..row_gemm(rows, d, width, slot(t), width, w_tile, d)
                     },
                 )?;
             }
             if want_weight {
-                // dW_t = Gᵀ X̂ rows, accumulated over row chunks (P is linear and
-                // idempotent, so projecting after each chunk stays exact).
+                // dW_t = stashᵀ (factors · X̂ rows), accumulated over row chunks (P is
+                // linear and idempotent, so projecting after each chunk stays exact).
                 let fresh = plan.stash_in_grad || start == 0;
                 let g_dw = at(buf.grad_weight, lo * d, wsz);
                 gemm(
@@ -695,7 +717,7 @@ fn fused(
                         beta: if fresh { 0.0 } else { 1.0 },
                         c: g_dw,
                         ldc: d,
-                        ..row_gemm(width, d, rows, s.g, width, xhat, d)
+                        ..row_gemm(width, d, rows, slot(t), width, s.xs, d)
                     },
                 )?;
                 // the centres along which to project: the float32 ones when the dW GEMM has
@@ -723,6 +745,34 @@ fn fused(
                 )?;
             }
         }
+        if want_emb {
+            tile_rows(plan.tiles)?;
+        }
+        // the targets' terms, which the stash leaves out
+        device.launch(
+            &format!("target_grads_{}", shape.weight.suffix()),
+            rows,
+            ROW_THREADS,
+            &[
+                Ptr(emb),
+                Ptr(norms),
+                Ptr(buf.weight),
+                Ptr(s.w_inv),
+                Ptr(labels),
+                Ptr(at(s.target_sub, start, 4)),
+                I32((c / k) as i32),
+                I32(k as i32),
+                Ptr(s.lse),
+                Ptr(target_logit),
+                Ptr(at(s.target_dpsi, start, 8)),
+                Ptr(row_weight),
+                Ptr(scale),
+                I32(ri),
+                I32(di),
+                Ptr(if want_emb { dxhat } else { 0 }),
+                Ptr(buf.grad_weight),
+            ],
+        )?;
     }
     if want_emb {
         device.launch(

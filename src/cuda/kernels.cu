@@ -419,10 +419,12 @@ __device__ void targets(const XH* xh, int raw_x, const W* weight, const long lon
 // non-target rule (`rules`, `filter`; h(c) = c for plain heads), the target logit for the
 // target class; the tile's row statistics over classes (max, Σe, Σe·z) go to stats[row * 3
 // ..] and the stash (type S, one entry per centre; the same memory as z on the float32 and
-// float64 paths) gets e h'(c), e = exp(z - tile max), on the class's chosen centre and 0 on
-// its others, so that grad_tile needs one multiply (head/tiles.rs stashes the same). Elements are
-// computed in A (each thread's sums too: at most ct / blockDim.x terms), the block's sums in
-// float64.
+// float64 paths) gets e h'(c) / ||w||, e = exp(z - tile max), on the class's chosen centre
+// and 0 on its others and on the target's centre. dL/dcos / ||w|| of a non-target centre is
+// then that times a factor of the row and tile alone (tile_factor), which the gradient pass
+// folds into the GEMMs' other operand instead of rewriting the stash; target_grads adds the
+// target's term. Elements are computed in A (each thread's sums too: at most ct / blockDim.x
+// terms), the block's sums in float64.
 template <typename Z, typename A>
 __device__ A tile_logit(const Z* row, int j, int k, const A* w_inv, A scale, A filter, A above,
                         A t, bool curricular, int target, int target_sub, A target_logit,
@@ -500,7 +502,7 @@ __device__ void logits_tile(const Z* z, S* stash, int rows, int ct, int lo, int 
                 A e = aexp(v - m);
                 s += e;
                 sz += e * v;
-                put(&sq.v[i], e * dh);
+                put(&sq.v[i], i == target - 4 * q ? (A)0 : e * dh * wq.v[i]);
             }
             store_quad(out + 4 * q, sq);
         }
@@ -512,7 +514,8 @@ __device__ void logits_tile(const Z* z, S* stash, int rows, int ct, int lo, int 
             A e = aexp(v - m);
             s += e;
             sz += e * v;
-            for (int a = 0; a < k; ++a) put(out + j * k + a, a == arg ? e * dh : (A)0);
+            A g = j == target ? (A)0 : e * dh * w_inv[j * k + arg];
+            for (int a = 0; a < k; ++a) put(out + j * k + a, a == arg ? g : (A)0);
         }
     }
     double sum = block_sum((double)s, shared);
@@ -620,53 +623,94 @@ extern "C" __global__ void row_losses(const double* lse, const double* pz,
     norm_term[r] = term;
 }
 
-// From a tile's stash e = exp(z - tile_max) to g = dL/dcos / ||w_j|| (a separate buffer: the
-// stash may live in the weight gradient's rows, which the next GEMM overwrites), with
-// p = e * exp(tile_max - lse); the target column gets (p - 1) psi' in float64 (written by
-// the thread that wrote that column, after it).
-template <typename S, typename A>
-__device__ void grad_tile(const S* e, S* g, int rows, int ct, int lo, int k, const A* tile_max,
-                          const double* lse, const double* row_weight, const double* row_scale,
-                          const A* w_inv, const long long* labels, const double* target_logit,
-                          const double* target_dpsi, const int* target_sub) {
+// The factor that turns a row's stash entries of one tile into dL/dcos / ||w||: the row's
+// weight times its scale times exp(tile max - lse) (so that with the stash's exp(z - tile
+// max) it makes the softmax's p). 0 for an ignored row, whose lse may not be finite.
+__device__ double tile_factor(double weight, double scale, double tile_max, double lse) {
+    return weight == 0.0 ? 0.0 : weight * scale * exp(tile_max - lse);
+}
+
+// One block per row of a chunk, between two class tiles of the gradient pass. The stash of a
+// tile is dL/dcos up to the factor of each (row, tile), so the two GEMMs take the factor on
+// their B-sized side instead of a pass over the stash: when `dxt` is not null it holds the
+// previous tile's stash times its centres (a dX̂ GEMM into scratch), added to dX̂ times that
+// tile's factor (`prev_max`); when `xs` is not null it gets this tile's factor times x̂ = x /
+// ||x|| (type S, rounded once), the dW GEMM's operand.
+template <typename X, typename S, typename A>
+__device__ void tile_rows(const A* dxt, const A* prev_max, A* dxhat, const X* x,
+                          const double* norms, const A* tile_max, S* xs, const double* lse,
+                          const double* row_weight, const double* row_scale, int rows, int d) {
     int r = blockIdx.x;
     if (r >= rows) return;
-    const S* erow = e + (long long)r * ct;
-    S* grow = g + (long long)r * ct;
-    double weight = row_weight[r];
-    if (weight == 0.0) {  // an ignored row: no gradient
-        for (int j = threadIdx.x; j < ct; j += blockDim.x) put(grow + j, (A)0);
-        return;
+    long long at = (long long)r * d;
+    if (dxt != 0) {
+        A f = (A)tile_factor(row_weight[r], row_scale[r], (double)prev_max[r], lse[r]);
+        for (int j = threadIdx.x; j < d; j += blockDim.x) dxhat[at + j] += f * dxt[at + j];
     }
-    // the target's column: its class's chosen centre
-    long long y = labels[r], class_lo = lo / k;
-    int target = (y >= class_lo && y < class_lo + ct / k)
-                     ? (int)(y - class_lo) * k + target_sub[r]
-                     : -1;
-    A coef = (A)(weight * row_scale[r] * exp((double)tile_max[r] - lse[r]));
-    // V columns an access where the row and pointers allow (see Vec: 16 bytes of a 16-bit
-    // stash, four float32 or float64 columns), else one by one
-    const int V = sizeof(S) == 2 ? 8 : 4;
-    const bool vecs = ct % V == 0 && vec_aligned<S, V>(erow) && vec_aligned<S, V>(grow) &&
-                      vec_aligned<A, V>(w_inv);
-    if (vecs) {
-#pragma unroll 2
-        for (int q = threadIdx.x; q < ct / V; q += blockDim.x) {
-            Vec<S, V> ev = load_vec<S, V>(erow + V * q), gv;
-            Vec<A, V> wv = load_vec<A, V>(w_inv + V * q);
-            for (int i = 0; i < V; ++i) put(&gv.v[i], (A)widen(ev.v[i]) * coef * wv.v[i]);
-            store_vec<S, V>(grow + V * q, gv);
+    if (xs != 0) {
+        A f = (A)tile_factor(row_weight[r], row_scale[r], (double)tile_max[r], lse[r]);
+        A inv = (A)(1.0 / norms[r]);
+        for (int j = threadIdx.x; j < d; j += blockDim.x)
+            put(xs + at + j, (A)widen(x[at + j]) * inv * f);
+    }
+}
+
+// Row r's target centre (its class times k plus its chosen sub-centre), or -1 when the row
+// is ignored or its target is not among these `classes` (another shard's).
+__device__ long long target_centre(const long long* labels, const int* target_sub,
+                                   const double* row_weight, int classes, int k, int r) {
+    long long y = labels[r];
+    if (y < 0 || y >= classes || row_weight[r] == 0.0) return -1;
+    return y * k + target_sub[r];
+}
+
+// The target's dL/dcos / ||w_y|| of row r: weight · scale · (p - 1) psi'(cos), p from the
+// target logit and the row's lse, in float64 (the stash holds 0 there).
+__device__ double target_grad(const double* row_weight, const double* row_scale,
+                              const double* target_logit, const double* lse,
+                              const double* target_dpsi, double w_inv, int r) {
+    double p = exp(target_logit[r] - lse[r]);
+    return row_weight[r] * row_scale[r] * (p - 1.0) * target_dpsi[r] * w_inv;
+}
+
+// One block per row of a chunk, after its class tiles: the target terms the stash leaves
+// out, in float64 from the weight itself (type W, not its 16-bit copy). dX̂ of row r (when
+// `dxhat` is not null) gets g w_y; the row of dW of the target centre (when `dw` is not
+// null; type G, already projected) gets g (x̂ - ŵ_y cos), the projection of g x̂, summed
+// over the chunk's rows of that centre by the block of the first of them (no atomics, no
+// race).
+template <typename X, typename W, typename G, typename A>
+__device__ void target_grads(const X* x, const double* norms, const W* weight, const A* w_inv,
+                             const long long* labels, const int* target_sub, int classes,
+                             int k, const double* lse, const double* target_logit,
+                             const double* target_dpsi, const double* row_weight,
+                             const double* row_scale, int rows, int d, A* dxhat, G* dw) {
+    __shared__ double shared[32];
+    int r = blockIdx.x;
+    if (r >= rows) return;
+    long long centre = target_centre(labels, target_sub, row_weight, classes, k, r);
+    if (centre < 0) return;
+    const W* wr = weight + centre * d;
+    double w_inv_y = (double)w_inv[centre];
+    if (dxhat != 0) {
+        double g = target_grad(row_weight, row_scale, target_logit, lse, target_dpsi, w_inv_y, r);
+        for (int j = threadIdx.x; j < d; j += blockDim.x)
+            dxhat[(long long)r * d + j] += (A)(g * (double)widen(wr[j]));
+    }
+    if (dw == 0) return;
+    for (int q = 0; q < r; ++q)  // an earlier row of this centre adds its terms
+        if (target_centre(labels, target_sub, row_weight, classes, k, q) == centre) return;
+    G* out = dw + centre * d;
+    for (int q = r; q < rows; ++q) {
+        if (target_centre(labels, target_sub, row_weight, classes, k, q) != centre) continue;
+        double g = target_grad(row_weight, row_scale, target_logit, lse, target_dpsi, w_inv_y, q);
+        const X* xq = x + (long long)q * d;
+        double inv_x = 1.0 / norms[q];
+        double cos = row_dot(xq, wr, d, shared) * inv_x * w_inv_y;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) {
+            double along = (double)widen(xq[j]) * inv_x - (double)widen(wr[j]) * w_inv_y * cos;
+            put(out + j, (typename Acc<G>::type)((double)widen(out[j]) + g * along));
         }
-    } else {
-#pragma unroll 4
-        for (int j = threadIdx.x; j < ct; j += blockDim.x)
-            put(grow + j, (A)widen(erow[j]) * coef * w_inv[j]);
-    }
-    int owner = vecs ? target / V : target;  // the work item that wrote the target column
-    if (target >= 0 && owner % (int)blockDim.x == (int)threadIdx.x) {
-        double p = exp(target_logit[r] - lse[r]);
-        put(grow + target,
-            (A)(weight * row_scale[r] * (p - 1.0) * target_dpsi[r] * (double)w_inv[target]));
     }
 }
 
@@ -767,17 +811,16 @@ __device__ void finish_grad_emb(T* dxhat, const T* x, const double* norms,
         logits_tile<A, S, A>(z, stash, rows, ct, lo, k, w_inv, row_scale, labels, target_logit, \
                              target_sub, rules, filter, tile_max, stats);                      \
     }                                                                                          \
-    extern "C" __global__ void grad_tile_##N(                                                  \
-        const S* e, S* g, int rows, int ct, int lo, int k, const A* tile_max,                  \
-        const double* lse, const double* row_weight, const double* row_scale, const A* w_inv,  \
-        const long long* labels, const double* target_logit, const double* target_dpsi,        \
-        const int* target_sub) {                                                               \
-        grad_tile<S, A>(e, g, rows, ct, lo, k, tile_max, lse, row_weight, row_scale, w_inv,    \
-                        labels, target_logit, target_dpsi, target_sub);                        \
+    extern "C" __global__ void tile_rows_##N(                                                  \
+        const A* dxt, const A* prev_max, A* dxhat, const X* x, const double* norms,            \
+        const A* tile_max, S* xs, const double* lse, const double* row_weight,                 \
+        const double* row_scale, int rows, int d) {                                            \
+        tile_rows<X, S, A>(dxt, prev_max, dxhat, x, norms, tile_max, xs, lse, row_weight,      \
+                           row_scale, rows, d);                                                \
     }                                                                                          \
 
 
-// targets_<weight>: x̂ (or x) in X, the weight in W.
+// targets_<weight> and target_grads_<weight>: x̂ (or x) in X, the weight (and dW) in W.
 #define ENTRY_TARGETS(X, W, A, N)                                                              \
     extern "C" __global__ void targets_##N(                                                    \
         const X* xh, int raw_x, const W* weight, const long long* labels, int classes, int k,  \
@@ -788,6 +831,15 @@ __device__ void finish_grad_emb(T* dxhat, const T* x, const double* norms,
         targets<X, W, A>(xh, raw_x, weight, labels, classes, k, sharded, row_scale, norms,     \
                          rows, d, margins, margin_stride, target_cos, target_logit,            \
                          target_dpsi, norm_extra, rules, target_sub, bad);                     \
+    }                                                                                          \
+    extern "C" __global__ void target_grads_##N(                                               \
+        const X* x, const double* norms, const W* weight, const A* w_inv,                      \
+        const long long* labels, const int* target_sub, int classes, int k,                    \
+        const double* lse, const double* target_logit, const double* target_dpsi,              \
+        const double* row_weight, const double* row_scale, int rows, int d, A* dxhat, W* dw) { \
+        target_grads<X, W, W, A>(x, norms, weight, w_inv, labels, target_sub, classes, k, lse, \
+                                 target_logit, target_dpsi, row_weight, row_scale, rows, d,    \
+                                 dxhat, dw);                                                   \
     }
 
 #define ENTRY_WEIGHTS(W, S, A, N)                                                              \

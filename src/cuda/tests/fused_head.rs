@@ -300,6 +300,30 @@ fn head_equals_the_cpu_head_with_the_stash_in_the_gradient() {
 }
 
 #[test]
+fn head_equals_the_cpu_head_with_rows_sharing_a_target() {
+    // 12 rows over 3 or 5 classes: several rows of a chunk share a target centre, whose
+    // dW terms one block adds for all of them (target_grads); with sub-centres they may
+    // share the class but not the centre. B <= D (stash in dW) and B > D (row chunks).
+    for (k, c) in [(1, 3), (1, 5), (2, 10)] {
+        let head = HeadOptions {
+            sub_centers: k,
+            interclass_filter: None,
+        };
+        // every margin's target term is covered by the others; these are ones whose ψ' or
+        // scale differs per row (sphere, MagFace's feature norm) or that add hard negatives
+        for margin in [0, 3, 7, 9].map(|i| margins().swap_remove(i)) {
+            for (d, budget) in [(16, 1 << 20), (6, 5 * c * 8)] {
+                let tiling = Tiling {
+                    class_tile: 2 * k,
+                    stash_budget_bytes: budget,
+                };
+                check_with::<f64>(12, c, d, (&margin).into(), head, tiling, 1e-10);
+            }
+        }
+    }
+}
+
+#[test]
 fn head_equals_the_cpu_head_with_four_columns_a_load() {
     // Tiles of 8 classes: the logits and gradient passes take four columns per access (the
     // last tile of 23 classes, 7 wide, and sub-centres' logits go one by one); the targets
