@@ -91,7 +91,7 @@ def optional_peers(emb, weight, labels):
     return peers
 
 
-def bench_head(b: int, d: int, c: int, compile_peer: bool = True) -> None:
+def bench_head(b: int, d: int, c: int, compile_peer: bool = True, ours_only: bool = False) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     emb = torch.randn(b, d, device="cuda", generator=gen).requires_grad_()
     weight = (0.01 * torch.randn(c, d, device="cuda", generator=gen)).requires_grad_()
@@ -141,13 +141,17 @@ def bench_head(b: int, d: int, c: int, compile_peer: bool = True) -> None:
         ("cuBLAS 3 GEMMs bf16 (AMP floor)", gemms(bf16, False)),
         ("cuBLAS 3 GEMMs fp32 TF32", gemms(torch.float32, True)),
         ("cuBLAS 3 GEMMs fp32", gemms(torch.float32, False)),
-        ("eager head, bf16 autocast", step(insightface_arcface, autocast=bf16)),
-        ("eager head, fp32 TF32", step(insightface_arcface, tf32=True)),
     ]
-    if compile_peer:
+    if not ours_only:
+        cases += [
+            ("eager head, bf16 autocast", step(insightface_arcface, autocast=bf16)),
+            ("eager head, fp32 TF32", step(insightface_arcface, tf32=True)),
+        ]
+    if compile_peer and not ours_only:
         compiled = torch.compile(insightface_arcface)
         cases.append(("torch.compile head, bf16 autocast", step(compiled, autocast=bf16)))
-    cases += optional_peers(emb, weight, labels)
+    if not ours_only:
+        cases += optional_peers(emb, weight, labels)
 
     rows = {}
     for name, fn in cases:
@@ -365,14 +369,21 @@ def main() -> None:
     )
     parser.add_argument("--part", choices=("head", "search", "all"), default="all")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    parser.add_argument(
+        "--ours-only",
+        action="store_true",
+        help="the head: arcface_rs and the GEMM floors only, no accuracy check (for comparing "
+        "settings such as ARCFACE_RS_CUDA_CLASS_TILE)",
+    )
     args = parser.parse_args()
     if not afr.cuda_available():
         raise SystemExit("needs a GPU and arcface_rs built with the cuda feature")
     print(torch.cuda.get_device_name(), "| torch", torch.__version__)
     if args.part in ("head", "all"):
-        check_head(512, 512, 100_000)
+        if not args.ours_only:
+            check_head(512, 512, 100_000)
         for c in sorted({100_000, args.classes}):
-            bench_head(512, 512, c, compile_peer=not args.no_compile)
+            bench_head(512, 512, c, compile_peer=not args.no_compile, ours_only=args.ours_only)
     if args.part in ("search", "all"):
         bench_search(args.rows, 512, args.big_rows)
 

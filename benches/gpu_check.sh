@@ -3,7 +3,8 @@
 # GPU benchmarks and the sharded head's check.
 #
 #   bash benches/gpu_check.sh          everything (about 6 minutes on an H200)
-#   bash benches/gpu_check.sh head     the head's GPU tests and its benchmark (under 4 minutes)
+#   bash benches/gpu_check.sh head     the head's GPU tests, its benchmark, its profile and
+#                                      three class tiles (about 4 minutes)
 #   bash benches/gpu_check.sh search   the gallery's GPU tests and the search benchmark
 #
 # What the machine needs: an NVIDIA GPU with a CUDA 13 driver, and a Python with numpy,
@@ -38,6 +39,13 @@ if [ "$MODE" = head ]; then
     timeout 200 "$PY" benches/bench_cuda.py --part head
     echo "== where a step's time goes (bf16 autocast, C=1M), with each pass's bandwidth"
     timeout 90 "$PY" benches/profile_cuda.py --mode autocast || echo "== profile FAILED (rc $?)"
+    # smaller class tiles keep more of a tile's logits and dW in L2 between the kernels that
+    # write and read them, at more launches; the default is 16384
+    for tile in 4096 8192 32768; do
+        echo "== the head with ARCFACE_RS_CUDA_CLASS_TILE=$tile"
+        ARCFACE_RS_CUDA_CLASS_TILE=$tile timeout 60 "$PY" benches/bench_cuda.py --part head \
+            --ours-only || echo "== tile $tile FAILED (rc $?)"
+    done
     exit 0
 fi
 if [ "$MODE" = search ]; then

@@ -2,14 +2,17 @@
 //! mirrors `crate::head` (same two passes, same stash, same float64 row statistics).
 //!
 //! All memory is the caller's (torch tensors): inputs, outputs and one workspace of
-//! [`workspace_bytes`]. Classes are cut into tiles of [`CLASS_TILE`] columns; the B×C logits
-//! never exist whole. Pass 1 per tile: Z = X̂ W_tᵀ (cuBLAS) and a kernel turning Z into
-//! exp(z - tile max) in place (the stash) with the tile's row statistics; the tiles'
-//! statistics merge into log-sum-exp per row. Pass 2 per tile: G = dL/dcos from the stash,
-//! dX̂ += G W_t and dW_t = Gᵀ X̂ (cuBLAS), then the normalisation's projection on dW_t.
-//! When B <= D and the weight gradient is wanted, each tile's stash lives in that tile's own
-//! rows of dW, as on the CPU; otherwise rows are cut into chunks whose stash fits
-//! [`STASH_BUDGET_BYTES`] and dW accumulates over them.
+//! [`workspace_bytes`]. Classes are cut into tiles of [`CLASS_TILE`] columns (or
+//! `ARCFACE_RS_CUDA_CLASS_TILE`'s, [`Tiling::configured`]); the B×C logits never exist whole.
+//! Pass 1 per tile: Z = X̂ W_tᵀ (cuBLAS) and a kernel turning Z into the stash
+//! E = exp(z - tile max) h'(c) / ||w|| (0 at the target) with the tile's row statistics; the
+//! tiles' statistics merge into log-sum-exp per row. dL/dcos / ||w|| of a non-target centre
+//! is then E times a factor F of the row and tile, so pass 2 per tile needs no pass over E:
+//! dX̂ += F (E W_t) and dW_t = Eᵀ (F X̂) (cuBLAS; `tile_rows` applies F on the B × D side),
+//! then the normalisation's projection on dW_t; `target_grads` adds the target terms.
+//! When B <= D and the weight gradient is wanted, each tile's stash lives in the next tile's
+//! rows of dW (a GEMM must not write its own operand); otherwise rows are cut into chunks
+//! whose stash fits [`STASH_BUDGET_BYTES`] and dW accumulates over them.
 //!
 //! Precision ([`HeadShape`]): float64 and float32 run every step in their own type (float32
 //! GEMMs optionally as TF32). The half-precision path (`elem` bf16 or f16) takes float32
@@ -153,6 +156,54 @@ impl Default for Tiling {
         Tiling {
             class_tile: CLASS_TILE,
             stash_budget_bytes: STASH_BUDGET_BYTES,
+        }
+    }
+}
+
+/// Smallest and largest class tile `ARCFACE_RS_CUDA_CLASS_TILE` may set.
+pub const CLASS_TILE_RANGE: std::ops::RangeInclusive<usize> = 256..=1 << 20;
+/// `ARCFACE_RS_CUDA_CLASS_TILE` must be a multiple of this: tiles then start on 16-byte
+/// boundaries of the per-class arrays and their rows are whole vector accesses.
+pub const CLASS_TILE_STEP: usize = 256;
+
+/// The class tile `ARCFACE_RS_CUDA_CLASS_TILE` asks for ([`CLASS_TILE`] when unset or
+/// empty), or why it is refused.
+pub fn class_tile_from(value: Option<&str>) -> std::result::Result<usize, String> {
+    let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(CLASS_TILE);
+    };
+    match value.parse::<usize>() {
+        Ok(tile) if CLASS_TILE_RANGE.contains(&tile) && tile % CLASS_TILE_STEP == 0 => Ok(tile),
+        _ => Err(format!(
+            "{value:?} is not a multiple of {CLASS_TILE_STEP} from \
+             {} to {} (unset: {CLASS_TILE})",
+            CLASS_TILE_RANGE.start(),
+            CLASS_TILE_RANGE.end()
+        )),
+    }
+}
+
+impl Tiling {
+    /// The tiling of calls from Python: [`CLASS_TILE`] classes a tile unless
+    /// `ARCFACE_RS_CUDA_CLASS_TILE` sets another. It is read once per process (the
+    /// workspace a call is given and the call itself must agree); it is a tuning knob for
+    /// benchmarks: smaller tiles keep more of a tile's logits and dW in a GPU's L2 cache
+    /// between the kernels that write and read them, at more launches.
+    pub fn configured() -> Result<Tiling> {
+        use std::sync::OnceLock;
+        static TILE: OnceLock<std::result::Result<usize, String>> = OnceLock::new();
+        let tile = TILE.get_or_init(|| {
+            class_tile_from(std::env::var("ARCFACE_RS_CUDA_CLASS_TILE").ok().as_deref())
+        });
+        match tile {
+            Ok(class_tile) => Ok(Tiling {
+                class_tile: *class_tile,
+                ..Tiling::default()
+            }),
+            Err(message) => Err(Error::invalid(
+                "ARCFACE_RS_CUDA_CLASS_TILE",
+                message.clone(),
+            )),
         }
     }
 }

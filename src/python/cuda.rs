@@ -106,7 +106,7 @@ pub(super) fn cuda_head_workspace_bytes(
         Ok(workspace_bytes_shard(
             shape,
             grad_weight,
-            Tiling::default(),
+            Tiling::configured().map_err(to_py_err)?,
             stash_classes,
         ))
     }
@@ -223,7 +223,7 @@ pub(super) fn cuda_margin_loss(
         let mut raised: Option<PyErr> = None;
         let out = run(py, || {
             crate::cuda::driver::with_stream(device, stream, |s| match &combine {
-                None => margin_loss(s, shape, &margin, head, &buffers, Tiling::default()),
+                None => margin_loss(s, shape, &margin, head, &buffers, Tiling::configured()?),
                 Some(callback) => {
                     let mut combine = |start: usize, rows: usize| {
                         Python::attach(|py| callback.call1(py, (start, rows)).map(drop)).map_err(
@@ -246,7 +246,7 @@ pub(super) fn cuda_margin_loss(
                         &margin,
                         head,
                         &buffers,
-                        Tiling::default(),
+                        Tiling::configured()?,
                         &mut hooks,
                     )
                 }

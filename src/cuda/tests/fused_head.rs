@@ -712,3 +712,22 @@ fn head_refuses_empty_shapes_before_any_launch() {
         assert_eq!(err.unwrap_err().arg, "emb", "{b} {c} {d}");
     }
 }
+
+#[test]
+fn class_tile_comes_from_the_environment_or_is_refused() {
+    use crate::cuda::head::{class_tile_from, CLASS_TILE};
+    assert_eq!(class_tile_from(None), Ok(CLASS_TILE));
+    assert_eq!(class_tile_from(Some(" ")), Ok(CLASS_TILE));
+    assert_eq!(class_tile_from(Some("8192")), Ok(8192));
+    assert_eq!(class_tile_from(Some(" 256 ")), Ok(256));
+    assert_eq!(class_tile_from(Some("1048576")), Ok(1 << 20));
+    for bad in ["0", "128", "1000", "2097152", "-256", "8k", "16384.0"] {
+        let err = class_tile_from(Some(bad)).unwrap_err();
+        assert!(
+            err.starts_with(&format!(
+                "{bad:?} is not a multiple of 256 from 256 to 1048576"
+            )),
+            "{bad}: {err}"
+        );
+    }
+}

@@ -441,3 +441,54 @@ def test_the_fused_sharded_head_equals_the_cpu_sharded_head(tmp_path):
     assert ranks[0]["bad weight"] == (
         "RuntimeError: another rank of the sharded head failed; see its error"
     )
+
+
+_TILED_HEAD = """
+import ctypes, os, sys, types
+for name in ("libcuda.so", "libcublas.so"):
+    ctypes.CDLL(os.path.join(os.environ["ARCFACE_RS_FAKE_CUDA"], name), mode=ctypes.RTLD_GLOBAL)
+import torch
+torch.cuda.current_stream = lambda device=None: types.SimpleNamespace(cuda_stream=0)
+torch.cuda.current_device = lambda: 0
+try:
+    import arcface_rs as afr
+except ValueError as e:
+    print(e)
+    sys.exit(3)
+from _reference import make_problem
+from arcface_rs.torch import _cuda as tcuda, _ops as tops
+from arcface_rs.torch._rows import encode
+emb, weight, labels = (torch.tensor(a) for a in make_problem(8, 16, 600, seed=3, ignore=1))
+kind, params = encode(afr.ArcFace(s=30.0, m=0.5))
+args = (kind, params, 1, None, None, "mean", True, True)
+want = tops.loss_op(emb, weight, labels, *args)
+got = tcuda._loss_cuda(emb, weight, labels, *args)
+for g, w in zip(got, want):
+    torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+print("ok", afr._core.cuda_head_workspace_bytes(8, 600, 16, "float64", True))
+"""
+
+
+@pytest.mark.parametrize("tile", ["256", "100", "16384.0"])
+def test_the_class_tile_comes_from_the_environment(tile):
+    """ARCFACE_RS_CUDA_CLASS_TILE=256 cuts 600 classes into tiles of 256, 256 and 88 (the
+    stash in the next tile's rows, then in scratch) with the CPU head's results; a value out
+    of range or not a whole number is refused at import, with the variable's name."""
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    env = dict(os.environ, ARCFACE_RS_CUDA_CLASS_TILE=tile)
+    env["PYTHONPATH"] = os.pathsep.join([tests, env.get("PYTHONPATH", "")])
+    run = subprocess.run(
+        [sys.executable, "-c", _TILED_HEAD], env=env, capture_output=True, text=True, timeout=300
+    )
+    if tile == "256":
+        assert run.returncode == 0 and run.stdout.startswith("ok"), run.stdout + run.stderr
+        # three tiles' statistics and two spill slots, not one tile's: the tile is in force
+        default = afr._core.cuda_head_workspace_bytes(8, 600, 16, "float64", True)
+        assert int(run.stdout.split()[1]) != default
+    else:
+        assert run.returncode == 3, run.stdout + run.stderr
+        want = f'ARCFACE_RS_CUDA_CLASS_TILE: "{tile}" is not a multiple of 256 from 256 to'
+        assert run.stdout.startswith(want), run.stdout + run.stderr
