@@ -352,9 +352,11 @@ def _loss_and_grads(emb, weight, labels, margin, reduction="mean", upstream=None
 @needs_gpu
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-3), (torch.float64, 1e-9)])
 @pytest.mark.parametrize("margin", all_margins(), ids=repr)
-@pytest.mark.parametrize("b, d, c", [(32, 64, 1000), (96, 16, 40000)])
+@pytest.mark.parametrize("b, d, c", [(32, 64, 1000), (48, 64, 40000), (96, 16, 40000)])
 def test_gpu_head_equals_the_cpu_head(margin, dtype, tol, b, d, c):
-    # (96, 16, ...): B > D, so the stash is separate and chunked; 40000 classes: 3 tiles
+    # 40000 classes: 3 tiles, the last short. (48, 64, ...): B <= D, so a tile's stash lives
+    # in the next tile's rows of dW, the last two tiles' in scratch; (96, 16, ...): B > D, so
+    # the stash is separate and chunked
     emb, weight, labels = _problem(b, d, c, dtype, seed=b + c, ignore=3)
     cpu = _loss_and_grads(emb, weight, labels, margin)
     gpu = _loss_and_grads(emb.cuda(), weight.cuda(), labels.cuda(), margin)
