@@ -43,7 +43,7 @@ if [ "$MODE" = head ]; then
     # write and read them, at more launches; the default is 16384
     for tile in 4096 8192 32768; do
         echo "== the head with ARCFACE_RS_CUDA_CLASS_TILE=$tile"
-        ARCFACE_RS_CUDA_CLASS_TILE=$tile timeout 60 "$PY" benches/bench_cuda.py --part head \
+        ARCFACE_RS_CUDA_CLASS_TILE=$tile timeout 45 "$PY" benches/bench_cuda.py --part head \
             --ours-only || echo "== tile $tile FAILED (rc $?)"
     done
     exit 0
