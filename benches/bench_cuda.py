@@ -147,10 +147,9 @@ def bench_head(b: int, d: int, c: int, compile_peer: bool = True, ours_only: boo
             ("eager head, bf16 autocast", step(insightface_arcface, autocast=bf16)),
             ("eager head, fp32 TF32", step(insightface_arcface, tf32=True)),
         ]
-    if compile_peer and not ours_only:
-        compiled = torch.compile(insightface_arcface)
-        cases.append(("torch.compile head, bf16 autocast", step(compiled, autocast=bf16)))
-    if not ours_only:
+        if compile_peer:
+            compiled = torch.compile(insightface_arcface)
+            cases.append(("torch.compile head, bf16 autocast", step(compiled, autocast=bf16)))
         cases += optional_peers(emb, weight, labels)
 
     rows = {}

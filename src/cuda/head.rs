@@ -1,5 +1,6 @@
 //! The fused margin head on a GPU: the launch sequence of `kernels.cu` and cuBLAS GEMMs that
-//! mirrors `crate::head` (same two passes, same stash, same float64 row statistics).
+//! follows `crate::head` (the same two passes and float64 row statistics; the stash differs,
+//! see below).
 //!
 //! All memory is the caller's (torch tensors): inputs, outputs and one workspace of
 //! [`workspace_bytes`]. Classes are cut into tiles of [`CLASS_TILE`] columns (or

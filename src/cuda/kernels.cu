@@ -676,15 +676,15 @@ __device__ double target_grad(const double* row_weight, const double* row_scale,
 // One block per row of a chunk, after its class tiles: the target terms the stash leaves
 // out, in float64 from the weight itself (type W, not its 16-bit copy). dX̂ of row r (when
 // `dxhat` is not null) gets g w_y; the row of dW of the target centre (when `dw` is not
-// null; type G, already projected) gets g (x̂ - ŵ_y cos), the projection of g x̂, summed
+// null; already projected) gets g (x̂ - ŵ_y cos), the projection of g x̂, summed
 // over the chunk's rows of that centre by the block of the first of them (no atomics, no
-// race).
-template <typename X, typename W, typename G, typename A>
+// race). dW is in the weight's type W.
+template <typename X, typename W, typename A>
 __device__ void target_grads(const X* x, const double* norms, const W* weight, const A* w_inv,
                              const long long* labels, const int* target_sub, int classes,
                              int k, const double* lse, const double* target_logit,
                              const double* target_dpsi, const double* row_weight,
-                             const double* row_scale, int rows, int d, A* dxhat, G* dw) {
+                             const double* row_scale, int rows, int d, A* dxhat, W* dw) {
     __shared__ double shared[32];
     int r = blockIdx.x;
     if (r >= rows) return;
@@ -700,7 +700,7 @@ __device__ void target_grads(const X* x, const double* norms, const W* weight, c
     if (dw == 0) return;
     for (int q = 0; q < r; ++q)  // an earlier row of this centre adds its terms
         if (target_centre(labels, target_sub, row_weight, classes, k, q) == centre) return;
-    G* out = dw + centre * d;
+    W* out = dw + centre * d;
     for (int q = r; q < rows; ++q) {
         if (target_centre(labels, target_sub, row_weight, classes, k, q) != centre) continue;
         double g = target_grad(row_weight, row_scale, target_logit, lse, target_dpsi, w_inv_y, q);
@@ -709,7 +709,7 @@ __device__ void target_grads(const X* x, const double* norms, const W* weight, c
         double cos = row_dot(xq, wr, d, shared) * inv_x * w_inv_y;
         for (int j = threadIdx.x; j < d; j += blockDim.x) {
             double along = (double)widen(xq[j]) * inv_x - (double)widen(wr[j]) * w_inv_y * cos;
-            put(out + j, (typename Acc<G>::type)((double)widen(out[j]) + g * along));
+            put(out + j, (typename Acc<W>::type)((double)widen(out[j]) + g * along));
         }
     }
 }
@@ -837,9 +837,9 @@ __device__ void finish_grad_emb(T* dxhat, const T* x, const double* norms,
         const long long* labels, const int* target_sub, int classes, int k,                    \
         const double* lse, const double* target_logit, const double* target_dpsi,              \
         const double* row_weight, const double* row_scale, int rows, int d, A* dxhat, W* dw) { \
-        target_grads<X, W, W, A>(x, norms, weight, w_inv, labels, target_sub, classes, k, lse, \
-                                 target_logit, target_dpsi, row_weight, row_scale, rows, d,    \
-                                 dxhat, dw);                                                   \
+        target_grads<X, W, A>(x, norms, weight, w_inv, labels, target_sub, classes, k, lse,    \
+                              target_logit, target_dpsi, row_weight, row_scale, rows, d,       \
+                              dxhat, dw);                                                      \
     }
 
 #define ENTRY_WEIGHTS(W, S, A, N)                                                              \

@@ -311,7 +311,8 @@ fn head_equals_the_cpu_head_with_rows_sharing_a_target() {
         };
         // every margin's target term is covered by the others; these are ones whose ψ' or
         // scale differs per row (sphere, MagFace's feature norm) or that add hard negatives
-        for margin in [0, 3, 7, 9].map(|i| margins().swap_remove(i)) {
+        let all = margins();
+        for margin in [0, 3, 7, 9].map(|i| all[i]) {
             for (d, budget) in [(16, 1 << 20), (6, 5 * c * 8)] {
                 let tiling = Tiling {
                     class_tile: 2 * k,
