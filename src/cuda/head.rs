@@ -22,9 +22,10 @@
 //! tile and dX̂ are float32, dW is in the weight's type and the row statistics are float64.
 //! A float32 weight (autocast's master copy) is rounded to 16 bits one tile at a time (its
 //! inverse norms come from the float32 values): with the stash in dW (B <= D) the tile's
-//! copy lives in the second half of the tile's own rows of dW until the dW GEMM overwrites
-//! them (the projection then reads the float32 centres), else in a scratch tile made again
-//! in pass 2. No 16-bit copy of the whole weight is ever held.
+//! copy waits beside its stash in the next tile's rows of dW, else in a scratch tile made
+//! again in pass 2. No 16-bit copy of the whole weight is ever held. The normalisation's
+//! projection on dW goes along the centres the GEMMs read (the 16-bit copy), so pass 2
+//! never reads the float32 weight again.
 
 use super::device::{gemm, Arg, Carver, Device, Elem, RowMajorGemm};
 use crate::head::HeadOptions;
@@ -314,7 +315,14 @@ impl Scratch {
             dxt: carver.take(nr * d, asz),
             xs: carver.take(nr * d, sz),
             spill: if plan.stash_in_grad {
-                carver.take(plan.tiles.min(2) * nr * plan.tile, sz)
+                // two slots of a stash, or of a stash and a 16-bit copy of one tile's
+                // centres in `tile · d` elements each (see `park` in `fused`)
+                let slot = if shape.stages_weight() {
+                    2 * plan.tile * d
+                } else {
+                    nr * plan.tile
+                };
+                carver.take(plan.tiles.min(2) * slot, sz)
             } else {
                 0
             },
@@ -464,15 +472,8 @@ fn fused(
     let acc = shape.acc();
     // sizes: GEMM operands and stash, float32/64 results, the weight and dW as stored
     let (sz, asz, wsz) = (elem.size(), acc.size(), shape.weight.size());
-    // a float32 weight's 16-bit tile copy in the second half of the tile's rows of dW
+    // a float32 weight's 16-bit tile copy parks beside the tile's stash (see `park` below)
     let copy_in_grad = shape.stages_weight() && plan.stash_in_grad;
-    let copy_of = |lo: usize, width: usize| {
-        if copy_in_grad {
-            at(buf.grad_weight, lo * d, wsz) + (width * d * sz) as u64
-        } else {
-            s.wtile
-        }
-    };
     let (sfx, acc_sfx) = (elem.suffix(), acc.suffix());
     let (bi, di) = (b as i32, d as i32);
     let kernel = |name: &str| format!("{name}_{sfx}");
@@ -577,14 +578,6 @@ fn fused(
         c: 0,
         ldc: 0,
     };
-    // A tile's centres as the GEMMs read them: the weight's own rows, or their 16-bit copy.
-    let centres = |lo: usize, width: usize| {
-        if shape.stages_weight() {
-            copy_of(lo, width)
-        } else {
-            at(buf.weight, lo * d, sz)
-        }
-    };
     for start in (0..b).step_by(plan.chunk_rows) {
         let rows = plan.chunk_rows.min(b - start);
         let ri = rows as i32;
@@ -593,17 +586,38 @@ fn fused(
         let scale = at(row_scale, start, 8);
         let target_logit = at(s.target_logit, start, 8);
         let row_weight = at(buf.row_weight, start, 8);
-        // Tile t's stash: its place in this chunk's stash, or the rows of dW of tile t + 1
-        // (written by tile t + 1's dW GEMM only after tile t's GEMMs have read it; not its
-        // own rows, which its dW GEMM writes while reading the stash), or a spill slot where
-        // tile t + 1 is short or missing (the last tile, and the one before a short last).
-        let slot = |t: usize| {
+        // Where tile t's stash (and a float32 weight's 16-bit copy of its centres) wait
+        // between the passes: its place in this chunk's stash, or the rows of dW of tile
+        // t + 1 (written by tile t + 1's dW GEMM only after tile t's GEMMs and projection have
+        // read them; not tile t's own rows, which its dW GEMM writes while reading the stash
+        // and the projection writes while reading the copy), or a spill slot where tile t + 1
+        // is short or missing (the last tile, and the one before a short last). A parked
+        // copy sits `tile · d` elements after the stash: the second half of tile t + 1's
+        // float32 rows (the stash, rows ≤ d by `stash_in_grad`, fits the first).
+        let copy_offset = plan.tile * d * sz;
+        let spill_slot = if copy_in_grad {
+            2 * copy_offset
+        } else {
+            rows * plan.tile * sz
+        };
+        let park = |t: usize| {
             if !plan.stash_in_grad {
                 at(s.stash, t * plan.tile * rows, sz)
             } else if t + 1 < plan.tiles && c - (t + 1) * plan.tile >= plan.tile {
                 at(buf.grad_weight, (t + 1) * plan.tile * d, wsz)
             } else {
-                at(s.spill, (t % 2) * plan.tile * rows, sz)
+                s.spill + ((t % 2) * spill_slot) as u64
+            }
+        };
+        // A tile's centres as the GEMMs read them: the weight's own rows, their parked
+        // 16-bit copy, or (B > D) the scratch copy made again in each pass.
+        let centres = |t: usize| {
+            if copy_in_grad {
+                park(t) + copy_offset as u64
+            } else if shape.stages_weight() {
+                s.wtile
+            } else {
+                at(buf.weight, t * plan.tile * d, sz)
             }
         };
 
@@ -611,24 +625,20 @@ fn fused(
             let lo = t * plan.tile;
             let width = plan.tile.min(c - lo);
             // the half-precision path's norms (once per call) and 16-bit centres (per chunk)
-            let copy = if shape.stages_weight() {
-                copy_of(lo, width)
-            } else {
-                0
-            };
+            let copy = if shape.stages_weight() { centres(t) } else { 0 };
             let w_inv = if start == 0 { at(s.w_inv, lo, asz) } else { 0 };
             if half && (copy != 0 || w_inv != 0) {
                 weights_tile(lo, width, copy, w_inv)?;
             }
             // the logits: in place of the stash, or (half precision) a float32 tile
-            let z = if half { s.ztile } else { slot(t) };
+            let z = if half { s.ztile } else { park(t) };
             gemm(
                 device,
                 RowMajorGemm {
                     trans_b: true,
                     c: z,
                     ldc: width,
-                    ..row_gemm(rows, width, d, xhat, d, centres(lo, width), d)
+                    ..row_gemm(rows, width, d, xhat, d, centres(t), d)
                 },
             )?;
             device.launch(
@@ -637,7 +647,7 @@ fn fused(
                 ROW_THREADS,
                 &[
                     Ptr(z),
-                    Ptr(slot(t)),
+                    Ptr(park(t)),
                     I32(ri),
                     I32(width as i32),
                     I32(lo as i32),
@@ -742,7 +752,7 @@ fn fused(
             if shape.stages_weight() && !copy_in_grad {
                 weights_tile(lo, width, s.wtile, 0)?;
             }
-            let w_tile = centres(lo, width);
+            let w_tile = centres(t);
             let w_inv = at(s.w_inv, lo, asz);
             tile_rows(t)?;
             if want_emb {
@@ -752,7 +762,7 @@ fn fused(
                     RowMajorGemm {
                         c: s.dxt,
                         ldc: d,
-                        ..row_gemm(rows, d, width, slot(t), width, w_tile, d)
+                        ..row_gemm(rows, d, width, park(t), width, w_tile, d)
                     },
                 )?;
             }
@@ -769,27 +779,23 @@ fn fused(
                         beta: if fresh { 0.0 } else { 1.0 },
                         c: g_dw,
                         ldc: d,
-                        ..row_gemm(width, d, rows, slot(t), width, s.xs, d)
+                        ..row_gemm(width, d, rows, park(t), width, s.xs, d)
                     },
                 )?;
-                // the centres along which to project: the float32 ones when the dW GEMM has
-                // just overwritten their copy, else those the GEMMs read
-                let (along, along_type) = if copy_in_grad {
-                    (at(buf.weight, lo * d, wsz), shape.weight)
-                } else {
-                    (w_tile, elem)
-                };
+                // projected along the centres the GEMMs read (a float32 weight's 16-bit
+                // copy: its rounding, 2^-9 relative at most, is the GEMMs' own, and the
+                // copy is likely still in L2 where the float32 rows would be read again)
                 device.launch(
                     &format!(
                         "project_out_rows_{}_{}",
                         shape.weight.suffix(),
-                        along_type.suffix()
+                        elem.suffix()
                     ),
                     width.div_ceil(WARP_ROWS_PER_BLOCK),
                     32 * WARP_ROWS_PER_BLOCK,
                     &[
                         Ptr(g_dw),
-                        Ptr(along),
+                        Ptr(w_tile),
                         Ptr(w_inv),
                         I32(width as i32),
                         I32(di),
