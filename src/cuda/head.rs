@@ -246,6 +246,22 @@ impl Plan {
             stash_in_grad,
         }
     }
+
+    /// Elements from a parked stash to its tile's parked 16-bit centres (see `park` in
+    /// `fused`): half of a tile's float32 rows of dW.
+    fn copy_offset(&self, d: usize) -> usize {
+        self.tile * d
+    }
+
+    /// Elements of one of the two spill slots (`stash_in_grad`): a chunk's stash of one
+    /// tile, and its 16-bit centres `copy_offset` after it where the weight is staged.
+    fn spill_slot(&self, shape: HeadShape) -> usize {
+        if shape.stages_weight() {
+            2 * self.copy_offset(shape.d)
+        } else {
+            self.chunk_rows * self.tile
+        }
+    }
 }
 
 /// The scratch buffers, carved out of the workspace.
@@ -315,14 +331,7 @@ impl Scratch {
             dxt: carver.take(nr * d, asz),
             xs: carver.take(nr * d, sz),
             spill: if plan.stash_in_grad {
-                // two slots of a stash, or of a stash and a 16-bit copy of one tile's
-                // centres in `tile · d` elements each (see `park` in `fused`)
-                let slot = if shape.stages_weight() {
-                    2 * plan.tile * d
-                } else {
-                    nr * plan.tile
-                };
-                carver.take(plan.tiles.min(2) * slot, sz)
+                carver.take(plan.tiles.min(2) * plan.spill_slot(shape), sz)
             } else {
                 0
             },
@@ -594,26 +603,20 @@ fn fused(
         // is short or missing (the last tile, and the one before a short last). A parked
         // copy sits `tile · d` elements after the stash: the second half of tile t + 1's
         // float32 rows (the stash, rows ≤ d by `stash_in_grad`, fits the first).
-        let copy_offset = plan.tile * d * sz;
-        let spill_slot = if copy_in_grad {
-            2 * copy_offset
-        } else {
-            rows * plan.tile * sz
-        };
         let park = |t: usize| {
             if !plan.stash_in_grad {
                 at(s.stash, t * plan.tile * rows, sz)
             } else if t + 1 < plan.tiles && c - (t + 1) * plan.tile >= plan.tile {
                 at(buf.grad_weight, (t + 1) * plan.tile * d, wsz)
             } else {
-                s.spill + ((t % 2) * spill_slot) as u64
+                at(s.spill, (t % 2) * plan.spill_slot(shape), sz)
             }
         };
         // A tile's centres as the GEMMs read them: the weight's own rows, their parked
         // 16-bit copy, or (B > D) the scratch copy made again in each pass.
         let centres = |t: usize| {
             if copy_in_grad {
-                park(t) + copy_offset as u64
+                at(park(t), plan.copy_offset(d), sz)
             } else if shape.stages_weight() {
                 s.wtile
             } else {
@@ -783,8 +786,8 @@ fn fused(
                     },
                 )?;
                 // projected along the centres the GEMMs read (a float32 weight's 16-bit
-                // copy: its rounding, 2^-9 relative at most, is the GEMMs' own, and the
-                // copy is likely still in L2 where the float32 rows would be read again)
+                // copy: its rounding is the GEMMs' own, and the copy is likely still in L2
+                // where the float32 rows would be read from memory again)
                 device.launch(
                     &format!(
                         "project_out_rows_{}_{}",
