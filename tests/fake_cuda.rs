@@ -358,3 +358,79 @@ fn the_gpu_copy_appends_added_rows_and_masks_removed_ones() {
         assert_eq!(gpu.nbytes(), (gallery.len() + 1024) * row_bytes);
     }
 }
+
+/// Waits for child `pid` (at most a minute: a hang fails the test) and gives its exit code.
+fn exit_code(pid: libc::pid_t) -> i32 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let mut status = 0;
+        // SAFETY: our own child.
+        let done = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if done == pid {
+            return if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                -1
+            };
+        }
+        if std::time::Instant::now() > deadline {
+            // SAFETY: our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            panic!("the forked child hung");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_forked_child_gets_the_fork_error_without_touching_the_parents_cuda_state() {
+    use arcface_rs::cuda::{available, forked};
+    use arcface_rs::error::ErrorKind;
+    let _device = device();
+    let emb = noise(12, 100, 16).mapv(|v| v as f32);
+    let mut gallery = Gallery::new(16, Dtype::F16).unwrap();
+    gallery.add(emb.view(), None).unwrap();
+    let gpu = GpuSearch::default();
+    let probe = emb.slice(ndarray::s![..3, ..]);
+    let want = gallery.search(probe, 4).unwrap().indices;
+    assert_eq!(
+        gpu.search(&gallery, probe, 4, 0, None).unwrap().indices,
+        want
+    );
+    let copy_bytes = gpu.nbytes();
+    assert!(available() && !forked() && copy_bytes > 0);
+    // forked while this thread holds the driver's lock (inside with_stream): a child that
+    // took that lock would wait forever
+    let child = with_stream(0, 0, |_| {
+        // SAFETY: the child only runs the checks below and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let passed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                assert!(forked() && !available());
+                let is_fork_error = |e: arcface_rs::Error| {
+                    e.kind == ErrorKind::Device && e.message.contains("forked")
+                };
+                assert!(is_fork_error(with_stream(0, 0, |_| Ok(())).unwrap_err()));
+                let err = gpu.search(&gallery, probe, 4, 0, None).unwrap_err();
+                assert!(is_fork_error(err));
+                assert_eq!(gpu.nbytes(), 0); // the parent's copy, not this process's memory
+                assert_eq!(gallery.search(probe, 4).unwrap().indices, want); // the CPU's
+            }))
+            .is_ok();
+            // SAFETY: leaves the child without running the parent's destructors.
+            unsafe { libc::_exit(if passed { 0 } else { 1 }) };
+        }
+        Ok(pid)
+    })
+    .unwrap();
+    assert_eq!(exit_code(child), 0, "the child's checks failed");
+    assert!(!forked());
+    assert_eq!(
+        gpu.search(&gallery, probe, 4, 0, None).unwrap().indices,
+        want
+    );
+    assert_eq!(gpu.nbytes(), copy_bytes);
+}

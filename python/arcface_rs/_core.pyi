@@ -26,6 +26,7 @@ __all__ = [
     "apply_margin_backward",
     "center_loss",
     "cuda_available",
+    "cuda_forked",
     "cuda_feature",
     "cuda_head_workspace_bytes",
     "cosine_topk",
@@ -184,6 +185,7 @@ def all_pairs_tar_at_far(
 def simd_level() -> str: ...
 def _panic_for_tests(message: str) -> None: ...
 def cuda_available() -> bool: ...
+def cuda_forked() -> bool: ...
 def cuda_head_workspace_bytes(
     b: int,
     c: int,

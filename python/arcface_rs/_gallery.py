@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -56,9 +57,18 @@ def _device(value: Any) -> int | None:
             f"device={text!r}: this arcface_rs was built without the cuda feature; rebuild "
             'with MATURIN_PEP517_ARGS="--features python,cuda" pip install .'
         )
+    if _core.cuda_forked():
+        raise ValueError(f"device={text!r}: {_FORKED}")
     if not cuda_available():
         raise ValueError(f"device={text!r}: no CUDA driver or GPU is visible in this process")
     return ordinal
+
+
+_FORKED = (
+    "CUDA was initialised before this process was forked from its parent, and CUDA cannot "
+    "be used after fork(); start worker processes with multiprocessing's 'spawn' or "
+    "'forkserver' method"
+)
 
 
 def _ids(value: Any) -> np.ndarray:
@@ -91,7 +101,10 @@ class Gallery:
     the GPU: a copy of the rows in the storage dtype is made there on the first search and
     brought up to date after each change; results are the CPU search's,
     up to the order of scores equal to float32 rounding. ``k`` up to 1024 and ``allow`` /
-    ``deny`` filters are selected on the GPU; a larger ``k`` searches on the CPU.
+    ``deny`` filters are selected on the GPU; a larger ``k`` searches on the CPU. CUDA does
+    not survive ``fork()``: a child forked after its parent used the GPU searches an
+    inherited CUDA gallery on the CPU (the same results, with a RuntimeWarning) and cannot
+    make a new one; start workers with the "spawn" method to search on the GPU there.
     """
 
     __slots__ = ("_core", "_device")
@@ -183,6 +196,22 @@ class Gallery:
         """
         return self._core.remove(_ids(ids))
 
+    def _on_gpu(self) -> bool:
+        """Whether a search of host queries runs on the GPU: a CUDA gallery with rows, in a
+        process that can use CUDA. In a child forked after CUDA was initialised (CUDA does
+        not survive fork(); the GPU copy is the parent's) it runs on the CPU, with the same
+        results, and says so with a RuntimeWarning."""
+        if self._device is None or len(self) == 0:
+            return False
+        if _core.cuda_forked():
+            warnings.warn(
+                f"Gallery on {self.device}: searching on the CPU. {_FORKED}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return False
+        return True
+
     def _queries(self, queries: Any) -> tuple[np.ndarray, bool]:
         single = np.ndim(queries) == 1
         return _rows("queries", queries, self.dim), single
@@ -247,7 +276,7 @@ class Gallery:
         if torch is not None:
             return self._search_tensor(torch, queries, k, filt)
         q, single = self._queries(queries)
-        if self._device is None or len(self) == 0:
+        if not self._on_gpu():
             scores, ids = self._core.search(q, k, **filt)
         else:
             scores, ids = self._core.search_cuda(q, k, self._device, **filt)
@@ -285,7 +314,7 @@ class Gallery:
             best, top = best[..., 0], top[..., 0]
             return torch.where(best >= threshold, top, torch.full_like(top, -1)), best
         q, single = self._queries(queries)
-        if self._device is None or len(self) == 0:
+        if not self._on_gpu():
             ids, scores = self._core.identify(q, float(threshold), **filt)
         else:
             best, top = self._core.search_cuda(q, 1, self._device, **filt)

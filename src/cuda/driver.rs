@@ -110,6 +110,9 @@ pub fn with_stream<R>(
     stream: u64,
     work: impl FnOnce(&Stream) -> Result<R>,
 ) -> Result<R> {
+    if super::forked() {
+        return Err(super::forked_error());
+    }
     if !available() {
         return Err(Error::invalid(
             "device",

@@ -519,7 +519,7 @@ impl GpuSearch {
         if k > MAX_K {
             return gallery.search_with(queries, k, filter);
         }
-        let mut copy = self.copy.lock().unwrap_or_else(|e| e.into_inner());
+        let mut copy = self.lock()?;
         let mirror = Self::current(&mut copy, gallery, device)?;
         let mask = filter.map(|f| mirror.device_mask(&gallery.row_mask(f)));
         let mut result = mirror.search_rows(queries, k, mask.as_deref())?;
@@ -560,7 +560,7 @@ impl GpuSearch {
         k: usize,
         filtered: bool,
     ) -> Result<(usize, usize)> {
-        let mut copy = self.copy.lock().unwrap_or_else(|e| e.into_inner());
+        let mut copy = self.lock()?;
         Ok(Self::current(&mut copy, gallery, device)?.device_workspace(q, k, filtered))
     }
 
@@ -573,15 +573,26 @@ impl GpuSearch {
         call: &DeviceQueries,
         filter: Option<IdFilter>,
     ) -> Result<()> {
-        let mut copy = self.copy.lock().unwrap_or_else(|e| e.into_inner());
+        let mut copy = self.lock()?;
         let mirror = Self::current(&mut copy, gallery, device)?;
         let mask = filter.map(|f| mirror.device_mask(&gallery.row_mask(f)));
         mirror.search_device(call, mask.as_deref())
     }
 
-    /// Device bytes the copy holds (0 before the first search).
+    /// Device bytes the copy holds (0 before the first search, and in a forked child,
+    /// where the parent's copy is not this process's memory).
     pub fn nbytes(&self) -> usize {
-        let copy = self.copy.lock().unwrap_or_else(|e| e.into_inner());
-        copy.as_ref().map_or(0, Mirror::nbytes)
+        self.lock()
+            .map_or(0, |copy| copy.as_ref().map_or(0, Mirror::nbytes))
+    }
+
+    /// The copy, locked; in a child forked from a process that used CUDA, the fork's error
+    /// without touching the lock (another thread of the parent may have held it at the fork,
+    /// and the copy's device memory belongs to the parent).
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Option<Mirror>>> {
+        if super::forked() {
+            return Err(super::forked_error());
+        }
+        Ok(self.copy.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }

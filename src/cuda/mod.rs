@@ -122,21 +122,57 @@ pub const ENTRY_POINTS: &[&str] = &[
 /// Whether the CUDA path can run: a driver with at least one device, and NVRTC and cuBLAS
 /// loadable. Never panics: each library is looked for before anything is called in it.
 /// (arcface_rs's Python side first loads NVRTC and cuBLAS from PyTorch's wheels.)
+/// False in a child forked after this process initialised the driver ([`forked`]).
 pub fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        std::panic::catch_unwind(|| {
-            // SAFETY: these only try to open the libraries.
-            let libraries = unsafe {
-                cudarc::driver::sys::is_culib_present() && cudarc::cublas::sys::is_culib_present()
-            };
-            libraries
-                && nvrtc_available()
-                && cudarc::driver::result::init().is_ok()
-                && cudarc::driver::result::device::get_count().is_ok_and(|n| n > 0)
+    !forked()
+        && *AVAILABLE.get_or_init(|| {
+            std::panic::catch_unwind(|| {
+                // SAFETY: these only try to open the libraries.
+                let libraries = unsafe {
+                    cudarc::driver::sys::is_culib_present()
+                        && cudarc::cublas::sys::is_culib_present()
+                };
+                libraries && nvrtc_available() && initialised() && device_count() > 0
+            })
+            .unwrap_or(false)
         })
-        .unwrap_or(false)
-    })
+}
+
+/// The process that initialised the CUDA driver (`cuInit`), if one did.
+static INITIALISED_BY: OnceLock<u32> = OnceLock::new();
+
+/// Calls `cuInit` and notes this process as the one that did.
+fn initialised() -> bool {
+    let ok = cudarc::driver::result::init().is_ok();
+    if ok {
+        INITIALISED_BY.get_or_init(std::process::id);
+    }
+    ok
+}
+
+fn device_count() -> i32 {
+    cudarc::driver::result::device::get_count().unwrap_or(0)
+}
+
+/// Whether this process is a child forked after its parent (or an earlier ancestor)
+/// initialised the CUDA driver. CUDA does not survive `fork()`: in such a child every
+/// driver call fails, and the parent's contexts, modules and device memory are not the
+/// child's. The driver code checks this first, before taking any of its locks (a lock that
+/// another thread of the parent held at the fork stays held in the child).
+pub fn forked() -> bool {
+    INITIALISED_BY
+        .get()
+        .is_some_and(|&pid| pid != std::process::id())
+}
+
+/// The error of a CUDA call made in a [`forked`] child.
+pub fn forked_error() -> crate::Error {
+    crate::Error::device(
+        "CUDA was initialised before this process was forked from its parent, and CUDA \
+         cannot be used after fork(): start worker processes with multiprocessing's \
+         'spawn' or 'forkserver' method (torch.multiprocessing too), or search on the CPU",
+    )
 }
 
 /// Whether NVRTC (the run-time compiler) can be loaded.

@@ -22,6 +22,20 @@ pub(super) fn cuda_available() -> bool {
     }
 }
 
+/// Whether this process was forked after it (or an ancestor) initialised CUDA, which a
+/// child cannot use. False built without the `cuda` feature.
+#[pyfunction]
+pub(super) fn cuda_forked() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        crate::cuda::forked()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
+
 #[cfg(feature = "cuda")]
 fn cuda_elem(name: &str, dtype: &str) -> PyResult<crate::cuda::device::Elem> {
     use crate::cuda::device::Elem;

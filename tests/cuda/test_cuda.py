@@ -663,6 +663,45 @@ def test_gpu_gallery_many_queries_among_more_ties_than_candidates(dtype):
 
 
 @needs_gpu
+def _search_in_forked_child(gallery, queries, out):
+    """In a forked child: cuda_available() False, the inherited CUDA gallery searched on
+    the CPU with a RuntimeWarning (ids to ``out``), a new CUDA gallery refused."""
+    import warnings
+
+    assert not afr.cuda_available()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out.put(gallery.search(queries, k=5)[1].tolist())
+    assert any("fork" in str(w.message) for w in seen)
+    with pytest.raises(ValueError, match="forked"):
+        afr.Gallery(8, device="cuda")
+
+
+@needs_gpu
+def test_gpu_gallery_in_a_forked_child_searches_on_the_cpu():
+    """The real driver refuses a child forked after the parent used CUDA; the child's
+    searches of a CUDA gallery it inherited run on the CPU, with the CPU gallery's ids."""
+    import multiprocessing
+
+    rng = np.random.default_rng(4)
+    emb = rng.standard_normal((2000, 32)).astype(np.float32)
+    g = afr.Gallery(32, "float16", device="cuda")
+    g.add(emb)
+    queries = emb[:6] + 0.01
+    g.search(queries, k=5)  # the parent's GPU copy
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_search_in_forked_child, args=(g, queries, out))
+    child.start()
+    found = out.get(timeout=120)
+    child.join(60)
+    assert child.exitcode == 0
+    cpu = afr.Gallery(32, "float16")
+    cpu.add(emb)
+    assert found == cpu.search(queries, k=5)[1].tolist()
+    np.testing.assert_array_equal(g.search(queries, k=5)[1], cpu.search(queries, k=5)[1])
+
+
 def test_gpu_gallery_follows_changes_and_identifies(tmp_path):
     rng = np.random.default_rng(1)
     emb = rng.standard_normal((500, 32)).astype(np.float32)

@@ -5,6 +5,8 @@
 
 #include "../../../src/cuda/emulator.cpp"
 
+#include <unistd.h>
+
 #include <cstdlib>
 #include <cstring>
 #include <atomic>
@@ -17,6 +19,7 @@ typedef unsigned long long CUdeviceptr;
 enum : CUresult {
     SUCCESS = 0,
     INVALID_VALUE = 1,
+    NOT_INITIALIZED = 3,
     INVALID_DEVICE = 101,
     INVALID_IMAGE = 200,
     NO_BINARY_FOR_GPU = 209,
@@ -29,7 +32,18 @@ static std::set<CUdeviceptr> allocations;
 
 extern "C" {
 
-CUresult cuInit(unsigned) { return SUCCESS; }
+// CUDA does not survive fork(): in a child forked after its parent called cuInit, cuInit and
+// every other call fail with CUDA_ERROR_NOT_INITIALIZED (and the parent's contexts and
+// memory are not the child's), as the real driver does.
+static pid_t initialised_by = 0;
+#define REFUSED_AFTER_FORK \
+    if (initialised_by != 0 && getpid() != initialised_by) return NOT_INITIALIZED
+
+CUresult cuInit(unsigned) {
+    REFUSED_AFTER_FORK;
+    initialised_by = getpid();
+    return SUCCESS;
+}
 
 // Two devices; device 1's "driver" is older than NVRTC and refuses its machine code (as a
 // 13.0 driver may refuse a 13.2 NVRTC's output), so the PTX fallback runs there.
@@ -38,11 +52,13 @@ static int contexts[DEVICES];
 static int current_device = -1;
 
 CUresult cuDeviceGetCount(int* count) {
+    REFUSED_AFTER_FORK;
     *count = DEVICES;
     return SUCCESS;
 }
 
 CUresult cuDeviceGet(int* device, int ordinal) {
+    REFUSED_AFTER_FORK;
     if (ordinal < 0 || ordinal >= DEVICES) return INVALID_DEVICE;
     *device = ordinal;
     return SUCCESS;
@@ -50,16 +66,19 @@ CUresult cuDeviceGet(int* device, int ordinal) {
 
 // compute capability 9.0 (attributes 75 and 76: major and minor), 0 for anything else
 CUresult cuDeviceGetAttribute(int* value, int attribute, int) {
+    REFUSED_AFTER_FORK;
     *value = attribute == 75 ? 9 : 0;
     return SUCCESS;
 }
 
 CUresult cuDevicePrimaryCtxRetain(void** context, int device) {
+    REFUSED_AFTER_FORK;
     *context = &contexts[device];
     return SUCCESS;
 }
 
 CUresult cuCtxSetCurrent(void* context) {
+    REFUSED_AFTER_FORK;
     int* c = static_cast<int*>(context);
     if (c < contexts || c >= contexts + DEVICES) return INVALID_VALUE;
     current_device = static_cast<int>(c - contexts);
@@ -71,6 +90,7 @@ CUresult cuCtxSetCurrent(void* context) {
 static int loaded_cubins = 0, loaded_ptx = 0;
 
 CUresult cuModuleLoadData(void** module, const void* image) {
+    REFUSED_AFTER_FORK;
     static int the_module;
     const char* bytes = static_cast<const char*>(image);
     const char* name = "topk_tile";
@@ -95,6 +115,7 @@ CUresult cuModuleLoadData(void** module, const void* image) {
 }
 
 CUresult cuModuleGetFunction(void** function, void*, const char* name) {
+    REFUSED_AFTER_FORK;
     if (!emu_has(name)) return NOT_FOUND;
     *function = strdup(name);
     return SUCCESS;
@@ -103,12 +124,14 @@ CUresult cuModuleGetFunction(void** function, void*, const char* name) {
 CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
                         unsigned by, unsigned bz, unsigned shared_bytes, void*, void** params,
                         void** extra) {
+    REFUSED_AFTER_FORK;
     if (gy != 1 || gz != 1 || by != 1 || bz != 1 || shared_bytes != 0 || extra) return INVALID_VALUE;
     return emu_launch(static_cast<const char*>(function), gx, bx, params) == 0 ? SUCCESS
                                                                               : LAUNCH_FAILED;
 }
 
 CUresult cuMemAlloc_v2(CUdeviceptr* ptr, size_t bytes) {
+    REFUSED_AFTER_FORK;
     void* p = std::malloc(bytes);
     if (!p) return INVALID_VALUE;
     std::memset(p, 0xA5, bytes);  // not zero: callers must not rely on fresh memory
@@ -119,6 +142,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr* ptr, size_t bytes) {
 }
 
 CUresult cuMemFree_v2(CUdeviceptr ptr) {
+    REFUSED_AFTER_FORK;
     std::lock_guard<std::mutex> guard(allocations_lock);
     if (!allocations.erase(ptr)) return INVALID_VALUE;  // a double or foreign free
     std::free(reinterpret_cast<void*>(ptr));
@@ -126,6 +150,7 @@ CUresult cuMemFree_v2(CUdeviceptr ptr) {
 }
 
 CUresult cuMemsetD8Async(CUdeviceptr ptr, unsigned char value, size_t bytes, void*) {
+    REFUSED_AFTER_FORK;
     std::memset(reinterpret_cast<void*>(ptr), value, bytes);
     return SUCCESS;
 }
@@ -133,12 +158,14 @@ CUresult cuMemsetD8Async(CUdeviceptr ptr, unsigned char value, size_t bytes, voi
 static std::atomic<long long> uploaded_bytes{0};
 
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) {
+    REFUSED_AFTER_FORK;
     std::memcpy(reinterpret_cast<void*>(dst), src, bytes);
     uploaded_bytes += (long long)bytes;
     return SUCCESS;
 }
 
 CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes) {
+    REFUSED_AFTER_FORK;
     std::memcpy(dst, reinterpret_cast<const void*>(src), bytes);
     return SUCCESS;
 }
@@ -146,6 +173,7 @@ CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes) {
 CUresult cuStreamSynchronize(void*) { return SUCCESS; }
 
 CUresult cuGetErrorString(CUresult, const char** text) {
+    REFUSED_AFTER_FORK;
     *text = "error from the fake CUDA driver";
     return SUCCESS;
 }

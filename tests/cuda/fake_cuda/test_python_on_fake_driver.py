@@ -492,3 +492,90 @@ def test_the_class_tile_comes_from_the_environment(tile):
         assert run.returncode == 3, run.stdout + run.stderr
         want = f'ARCFACE_RS_CUDA_CLASS_TILE: "{tile}" is not a multiple of 256 from 256 to'
         assert run.stdout.startswith(want), run.stdout + run.stderr
+
+
+def _forked_child_runs(check, limit=120.0):
+    """Runs ``check`` in a child forked from this process (which has used the fake driver,
+    so the driver refuses the child, as a real one does). Returns the child's traceback, or
+    None when ``check`` passed; fails the test if the child hangs."""
+    import signal
+    import time
+    import traceback
+    import warnings
+
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+        pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read)
+            check()
+            code = 0
+        except BaseException:
+            os.write(write, traceback.format_exc().encode())
+        finally:
+            os._exit(code)
+    os.close(write)
+    deadline = time.monotonic() + limit
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"the forked child hung for more than {limit} s")
+        time.sleep(0.05)
+    with os.fdopen(read, "rb") as pipe:
+        report = pipe.read().decode()
+    return None if os.waitstatus_to_exitcode(status) == 0 else report or "no report"
+
+
+def test_a_forked_child_searches_a_cuda_gallery_on_the_cpu():
+    """CUDA does not survive fork(): a child forked after the parent used the GPU gets
+    cuda_available() False, searches of a CUDA gallery it inherited on the CPU (the same
+    results, a RuntimeWarning naming fork), its changes kept, a new CUDA gallery refused
+    with a ValueError, and the driver entry points a RuntimeError rather than a failing
+    driver call or a lock its parent held; the parent's gallery searches on as before."""
+    rng = np.random.default_rng(31)
+    emb = rng.standard_normal((300, 16)).astype(np.float32)
+    queries = rng.standard_normal((5, 16)).astype(np.float32)
+    cpu, gpu = _cpu_and_cuda_galleries("float16", emb, np.arange(300))
+    _assert_same_results(gpu, cpu, queries, 5)  # the parent's GPU copy exists
+    live = ctypes.CDLL(os.path.join(FAKE, "libcuda.so")).fake_live_allocations
+
+    def child():
+        assert afr._core.cuda_forked() and not afr.cuda_available()
+        for change in (None, "add and remove"):
+            if change:
+                for g in (cpu, gpu):
+                    g.add(emb[:20] + 0.5, ids=np.arange(1000, 1020))
+                    g.remove([3, 1004])
+            with pytest.warns(RuntimeWarning, match="searching on the CPU.*fork"):
+                got = gpu.search(queries, k=7)
+            want = cpu.search(queries, k=7)
+            np.testing.assert_array_equal(got[1], want[1])
+            np.testing.assert_allclose(got[0], want[0], rtol=0, atol=0)
+            with pytest.warns(RuntimeWarning, match="fork"):
+                found = gpu.identify(queries, threshold=0.2)
+            np.testing.assert_array_equal(found[0], cpu.identify(queries, threshold=0.2)[0])
+        with pytest.raises(RuntimeError, match="forked"):
+            gpu._core.search_cuda(queries, 7, 0)
+        with pytest.raises(RuntimeError, match="forked"):
+            afr._core._cuda_scale_unless_one(0, 0, "float32", 1 << 20, 4, 1 << 20)
+        for make in (
+            lambda: afr.Gallery(16, device="cuda"),
+            lambda: afr.Gallery.load(b"x", device="cuda:0"),
+        ):
+            with pytest.raises(ValueError, match="device='cuda.*forked"):
+                make()
+        before = live()
+        del gpu._core  # the parent's device memory is not freed from here
+        assert live() == before
+
+    report = _forked_child_runs(child)
+    assert report is None, report
+    assert afr.cuda_available() and not afr._core.cuda_forked()
+    _assert_same_results(gpu, cpu, queries, 5)
