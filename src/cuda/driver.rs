@@ -309,17 +309,25 @@ pub struct DeviceBuffer {
 }
 
 impl DeviceBuffer {
-    /// `bytes` bytes on device `ordinal`.
-    pub fn new(ordinal: usize, bytes: usize) -> Result<Self> {
+    /// `bytes` bytes on device `ordinal` for `what`, a size that the argument `arg` set. A
+    /// device without that much free memory is [`Error::out_of_memory`] naming them (Python:
+    /// `MemoryError`), with the bytes it has free; other failures are the driver's.
+    pub fn new(ordinal: usize, bytes: usize, arg: &'static str, what: &str) -> Result<Self> {
         with_stream(ordinal, 0, |_| {
             // SAFETY: a plain allocation in the current context.
-            let ptr = unsafe { cu::malloc_sync(bytes.max(1)) }
-                .map_err(|e| cuda_error(&format!("cuMemAlloc of {bytes} bytes"), e))?;
-            Ok(DeviceBuffer {
-                ordinal,
-                ptr,
-                bytes,
-            })
+            match unsafe { cu::malloc_sync(bytes.max(1)) } {
+                Ok(ptr) => Ok(DeviceBuffer {
+                    ordinal,
+                    ptr,
+                    bytes,
+                }),
+                Err(e) if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+                    let free = cu::mem_get_info().ok().map(|(free, _)| free as u128);
+                    let what = format!("{what} on cuda:{ordinal}");
+                    Err(Error::out_of_memory(arg, &what, bytes as u128, free))
+                }
+                Err(e) => Err(cuda_error(&format!("cuMemAlloc of {bytes} bytes"), e)),
+            }
         })
     }
 

@@ -108,9 +108,16 @@ impl Mirror {
             Codes::I8(..) => Stored::I8,
         };
         let capacity = room_for(n);
-        let rows = DeviceBuffer::new(ordinal, capacity * d * stored.size())?;
+        // the gallery's size sets these; `device` is the argument that sends it there
+        let what = format!("the GPU copy of {n} rows (room for {capacity})");
+        let rows = DeviceBuffer::new(ordinal, capacity * d * stored.size(), "device", &what)?;
         let scales = match stored {
-            Stored::I8 => Some(DeviceBuffer::new(ordinal, capacity * 4)?),
+            Stored::I8 => Some(DeviceBuffer::new(
+                ordinal,
+                capacity * 4,
+                "device",
+                &format!("{what}'s int8 scales"),
+            )?),
             _ => None,
         };
         let mut mirror = Mirror {
@@ -221,7 +228,12 @@ impl Mirror {
         if removed > 0 {
             // the device mask first: nothing changes here if an upload fails
             if self.live_on_device.is_none() {
-                self.live_on_device = Some(DeviceBuffer::new(self.ordinal, live.len() * 4)?);
+                self.live_on_device = Some(DeviceBuffer::new(
+                    self.ordinal,
+                    live.len() * 4,
+                    "device",
+                    "the GPU copy's mask of removed rows",
+                )?);
             }
             let mask = self.live_on_device.as_ref().expect("made above").ptr();
             with_stream(self.ordinal, 0, |s| s.upload(mask, &live))?;
@@ -317,7 +329,12 @@ impl Mirror {
             ));
         }
         if self.ids_on_device.is_none() {
-            let ids = DeviceBuffer::new(self.ordinal, self.capacity * 8)?;
+            let ids = DeviceBuffer::new(
+                self.ordinal,
+                self.capacity * 8,
+                "device",
+                "the GPU copy's ids",
+            )?;
             with_stream(self.ordinal, 0, |s| s.upload(ids.ptr(), &self.ids))?;
             self.ids_on_device = Some(ids);
         }
@@ -439,7 +456,8 @@ impl Mirror {
         let (offsets, bytes) = host_queries_layout(shape, mask_words, rescored);
         if self.scratch.as_ref().is_none_or(|b| b.bytes() < bytes) {
             self.scratch = None; // free the small one first
-            self.scratch = Some(DeviceBuffer::new(self.ordinal, bytes)?);
+            let what = format!("the scratch of {} queries with k={}", shape.q, shape.k);
+            self.scratch = Some(DeviceBuffer::new(self.ordinal, bytes, "queries", &what)?);
         }
         let scratch = self.scratch.as_ref().expect("just made");
         let [queries_at, out_s_at, out_i_at, workspace_at, mask_at, unsure_at] =

@@ -10,8 +10,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <atomic>
+#include <map>
 #include <mutex>
-#include <set>
 
 typedef int CUresult;
 typedef unsigned long long CUdeviceptr;
@@ -19,6 +19,7 @@ typedef unsigned long long CUdeviceptr;
 enum : CUresult {
     SUCCESS = 0,
     INVALID_VALUE = 1,
+    OUT_OF_MEMORY = 2,
     NOT_INITIALIZED = 3,
     INVALID_DEVICE = 101,
     INVALID_IMAGE = 200,
@@ -27,8 +28,11 @@ enum : CUresult {
     LAUNCH_FAILED = 719,
 };
 
+// The live cuMemAlloc blocks and their sizes, and the "device memory" there is (0: as much
+// as the host has; the tests set a limit to see how a full device is met).
 static std::mutex allocations_lock;
-static std::set<CUdeviceptr> allocations;
+static std::map<CUdeviceptr, size_t> allocations;
+static size_t allocated_bytes = 0, memory_limit = 0;
 
 extern "C" {
 
@@ -132,20 +136,34 @@ CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, u
 
 CUresult cuMemAlloc_v2(CUdeviceptr* ptr, size_t bytes) {
     REFUSED_AFTER_FORK;
-    void* p = std::malloc(bytes);
-    if (!p) return INVALID_VALUE;
-    std::memset(p, 0xA5, bytes);  // not zero: callers must not rely on fresh memory
     std::lock_guard<std::mutex> guard(allocations_lock);
+    if (memory_limit && (allocated_bytes > memory_limit || bytes > memory_limit - allocated_bytes))
+        return OUT_OF_MEMORY;
+    void* p = std::malloc(bytes);
+    if (!p) return OUT_OF_MEMORY;
+    std::memset(p, 0xA5, bytes);  // not zero: callers must not rely on fresh memory
     *ptr = reinterpret_cast<CUdeviceptr>(p);
-    allocations.insert(*ptr);
+    allocations[*ptr] = bytes;
+    allocated_bytes += bytes;
     return SUCCESS;
 }
 
 CUresult cuMemFree_v2(CUdeviceptr ptr) {
     REFUSED_AFTER_FORK;
     std::lock_guard<std::mutex> guard(allocations_lock);
-    if (!allocations.erase(ptr)) return INVALID_VALUE;  // a double or foreign free
+    auto block = allocations.find(ptr);
+    if (block == allocations.end()) return INVALID_VALUE;  // a double or foreign free
+    allocated_bytes -= block->second;
+    allocations.erase(block);
     std::free(reinterpret_cast<void*>(ptr));
+    return SUCCESS;
+}
+
+CUresult cuMemGetInfo_v2(size_t* free, size_t* total) {
+    REFUSED_AFTER_FORK;
+    std::lock_guard<std::mutex> guard(allocations_lock);
+    *total = memory_limit ? memory_limit : (size_t)80 << 30;
+    *free = allocated_bytes < *total ? *total - allocated_bytes : 0;
     return SUCCESS;
 }
 
@@ -189,6 +207,12 @@ int fake_loaded_ptx() { return loaded_ptx; }
 
 // For the tests: bytes copied from the host so far.
 long long fake_uploaded_bytes() { return uploaded_bytes.load(); }
+
+// For the tests: the "device memory" from now on (0: no limit).
+void fake_set_memory_limit(long long bytes) {
+    std::lock_guard<std::mutex> guard(allocations_lock);
+    memory_limit = (size_t)bytes;
+}
 
 // For the tests: how many cuMemAlloc blocks are not freed.
 int fake_live_allocations() {

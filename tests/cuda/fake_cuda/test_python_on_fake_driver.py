@@ -579,3 +579,37 @@ def test_a_forked_child_searches_a_cuda_gallery_on_the_cpu():
     assert report is None, report
     assert afr.cuda_available() and not afr._core.cuda_forked()
     _assert_same_results(gpu, cpu, queries, 5)
+
+
+def test_a_gpu_copy_or_scratch_the_device_cannot_hold_is_a_memory_error():
+    """Device memory sized by the caller (the gallery's GPU copy, a search's scratch) that
+    the device cannot allocate is a MemoryError naming the argument, the bytes and the bytes
+    free, not a driver error; nothing leaks, and the gallery searches on the GPU again once
+    the memory is there."""
+    fake = ctypes.CDLL(os.path.join(FAKE, "libcuda.so"))
+    fake.fake_set_memory_limit.argtypes = [ctypes.c_longlong]
+    rng = np.random.default_rng(32)
+    emb = rng.standard_normal((3000, 64)).astype(np.float32)
+    queries = rng.standard_normal((2000, 64)).astype(np.float32)
+    cpu, gpu = _cpu_and_cuda_galleries("float32", emb, np.arange(3000))
+    before = fake.fake_live_allocations()
+    try:
+        # the copy: (3000 rows + 1024 of room) x 64 x 4 bytes
+        fake.fake_set_memory_limit(512 << 10)
+        want = (
+            r"device: the GPU copy of 3000 rows \(room for 4024\) on cuda:0 would need "
+            r"1\.030e6 bytes.*\(5\.243e5 bytes"
+        )
+        for _ in range(2):  # refused again, not half made
+            with pytest.raises(MemoryError, match=want):
+                gpu.search(queries[:3], k=5)
+            assert fake.fake_live_allocations() == before
+        # room for the copy, not for the (2000, 1000) results of 2000 queries
+        fake.fake_set_memory_limit(4 << 20)
+        with pytest.raises(MemoryError, match="queries: the scratch of 2000 queries with k=1000"):
+            gpu.search(queries, k=1000)
+        _assert_same_results(gpu, cpu, queries[:40], 5)  # a smaller search fits
+    finally:
+        fake.fake_set_memory_limit(0)
+    _assert_same_results(gpu, cpu, queries[:300], 50)
+    assert len(gpu) == 3000
