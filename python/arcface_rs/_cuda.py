@@ -1,4 +1,5 @@
-"""Run-time discovery of the CUDA path (the `cuda` cargo feature).
+"""Run-time discovery of the CUDA path (the `cuda` cargo feature), and the device that a
+``device`` argument names.
 
 The Rust side opens the driver, NVRTC and cuBLAS by library name (cudarc's dynamic
 loading). PyTorch's CUDA wheels keep NVRTC and cuBLAS in ``site-packages/nvidia/cu13/lib``,
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from typing import Any
 
 from . import _core
 
@@ -51,3 +53,34 @@ def cuda_available() -> bool:
         return False
     _preload()
     return bool(_core.cuda_available())
+
+
+# Why a child forked after its parent used CUDA cannot: CUDA does not survive fork().
+FORKED = (
+    "CUDA was initialised before this process was forked from its parent, and CUDA cannot "
+    "be used after fork(); start worker processes with multiprocessing's 'spawn' or "
+    "'forkserver' method"
+)
+
+
+def device_ordinal(value: Any) -> int | None:
+    """None for "cpu"; the CUDA ordinal for "cuda" / "cuda:N" (checked to be usable)."""
+    text = str(value)  # also takes a torch.device
+    if text == "cpu":
+        return None
+    if text == "cuda":
+        ordinal = 0
+    elif text.startswith("cuda:") and text[5:].isdigit():
+        ordinal = int(text[5:])
+    else:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+    if not _core.cuda_feature:
+        raise ValueError(
+            f"device={text!r}: this arcface_rs was built without the cuda feature; rebuild "
+            'with MATURIN_PEP517_ARGS="--features python,cuda" pip install .'
+        )
+    if _core.cuda_forked():
+        raise ValueError(f"device={text!r}: {FORKED}")
+    if not cuda_available():
+        raise ValueError(f"device={text!r}: no CUDA driver or GPU is visible in this process")
+    return ordinal

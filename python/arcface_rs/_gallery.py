@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from ._cuda import cuda_available
+from ._cuda import FORKED, device_ordinal
 from ._gallery_torch import GPU_MAX_K, query_rows, search_on_device, to_device, torch_of
 from ._validate import count as _count
 from ._validate import floats as _floats
@@ -39,36 +39,6 @@ def _rows(name: str, value: Any, dim: int) -> np.ndarray:
             value = value / np.where(ok, peak, 1.0)
         value = value.astype(np.float32)
     return value
-
-
-def _device(value: Any) -> int | None:
-    """None for "cpu"; the CUDA ordinal for "cuda" / "cuda:N" (checked to be usable)."""
-    text = str(value)  # also takes a torch.device
-    if text == "cpu":
-        return None
-    if text == "cuda":
-        ordinal = 0
-    elif text.startswith("cuda:") and text[5:].isdigit():
-        ordinal = int(text[5:])
-    else:
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {value!r}")
-    if not _core.cuda_feature:
-        raise ValueError(
-            f"device={text!r}: this arcface_rs was built without the cuda feature; rebuild "
-            'with MATURIN_PEP517_ARGS="--features python,cuda" pip install .'
-        )
-    if _core.cuda_forked():
-        raise ValueError(f"device={text!r}: {_FORKED}")
-    if not cuda_available():
-        raise ValueError(f"device={text!r}: no CUDA driver or GPU is visible in this process")
-    return ordinal
-
-
-_FORKED = (
-    "CUDA was initialised before this process was forked from its parent, and CUDA cannot "
-    "be used after fork(); start worker processes with multiprocessing's 'spawn' or "
-    "'forkserver' method"
-)
 
 
 def _ids(value: Any) -> np.ndarray:
@@ -118,7 +88,7 @@ class Gallery:
             raise ValueError(f"dim must be at most {_core.GALLERY_MAX_DIM} (2**24), got {dim}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
-        self._device = _device(device)
+        self._device = device_ordinal(device)
         self._core = _core.Gallery(int(dim), dtype)
 
     @property
@@ -205,7 +175,7 @@ class Gallery:
             return False
         if _core.cuda_forked():
             warnings.warn(
-                f"Gallery on {self.device}: searching on the CPU. {_FORKED}",
+                f"Gallery on {self.device}: searching on the CPU. {FORKED}",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -458,7 +428,7 @@ class Gallery:
         if "\0" in path:
             raise ValueError(f"path: contains a NUL byte, which no file name can: {path!r}")
         g = cls.__new__(cls)
-        g._device = _device(device)
+        g._device = device_ordinal(device)
         g._core = _core.Gallery.load(path, bool(mmap))
         return g
 
@@ -466,6 +436,6 @@ class Gallery:
 def _from_bytes(data: bytes, device: Any = "cpu") -> Gallery:
     """A gallery from the bytes of its file (unpickling and copies)."""
     g = Gallery.__new__(Gallery)
-    g._device = _device(device)
+    g._device = device_ordinal(device)
     g._core = _core.Gallery.from_bytes(data)
     return g

@@ -122,7 +122,7 @@ pub const ENTRY_POINTS: &[&str] = &[
 /// Whether the CUDA path can run: a driver with at least one device, and NVRTC and cuBLAS
 /// loadable. Never panics: each library is looked for before anything is called in it.
 /// (arcface_rs's Python side first loads NVRTC and cuBLAS from PyTorch's wheels.)
-/// False in a child forked after this process initialised the driver ([`forked`]).
+/// False in a child forked after its parent initialised the driver ([`forked`]).
 pub fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     !forked()

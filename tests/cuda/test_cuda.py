@@ -662,7 +662,6 @@ def test_gpu_gallery_many_queries_among_more_ties_than_candidates(dtype):
             assert not (differ & ~near).any()
 
 
-@needs_gpu
 def _search_in_forked_child(gallery, queries, out):
     """In a forked child: cuda_available() False, the inherited CUDA gallery searched on
     the CPU with a RuntimeWarning (ids to ``out``), a new CUDA gallery refused."""
@@ -702,6 +701,7 @@ def test_gpu_gallery_in_a_forked_child_searches_on_the_cpu():
     np.testing.assert_array_equal(g.search(queries, k=5)[1], cpu.search(queries, k=5)[1])
 
 
+@needs_gpu
 def test_gpu_gallery_follows_changes_and_identifies(tmp_path):
     rng = np.random.default_rng(1)
     emb = rng.standard_normal((500, 32)).astype(np.float32)
