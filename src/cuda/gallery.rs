@@ -403,6 +403,9 @@ impl Mirror {
         if k == 0 {
             return Err(Error::invalid("k", "must be >= 1"));
         }
+        // the (Q, k) results come back to host memory: refused as the CPU search refuses
+        // them, before the device's scratch or the host's buffers are allocated
+        crate::limits::check_results("k", k, queries.nrows(), 4 + 8)?;
         if self.ids.is_empty() {
             return Err(Error::invalid("gallery", "is empty: add embeddings first"));
         }

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 import warnings
 
 import numpy as np
 import pytest
 
 import arcface_rs as afr
+from _forking import in_forked_child
 from _reference import make_problem
 from arcface_rs import metrics
 
@@ -32,32 +31,11 @@ def _parallel_calls() -> None:
     metrics.verification(rng.standard_normal(4000), rng.random(4000) < 0.5, far=(1e-2,))
 
 
-def _child_result(pid: int, limit: float) -> int:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    pytest.fail(f"the forked child hung for more than {limit} s")
-
-
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_os_fork_child_runs_every_parallel_call():
     _parallel_calls()  # the parent's pool has started
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
-        pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            _parallel_calls()
-            code = 0
-        finally:
-            os._exit(code)
-    assert _child_result(pid, 60.0) == 0
+    report = in_forked_child(_parallel_calls)
+    assert report is None, report
     _parallel_calls()  # and the parent still works
 
 

@@ -24,6 +24,7 @@ if FAKE:  # before arcface_rs first looks for a driver
         ctypes.CDLL(os.path.join(FAKE, name), mode=ctypes.RTLD_GLOBAL)
 
 import arcface_rs as afr  # noqa: E402
+from _forking import in_forked_child  # noqa: E402
 from _reference import all_margins, make_problem  # noqa: E402
 from arcface_rs.torch import _cuda as tcuda  # noqa: E402
 from arcface_rs.torch import _ops as tops  # noqa: E402
@@ -494,45 +495,6 @@ def test_the_class_tile_comes_from_the_environment(tile):
         assert run.stdout.startswith(want), run.stdout + run.stderr
 
 
-def _forked_child_runs(check, limit=120.0):
-    """Runs ``check`` in a child forked from this process (which has used the fake driver,
-    so the driver refuses the child, as a real one does). Returns the child's traceback, or
-    None when ``check`` passed; fails the test if the child hangs."""
-    import signal
-    import time
-    import traceback
-    import warnings
-
-    read, write = os.pipe()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
-        pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(read)
-            check()
-            code = 0
-        except BaseException:
-            os.write(write, traceback.format_exc().encode())
-        finally:
-            os._exit(code)
-    os.close(write)
-    deadline = time.monotonic() + limit
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail(f"the forked child hung for more than {limit} s")
-        time.sleep(0.05)
-    with os.fdopen(read, "rb") as pipe:
-        report = pipe.read().decode()
-    return None if os.waitstatus_to_exitcode(status) == 0 else report or "no report"
-
-
 def test_a_forked_child_searches_a_cuda_gallery_on_the_cpu():
     """CUDA does not survive fork(): a child forked after the parent used the GPU gets
     cuda_available() False, searches of a CUDA gallery it inherited on the CPU (the same
@@ -575,7 +537,7 @@ def test_a_forked_child_searches_a_cuda_gallery_on_the_cpu():
         del gpu._core  # the parent's device memory is not freed from here
         assert live() == before
 
-    report = _forked_child_runs(child)
+    report = in_forked_child(child, limit=120.0)
     assert report is None, report
     assert afr.cuda_available() and not afr._core.cuda_forked()
     _assert_same_results(gpu, cpu, queries, 5)
@@ -613,3 +575,27 @@ def test_a_gpu_copy_or_scratch_the_device_cannot_hold_is_a_memory_error():
         fake.fake_set_memory_limit(0)
     _assert_same_results(gpu, cpu, queries[:300], 50)
     assert len(gpu) == 3000
+
+
+def test_results_beyond_host_memory_are_refused_before_any_device_memory():
+    """The GPU search's (Q, k) results come back to the host: a Q whose k results would not
+    fit in half the memory available is the CPU search's ValueError naming k, raised before
+    the device's scratch is asked for (the fake device is limited so that asking for it
+    would be a MemoryError instead)."""
+    with open("/proc/meminfo") as info:
+        kib = next(int(line.split()[1]) for line in info if line.startswith("MemAvailable:"))
+    q = (kib * 1024 // 2) // (1024 * 12) + 1
+    if q > 20_000_000:
+        pytest.skip("too much memory available for a small query array")
+    fake = ctypes.CDLL(os.path.join(FAKE, "libcuda.so"))
+    fake.fake_set_memory_limit.argtypes = [ctypes.c_longlong]
+    gpu = afr.Gallery(2, device="cuda")
+    gpu.add(np.eye(2, dtype=np.float32))
+    queries = np.ones((q, 2), dtype=np.float32)
+    try:
+        fake.fake_set_memory_limit(1 << 30)
+        for g in (gpu, afr.Gallery(2)):
+            with pytest.raises(ValueError, match=f"k: 1024 results for each of {q} queries"):
+                g.search(queries, k=1024)
+    finally:
+        fake.fake_set_memory_limit(0)
