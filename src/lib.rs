@@ -7,6 +7,7 @@
 pub mod center;
 pub mod error;
 pub mod evaluation;
+pub mod fork_gate;
 pub mod gemm;
 pub mod head;
 pub mod kernels;

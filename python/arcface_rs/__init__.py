@@ -8,6 +8,7 @@ NumPy API; ``arcface_rs.torch`` holds the PyTorch modules (needs torch), and
 import os as _os
 import warnings as _warnings
 
+from . import _core
 from ._core import MAX_THREADS_PER_CPU as _MAX_THREADS_PER_CPU
 from ._core import GalleryFileError, __version__, num_threads, simd_level
 from ._cuda import cuda_available
@@ -56,6 +57,16 @@ def _warn_if_threads_capped() -> None:
 
 
 _warn_if_threads_capped()
+
+# A fork waits for the Gallery calls running without the GIL (which hold a gallery's lock)
+# to end, and the child finds every lock free: a child forked in the middle of one would
+# otherwise wait forever on a lock held by a thread it does not have.
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(
+        before=_core._fork_gate_close,
+        after_in_parent=_core._fork_gate_open,
+        after_in_child=_core._fork_gate_open,
+    )
 
 __all__ = [
     "AdaFace",

@@ -62,13 +62,15 @@ impl PyGallery {
     }
 
     /// `work` on the gallery under its read lock, taken without the GIL and outside the
-    /// thread pool (see [`detached`]).
+    /// thread pool (see [`detached`]), inside the fork gate (a fork waits for it to end, so
+    /// that no child inherits the lock held).
     fn reading<R: Send>(
         &self,
         py: Python<'_>,
         work: impl FnOnce(&Gallery) -> R + Send,
     ) -> PyResult<R> {
         detached(py, || {
+            let _gate = crate::fork_gate::pass();
             let guard = self.read();
             let gallery: &Gallery = &guard;
             crate::pool::install(|| work(gallery))
@@ -82,6 +84,7 @@ impl PyGallery {
         work: impl FnOnce(&mut Gallery) -> R + Send,
     ) -> PyResult<R> {
         detached(py, || {
+            let _gate = crate::fork_gate::pass();
             let mut guard = self.write();
             let gallery: &mut Gallery = &mut guard;
             crate::pool::install(|| work(gallery))

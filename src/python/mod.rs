@@ -35,6 +35,20 @@ fn _panic_for_tests(py: Python<'_>, message: String) -> PyResult<()> {
     run(py, || -> () { panic!("{message}") })
 }
 
+/// Before a fork (`os.register_at_fork`): waits for the Gallery operations running without
+/// the GIL to end and holds new ones back (`crate::fork_gate`), so that no child inherits a
+/// gallery's lock held by a thread it does not have.
+#[pyfunction]
+fn _fork_gate_close() {
+    crate::fork_gate::close()
+}
+
+/// After a fork, in the parent and in the child: lets Gallery operations run again.
+#[pyfunction]
+fn _fork_gate_open() {
+    crate::fork_gate::open()
+}
+
 /// The instruction set the kernels run: "avx512", "avx2", "neon" (aarch64) or "scalar" (the
 /// best the CPU has, capped by ARCFACE_RS_SIMD).
 #[pyfunction]
@@ -52,6 +66,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     crate::cuda::head::Tiling::configured().map_err(convert::to_py_err)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
+    m.add_function(wrap_pyfunction!(_fork_gate_close, m)?)?;
+    m.add_function(wrap_pyfunction!(_fork_gate_open, m)?)?;
     m.add("GalleryFileError", m.py().get_type::<GalleryFileError>())?;
     m.add_class::<margin::PyMargin>()?;
     m.add("MARGIN_PARAMS", crate::margin::PARAMS_LEN)?;

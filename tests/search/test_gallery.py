@@ -3,7 +3,9 @@ ties, k = N, k > N, Q = 1, N = 1, odd dims; add/remove/identify; bad input; thre
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import arcface_rs as afr
+from _forking import in_forked_child
 from _reference import unit
 
 DTYPES = ["float32", "float16", "bfloat16", "int8"]
@@ -305,6 +308,47 @@ def test_many_threads_never_see_a_half_done_add_or_remove():
         t.join(timeout=120)
     assert not errors, errors[:5]
     assert len(g) == 20000
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_child_forked_while_other_threads_use_the_gallery_finds_it_free():
+    """A fork waits for the gallery calls in flight in other threads (they hold its lock
+    without the GIL), so the child can add, remove and search; a child forked in the
+    middle of one used to wait forever on the lock of a thread it does not have."""
+    rng = np.random.default_rng(9)
+    rows = rng.standard_normal((100000, 64)).astype(np.float32)
+    g = afr.Gallery(64)
+    g.add(rows)
+    stop = threading.Event()
+
+    def writer():
+        while not stop.is_set():
+            ids = g.add(rows[:20000])
+            g.remove(ids)
+
+    def searcher():
+        while not stop.is_set():
+            g.search(rows[:64], k=5)
+
+    def child():
+        n = len(g)  # the writers' rows may be in, as the fork found them
+        ids = g.add(rows[:3])
+        assert g.search(rows[:3], k=1)[1][:, 0].tolist() == list(range(3))
+        assert g.remove(ids) == 3 and len(g) == n
+
+    threads = [threading.Thread(target=f) for f in (writer, writer, searcher)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(4):
+            time.sleep(0.05)
+            report = in_forked_child(child, limit=30.0)
+            assert report is None, report
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert len(g) == 100000
 
 
 # ---------------------------------------------------------------------------------------
