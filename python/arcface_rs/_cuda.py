@@ -70,7 +70,7 @@ def device_ordinal(value: Any) -> int | None:
         return None
     if text == "cuda":
         ordinal = 0
-    elif text.startswith("cuda:") and text[5:].isdigit():
+    elif text.startswith("cuda:") and text[5:].isdigit() and text[5:].isascii():
         ordinal = int(text[5:])
     else:
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {value!r}")
@@ -83,4 +83,9 @@ def device_ordinal(value: Any) -> int | None:
         raise ValueError(f"device={text!r}: {FORKED}")
     if not cuda_available():
         raise ValueError(f"device={text!r}: no CUDA driver or GPU is visible in this process")
+    count = _core.cuda_device_count()
+    if ordinal >= count:
+        raise ValueError(
+            f"device={text!r}: this process sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        )
     return ordinal

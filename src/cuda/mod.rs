@@ -133,7 +133,7 @@ pub fn available() -> bool {
                     cudarc::driver::sys::is_culib_present()
                         && cudarc::cublas::sys::is_culib_present()
                 };
-                libraries && nvrtc_available() && initialised() && device_count() > 0
+                libraries && nvrtc_available() && initialised() && driver_devices() > 0
             })
             .unwrap_or(false)
         })
@@ -151,8 +151,18 @@ fn initialised() -> bool {
     ok
 }
 
-fn device_count() -> i32 {
-    cudarc::driver::result::device::get_count().unwrap_or(0)
+fn driver_devices() -> usize {
+    cudarc::driver::result::device::get_count().map_or(0, |n| n.max(0) as usize)
+}
+
+/// The CUDA devices this process can use, `cuda:0` to `cuda:{n - 1}` (0 where
+/// [`available`] is false).
+pub fn device_count() -> usize {
+    if available() {
+        driver_devices()
+    } else {
+        0
+    }
 }
 
 /// Whether this process is a child forked after its parent (or an earlier ancestor)

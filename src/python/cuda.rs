@@ -22,6 +22,19 @@ pub(super) fn cuda_available() -> bool {
     }
 }
 
+/// The CUDA devices this process can use (0 without a usable driver or the `cuda` feature).
+#[pyfunction]
+pub(super) fn cuda_device_count() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        crate::cuda::device_count()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        0
+    }
+}
+
 /// Whether this process was forked after it (or an ancestor) initialised CUDA, which a
 /// child cannot use. False built without the `cuda` feature.
 #[pyfunction]

@@ -59,6 +59,20 @@ def _cpu_and_cuda_galleries(dtype, emb, ids):
     return cpu, gpu
 
 
+@pytest.mark.parametrize("device", ["cuda:2", "cuda:7", "cuda:99999999999999999999"])
+def test_a_device_the_machine_lacks_is_refused_when_named(device, tmp_path):
+    """The fake machine has two devices: naming a third is a ValueError at construction
+    (and at load), saying how many there are, not a driver error at the first search."""
+    assert afr._core.cuda_device_count() == 2
+    want = rf"device='{device}': this process sees 2 CUDA device\(s\), cuda:0 to cuda:1"
+    with pytest.raises(ValueError, match=want):
+        afr.Gallery(4, device=device)
+    afr.Gallery(4).save(tmp_path / "g.safetensors")
+    with pytest.raises(ValueError, match=want):
+        afr.Gallery.load(tmp_path / "g.safetensors", device=device)
+    assert afr.Gallery(4, device="cuda:1").device == "cuda:1"
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
 def test_gallery_on_cuda_equals_the_cpu_gallery(dtype, tmp_path):
     rng = np.random.default_rng(0)
