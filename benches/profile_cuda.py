@@ -57,6 +57,16 @@ def main() -> None:
         ms = _device_us(event) / 3 / 1e3
         gbs = moved / ms / 1e6 if ms > 0 else float("nan")
         print(f"{event.key:34s} {ms:8.3f} {moved / 1e6:9.0f} {gbs:7.0f}")
+    try:
+        kernels, busy, span = device_timeline(prof)
+        print(
+            f"device timeline per step: {kernels / 3:.0f} kernels and copies, busy "
+            f"{busy / 3e3:.3f} ms of {span / 3e3:.3f} ms from the first start to the last end "
+            f"({100 * (1 - busy / span):.1f}% idle: the gaps between them, launch latency or "
+            "the host falling behind)"
+        )
+    except Exception as e:  # a profiler without these fields must not hide the table above
+        print(f"device timeline: not available ({type(e).__name__}: {e})")
 
 
 SIZES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2}
@@ -76,6 +86,28 @@ def bytes_moved(kernel: str, b: int, c: int, d: int) -> int | None:
     if m := re.fullmatch(r"project_out_rows_(\w+?)_(\w+)", kernel):
         return c * d * (2 * SIZES[m[1]] + SIZES[m[2]])  # dW read and written, centres read
     return None
+
+
+def device_timeline(prof) -> tuple[int, float, float]:
+    """(count, busy us, span us) of the device's kernels and copies in a profile: how many
+    ran, how long at least one was running, and the time from the first start to the last
+    end. span - busy is the device's idle time between them."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    return len(spans), busy_us(spans), spans[-1][1] - spans[0][0]
+
+
+def busy_us(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of (start, end) intervals sorted by start."""
+    total, reach = 0.0, float("-inf")
+    for start, end in spans:
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def _device_us(event) -> float:
