@@ -14,6 +14,7 @@ __all__ = [
     "GalleryFileError",
     "MARGIN_KINDS",
     "MARGIN_PARAMS",
+    "CUDA_FORKED",
     "MAX_THREADS_PER_CPU",
     "REMOTE_TARGET",
     "Margin",
@@ -47,6 +48,7 @@ __all__ = [
 __version__: str
 
 MARGIN_PARAMS: int
+CUDA_FORKED: str
 REMOTE_TARGET: int
 GALLERY_MAX_DIM: int
 MAX_THREADS_PER_CPU: int

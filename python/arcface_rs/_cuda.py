@@ -56,11 +56,7 @@ def cuda_available() -> bool:
 
 
 # Why a child forked after its parent used CUDA cannot: CUDA does not survive fork().
-FORKED = (
-    "CUDA was initialised before this process was forked from its parent, and CUDA cannot "
-    "be used after fork(); start worker processes with multiprocessing's 'spawn' or "
-    "'forkserver' method"
-)
+FORKED = _core.CUDA_FORKED
 
 
 def device_ordinal(value: Any) -> int | None:

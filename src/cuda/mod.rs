@@ -176,13 +176,14 @@ pub fn forked() -> bool {
         .is_some_and(|&pid| pid != std::process::id())
 }
 
+/// Why a [`forked`] child cannot use CUDA, and what to do instead (Python's messages too).
+pub const FORKED: &str = "CUDA was initialised before this process was forked from its \
+     parent, and CUDA cannot be used after fork(): start worker processes with the 'spawn' \
+     or 'forkserver' method of multiprocessing (or torch.multiprocessing)";
+
 /// The error of a CUDA call made in a [`forked`] child.
 pub fn forked_error() -> crate::Error {
-    crate::Error::device(
-        "CUDA was initialised before this process was forked from its parent, and CUDA \
-         cannot be used after fork(): start worker processes with multiprocessing's \
-         'spawn' or 'forkserver' method (torch.multiprocessing too), or search on the CPU",
-    )
+    crate::Error::device(FORKED)
 }
 
 /// Whether NVRTC (the run-time compiler) can be loaded.

@@ -35,6 +35,12 @@ pub(super) fn cuda_device_count() -> usize {
     }
 }
 
+/// Why a child forked after CUDA was initialised cannot use it (`crate::cuda::FORKED`).
+#[cfg(feature = "cuda")]
+pub(super) const FORKED: &str = crate::cuda::FORKED;
+#[cfg(not(feature = "cuda"))]
+pub(super) const FORKED: &str = "built without the cuda feature, this module never uses CUDA";
+
 /// Whether this process was forked after it (or an ancestor) initialised CUDA, which a
 /// child cannot use. False built without the `cuda` feature.
 #[pyfunction]

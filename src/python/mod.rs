@@ -92,6 +92,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(cuda::cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(cuda::cuda_forked, m)?)?;
+    m.add("CUDA_FORKED", cuda::FORKED)?;
     m.add_function(wrap_pyfunction!(cuda::cuda_device_count, m)?)?;
     m.add_function(wrap_pyfunction!(cuda::cuda_head_workspace_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(cuda::cuda_margin_loss, m)?)?;
