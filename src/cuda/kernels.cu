@@ -958,6 +958,12 @@ __device__ void topk_tile_of(const T* scores, int queries, int stride, int sub, 
     long long base = lo + first;
     float* bs = best_s + pair * k;
     long long* bi = best_i + pair * k;
+    // NVRTC's front end warns that these are read before they are set (#549): `keep` reads
+    // slot at - 1 < mine only, which it has written, but the check cannot see that.
+#ifdef __CUDACC_RTC__
+#pragma nv_diagnostic push
+#pragma nv_diag_suppress 549
+#endif
     float mine_s[TOPK_MAX];
     long long mine_i[TOPK_MAX];
     int mine = 0;
@@ -987,6 +993,9 @@ __device__ void topk_tile_of(const T* scores, int queries, int stride, int sub, 
             worst_i = mine_i[k - 1];
         }
     };
+#ifdef __CUDACC_RTC__
+#pragma nv_diagnostic pop
+#endif
     // 16 bytes of scores per load where the run is aligned for it (runs start at multiples
     // of 2048 columns), the tail one by one
     const int V = 16 / sizeof(T);
@@ -998,7 +1007,7 @@ __device__ void topk_tile_of(const T* scores, int queries, int stride, int sub, 
     for (int j = V * vecs + lane; j < count; j += 32) keep(widen(row[j]), base + j);
     // Round r's pick goes to lane r % 32 (k <= 64: two slots a lane), written after every
     // lane has read the running list.
-    float out_s[2] = {-INFINITY, -INFINITY};
+    float out_s[2] = {-(float)INFINITY, -(float)INFINITY};
     long long out_i[2] = {-1, -1};
     int head = 0, from_old = 0;
     for (int round = 0; round < k; ++round) {

@@ -215,6 +215,12 @@ pub fn compile(arch: Option<&'static str>) -> Result<String, String> {
 /// a CUBIN from a newer minor CUDA release than its own, but not always such a release's
 /// PTX (the JIT refuses a newer PTX ISA), so the driver code tries this first.
 pub fn compile_cubin(arch: &str) -> Result<Vec<u8>, String> {
+    compile_cubin_with(arch, &[]).map(|(cubin, _log)| cubin)
+}
+
+/// [`compile_cubin`] with more NVRTC `options`, returning the CUBIN and NVRTC's log (its
+/// warnings, and the assembler's report with `--ptxas-options=-v`).
+fn compile_cubin_with(arch: &str, options: &[&str]) -> Result<(Vec<u8>, String), String> {
     use cudarc::nvrtc::{result, sys};
     use std::ffi::CString;
     if !nvrtc_available() {
@@ -223,14 +229,19 @@ pub fn compile_cubin(arch: &str) -> Result<Vec<u8>, String> {
     let src = CString::new(kernel_source()).map_err(|e| e.to_string())?;
     let name = CString::new("arcface_rs_kernels.cu").expect("no NUL");
     let program = result::create_program(&src, Some(&name)).map_err(|e| format!("{e:?}"))?;
+    let mut args = vec![format!("--gpu-architecture={arch}")];
+    args.extend(options.iter().map(|o| o.to_string()));
     // SAFETY: `program` is alive until destroyed at the end; buffers are sized by NVRTC.
     unsafe {
-        let outcome = result::compile_program(program, &[format!("--gpu-architecture={arch}")])
-            .map_err(|e| {
-                let log = result::get_program_log(program).unwrap_or_default();
-                let log: Vec<u8> = log.iter().map(|&c| c as u8).collect();
-                format!("{e:?}: {}", String::from_utf8_lossy(&log))
-            })
+        let log = || {
+            let log = result::get_program_log(program).unwrap_or_default();
+            let log: Vec<u8> = log.iter().map(|&c| c as u8).collect();
+            String::from_utf8_lossy(&log)
+                .trim_end_matches('\0')
+                .to_string()
+        };
+        let outcome = result::compile_program(program, &args)
+            .map_err(|e| format!("{e:?}: {}", log()))
             .and_then(|()| {
                 let mut size = 0usize;
                 sys::nvrtcGetCUBINSize(program, &mut size)
@@ -240,7 +251,7 @@ pub fn compile_cubin(arch: &str) -> Result<Vec<u8>, String> {
                 sys::nvrtcGetCUBIN(program, cubin.as_mut_ptr() as *mut std::ffi::c_char)
                     .result()
                     .map_err(|e| format!("{e:?}"))?;
-                Ok(cubin)
+                Ok((cubin, log()))
             });
         let _ = result::destroy_program(program);
         outcome
