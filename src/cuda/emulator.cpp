@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <string>
@@ -190,6 +191,60 @@ static void resume(int i) {
     running = -1;
 }
 
+// The order in which a block's runnable threads take their turns between barriers, and a
+// grid's blocks run. A GPU defines neither: a kernel whose result changes when one thread
+// reads shared memory before or after another's write with no barrier between, or when one
+// block reads what another block of the launch writes, has a race. Index order alone would
+// hide every race in which the writer happens to come first, so each turn and each launch
+// takes another permutation (a stride walk i -> (start + i * step) mod n, step coprime to
+// n) from a generator seeded per launch: runs are reproducible, and the environment
+// variable ARCFACE_RS_EMULATOR_SEED (an integer) draws other orders to hunt for races.
+static unsigned long long order_state;
+
+static unsigned long long next_random() {  // splitmix64
+    unsigned long long z = (order_state += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+struct Order {
+    long long start = 0, step = 1, n = 1;
+    long long at(long long i) const { return (start + i * step) % n; }
+};
+
+static Order draw_order(long long n) {
+    Order o;
+    o.n = n;
+    o.start = (long long)(next_random() % (unsigned long long)n);
+    o.step = 1 + (long long)(next_random() % (unsigned long long)n);
+    auto coprime = [n](long long s) {
+        long long a = s, b = n;
+        while (b) {
+            long long t = a % b;
+            a = b;
+            b = t;
+        }
+        return a == 1;
+    };
+    while (!coprime(o.step)) o.step = o.step % n + 1;
+    return o;
+}
+
+// Seeded by the launch's kernel and shape (not by a count of launches, which would depend
+// on how the tests' threads interleave), so that a failing order comes back run after run.
+static void seed_order(const char* kernel, unsigned grid, unsigned block) {
+    static const unsigned long long base = [] {
+        const char* seed = std::getenv("ARCFACE_RS_EMULATOR_SEED");
+        return seed ? std::strtoull(seed, nullptr, 10) : 0ULL;
+    }();
+    unsigned long long h = 0xcbf29ce484222325ULL;  // FNV-1a of the name, then the shape
+    for (const char* c = kernel; *c; ++c) h = (h ^ (unsigned char)*c) * 0x100000001b3ULL;
+    h = (h ^ grid) * 0x100000001b3ULL;
+    h = (h ^ block) * 0x100000001b3ULL;
+    order_state = h + base * 0x2545f4914f6cdd1dULL;
+}
+
 // Runs one block to its end; false if its threads met at different barriers.
 static bool run_block() {
     int n = (int)fibers.size();
@@ -203,11 +258,14 @@ static bool run_block() {
     }
     for (;;) {
         bool ran = false;
-        for (int i = 0; i < n; ++i)
+        Order turn = draw_order(n);
+        for (int t = 0; t < n; ++t) {
+            int i = (int)turn.at(t);
             if (fibers[i].state == State::Run) {
                 resume(i);
                 ran = true;
             }
+        }
         if (ran) continue;
         bool released = false;
         for (int w = 0; w < n / 32; ++w) {
@@ -241,8 +299,11 @@ extern "C" int emu_launch(const char* name, unsigned grid, unsigned block, void*
     gridDim.x = grid;
     fibers.assign(block, Fiber{});
     for (Fiber& f : fibers) f.stack.resize(64 * 1024);
+    seed_order(name, grid, block);
+    if (grid == 0) return 0;
+    Order blocks = draw_order(grid);
     for (unsigned b = 0; b < grid; ++b) {
-        blockIdx.x = b;
+        blockIdx.x = (unsigned)blocks.at(b);
         if (!run_block()) return 3;
     }
     return 0;
