@@ -311,6 +311,14 @@ extern "C" int emu_launch(const char* name, unsigned grid, unsigned block, void*
 
 extern "C" int emu_has(const char* name) { return find(name) != nullptr; }
 
+// For the tests of the scheduler: the order of `n` threads or blocks that the generator
+// draws from state `seed`, into out[0..n].
+extern "C" void emu_order(long long n, unsigned long long seed, long long* out) {
+    order_state = seed;
+    Order o = draw_order(n);
+    for (long long i = 0; i < n; ++i) out[i] = o.at(i);
+}
+
 // One GEMM of cuBLAS's semantics (reference_gemm.h): inputs of `in_type`, output of
 // `out_type` (cudaDataType_t codes), TF32 rounding of float32 inputs when `tf32`. Returns 0
 // or a cuBLAS status.

@@ -12,6 +12,7 @@ use std::sync::{Mutex, OnceLock};
 
 type LaunchFn = unsafe extern "C" fn(*const c_char, c_uint, c_uint, *mut *mut c_void) -> c_int;
 type HasFn = unsafe extern "C" fn(*const c_char) -> c_int;
+type OrderFn = unsafe extern "C" fn(i64, u64, *mut i64);
 type GemmFn = unsafe extern "C" fn(
     c_int,
     c_int,
@@ -36,6 +37,7 @@ pub struct Emulator {
     launch: LaunchFn,
     has: HasFn,
     gemm: GemmFn,
+    order: OrderFn,
 }
 
 /// The emulator's scheduler is global state: one launch at a time in the process.
@@ -81,13 +83,27 @@ impl Emulator {
             let gemm = *lib
                 .get::<GemmFn>(b"emu_gemm\0")
                 .map_err(|e| e.to_string())?;
+            let order = *lib
+                .get::<OrderFn>(b"emu_order\0")
+                .map_err(|e| e.to_string())?;
             Ok(Emulator {
                 _lib: lib,
                 launch,
                 has,
                 gemm,
+                order,
             })
         }
+    }
+
+    /// The order in which the scheduler runs `n` threads (or blocks) when its generator is
+    /// at state `seed` (see `draw_order` in emulator.cpp).
+    pub fn order(&self, n: usize, seed: u64) -> Vec<usize> {
+        let mut out = vec![-1i64; n];
+        let _one_at_a_time = LAUNCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: `out` holds the `n` entries the function writes.
+        unsafe { (self.order)(n as i64, seed, out.as_mut_ptr()) };
+        out.into_iter().map(|i| i as usize).collect()
     }
 
     /// Whether the emulator knows kernel `name`.

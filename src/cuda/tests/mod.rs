@@ -106,6 +106,40 @@ fn the_emulator_runs_every_entry_point() {
     assert!(emu.launch("no_such_kernel", 1, 32, &[]).is_err());
 }
 
+#[test]
+fn the_emulator_runs_threads_and_blocks_in_permuted_orders() {
+    // Index order alone hides the races in which the writer comes first; the scheduler
+    // draws a permutation at every turn, which must be one (every thread runs once) and
+    // must vary: not index order, and not one order for every draw.
+    let emu = Emulator::get();
+    for n in [1usize, 2, 3, 32, 96, 256, 1000, 4099] {
+        let orders: Vec<Vec<usize>> = (0..16).map(|seed| emu.order(n, seed)).collect();
+        for order in &orders {
+            let mut seen = order.clone();
+            seen.sort_unstable();
+            assert_eq!(
+                seen,
+                (0..n).collect::<Vec<_>>(),
+                "n = {n}: not a permutation"
+            );
+        }
+        if n >= 32 {
+            let index_order = (0..n).collect::<Vec<_>>();
+            let in_index_order = orders.iter().filter(|o| **o == index_order).count();
+            assert!(
+                in_index_order <= 1,
+                "n = {n}: {in_index_order} of 16 in index order"
+            );
+            let distinct: std::collections::HashSet<_> = orders.iter().collect();
+            assert!(
+                distinct.len() >= 12,
+                "n = {n}: only {} distinct orders",
+                distinct.len()
+            );
+        }
+    }
+}
+
 /// A small deterministic generator (the tests need no rand crate).
 fn noise(seed: u64, n: usize) -> Vec<f64> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
