@@ -97,7 +97,8 @@ def device_timeline(prof) -> tuple[int, float, float]:
         for e in prof.events()
         if e.device_type == torch.autograd.DeviceType.CUDA
     )
-    return len(spans), busy_us(spans), spans[-1][1] - spans[0][0]
+    # sorted by start: the last to start need not be the last to end
+    return len(spans), busy_us(spans), max(end for _, end in spans) - spans[0][0]
 
 
 def busy_us(spans: list[tuple[float, float]]) -> float:
