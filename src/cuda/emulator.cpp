@@ -89,6 +89,40 @@ static V __shfl_xor_sync(unsigned, V v, int mask) {
     return out;
 }
 
+template <typename V>
+static V __shfl_sync(unsigned, V v, int source) {
+    unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    put_slot(warp, lane, v);
+    wait_at(State::Warp);
+    V out = get_slot<V>(warp, (unsigned)source % 32);
+    wait_at(State::Warp);
+    return out;
+}
+
+template <typename V>
+static V __shfl_up_sync(unsigned, V v, unsigned delta) {
+    unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    put_slot(warp, lane, v);
+    wait_at(State::Warp);
+    V out = lane >= delta ? get_slot<V>(warp, lane - delta) : v;
+    wait_at(State::Warp);
+    return out;
+}
+
+// Bit l of the result: lane l's predicate was true.
+static unsigned __ballot_sync(unsigned, int predicate) {
+    unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    put_slot(warp, lane, (unsigned)(predicate != 0));
+    wait_at(State::Warp);
+    unsigned out = 0;
+    for (unsigned l = 0; l < 32; ++l) out |= get_slot<unsigned>(warp, l) << l;
+    wait_at(State::Warp);
+    return out;
+}
+
+static int __popc(unsigned x) { return __builtin_popcount(x); }
+static int __ffs(int x) { return __builtin_ffs(x); }
+
 static int atomicMax(int* address, int value) {
     std::atomic_ref<int> a(*address);
     int old = a.load();

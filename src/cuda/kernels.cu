@@ -937,12 +937,122 @@ __device__ bool row_allowed(const unsigned* allowed, long long i) {
 // One warp per (query, run of `sub` columns of the tile): the run's best k merged with the
 // run's list from the previous tiles (best_s / best_i, k per pair, sorted). Scores are T:
 // float32, or float16 (a rescored float16 gallery's). Each score is read once: every lane
-// keeps the best k of its columns (16 bytes of them in every 32 such), sorted by insertion;
-// most scores fail the comparison with the lane's k-th. Then k rounds: the best head of the
-// lanes' lists (a butterfly of shuffles, no block barrier) against the running
-// list's next entry. (A block per pair met 8 block barriers a round: at 1024 queries the
-// selection took 14.7 ms of the H200's 31.8 ms search.)
+// keeps the best k of its columns (16 bytes of them in every 32 such), sorted by insertion,
+// as 32-bit offsets into the run (half the local memory of row numbers, and one shuffle a
+// move); once the running list is full (after the first tile) most scores fail the
+// comparison with its k-th. Then the lanes' candidates join the running list: many of them
+// (the first tile) by `merge_rounds`, a few (the later tiles: about k / (t + 1) of them in
+// tile t on random data) by `insert_into_list`. (A block per pair met 8 block barriers a
+// round: at 1024 queries the selection took 14.7 ms of the H200's 31.8 ms search.)
 #define TOPK_WARPS (TOPK_THREADS / 32)
+#define NO_OFFSET 0x7fffffff
+
+// k rounds, each taking the best of the lanes' list heads (a butterfly of shuffles, no
+// block barrier) or the running list's next entry, whichever is better; round r's pick goes
+// to lane r % 32 (k <= 64: two slots a lane), written after every lane has read the
+// running list. About 10 shuffles a round.
+__device__ void merge_rounds(const float* mine_s, const int* mine_o, int mine, long long base,
+                             int k, float* bs, long long* bi) {
+    const unsigned all = 0xffffffffu;
+    int lane = threadIdx.x % 32;
+    float out_s[2] = {-(float)INFINITY, -(float)INFINITY};
+    long long out_i[2] = {-1, -1};
+    int head = 0, from_old = 0;
+    for (int round = 0; round < k; ++round) {
+        float my_s = head < mine ? mine_s[head] : -INFINITY;
+        int my_o = head < mine ? mine_o[head] : NO_OFFSET;
+        float s = my_s;
+        int o = my_o;
+        // every lane ends with the best (offsets are distinct across lanes; NO_OFFSET ties
+        // only among exhausted lanes)
+        for (int x = 16; x > 0; x >>= 1) {
+            float other_s = __shfl_xor_sync(all, s, x);
+            int other_o = __shfl_xor_sync(all, o, x);
+            if (better(other_s, other_o, s, o)) {
+                s = other_s;
+                o = other_o;
+            }
+        }
+        long long i = o == NO_OFFSET ? NO_ROW : base + o;
+        if (from_old < k && bi[from_old] >= 0 && better(bs[from_old], bi[from_old], s, i)) {
+            s = bs[from_old];
+            i = bi[from_old];
+            ++from_old;
+        } else if (o != NO_OFFSET && o == my_o) {
+            ++head;  // the winner's lane (it alone holds that offset) moves to its next
+        }
+        if (i == NO_ROW) {
+            s = -INFINITY;
+            i = -1;
+        }
+        if (round % 32 == lane) {
+            out_s[round / 32] = s;
+            out_i[round / 32] = i;
+        }
+    }
+    __syncwarp(all);
+    for (int slot = 0; slot < 2; ++slot) {
+        int r = lane + 32 * slot;
+        if (r < k) {
+            bs[r] = out_s[slot];
+            bi[r] = out_i[slot];
+        }
+    }
+}
+
+// Each lane's candidates inserted, one at a time, into the full running list of k <= 64
+// entries, held in registers: lane j holds entries j and j + 32. A candidate's place is
+// the number of entries better than it (two votes, as they are a prefix of the sorted
+// list); the entries from there on move down one place (shuffles up by one lane, entry 31
+// to lane 0's second), the k-th falls off. About 14 shuffles and votes a candidate, and
+// none for scores that never beat the list's k-th, where `merge_rounds` pays all k rounds.
+__device__ void insert_into_list(const float* mine_s, const int* mine_o, int mine,
+                                 long long base, int k, float* bs, long long* bi) {
+    const unsigned all = 0xffffffffu;
+    int lane = threadIdx.x % 32;
+    float s0 = lane < k ? bs[lane] : -INFINITY;
+    float s1 = lane + 32 < k ? bs[lane + 32] : -INFINITY;
+    long long i0 = lane < k ? bi[lane] : NO_ROW;
+    long long i1 = lane + 32 < k ? bi[lane + 32] : NO_ROW;
+    int head = 0;
+    for (;;) {
+        unsigned waiting = __ballot_sync(all, head < mine);
+        if (waiting == 0) break;
+        int from = __ffs(waiting) - 1;
+        float cs = __shfl_sync(all, head < mine ? mine_s[head] : 0.0f, from);
+        long long ci = base + __shfl_sync(all, head < mine ? mine_o[head] : 0, from);
+        if (lane == from) ++head;
+        int at = __popc(__ballot_sync(all, better(s0, i0, cs, ci))) +
+                 __popc(__ballot_sync(all, better(s1, i1, cs, ci)));
+        if (at >= k) continue;  // the same in every lane: it does not enter
+        float up_s0 = __shfl_up_sync(all, s0, 1), up_s1 = __shfl_up_sync(all, s1, 1);
+        long long up_i0 = __shfl_up_sync(all, i0, 1), up_i1 = __shfl_up_sync(all, i1, 1);
+        float last_s0 = __shfl_sync(all, s0, 31);
+        long long last_i0 = __shfl_sync(all, i0, 31);
+        if (lane == 0) {
+            up_s1 = last_s0;
+            up_i1 = last_i0;
+        }
+        if (lane + 32 >= at) {
+            s1 = lane + 32 == at ? cs : up_s1;
+            i1 = lane + 32 == at ? ci : up_i1;
+        }
+        if (lane >= at) {
+            s0 = lane == at ? cs : up_s0;
+            i0 = lane == at ? ci : up_i0;
+        }
+    }
+    __syncwarp(all);
+    if (lane < k) {
+        bs[lane] = s0;
+        bi[lane] = i0;
+    }
+    if (lane + 32 < k) {
+        bs[lane + 32] = s1;
+        bi[lane + 32] = i1;
+    }
+}
+
 template <typename T>
 __device__ void topk_tile_of(const T* scores, int queries, int stride, int sub, int width,
                              int splits, long long lo, int k, float* best_s, long long* best_i,
@@ -965,10 +1075,10 @@ __device__ void topk_tile_of(const T* scores, int queries, int stride, int sub, 
 #pragma nv_diag_suppress 549
 #endif
     float mine_s[TOPK_MAX];
-    long long mine_i[TOPK_MAX];
+    int mine_o[TOPK_MAX];
     int mine = 0;
     float worst_s = -INFINITY;  // the lane's k-th, once it has k
-    long long worst_i = NO_ROW;
+    int worst_o = NO_OFFSET;
     // A score that does not beat the running list's k-th cannot enter the merged k: once
     // the list is full (after the first tiles), it turns most scores away at one compare,
     // where the lane's own k-th, from its share of one run, would let most of them in for
@@ -976,21 +1086,21 @@ __device__ void topk_tile_of(const T* scores, int queries, int stride, int sub, 
     bool full = bi[k - 1] >= 0;
     float floor_s = full ? bs[k - 1] : -INFINITY;
     long long floor_i = full ? bi[k - 1] : NO_ROW;
-    auto keep = [&](float s, long long i) {
-        if (full && !better(s, i, floor_s, floor_i)) return;
-        if (mine == k && !better(s, i, worst_s, worst_i)) return;
-        if (s != s || !row_allowed(allowed, i)) return;  // NaN: a query that is not usable
+    auto keep = [&](float s, int o) {
+        if (full && !better(s, base + o, floor_s, floor_i)) return;
+        if (mine == k && !better(s, o, worst_s, worst_o)) return;
+        if (s != s || !row_allowed(allowed, base + o)) return;  // NaN: an unusable query
         int at = mine < k ? mine : k - 1;
-        for (; at > 0 && better(s, i, mine_s[at - 1], mine_i[at - 1]); --at) {
+        for (; at > 0 && better(s, o, mine_s[at - 1], mine_o[at - 1]); --at) {
             mine_s[at] = mine_s[at - 1];
-            mine_i[at] = mine_i[at - 1];
+            mine_o[at] = mine_o[at - 1];
         }
         mine_s[at] = s;
-        mine_i[at] = i;
+        mine_o[at] = o;
         if (mine < k) ++mine;
         if (mine == k) {
             worst_s = mine_s[k - 1];
-            worst_i = mine_i[k - 1];
+            worst_o = mine_o[k - 1];
         }
     };
 #ifdef __CUDACC_RTC__
@@ -1002,54 +1112,17 @@ __device__ void topk_tile_of(const T* scores, int queries, int stride, int sub, 
     int vecs = vec_aligned<T, V>(row) && count > 0 ? count / V : 0;
     for (int at = lane; at < vecs; at += 32) {
         Vec<T, V> v = load_vec<T, V>(row + V * at);
-        for (int h = 0; h < V; ++h) keep(widen(v.v[h]), base + V * at + h);
+        for (int h = 0; h < V; ++h) keep(widen(v.v[h]), V * at + h);
     }
-    for (int j = V * vecs + lane; j < count; j += 32) keep(widen(row[j]), base + j);
-    // Round r's pick goes to lane r % 32 (k <= 64: two slots a lane), written after every
-    // lane has read the running list.
-    float out_s[2] = {-(float)INFINITY, -(float)INFINITY};
-    long long out_i[2] = {-1, -1};
-    int head = 0, from_old = 0;
-    for (int round = 0; round < k; ++round) {
-        float s = head < mine ? mine_s[head] : -INFINITY;
-        long long i = head < mine ? mine_i[head] : NO_ROW;
-        int who = lane;
-        // every lane ends with the best: rows are distinct across lanes (NO_ROW ties only
-        // among exhausted lanes, whose `who` is never used)
-        for (int o = 16; o > 0; o >>= 1) {
-            float other_s = __shfl_xor_sync(all, s, o);
-            long long other_i = __shfl_xor_sync(all, i, o);
-            int other_who = __shfl_xor_sync(all, who, o);
-            if (better(other_s, other_i, s, i)) {
-                s = other_s;
-                i = other_i;
-                who = other_who;
-            }
-        }
-        if (from_old < k && bi[from_old] >= 0 && better(bs[from_old], bi[from_old], s, i)) {
-            s = bs[from_old];
-            i = bi[from_old];
-            ++from_old;
-        } else if (i != NO_ROW && lane == who) {
-            ++head;  // the winner's lane moves to its next candidate
-        }
-        if (i == NO_ROW) {
-            s = -INFINITY;
-            i = -1;
-        }
-        if (round % 32 == lane) {
-            out_s[round / 32] = s;
-            out_i[round / 32] = i;
-        }
-    }
-    __syncwarp(all);
-    for (int slot = 0; slot < 2; ++slot) {
-        int r = lane + 32 * slot;
-        if (r < k) {
-            bs[r] = out_s[slot];
-            bi[r] = out_i[slot];
-        }
-    }
+    for (int j = V * vecs + lane; j < count; j += 32) keep(widen(row[j]), j);
+    int total = mine;
+    for (int x = 16; x > 0; x >>= 1) total += __shfl_xor_sync(all, total, x);
+    if (total == 0) return;  // the running list stands as it is
+    // an insertion costs about 1.4 rounds; a full list's few newcomers are inserted
+    if (full && 2 * total <= k)
+        insert_into_list(mine_s, mine_o, mine, base, k, bs, bi);
+    else
+        merge_rounds(mine_s, mine_o, mine, base, k, bs, bi);
 }
 
 

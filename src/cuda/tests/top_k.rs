@@ -270,6 +270,40 @@ fn the_device_merge_takes_ties_across_many_runs_to_the_lower_row() {
 }
 
 #[test]
+fn a_full_running_list_takes_newcomers_tied_with_its_entries_after_them() {
+    // Tiles of 64 rows, each one run: a query's list fills in the first tile and is its
+    // result (no merge of runs behind it). Rows repeat every 50 or every 384 (six tiles):
+    // later tiles bring copies of rows already in the list, tied with them and worse by
+    // row number, beside rows it has not seen (every 384: none of tiles 1 to 5 is a copy,
+    // and their best go anywhere in a list of 40, through both of a lane's entries). The
+    // newcomers are inserted into the full list when few, merged in rounds when many.
+    let queries = unit_rows(42, 3, 8);
+    let tiling = SearchTiling {
+        run: 64,
+        score_budget_bytes: 3 * 4 * 64,
+        ..SearchTiling::default()
+    };
+    for period in [50, 384] {
+        let base = unit_rows(41, period, 8);
+        let rows = Array2::from_shape_fn((1000, 8), |(r, c)| base[[r % period, c]]);
+        for stored in [Stored::F32, Stored::F16] {
+            for k in [5, 40] {
+                let (scores, ids) = emulate_search(&rows, &queries, k, stored, tiling);
+                let want = brute_force(&rows, &queries, k, stored);
+                for (q, expected) in want.iter().enumerate() {
+                    let got: Vec<i64> = ids[q * k..(q + 1) * k].to_vec();
+                    let wanted: Vec<i64> = expected.iter().map(|&(_, i)| i).collect();
+                    assert_eq!(got, wanted, "every {period} {stored:?} k={k} query {q}");
+                    for (r, &(s, _)) in expected.iter().enumerate() {
+                        assert!((scores[q * k + r] as f64 - s).abs() < 2e-6);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn many_queries_score_by_gemm_and_equal_brute_force() {
     // more than SCAN_QUERIES: the GEMM path (a float16 gallery's query split in two halves)
     let rows = unit_rows(27, 200, 16);
