@@ -5,7 +5,8 @@
 #   bash benches/gpu_check.sh          everything (about 6 minutes on an H200)
 #   bash benches/gpu_check.sh head     the head's GPU tests, its benchmark, its profile and
 #                                      three class tiles (about 4 minutes)
-#   bash benches/gpu_check.sh search   the gallery's GPU tests and the search benchmark
+#   bash benches/gpu_check.sh search   the gallery's GPU tests, the search benchmark and
+#                                      the profiles of a 1- and a 1024-query search
 #
 # What the machine needs: an NVIDIA GPU with a CUDA 13 driver, and a Python with numpy,
 # pytest and PyTorch's CUDA wheels (they bring NVRTC and cuBLAS). It needs no Rust toolchain
@@ -54,6 +55,11 @@ if [ "$MODE" = search ]; then
         -k "gpu and gallery" || echo "== GPU gallery tests FAILED (rc $?)"
     echo "== GPU search benchmark"
     timeout 300 "$PY" benches/bench_cuda.py --part search
+    # where a search's time goes: the one-pass scan (Q=1), the GEMM tiles and their selection
+    for q in 1 1024; do
+        echo "== where a float16 search's time goes, Q=$q, N=1M"
+        timeout 60 "$PY" benches/profile_cuda.py --search "$q" || echo "== profile FAILED (rc $?)"
+    done
     exit 0
 fi
 

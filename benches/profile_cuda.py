@@ -1,16 +1,22 @@
 """Where a step of the fused CUDA head spends its time: torch.profiler over three
 forward + backward steps (ArcFace, B=512, D=512), kernels sorted by device time, then each
 of arcface_rs's passes over (C, D) or (B, C) with the bytes it moves per step (from the
-types in its name) and the bandwidth it achieved.
+types in its name) and the bandwidth it achieved. With --search Q, the same for three
+searches of Q NumPy queries (k=10) in a float16 Gallery(device="cuda") of --classes rows:
+the scoring and selection passes over the rows and the (Q, N) scores.
 
     python benches/profile_cuda.py [--classes 1000000] [--mode autocast|bf16|fp32|tf32]
+    python benches/profile_cuda.py --search 1024 [--classes 1000000]
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import time
+from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -22,7 +28,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, default=1_000_000)
     parser.add_argument("--mode", choices=("autocast", "bf16", "fp32", "tf32"), default="autocast")
+    parser.add_argument("--search", type=int, default=0, metavar="Q")
     args = parser.parse_args()
+    if args.search:
+        profile_search(args.classes, 512, args.search)
+        return
     b, d, c = 512, 512, args.classes
     dtype = torch.bfloat16 if args.mode == "bf16" else torch.float32
     torch.backends.cuda.matmul.allow_tf32 = args.mode == "tf32"
@@ -45,13 +55,42 @@ def main() -> None:
             step()
         torch.cuda.synchronize()
     print(f"{torch.cuda.get_device_name()} | mode {args.mode} | C={c} | per 3 steps")
+    report(prof, "step", lambda kernel: bytes_moved(kernel, b, c, d))
+
+
+def profile_search(n: int, d: int, q: int) -> None:
+    """Three searches of q NumPy queries, k=10, in a float16 GPU gallery of n random rows."""
+    rng = np.random.default_rng(1)
+    gallery = afr.Gallery(d, "float16", device="cuda")
+    gallery.add(rng.standard_normal((n, d), dtype=np.float32))
+    queries = rng.standard_normal((q, d), dtype=np.float32)
+    for _ in range(3):  # the GPU copy, the kernels' compilation, the scratch
+        gallery.search(queries, k=10)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            gallery.search(queries, k=10)
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(3):
+        gallery.search(queries, k=10)
+    wall = (time.perf_counter() - start) / 3 * 1e3
+    print(f"{torch.cuda.get_device_name()} | float16 search | N={n} Q={q} k=10 | per 3 searches")
+    report(prof, "search", lambda kernel: search_bytes_moved(kernel, n, d, q))
+    print(f"wall time per search, unprofiled: {wall:.3f} ms")
+
+
+def report(prof, unit: str, moved_by: Callable[[str], int | None]) -> None:
+    """The profile's kernels by device time, then the bytes and bandwidth of each kernel
+    that `moved_by` knows (bytes per `unit`, of the three profiled), then how much of a
+    `unit` the device sat idle."""
     table = prof.key_averages().table(
         sort_by="cuda_time_total", row_limit=22, max_name_column_width=40
     )
     print(table)
-    print(f"{'pass (per step)':34s} {'ms':>8s} {'MB moved':>9s} {'GB/s':>7s}")
+    print(f"{'pass (per ' + unit + ')':34s} {'ms':>8s} {'MB moved':>9s} {'GB/s':>7s}")
     for event in prof.key_averages():
-        moved = bytes_moved(event.key, b, c, d)
+        moved = moved_by(event.key)
         if moved is None:
             continue
         ms = _device_us(event) / 3 / 1e3
@@ -60,7 +99,7 @@ def main() -> None:
     try:
         kernels, busy, span = device_timeline(prof)
         print(
-            f"device timeline per step: {kernels / 3:.0f} kernels and copies, busy "
+            f"device timeline per {unit}: {kernels / 3:.0f} kernels and copies, busy "
             f"{busy / 3e3:.3f} ms of {span / 3e3:.3f} ms from the first start to the last end "
             f"({100 * (1 - busy / span):.1f}% idle: the gaps between them, launch latency or "
             "the host falling behind)"
@@ -85,6 +124,19 @@ def bytes_moved(kernel: str, b: int, c: int, d: int) -> int | None:
         return b * c * ((4 if s == 2 else s) + s)
     if m := re.fullmatch(r"project_out_rows_(\w+?)_(\w+)", kernel):
         return c * d * (2 * SIZES[m[1]] + SIZES[m[2]])  # dW read and written, centres read
+    return None
+
+
+def search_bytes_moved(kernel: str, n: int, d: int, q: int) -> int | None:
+    """The bytes one float16 search's launches of a search kernel read and write: the rows
+    read once by the few-query scan, which writes float32 scores; the selection reading the
+    score tiles (float16 where the many-query GEMMs write them). None for other kernels."""
+    if kernel == "score_rows_f16":
+        return n * d * 2 + q * n * 4
+    if kernel == "topk_tile":
+        return q * n * 4
+    if kernel == "topk_tile_f16":
+        return q * n * 2
     return None
 
 
