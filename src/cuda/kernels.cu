@@ -901,24 +901,6 @@ __device__ bool better(float s, long long i, float t, long long j) {
     return s > t || (s == t && i < j);
 }
 
-// The block's best of every thread's (s, i, tag) in slot 0 of the shared arrays (a tree
-// over TOPK_THREADS slots; the tag says whose candidate won). Every thread reads the winner
-// before the arrays are written again (the caller's next __syncthreads).
-__device__ void block_best(float* cand_s, long long* cand_i, int* cand_t) {
-    __syncthreads();
-    for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-        if (threadIdx.x < w) {
-            int o = threadIdx.x + w;
-            if (better(cand_s[o], cand_i[o], cand_s[threadIdx.x], cand_i[threadIdx.x])) {
-                cand_s[threadIdx.x] = cand_s[o];
-                cand_i[threadIdx.x] = cand_i[o];
-                cand_t[threadIdx.x] = cand_t[o];
-            }
-        }
-        __syncthreads();
-    }
-}
-
 // Sets n entries of a search's running lists to empty (-inf, -1).
 extern "C" __global__ void topk_reset(float* best_s, long long* best_i, long long n) {
     long long at = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -1224,47 +1206,89 @@ ENTRY_SCORE_ROWS(signed char, i8)
 ENTRY_DECODE_ROWS(bf16, bf16)
 ENTRY_DECODE_ROWS(signed char, i8)
 
+// Inserts (s, i) into a thread's sorted list of at most k (ls, li: n entries), unless the
+// list is full and it is not better than the list's k-th.
+__device__ void keep_sorted(float* ls, long long* li, int& n, int k, float s, long long i) {
+    if (n == k && !better(s, i, ls[k - 1], li[k - 1])) return;
+    int at = n < k ? n : k - 1;
+    for (; at > 0 && better(s, i, ls[at - 1], li[at - 1]); --at) {
+        ls[at] = ls[at - 1];
+        li[at] = li[at - 1];
+    }
+    ls[at] = s;
+    li[at] = i;
+    if (n < k) ++n;
+}
+
+// The warp's best k of its lanes' sorted lists (ls, li: n entries a lane; rows distinct
+// across lanes) in k rounds of a butterfly, each round's pick written by lane round % 32 to
+// out_s / out_i[round]: (-inf, -1) once the lists run out.
+__device__ void warp_best_k(const float* ls, const long long* li, int n, int k, float* out_s,
+                            long long* out_i) {
+    const unsigned all = 0xffffffffu;
+    int lane = threadIdx.x % 32;
+    int head = 0;
+    for (int round = 0; round < k; ++round) {
+        float my_s = head < n ? ls[head] : -INFINITY;
+        long long my_i = head < n ? li[head] : NO_ROW;
+        float s = my_s;
+        long long i = my_i;
+        for (int x = 16; x > 0; x >>= 1) {
+            float other_s = __shfl_xor_sync(all, s, x);
+            long long other_i = __shfl_xor_sync(all, i, x);
+            if (better(other_s, other_i, s, i)) {
+                s = other_s;
+                i = other_i;
+            }
+        }
+        if (i != NO_ROW && i == my_i) ++head;  // the winner's lane moves to its next
+        if (round % 32 == lane) {
+            out_s[round] = i == NO_ROW ? -INFINITY : s;
+            out_i[round] = i == NO_ROW ? -1 : i;
+        }
+    }
+}
+
 // One block per query: the best k of its `splits` run lists (each sorted, padded with row
-// -1) into out_s / out_i (Q, k), as a k-way merge. `heads` holds, per query, each list's
-// next entry; list j belongs to thread j % blockDim.x, which alone reads and moves it.
+// -1) into out_s / out_i (Q, k). Each thread takes lists j = thread, thread + blockDim.x, ...
+// and keeps the best k of their entries, reading a list from its head only while its
+// entries can still enter (the lists are sorted: the first that fails the thread's k-th
+// ends it, so once a thread has k most lists are read one entry deep); each warp merges its
+// lanes' lists, and the first warp the warps'. (Before, k rounds each re-read every list's
+// head from memory and met 8 block barriers: latency that a one-query search, one block,
+// waited for in full.)
 extern "C" __global__ void topk_merge(const float* best_s, const long long* best_i,
-                                      int splits, int k, int* heads, float* out_s,
-                                      long long* out_i) {
-    __shared__ float cand_s[TOPK_THREADS];
-    __shared__ long long cand_i[TOPK_THREADS];
-    __shared__ int cand_t[TOPK_THREADS];
+                                      int splits, int k, float* out_s, long long* out_i) {
+    __shared__ float warp_s[TOPK_WARPS * TOPK_MAX];
+    __shared__ long long warp_i[TOPK_WARPS * TOPK_MAX];
     long long q = blockIdx.x;
     const float* bs = best_s + q * splits * k;
     const long long* bi = best_i + q * splits * k;
-    int* h = heads + q * splits;
-    for (int j = threadIdx.x; j < splits; j += blockDim.x) h[j] = 0;
-    for (int round = 0; round < k; ++round) {
-        float my_s = -INFINITY;
-        long long my_i = NO_ROW;
-        int my_list = -1;
-        for (int j = threadIdx.x; j < splits; j += blockDim.x) {
-            int at = h[j];
-            if (at < k && bi[j * k + at] >= 0 &&
-                better(bs[j * k + at], bi[j * k + at], my_s, my_i)) {
-                my_s = bs[j * k + at];
-                my_i = bi[j * k + at];
-                my_list = j;
-            }
-        }
-        cand_s[threadIdx.x] = my_s;
-        cand_i[threadIdx.x] = my_i;
-        cand_t[threadIdx.x] = my_list;
-        block_best(cand_s, cand_i, cand_t);
-        float s = cand_s[0];
-        long long i = cand_i[0];
-        int list = cand_t[0];
-        __syncthreads();
-        if (list >= 0 && list % (int)blockDim.x == (int)threadIdx.x) ++h[list];
-        if (threadIdx.x == 0) {
-            out_s[q * k + round] = list >= 0 ? s : -INFINITY;
-            out_i[q * k + round] = list >= 0 ? i : -1;
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#ifdef __CUDACC_RTC__
+#pragma nv_diagnostic push
+#pragma nv_diag_suppress 549  // as in topk_tile_of: keep_sorted reads only what it wrote
+#endif
+    float ls[TOPK_MAX];
+    long long li[TOPK_MAX];
+    int n = 0;
+    for (int j = threadIdx.x; j < splits; j += blockDim.x) {
+        for (int at = 0; at < k; ++at) {
+            long long e = (long long)j * k + at;
+            if (bi[e] < 0 || (n == k && !better(bs[e], bi[e], ls[k - 1], li[k - 1]))) break;
+            keep_sorted(ls, li, n, k, bs[e], bi[e]);
         }
     }
+    warp_best_k(ls, li, n, k, warp_s + warp * k, warp_i + warp * k);
+    __syncthreads();
+    if (warp != 0) return;
+    n = 0;
+    for (int e = lane; e < TOPK_WARPS * k; e += 32)
+        if (warp_i[e] >= 0) keep_sorted(ls, li, n, k, warp_s[e], warp_i[e]);
+    warp_best_k(ls, li, n, k, out_s + q * k, out_i + q * k);
+#ifdef __CUDACC_RTC__
+#pragma nv_diagnostic pop
+#endif
 }
 
 // ---------------------------------------------------------------------------------------

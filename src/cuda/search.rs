@@ -285,8 +285,6 @@ struct Scratch {
     /// [`SearchPlan::candidates`] running scores and rows: k per (query, run).
     best_s: u64,
     best_i: u64,
-    /// The merge's next entry of each (query, run) list.
-    heads: u64,
     /// (Q, kc) candidates a rescored search rescores.
     cand_s: u64,
     cand_i: u64,
@@ -317,7 +315,6 @@ impl Scratch {
             decoded: carver.take(decoded, 4),
             best_s: carver.take(plan.candidates(shape), 4),
             best_i: carver.take(plan.candidates(shape), 8),
-            heads: carver.take(shape.q * plan.splits, 4),
             cand_s: carver.take(candidates, 4),
             cand_i: carver.take(candidates, 8),
         }
@@ -535,11 +532,7 @@ pub fn search(
     } else {
         [Arg::Ptr(buf.out_s), Arg::Ptr(buf.out_i)]
     };
-    let args: Vec<Arg> = if large {
-        [&lists[..], &sizes, &outputs].concat()
-    } else {
-        [&lists[..], &sizes, &[Arg::Ptr(s.heads)], &outputs].concat()
-    };
+    let args: Vec<Arg> = [&lists[..], &sizes, &outputs].concat();
     device.launch(merge_kernel, q, select_threads, &args)?;
     if rescored {
         device.launch(
