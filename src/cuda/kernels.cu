@@ -930,11 +930,12 @@ __device__ bool row_allowed(const unsigned* allowed, long long i) {
 #define NO_OFFSET 0x7fffffff
 
 // k rounds, each taking the best of the lanes' list heads (a butterfly of shuffles, no
-// block barrier) or the running list's next entry, whichever is better; round r's pick goes
+// block barrier) or the running list's next entry (of its first `old`: 0 on the first
+// tile, whose lists hold nothing yet), whichever is better; round r's pick goes
 // to lane r % 32 (k <= 64: two slots a lane), written after every lane has read the
 // running list. About 10 shuffles a round.
 __device__ void merge_rounds(const float* mine_s, const int* mine_o, int mine, long long base,
-                             int k, float* bs, long long* bi) {
+                             int k, int old, float* bs, long long* bi) {
     const unsigned all = 0xffffffffu;
     int lane = threadIdx.x % 32;
     float out_s[2] = {-(float)INFINITY, -(float)INFINITY};
@@ -956,7 +957,7 @@ __device__ void merge_rounds(const float* mine_s, const int* mine_o, int mine, l
             }
         }
         long long i = o == NO_OFFSET ? NO_ROW : base + o;
-        if (from_old < k && bi[from_old] >= 0 && better(bs[from_old], bi[from_old], s, i)) {
+        if (from_old < old && bi[from_old] >= 0 && better(bs[from_old], bi[from_old], s, i)) {
             s = bs[from_old];
             i = bi[from_old];
             ++from_old;
@@ -1065,7 +1066,10 @@ __device__ void topk_tile_of(const T* scores, int queries, int stride, int sub, 
     // the list is full (after the first tiles), it turns most scores away at one compare,
     // where the lane's own k-th, from its share of one run, would let most of them in for
     // k near a lane's share (a rescored search keeps k + 32 or 2k).
-    bool full = bi[k - 1] >= 0;
+    // The first tile (lo = 0) starts the lists: what their memory holds is not read (so no
+    // kernel has to reset them first) but written over.
+    bool first_tile = lo == 0;
+    bool full = !first_tile && bi[k - 1] >= 0;
     float floor_s = full ? bs[k - 1] : -INFINITY;
     long long floor_i = full ? bi[k - 1] : NO_ROW;
     auto keep = [&](float s, int o) {
@@ -1099,12 +1103,18 @@ __device__ void topk_tile_of(const T* scores, int queries, int stride, int sub, 
     for (int j = V * vecs + lane; j < count; j += 32) keep(widen(row[j]), j);
     int total = mine;
     for (int x = 16; x > 0; x >>= 1) total += __shfl_xor_sync(all, total, x);
-    if (total == 0) return;  // the running list stands as it is
+    if (total == 0) {  // the running list stands as it is, or starts empty
+        for (int r = lane; first_tile && r < k; r += 32) {
+            bs[r] = -INFINITY;
+            bi[r] = -1;
+        }
+        return;
+    }
     // an insertion costs about 1.4 rounds; a full list's few newcomers are inserted
     if (full && 2 * total <= k)
         insert_into_list(mine_s, mine_o, mine, base, k, bs, bi);
     else
-        merge_rounds(mine_s, mine_o, mine, base, k, bs, bi);
+        merge_rounds(mine_s, mine_o, mine, base, k, first_tile ? 0 : k, bs, bi);
 }
 
 

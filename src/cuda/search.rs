@@ -397,17 +397,20 @@ pub fn search(
     let plan = SearchPlan::new(select, tiling);
     let mut carver = Carver::new(buf.workspace);
     let s = Scratch::carve(&mut carver, select, plan, rescored);
-    let cands = plan.candidates(select);
-    device.launch(
-        "topk_reset",
-        cands.div_ceil(256),
-        256,
-        &[
-            Arg::Ptr(s.best_s),
-            Arg::Ptr(s.best_i),
-            Arg::I64(cands as i64),
-        ],
-    )?;
+    if large {
+        // (the small-k selection starts its lists in the first tile itself: one launch less)
+        let cands = plan.candidates(select);
+        device.launch(
+            "topk_reset",
+            cands.div_ceil(256),
+            256,
+            &[
+                Arg::Ptr(s.best_s),
+                Arg::Ptr(s.best_i),
+                Arg::I64(cands as i64),
+            ],
+        )?;
+    }
     let scan = scans(shape);
     let count = q * d;
     let operand = query_operand(shape, rescored);

@@ -109,9 +109,11 @@ fn emulate_any_search(
     let device_rows = store(rows, stored);
     let rescored = route != Route::Exact && search::rescores(kept);
     let bytes = search::workspace_bytes(kept, tiling, rescored);
-    let mut workspace = vec![u64::MAX; bytes / 8 + 1];
+    // garbage in the outputs and the workspace: the search must set every entry itself (in
+    // the running lists, what reads as full lists of rows scoring 3.4e38, which nothing
+    // beats: a selection that took them for earlier tiles' would find nothing)
+    let mut workspace = vec![0x7f7f_7f7f_7f7f_7f7f_u64; bytes / 8 + 1];
     let mut unsure = vec![7i32; q];
-    // garbage in the outputs and the workspace: the search must set every entry itself
     let mut out_s = vec![f32::NAN; q * kept.k];
     let mut out_i = vec![-7i64; q * kept.k];
     let buffers = SearchBuffers {
