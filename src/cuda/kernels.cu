@@ -1093,12 +1093,20 @@ __device__ void topk_tile_of(const T* scores, int queries, int stride, int sub, 
 #pragma nv_diagnostic pop
 #endif
     // 16 bytes of scores per load where the run is aligned for it (runs start at multiples
-    // of 2048 columns), the tail one by one
-    const int V = 16 / sizeof(T);
+    // of 2048 columns), the tail one by one. A lane issues LOADS loads before it uses any:
+    // with few queries the GPU runs only a warp per run, and each load's latency would add
+    // up in turn.
+    const int V = 16 / sizeof(T), LOADS = 4;
     int vecs = vec_aligned<T, V>(row) && count > 0 ? count / V : 0;
-    for (int at = lane; at < vecs; at += 32) {
-        Vec<T, V> v = load_vec<T, V>(row + V * at);
-        for (int h = 0; h < V; ++h) keep(widen(v.v[h]), V * at + h);
+    for (int at = lane; at < vecs; at += 32 * LOADS) {
+        Vec<T, V> v[LOADS];
+#pragma unroll
+        for (int u = 0; u < LOADS; ++u)
+            if (at + 32 * u < vecs) v[u] = load_vec<T, V>(row + V * (at + 32 * u));
+#pragma unroll
+        for (int u = 0; u < LOADS; ++u)
+            for (int h = 0; h < V && at + 32 * u < vecs; ++h)
+                keep(widen(v[u].v[h]), V * (at + 32 * u) + h);
     }
     for (int j = V * vecs + lane; j < count; j += 32) keep(widen(row[j]), j);
     int total = mine;
