@@ -69,44 +69,37 @@ static void wait_at(State barrier) {
 static void __syncthreads() { wait_at(State::Block); }
 static void __syncwarp(unsigned = 0xffffffffu) { wait_at(State::Warp); }
 
-template <typename V>
-static V __shfl_down_sync(unsigned, V v, int offset) {
+// A shuffle: every lane of the warp offers v and gets the value of lane from(lane), or its
+// own where that is outside the warp.
+template <typename V, typename From>
+static V exchange(V v, From from) {
     unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     put_slot(warp, lane, v);
     wait_at(State::Warp);
-    V out = lane + offset < 32 ? get_slot<V>(warp, lane + offset) : v;
+    int source = from((int)lane);
+    V out = source >= 0 && source < 32 ? get_slot<V>(warp, (unsigned)source) : v;
     wait_at(State::Warp);  // nobody writes its slot again before every lane has read
     return out;
 }
 
 template <typename V>
-static V __shfl_xor_sync(unsigned, V v, int mask) {
-    unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    put_slot(warp, lane, v);
-    wait_at(State::Warp);
-    V out = get_slot<V>(warp, lane ^ mask);
-    wait_at(State::Warp);
-    return out;
-}
-
-template <typename V>
-static V __shfl_sync(unsigned, V v, int source) {
-    unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    put_slot(warp, lane, v);
-    wait_at(State::Warp);
-    V out = get_slot<V>(warp, (unsigned)source % 32);
-    wait_at(State::Warp);
-    return out;
+static V __shfl_down_sync(unsigned, V v, int offset) {
+    return exchange(v, [offset](int lane) { return lane + offset; });
 }
 
 template <typename V>
 static V __shfl_up_sync(unsigned, V v, unsigned delta) {
-    unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    put_slot(warp, lane, v);
-    wait_at(State::Warp);
-    V out = lane >= delta ? get_slot<V>(warp, lane - delta) : v;
-    wait_at(State::Warp);
-    return out;
+    return exchange(v, [delta](int lane) { return lane - (int)delta; });
+}
+
+template <typename V>
+static V __shfl_xor_sync(unsigned, V v, int mask) {
+    return exchange(v, [mask](int lane) { return lane ^ mask; });
+}
+
+template <typename V>
+static V __shfl_sync(unsigned, V v, int source) {
+    return exchange(v, [source](int) { return source & 31; });
 }
 
 // Bit l of the result: lane l's predicate was true.

@@ -916,6 +916,21 @@ __device__ bool row_allowed(const unsigned* allowed, long long i) {
     return allowed == nullptr || ((allowed[i >> 5] >> (i & 31)) & 1u) != 0;
 }
 
+// Inserts (s, i) into a thread's sorted list of at most k (ls, li: n entries), unless the
+// list is full and it is not better than the list's k-th. I: row numbers, or offsets.
+template <typename I>
+__device__ void keep_sorted(float* ls, I* li, int& n, int k, float s, I i) {
+    if (n == k && !better(s, i, ls[k - 1], li[k - 1])) return;
+    int at = n < k ? n : k - 1;
+    for (; at > 0 && better(s, i, ls[at - 1], li[at - 1]); --at) {
+        ls[at] = ls[at - 1];
+        li[at] = li[at - 1];
+    }
+    ls[at] = s;
+    li[at] = i;
+    if (n < k) ++n;
+}
+
 // One warp per (query, run of `sub` columns of the tile): the run's best k merged with the
 // run's list from the previous tiles (best_s / best_i, k per pair, sorted). Scores are T:
 // float32, or float16 (a rescored float16 gallery's). Each score is read once: every lane
@@ -1051,8 +1066,8 @@ __device__ void topk_tile_of(const T* scores, int queries, int stride, int sub, 
     long long base = lo + first;
     float* bs = best_s + pair * k;
     long long* bi = best_i + pair * k;
-    // NVRTC's front end warns that these are read before they are set (#549): `keep` reads
-    // slot at - 1 < mine only, which it has written, but the check cannot see that.
+    // NVRTC's front end warns that these are read before they are set (#549): keep_sorted
+    // reads only slots below `mine`, which it has written, but the check cannot see that.
 #ifdef __CUDACC_RTC__
 #pragma nv_diagnostic push
 #pragma nv_diag_suppress 549
@@ -1074,16 +1089,10 @@ __device__ void topk_tile_of(const T* scores, int queries, int stride, int sub, 
     long long floor_i = full ? bi[k - 1] : NO_ROW;
     auto keep = [&](float s, int o) {
         if (full && !better(s, base + o, floor_s, floor_i)) return;
+        // the lane's k-th, kept in registers: most scores leave without a local-memory read
         if (mine == k && !better(s, o, worst_s, worst_o)) return;
         if (s != s || !row_allowed(allowed, base + o)) return;  // NaN: an unusable query
-        int at = mine < k ? mine : k - 1;
-        for (; at > 0 && better(s, o, mine_s[at - 1], mine_o[at - 1]); --at) {
-            mine_s[at] = mine_s[at - 1];
-            mine_o[at] = mine_o[at - 1];
-        }
-        mine_s[at] = s;
-        mine_o[at] = o;
-        if (mine < k) ++mine;
+        keep_sorted(mine_s, mine_o, mine, k, s, o);
         if (mine == k) {
             worst_s = mine_s[k - 1];
             worst_o = mine_o[k - 1];
@@ -1224,20 +1233,6 @@ ENTRY_SCORE_ROWS(signed char, i8)
 ENTRY_DECODE_ROWS(bf16, bf16)
 ENTRY_DECODE_ROWS(signed char, i8)
 
-// Inserts (s, i) into a thread's sorted list of at most k (ls, li: n entries), unless the
-// list is full and it is not better than the list's k-th.
-__device__ void keep_sorted(float* ls, long long* li, int& n, int k, float s, long long i) {
-    if (n == k && !better(s, i, ls[k - 1], li[k - 1])) return;
-    int at = n < k ? n : k - 1;
-    for (; at > 0 && better(s, i, ls[at - 1], li[at - 1]); --at) {
-        ls[at] = ls[at - 1];
-        li[at] = li[at - 1];
-    }
-    ls[at] = s;
-    li[at] = i;
-    if (n < k) ++n;
-}
-
 // The warp's best k of its lanes' sorted lists (ls, li: n entries a lane; rows distinct
 // across lanes) in k rounds of a butterfly, each round's pick written by lane round % 32 to
 // out_s / out_i[round]: (-inf, -1) once the lists run out.
@@ -1285,7 +1280,7 @@ extern "C" __global__ void topk_merge(const float* best_s, const long long* best
     int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #ifdef __CUDACC_RTC__
 #pragma nv_diagnostic push
-#pragma nv_diag_suppress 549  // as in topk_tile_of: keep_sorted reads only what it wrote
+#pragma nv_diag_suppress 549  // as in topk_tile_of
 #endif
     float ls[TOPK_MAX];
     long long li[TOPK_MAX];

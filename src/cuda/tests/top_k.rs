@@ -257,16 +257,29 @@ fn the_device_merge_takes_ties_across_many_runs_to_the_lower_row() {
     };
     for stored in [Stored::F32, Stored::F16] {
         for k in [1, 13] {
-            let (scores, ids) = emulate_search(&rows, &queries, k, stored, tiling);
-            let want = brute_force(&rows, &queries, k, stored);
-            for (q, expected) in want.iter().enumerate() {
-                let got: Vec<i64> = ids[q * k..(q + 1) * k].to_vec();
-                let wanted: Vec<i64> = expected.iter().map(|&(_, i)| i).collect();
-                assert_eq!(got, wanted, "{stored:?} k={k} query {q}");
-                for (r, &(s, _)) in expected.iter().enumerate() {
-                    assert!((scores[q * k + r] as f64 - s).abs() < 2e-6);
-                }
-            }
+            assert_ranks_exactly(&rows, &queries, k, stored, tiling, "");
+        }
+    }
+}
+
+/// The emulated search's ids equal the brute force's rank by rank (ties to the lower row),
+/// and its scores are within 2e-6.
+fn assert_ranks_exactly(
+    rows: &Array2<f32>,
+    queries: &Array2<f32>,
+    k: usize,
+    stored: Stored,
+    tiling: SearchTiling,
+    what: &str,
+) {
+    let (scores, ids) = emulate_search(rows, queries, k, stored, tiling);
+    let want = brute_force(rows, queries, k, stored);
+    for (q, expected) in want.iter().enumerate() {
+        let got: Vec<i64> = ids[q * k..(q + 1) * k].to_vec();
+        let wanted: Vec<i64> = expected.iter().map(|&(_, i)| i).collect();
+        assert_eq!(got, wanted, "{what}{stored:?} k={k} query {q}");
+        for (r, &(s, _)) in expected.iter().enumerate() {
+            assert!((scores[q * k + r] as f64 - s).abs() < 2e-6);
         }
     }
 }
@@ -290,16 +303,8 @@ fn a_full_running_list_takes_newcomers_tied_with_its_entries_after_them() {
         let rows = Array2::from_shape_fn((1000, 8), |(r, c)| base[[r % period, c]]);
         for stored in [Stored::F32, Stored::F16] {
             for k in [5, 40] {
-                let (scores, ids) = emulate_search(&rows, &queries, k, stored, tiling);
-                let want = brute_force(&rows, &queries, k, stored);
-                for (q, expected) in want.iter().enumerate() {
-                    let got: Vec<i64> = ids[q * k..(q + 1) * k].to_vec();
-                    let wanted: Vec<i64> = expected.iter().map(|&(_, i)| i).collect();
-                    assert_eq!(got, wanted, "every {period} {stored:?} k={k} query {q}");
-                    for (r, &(s, _)) in expected.iter().enumerate() {
-                        assert!((scores[q * k + r] as f64 - s).abs() < 2e-6);
-                    }
-                }
+                let what = format!("every {period} ");
+                assert_ranks_exactly(&rows, &queries, k, stored, tiling, &what);
             }
         }
     }
