@@ -917,10 +917,11 @@ __device__ bool row_allowed(const unsigned* allowed, long long i) {
 }
 
 // Inserts (s, i) into a thread's sorted list of at most k (ls, li: n entries), unless the
-// list is full and it is not better than the list's k-th. I: row numbers, or offsets.
+// list is full and it is not better than the list's k-th; whether it entered. I: row
+// numbers, or offsets.
 template <typename I>
-__device__ void keep_sorted(float* ls, I* li, int& n, int k, float s, I i) {
-    if (n == k && !better(s, i, ls[k - 1], li[k - 1])) return;
+__device__ bool keep_sorted(float* ls, I* li, int& n, int k, float s, I i) {
+    if (n == k && !better(s, i, ls[k - 1], li[k - 1])) return false;
     int at = n < k ? n : k - 1;
     for (; at > 0 && better(s, i, ls[at - 1], li[at - 1]); --at) {
         ls[at] = ls[at - 1];
@@ -929,6 +930,7 @@ __device__ void keep_sorted(float* ls, I* li, int& n, int k, float s, I i) {
     ls[at] = s;
     li[at] = i;
     if (n < k) ++n;
+    return true;
 }
 
 // One warp per (query, run of `sub` columns of the tile): the run's best k merged with the
@@ -1288,8 +1290,7 @@ extern "C" __global__ void topk_merge(const float* best_s, const long long* best
     for (int j = threadIdx.x; j < splits; j += blockDim.x) {
         for (int at = 0; at < k; ++at) {
             long long e = (long long)j * k + at;
-            if (bi[e] < 0 || (n == k && !better(bs[e], bi[e], ls[k - 1], li[k - 1]))) break;
-            keep_sorted(ls, li, n, k, bs[e], bi[e]);
+            if (bi[e] < 0 || !keep_sorted(ls, li, n, k, bs[e], bi[e])) break;
         }
     }
     warp_best_k(ls, li, n, k, warp_s + warp * k, warp_i + warp * k);
