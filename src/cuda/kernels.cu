@@ -1142,9 +1142,10 @@ __device__ void topk_tile_of(const T* scores, int queries, int stride, int sub, 
 // accumulates their products with every query in float (the CPU search's arithmetic:
 // float32 query against the stored value), then the warp sums the lanes. int8 rows are
 // codes: their sums are multiplied by the row's scale, as on the CPU. Where a row is a
-// whole number of 16-byte packs (8 float16, 16 int8, 4 float32), each lane loads a pack at
-// a time, so a warp moves 512 contiguous bytes per load: one element per lane (64 bytes of
-// float16) left too few bytes in flight to read the gallery at the memory bandwidth. The
+// whole number of 16-byte packs (8 float16, 16 int8, 4 float32), the warp reads it 512
+// elements a step, each lane loading its 16 (one to four packs) before using any: one
+// element per lane (64 bytes of float16 a warp), then one pack per lane (512 bytes), left
+// too few bytes in flight to read the gallery at the memory bandwidth. The
 // accumulators are unrolled over SCAN_QUERIES so that they stay in registers.
 #define SCAN_QUERIES 16
 
@@ -1167,14 +1168,24 @@ __device__ void score_rows(const S* rows, const float* scales, const float* quer
 #pragma unroll
         for (int a = 0; a < SCAN_QUERIES; ++a) acc[a] = 0.0f;
         if (packs) {
-            for (int j = lane * P; j < d; j += 32 * P) {
-                Pack<S> pack = *(const Pack<S>*)(row + j);
-                for (int h = 0; h < P; h += 4) {
+            const int U = sizeof(S);  // packs of a lane's 16 elements
+            for (int j0 = lane * P; j0 < d; j0 += 32 * P * U) {
+                Pack<S> pack[U] = {};
 #pragma unroll
-                    for (int a = 0; a < SCAN_QUERIES; ++a) {
-                        if (a >= q) break;
-                        Quad<float> qa = load_quad(queries + (long long)a * d + j + h);
-                        for (int i = 0; i < 4; ++i) acc[a] += widen(pack.v[h + i]) * qa.v[i];
+                for (int u = 0; u < U; ++u)
+                    if (j0 + 32 * P * u < d) pack[u] = *(const Pack<S>*)(row + j0 + 32 * P * u);
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    int j = j0 + 32 * P * u;
+                    if (j >= d) break;
+                    for (int h = 0; h < P; h += 4) {
+#pragma unroll
+                        for (int a = 0; a < SCAN_QUERIES; ++a) {
+                            if (a >= q) break;
+                            Quad<float> qa = load_quad(queries + (long long)a * d + j + h);
+                            for (int i = 0; i < 4; ++i)
+                                acc[a] += widen(pack[u].v[h + i]) * qa.v[i];
+                        }
                     }
                 }
             }

@@ -337,6 +337,25 @@ fn many_queries_score_by_gemm_and_equal_brute_force() {
     }
 }
 
+#[test]
+fn the_few_query_scan_reads_long_rows_in_whole_and_partial_steps() {
+    // score_rows reads a row 512 elements a step, each lane's 16 loaded before any is used:
+    // at d = 272 most lanes have no pack in the step's later loads, at d = 528 a second step
+    // holds one to four packs. Entries are multiples of 1/64 up to 1/8, so that float32
+    // sums are exact (int8: but for the scale's one rounding) and ranks are the brute
+    // force's.
+    for d in [272, 528] {
+        let grid = |seed, n| matrix::<f64>(seed, n, d).mapv(|v| ((v * 8.0).round() / 64.0) as f32);
+        let (rows, queries) = (grid(43, 300), grid(44, 3));
+        for stored in ALL_STORED {
+            let k = 9;
+            let got = emulate_search(&rows, &queries, k, stored, SearchTiling::default());
+            let all = brute_force(&rows, &queries, rows.nrows(), stored);
+            assert_matches(&got, &all, k, &format!("d={d} {stored:?}"));
+        }
+    }
+}
+
 /// The emulated search equals the brute force (`all`: every allowed row, ranked): at each
 /// rank a row whose exact score is the expected one (rows whose float64 scores are within
 /// float32 rounding of each other may trade places; exact ties keep the row order, which
