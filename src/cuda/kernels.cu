@@ -289,6 +289,9 @@ template <typename T, int V> __device__ Vec<T, V> load_vec(const T* p) {
 template <typename T, int V> __device__ void store_vec(T* p, const Vec<T, V>& q) {
     *(Vec<T, V>*)p = q;
 }
+// 16-byte accesses a lane (or thread) of a streaming pass issues before it uses any: the
+// loads of one warp then keep up to 2 KiB in flight, not 512 bytes.
+#define LANE_VECS 4
 template <typename T> using Quad = Vec<T, 4>;
 template <typename T> __device__ bool quad_aligned(const T* p) { return vec_aligned<T, 4>(p); }
 template <typename T> __device__ Quad<T> load_quad(const T* p) { return load_vec<T, 4>(p); }
@@ -313,17 +316,27 @@ __device__ void weights_tile(const W* w, S* copy, A* w_inv, int rows, int d, int
     S* out = copy ? copy + (long long)r * d : nullptr;
     double ss = 0.0;
     if (d % V == 0 && vec_aligned<W, V>(row) && (out == nullptr || vec_aligned<S, V>(out))) {
-#pragma unroll 4
-        for (int q = lane; q < d / V; q += 32) {
-            Vec<W, V> wv = load_vec<W, V>(row + q * V);
-            for (int i = 0; i < V; ++i) {
-                WA v = widen(wv.v[i]);
-                ss += (double)v * (double)v;
-            }
-            if (out) {
-                Vec<S, V> sv;
-                for (int i = 0; i < V; ++i) put(&sv.v[i], (SA)widen(wv.v[i]));
-                store_vec<S, V>(out + q * V, sv);
+        // a lane's LANE_VECS accesses loaded before any is used or stored: the compiler
+        // cannot move a load above a store to `out`, which might alias the row
+        const int vecs = d / V;
+        for (int q0 = lane; q0 < vecs; q0 += 32 * LANE_VECS) {
+            Vec<W, V> wv[LANE_VECS] = {};
+#pragma unroll
+            for (int u = 0; u < LANE_VECS; ++u)
+                if (q0 + 32 * u < vecs) wv[u] = load_vec<W, V>(row + (q0 + 32 * u) * V);
+#pragma unroll
+            for (int u = 0; u < LANE_VECS; ++u) {
+                int q = q0 + 32 * u;
+                if (q >= vecs) break;
+                for (int i = 0; i < V; ++i) {
+                    WA v = widen(wv[u].v[i]);
+                    ss += (double)v * (double)v;
+                }
+                if (out) {
+                    Vec<S, V> sv;
+                    for (int i = 0; i < V; ++i) put(&sv.v[i], (SA)widen(wv[u].v[i]));
+                    store_vec<S, V>(out + q * V, sv);
+                }
             }
         }
     } else {
@@ -472,14 +485,30 @@ __device__ void logits_tile(const Z* z, S* stash, int rows, int ct, int lo, int 
     // quad, and the target's index there is target - 4q)
     const bool quads = k == 1 && (ct & 3) == 0 && quad_aligned(row) && quad_aligned(out) &&
                        quad_aligned(w_inv);
+    // quads: each thread loads LANE_VECS of them (and their inverse norms) before it uses
+    // any, in both loops (the second writes the stash, which the compiler cannot tell from
+    // the row: on the float32 path it is the row)
+    const int nq = ct >> 2, step = LANE_VECS * blockDim.x;
     if (quads) {
-#pragma unroll 2
-        for (int q = threadIdx.x; q < (ct >> 2); q += blockDim.x) {
-            Quad<Z> zq = load_quad(row + 4 * q);
-            Quad<A> wq = load_quad(w_inv + 4 * q);
-            for (int i = 0; i < 4; ++i)
-                m = amax(m, tile_logit(zq.v, i, 1, wq.v, scale, f, above, t, curricular,
-                                       target - 4 * q, 0, tl, &dh, &arg));
+        for (int q0 = threadIdx.x; q0 < nq; q0 += step) {
+            Quad<Z> zq[LANE_VECS] = {};
+            Quad<A> wq[LANE_VECS] = {};
+#pragma unroll
+            for (int u = 0; u < LANE_VECS; ++u) {
+                int q = q0 + u * blockDim.x;
+                if (q < nq) {
+                    zq[u] = load_quad(row + 4 * q);
+                    wq[u] = load_quad(w_inv + 4 * q);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < LANE_VECS; ++u) {
+                int q = q0 + u * blockDim.x;
+                if (q >= nq) break;
+                for (int i = 0; i < 4; ++i)
+                    m = amax(m, tile_logit(zq[u].v, i, 1, wq[u].v, scale, f, above, t,
+                                           curricular, target - 4 * q, 0, tl, &dh, &arg));
+            }
         }
     } else {
 #pragma unroll 4
@@ -491,20 +520,32 @@ __device__ void logits_tile(const Z* z, S* stash, int rows, int ct, int lo, int 
     A s = (A)0, sz = (A)0;
     // the same thread recomputes its own elements: the row still holds the dot products
     if (quads) {
-#pragma unroll 2
-        for (int q = threadIdx.x; q < (ct >> 2); q += blockDim.x) {
-            Quad<Z> zq = load_quad(row + 4 * q);
-            Quad<A> wq = load_quad(w_inv + 4 * q);
-            Quad<S> sq;
-            for (int i = 0; i < 4; ++i) {
-                A v = tile_logit(zq.v, i, 1, wq.v, scale, f, above, t, curricular, target - 4 * q,
-                                 0, tl, &dh, &arg);
-                A e = aexp(v - m);
-                s += e;
-                sz += e * v;
-                put(&sq.v[i], i == target - 4 * q ? (A)0 : e * dh * wq.v[i]);
+        for (int q0 = threadIdx.x; q0 < nq; q0 += step) {
+            Quad<Z> zq[LANE_VECS] = {};
+            Quad<A> wq[LANE_VECS] = {};
+#pragma unroll
+            for (int u = 0; u < LANE_VECS; ++u) {
+                int q = q0 + u * blockDim.x;
+                if (q < nq) {
+                    zq[u] = load_quad(row + 4 * q);
+                    wq[u] = load_quad(w_inv + 4 * q);
+                }
             }
-            store_quad(out + 4 * q, sq);
+#pragma unroll
+            for (int u = 0; u < LANE_VECS; ++u) {
+                int q = q0 + u * blockDim.x;
+                if (q >= nq) break;
+                Quad<S> sq;
+                for (int i = 0; i < 4; ++i) {
+                    A v = tile_logit(zq[u].v, i, 1, wq[u].v, scale, f, above, t, curricular,
+                                     target - 4 * q, 0, tl, &dh, &arg);
+                    A e = aexp(v - m);
+                    s += e;
+                    sz += e * v;
+                    put(&sq.v[i], i == target - 4 * q ? (A)0 : e * dh * wq[u].v[i]);
+                }
+                store_quad(out + 4 * q, sq);
+            }
         }
     } else {
 #pragma unroll 4

@@ -126,11 +126,25 @@ fn check_with<T: Real>(
     tiling: Tiling,
     tol: f64,
 ) {
-    let emb = matrix::<T>(1 + b as u64, b, d).mapv(|v| v * T::of(3.0));
-    let weight = matrix::<T>(2 + c as u64, c, d);
     let classes = c / head.sub_centers;
     let mut labels: Vec<i64> = (0..b).map(|i| ((i * 7 + 3) % classes) as i64).collect();
     labels[b / 2] = -1;
+    check_labels::<T>(&labels, c, d, margin, head, tiling, tol)
+}
+
+/// [`check_with`] with these labels (one per row).
+fn check_labels<T: Real>(
+    labels: &[i64],
+    c: usize,
+    d: usize,
+    margin: Margins,
+    head: HeadOptions,
+    tiling: Tiling,
+    tol: f64,
+) {
+    let b = labels.len();
+    let emb = matrix::<T>(1 + b as u64, b, d).mapv(|v| v * T::of(3.0));
+    let weight = matrix::<T>(2 + c as u64, c, d);
     let up: Vec<f64> = noise(5, b).iter().map(|v| 1.5 + v).collect();
     let row_weight: Vec<f64> = labels
         .iter()
@@ -145,12 +159,12 @@ fn check_with<T: Real>(
         head,
         grad_filter: crate::head::GradFilter::Exact,
     };
-    let cpu = margin_loss_with(emb.view(), weight.view(), &labels, margin, options).unwrap();
+    let cpu = margin_loss_with(emb.view(), weight.view(), labels, margin, options).unwrap();
     for want in [(true, true), (true, false), (false, true), (false, false)] {
         let gpu = emulate(
             &emb,
             &weight,
-            &labels,
+            labels,
             margin,
             head,
             &row_weight,
@@ -354,6 +368,28 @@ fn head_equals_the_cpu_head_with_four_columns_a_load() {
         let arc = Margin::arcface(32.0, 0.5, false).unwrap();
         check_with::<f64>(b, 24, d, (&arc).into(), head, tiling, 1e-10);
     }
+}
+
+#[test]
+fn head_equals_the_cpu_head_with_tiles_wider_than_a_block_s_loads() {
+    // A thread of the logits pass loads four quads (block size apart) before it uses any:
+    // tiles of 4616 classes (1154 quads) take one full step of 1024 quads and a partial
+    // one; the last tile is 24 wide. Targets sit in each of a thread's four quads, in the
+    // second step, in the last quad and in the short tile.
+    let tiling = Tiling {
+        class_tile: 4616,
+        stash_budget_bytes: 1 << 20,
+    };
+    let c = 2 * 4616 + 24;
+    let labels = [1030, 3001, -1, 4100, 4615, 4616 + 3502, 2 * 4616 + 21];
+    let none = HeadOptions::default();
+    let arc = Margin::arcface(64.0, 0.5, false).unwrap();
+    // B <= D: the stash in dW; B > D: row chunks
+    for d in [8, 4] {
+        check_labels::<f32>(&labels, c, d, (&arc).into(), none, tiling, 2e-4);
+    }
+    let curricular = Margin::curricularface(30.0, 0.5, 0.4).unwrap();
+    check_labels::<f64>(&labels, c, 8, (&curricular).into(), none, tiling, 1e-10);
 }
 
 #[test]
