@@ -438,7 +438,7 @@ __device__ void targets(const XH* xh, int raw_x, const W* weight, const long lon
 // folds into the GEMMs' other operand instead of rewriting the stash; target_grads adds the
 // target's term. Elements are computed in A (each thread's sums too: at most ct / blockDim.x
 // terms), the block's sums in float64.
-template <typename Z, typename A>
+template <bool PLAIN = false, typename Z, typename A>
 __device__ A tile_logit(const Z* row, int j, int k, const A* w_inv, A scale, A filter, A above,
                         A t, bool curricular, int target, int target_sub, A target_logit,
                         A* dh, int* arg) {
@@ -456,8 +456,95 @@ __device__ A tile_logit(const Z* row, int j, int k, const A* w_inv, A scale, A f
     }
     c = c > (A)1 ? (A)1 : (c < (A)-1 ? (A)-1 : c);
     A h;
-    nontarget(c, filter, above, t, curricular, &h, dh);
+    if (PLAIN) {  // what nontarget gives when no filter or rule applies
+        h = c;
+        *dh = (A)1;
+    } else {
+        nontarget(c, filter, above, t, curricular, &h, dh);
+    }
     return j == target ? target_logit : scale * h;
+}
+
+// LANE_VECS quads of a logits row from quad q0 on, block size apart (those before nq), and
+// their inverse norms: all loaded before any is used.
+template <typename Z, typename A>
+__device__ void load_quads(const Z* row, const A* w_inv, int q0, int nq, Quad<Z>* zq,
+                           Quad<A>* wq) {
+#pragma unroll
+    for (int u = 0; u < LANE_VECS; ++u) {
+        int q = q0 + u * blockDim.x;
+        if (q < nq) {
+            zq[u] = load_quad(row + 4 * q);
+            wq[u] = load_quad(w_inv + 4 * q);
+        }
+    }
+}
+
+// logits_tile's passes over a row of one centre per class, four classes per access (the
+// target's index in quad q is target - 4q): the tile max (over the block), then this
+// thread's sums of e and e z, writing its stash quads. Each thread loads LANE_VECS quads
+// before it uses any, in both passes (the second writes the stash, which the compiler
+// cannot tell from the row: on the float32 path it is the row). PLAIN: the row has no
+// filter or hard-negative rule, so a non-target logit is scale * clamp(c), which never
+// decreases with c (scale > 0): the first pass takes the max of the non-target c alone, and
+// the tile max is that logit or the target's, the same value for a fraction of the work.
+template <bool PLAIN, typename Z, typename S, typename A>
+__device__ void logits_quads(const Z* row, S* out, int ct, const A* w_inv, A scale, A f,
+                             A above, A t, bool curricular, int target, A tl, double* shared,
+                             A* m_out, A* s_out, A* sz_out) {
+    const int nq = ct >> 2, step = LANE_VECS * blockDim.x;
+    A m = (A)-INFINITY, c_max = (A)-INFINITY, dh;
+    int arg;
+    for (int q0 = threadIdx.x; q0 < nq; q0 += step) {
+        Quad<Z> zq[LANE_VECS] = {};
+        Quad<A> wq[LANE_VECS] = {};
+        load_quads(row, w_inv, q0, nq, zq, wq);
+#pragma unroll
+        for (int u = 0; u < LANE_VECS; ++u) {
+            int q = q0 + u * blockDim.x;
+            if (q >= nq) break;
+            for (int i = 0; i < 4; ++i) {
+                if (PLAIN) {
+                    if (4 * q + i != target)
+                        c_max = amax(c_max, (A)widen(zq[u].v[i]) * wq[u].v[i]);
+                } else {
+                    m = amax(m, tile_logit(zq[u].v, i, 1, wq[u].v, scale, f, above, t,
+                                           curricular, target - 4 * q, 0, tl, &dh, &arg));
+                }
+            }
+        }
+    }
+    if (PLAIN) {
+        if (c_max > (A)-INFINITY)
+            m = scale * (c_max > (A)1 ? (A)1 : (c_max < (A)-1 ? (A)-1 : c_max));
+        if (target >= 0 && threadIdx.x == 0) m = amax(m, tl);
+    }
+    m = (A)block_max((double)m, shared);
+    A s = (A)0, sz = (A)0;
+    // the same thread recomputes its own elements: the row still holds the dot products
+    for (int q0 = threadIdx.x; q0 < nq; q0 += step) {
+        Quad<Z> zq[LANE_VECS] = {};
+        Quad<A> wq[LANE_VECS] = {};
+        load_quads(row, w_inv, q0, nq, zq, wq);
+#pragma unroll
+        for (int u = 0; u < LANE_VECS; ++u) {
+            int q = q0 + u * blockDim.x;
+            if (q >= nq) break;
+            Quad<S> sq;
+            for (int i = 0; i < 4; ++i) {
+                A v = tile_logit<PLAIN>(zq[u].v, i, 1, wq[u].v, scale, f, above, t, curricular,
+                                        target - 4 * q, 0, tl, &dh, &arg);
+                A e = aexp(v - m);
+                s += e;
+                sz += e * v;
+                put(&sq.v[i], i == target - 4 * q ? (A)0 : e * dh * wq[u].v[i]);
+            }
+            store_quad(out + 4 * q, sq);
+        }
+    }
+    *m_out = m;
+    *s_out = s;
+    *sz_out = sz;
 }
 
 template <typename Z, typename S, typename A>
@@ -481,73 +568,22 @@ __device__ void logits_tile(const Z* z, S* stash, int rows, int ct, int lo, int 
     A tl = (A)target_logit[r];
     A m = (A)-INFINITY, dh;
     int arg;
-    // one centre per class: each thread takes quads of classes (its i-th has index i in the
-    // quad, and the target's index there is target - 4q)
-    const bool quads = k == 1 && (ct & 3) == 0 && quad_aligned(row) && quad_aligned(out) &&
-                       quad_aligned(w_inv);
-    // quads: each thread loads LANE_VECS of them (and their inverse norms) before it uses
-    // any, in both loops (the second writes the stash, which the compiler cannot tell from
-    // the row: on the float32 path it is the row)
-    const int nq = ct >> 2, step = LANE_VECS * blockDim.x;
-    if (quads) {
-        for (int q0 = threadIdx.x; q0 < nq; q0 += step) {
-            Quad<Z> zq[LANE_VECS] = {};
-            Quad<A> wq[LANE_VECS] = {};
-#pragma unroll
-            for (int u = 0; u < LANE_VECS; ++u) {
-                int q = q0 + u * blockDim.x;
-                if (q < nq) {
-                    zq[u] = load_quad(row + 4 * q);
-                    wq[u] = load_quad(w_inv + 4 * q);
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < LANE_VECS; ++u) {
-                int q = q0 + u * blockDim.x;
-                if (q >= nq) break;
-                for (int i = 0; i < 4; ++i)
-                    m = amax(m, tile_logit(zq[u].v, i, 1, wq[u].v, scale, f, above, t,
-                                           curricular, target - 4 * q, 0, tl, &dh, &arg));
-            }
-        }
+    A s = (A)0, sz = (A)0;
+    if (k == 1 && (ct & 3) == 0 && quad_aligned(row) && quad_aligned(out) &&
+        quad_aligned(w_inv)) {
+        // the whole block takes the same branch: the row's rule is the block's
+        if (f >= (A)1 && above >= (A)1)
+            logits_quads<true>(row, out, ct, w_inv, scale, f, above, t, curricular, target, tl,
+                               shared, &m, &s, &sz);
+        else
+            logits_quads<false>(row, out, ct, w_inv, scale, f, above, t, curricular, target, tl,
+                                shared, &m, &s, &sz);
     } else {
 #pragma unroll 4
         for (int j = threadIdx.x; j < classes; j += blockDim.x)
             m = amax(m, tile_logit(row, j, k, w_inv, scale, f, above, t, curricular, target, sub,
                                    tl, &dh, &arg));
-    }
-    m = (A)block_max((double)m, shared);
-    A s = (A)0, sz = (A)0;
-    // the same thread recomputes its own elements: the row still holds the dot products
-    if (quads) {
-        for (int q0 = threadIdx.x; q0 < nq; q0 += step) {
-            Quad<Z> zq[LANE_VECS] = {};
-            Quad<A> wq[LANE_VECS] = {};
-#pragma unroll
-            for (int u = 0; u < LANE_VECS; ++u) {
-                int q = q0 + u * blockDim.x;
-                if (q < nq) {
-                    zq[u] = load_quad(row + 4 * q);
-                    wq[u] = load_quad(w_inv + 4 * q);
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < LANE_VECS; ++u) {
-                int q = q0 + u * blockDim.x;
-                if (q >= nq) break;
-                Quad<S> sq;
-                for (int i = 0; i < 4; ++i) {
-                    A v = tile_logit(zq[u].v, i, 1, wq[u].v, scale, f, above, t, curricular,
-                                     target - 4 * q, 0, tl, &dh, &arg);
-                    A e = aexp(v - m);
-                    s += e;
-                    sz += e * v;
-                    put(&sq.v[i], i == target - 4 * q ? (A)0 : e * dh * wq[u].v[i]);
-                }
-                store_quad(out + 4 * q, sq);
-            }
-        }
-    } else {
+        m = (A)block_max((double)m, shared);
 #pragma unroll 4
         for (int j = threadIdx.x; j < classes; j += blockDim.x) {
             A v = tile_logit(row, j, k, w_inv, scale, f, above, t, curricular, target, sub, tl,

@@ -145,6 +145,20 @@ fn check_labels<T: Real>(
     let b = labels.len();
     let emb = matrix::<T>(1 + b as u64, b, d).mapv(|v| v * T::of(3.0));
     let weight = matrix::<T>(2 + c as u64, c, d);
+    check_problem(&emb, &weight, labels, margin, head, tiling, tol)
+}
+
+/// [`check_labels`] on these embeddings and class centres.
+fn check_problem<T: Real>(
+    emb: &Array2<T>,
+    weight: &Array2<T>,
+    labels: &[i64],
+    margin: Margins,
+    head: HeadOptions,
+    tiling: Tiling,
+    tol: f64,
+) {
+    let (b, c, d) = (emb.nrows(), weight.nrows(), emb.ncols());
     let up: Vec<f64> = noise(5, b).iter().map(|v| 1.5 + v).collect();
     let row_weight: Vec<f64> = labels
         .iter()
@@ -162,8 +176,8 @@ fn check_labels<T: Real>(
     let cpu = margin_loss_with(emb.view(), weight.view(), labels, margin, options).unwrap();
     for want in [(true, true), (true, false), (false, true), (false, false)] {
         let gpu = emulate(
-            &emb,
-            &weight,
+            emb,
+            weight,
             labels,
             margin,
             head,
@@ -390,6 +404,32 @@ fn head_equals_the_cpu_head_with_tiles_wider_than_a_block_s_loads() {
     }
     let curricular = Margin::curricularface(30.0, 0.5, 0.4).unwrap();
     check_labels::<f64>(&labels, c, 8, (&curricular).into(), none, tiling, 1e-10);
+}
+
+#[test]
+fn a_target_logit_far_above_its_tile_s_others_sets_the_tile_max() {
+    // cos = 1 at the target and -1 at the seven other classes: the target logit (64 cos 0.5,
+    // 56) is 120 above the others, past float32's exp range, so a tile max that missed it
+    // would overflow (a plain row's max is taken over its non-target cosines, then the
+    // target logit). Tiles of 4: the target's and one without it.
+    let x = matrix::<f32>(7, 1, 8);
+    let weight = Array2::from_shape_fn(
+        (8, 8),
+        |(j, col)| {
+            if j == 1 {
+                x[[0, col]]
+            } else {
+                -x[[0, col]]
+            }
+        },
+    );
+    let tiling = Tiling {
+        class_tile: 4,
+        stash_budget_bytes: 1 << 20,
+    };
+    let arc = Margin::arcface(64.0, 0.5, false).unwrap();
+    let none = HeadOptions::default();
+    check_problem(&x, &weight, &[1], (&arc).into(), none, tiling, 2e-4);
 }
 
 #[test]
