@@ -1228,20 +1228,29 @@ __device__ void topk_tile_of(const T* scores, int queries, int stride, int sub, 
 
 
 // Few queries (<= SCAN_QUERIES): the tile's scores without a GEMM, reading each stored row
-// once. One warp per row: each lane widens its elements to float in registers and
+// once. Lanes of a warp share a row: each widens its elements to float in registers and
 // accumulates their products with every query in float (the CPU search's arithmetic:
-// float32 query against the stored value), then the warp sums the lanes. int8 rows are
+// float32 query against the stored value), then the row's lanes sum theirs. int8 rows are
 // codes: their sums are multiplied by the row's scale, as on the CPU. Where a row is a
-// whole number of 16-byte packs (8 float16, 16 int8, 4 float32), the warp reads it 512
-// elements a step, each lane loading its 16 (one to four packs) before using any: one
-// element per lane (64 bytes of float16 a warp), then one pack per lane (512 bytes), left
-// too few bytes in flight to read the gallery at the memory bandwidth. The
-// accumulators are unrolled over SCAN_QUERIES so that they stay in registers.
+// whole number of 16-byte packs (8 float16, 16 int8, 4 float32), it takes as few lanes as
+// hold it in LANE_VECS packs each (a warp then scores 32 / lanes rows at once), and each
+// lane loads its packs of a step before using any: one element per lane (64 bytes of
+// float16 a warp), then one pack per lane (512 bytes), left too few bytes in flight to
+// read the gallery at the memory bandwidth; now a warp has 2 KiB of rows in flight (a
+// float16 row of 512 is 1 KiB: two rows of 16 lanes). Other rows take the whole warp, an
+// element a lane. The accumulators are unrolled over SCAN_QUERIES so that they stay in
+// registers.
 #define SCAN_QUERIES 16
 
 __device__ float widen(signed char v) { return (float)v; }
 
 template <typename S> using Pack = Vec<S, 16 / sizeof(S)>;  // 16 bytes of S
+// A pack loaded as four 32-bit words: a conditional copy of sixteen int8 values compiled to
+// byte shuffles under a branch, which kept the next load from being issued early.
+template <typename S> union PackBits {
+    Vec<unsigned, 4> words;
+    Pack<S> pack;
+};
 
 template <typename S>
 __device__ void score_rows(const S* rows, const float* scales, const float* queries, int q,
@@ -1249,24 +1258,36 @@ __device__ void score_rows(const S* rows, const float* scales, const float* quer
     const int P = 16 / sizeof(S);  // elements of a pack
     const bool packs =
         d % P == 0 && ((unsigned long long)rows & 15) == 0 && quad_aligned(queries);
-    int lane = threadIdx.x % 32;
+    // lanes per row: a power of two, so that each lane holds at most LANE_VECS packs
+    // of the row (a float16 row of 512: 16 lanes, two rows a warp); 32 without packs
+    int per_row = 32;
+    if (packs) {
+        int need = (d / P + LANE_VECS - 1) / LANE_VECS;
+        per_row = 1;
+        while (per_row < need && per_row < 32) per_row *= 2;
+    }
+    const int lane = threadIdx.x % 32, sub = lane / per_row, at = lane % per_row;
+    const int per_warp = 32 / per_row;
     long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     long long warps = (long long)gridDim.x * blockDim.x / 32;
-    for (long long r = warp; r < width; r += warps) {
+    for (long long r0 = warp * per_warp; r0 < width; r0 += warps * per_warp) {
+        const long long r = r0 + sub;
+        const bool live = r < width;  // the warp's last rows may be past the tile
         const S* row = rows + (lo + r) * d;
         float acc[SCAN_QUERIES];
 #pragma unroll
         for (int a = 0; a < SCAN_QUERIES; ++a) acc[a] = 0.0f;
         if (packs) {
-            const int U = sizeof(S);  // packs of a lane's 16 elements
-            for (int j0 = lane * P; j0 < d; j0 += 32 * P * U) {
-                Pack<S> pack[U] = {};
+            const int step = per_row * P;  // elements between a lane's packs
+            for (int j0 = at * P; live && j0 < d; j0 += step * LANE_VECS) {
+                PackBits<S> bits[LANE_VECS] = {};
 #pragma unroll
-                for (int u = 0; u < U; ++u)
-                    if (j0 + 32 * P * u < d) pack[u] = *(const Pack<S>*)(row + j0 + 32 * P * u);
+                for (int u = 0; u < LANE_VECS; ++u)
+                    if (j0 + step * u < d)
+                        bits[u].words = *(const Vec<unsigned, 4>*)(row + j0 + step * u);
 #pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    int j = j0 + 32 * P * u;
+                for (int u = 0; u < LANE_VECS; ++u) {
+                    int j = j0 + step * u;
                     if (j >= d) break;
                     for (int h = 0; h < P; h += 4) {
 #pragma unroll
@@ -1274,12 +1295,12 @@ __device__ void score_rows(const S* rows, const float* scales, const float* quer
                             if (a >= q) break;
                             Quad<float> qa = load_quad(queries + (long long)a * d + j + h);
                             for (int i = 0; i < 4; ++i)
-                                acc[a] += widen(pack[u].v[h + i]) * qa.v[i];
+                                acc[a] += widen(bits[u].pack.v[h + i]) * qa.v[i];
                         }
                     }
                 }
             }
-        } else {
+        } else if (live) {
             for (int j = lane; j < d; j += 32) {
                 float v = widen(row[j]);
 #pragma unroll
@@ -1289,13 +1310,14 @@ __device__ void score_rows(const S* rows, const float* scales, const float* quer
                 }
             }
         }
-        float scale = scales == nullptr ? 1.0f : scales[lo + r];
+        float scale = scales == nullptr || !live ? 1.0f : scales[lo + r];
 #pragma unroll
         for (int a = 0; a < SCAN_QUERIES; ++a) {
             if (a >= q) break;
             float s = acc[a];
-            for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
-            if (lane == 0) scores[(long long)a * stride + r] = s * scale;
+            // within the row's aligned group of lanes
+            for (int o = per_row / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+            if (at == 0 && live) scores[(long long)a * stride + r] = s * scale;
         }
     }
 }

@@ -339,11 +339,12 @@ fn many_queries_score_by_gemm_and_equal_brute_force() {
 
 #[test]
 fn the_few_query_scan_reads_long_rows_in_whole_and_partial_steps() {
-    // score_rows reads a row 512 elements a step, each lane's 16 loaded before any is used:
-    // at d = 272 most lanes have no pack in the step's later loads, at d = 528 a second step
-    // holds one to four packs. Entries are multiples of 1/64 up to 1/8, so that float32
-    // sums are exact (int8: but for the scale's one rounding) and ranks are the brute
-    // force's.
+    // score_rows gives a row as few lanes as hold it in four 16-byte packs each (a warp
+    // scores 32 / lanes rows at once) and loads a lane's packs before using any: at d = 272
+    // a row takes 32, 16 or 8 lanes (float32, 16-bit, int8), most of them without a later
+    // pack; at d = 528 32, 32 or 16, float32 in a second step. (At d = 16 elsewhere: one
+    // lane a row.) Entries are multiples of 1/64 up to 1/8, so that float32 sums are exact
+    // (int8: but for the scale's one rounding) and ranks are the brute force's.
     for d in [272, 528] {
         let grid = |seed, n| matrix::<f64>(seed, n, d).mapv(|v| ((v * 8.0).round() / 64.0) as f32);
         let (rows, queries) = (grid(43, 300), grid(44, 3));
