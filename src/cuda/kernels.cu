@@ -478,17 +478,27 @@ __device__ A tile_logit(const Z* row, int j, int k, const A* w_inv, A scale, A f
     return j == target ? target_logit : scale * h;
 }
 
-// LANE_VECS quads of a logits row from quad q0 on, block size apart (those before nq), and
-// their inverse norms: all loaded before any is used.
-template <typename Z, typename A>
-__device__ void load_quads(const Z* row, const A* w_inv, int q0, int nq, Quad<Z>* zq,
-                           Quad<A>* wq) {
+// body(q, z, w) for each quad q of a row of nq quads that this thread takes (block size
+// apart), with the quad z of the row and w of the inverse norms: LANE_VECS quads loaded
+// before the first is used.
+template <typename Z, typename A, typename Body>
+__device__ void each_quad(const Z* row, const A* w_inv, int nq, Body body) {
+    for (int q0 = threadIdx.x; q0 < nq; q0 += LANE_VECS * blockDim.x) {
+        Quad<Z> zq[LANE_VECS] = {};
+        Quad<A> wq[LANE_VECS] = {};
 #pragma unroll
-    for (int u = 0; u < LANE_VECS; ++u) {
-        int q = q0 + u * blockDim.x;
-        if (q < nq) {
-            zq[u] = load_quad(row + 4 * q);
-            wq[u] = load_quad(w_inv + 4 * q);
+        for (int u = 0; u < LANE_VECS; ++u) {
+            int q = q0 + u * blockDim.x;
+            if (q < nq) {
+                zq[u] = load_quad(row + 4 * q);
+                wq[u] = load_quad(w_inv + 4 * q);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < LANE_VECS; ++u) {
+            int q = q0 + u * blockDim.x;
+            if (q >= nq) break;
+            body(q, zq[u], wq[u]);
         }
     }
 }
@@ -505,28 +515,19 @@ template <bool PLAIN, typename Z, typename S, typename A>
 __device__ void logits_quads(const Z* row, S* out, int ct, const A* w_inv, A scale, A f,
                              A above, A t, bool curricular, int target, A tl, double* shared,
                              A* m_out, A* s_out, A* sz_out) {
-    const int nq = ct >> 2, step = LANE_VECS * blockDim.x;
+    const int nq = ct >> 2;
     A m = (A)-INFINITY, c_max = (A)-INFINITY, dh;
     int arg;
-    for (int q0 = threadIdx.x; q0 < nq; q0 += step) {
-        Quad<Z> zq[LANE_VECS] = {};
-        Quad<A> wq[LANE_VECS] = {};
-        load_quads(row, w_inv, q0, nq, zq, wq);
-#pragma unroll
-        for (int u = 0; u < LANE_VECS; ++u) {
-            int q = q0 + u * blockDim.x;
-            if (q >= nq) break;
-            for (int i = 0; i < 4; ++i) {
-                if (PLAIN) {
-                    if (4 * q + i != target)
-                        c_max = amax(c_max, (A)widen(zq[u].v[i]) * wq[u].v[i]);
-                } else {
-                    m = amax(m, tile_logit(zq[u].v, i, 1, wq[u].v, scale, f, above, t,
-                                           curricular, target - 4 * q, 0, tl, &dh, &arg));
-                }
+    each_quad(row, w_inv, nq, [&](int q, const Quad<Z>& zq, const Quad<A>& wq) {
+        for (int i = 0; i < 4; ++i) {
+            if (PLAIN) {
+                if (4 * q + i != target) c_max = amax(c_max, (A)widen(zq.v[i]) * wq.v[i]);
+            } else {
+                m = amax(m, tile_logit(zq.v, i, 1, wq.v, scale, f, above, t, curricular,
+                                       target - 4 * q, 0, tl, &dh, &arg));
             }
         }
-    }
+    });
     if (PLAIN) {
         if (c_max > (A)-INFINITY)
             m = scale * (c_max > (A)1 ? (A)1 : (c_max < (A)-1 ? (A)-1 : c_max));
@@ -535,26 +536,18 @@ __device__ void logits_quads(const Z* row, S* out, int ct, const A* w_inv, A sca
     m = (A)block_max((double)m, shared);
     A s = (A)0, sz = (A)0;
     // the same thread recomputes its own elements: the row still holds the dot products
-    for (int q0 = threadIdx.x; q0 < nq; q0 += step) {
-        Quad<Z> zq[LANE_VECS] = {};
-        Quad<A> wq[LANE_VECS] = {};
-        load_quads(row, w_inv, q0, nq, zq, wq);
-#pragma unroll
-        for (int u = 0; u < LANE_VECS; ++u) {
-            int q = q0 + u * blockDim.x;
-            if (q >= nq) break;
-            Quad<S> sq;
-            for (int i = 0; i < 4; ++i) {
-                A v = tile_logit<PLAIN>(zq[u].v, i, 1, wq[u].v, scale, f, above, t, curricular,
-                                        target - 4 * q, 0, tl, &dh, &arg);
-                A e = stash_exp<S>(v - m);
-                s += e;
-                sz += e * v;
-                put(&sq.v[i], i == target - 4 * q ? (A)0 : e * dh * wq[u].v[i]);
-            }
-            store_quad(out + 4 * q, sq);
+    each_quad(row, w_inv, nq, [&](int q, const Quad<Z>& zq, const Quad<A>& wq) {
+        Quad<S> sq;
+        for (int i = 0; i < 4; ++i) {
+            A v = tile_logit<PLAIN>(zq.v, i, 1, wq.v, scale, f, above, t, curricular,
+                                    target - 4 * q, 0, tl, &dh, &arg);
+            A e = stash_exp<S>(v - m);
+            s += e;
+            sz += e * v;
+            put(&sq.v[i], i == target - 4 * q ? (A)0 : e * dh * wq.v[i]);
         }
-    }
+        store_quad(out + 4 * q, sq);
+    });
     *m_out = m;
     *s_out = s;
     *sz_out = sz;
