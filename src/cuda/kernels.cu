@@ -1318,12 +1318,34 @@ __device__ void score_rows(const S* rows, const float* scales, const float* quer
 // Many queries over bfloat16 or int8 rows: a chunk of rows decoded to float32 (exact for
 // bfloat16; code * scale rounded once for int8, so a score moves by at most 2^-24 of
 // sum |g_j q_j| <= 6e-8 for unit vectors), then scored by an exact float32 GEMM.
+// Where rows are whole 16-byte packs, a thread decodes a pack at a time and writes it as
+// float quads, finding its row once per pack (one element a thread, with a 64-bit division
+// for each, left the pass far from the memory bandwidth).
 template <typename S>
 __device__ void decode_rows(const S* rows, const float* scales, long long lo,
                             long long count, int d, float* out) {
+    const int P = 16 / sizeof(S);  // elements of a pack
+    const S* src = rows + lo * d;
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    if (d % P == 0 && ((unsigned long long)src & 15) == 0 && quad_aligned(out)) {
+        const int per_row = d / P;
+        const long long packs = count * per_row;
+        for (long long at = first; at < packs; at += stride) {
+            long long r = packs <= 0xffffffffLL ? (unsigned)at / (unsigned)per_row : at / per_row;
+            float scale = scales == nullptr ? 1.0f : scales[lo + r];
+            PackBits<S> bits;
+            bits.words = *(const Vec<unsigned, 4>*)(src + at * P);
+            for (int h = 0; h < P; h += 4) {
+                Quad<float> quad;
+                for (int i = 0; i < 4; ++i) quad.v[i] = widen(bits.pack.v[h + i]) * scale;
+                store_quad(out + at * P + h, quad);
+            }
+        }
+        return;
+    }
     long long n = count * d;
-    for (long long at = (long long)blockIdx.x * blockDim.x + threadIdx.x; at < n;
-         at += (long long)gridDim.x * blockDim.x) {
+    for (long long at = first; at < n; at += stride) {
         long long r = at / d;
         float scale = scales == nullptr ? 1.0f : scales[lo + r];
         out[at] = widen(rows[lo * d + at]) * scale;

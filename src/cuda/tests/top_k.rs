@@ -312,28 +312,32 @@ fn a_full_running_list_takes_newcomers_tied_with_its_entries_after_them() {
 
 #[test]
 fn many_queries_score_by_gemm_and_equal_brute_force() {
-    // more than SCAN_QUERIES: the GEMM path (a float16 gallery's query split in two halves)
-    let rows = unit_rows(27, 200, 16);
-    let mut queries = unit_rows(28, search::SCAN_QUERIES + 2, 16);
-    queries.row_mut(0).assign(&rows.row(3)); // rows 3, 7, 11 tie at the top
-    let tiling = SearchTiling {
-        run: 32,
-        score_budget_bytes: queries.nrows() * 4 * 128,
-        // bfloat16 / int8 rows decoded 48 at a time: three chunks a tile, the last short
-        decode_budget_bytes: 48 * 16 * 4,
-        ..SearchTiling::default()
-    };
-    for stored in ALL_STORED {
-        let k = 6;
-        let (scores, ids) = emulate_search(&rows, &queries, k, stored, tiling);
-        let want = brute_force(&rows, &queries, k, stored);
-        for (q, expected) in want.iter().enumerate() {
-            for (r, &(s, i)) in expected.iter().enumerate() {
-                assert_eq!(ids[q * k + r], i, "{stored:?} query {q} rank {r}");
-                assert!((scores[q * k + r] as f64 - s).abs() < 2e-6);
+    // more than SCAN_QUERIES: the GEMM path (a float16 gallery's query split in two halves).
+    // bfloat16 and int8 rows are decoded to float32 a pack at a time where rows are whole
+    // 16-byte packs (d = 16: one or two a row; 48: three or six), else one by one (d = 20)
+    for d in [16, 20, 48] {
+        let rows = unit_rows(27, 200, d);
+        let mut queries = unit_rows(28, search::SCAN_QUERIES + 2, d);
+        queries.row_mut(0).assign(&rows.row(3)); // rows 3, 7, 11 tie at the top
+        let tiling = SearchTiling {
+            run: 32,
+            score_budget_bytes: queries.nrows() * 4 * 128,
+            // bfloat16 / int8 rows decoded 48 at a time: three chunks a tile, the last short
+            decode_budget_bytes: 48 * d * 4,
+            ..SearchTiling::default()
+        };
+        for stored in ALL_STORED {
+            let k = 6;
+            let (scores, ids) = emulate_search(&rows, &queries, k, stored, tiling);
+            let want = brute_force(&rows, &queries, k, stored);
+            for (q, expected) in want.iter().enumerate() {
+                for (r, &(s, i)) in expected.iter().enumerate() {
+                    assert_eq!(ids[q * k + r], i, "{stored:?} d={d} query {q} rank {r}");
+                    assert!((scores[q * k + r] as f64 - s).abs() < 2e-6);
+                }
             }
+            assert_eq!(&ids[..3], &[3, 7, 11]);
         }
-        assert_eq!(&ids[..3], &[3, 7, 11]);
     }
 }
 
