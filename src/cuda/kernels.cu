@@ -70,6 +70,10 @@ template <typename S> __device__ float stash_exp(float v) {
 template <typename S> __device__ double stash_exp(double v) { return exp(v); }
 __device__ float amax(float a, float b) { return fmaxf(a, b); }
 __device__ double amax(double a, double b) { return fmax(a, b); }
+// A cosine clamped to [-1, 1] in the arithmetic type (NaN stays NaN).
+template <typename A> __device__ A clamp_cos(A c) {
+    return c > (A)1 ? (A)1 : (c < (A)-1 ? (A)-1 : c);
+}
 
 // A margin is a parameter block of MARGIN_PARAMS doubles, [kind, s, p0, p1, ...], as
 // Margin::encode in margin.rs writes it; the MARGIN_<KIND> codes and MARGIN_PARAMS are
@@ -467,7 +471,7 @@ __device__ A tile_logit(const Z* row, int j, int k, const A* w_inv, A scale, A f
             if (ca > c) { c = ca; *arg = a; }
         }
     }
-    c = c > (A)1 ? (A)1 : (c < (A)-1 ? (A)-1 : c);
+    c = clamp_cos(c);
     A h;
     if (PLAIN) {  // what nontarget gives when no filter or rule applies
         h = c;
@@ -529,8 +533,7 @@ __device__ void logits_quads(const Z* row, S* out, int ct, const A* w_inv, A sca
         }
     });
     if (PLAIN) {
-        if (c_max > (A)-INFINITY)
-            m = scale * (c_max > (A)1 ? (A)1 : (c_max < (A)-1 ? (A)-1 : c_max));
+        if (c_max > (A)-INFINITY) m = scale * clamp_cos(c_max);
         if (target >= 0 && threadIdx.x == 0) m = amax(m, tl);
     }
     m = (A)block_max((double)m, shared);
@@ -1187,18 +1190,18 @@ __device__ void topk_tile_of(const T* scores, int queries, int stride, int sub, 
 #pragma nv_diagnostic pop
 #endif
     // 16 bytes of scores per load where the run is aligned for it (runs start at multiples
-    // of 2048 columns), the tail one by one. A lane issues LOADS loads before it uses any:
-    // with few queries the GPU runs only a warp per run, and each load's latency would add
-    // up in turn.
-    const int V = 16 / sizeof(T), LOADS = 4;
+    // of 2048 columns), the tail one by one. A lane issues LANE_VECS loads before it uses
+    // any: with few queries the GPU runs only a warp per run, and each load's latency would
+    // add up in turn.
+    const int V = 16 / sizeof(T);
     int vecs = vec_aligned<T, V>(row) && count > 0 ? count / V : 0;
-    for (int at = lane; at < vecs; at += 32 * LOADS) {
-        Vec<T, V> v[LOADS];
+    for (int at = lane; at < vecs; at += 32 * LANE_VECS) {
+        Vec<T, V> v[LANE_VECS];
 #pragma unroll
-        for (int u = 0; u < LOADS; ++u)
+        for (int u = 0; u < LANE_VECS; ++u)
             if (at + 32 * u < vecs) v[u] = load_vec<T, V>(row + V * (at + 32 * u));
 #pragma unroll
-        for (int u = 0; u < LOADS; ++u)
+        for (int u = 0; u < LANE_VECS; ++u)
             for (int h = 0; h < V && at + 32 * u < vecs; ++h)
                 keep(widen(v[u].v[h]), V * (at + 32 * u) + h);
     }
@@ -1244,6 +1247,9 @@ template <typename S> union PackBits {
     Vec<unsigned, 4> words;
     Pack<S> pack;
 };
+template <typename S> __device__ Vec<unsigned, 4> pack_words(const S* p) {
+    return *(const Vec<unsigned, 4>*)p;
+}
 
 template <typename S>
 __device__ void score_rows(const S* rows, const float* scales, const float* queries, int q,
@@ -1277,7 +1283,7 @@ __device__ void score_rows(const S* rows, const float* scales, const float* quer
 #pragma unroll
                 for (int u = 0; u < LANE_VECS; ++u)
                     if (j0 + step * u < d)
-                        bits[u].words = *(const Vec<unsigned, 4>*)(row + j0 + step * u);
+                        bits[u].words = pack_words(row + j0 + step * u);
 #pragma unroll
                 for (int u = 0; u < LANE_VECS; ++u) {
                     int j = j0 + step * u;
@@ -1335,7 +1341,7 @@ __device__ void decode_rows(const S* rows, const float* scales, long long lo,
             long long r = packs <= 0xffffffffLL ? (unsigned)at / (unsigned)per_row : at / per_row;
             float scale = scales == nullptr ? 1.0f : scales[lo + r];
             PackBits<S> bits;
-            bits.words = *(const Vec<unsigned, 4>*)(src + at * P);
+            bits.words = pack_words(src + at * P);
             for (int h = 0; h < P; h += 4) {
                 Quad<float> quad;
                 for (int i = 0; i < 4; ++i) quad.v[i] = widen(bits.pack.v[h + i]) * scale;
@@ -1348,7 +1354,7 @@ __device__ void decode_rows(const S* rows, const float* scales, long long lo,
     for (long long at = first; at < n; at += stride) {
         long long r = at / d;
         float scale = scales == nullptr ? 1.0f : scales[lo + r];
-        out[at] = widen(rows[lo * d + at]) * scale;
+        out[at] = widen(src[at]) * scale;
     }
 }
 
