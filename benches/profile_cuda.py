@@ -114,18 +114,20 @@ SIZES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2}
 
 def bytes_moved(kernel: str, b: int, c: int, d: int) -> int | None:
     """The bytes one step's launches of a head kernel read and write in all (each element
-    once), from the element types in its name; None for other kernels. The logits pass
-    reads the float32 logits tile of the 16-bit path (the GEMM's output; on the exact
-    paths the stash holds the logits in place) and writes the stash."""
-    if m := re.fullmatch(r"weights_tile_(\w+?)_(\w+)", kernel):
-        w, s = SIZES[m[1]], SIZES[m[2]]
-        return c * d * (w + (s if m[1] != m[2] else 0))  # a float32 weight's 16-bit copy
-    if m := re.fullmatch(r"logits_tile_(\w+)", kernel):
-        s = SIZES[m[1]]
-        return b * c * ((4 if s == 2 else s) + s)
-    if m := re.fullmatch(r"project_out_rows_(\w+?)_(\w+)", kernel):
-        return c * d * (2 * SIZES[m[1]] + SIZES[m[2]])  # dW read and written, centres read
-    return None
+    once), from the element types in its name; None for other kernels. The tile passes
+    share launches: `logits_and_weights` is the logits pass (reading the float32 logits
+    tile of the 16-bit path, the GEMM's output, or on the exact paths the logits in place of
+    the stash, and writing the stash) and the weights pass (the weight read for its norms,
+    and a float32 weight's 16-bit copy written); `between_tiles` is mostly the projection of
+    dW (read and written, the centres read) beside the B x D row factors."""
+    m = re.fullmatch(r"(logits_and_weights|between_tiles)_(\w+?)_(\w+)", kernel)
+    if m is None:
+        return None
+    w, s = SIZES[m[2]], SIZES[m[3]]
+    if m[1] == "logits_and_weights":
+        logits = b * c * ((4 if s == 2 else s) + s)
+        return logits + c * d * (w + (s if m[2] != m[3] else 0))
+    return c * d * (2 * w + s)
 
 
 def search_bytes_moved(kernel: str, n: int, d: int, q: int) -> int | None:

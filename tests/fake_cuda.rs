@@ -16,37 +16,39 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// The fake libraries, built and loaded once per test process.
-fn fake() -> &'static libloading::Library {
+/// The fake libcuda and libcublas, built and loaded once per test process.
+fn fakes() -> &'static (libloading::Library, libloading::Library) {
     static DRIVER: OnceLock<(libloading::Library, libloading::Library)> = OnceLock::new();
-    &DRIVER
-        .get_or_init(|| {
-            let here = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/cuda/fake_cuda");
-            let out =
-                std::env::temp_dir().join(format!("arcface_rs_fake_cuda_{}", std::process::id()));
-            std::fs::create_dir_all(&out).unwrap();
-            let status = Command::new("bash")
-                .arg(here.join("build.sh"))
-                .arg(&out)
-                .args(
-                    arcface_rs::cuda::margin_defines()
-                        .into_iter()
-                        .map(|(name, value)| format!("-D{name}={value}")),
-                )
-                .status()
-                .expect("bash");
-            assert!(status.success(), "tests/cuda/fake_cuda/build.sh failed");
-            // SAFETY: our own libraries; loading runs no code beyond static initialisers.
-            let loaded = unsafe {
-                (
-                    libloading::Library::new(out.join("libcuda.so")).unwrap(),
-                    libloading::Library::new(out.join("libcublas.so")).unwrap(),
-                )
-            };
-            let _ = std::fs::remove_dir_all(&out);
-            loaded
-        })
-        .0
+    DRIVER.get_or_init(|| {
+        let here = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/cuda/fake_cuda");
+        let out = std::env::temp_dir().join(format!("arcface_rs_fake_cuda_{}", std::process::id()));
+        std::fs::create_dir_all(&out).unwrap();
+        let status = Command::new("bash")
+            .arg(here.join("build.sh"))
+            .arg(&out)
+            .args(
+                arcface_rs::cuda::margin_defines()
+                    .into_iter()
+                    .map(|(name, value)| format!("-D{name}={value}")),
+            )
+            .status()
+            .expect("bash");
+        assert!(status.success(), "tests/cuda/fake_cuda/build.sh failed");
+        // SAFETY: our own libraries; loading runs no code beyond static initialisers.
+        let loaded = unsafe {
+            (
+                libloading::Library::new(out.join("libcuda.so")).unwrap(),
+                libloading::Library::new(out.join("libcublas.so")).unwrap(),
+            )
+        };
+        let _ = std::fs::remove_dir_all(&out);
+        loaded
+    })
+}
+
+/// The fake driver.
+fn fake() -> &'static libloading::Library {
+    &fakes().0
 }
 
 /// The fake device, one test at a time (the allocation count is process-wide).
@@ -74,6 +76,17 @@ fn noise(seed: u64, rows: usize, cols: usize) -> Array2<f64> {
 fn counter(name: &[u8]) -> i32 {
     // SAFETY: the fake's counters have this signature.
     unsafe { fake().get::<unsafe extern "C" fn() -> i32>(name).unwrap()() }
+}
+
+/// Products made by the fake cuBLAS's strided batched GEMMs of more than one product.
+fn batched_products() -> i32 {
+    // SAFETY: the fake's counter has this signature.
+    unsafe {
+        fakes()
+            .1
+            .get::<unsafe extern "C" fn() -> i32>(b"fake_batched_products\0")
+            .unwrap()()
+    }
 }
 
 #[test]
@@ -112,8 +125,10 @@ fn kernels_load_as_machine_code_else_as_ptx_and_missing_devices_are_errors() {
 
 #[test]
 fn the_head_through_the_driver_equals_the_cpu_head() {
+    // four tiles of 16: the first three tiles' stashes park in the next tile's rows of dW,
+    // so their dX̂ products come from one batched GEMM (cublasDgemmStridedBatched)
     let _device = device();
-    let (b, c, d) = (6, 40, 8);
+    let (b, c, d) = (6, 64, 8);
     let emb = noise(1, b, d) * 2.0;
     let weight = noise(2, c, d);
     let labels: Vec<i64> = vec![3, -1, 39, 0, 17, 3];
@@ -137,6 +152,7 @@ fn the_head_through_the_driver_equals_the_cpu_head() {
         let tiling = Tiling {
             class_tile: 16,
             stash_budget_bytes: 1 << 20,
+            ..Tiling::default()
         };
         let mut row_loss = vec![0.0f64; b];
         let mut grad_emb = Array2::<f64>::zeros((b, d));
@@ -157,12 +173,14 @@ fn the_head_through_the_driver_equals_the_cpu_head() {
             bad: bad.as_mut_ptr() as u64,
             workspace: workspace.as_mut_ptr() as u64,
         };
+        let batched_before = batched_products();
         with_stream(0, 0, |s| {
             head::margin_loss(s, shape, &margin, Default::default(), &buffers, tiling)?;
             s.synchronize()
         })
         .unwrap();
         assert_eq!(bad, [0, 0, 0]);
+        assert_eq!(batched_products() - batched_before, 3);
         let loss: f64 = row_loss.iter().sum::<f64>() / 5.0;
         assert!(
             (loss - cpu.loss).abs() < 1e-10 * cpu.loss.abs(),

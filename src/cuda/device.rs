@@ -64,7 +64,10 @@ impl Elem {
 /// A GEMM over row-major matrices: `C (m×n) = alpha op(A) op(B) + beta C`, with `op(A)` m×k
 /// and `op(B)` k×n; `trans_a` means A is stored k×m. `ld*` are row strides in elements.
 /// With `beta == 0`, C is not read (it may hold anything). A and B are `elem`, C is `out`;
-/// `tf32` lets float32 inputs run on tensor cores as TF32 (10 mantissa bits).
+/// `tf32` lets float32 inputs run on tensor cores as TF32 (10 mantissa bits). `batch`
+/// products (cuBLAS's strided batch; 1 for one GEMM): product i reads A and B `stride_a · i`
+/// and `stride_b · i` elements on and writes C `stride_c · i` elements on; they may run
+/// at once, so no product's C may overlap another's A, B or C.
 #[derive(Clone, Copy, Debug)]
 pub struct RowMajorGemm {
     pub elem: Elem,
@@ -83,6 +86,10 @@ pub struct RowMajorGemm {
     pub beta: f64,
     pub c: u64,
     pub ldc: usize,
+    pub batch: usize,
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub stride_c: usize,
 }
 
 /// The same fields read in cuBLAS's own column-major terms (`ld*` are column strides).
@@ -100,8 +107,10 @@ impl RowMajorGemm {
             n: self.m,
             a: self.b,
             lda: self.ldb,
+            stride_a: self.stride_b,
             b: self.a,
             ldb: self.lda,
+            stride_b: self.stride_a,
             ..*self
         })
     }

@@ -193,84 +193,80 @@ impl Device for Stream<'_> {
         let g = &gemm.0;
         use cublas::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
         let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
-        let dims = [g.m, g.n, g.k, g.lda, g.ldb, g.ldc];
+        let dims = [g.m, g.n, g.k, g.lda, g.ldb, g.ldc, g.batch];
         if dims.iter().any(|&v| v > i32::MAX as usize) {
             return Err(cuda_error("GEMM", "a dimension exceeds 2^31 - 1"));
         }
-        let [m, n, k, lda, ldb, ldc] = dims.map(|v| v as i32);
-        let h = self.loaded.cublas;
-        // SAFETY: operands are device addresses of the sizes the dimensions say; alpha and
-        // beta are host scalars (cuBLAS's default pointer mode).
+        let [m, n, k, lda, ldb, ldc, batch] = dims.map(|v| v as i32);
+        let strides = [g.stride_a, g.stride_b, g.stride_c];
+        if strides.iter().any(|&v| v > i64::MAX as usize) {
+            return Err(cuda_error("GEMM", "a batch stride exceeds 2^63 - 1"));
+        }
+        let [stride_a, stride_b, stride_c] = strides.map(|v| v as i64);
+        let (ta, tb, h) = (op(g.trans_a), op(g.trans_b), self.loaded.cublas);
+        let batched = g.batch != 1;
+        // SAFETY: operands are device addresses of the sizes the dimensions (and, batched,
+        // the strides) say; alpha and beta are host scalars (cuBLAS's default pointer mode).
         let status = unsafe {
             match (g.elem, g.out, g.tf32) {
                 (Elem::F32, Elem::F32, false) => {
                     let (alpha, beta) = (g.alpha as f32, g.beta as f32);
-                    cudarc::cublas::result::sgemm(
-                        h,
-                        op(g.trans_a),
-                        op(g.trans_b),
-                        m,
-                        n,
-                        k,
-                        &alpha,
-                        g.a as *const f32,
-                        lda,
-                        g.b as *const f32,
-                        ldb,
-                        &beta,
-                        g.c as *mut f32,
-                        ldc,
-                    )
+                    let (a, b, c) = (g.a as *const f32, g.b as *const f32, g.c as *mut f32);
+                    if batched {
+                        cudarc::cublas::result::sgemm_strided_batched(
+                            h, ta, tb, m, n, k, &alpha, a, lda, stride_a, b, ldb, stride_b, &beta,
+                            c, ldc, stride_c, batch,
+                        )
+                    } else {
+                        cudarc::cublas::result::sgemm(
+                            h, ta, tb, m, n, k, &alpha, a, lda, b, ldb, &beta, c, ldc,
+                        )
+                    }
                 }
-                (Elem::F64, Elem::F64, _) => cudarc::cublas::result::dgemm(
-                    h,
-                    op(g.trans_a),
-                    op(g.trans_b),
-                    m,
-                    n,
-                    k,
-                    &g.alpha,
-                    g.a as *const f64,
-                    lda,
-                    g.b as *const f64,
-                    ldb,
-                    &g.beta,
-                    g.c as *mut f64,
-                    ldc,
-                ),
+                (Elem::F64, Elem::F64, _) => {
+                    let (a, b, c) = (g.a as *const f64, g.b as *const f64, g.c as *mut f64);
+                    if batched {
+                        cudarc::cublas::result::dgemm_strided_batched(
+                            h, ta, tb, m, n, k, &g.alpha, a, lda, stride_a, b, ldb, stride_b,
+                            &g.beta, c, ldc, stride_c, batch,
+                        )
+                    } else {
+                        cudarc::cublas::result::dgemm(
+                            h, ta, tb, m, n, k, &g.alpha, a, lda, b, ldb, &g.beta, c, ldc,
+                        )
+                    }
+                }
                 // 16-bit inputs, or float32 ones as TF32: tensor cores, float32 accumulation,
                 // a float32 output or one in the inputs' type
                 (Elem::F32 | Elem::F16 | Elem::Bf16, out, tf32)
                     if out == Elem::F32 || out == g.elem =>
                 {
                     let (alpha, beta) = (g.alpha as f32, g.beta as f32);
-                    let input = data_type(g.elem);
+                    let alpha = &alpha as *const f32 as *const c_void;
+                    let beta = &beta as *const f32 as *const c_void;
+                    let (a, b, c) = (
+                        g.a as *const c_void,
+                        g.b as *const c_void,
+                        g.c as *mut c_void,
+                    );
+                    let (input, output) = (data_type(g.elem), data_type(out));
                     let compute = if tf32 && g.elem == Elem::F32 {
                         cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
                     } else {
                         cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F
                     };
-                    cudarc::cublas::result::gemm_ex(
-                        h,
-                        op(g.trans_a),
-                        op(g.trans_b),
-                        m,
-                        n,
-                        k,
-                        &alpha as *const f32 as *const c_void,
-                        g.a as *const c_void,
-                        input,
-                        lda,
-                        g.b as *const c_void,
-                        input,
-                        ldb,
-                        &beta as *const f32 as *const c_void,
-                        g.c as *mut c_void,
-                        data_type(out),
-                        ldc,
-                        compute,
-                        cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                    )
+                    let algo = cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
+                    if batched {
+                        cudarc::cublas::result::gemm_strided_batched_ex(
+                            h, ta, tb, m, n, k, alpha, a, input, lda, stride_a, b, input, ldb,
+                            stride_b, beta, c, output, ldc, stride_c, batch, compute, algo,
+                        )
+                    } else {
+                        cudarc::cublas::result::gemm_ex(
+                            h, ta, tb, m, n, k, alpha, a, input, lda, b, input, ldb, beta, c,
+                            output, ldc, compute, algo,
+                        )
+                    }
                 }
                 (input, output, _) => {
                     return Err(cuda_error(

@@ -172,15 +172,13 @@ struct Entry {
 #define ENTRY(name) {#name, entry(name)}
 #define ENTRY2(name) ENTRY(name##_f32), ENTRY(name##_f64)
 #define ENTRY4(name) ENTRY2(name), ENTRY(name##_bf16), ENTRY(name##_f16)
+#define TILE_ENTRIES(types) ENTRY(logits_and_weights_##types), ENTRY(between_tiles_##types)
 
 static const Entry entries[] = {
-    ENTRY4(normalize_rows),   ENTRY4(targets),         ENTRY4(logits_tile),
-    ENTRY4(tile_rows),        ENTRY4(target_grads),    ENTRY2(finish_grad_emb),
-    ENTRY(project_out_rows_f32_f32), ENTRY(project_out_rows_f64_f64),
-    ENTRY(project_out_rows_f32_bf16), ENTRY(project_out_rows_bf16_bf16),
-    ENTRY(project_out_rows_f32_f16), ENTRY(project_out_rows_f16_f16),
-    ENTRY(weights_tile_f32_f32),  ENTRY(weights_tile_f64_f64),  ENTRY(weights_tile_f32_bf16),
-    ENTRY(weights_tile_bf16_bf16), ENTRY(weights_tile_f32_f16), ENTRY(weights_tile_f16_f16),
+    ENTRY4(normalize_rows),   ENTRY4(targets),         ENTRY4(target_grads),
+    ENTRY2(finish_grad_emb),  TILE_ENTRIES(f32_f32),   TILE_ENTRIES(f64_f64),
+    TILE_ENTRIES(f32_bf16),   TILE_ENTRIES(bf16_bf16), TILE_ENTRIES(f32_f16),
+    TILE_ENTRIES(f16_f16),
     ENTRY(fill_f64),          ENTRY(merge_stats),      ENTRY(finish_stats),
     ENTRY(row_losses),        ENTRY(topk_tile),        ENTRY(topk_tile_f16),
     ENTRY(topk_reset),        ENTRY(topk_merge),       ENTRY(score_rows_f32),
@@ -350,8 +348,9 @@ extern "C" void emu_order(long long n, unsigned long long seed, long long* out) 
 // `out_type` (cudaDataType_t codes), TF32 rounding of float32 inputs when `tf32`. Returns 0
 // or a cuBLAS status.
 extern "C" int emu_gemm(int in_type, int out_type, int tf32, int ta, int tb, int m, int n,
-                        int k, double alpha, const void* a, int lda, const void* b, int ldb,
-                        double beta, void* c, int ldc) {
-    return typed_gemm(in_type, out_type, tf32 != 0, ta, tb, m, n, k, alpha, a, lda, b, ldb,
-                      beta, c, ldc);
+                        int k, double alpha, const void* a, int lda, long long stride_a,
+                        const void* b, int ldb, long long stride_b, double beta, void* c,
+                        int ldc, long long stride_c, int batch) {
+    return batched_gemm(in_type, out_type, tf32 != 0, ta, tb, m, n, k, alpha, a, lda, stride_a,
+                        b, ldb, stride_b, beta, c, ldc, stride_c, batch);
 }

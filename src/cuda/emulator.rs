@@ -25,10 +25,14 @@ type GemmFn = unsafe extern "C" fn(
     f64,
     *const c_void,
     c_int,
+    i64,
     *const c_void,
     c_int,
+    i64,
     f64,
     *mut c_void,
+    c_int,
+    i64,
     c_int,
 ) -> c_int;
 
@@ -42,6 +46,16 @@ pub struct Emulator {
 
 /// The emulator's scheduler is global state: one launch at a time in the process.
 static LAUNCH_LOCK: Mutex<()> = Mutex::new(());
+
+thread_local! {
+    /// Launches (of at least one block) and GEMMs this thread has queued on the emulator:
+    /// the tests count what a launch sequence costs.
+    static CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn count_call() {
+    CALLS.with(|calls| calls.set(calls.get() + 1));
+}
 
 impl Emulator {
     /// The emulator, compiled once per test process with the system's C++ compiler ($CXX or
@@ -106,6 +120,11 @@ impl Emulator {
         out.into_iter().map(|i| i as usize).collect()
     }
 
+    /// Launches (of at least one block) and GEMMs queued so far by the calling thread.
+    pub fn calls_on_this_thread() -> usize {
+        CALLS.with(|calls| calls.get())
+    }
+
     /// Whether the emulator knows kernel `name`.
     pub fn has(&self, name: &str) -> bool {
         let name = CString::new(name).expect("kernel names have no NUL");
@@ -122,6 +141,9 @@ impl Device for Emulator {
             .iter_mut()
             .map(|v| v.as_mut_ptr() as *mut c_void)
             .collect();
+        if grid > 0 {
+            count_call();
+        }
         let _one_at_a_time = LAUNCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: the test passes host buffers large enough for what the kernel touches.
         let code = unsafe {
@@ -144,8 +166,10 @@ impl Device for Emulator {
     }
 
     fn gemm(&self, gemm: &ColumnMajorGemm) -> Result<()> {
+        count_call();
         let g = &gemm.0;
         let int = |v: usize| v as c_int;
+        let long = |v: usize| v as i64;
         // SAFETY: the test's buffers hold the sizes the leading dimensions say.
         let status = unsafe {
             (self.gemm)(
@@ -160,11 +184,15 @@ impl Device for Emulator {
                 g.alpha,
                 g.a as *const c_void,
                 int(g.lda),
+                long(g.stride_a),
                 g.b as *const c_void,
                 int(g.ldb),
+                long(g.stride_b),
                 g.beta,
                 g.c as *mut c_void,
                 int(g.ldc),
+                long(g.stride_c),
+                int(g.batch),
             )
         };
         match status {

@@ -11,6 +11,9 @@
 //! is then E times a factor F of the row and tile, so pass 2 per tile needs no pass over E:
 //! dX̂ += F (E W_t) and dW_t = Eᵀ (F X̂) (cuBLAS; `tile_rows` applies F on the B × D side),
 //! then the normalisation's projection on dW_t; `target_grads` adds the target terms.
+//! Neighbouring passes that are independent share a launch (`logits_and_weights`,
+//! `between_tiles` in kernels.cu), and the dX̂ products (E W_t) of a group of tiles come
+//! from one batched GEMM: four launches a tile, two of them GEMMs.
 //! When B <= D and the weight gradient is wanted, each tile's stash lives in the next tile's
 //! rows of dW (a GEMM must not write its own operand); otherwise rows are cut into chunks
 //! whose stash fits [`STASH_BUDGET_BYTES`] and dW accumulates over them.
@@ -39,12 +42,18 @@ pub const CLASS_TILE: usize = 16384;
 /// Most device memory a separate stash may take (when it cannot live in the weight gradient).
 pub const STASH_BUDGET_BYTES: usize = 1 << 30;
 
+/// Most device memory the tiles' dX̂ products may take by default: a group of tiles gets its products
+/// from one batched GEMM (see `fused`), as many tiles as fit.
+pub const DX_PRODUCTS_BYTES: usize = 64 << 20;
+
 /// Threads per block of the per-row kernels.
 const ROW_THREADS: usize = 256;
 /// Threads per block of the one-thread-per-row kernels.
 const FLAT_THREADS: usize = 128;
-/// Centres per block of `weights_tile` and `project_out_rows` (one warp each).
+/// Centres per block of the weights pass and the projection (one warp each).
 const WARP_ROWS_PER_BLOCK: usize = 8;
+// The tile passes share launches (`logits_and_weights`, `between_tiles`): one block size.
+const _: () = assert!(ROW_THREADS == 32 * WARP_ROWS_PER_BLOCK);
 
 /// Sizes and types of one call: B rows of D, C classes.
 #[derive(Clone, Copy, Debug)]
@@ -151,6 +160,8 @@ pub struct HeadBuffers {
 pub struct Tiling {
     pub class_tile: usize,
     pub stash_budget_bytes: usize,
+    /// Most scratch for the dX̂ products of a group of tiles ([`DX_PRODUCTS_BYTES`]).
+    pub dx_products_bytes: usize,
 }
 
 impl Default for Tiling {
@@ -158,6 +169,7 @@ impl Default for Tiling {
         Tiling {
             class_tile: CLASS_TILE,
             stash_budget_bytes: STASH_BUDGET_BYTES,
+            dx_products_bytes: DX_PRODUCTS_BYTES,
         }
     }
 }
@@ -217,6 +229,9 @@ struct Plan {
     tiles: usize,
     chunk_rows: usize,
     stash_in_grad: bool,
+    /// Tiles whose dX̂ products (stash times centres) one batched GEMM makes: 1 where a
+    /// tile's 16-bit centres are made again in scratch for each pass (they do not last).
+    dx_group: usize,
 }
 
 impl Plan {
@@ -239,11 +254,19 @@ impl Plan {
             (tiling.stash_budget_bytes / (stash_classes.max(c).max(1) * elem.size()))
                 .clamp(1, b.max(1))
         };
+        let tiles = c.div_ceil(tile);
+        let product_bytes = (chunk_rows * d * shape.acc().size()).max(1);
+        let dx_group = if shape.stages_weight() && !stash_in_grad {
+            1
+        } else {
+            (tiling.dx_products_bytes / product_bytes).clamp(1, tiles.max(1))
+        };
         Plan {
             tile,
-            tiles: c.div_ceil(tile),
+            tiles,
             chunk_rows,
             stash_in_grad,
+            dx_group,
         }
     }
 
@@ -285,11 +308,13 @@ struct Scratch {
     stats: u64,
     /// the half-precision path's float32 logits tile (the stash is 16-bit elsewhere)
     ztile: u64,
-    /// the 16-bit copy of one tile's centres (a float32 weight on the half-precision path)
+    /// two 16-bit copies of a tile's centres (a float32 weight on the half-precision path,
+    /// B > D): tile t's in copy t mod 2, so that tile t + 1's is made while t's is read
     wtile: u64,
     /// per row of a chunk: [max, Σe, Σe·z, target logit] (a sharded head's are the caller's)
     parts: u64,
-    /// a tile's stash times its centres (dX̂ before the row factors; see `tile_rows`)
+    /// the dX̂ products of a group of tiles (a tile's stash times its centres, before its
+    /// row factors; see `tile_rows`), tile t's in slot t mod `dx_group`
     dxt: u64,
     /// the rows of X̂ times a tile's row factors (the dW GEMM's operand)
     xs: u64,
@@ -323,12 +348,12 @@ impl Scratch {
                 0
             },
             wtile: if shape.stages_weight() && !plan.stash_in_grad {
-                carver.take(plan.tile * d, sz)
+                carver.take(2 * plan.tile * d, sz)
             } else {
                 0
             },
             parts: carver.take(nr * 4, 8),
-            dxt: carver.take(nr * d, asz),
+            dxt: carver.take(plan.dx_group * nr * d, asz),
             xs: carver.take(nr * d, sz),
             spill: if plan.stash_in_grad {
                 carver.take(plan.tiles.min(2) * plan.spill_slot(shape), sz)
@@ -486,22 +511,21 @@ fn fused(
     let (sfx, acc_sfx) = (elem.suffix(), acc.suffix());
     let (bi, di) = (b as i32, d as i32);
     let kernel = |name: &str| format!("{name}_{sfx}");
-    let weights_kernel = format!("weights_tile_{}_{sfx}", shape.weight.suffix());
-    let weights_tile = |lo: usize, width: usize, copy: u64, w_inv: u64| {
-        device.launch(
-            &weights_kernel,
-            width.div_ceil(WARP_ROWS_PER_BLOCK),
-            32 * WARP_ROWS_PER_BLOCK,
-            &[
-                Ptr(at(buf.weight, lo * d, wsz)),
-                Ptr(copy),
-                Ptr(w_inv),
-                I32(width as i32),
-                I32(di),
-                I32(lo as i32),
-                Ptr(buf.bad + 4),
-            ],
-        )
+    // the tile passes' launches, by the weight's type and the GEMM operands'
+    let tiles_kernel = |name: &str| format!("{name}_{}_{sfx}", shape.weight.suffix());
+    let tile_span = |t: usize| {
+        let lo = t * plan.tile;
+        (lo, plan.tile.min(c - lo))
+    };
+    // The centres of tile t that a weights pass (`weights_tile` in kernels.cu, beside another
+    // pass in one launch) goes over: (first, count), none when it has nothing to write (no
+    // 16-bit `copy` and no inverse norms `w_inv`) or past the last tile.
+    let weights_span = |t: usize, copy: u64, w_inv: u64| {
+        if t < plan.tiles && (copy != 0 || w_inv != 0) {
+            tile_span(t)
+        } else {
+            (0, 0)
+        }
     };
 
     device.launch(
@@ -517,10 +541,6 @@ fn fused(
             Ptr(buf.bad),
         ],
     )?;
-    if !half {
-        // the half-precision path takes each tile's norms as it stages the tile
-        weights_tile(0, c, 0, s.w_inv)?;
-    }
     let (row_scale, feature_norm) = match margin.scale() {
         Scale::Fixed(scale) => {
             device.launch(
@@ -586,6 +606,10 @@ fn fused(
         beta: 0.0,
         c: 0,
         ldc: 0,
+        batch: 1,
+        stride_a: 0,
+        stride_b: 0,
+        stride_c: 0,
     };
     for start in (0..b).step_by(plan.chunk_rows) {
         let rows = plan.chunk_rows.min(b - start);
@@ -613,45 +637,48 @@ fn fused(
             }
         };
         // A tile's centres as the GEMMs read them: the weight's own rows, their parked
-        // 16-bit copy, or (B > D) the scratch copy made again in each pass.
+        // 16-bit copy, or (B > D) a scratch copy made again in each pass (tile t's in the
+        // t mod 2 one: tile t + 1's is made in the launch whose projection reads tile t's).
         let centres = |t: usize| {
             if copy_in_grad {
                 at(park(t), plan.copy_offset(d), sz)
             } else if shape.stages_weight() {
-                s.wtile
+                at(s.wtile, (t % 2) * plan.tile * d, sz)
             } else {
                 at(buf.weight, t * plan.tile * d, sz)
             }
         };
 
-        for t in 0..plan.tiles {
-            let lo = t * plan.tile;
-            let width = plan.tile.min(c - lo);
-            // the half-precision path's norms (once per call) and 16-bit centres (per chunk)
-            let copy = if shape.stages_weight() { centres(t) } else { 0 };
-            let w_inv = if start == 0 { at(s.w_inv, lo, asz) } else { 0 };
-            if half && (copy != 0 || w_inv != 0) {
-                weights_tile(lo, width, copy, w_inv)?;
-            }
+        // Pass 1. Tile t's logits pass shares a launch with tile t + 1's weights pass (on
+        // the first row chunk its centres' inverse norms, which the logits pass reads, and
+        // where the weight is staged their 16-bit copy, which its GEMM reads); tile 0's
+        // weights pass goes alone, before its GEMM.
+        let logits_and_weights = |t: Option<usize>| {
+            let next = t.map_or(0, |t| t + 1);
+            let copy = if shape.stages_weight() && next < plan.tiles {
+                centres(next)
+            } else {
+                0
+            };
+            let next_inv = if start == 0 && next < plan.tiles {
+                at(s.w_inv, tile_span(next).0, asz)
+            } else {
+                0
+            };
+            let (next_lo, next_width) = weights_span(next, copy, next_inv);
+            let (lo, width) = t.map_or((0, 0), tile_span);
+            let logit_rows = if t.is_some() { rows } else { 0 };
             // the logits: in place of the stash, or (half precision) a float32 tile
-            let z = if half { s.ztile } else { park(t) };
-            gemm(
-                device,
-                RowMajorGemm {
-                    trans_b: true,
-                    c: z,
-                    ldc: width,
-                    ..row_gemm(rows, width, d, xhat, d, centres(t), d)
-                },
-            )?;
+            let z = if half { s.ztile } else { park(t.unwrap_or(0)) };
+            let tile = t.unwrap_or(0);
             device.launch(
-                &kernel("logits_tile"),
-                rows,
+                &tiles_kernel("logits_and_weights"),
+                logit_rows + next_width.div_ceil(WARP_ROWS_PER_BLOCK),
                 ROW_THREADS,
                 &[
                     Ptr(z),
-                    Ptr(park(t)),
-                    I32(ri),
+                    Ptr(park(tile)),
+                    I32(logit_rows as i32),
                     I32(width as i32),
                     I32(lo as i32),
                     I32(k as i32),
@@ -662,10 +689,31 @@ fn fused(
                     Ptr(at(s.target_sub, start, 4)),
                     Ptr(at(s.rules, start * 3, 8)),
                     F64(filter),
-                    Ptr(at(s.tile_max, t * rows, asz)),
-                    Ptr(at(s.stats, t * rows * 3, 8)),
+                    Ptr(at(s.tile_max, tile * rows, asz)),
+                    Ptr(at(s.stats, tile * rows * 3, 8)),
+                    Ptr(at(buf.weight, next_lo * d, wsz)),
+                    Ptr(copy),
+                    Ptr(next_inv),
+                    I32(next_width as i32),
+                    I32(di),
+                    I32(next_lo as i32),
+                    Ptr(buf.bad + 4),
                 ],
+            )
+        };
+        logits_and_weights(None)?;
+        for t in 0..plan.tiles {
+            let width = tile_span(t).1;
+            gemm(
+                device,
+                RowMajorGemm {
+                    trans_b: true,
+                    c: if half { s.ztile } else { park(t) },
+                    ldc: width,
+                    ..row_gemm(rows, width, d, xhat, d, centres(t), d)
+                },
             )?;
+            logits_and_weights(Some(t))?;
         }
         let flat_grid = rows.div_ceil(FLAT_THREADS);
         let parts = shard
@@ -724,91 +772,128 @@ fn fused(
         let dxhat = at(buf.grad_emb, start * d, asz);
         let emb = at(buf.emb, start * d, asz);
         let norms = at(s.norms, start, 8);
-        // Between tiles: the previous tile's dX̂ product into dX̂ and this tile's rows of X̂,
-        // each times the tile's row factors (tile `t`, or none past the last).
-        let tile_rows = |t: usize| {
-            let prev = want_emb && t > 0;
-            let next = want_weight && t < plan.tiles;
+        // Pass 2. Before tile t's GEMMs (t = tiles: after the last's), one launch runs
+        // (`between_tiles`): tile t - 1's projection of dW (the normalisation's Jacobian,
+        // along the centres its GEMMs read: a float32 weight's 16-bit copy, whose rounding
+        // is the GEMMs' own and which is likelier in L2 than the float32 rows), tile t's row
+        // factors (tile t - 1's dX̂ product into dX̂ and tile t's rows of X̂, each times its
+        // tile's row factors) and, where the weight is staged into scratch, tile t's copy.
+        let product = |t: usize| at(s.dxt, (t % plan.dx_group) * rows * d, asz);
+        let between_tiles = |t: usize| {
+            let prev = t.checked_sub(1);
+            let (prev_lo, prev_width) = prev.map_or((0, 0), tile_span);
+            let project = want_weight && prev.is_some();
+            let add_prev = want_emb && prev.is_some();
+            let make_xs = want_weight && t < plan.tiles;
+            let factor_rows = if add_prev || make_xs { rows } else { 0 };
+            let copy = if shape.stages_weight() && !copy_in_grad && t < plan.tiles {
+                centres(t)
+            } else {
+                0
+            };
+            let (copy_lo, copy_width) = weights_span(t, copy, 0);
+            let proj_rows = if project { prev_width } else { 0 };
+            let blocks = proj_rows.div_ceil(WARP_ROWS_PER_BLOCK)
+                + factor_rows
+                + copy_width.div_ceil(WARP_ROWS_PER_BLOCK);
             device.launch(
-                &kernel("tile_rows"),
-                rows,
+                &tiles_kernel("between_tiles"),
+                blocks,
                 ROW_THREADS,
                 &[
-                    Ptr(if prev { s.dxt } else { 0 }),
-                    Ptr(at(s.tile_max, t.saturating_sub(1) * rows, asz)),
+                    Ptr(at(buf.grad_weight, prev_lo * d, wsz)),
+                    Ptr(centres(prev.unwrap_or(0))),
+                    Ptr(at(s.w_inv, prev_lo, asz)),
+                    I32(proj_rows as i32),
+                    Ptr(if add_prev { product(t - 1) } else { 0 }),
+                    Ptr(at(s.tile_max, prev.unwrap_or(0) * rows, asz)),
                     Ptr(dxhat),
                     Ptr(emb),
                     Ptr(norms),
                     Ptr(at(s.tile_max, t.min(plan.tiles - 1) * rows, asz)),
-                    Ptr(if next { s.xs } else { 0 }),
+                    Ptr(if make_xs { s.xs } else { 0 }),
                     Ptr(s.lse),
                     Ptr(row_weight),
                     Ptr(scale),
-                    I32(ri),
+                    I32(factor_rows as i32),
+                    Ptr(at(buf.weight, copy_lo * d, wsz)),
+                    Ptr(copy),
+                    I32(copy_width as i32),
                     I32(di),
                 ],
             )
         };
-        for t in 0..plan.tiles {
-            let lo = t * plan.tile;
-            let width = plan.tile.min(c - lo);
-            if shape.stages_weight() && !copy_in_grad {
-                weights_tile(lo, width, s.wtile, 0)?;
-            }
-            let w_tile = centres(t);
-            let w_inv = at(s.w_inv, lo, asz);
-            tile_rows(t)?;
-            if want_emb {
-                // the tile's stash times its centres, scaled into dX̂ by the next tile_rows
+        // The dX̂ products of tiles from..to (each tile's stash times its centres, scaled
+        // into dX̂ by the launch before the next tile's GEMMs): M = rows and N = d against
+        // K = a tile's classes, a shape that one GEMM fills the GPU with only by splitting
+        // K, so a run of tiles whose stash and centres lie at constant strides goes in one
+        // batched GEMM (the parked stashes do: in the next tile's rows of dW, or in the
+        // chunk's stash; not the spilled last ones or a short last tile).
+        let dx_products = |from: usize, to: usize| -> Result<()> {
+            // bytes from one tile's operand to the next one's, where positive
+            let stride = |first: u64, next: u64| {
+                next.checked_sub(first)
+                    .filter(|&s| s > 0 && s % sz as u64 == 0)
+            };
+            let mut t = from;
+            while t < to {
+                let width = tile_span(t).1;
+                let (a, w) = (park(t), centres(t));
+                let (mut n, mut sa, mut sb) = (1, 0, 0);
+                if t + 1 < to {
+                    if let (Some(x), Some(y)) = (stride(a, park(t + 1)), stride(w, centres(t + 1)))
+                    {
+                        (sa, sb) = (x, y);
+                        while t + n < to
+                            && tile_span(t + n).1 == width
+                            && park(t + n) == a + n as u64 * sa
+                            && centres(t + n) == w + n as u64 * sb
+                        {
+                            n += 1;
+                        }
+                    }
+                }
                 gemm(
                     device,
                     RowMajorGemm {
-                        c: s.dxt,
+                        c: product(t),
                         ldc: d,
-                        ..row_gemm(rows, d, width, park(t), width, w_tile, d)
+                        batch: n,
+                        stride_a: sa as usize / sz,
+                        stride_b: sb as usize / sz,
+                        stride_c: rows * d,
+                        ..row_gemm(rows, d, width, a, width, w, d)
                     },
                 )?;
+                t += n;
+            }
+            Ok(())
+        };
+        for t in 0..plan.tiles {
+            let (lo, width) = tile_span(t);
+            between_tiles(t)?;
+            if want_emb && t % plan.dx_group == 0 {
+                // after the launch that reads the previous group's last product
+                dx_products(t, (t + plan.dx_group).min(plan.tiles))?;
             }
             if want_weight {
                 // dW_t = stashᵀ (factors · X̂ rows), accumulated over row chunks (P is
                 // linear and idempotent, so projecting after each chunk stays exact).
                 let fresh = plan.stash_in_grad || start == 0;
-                let g_dw = at(buf.grad_weight, lo * d, wsz);
                 gemm(
                     device,
                     RowMajorGemm {
                         out: shape.weight,
                         trans_a: true,
                         beta: if fresh { 0.0 } else { 1.0 },
-                        c: g_dw,
+                        c: at(buf.grad_weight, lo * d, wsz),
                         ldc: d,
                         ..row_gemm(width, d, rows, park(t), width, s.xs, d)
                     },
                 )?;
-                // projected along the centres the GEMMs read (a float32 weight's 16-bit
-                // copy: its rounding is the GEMMs' own, and the copy is likely still in L2
-                // where the float32 rows would be read from memory again)
-                device.launch(
-                    &format!(
-                        "project_out_rows_{}_{}",
-                        shape.weight.suffix(),
-                        elem.suffix()
-                    ),
-                    width.div_ceil(WARP_ROWS_PER_BLOCK),
-                    32 * WARP_ROWS_PER_BLOCK,
-                    &[
-                        Ptr(g_dw),
-                        Ptr(w_tile),
-                        Ptr(w_inv),
-                        I32(width as i32),
-                        I32(di),
-                    ],
-                )?;
             }
         }
-        if want_emb {
-            tile_rows(plan.tiles)?;
-        }
+        between_tiles(plan.tiles)?;
         // the targets' terms, which the stash leaves out
         device.launch(
             &format!("target_grads_{}", shape.weight.suffix()),

@@ -322,12 +322,12 @@ template <typename T> __device__ void store_quad(T* p, const Quad<T>& q) { store
 // Each lane moves 16 bytes of the weight per access where the row allows (see Vec).
 template <typename W, typename S, typename A>
 __device__ void weights_tile(const W* w, S* copy, A* w_inv, int rows, int d, int first,
-                             int* bad) {
+                             int* bad, int block) {
     typedef typename Acc<W>::type WA;
     typedef typename Acc<S>::type SA;
     const int V = 16 / sizeof(W);
     int lane = threadIdx.x & 31;
-    int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int r = block * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= rows) return;  // the whole warp leaves: no barrier is left waiting
     const W* row = w + (long long)r * d;
     S* out = copy ? copy + (long long)r * d : nullptr;
@@ -560,9 +560,10 @@ template <typename Z, typename S, typename A>
 __device__ void logits_tile(const Z* z, S* stash, int rows, int ct, int lo, int k,
                             const A* w_inv, const double* row_scale, const long long* labels,
                             const double* target_logit, const int* target_sub,
-                            const double* rules, double filter, A* tile_max, double* stats) {
+                            const double* rules, double filter, A* tile_max, double* stats,
+                            int block) {
     __shared__ double shared[32];
-    int r = blockIdx.x;
+    int r = block;
     if (r >= rows) return;
     const Z* row = z + (long long)r * ct;
     S* out = stash + (long long)r * ct;
@@ -725,8 +726,9 @@ __device__ double tile_factor(double weight, double scale, double tile_max, doub
 template <typename X, typename S, typename A>
 __device__ void tile_rows(const A* dxt, const A* prev_max, A* dxhat, const X* x,
                           const double* norms, const A* tile_max, S* xs, const double* lse,
-                          const double* row_weight, const double* row_scale, int rows, int d) {
-    int r = blockIdx.x;
+                          const double* row_weight, const double* row_scale, int rows, int d,
+                          int block) {
+    int r = block;
     if (r >= rows) return;
     long long at = (long long)r * d;
     if (dxt != 0) {
@@ -807,11 +809,11 @@ __device__ void target_grads(const X* x, const double* norms, const W* weight, c
 // written back from them; other rows are read twice, an element at a time.
 #define PROJECT_VECS 8
 template <typename G, typename W, typename A>
-__device__ void project_out_rows(G* g, const W* w, const A* w_inv, int rows, int d) {
+__device__ void project_out_rows(G* g, const W* w, const A* w_inv, int rows, int d, int block) {
     typedef typename Acc<G>::type GA;
     const int V = 16 / (sizeof(G) > sizeof(W) ? sizeof(G) : sizeof(W));
     int lane = threadIdx.x & 31;
-    int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int r = block * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= rows) return;  // the whole warp leaves
     G* gr = g + (long long)r * d;
     const W* wr = w + (long long)r * d;
@@ -883,28 +885,12 @@ __device__ void finish_grad_emb(T* dxhat, const T* x, const double* norms,
 // The entry points. S names the storage of the GEMM operands and the stash: f32 and f64 are
 // the exact paths (everything in T, the stash in place of the logits); bf16 and f16 the
 // half-precision path (x in float32, 16-bit operands, float32 logits, dW and dX̂, row
-// statistics in float64). weights_tile_<weight>_<S> reads the weight in its own dtype.
-#define ENTRY_COMMON(X, S, A, N)                                                               \
+// statistics in float64). Entries named <weight>_<S> read the weight in its own dtype.
+#define ENTRY_COMMON(X, S, N)                                                                  \
     extern "C" __global__ void normalize_rows_##N(const X* x, S* xhat, double* norms, int rows, \
                                                   int d, int* bad) {                           \
         normalize_rows<X, S>(x, xhat, norms, rows, d, bad);                                     \
-    }                                                                                          \
-    extern "C" __global__ void logits_tile_##N(                                                \
-        const A* z, S* stash, int rows, int ct, int lo, int k, const A* w_inv,                 \
-        const double* row_scale, const long long* labels, const double* target_logit,          \
-        const int* target_sub, const double* rules, double filter, A* tile_max,                \
-        double* stats) {                                                                       \
-        logits_tile<A, S, A>(z, stash, rows, ct, lo, k, w_inv, row_scale, labels, target_logit, \
-                             target_sub, rules, filter, tile_max, stats);                      \
-    }                                                                                          \
-    extern "C" __global__ void tile_rows_##N(                                                  \
-        const A* dxt, const A* prev_max, A* dxhat, const X* x, const double* norms,            \
-        const A* tile_max, S* xs, const double* lse, const double* row_weight,                 \
-        const double* row_scale, int rows, int d) {                                            \
-        tile_rows<X, S, A>(dxt, prev_max, dxhat, x, norms, tile_max, xs, lse, row_weight,      \
-                           row_scale, rows, d);                                                \
-    }                                                                                          \
-
+    }
 
 // targets_<weight> and target_grads_<weight>: x̂ (or x) in X, the weight (and dW) in W.
 #define ENTRY_TARGETS(X, W, A, N)                                                              \
@@ -928,18 +914,56 @@ __device__ void finish_grad_emb(T* dxhat, const T* x, const double* norms,
                               dxhat, dw);                                                      \
     }
 
-#define ENTRY_WEIGHTS(W, S, A, N)                                                              \
-    extern "C" __global__ void weights_tile_##N(const W* w, S* copy, A* w_inv, int rows,       \
-                                                int d, int first, int* bad) {                  \
-        weights_tile<W, S, A>(w, copy, w_inv, rows, d, first, bad);                            \
+// The class tiles' passes run side by side, two or three to a launch, each in its own range
+// of blocks and seeing its own block index: a launch costs the GPU a ramp up and down (and
+// the host a driver call), a class tile had seven of them, and passes that neither read
+// what the other writes need not wait for each other. Each takes 256 threads a block (one
+// per row: logits_tile, tile_rows; or 8 centres of a warp each: weights_tile,
+// project_out_rows). W is the weight's (and dW's) type, S the GEMM operands', A the
+// arithmetic's (and the logits', dX̂'s and x's on these paths).
+//
+// logits_and_weights_<weight>_<S>, around tile t's logits GEMM: tile t's logits pass
+// (blocks 0 .. rows; rows = 0 for none), then the weights pass (next_rows centres; 0 for
+// none) of tile t + 1 (its inverse norms, on a call's first row chunk, and its 16-bit copy
+// where the weight is staged), which tile t + 1's GEMM reads.
+#define ENTRY_LOGITS_WEIGHTS(W, S, A, N)                                                       \
+    extern "C" __global__ void logits_and_weights_##N(                                         \
+        const A* z, S* stash, int rows, int ct, int lo, int k, const A* w_inv,                 \
+        const double* row_scale, const long long* labels, const double* target_logit,          \
+        const int* target_sub, const double* rules, double filter, A* tile_max,                \
+        double* stats, const W* w, S* copy, A* next_w_inv, int next_rows, int d, int next_lo,  \
+        int* bad) {                                                                            \
+        int block = blockIdx.x;                                                                \
+        if (block < rows)                                                                      \
+            logits_tile<A, S, A>(z, stash, rows, ct, lo, k, w_inv, row_scale, labels,          \
+                                 target_logit, target_sub, rules, filter, tile_max, stats,     \
+                                 block);                                                       \
+        else                                                                                   \
+            weights_tile<W, S, A>(w, copy, next_w_inv, next_rows, d, next_lo, bad,             \
+                                  block - rows);                                               \
     }
 
-// project_out_rows_<dW>_<centres>: the weight gradient in G, the centres read in W.
-#define ENTRY_PROJECT(G, W, N)                                                                 \
-    extern "C" __global__ void project_out_rows_##N(G* g, const W* w,                          \
-                                                    const typename Acc<W>::type* w_inv,        \
-                                                    int rows, int d) {                         \
-        project_out_rows<G, W, typename Acc<W>::type>(g, w, w_inv, rows, d);                   \
+// between_tiles_<weight>_<S>, between tile t - 1's gradient GEMMs and tile t's: tile t - 1's
+// projection of dW along the centres its GEMMs read (proj_rows centres; 0 for none), tile
+// t's row factors (tile_rows: `rows` blocks; 0 for none) and, where the weight is staged
+// into scratch (B > D), tile t's 16-bit centres (copy_rows; 0 for none), into the other of
+// the two scratch copies than the one the projection reads.
+#define ENTRY_BETWEEN(W, S, A, N)                                                              \
+    extern "C" __global__ void between_tiles_##N(                                              \
+        W* dw, const S* centres, const A* w_inv, int proj_rows, const A* dxt,                  \
+        const A* prev_max, A* dxhat, const A* x, const double* norms, const A* tile_max,       \
+        S* xs, const double* lse, const double* row_weight, const double* row_scale, int rows, \
+        const W* w, S* copy, int copy_rows, int d) {                                           \
+        int warps = blockDim.x >> 5;                                                           \
+        int proj_blocks = (proj_rows + warps - 1) / warps;                                     \
+        int block = blockIdx.x;                                                                \
+        if (block < proj_blocks)                                                               \
+            project_out_rows<W, S, A>(dw, centres, w_inv, proj_rows, d, block);                \
+        else if ((block -= proj_blocks) < rows)                                                \
+            tile_rows<A, S, A>(dxt, prev_max, dxhat, x, norms, tile_max, xs, lse, row_weight,  \
+                               row_scale, rows, d, block);                                     \
+        else                                                                                   \
+            weights_tile<W, S, A>(w, copy, nullptr, copy_rows, d, 0, nullptr, block - rows);   \
     }
 
 #define ENTRY_FINISH(T, N)                                                                     \
@@ -948,26 +972,24 @@ __device__ void finish_grad_emb(T* dxhat, const T* x, const double* norms,
         finish_grad_emb<T>(dxhat, x, norms, norm_term, rows, d);                               \
     }
 
-ENTRY_COMMON(float, float, float, f32)
-ENTRY_COMMON(double, double, double, f64)
-ENTRY_COMMON(float, bf16, float, bf16)
-ENTRY_COMMON(float, f16, float, f16)
+#define ENTRY_TILES(W, S, A, N)                                                                \
+    ENTRY_LOGITS_WEIGHTS(W, S, A, N)                                                           \
+    ENTRY_BETWEEN(W, S, A, N)
+
+ENTRY_COMMON(float, float, f32)
+ENTRY_COMMON(double, double, f64)
+ENTRY_COMMON(float, bf16, bf16)
+ENTRY_COMMON(float, f16, f16)
 ENTRY_TARGETS(float, float, float, f32)
 ENTRY_TARGETS(double, double, double, f64)
 ENTRY_TARGETS(float, bf16, float, bf16)
 ENTRY_TARGETS(float, f16, float, f16)
-ENTRY_WEIGHTS(float, float, float, f32_f32)
-ENTRY_WEIGHTS(double, double, double, f64_f64)
-ENTRY_WEIGHTS(float, bf16, float, f32_bf16)
-ENTRY_WEIGHTS(bf16, bf16, float, bf16_bf16)
-ENTRY_WEIGHTS(float, f16, float, f32_f16)
-ENTRY_WEIGHTS(f16, f16, float, f16_f16)
-ENTRY_PROJECT(float, float, f32_f32)
-ENTRY_PROJECT(double, double, f64_f64)
-ENTRY_PROJECT(float, bf16, f32_bf16)
-ENTRY_PROJECT(bf16, bf16, bf16_bf16)
-ENTRY_PROJECT(float, f16, f32_f16)
-ENTRY_PROJECT(f16, f16, f16_f16)
+ENTRY_TILES(float, float, float, f32_f32)
+ENTRY_TILES(double, double, double, f64_f64)
+ENTRY_TILES(float, bf16, float, f32_bf16)
+ENTRY_TILES(bf16, bf16, float, bf16_bf16)
+ENTRY_TILES(float, f16, float, f32_f16)
+ENTRY_TILES(f16, f16, float, f16_f16)
 ENTRY_FINISH(float, f32)
 ENTRY_FINISH(double, f64)
 

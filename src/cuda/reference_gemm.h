@@ -147,3 +147,48 @@ static int typed_gemm(int in_type, int out_type, bool tf32, int ta, int tb, int 
             return GEMM_NOT_SUPPORTED;
     }
 }
+
+static size_t type_size(int type) {
+    return type == TYPE_R_64F ? 8 : type == TYPE_R_32F ? 4 : 2;
+}
+
+// `batch` products of typed_gemm, product i with A, B and C `stride_* · i` elements on
+// (cuBLAS's strided batched GEMMs). The products may run at once on a GPU, so one whose C
+// overlaps another's A, B or C is refused, like a C overlapping its own operands.
+static int batched_gemm(int in_type, int out_type, bool tf32, int ta, int tb, int m, int n,
+                        int k, double alpha, const void* a, int lda, long long stride_a,
+                        const void* b, int ldb, long long stride_b, double beta, void* c,
+                        int ldc, long long stride_c, int batch) {
+    if (batch < 0 || stride_a < 0 || stride_b < 0 || stride_c < 0) return GEMM_INVALID_VALUE;
+    size_t in = type_size(in_type), out = type_size(out_type);
+    auto nth = [](const void* p, long long stride, int i, size_t size) {
+        return (const char*)p + stride * i * (long long)size;
+    };
+    auto span = [](const char* p, int ld, int rows, int cols, size_t size) {
+        return std::make_pair(p, p + ((long long)(cols - 1) * ld + rows) * size);
+    };
+    auto overlap = [](std::pair<const char*, const char*> x,
+                      std::pair<const char*, const char*> y) {
+        return x.first < y.second && y.first < x.second;
+    };
+    if (m > 0 && n > 0 && k > 0)
+        for (int i = 0; i < batch; ++i)
+            for (int j = 0; j < batch; ++j) {
+                if (i == j) continue;  // typed_gemm checks a product against itself
+                auto c_i = span(nth(c, stride_c, i, out), ldc, m, n, out);
+                auto a_j = ta == GEMM_OP_N ? span(nth(a, stride_a, j, in), lda, m, k, in)
+                                           : span(nth(a, stride_a, j, in), lda, k, m, in);
+                auto b_j = tb == GEMM_OP_N ? span(nth(b, stride_b, j, in), ldb, k, n, in)
+                                           : span(nth(b, stride_b, j, in), ldb, n, k, in);
+                auto c_j = span(nth(c, stride_c, j, out), ldc, m, n, out);
+                if (overlap(c_i, a_j) || overlap(c_i, b_j) || overlap(c_i, c_j))
+                    return GEMM_INVALID_VALUE;
+            }
+    for (int i = 0; i < batch; ++i) {
+        int status = typed_gemm(in_type, out_type, tf32, ta, tb, m, n, k, alpha,
+                                nth(a, stride_a, i, in), lda, nth(b, stride_b, i, in), ldb,
+                                beta, (void*)nth(c, stride_c, i, out), ldc);
+        if (status != GEMM_OK) return status;
+    }
+    return GEMM_OK;
+}

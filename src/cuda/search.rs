@@ -455,6 +455,10 @@ pub fn search(
                 beta,
                 c: s.scores + (first * scores.size()) as u64,
                 ldc: plan.tile,
+                batch: 1,
+                stride_a: 0,
+                stride_b: 0,
+                stride_c: 0,
             }
         };
         if scan {

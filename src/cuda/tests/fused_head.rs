@@ -235,6 +235,7 @@ fn head_equals_the_cpu_head_with_interclass_filtering() {
     let tiling = Tiling {
         class_tile: 7,
         stash_budget_bytes: 1 << 20,
+        ..Tiling::default()
     };
     let filter = HeadOptions {
         sub_centers: 1,
@@ -254,6 +255,7 @@ fn head_equals_the_cpu_head_with_interclass_filtering() {
             Tiling {
                 class_tile: 5,
                 stash_budget_bytes: 3 * 19 * 8,
+                ..Tiling::default()
             },
             1e-10,
         );
@@ -301,12 +303,14 @@ fn head_equals_the_cpu_head_with_sub_centres() {
                     let tiling = Tiling {
                         class_tile: 7,
                         stash_budget_bytes: budget,
+                        ..Tiling::default()
                     };
                     check_with::<f64>(b, 12 * k, d, margin.into(), head, tiling, 1e-10);
                 }
                 let tiling = Tiling {
                     class_tile: 7,
                     stash_budget_bytes: 1 << 20,
+                    ..Tiling::default()
                 };
                 check_with::<f32>(5, 12 * k, 8, margin.into(), head, tiling, 2e-4);
             }
@@ -320,10 +324,62 @@ fn head_equals_the_cpu_head_with_the_stash_in_the_gradient() {
     let tiling = Tiling {
         class_tile: 7,
         stash_budget_bytes: 1 << 20,
+        ..Tiling::default()
     };
     for margin in margins() {
         check::<f64>(5, 23, 8, &margin, tiling, 1e-10);
         check::<f32>(5, 23, 8, &margin, tiling, 2e-4);
+    }
+}
+
+#[test]
+fn a_class_tile_costs_four_launches_two_of_them_gemms() {
+    // the logits GEMM and the logits pass beside the next tile's weights pass; the pass
+    // between tiles (the last tile's projection of dW beside this tile's row factors) and
+    // the dW GEMM. The dX̂ products come from batched GEMMs, one or two a group of tiles
+    // (the spilled last stash is not where the others are). With the stash in dW (B <= D)
+    // and without (B > D).
+    let margin = Margin::arcface(30.0, 0.5, false).unwrap();
+    for (b, d) in [(4, 8), (12, 8)] {
+        let emb = matrix::<f32>(1, b, d);
+        let weight = matrix::<f32>(2, 40, d);
+        let labels: Vec<i64> = (0..b).map(|i| (i * 7 % 40) as i64).collect();
+        let row_weight = vec![1.0; b];
+        let per_tile = calls_per_class_tile(|tiling| {
+            let got = emulate(
+                &emb,
+                &weight,
+                &labels,
+                (&margin).into(),
+                HeadOptions::default(),
+                &row_weight,
+                (true, true),
+                tiling,
+                None,
+            );
+            assert_eq!(got.bad, [0, 0, 0]);
+        });
+        assert_eq!(per_tile, 4, "b={b} d={d}");
+    }
+}
+
+#[test]
+fn head_equals_the_cpu_head_over_groups_of_batched_dx_products() {
+    // 8 tiles of 5: the dX̂ products of groups of 1, 3 (3 + 3 + 2) or 5 tiles in batched
+    // GEMMs, with the stash in dW (B <= D: the last tile's spilled) and in a chunk's stash
+    // (B > D). A group's GEMM must come after the launch that reads the previous group's
+    // last product, whose slot it reuses.
+    let margin = Margin::arcface(30.0, 0.5, false).unwrap();
+    for b in [5, 12] {
+        for group in [1, 3, 5] {
+            let tiling = |size: usize| Tiling {
+                class_tile: 5,
+                dx_products_bytes: group * b * 8 * size,
+                ..Tiling::default()
+            };
+            check::<f64>(b, 40, 8, &margin, tiling(8), 1e-10);
+            check::<f32>(b, 40, 8, &margin, tiling(4), 2e-4);
+        }
     }
 }
 
@@ -345,6 +401,7 @@ fn head_equals_the_cpu_head_with_rows_sharing_a_target() {
                 let tiling = Tiling {
                     class_tile: 2 * k,
                     stash_budget_bytes: budget,
+                    ..Tiling::default()
                 };
                 check_with::<f64>(12, c, d, (&margin).into(), head, tiling, 1e-10);
             }
@@ -361,6 +418,7 @@ fn head_equals_the_cpu_head_with_four_columns_a_load() {
         let tiling = Tiling {
             class_tile: 8,
             stash_budget_bytes: budget,
+            ..Tiling::default()
         };
         // the margins' math is shared with the one-by-one loops: a plain, a feature-norm
         // and two hard-negative rules cover what the quads change
@@ -393,6 +451,7 @@ fn head_equals_the_cpu_head_with_tiles_wider_than_a_block_s_loads() {
     let tiling = Tiling {
         class_tile: 4616,
         stash_budget_bytes: 1 << 20,
+        ..Tiling::default()
     };
     let c = 2 * 4616 + 24;
     let labels = [1030, 3001, -1, 4100, 4615, 4616 + 3502, 2 * 4616 + 21];
@@ -426,6 +485,7 @@ fn a_target_logit_far_above_its_tile_s_others_sets_the_tile_max() {
     let tiling = Tiling {
         class_tile: 4,
         stash_budget_bytes: 1 << 20,
+        ..Tiling::default()
     };
     let arc = Margin::arcface(64.0, 0.5, false).unwrap();
     let none = HeadOptions::default();
@@ -443,6 +503,7 @@ fn head_equals_the_cpu_head_over_weight_row_lengths() {
     let tiling = Tiling {
         class_tile: 8,
         stash_budget_bytes: 1 << 20,
+        ..Tiling::default()
     };
     for d in [3, 6, 12, 1030, 2052] {
         check::<f64>(4, 13, d, &arc, tiling, 1e-10);
@@ -455,6 +516,7 @@ fn head_equals_the_cpu_head_with_one_margin_per_row() {
     let tiling = Tiling {
         class_tile: 7,
         stash_budget_bytes: 1 << 20,
+        ..Tiling::default()
     };
     let arc: Vec<Margin> = (0..5)
         .map(|i| Margin::arcface(64.0, 0.15 * i as f64, false).unwrap())
@@ -534,6 +596,7 @@ fn head_equals_the_cpu_head_over_row_chunks() {
     let tiling = Tiling {
         class_tile: 5,
         stash_budget_bytes: 3 * c * 8,
+        ..Tiling::default()
     };
     for margin in margins() {
         check::<f64>(11, c, 4, &margin, tiling, 1e-10);
@@ -668,6 +731,7 @@ fn sharded_head_equals_the_whole_cpu_head() {
         let tiling = Tiling {
             class_tile: 5,
             stash_budget_bytes: budget,
+            ..Tiling::default()
         };
         let emb = matrix::<f64>(7, b, d).mapv(|v| v * 3.0);
         let weight = matrix::<f64>(8, c, d);

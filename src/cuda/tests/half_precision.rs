@@ -123,6 +123,7 @@ fn half_precision_head_is_within_its_rounding_of_the_float64_head() {
             Tiling {
                 class_tile: 8,
                 stash_budget_bytes: 1 << 20,
+                ..Tiling::default()
             },
         ),
         (
@@ -132,6 +133,7 @@ fn half_precision_head_is_within_its_rounding_of_the_float64_head() {
             Tiling {
                 class_tile: 7,
                 stash_budget_bytes: 5 * 29 * 2,
+                ..Tiling::default()
             },
         ),
         // 12 columns: a float32 weight's rows go by 16-byte accesses, a 16-bit one's
@@ -143,6 +145,7 @@ fn half_precision_head_is_within_its_rounding_of_the_float64_head() {
             Tiling {
                 class_tile: 4,
                 stash_budget_bytes: 1 << 20,
+                ..Tiling::default()
             },
         ),
     ] {
@@ -218,6 +221,7 @@ fn half_precision_head_flags_bad_rows_and_labels() {
             Tiling {
                 class_tile: 4,
                 stash_budget_bytes: 1 << 20,
+                ..Tiling::default()
             },
         );
         // row 3 (label -3) is the highest bad label row; class 5 the bad centre
@@ -250,9 +254,46 @@ fn tf32_gemms_round_their_inputs_to_ten_bits() {
             beta: 0.0,
             c: c.as_mut_ptr() as u64,
             ldc: 1,
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
         };
         crate::cuda::device::gemm(Emulator::get(), g).unwrap();
         assert_eq!(c[0], want, "tf32={tf32}");
+    }
+}
+
+#[test]
+fn a_half_precision_class_tile_costs_four_launches_or_five_when_staged_in_scratch() {
+    // as on the exact paths, a float32 weight's 16-bit copy made in the launch before the
+    // tile's logits GEMM; but where B > D the copy is made again in scratch in the gradient
+    // pass, in the launch between tiles, and does not last: each tile then takes its own
+    // dX̂ GEMM
+    let margin = Margin::cosface(16.0, 0.35).unwrap();
+    for (b, d) in [(4, 8), (12, 8)] {
+        let emb = matrix::<f64>(31, b, d);
+        let weight = matrix::<f64>(32, 40, d);
+        let labels: Vec<i64> = (0..b).map(|i| (i * 11 % 40) as i64).collect();
+        let rows = vec![0.5; b];
+        for weight_f32 in [true, false] {
+            let per_tile = calls_per_class_tile(|tiling| {
+                let got = emulate_half(
+                    &emb,
+                    &weight,
+                    &labels,
+                    &margin,
+                    (Elem::Bf16, false),
+                    weight_f32,
+                    &rows,
+                    tiling,
+                );
+                assert_eq!(got.bad, [0, 0, 0]);
+            });
+            let staged_in_scratch = weight_f32 && b > d;
+            let want = if staged_in_scratch { 5 } else { 4 };
+            assert_eq!(per_tile, want, "b={b} d={d} weight_f32={weight_f32}");
+        }
     }
 }
 
@@ -276,6 +317,7 @@ fn tf32_head_is_within_tf32_rounding_of_the_float64_head() {
     let tiling = Tiling {
         class_tile: 8,
         stash_budget_bytes: 1 << 20,
+        ..Tiling::default()
     };
     let errors: Vec<f64> = [false, true]
         .into_iter()

@@ -161,6 +161,27 @@ fn matrix<T: Real>(seed: u64, rows: usize, cols: usize) -> Array2<T> {
     .unwrap()
 }
 
+/// Launches and GEMMs per class tile of a head call that `run` makes over 40 classes with
+/// the class tile it is given: what 8 tiles cost beyond 5, a third of it.
+fn calls_per_class_tile(run: impl Fn(Tiling)) -> usize {
+    let calls = |class_tile| {
+        let before = Emulator::calls_on_this_thread();
+        run(Tiling {
+            class_tile,
+            stash_budget_bytes: 1 << 20,
+            ..Tiling::default()
+        });
+        Emulator::calls_on_this_thread() - before
+    };
+    let (five_tiles, eight_tiles) = (calls(8), calls(5));
+    assert_eq!(
+        (eight_tiles - five_tiles) % 3,
+        0,
+        "{five_tiles} {eight_tiles}"
+    );
+    (eight_tiles - five_tiles) / 3
+}
+
 struct Emulated<T> {
     row_loss: Vec<f64>,
     grad_emb: Option<Array2<T>>,
