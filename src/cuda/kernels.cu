@@ -925,7 +925,9 @@ __device__ void finish_grad_emb(T* dxhat, const T* x, const double* norms,
 // logits_and_weights_<weight>_<S>, around tile t's logits GEMM: tile t's logits pass
 // (blocks 0 .. rows; rows = 0 for none), then the weights pass (next_rows centres; 0 for
 // none) of tile t + 1 (its inverse norms, on a call's first row chunk, and its 16-bit copy
-// where the weight is staged), which tile t + 1's GEMM reads.
+// where the weight is staged), which tile t + 1's GEMM reads. The logits pass has the first
+// blocks, which a GPU starts first: it reads the logits its GEMM has just written, likely
+// still in L2, before the weights pass streams the next tile's centres through it.
 #define ENTRY_LOGITS_WEIGHTS(W, S, A, N)                                                       \
     extern "C" __global__ void logits_and_weights_##N(                                         \
         const A* z, S* stash, int rows, int ct, int lo, int k, const A* w_inv,                 \
