@@ -372,7 +372,7 @@ def main() -> None:
         "--ours-only",
         action="store_true",
         help="the head: arcface_rs and the GEMM floors only, no accuracy check (for comparing "
-        "settings such as ARCFACE_RS_CUDA_CLASS_TILE)",
+        "settings such as ARCFACE_RS_CUDA_CLASS_TILE and ARCFACE_RS_CUDA_DX_BATCH)",
     )
     args = parser.parse_args()
     if not afr.cuda_available():

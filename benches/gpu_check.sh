@@ -4,7 +4,7 @@
 #
 #   bash benches/gpu_check.sh          everything (about 6 minutes on an H200)
 #   bash benches/gpu_check.sh head     the head's GPU tests, its benchmark, its profile and
-#                                      three class tiles (about 4 minutes)
+#                                      three tilings (about 4 minutes)
 #   bash benches/gpu_check.sh search   the gallery's GPU tests, the search benchmark and
 #                                      the profiles of a 1- and a 1024-query search
 #
@@ -41,11 +41,14 @@ if [ "$MODE" = head ]; then
     echo "== where a step's time goes (bf16 autocast, C=1M), with each pass's bandwidth"
     timeout 90 "$PY" benches/profile_cuda.py --mode autocast || echo "== profile FAILED (rc $?)"
     # smaller class tiles keep more of a tile's logits and dW in L2 between the kernels that
-    # write and read them, at more launches; the default is 16384
-    for tile in 4096 8192 32768; do
-        echo "== the head with ARCFACE_RS_CUDA_CLASS_TILE=$tile"
-        ARCFACE_RS_CUDA_CLASS_TILE=$tile timeout 45 "$PY" benches/bench_cuda.py --part head \
-            --ours-only || echo "== tile $tile FAILED (rc $?)"
+    # write and read them, at more launches (the default is 16384); a dX̂ batch of one tile
+    # lets each tile's dW GEMM and projection find its stash and centres in L2 after its dX̂
+    # GEMM, at a dX̂ GEMM per tile (the default batches up to 64 MiB of products)
+    for setting in "ARCFACE_RS_CUDA_CLASS_TILE=8192" "ARCFACE_RS_CUDA_DX_BATCH=1" \
+        "ARCFACE_RS_CUDA_CLASS_TILE=8192 ARCFACE_RS_CUDA_DX_BATCH=1"; do
+        echo "== the head with $setting"
+        env $setting timeout 45 "$PY" benches/bench_cuda.py --part head --ours-only \
+            || echo "== $setting FAILED (rc $?)"
     done
     exit 0
 fi

@@ -160,7 +160,7 @@ pub struct Carver {
 }
 
 /// cuBLAS and vector loads want aligned operands; 256 bytes is what cudaMalloc guarantees.
-const ALIGN: usize = 256;
+pub(crate) const ALIGN: usize = 256;
 
 impl Carver {
     pub fn new(base: u64) -> Self {

@@ -60,8 +60,9 @@ fn simd_level() -> &'static str {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // An ARCFACE_RS_SIMD the CPU cannot honour is refused at import, not silently ignored.
     crate::kernels::simd_check().map_err(pyo3::exceptions::PyValueError::new_err)?;
-    // ...and so is an ARCFACE_RS_CUDA_CLASS_TILE out of range: every process (every rank of
-    // a sharded head) fails here, none in the middle of a collective.
+    // ...and so is an ARCFACE_RS_CUDA_CLASS_TILE or ARCFACE_RS_CUDA_DX_BATCH out of range:
+    // every process (every rank of a sharded head) fails here, none in the middle of a
+    // collective.
     #[cfg(feature = "cuda")]
     crate::cuda::head::Tiling::configured().map_err(convert::to_py_err)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;

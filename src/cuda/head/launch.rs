@@ -180,10 +180,13 @@ pub(super) fn fused(
         // is short or missing (the last tile, and the one before a short last). A parked
         // copy sits `tile · d` elements after the stash: the second half of tile t + 1's
         // float32 rows (the stash, rows ≤ d by `stash_in_grad`, fits the first).
+        let spilled = |t: usize| {
+            plan.stash_in_grad && (t + 1 >= plan.tiles || c - (t + 1) * plan.tile < plan.tile)
+        };
         let park = |t: usize| {
             if !plan.stash_in_grad {
                 at(s.stash, t * plan.tile * rows, sz)
-            } else if t + 1 < plan.tiles && c - (t + 1) * plan.tile >= plan.tile {
+            } else if !spilled(t) {
                 at(buf.grad_weight, (t + 1) * plan.tile * d, wsz)
             } else {
                 at(s.spill, (t % 2) * plan.spill_slot(shape), sz)
@@ -397,8 +400,11 @@ pub(super) fn fused(
                     if let (Some(x), Some(y)) = (stride(a, park(t + 1)), stride(w, centres(t + 1)))
                     {
                         (sa, sb) = (x, y);
+                        // (a spilled stash joins only spilled ones: where the scratch lies
+                        // against dW must not change the launches)
                         while t + n < to
                             && tile_span(t + n).1 == width
+                            && spilled(t + n) == spilled(t)
                             && park(t + n) == a + n as u64 * sa
                             && centres(t + n) == w + n as u64 * sb
                         {

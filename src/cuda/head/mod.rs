@@ -34,8 +34,8 @@ mod launch;
 mod tiling;
 
 pub use tiling::{
-    class_tile_from, workspace_bytes, workspace_bytes_shard, Tiling, CLASS_TILE, CLASS_TILE_RANGE,
-    CLASS_TILE_STEP, DX_PRODUCTS_BYTES, STASH_BUDGET_BYTES,
+    class_tile_from, dx_batch_from, workspace_bytes, workspace_bytes_shard, Tiling, CLASS_TILE,
+    CLASS_TILE_RANGE, CLASS_TILE_STEP, DX_BATCH_MAX, DX_PRODUCTS_BYTES, STASH_BUDGET_BYTES,
 };
 
 use super::device::{Arg, Device, Elem};

@@ -24,6 +24,9 @@ pub struct Tiling {
     pub stash_budget_bytes: usize,
     /// Most scratch for the dX̂ products of a group of tiles ([`DX_PRODUCTS_BYTES`]).
     pub dx_products_bytes: usize,
+    /// Most tiles a group may hold (`ARCFACE_RS_CUDA_DX_BATCH`); None: as many as
+    /// `dx_products_bytes` hold.
+    pub dx_batch_tiles: Option<usize>,
 }
 
 impl Default for Tiling {
@@ -32,6 +35,7 @@ impl Default for Tiling {
             class_tile: CLASS_TILE,
             stash_budget_bytes: STASH_BUDGET_BYTES,
             dx_products_bytes: DX_PRODUCTS_BYTES,
+            dx_batch_tiles: None,
         }
     }
 }
@@ -59,28 +63,55 @@ pub fn class_tile_from(value: Option<&str>) -> std::result::Result<usize, String
     }
 }
 
+/// Most tiles `ARCFACE_RS_CUDA_DX_BATCH` may put in one batched dX̂ GEMM.
+pub const DX_BATCH_MAX: usize = 4096;
+
+/// The tiles a batched dX̂ GEMM may take at most that `ARCFACE_RS_CUDA_DX_BATCH` asks for
+/// (None when unset or empty: as many as [`DX_PRODUCTS_BYTES`] of products hold), or why it
+/// is refused.
+pub fn dx_batch_from(value: Option<&str>) -> std::result::Result<Option<usize>, String> {
+    let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    match value.parse::<usize>() {
+        Ok(tiles) if (1..=DX_BATCH_MAX).contains(&tiles) => Ok(Some(tiles)),
+        _ => Err(format!(
+            "{value:?} is not a whole number from 1 to {DX_BATCH_MAX} (unset: as many \
+             tiles as {} MiB of products hold)",
+            DX_PRODUCTS_BYTES >> 20
+        )),
+    }
+}
+
 impl Tiling {
     /// The tiling of calls from Python: [`CLASS_TILE`] classes a tile unless
-    /// `ARCFACE_RS_CUDA_CLASS_TILE` sets another. It is read once per process (the
-    /// workspace a call is given and the call itself must agree); it is a tuning knob for
-    /// benchmarks: smaller tiles keep more of a tile's logits and dW in a GPU's L2 cache
-    /// between the kernels that write and read them, at more launches.
+    /// `ARCFACE_RS_CUDA_CLASS_TILE` sets another, and dX̂ products batched as
+    /// [`DX_PRODUCTS_BYTES`] allow unless `ARCFACE_RS_CUDA_DX_BATCH` caps the tiles a batch.
+    /// They are read once per process (the workspace a call is given and the call itself
+    /// must agree); they are tuning knobs for benchmarks: smaller tiles keep more of a
+    /// tile's logits and dW in a GPU's L2 cache between the kernels that write and read
+    /// them, at more launches; a batch of one tile lets a tile's dW GEMM and projection read
+    /// the stash and centres its dX̂ GEMM has just read (likely still in L2), at a dX̂ GEMM
+    /// per tile whose shape fills the GPU only by splitting K.
     pub fn configured() -> Result<Tiling> {
         use std::sync::OnceLock;
-        static TILE: OnceLock<std::result::Result<usize, String>> = OnceLock::new();
-        let tile = TILE.get_or_init(|| {
-            class_tile_from(std::env::var("ARCFACE_RS_CUDA_CLASS_TILE").ok().as_deref())
-        });
-        match tile {
-            Ok(class_tile) => Ok(Tiling {
-                class_tile: *class_tile,
+        type Configured = std::result::Result<Tiling, (&'static str, String)>;
+        static TILING: OnceLock<Configured> = OnceLock::new();
+        let tiling = TILING.get_or_init(|| {
+            let read = |name: &'static str| std::env::var(name).ok();
+            let class_tile = class_tile_from(read("ARCFACE_RS_CUDA_CLASS_TILE").as_deref())
+                .map_err(|m| ("ARCFACE_RS_CUDA_CLASS_TILE", m))?;
+            let dx_batch_tiles = dx_batch_from(read("ARCFACE_RS_CUDA_DX_BATCH").as_deref())
+                .map_err(|m| ("ARCFACE_RS_CUDA_DX_BATCH", m))?;
+            Ok(Tiling {
+                class_tile,
+                dx_batch_tiles,
                 ..Tiling::default()
-            }),
-            Err(message) => Err(Error::invalid(
-                "ARCFACE_RS_CUDA_CLASS_TILE",
-                message.clone(),
-            )),
-        }
+            })
+        });
+        tiling
+            .clone()
+            .map_err(|(name, message)| Error::invalid(name, message))
     }
 }
 
@@ -126,7 +157,9 @@ impl Plan {
         let dx_group = if shape.stages_weight() && !stash_in_grad {
             1
         } else {
-            (tiling.dx_products_bytes / product_bytes).clamp(1, tiles.max(1))
+            (tiling.dx_products_bytes / product_bytes)
+                .min(tiling.dx_batch_tiles.unwrap_or(usize::MAX))
+                .clamp(1, tiles.max(1))
         };
         Plan {
             tile,

@@ -1,11 +1,11 @@
 //! The fused head on the emulator against the CPU head: margins, filters, sub-centres,
-//! per-row margins, row chunks, shards, bad rows.
+//! per-row margins, shards, bad rows (how a call is cut: `tiling`).
 
 use super::*;
 
 /// The fused head on the emulator, as one shard of a sharded head when `shard` is given.
 #[allow(clippy::too_many_arguments)]
-fn emulate<T: Real>(
+pub(super) fn emulate<T: Real>(
     emb: &Array2<T>,
     weight: &Array2<T>,
     labels: &[i64],
@@ -105,7 +105,7 @@ fn assert_close<T: Real>(what: &str, got: &Array2<T>, want: &Array2<T>, tol: f64
 }
 
 /// The emulated GPU head equals the CPU head: row losses, both gradients.
-fn check<'m, T: Real>(
+pub(super) fn check<'m, T: Real>(
     b: usize,
     c: usize,
     d: usize,
@@ -213,7 +213,7 @@ fn check_problem<T: Real>(
     }
 }
 
-fn margins() -> Vec<Margin> {
+pub(super) fn margins() -> Vec<Margin> {
     vec![
         Margin::arcface(64.0, 0.5, false).unwrap(),
         Margin::arcface(30.0, 0.5, true).unwrap(),
@@ -314,71 +314,6 @@ fn head_equals_the_cpu_head_with_sub_centres() {
                 };
                 check_with::<f32>(5, 12 * k, 8, margin.into(), head, tiling, 2e-4);
             }
-        }
-    }
-}
-
-#[test]
-fn head_equals_the_cpu_head_with_the_stash_in_the_gradient() {
-    // B <= D: the stash lives in dW's rows; tiles of 7 leave a short last tile.
-    let tiling = Tiling {
-        class_tile: 7,
-        stash_budget_bytes: 1 << 20,
-        ..Tiling::default()
-    };
-    for margin in margins() {
-        check::<f64>(5, 23, 8, &margin, tiling, 1e-10);
-        check::<f32>(5, 23, 8, &margin, tiling, 2e-4);
-    }
-}
-
-#[test]
-fn a_class_tile_costs_four_launches_two_of_them_gemms() {
-    // the logits GEMM and the logits pass beside the next tile's weights pass; the pass
-    // between tiles (the last tile's projection of dW beside this tile's row factors) and
-    // the dW GEMM. The dX̂ products come from batched GEMMs, one or two a group of tiles
-    // (the spilled last stash is not where the others are). With the stash in dW (B <= D)
-    // and without (B > D).
-    let margin = Margin::arcface(30.0, 0.5, false).unwrap();
-    for (b, d) in [(4, 8), (12, 8)] {
-        let emb = matrix::<f32>(1, b, d);
-        let weight = matrix::<f32>(2, 40, d);
-        let labels: Vec<i64> = (0..b).map(|i| (i * 7 % 40) as i64).collect();
-        let row_weight = vec![1.0; b];
-        let per_tile = calls_per_class_tile(|tiling| {
-            let got = emulate(
-                &emb,
-                &weight,
-                &labels,
-                (&margin).into(),
-                HeadOptions::default(),
-                &row_weight,
-                (true, true),
-                tiling,
-                None,
-            );
-            assert_eq!(got.bad, [0, 0, 0]);
-        });
-        assert_eq!(per_tile, 4, "b={b} d={d}");
-    }
-}
-
-#[test]
-fn head_equals_the_cpu_head_over_groups_of_batched_dx_products() {
-    // 8 tiles of 5: the dX̂ products of groups of 1, 3 (3 + 3 + 2) or 5 tiles in batched
-    // GEMMs, with the stash in dW (B <= D: the last tile's spilled) and in a chunk's stash
-    // (B > D). A group's GEMM must come after the launch that reads the previous group's
-    // last product, whose slot it reuses.
-    let margin = Margin::arcface(30.0, 0.5, false).unwrap();
-    for b in [5, 12] {
-        for group in [1, 3, 5] {
-            let tiling = |size: usize| Tiling {
-                class_tile: 5,
-                dx_products_bytes: group * b * 8 * size,
-                ..Tiling::default()
-            };
-            check::<f64>(b, 40, 8, &margin, tiling(8), 1e-10);
-            check::<f32>(b, 40, 8, &margin, tiling(4), 2e-4);
         }
     }
 }
@@ -587,40 +522,6 @@ fn kernel_margins_equal_the_core_on_a_dense_grid() {
             );
         }
     }
-}
-
-#[test]
-fn head_equals_the_cpu_head_over_row_chunks() {
-    // B > D: a separate stash of 3 rows x C; dW accumulates over 4 chunks, the last short.
-    let c = 19;
-    let tiling = Tiling {
-        class_tile: 5,
-        stash_budget_bytes: 3 * c * 8,
-        ..Tiling::default()
-    };
-    for margin in margins() {
-        check::<f64>(11, c, 4, &margin, tiling, 1e-10);
-    }
-    check::<f32>(
-        11,
-        c,
-        4,
-        &Margin::arcface(64.0, 0.5, false).unwrap(),
-        Tiling {
-            stash_budget_bytes: 3 * c * 4,
-            ..tiling
-        },
-        2e-4,
-    );
-    // one tile and one chunk
-    check::<f64>(
-        3,
-        6,
-        40,
-        &Margin::cosface(64.0, 0.35).unwrap(),
-        Tiling::default(),
-        1e-10,
-    );
 }
 
 /// The classes of `weight` cut into the shards `bounds`, each run by one thread on the
@@ -851,24 +752,5 @@ fn head_refuses_empty_shapes_before_any_launch() {
             Tiling::default(),
         );
         assert_eq!(err.unwrap_err().arg, "emb", "{b} {c} {d}");
-    }
-}
-
-#[test]
-fn class_tile_comes_from_the_environment_or_is_refused() {
-    use crate::cuda::head::{class_tile_from, CLASS_TILE};
-    assert_eq!(class_tile_from(None), Ok(CLASS_TILE));
-    assert_eq!(class_tile_from(Some(" ")), Ok(CLASS_TILE));
-    assert_eq!(class_tile_from(Some("8192")), Ok(8192));
-    assert_eq!(class_tile_from(Some(" 256 ")), Ok(256));
-    assert_eq!(class_tile_from(Some("1048576")), Ok(1 << 20));
-    for bad in ["0", "128", "1000", "2097152", "-256", "8k", "16384.0"] {
-        let err = class_tile_from(Some(bad)).unwrap_err();
-        assert!(
-            err.starts_with(&format!(
-                "{bad:?} is not a multiple of 256 from 256 to 1048576"
-            )),
-            "{bad}: {err}"
-        );
     }
 }

@@ -191,4 +191,5 @@ struct Emulated<T> {
 
 mod fused_head;
 mod half_precision;
+mod tiling;
 mod top_k;

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -420,8 +422,6 @@ def test_the_fused_sharded_head_equals_the_cpu_sharded_head(tmp_path):
     bf16's rounding may be another) and 3e-3 in f16, the loss 2e-3; with sub-centres,
     Partial FC and row chunks. A bad centre on one rank makes every rank raise."""
     import socket
-    import subprocess
-    import sys
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -484,20 +484,22 @@ print("ok", afr._core.cuda_head_workspace_bytes(8, 600, 16, "float64", True))
 """
 
 
+def _tiled_head(**variables: str) -> subprocess.CompletedProcess[str]:
+    """_TILED_HEAD run in a new process with these environment variables."""
+    tests = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    env = dict(os.environ, **variables)
+    env["PYTHONPATH"] = os.pathsep.join([tests, env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-c", _TILED_HEAD], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
 @pytest.mark.parametrize("tile", ["256", "100", "16384.0"])
 def test_the_class_tile_comes_from_the_environment(tile):
     """ARCFACE_RS_CUDA_CLASS_TILE=256 cuts 600 classes into tiles of 256, 256 and 88 (the
     stash in the next tile's rows, then in scratch) with the CPU head's results; a value out
     of range or not a whole number is refused at import, with the variable's name."""
-    import subprocess
-    import sys
-
-    tests = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-    env = dict(os.environ, ARCFACE_RS_CUDA_CLASS_TILE=tile)
-    env["PYTHONPATH"] = os.pathsep.join([tests, env.get("PYTHONPATH", "")])
-    run = subprocess.run(
-        [sys.executable, "-c", _TILED_HEAD], env=env, capture_output=True, text=True, timeout=300
-    )
+    run = _tiled_head(ARCFACE_RS_CUDA_CLASS_TILE=tile)
     if tile == "256":
         assert run.returncode == 0 and run.stdout.startswith("ok"), run.stdout + run.stderr
         # three tiles' statistics and two spill slots, not one tile's: the tile is in force
@@ -506,6 +508,26 @@ def test_the_class_tile_comes_from_the_environment(tile):
     else:
         assert run.returncode == 3, run.stdout + run.stderr
         want = f'ARCFACE_RS_CUDA_CLASS_TILE: "{tile}" is not a multiple of 256 from 256 to'
+        assert run.stdout.startswith(want), run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("batch", ["1", "0", "2.5"])
+def test_the_dx_batch_comes_from_the_environment(batch):
+    """ARCFACE_RS_CUDA_DX_BATCH=1 gives each of the three tiles of 256 classes its own dX̂
+    GEMM (not one batched GEMM of three) with the CPU head's results and a smaller
+    workspace (one tile's products, not three); a value out of range or not a whole number
+    is refused at import, with the variable's name."""
+    run = _tiled_head(ARCFACE_RS_CUDA_CLASS_TILE="256", ARCFACE_RS_CUDA_DX_BATCH=batch)
+    if batch == "1":
+        assert run.returncode == 0 and run.stdout.startswith("ok"), run.stdout + run.stderr
+        batched = _tiled_head(ARCFACE_RS_CUDA_CLASS_TILE="256")
+        assert batched.returncode == 0, batched.stdout + batched.stderr
+        # two float64 products of 8 rows of 16 fewer, each buffer on a 256-byte boundary
+        fewer = int(batched.stdout.split()[1]) - int(run.stdout.split()[1])
+        assert abs(fewer - 2 * 8 * 16 * 8) < 256, (batched.stdout, run.stdout)
+    else:
+        assert run.returncode == 3, run.stdout + run.stderr
+        want = f'ARCFACE_RS_CUDA_DX_BATCH: "{batch}" is not a whole number from 1 to 4096'
         assert run.stdout.startswith(want), run.stdout + run.stderr
 
 
