@@ -46,15 +46,28 @@ pub const CLASS_TILE_RANGE: std::ops::RangeInclusive<usize> = 256..=1 << 20;
 /// boundaries of the per-class arrays and their rows are whole vector accesses.
 pub const CLASS_TILE_STEP: usize = 256;
 
+/// A whole-number setting from the environment: None when unset or empty, the number when
+/// `accept` takes it, else the trimmed value that was refused (for the caller's message).
+fn whole_number_setting(
+    value: Option<&str>,
+    accept: impl Fn(usize) -> bool,
+) -> std::result::Result<Option<usize>, &str> {
+    let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    match value.parse::<usize>() {
+        Ok(n) if accept(n) => Ok(Some(n)),
+        _ => Err(value),
+    }
+}
+
 /// The class tile `ARCFACE_RS_CUDA_CLASS_TILE` asks for ([`CLASS_TILE`] when unset or
 /// empty), or why it is refused.
 pub fn class_tile_from(value: Option<&str>) -> std::result::Result<usize, String> {
-    let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else {
-        return Ok(CLASS_TILE);
-    };
-    match value.parse::<usize>() {
-        Ok(tile) if CLASS_TILE_RANGE.contains(&tile) && tile % CLASS_TILE_STEP == 0 => Ok(tile),
-        _ => Err(format!(
+    let accept = |tile| CLASS_TILE_RANGE.contains(&tile) && tile % CLASS_TILE_STEP == 0;
+    match whole_number_setting(value, accept) {
+        Ok(tile) => Ok(tile.unwrap_or(CLASS_TILE)),
+        Err(value) => Err(format!(
             "{value:?} is not a multiple of {CLASS_TILE_STEP} from \
              {} to {} (unset: {CLASS_TILE})",
             CLASS_TILE_RANGE.start(),
@@ -70,17 +83,13 @@ pub const DX_BATCH_MAX: usize = 4096;
 /// (None when unset or empty: as many as [`DX_PRODUCTS_BYTES`] of products hold), or why it
 /// is refused.
 pub fn dx_batch_from(value: Option<&str>) -> std::result::Result<Option<usize>, String> {
-    let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else {
-        return Ok(None);
-    };
-    match value.parse::<usize>() {
-        Ok(tiles) if (1..=DX_BATCH_MAX).contains(&tiles) => Ok(Some(tiles)),
-        _ => Err(format!(
+    whole_number_setting(value, |tiles| (1..=DX_BATCH_MAX).contains(&tiles)).map_err(|value| {
+        format!(
             "{value:?} is not a whole number from 1 to {DX_BATCH_MAX} (unset: as many \
              tiles as {} MiB of products hold)",
             DX_PRODUCTS_BYTES >> 20
-        )),
-    }
+        )
+    })
 }
 
 impl Tiling {
